@@ -1,0 +1,74 @@
+// Every CUDA runtime and cuBLAS call goes through these checks: a failure becomes a tfew::TfewError with a
+// stable code (never an abort), naming the call, the CUDA error and where it happened.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "core/errors.h"
+#include "gpu/cublas_loader.h"
+
+namespace tfew {
+namespace gpu {
+
+inline ErrorCode code_for_cuda_error(cudaError_t e) {
+  switch (e) {
+    case cudaErrorMemoryAllocation: return ErrorCode::OutOfMemory;
+    case cudaErrorInsufficientDriver:
+    case cudaErrorNoDevice:
+    case cudaErrorInvalidDevice:
+    case cudaErrorDevicesUnavailable:
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorSystemDriverMismatch:
+    case cudaErrorCompatNotSupportedOnDevice:
+      return ErrorCode::DeviceUnavailable;
+    default: return ErrorCode::Cuda;
+  }
+}
+
+// Errors after which the CUDA context cannot be used any more (the engine must be recreated).
+inline bool is_sticky_cuda_error(cudaError_t e) {
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorContextIsDestroyed:
+      return true;
+    default: return false;
+  }
+}
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line) {
+  std::string msg = std::string(what) + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
+                    ") at " + file + ":" + std::to_string(line);
+  if (e == cudaErrorMemoryAllocation) msg = "out of GPU memory: " + msg;
+  if (is_sticky_cuda_error(e)) msg += "; the CUDA context is no longer usable, reload the model";
+  fail(code_for_cuda_error(e), msg);
+}
+
+inline void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  if (e != cudaSuccess) throw_cuda_error(e, what, file, line);
+}
+
+inline void check_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
+  if (s == CUBLAS_STATUS_SUCCESS) return;
+  std::string msg = std::string(what) + " failed: " + cublas_status_name(s) + " at " + file + ":" +
+                    std::to_string(line);
+  fail(s == CUBLAS_STATUS_ALLOC_FAILED ? ErrorCode::OutOfMemory : ErrorCode::Cuda, msg);
+}
+
+}  // namespace gpu
+}  // namespace tfew
+
+#define TFEW_CUDA_CHECK(expr) ::tfew::gpu::check_cuda((expr), #expr, __FILE__, __LINE__)
+#define TFEW_CUBLAS_CHECK(expr) ::tfew::gpu::check_cublas((expr), #expr, __FILE__, __LINE__)
+// After a kernel launch: catches bad launch configurations (and earlier asynchronous faults).
+#define TFEW_CUDA_CHECK_LAUNCH(name) ::tfew::gpu::check_cuda(cudaGetLastError(), name, __FILE__, __LINE__)

@@ -1,0 +1,19 @@
+// Linked instead of the CUDA backend when the addon is built without nvcc (TFEW_CUDA=OFF, or node-gyp).
+#include "model/engine.h"
+#include "core/errors.h"
+
+namespace tfew {
+
+CudaProbe probe_cuda() {
+  CudaProbe p;
+  p.compiled = false;
+  p.usable = false;
+  p.reason = "this build of the addon has no CUDA backend (built without nvcc; rebuild with TFEW_CUDA=on)";
+  return p;
+}
+
+std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, int) {
+  fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);
+}
+
+}  // namespace tfew

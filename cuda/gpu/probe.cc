@@ -1,0 +1,127 @@
+// probe_cuda(): can the CUDA backend run here, and if not, why (in words a user can act on).
+// Never throws. The result is computed once per process: drivers and GPUs do not appear at run time.
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "gpu/cublas_loader.h"
+#include "gpu/device_select.h"
+#include "model/engine.h"
+
+namespace tfew {
+
+namespace {
+
+std::string cuda_version_text(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+bool driver_library_present() {
+  void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (!lib) return false;
+  dlclose(lib);
+  return true;
+}
+
+CudaProbe run_probe() {
+  CudaProbe p;
+  p.compiled = true;
+  p.usable = false;
+
+  int device_count = 0;
+  cudaError_t err = cudaGetDeviceCount(&device_count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the runtime's error state so later calls report their own errors
+    if (err == cudaErrorInsufficientDriver) {
+      // The static runtime reports a missing driver and an old driver alike; tell them apart.
+      int driver_version = 0;
+      cudaDriverGetVersion(&driver_version);
+      if (!driver_library_present() || driver_version == 0) {
+        p.reason = "no NVIDIA driver found (libcuda.so.1 is not installed or not on the loader path): "
+                   "the CUDA backend needs an NVIDIA GPU with its driver";
+      } else {
+        p.reason = "the NVIDIA driver supports CUDA " + cuda_version_text(driver_version) +
+                   " but this build of the addon uses the CUDA " + cuda_version_text(CUDART_VERSION) +
+                   " runtime: update the NVIDIA driver";
+      }
+    } else if (err == cudaErrorNoDevice) {
+      const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+      p.reason = std::string("no CUDA-capable GPU is visible") +
+                 (visible ? std::string(" (CUDA_VISIBLE_DEVICES=\"") + visible + "\")" : std::string());
+    } else {
+      p.reason = std::string("CUDA could not be initialised: ") + cudaGetErrorName(err) + " (" +
+                 cudaGetErrorString(err) + ")";
+    }
+    return p;
+  }
+  if (device_count <= 0) {
+    p.reason = "no CUDA-capable GPU is visible";
+    return p;
+  }
+
+  std::string device_error;
+  const int device = gpu::selected_device(device_count, &device_error);
+  if (device < 0) {
+    p.reason = device_error;
+    return p;
+  }
+
+  cudaDeviceProp prop;
+  err = cudaGetDeviceProperties(&prop, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    p.reason = std::string("cudaGetDeviceProperties failed: ") + cudaGetErrorString(err);
+    return p;
+  }
+  p.device_name = prop.name;
+  p.compute_capability = prop.major * 10 + prop.minor;
+  p.total_memory = static_cast<int64_t>(prop.totalGlobalMem);
+  if (prop.major < 8) {
+    p.reason = "GPU " + p.device_name + " has compute capability " + std::to_string(prop.major) + "." +
+               std::to_string(prop.minor) +
+               "; the CUDA backend needs 8.0 or newer (bf16 tensor cores: A100, H100, RTX 30xx and later)";
+    return p;
+  }
+
+  const gpu::CublasLibrary& cublas = gpu::cublas_library();
+  if (!cublas.loaded) {
+    p.reason = cublas.error;
+    return p;
+  }
+  p.cublas_library = cublas.path + (cublas.version.empty() ? "" : " (" + cublas.version + ")");
+
+  // Creating the context catches GPUs that exist but cannot be used (exclusive-process mode, no memory).
+  err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = cudaFree(nullptr);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    p.reason = "GPU " + p.device_name + " cannot be used: " + cudaGetErrorName(err) + " (" +
+               cudaGetErrorString(err) + ")";
+    return p;
+  }
+  p.usable = true;
+  p.reason = "";
+  return p;
+}
+
+}  // namespace
+
+CudaProbe probe_cuda() {
+  static CudaProbe result;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    try {
+      result = run_probe();
+    } catch (const std::exception& e) {
+      result = CudaProbe();
+      result.compiled = true;
+      result.reason = std::string("CUDA probe failed: ") + e.what();
+    }
+  });
+  return result;
+}
+
+}  // namespace tfew

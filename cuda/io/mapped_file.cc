@@ -1,0 +1,156 @@
+#include "mapped_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <sstream>
+
+#include "core/errors.h"
+
+namespace tfew {
+
+MappedFile::MappedFile(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail(ErrorCode::Io, "cannot open " + path + ": " + std::strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    ::close(fd);
+    fail(ErrorCode::Io, "cannot stat " + path);
+  }
+  size_ = st.st_size;
+  if (size_ > 0) {
+    void* p = mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      ::close(fd);
+      fail(ErrorCode::Io, "cannot mmap " + path + ": " + std::strerror(errno));
+    }
+    data_ = static_cast<uint8_t*>(p);
+  }
+  ::close(fd);
+}
+
+MappedFile::~MappedFile() {
+  if (data_) munmap(data_, static_cast<size_t>(size_));
+}
+
+DType parse_dtype(const std::string& s) {
+  if (s == "F64") return DType::F64;
+  if (s == "F32") return DType::F32;
+  if (s == "F16") return DType::F16;
+  if (s == "BF16") return DType::BF16;
+  fail(ErrorCode::InvalidModel, "unsupported dtype " + s);
+}
+
+int dtype_size(DType d) {
+  switch (d) {
+    case DType::F64: return 8;
+    case DType::F32: return 4;
+    default: return 2;
+  }
+}
+
+static std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+FileWeightSource::FileWeightSource(const std::vector<TensorSpec>& specs) {
+  for (const auto& s : specs) {
+    specs_[s.name] = s;
+    if (!files_.count(s.file)) files_[s.file] = std::make_shared<MappedFile>(s.file);
+  }
+}
+
+bool FileWeightSource::has(const std::string& name) const { return specs_.count(name) > 0; }
+
+TensorView FileWeightSource::get(const std::string& name, const std::vector<int64_t>& expected) const {
+  auto it = specs_.find(name);
+  if (it == specs_.end()) fail(ErrorCode::InvalidModel, "checkpoint has no tensor " + name);
+  const TensorSpec& s = it->second;
+  // A [n] tensor may be stored as [n] or [n, 1] etc.; compare element counts and the non-unit dims.
+  std::vector<int64_t> a, b;
+  for (auto d : s.shape) if (d != 1) a.push_back(d);
+  for (auto d : expected) if (d != 1) b.push_back(d);
+  if (a != b)
+    fail(ErrorCode::InvalidModel, "tensor " + name + " in " + s.file + " has shape " + shape_str(s.shape) +
+                                      ", expected " + shape_str(expected));
+  const auto& f = files_.at(s.file);
+  int64_t numel = 1;
+  for (auto d : s.shape) numel *= d;
+  if (s.byte_length != numel * dtype_size(s.dtype))
+    fail(ErrorCode::InvalidModel, "tensor " + name + " in " + s.file + ": byte length does not match its shape and dtype");
+  if (s.offset < 0 || s.offset + s.byte_length > f->size())
+    fail(ErrorCode::Io, "tensor " + name + " lies beyond the end of " + s.file + " (truncated file?)");
+  TensorView v;
+  v.name = name;
+  v.dtype = s.dtype;
+  v.shape = s.shape;
+  v.data = f->data() + s.offset;
+  return v;
+}
+
+static float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      mant &= 0x3ff;
+      u = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp - 15 + 127) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void convert_to_f32(const TensorView& t, int64_t start, int64_t n, float* out) {
+  const uint8_t* p = static_cast<const uint8_t*>(t.data);
+  switch (t.dtype) {
+    case DType::F32:
+      std::memcpy(out, p + start * 4, static_cast<size_t>(n) * 4);
+      break;
+    case DType::F64:
+      for (int64_t i = 0; i < n; ++i) {
+        double d;
+        std::memcpy(&d, p + (start + i) * 8, 8);
+        out[i] = static_cast<float>(d);
+      }
+      break;
+    case DType::F16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + (start + i) * 2, 2);
+        out[i] = f16_to_f32(h);
+      }
+      break;
+    case DType::BF16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + (start + i) * 2, 2);
+        out[i] = bf16_to_f32(h);
+      }
+      break;
+  }
+}
+
+}  // namespace tfew

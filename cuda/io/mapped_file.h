@@ -1,0 +1,50 @@
+// Read-only memory mapping of checkpoint files, and a WeightSource over the tensor list that
+// lib/checkpoint.ts built from the safetensors headers. Tensors are converted straight from the mapping.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/engine.h"
+
+namespace tfew {
+
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);  // throws Io naming the file
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const uint8_t* data() const { return data_; }
+  int64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  uint8_t* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+struct TensorSpec {
+  std::string name, file;
+  int64_t offset = 0, byte_length = 0;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+
+DType parse_dtype(const std::string& s);  // "F64" | "F32" | "F16" | "BF16", else InvalidModel
+int dtype_size(DType d);
+
+class FileWeightSource : public WeightSource {
+ public:
+  explicit FileWeightSource(const std::vector<TensorSpec>& specs);
+  TensorView get(const std::string& name, const std::vector<int64_t>& expected_shape) const override;
+  bool has(const std::string& name) const override;
+
+ private:
+  std::map<std::string, TensorSpec> specs_;
+  std::map<std::string, std::shared_ptr<MappedFile>> files_;
+};
+
+}  // namespace tfew

@@ -1,0 +1,39 @@
+// The end of the rank-classification forward: per-token log-probabilities of the target tokens, read from
+// fp32 logits without writing softmax rows (two reductions per row: max, then sum of exponentials).
+#include "kernels/device_common.cuh"
+
+namespace tfew {
+namespace kernels {
+
+namespace {
+
+__global__ void token_logprobs_kernel(const float* __restrict__ logits, int vocab,
+                                      const int32_t* __restrict__ targets, int pad_id, float* __restrict__ out) {
+  __shared__ float scratch[32];
+  const int64_t t = blockIdx.x;
+  const int target = targets[t];
+  if (target == pad_id || target < 0 || target >= vocab) {  // block-uniform exit
+    if (threadIdx.x == 0) out[t] = 0.f;
+    return;
+  }
+  const float* row = logits + t * vocab;
+  float m = -INFINITY;
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, row[c]);
+  m = block_max(m, scratch);
+  float sum = 0.f;
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(row[c] - m);
+  sum = block_sum(sum, scratch);
+  if (threadIdx.x == 0) out[t] = row[target] - m - logf(sum);
+}
+
+}  // namespace
+
+void token_logprobs(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id, float* out,
+                    cudaStream_t stream) {
+  if (n_tokens <= 0) return;
+  token_logprobs_kernel<<<n_tokens, 512, 0, stream>>>(logits, vocab, targets, pad_id, out);
+  TFEW_CUDA_CHECK_LAUNCH("token_logprobs_kernel");
+}
+
+}  // namespace kernels
+}  // namespace tfew

@@ -1,0 +1,104 @@
+// Host-side declarations of the CUDA kernel launchers (one .cu per layer family). This header is plain C++
+// (no device code), so the engine (compiled by the host compiler) can include it.
+//
+// Element type T of weights and of activations that feed GEMMs: __nv_bfloat16 (the fast path) or float (a
+// verification mode). The residual stream, norm weights, relative-position biases and (IA)3 vectors are
+// always fp32; every reduction and softmax runs in fp32. Each launcher checks its launch and throws
+// tfew::TfewError (ErrorCode::Cuda) on failure.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "model/engine.h"  // DType
+
+namespace tfew {
+namespace kernels {
+
+// Which (IA)3 adapter applies to token t: example(t) = row_example ? row_example[t / tokens_per_row]
+// : t / tokens_per_row, adapter = adapter_of_example[example] (-1 = none). Encoder tokens use
+// tokens_per_row = enc_len and no row_example; decoder tokens tokens_per_row = dec_len with row_example.
+struct AdapterIndex {
+  const float* adapters = nullptr;          // [num_adapters, adapter_stride] on the device
+  int64_t adapter_stride = 0;               // IA3Layout::total
+  const int32_t* adapter_of_example = nullptr;
+  const int32_t* row_example = nullptr;     // nullable
+  int tokens_per_row = 1;
+  bool active() const { return adapters != nullptr && adapter_of_example != nullptr; }
+};
+
+// ---- embedding.cu
+// out[t, :] = table[ids[t], :] as fp32 (the residual stream).
+template <typename T>
+void embedding_forward(const T* table, int vocab, int d_model, const int32_t* ids, int n_tokens, float* out,
+                       cudaStream_t stream);
+
+// ---- rmsnorm.cu
+// out[r, :] = weight * x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * out_scale   (T5 LayerNorm: no mean, no bias)
+template <typename TOut>
+void rmsnorm_forward(const float* x, const float* weight, int n_rows, int d, float eps, float out_scale,
+                     TOut* out, cudaStream_t stream);
+
+// ---- attention.cu
+// table[h, s] = rel_emb[buckets[s], h] for s < span: the relative-position bias of every relative distance
+// (bucket indices come from the host, computed exactly as Hugging Face does, see gpu/relative_position.h).
+void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span, int num_heads, float* table,
+                         cudaStream_t stream);
+
+// The (IA)3 key/value scaling: buf[t, k_col + c] *= l_k[c], buf[t, v_col + c] *= l_v[c] for c < width,
+// with the vectors of token t's adapter (tokens without an adapter are left alone).
+template <typename T>
+void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
+                  int64_t k_offset, int64_t v_offset, cudaStream_t stream);
+
+// Encoder self-attention softmax: probs[b, h, i, :] = softmax_j(scores[b, h, i, j] + bias[h, j - i]) over the
+// example's real keys j < lengths[b] (padded keys get probability 0). scores fp32 [B, H, L, L]; bias_table
+// [H, 2L-1] indexed by j - i + L - 1. T5 has no 1/sqrt(d_kv) scaling.
+template <typename T>
+void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch,
+                     int heads, int len, T* probs, cudaStream_t stream);
+
+// Decoder causal self-attention over the positions of each choice row (dec_len tokens per row; no padding
+// mask: the decoder mask is causal only). q, k, v are the column blocks [0, inner), [inner, 2 inner),
+// [2 inner, 3 inner) of qkv [n_rows * dec_len, ld]; bias_table [H, 2 dec_len - 1]; out [.., out_ld].
+template <typename T>
+void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
+                            const float* bias_table, T* out, int out_ld, cudaStream_t stream);
+
+// Cross-attention: every decoder token of row r attends to the encoder tokens of its example
+// b = row_example[r], keys j < enc_lengths[b], no bias. k and v are the column blocks [0, inner) and
+// [inner, 2 inner) of kv [B * enc_len, kv_ld], computed once per example and shared by all its rows.
+template <typename T>
+void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, int d_kv, int heads, int n_rows,
+                     int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len, T* out,
+                     int out_ld, cudaStream_t stream);
+
+// The largest d_kv the attention kernels support.
+constexpr int kMaxDKv = 256;
+
+// ---- ffn.cu
+// gated: out[t, c] = gelu_new(in[t, c]) * in[t, d_ff + c] * l_ff[c]; relu: out[t, c] = relu(in[t, c]) * l_ff[c]
+// (l_ff of token t's adapter; 1 without). in is [n_tokens, 2 d_ff] (gated: wi_0 | wi_1) or [n_tokens, d_ff].
+template <typename T>
+void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
+                    int64_t ff_offset, T* out, cudaStream_t stream);
+
+// ---- head.cu
+// out[t] = log_softmax(logits[t, :])[targets[t]], or 0 where targets[t] == pad_id. No probability rows are
+// written: one pass for the max, one for the sum of exponentials, per row.
+void token_logprobs(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id,
+                    float* out, cudaStream_t stream);
+
+// ---- convert.cu
+// dst[i] = (T) src[i] for n elements of a checkpoint tensor in dtype (raw little-endian bytes on the device).
+template <typename T>
+void convert_weights(const void* src, DType dtype, int64_t n, T* dst, cudaStream_t stream);
+// w[r, c] *= l[r] (rows of a [rows, cols] matrix: output features), or w[r, c] *= l[c] (input features).
+template <typename T>
+void scale_rows(T* w, int64_t rows, int64_t cols, const float* l, cudaStream_t stream);
+template <typename T>
+void scale_cols(T* w, int64_t rows, int64_t cols, const float* l, cudaStream_t stream);
+
+}  // namespace kernels
+}  // namespace tfew

@@ -1,0 +1,77 @@
+// The interface both backends implement. lib/ talks to it through cuda/napi; the CPU backend
+// (cuda/cpu) is the readable oracle, the CUDA backend (cuda/gpu + cuda/kernels) the fast one.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "batch.h"
+#include "t5_config.h"
+
+namespace tfew {
+
+enum class DType { F64, F32, F16, BF16 };
+
+// A tensor as stored in a checkpoint file: raw little-endian bytes, typically inside an mmap'd file.
+struct TensorView {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+};
+
+// Converts n elements starting at element `start` of a TensorView to fp32.
+void convert_to_f32(const TensorView& t, int64_t start, int64_t n, float* out);
+
+// Looks weights up by their Hugging Face name. The engine asks for each tensor it needs exactly once and
+// converts it straight from the mapped file, so the host never holds a second fp32 copy of the checkpoint.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  // Throws InvalidModel naming the tensor (and file) when it is missing or has another shape.
+  virtual TensorView get(const std::string& name, const std::vector<int64_t>& expected_shape) const = 0;
+  virtual bool has(const std::string& name) const = 0;
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual const char* device() const = 0;  // "cpu" or "cuda"
+  virtual const T5Config& config() const = 0;
+  virtual std::string describe() const = 0;  // one line for logs: device, threads / GPU name
+
+  // Rank-classification forward: per-token log-probs of every choice row.
+  virtual ScoreOutput score(const Batch& batch, const AdapterSet& adapters, bool want_logits,
+                            bool want_encoder_hidden) = 0;
+  // The T-Few losses and their gradients with respect to every adapter used in the batch.
+  virtual LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters,
+                                        const LossOptions& options) = 0;
+  // Folds one adapter into the frozen weights (rows of k/v projections, columns of wo) for single-task
+  // serving; afterwards calls without an adapter equal calls with it on the unmerged weights.
+  virtual void merge_adapter(const float* vectors) = 0;
+  // Frees all memory the engine holds (device memory included). Safe to call twice.
+  virtual void release() = 0;
+};
+
+std::unique_ptr<Engine> make_cpu_engine(const T5Config& config, const WeightSource& weights, int threads);
+
+// Set when the addon was compiled with the CUDA backend (TFEW_WITH_CUDA). probe_cuda() never throws: it
+// says whether a GPU, a driver and cuBLAS can be used here, and why not.
+struct CudaProbe {
+  bool compiled = false;
+  bool usable = false;
+  std::string reason;       // why not usable, or "" when usable
+  std::string device_name;  // e.g. "NVIDIA H200"
+  int compute_capability = 0;
+  int64_t total_memory = 0;
+  std::string cublas_library;
+};
+CudaProbe probe_cuda();
+std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights, int max_batch_hint);
+
+}  // namespace tfew

@@ -1,0 +1,462 @@
+// The N-API addon: module functions (version, buildInfo, probeCuda, loadModel) and the NativeModel class.
+// Every long call runs in a Napi::AsyncWorker (never on the event loop) and settles a promise; engine errors
+// (tfew::TfewError) become rejections whose Error carries `code`. Calls on one model are serialised by its
+// mutex, so concurrent calls from JS are safe; dispose() waits for a running call and frees the engine.
+#include <napi.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/errors.h"
+#include "io/mapped_file.h"
+#include "model/engine.h"
+
+namespace tfew {
+namespace napi {
+
+// ---------- conversions JS -> native (run on the main thread, before a worker starts) ----------
+
+static int32_t get_int(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) fail(ErrorCode::InvalidArgument, std::string("expected a number for '") + key + "'");
+  return v.As<Napi::Number>().Int32Value();
+}
+static double get_double(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) fail(ErrorCode::InvalidArgument, std::string("expected a number for '") + key + "'");
+  return v.As<Napi::Number>().DoubleValue();
+}
+static bool get_bool(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsBoolean()) fail(ErrorCode::InvalidArgument, std::string("expected a boolean for '") + key + "'");
+  return v.As<Napi::Boolean>().Value();
+}
+static std::vector<int32_t> get_i32(const Napi::Object& o, const char* key, bool optional = false) {
+  Napi::Value v = o.Get(key);
+  if (optional && (v.IsUndefined() || v.IsNull())) return {};
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    fail(ErrorCode::InvalidArgument, std::string("expected an Int32Array for '") + key + "'");
+  auto a = v.As<Napi::Int32Array>();
+  return std::vector<int32_t>(a.Data(), a.Data() + a.ElementLength());
+}
+
+static T5Config to_config(const Napi::Object& o) {
+  T5Config c;
+  c.vocab_size = get_int(o, "vocabSize");
+  c.d_model = get_int(o, "dModel");
+  c.d_ff = get_int(o, "dFf");
+  c.d_kv = get_int(o, "dKv");
+  c.num_heads = get_int(o, "numHeads");
+  c.num_layers = get_int(o, "numLayers");
+  c.num_decoder_layers = get_int(o, "numDecoderLayers");
+  c.num_buckets = get_int(o, "numBuckets");
+  c.max_distance = get_int(o, "maxDistance");
+  c.layer_norm_eps = static_cast<float>(get_double(o, "layerNormEps"));
+  c.gated_gelu = get_bool(o, "gatedGelu");
+  c.tied_head = get_bool(o, "tiedHead");
+  c.scale_decoder_outputs = get_bool(o, "scaleDecoderOutputs");
+  c.dropout_rate = static_cast<float>(get_double(o, "dropoutRate"));
+  c.pad_token_id = get_int(o, "padTokenId");
+  c.eos_token_id = get_int(o, "eosTokenId");
+  c.decoder_start_token_id = get_int(o, "decoderStartTokenId");
+  if (c.vocab_size <= 0 || c.d_model <= 0 || c.d_ff <= 0 || c.d_kv <= 0 || c.num_heads <= 0 || c.num_layers <= 0 ||
+      c.num_decoder_layers <= 0 || c.num_buckets <= 1 || c.max_distance <= 0)
+    fail(ErrorCode::InvalidModel, "config has a non-positive dimension");
+  return c;
+}
+
+static std::vector<TensorSpec> to_specs(const Napi::Array& a) {
+  std::vector<TensorSpec> specs;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Object o = a.Get(i).As<Napi::Object>();
+    TensorSpec s;
+    s.name = o.Get("name").As<Napi::String>().Utf8Value();
+    s.file = o.Get("file").As<Napi::String>().Utf8Value();
+    s.offset = static_cast<int64_t>(get_double(o, "offset"));
+    s.byte_length = static_cast<int64_t>(get_double(o, "byteLength"));
+    s.dtype = parse_dtype(o.Get("dtype").As<Napi::String>().Utf8Value());
+    Napi::Array shape = o.Get("shape").As<Napi::Array>();
+    for (uint32_t j = 0; j < shape.Length(); ++j) s.shape.push_back(shape.Get(j).As<Napi::Number>().Int64Value());
+    specs.push_back(std::move(s));
+  }
+  return specs;
+}
+
+static Batch to_batch(const Napi::Object& o) {
+  Batch b;
+  b.batch_size = get_int(o, "batchSize");
+  b.enc_len = get_int(o, "encLen");
+  b.num_rows = get_int(o, "numRows");
+  b.dec_len = get_int(o, "decLen");
+  b.input_ids = get_i32(o, "inputIds");
+  b.enc_lengths = get_i32(o, "encLengths");
+  b.choice_ids = get_i32(o, "choiceIds");
+  b.row_start = get_i32(o, "rowStart");
+  b.adapter_of_example = get_i32(o, "adapterOfExample");
+  b.labels = get_i32(o, "labels", true);
+  return b;
+}
+
+// Copies of the adapters' vectors, owned by the worker (JS may change or collect the arrays meanwhile).
+struct AdapterCopies {
+  std::vector<std::vector<float>> data;
+  AdapterSet view() const {
+    AdapterSet s;
+    for (const auto& d : data) s.vectors.push_back(d.data());
+    return s;
+  }
+};
+static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size) {
+  AdapterCopies c;
+  if (v.IsUndefined() || v.IsNull()) return c;
+  if (!v.IsArray()) fail(ErrorCode::InvalidArgument, "adapters must be an array of Float32Array");
+  Napi::Array a = v.As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsTypedArray() || e.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      fail(ErrorCode::InvalidAdapter, "adapter " + std::to_string(i) + " is not a Float32Array");
+    auto f = e.As<Napi::Float32Array>();
+    if (static_cast<int64_t>(f.ElementLength()) != expected_size)
+      fail(ErrorCode::InvalidAdapter, "adapter " + std::to_string(i) + " has " + std::to_string(f.ElementLength()) +
+                                          " values; this model needs " + std::to_string(expected_size));
+    c.data.emplace_back(f.Data(), f.Data() + f.ElementLength());
+  }
+  return c;
+}
+
+static Napi::Error to_js_error(Napi::Env env, ErrorCode code, const std::string& message) {
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, error_code_name(code)));
+  return e;
+}
+
+static Napi::Float32Array to_f32(Napi::Env env, const std::vector<float>& v) {
+  auto a = Napi::Float32Array::New(env, v.size());
+  if (!v.empty()) std::memcpy(a.Data(), v.data(), v.size() * sizeof(float));
+  return a;
+}
+
+// ---------- the model holder shared by the JS object and its in-flight workers ----------
+
+struct ModelHolder {
+  std::mutex mu;
+  std::unique_ptr<Engine> engine;
+  T5Config config;
+  int64_t ia3_size = 0;
+  std::string device;
+
+  Engine& use() {
+    if (!engine) fail(ErrorCode::Disposed, "the model has been disposed");
+    return *engine;
+  }
+};
+
+// A worker that runs `work` off the event loop and resolves with `result(env)`.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+ protected:
+  virtual void work() = 0;
+  virtual Napi::Value result(Napi::Env env) = 0;
+
+  void Execute() override {
+    try {
+      work();
+    } catch (const TfewError& e) {
+      code_ = e.code();
+      SetError(e.what());
+    } catch (const std::bad_alloc&) {
+      code_ = ErrorCode::OutOfMemory;
+      SetError("out of host memory");
+    } catch (const std::exception& e) {
+      code_ = ErrorCode::Internal;
+      SetError(e.what());
+    }
+  }
+  void OnOK() override {
+    Napi::HandleScope scope(Env());
+    try {
+      deferred_.Resolve(result(Env()));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    deferred_.Reject(to_js_error(Env(), code_, e.Message()).Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  ErrorCode code_ = ErrorCode::Internal;
+};
+
+// Rejects immediately (argument errors found on the main thread) without throwing into JS.
+static Napi::Value rejected(Napi::Env env, ErrorCode code, const std::string& message) {
+  auto d = Napi::Promise::Deferred::New(env);
+  d.Reject(to_js_error(env, code, message).Value());
+  return d.Promise();
+}
+
+class NativeModel : public Napi::ObjectWrap<NativeModel> {
+ public:
+  static Napi::FunctionReference* constructor;
+
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeModel",
+                       {InstanceAccessor<&NativeModel::Device>("device"),
+                        InstanceMethod<&NativeModel::Describe>("describe"),
+                        InstanceMethod<&NativeModel::Score>("score"),
+                        InstanceMethod<&NativeModel::LossAndGradients>("lossAndGradients"),
+                        InstanceMethod<&NativeModel::MergeAdapter>("mergeAdapter"),
+                        InstanceMethod<&NativeModel::Dispose>("dispose")});
+  }
+
+  NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "NativeModel is created by loadModel()");
+    holder_ = *info[0].As<Napi::External<std::shared_ptr<ModelHolder>>>().Data();
+  }
+
+ private:
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), holder_->device); }
+
+  Napi::Value Describe(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> lock(holder_->mu);
+    if (!holder_->engine) return Napi::String::New(info.Env(), "disposed");
+    return Napi::String::New(info.Env(), holder_->engine->describe());
+  }
+
+  Napi::Value Score(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, Batch b, AdapterCopies a, bool logits, bool enc)
+          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), adapters_(std::move(a)), logits_(logits), enc_(enc) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->mu);
+        out_ = h_->use().score(batch_, adapters_.view(), logits_, enc_);
+      }
+      Napi::Value result(Napi::Env env) override {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("tokenLogp", to_f32(env, out_.token_logp));
+        if (logits_) o.Set("logits", to_f32(env, out_.logits));
+        if (enc_) o.Set("encoderHidden", to_f32(env, out_.encoder_hidden));
+        return o;
+      }
+     private:
+      std::shared_ptr<ModelHolder> h_;
+      Batch batch_;
+      AdapterCopies adapters_;
+      bool logits_, enc_;
+      ScoreOutput out_;
+    };
+    try {
+      if (info.Length() < 4 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "score(batch, adapters, wantLogits, wantEncoderHidden)");
+      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size),
+                           info[2].ToBoolean().Value(), info[3].ToBoolean().Value());
+      auto p = w->promise();
+      w->Queue();
+      return p;
+    } catch (const TfewError& e) {
+      return rejected(env, e.code(), e.what());
+    }
+  }
+
+  Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, Batch b, AdapterCopies a, LossOptions o)
+          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), adapters_(std::move(a)), opt_(o) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->mu);
+        out_ = h_->use().loss_and_gradients(batch_, adapters_.view(), opt_);
+      }
+      Napi::Value result(Napi::Env env) override {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("lmLoss", Napi::Number::New(env, out_.lm_loss));
+        o.Set("ulLoss", Napi::Number::New(env, out_.ul_loss));
+        o.Set("lnLoss", Napi::Number::New(env, out_.ln_loss));
+        o.Set("totalLoss", Napi::Number::New(env, out_.total_loss));
+        o.Set("tokenLogp", to_f32(env, out_.token_logp));
+        o.Set("gradients", to_f32(env, out_.gradients));
+        return o;
+      }
+     private:
+      std::shared_ptr<ModelHolder> h_;
+      Batch batch_;
+      AdapterCopies adapters_;
+      LossOptions opt_;
+      LossOutput out_;
+    };
+    try {
+      if (info.Length() < 3 || !info[0].IsObject() || !info[2].IsObject())
+        fail(ErrorCode::InvalidArgument, "lossAndGradients(batch, adapters, options)");
+      Napi::Object o = info[2].As<Napi::Object>();
+      LossOptions opt;
+      opt.lm_weight = static_cast<float>(get_double(o, "lmWeight"));
+      opt.ul_weight = static_cast<float>(get_double(o, "ulWeight"));
+      opt.ln_weight = static_cast<float>(get_double(o, "lnWeight"));
+      opt.dropout = get_bool(o, "dropout");
+      opt.seed = static_cast<uint64_t>(get_double(o, "seed"));
+      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size), opt);
+      auto p = w->promise();
+      w->Queue();
+      return p;
+    } catch (const TfewError& e) {
+      return rejected(env, e.code(), e.what());
+    }
+  }
+
+  Napi::Value MergeAdapter(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, AdapterCopies a)
+          : PromiseWorker(env), h_(std::move(h)), a_(std::move(a)) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->mu);
+        h_->use().merge_adapter(a_.data[0].data());
+      }
+      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
+     private:
+      std::shared_ptr<ModelHolder> h_;
+      AdapterCopies a_;
+    };
+    try {
+      Napi::Array arr = Napi::Array::New(env, 1);
+      arr.Set(uint32_t(0), info.Length() > 0 ? info[0] : env.Undefined());
+      auto a = to_adapters(arr, holder_->ia3_size);
+      auto* w = new Worker(env, holder_, std::move(a));
+      auto p = w->promise();
+      w->Queue();
+      return p;
+    } catch (const TfewError& e) {
+      return rejected(env, e.code(), e.what());
+    }
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h) : PromiseWorker(env), h_(std::move(h)) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->mu);  // waits for a call in flight
+        if (h_->engine) {
+          h_->engine->release();
+          h_->engine.reset();
+        }
+      }
+      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
+     private:
+      std::shared_ptr<ModelHolder> h_;
+    };
+    auto* w = new Worker(info.Env(), holder_);
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+  std::shared_ptr<ModelHolder> holder_;
+};
+
+Napi::FunctionReference* NativeModel::constructor = nullptr;
+
+// loadModel(config, tensors, { device, threads }) -> Promise<NativeModel>
+static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  class Worker : public PromiseWorker {
+   public:
+    Worker(Napi::Env env, T5Config c, std::vector<TensorSpec> s, std::string device, int threads)
+        : PromiseWorker(env), config_(c), specs_(std::move(s)), device_(std::move(device)), threads_(threads) {}
+    void work() override {
+      FileWeightSource source(specs_);  // mmaps the files; unmapped when the engine has converted them
+      holder_ = std::make_shared<ModelHolder>();
+      holder_->config = config_;
+      holder_->ia3_size = IA3Layout::make(config_).total;
+      holder_->device = device_;
+      if (device_ == "cuda")
+        holder_->engine = make_cuda_engine(config_, source, 0);
+      else
+        holder_->engine = make_cpu_engine(config_, source, threads_);
+    }
+    Napi::Value result(Napi::Env env) override {
+      auto* ext = new std::shared_ptr<ModelHolder>(holder_);
+      auto external = Napi::External<std::shared_ptr<ModelHolder>>::New(
+          env, ext, [](Napi::Env, std::shared_ptr<ModelHolder>* p) { delete p; });
+      return NativeModel::constructor->New({external});
+    }
+   private:
+    T5Config config_;
+    std::vector<TensorSpec> specs_;
+    std::string device_;
+    int threads_;
+    std::shared_ptr<ModelHolder> holder_;
+  };
+  try {
+    if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsArray() || !info[2].IsObject())
+      fail(ErrorCode::InvalidArgument, "loadModel(config, tensors, options)");
+    Napi::Object opts = info[2].As<Napi::Object>();
+    std::string device = opts.Get("device").ToString().Utf8Value();
+    if (device != "cpu" && device != "cuda") fail(ErrorCode::InvalidArgument, "device must be 'cpu' or 'cuda'");
+    int threads = opts.Has("threads") && opts.Get("threads").IsNumber() ? opts.Get("threads").As<Napi::Number>().Int32Value() : 0;
+    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    auto* w = new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device, threads);
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  } catch (const TfewError& e) {
+    return rejected(env, e.code(), e.what());
+  }
+}
+
+static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CudaProbe p = probe_cuda();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("compiled", Napi::Boolean::New(env, p.compiled));
+  o.Set("usable", Napi::Boolean::New(env, p.usable));
+  o.Set("reason", Napi::String::New(env, p.reason));
+  o.Set("deviceName", Napi::String::New(env, p.device_name));
+  o.Set("computeCapability", Napi::Number::New(env, p.compute_capability));
+  o.Set("totalMemory", Napi::Number::New(env, static_cast<double>(p.total_memory)));
+  o.Set("cublasLibrary", Napi::String::New(env, p.cublas_library));
+  return o;
+}
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = NativeModel::Define(env);
+  NativeModel::constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
+  exports.Set("NativeModel", ctor);
+  exports.Set("version", Napi::String::New(env, "0.1.0"));
+  Napi::Object build = Napi::Object::New(env);
+#ifdef TFEW_WITH_CUDA
+  build.Set("cudaCompiled", Napi::Boolean::New(env, true));
+#else
+  build.Set("cudaCompiled", Napi::Boolean::New(env, false));
+#endif
+#if defined(__clang__)
+  build.Set("compiler", Napi::String::New(env, std::string("clang ") + __clang_version__));
+#elif defined(__GNUC__)
+  build.Set("compiler", Napi::String::New(env, std::string("gcc ") + __VERSION__));
+#else
+  build.Set("compiler", Napi::String::New(env, "unknown"));
+#endif
+  build.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
+  exports.Set("buildInfo", build);
+  exports.Set("probeCuda", Napi::Function::New(env, ProbeCuda));
+  exports.Set("loadModel", Napi::Function::New(env, LoadModel));
+  return exports;
+}
+
+NODE_API_MODULE(tfew, Init)
+
+}  // namespace napi
+}  // namespace tfew

@@ -1,0 +1,86 @@
+// Turns examples (token ids per input and per answer choice, an adapter index per example) into the flat
+// NativeBatch layout of cuda/model/batch.h, validating everything on the way so bad input fails here with
+// a message that names the example, not deep inside the engine.
+import { InvalidArgumentError } from './errors';
+import type { NativeBatch } from './native';
+
+export interface EncodedExample {
+  inputIds: number[];
+  choices: number[][];
+  label?: number;
+  adapterIndex: number; // -1 = no adapter
+}
+
+function checkIds(ids: unknown, vocabSize: number, what: string): asserts ids is number[] {
+  if (!Array.isArray(ids) && !ArrayBuffer.isView(ids)) throw new InvalidArgumentError(`${what} must be an array of token ids`);
+  const arr = ids as ArrayLike<unknown>;
+  if (arr.length === 0) throw new InvalidArgumentError(`${what} is empty`);
+  for (let i = 0; i < arr.length; i++) {
+    const id = arr[i];
+    if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocabSize) {
+      throw new InvalidArgumentError(`${what}: token id ${String(id)} at position ${i} is not in the vocabulary [0, ${vocabSize})`);
+    }
+  }
+}
+
+export function buildBatch(examples: EncodedExample[], vocabSize: number, withLabels: boolean): NativeBatch {
+  if (examples.length === 0) throw new InvalidArgumentError('the batch is empty');
+  let encLen = 0;
+  let decLen = 0;
+  let numRows = 0;
+  examples.forEach((ex, b) => {
+    checkIds(ex.inputIds, vocabSize, `input ${b}`);
+    if (!Array.isArray(ex.choices) || ex.choices.length === 0) throw new InvalidArgumentError(`example ${b} has no answer choices`);
+    ex.choices.forEach((c, j) => checkIds(c, vocabSize, `choice ${j} of example ${b}`));
+    if (withLabels) {
+      if (!Number.isInteger(ex.label) || (ex.label as number) < 0 || (ex.label as number) >= ex.choices.length) {
+        throw new InvalidArgumentError(`label ${String(ex.label)} of example ${b} is not one of its ${ex.choices.length} choices`);
+      }
+    }
+    encLen = Math.max(encLen, ex.inputIds.length);
+    for (const c of ex.choices) decLen = Math.max(decLen, c.length);
+    numRows += ex.choices.length;
+  });
+  const B = examples.length;
+  const inputIds = new Int32Array(B * encLen);
+  const encLengths = new Int32Array(B);
+  const choiceIds = new Int32Array(numRows * decLen);
+  const rowStart = new Int32Array(B + 1);
+  const adapterOfExample = new Int32Array(B);
+  const labels = withLabels ? new Int32Array(B) : undefined;
+  let r = 0;
+  examples.forEach((ex, b) => {
+    inputIds.set(ex.inputIds, b * encLen);
+    encLengths[b] = ex.inputIds.length;
+    rowStart[b] = r;
+    for (const c of ex.choices) choiceIds.set(c, (r++) * decLen);
+    adapterOfExample[b] = ex.adapterIndex;
+    if (labels) labels[b] = ex.label as number;
+  });
+  rowStart[B] = r;
+  return { batchSize: B, encLen, inputIds, encLengths, numRows, decLen, choiceIds, rowStart, adapterOfExample, labels };
+}
+
+/** Splits per-row token log-probs back into per-example lists: sums, lengths (non-pad tokens, eos counted). */
+export function perChoiceScores(batch: NativeBatch, tokenLogp: Float32Array, padId: number): { logProbs: number[][]; lengths: number[][] } {
+  const logProbs: number[][] = [];
+  const lengths: number[][] = [];
+  for (let b = 0; b < batch.batchSize; b++) {
+    const lp: number[] = [];
+    const ln: number[] = [];
+    for (let r = batch.rowStart[b]; r < batch.rowStart[b + 1]; r++) {
+      let sum = 0;
+      let n = 0;
+      for (let t = 0; t < batch.decLen; t++) {
+        if (batch.choiceIds[r * batch.decLen + t] === padId) continue;
+        sum += tokenLogp[r * batch.decLen + t];
+        n++;
+      }
+      lp.push(sum);
+      ln.push(n);
+    }
+    logProbs.push(lp);
+    lengths.push(ln);
+  }
+  return { logProbs, lengths };
+}

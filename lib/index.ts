@@ -1,0 +1,10 @@
+// @tfew/cuda — T-Few ((IA)3 few-shot fine-tuning of T0/T5) for Node.js.
+export { T5Model, backendInfo } from './model';
+export type { LoadOptions, RankClassifyOptions, RankClassifyResult, LossBatch, LossOptions, LossResult, DeviceOption, AdapterOption } from './model';
+export { IA3Adapter, ia3Modules } from './adapter';
+export type { IA3Module } from './adapter';
+export { T5Tokenizer } from './tokenizer';
+export { parseT5Config, readT5Config } from './config';
+export type { T5ModelConfig } from './config';
+export { resolveCheckpoint } from './checkpoint';
+export * from './errors';

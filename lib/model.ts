@@ -1,0 +1,325 @@
+// T5Model: the public entry point. Loads a Hugging Face T5/T0 directory onto a backend (CUDA when usable, else
+// the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
+import * as os from 'os';
+import { IA3Adapter } from './adapter';
+import { buildBatch, EncodedExample, perChoiceScores } from './batch';
+import { resolveCheckpoint } from './checkpoint';
+import type { T5ModelConfig } from './config';
+import { DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
+import { CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec } from './native';
+import { T5Tokenizer } from './tokenizer';
+
+export type DeviceOption = 'auto' | 'cpu' | 'cuda';
+
+export interface LoadOptions {
+  /** 'auto' (default) uses CUDA when a GPU, driver and cuBLAS are usable, else the CPU backend. */
+  device?: DeviceOption;
+  /** CPU backend threads (default: all cores). */
+  threads?: number;
+  /** Fold this adapter into the weights (single-task serving); calls then need no adapter. */
+  mergeAdapter?: IA3Adapter;
+}
+
+export type AdapterOption = IA3Adapter | null | undefined | (IA3Adapter | null | undefined)[];
+
+export interface RankClassifyOptions {
+  /** Divide each choice's summed log-prob by its token count, eos counted (T-Few). Default true. */
+  lengthNormalize?: boolean;
+  /** One adapter for all examples, or one per example (mixed-task batch; null = none). */
+  adapter?: AdapterOption;
+  /** Truncation of string inputs, in tokens (eos kept). Default 256. */
+  maxInputLength?: number;
+  /** Examples per native call (memory bound). Default 32. */
+  batchSize?: number;
+}
+
+export interface RankClassifyResult {
+  predictions: number[];
+  /** Length-normalised log-probs (or the sums when lengthNormalize is false). */
+  scores: number[][];
+  /** Summed log-probs of each choice. */
+  logProbs: number[][];
+}
+
+export interface LossBatch {
+  inputIds: (number[] | string)[];
+  choices: (number[][] | string[])[];
+  labels: number[];
+}
+
+export interface LossOptions {
+  adapter?: AdapterOption;
+  lmWeight?: number;
+  ulWeight?: number;
+  lnWeight?: number;
+  /** Training-mode dropout at the config's rate. Default false. */
+  dropout?: boolean;
+  seed?: number;
+  maxInputLength?: number;
+}
+
+export interface LossResult {
+  totalLoss: number;
+  lmLoss: number;
+  ulLoss: number;
+  lnLoss: number;
+  /** Gradients of the first adapter by PEFT module name (views into its flat gradient). */
+  gradients: Record<string, Float32Array>;
+  /** Flat gradient (IA3 layout order) of every adapter used in the batch. */
+  adapterGradients: Map<IA3Adapter, Float32Array>;
+}
+
+export class T5Model {
+  readonly dir: string;
+  readonly config: T5ModelConfig;
+  readonly tokenizer: T5Tokenizer | undefined;
+  /** The backend actually used. */
+  readonly device: 'cpu' | 'cuda';
+  /** Why this backend was chosen (e.g. why CUDA was not used). */
+  readonly deviceReason: string;
+  private nativeModel: NativeModel | undefined;
+  private readonly tensors: NativeTensorSpec[];
+
+  private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
+                      nm: NativeModel, reason: string) {
+    this.dir = dir;
+    this.config = config;
+    this.tensors = tensors;
+    this.tokenizer = tokenizer;
+    this.nativeModel = nm;
+    this.device = nm.device;
+    this.deviceReason = reason;
+  }
+
+  /** Chooses the backend for `device` and says why. Throws DeviceUnavailableError for 'cuda' without a usable GPU. */
+  static selectDevice(device: DeviceOption = 'auto'): { device: 'cpu' | 'cuda'; reason: string; probe: CudaProbe } {
+    const probe = native().probeCuda();
+    if (device === 'cpu') return { device: 'cpu', reason: 'device: cpu was requested', probe };
+    if (device === 'cuda') {
+      if (!probe.usable) throw new DeviceUnavailableError(`device 'cuda' is not available: ${probe.reason}`);
+      return { device: 'cuda', reason: `CUDA on ${probe.deviceName}`, probe };
+    }
+    if (device !== 'auto') throw new InvalidArgumentError(`device must be 'auto', 'cpu' or 'cuda', got '${String(device)}'`);
+    if (probe.usable) return { device: 'cuda', reason: `auto: CUDA on ${probe.deviceName}`, probe };
+    return { device: 'cpu', reason: `auto: CUDA not used (${probe.reason})`, probe };
+  }
+
+  static async load(dir: string, options: LoadOptions = {}): Promise<T5Model> {
+    const { config, tensors } = resolveCheckpoint(dir);
+    const { device, reason } = T5Model.selectDevice(options.device ?? 'auto');
+    const threads = options.threads ?? os.cpus().length;
+    let nm: NativeModel;
+    try {
+      nm = await native().loadModel(config, tensors, { device, threads });
+    } catch (e) {
+      throw fromNative(e);
+    }
+    const model = new T5Model(dir, config, tensors, T5Tokenizer.fromDir(dir), nm, reason);
+    if (options.mergeAdapter) {
+      options.mergeAdapter.assertCompatible(config);
+      try {
+        await nm.mergeAdapter(options.mergeAdapter.data);
+      } catch (e) {
+        await nm.dispose();
+        throw fromNative(e);
+      }
+    }
+    return model;
+  }
+
+  /** A second model on the same backend with `adapter` folded into its weights (the original is unchanged). */
+  async withMergedAdapter(adapter: IA3Adapter): Promise<T5Model> {
+    this.live();
+    return T5Model.load(this.dir, { device: this.device, mergeAdapter: adapter });
+  }
+
+  get disposed(): boolean {
+    return this.nativeModel === undefined;
+  }
+
+  /** One line describing the backend (device, threads or GPU). */
+  describe(): string {
+    return this.nativeModel ? this.nativeModel.describe() : 'disposed';
+  }
+
+  /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
+  tokenize(text: string, maxLength?: number): number[] {
+    if (!this.tokenizer) throw new InvalidArgumentError(`${this.dir} has no tokenizer.json: pass token ids instead of strings`);
+    return this.tokenizer.encode(text, { addEos: true, maxLength });
+  }
+
+  /** Rank classification: every choice scored by its (length-normalised) log-prob given the input. */
+  async rankClassify(inputs: string[] | number[][], choices: (string[] | number[][])[],
+                     options: RankClassifyOptions = {}): Promise<RankClassifyResult> {
+    const nm = this.live();
+    if (!Array.isArray(inputs) || !Array.isArray(choices)) throw new InvalidArgumentError('inputs and choices must be arrays');
+    if (inputs.length !== choices.length) {
+      throw new InvalidArgumentError(`got ${inputs.length} inputs but ${choices.length} lists of choices`);
+    }
+    const lengthNormalize = options.lengthNormalize ?? true;
+    const perExample = this.adaptersPerExample(options.adapter, inputs.length);
+    const examples = inputs.map((input, b) => ({
+      inputIds: this.ids(input, options.maxInputLength ?? 256),
+      choices: this.choiceIds(choices[b], b),
+    }));
+    const batchSize = Math.max(1, options.batchSize ?? 32);
+    const result: RankClassifyResult = { predictions: [], scores: [], logProbs: [] };
+    for (let start = 0; start < examples.length; start += batchSize) {
+      const chunk = examples.slice(start, start + batchSize);
+      const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
+      const batch = buildBatch(encoded, this.config.vocabSize, false);
+      const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), false, false));
+      const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
+      logProbs.forEach((lp, i) => {
+        const scores = lengthNormalize ? lp.map((s, j) => s / lengths[i][j]) : lp.slice();
+        result.logProbs.push(lp);
+        result.scores.push(scores);
+        result.predictions.push(argmax(scores));
+      });
+    }
+    return result;
+  }
+
+  /** Encoder output (after the final layer norm) per example: [length * dModel], real positions only. */
+  async encode(inputs: string[] | number[][], options: { adapter?: AdapterOption; maxInputLength?: number } = {}): Promise<Float32Array[]> {
+    const nm = this.live();
+    const perExample = this.adaptersPerExample(options.adapter, inputs.length);
+    const chunk = inputs.map((input) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: [[this.config.eosTokenId]] }));
+    const { encoded, adapters } = this.withAdapters(chunk, perExample);
+    const batch = buildBatch(encoded, this.config.vocabSize, false);
+    const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), false, true));
+    const d = this.config.dModel;
+    const hidden = out.encoderHidden as Float32Array;
+    return encoded.map((ex, b) => hidden.slice(b * batch.encLen * d, (b * batch.encLen + ex.inputIds.length) * d));
+  }
+
+  /** Decoder logits of every choice: [example][choice] -> [choiceLength * vocabSize]. For inspection and tests. */
+  async choiceLogits(inputs: string[] | number[][], choices: (string[] | number[][])[],
+                     options: { adapter?: AdapterOption; maxInputLength?: number } = {}): Promise<Float32Array[][]> {
+    const nm = this.live();
+    const perExample = this.adaptersPerExample(options.adapter, inputs.length);
+    const chunk = inputs.map((input, b) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: this.choiceIds(choices[b], b) }));
+    const { encoded, adapters } = this.withAdapters(chunk, perExample);
+    const batch = buildBatch(encoded, this.config.vocabSize, false);
+    const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), true, false));
+    const V = this.config.vocabSize;
+    const logits = out.logits as Float32Array;
+    return encoded.map((ex, b) => ex.choices.map((c, j) => {
+      const r = batch.rowStart[b] + j;
+      return logits.slice(r * batch.decLen * V, (r * batch.decLen + c.length) * V);
+    }));
+  }
+
+  /** The T-Few losses (LM + UL + LN, weighted) and their gradients with respect to the adapters' vectors. */
+  async lossAndGradients(batch: LossBatch, options: LossOptions = {}): Promise<LossResult> {
+    const nm = this.live();
+    const { inputIds, choices, labels } = batch ?? ({} as LossBatch);
+    if (!Array.isArray(inputIds) || !Array.isArray(choices) || !Array.isArray(labels)) {
+      throw new InvalidArgumentError('lossAndGradients needs { inputIds, choices, labels } arrays');
+    }
+    if (inputIds.length !== choices.length || inputIds.length !== labels.length) {
+      throw new InvalidArgumentError(`inputIds (${inputIds.length}), choices (${choices.length}) and labels (${labels.length}) differ in length`);
+    }
+    const perExample = this.adaptersPerExample(options.adapter, inputIds.length);
+    const chunk = inputIds.map((input, b) => ({
+      inputIds: this.ids(input, options.maxInputLength ?? 256),
+      choices: this.choiceIds(choices[b], b),
+      label: labels[b],
+    }));
+    const { encoded, adapters } = this.withAdapters(chunk, perExample);
+    const nb = buildBatch(encoded, this.config.vocabSize, true);
+    const weights = {
+      lmWeight: options.lmWeight ?? 1,
+      ulWeight: options.ulWeight ?? 1,
+      lnWeight: options.lnWeight ?? 1,
+      dropout: options.dropout ?? false,
+      seed: options.seed ?? 0,
+    };
+    for (const [k, v] of Object.entries(weights)) {
+      if (typeof v === 'number' && !Number.isFinite(v)) throw new InvalidArgumentError(`${k} must be a finite number`);
+    }
+    const out = await this.call(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
+    const adapterGradients = new Map<IA3Adapter, Float32Array>();
+    adapters.forEach((a, i) => adapterGradients.set(a, out.gradients.subarray(i * a.data.length, (i + 1) * a.data.length)));
+    const gradients: Record<string, Float32Array> = {};
+    if (adapters.length > 0) {
+      const g = adapterGradients.get(adapters[0]) as Float32Array;
+      for (const m of adapters[0].modules) gradients[m.name] = g.subarray(m.offset, m.offset + m.length);
+    }
+    return { totalLoss: out.totalLoss, lmLoss: out.lmLoss, ulLoss: out.ulLoss, lnLoss: out.lnLoss, gradients, adapterGradients };
+  }
+
+  /** Frees the weights (device memory included). Later calls reject with DisposedError. Safe to call twice. */
+  async dispose(): Promise<void> {
+    const nm = this.nativeModel;
+    this.nativeModel = undefined;
+    if (nm) await nm.dispose();
+  }
+
+  // ---- internals ----
+
+  private live(): NativeModel {
+    if (!this.nativeModel) throw new DisposedError(`the model loaded from ${this.dir} has been disposed`);
+    return this.nativeModel;
+  }
+
+  private async call<T>(f: () => Promise<T>): Promise<T> {
+    try {
+      return await f();
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  private ids(input: number[] | string, maxLength: number): number[] {
+    if (typeof input === 'string') return this.tokenize(input, maxLength);
+    if (Array.isArray(input) || ArrayBuffer.isView(input)) return Array.from(input as ArrayLike<number>);
+    throw new InvalidArgumentError('each input must be a string or an array of token ids');
+  }
+
+  private choiceIds(list: string[] | number[][] | undefined, example: number): number[][] {
+    if (!Array.isArray(list) || list.length === 0) throw new InvalidArgumentError(`example ${example} has no answer choices`);
+    return (list as (string | number[])[]).map((c) => (typeof c === 'string' ? this.tokenize(c) : this.ids(c, Number.MAX_SAFE_INTEGER)));
+  }
+
+  private adaptersPerExample(option: AdapterOption, n: number): (IA3Adapter | null)[] {
+    if (Array.isArray(option)) {
+      if (option.length !== n) throw new InvalidArgumentError(`got ${option.length} adapters for ${n} examples`);
+      return option.map((a) => a ?? null);
+    }
+    return new Array(n).fill(option ?? null);
+  }
+
+  private withAdapters(chunk: Omit<EncodedExample, 'adapterIndex'>[], perExample: (IA3Adapter | null)[]): { encoded: EncodedExample[]; adapters: IA3Adapter[] } {
+    const adapters: IA3Adapter[] = [];
+    const index = new Map<IA3Adapter, number>();
+    const encoded = chunk.map((ex, b) => {
+      const a = perExample[b];
+      let adapterIndex = -1;
+      if (a) {
+        if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter of example ${b} is not an IA3Adapter`);
+        if (!index.has(a)) {
+          a.assertCompatible(this.config);
+          index.set(a, adapters.length);
+          adapters.push(a);
+        }
+        adapterIndex = index.get(a) as number;
+      }
+      return { ...ex, adapterIndex };
+    });
+    return { encoded, adapters };
+  }
+}
+
+function argmax(xs: number[]): number {
+  let best = 0;
+  for (let i = 1; i < xs.length; i++) if (xs[i] > xs[best]) best = i;
+  return best;
+}
+
+/** Which backends this machine can use, and why (for `tfew doctor` and logs). */
+export function backendInfo(): { build: ReturnType<typeof native>['buildInfo']; cuda: CudaProbe } {
+  return { build: native().buildInfo, cuda: native().probeCuda() };
+}
+
+export type { NativeBatch };

@@ -1,0 +1,133 @@
+// The TypeScript view of the native addon (cuda/napi). Only lib/ talks to it; users see T5Model etc.
+// The addon is found by node-gyp-build: prebuilds/<platform>-<arch>/ first, then build/Release.
+import * as fs from 'fs';
+import * as path from 'path';
+
+export type NativeDType = 'F64' | 'F32' | 'F16' | 'BF16';
+
+/** T5 hyper-parameters, resolved from config.json by lib/config.ts (mirrors cuda/model/t5_config.h). */
+export interface NativeConfig {
+  vocabSize: number;
+  dModel: number;
+  dFf: number;
+  dKv: number;
+  numHeads: number;
+  numLayers: number;
+  numDecoderLayers: number;
+  numBuckets: number;
+  maxDistance: number;
+  layerNormEps: number;
+  gatedGelu: boolean;
+  tiedHead: boolean;
+  scaleDecoderOutputs: boolean;
+  dropoutRate: number;
+  padTokenId: number;
+  eosTokenId: number;
+  decoderStartTokenId: number;
+}
+
+/** One tensor inside a safetensors file: absolute byte offset of its data in `file`. */
+export interface NativeTensorSpec {
+  name: string;
+  file: string;
+  offset: number;
+  byteLength: number;
+  dtype: NativeDType;
+  shape: number[];
+}
+
+/** A batch laid out as cuda/model/batch.h describes. */
+export interface NativeBatch {
+  batchSize: number;
+  encLen: number;
+  inputIds: Int32Array; // [B*encLen], right-padded with 0
+  encLengths: Int32Array; // [B]
+  numRows: number;
+  decLen: number;
+  choiceIds: Int32Array; // [R*decLen], right-padded with 0
+  rowStart: Int32Array; // [B+1]
+  adapterOfExample: Int32Array; // [B], -1 = none
+  labels?: Int32Array; // [B], gold choice index within the example's rows
+}
+
+export interface NativeScoreResult {
+  tokenLogp: Float32Array; // [R*decLen], 0 at pad
+  logits?: Float32Array; // [R*decLen*vocab]
+  encoderHidden?: Float32Array; // [B*encLen*dModel]
+}
+
+export interface NativeLossResult {
+  lmLoss: number;
+  ulLoss: number;
+  lnLoss: number;
+  totalLoss: number;
+  tokenLogp: Float32Array;
+  gradients: Float32Array; // [numAdapters * ia3Size], adapter-major
+}
+
+export interface NativeLossOptions {
+  lmWeight: number;
+  ulWeight: number;
+  lnWeight: number;
+  dropout: boolean;
+  seed: number;
+}
+
+export interface NativeModel {
+  readonly device: 'cpu' | 'cuda';
+  describe(): string;
+  /** adapters: flat Float32Arrays laid out by IA3 layout order (lib/adapter.ts), referenced by index. */
+  score(batch: NativeBatch, adapters: Float32Array[], wantLogits: boolean, wantEncoderHidden: boolean): Promise<NativeScoreResult>;
+  lossAndGradients(batch: NativeBatch, adapters: Float32Array[], options: NativeLossOptions): Promise<NativeLossResult>;
+  /** Folds one adapter into the weights (k/v rows, wo columns). */
+  mergeAdapter(adapter: Float32Array): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+export interface CudaProbe {
+  compiled: boolean;
+  usable: boolean;
+  reason: string;
+  deviceName: string;
+  computeCapability: number;
+  totalMemory: number;
+  cublasLibrary: string;
+}
+
+export interface NativeAddon {
+  version: string;
+  buildInfo: { cudaCompiled: boolean; compiler: string; napiVersion: number };
+  probeCuda(): CudaProbe;
+  loadModel(config: NativeConfig, tensors: NativeTensorSpec[], options: { device: 'cpu' | 'cuda'; threads: number }): Promise<NativeModel>;
+}
+
+/** The package root (where package.json is), from lib/ under ts-jest or dist/lib/ when compiled. */
+export function packageRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(path.join(dir, 'CMakeLists.txt'))) return dir;
+    const up = path.dirname(dir);
+    if (up === dir) return path.resolve(__dirname, '..');
+    dir = up;
+  }
+}
+
+let cached: NativeAddon | undefined;
+let loadError: Error | undefined;
+
+/** Loads the addon once. Throws NativeLoadError (lib/errors.ts) with the reason when it cannot be found. */
+export function native(): NativeAddon {
+  if (cached) return cached;
+  if (loadError) throw loadError;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const load = require('node-gyp-build');
+    cached = load(packageRoot()) as NativeAddon;
+    return cached;
+  } catch (e) {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const { NativeLoadError } = require('./errors');
+    loadError = new NativeLoadError(`the native addon could not be loaded: ${(e as Error).message}. Run "npm run build:native".`);
+    throw loadError;
+  }
+}

@@ -1,0 +1,432 @@
+// Few-shot (IA)3 training the T-Few way: shuffled mini-batches, the LM + UL + LN losses from the engine,
+// per-adapter gradient clipping, Adafactor and the warmup/decay schedule (lib/optim.ts), with progress
+// events, periodic evaluation by rank classification, an AbortSignal and deterministic runs under a seed.
+//
+// Mixed-task training: an example may name its own adapter (default: the trainer's). One engine call
+// computes every adapter's gradient; each adapter then has its own optimizer state and is clipped on its
+// own gradient norm (as if each task were trained alone with T-Few's global-norm clipping), while all of
+// them follow the trainer's single learning-rate schedule.
+import { EventEmitter } from 'events';
+import { performance } from 'perf_hooks';
+import type TypedEmitter from 'typed-emitter';
+import type { IA3Adapter } from './adapter';
+import { DisposedError, InvalidArgumentError, TfewError } from './errors';
+import type { NativeConfig } from './native';
+import { TfewOptimizer } from './optim';
+
+export interface TrainExample {
+  /** The prompt: text (tokenized by the model's tokenizer) or token ids (eos included). */
+  input: string | number[];
+  /** The answer choices: text or token ids (eos included). */
+  choices: (string | number[])[];
+  /** Index of the gold choice. */
+  label: number;
+  /** The adapter this example trains (mixed-task training); default: the trainer's adapter. */
+  adapter?: IA3Adapter;
+}
+
+export interface TrainerOptions {
+  /** Optimizer steps (T-Few: 1000). */
+  steps?: number;
+  /** Examples per step (T-Few: 8). With fewer examples than this, a step uses them all. */
+  batchSize?: number;
+  /** Peak learning rate (T-Few: 3e-3). */
+  lr?: number;
+  /** Adafactor's scale_parameter (T-Few: true). */
+  scaleParameter?: boolean;
+  /** Gradient-norm clipping threshold per adapter; 0 disables it (T-Few: 1.0). */
+  clipNorm?: number;
+  /** Fraction of the steps spent warming the learning rate up from 0 (T-Few: 0.06). */
+  warmupRatio?: number;
+  weightDecay?: number;
+  lmWeight?: number;
+  ulWeight?: number;
+  lnWeight?: number;
+  /** Dropout at the model's rate during training steps (T-Few: on). */
+  dropout?: boolean;
+  /** Seeds the shuffling and (as seed + step) the dropout masks. */
+  seed?: number;
+  /** Inputs are truncated to this many tokens (T-Few: 256). */
+  maxInputLength?: number;
+  /** Evaluate on evalSet every this many steps (and after the last step). */
+  evalEvery?: number;
+  evalSet?: TrainExample[];
+  /** Save the trainer's adapter here (PEFT format) when training finishes without being aborted. */
+  saveTo?: string;
+}
+
+export interface StepEvent {
+  /** Steps completed so far (1-based). */
+  step: number;
+  totalSteps: number;
+  /** The scheduled learning rate used by this step. */
+  lr: number;
+  totalLoss: number;
+  lmLoss: number;
+  ulLoss: number;
+  lnLoss: number;
+  /** L2 norm of this step's gradients before clipping, over all adapters of the batch. */
+  gradNorm: number;
+  examplesPerSecond: number;
+}
+
+export interface EvalEvent {
+  step: number;
+  accuracy: number;
+  predictions: number[];
+}
+
+export interface DoneEvent {
+  steps: number;
+  seconds: number;
+  aborted: boolean;
+  adapterPath?: string;
+}
+
+export type TrainerEvents = {
+  step: (event: StepEvent) => void;
+  eval: (event: EvalEvent) => void;
+  done: (event: DoneEvent) => void;
+};
+
+export interface TrainResult {
+  /** Steps completed. */
+  steps: number;
+  /** The total loss of every completed step. */
+  losses: number[];
+  aborted: boolean;
+  adapterPath?: string;
+}
+
+export interface EvaluationResult {
+  accuracy: number;
+  predictions: number[];
+}
+
+type TokenIds = number[];
+
+interface LossAndGradientsResult {
+  totalLoss: number;
+  lmLoss: number;
+  ulLoss: number;
+  lnLoss: number;
+  adapterGradients: Map<IA3Adapter, Float32Array>;
+}
+
+/**
+ * What the trainer needs from a model; T5Model (lib/model.ts) provides it. Kept structural so the trainer
+ * does not depend on how the model is loaded.
+ */
+export interface TrainableModel {
+  readonly config: NativeConfig;
+  readonly tokenizer?: { encode(text: string, options?: { addEos?: boolean; maxLength?: number }): number[] } | undefined;
+  readonly disposed: boolean;
+  lossAndGradients(
+    batch: { inputIds: (number[] | string)[]; choices: (number[][] | string[])[]; labels: number[] },
+    options?: {
+      adapter?: IA3Adapter | (IA3Adapter | null)[];
+      lmWeight?: number;
+      ulWeight?: number;
+      lnWeight?: number;
+      dropout?: boolean;
+      seed?: number;
+      maxInputLength?: number;
+    },
+  ): Promise<LossAndGradientsResult>;
+  rankClassify(
+    inputs: string[] | number[][],
+    choices: (string[] | number[][])[],
+    options?: { adapter?: IA3Adapter | (IA3Adapter | null)[]; maxInputLength?: number; batchSize?: number },
+  ): Promise<{ predictions: number[] }>;
+}
+
+type ResolvedOptions = Required<Omit<TrainerOptions, 'evalEvery' | 'evalSet' | 'saveTo'>> &
+  Pick<TrainerOptions, 'evalEvery' | 'evalSet' | 'saveTo'>;
+
+const DEFAULTS = {
+  steps: 1000,
+  batchSize: 8,
+  lr: 3e-3,
+  scaleParameter: true,
+  clipNorm: 1.0,
+  warmupRatio: 0.06,
+  weightDecay: 0,
+  lmWeight: 1,
+  ulWeight: 1,
+  lnWeight: 1,
+  dropout: true,
+  seed: 42,
+  maxInputLength: 256,
+};
+
+/** A small seeded generator (mulberry32): the shuffling must not depend on Math.random. */
+function seededRandom(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Fisher-Yates shuffle of 0..n-1. */
+function permutation(n: number, random: () => number): number[] {
+  const order = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  return order;
+}
+
+function resolveOptions(options: TrainerOptions): ResolvedOptions {
+  const o = { ...DEFAULTS } as ResolvedOptions;
+  for (const [k, v] of Object.entries(options)) if (v !== undefined) (o as unknown as Record<string, unknown>)[k] = v;
+
+  const positiveInt = (name: keyof TrainerOptions, v: unknown): void => {
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) {
+      throw new InvalidArgumentError(`${name} must be an integer >= 1, got ${String(v)}`);
+    }
+  };
+  const nonNegative = (name: keyof TrainerOptions, v: unknown): void => {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) {
+      throw new InvalidArgumentError(`${name} must be a finite number >= 0, got ${String(v)}`);
+    }
+  };
+  positiveInt('steps', o.steps);
+  positiveInt('batchSize', o.batchSize);
+  positiveInt('maxInputLength', o.maxInputLength);
+  if (o.evalEvery !== undefined) positiveInt('evalEvery', o.evalEvery);
+  if (typeof o.lr !== 'number' || !Number.isFinite(o.lr) || o.lr <= 0) {
+    throw new InvalidArgumentError(`lr must be a finite number > 0, got ${String(o.lr)}`);
+  }
+  nonNegative('clipNorm', o.clipNorm);
+  nonNegative('weightDecay', o.weightDecay);
+  nonNegative('lmWeight', o.lmWeight);
+  nonNegative('ulWeight', o.ulWeight);
+  nonNegative('lnWeight', o.lnWeight);
+  if (o.lmWeight + o.ulWeight + o.lnWeight === 0) throw new InvalidArgumentError('at least one loss weight must be > 0');
+  if (typeof o.warmupRatio !== 'number' || !(o.warmupRatio >= 0 && o.warmupRatio <= 1)) {
+    throw new InvalidArgumentError(`warmupRatio must be in [0, 1], got ${String(o.warmupRatio)}`);
+  }
+  if (typeof o.seed !== 'number' || !Number.isInteger(o.seed) || o.seed < 0) {
+    throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(o.seed)}`);
+  }
+  if (o.evalEvery !== undefined && (!o.evalSet || o.evalSet.length === 0)) {
+    throw new InvalidArgumentError('evalEvery needs a non-empty evalSet');
+  }
+  return o;
+}
+
+function isTokenIds(v: unknown): v is TokenIds {
+  return Array.isArray(v) && v.every((t) => typeof t === 'number' && Number.isInteger(t) && t >= 0);
+}
+
+export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEvents>) {
+  readonly model: TrainableModel;
+  readonly adapter: IA3Adapter;
+  readonly options: Readonly<ResolvedOptions>;
+  private running = false;
+
+  constructor(model: TrainableModel, adapter: IA3Adapter, options: TrainerOptions = {}) {
+    super();
+    if (!model || typeof model.lossAndGradients !== 'function') throw new InvalidArgumentError('Trainer needs a model');
+    if (!adapter || !(adapter.data instanceof Float32Array)) throw new InvalidArgumentError('Trainer needs an IA3Adapter');
+    adapter.assertCompatible(model.config);
+    this.model = model;
+    this.adapter = adapter;
+    this.options = Object.freeze(resolveOptions(options));
+    if (this.options.evalSet) this.checkExamples(this.options.evalSet, 'evalSet');
+  }
+
+  /**
+   * Runs `options.steps` optimizer steps over `examples` (reshuffled every epoch), updating the adapters
+   * in place. Resolves when done or, after the step in flight, when `signal` aborts.
+   */
+  async train(examples: TrainExample[], runOptions: { signal?: AbortSignal } = {}): Promise<TrainResult> {
+    if (this.running) throw new InvalidArgumentError('this trainer is already training');
+    this.checkModel();
+    this.checkExamples(examples, 'examples');
+    const { signal } = runOptions;
+    const o = this.options;
+    this.running = true;
+    const started = performance.now();
+    const losses: number[] = [];
+    let aborted = false;
+    let adapterPath: string | undefined;
+    try {
+      // Each run starts a fresh optimizer state and schedule per adapter.
+      const optimizers = new Map<IA3Adapter, TfewOptimizer>();
+      const optimizerFor = (adapter: IA3Adapter): TfewOptimizer => {
+        let opt = optimizers.get(adapter);
+        if (!opt) {
+          opt = new TfewOptimizer(adapter.modules, {
+            lr: o.lr,
+            totalSteps: o.steps,
+            warmupRatio: o.warmupRatio,
+            clipNorm: o.clipNorm,
+            scaleParameter: o.scaleParameter,
+            weightDecay: o.weightDecay,
+          });
+          optimizers.set(adapter, opt);
+        }
+        return opt;
+      };
+
+      const batches = this.batchStream(examples.length);
+      for (let step = 0; step < o.steps; step++) {
+        if (signal?.aborted) {
+          aborted = true;
+          break;
+        }
+        this.checkModel();
+        const stepStarted = performance.now();
+        const batch = batches.next().value as number[];
+        const chosen = batch.map((i) => examples[i]);
+        const result = await this.model.lossAndGradients(
+          {
+            inputIds: chosen.map((e) => e.input),
+            choices: chosen.map((e) => this.choicesOf(e)),
+            labels: chosen.map((e) => e.label),
+          },
+          {
+            adapter: chosen.map((e) => e.adapter ?? this.adapter),
+            lmWeight: o.lmWeight,
+            ulWeight: o.ulWeight,
+            lnWeight: o.lnWeight,
+            dropout: o.dropout,
+            seed: o.seed + step,
+            maxInputLength: o.maxInputLength,
+          },
+        );
+
+        // Every adapter of the batch steps at the same schedule position; an adapter absent from the
+        // batch has no gradient and does not step (as a parameter without .grad in PyTorch).
+        if (result.adapterGradients.size === 0) {
+          throw new TfewError('E_INTERNAL', 'lossAndGradients returned no adapter gradients');
+        }
+        let squaredNorm = 0;
+        let lr = 0;
+        for (const [adapter, gradient] of result.adapterGradients) {
+          const info = optimizerFor(adapter).step(adapter.data, gradient, { scheduleStep: step });
+          adapter.markChanged();
+          squaredNorm += info.gradNorm * info.gradNorm;
+          lr = info.lr;
+        }
+
+        losses.push(result.totalLoss);
+        const seconds = (performance.now() - stepStarted) / 1000;
+        this.emit('step', {
+          step: step + 1,
+          totalSteps: o.steps,
+          lr,
+          totalLoss: result.totalLoss,
+          lmLoss: result.lmLoss,
+          ulLoss: result.ulLoss,
+          lnLoss: result.lnLoss,
+          gradNorm: Math.sqrt(squaredNorm),
+          examplesPerSecond: batch.length / Math.max(seconds, 1e-9),
+        });
+
+        const done = step + 1;
+        if (o.evalEvery !== undefined && o.evalSet && (done % o.evalEvery === 0 || done === o.steps)) {
+          const { accuracy, predictions } = await this.evaluate(o.evalSet);
+          this.emit('eval', { step: done, accuracy, predictions });
+        }
+      }
+
+      if (!aborted && o.saveTo !== undefined) {
+        await this.adapter.save(o.saveTo);
+        adapterPath = o.saveTo;
+      }
+    } finally {
+      this.running = false;
+    }
+    const seconds = (performance.now() - started) / 1000;
+    this.emit('done', { steps: losses.length, seconds, aborted, ...(adapterPath !== undefined ? { adapterPath } : {}) });
+    return { steps: losses.length, losses, aborted, ...(adapterPath !== undefined ? { adapterPath } : {}) };
+  }
+
+  /**
+   * Rank-classification accuracy on labelled examples, each with its own adapter (default: the trainer's).
+   * Evaluation runs without dropout.
+   */
+  async evaluate(examples: TrainExample[]): Promise<EvaluationResult> {
+    this.checkModel();
+    this.checkExamples(examples, 'examples');
+    const { inputs, choices } = this.forRankClassify(examples);
+    const { predictions } = await this.model.rankClassify(inputs, choices, {
+      adapter: examples.map((e) => e.adapter ?? this.adapter),
+      maxInputLength: this.options.maxInputLength,
+    });
+    let correct = 0;
+    for (let i = 0; i < examples.length; i++) if (predictions[i] === examples[i].label) correct++;
+    return { accuracy: correct / examples.length, predictions };
+  }
+
+  /** Batches of example indices: a fresh seeded permutation per epoch, the incomplete tail dropped. */
+  private *batchStream(numExamples: number): Generator<number[], never> {
+    const random = seededRandom(this.options.seed);
+    const size = Math.min(this.options.batchSize, numExamples);
+    for (;;) {
+      const order = permutation(numExamples, random);
+      for (let start = 0; start + size <= numExamples; start += size) yield order.slice(start, start + size);
+    }
+  }
+
+  private checkModel(): void {
+    if (this.model.disposed) throw new DisposedError();
+  }
+
+  private checkExamples(examples: TrainExample[], what: string): void {
+    if (!Array.isArray(examples) || examples.length === 0) throw new InvalidArgumentError(`${what} must be a non-empty array`);
+    const checked = new Set<IA3Adapter>([this.adapter]);
+    examples.forEach((e, i) => {
+      if (!e || (typeof e.input !== 'string' && !isTokenIds(e.input))) {
+        throw new InvalidArgumentError(`${what}[${i}].input must be a string or an array of token ids`);
+      }
+      if (!Array.isArray(e.choices) || e.choices.length === 0) {
+        throw new InvalidArgumentError(`${what}[${i}].choices must be a non-empty array`);
+      }
+      e.choices.forEach((c, j) => {
+        if (typeof c !== 'string' && !isTokenIds(c)) {
+          throw new InvalidArgumentError(`${what}[${i}].choices[${j}] must be a string or an array of token ids`);
+        }
+      });
+      if (!Number.isInteger(e.label) || e.label < 0 || e.label >= e.choices.length) {
+        throw new InvalidArgumentError(`${what}[${i}].label ${e.label} is not a choice index (0..${e.choices.length - 1})`);
+      }
+      if (e.adapter !== undefined && !checked.has(e.adapter)) {
+        e.adapter.assertCompatible(this.model.config);
+        checked.add(e.adapter);
+      }
+    });
+  }
+
+  /** One example's choices in the form the model takes: all text or all token ids. */
+  private choicesOf(e: TrainExample): string[] | number[][] {
+    if (e.choices.every((c): c is string => typeof c === 'string')) return e.choices;
+    return e.choices.map((c) => (typeof c === 'string' ? this.tokenize(c) : c));
+  }
+
+  /** The inputs of a set in one form (rankClassify takes all text or all token ids). */
+  private forRankClassify(examples: TrainExample[]): { inputs: string[] | number[][]; choices: (string[] | number[][])[] } {
+    const choices = examples.map((e) => this.choicesOf(e));
+    const texts = examples.map((e) => e.input).filter((x): x is string => typeof x === 'string');
+    if (texts.length === examples.length) return { inputs: texts, choices };
+    const ids = examples.map((e) =>
+      typeof e.input === 'string' ? this.tokenize(e.input, this.options.maxInputLength) : e.input,
+    );
+    return { inputs: ids, choices };
+  }
+
+  private tokenize(text: string, maxLength?: number): number[] {
+    const tokenizer = this.model.tokenizer;
+    if (!tokenizer) {
+      throw new InvalidArgumentError('this model has no tokenizer: give inputs and choices as token ids');
+    }
+    return tokenizer.encode(text, maxLength !== undefined ? { maxLength } : undefined);
+  }
+}

@@ -1,0 +1,101 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { FileFormatError, InvalidArgumentError } from '../lib/errors';
+import { T5Tokenizer } from '../lib/tokenizer';
+import { dataFile } from './helpers/paths';
+
+interface Golden {
+  texts: string[];
+  hf_tokenizers_ids: number[][];
+  transformers_fast_decode: string[];
+}
+interface ReferenceCase { name: string; text: string; ids: number[]; add_special_tokens: boolean; tokenizer: string }
+
+const tokenizerJson = dataFile('t5-tokenizer/tokenizer.json', 'T5 tokenizer tests');
+const goldenFile = dataFile('t5-tokenizer/golden-tokenizations.json', 'golden tokenization tests');
+const referenceFile = dataFile('t5-tokenizer/reference-tokenizations.json', 'reference tokenization tests');
+const withTokenizer = tokenizerJson ? describe : describe.skip;
+
+withTokenizer('T5Tokenizer on the T5 / T0 tokenizer.json', () => {
+  let tok: T5Tokenizer;
+  beforeAll(() => { tok = T5Tokenizer.fromDir(path.dirname(tokenizerJson!))!; });
+
+  test('special ids and vocabulary size', () => {
+    expect(tok.eosId).toBe(tok.tokenToId('</s>'));
+    expect(tok.padId).toBe(tok.tokenToId('<pad>'));
+    expect(tok.eosId).toBe(1);
+    expect(tok.padId).toBe(0);
+    // 32000 SentencePiece pieces + 100 sentinels (<extra_id_0> is the last)
+    expect(tok.vocabSize).toBe(tok.tokenToId('<extra_id_0>')! + 1);
+    expect(tok.idToToken(tok.vocabSize - 1)).toBe('<extra_id_0>');
+  });
+
+  (goldenFile ? test : test.skip)('all golden texts encode to the HF tokenizers ids (</s> appended) and decode like transformers', () => {
+    const golden = JSON.parse(fs.readFileSync(goldenFile!, 'utf8')) as Golden;
+    expect(golden.texts.length).toBe(golden.hf_tokenizers_ids.length);
+    const encodeMismatches: number[] = [];
+    const decodeMismatches: number[] = [];
+    golden.texts.forEach((text, i) => {
+      const expected = golden.hf_tokenizers_ids[i];
+      const ids = tok.encode(text);
+      if (ids.length !== expected.length || ids.some((v, j) => v !== expected[j])) encodeMismatches.push(i);
+      if (tok.decode(expected) !== golden.transformers_fast_decode[i]) decodeMismatches.push(i);
+    });
+    expect(encodeMismatches.map((i) => golden.texts[i])).toEqual([]);
+    expect(decodeMismatches.map((i) => golden.texts[i])).toEqual([]);
+  });
+
+  (goldenFile ? test : test.skip)('truncation keeps </s> last; addEos false drops it', () => {
+    const golden = JSON.parse(fs.readFileSync(goldenFile!, 'utf8')) as Golden;
+    let checked = 0;
+    golden.texts.forEach((text, i) => {
+      const full = golden.hf_tokenizers_ids[i];
+      if (full.length < 12 || i % 7 !== 0) return;
+      const content = full.slice(0, -1);
+      expect(full[full.length - 1]).toBe(1);
+      expect(tok.encode(text, { maxLength: 10 })).toEqual([...content.slice(0, 9), 1]);
+      expect(tok.encode(text, { addEos: false })).toEqual(content);
+      expect(tok.encode(text, { addEos: false, maxLength: 10 })).toEqual(content.slice(0, 10));
+      expect(tok.encode(text, { maxLength: full.length + 5 })).toEqual(full);
+      checked++;
+    });
+    expect(checked).toBeGreaterThan(100);
+    expect(tok.encode('hello world', { maxLength: 1 })).toEqual([1]);
+  });
+
+  (referenceFile ? test : test.skip)('published reference tokenizations of the legacy T5 tokenizer', () => {
+    const { cases } = JSON.parse(fs.readFileSync(referenceFile!, 'utf8')) as { cases: ReferenceCase[] };
+    // legacy tokenizer.json cases; the non-legacy (prepend_scheme "first") variants are a different file
+    const legacy = cases.filter((c) => !/non-legacy|legacy=False|t5-tokenizer-new|Flan/.test(c.tokenizer));
+    // transformers' slow T5Tokenizer skips </s> when the text already ends with one; the fast tokenizer
+    // (tokenizer.json, and so T-Few's pipeline) always appends it.
+    const slowOnly = legacy.filter((c) => c.name.startsWith('test_eos_in_input'));
+    const checked = legacy.filter((c) => !slowOnly.includes(c));
+    expect(checked.length).toBeGreaterThan(25);
+    for (const c of checked) expect({ name: c.name, ids: tok.encode(c.text, { addEos: c.add_special_tokens }) }).toEqual({ name: c.name, ids: c.ids });
+    for (const c of slowOnly) expect(tok.encode(c.text)).toEqual([...c.ids, 1]);
+  });
+
+  test('decode keeps specials on request', () => {
+    const ids = tok.encode('Today is a nice day');
+    expect(tok.decode(ids)).toBe('Today is a nice day');
+    expect(tok.decode([0, ...ids], { skipSpecialTokens: false })).toBe('<pad> Today is a nice day</s>');
+    expect(() => tok.decode([1.5])).toThrow(InvalidArgumentError);
+    expect(() => tok.encode('x', { maxLength: 0 })).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('T5Tokenizer files', () => {
+  test('fromDir without tokenizer.json is undefined; bad JSON is a FileFormatError', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-tok-'));
+    try {
+      expect(T5Tokenizer.fromDir(dir)).toBeUndefined();
+      fs.writeFileSync(path.join(dir, 'tokenizer.json'), '{ nope');
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(FileFormatError);
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(path.join(dir, 'tokenizer.json'));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
