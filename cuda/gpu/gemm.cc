@@ -1,0 +1,86 @@
+#include "gpu/gemm.h"
+
+#include <string>
+
+namespace tfew {
+namespace gpu {
+
+void Gemm::init(cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+  const CublasLibrary& lib = cublas_library();
+  if (!lib.loaded) fail(ErrorCode::DeviceUnavailable, lib.error);
+  api_ = &lib.api;
+  TFEW_CUBLAS_CHECK(api_->create(&handle_));
+  TFEW_CUBLAS_CHECK(api_->set_stream(handle_, stream));
+  // set_stream resets the workspace to cuBLAS's own pool, so the workspace comes after it.
+  TFEW_CUBLAS_CHECK(api_->set_workspace(handle_, workspace, workspace_bytes));
+  TFEW_CUBLAS_CHECK(api_->set_math_mode(handle_, CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+}
+
+void Gemm::destroy() {
+  if (handle_ && api_) api_->destroy(handle_);
+  handle_ = nullptr;
+}
+
+namespace {
+std::string shape_text(const char* op, int m, int n, int k) {
+  return std::string(op) + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
+}
+}  // namespace
+
+template <typename TIn, typename TOut>
+void Gemm::linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy, int M, int N, int K, float beta) {
+  if (M <= 0 || N <= 0) return;
+  const float alpha = 1.f;
+  // Column-major view: C (N x M, ld ldy) = op(W) (N x K) * x^T (K x M): A = W transposed, B = x as is.
+  const cublasStatus_t s =
+      api_->gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, cuda_data_type<TIn>(), ldw, x,
+                    cuda_data_type<TIn>(), ldx, &beta, y, cuda_data_type<TOut>(), ldy, CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT);
+  if (s != CUBLAS_STATUS_SUCCESS)
+    check_cublas(s, ("cublasGemmEx " + shape_text("linear", N, M, K)).c_str(), __FILE__, __LINE__);
+}
+
+template <typename T>
+void Gemm::attention_scores(const void* const* k_ptrs, const void* const* q_ptrs, void* const* s_ptrs, int ld_qk,
+                            int len, int d_kv, int batch) {
+  if (batch <= 0) return;
+  const float alpha = 1.f, beta = 0.f;
+  // Column-major C (keys x queries, ld len) = K (keys x d_kv, stored transposed) * Q^T: row-major scores[i][j].
+  const cublasStatus_t s = api_->gemm_batched_ex(
+      handle_, CUBLAS_OP_T, CUBLAS_OP_N, len, len, d_kv, &alpha, k_ptrs, cuda_data_type<T>(), ld_qk, q_ptrs,
+      cuda_data_type<T>(), ld_qk, &beta, s_ptrs, CUDA_R_32F, len, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  if (s != CUBLAS_STATUS_SUCCESS)
+    check_cublas(s, ("cublasGemmBatchedEx " + shape_text("attention scores", len, len, d_kv)).c_str(), __FILE__,
+                 __LINE__);
+}
+
+template <typename T>
+void Gemm::attention_context(const void* const* v_ptrs, const void* const* p_ptrs, void* const* c_ptrs, int ld_v,
+                             int ld_ctx, int len, int d_kv, int batch) {
+  if (batch <= 0) return;
+  const float alpha = 1.f, beta = 0.f;
+  // Column-major C (d_kv x queries, ld ld_ctx) = V^T (d_kv x keys) * P^T (keys x queries).
+  const cublasStatus_t s = api_->gemm_batched_ex(
+      handle_, CUBLAS_OP_N, CUBLAS_OP_N, d_kv, len, len, &alpha, v_ptrs, cuda_data_type<T>(), ld_v, p_ptrs,
+      cuda_data_type<T>(), len, &beta, c_ptrs, cuda_data_type<T>(), ld_ctx, batch, CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT);
+  if (s != CUBLAS_STATUS_SUCCESS)
+    check_cublas(s, ("cublasGemmBatchedEx " + shape_text("attention context", d_kv, len, len)).c_str(), __FILE__,
+                 __LINE__);
+}
+
+template void Gemm::linear<float, float>(const float*, int, const float*, int, float*, int, int, int, int, float);
+template void Gemm::linear<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, int, const __nv_bfloat16*, int,
+                                                         __nv_bfloat16*, int, int, int, int, float);
+template void Gemm::linear<__nv_bfloat16, float>(const __nv_bfloat16*, int, const __nv_bfloat16*, int, float*, int,
+                                                 int, int, int, float);
+template void Gemm::attention_scores<float>(const void* const*, const void* const*, void* const*, int, int, int, int);
+template void Gemm::attention_scores<__nv_bfloat16>(const void* const*, const void* const*, void* const*, int, int,
+                                                    int, int);
+template void Gemm::attention_context<float>(const void* const*, const void* const*, void* const*, int, int, int,
+                                             int, int);
+template void Gemm::attention_context<__nv_bfloat16>(const void* const*, const void* const*, void* const*, int, int,
+                                                     int, int, int);
+
+}  // namespace gpu
+}  // namespace tfew

@@ -1,0 +1,54 @@
+// The GEMMs of the forward pass through cuBLAS: bf16 (or fp32) inputs, fp32 accumulation
+// (CUBLAS_COMPUTE_32F), output in bf16/fp32. Row-major tensors are passed to column-major cuBLAS as their
+// transposes, so y = x W^T (PyTorch's Linear, W stored [out, in]) becomes C^T = W x^T.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "gpu/cublas_loader.h"
+#include "gpu/cuda_check.h"
+
+namespace tfew {
+namespace gpu {
+
+template <typename T>
+constexpr cudaDataType cuda_data_type();
+template <>
+constexpr cudaDataType cuda_data_type<float>() { return CUDA_R_32F; }
+template <>
+constexpr cudaDataType cuda_data_type<__nv_bfloat16>() { return CUDA_R_16BF; }
+
+class Gemm {
+ public:
+  Gemm() = default;
+  ~Gemm() { destroy(); }
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // Creates the handle on the current device, bound to `stream`, with our own workspace (so that graph
+  // capture never makes cuBLAS allocate) and fp32 reductions.
+  void init(cudaStream_t stream, void* workspace, size_t workspace_bytes);
+  void destroy();  // never throws
+
+  // y[M, N] (ld ldy) = x[M, K] (ld ldx) * W[N, K]^T (ld ldw) + beta * y.  beta = 1 adds into y: the residual.
+  template <typename TIn, typename TOut>
+  void linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy, int M, int N, int K, float beta);
+
+  // Encoder attention, batched over (example, head) with device arrays of pointers (the heads of one
+  // example are interleaved in a row, so no single stride describes the batch).
+  // scores[bh] (L x L, row-major, query rows) = Q[bh] K[bh]^T; Q/K rows have stride ld_qk.
+  template <typename T>
+  void attention_scores(const void* const* k_ptrs, const void* const* q_ptrs, void* const* s_ptrs, int ld_qk,
+                        int len, int d_kv, int batch);
+  // ctx[bh] (L x d_kv, row stride ld_ctx) = P[bh] (L x L) V[bh] (rows with stride ld_v).
+  template <typename T>
+  void attention_context(const void* const* v_ptrs, const void* const* p_ptrs, void* const* c_ptrs, int ld_v,
+                         int ld_ctx, int len, int d_kv, int batch);
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+  const CublasApi* api_ = nullptr;
+};
+
+}  // namespace gpu
+}  // namespace tfew

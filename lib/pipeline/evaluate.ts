@@ -1,0 +1,172 @@
+// Evaluation with the paper's protocol: every template on every seed's model, accuracy per run, then the
+// median and interquartile range over all runs.
+import type { IA3Adapter } from '../adapter';
+import { InvalidArgumentError } from '../errors';
+import type { Task } from '../tasks/registry';
+import type { Example } from '../tasks/types';
+import type { Template } from '../templates/engine';
+import { measure, rankFlops, type FlopsConfig } from './cost';
+import { DEFAULT_MAX_INPUT_LENGTH, encodePrompt, type EncodedPrompt, type PromptTokenizer } from './encode';
+import { accuracy, summarizeRuns, type AccuracySummary, type RunAccuracy } from './metrics';
+
+/** What evaluation needs from a model (T5Model provides it). */
+export interface ScoringModel {
+  readonly config: FlopsConfig;
+  readonly tokenizer?: PromptTokenizer;
+  rankClassify(
+    inputs: number[][],
+    choices: number[][][],
+    options?: { adapter?: IA3Adapter | null | (IA3Adapter | null)[]; batchSize?: number; lengthNormalize?: boolean; maxInputLength?: number },
+  ): Promise<{ predictions: number[]; scores: number[][] }>;
+}
+
+export function requireTokenizer(model: { tokenizer?: PromptTokenizer }): PromptTokenizer {
+  if (!model.tokenizer) throw new InvalidArgumentError('the model directory has no tokenizer.json; the pipeline needs one to render prompts');
+  return model.tokenizer;
+}
+
+/** The adapter of each seed's run: one for all, none (zero-shot), or a function of the seed. */
+export type AdapterForSeed = IA3Adapter | null | ((seed: number) => IA3Adapter | null | Promise<IA3Adapter | null>);
+
+export interface EvaluateOptions {
+  /** The task: its evaluation set, templates and seeds. */
+  task?: Task;
+  /** Evaluate these examples instead of the task's evaluation set. */
+  examples?: Example[];
+  /** Default: the task's templates. */
+  templates?: Template[];
+  /** Default: the task's seeds (one run per seed and template). */
+  seeds?: readonly number[];
+  adapter?: AdapterForSeed;
+  /** Default 256 (T-Few). */
+  maxInputLength?: number;
+  /** Examples per native call. */
+  batchSize?: number;
+  /** Default true (T-Few's length-normalised rank classification). */
+  lengthNormalize?: boolean;
+  /** Use only the first N evaluation examples (quick checks). */
+  limit?: number;
+  /** Name of the method in results (default "T-Few" with an adapter, else "zero-shot"). */
+  method?: string;
+  onRun?: (run: EvaluationRun) => void;
+}
+
+export interface EvaluationRun extends RunAccuracy {
+  predictions: number[];
+  labels: number[];
+  seconds: number;
+  peakRssBytes: number;
+  /** Mean encoder length and analytic FLOPs per example of this run. */
+  meanInputTokens: number;
+  flopsPerExample: number;
+}
+
+export interface EvaluationReport {
+  method: string;
+  task: string;
+  runs: EvaluationRun[];
+  summary: AccuracySummary;
+  cost: { flopsPerExample: number; msPerExample: number; peakRssBytes: number; meanInputTokens: number };
+}
+
+/** Mean analytic forward FLOPs and encoder length over encoded prompts. */
+export function promptCost(config: FlopsConfig, encoded: readonly EncodedPrompt[]): { flops: number; inputTokens: number } {
+  let flops = 0;
+  let tokens = 0;
+  for (const e of encoded) {
+    flops += rankFlops(config, e.inputIds.length, e.choiceIds.map((c) => c.length));
+    tokens += e.inputIds.length;
+  }
+  return { flops: flops / Math.max(1, encoded.length), inputTokens: tokens / Math.max(1, encoded.length) };
+}
+
+/** Scores encoded prompts with one adapter, timing the work. */
+export async function scoreEncoded(
+  model: ScoringModel,
+  encoded: EncodedPrompt[],
+  options: { adapter?: IA3Adapter | null; batchSize?: number; lengthNormalize?: boolean },
+): Promise<{ predictions: number[]; scores: number[][]; seconds: number; peakRssBytes: number }> {
+  const m = await measure(() =>
+    model.rankClassify(
+      encoded.map((e) => e.inputIds),
+      encoded.map((e) => e.choiceIds),
+      {
+        adapter: options.adapter ?? null,
+        batchSize: options.batchSize,
+        lengthNormalize: options.lengthNormalize ?? true,
+        // Inputs arrive tokenized and already truncated by encodePrompt (RAFT's may be longer than 256).
+        maxInputLength: Math.max(...encoded.map((e) => e.inputIds.length)),
+      },
+    ),
+  );
+  return { predictions: m.result.predictions, scores: m.result.scores, seconds: m.seconds, peakRssBytes: m.peakRssBytes };
+}
+
+function evalSetFor(options: EvaluateOptions, seed: number): Example[] {
+  let examples = options.examples ?? options.task?.evalExamples(seed);
+  if (!examples) throw new InvalidArgumentError('evaluate() needs a task or examples');
+  examples = examples.filter((e) => e.label >= 0);
+  if (options.limit !== undefined) examples = examples.slice(0, options.limit);
+  if (examples.length === 0) throw new InvalidArgumentError('no labelled evaluation examples');
+  return examples;
+}
+
+async function adapterFor(adapter: AdapterForSeed | undefined, seed: number): Promise<IA3Adapter | null> {
+  if (typeof adapter === 'function') return adapter(seed);
+  return adapter ?? null;
+}
+
+/** Accuracy of every template on every seed, and the median / IQR over all of them. */
+export async function evaluate(model: ScoringModel, options: EvaluateOptions): Promise<EvaluationReport> {
+  const tokenizer = requireTokenizer(model);
+  const templates = options.templates ?? options.task?.templates();
+  if (!templates || templates.length === 0) throw new InvalidArgumentError('evaluate() needs templates (or a task)');
+  const seeds = options.seeds ?? options.task?.seeds ?? [0];
+  const maxLen = options.maxInputLength ?? options.task?.recipe.maxInputLength ?? DEFAULT_MAX_INPUT_LENGTH;
+  const runs: EvaluationRun[] = [];
+  let anyAdapter = false;
+  for (const seed of seeds) {
+    const adapter = await adapterFor(options.adapter, seed);
+    anyAdapter ||= adapter !== null;
+    const examples = evalSetFor(options, seed);
+    const labels = examples.map((e) => e.label);
+    for (const template of templates) {
+      const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
+      const cost = promptCost(model.config, encoded);
+      const scored = await scoreEncoded(model, encoded, { adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize });
+      const run: EvaluationRun = {
+        template: template.name,
+        seed,
+        accuracy: accuracy(scored.predictions, labels),
+        count: examples.length,
+        predictions: scored.predictions,
+        labels,
+        seconds: scored.seconds,
+        peakRssBytes: scored.peakRssBytes,
+        meanInputTokens: cost.inputTokens,
+        flopsPerExample: cost.flops,
+      };
+      runs.push(run);
+      options.onRun?.(run);
+    }
+  }
+  return report(options.method ?? (anyAdapter ? 'T-Few' : 'zero-shot'), options.task?.name ?? 'custom', runs);
+}
+
+/** Aggregates runs into a report (shared with the ICL baseline). */
+export function report(method: string, task: string, runs: EvaluationRun[]): EvaluationReport {
+  const examples = runs.reduce((a, r) => a + r.count, 0);
+  const weighted = (f: (r: EvaluationRun) => number) => runs.reduce((a, r) => a + f(r) * r.count, 0) / examples;
+  return {
+    method,
+    task,
+    runs,
+    summary: summarizeRuns(runs),
+    cost: {
+      flopsPerExample: weighted((r) => r.flopsPerExample),
+      msPerExample: (1000 * runs.reduce((a, r) => a + r.seconds, 0)) / examples,
+      peakRssBytes: Math.max(...runs.map((r) => r.peakRssBytes)),
+      meanInputTokens: weighted((r) => r.meanInputTokens),
+    },
+  };
+}

@@ -1,0 +1,220 @@
+// Behaviour of the engine beyond the fixtures: gradients by finite differences (with dropout on), mixed-task
+// gradients, determinism, bad input, dispose, concurrency, the event loop, and backend selection.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import {
+  DeviceUnavailableError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, T5Model,
+} from '../lib';
+import { native } from '../lib/native';
+import { buildTinyT5 } from '../lib/tiny';
+import { loadFixture } from './helpers/reference';
+
+// A small deterministic PRNG so failures are reproducible.
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+function randn(r: () => number): number {
+  return Math.sqrt(-2 * Math.log(r() + 1e-12)) * Math.cos(2 * Math.PI * r());
+}
+function randomBatch(r: () => number, n: number, vocab: number) {
+  const ids = (len: number) => [...Array.from({ length: len - 1 }, () => 3 + Math.floor(r() * (vocab - 3))), 1];
+  const inputIds = Array.from({ length: n }, () => ids(3 + Math.floor(r() * 10)));
+  const choices = Array.from({ length: n }, () => Array.from({ length: 2 + Math.floor(r() * 3) }, () => ids(1 + Math.floor(r() * 5))));
+  const labels = choices.map((c) => Math.floor(r() * c.length));
+  return { inputIds, choices, labels };
+}
+function randomAdapter(model: T5Model, r: () => number, spread = 0.2): IA3Adapter {
+  const a = IA3Adapter.create(model);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + spread * randn(r);
+  a.markChanged();
+  return a;
+}
+
+describe('gradients by finite differences', () => {
+  let dir: string;
+  let model: T5Model;
+  beforeAll(async () => {
+    // the fixture checkpoints with dropout switched on (rate 0.1)
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-fd-'));
+    for (const name of ['tiny-gated-gelu-untied', 'tiny-relu-tied']) {
+      const src = loadFixture(name).dir;
+      fs.mkdirSync(path.join(dir, name));
+      fs.copyFileSync(path.join(src, 'model.safetensors'), path.join(dir, name, 'model.safetensors'));
+      const cfg = JSON.parse(fs.readFileSync(path.join(src, 'config.json'), 'utf8'));
+      cfg.dropout_rate = 0.1;
+      fs.writeFileSync(path.join(dir, name, 'config.json'), JSON.stringify(cfg));
+    }
+  });
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  test.each(['tiny-gated-gelu-untied', 'tiny-relu-tied'])('%s: directional derivatives match, dropout on, mixed adapters', async (name) => {
+    model = await T5Model.load(path.join(dir, name), { device: 'cpu' });
+    try {
+      const r = rng(name.length * 7919);
+      const batch = randomBatch(r, 4, model.config.vocabSize);
+      const a = randomAdapter(model, r);
+      const b = randomAdapter(model, r);
+      const adapters = [a, b, a, b];
+      const opts = { adapter: adapters, dropout: true, seed: 1234 };
+      const g = await model.lossAndGradients(batch, opts);
+      expect(g.adapterGradients.size).toBe(2);
+      const loss = async () => (await model.lossAndGradients(batch, opts)).totalLoss;
+      for (const target of [a, b]) {
+        const grad = g.adapterGradients.get(target) as Float32Array;
+        for (let trial = 0; trial < 2; trial++) {
+          // unit directions: first along the gradient (largest signal), then a random one
+          const v = Float32Array.from({ length: target.data.length }, (_, i) => (trial === 0 ? grad[i] : randn(r)));
+          const norm = Math.hypot(...v);
+          for (let i = 0; i < v.length; i++) v[i] /= norm;
+          let dot = 0;
+          for (let i = 0; i < v.length; i++) dot += grad[i] * v[i];
+          const eps = 1e-2;
+          const saved = Float32Array.from(target.data);
+          for (let i = 0; i < v.length; i++) target.data[i] = saved[i] + eps * v[i];
+          target.markChanged();
+          const up = await loss();
+          for (let i = 0; i < v.length; i++) target.data[i] = saved[i] - eps * v[i];
+          target.markChanged();
+          const down = await loss();
+          target.data.set(saved);
+          target.markChanged();
+          const fd = (up - down) / (2 * eps);
+          // float32 activations put ~1e-5 of noise on a loss of ~30; central differences then agree to ~1e-3
+          expect(Math.abs(fd - dot)).toBeLessThan(1e-2 * Math.abs(dot) + 2e-3);
+        }
+      }
+    } finally {
+      await model.dispose();
+    }
+  });
+
+  test('dropout: deterministic under a seed, different across seeds, off by default', async () => {
+    model = await T5Model.load(path.join(dir, 'tiny-gated-gelu-untied'), { device: 'cpu' });
+    try {
+      const batch = randomBatch(rng(5), 3, model.config.vocabSize);
+      const a = IA3Adapter.create(model);
+      const run = (o: object) => model.lossAndGradients(batch, { adapter: a, ...o });
+      const s1 = await run({ dropout: true, seed: 1 });
+      const s1b = await run({ dropout: true, seed: 1 });
+      const s2 = await run({ dropout: true, seed: 2 });
+      const off = await run({});
+      const off2 = await run({ dropout: false, seed: 99 });
+      expect(s1b.totalLoss).toBe(s1.totalLoss);
+      expect(Array.from(s1b.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(s1.adapterGradients.get(a) as Float32Array));
+      expect(s2.totalLoss).not.toBe(s1.totalLoss);
+      expect(off.totalLoss).not.toBe(s1.totalLoss);
+      expect(off2.totalLoss).toBe(off.totalLoss);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
+describe('API behaviour on the CPU backend', () => {
+  const fx = loadFixture('tiny-gated-gelu-untied');
+  let model: T5Model;
+  beforeAll(async () => {
+    model = await T5Model.load(fx.dir, { device: 'cpu', threads: 2 });
+  });
+  afterAll(async () => {
+    await model.dispose();
+  });
+
+  test('reports the backend it runs on and why', () => {
+    expect(model.device).toBe('cpu');
+    expect(model.deviceReason).toMatch(/cpu/);
+    expect(model.describe()).toMatch(/^cpu/);
+  });
+
+  test('choices may differ in number and length per example; lengthNormalize false gives the sums', async () => {
+    const choices = [fx.choices[0].slice(0, 2), fx.choices[1], [fx.choices[2][0], [5, 6, 7, 8, 9, 10, 1]]];
+    const r = await model.rankClassify(fx.inputIds, choices, { lengthNormalize: false });
+    expect(r.scores.map((s) => s.length)).toEqual([2, 3, 2]);
+    expect(r.scores).toEqual(r.logProbs);
+    // the same example scored alone gives the same numbers (padding does not leak)
+    const alone = await model.rankClassify([fx.inputIds[2]], [choices[2]], { lengthNormalize: false });
+    alone.logProbs[0].forEach((v, j) => expect(v).toBeCloseTo(r.logProbs[2][j], 5));
+  });
+
+  test('bad input is a typed error and the model keeps working', async () => {
+    await expect(model.rankClassify([[5, 999, 1]], [[[3, 1]]])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(model.rankClassify([[5, -1, 1]], [[[3, 1]]])).rejects.toThrow(/vocabulary/);
+    await expect(model.rankClassify([[5, 1]], [[]])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(model.rankClassify([[]], [[[3, 1]]])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(model.rankClassify([[5, 1], [6, 1]], [[[3, 1]]])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(model.rankClassify(['text'], [['a']])).rejects.toThrow(/tokenizer/);
+    await expect(model.lossAndGradients({ inputIds: [[5, 1]], choices: [[[3, 1], [4, 1]]], labels: [2] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const wrong = IA3Adapter.create({ numLayers: 1, numDecoderLayers: 1, innerDim: 64, dFf: 96 });
+    await expect(model.rankClassify([[5, 1]], [[[3, 1]]], { adapter: wrong })).rejects.toBeInstanceOf(InvalidAdapterError);
+    await expect(model.rankClassify([[5, 1]], [[[3, 1]]], { adapter: [null, null] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const ok = await model.rankClassify(fx.inputIds, fx.choices);
+    expect(ok.predictions).toEqual(Array.from(fx.get('base.pred')));
+  });
+
+  test('concurrent calls are safe and give the serial results', async () => {
+    const serial = await model.rankClassify(fx.inputIds, fx.choices);
+    const many = await Promise.all(Array.from({ length: 8 }, () => model.rankClassify(fx.inputIds, fx.choices)));
+    for (const r of many) expect(r.scores).toEqual(serial.scores);
+  });
+});
+
+describe('lifecycle and the event loop', () => {
+  test('dispose: later calls reject with DisposedError, dispose twice is fine, in-flight calls finish', async () => {
+    const fx = loadFixture('tiny-relu-tied');
+    const model = await T5Model.load(fx.dir, { device: 'cpu' });
+    const inFlight = model.rankClassify(fx.inputIds, fx.choices);
+    const disposing = model.dispose();
+    await expect(inFlight).resolves.toBeDefined();
+    await disposing;
+    expect(model.disposed).toBe(true);
+    await expect(model.rankClassify(fx.inputIds, fx.choices)).rejects.toBeInstanceOf(DisposedError);
+    await expect(model.lossAndGradients({ inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels })).rejects.toBeInstanceOf(DisposedError);
+    await model.dispose();
+  });
+
+  test('native work runs off the event loop', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-loop-'));
+    try {
+      buildTinyT5(dir, { words: ['alpha', 'beta'], dModel: 128, dFf: 256, numLayers: 2, numHeads: 4, dKv: 32, seed: 3 });
+      const model = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+      const long = Array.from({ length: 4 }, (_, i) => Array.from({ length: 64 }, (_, t) => 3 + ((i + t) % 2)).concat([1]));
+      const choices = long.map(() => [[3, 1], [4, 1]]);
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 1);
+      const started = Date.now();
+      await model.lossAndGradients({ inputIds: long, choices, labels: long.map(() => 0) }, { adapter: IA3Adapter.create(model) });
+      const elapsed = Date.now() - started;
+      clearInterval(timer);
+      await model.dispose();
+      expect(elapsed).toBeGreaterThan(20);
+      expect(ticks).toBeGreaterThan(2);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('backend selection', () => {
+  const probe = native().probeCuda();
+  test('probeCuda says whether CUDA is usable and why not', () => {
+    expect(typeof probe.usable).toBe('boolean');
+    if (!probe.usable) expect(probe.reason.length).toBeGreaterThan(10);
+  });
+  (probe.usable ? test.skip : test)('without a usable GPU: auto falls back to the CPU with the reason, cuda is a typed error', async () => {
+    const fx = loadFixture('tiny-relu-tied');
+    const model = await T5Model.load(fx.dir);
+    expect(model.device).toBe('cpu');
+    expect(model.deviceReason).toContain(probe.reason);
+    await model.dispose();
+    await expect(T5Model.load(fx.dir, { device: 'cuda' })).rejects.toBeInstanceOf(DeviceUnavailableError);
+    await expect(T5Model.load(fx.dir, { device: 'tpu' as never })).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+});
