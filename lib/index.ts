@@ -8,3 +8,6 @@ export { parseT5Config, readT5Config } from './config';
 export type { T5ModelConfig } from './config';
 export { resolveCheckpoint } from './checkpoint';
 export * from './errors';
+export { Trainer } from './trainer';
+export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, EvaluationResult } from './trainer';
+export * from './optim';
