@@ -84,6 +84,8 @@ export interface DemoOptions {
   lr?: number;
   /** Print a progress line every this many steps (default 25). */
   logEvery?: number;
+  /** Seed of the tiny model's random weights (default 3). */
+  modelSeed?: number;
   log?: (line: string) => void;
 }
 
@@ -120,7 +122,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
 
   log('T-Few demo: few-shot fine-tuning of (IA)3 vectors on a tiny T5 built on the spot (nothing is downloaded).');
   if (!fs.existsSync(path.join(modelDir, 'model.safetensors'))) {
-    buildTinyT5(modelDir, { words: demoVocabulary(), seed: 3, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
+    buildTinyT5(modelDir, { words: demoVocabulary(), seed: options.modelSeed ?? 3, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
   }
   const model = await T5Model.load(modelDir, { device: options.device ?? 'auto' });
   try {
