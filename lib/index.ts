@@ -11,3 +11,6 @@ export * from './errors';
 export { Trainer } from './trainer';
 export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, EvaluationResult } from './trainer';
 export * from './optim';
+export * from './tasks';
+export * from './templates';
+export * from './pipeline';

@@ -2,8 +2,9 @@
 // Builds the native addon.
 //   node scripts/build-native.js               build (cmake-js; CUDA when nvcc is found)
 //   node scripts/build-native.js --if-missing  the npm "install" step: skip when a prebuilt or built addon loads
-// Environment: TFEW_CUDA=auto|on|off (default auto), TFEW_BUILD_JOBS (default: all cores).
-// Without cmake on PATH it falls back to node-gyp and binding.gyp, which builds the CPU backend only.
+// Environment: TFEW_CUDA=auto|on|off (default auto), TFEW_BUILD_JOBS (default: all cores),
+// TFEW_BUILD=cmake|gyp (default: cmake when it is on PATH).
+// Without cmake (or with TFEW_BUILD=gyp) it uses node-gyp and binding.gyp, which builds the CPU backend only.
 'use strict';
 const { execFileSync, spawnSync } = require('child_process');
 const fs = require('fs');
@@ -37,14 +38,20 @@ const env = { ...process.env, CMAKE_BUILD_PARALLEL_LEVEL: jobs };
 if (!env.CUDACXX && fs.existsSync('/usr/local/cuda/bin/nvcc') && !have('nvcc')) env.CUDACXX = '/usr/local/cuda/bin/nvcc';
 
 try {
-  if (have('cmake')) {
+  const useGyp = process.env.TFEW_BUILD === 'gyp' || !have('cmake');
+  if (!useGyp) {
     const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
     const gen = have('ninja') ? ['-G', 'Ninja'] : [];
     execFileSync(process.execPath, [cmakeJs, 'compile', ...gen, `--CDTFEW_CUDA=${cuda}`], { cwd: root, stdio: 'inherit', env });
   } else {
-    console.log('[tfew] cmake not found: building the CPU backend with node-gyp (binding.gyp)');
-    const nodeGyp = path.join(path.dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js');
-    execFileSync(process.execPath, [nodeGyp, 'rebuild', `-j`, jobs], { cwd: root, stdio: 'inherit', env });
+    console.log('[tfew] building the CPU backend with node-gyp (binding.gyp); the CUDA backend needs cmake');
+    // node-gyp ships with npm; under `npm install` npm_execpath points at npm's own cli.
+    const npmDir = process.env.npm_execpath ? path.resolve(path.dirname(process.env.npm_execpath), '..')
+      : path.join(path.dirname(process.execPath), '..', 'lib', 'node_modules', 'npm');
+    const nodeGyp = path.join(npmDir, 'node_modules', 'node-gyp', 'bin', 'node-gyp.js');
+    const gypArgs = [nodeGyp, 'rebuild', '-j', jobs];
+    if (process.env.npm_config_nodedir) gypArgs.push(`--nodedir=${process.env.npm_config_nodedir}`);
+    execFileSync(process.execPath, gypArgs, { cwd: root, stdio: 'inherit', env });
   }
 } catch (e) {
   console.error(`[tfew] native build failed: ${e.message}`);

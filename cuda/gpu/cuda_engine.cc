@@ -116,14 +116,16 @@ struct Plan {
   float* logits = nullptr;  // [Nd, vocab]
 };
 
+// fused_attention: the encoder attention runs as one kernel, without score/probability buffers or the
+// pointer arrays of the batched GEMMs.
 template <typename T>
-Plan<T> make_plan(const T5Config& c, const Shape& s, uintptr_t base) {
+Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintptr_t base) {
   Plan<T> p;
   p.shape = s;
   const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
   const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
   const size_t B = s.batch, Le = s.enc_len, R = s.rows, Ld = s.dec_len;
-  const size_t Ne = B * Le, Nd = R * Ld, BH = B * H;
+  const size_t Ne = B * Le, Nd = R * Ld, BH = fused_attention ? 0 : B * H;
 
   Placer pl(base);
   p.inputs_begin = 0;
@@ -153,7 +155,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, uintptr_t base) {
   p.x_enc = pl.place<float>(Ne * d);
   p.h_enc = pl.place<T>(Ne * d);
   p.qkv_enc = pl.place<T>(Ne * 3 * inner);
-  p.scores = pl.place<float>(BH * Le * Le);
+  p.scores = pl.place<float>(BH * Le * Le);  // BH = 0 with fused attention
   p.probs = pl.place<T>(BH * Le * Le);
   p.ctx_enc = pl.place<T>(Ne * inner);
   p.ff_enc = pl.place<T>(Ne * wi_cols);
@@ -293,6 +295,9 @@ class CudaEngine final : public Engine {
       cublas_workspace_.allocate(kCublasWorkspaceBytes, "the cuBLAS workspace");
       load_weights<T>(config_, weights, stream_, weights_);
       gemm_.init(stream_, cublas_workspace_.get(), kCublasWorkspaceBytes);
+      // TFEW_CUDA_FUSED_ATTENTION=0 selects the cuBLAS path in bf16 too (for comparisons).
+      fused_attention_ = std::is_same<T, __nv_bfloat16>::value && kernels::fused_encoder_attention_supported(config_.d_kv) &&
+                         env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
       graphs_enabled_ = env_flag("TFEW_CUDA_GRAPHS", true) && !profiler_.detail();
       if (!graphs_enabled_) graph_note_ = profiler_.detail() ? "off (detail profiling)" : "off (TFEW_CUDA_GRAPHS=0)";
     } catch (...) {
@@ -311,7 +316,8 @@ class CudaEngine final : public Engine {
     os << "cuda:" << device_ << " " << probe_.device_name << " (cc " << probe_.compute_capability / 10 << "."
        << probe_.compute_capability % 10 << ", " << (probe_.total_memory >> 20) << " MiB), "
        << precision_name() << " weights " << (weights_.storage.size() >> 20) << " MiB, arena "
-       << (arena_.size() >> 20) << " MiB, cuBLAS " << probe_.cublas_library << ", CUDA graphs "
+       << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
+       << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
        << (graphs_enabled_ ? "on" : graph_note_);
     return os.str();
   }
@@ -441,7 +447,7 @@ class CudaEngine final : public Engine {
     auto pv_v = reinterpret_cast<const void**>(host_ptr(plan.pv_v));
     auto pv_p = reinterpret_cast<const void**>(host_ptr(plan.pv_p));
     auto pv_c = reinterpret_cast<void**>(host_ptr(plan.pv_c));
-    for (int e = 0; e < B; ++e) {
+    for (int e = 0; e < B && !fused_attention_; ++e) {
       for (int h = 0; h < H; ++h) {
         const size_t bh = static_cast<size_t>(e) * H + h;
         const T* qkv_rows = plan.qkv_enc + static_cast<int64_t>(e) * Le * 3 * inner + h * dkv;
@@ -603,22 +609,29 @@ class CudaEngine final : public Engine {
     {
       Span span(prof, "embedding+bias", s);
       kernels::relative_bias_table(weights_.enc_rel_bias, p.enc_buckets, 2 * Le - 1, H, p.enc_bias, s);
-      kernels::embedding_forward<T>(weights_.embed, V, d, p.enc_ids, Ne, p.x_enc, s);
+      kernels::embedding_forward<T>(weights_.enc_embed, V, d, p.enc_ids, Ne, p.x_enc, s);
     }
     for (int l = 0; l < c.num_layers; ++l) {
       const EncoderLayerWeights<T>& L = weights_.encoder[l];
       const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
       { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_attn, Ne, d, eps, 1.f, p.h_enc, s); }
       { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.qkv, d, p.qkv_enc, 3 * inner, Ne, 3 * inner, d, 0.f); }
-      {
-        Span span(prof, "ia3", s);
-        kernels::ia3_scale_kv<T>(p.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
-      }
-      { Span span(prof, "gemm_attention", s); gemm_.attention_scores<T>(p.qk_k, p.qk_q, p.qk_s, 3 * inner, Le, dkv, B * H); }
-      { Span span(prof, "softmax", s); kernels::encoder_softmax<T>(p.scores, p.enc_bias, p.enc_lengths, B, H, Le, p.probs, s); }
-      {
-        Span span(prof, "gemm_attention", s);
-        gemm_.attention_context<T>(p.pv_v, p.pv_p, p.pv_c, 3 * inner, inner, Le, dkv, B * H);
+      if (fused_attention_) {
+        Span span(prof, "encoder_attention", s);
+        if constexpr (std::is_same<T, __nv_bfloat16>::value)
+          kernels::fused_encoder_attention(p.qkv_enc, inner, dkv, B, H, Le, p.enc_bias, p.enc_lengths, enc_ix,
+                                           ia3.self_k, ia3.self_v, p.ctx_enc, s);
+      } else {
+        {
+          Span span(prof, "ia3", s);
+          kernels::ia3_scale_kv<T>(p.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
+        }
+        { Span span(prof, "gemm_attention", s); gemm_.attention_scores<T>(p.qk_k, p.qk_q, p.qk_s, 3 * inner, Le, dkv, B * H); }
+        { Span span(prof, "softmax", s); kernels::encoder_softmax<T>(p.scores, p.enc_bias, p.enc_lengths, B, H, Le, p.probs, s); }
+        {
+          Span span(prof, "gemm_attention", s);
+          gemm_.attention_context<T>(p.pv_v, p.pv_p, p.pv_c, 3 * inner, inner, Le, dkv, B * H);
+        }
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, p.x_enc, d, Ne, d, inner, 1.f); }
       { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_ff, Ne, d, eps, 1.f, p.h_enc, s); }
@@ -640,7 +653,7 @@ class CudaEngine final : public Engine {
     {
       Span span(prof, "embedding+bias", s);
       kernels::relative_bias_table(weights_.dec_rel_bias, p.dec_buckets, 2 * Ld - 1, H, p.dec_bias, s);
-      kernels::embedding_forward<T>(weights_.embed, V, d, p.dec_ids, Nd, p.x_dec, s);
+      kernels::embedding_forward<T>(weights_.dec_embed, V, d, p.dec_ids, Nd, p.x_dec, s);
     }
     for (int l = 0; l < c.num_decoder_layers; ++l) {
       const DecoderLayerWeights<T>& L = weights_.decoder[l];
@@ -707,8 +720,8 @@ class CudaEngine final : public Engine {
     shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
 
     if (shape.adapters) upload_adapters(adapters);
-    ensure_arena(make_plan<T>(config_, shape, 0).bytes);
-    const Plan<T> plan = make_plan<T>(config_, shape, reinterpret_cast<uintptr_t>(arena_.get()));
+    ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes);
+    const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
     pack_inputs(b, plan);
 
     profiler_.begin_call(stream_);
@@ -806,6 +819,7 @@ class CudaEngine final : public Engine {
   std::vector<std::vector<float>> adapter_cache_;
   std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;
 
+  bool fused_attention_ = false;
   bool graphs_enabled_ = true;
   std::string graph_note_;
   std::map<Shape, cudaGraphExec_t> graphs_;

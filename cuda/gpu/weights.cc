@@ -90,10 +90,23 @@ class WeightWalker {
     const int64_t buckets = c_.num_buckets, heads = c_.num_heads;
     const int64_t wi_rows = c_.gated_gelu ? 2 * ff : ff;
 
-    w.embed = placer_.place<T>(vocab * d);
-    load("shared.weight", {vocab, d}, w.embed);
+    // Untied checkpoints may carry encoder/decoder embeddings that differ from shared.weight (the T0-layout
+    // fixture does); Hugging Face uses them, so do we. Equal tensors share one device copy.
+    T* shared = placer_.place<T>(vocab * d);
+    load("shared.weight", {vocab, d}, shared);
+    w.enc_embed = distinct_embedding("encoder.embed_tokens.weight") ? placer_.place<T>(vocab * d) : shared;
+    if (w.enc_embed != shared) load("encoder.embed_tokens.weight", {vocab, d}, w.enc_embed);
+    const std::string dec_name = "decoder.embed_tokens.weight";
+    if (!distinct_embedding(dec_name)) {
+      w.dec_embed = shared;
+    } else if (w.enc_embed != shared && same_tensor(dec_name, "encoder.embed_tokens.weight")) {
+      w.dec_embed = w.enc_embed;
+    } else {
+      w.dec_embed = placer_.place<T>(vocab * d);
+      load(dec_name, {vocab, d}, w.dec_embed);
+    }
     if (c_.tied_head) {
-      w.lm_head = w.embed;
+      w.lm_head = shared;
     } else {
       w.lm_head = placer_.place<T>(vocab * d);
       load("lm_head.weight", {vocab, d}, w.lm_head);
@@ -162,6 +175,19 @@ class WeightWalker {
     if (!uploader_) return;  // measuring pass
     const TensorView t = source_.get(name, shape);  // throws InvalidModel naming a missing/misshaped tensor
     uploader_->upload(t, dst);
+  }
+
+  // True when `name` exists and holds other values than shared.weight.
+  bool distinct_embedding(const std::string& name) const {
+    return source_.has(name) && !same_tensor(name, "shared.weight");
+  }
+
+  // Same dtype and bytes (the same mapping, or an identical copy).
+  bool same_tensor(const std::string& a, const std::string& b) const {
+    const std::vector<int64_t> shape = {c_.vocab_size, c_.d_model};
+    const TensorView ta = source_.get(a, shape), tb = source_.get(b, shape);
+    if (ta.data == tb.data) return true;
+    return ta.dtype == tb.dtype && std::memcmp(ta.data, tb.data, ta.numel() * dtype_bytes(ta.dtype)) == 0;
   }
 
   void load_ffn(const std::string& p, T* wi, T* wo) {

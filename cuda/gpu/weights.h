@@ -44,8 +44,9 @@ struct DecoderLayerWeights {
 template <typename T>
 struct ModelWeights {
   DeviceMemory storage;
-  T* embed = nullptr;     // shared.weight [vocab, d]
-  T* lm_head = nullptr;   // == embed when tied
+  T* enc_embed = nullptr;  // encoder.embed_tokens.weight when the checkpoint has its own, else shared.weight
+  T* dec_embed = nullptr;  // likewise for the decoder (the same memory when the tensors are equal)
+  T* lm_head = nullptr;    // shared.weight when tied, else lm_head.weight
   float* enc_rel_bias = nullptr;  // [num_buckets, heads]
   float* dec_rel_bias = nullptr;
   float* enc_final_ln = nullptr;

@@ -2,7 +2,6 @@
 // Builds a tiny random T5 (lib/tiny.ts), makes a small synthetic few-shot task (movie-review sentiment),
 // measures accuracy, trains (IA)3 with the T-Few losses through the Trainer, measures again and classifies
 // a few new reviews. A random tiny model knows nothing, so the gain comes from the (IA)3 vectors alone.
-import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { T5Model, type DeviceOption } from '../model';
@@ -36,20 +35,33 @@ function random(seed: number): () => number {
   };
 }
 
-/** Reviews "the <subject> was <adjective>", label 1 when the adjective is positive. */
-export function syntheticReviews(count: number, seed: number): Example[] {
+/**
+ * Reviews "the <subject> was <adjective>", label 1 when the adjective is positive. With `coverAll`, the
+ * adjectives are dealt round-robin so a small training set still shows every one of them.
+ */
+export function syntheticReviews(count: number, seed: number, coverAll = false): Example[] {
   const r = random(seed);
   const pick = (xs: string[]) => xs[Math.floor(r() * xs.length)];
-  return Array.from({ length: count }, (_, i) => {
-    const label = r() < 0.5 ? 1 : 0;
-    const text = `the ${pick(SUBJECTS)} was ${pick(label ? POSITIVE : NEGATIVE)}`;
+  const adjectives = [...POSITIVE, ...NEGATIVE];
+  const out = Array.from({ length: count }, (_, i) => {
+    const adjective = coverAll ? adjectives[i % adjectives.length] : '';
+    const label = coverAll ? (POSITIVE.includes(adjective) ? 1 : 0) : r() < 0.5 ? 1 : 0;
+    const text = `the ${pick(SUBJECTS)} was ${adjective || pick(label ? POSITIVE : NEGATIVE)}`;
     return { id: String(i), fields: { text }, label };
   });
+  if (coverAll) {
+    for (let i = out.length - 1; i > 0; i--) {
+      const j = Math.floor(r() * (i + 1));
+      [out[i], out[j]] = [out[j], out[i]];
+    }
+    out.forEach((e, i) => (e.id = String(i)));
+  }
+  return out;
 }
 
 /** The synthetic task: `shots` training reviews, `testSize` held-out ones. */
 export function syntheticSentimentTask(shots = 32, testSize = 200): Task {
-  const train = syntheticReviews(shots, 7);
+  const train = syntheticReviews(shots, 7, true);
   const test = syntheticReviews(testSize, 99);
   return {
     name: 'demo-sentiment',
@@ -79,12 +91,12 @@ export interface DemoOptions {
   /** Where the tiny model is written (default: $XDG_CACHE_HOME or ~/.cache, under tfew/demo-tiny-t5). */
   modelDir?: string;
   device?: DeviceOption;
-  /** Training steps (default 200) and learning rate (default 0.1: a random tiny model needs far more than T0's 3e-3). */
+  /** Training steps (default 300) and learning rate (default 0.1: a random tiny model needs far more than T0's 3e-3). */
   steps?: number;
   lr?: number;
   /** Print a progress line every this many steps (default 25). */
   logEvery?: number;
-  /** Seed of the tiny model's random weights (default 3). */
+  /** Seed of the tiny model's random weights (default 1). */
   modelSeed?: number;
   log?: (line: string) => void;
 }
@@ -116,14 +128,13 @@ function softmax(xs: number[]): number[] {
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const log = options.log ?? ((line: string) => console.log(line));
   const modelDir = options.modelDir ?? defaultDemoDir();
-  const steps = options.steps ?? 200;
+  const steps = options.steps ?? 300;
   const lr = options.lr ?? 0.1;
   const logEvery = options.logEvery ?? 25;
 
   log('T-Few demo: few-shot fine-tuning of (IA)3 vectors on a tiny T5 built on the spot (nothing is downloaded).');
-  if (!fs.existsSync(path.join(modelDir, 'model.safetensors'))) {
-    buildTinyT5(modelDir, { words: demoVocabulary(), seed: options.modelSeed ?? 3, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
-  }
+  // Rebuilt every time (it takes milliseconds), so a cache left by another version never goes stale.
+  buildTinyT5(modelDir, { words: demoVocabulary(), seed: options.modelSeed ?? 1, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
   const model = await T5Model.load(modelDir, { device: options.device ?? 'auto' });
   try {
     const task = syntheticSentimentTask();
@@ -150,7 +161,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     log(`After training:  accuracy ${pct(after.summary.median)} (${gain >= 0 ? '+' : ''}${gain.toFixed(1)} points) after ${run.seconds.toFixed(1)} s of training.`);
     log('');
 
-    const fresh = ['the soundtrack was superb', 'the ending was painful', 'the cast was charming', 'the script was dull'];
+    const fresh = ['the soundtrack was wonderful', 'the ending was painful', 'the cast was charming', 'the script was dull'];
     const examples = fresh.map((text, i) => ({ id: String(i), fields: { text }, label: -1 }));
     const preds = await classify(model, examples, { template: DEMO_TEMPLATES[0], adapter });
     log('Classifying new reviews with the trained adapter:');

@@ -170,3 +170,8 @@ export function report(method: string, task: string, runs: EvaluationRun[]): Eva
     },
   };
 }
+
+/** A report without the per-example predictions and labels (for JSON files). */
+export function withoutPredictions(r: EvaluationReport): Omit<EvaluationReport, 'runs'> & { runs: Omit<EvaluationRun, 'predictions' | 'labels'>[] } {
+  return { ...r, runs: r.runs.map(({ predictions: _p, labels: _l, ...rest }) => rest) };
+}

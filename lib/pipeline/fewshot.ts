@@ -21,6 +21,8 @@ export type RecipeOptions = Pick<TrainerOptions,
 
 export interface TrainingRun {
   seed: number;
+  /** The recipe actually used (defaults resolved), for reproducibility. */
+  recipe: Required<RecipeOptions> & { seed: number };
   steps: number;
   seconds: number;
   peakRssBytes: number;
@@ -92,10 +94,12 @@ export async function trainAdapter(model: T5Model, options: TrainAdapterOptions)
   const m = await measure(() => trainer.train(examples, { signal: options.signal }));
   const forward = promptCost(model.config, examples.map((e) => ({ inputIds: e.input as number[], choiceIds: e.choices as number[][], label: e.label }))).flops;
   const batch = Math.min(trainer.options.batchSize, examples.length);
+  const { evalSet: _e, evalEvery: _v, saveTo: _s, ...resolved } = trainer.options;
   return {
     adapter,
     run: {
       seed: options.seed ?? -1,
+      recipe: resolved,
       steps: m.result.steps,
       seconds: m.seconds,
       peakRssBytes: m.peakRssBytes,

@@ -24,7 +24,7 @@ export interface ReportInput {
   notes?: string[];
 }
 
-const pct = (x: number) => `${(100 * x).toFixed(1)}`;
+const pct = (x: number) => (Number.isFinite(x) ? `${(100 * x).toFixed(1)}` : '-');
 
 function table(header: string[], rows: string[][]): string {
   const line = (cells: string[]) => `| ${cells.join(' | ')} |`;
@@ -36,18 +36,19 @@ export function markdownReport(input: ReportInput): string {
   const out: string[] = [`# ${input.title}`, ''];
   if (input.setup.length > 0) out.push(...input.setup.map((s) => `- ${s}`), '');
 
-  out.push('## Accuracy', '');
-  out.push('Median accuracy (%) over every template x seed run, with the interquartile range (the paper\'s protocol).', '');
-  out.push(
-    table(
-      ['Task', 'Method', 'Median', 'IQR', 'Q25-Q75', 'Runs', 'Examples per run'],
-      input.results.map((r) => [
-        r.task, r.method, pct(r.summary.median), pct(r.summary.iqr), `${pct(r.summary.q25)}-${pct(r.summary.q75)}`,
-        String(r.summary.count), String(Math.round(r.runs.reduce((a, x) => a + x.count, 0) / Math.max(1, r.runs.length))),
-      ]),
-    ),
-    '',
-  );
+  if (input.results.length > 0) {
+    out.push('## Accuracy', '', 'Median accuracy (%) over every template x seed run, with the interquartile range (the paper\'s protocol).', '');
+    out.push(
+      table(
+        ['Task', 'Method', 'Median', 'IQR', 'Q25-Q75', 'Runs', 'Examples per run'],
+        input.results.map((r) => [
+          r.task, r.method, pct(r.summary.median), pct(r.summary.iqr), `${pct(r.summary.q25)}-${pct(r.summary.q75)}`,
+          String(r.summary.count), String(Math.round(r.runs.reduce((a, x) => a + x.count, 0) / Math.max(1, r.runs.length))),
+        ]),
+      ),
+      '',
+    );
+  }
 
   for (const r of input.results) {
     const templates = Object.keys(r.summary.perTemplate);
@@ -77,7 +78,7 @@ export function markdownReport(input: ReportInput): string {
         ['Method', 'Inference FLOPs / example', 'Training FLOPs', 'Disk', 'Accuracy', 'ms / example', 'Training time', 'Peak RSS', 'Input tokens'],
         input.costs.map((c) => [
           c.method, formatFlops(c.inferenceFlopsPerExample), formatFlops(c.trainingFlops), formatBytes(c.diskBytes),
-          `${pct(c.accuracy)} (IQR ${pct(c.accuracyIqr)})`, c.msPerExample.toFixed(2),
+          Number.isFinite(c.accuracy) ? `${pct(c.accuracy)} (IQR ${pct(c.accuracyIqr)})` : '-', c.msPerExample.toFixed(2),
           c.trainingSeconds > 0 ? `${c.trainingSeconds.toFixed(1)} s` : '-', formatBytes(c.peakRssBytes), c.meanInputTokens.toFixed(0),
         ]),
       ),

@@ -306,6 +306,8 @@ export interface TemplateSpec {
   choices?: string | string[];
   /** PromptSource's key for `choices`. */
   answer_choices?: string | string[];
+  /** Answer choices taken verbatim, no template syntax (e.g. label names of a user's data). */
+  literalChoices?: string[];
   originalTask?: boolean;
 }
 
@@ -326,14 +328,14 @@ export class TextTemplate implements Template {
     const inputText = spec.input ?? (spec.jinja !== undefined ? spec.jinja.split('|||')[0] : undefined);
     if (typeof inputText !== 'string') throw new InvalidArgumentError(`${where}: needs "input" (or "jinja")`);
     const choices = spec.choices ?? spec.answer_choices;
-    const choiceList = typeof choices === 'string' ? choices.split('|||') : choices;
+    const choiceList = spec.literalChoices ?? (typeof choices === 'string' ? choices.split('|||') : choices);
     if (!Array.isArray(choiceList) || choiceList.length < 2) {
       throw new InvalidArgumentError(`${where}: needs at least two answer "choices"`);
     }
     this.inputNodes = parseTemplate(inputText, where);
     this.choiceNodes = choiceList.map((c, i) => {
       if (typeof c !== 'string') throw new InvalidArgumentError(`${where}: choice ${i} is not a string`);
-      return parseTemplate(c.trim(), `${where}, choice ${i}`);
+      return spec.literalChoices ? [{ kind: 'text', text: c }] : parseTemplate(c.trim(), `${where}, choice ${i}`);
     });
   }
 

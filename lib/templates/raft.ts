@@ -33,7 +33,7 @@ export class RaftTemplate implements Template {
   private readonly header: string;
   private readonly fieldOrder: string[];
 
-  constructor(private readonly options: RaftTemplateOptions) {
+  constructor(options: RaftTemplateOptions) {
     if (options.labelNames.length < 2) throw new InvalidArgumentError('a RAFT template needs at least two labels');
     this.choices = options.cleanLabelNames
       ? options.labelNames.map((l) => l.replace(/_/g, ' ').replace(/\. /g, ' '))

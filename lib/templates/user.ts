@@ -10,7 +10,7 @@
 //   ]
 //
 // A single object, or { "templates": [...] }, is accepted too. When "choices" is left out the task's label
-// names are the answer choices. The syntax inside strings is lib/templates/engine.ts's Jinja subset.
+// names are the answer choices; "literalChoices" gives choices that are not parsed as templates. The syntax inside strings is lib/templates/engine.ts's Jinja subset.
 import * as fs from 'fs';
 import { FileFormatError, InvalidArgumentError } from '../errors';
 import { TextTemplate, type Template, type TemplateSpec } from './engine';
@@ -27,10 +27,10 @@ export function templatesFromSpecs(specs: unknown, defaultChoices?: string[]): T
     if (!raw || typeof raw !== 'object') throw new InvalidArgumentError(`template ${i} is not an object`);
     const spec = { ...(raw as TemplateSpec) };
     if (spec.name === undefined) spec.name = `template-${i}`;
-    if (spec.choices === undefined && spec.answer_choices === undefined) {
+    if (spec.choices === undefined && spec.answer_choices === undefined && spec.literalChoices === undefined) {
       if (!defaultChoices) throw new InvalidArgumentError(`template "${spec.name}" has no choices and the task has no label names`);
       // Label names are literal text, not template syntax.
-      spec.choices = defaultChoices.map((c) => `{{ ${JSON.stringify(c)} }}`);
+      spec.literalChoices = defaultChoices.slice();
     }
     return new TextTemplate(spec);
   });
@@ -60,6 +60,6 @@ export function defaultTemplateFor(columns: string[], labelNames: string[], opti
   return new TextTemplate({
     name: 'default',
     input: `${head}${lines.join('\n')}\nLabel:`,
-    choices: labelNames.map((c) => `{{ ${JSON.stringify(c)} }}`),
+    literalChoices: labelNames.slice(),
   });
 }

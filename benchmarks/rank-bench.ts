@@ -1,0 +1,253 @@
+// Rank-classification benchmark of the CUDA backend on the T0-3B architecture with random bf16 weights
+// (benchmarks/random-t5.ts), through the public API. Workloads (../shared/reference/baselines.md):
+//   RANK-3B-B32   32 examples, encoder length 256, 2 choices x 8 tokens, one adapter
+//   RANK-3B-B1    the same for one example (latency)
+//   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
+// Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
+// engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
+// TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
+//
+//   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json]
+//   node dist/benchmarks/rank-bench.js table --ours rank-bench.json [--torch pytorch-bench.json]
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { IA3Adapter, T5Model } from '../lib';
+import { native } from '../lib/native';
+import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
+
+interface ProfileLine {
+  forward_ms: number;
+  graph: boolean;
+  families_ms?: Record<string, number>;
+}
+
+interface WorkloadResult {
+  examples: number;
+  wallMs: number[];
+  forwardMs: number[];
+  medianWallMs: number;
+  medianForwardMs: number;
+  examplesPerSecond: number;
+  graphReplays: number;
+}
+
+export interface RankBenchResult {
+  date: string;
+  device: string;
+  describe: string;
+  probe: unknown;
+  modelDir: string;
+  layers: number;
+  loadSeconds: number;
+  firstResultMs: number;
+  workloads: Record<string, WorkloadResult>;
+  mixedSlowdown?: number;
+  breakdown?: Record<string, { totalMs: number; familiesMs: Record<string, number>; gemmShare: number }>;
+}
+
+const median = (xs: number[]): number => {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+function readProfile(file: string): ProfileLine[] {
+  if (!fs.existsSync(file)) return [];
+  return fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as ProfileLine);
+}
+
+function randomAdapter(model: T5Model, seed: number): IA3Adapter {
+  const a = IA3Adapter.create(model);
+  const rand = mulberry32(seed);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.2 * (rand() - 0.5);
+  a.markChanged();
+  return a;
+}
+
+async function timeWorkload(model: T5Model, batch: RandomBatch, adapter: IA3Adapter | (IA3Adapter | null)[] | undefined,
+                            profileFile: string, warmups = 3, runs = 10): Promise<WorkloadResult> {
+  const call = () => model.rankClassify(batch.inputIds, batch.choices, { adapter, batchSize: batch.inputIds.length });
+  for (let i = 0; i < warmups; i++) await call();
+  fs.writeFileSync(profileFile, '');
+  const wall: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const t0 = process.hrtime.bigint();
+    await call();
+    wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  const prof = readProfile(profileFile);
+  const forward = prof.map((p) => p.forward_ms);
+  const examples = batch.inputIds.length;
+  return {
+    examples,
+    wallMs: wall,
+    forwardMs: forward,
+    medianWallMs: median(wall),
+    medianForwardMs: median(forward),
+    examplesPerSecond: examples / (median(wall) / 1000),
+    graphReplays: prof.filter((p) => p.graph).length,
+  };
+}
+
+function gemmShare(families: Record<string, number>): number {
+  let gemm = 0;
+  let total = 0;
+  for (const [k, v] of Object.entries(families)) {
+    total += v;
+    if (k.startsWith('gemm')) gemm += v;
+  }
+  return total > 0 ? gemm / total : NaN;
+}
+
+async function run(args: Map<string, string>): Promise<RankBenchResult> {
+  const layers = Number(args.get('layers') ?? '24');
+  const modelDir = args.get('model-dir') ?? path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l`);
+  const probe = native().probeCuda();
+  if (!probe.usable) throw new Error(`CUDA is not usable here: ${probe.reason}`);
+
+  const tGen = Date.now();
+  const config = writeRandomT5(modelDir, { configJson: t0_3bConfigJson(layers) });
+  console.log(`[rank-bench] random T0-3B checkpoint (${layers}+${layers} layers) ready in ${((Date.now() - tGen) / 1000).toFixed(1)} s: ${modelDir}`);
+
+  const profileFile = path.join(os.tmpdir(), `tfew-profile-${process.pid}.jsonl`);
+  process.env.TFEW_CUDA_PROFILE = profileFile;
+  delete process.env.TFEW_CUDA_PROFILE_DETAIL;
+
+  const tLoad = process.hrtime.bigint();
+  let model = await T5Model.load(modelDir, { device: 'cuda' });
+  const loadSeconds = Number(process.hrtime.bigint() - tLoad) / 1e9;
+  console.log(`[rank-bench] loaded in ${loadSeconds.toFixed(2)} s: ${model.describe()}`);
+
+  const V = config.vocabSize;
+  const b32 = randomBatch(V, new Array(32).fill(256), new Array(32).fill([8, 8]), 11);
+  const b1 = randomBatch(V, [256], [[8, 8]], 12);
+  const adapter = randomAdapter(model, 1);
+  const adapters8 = Array.from({ length: 8 }, (_, i) => randomAdapter(model, 100 + i));
+
+  const tFirst = process.hrtime.bigint();
+  await model.rankClassify(b32.inputIds, b32.choices, { adapter, batchSize: 32 });
+  const firstResultMs = Number(process.hrtime.bigint() - tFirst) / 1e6;
+
+  const workloads: Record<string, WorkloadResult> = {};
+  workloads['RANK-3B-B32'] = await timeWorkload(model, b32, adapter, profileFile);
+  workloads['RANK-3B-B1'] = await timeWorkload(model, b1, adapter, profileFile);
+  workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile);
+  workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile);
+  for (const [name, w] of Object.entries(workloads)) {
+    console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
+                `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}`);
+  }
+  const describe = model.describe();
+  await model.dispose();
+
+  // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
+  const breakdown: RankBenchResult['breakdown'] = {};
+  process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
+  model = await T5Model.load(modelDir, { device: 'cuda' });
+  for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
+    await timeWorkload(model, batch, adapter, profileFile, 2, 5);
+    const lines = readProfile(profileFile).filter((p) => p.families_ms);
+    const families: Record<string, number> = {};
+    const keys = new Set(lines.flatMap((l) => Object.keys(l.families_ms ?? {})));
+    for (const k of keys) families[k] = median(lines.map((l) => (l.families_ms ?? {})[k] ?? 0));
+    breakdown[name] = { totalMs: median(lines.map((l) => l.forward_ms)), familiesMs: families, gemmShare: gemmShare(families) };
+    console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
+  }
+  await model.dispose();
+  delete process.env.TFEW_CUDA_PROFILE_DETAIL;
+  delete process.env.TFEW_CUDA_PROFILE;
+  fs.rmSync(profileFile, { force: true });
+
+  const single = workloads['RANK-3B-B32'].medianForwardMs;
+  const mixed = workloads['MIXED-3B-B32'].medianForwardMs;
+  return {
+    date: new Date().toISOString(),
+    device: probe.deviceName,
+    describe,
+    probe,
+    modelDir,
+    layers,
+    loadSeconds,
+    firstResultMs,
+    workloads,
+    mixedSlowdown: mixed / single - 1,
+    breakdown,
+  };
+}
+
+// ---- the summary table (ours next to PyTorch + PEFT from pytorch_baseline.py, same GPU, same run)
+
+interface TorchBench {
+  device?: string;
+  gemm_tflops?: number;
+  workloads?: Record<string, { eager_ms?: number; compiled_ms?: number; compile_s?: number; peak_gib?: number }>;
+}
+
+function fmt(x: number | undefined, digits = 2): string {
+  return x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits);
+}
+
+export function table(ours: RankBenchResult, torch: TorchBench | undefined): string {
+  const lines: string[] = [];
+  lines.push(`GPU: ${ours.device} | ${ours.describe}`);
+  lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
+  lines.push('');
+  lines.push('| workload | ours wall ms | ours forward ms | ours ex/s | PyTorch eager ms | PyTorch compiled ms (compile s) | GEMM share |');
+  lines.push('|---|---|---|---|---|---|---|');
+  for (const [name, w] of Object.entries(ours.workloads)) {
+    const t = torch?.workloads?.[name];
+    const share = ours.breakdown?.[name]?.gemmShare;
+    lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(t?.eager_ms)} | ` +
+               `${fmt(t?.compiled_ms)} (${fmt(t?.compile_s, 0)}) | ${share === undefined ? '-' : fmt(share * 100, 1) + ' %'} |`);
+  }
+  if (ours.breakdown) {
+    lines.push('');
+    for (const [name, b] of Object.entries(ours.breakdown)) {
+      const parts = Object.entries(b.familiesMs).sort((a, c) => c[1] - a[1]).map(([k, v]) => `${k} ${fmt(v)}`);
+      lines.push(`${name} (graphs off, ${fmt(b.totalMs)} ms): ${parts.join(', ')}`);
+    }
+  }
+  if (torch?.gemm_tflops) lines.push(`PyTorch bf16 GEMM ceiling on this GPU: ${fmt(torch.gemm_tflops, 0)} TFLOP/s`);
+  return lines.join('\n');
+}
+
+function parseArgs(argv: string[]): Map<string, string> {
+  const m = new Map<string, string>();
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i].startsWith('--')) {
+      m.set(argv[i].slice(2), argv[i + 1] ?? '');
+      i++;
+    }
+  }
+  return m;
+}
+
+async function main(): Promise<void> {
+  const [cmd, ...rest] = process.argv.slice(2);
+  const args = parseArgs(rest);
+  if (cmd === 'run') {
+    const result = await run(args);
+    const out = args.get('out');
+    if (out) fs.writeFileSync(out, JSON.stringify(result, null, 2));
+    console.log(table(result, undefined));
+  } else if (cmd === 'table') {
+    const oursFile = args.get('ours');
+    if (!oursFile) throw new Error('table needs --ours FILE');
+    const ours = JSON.parse(fs.readFileSync(oursFile, 'utf8')) as RankBenchResult;
+    const torchFile = args.get('torch');
+    const torch = torchFile && fs.existsSync(torchFile) ? (JSON.parse(fs.readFileSync(torchFile, 'utf8')) as TorchBench) : undefined;
+    console.log(table(ours, torch));
+  } else {
+    console.error('usage: rank-bench run [--model-dir DIR] [--layers N] [--out FILE] | table --ours FILE [--torch FILE]');
+    process.exit(2);
+  }
+}
+
+if (require.main === module) {
+  main().catch((e) => {
+    console.error(`[rank-bench] failed: ${(e as Error).stack ?? e}`);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,515 @@
+#!/usr/bin/env node
+// The `tfew` command line: demo, train, eval, classify, icl [--compare], bench, doctor.
+// Every command is a thin layer over lib/pipeline (the same functions the API exports).
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 'commander';
+import { IA3Adapter } from '../adapter';
+import { InvalidArgumentError, TfewError } from '../errors';
+import { T5Model, type DeviceOption } from '../model';
+import { native } from '../native';
+import { classify } from '../pipeline/classify';
+import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
+import { formatBytes, formatFlops, ia3ParameterCount, parameterCount } from '../pipeline/cost';
+import { runDemo } from '../pipeline/demo';
+import { evaluate, withoutPredictions, type EvaluationReport } from '../pipeline/evaluate';
+import { trainAdapter, type RecipeOptions, type TrainingRun } from '../pipeline/fewshot';
+import { evaluateIcl } from '../pipeline/icl';
+import { markdownReport, writeReport } from '../pipeline/report';
+import { writeRaftSubmission } from '../pipeline/raft-submission';
+import { benchmark } from '../pipeline/bench';
+import { createCustomTask, getTask, type Task } from '../tasks/registry';
+import { resolveDataDir } from '../tasks/files';
+import { readUserData } from '../tasks/custom';
+import type { Template } from '../templates/engine';
+import { loadTemplateFile } from '../templates/user';
+import type { StepEvent } from '../trainer';
+
+export interface CliIO {
+  out: (line: string) => void;
+  err: (line: string) => void;
+  /** Whether stderr is a terminal (progress bars) or a log (progress lines). */
+  interactive: boolean;
+}
+
+const defaultIO: CliIO = {
+  out: (l) => process.stdout.write(`${l}\n`),
+  err: (l) => process.stderr.write(`${l}\n`),
+  interactive: Boolean(process.stderr.isTTY),
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Option parsing helpers
+
+function int(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n)) throw new CommanderArgumentError(`${name} must be an integer`);
+    return n;
+  };
+}
+function num(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new CommanderArgumentError(`${name} must be a number`);
+    return n;
+  };
+}
+const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(Boolean);
+
+interface ModelOpts { model: string; device: DeviceOption; threads?: number }
+interface TaskOpts {
+  task?: string; dataDir?: string; trainFile?: string; evalFile?: string; testFile?: string; labelColumn?: string;
+  labels?: string[]; templateFile?: string; templates?: string[]; instruction?: string; sample?: number;
+  raftLabels?: 'comma' | 'newline' | 'none'; cleanLabels?: boolean;
+}
+interface RecipeOpts {
+  steps?: number; batchSize?: number; lr?: number; lmWeight?: number; ulWeight?: number; lnWeight?: number;
+  dropout: boolean; maxInputLength?: number;
+}
+
+function addModelOptions(cmd: Command): Command {
+  return cmd
+    .requiredOption('-m, --model <dir>', 'Hugging Face T5/T0 directory (config.json, *.safetensors, tokenizer.json)')
+    .addOption(new Option('--device <device>', 'backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--threads <n>', 'CPU backend threads (default: all cores)', int('--threads'));
+}
+
+function addTaskOptions(cmd: Command): Command {
+  return cmd
+    .option('-t, --task <name>', 'rte, cb, copa, wic, wsc, anli-r1..3, h-swag, storycloze, winogrande, a RAFT task, or "custom"')
+    .option('--data-dir <dir>', 'data directory (default: $TFEW_DATA_DIR, else ../shared/data)')
+    .option('--train-file <file>', 'custom task: labelled CSV/TSV/JSONL')
+    .option('--eval-file <file>', 'custom task: labelled evaluation file')
+    .option('--test-file <file>', 'custom task: unlabelled file for classify')
+    .option('--label-column <name>', 'custom task: the label column', 'label')
+    .option('--labels <names>', 'custom task: label names in answer-choice order (comma-separated)', list)
+    .option('--template-file <file>', 'JSON templates (see docs/pipeline.md); replaces the built-in ones')
+    .option('--templates <names>', 'only these templates (comma-separated names)', list)
+    .option('--instruction <text>', 'custom task: an instruction line for the default template')
+    .option('--sample <k>', 'custom task: draw k training examples per seed (T-Few\'s sampler); default all rows', int('--sample'))
+    .addOption(new Option('--raft-labels <mode>', 'RAFT: how labels appear in the prompt').choices(['comma', 'newline', 'none']))
+    .option('--clean-labels', 'RAFT banking_77: "card_arrival" -> "card arrival" in the answer choices');
+}
+
+function addRecipeOptions(cmd: Command): Command {
+  return cmd
+    .option('--steps <n>', 'optimizer steps (T-Few: 1000)', int('--steps'))
+    .option('--batch-size <n>', 'examples per step (T-Few: 8)', int('--batch-size'))
+    .option('--lr <x>', 'peak learning rate (T-Few: 3e-3)', num('--lr'))
+    .option('--lm-weight <x>', 'LM loss weight (1)', num('--lm-weight'))
+    .option('--ul-weight <x>', 'unlikelihood loss weight (1)', num('--ul-weight'))
+    .option('--ln-weight <x>', 'length-normalised loss weight (1)', num('--ln-weight'))
+    .option('--no-dropout', 'train without dropout (T-Few trains with 0.1)')
+    .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'));
+}
+
+function recipe(o: RecipeOpts): RecipeOptions {
+  return {
+    steps: o.steps, batchSize: o.batchSize, lr: o.lr, lmWeight: o.lmWeight, ulWeight: o.ulWeight, lnWeight: o.lnWeight,
+    dropout: o.dropout === false ? false : undefined, maxInputLength: o.maxInputLength,
+  };
+}
+
+function resolveTask(o: TaskOpts): Task {
+  if (o.trainFile || o.task === 'custom') {
+    if (!o.trainFile) throw new InvalidArgumentError('--task custom needs --train-file');
+    return createCustomTask({
+      name: path.basename(o.trainFile).replace(/\.[^.]+$/, ''),
+      trainFile: o.trainFile, evalFile: o.evalFile, testFile: o.testFile, labelColumn: o.labelColumn,
+      labelNames: o.labels, templateFile: o.templateFile, instruction: o.instruction, numShots: o.sample,
+    });
+  }
+  if (!o.task) throw new InvalidArgumentError('give --task NAME (or --train-file for your own data)');
+  return getTask(o.task, { dataDir: o.dataDir, labelsInInput: o.raftLabels, cleanLabelNames: o.cleanLabels });
+}
+
+function resolveTemplates(task: Task, o: TaskOpts): Template[] {
+  let templates = o.templateFile && task.kind !== 'custom' ? loadTemplateFile(o.templateFile, task.labelNames.slice()) : task.templates();
+  if (o.templates) {
+    const missing = o.templates.filter((n) => !templates.some((t) => t.name === n));
+    if (missing.length > 0) {
+      throw new InvalidArgumentError(`unknown template(s) ${missing.join(', ')}; ${task.name} has ${templates.map((t) => t.name).join(', ')}`);
+    }
+    templates = templates.filter((t) => o.templates?.includes(t.name));
+  }
+  return templates;
+}
+
+function parseSeeds(value: string | undefined, task: Task): number[] {
+  if (value === undefined || value === 'all') return [...task.seeds];
+  return list(value).map((s) => {
+    const n = Number(s);
+    if (!Number.isInteger(n)) throw new InvalidArgumentError(`--seeds: "${s}" is not an integer`);
+    return n;
+  });
+}
+
+async function loadModel(o: ModelOpts, io: CliIO): Promise<T5Model> {
+  const model = await T5Model.load(o.model, { device: o.device, threads: o.threads });
+  io.err(`[tfew] ${o.model} on ${model.device} (${model.deviceReason})`);
+  return model;
+}
+
+/** Adapters for evaluation: a PEFT dir / file / T-Few .pt, or a directory of seed-<n>/ adapters. */
+async function loadAdapters(file: string, model: T5Model): Promise<Map<number, IA3Adapter> | IA3Adapter> {
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) {
+    const seeds = fs.readdirSync(file).map((d) => /^seed-(-?\d+)$/.exec(d)).filter((m): m is RegExpExecArray => m !== null);
+    if (seeds.length > 0) {
+      const out = new Map<number, IA3Adapter>();
+      for (const m of seeds) out.set(Number(m[1]), await IA3Adapter.load(path.join(file, m[0]), { config: model.config }));
+      return new Map([...out].sort((a, b) => a[0] - b[0]));
+    }
+  }
+  return IA3Adapter.load(file, { config: model.config });
+}
+
+/** The seed recorded by `tfew train` next to an adapter (run.json), if any. */
+function recordedSeed(adapterDir: string): number | undefined {
+  const file = path.join(adapterDir, 'run.json');
+  if (!fs.existsSync(file)) return undefined;
+  try {
+    const seed = JSON.parse(fs.readFileSync(file, 'utf8')).seed;
+    return Number.isInteger(seed) && seed >= 0 ? seed : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function progressReporter(io: CliIO, label: string, total: number, every: number): { step: (e: StepEvent) => void; stop: () => void } {
+  if (io.interactive) {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const { SingleBar, Presets } = require('cli-progress') as typeof import('cli-progress');
+    const bar = new SingleBar({ format: `${label} [{bar}] {value}/{total} steps | loss {loss} | {eps} ex/s | ETA {eta_formatted}`, stream: process.stderr, hideCursor: true }, Presets.shades_classic);
+    bar.start(total, 0, { loss: '-', eps: '-' });
+    return {
+      step: (e) => bar.update(e.step, { loss: e.totalLoss.toFixed(4), eps: e.examplesPerSecond.toFixed(1) }),
+      stop: () => bar.stop(),
+    };
+  }
+  return {
+    step: (e) => {
+      if (e.step % every === 0 || e.step === e.totalSteps) {
+        io.err(`${label} step ${e.step}/${e.totalSteps} loss ${e.totalLoss.toFixed(4)} (lm ${e.lmLoss.toFixed(4)} ul ${e.ulLoss.toFixed(4)} ln ${e.lnLoss.toFixed(4)}) lr ${e.lr.toExponential(2)} ${e.examplesPerSecond.toFixed(1)} ex/s`);
+      }
+    },
+    stop: () => undefined,
+  };
+}
+
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+
+function printEvaluation(io: CliIO, r: EvaluationReport): void {
+  io.out(`${r.task} ${r.method}: median accuracy ${pct(r.summary.median)}, IQR ${pct(r.summary.iqr)} (${r.summary.count} runs = templates x seeds)`);
+  for (const [name, s] of Object.entries(r.summary.perTemplate)) {
+    io.out(`  ${name.padEnd(32)} ${pct(s.median).padStart(6)}${s.count > 1 ? `  (seeds: ${pct(s.min)}-${pct(s.max)})` : ''}`);
+  }
+}
+
+function writeJson(file: string, value: unknown): void {
+  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  fs.writeFileSync(file, `${JSON.stringify(value, null, 2)}\n`);
+}
+
+function setupLines(model: T5Model, task: Task, extra: string[] = []): string[] {
+  const c = model.config;
+  return [
+    `Model: ${model.dir} (${c.numLayers}+${c.numDecoderLayers} layers, d_model ${c.dModel}, ${parameterCount(c).toLocaleString('en-US')} parameters, ${ia3ParameterCount(c).toLocaleString('en-US')} (IA)3 values)`,
+    `Device: ${model.device} (${model.deviceReason})`,
+    `Task: ${task.name} (${task.kind}), ${task.numShots} shots`,
+    `Host: ${os.cpus().length} CPU cores, Node ${process.version}, ${new Date().toISOString()}`,
+    ...extra,
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Commands
+
+/** `status.exitCode` is what a command wants the process to exit with (0 unless set). */
+export function createProgram(io: CliIO = defaultIO, status: { exitCode: number } = { exitCode: 0 }): Command {
+  const program = new Command('tfew')
+    .description('T-Few: (IA)3 few-shot fine-tuning of T0/T5 with rank classification, on CUDA or CPU')
+    .showHelpAfterError()
+    // Throw instead of exiting (inherited by the subcommands below), so main() decides the exit code.
+    .exitOverride()
+    .configureOutput({ writeOut: (s) => io.out(s.replace(/\n$/, '')), writeErr: (s) => io.err(s.replace(/\n$/, '')) });
+
+  program
+    .command('demo')
+    .description('build a tiny T5, train (IA)3 on a synthetic few-shot task, and show accuracy before/after (under a minute on CPU)')
+    .option('--model-dir <dir>', 'where to write the tiny model (default: ~/.cache/tfew/demo-tiny-t5)')
+    .addOption(new Option('--device <device>', 'backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--steps <n>', 'training steps (300)', int('--steps'))
+    .action(async (o: { modelDir?: string; device: DeviceOption; steps?: number }) => {
+      await runDemo({ modelDir: o.modelDir, device: o.device, steps: o.steps, log: io.out });
+    });
+
+  addRecipeOptions(addTaskOptions(addModelOptions(program.command('train'))))
+    .description('train (IA)3 on a task\'s few-shot set with the T-Few recipe and save the adapter (PEFT format)')
+    .requiredOption('-o, --out <dir>', 'adapter directory (with several seeds: <dir>/seed-<n>/)')
+    .option('--seed <n>', 'few-shot subset (T-Few seeds 42, 1024, 0, 1, 32; RAFT: fold start, omit to use all 50)', int('--seed'))
+    .option('--seeds <list>', 'several subsets, comma-separated, or "all"')
+    .option('--init-adapter <path>', 'start from these vectors (e.g. T-Few\'s pre-trained t03b_ia3_finish.pt)')
+    .option('--trainer-seed <n>', 'seed of the batch order and dropout (default: the subset seed)', int('--trainer-seed'))
+    .action(async (o: ModelOpts & TaskOpts & RecipeOpts & { out: string; seed?: number; seeds?: string; initAdapter?: string; trainerSeed?: number }) => {
+      const task = resolveTask(o);
+      const templates = resolveTemplates(task, o);
+      const seeds: (number | undefined)[] = o.seeds ? parseSeeds(o.seeds, task)
+        : [o.seed ?? (task.kind === 'raft' ? undefined : task.seeds[0])];
+      const model = await loadModel(o, io);
+      try {
+        const init = o.initAdapter ? await IA3Adapter.load(o.initAdapter, { config: model.config }) : undefined;
+        for (const seed of seeds) {
+          const out = seeds.length > 1 ? path.join(o.out, `seed-${seed}`) : o.out;
+          const label = `${task.name}${seed === undefined ? '' : ` seed ${seed}`}`;
+          const steps = o.steps ?? 1000;
+          const progress = progressReporter(io, label, steps, Math.max(1, Math.round(steps / 20)));
+          // Ctrl-C stops after the step in flight; the adapter is then not saved.
+          const stop = new AbortController();
+          const onSigint = () => {
+            io.err('[tfew] interrupted: stopping after this step (the adapter will not be saved)');
+            stop.abort();
+          };
+          process.once('SIGINT', onSigint);
+          let run: TrainingRun;
+          try {
+            ({ run } = await trainAdapter(model, { ...recipe(o), task, seed, templates, initAdapter: init, saveTo: out, trainerSeed: o.trainerSeed, onStep: progress.step, signal: stop.signal }));
+          } finally {
+            progress.stop();
+            process.removeListener('SIGINT', onSigint);
+          }
+          if (run.aborted) {
+            status.exitCode = 130;
+            return;
+          }
+          writeJson(path.join(out, 'run.json'), {
+            task: task.name, seed: seed ?? null, templates: templates.map((t) => t.name), model: path.resolve(o.model), training: run,
+          });
+          io.out(`${label}: ${run.steps} steps in ${run.seconds.toFixed(1)} s, loss ${run.firstLoss.toFixed(4)} -> ${run.finalLoss.toFixed(4)}, ` +
+            `${formatFlops(run.flops)} training FLOPs; adapter saved to ${out}`);
+        }
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  addTaskOptions(addModelOptions(program.command('eval')))
+    .description('accuracy per template and seed, median and IQR (the paper\'s protocol)')
+    .option('-a, --adapter <path>', 'adapter dir/file, or a directory of seed-<n>/ adapters from `tfew train --seeds`; none = zero-shot')
+    .option('--seeds <list>', 'seeds to evaluate (default: the adapters\' seeds, or the task\'s)')
+    .option('--limit <n>', 'evaluate only the first n examples', int('--limit'))
+    .option('--batch-size <n>', 'examples per forward pass', int('--batch-size'))
+    .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'))
+    .option('--json <file>', 'write the results as JSON')
+    .option('--report <base>', 'write <base>.md, <base>.json and a plot <base>.png/.svg')
+    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; seeds?: string; limit?: number; batchSize?: number; maxInputLength?: number; json?: string; report?: string }) => {
+      const task = resolveTask(o);
+      const templates = resolveTemplates(task, o);
+      const model = await loadModel(o, io);
+      try {
+        const loaded = o.adapter ? await loadAdapters(o.adapter, model) : null;
+        let seeds: number[];
+        if (o.seeds) seeds = parseSeeds(o.seeds, task);
+        else if (loaded instanceof Map) seeds = [...loaded.keys()];
+        else if (loaded && o.adapter) seeds = [recordedSeed(o.adapter) ?? task.seeds[0]];
+        else seeds = task.kind === 'raft' ? [...task.seeds] : [task.seeds[0]];
+        const r = await evaluate(model, {
+          task, templates, seeds, limit: o.limit, batchSize: o.batchSize, maxInputLength: o.maxInputLength,
+          adapter: loaded instanceof Map ? (s) => loaded.get(s) ?? null : loaded,
+          onRun: (run) => io.err(`[tfew] ${run.template} seed ${run.seed}: ${pct(run.accuracy)} (${run.count} examples, ${run.seconds.toFixed(1)} s)`),
+        });
+        printEvaluation(io, r);
+        if (o.json) writeJson(o.json, withoutPredictions(r));
+        if (o.report) {
+          const files = await writeReport(o.report, { title: `Evaluation: ${task.name}`, setup: setupLines(model, task), results: [r] }, withoutPredictions(r));
+          io.out(`report: ${files.markdown}`);
+        }
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  addTaskOptions(addModelOptions(program.command('classify')))
+    .description('predict labels: JSONL in, JSONL predictions out; RAFT test sets to RAFT\'s submission CSV (ID,Label)')
+    .option('-a, --adapter <path>', 'trained adapter (none = zero-shot)')
+    .option('-i, --input <file>', 'examples to classify (JSONL/CSV with the task\'s fields); default: the task\'s test set')
+    .option('-o, --out <file>', 'output: .jsonl predictions, or .csv = RAFT submission (ID,Label)', '-')
+    .option('--template <name>', 'which template to use (default: the first)')
+    .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'))
+    .option('--batch-size <n>', 'examples per forward pass', int('--batch-size'))
+    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; input?: string; out: string; template?: string; maxInputLength?: number; batchSize?: number }) => {
+      const task = resolveTask(o);
+      const templates = resolveTemplates(task, o);
+      const template = o.template ? templates.find((t) => t.name === o.template) : templates[0];
+      if (!template) throw new InvalidArgumentError(`unknown template "${o.template}"`);
+      const examples = o.input
+        ? readUserData(o.input, { labelColumn: o.labelColumn, labelNames: task.labelNames.slice() }).examples
+        : task.testExamples();
+      const model = await loadModel(o, io);
+      try {
+        const adapter = o.adapter ? await IA3Adapter.load(o.adapter, { config: model.config }) : null;
+        const labelNames = task.kind === 'tfew' ? undefined : task.labelNames;
+        const preds = await classify(model, examples, {
+          template, adapter, labelNames, maxInputLength: o.maxInputLength ?? task.recipe.maxInputLength, batchSize: o.batchSize,
+          onProgress: (done, total) => { if (!io.interactive && done % 512 < (o.batchSize ?? 32)) io.err(`[tfew] ${done}/${total}`); },
+        });
+        if (o.out.endsWith('.csv')) {
+          writeRaftSubmission(o.out, preds.map((p) => p.id), preds.map((p) => p.prediction), task.labelNames);
+          io.out(`wrote ${preds.length} predictions to ${o.out} (ID,Label)`);
+        } else {
+          const lines = preds.map((p) => JSON.stringify(p)).join('\n');
+          if (o.out === '-') io.out(lines);
+          else {
+            fs.mkdirSync(path.dirname(path.resolve(o.out)), { recursive: true });
+            fs.writeFileSync(o.out, `${lines}\n`);
+            io.out(`wrote ${preds.length} predictions to ${o.out}`);
+          }
+        }
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  addRecipeOptions(addTaskOptions(addModelOptions(program.command('icl'))))
+    .description('in-context learning baseline (k demonstrations in the encoder input); --compare: against T-Few with costs')
+    .option('-k, --shots <k>', 'demonstrations per query (default: the whole few-shot set, as many as fit)', int('--shots'))
+    .option('--icl-max-input-length <n>', 'encoder budget for demonstrations + query (1024)', int('--icl-max-input-length'))
+    .option('--seeds <list>', 'seeds (default: the task\'s five; comma-separated)')
+    .option('--limit <n>', 'evaluate only the first n examples', int('--limit'))
+    .option('--compare', 'also train/evaluate T-Few (and zero-shot) and report accuracy and cost side by side')
+    .option('-a, --adapter <path>', 'with --compare: use these trained adapters (dir of seed-<n>/) instead of training')
+    .option('--no-zero-shot', 'with --compare: skip the zero-shot row')
+    .option('--json <file>', 'write the results as JSON')
+    .option('--report <base>', 'write <base>.md, <base>.json and a plot <base>.png/.svg')
+    .action(async (o: ModelOpts & TaskOpts & RecipeOpts & { shots?: number; iclMaxInputLength?: number; seeds?: string; limit?: number; compare?: boolean; adapter?: string; zeroShot: boolean; json?: string; report?: string }) => {
+      const task = resolveTask(o);
+      const templates = resolveTemplates(task, o);
+      const seeds = parseSeeds(o.seeds, task);
+      const model = await loadModel(o, io);
+      try {
+        if (!o.compare) {
+          const r = await evaluateIcl(model, {
+            task, templates, seeds, shots: o.shots, maxInputLength: o.iclMaxInputLength, limit: o.limit,
+            onRun: (run) => io.err(`[tfew] ICL ${run.template} seed ${run.seed}: ${pct(run.accuracy)} with ${run.demonstrationsUsed}+ demonstrations`),
+          });
+          printEvaluation(io, r);
+          io.out(`  cost: ${formatFlops(r.cost.flopsPerExample)} FLOPs and ${r.cost.msPerExample.toFixed(2)} ms per example, ${r.cost.meanInputTokens.toFixed(0)} input tokens`);
+          if (o.json) writeJson(o.json, withoutPredictions(r));
+          if (o.report) await writeReport(o.report, { title: `ICL: ${task.name}`, setup: setupLines(model, task), results: [r] }, withoutPredictions(r));
+          return;
+        }
+        const loaded = o.adapter ? await loadAdapters(o.adapter, model) : undefined;
+        const adapters = loaded instanceof IA3Adapter ? new Map([[recordedSeed(o.adapter as string) ?? seeds[0], loaded]]) : loaded;
+        const steps = o.steps ?? 1000;
+        let progress: ReturnType<typeof progressReporter> | undefined;
+        const c = await compareWithIcl(model, {
+          ...recipe(o), task, templates, seeds: adapters ? [...adapters.keys()] : seeds, adapters,
+          iclShots: o.shots, iclMaxInputLength: o.iclMaxInputLength, evalLimit: o.limit, zeroShot: o.zeroShot,
+          onStep: (seed, e) => {
+            if (e.step === 1) progress = progressReporter(io, `${task.name} seed ${seed}`, steps, Math.max(1, Math.round(steps / 10)));
+            progress?.step(e);
+            if (e.step === e.totalSteps) progress?.stop();
+          },
+        });
+        for (const r of [c.tfew, c.zeroShot, c.icl]) if (r) printEvaluation(io, r);
+        io.out('');
+        io.out('method      inference FLOPs/ex  training FLOPs  disk       accuracy  ms/ex    peak RSS');
+        for (const row of c.costs) {
+          io.out(`${row.method.padEnd(11)} ${formatFlops(row.inferenceFlopsPerExample).padStart(18)}  ${formatFlops(row.trainingFlops).padStart(14)}  ` +
+            `${formatBytes(row.diskBytes).padEnd(9)}  ${pct(row.accuracy).padStart(8)}  ${row.msPerExample.toFixed(2).padStart(7)}  ${formatBytes(row.peakRssBytes)}`);
+        }
+        if (o.json) writeJson(o.json, comparisonJson(c));
+        if (o.report) {
+          const files = await writeReport(o.report, comparisonReport(c, setupLines(model, task, [`Seeds: ${seeds.join(', ')}`])), comparisonJson(c));
+          io.out(`report: ${files.markdown} (plot ${files.png})`);
+        }
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  addTaskOptions(addModelOptions(program.command('bench')))
+    .description('cost accounting: per-example FLOPs, wall time and peak memory of T-Few vs ICL inference, and a training step')
+    .option('-n, --examples <n>', 'evaluation examples to time (64)', int('--examples'))
+    .option('-k, --shots <k>', 'ICL demonstrations per query (default: the few-shot set)', int('--shots'))
+    .option('--train-steps <n>', 'training steps to time (10); the 1000-step cost is extrapolated', int('--train-steps'))
+    .option('--icl-max-input-length <n>', 'ICL encoder budget (1024)', int('--icl-max-input-length'))
+    .option('--json <file>', 'write the results as JSON')
+    .action(async (o: ModelOpts & TaskOpts & { examples?: number; shots?: number; trainSteps?: number; iclMaxInputLength?: number; json?: string }) => {
+      const task = resolveTask(o);
+      const templates = resolveTemplates(task, o).slice(0, 1);
+      const model = await loadModel(o, io);
+      try {
+        const b = await benchmark(model, { task, template: templates[0], examples: o.examples, shots: o.shots, trainSteps: o.trainSteps, iclMaxInputLength: o.iclMaxInputLength });
+        io.out(markdownReport({ title: `Cost: ${task.name}`, setup: setupLines(model, task, b.notes), results: [], costs: b.rows }));
+        if (o.json) writeJson(o.json, b);
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  program
+    .command('doctor')
+    .description('device, driver, CUDA, cuBLAS and build information, and where data is looked for')
+    .option('--json', 'print as JSON')
+    .action((o: { json?: boolean }) => {
+      const info: Record<string, unknown> = { node: process.version, platform: `${process.platform}-${process.arch}`, cpus: os.cpus().length };
+      let ok = true;
+      try {
+        const addon = native();
+        const cuda = addon.probeCuda();
+        info.addon = { version: addon.version, ...addon.buildInfo };
+        info.cuda = cuda;
+        info.defaultDevice = cuda.usable ? 'cuda' : 'cpu';
+      } catch (e) {
+        ok = false;
+        info.addon = { error: (e as Error).message };
+      }
+      const dataDir = resolveDataDir({});
+      info.dataDir = { path: dataDir, present: fs.existsSync(dataDir) };
+      if (o.json) {
+        io.out(JSON.stringify(info, null, 2));
+      } else {
+        io.out(`node         ${info.node} on ${info.platform}, ${info.cpus} CPU cores`);
+        const addon = info.addon as Record<string, unknown>;
+        if (addon.error) io.out(`addon        NOT LOADED: ${addon.error}`);
+        else io.out(`addon        ${addon.version}, CUDA compiled: ${addon.cudaCompiled ? 'yes' : 'no'}, compiler ${addon.compiler}, N-API ${addon.napiVersion}`);
+        const cuda = info.cuda as Record<string, unknown> | undefined;
+        if (cuda) {
+          io.out(`cuda usable  ${cuda.usable ? 'yes' : 'no'}${cuda.reason ? ` (${cuda.reason})` : ''}`);
+          if (cuda.deviceName) io.out(`gpu          ${cuda.deviceName}, compute capability ${cuda.computeCapability}, ${formatBytes(Number(cuda.totalMemory))}`);
+          io.out(`cublas       ${cuda.cublasLibrary || 'not found'}`);
+          io.out(`device       models load on ${info.defaultDevice} with device: 'auto'`);
+        }
+        io.out(`data dir     ${dataDir} (${fs.existsSync(dataDir) ? 'present' : 'absent: set TFEW_DATA_DIR or pass --data-dir'})`);
+      }
+      if (!ok) status.exitCode = 1;
+    });
+
+  return program;
+}
+
+/** Runs the CLI; errors print as one line (typed errors with their code) and set the exit code. */
+export async function main(argv: string[] = process.argv, io: CliIO = defaultIO): Promise<number> {
+  const status = { exitCode: 0 };
+  const program = createProgram(io, status);
+  try {
+    await program.parseAsync(argv);
+    return status.exitCode;
+  } catch (e) {
+    const err = e as { code?: string; exitCode?: number; message?: string };
+    if (typeof err.code === 'string' && err.code.startsWith('commander.')) {
+      return err.exitCode ?? 1; // commander already printed the message or help
+    }
+    if (e instanceof TfewError) io.err(`tfew: ${e.message} [${e.code}]`);
+    else io.err(`tfew: ${(e as Error).stack ?? String(e)}`);
+    return 1;
+  }
+}
+
+if (require.main === module) {
+  main().then((code) => {
+    process.exitCode = code;
+  });
+}

@@ -1,0 +1,108 @@
+// CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed, training
+// not yet on the GPU), and that dispose() gives the device memory back. Skipped when CUDA is not usable.
+import { execFileSync } from 'child_process';
+import * as os from 'os';
+import * as path from 'path';
+import { DisposedError, OutOfMemoryError, T5Model, TfewError } from '../../lib';
+import { native } from '../../lib/native';
+import { t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
+import { loadFixture } from '../helpers/reference';
+import { describeCuda, loadCuda } from './helpers';
+
+jest.setTimeout(300_000);
+
+/** Device memory in use on the GPU we run on (MiB), or null without nvidia-smi. */
+function usedMiB(): number | null {
+  try {
+    const index = process.env.TFEW_CUDA_DEVICE ?? '0';
+    const out = execFileSync('nvidia-smi', ['--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', index], { encoding: 'utf8' });
+    const v = Number(out.trim().split('\n')[0]);
+    return Number.isFinite(v) ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+describeCuda('CUDA backend behaviour', () => {
+  const fx = loadFixture('tiny-gated-gelu-untied');
+
+  test('the probe describes a usable GPU', () => {
+    const p = native().probeCuda();
+    expect(p.compiled).toBe(true);
+    expect(p.usable).toBe(true);
+    expect(p.reason).toBe('');
+    expect(p.deviceName.length).toBeGreaterThan(0);
+    expect(p.computeCapability).toBeGreaterThanOrEqual(80);
+    expect(p.totalMemory).toBeGreaterThan(1 << 30);
+    expect(p.cublasLibrary).toMatch(/libcublas/);
+  });
+
+  test("device 'auto' picks CUDA and says so", async () => {
+    const m = await T5Model.load(fx.dir, { device: 'auto' });
+    try {
+      expect(m.device).toBe('cuda');
+      expect(m.deviceReason).toMatch(/CUDA/);
+      expect(m.describe()).toContain(native().probeCuda().deviceName);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('a batch too large for the GPU is an OutOfMemoryError, and the model keeps working', async () => {
+    const m = await loadCuda(fx.dir, 'bf16');
+    try {
+      const ok = await m.rankClassify(fx.inputIds, fx.choices);
+      // 256 examples of 8192 tokens: the attention scores alone would need 256*4*8192^2*4 bytes = 275 GB
+      const long = Array.from({ length: 256 }, (_, b) => [...Array.from({ length: 8191 }, (_, t) => 2 + ((b + t) % 100)), 1]);
+      const choices = long.map(() => [[5, 1]]);
+      const err = await m.rankClassify(long, choices, { batchSize: 256 }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(OutOfMemoryError);
+      expect((err as Error).message).toMatch(/out of GPU memory/);
+      const again = await m.rankClassify(fx.inputIds, fx.choices);
+      expect(again.logProbs).toEqual(ok.logProbs);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('a disposed model rejects with DisposedError', async () => {
+    const m = await loadCuda(fx.dir, 'bf16');
+    await m.dispose();
+    expect(m.disposed).toBe(true);
+    await expect(m.rankClassify(fx.inputIds, fx.choices)).rejects.toBeInstanceOf(DisposedError);
+    await m.dispose(); // twice is fine
+  });
+
+  test('training on CUDA is a clear error until the backward kernels exist', async () => {
+    const m = await loadCuda(fx.dir, 'bf16');
+    try {
+      const err = await m.lossAndGradients({ inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(TfewError);
+      expect((err as Error).message).toMatch(/training on CUDA is not implemented/);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('dispose() returns the device memory (nvidia-smi)', async () => {
+    if (usedMiB() === null) {
+      // eslint-disable-next-line no-console
+      console.warn('[tfew tests] nvidia-smi not available: device memory after dispose() not measured');
+      return;
+    }
+    const dir = process.env.TFEW_RANDOM_T5_DIR ?? path.join(os.tmpdir(), 'tfew-rand-t0w-2l');
+    writeRandomT5(dir, { configJson: t0_3bConfigJson(2), seed: 1234 });
+    // warm the CUDA context so its own memory is not counted
+    const warm = await loadCuda(fx.dir, 'bf16');
+    await warm.dispose();
+    const before = usedMiB() as number;
+    const m = await loadCuda(dir, 'bf16');
+    await m.rankClassify([[5, 6, 7, 1]], [[[8, 1], [9, 1]]]);
+    const loaded = usedMiB() as number;
+    await m.dispose();
+    const after = usedMiB() as number;
+    // 2+2 layers of the T0-3B width in bf16 are ~0.7 GB of weights
+    expect(loaded - before).toBeGreaterThan(500);
+    expect(after - before).toBeLessThan(64);
+  });
+});

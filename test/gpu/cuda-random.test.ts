@@ -1,0 +1,115 @@
+// The CUDA backend against the CPU reference backend on a random checkpoint of the T0-3B width (d_model 2048,
+// d_ff 5120, 32 heads, vocab 32128; 2 + 2 layers), with long, unevenly padded inputs (300, 37, 128, 255 tokens),
+// different numbers and lengths of choices, and a mixed batch of adapters.
+//   fp32 mode: relative error <= 1e-4. bf16: twice PyTorch's bf16 error (bf16 vs fp32 HF on the same
+//   checkpoint and batch, TFEW_BF16_ERRORS "random"), measured by benchmarks/pytorch_baseline.py.
+// The checkpoint is TFEW_RANDOM_T5_DIR (written by benchmarks/device-check.sh) or written here to a temp dir.
+// Skipped when CUDA is not usable here.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { IA3Adapter, T5Model } from '../../lib';
+import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
+import { maxRelError, relError } from '../helpers/reference';
+import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision } from './helpers';
+
+jest.setTimeout(600_000);
+
+const FP32_TOL = 1e-4;
+
+function checkpointDir(): string {
+  const dir = process.env.TFEW_RANDOM_T5_DIR ?? path.join(os.tmpdir(), 'tfew-rand-t0w-2l');
+  writeRandomT5(dir, { configJson: t0_3bConfigJson(2), seed: 1234 }); // no-op when already written
+  return dir;
+}
+
+function parityBatch(dir: string, vocab: number): RandomBatch {
+  const file = path.join(dir, 'batch.json');
+  if (fs.existsSync(file)) return JSON.parse(fs.readFileSync(file, 'utf8')) as RandomBatch;
+  // the same batch benchmarks/random-t5.ts --batch-json writes (seed 1234 + 1)
+  return randomBatch(vocab, [300, 37, 128, 255], [[3, 8], [5, 1, 7], [8, 8], [2, 6, 4, 3]], 1235);
+}
+
+function randomAdapter(model: T5Model, seed: number): IA3Adapter {
+  const a = IA3Adapter.create(model);
+  const rand = mulberry32(seed);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.4 * (rand() - 0.5);
+  a.markChanged();
+  return a;
+}
+
+describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
+  let dir: string;
+  let batch: RandomBatch;
+  let cpu: T5Model;
+  let adapters: IA3Adapter[];
+  let perExample: (IA3Adapter | null)[];
+  let cpuPlain: { logProbs: number[][]; scores: number[][] };
+  let cpuMixed: { logProbs: number[][]; scores: number[][] };
+  let cpuEncoder: Float32Array[];
+
+  beforeAll(async () => {
+    dir = checkpointDir();
+    cpu = await T5Model.load(dir, { device: 'cpu' });
+    batch = parityBatch(dir, cpu.config.vocabSize);
+    adapters = [randomAdapter(cpu, 21), randomAdapter(cpu, 22)];
+    perExample = [adapters[0], null, adapters[1], adapters[0]];
+    cpuPlain = await cpu.rankClassify(batch.inputIds, batch.choices);
+    cpuMixed = await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+    cpuEncoder = await cpu.encode(batch.inputIds);
+    await cpu.dispose();
+  });
+
+  describe.each(['fp32', 'bf16'] as Precision[])('%s', (precision) => {
+    let gpu: T5Model;
+    beforeAll(async () => {
+      gpu = await loadCuda(dir, precision);
+    });
+    afterAll(async () => {
+      await gpu?.dispose();
+    });
+    const tol = (quantity: string) => (precision === 'fp32' ? FP32_TOL : bf16Tolerance(['random', quantity]));
+
+    test('encoder states of every example (padding must not leak into real positions)', async () => {
+      const enc = await gpu.encode(batch.inputIds);
+      enc.forEach((e, b) => expect(relError(e, cpuEncoder[b])).toBeLessThan(tol('encoder_hidden')));
+    });
+
+    test('rank classification without adapters', async () => {
+      const r = await gpu.rankClassify(batch.inputIds, batch.choices);
+      expect(maxRelError(r.logProbs.flat(), cpuPlain.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+      expect(maxRelError(r.scores.flat(), cpuPlain.scores.flat())).toBeLessThan(tol('scores'));
+      const expected = argmaxRows(cpuPlain.scores);
+      for (const b of clearWinners(cpuPlain.scores, 4 * tol('scores'))) expect(r.predictions[b]).toBe(expected[b]);
+    });
+
+    let firstMixed: number[] | undefined; // the first call of this shape runs eagerly (no graph yet)
+
+    test('mixed-task batch (two adapters and none)', async () => {
+      const r = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+      firstMixed = r.logProbs.flat();
+      expect(maxRelError(r.logProbs.flat(), cpuMixed.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+      expect(maxRelError(r.scores.flat(), cpuMixed.scores.flat())).toBeLessThan(tol('scores'));
+    });
+
+    test('repeated calls of one shape (graph capture, then replays) give the eager result', async () => {
+      const eager = firstMixed ?? (await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample })).logProbs.flat();
+      for (let i = 0; i < 3; i++) {
+        const again = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+        expect(maxRelError(again.logProbs.flat(), eager)).toBeLessThan(1e-6);
+      }
+    });
+
+    test('editing an adapter in place is seen by the next call', async () => {
+      const a = randomAdapter(gpu, 31);
+      const before = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: a });
+      a.data.fill(1);
+      a.markChanged();
+      const ones = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: a });
+      const plain = await gpu.rankClassify(batch.inputIds, batch.choices);
+      // scaling by exactly 1 is exact in any precision
+      expect(maxRelError(ones.logProbs.flat(), plain.logProbs.flat())).toBeLessThan(1e-5);
+      expect(maxRelError(before.logProbs.flat(), plain.logProbs.flat())).toBeGreaterThan(1e-4);
+    });
+  });
+});
