@@ -110,7 +110,7 @@ struct Plan {
   T* qkv_dec = nullptr;
   T* ctx_dec = nullptr;
   T* q_cross = nullptr;
-  T* kv_cross = nullptr;
+  T* kv_cross = nullptr;  // [Ne, layers * 2 inner]
   T* ff_dec = nullptr;
   T* act_dec = nullptr;
   float* logits = nullptr;  // [Nd, vocab]
@@ -168,7 +168,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.qkv_dec = pl.place<T>(Nd * 3 * inner);
   p.ctx_dec = pl.place<T>(Nd * inner);
   p.q_cross = pl.place<T>(Nd * inner);
-  p.kv_cross = pl.place<T>(Ne * 2 * inner);
+  p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
   p.ff_dec = pl.place<T>(Nd * wi_cols);
   p.act_dec = pl.place<T>(Nd * ff);
   p.logits = pl.place<float>(Nd * V);
@@ -655,6 +655,12 @@ class CudaEngine final : public Engine {
       kernels::relative_bias_table(weights_.dec_rel_bias, p.dec_buckets, 2 * Ld - 1, H, p.dec_bias, s);
       kernels::embedding_forward<T>(weights_.dec_embed, V, d, p.dec_ids, Nd, p.x_dec, s);
     }
+    // Cross-attention keys/values of every layer, once per example (its choice rows share them): one GEMM.
+    const int kv_cols = 2 * inner * c.num_decoder_layers;
+    {
+      Span span(prof, "gemm", s);
+      gemm_.linear<T, T>(p.enc_out, d, weights_.dec_kv_cross, d, p.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
+    }
     for (int l = 0; l < c.num_decoder_layers; ++l) {
       const DecoderLayerWeights<T>& L = weights_.decoder[l];
       const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
@@ -662,29 +668,19 @@ class CudaEngine final : public Engine {
       { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_self, Nd, d, eps, 1.f, p.h_dec, s); }
       { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.qkv, d, p.qkv_dec, 3 * inner, Nd, 3 * inner, d, 0.f); }
       {
-        Span span(prof, "ia3", s);
-        kernels::ia3_scale_kv<T>(p.qkv_dec, 3 * inner, inner, 2 * inner, inner, Nd, dec_ix, ia3.self_k, ia3.self_v, s);
-      }
-      {
         Span span(prof, "decoder_attention", s);
-        kernels::decoder_self_attention<T>(p.qkv_dec, 3 * inner, inner, dkv, H, R, Ld, p.dec_bias, p.ctx_dec, inner, s);
+        kernels::decoder_self_attention<T>(p.qkv_dec, 3 * inner, inner, dkv, H, R, Ld, p.dec_bias, p.row_example,
+                                           dec_ix, ia3.self_k, ia3.self_v, p.ctx_dec, inner, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o, inner, p.x_dec, d, Nd, d, inner, 1.f); }
-      // cross-attention: keys/values once per example, shared by its rows
+      // cross-attention: this layer's slice of the shared keys/values
       { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
-      {
-        Span span(prof, "gemm", s);
-        gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f);
-        gemm_.linear<T, T>(p.enc_out, d, L.kv_cross, d, p.kv_cross, 2 * inner, Ne, 2 * inner, d, 0.f);
-      }
-      {
-        Span span(prof, "ia3", s);
-        kernels::ia3_scale_kv<T>(p.kv_cross, 2 * inner, 0, inner, inner, Ne, enc_ix, ia3.cross_k, ia3.cross_v, s);
-      }
+      { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f); }
       {
         Span span(prof, "decoder_attention", s);
-        kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross, 2 * inner, inner, dkv, H, R, Ld, p.row_example,
-                                    p.enc_lengths, Le, p.ctx_dec, inner, s);
+        kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols, inner,
+                                    dkv, H, R, Ld, p.row_example, p.enc_lengths, Le, dec_ix, ia3.cross_k, ia3.cross_v,
+                                    p.ctx_dec, inner, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o_cross, inner, p.x_dec, d, Nd, d, inner, 1.f); }
       // feed-forward

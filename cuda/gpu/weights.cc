@@ -138,6 +138,7 @@ class WeightWalker {
     load("encoder.final_layer_norm.weight", {d}, w.enc_final_ln);
 
     w.decoder.resize(c_.num_decoder_layers);
+    w.dec_kv_cross = placer_.place<T>(static_cast<int64_t>(c_.num_decoder_layers) * 2 * inner * d);
     for (int i = 0; i < c_.num_decoder_layers; ++i) {
       const std::string p = "decoder.block." + std::to_string(i) + ".";
       DecoderLayerWeights<T>& L = w.decoder[i];
@@ -153,7 +154,7 @@ class WeightWalker {
       load(p + "layer.1.layer_norm.weight", {d}, L.ln_cross);
       L.q_cross = placer_.place<T>(inner * d);
       load(p + "layer.1.EncDecAttention.q.weight", {inner, d}, L.q_cross);
-      L.kv_cross = placer_.place<T>(2 * inner * d);
+      L.kv_cross = w.dec_kv_cross + static_cast<int64_t>(i) * 2 * inner * d;
       load(p + "layer.1.EncDecAttention.k.weight", {inner, d}, L.kv_cross);
       load(p + "layer.1.EncDecAttention.v.weight", {inner, d}, L.kv_cross + inner * d);
       L.o_cross = placer_.place<T>(d * inner);

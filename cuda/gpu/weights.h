@@ -34,7 +34,7 @@ struct DecoderLayerWeights {
   T* o = nullptr;
   float* ln_cross = nullptr;
   T* q_cross = nullptr;   // [inner, d]
-  T* kv_cross = nullptr;  // [2 inner, d]
+  T* kv_cross = nullptr;  // [2 inner, d]: rows of ModelWeights::dec_kv_cross
   T* o_cross = nullptr;   // [d, inner]
   float* ln_ff = nullptr;
   T* wi = nullptr;
@@ -51,6 +51,9 @@ struct ModelWeights {
   float* dec_rel_bias = nullptr;
   float* enc_final_ln = nullptr;
   float* dec_final_ln = nullptr;
+  // The cross-attention k|v of all decoder layers stacked [layers * 2 inner, d]: one GEMM computes the keys
+  // and values of every layer from the encoder output.
+  T* dec_kv_cross = nullptr;
   std::vector<EncoderLayerWeights<T>> encoder;
   std::vector<DecoderLayerWeights<T>> decoder;
 };

@@ -10,8 +10,10 @@
 // of values. Cross-attention reads the keys/values of the row's example directly (computed once per
 // example, shared by all its choices: nothing is copied per choice).
 //
-// The (IA)3 key/value scaling is a separate in-place pass (ia3_scale_kv) that picks each token's adapter,
-// so a batch can mix tasks at no extra GEMM.
+// (IA)3 on keys and values: q . (l_k * k) = (l_k * q) . k and sum_j p_j (l_v * v_j) = l_v * sum_j p_j v_j,
+// so the small-query kernel scales its query by l_k and its output by l_v (the adapter of the row's
+// example): no pass over K/V at all, and a mixed-task batch costs nothing extra. The unfused encoder path
+// (fp32 mode) scales K/V in place with ia3_scale_kv.
 #include "kernels/device_common.cuh"
 
 namespace tfew {
@@ -114,19 +116,33 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
                                        const T* __restrict__ v, int kv_ld, T* __restrict__ out, int out_ld,
                                        int n_queries, int d_kv, int dec_len, const float* __restrict__ bias_table,
                                        const int32_t* __restrict__ row_example,
-                                       const int32_t* __restrict__ enc_lengths, int enc_len) {
+                                       const int32_t* __restrict__ enc_lengths, int enc_len, AdapterIndex index,
+                                       int64_t k_offset, int64_t v_offset) {
   extern __shared__ float q_smem[];  // [kSmallAttnWarps][d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kSmallAttnWarps + warp;
   const int h = blockIdx.y;
   if (t >= n_queries) return;  // warp-uniform; only __syncwarp below
 
+  const int r = t / dec_len, i = t % dec_len;
+  const int b = row_example[r];
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const float* l_k = nullptr;
+  const float* l_v = nullptr;
+  if (index.adapters != nullptr && index.adapter_of_example != nullptr) {
+    const int a = index.adapter_of_example[b];
+    if (a >= 0) {
+      const float* l = index.adapters + a * index.adapter_stride;
+      l_k = l + k_offset + head_col;
+      l_v = l + v_offset + head_col;
+    }
+  }
+
   float* qs = q_smem + warp * d_kv;
-  const T* qrow = q + static_cast<int64_t>(t) * q_ld + static_cast<int64_t>(h) * d_kv;
-  for (int d = lane; d < d_kv; d += 32) qs[d] = to_f32(qrow[d]);
+  const T* qrow = q + static_cast<int64_t>(t) * q_ld + head_col;
+  for (int d = lane; d < d_kv; d += 32) qs[d] = to_f32(qrow[d]) * (l_k ? l_k[d] : 1.f);
   __syncwarp();
 
-  const int r = t / dec_len, i = t % dec_len;
   int n_keys;
   int64_t key_base;
   const float* brow = nullptr;
@@ -135,11 +151,9 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
     key_base = static_cast<int64_t>(r) * dec_len;
     brow = bias_table + static_cast<int64_t>(h) * (2 * dec_len - 1) + (dec_len - 1 - i);
   } else {
-    const int b = row_example[r];
     n_keys = min(max(enc_lengths[b], 0), enc_len);
     key_base = static_cast<int64_t>(b) * enc_len;
   }
-  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
 
   float m = -INFINITY, l = 0.f;
   float acc[DPL];
@@ -177,7 +191,7 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
 #pragma unroll
   for (int u = 0; u < DPL; ++u) {
     const int d = lane + 32 * u;
-    if (d < d_kv) orow[d] = from_f32<T>(acc[u] * inv);
+    if (d < d_kv) orow[d] = from_f32<T>(acc[u] * inv * (l_v ? l_v[d] : 1.f));
   }
 }
 
@@ -185,7 +199,7 @@ template <typename T>
 void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv_ld, T* out, int out_ld,
                             int n_queries, int heads, int d_kv, int dec_len, const float* bias_table,
                             const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
-                            cudaStream_t stream) {
+                            const AdapterIndex& index, int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
   if (n_queries <= 0) return;
   if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit of " + std::to_string(kMaxDKv));
   const dim3 grid((n_queries + kSmallAttnWarps - 1) / kSmallAttnWarps, heads);
@@ -194,7 +208,8 @@ void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv
 #define TFEW_SMALL_ATTN(DPL)                                                                            \
   small_attention_kernel<T, DPL><<<grid, block, smem, stream>>>(q, q_ld, k, v, kv_ld, out, out_ld,       \
                                                                 n_queries, d_kv, dec_len, bias_table,    \
-                                                                row_example, enc_lengths, enc_len)
+                                                                row_example, enc_lengths, enc_len, index, \
+                                                                k_offset, v_offset)
   if (d_kv <= 32) TFEW_SMALL_ATTN(1);
   else if (d_kv <= 64) TFEW_SMALL_ATTN(2);
   else if (d_kv <= 128) TFEW_SMALL_ATTN(4);
@@ -240,27 +255,31 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
 
 template <typename T>
 void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
-                            const float* bias_table, T* out, int out_ld, cudaStream_t stream) {
+                            const float* bias_table, const int32_t* row_example, const AdapterIndex& index,
+                            int64_t k_offset, int64_t v_offset, T* out, int out_ld, cudaStream_t stream) {
+  if (!bias_table) fail(ErrorCode::Internal, "decoder_self_attention needs the relative-position bias");
   launch_small_attention<T>(qkv, ld, qkv + inner, qkv + 2 * inner, ld, out, out_ld, n_rows * dec_len, heads,
-                            d_kv, dec_len, bias_table, nullptr, nullptr, 0, stream);
+                            d_kv, dec_len, bias_table, row_example, nullptr, 0, index, k_offset, v_offset, stream);
 }
 
 template <typename T>
 void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, int d_kv, int heads, int n_rows,
-                     int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len, T* out,
-                     int out_ld, cudaStream_t stream) {
+                     int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
+                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* out, int out_ld,
+                     cudaStream_t stream) {
   launch_small_attention<T>(q, q_ld, kv, kv + inner, kv_ld, out, out_ld, n_rows * dec_len, heads, d_kv, dec_len,
-                            nullptr, row_example, enc_lengths, enc_len, stream);
+                            nullptr, row_example, enc_lengths, enc_len, index, k_offset, v_offset, stream);
 }
 
 #define TFEW_INSTANTIATE(T)                                                                                   \
   template void ia3_scale_kv<T>(T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,            \
                                 cudaStream_t);                                                                \
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int, T*, cudaStream_t); \
-  template void decoder_self_attention<T>(const T*, int, int, int, int, int, int, const float*, T*, int,       \
-                                          cudaStream_t);                                                      \
+  template void decoder_self_attention<T>(const T*, int, int, int, int, int, int, const float*, const int32_t*, \
+                                          const AdapterIndex&, int64_t, int64_t, T*, int, cudaStream_t);      \
   template void cross_attention<T>(const T*, int, const T*, int, int, int, int, int, int, const int32_t*,       \
-                                   const int32_t*, int, T*, int, cudaStream_t);
+                                   const int32_t*, int, const AdapterIndex&, int64_t, int64_t, T*, int,       \
+                                   cudaStream_t);
 TFEW_INSTANTIATE(float)
 TFEW_INSTANTIATE(__nv_bfloat16)
 #undef TFEW_INSTANTIATE

@@ -62,17 +62,22 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
 // Decoder causal self-attention over the positions of each choice row (dec_len tokens per row; no padding
 // mask: the decoder mask is causal only). q, k, v are the column blocks [0, inner), [inner, 2 inner),
 // [2 inner, 3 inner) of qkv [n_rows * dec_len, ld]; bias_table [H, 2 dec_len - 1]; out [.., out_ld].
+// The (IA)3 k/v vectors (layout offsets k_offset, v_offset) of the adapter of each row's example
+// (index.adapter_of_example[row_example[r]]) are applied inside: no separate pass.
 template <typename T>
 void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
-                            const float* bias_table, T* out, int out_ld, cudaStream_t stream);
+                            const float* bias_table, const int32_t* row_example, const AdapterIndex& index,
+                            int64_t k_offset, int64_t v_offset, T* out, int out_ld, cudaStream_t stream);
 
 // Cross-attention: every decoder token of row r attends to the encoder tokens of its example
 // b = row_example[r], keys j < enc_lengths[b], no bias. k and v are the column blocks [0, inner) and
 // [inner, 2 inner) of kv [B * enc_len, kv_ld], computed once per example and shared by all its rows.
+// (IA)3 as in decoder_self_attention.
 template <typename T>
 void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, int d_kv, int heads, int n_rows,
-                     int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len, T* out,
-                     int out_ld, cudaStream_t stream);
+                     int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
+                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* out, int out_ld,
+                     cudaStream_t stream);
 
 // Fused encoder self-attention for bf16 (attention_fused.cu): the same result as the two batched GEMMs
 // around encoder_softmax, without writing scores to memory, with the (IA)3 k/v scales (k_offset/v_offset
