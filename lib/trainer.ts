@@ -13,6 +13,7 @@ import type { IA3Adapter } from './adapter';
 import { DisposedError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { TfewOptimizer } from './optim';
+import { seededRandom } from './random';
 
 export interface TrainExample {
   /** The prompt: text (tokenized by the model's tokenizer) or token ids (eos included). */
@@ -158,18 +159,6 @@ const DEFAULTS = {
   seed: 42,
   maxInputLength: 256,
 };
-
-/** A small seeded generator (mulberry32): the shuffling must not depend on Math.random. */
-function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Fisher-Yates shuffle of 0..n-1. */
 function permutation(n: number, random: () => number): number[] {

@@ -8,22 +8,11 @@ import {
 } from '../lib';
 import { native } from '../lib/native';
 import { buildTinyT5 } from '../lib/tiny';
+import { normalFrom, seededRandom } from '../lib/random';
 import { loadFixture } from './helpers/reference';
 
-// A small deterministic PRNG so failures are reproducible.
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-function randn(r: () => number): number {
-  return Math.sqrt(-2 * Math.log(r() + 1e-12)) * Math.cos(2 * Math.PI * r());
-}
+const rng = seededRandom;
+const randn = normalFrom;
 function randomBatch(r: () => number, n: number, vocab: number) {
   const ids = (len: number) => [...Array.from({ length: len - 1 }, () => 3 + Math.floor(r() * (vocab - 3))), 1];
   const inputIds = Array.from({ length: n }, () => ids(3 + Math.floor(r() * 10)));

@@ -7,6 +7,7 @@ import * as path from 'path';
 import { T5Model, type DeviceOption } from '../model';
 import type { Task } from '../tasks/registry';
 import type { Example } from '../tasks/types';
+import { seededRandom } from '../random';
 import { buildTinyT5 } from '../tiny';
 import { TextTemplate, type Template } from '../templates/engine';
 import { classify } from './classify';
@@ -24,23 +25,12 @@ export const DEMO_TEMPLATES: Template[] = [
   new TextTemplate({ name: 'liked-it', input: '{{text}} . did the writer like it ? yes or no', choices: ['no', 'yes'] }),
 ];
 
-/** A deterministic stream in [0, 1) (mulberry32), so the demo prints the same numbers every time. */
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), s | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /**
  * Reviews "the <subject> was <adjective>", label 1 when the adjective is positive. With `coverAll`, the
  * adjectives are dealt round-robin so a small training set still shows every one of them.
  */
 export function syntheticReviews(count: number, seed: number, coverAll = false): Example[] {
-  const r = random(seed);
+  const r = seededRandom(seed);
   const pick = (xs: string[]) => xs[Math.floor(r() * xs.length)];
   const adjectives = [...POSITIVE, ...NEGATIVE];
   const out = Array.from({ length: count }, (_, i) => {

@@ -1,9 +1,9 @@
-// CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed, training
-// not yet on the GPU), and that dispose() gives the device memory back. Skipped when CUDA is not usable.
+// CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed), and that
+// dispose() gives the device memory back. Skipped when CUDA is not usable.
 import { execFileSync } from 'child_process';
 import * as os from 'os';
 import * as path from 'path';
-import { DisposedError, OutOfMemoryError, T5Model, TfewError } from '../../lib';
+import { DisposedError, OutOfMemoryError, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
 import { loadFixture } from '../helpers/reference';
@@ -49,7 +49,8 @@ describeCuda('CUDA backend behaviour', () => {
   });
 
   test('a batch too large for the GPU is an OutOfMemoryError, and the model keeps working', async () => {
-    const m = await loadCuda(fx.dir, 'bf16');
+    // fp32 mode keeps the batched-GEMM attention, whose score buffer grows with the square of the length
+    const m = await loadCuda(fx.dir, 'fp32');
     try {
       const ok = await m.rankClassify(fx.inputIds, fx.choices);
       // 256 examples of 8192 tokens: the attention scores alone would need 256*4*8192^2*4 bytes = 275 GB
@@ -71,17 +72,6 @@ describeCuda('CUDA backend behaviour', () => {
     expect(m.disposed).toBe(true);
     await expect(m.rankClassify(fx.inputIds, fx.choices)).rejects.toBeInstanceOf(DisposedError);
     await m.dispose(); // twice is fine
-  });
-
-  test('training on CUDA is a clear error until the backward kernels exist', async () => {
-    const m = await loadCuda(fx.dir, 'bf16');
-    try {
-      const err = await m.lossAndGradients({ inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels }).catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(TfewError);
-      expect((err as Error).message).toMatch(/training on CUDA is not implemented/);
-    } finally {
-      await m.dispose();
-    }
   });
 
   test('dispose() returns the device memory (nvidia-smi)', async () => {

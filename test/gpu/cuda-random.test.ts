@@ -100,6 +100,24 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
       }
     });
 
+    if (precision === 'bf16') {
+      test('the fused encoder attention kernel agrees with the cuBLAS path (with adapters)', async () => {
+        const unfused = await loadCuda(dir, 'bf16', {}, { TFEW_CUDA_FUSED_ATTENTION: '0', TFEW_CUDA_GRAPHS: '0' });
+        try {
+          expect(gpu.describe()).toMatch(/encoder attention fused/);
+          expect(unfused.describe()).toMatch(/encoder attention cuBLAS/);
+          const a = await gpu.encode(batch.inputIds, { adapter: perExample });
+          const b = await unfused.encode(batch.inputIds, { adapter: perExample });
+          a.forEach((e, i) => expect(relError(e, b[i])).toBeLessThan(tol('encoder_hidden')));
+          const ra = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+          const rb = await unfused.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+          expect(maxRelError(ra.logProbs.flat(), rb.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+        } finally {
+          await unfused.dispose();
+        }
+      });
+    }
+
     test('editing an adapter in place is seen by the next call', async () => {
       const a = randomAdapter(gpu, 31);
       const before = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: a });

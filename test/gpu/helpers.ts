@@ -33,16 +33,21 @@ export type Precision = 'bf16' | 'fp32';
 
 /**
  * Loads DIR on the CUDA backend. precision 'fp32' selects the engine's verification mode (fp32 weights and
- * activations, cuBLAS without TF32) through TFEW_CUDA_PRECISION, which the engine reads when it is created.
+ * activations, cuBLAS without TF32) through TFEW_CUDA_PRECISION, which the engine reads when it is created;
+ * `env` sets other engine switches the same way (e.g. TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_GRAPHS=0).
  */
-export async function loadCuda(dir: string, precision: Precision, options: Parameters<typeof T5Model.load>[1] = {}): Promise<T5Model> {
-  const previous = process.env.TFEW_CUDA_PRECISION;
-  process.env.TFEW_CUDA_PRECISION = precision;
+export async function loadCuda(dir: string, precision: Precision, options: Parameters<typeof T5Model.load>[1] = {},
+                               env: Record<string, string> = {}): Promise<T5Model> {
+  const vars: Record<string, string> = { TFEW_CUDA_PRECISION: precision, ...env };
+  const previous = Object.keys(vars).map((k) => [k, process.env[k]] as const);
+  Object.assign(process.env, vars);
   try {
     return await T5Model.load(dir, { ...options, device: 'cuda' });
   } finally {
-    if (previous === undefined) delete process.env.TFEW_CUDA_PRECISION;
-    else process.env.TFEW_CUDA_PRECISION = previous;
+    for (const [k, v] of previous) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
   }
 }
 

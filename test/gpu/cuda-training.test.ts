@@ -1,0 +1,122 @@
+// Training on the CUDA backend: the T-Few losses and d total / d (IA)3 vectors against the float64 fixtures
+// (fp32 mode: relative error <= 1e-4; bf16: twice PyTorch's own bf16 error, TFEW_BF16_ERRORS), mixed-task
+// batches and dropout against the CPU backend, and bit-reproducible gradients. Skipped without CUDA.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { IA3Adapter, T5Model } from '../../lib';
+import { buildTinyT5 } from '../../lib/tiny';
+import { mulberry32 } from '../../benchmarks/random-t5';
+import { CHECKPOINTS, loadFixture, maxRelError, relError } from '../helpers/reference';
+import { bf16Tolerance, describeCuda, loadCuda, Precision } from './helpers';
+
+jest.setTimeout(300_000);
+
+const FP32_TOL = 1e-4;
+
+function perturbed(model: T5Model, seed: number): IA3Adapter {
+  const a = IA3Adapter.create(model);
+  const rand = mulberry32(seed);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.5 * (rand() - 0.5);
+  a.markChanged();
+  return a;
+}
+
+describeCuda('CUDA training', () => {
+  describe.each(CHECKPOINTS.flatMap((c) => (['fp32', 'bf16'] as Precision[]).map((p) => [c, p] as const)))('%s, %s', (name, precision) => {
+    const fx = loadFixture(name);
+    let gpu: T5Model;
+    let cpu: T5Model;
+    let adapterA: IA3Adapter;
+    let adapterB: IA3Adapter;
+    const batch = () => ({ inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels });
+    const lossTol = precision === 'fp32' ? FP32_TOL : bf16Tolerance(['fixtures', name, 'ia3', 'losses']);
+    const gradTol = precision === 'fp32' ? FP32_TOL : bf16Tolerance(['fixtures', name, 'ia3', 'grad']);
+
+    beforeAll(async () => {
+      gpu = await loadCuda(fx.dir, precision);
+      cpu = await T5Model.load(fx.dir, { device: 'cpu', threads: 2 });
+      adapterA = await IA3Adapter.load(path.join(fx.dir, 'adapter_a'));
+      adapterB = await IA3Adapter.load(path.join(fx.dir, 'adapter_b'));
+    });
+    afterAll(async () => {
+      await gpu?.dispose();
+      await cpu?.dispose();
+    });
+
+    test('ia3: the three losses, their total and every (IA)3 gradient', async () => {
+      const g = await gpu.lossAndGradients(batch(), { adapter: adapterA });
+      for (const k of ['lm', 'ul', 'ln'] as const) expect(maxRelError([g[`${k}Loss`]], fx.get(`ia3.${k}_loss`))).toBeLessThan(lossTol);
+      expect(maxRelError([g.totalLoss], fx.get('ia3.total_loss'))).toBeLessThan(lossTol);
+      for (const m of adapterA.modules) expect(relError(g.gradients[m.name], fx.get(`ia3.grad.${m.name}`))).toBeLessThan(gradTol);
+    });
+
+    test.each([
+      ['grad_lm_loss', { lmWeight: 1, ulWeight: 0, lnWeight: 0 }],
+      ['grad_ul_loss', { lmWeight: 0, ulWeight: 1, lnWeight: 0 }],
+      ['grad_ln_loss', { lmWeight: 0, ulWeight: 0, lnWeight: 1 }],
+    ])('ia3: gradient of one loss (%s)', async (key, weights) => {
+      const g = await gpu.lossAndGradients(batch(), { adapter: adapterA, ...weights });
+      for (const m of adapterA.modules) expect(relError(g.gradients[m.name], fx.get(`ia3.${key}.${m.name}`))).toBeLessThan(gradTol);
+    });
+
+    test('base: losses through an all-ones adapter', async () => {
+      const g = await gpu.lossAndGradients(batch(), { adapter: IA3Adapter.create(gpu) });
+      expect(maxRelError([g.totalLoss], fx.get('base.total_loss'))).toBeLessThan(lossTol);
+    });
+
+    test('mixed-task batch: per-adapter gradients equal the CPU backend', async () => {
+      const perExample = [adapterA, adapterB, adapterA];
+      const g = await gpu.lossAndGradients(batch(), { adapter: perExample });
+      const c = await cpu.lossAndGradients(batch(), { adapter: perExample });
+      expect(maxRelError([g.totalLoss], [c.totalLoss])).toBeLessThan(lossTol);
+      for (const a of [adapterA, adapterB]) {
+        const ga = g.adapterGradients.get(a) as Float32Array;
+        const ca = c.adapterGradients.get(a) as Float32Array;
+        for (const m of a.modules)
+          expect(relError(ga.subarray(m.offset, m.offset + m.length), ca.subarray(m.offset, m.offset + m.length))).toBeLessThan(gradTol);
+      }
+    });
+
+    test('gradients are bit-reproducible (no atomics in the reductions)', async () => {
+      const a = await gpu.lossAndGradients(batch(), { adapter: [adapterA, adapterB, null] });
+      const b = await gpu.lossAndGradients(batch(), { adapter: [adapterA, adapterB, null] });
+      expect(b.totalLoss).toBe(a.totalLoss);
+      expect(Array.from(b.adapterGradients.get(adapterA) as Float32Array)).toEqual(Array.from(a.adapterGradients.get(adapterA) as Float32Array));
+    });
+  });
+
+  describe.each([true, false])('dropout masks equal the CPU backend (tiny model, gated %s, fp32 mode)', (gated) => {
+    let dir: string;
+    let gpu: T5Model;
+    let cpu: T5Model;
+    beforeAll(async () => {
+      dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-dropout-'));
+      buildTinyT5(dir, { words: ['alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu'], gated, dropoutRate: 0.1, seed: 3 });
+      gpu = await loadCuda(dir, 'fp32');
+      cpu = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    });
+    afterAll(async () => {
+      await gpu?.dispose();
+      await cpu?.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+
+    test('same seed: same losses and gradients; dropout changes them', async () => {
+      const batch = {
+        inputIds: [[3, 4, 5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 14, 1]],
+        choices: [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]], [[10, 11, 1], [12, 1]]],
+        labels: [1, 2, 0],
+      };
+      const adapters = [perturbed(cpu, 5), perturbed(cpu, 6)];
+      const opts = { adapter: [adapters[0], adapters[1], adapters[0]], dropout: true, seed: 42 };
+      const g = await gpu.lossAndGradients(batch, opts);
+      const c = await cpu.lossAndGradients(batch, opts);
+      expect(maxRelError([g.lmLoss, g.ulLoss, g.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss])).toBeLessThan(FP32_TOL);
+      for (const a of adapters)
+        expect(relError(g.adapterGradients.get(a) as Float32Array, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(FP32_TOL);
+      const noDropout = await gpu.lossAndGradients(batch, { ...opts, dropout: false });
+      expect(Math.abs(noDropout.totalLoss - g.totalLoss)).toBeGreaterThan(1e-4);
+    });
+  });
+});
