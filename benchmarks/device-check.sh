@@ -10,6 +10,8 @@
 #   bash benchmarks/device-check.sh
 # Environment: TFEW_DEVICE_BUDGET_S (default 540: seconds for all steps together; later steps get what is
 # left), TFEW_DEVICE_STEPS (default "errors,tests,bench,torch"), TFEW_SKIP_COMPILE=1 (no torch.compile).
+# Engine switches worth knowing when something fails there: TFEW_CUDA_DEBUG_SYNC=1 (sync after every
+# kernel: faults name their kernel), TFEW_CUDA_GRAPHS=0, TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_PRECISION=fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -105,6 +107,12 @@ fi
 if want tests; then
   TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
     step jest-gpu 300 node node_modules/jest/bin/jest.js test/gpu --runInBand --verbose
+  # A CUDA fault (illegal address, launch failure) is reported by whichever call syncs next; rerun the
+  # fixture tests synchronising after every kernel so the log names the kernel that faulted.
+  if grep -qE "E_CUDA|illegal|cudaError|CUDA context is no longer usable" "$OUT/jest-gpu.log" 2>/dev/null; then
+    TFEW_CUDA_DEBUG_SYNC=1 TFEW_BF16_ERRORS="$ERRORS" \
+      step jest-gpu-debug-sync 150 node node_modules/jest/bin/jest.js test/gpu/cuda-fixtures.test.ts --runInBand
+  fi
 fi
 
 if want bench; then

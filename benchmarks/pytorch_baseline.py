@@ -4,7 +4,8 @@
 Two jobs:
 
   errors  PyTorch's own bf16 error, which sets the GPU tests' tolerance (twice this error):
-          - on the golden fixtures: HF T5 (+ PEFT IA3 adapter_a) in pure bf16 vs the float64 reference;
+          - on the golden fixtures: HF T5 (+ PEFT IA3 adapter_a) in pure bf16 vs the float64 reference,
+            for the forward outputs and (adapter_a) the T-Few losses and d total / d (IA)3 vectors;
           - on the random T0-3B-width checkpoint and batch of the GPU parity test: HF bf16 vs HF fp32.
           Metrics are the tests' own (test/helpers/reference.ts): relError = ||a-b||/||b|| per example or
           choice (max over them) for encoder states and logits; maxRelError = max |a-b|/max(|b|,1e-6) for the
@@ -17,7 +18,10 @@ Two jobs:
           medians of 10 runs after 3 warm-ups.
 
   python3 benchmarks/pytorch_baseline.py errors --fixtures test/fixtures [--random DIR] --out FILE.json
-  python3 benchmarks/pytorch_baseline.py bench [--no-compile] [--workloads RANK-3B-B32,RANK-3B-B1] --out FILE.json
+  python3 benchmarks/pytorch_baseline.py bench [--no-compile] [--workloads RANK-3B-B32,...] --out FILE.json
+
+          TRAIN-3B / TRAIN-3B-C4 (eager only): forward, T-Few losses and backward to the (IA)3 vectors with
+          dropout on; no optimizer step (our number does not include it either).
 """
 import argparse
 import copy
@@ -90,6 +94,45 @@ def max_rel_error(a, b, floor=1e-6):
 # errors
 
 
+def tfew_losses(logp, tgt, labels):
+    """The T-Few losses of the fixture README from per-token log-probs [B, C, Lc] (0 at pad)."""
+    mask = (tgt != 0)
+    B, C, _ = tgt.shape
+    gold = torch.zeros(B, C, dtype=torch.bool, device=tgt.device)
+    gold[torch.arange(B), labels] = True
+    gold_tok = mask & gold.unsqueeze(-1)
+    wrong_tok = mask & ~gold.unsqueeze(-1)
+    lm = -(logp * gold_tok).sum() / gold_tok.sum()
+    ul = -(torch.log(1 - torch.exp(logp) + 0.01) * wrong_tok).sum() / wrong_tok.sum()
+    scores = logp.sum(-1) / mask.sum(-1)
+    ln = torch.nn.functional.cross_entropy(scores, labels)
+    return lm, ul, ln, lm + ul + ln
+
+
+def fixture_training_errors(d, ref, ids, mask, tgt, device):
+    """bf16 error of the losses and of d total / d (IA)3 vectors (HF + PEFT, pure bf16) vs the fixture."""
+    from peft import PeftModel
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(d, dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(model, os.path.join(d, "adapter_a"), is_trainable=True)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    model.eval()  # the fixtures have dropout 0
+    labels = ref["labels"].long().to(device)
+    _, _, logp = rank_forward(model, ids, mask, tgt)
+    lm, ul, ln, total = tfew_losses(logp, tgt, labels)
+    total.backward()
+    losses = max(max_rel_error(torch.tensor([float(x)]), ref[f"ia3.{n}"])
+                 for x, n in ((lm, "lm_loss"), (ul, "ul_loss"), (ln, "ln_loss"), (total, "total_loss")))
+    grad = 0.0
+    for name, p in model.named_parameters():
+        if "ia3_l" not in name or p.grad is None:
+            continue
+        key = name.replace("base_model.model.", "").replace(".default", "")
+        grad = max(grad, rel_error(p.grad.float().cpu(), ref[f"ia3.grad.{key}"]))
+    return losses, grad
+
+
 def fixture_errors(fixtures_dir, device):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -126,9 +169,11 @@ def fixture_errors(fixtures_dir, device):
                 "sum_logp": max_rel_error(sums, ref[f"{variant}.sum_logp"]),
                 "scores": max_rel_error(scores, ref[f"{variant}.scores"]),
             }
+            del model
+            if variant == "ia3":
+                e["losses"], e["grad"] = fixture_training_errors(d, ref, ids, mask, tgt, device)
             out[name][variant] = e
             log(f"{name} {variant} bf16 errors: {json.dumps(e)}")
-            del model
     return out
 
 
@@ -195,7 +240,8 @@ T0_3B = dict(vocab_size=32128, d_model=2048, d_ff=5120, d_kv=64, num_heads=32, n
              layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
              is_encoder_decoder=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
-WORKLOADS = {"RANK-3B-B32": (32, 256, 2, 8), "RANK-3B-B1": (1, 256, 2, 8)}
+WORKLOADS = {"RANK-3B-B32": (32, 256, 2, 8), "RANK-3B-B1": (1, 256, 2, 8),
+             "TRAIN-3B": (8, 256, 2, 8), "TRAIN-3B-C4": (8, 256, 4, 8)}
 
 
 def timed(fn, warmups=3, runs=10):
@@ -245,6 +291,7 @@ def cmd_bench(args):
     log(f"model ready in {time.time() - t0:.1f} s")
 
     names = [w for w in args.workloads.split(",") if w]
+    runners = {}
     for name in names:
         B, Le, C, Lc = WORKLOADS[name]
         g = torch.Generator().manual_seed(11)
@@ -252,32 +299,53 @@ def cmd_bench(args):
         ids[:, -1] = 1
         tgt = torch.randint(2, 32128, (B, C, Lc), generator=g)
         tgt[:, :, -1] = 1
+        labels = torch.randint(0, C, (B,), generator=g).cuda()
         ids, tgt = ids.cuda(), tgt.cuda()
         mask = torch.ones_like(ids)
+        training = name.startswith("TRAIN")
 
-        def run(fwd=rank_forward):
+        def run(fwd=rank_forward, ids=ids, mask=mask, tgt=tgt, labels=labels, training=training):
+            if training:  # forward + T-Few losses + backward to the (IA)3 vectors, dropout on (no optimizer)
+                model.train()
+                model.zero_grad(set_to_none=True)
+                logp = fwd(model, ids, mask, tgt)[2]
+                total = tfew_losses(logp, tgt, labels)[3]
+                total.backward()
+                model.eval()
+                return total
             with torch.no_grad():
                 return fwd(model, ids, mask, tgt)[2]
 
-        w = {}
-        torch.cuda.reset_peak_memory_stats()
-        w["eager_ms"], w["eager_runs"] = timed(run)
-        w["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        log(f"{name} eager: {w['eager_ms']:.2f} ms, peak {w['peak_gib']:.1f} GiB")
-        if not args.no_compile:
-            mode = "reduce-overhead" if B == 1 else "default"
-            compiled = torch.compile(rank_forward, mode=mode)
-            t0 = time.time()
-            run(compiled)
-            torch.cuda.synchronize()
-            w["compile_s"] = time.time() - t0
-            w["compile_mode"] = mode
-            w["compiled_ms"], w["compiled_runs"] = timed(lambda: run(compiled))
-            log(f"{name} torch.compile({mode}): {w['compiled_ms']:.2f} ms after {w['compile_s']:.0f} s compiling")
-        result["workloads"][name] = w
-        # write as we go: a time limit must not lose the eager numbers
+        runners[name] = (run, training, B)
+
+    def save():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+
+    # eager first for every workload (a time limit must not lose them), then torch.compile
+    for name in names:
+        run, training, _ = runners[name]
+        w = result["workloads"].setdefault(name, {})
+        torch.cuda.reset_peak_memory_stats()
+        w["eager_ms"], w["eager_runs"] = timed(run, runs=5 if training else 10)
+        w["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        log(f"{name} eager: {w['eager_ms']:.2f} ms, peak {w['peak_gib']:.1f} GiB")
+        save()
+    for name in names:
+        run, training, B = runners[name]
+        if args.no_compile or training:  # compiling the training step takes minutes (baselines.md)
+            continue
+        w = result["workloads"][name]
+        mode = "reduce-overhead" if B == 1 else "default"
+        compiled = torch.compile(rank_forward, mode=mode)
+        t0 = time.time()
+        run(compiled)
+        torch.cuda.synchronize()
+        w["compile_s"] = time.time() - t0
+        w["compile_mode"] = mode
+        w["compiled_ms"], w["compiled_runs"] = timed(lambda: run(compiled))
+        log(f"{name} torch.compile({mode}): {w['compiled_ms']:.2f} ms after {w['compile_s']:.0f} s compiling")
+        save()
     log(f"wrote {args.out}")
 
 
@@ -290,7 +358,7 @@ def main():
     e.add_argument("--out", required=True)
     b = sub.add_parser("bench")
     b.add_argument("--no-compile", action="store_true")
-    b.add_argument("--workloads", default="RANK-3B-B32,RANK-3B-B1")
+    b.add_argument("--workloads", default="RANK-3B-B32,RANK-3B-B1,TRAIN-3B,TRAIN-3B-C4")
     b.add_argument("--out", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():

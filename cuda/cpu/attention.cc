@@ -6,30 +6,10 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "model/relative_position.h"
 
 namespace tfew {
 namespace cpu {
-
-// HF computes the large-distance bucket in float32 (relative_position.float()); we do the same so bucket
-// boundaries agree exactly.
-int relative_position_bucket(int relative_position, bool bidirectional, int num_buckets, int max_distance) {
-  int bucket = 0;
-  int n;
-  if (bidirectional) {
-    num_buckets /= 2;
-    if (relative_position > 0) bucket += num_buckets;
-    n = relative_position < 0 ? -relative_position : relative_position;
-  } else {
-    n = relative_position < 0 ? -relative_position : 0;
-  }
-  int max_exact = num_buckets / 2;
-  if (n < max_exact) return bucket + n;
-  float ratio = std::log(static_cast<float>(n) / static_cast<float>(max_exact)) /
-                static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact));
-  int large = max_exact + static_cast<int>(ratio * static_cast<float>(num_buckets - max_exact));
-  if (large > num_buckets - 1) large = num_buckets - 1;
-  return bucket + large;
-}
 
 void position_bias(const float* table, int heads, int q_len, int k_len, bool bidirectional, int num_buckets,
                    int max_distance, float* bias) {

@@ -41,8 +41,6 @@ void dropout_forward(float* x, int64_t n, float rate, uint64_t seed, uint64_t si
 void dropout_backward(float* dx, int64_t n, float rate, uint64_t seed, uint64_t site);  // in place (same mask)
 
 // ---- attention.cc ----
-// T5 relative-position bucket of (key - query). bidirectional: encoder; else causal decoder.
-int relative_position_bucket(int relative_position, bool bidirectional, int num_buckets, int max_distance);
 // bias[h][i][j] = table[bucket(j - i)][h], table = relative_attention_bias.weight [num_buckets, heads].
 void position_bias(const float* table, int heads, int q_len, int k_len, bool bidirectional, int num_buckets,
                    int max_distance, float* bias);

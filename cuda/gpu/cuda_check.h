@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "core/errors.h"
@@ -65,10 +66,25 @@ inline void check_cublas(cublasStatus_t s, const char* what, const char* file, i
   fail(s == CUBLAS_STATUS_ALLOC_FAILED ? ErrorCode::OutOfMemory : ErrorCode::Cuda, msg);
 }
 
+// TFEW_CUDA_DEBUG_SYNC=1: synchronise after every kernel launch, so an asynchronous fault (an illegal
+// address, say) is reported by the launch that caused it, by name. Slow; turns CUDA graphs off.
+inline bool debug_sync() {
+  static const bool on = [] {
+    const char* v = std::getenv("TFEW_CUDA_DEBUG_SYNC");
+    return v && v[0] && v[0] != '0';
+  }();
+  return on;
+}
+
+inline void check_launch(const char* kernel, const char* file, int line) {
+  check_cuda(cudaGetLastError(), kernel, file, line);
+  if (debug_sync()) check_cuda(cudaDeviceSynchronize(), kernel, file, line);
+}
+
 }  // namespace gpu
 }  // namespace tfew
 
 #define TFEW_CUDA_CHECK(expr) ::tfew::gpu::check_cuda((expr), #expr, __FILE__, __LINE__)
 #define TFEW_CUBLAS_CHECK(expr) ::tfew::gpu::check_cublas((expr), #expr, __FILE__, __LINE__)
 // After a kernel launch: catches bad launch configurations (and earlier asynchronous faults).
-#define TFEW_CUDA_CHECK_LAUNCH(name) ::tfew::gpu::check_cuda(cudaGetLastError(), name, __FILE__, __LINE__)
+#define TFEW_CUDA_CHECK_LAUNCH(name) ::tfew::gpu::check_launch(name, __FILE__, __LINE__)

@@ -38,9 +38,10 @@
 #include "gpu/device_memory.h"
 #include "gpu/device_select.h"
 #include "gpu/gemm.h"
-#include "gpu/relative_position.h"
+#include "model/relative_position.h"
 #include "gpu/weights.h"
 #include "kernels/kernels.cuh"
+#include "cpu/cpu_ops.h"  // tfew_losses: the T-Few losses are defined once, by the CPU backend
 #include "model/engine.h"
 
 namespace tfew {
@@ -50,6 +51,7 @@ namespace {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends on Hopper
 constexpr size_t kMaxCachedGraphs = 32;
+const kernels::DropoutSite kNoDropout{};
 
 bool env_flag(const char* name, bool fallback) {
   const char* v = std::getenv(name);
@@ -86,6 +88,7 @@ struct Plan {
   int32_t* dec_ids = nullptr;
   int32_t* targets = nullptr;
   int32_t* row_example = nullptr;
+  int32_t* row_start = nullptr;  // [B + 1]
   int32_t* adapter_of_example = nullptr;
   int32_t* enc_buckets = nullptr;
   int32_t* dec_buckets = nullptr;
@@ -140,6 +143,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.dec_ids = pl.place<int32_t>(Nd);
   p.targets = pl.place<int32_t>(Nd);
   p.row_example = pl.place<int32_t>(R);
+  p.row_start = pl.place<int32_t>(B + 1);
   p.adapter_of_example = pl.place<int32_t>(B);
   p.enc_buckets = pl.place<int32_t>(2 * Le - 1);
   p.dec_buckets = pl.place<int32_t>(Ld > 0 ? 2 * Ld - 1 : 0);
@@ -174,6 +178,96 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.logits = pl.place<float>(Nd * V);
   p.bytes = align_up(std::max(encoder_end, pl.cursor()), 256);
   return p;
+}
+
+// Training (loss_and_gradients) on top of an inference plan built without the fused attention: what the
+// backward pass needs from the forward (the inputs of every sub-layer and the pre-activations, nothing
+// recomputable by a cheap kernel) and the backward's own buffers.
+template <typename T>
+struct TrainPlan {
+  Plan<T> fwd;  // inputs, the forward's temporaries (h, the scaled q|k|v copy, scores, ctx, ...), logits
+  size_t bytes = 0;
+  // saved forward state, per layer
+  std::vector<float*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
+  std::vector<T*> enc_qkv, enc_ff_pre;       // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
+  float* enc_pre_final = nullptr;
+  std::vector<float*> dec_x_self, dec_x_cross, dec_x_ff;
+  std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
+  float* dec_pre_final = nullptr;
+  float* sublayer_out = nullptr;  // a sub-layer's output before its (dropped-out) residual add [maxN, d]
+  // backward
+  float* dlogp = nullptr;      // [Nd] d loss / d token log-prob (from the host)
+  T* dlogits = nullptr;        // [Nd, V]
+  float* dnormed = nullptr;    // gradient of a norm's output [maxN, d]
+  float* dy_dec = nullptr;     // gradient of the decoder residual stream [Nd, d]
+  float* dx_enc = nullptr;     // ... of the encoder's [Ne, d]
+  T* dout = nullptr;           // a sub-layer output's gradient as GEMM input [maxN, d]
+  float* dscaled = nullptr;    // [maxN, d_ff]
+  T* d_pre = nullptr;          // [maxN, wi_cols]
+  float* g_ff = nullptr;       // per-token l_ff contributions [maxN, d_ff]
+  float* dctx = nullptr;       // [maxN, inner]
+  T* dqkv = nullptr;           // [maxN, 3 inner]
+  float* g_k = nullptr;        // per-token l_k / l_v contributions [maxN, inner]
+  float* g_v = nullptr;
+  float* stats = nullptr;      // softmax statistics per (query, head) [maxN, H, 3]
+  T* dkv_cross = nullptr;      // gradient of every layer's cross k|v [Ne, layers * 2 inner]
+  float* grads = nullptr;      // [num_adapters, layout.total]
+  float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
+};
+
+template <typename T>
+TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, uintptr_t base) {
+  TrainPlan<T> t;
+  t.fwd = make_plan<T>(c, s, false, base);
+  const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
+  const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const size_t Ne = static_cast<size_t>(s.batch) * s.enc_len, Nd = static_cast<size_t>(s.rows) * s.dec_len;
+  const size_t N = std::max(Ne, Nd);
+  const size_t kv_cols = 2 * inner * c.num_decoder_layers;
+  Placer pl(base, t.fwd.bytes);
+  for (int l = 0; l < c.num_layers; ++l) {
+    t.enc_x_attn.push_back(pl.place<float>(Ne * d));
+    t.enc_qkv.push_back(pl.place<T>(Ne * 3 * inner));
+    t.enc_x_ff.push_back(pl.place<float>(Ne * d));
+    t.enc_ff_pre.push_back(pl.place<T>(Ne * wi_cols));
+  }
+  t.enc_pre_final = pl.place<float>(Ne * d);
+  for (int l = 0; l < c.num_decoder_layers; ++l) {
+    t.dec_x_self.push_back(pl.place<float>(Nd * d));
+    t.dec_qkv.push_back(pl.place<T>(Nd * 3 * inner));
+    t.dec_x_cross.push_back(pl.place<float>(Nd * d));
+    t.dec_q_cross.push_back(pl.place<T>(Nd * inner));
+    t.dec_x_ff.push_back(pl.place<float>(Nd * d));
+    t.dec_ff_pre.push_back(pl.place<T>(Nd * wi_cols));
+  }
+  t.dec_pre_final = pl.place<float>(Nd * d);
+  t.sublayer_out = pl.place<float>(N * d);
+  t.dlogp = pl.place<float>(Nd);
+  t.dlogits = pl.place<T>(Nd * V);
+  t.dnormed = pl.place<float>(N * d);
+  t.dy_dec = pl.place<float>(Nd * d);
+  t.dx_enc = pl.place<float>(Ne * d);
+  t.dout = pl.place<T>(N * d);
+  t.dscaled = pl.place<float>(N * ff);
+  t.d_pre = pl.place<T>(N * wi_cols);
+  t.g_ff = pl.place<float>(N * ff);
+  t.dctx = pl.place<float>(N * inner);
+  t.dqkv = pl.place<T>(N * 3 * inner);
+  t.g_k = pl.place<float>(N * inner);
+  t.g_v = pl.place<float>(N * inner);
+  t.stats = pl.place<float>(N * H * 3);
+  t.dkv_cross = pl.place<T>(Ne * kv_cols);
+  t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
+  t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
+  t.bytes = align_up(pl.cursor(), 256);
+  return t;
+}
+
+// Dropout sites, numbered exactly as the CPU backend numbers them (cpu/t5_cpu.cc), so both drop the same
+// elements for the same seed.
+enum DropSite : uint64_t { kEmbed = 1, kSelfProbs, kSelfOut, kCrossProbs, kCrossOut, kFfHidden, kFfOut, kFinal };
+inline uint64_t drop_site_id(int stack, int layer, DropSite s) {
+  return (static_cast<uint64_t>(stack) * 4096 + layer) * 16 + s;
 }
 
 // Optional timing (TFEW_CUDA_PROFILE=<file>): CUDA events around the whole forward, and with
@@ -298,8 +392,11 @@ class CudaEngine final : public Engine {
       // TFEW_CUDA_FUSED_ATTENTION=0 selects the cuBLAS path in bf16 too (for comparisons).
       fused_attention_ = std::is_same<T, __nv_bfloat16>::value && kernels::fused_encoder_attention_supported(config_.d_kv) &&
                          env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
-      graphs_enabled_ = env_flag("TFEW_CUDA_GRAPHS", true) && !profiler_.detail();
-      if (!graphs_enabled_) graph_note_ = profiler_.detail() ? "off (detail profiling)" : "off (TFEW_CUDA_GRAPHS=0)";
+      graphs_enabled_ = env_flag("TFEW_CUDA_GRAPHS", true) && !profiler_.detail() && !debug_sync();
+      if (!graphs_enabled_)
+        graph_note_ = profiler_.detail() ? "off (detail profiling)"
+                      : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
+                                         : "off (TFEW_CUDA_GRAPHS=0)";
     } catch (...) {
       release_unlocked();
       throw;
@@ -335,8 +432,16 @@ class CudaEngine final : public Engine {
     }
   }
 
-  LossOutput loss_and_gradients(const Batch&, const AdapterSet&, const LossOptions&) override {
-    fail(ErrorCode::Internal, "training on CUDA is not implemented yet: load the model with device 'cpu' to train");
+  LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_usable();
+    TFEW_CUDA_CHECK(cudaSetDevice(device_));
+    try {
+      return train_unlocked(batch, adapters, options);
+    } catch (...) {
+      after_failure();
+      throw;
+    }
   }
 
   void merge_adapter(const float* vectors) override {
@@ -429,7 +534,8 @@ class CudaEngine final : public Engine {
   }
 
   // Writes the input block of `plan` into pinned memory, at the same offsets it has in the arena.
-  void pack_inputs(const Batch& b, const Plan<T>& plan) {
+  // pointer_arrays: the plan uses the batched-GEMM encoder attention (not the fused kernel).
+  void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays) {
     const size_t bytes = plan.inputs_end - plan.inputs_begin;
     staging_in_.reserve(bytes);
     char* host = staging_in_.get();
@@ -437,7 +543,7 @@ class CudaEngine final : public Engine {
     auto host_ptr = [&](const void* device_ptr) {
       return host + (reinterpret_cast<uintptr_t>(device_ptr) - arena - plan.inputs_begin);
     };
-    const int B = b.batch_size, Le = b.enc_len, R = b.num_rows, Ld = b.dec_len, H = config_.num_heads;
+    const int B = b.batch_size, Le = b.enc_len, R = b.num_rows, Ld = plan.shape.dec_len, H = config_.num_heads;
     const int64_t inner = config_.inner_dim(), dkv = config_.d_kv;
 
     // batched attention GEMM operands of (example, head) bh = b * H + h
@@ -447,7 +553,7 @@ class CudaEngine final : public Engine {
     auto pv_v = reinterpret_cast<const void**>(host_ptr(plan.pv_v));
     auto pv_p = reinterpret_cast<const void**>(host_ptr(plan.pv_p));
     auto pv_c = reinterpret_cast<void**>(host_ptr(plan.pv_c));
-    for (int e = 0; e < B && !fused_attention_; ++e) {
+    for (int e = 0; e < B && pointer_arrays; ++e) {
       for (int h = 0; h < H; ++h) {
         const size_t bh = static_cast<size_t>(e) * H + h;
         const T* qkv_rows = plan.qkv_enc + static_cast<int64_t>(e) * Le * 3 * inner + h * dkv;
@@ -472,6 +578,7 @@ class CudaEngine final : public Engine {
     int32_t* row_example = reinterpret_cast<int32_t*>(host_ptr(plan.row_example));
     for (int e = 0; e < B; ++e)
       for (int r = b.row_start[e]; r < b.row_start[e + 1]; ++r) row_example[r] = e;
+    std::memcpy(host_ptr(plan.row_start), b.row_start.data(), (B + 1) * sizeof(int32_t));
     int32_t* adapter_of = reinterpret_cast<int32_t*>(host_ptr(plan.adapter_of_example));
     for (int e = 0; e < B; ++e) adapter_of[e] = b.adapter_of_example.empty() ? -1 : b.adapter_of_example[e];
     const auto& eb = buckets(Le, true);
@@ -627,7 +734,10 @@ class CudaEngine final : public Engine {
           kernels::ia3_scale_kv<T>(p.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
         }
         { Span span(prof, "gemm_attention", s); gemm_.attention_scores<T>(p.qk_k, p.qk_q, p.qk_s, 3 * inner, Le, dkv, B * H); }
-        { Span span(prof, "softmax", s); kernels::encoder_softmax<T>(p.scores, p.enc_bias, p.enc_lengths, B, H, Le, p.probs, s); }
+        {
+          Span span(prof, "softmax", s);
+          kernels::encoder_softmax<T>(p.scores, p.enc_bias, p.enc_lengths, B, H, Le, kNoDropout, p.probs, s);
+        }
         {
           Span span(prof, "gemm_attention", s);
           gemm_.attention_context<T>(p.pv_v, p.pv_p, p.pv_c, 3 * inner, inner, Le, dkv, B * H);
@@ -638,7 +748,7 @@ class CudaEngine final : public Engine {
       { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.wi, d, p.ff_enc, wi_cols, Ne, wi_cols, d, 0.f); }
       {
         Span span(prof, "ffn_act", s);
-        kernels::ffn_activation<T>(p.ff_enc, Ne, ff, c.gated_gelu, enc_ix, ia3.ff, p.act_enc, s);
+        kernels::ffn_activation<T>(p.ff_enc, Ne, ff, c.gated_gelu, enc_ix, ia3.ff, kNoDropout, p.act_enc, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_enc, ff, L.wo, ff, p.x_enc, d, Ne, d, ff, 1.f); }
     }
@@ -670,7 +780,7 @@ class CudaEngine final : public Engine {
       {
         Span span(prof, "decoder_attention", s);
         kernels::decoder_self_attention<T>(p.qkv_dec, 3 * inner, inner, dkv, H, R, Ld, p.dec_bias, p.row_example,
-                                           dec_ix, ia3.self_k, ia3.self_v, p.ctx_dec, inner, s);
+                                           dec_ix, ia3.self_k, ia3.self_v, kNoDropout, p.ctx_dec, inner, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o, inner, p.x_dec, d, Nd, d, inner, 1.f); }
       // cross-attention: this layer's slice of the shared keys/values
@@ -680,7 +790,7 @@ class CudaEngine final : public Engine {
         Span span(prof, "decoder_attention", s);
         kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols, inner,
                                     dkv, H, R, Ld, p.row_example, p.enc_lengths, Le, dec_ix, ia3.cross_k, ia3.cross_v,
-                                    p.ctx_dec, inner, s);
+                                    kNoDropout, p.ctx_dec, inner, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o_cross, inner, p.x_dec, d, Nd, d, inner, 1.f); }
       // feed-forward
@@ -688,7 +798,7 @@ class CudaEngine final : public Engine {
       { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.wi, d, p.ff_dec, wi_cols, Nd, wi_cols, d, 0.f); }
       {
         Span span(prof, "ffn_act", s);
-        kernels::ffn_activation<T>(p.ff_dec, Nd, ff, c.gated_gelu, dec_ix, ia3.ff, p.act_dec, s);
+        kernels::ffn_activation<T>(p.ff_dec, Nd, ff, c.gated_gelu, dec_ix, ia3.ff, kNoDropout, p.act_dec, s);
       }
       { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_dec, ff, L.wo, ff, p.x_dec, d, Nd, d, ff, 1.f); }
     }
@@ -718,7 +828,7 @@ class CudaEngine final : public Engine {
     if (shape.adapters) upload_adapters(adapters);
     ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes);
     const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
-    pack_inputs(b, plan);
+    pack_inputs(b, plan, !fused_attention_);
 
     profiler_.begin_call(stream_);
     TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + plan.inputs_begin, staging_in_.get(),
@@ -748,6 +858,299 @@ class CudaEngine final : public Engine {
                           reinterpret_cast<const float*>(staging_out_.get()) + Nd);
     profiler_.report(shape, probe_.device_name, precision_name(), graphed);
     return out;
+  }
+
+  // ---- training: forward with saved activations, T-Few losses, backward to the (IA)3 vectors
+
+  LossOutput train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options) {
+    validate(b, adapters);
+    TFEW_CHECK_ARG(b.num_rows > 0, "training needs answer choices");
+    TFEW_CHECK_ARG(static_cast<int>(b.labels.size()) == b.batch_size, "labels are needed, one per example");
+    for (int i = 0; i < b.batch_size; ++i) {
+      const int n_choices = b.row_start[i + 1] - b.row_start[i];
+      TFEW_CHECK_ARG(n_choices > 0, "every example needs at least one answer choice");
+      TFEW_CHECK_ARG(b.labels[i] >= 0 && b.labels[i] < n_choices,
+                     "label " + std::to_string(b.labels[i]) + " of example " + std::to_string(i) +
+                         " is not one of its choices");
+      TFEW_CHECK_ARG(b.enc_lengths[i] >= 1, "every input needs at least one token");
+    }
+    Shape shape;
+    shape.batch = b.batch_size;
+    shape.enc_len = b.enc_len;
+    shape.rows = b.num_rows;
+    shape.dec_len = b.dec_len;
+    shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
+    const int n_adapters = static_cast<int>(adapters.vectors.size());
+    if (shape.adapters) upload_adapters(adapters);
+    ensure_arena(make_train_plan<T>(config_, shape, n_adapters, 0).bytes);
+    const TrainPlan<T> tp = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
+    const Plan<T>& f = tp.fwd;
+    pack_inputs(b, f, true);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
+                                    cudaMemcpyHostToDevice, stream_));
+
+    kernels::DropoutSite drop;
+    drop.rate = options.dropout ? config_.dropout_rate : 0.f;
+    drop.seed = options.dropout ? options.seed : 0;
+    enqueue_train_forward(tp, drop);
+
+    const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
+    LossOutput out;
+    out.token_logp.resize(Nd);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), f.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
+                                    stream_));
+    TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+
+    // The losses are a few scalars over R * dec_len log-probs: the CPU backend's own function computes them
+    // (and d loss / d log-prob), so both backends share one definition.
+    cpu::TFewLossInput li{out.token_logp.data(), b.choice_ids.data(), b.num_rows, b.dec_len, config_.pad_token_id,
+                          b.row_start.data(), b.labels.data(), b.batch_size, options.lm_weight, options.ul_weight,
+                          options.ln_weight};
+    cpu::TFewLossOutput lo = cpu::tfew_losses(li);
+    out.lm_loss = lo.lm;
+    out.ul_loss = lo.ul;
+    out.ln_loss = lo.ln;
+    out.total_loss = lo.total;
+    out.gradients.assign(static_cast<size_t>(n_adapters) * layout_.total, 0.f);
+    if (!shape.adapters) return out;  // no example uses an adapter: every gradient is zero
+
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(tp.dlogp, lo.dtoken_logp.data(), Nd * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, out.gradients.size() * sizeof(float), stream_));
+    enqueue_backward(tp, drop, n_adapters);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), tp.grads, out.gradients.size() * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+    TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return out;
+  }
+
+  static kernels::DropoutSite at_site(const kernels::DropoutSite& d, int stack, int layer, DropSite site) {
+    kernels::DropoutSite s = d;
+    s.site = drop_site_id(stack, layer, site);
+    return s;
+  }
+
+  // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
+  // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
+  void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop) {
+    const T5Config& c = config_;
+    const Plan<T>& f = t.fwd;
+    cudaStream_t s = stream_;
+    const int d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
+    const int wi_cols = c.gated_gelu ? 2 * ff : ff;
+    const int B = f.shape.batch, Le = f.shape.enc_len, R = f.shape.rows, Ld = f.shape.dec_len;
+    const int Ne = B * Le, Nd = R * Ld, Lenc = c.num_layers, Ldec = c.num_decoder_layers;
+    const int kv_cols = 2 * inner * Ldec;
+    const float eps = c.layer_norm_eps;
+    const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
+
+    // encoder
+    kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
+    float* x0 = Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final;
+    kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x0, s);
+    kernels::dropout_inplace<float>(x0, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
+    for (int l = 0; l < Lenc; ++l) {
+      const EncoderLayerWeights<T>& L = weights_.encoder[l];
+      const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+      kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+      gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
+      TFEW_CUDA_CHECK(cudaMemcpyAsync(f.qkv_enc, t.enc_qkv[l], sizeof(T) * Ne * 3 * inner, cudaMemcpyDeviceToDevice, s));
+      kernels::ia3_scale_kv<T>(f.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
+      gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
+      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
+                                  f.probs, s);
+      gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
+      gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
+      kernels::residual_add(t.enc_x_attn[l], t.sublayer_out, static_cast<int64_t>(Ne) * d,
+                            at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], s);
+      kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+      gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
+      kernels::ffn_activation<T>(t.enc_ff_pre[l], Ne, ff, c.gated_gelu, enc_ix, ia3.ff, at_site(drop, 0, l, kFfHidden),
+                                 f.act_enc, s);
+      gemm_.linear<T, float>(f.act_enc, ff, L.wo, ff, t.sublayer_out, d, Ne, d, ff, 0.f);
+      float* next = l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final;
+      kernels::residual_add(t.enc_x_ff[l], t.sublayer_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kFfOut),
+                            next, s);
+    }
+    kernels::rmsnorm_forward<T>(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
+    kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+
+    // decoder
+    gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
+    kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
+    float* y0 = Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final;
+    kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y0, s);
+    kernels::dropout_inplace<float>(y0, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
+    for (int l = 0; l < Ldec; ++l) {
+      const DecoderLayerWeights<T>& L = weights_.decoder[l];
+      const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
+      kernels::rmsnorm_forward<T>(t.dec_x_self[l], L.ln_self, Nd, d, eps, 1.f, f.h_dec, s);
+      gemm_.linear<T, T>(f.h_dec, d, L.qkv, d, t.dec_qkv[l], 3 * inner, Nd, 3 * inner, d, 0.f);
+      kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
+                                         dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
+                                         inner, s);
+      gemm_.linear<T, float>(f.ctx_dec, inner, L.o, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
+      kernels::residual_add(t.dec_x_self[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
+                            at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l], s);
+      kernels::rmsnorm_forward<T>(t.dec_x_cross[l], L.ln_cross, Nd, d, eps, 1.f, f.h_dec, s);
+      gemm_.linear<T, T>(f.h_dec, d, L.q_cross, d, t.dec_q_cross[l], inner, Nd, inner, d, 0.f);
+      kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
+                                  inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
+                                  ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
+      gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
+      kernels::residual_add(t.dec_x_cross[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
+                            at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], s);
+      kernels::rmsnorm_forward<T>(t.dec_x_ff[l], L.ln_ff, Nd, d, eps, 1.f, f.h_dec, s);
+      gemm_.linear<T, T>(f.h_dec, d, L.wi, d, t.dec_ff_pre[l], wi_cols, Nd, wi_cols, d, 0.f);
+      kernels::ffn_activation<T>(t.dec_ff_pre[l], Nd, ff, c.gated_gelu, dec_ix, ia3.ff, at_site(drop, 1, l, kFfHidden),
+                                 f.act_dec, s);
+      gemm_.linear<T, float>(f.act_dec, ff, L.wo, ff, t.sublayer_out, d, Nd, d, ff, 0.f);
+      float* next = l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final;
+      kernels::residual_add(t.dec_x_ff[l], t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kFfOut),
+                            next, s);
+    }
+    const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+    kernels::rmsnorm_forward<T>(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
+    kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+    gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
+    kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
+  }
+
+  // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
+  // gradient; l_ff's gradient is accumulated into t.grads.
+  void ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi, const T* wo,
+                    const T* pre, int n, const kernels::AdapterIndex& ix, int64_t ff_offset, bool decoder,
+                    int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden) {
+    const T5Config& c = config_;
+    const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
+    kernels::dropout_cast<T>(dy, static_cast<int64_t>(n) * d, drop_out, t.dout, stream_);
+    gemm_.linear_backward<T, float>(t.dout, d, wo, ff, t.dscaled, ff, n, d, ff, 1.f, 0.f);
+    kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre, t.g_ff, stream_);
+    reduce_ia3(t, t.g_ff, ff, decoder, n_adapters, ff_offset);
+    gemm_.linear_backward<T, float>(t.d_pre, wi_cols, wi, d, t.dnormed, d, n, wi_cols, d, 1.f, 0.f);
+    kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_);
+  }
+
+  void reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters, int64_t offset) {
+    const Plan<T>& f = t.fwd;
+    kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : f.shape.enc_len,
+                             decoder ? f.row_start : nullptr, f.adapter_of_example, n_adapters, t.partial, t.grads,
+                             layout_.total, offset, stream_);
+  }
+
+  void enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters) {
+    const T5Config& c = config_;
+    const Plan<T>& f = t.fwd;
+    cudaStream_t s = stream_;
+    const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
+    const int B = f.shape.batch, Le = f.shape.enc_len, R = f.shape.rows, Ld = f.shape.dec_len;
+    const int Ne = B * Le, Nd = R * Ld, Lenc = c.num_layers, Ldec = c.num_decoder_layers;
+    const int kv_cols = 2 * inner * Ldec;
+    const float eps = c.layer_norm_eps;
+    const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
+
+    // head and final decoder norm
+    kernels::token_logprobs_backward<T>(f.logits, Nd, V, f.targets, c.pad_token_id, t.dlogp, t.dlogits, s);
+    const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+    gemm_.linear_backward<T, float>(t.dlogits, V, weights_.lm_head, d, t.dnormed, d, Nd, V, d, head_scale, 0.f);
+    kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s);
+
+    kernels::AttentionGeometry self_g;
+    self_g.kind = kernels::AttentionKind::DecoderSelf;
+    self_g.heads = H;
+    self_g.d_kv = dkv;
+    self_g.n_seq = R;
+    self_g.n_examples = B;
+    self_g.q_len = Ld;
+    self_g.k_len = Ld;
+    self_g.bias_table = f.dec_bias;
+    self_g.row_example = f.row_example;
+    kernels::AttentionGeometry cross_g = self_g;
+    cross_g.kind = kernels::AttentionKind::Cross;
+    cross_g.k_len = Le;
+    cross_g.bias_table = nullptr;
+    cross_g.key_lengths = f.enc_lengths;
+    cross_g.row_start = f.row_start;
+
+    for (int l = Ldec - 1; l >= 0; --l) {
+      const DecoderLayerWeights<T>& L = weights_.decoder[l];
+      const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
+      ffn_backward(t, t.dy_dec, t.dec_x_ff[l], L.ln_ff, L.wi, L.wo, t.dec_ff_pre[l], Nd, dec_ix, ia3.ff, true,
+                   n_adapters, at_site(drop, 1, l, kFfOut), at_site(drop, 1, l, kFfHidden));
+
+      // cross-attention: q from this layer, k|v from the encoder output (their gradient is kept per layer
+      // and sent into the encoder by one GEMM after the loop)
+      kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut), t.dout, s);
+      gemm_.linear_backward<T, float>(t.dout, d, L.o_cross, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
+      cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
+      const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
+      kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
+                                           ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
+      T* dkv = t.dkv_cross + static_cast<int64_t>(l) * 2 * inner;
+      kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
+                                         ia3.cross_k, ia3.cross_v, t.stats, dkv, dkv + inner, kv_cols, s);
+      reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.cross_k);
+      reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.cross_v);
+      gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
+      kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s);
+
+      // causal self-attention
+      kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kSelfOut), t.dout, s);
+      gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
+      self_g.dropout = at_site(drop, 1, l, kSelfProbs);
+      const T* qkv = t.dec_qkv[l];
+      kernels::attention_backward_query<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                           dec_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
+      kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                         dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
+                                         3 * inner, s);
+      reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.self_k);
+      reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.self_v);
+      gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Nd, 3 * inner, d, 1.f, 0.f);
+      kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s);
+    }
+    // (the decoder embedding is frozen: the decoder's gradient stops here)
+
+    // encoder output: the gradients of every layer's cross k|v, in one GEMM
+    if (Ldec > 0) {
+      gemm_.linear_backward<T, float>(t.dkv_cross, kv_cols, weights_.dec_kv_cross, d, t.dnormed, d, Ne, kv_cols, d, 1.f,
+                                      0.f);
+    } else {
+      TFEW_CUDA_CHECK(cudaMemsetAsync(t.dnormed, 0, sizeof(float) * Ne * d, s));
+    }
+    kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+    kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s);
+
+    kernels::AttentionGeometry enc_g;
+    enc_g.kind = kernels::AttentionKind::EncoderSelf;
+    enc_g.heads = H;
+    enc_g.d_kv = dkv;
+    enc_g.n_seq = B;
+    enc_g.n_examples = B;
+    enc_g.q_len = Le;
+    enc_g.k_len = Le;
+    enc_g.bias_table = f.enc_bias;
+    enc_g.key_lengths = f.enc_lengths;
+    enc_g.keys_prescaled = true;  // the training forward's encoder attention scaled K (and V) in a copy
+    for (int l = Lenc - 1; l >= 0; --l) {
+      const EncoderLayerWeights<T>& L = weights_.encoder[l];
+      const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+      ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
+                   n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
+      kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
+      gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
+      enc_g.dropout = at_site(drop, 0, l, kSelfProbs);
+      const T* qkv = t.enc_qkv[l];
+      kernels::attention_backward_query<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                           enc_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
+      kernels::attention_backward_key<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                         enc_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
+                                         3 * inner, s);
+      reduce_ia3(t, t.g_k, inner, false, n_adapters, ia3.self_k);
+      reduce_ia3(t, t.g_v, inner, false, n_adapters, ia3.self_v);
+      gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
+      kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
+    }
   }
 
   void merge_unlocked(const float* vectors) {

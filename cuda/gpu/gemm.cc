@@ -40,6 +40,19 @@ void Gemm::linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy
     check_cublas(s, ("cublasGemmEx " + shape_text("linear", N, M, K)).c_str(), __FILE__, __LINE__);
 }
 
+template <typename TIn, typename TOut>
+void Gemm::linear_backward(const TIn* dy, int ldy, const TIn* w, int ldw, TOut* dx, int ldx, int M, int N, int K,
+                           float alpha, float beta) {
+  if (M <= 0 || K <= 0) return;
+  // Column-major view: C (K x M, ld ldx) = W^T stored as (K x N, ld ldw) * dy^T (N x M, ld ldy), both as is.
+  const cublasStatus_t s =
+      api_->gemm_ex(handle_, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &alpha, w, cuda_data_type<TIn>(), ldw, dy,
+                    cuda_data_type<TIn>(), ldy, &beta, dx, cuda_data_type<TOut>(), ldx, CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT);
+  if (s != CUBLAS_STATUS_SUCCESS)
+    check_cublas(s, ("cublasGemmEx " + shape_text("linear backward", K, M, N)).c_str(), __FILE__, __LINE__);
+}
+
 template <typename T>
 void Gemm::attention_scores(const void* const* k_ptrs, const void* const* q_ptrs, void* const* s_ptrs, int ld_qk,
                             int len, int d_kv, int batch) {
@@ -74,6 +87,10 @@ template void Gemm::linear<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, i
                                                          __nv_bfloat16*, int, int, int, int, float);
 template void Gemm::linear<__nv_bfloat16, float>(const __nv_bfloat16*, int, const __nv_bfloat16*, int, float*, int,
                                                  int, int, int, float);
+template void Gemm::linear_backward<float, float>(const float*, int, const float*, int, float*, int, int, int, int,
+                                                  float, float);
+template void Gemm::linear_backward<__nv_bfloat16, float>(const __nv_bfloat16*, int, const __nv_bfloat16*, int,
+                                                          float*, int, int, int, int, float, float);
 template void Gemm::attention_scores<float>(const void* const*, const void* const*, void* const*, int, int, int, int);
 template void Gemm::attention_scores<__nv_bfloat16>(const void* const*, const void* const*, void* const*, int, int,
                                                     int, int);

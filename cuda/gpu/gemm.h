@@ -34,6 +34,11 @@ class Gemm {
   template <typename TIn, typename TOut>
   void linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy, int M, int N, int K, float beta);
 
+  // The input gradient of a linear layer (training): dx[M, K] = alpha * dy[M, N] * W[N, K] + beta * dx.
+  template <typename TIn, typename TOut>
+  void linear_backward(const TIn* dy, int ldy, const TIn* w, int ldw, TOut* dx, int ldx, int M, int N, int K,
+                       float alpha, float beta);
+
   // Encoder attention, batched over (example, head) with device arrays of pointers (the heads of one
   // example are interleaved in a row, so no single stride describes the batch).
   // scores[bh] (L x L, row-major, query rows) = Q[bh] K[bh]^T; Q/K rows have stride ld_qk.

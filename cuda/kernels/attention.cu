@@ -15,6 +15,7 @@
 // example): no pass over K/V at all, and a mixed-task batch costs nothing extra. The unfused encoder path
 // (fp32 mode) scales K/V in place with ia3_scale_kv.
 #include "kernels/device_common.cuh"
+#include "kernels/dropout.cuh"
 
 namespace tfew {
 namespace kernels {
@@ -38,16 +39,15 @@ __global__ void relative_bias_table_kernel(const float* __restrict__ rel_emb, co
 // (IA)3 k/v scaling
 
 template <typename T>
-__global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int v_col, int width, int64_t n,
+__global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int v_col, int width, int n_tokens,
                                     AdapterIndex index, int64_t k_offset, int64_t v_offset) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / width;
-    const int c = static_cast<int>(i % width);
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {  // grid.y strides past 65535 tokens
     const int a = adapter_of_token(index, t);
     if (a < 0) continue;
     const float* l = index.adapters + a * index.adapter_stride;
-    T* row = buf + t * ld;
+    T* row = buf + static_cast<int64_t>(t) * ld;
     row[k_col + c] = from_f32<T>(to_f32(row[k_col + c]) * l[k_offset + c]);
     row[v_col + c] = from_f32<T>(to_f32(row[v_col + c]) * l[v_offset + c]);
   }
@@ -59,7 +59,7 @@ __global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int 
 template <typename T>
 __global__ void encoder_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
                                        const int32_t* __restrict__ lengths, int heads, int len, int64_t n_rows,
-                                       T* __restrict__ probs) {
+                                       DropoutSite dropout, T* __restrict__ probs) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (row >= n_rows) return;  // whole warps exit together: no block-level synchronisation below
@@ -81,7 +81,8 @@ __global__ void encoder_softmax_kernel(const float* __restrict__ scores, const f
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int j = lane; j < len; j += 32) {
     const float v = j < n_keys ? expf(s[j] + brow[j] - m) * inv : 0.f;
-    p[j] = from_f32<T>(v);
+    // dropout index = position in the [B, H, L, L] probabilities, as the CPU backend counts it
+    p[j] = from_f32<T>(v * dropout_scale(dropout, static_cast<uint64_t>(row) * len + j));
   }
 }
 
@@ -107,6 +108,30 @@ __device__ __forceinline__ float dot_row(const float* q, const T* __restrict__ r
   return s;
 }
 
+// q . round(scale * row): the scores of the batched-GEMM encoder path, whose keys were scaled by l_k and
+// rounded to T before the GEMM (training recomputes exactly those scores).
+template <typename T>
+__device__ __forceinline__ float dot_row_prescaled(const float* q, const T* __restrict__ row, const float* scale,
+                                                   int d_kv) {
+  float s = 0.f;
+  constexpr int kVec = 16 / sizeof(T);
+  if ((d_kv % kVec) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+    for (int v = 0; v < d_kv / kVec; ++v) {
+      uint4 packed = __ldg(r4 + v);
+      const T* e = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int d = v * kVec + u;
+        s += q[d] * to_f32(from_f32<T>(to_f32(e[u]) * scale[d]));
+      }
+    }
+  } else {
+    for (int d = 0; d < d_kv; ++d) s += q[d] * to_f32(from_f32<T>(to_f32(row[d]) * scale[d]));
+  }
+  return s;
+}
+
 constexpr int kSmallAttnWarps = 8;  // queries per block: neighbouring tokens share keys in L1
 
 // DPL = dimensions per lane = ceil(d_kv / 32). Self mode (bias_table != nullptr): keys are positions
@@ -117,7 +142,7 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
                                        int n_queries, int d_kv, int dec_len, const float* __restrict__ bias_table,
                                        const int32_t* __restrict__ row_example,
                                        const int32_t* __restrict__ enc_lengths, int enc_len, AdapterIndex index,
-                                       int64_t k_offset, int64_t v_offset) {
+                                       int64_t k_offset, int64_t v_offset, DropoutSite dropout) {
   extern __shared__ float q_smem[];  // [kSmallAttnWarps][d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kSmallAttnWarps + warp;
@@ -155,6 +180,9 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
     key_base = static_cast<int64_t>(b) * enc_len;
   }
 
+  // dropout index base: position of (row r, head h, query i) in the CPU's [R, H, dec_len, k_len] probabilities
+  const int k_len = bias_table ? dec_len : enc_len;
+  const uint64_t drop_base = ((static_cast<uint64_t>(r) * gridDim.y + h) * dec_len + i) * k_len;
   float m = -INFINITY, l = 0.f;
   float acc[DPL];
 #pragma unroll
@@ -170,12 +198,13 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
     const float m_new = fmaxf(m, warp_max(s));  // finite: key j0 is always valid
     const float p = j < n_keys ? expf(s - m_new) : 0.f;
     const float rescale = expf(m - m_new);  // 0 on the first tile (m = -inf)
-    l = l * rescale + warp_sum(p);
+    l = l * rescale + warp_sum(p);  // the normaliser counts dropped keys too (dropout follows the softmax)
+    const float pd = j < n_keys ? p * dropout_scale(dropout, drop_base + j) : 0.f;
 #pragma unroll
     for (int u = 0; u < DPL; ++u) acc[u] *= rescale;
     const int tile = min(32, n_keys - j0);
     for (int jj = 0; jj < tile; ++jj) {
-      const float pj = __shfl_sync(kFullMask, p, jj);
+      const float pj = __shfl_sync(kFullMask, pd, jj);
       const T* vrow = v + (key_base + j0 + jj) * kv_ld + head_col;
 #pragma unroll
       for (int u = 0; u < DPL; ++u) {
@@ -199,7 +228,8 @@ template <typename T>
 void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv_ld, T* out, int out_ld,
                             int n_queries, int heads, int d_kv, int dec_len, const float* bias_table,
                             const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
-                            const AdapterIndex& index, int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
+                            const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
+                            cudaStream_t stream) {
   if (n_queries <= 0) return;
   if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit of " + std::to_string(kMaxDKv));
   const dim3 grid((n_queries + kSmallAttnWarps - 1) / kSmallAttnWarps, heads);
@@ -209,13 +239,305 @@ void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv
   small_attention_kernel<T, DPL><<<grid, block, smem, stream>>>(q, q_ld, k, v, kv_ld, out, out_ld,       \
                                                                 n_queries, d_kv, dec_len, bias_table,    \
                                                                 row_example, enc_lengths, enc_len, index, \
-                                                                k_offset, v_offset)
+                                                                k_offset, v_offset, dropout)
   if (d_kv <= 32) TFEW_SMALL_ATTN(1);
   else if (d_kv <= 64) TFEW_SMALL_ATTN(2);
   else if (d_kv <= 128) TFEW_SMALL_ATTN(4);
   else TFEW_SMALL_ATTN(8);
 #undef TFEW_SMALL_ATTN
   TFEW_CUDA_CHECK_LAUNCH("small_attention_kernel");
+}
+
+// --------------------------------------------------------------------------------------------------------
+// attention backward (training)
+//
+// Notation for one query i (row of sequence `seq`) and head h: q~ = l_k * q, s_j = q~ . k_j (+ bias), p = softmax
+// over the visible keys, p'_j = p_j * drop_j, o~ = sum_j p'_j v_j, output = l_v * o~. With g = dL/d output and
+// g~ = l_v * g: dp_j = drop_j (g~ . v_j), D = sum_j p_j dp_j, ds_j = p_j (dp_j - D). Then
+//   dq = l_k * sum_j ds_j k_j               (pass 1, query-major)       dl_k += q * (sum_j ds_j k_j)
+//   dk_j = l_k * sum_i ds_ij q_i            (pass 2, key-major)         dl_v += g * o~
+//   dv_j = l_v * sum_i p'_ij g_i
+// which equals the CPU backend's dK/dV chain through the scaled k and v.
+
+// Where one query's keys are, its example, and where its dropout indices start.
+struct QueryView {
+  int64_t key_base;  // token index of key 0
+  int n_keys;
+  int example;
+  const float* bias_row;  // bias of key j at bias_row[j], or null
+  uint64_t drop_base;
+};
+
+__device__ __forceinline__ QueryView query_view(const AttentionGeometry& g, int t, int h) {
+  QueryView v;
+  const int seq = t / g.q_len, i = t % g.q_len;
+  switch (g.kind) {
+    case AttentionKind::EncoderSelf:
+      v.example = seq;
+      v.key_base = static_cast<int64_t>(seq) * g.k_len;
+      v.n_keys = min(max(g.key_lengths[seq], 0), g.k_len);
+      break;
+    case AttentionKind::DecoderSelf:
+      v.example = g.row_example[seq];
+      v.key_base = static_cast<int64_t>(seq) * g.k_len;
+      v.n_keys = i + 1;
+      break;
+    default:  // Cross
+      v.example = g.row_example[seq];
+      v.key_base = static_cast<int64_t>(v.example) * g.k_len;
+      v.n_keys = min(max(g.key_lengths[v.example], 0), g.k_len);
+      break;
+  }
+  v.bias_row = g.bias_table ? g.bias_table + static_cast<int64_t>(h) * (2 * g.q_len - 1) + (g.q_len - 1 - i) : nullptr;
+  v.drop_base = ((static_cast<uint64_t>(seq) * g.heads + h) * g.q_len + i) * g.k_len;
+  return v;
+}
+
+__device__ __forceinline__ void adapter_vectors(const AdapterIndex& index, int example, int64_t head_col,
+                                                int64_t k_offset, int64_t v_offset, const float** l_k,
+                                                const float** l_v) {
+  *l_k = nullptr;
+  *l_v = nullptr;
+  if (index.adapters == nullptr || index.adapter_of_example == nullptr) return;
+  const int a = index.adapter_of_example[example];
+  if (a < 0) return;
+  const float* l = index.adapters + a * index.adapter_stride;
+  *l_k = l + k_offset + head_col;
+  *l_v = l + v_offset + head_col;
+}
+
+constexpr int kBackWarps = 8;
+
+template <typename T, int DPL>
+__global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __restrict__ q, int q_ld,
+                                                const T* __restrict__ k, const T* __restrict__ v, int kv_ld,
+                                                const float* __restrict__ dout, AdapterIndex index, int64_t k_offset,
+                                                int64_t v_offset, int n_queries, T* __restrict__ dq, int dq_ld,
+                                                float* __restrict__ g_k, float* __restrict__ g_v,
+                                                float* __restrict__ stats) {
+  extern __shared__ float smem[];  // per warp: q~ [d_kv], g~ [d_kv], l_k [d_kv]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.x * kBackWarps + warp;
+  const int h = blockIdx.y;
+  if (t >= n_queries) return;  // warp-uniform
+  const int d_kv = g.d_kv, inner = g.heads * g.d_kv;
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const QueryView qv = query_view(g, t, h);
+  const float *l_k, *l_v;
+  adapter_vectors(index, qv.example, head_col, k_offset, v_offset, &l_k, &l_v);
+
+  float* qs = smem + warp * 3 * d_kv;
+  float* gs = qs + d_kv;
+  float* ls = gs + d_kv;
+  const T* qrow = q + static_cast<int64_t>(t) * q_ld + head_col;
+  const float* grow = dout + static_cast<int64_t>(t) * inner + head_col;
+  const bool prescaled = g.keys_prescaled && l_k;
+  for (int d = lane; d < d_kv; d += 32) {
+    qs[d] = to_f32(qrow[d]) * (l_k && !prescaled ? l_k[d] : 1.f);
+    gs[d] = grow[d] * (l_v ? l_v[d] : 1.f);
+    ls[d] = l_k ? l_k[d] : 1.f;
+  }
+  __syncwarp();
+
+  auto score = [&](int j) {
+    const T* krow = k + (qv.key_base + j) * kv_ld + head_col;
+    // prescaled: q . round(l_k * k), as the forward's GEMM saw it; else q~ . k
+    const float s = prescaled ? dot_row_prescaled(qs, krow, ls, d_kv) : dot_row(qs, krow, d_kv);
+    return qv.bias_row ? s + qv.bias_row[j] : s;
+  };
+
+  // pass a: softmax statistics
+  float m = -INFINITY, l = 0.f;
+  for (int j0 = 0; j0 < qv.n_keys; j0 += 32) {
+    const int j = j0 + lane;
+    const float s = j < qv.n_keys ? score(j) : -INFINITY;
+    const float m_new = fmaxf(m, warp_max(s));
+    l = l * expf(m - m_new) + warp_sum(j < qv.n_keys ? expf(s - m_new) : 0.f);
+    m = m_new;
+  }
+  const float inv_l = l > 0.f ? 1.f / l : 0.f;
+
+  // pass b: D = sum_j p_j dp_j and o~ = sum_j p'_j v_j
+  float o[DPL];
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) o[u] = 0.f;
+  float dsum = 0.f;
+  for (int j0 = 0; j0 < qv.n_keys; j0 += 32) {
+    const int j = j0 + lane;
+    float p = 0.f, pd = 0.f;
+    if (j < qv.n_keys) {
+      p = expf(score(j) - m) * inv_l;
+      const float drop = dropout_scale(g.dropout, qv.drop_base + j);
+      pd = p * drop;
+      dsum += p * drop * dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv);
+    }
+    const int tile = min(32, qv.n_keys - j0);
+    for (int jj = 0; jj < tile; ++jj) {
+      const float pj = __shfl_sync(kFullMask, pd, jj);
+      const T* vrow = v + (qv.key_base + j0 + jj) * kv_ld + head_col;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int d = lane + 32 * u;
+        if (d < d_kv) o[u] += pj * to_f32(vrow[d]);
+      }
+    }
+  }
+  const float D = warp_sum(dsum);
+
+  // pass c: dq~ = sum_j ds_j k_j
+  float dqt[DPL];
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) dqt[u] = 0.f;
+  for (int j0 = 0; j0 < qv.n_keys; j0 += 32) {
+    const int j = j0 + lane;
+    float ds = 0.f;
+    if (j < qv.n_keys) {
+      const float p = expf(score(j) - m) * inv_l;
+      const float dp = dropout_scale(g.dropout, qv.drop_base + j) *
+                       dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv);
+      ds = p * (dp - D);
+    }
+    const int tile = min(32, qv.n_keys - j0);
+    for (int jj = 0; jj < tile; ++jj) {
+      const float dsj = __shfl_sync(kFullMask, ds, jj);
+      const T* krow = k + (qv.key_base + j0 + jj) * kv_ld + head_col;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int d = lane + 32 * u;
+        if (d < d_kv) dqt[u] += dsj * to_f32(krow[d]);
+      }
+    }
+  }
+
+  T* dqrow = dq + static_cast<int64_t>(t) * dq_ld + head_col;
+  float* gkrow = g_k + static_cast<int64_t>(t) * inner + head_col;
+  float* gvrow = g_v + static_cast<int64_t>(t) * inner + head_col;
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) {
+    const int d = lane + 32 * u;
+    if (d < d_kv) {
+      // dq = l_k * sum_j ds_j k_j (with prescaled keys this leaves out their rounding: linear, not amplified)
+      dqrow[d] = from_f32<T>(dqt[u] * (l_k ? l_k[d] : 1.f));
+      gkrow[d] = to_f32(qrow[d]) * dqt[u];
+      gvrow[d] = grow[d] * o[u];
+    }
+  }
+  if (lane == 0) {
+    float* st = stats + (static_cast<int64_t>(t) * g.heads + h) * 3;
+    st[0] = m;
+    st[1] = inv_l;
+    st[2] = D;
+  }
+}
+
+template <typename T, int DPL>
+__global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __restrict__ q, int q_ld,
+                                              const T* __restrict__ k, const T* __restrict__ v, int kv_ld,
+                                              const float* __restrict__ dout, AdapterIndex index, int64_t k_offset,
+                                              int64_t v_offset, const float* __restrict__ stats, int n_keys_total,
+                                              T* __restrict__ dk, T* __restrict__ dv, int dkv_ld) {
+  extern __shared__ float smem[];  // per warp: l_k * k_j [d_kv], l_v * v_j [d_kv]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int u_tok = blockIdx.x * kBackWarps + warp;
+  const int h = blockIdx.y;
+  if (u_tok >= n_keys_total) return;  // warp-uniform
+  const int d_kv = g.d_kv, inner = g.heads * g.d_kv;
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const int kseq = u_tok / g.k_len, j = u_tok % g.k_len;
+
+  // Which queries read key j: their token range is [q_first, q_first + n_q) with positions i in
+  // [i_first, q_len) of each sequence (decoder self: causal, only i >= j).
+  int example, seq_first, n_seq, i_first = 0;
+  bool valid;
+  switch (g.kind) {
+    case AttentionKind::EncoderSelf:
+      example = kseq;
+      valid = j < min(max(g.key_lengths[kseq], 0), g.k_len);
+      seq_first = kseq;
+      n_seq = 1;
+      break;
+    case AttentionKind::DecoderSelf:
+      example = g.row_example[kseq];
+      valid = true;
+      seq_first = kseq;
+      n_seq = 1;
+      i_first = j;
+      break;
+    default:  // Cross: every decoder position of every row of the example
+      example = kseq;
+      valid = j < min(max(g.key_lengths[kseq], 0), g.k_len);
+      seq_first = g.row_start[kseq];
+      n_seq = g.row_start[kseq + 1] - seq_first;
+      break;
+  }
+  T* dkrow = dk + static_cast<int64_t>(u_tok) * dkv_ld + head_col;
+  T* dvrow = dv + static_cast<int64_t>(u_tok) * dkv_ld + head_col;
+  if (!valid) {
+    for (int d = lane; d < d_kv; d += 32) {
+      dkrow[d] = from_f32<T>(0.f);
+      dvrow[d] = from_f32<T>(0.f);
+    }
+    return;
+  }
+  const float *l_k, *l_v;
+  adapter_vectors(index, example, head_col, k_offset, v_offset, &l_k, &l_v);
+  float* ks = smem + warp * 2 * d_kv;
+  float* vs = ks + d_kv;
+  const T* krow = k + static_cast<int64_t>(u_tok) * kv_ld + head_col;
+  const T* vrow = v + static_cast<int64_t>(u_tok) * kv_ld + head_col;
+  for (int d = lane; d < d_kv; d += 32) {
+    const float kl = to_f32(krow[d]) * (l_k ? l_k[d] : 1.f);  // q . (l_k k) = q~ . k
+    ks[d] = g.keys_prescaled ? to_f32(from_f32<T>(kl)) : kl;
+    vs[d] = to_f32(vrow[d]) * (l_v ? l_v[d] : 1.f);  // g . (l_v v) = g~ . v
+  }
+  __syncwarp();
+
+  const int per_seq = g.q_len - i_first;
+  const int n_q = n_seq * per_seq;
+  float ak[DPL], av[DPL];
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) ak[u] = av[u] = 0.f;
+  for (int q0 = 0; q0 < n_q; q0 += 32) {
+    const int qq = q0 + lane;
+    float ds = 0.f, pd = 0.f;
+    int64_t tq = 0;
+    if (qq < n_q) {
+      const int seq = seq_first + qq / per_seq, i = i_first + qq % per_seq;
+      tq = static_cast<int64_t>(seq) * g.q_len + i;
+      float s = dot_row(ks, q + tq * q_ld + head_col, d_kv);
+      if (g.bias_table) s += g.bias_table[static_cast<int64_t>(h) * (2 * g.q_len - 1) + (j - i + g.q_len - 1)];
+      const float* st = stats + (tq * g.heads + h) * 3;
+      const float p = expf(s - st[0]) * st[1];
+      const float drop = dropout_scale(g.dropout, ((static_cast<uint64_t>(seq) * g.heads + h) * g.q_len + i) * g.k_len + j);
+      const float dp = drop * dot_row(vs, dout + tq * inner + head_col, d_kv);
+      ds = p * (dp - st[2]);
+      pd = p * drop;
+    }
+    const int tile = min(32, n_q - q0);
+    for (int jj = 0; jj < tile; ++jj) {
+      const float dsj = __shfl_sync(kFullMask, ds, jj);
+      const float pdj = __shfl_sync(kFullMask, pd, jj);
+      const int64_t tj = __shfl_sync(kFullMask, tq, jj);
+      const T* qrow = q + tj * q_ld + head_col;
+      const float* grow = dout + tj * inner + head_col;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int d = lane + 32 * u;
+        if (d < d_kv) {
+          ak[u] += dsj * to_f32(qrow[d]);
+          av[u] += pdj * grow[d];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) {
+    const int d = lane + 32 * u;
+    if (d < d_kv) {
+      dkrow[d] = from_f32<T>(ak[u] * (l_k ? l_k[d] : 1.f));
+      dvrow[d] = from_f32<T>(av[u] * (l_v ? l_v[d] : 1.f));
+    }
+  }
 }
 
 }  // namespace
@@ -234,52 +556,115 @@ void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span,
 template <typename T>
 void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
-  const int64_t n = static_cast<int64_t>(n_tokens) * width;
-  if (n <= 0 || !index.active()) return;
-  ia3_scale_kv_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(buf, ld, k_col, v_col, width, n, index,
-                                                               k_offset, v_offset);
+  if (n_tokens <= 0 || width <= 0 || !index.active()) return;
+  const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  ia3_scale_kv_kernel<T><<<grid, 256, 0, stream>>>(buf, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_kernel");
 }
 
 template <typename T>
 void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
-                     int len, T* probs, cudaStream_t stream) {
+                     int len, const DropoutSite& dropout, T* probs, cudaStream_t stream) {
   const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
   if (n_rows <= 0) return;
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   encoder_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(scores, bias_table, lengths,
-                                                                                  heads, len, n_rows, probs);
+                                                                                  heads, len, n_rows, dropout,
+                                                                                  probs);
   TFEW_CUDA_CHECK_LAUNCH("encoder_softmax_kernel");
 }
 
 template <typename T>
 void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
                             const float* bias_table, const int32_t* row_example, const AdapterIndex& index,
-                            int64_t k_offset, int64_t v_offset, T* out, int out_ld, cudaStream_t stream) {
+                            int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, T* out, int out_ld,
+                            cudaStream_t stream) {
   if (!bias_table) fail(ErrorCode::Internal, "decoder_self_attention needs the relative-position bias");
   launch_small_attention<T>(qkv, ld, qkv + inner, qkv + 2 * inner, ld, out, out_ld, n_rows * dec_len, heads,
-                            d_kv, dec_len, bias_table, row_example, nullptr, 0, index, k_offset, v_offset, stream);
+                            d_kv, dec_len, bias_table, row_example, nullptr, 0, index, k_offset, v_offset, dropout,
+                            stream);
 }
 
 template <typename T>
 void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, int d_kv, int heads, int n_rows,
                      int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
-                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* out, int out_ld,
-                     cudaStream_t stream) {
+                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
+                     T* out, int out_ld, cudaStream_t stream) {
   launch_small_attention<T>(q, q_ld, kv, kv + inner, kv_ld, out, out_ld, n_rows * dec_len, heads, d_kv, dec_len,
-                            nullptr, row_example, enc_lengths, enc_len, index, k_offset, v_offset, stream);
+                            nullptr, row_example, enc_lengths, enc_len, index, k_offset, v_offset, dropout, stream);
+}
+
+namespace {
+int dims_per_lane(int d_kv) {
+  if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit");
+  return d_kv <= 32 ? 1 : d_kv <= 64 ? 2 : d_kv <= 128 ? 4 : 8;
+}
+}  // namespace
+
+template <typename T>
+void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
+                              const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
+                              T* dq, int dq_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream) {
+  const int n_queries = g.n_seq * g.q_len;
+  if (n_queries <= 0) return;
+  const dim3 grid((n_queries + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
+  const size_t smem = sizeof(float) * kBackWarps * 3 * g.d_kv;
+#define TFEW_BACK_Q(DPL)                                                                                        \
+  attention_backward_query_kernel<T, DPL><<<grid, block, smem, stream>>>(g, q, q_ld, k, v, kv_ld, dout, index,   \
+                                                                         k_offset, v_offset, n_queries, dq,     \
+                                                                         dq_ld, g_k, g_v, stats)
+  switch (dims_per_lane(g.d_kv)) {
+    case 1: TFEW_BACK_Q(1); break;
+    case 2: TFEW_BACK_Q(2); break;
+    case 4: TFEW_BACK_Q(4); break;
+    default: TFEW_BACK_Q(8); break;
+  }
+#undef TFEW_BACK_Q
+  TFEW_CUDA_CHECK_LAUNCH("attention_backward_query_kernel");
+}
+
+template <typename T>
+void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
+                            const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
+                            const float* stats, T* dk, T* dv, int dkv_ld, cudaStream_t stream) {
+  // key sequences: the examples (encoder self, cross) or the choice rows (decoder self)
+  const int n_key_seq = g.kind == AttentionKind::DecoderSelf ? g.n_seq : g.n_examples;
+  const int n_keys_total = n_key_seq * g.k_len;
+  if (n_keys_total <= 0) return;
+  const dim3 grid((n_keys_total + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
+  const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
+#define TFEW_BACK_K(DPL)                                                                                        \
+  attention_backward_key_kernel<T, DPL><<<grid, block, smem, stream>>>(g, q, q_ld, k, v, kv_ld, dout, index,     \
+                                                                       k_offset, v_offset, stats, n_keys_total, \
+                                                                       dk, dv, dkv_ld)
+  switch (dims_per_lane(g.d_kv)) {
+    case 1: TFEW_BACK_K(1); break;
+    case 2: TFEW_BACK_K(2); break;
+    case 4: TFEW_BACK_K(4); break;
+    default: TFEW_BACK_K(8); break;
+  }
+#undef TFEW_BACK_K
+  TFEW_CUDA_CHECK_LAUNCH("attention_backward_key_kernel");
 }
 
 #define TFEW_INSTANTIATE(T)                                                                                   \
   template void ia3_scale_kv<T>(T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,            \
                                 cudaStream_t);                                                                \
-  template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int, T*, cudaStream_t); \
+  template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
+                                   const DropoutSite&, T*, cudaStream_t);                                     \
   template void decoder_self_attention<T>(const T*, int, int, int, int, int, int, const float*, const int32_t*, \
-                                          const AdapterIndex&, int64_t, int64_t, T*, int, cudaStream_t);      \
+                                          const AdapterIndex&, int64_t, int64_t, const DropoutSite&, T*, int, \
+                                          cudaStream_t);                                                      \
   template void cross_attention<T>(const T*, int, const T*, int, int, int, int, int, int, const int32_t*,       \
-                                   const int32_t*, int, const AdapterIndex&, int64_t, int64_t, T*, int,       \
-                                   cudaStream_t);
+                                   const int32_t*, int, const AdapterIndex&, int64_t, int64_t,                \
+                                   const DropoutSite&, T*, int, cudaStream_t);                                \
+  template void attention_backward_query<T>(const AttentionGeometry&, const T*, int, const T*, const T*, int,    \
+                                            const float*, const AdapterIndex&, int64_t, int64_t, T*, int,      \
+                                            float*, float*, float*, cudaStream_t);                             \
+  template void attention_backward_key<T>(const AttentionGeometry&, const T*, int, const T*, const T*, int,      \
+                                          const float*, const AdapterIndex&, int64_t, int64_t, const float*,   \
+                                          T*, T*, int, cudaStream_t);
 TFEW_INSTANTIATE(float)
 TFEW_INSTANTIATE(__nv_bfloat16)
 #undef TFEW_INSTANTIATE

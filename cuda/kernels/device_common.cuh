@@ -58,9 +58,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // The adapter index of token t (-1 = none); see AdapterIndex.
-__device__ __forceinline__ int adapter_of_token(const AdapterIndex& ix, int64_t t) {
-  const int64_t row = t / ix.tokens_per_row;
-  const int example = ix.row_example ? ix.row_example[row] : static_cast<int>(row);
+// 32-bit on purpose: token counts stay far below 2^31 and 64-bit division is slow on the GPU.
+__device__ __forceinline__ int adapter_of_token(const AdapterIndex& ix, int t) {
+  const int row = t / ix.tokens_per_row;
+  const int example = ix.row_example ? ix.row_example[row] : row;
   return ix.adapter_of_example[example];
 }
 

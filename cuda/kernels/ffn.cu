@@ -2,7 +2,10 @@
 // Gated (T5 v1.1 / T0): wi_0 and wi_1 run as one GEMM into [wi_0 x | wi_1 x]; here
 // h = gelu_new(wi_0 x) * (wi_1 x) * l_ff. PEFT scales the input of wo by l_ff; T-Few scales the output of
 // wi_1; the product is the same. relu (T5 v1.0): h = relu(wi x) * l_ff. Math in fp32, one rounding.
+// Training adds dropout on h (the CPU's mask); the backward recomputes the activation from the saved wi
+// outputs and emits l_ff's per-token gradient contribution alongside the gradient of the wi outputs.
 #include "kernels/device_common.cuh"
+#include "kernels/dropout.cuh"
 
 namespace tfew {
 namespace kernels {
@@ -15,25 +18,65 @@ __device__ __forceinline__ float gelu_new(float x) {
   return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
 }
 
+// One block row per token (grid.y, striding past 65535 tokens), threads over the d_ff columns: no
+// per-element 64-bit index division, and the token's adapter is looked up once per thread.
+__device__ __forceinline__ float gelu_new_grad(float x) {
+  const float kSqrt2OverPi = 0.7978845608028654f;
+  const float t = tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x));
+  const float dinner = kSqrt2OverPi * (1.f + 3.f * 0.044715f * x * x);
+  return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * dinner;
+}
+
 template <typename T, bool kGated>
-__global__ void ffn_activation_kernel(const T* __restrict__ in, int64_t n, int d_ff, AdapterIndex index,
-                                      bool scaled, int64_t ff_offset, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / d_ff;
-    const int c = static_cast<int>(i % d_ff);
+__global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
+                                      bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= d_ff) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
     float h;
     if (kGated) {
-      const T* row = in + t * (2 * static_cast<int64_t>(d_ff));
+      const T* row = in + static_cast<int64_t>(t) * (2 * static_cast<int64_t>(d_ff));
       h = gelu_new(to_f32(row[c])) * to_f32(row[d_ff + c]);
     } else {
-      h = fmaxf(to_f32(in[i]), 0.f);
+      h = fmaxf(to_f32(in[static_cast<int64_t>(t) * d_ff + c]), 0.f);
     }
     if (scaled) {
       const int a = adapter_of_token(index, t);
       if (a >= 0) h *= index.adapters[a * index.adapter_stride + ff_offset + c];
     }
-    out[i] = from_f32<T>(h);
+    const int64_t i = static_cast<int64_t>(t) * d_ff + c;
+    out[i] = from_f32<T>(h * dropout_scale(dropout, static_cast<uint64_t>(i)));
+  }
+}
+
+template <typename T, bool kGated>
+__global__ void ffn_backward_kernel(const float* __restrict__ dscaled, const T* __restrict__ pre, int n_tokens,
+                                    int d_ff, AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
+                                    T* __restrict__ d_pre, float* __restrict__ g_ff) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= d_ff) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    const int64_t i = static_cast<int64_t>(t) * d_ff + c;
+    const float g = dscaled[i] * dropout_scale(dropout, static_cast<uint64_t>(i));  // d loss / d (scaled hidden)
+    float l = 1.f;
+    if (scaled) {
+      const int a = adapter_of_token(index, t);
+      if (a >= 0) l = index.adapters[a * index.adapter_stride + ff_offset + c];
+    }
+    if (kGated) {
+      const T* row = pre + static_cast<int64_t>(t) * 2 * d_ff;
+      const float h0 = to_f32(row[c]), h1 = to_f32(row[d_ff + c]);
+      const float act = gelu_new(h0);
+      g_ff[i] = g * act * h1;
+      const float dh = g * l;
+      T* drow = d_pre + static_cast<int64_t>(t) * 2 * d_ff;
+      drow[c] = from_f32<T>(dh * h1 * gelu_new_grad(h0));
+      drow[d_ff + c] = from_f32<T>(dh * act);
+    } else {
+      const float h0 = to_f32(pre[i]);
+      g_ff[i] = g * fmaxf(h0, 0.f);
+      d_pre[i] = from_f32<T>(h0 > 0.f ? g * l : 0.f);
+    }
   }
 }
 
@@ -41,21 +84,42 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int64_t n, int d
 
 template <typename T>
 void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const AdapterIndex& index, int64_t ff_offset,
-                    T* out, cudaStream_t stream) {
-  const int64_t n = static_cast<int64_t>(n_tokens) * d_ff;
-  if (n <= 0) return;
+                    const DropoutSite& dropout, T* out, cudaStream_t stream) {
+  if (n_tokens <= 0 || d_ff <= 0) return;
   const bool scaled = index.active();
+  const dim3 block(256);
+  const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
-    ffn_activation_kernel<T, true><<<grid_for(n, 256), 256, 0, stream>>>(in, n, d_ff, index, scaled, ff_offset, out);
+    ffn_activation_kernel<T, true><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   else
-    ffn_activation_kernel<T, false><<<grid_for(n, 256), 256, 0, stream>>>(in, n, d_ff, index, scaled, ff_offset, out);
+    ffn_activation_kernel<T, false><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("ffn_activation_kernel");
 }
 
-template void ffn_activation<float>(const float*, int, int, bool, const AdapterIndex&, int64_t, float*,
-                                    cudaStream_t);
-template void ffn_activation<__nv_bfloat16>(const __nv_bfloat16*, int, int, bool, const AdapterIndex&, int64_t,
-                                            __nv_bfloat16*, cudaStream_t);
+template <typename T>
+void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
+                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, float* g_ff, cudaStream_t stream) {
+  if (n_tokens <= 0 || d_ff <= 0) return;
+  const bool scaled = index.active();
+  const dim3 block(256);
+  const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  if (gated)
+    ffn_backward_kernel<T, true><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
+                                                             dropout, d_pre, g_ff);
+  else
+    ffn_backward_kernel<T, false><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
+                                                              dropout, d_pre, g_ff);
+  TFEW_CUDA_CHECK_LAUNCH("ffn_backward_kernel");
+}
+
+#define TFEW_INSTANTIATE(T)                                                                                      \
+  template void ffn_activation<T>(const T*, int, int, bool, const AdapterIndex&, int64_t, const DropoutSite&, T*, \
+                                  cudaStream_t);                                                                 \
+  template void ffn_backward<T>(const float*, const T*, int, int, bool, const AdapterIndex&, int64_t,             \
+                                const DropoutSite&, T*, float*, cudaStream_t);
+TFEW_INSTANTIATE(float)
+TFEW_INSTANTIATE(__nv_bfloat16)
+#undef TFEW_INSTANTIATE
 
 }  // namespace kernels
 }  // namespace tfew

@@ -1,10 +1,11 @@
-// Host-side declarations of the CUDA kernel launchers (one .cu per layer family). This header is plain C++
-// (no device code), so the engine (compiled by the host compiler) can include it.
+// Host-side declarations of the CUDA kernel launchers (one .cu per layer family, forward and backward side
+// by side). This header is plain C++ (no device code), so the engine (compiled by the host compiler) can
+// include it.
 //
 // Element type T of weights and of activations that feed GEMMs: __nv_bfloat16 (the fast path) or float (a
-// verification mode). The residual stream, norm weights, relative-position biases and (IA)3 vectors are
-// always fp32; every reduction and softmax runs in fp32. Each launcher checks its launch and throws
-// tfew::TfewError (ErrorCode::Cuda) on failure.
+// verification mode). The residual stream, norm weights, relative-position biases, (IA)3 vectors and their
+// gradients are always fp32; every reduction and softmax runs in fp32. Each launcher checks its launch and
+// throws tfew::TfewError (ErrorCode::Cuda) on failure.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -28,6 +29,14 @@ struct AdapterIndex {
   bool active() const { return adapters != nullptr && adapter_of_example != nullptr; }
 };
 
+// A dropout site (training only): element `index` of the site's tensor is kept iff a hash of
+// (seed, site, index) clears `rate` — the CPU backend's masks exactly (kernels/dropout.cuh). rate 0: none.
+struct DropoutSite {
+  float rate = 0.f;
+  uint64_t seed = 0;
+  uint64_t site = 0;
+};
+
 // ---- embedding.cu
 // out[t, :] = table[ids[t], :] as fp32 (the residual stream).
 template <typename T>
@@ -39,10 +48,23 @@ void embedding_forward(const T* table, int vocab, int d_model, const int32_t* id
 template <typename TOut>
 void rmsnorm_forward(const float* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream);
+// dx (+)= the input gradient given dy (the weight is frozen); 1/rms is recomputed from x.
+void rmsnorm_backward(const float* dy, const float* x, const float* weight, int n_rows, int d, float eps,
+                      bool accumulate, float* dx, cudaStream_t stream);
+
+// ---- dropout.cu (training)
+// x[i] *= scale(i) in place (also the backward of a dropout: the same mask and scale).
+template <typename T>
+void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream);
+// out[i] = x[i] + scale(i) * y[i]: a sub-layer's (dropped) output added to the residual stream.
+void residual_add(const float* x, const float* y, int64_t n, const DropoutSite& site, float* out, cudaStream_t stream);
+// out[i] = (T)(x[i] * scale(i)): the gradient through a dropped sub-layer output, cast for the next GEMM.
+template <typename T>
+void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream);
 
 // ---- attention.cu
 // table[h, s] = rel_emb[buckets[s], h] for s < span: the relative-position bias of every relative distance
-// (bucket indices come from the host, computed exactly as Hugging Face does, see gpu/relative_position.h).
+// (bucket indices come from the host, computed exactly as Hugging Face does, see model/relative_position.h).
 void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span, int num_heads, float* table,
                          cudaStream_t stream);
 
@@ -53,11 +75,11 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream);
 
 // Encoder self-attention softmax: probs[b, h, i, :] = softmax_j(scores[b, h, i, j] + bias[h, j - i]) over the
-// example's real keys j < lengths[b] (padded keys get probability 0). scores fp32 [B, H, L, L]; bias_table
-// [H, 2L-1] indexed by j - i + L - 1. T5 has no 1/sqrt(d_kv) scaling.
+// example's real keys j < lengths[b] (padded keys get probability 0), then dropout (training). scores fp32
+// [B, H, L, L]; bias_table [H, 2L-1] indexed by j - i + L - 1. T5 has no 1/sqrt(d_kv) scaling.
 template <typename T>
 void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch,
-                     int heads, int len, T* probs, cudaStream_t stream);
+                     int heads, int len, const DropoutSite& dropout, T* probs, cudaStream_t stream);
 
 // Decoder causal self-attention over the positions of each choice row (dec_len tokens per row; no padding
 // mask: the decoder mask is causal only). q, k, v are the column blocks [0, inner), [inner, 2 inner),
@@ -67,7 +89,8 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
 template <typename T>
 void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
                             const float* bias_table, const int32_t* row_example, const AdapterIndex& index,
-                            int64_t k_offset, int64_t v_offset, T* out, int out_ld, cudaStream_t stream);
+                            int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, T* out, int out_ld,
+                            cudaStream_t stream);
 
 // Cross-attention: every decoder token of row r attends to the encoder tokens of its example
 // b = row_example[r], keys j < enc_lengths[b], no bias. k and v are the column blocks [0, inner) and
@@ -76,13 +99,13 @@ void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads
 template <typename T>
 void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, int d_kv, int heads, int n_rows,
                      int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
-                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* out, int out_ld,
-                     cudaStream_t stream);
+                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
+                     T* out, int out_ld, cudaStream_t stream);
 
 // Fused encoder self-attention for bf16 (attention_fused.cu): the same result as the two batched GEMMs
 // around encoder_softmax, without writing scores to memory, with the (IA)3 k/v scales (k_offset/v_offset
 // into token adapters; the encoder then needs no ia3_scale_kv pass) applied as K and V are read.
-// qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner].
+// qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner]. Inference only.
 bool fused_encoder_attention_supported(int d_kv);  // d_kv in {16, 32, 64, 128}
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
@@ -91,18 +114,75 @@ void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;
 
+// Attention backward (training), one code path for the three attention kinds. Recomputes the probabilities
+// from q and k (nothing of the forward is stored but its inputs), with the (IA)3 vectors applied as in the
+// forward: scores = (l_k * q) . k, output = l_v * sum_j p_j v_j.
+enum class AttentionKind { EncoderSelf, DecoderSelf, Cross };
+struct AttentionGeometry {
+  AttentionKind kind = AttentionKind::EncoderSelf;
+  int heads = 0, d_kv = 0;
+  int n_seq = 0;    // query sequences: examples (encoder) or choice rows (decoder)
+  int n_examples = 0;  // examples: the key sequences of encoder self- and cross-attention
+  int q_len = 0;    // queries per sequence: enc_len or dec_len
+  int k_len = 0;    // padded keys per key sequence: enc_len (encoder, cross) or dec_len (decoder self)
+  const float* bias_table = nullptr;        // [H, 2 q_len - 1] for self-attention, null for cross
+  const int32_t* key_lengths = nullptr;     // enc_lengths [B] (encoder self, cross)
+  const int32_t* row_example = nullptr;     // [R] (decoder self, cross)
+  const int32_t* row_start = nullptr;       // [B + 1] (cross: the rows reading an example's keys)
+  DropoutSite dropout;                      // on the probabilities, indexed like the CPU's probs array
+  // The forward scored against keys scaled by l_k and rounded to T (the batched-GEMM encoder path) rather
+  // than with l_k folded into the query: the backward recomputes the same scores, since softmax amplifies
+  // any difference in them.
+  bool keys_prescaled = false;
+};
+// Pass 1, one warp per (query, head): d q (w.r.t. the unscaled q, written as T into dq [.., dq_ld]), the
+// per-token (IA)3 contributions g_k = q * dq~ and g_v = dout * o~ (fp32 [Nq, inner]; reduced per adapter by
+// ia3_grad_reduce), and the softmax statistics (max, sum, D = sum_j p_j dp_j) that pass 2 needs.
+// dout fp32 [Nq, inner] is the gradient of the attention output (before the o projection).
+template <typename T>
+void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
+                              const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
+                              T* dq, int dq_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream);
+// Pass 2, one warp per (key, head): d k and d v (w.r.t. the unscaled k, v) summed over every query that reads
+// the key, in a fixed order (deterministic, no atomics). Written as T into dk/dv [.., dkv_ld].
+template <typename T>
+void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
+                            const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
+                            const float* stats, T* dk, T* dv, int dkv_ld, cudaStream_t stream);
+
 // ---- ffn.cu
 // gated: out[t, c] = gelu_new(in[t, c]) * in[t, d_ff + c] * l_ff[c]; relu: out[t, c] = relu(in[t, c]) * l_ff[c]
-// (l_ff of token t's adapter; 1 without). in is [n_tokens, 2 d_ff] (gated: wi_0 | wi_1) or [n_tokens, d_ff].
+// (l_ff of token t's adapter; 1 without), then dropout (training). in is [n_tokens, 2 d_ff] (gated:
+// wi_0 | wi_1) or [n_tokens, d_ff].
 template <typename T>
 void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
-                    int64_t ff_offset, T* out, cudaStream_t stream);
+                    int64_t ff_offset, const DropoutSite& dropout, T* out, cudaStream_t stream);
+// Backward from dscaled (fp32 [n, d_ff], the gradient of the activation's output): d_pre (T [n, 2 d_ff] or
+// [n, d_ff], the gradient of the wi projections) and g_ff = dropout-masked dscaled * unscaled hidden
+// (fp32 [n, d_ff], the per-token contribution to l_ff's gradient).
+template <typename T>
+void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
+                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, float* g_ff, cudaStream_t stream);
+
+// ---- ia3.cu (training)
+// grads[a * stride + offset + c] += sum of g[t, c] over the tokens t of the examples whose adapter is a.
+// Deterministic: per-example sums (partial [batch, width] scratch), then per adapter in example order.
+// Tokens of example b: [b * tokens_per_row, (b+1) * tokens_per_row) when row_start is null (encoder), else
+// [row_start[b] * tokens_per_row, row_start[b+1] * tokens_per_row) (decoder rows).
+void ia3_grad_reduce(const float* g, int width, int batch, int tokens_per_row, const int32_t* row_start,
+                     const int32_t* adapter_of_example, int n_adapters, float* partial, float* grads, int64_t stride,
+                     int64_t offset, cudaStream_t stream);
 
 // ---- head.cu
 // out[t] = log_softmax(logits[t, :])[targets[t]], or 0 where targets[t] == pad_id. No probability rows are
 // written: one pass for the max, one for the sum of exponentials, per row.
 void token_logprobs(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id,
                     float* out, cudaStream_t stream);
+// dlogits[t, :] = g[t] * (onehot(targets[t]) - softmax(logits[t, :])) as T (zero rows where the target is
+// pad or g[t] == 0).
+template <typename T>
+void token_logprobs_backward(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id,
+                             const float* g, T* dlogits, cudaStream_t stream);
 
 // ---- convert.cu
 // dst[i] = (T) src[i] for n elements of a checkpoint tensor in dtype (raw little-endian bytes on the device).

@@ -1,13 +1,12 @@
-// T5's relative-position buckets, computed on the host exactly as Hugging Face does (fp32 log, truncation):
-// on the device, logf may differ by an ulp, which flips buckets at exact boundaries (n = 16, 32, 64 for the
-// bidirectional encoder buckets). The tables are tiny (one entry per relative distance).
+// T5's relative-position buckets, shared by both backends and computed on the host exactly as Hugging Face
+// does (float32 log, truncation): on the device, logf may differ by an ulp, which flips buckets at exact
+// boundaries (n = 16, 32, 64 for the bidirectional encoder buckets). The tables are tiny.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace tfew {
-namespace gpu {
 
 // relative = key position - query position.
 inline int32_t relative_position_bucket(int relative, bool bidirectional, int num_buckets, int max_distance) {
@@ -39,5 +38,4 @@ inline std::vector<int32_t> relative_bucket_span(int len, bool bidirectional, in
   return out;
 }
 
-}  // namespace gpu
 }  // namespace tfew

@@ -1,0 +1,60 @@
+// Dropout for training, with the CPU backend's masks (kernels/dropout.cuh), and the residual add that follows
+// a dropped sub-layer output. Inverted dropout: kept values are scaled by 1/(1 - rate).
+#include "kernels/device_common.cuh"
+#include "kernels/dropout.cuh"
+
+namespace tfew {
+namespace kernels {
+
+namespace {
+
+template <typename T>
+__global__ void dropout_inplace_kernel(T* __restrict__ x, int64_t n, DropoutSite site) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = from_f32<T>(to_f32(x[i]) * dropout_scale(site, static_cast<uint64_t>(i)));
+}
+
+__global__ void residual_add_kernel(const float* __restrict__ x, const float* __restrict__ y, int64_t n,
+                                    DropoutSite site, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = x[i] + y[i] * dropout_scale(site, static_cast<uint64_t>(i));
+}
+
+template <typename T>
+__global__ void dropout_cast_kernel(const float* __restrict__ x, int64_t n, DropoutSite site, T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(x[i] * dropout_scale(site, static_cast<uint64_t>(i)));
+}
+
+}  // namespace
+
+template <typename T>
+void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream) {
+  if (n <= 0 || site.rate <= 0.f) return;
+  dropout_inplace_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, n, site);
+  TFEW_CUDA_CHECK_LAUNCH("dropout_inplace_kernel");
+}
+
+void residual_add(const float* x, const float* y, int64_t n, const DropoutSite& site, float* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  residual_add_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, y, n, site, out);
+  TFEW_CUDA_CHECK_LAUNCH("residual_add_kernel");
+}
+
+template <typename T>
+void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  dropout_cast_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, n, site, out);
+  TFEW_CUDA_CHECK_LAUNCH("dropout_cast_kernel");
+}
+
+template void dropout_inplace<float>(float*, int64_t, const DropoutSite&, cudaStream_t);
+template void dropout_inplace<__nv_bfloat16>(__nv_bfloat16*, int64_t, const DropoutSite&, cudaStream_t);
+template void dropout_cast<float>(const float*, int64_t, const DropoutSite&, float*, cudaStream_t);
+template void dropout_cast<__nv_bfloat16>(const float*, int64_t, const DropoutSite&, __nv_bfloat16*, cudaStream_t);
+
+}  // namespace kernels
+}  // namespace tfew
