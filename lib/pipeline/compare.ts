@@ -44,7 +44,10 @@ export function costRows(c: Omit<Comparison, 'costs'>): CostRow[] {
     peakRssBytes: r.cost.peakRssBytes,
     meanInputTokens: r.cost.meanInputTokens,
   });
-  const rows = [row('T-Few', c.tfew, mean(c.training.map((t) => t.flops)), mean(c.training.map((t) => t.seconds)), c.adapterBytes)];
+  // Adapters trained in an earlier run come without their training cost: reported as n/a, not 0.
+  const trained = c.training.length > 0;
+  const rows = [row('T-Few', c.tfew, trained ? mean(c.training.map((t) => t.flops)) : NaN,
+    trained ? mean(c.training.map((t) => t.seconds)) : NaN, c.adapterBytes)];
   if (c.zeroShot) rows.push(row('zero-shot', c.zeroShot, 0, 0, 0));
   rows.push(row('ICL', c.icl, 0, 0, c.icl.demonstrationBytes));
   return rows;

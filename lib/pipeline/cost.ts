@@ -99,7 +99,7 @@ export interface CostRow {
   method: string;
   /** Mean analytic forward FLOPs per evaluated example. */
   inferenceFlopsPerExample: number;
-  /** Analytic training FLOPs (0 for methods that do not train). */
+  /** Analytic training FLOPs (0 for methods that do not train; NaN when the adapters were trained elsewhere). */
   trainingFlops: number;
   /** Bytes a task adds: the (IA)3 vectors (float32), or the demonstrations' text for ICL. */
   diskBytes: number;
@@ -117,6 +117,7 @@ export interface CostRow {
 
 /** Human-readable numbers for tables: 1.1e12, 3.4 MB, 12.3 ms. */
 export function formatFlops(x: number): string {
+  if (!Number.isFinite(x)) return 'n/a';
   if (x === 0) return '0';
   return x.toExponential(1).replace('e+', 'e');
 }
