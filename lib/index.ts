@@ -1,6 +1,6 @@
 // @tfew/cuda — T-Few ((IA)3 few-shot fine-tuning of T0/T5) for Node.js.
-export { T5Model, backendInfo } from './model';
-export type { LoadOptions, RankClassifyOptions, RankClassifyResult, LossBatch, LossOptions, LossResult, DeviceOption, AdapterOption } from './model';
+export { T5Model, TrainingSession, backendInfo } from './model';
+export type { TrainingSessionOptions, TrainingStepOptions, TrainingStepResult, LoadOptions, RankClassifyOptions, RankClassifyResult, LossBatch, LossOptions, LossResult, DeviceOption, AdapterOption } from './model';
 export { IA3Adapter, ia3Modules } from './adapter';
 export type { IA3Module } from './adapter';
 export { T5Tokenizer } from './tokenizer';
@@ -9,7 +9,7 @@ export type { T5ModelConfig } from './config';
 export { resolveCheckpoint } from './checkpoint';
 export * from './errors';
 export { Trainer } from './trainer';
-export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, EvaluationResult } from './trainer';
+export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, TrainingSessionLike, EvaluationResult } from './trainer';
 export * from './optim';
 export * from './tasks';
 export * from './templates';

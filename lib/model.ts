@@ -6,7 +6,7 @@ import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
-import { CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec } from './native';
+import { CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
 import { T5Tokenizer } from './tokenizer';
 
 export type DeviceOption = 'auto' | 'cpu' | 'cuda';
@@ -67,6 +67,112 @@ export interface LossResult {
   gradients: Record<string, Float32Array>;
   /** Flat gradient (IA3 layout order) of every adapter used in the batch. */
   adapterGradients: Map<IA3Adapter, Float32Array>;
+}
+
+export interface TrainingSessionOptions {
+  /** Peak learning rate. Default 3e-3. */
+  lr?: number;
+  /** Length of the schedule. Default 1000. */
+  totalSteps?: number;
+  /** Warmup fraction of totalSteps. Default 0.06. */
+  warmupRatio?: number;
+  /** Per-adapter gradient-norm clipping threshold; 0 disables. Default 1.0. */
+  clipNorm?: number;
+  scaleParameter?: boolean;
+  weightDecay?: number;
+}
+
+export interface TrainingStepOptions extends Omit<LossOptions, 'adapter'> {
+  /** The adapter of each example (one of the session's), or one for all. Default: the session's first. */
+  adapter?: IA3Adapter | IA3Adapter[];
+  /** Schedule position of this step (then continues from it). Default: the next one. */
+  scheduleStep?: number;
+}
+
+export interface TrainingStepResult {
+  totalLoss: number;
+  lmLoss: number;
+  lnLoss: number;
+  ulLoss: number;
+  /** The scheduled learning rate of this step. */
+  lr: number;
+  /** Gradient norm before clipping of every adapter that stepped. */
+  gradNorms: Map<IA3Adapter, number>;
+}
+
+/**
+ * T-Few training steps with the adapters' vectors and optimizer state held natively (on the GPU for a backend
+ * that keeps them there): one call per step, no vectors or gradients through JavaScript. Same maths as
+ * lib/optim.ts TfewOptimizer (per-adapter clipping, warmup + linear decay, HF Adafactor). The IA3Adapter
+ * objects are updated by sync() (and by Trainer at eval points and at the end).
+ */
+export class TrainingSession {
+  readonly adapters: readonly IA3Adapter[];
+  private nativeSession: NativeTrainingSession | undefined;
+
+  /** @internal use T5Model.createTrainingSession */
+  constructor(private readonly model: T5Model, adapters: IA3Adapter[], session: NativeTrainingSession) {
+    this.adapters = adapters;
+    this.nativeSession = session;
+  }
+
+  async step(batch: LossBatch, options: TrainingStepOptions = {}): Promise<TrainingStepResult> {
+    const session = this.live();
+    const n = batch?.inputIds?.length ?? 0;
+    const perExample = Array.isArray(options.adapter) ? options.adapter : new Array(n).fill(options.adapter ?? this.adapters[0]);
+    if (perExample.length !== n) throw new InvalidArgumentError(`got ${perExample.length} adapters for ${n} examples`);
+    const { batch: nb } = this.model.lossBatch(batch, perExample, { fixed: this.adapters, maxInputLength: options.maxInputLength });
+    const out = await callNative(() => session.step(nb, lossWeights(options), options.scheduleStep ?? -1));
+    const gradNorms = new Map<IA3Adapter, number>();
+    this.adapters.forEach((a, i) => {
+      if (out.stepped[i]) gradNorms.set(a, out.gradNorms[i]);
+    });
+    return { totalLoss: out.totalLoss, lmLoss: out.lmLoss, ulLoss: out.ulLoss, lnLoss: out.lnLoss, lr: out.lr, gradNorms };
+  }
+
+  /** Copies the trained vectors into the IA3Adapter objects. */
+  async sync(): Promise<void> {
+    const session = this.live();
+    for (let i = 0; i < this.adapters.length; i++) {
+      const v = await callNative(() => session.read(i));
+      this.adapters[i].data.set(v);
+      this.adapters[i].markChanged();
+    }
+  }
+
+  async dispose(): Promise<void> {
+    const s = this.nativeSession;
+    this.nativeSession = undefined;
+    if (s) await s.dispose();
+  }
+
+  private live(): NativeTrainingSession {
+    if (!this.nativeSession) throw new DisposedError('the training session has been disposed');
+    if (this.model.disposed) throw new DisposedError(`the model loaded from ${this.model.dir} has been disposed`);
+    return this.nativeSession;
+  }
+}
+
+async function callNative<T>(f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
+
+function lossWeights(options: LossOptions): { lmWeight: number; ulWeight: number; lnWeight: number; dropout: boolean; seed: number } {
+  const w = {
+    lmWeight: options.lmWeight ?? 1,
+    ulWeight: options.ulWeight ?? 1,
+    lnWeight: options.lnWeight ?? 1,
+    dropout: options.dropout ?? false,
+    seed: options.seed ?? 0,
+  };
+  for (const [k, v] of Object.entries(w)) {
+    if (typeof v === 'number' && !Number.isFinite(v)) throw new InvalidArgumentError(`${k} must be a finite number`);
+  }
+  return w;
 }
 
 export class T5Model {
@@ -213,31 +319,9 @@ export class T5Model {
   /** The T-Few losses (LM + UL + LN, weighted) and their gradients with respect to the adapters' vectors. */
   async lossAndGradients(batch: LossBatch, options: LossOptions = {}): Promise<LossResult> {
     const nm = this.live();
-    const { inputIds, choices, labels } = batch ?? ({} as LossBatch);
-    if (!Array.isArray(inputIds) || !Array.isArray(choices) || !Array.isArray(labels)) {
-      throw new InvalidArgumentError('lossAndGradients needs { inputIds, choices, labels } arrays');
-    }
-    if (inputIds.length !== choices.length || inputIds.length !== labels.length) {
-      throw new InvalidArgumentError(`inputIds (${inputIds.length}), choices (${choices.length}) and labels (${labels.length}) differ in length`);
-    }
-    const perExample = this.adaptersPerExample(options.adapter, inputIds.length);
-    const chunk = inputIds.map((input, b) => ({
-      inputIds: this.ids(input, options.maxInputLength ?? 256),
-      choices: this.choiceIds(choices[b], b),
-      label: labels[b],
-    }));
-    const { encoded, adapters } = this.withAdapters(chunk, perExample);
-    const nb = buildBatch(encoded, this.config.vocabSize, true);
-    const weights = {
-      lmWeight: options.lmWeight ?? 1,
-      ulWeight: options.ulWeight ?? 1,
-      lnWeight: options.lnWeight ?? 1,
-      dropout: options.dropout ?? false,
-      seed: options.seed ?? 0,
-    };
-    for (const [k, v] of Object.entries(weights)) {
-      if (typeof v === 'number' && !Number.isFinite(v)) throw new InvalidArgumentError(`${k} must be a finite number`);
-    }
+    const perExample = this.adaptersPerExample(options.adapter, batch?.inputIds?.length ?? 0);
+    const { batch: nb, adapters } = this.lossBatch(batch, perExample, { maxInputLength: options.maxInputLength });
+    const weights = lossWeights(options);
     const out = await this.call(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
     const adapterGradients = new Map<IA3Adapter, Float32Array>();
     adapters.forEach((a, i) => adapterGradients.set(a, out.gradients.subarray(i * a.data.length, (i + 1) * a.data.length)));
@@ -247,6 +331,53 @@ export class T5Model {
       for (const m of adapters[0].modules) gradients[m.name] = g.subarray(m.offset, m.offset + m.length);
     }
     return { totalLoss: out.totalLoss, lmLoss: out.lmLoss, ulLoss: out.ulLoss, lnLoss: out.lnLoss, gradients, adapterGradients };
+  }
+
+  /**
+   * A native training session over these adapters (their current vectors are copied): see TrainingSession.
+   * Examples of a step may use any of them (mixed-task training).
+   */
+  async createTrainingSession(adapters: IA3Adapter[], options: TrainingSessionOptions = {}): Promise<TrainingSession> {
+    const nm = this.live();
+    if (!Array.isArray(adapters) || adapters.length === 0) throw new InvalidArgumentError('a training session needs at least one adapter');
+    if (new Set(adapters).size !== adapters.length) throw new InvalidArgumentError('the same adapter appears twice');
+    for (const a of adapters) {
+      if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError('createTrainingSession takes IA3Adapter objects');
+      a.assertCompatible(this.config);
+    }
+    const o = {
+      lr: options.lr ?? 3e-3,
+      totalSteps: options.totalSteps ?? 1000,
+      warmupRatio: options.warmupRatio ?? 0.06,
+      clipNorm: options.clipNorm ?? 1.0,
+      scaleParameter: options.scaleParameter ?? true,
+      weightDecay: options.weightDecay ?? 0,
+    };
+    if (!(o.lr > 0) || !Number.isFinite(o.lr)) throw new InvalidArgumentError(`lr must be a positive number, got ${o.lr}`);
+    if (!Number.isInteger(o.totalSteps) || o.totalSteps < 1) throw new InvalidArgumentError(`totalSteps must be an integer >= 1, got ${o.totalSteps}`);
+    if (!(o.warmupRatio >= 0 && o.warmupRatio <= 1)) throw new InvalidArgumentError(`warmupRatio must be in [0, 1], got ${o.warmupRatio}`);
+    if (!(o.clipNorm >= 0)) throw new InvalidArgumentError(`clipNorm must be >= 0, got ${o.clipNorm}`);
+    if (!(o.weightDecay >= 0) || !Number.isFinite(o.weightDecay)) throw new InvalidArgumentError(`weightDecay must be >= 0, got ${o.weightDecay}`);
+    const session = await this.call(() => nm.createTrainingSession(adapters.map((a) => a.data), o));
+    return new TrainingSession(this, adapters.slice(), session);
+  }
+
+  /**
+   * @internal The native batch of a loss call and the adapters it indexes (collected from the examples, or
+   * `fixed`: a training session's list, which every example's adapter must be in).
+   */
+  lossBatch(batch: LossBatch, perExample: (IA3Adapter | null)[], options: { fixed?: readonly IA3Adapter[]; maxInputLength?: number } = {}): { batch: NativeBatch; adapters: IA3Adapter[] } {
+    const { inputIds, choices, labels } = batch ?? ({} as LossBatch);
+    if (!Array.isArray(inputIds) || !Array.isArray(choices) || !Array.isArray(labels)) {
+      throw new InvalidArgumentError('a loss batch needs { inputIds, choices, labels } arrays');
+    }
+    if (inputIds.length !== choices.length || inputIds.length !== labels.length) {
+      throw new InvalidArgumentError(`inputIds (${inputIds.length}), choices (${choices.length}) and labels (${labels.length}) differ in length`);
+    }
+    const maxInputLength = options.maxInputLength ?? 256;
+    const chunk = inputIds.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b), label: labels[b] }));
+    const { encoded, adapters } = this.withAdapters(chunk, perExample, options.fixed);
+    return { batch: buildBatch(encoded, this.config.vocabSize, true), adapters };
   }
 
   /** Frees the weights (device memory included). Later calls reject with DisposedError. Safe to call twice. */
@@ -290,15 +421,21 @@ export class T5Model {
     return new Array(n).fill(option ?? null);
   }
 
-  private withAdapters(chunk: Omit<EncodedExample, 'adapterIndex'>[], perExample: (IA3Adapter | null)[]): { encoded: EncodedExample[]; adapters: IA3Adapter[] } {
-    const adapters: IA3Adapter[] = [];
-    const index = new Map<IA3Adapter, number>();
+  /**
+   * Gives every example the index of its adapter in `adapters` (-1: none). Adapters are collected as they
+   * appear, or, with `fixed` (a training session's list), must already be in it.
+   */
+  private withAdapters(chunk: Omit<EncodedExample, 'adapterIndex'>[], perExample: (IA3Adapter | null)[],
+                       fixed?: readonly IA3Adapter[]): { encoded: EncodedExample[]; adapters: IA3Adapter[] } {
+    const adapters: IA3Adapter[] = fixed ? fixed.slice() : [];
+    const index = new Map<IA3Adapter, number>(adapters.map((a, i) => [a, i]));
     const encoded = chunk.map((ex, b) => {
       const a = perExample[b];
       let adapterIndex = -1;
       if (a) {
         if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter of example ${b} is not an IA3Adapter`);
         if (!index.has(a)) {
+          if (fixed) throw new InvalidArgumentError(`the adapter of example ${b} is not one of the training session's adapters`);
           a.assertCompatible(this.config);
           index.set(a, adapters.length);
           adapters.push(a);

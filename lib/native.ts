@@ -79,8 +79,37 @@ export interface NativeModel {
   /** adapters: flat Float32Arrays laid out by IA3 layout order (lib/adapter.ts), referenced by index. */
   score(batch: NativeBatch, adapters: Float32Array[], wantLogits: boolean, wantEncoderHidden: boolean): Promise<NativeScoreResult>;
   lossAndGradients(batch: NativeBatch, adapters: Float32Array[], options: NativeLossOptions): Promise<NativeLossResult>;
+  /** A native training session over copies of these adapters (vectors and optimizer state stay native). */
+  createTrainingSession(adapters: Float32Array[], options: NativeOptimizerOptions): Promise<NativeTrainingSession>;
   /** Folds one adapter into the weights (k/v rows, wo columns). */
   mergeAdapter(adapter: Float32Array): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+/** The T-Few optimizer (mirrors cuda/model/training.h OptimizerOptions and lib/optim.ts TfewOptimizer). */
+export interface NativeOptimizerOptions {
+  lr: number;
+  totalSteps: number;
+  warmupRatio: number;
+  clipNorm: number;
+  scaleParameter: boolean;
+  weightDecay: number;
+}
+
+export interface NativeTrainStepResult {
+  lmLoss: number;
+  ulLoss: number;
+  lnLoss: number;
+  totalLoss: number;
+  lr: number;
+  gradNorms: number[]; // per session adapter, before clipping
+  stepped: boolean[]; // per session adapter: was it in the batch
+}
+
+export interface NativeTrainingSession {
+  /** One T-Few step; scheduleStep < 0 continues the schedule. adapterOfExample indexes the session's adapters. */
+  step(batch: NativeBatch, loss: NativeLossOptions, scheduleStep: number): Promise<NativeTrainStepResult>;
+  read(adapter: number): Promise<Float32Array>;
   dispose(): Promise<void>;
 }
 

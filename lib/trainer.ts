@@ -54,6 +54,12 @@ export interface TrainerOptions {
   evalSet?: TrainExample[];
   /** Save the trainer's adapter here (PEFT format) when training finishes without being aborted. */
   saveTo?: string;
+  /**
+   * Run the optimizer natively (a TrainingSession: vectors and optimizer state stay in the engine, the
+   * IA3Adapter objects are updated at eval points and at the end) when the model offers it. Default true;
+   * false runs lib/optim.ts on the host after every step (the same maths; the oracle in the tests).
+   */
+  nativeOptimizer?: boolean;
 }
 
 export interface StepEvent {
@@ -139,6 +145,24 @@ export interface TrainableModel {
     choices: (string[] | number[][])[],
     options?: { adapter?: IA3Adapter | (IA3Adapter | null)[]; maxInputLength?: number; batchSize?: number },
   ): Promise<{ predictions: number[] }>;
+  /** Optional: a native training session (T5Model has one); without it the optimizer runs in lib/optim.ts. */
+  createTrainingSession?(
+    adapters: IA3Adapter[],
+    options: { lr: number; totalSteps: number; warmupRatio: number; clipNorm: number; scaleParameter: boolean; weightDecay: number },
+  ): Promise<TrainingSessionLike>;
+}
+
+/** What the trainer needs from a native training session (lib/model.ts TrainingSession). */
+export interface TrainingSessionLike {
+  step(
+    batch: { inputIds: (number[] | string)[]; choices: (number[][] | string[])[]; labels: number[] },
+    options: {
+      adapter: IA3Adapter[]; lmWeight: number; ulWeight: number; lnWeight: number; dropout: boolean; seed: number;
+      maxInputLength: number; scheduleStep: number;
+    },
+  ): Promise<{ totalLoss: number; lmLoss: number; ulLoss: number; lnLoss: number; lr: number; gradNorms: Map<IA3Adapter, number> }>;
+  sync(): Promise<void>;
+  dispose(): Promise<void>;
 }
 
 type ResolvedOptions = Required<Omit<TrainerOptions, 'evalEvery' | 'evalSet' | 'saveTo'>> &
@@ -158,6 +182,7 @@ const DEFAULTS = {
   dropout: true,
   seed: 42,
   maxInputLength: 256,
+  nativeOptimizer: true,
 };
 
 /** Fisher-Yates shuffle of 0..n-1. */
@@ -246,84 +271,58 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     let aborted = false;
     let adapterPath: string | undefined;
     try {
-      // Each run starts a fresh optimizer state and schedule per adapter.
-      const optimizers = new Map<IA3Adapter, TfewOptimizer>();
-      const optimizerFor = (adapter: IA3Adapter): TfewOptimizer => {
-        let opt = optimizers.get(adapter);
-        if (!opt) {
-          opt = new TfewOptimizer(adapter.modules, {
-            lr: o.lr,
+      const stepper = await this.stepper(examples);
+      try {
+        const batches = this.batchStream(examples.length);
+        for (let step = 0; step < o.steps; step++) {
+          if (signal?.aborted) {
+            aborted = true;
+            break;
+          }
+          this.checkModel();
+          const stepStarted = performance.now();
+          const batch = batches.next().value as number[];
+          const chosen = batch.map((i) => examples[i]);
+          const r = await stepper.step(
+            { inputIds: chosen.map((e) => e.input), choices: chosen.map((e) => this.choicesOf(e)), labels: chosen.map((e) => e.label) },
+            {
+              adapter: chosen.map((e) => e.adapter ?? this.adapter),
+              lmWeight: o.lmWeight,
+              ulWeight: o.ulWeight,
+              lnWeight: o.lnWeight,
+              dropout: o.dropout,
+              seed: o.seed + step,
+              maxInputLength: o.maxInputLength,
+              scheduleStep: step,
+            },
+          );
+          losses.push(r.totalLoss);
+          const seconds = (performance.now() - stepStarted) / 1000;
+          let squaredNorm = 0;
+          for (const norm of r.gradNorms.values()) squaredNorm += norm * norm;
+          this.emit('step', {
+            step: step + 1,
             totalSteps: o.steps,
-            warmupRatio: o.warmupRatio,
-            clipNorm: o.clipNorm,
-            scaleParameter: o.scaleParameter,
-            weightDecay: o.weightDecay,
+            lr: r.lr,
+            totalLoss: r.totalLoss,
+            lmLoss: r.lmLoss,
+            ulLoss: r.ulLoss,
+            lnLoss: r.lnLoss,
+            gradNorm: Math.sqrt(squaredNorm),
+            examplesPerSecond: batch.length / Math.max(seconds, 1e-9),
           });
-          optimizers.set(adapter, opt);
-        }
-        return opt;
-      };
 
-      const batches = this.batchStream(examples.length);
-      for (let step = 0; step < o.steps; step++) {
-        if (signal?.aborted) {
-          aborted = true;
-          break;
+          const done = step + 1;
+          if (o.evalEvery !== undefined && o.evalSet && (done % o.evalEvery === 0 || done === o.steps)) {
+            await stepper.sync();
+            const { accuracy, predictions } = await this.evaluate(o.evalSet);
+            this.emit('eval', { step: done, accuracy, predictions });
+          }
         }
-        this.checkModel();
-        const stepStarted = performance.now();
-        const batch = batches.next().value as number[];
-        const chosen = batch.map((i) => examples[i]);
-        const result = await this.model.lossAndGradients(
-          {
-            inputIds: chosen.map((e) => e.input),
-            choices: chosen.map((e) => this.choicesOf(e)),
-            labels: chosen.map((e) => e.label),
-          },
-          {
-            adapter: chosen.map((e) => e.adapter ?? this.adapter),
-            lmWeight: o.lmWeight,
-            ulWeight: o.ulWeight,
-            lnWeight: o.lnWeight,
-            dropout: o.dropout,
-            seed: o.seed + step,
-            maxInputLength: o.maxInputLength,
-          },
-        );
-
-        // Every adapter of the batch steps at the same schedule position; an adapter absent from the
-        // batch has no gradient and does not step (as a parameter without .grad in PyTorch).
-        if (result.adapterGradients.size === 0) {
-          throw new TfewError('E_INTERNAL', 'lossAndGradients returned no adapter gradients');
-        }
-        let squaredNorm = 0;
-        let lr = 0;
-        for (const [adapter, gradient] of result.adapterGradients) {
-          const info = optimizerFor(adapter).step(adapter.data, gradient, { scheduleStep: step });
-          adapter.markChanged();
-          squaredNorm += info.gradNorm * info.gradNorm;
-          lr = info.lr;
-        }
-
-        losses.push(result.totalLoss);
-        const seconds = (performance.now() - stepStarted) / 1000;
-        this.emit('step', {
-          step: step + 1,
-          totalSteps: o.steps,
-          lr,
-          totalLoss: result.totalLoss,
-          lmLoss: result.lmLoss,
-          ulLoss: result.ulLoss,
-          lnLoss: result.lnLoss,
-          gradNorm: Math.sqrt(squaredNorm),
-          examplesPerSecond: batch.length / Math.max(seconds, 1e-9),
-        });
-
-        const done = step + 1;
-        if (o.evalEvery !== undefined && o.evalSet && (done % o.evalEvery === 0 || done === o.steps)) {
-          const { accuracy, predictions } = await this.evaluate(o.evalSet);
-          this.emit('eval', { step: done, accuracy, predictions });
-        }
+      } finally {
+        // the adapters hold every step taken, aborted or not
+        await stepper.sync();
+        await stepper.dispose();
       }
 
       if (!aborted && o.saveTo !== undefined) {
@@ -336,6 +335,47 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     const seconds = (performance.now() - started) / 1000;
     this.emit('done', { steps: losses.length, seconds, aborted, ...(adapterPath !== undefined ? { adapterPath } : {}) });
     return { steps: losses.length, losses, aborted, ...(adapterPath !== undefined ? { adapterPath } : {}) };
+  }
+
+  /**
+   * How one optimizer step runs: a native training session over every adapter of the run when the model
+   * offers one (and nativeOptimizer is on), else lossAndGradients + lib/optim.ts on the host. Both start a
+   * fresh optimizer state and schedule per adapter; every adapter in a batch steps at the same schedule
+   * position and one absent from the batch does not step (as a parameter without .grad in PyTorch).
+   */
+  private async stepper(examples: TrainExample[]): Promise<TrainingSessionLike> {
+    const o = this.options;
+    const optimizerOptions = {
+      lr: o.lr, totalSteps: o.steps, warmupRatio: o.warmupRatio, clipNorm: o.clipNorm,
+      scaleParameter: o.scaleParameter, weightDecay: o.weightDecay,
+    };
+    if (o.nativeOptimizer && typeof this.model.createTrainingSession === 'function') {
+      const adapters = [...new Set([this.adapter, ...examples.map((e) => e.adapter ?? this.adapter)])];
+      return this.model.createTrainingSession(adapters, optimizerOptions);
+    }
+    const model = this.model;
+    const optimizers = new Map<IA3Adapter, TfewOptimizer>();
+    return {
+      async step(batch, options) {
+        const result = await model.lossAndGradients(batch, options);
+        if (result.adapterGradients.size === 0) {
+          throw new TfewError('E_INTERNAL', 'lossAndGradients returned no adapter gradients');
+        }
+        const gradNorms = new Map<IA3Adapter, number>();
+        let lr = 0;
+        for (const [adapter, gradient] of result.adapterGradients) {
+          let opt = optimizers.get(adapter);
+          if (!opt) optimizers.set(adapter, (opt = new TfewOptimizer(adapter.modules, optimizerOptions)));
+          const info = opt.step(adapter.data, gradient, { scheduleStep: options.scheduleStep });
+          adapter.markChanged();
+          gradNorms.set(adapter, info.gradNorm);
+          lr = info.lr;
+        }
+        return { ...result, lr, gradNorms };
+      },
+      async sync() {},
+      async dispose() {},
+    };
   }
 
   /**

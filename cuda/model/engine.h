@@ -7,6 +7,7 @@
 
 #include "batch.h"
 #include "t5_config.h"
+#include "training.h"
 
 namespace tfew {
 
@@ -54,6 +55,12 @@ class Engine {
   // Folds one adapter into the frozen weights (rows of k/v projections, columns of wo) for single-task
   // serving; afterwards calls without an adapter equal calls with it on the unmerged weights.
   virtual void merge_adapter(const float* vectors) = 0;
+  // A training session over copies of `initial` adapters. The default keeps vectors and optimizer state on
+  // the host and takes gradients from loss_and_gradients; a backend may override it (state on the device).
+  virtual std::unique_ptr<TrainingSession> create_training_session(std::vector<std::vector<float>> initial,
+                                                                   const OptimizerOptions& options) {
+    return make_host_training_session(config(), std::move(initial), options);
+  }
   // Frees all memory the engine holds (device memory included). Safe to call twice.
   virtual void release() = 0;
 };

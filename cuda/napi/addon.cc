@@ -129,6 +129,16 @@ static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size) {
   return c;
 }
 
+static LossOptions to_loss_options(const Napi::Object& o) {
+  LossOptions opt;
+  opt.lm_weight = static_cast<float>(get_double(o, "lmWeight"));
+  opt.ul_weight = static_cast<float>(get_double(o, "ulWeight"));
+  opt.ln_weight = static_cast<float>(get_double(o, "lnWeight"));
+  opt.dropout = get_bool(o, "dropout");
+  opt.seed = static_cast<uint64_t>(get_double(o, "seed"));
+  return opt;
+}
+
 static Napi::Error to_js_error(Napi::Env env, ErrorCode code, const std::string& message) {
   Napi::Error e = Napi::Error::New(env, message);
   e.Set("code", Napi::String::New(env, error_code_name(code)));
@@ -215,6 +225,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod<&NativeModel::Score>("score"),
                         InstanceMethod<&NativeModel::LossAndGradients>("lossAndGradients"),
                         InstanceMethod<&NativeModel::MergeAdapter>("mergeAdapter"),
+                        InstanceMethod<&NativeModel::CreateTrainingSession>("createTrainingSession"),
                         InstanceMethod<&NativeModel::Dispose>("dispose")});
   }
 
@@ -300,12 +311,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       if (info.Length() < 3 || !info[0].IsObject() || !info[2].IsObject())
         fail(ErrorCode::InvalidArgument, "lossAndGradients(batch, adapters, options)");
       Napi::Object o = info[2].As<Napi::Object>();
-      LossOptions opt;
-      opt.lm_weight = static_cast<float>(get_double(o, "lmWeight"));
-      opt.ul_weight = static_cast<float>(get_double(o, "ulWeight"));
-      opt.ln_weight = static_cast<float>(get_double(o, "lnWeight"));
-      opt.dropout = get_bool(o, "dropout");
-      opt.seed = static_cast<uint64_t>(get_double(o, "seed"));
+      LossOptions opt = to_loss_options(o);
       auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size), opt);
       auto p = w->promise();
       w->Queue();
@@ -343,6 +349,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
   }
 
+  Napi::Value CreateTrainingSession(const Napi::CallbackInfo& info);
+
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     class Worker : public PromiseWorker {
      public:
@@ -368,6 +376,170 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 };
 
 Napi::FunctionReference* NativeModel::constructor = nullptr;
+
+// A training session and the model it trains; calls lock the model (one call at a time per model).
+struct SessionHolder {
+  std::shared_ptr<ModelHolder> model;
+  std::unique_ptr<TrainingSession> session;
+  TrainingSession& use() {
+    if (!session) fail(ErrorCode::Disposed, "the training session has been disposed");
+    return *session;
+  }
+};
+
+class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
+ public:
+  static Napi::FunctionReference* constructor;
+
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeTrainingSession",
+                       {InstanceMethod<&NativeTrainingSession::Step>("step"),
+                        InstanceMethod<&NativeTrainingSession::Read>("read"),
+                        InstanceMethod<&NativeTrainingSession::Dispose>("dispose")});
+  }
+
+  NativeTrainingSession(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeTrainingSession>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "NativeTrainingSession is created by createTrainingSession()");
+    holder_ = *info[0].As<Napi::External<std::shared_ptr<SessionHolder>>>().Data();
+  }
+
+ private:
+  // step(batch, lossOptions, scheduleStep) -> { lmLoss, ulLoss, lnLoss, totalLoss, lr, gradNorms, stepped }
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h, Batch b, LossOptions o, int s)
+          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), opt_(o), schedule_(s) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->model->mu);
+        out_ = h_->use().step(h_->model->use(), batch_, opt_, schedule_);
+      }
+      Napi::Value result(Napi::Env env) override {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("lmLoss", Napi::Number::New(env, out_.lm_loss));
+        o.Set("ulLoss", Napi::Number::New(env, out_.ul_loss));
+        o.Set("lnLoss", Napi::Number::New(env, out_.ln_loss));
+        o.Set("totalLoss", Napi::Number::New(env, out_.total_loss));
+        o.Set("lr", Napi::Number::New(env, out_.lr));
+        Napi::Array norms = Napi::Array::New(env, out_.grad_norms.size());
+        Napi::Array stepped = Napi::Array::New(env, out_.stepped.size());
+        for (uint32_t i = 0; i < out_.grad_norms.size(); ++i) {
+          norms.Set(i, Napi::Number::New(env, out_.grad_norms[i]));
+          stepped.Set(i, Napi::Boolean::New(env, out_.stepped[i] != 0));
+        }
+        o.Set("gradNorms", norms);
+        o.Set("stepped", stepped);
+        return o;
+      }
+     private:
+      std::shared_ptr<SessionHolder> h_;
+      Batch batch_;
+      LossOptions opt_;
+      int schedule_;
+      TrainStepOutput out_;
+    };
+    try {
+      if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsObject())
+        fail(ErrorCode::InvalidArgument, "step(batch, lossOptions, scheduleStep)");
+      int schedule = info[2].IsNumber() ? info[2].As<Napi::Number>().Int32Value() : -1;
+      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_loss_options(info[1].As<Napi::Object>()), schedule);
+      auto p = w->promise();
+      w->Queue();
+      return p;
+    } catch (const TfewError& e) {
+      return rejected(env, e.code(), e.what());
+    }
+  }
+
+  Napi::Value Read(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h, int a) : PromiseWorker(env), h_(std::move(h)), a_(a) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->model->mu);
+        out_ = h_->use().read(a_);
+      }
+      Napi::Value result(Napi::Env env) override { return to_f32(env, out_); }
+     private:
+      std::shared_ptr<SessionHolder> h_;
+      int a_;
+      std::vector<float> out_;
+    };
+    auto* w = new Worker(env, holder_, info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : -1);
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    class Worker : public PromiseWorker {
+     public:
+      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h) : PromiseWorker(env), h_(std::move(h)) {}
+      void work() override {
+        std::lock_guard<std::mutex> lock(h_->model->mu);
+        h_->session.reset();
+      }
+      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
+     private:
+      std::shared_ptr<SessionHolder> h_;
+    };
+    auto* w = new Worker(info.Env(), holder_);
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+  std::shared_ptr<SessionHolder> holder_;
+};
+
+Napi::FunctionReference* NativeTrainingSession::constructor = nullptr;
+
+// createTrainingSession(adapters: Float32Array[], options) -> Promise<NativeTrainingSession>
+Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  class Worker : public PromiseWorker {
+   public:
+    Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, AdapterCopies a, OptimizerOptions o)
+        : PromiseWorker(env), h_(std::move(h)), a_(std::move(a)), o_(o) {}
+    void work() override {
+      std::lock_guard<std::mutex> lock(h_->mu);
+      holder_ = std::make_shared<SessionHolder>();
+      holder_->model = h_;
+      holder_->session = h_->use().create_training_session(std::move(a_.data), o_);
+    }
+    Napi::Value result(Napi::Env env) override {
+      auto* ext = new std::shared_ptr<SessionHolder>(holder_);
+      auto external = Napi::External<std::shared_ptr<SessionHolder>>::New(
+          env, ext, [](Napi::Env, std::shared_ptr<SessionHolder>* p) { delete p; });
+      return NativeTrainingSession::constructor->New({external});
+    }
+   private:
+    std::shared_ptr<ModelHolder> h_;
+    AdapterCopies a_;
+    OptimizerOptions o_;
+    std::shared_ptr<SessionHolder> holder_;
+  };
+  try {
+    if (info.Length() < 2 || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "createTrainingSession(adapters, options)");
+    Napi::Object o = info[1].As<Napi::Object>();
+    OptimizerOptions opt;
+    opt.lr = get_double(o, "lr");
+    opt.total_steps = get_int(o, "totalSteps");
+    opt.warmup_ratio = get_double(o, "warmupRatio");
+    opt.clip_norm = get_double(o, "clipNorm");
+    opt.scale_parameter = get_bool(o, "scaleParameter");
+    opt.weight_decay = get_double(o, "weightDecay");
+    auto* w = new Worker(env, holder_, to_adapters(info[0], holder_->ia3_size), opt);
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  } catch (const TfewError& e) {
+    return rejected(env, e.code(), e.what());
+  }
+}
 
 // loadModel(config, tensors, { device, threads }) -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
@@ -435,6 +607,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = NativeModel::Define(env);
   NativeModel::constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
   exports.Set("NativeModel", ctor);
+  Napi::Function session_ctor = NativeTrainingSession::Define(env);
+  NativeTrainingSession::constructor = new Napi::FunctionReference(Napi::Persistent(session_ctor));
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   Napi::Object build = Napi::Object::New(env);
 #ifdef TFEW_WITH_CUDA
