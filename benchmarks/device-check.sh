@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# The one script the GPU machine runs: GPU parity tests, the rank-classification benchmark and the PyTorch +
-# PEFT baseline in the same run on the same GPU, then a table. Full logs and JSON go to $OUT.
+# The one script the GPU machine runs: a first-light smoke check, the GPU parity tests, the rank-classification
+# benchmark and the PyTorch + PEFT baseline in the same run on the same GPU, then a table. Full logs and JSON
+# go to $OUT; the summary (one line per step) is printed last.
 #
 # Here (no GPU needed), once per change:
-#   benchmarks/device-check.sh --prepare
+#   bash benchmarks/device-check.sh --prepare
 #     builds the CUDA addon (build-cuda/tfew.node), compiles the TypeScript (dist/), packs Node.js and the
 #     node_modules the run needs into .device/ (the GPU machine has neither Node nor a registry).
-# There (the `run` tool), carrying [".device", "build-cuda/tfew.node", "dist"]:
+# There (the `run` tool, timeout_s 600), carrying [".device", "build-cuda/tfew.node", "dist"]:
 #   bash benchmarks/device-check.sh
-# Environment: TFEW_DEVICE_BUDGET_S (default 540: seconds for all steps together; later steps get what is
-# left), TFEW_DEVICE_STEPS (default "errors,tests,bench,torch"), TFEW_SKIP_COMPILE=1 (no torch.compile).
-# Engine switches worth knowing when something fails there: TFEW_CUDA_DEBUG_SYNC=1 (sync after every
-# kernel: faults name their kernel), TFEW_CUDA_GRAPHS=0, TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_PRECISION=fp32.
+# Environment:
+#   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
+#   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call
+#   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
+#   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
+#   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
+# Order and failure policy: the probe first (no usable GPU for us: print what is missing and stop); then the
+# smoke check on the tiny fixtures with TFEW_CUDA_DEBUG_SYNC=1 (a CUDA fault names its kernel); each GPU test
+# file runs in its own process (a CUDA fault poisons the whole process, so one file cannot take the others
+# down) with its own time cap (a hang costs one cap, not the budget); a file that hit a CUDA fault is rerun
+# once with TFEW_CUDA_DEBUG_SYNC=1. When the smoke check failed, the benchmark and the PyTorch steps are
+# skipped: their numbers would be meaningless and the device time is better kept for a rerun after a fix.
+# Engine switches worth knowing when something fails: TFEW_CUDA_DEBUG_SYNC=1, TFEW_CUDA_GRAPHS=0,
+# TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_PRECISION=fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -34,7 +45,14 @@ prepare() {
   tar -C "$ROOT" --exclude='node_modules/vega*' --exclude='node_modules/d3-*' --exclude='node_modules/@resvg' \
     --exclude='node_modules/.cache' -cf - node_modules | xz -T2 -6 > .device/node_modules.tar.xz
   du -sh .device build-cuda/tfew.node dist
-  echo 'carry: [".device", "build-cuda/tfew.node", "dist"]   command: bash benchmarks/device-check.sh'
+  local total
+  total=$(du -scb .device build-cuda/tfew.node dist | tail -n 1 | cut -f1)
+  echo "carry total: $((total >> 20)) MiB (limit 64 MiB)"
+  if [ "$total" -gt $((64 << 20)) ]; then
+    echo "the carry is over the 64 MiB limit" >&2
+    return 1
+  fi
+  echo 'carry: [".device", "build-cuda/tfew.node", "dist"]   command: bash benchmarks/device-check.sh   timeout_s: 600'
 }
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -48,19 +66,28 @@ fi
 OUT=${OUT:-/tmp/tfew-device-out}
 mkdir -p "$OUT"
 BUDGET=${TFEW_DEVICE_BUDGET_S:-540}
-STEPS=${TFEW_DEVICE_STEPS:-errors,tests,bench,torch}
+STEPS=${TFEW_DEVICE_STEPS:-smoke,errors,tests,bench,torch}
+RESERVE=${TFEW_DEVICE_RESERVE_S:-150}
+FORCE=${TFEW_DEVICE_FORCE:-0}
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
+finish() {
+  echo
+  echo "== summary ($(($(date +%s) - START)) s of the ${BUDGET} s budget; logs in \$OUT)"
+  cat "$SUMMARY"
+  exit "$1"
+}
 
-# step NAME MAX_SECONDS command...: runs with a timeout capped by what is left of the budget.
+# step NAME MAX_SECONDS RESERVE_SECONDS command...: runs with a timeout capped by what is left of the budget
+# minus RESERVE_SECONDS (time kept for later steps).
 step() {
-  local name=$1 max=$2
-  shift 2
-  local left=$((BUDGET - ($(date +%s) - START)))
+  local name=$1 max=$2 keep=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - START) - keep))
   if [ "$left" -lt 20 ]; then
     note "SKIP  $name (budget spent)"
     return 1
@@ -71,10 +98,19 @@ step() {
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   local dt=$(($(date +%s) - t0))
-  if [ $rc -eq 0 ]; then note "OK    $name (${dt} s)"; else note "FAIL  $name (rc $rc after ${dt} s, limit ${limit} s): see $name.log"; fi
-  tail -n 40 "$OUT/$name.log"
+  if [ $rc -eq 0 ]; then
+    note "OK    $name (${dt} s)"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    note "FAIL  $name (timed out after ${dt} s, limit ${limit} s): see $name.log"
+  else
+    note "FAIL  $name (rc $rc after ${dt} s): see $name.log"
+  fi
+  tail -n 25 "$OUT/$name.log"
   return $rc
 }
+
+# A CUDA fault (illegal address, launch failure, ...) in a log: the test process's CUDA context was lost.
+cuda_fault() { grep -qE "E_CUDA|illegal|cudaError|misaligned|launch failure|restart the process" "$1" 2>/dev/null; }
 
 if [ -f .device/env.sh ]; then
   # shellcheck disable=SC1091
@@ -88,46 +124,91 @@ if [ -f build-cuda/tfew.node ]; then  # node-gyp-build (lib/native.ts) looks in 
   cp build-cuda/tfew.node build/Release/tfew.node
 fi
 
-note "== device-check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
-node -e "const n=require('./dist/lib/native');const p=n.native().probeCuda();console.log(JSON.stringify({build:n.native().buildInfo,probe:p}))" \
+note "== device-check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') steps $STEPS"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
+
+# ---- probe: can the addon load, and does it see a usable GPU, driver and cuBLAS?
+node -e "const n=require('./dist/lib/native');const p=n.native().probeCuda();console.log(JSON.stringify({build:n.native().buildInfo,probe:p}));process.exit(p.usable?0:3)" \
   > "$OUT/probe.json" 2>&1
+probe_rc=$?
 cat "$OUT/probe.json" | tee -a "$SUMMARY"
-
-RANDOM_DIR=/tmp/tfew-rand-t0w-2l
-step random-checkpoint 120 node dist/benchmarks/random-t5.js --out "$RANDOM_DIR" --layers 2 --seed 1234 \
-  --batch-json "$RANDOM_DIR/batch.json"
-
-ERRORS="$OUT/pytorch-bf16-errors.json"
-if want errors; then
-  step pytorch-errors 180 python3 benchmarks/pytorch_baseline.py errors --fixtures test/fixtures --random "$RANDOM_DIR" \
-    --out "$ERRORS"
+if [ $probe_rc -ne 0 ]; then
+  note "FAIL  probe: the CUDA backend is not usable here (see probe.json; diagnostics in probe-diagnostics.log)"
+  {
+    echo "== node"; command -v node; node --version
+    echo "== addon"; ls -la build/Release/ build-cuda/ 2>&1
+    echo "== ldd"; ldd build/Release/tfew.node 2>&1
+    echo "== cuBLAS"; ls -la /usr/local/cuda/lib64/libcublas* 2>&1; ldconfig -p 2>/dev/null | grep -E "libcublas|libcuda\.so" || true
+    echo "== driver"; nvidia-smi 2>&1 | head -20
+    echo "== LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  } > "$OUT/probe-diagnostics.log" 2>&1
+  tail -n 40 "$OUT/probe-diagnostics.log"
+  [ "$FORCE" = "1" ] || finish 1
 fi
 
+# ---- smoke: tiny checkpoints on the GPU vs the CPU backend, synchronising after every kernel
+smoke_ok=1
+if want smoke; then
+  if ! TFEW_CUDA_DEBUG_SYNC=1 step smoke 120 0 node dist/benchmarks/rank-bench.js smoke --fixtures test/fixtures; then
+    smoke_ok=0
+    note "      the smoke check failed: the benchmark and PyTorch steps are skipped (TFEW_DEVICE_FORCE=1 runs them)"
+  fi
+fi
+later_ok() { [ "$smoke_ok" = "1" ] || [ "$FORCE" = "1" ]; }
+
+RANDOM_DIR=/tmp/tfew-rand-t0w-2l
+ERRORS="$OUT/pytorch-bf16-errors.json"
+if want tests || want errors; then
+  step random-checkpoint 90 0 node dist/benchmarks/random-t5.js --out "$RANDOM_DIR" --layers 2 --seed 1234 \
+    --batch-json "$RANDOM_DIR/batch.json"
+fi
+
+# ---- PyTorch's own bf16 error: the tolerance of the bf16 GPU tests
+if want errors && later_ok; then
+  step pytorch-errors 150 "$RESERVE" python3 benchmarks/pytorch_baseline.py errors --fixtures test/fixtures \
+    --random "$RANDOM_DIR" --out "$ERRORS"
+fi
+
+# ---- the GPU tests, one process per file
 if want tests; then
-  TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
-    step jest-gpu 300 node node_modules/jest/bin/jest.js test/gpu --runInBand --verbose
-  # A CUDA fault (illegal address, launch failure) is reported by whichever call syncs next; rerun the
-  # fixture tests synchronising after every kernel so the log names the kernel that faulted.
-  if grep -qE "E_CUDA|illegal|cudaError|CUDA context is no longer usable" "$OUT/jest-gpu.log" 2>/dev/null; then
-    TFEW_CUDA_DEBUG_SYNC=1 TFEW_BF16_ERRORS="$ERRORS" \
-      step jest-gpu-debug-sync 150 node node_modules/jest/bin/jest.js test/gpu/cuda-fixtures.test.ts --runInBand
+  debug_rerun_done=0
+  for t in cuda-fixtures:90 cuda-training:120 cuda-random:180 cuda-behaviour:120; do
+    file=${t%%:*}
+    cap=${t##*:}
+    TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
+      step "jest-$file" "$cap" "$RESERVE" node node_modules/jest/bin/jest.js "test/gpu/$file.test.ts" --runInBand --verbose
+    # A CUDA fault is reported by whichever call synchronises next; rerun once synchronising after every
+    # kernel, so the log names the kernel that faulted.
+    if [ "$debug_rerun_done" = "0" ] && cuda_fault "$OUT/jest-$file.log"; then
+      debug_rerun_done=1
+      TFEW_CUDA_DEBUG_SYNC=1 TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
+        step "jest-$file-debug-sync" 120 "$RESERVE" node node_modules/jest/bin/jest.js "test/gpu/$file.test.ts" --runInBand --verbose
+    fi
+  done
+fi
+
+# ---- our benchmark, then the PyTorch + PEFT baseline on the same GPU
+if want bench; then
+  if later_ok; then
+    step rank-bench 240 0 node dist/benchmarks/rank-bench.js run --layers 24 --out "$OUT/rank-bench.json"
+  else
+    note "SKIP  rank-bench (smoke check failed)"
   fi
 fi
 
-if want bench; then
-  step rank-bench 240 node dist/benchmarks/rank-bench.js run --layers 24 --out "$OUT/rank-bench.json"
-fi
-
 if want torch; then
-  extra=()
-  [ "${TFEW_SKIP_COMPILE:-0}" = "1" ] && extra+=(--no-compile)
-  step pytorch-bench 420 python3 benchmarks/pytorch_baseline.py bench "${extra[@]}" --out "$OUT/pytorch-bench.json"
+  if later_ok; then
+    extra=()
+    [ "${TFEW_SKIP_COMPILE:-0}" = "1" ] && extra+=(--no-compile)
+    step pytorch-bench 300 0 python3 benchmarks/pytorch_baseline.py bench "${extra[@]}" --out "$OUT/pytorch-bench.json"
+  else
+    note "SKIP  pytorch-bench (smoke check failed)"
+  fi
 fi
 
 echo
 if [ -f "$OUT/rank-bench.json" ]; then
   node dist/benchmarks/rank-bench.js table --ours "$OUT/rank-bench.json" --torch "$OUT/pytorch-bench.json" | tee "$OUT/table.md"
 fi
-echo
-cat "$SUMMARY"
+if grep -q "^FAIL" "$SUMMARY"; then finish 1; fi
+finish 0

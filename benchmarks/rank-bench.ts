@@ -12,10 +12,17 @@
 //
 //   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json]
 //   node dist/benchmarks/rank-bench.js table --ours rank-bench.json [--torch pytorch-bench.json]
+//   node dist/benchmarks/rank-bench.js smoke [--fixtures test/fixtures]
+// smoke: the first-light check device-check.sh runs before anything long: the tiny fixture checkpoints on the
+// CUDA backend (fp32 and bf16) against the CPU backend in the same process — scores with no / one / mixed
+// adapters, encoder states, losses and gradients (mixed adapters, dropout), fused vs cuBLAS encoder attention,
+// graph replays vs the eager call. One line per check; exit code 1 when any check fails or throws. Run it
+// with TFEW_CUDA_DEBUG_SYNC=1 so that a CUDA fault names the kernel that caused it.
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../lib';
+import { buildTinyT5 } from '../lib/tiny';
 import { native } from '../lib/native';
 import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
 
@@ -230,6 +237,172 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   return lines.join('\n');
 }
 
+// ---- smoke: first light on a GPU (tiny checkpoints, CUDA vs the CPU backend)
+
+const relErr = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
+  if (a.length !== b.length) return Infinity;
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / Math.max(den, 1e-300));
+};
+
+const maxRelErr = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
+  if (a.length !== b.length) return Infinity;
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]) / Math.max(Math.abs(b[i]), 1e-6));
+  return worst;
+};
+
+/** Loads DIR on CUDA with engine switches (read by the engine when it is created), restoring the environment. */
+async function loadCudaWith(dir: string, env: Record<string, string>): Promise<T5Model> {
+  const previous = Object.keys(env).map((k) => [k, process.env[k]] as const);
+  Object.assign(process.env, env);
+  try {
+    return await T5Model.load(dir, { device: 'cuda' });
+  } finally {
+    for (const [k, v] of previous) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+}
+
+async function smoke(args: Map<string, string>): Promise<boolean> {
+  const fixtures = args.get('fixtures') ?? path.resolve(__dirname, '..', '..', 'test', 'fixtures');
+  const probe = native().probeCuda();
+  console.log(`[smoke] probe: ${JSON.stringify(probe)}`);
+  if (!probe.usable) {
+    console.log(`[smoke] FAIL CUDA is not usable: ${probe.reason}`);
+    return false;
+  }
+  let failures = 0;
+  let fatal = false; // a sticky CUDA error: every later call in this process fails the same way
+  const check = async (name: string, tol: number, measure: () => Promise<number>): Promise<void> => {
+    if (fatal) {
+      console.log(`[smoke] SKIP  ${name} (the CUDA context is unusable)`);
+      return;
+    }
+    const t0 = Date.now();
+    try {
+      const err = await measure();
+      const ok = Number.isFinite(err) && err <= tol;
+      if (!ok) failures++;
+      console.log(`[smoke] ${ok ? 'OK  ' : 'FAIL'}  ${name}: error ${err.toExponential(2)} (tolerance ${tol.toExponential(0)}, ${Date.now() - t0} ms)`);
+    } catch (e) {
+      failures++;
+      const err = e as Error & { code?: string };
+      console.log(`[smoke] FAIL  ${name}: threw ${err.code ?? err.name}: ${err.message}`);
+      if (/restart the process|illegal|launch failure|misaligned/i.test(err.message)) fatal = true;
+    }
+  };
+
+  const V = 128;
+  const batch = randomBatch(V, [12, 5, 9], [[3, 5, 2], [4, 1], [5, 5, 3]], 5);
+  for (const name of ['tiny-gated-gelu-untied', 'tiny-relu-tied']) {
+    const dir = path.join(fixtures, name);
+    if (!fs.existsSync(path.join(dir, 'config.json'))) {
+      console.log(`[smoke] FAIL  ${name}: no fixture at ${dir}`);
+      failures++;
+      continue;
+    }
+    const cpu = await T5Model.load(dir, { device: 'cpu', threads: Math.min(8, os.cpus().length) });
+    const a = await IA3Adapter.load(path.join(dir, 'adapter_a'));
+    const b = await IA3Adapter.load(path.join(dir, 'adapter_b'));
+    const mixed = [a, null, b];
+    const ref = {
+      none: await cpu.rankClassify(batch.inputIds, batch.choices),
+      ia3: await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: a }),
+      mixed: await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: mixed }),
+      encoder: await cpu.encode(batch.inputIds, { adapter: mixed }),
+      loss: await cpu.lossAndGradients(batch, { adapter: [a, b, a] }),
+    };
+    await cpu.dispose();
+    for (const precision of ['fp32', 'bf16']) {
+      // fp32: the verification mode (1e-4 like the CPU tests). bf16: a coarse bound that only a broken kernel
+      // exceeds (a failed smoke check skips the benchmark); the real bf16 tolerances, twice PyTorch's own bf16
+      // error, are the GPU tests'.
+      const tol = precision === 'fp32' ? 1e-4 : 1e-1;
+      const tag = `${name} ${precision}`;
+      let gpu = undefined as T5Model | undefined; // set by the load check (a failed load skips the rest)
+      await check(`${tag} load`, 0, async () => {
+        gpu = await loadCudaWith(dir, { TFEW_CUDA_PRECISION: precision });
+        console.log(`[smoke]       ${gpu.describe()}`);
+        return 0;
+      });
+      if (!gpu) continue;
+      const m = gpu;
+      const logp = (r: { logProbs: number[][] }) => r.logProbs.flat();
+      await check(`${tag} scores, no adapter`, tol, async () => maxRelErr(logp(await m.rankClassify(batch.inputIds, batch.choices)), logp(ref.none)));
+      await check(`${tag} scores, adapter_a`, tol, async () => maxRelErr(logp(await m.rankClassify(batch.inputIds, batch.choices, { adapter: a })), logp(ref.ia3)));
+      await check(`${tag} scores, mixed [a, none, b]`, tol, async () => maxRelErr(logp(await m.rankClassify(batch.inputIds, batch.choices, { adapter: mixed })), logp(ref.mixed)));
+      await check(`${tag} encoder states, mixed`, tol, async () => {
+        const enc = await m.encode(batch.inputIds, { adapter: mixed });
+        return Math.max(...enc.map((e, i) => relErr(e, ref.encoder[i])));
+      });
+      await check(`${tag} losses, mixed [a, b, a]`, tol, async () => {
+        const g = await m.lossAndGradients(batch, { adapter: [a, b, a] });
+        return maxRelErr([g.lmLoss, g.ulLoss, g.lnLoss, g.totalLoss], [ref.loss.lmLoss, ref.loss.ulLoss, ref.loss.lnLoss, ref.loss.totalLoss]);
+      });
+      await check(`${tag} gradients, mixed [a, b, a]`, precision === 'fp32' ? 1e-4 : 2.5e-1, async () => {
+        const g = await m.lossAndGradients(batch, { adapter: [a, b, a] });
+        return Math.max(...[a, b].map((x) => relErr(g.adapterGradients.get(x) as Float32Array, ref.loss.adapterGradients.get(x) as Float32Array)));
+      });
+      // Graphs: the first call of a shape runs eagerly, the second captures, later ones replay (graphs are
+      // off under TFEW_CUDA_DEBUG_SYNC; then this compares eager calls).
+      await check(`${tag} repeated calls (graph capture + replay) equal the first`, 1e-6, async () => {
+        const shape = randomBatch(V, [7, 11], [[2, 4], [3]], 9);
+        const first = logp(await m.rankClassify(shape.inputIds, shape.choices, { adapter: a }));
+        let worst = 0;
+        for (let i = 0; i < 3; i++) worst = Math.max(worst, maxRelErr(logp(await m.rankClassify(shape.inputIds, shape.choices, { adapter: a })), first));
+        return worst;
+      });
+      if (precision === 'bf16') {
+        await check(`${tag} fused encoder attention vs cuBLAS path`, 5e-2, async () => {
+          const unfused = await loadCudaWith(dir, { TFEW_CUDA_PRECISION: 'bf16', TFEW_CUDA_FUSED_ATTENTION: '0' });
+          try {
+            const x = await m.encode(batch.inputIds, { adapter: mixed });
+            const y = await unfused.encode(batch.inputIds, { adapter: mixed });
+            return Math.max(...x.map((e, i) => relErr(e, y[i])));
+          } finally {
+            await unfused.dispose();
+          }
+        });
+      }
+      await m.dispose();
+    }
+  }
+
+  // Dropout masks: the same elements dropped as on the CPU (a tiny model with dropout 0.1, fp32 mode).
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-smoke-'));
+  try {
+    buildTinyT5(tmp, { words: ['alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu'], gated: true, dropoutRate: 0.1, seed: 3 });
+    const cpu = await T5Model.load(tmp, { device: 'cpu', threads: 2 });
+    const db = { inputIds: [[3, 4, 5, 6, 7, 8, 1], [9, 10, 1]], choices: [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]]], labels: [1, 2] };
+    const ad = IA3Adapter.create(cpu, 1.1);
+    const opts = { adapter: ad, dropout: true, seed: 42 };
+    const want = await cpu.lossAndGradients(db, opts);
+    await cpu.dispose();
+    await check('tiny dropout 0.1 fp32: losses and gradients with dropout equal the CPU', 1e-4, async () => {
+      const gpu = await loadCudaWith(tmp, { TFEW_CUDA_PRECISION: 'fp32' });
+      try {
+        const got = await gpu.lossAndGradients(db, opts);
+        return Math.max(maxRelErr([got.totalLoss], [want.totalLoss]),
+                        relErr(got.adapterGradients.get(ad) as Float32Array, want.adapterGradients.get(ad) as Float32Array));
+      } finally {
+        await gpu.dispose();
+      }
+    });
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+  console.log(`[smoke] ${failures === 0 ? 'all checks passed' : `${failures} check(s) failed`}`);
+  return failures === 0;
+}
+
 function parseArgs(argv: string[]): Map<string, string> {
   const m = new Map<string, string>();
   for (let i = 0; i < argv.length; i++) {
@@ -256,8 +429,10 @@ async function main(): Promise<void> {
     const torchFile = args.get('torch');
     const torch = torchFile && fs.existsSync(torchFile) ? (JSON.parse(fs.readFileSync(torchFile, 'utf8')) as TorchBench) : undefined;
     console.log(table(ours, torch));
+  } else if (cmd === 'smoke') {
+    if (!(await smoke(args))) process.exitCode = 1;
   } else {
-    console.error('usage: rank-bench run [--model-dir DIR] [--layers N] [--out FILE] | table --ours FILE [--torch FILE]');
+    console.error('usage: rank-bench run [--model-dir DIR] [--layers N] [--out FILE] | table --ours FILE [--torch FILE] | smoke [--fixtures DIR]');
     process.exit(2);
   }
 }

@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/errors.h"
@@ -28,7 +29,8 @@ inline ErrorCode code_for_cuda_error(cudaError_t e) {
   }
 }
 
-// Errors after which the CUDA context cannot be used any more (the engine must be recreated).
+// Errors after which the CUDA context cannot be used any more: every later CUDA call in this process fails
+// (the process must be restarted; recreating the engine does not help).
 inline bool is_sticky_cuda_error(cudaError_t e) {
   switch (e) {
     case cudaErrorIllegalAddress:
@@ -51,7 +53,9 @@ inline bool is_sticky_cuda_error(cudaError_t e) {
   std::string msg = std::string(what) + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
                     ") at " + file + ":" + std::to_string(line);
   if (e == cudaErrorMemoryAllocation) msg = "out of GPU memory: " + msg;
-  if (is_sticky_cuda_error(e)) msg += "; the CUDA context is no longer usable, reload the model";
+  // A sticky error poisons the process's CUDA context for good (every later call fails the same way), so
+  // reloading the model in this process cannot help.
+  if (is_sticky_cuda_error(e)) msg += "; the CUDA context of this process is no longer usable: restart the process";
   fail(code_for_cuda_error(e), msg);
 }
 
@@ -64,6 +68,13 @@ inline void check_cublas(cublasStatus_t s, const char* what, const char* file, i
   std::string msg = std::string(what) + " failed: " + cublas_status_name(s) + " at " + file + ":" +
                     std::to_string(line);
   fail(s == CUBLAS_STATUS_ALLOC_FAILED ? ErrorCode::OutOfMemory : ErrorCode::Cuda, msg);
+}
+
+// An on/off environment switch: unset or empty gives `fallback`; "0", "false" and "off" are off.
+inline bool env_flag(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !v[0]) return fallback;
+  return !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
 }
 
 // TFEW_CUDA_DEBUG_SYNC=1: synchronise after every kernel launch, so an asynchronous fault (an illegal

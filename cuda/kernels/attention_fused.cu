@@ -206,7 +206,23 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
 }  // namespace
 
 bool fused_encoder_attention_supported(int d_kv) {
-  return d_kv == 16 || d_kv == 32 || d_kv == 64 || d_kv == 128;
+  size_t needed = 0;
+  switch (d_kv) {
+    case 16: needed = FusedSmem<16>::kBytes; break;
+    case 32: needed = FusedSmem<32>::kBytes; break;
+    case 64: needed = FusedSmem<64>::kBytes; break;
+    case 128: needed = FusedSmem<128>::kBytes; break;
+    default: return false;
+  }
+  // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on
+  // compute capability 8.6 / 8.9 cards, where d_kv 128 (110 KiB) does not fit: use the cuBLAS path there.
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return needed <= static_cast<size_t>(optin);
 }
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,

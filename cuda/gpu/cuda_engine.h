@@ -1,0 +1,153 @@
+// The CUDA engine: the T5 forward for rank classification, and the T-Few training step, on one GPU.
+//
+// Data path of score(): the host validates the batch and packs every per-call input (token ids, lengths,
+// decoder inputs, row -> example and example -> adapter maps, relative-position buckets, the pointer arrays
+// of the batched attention GEMMs) into one pinned buffer, copied with one cudaMemcpyAsync into the
+// activation arena. The forward then only launches kernels and cuBLAS calls on the engine's stream, reading
+// everything shape-independent from device memory — which is what lets a CUDA graph captured for one shape
+// be replayed for every batch of that shape. Outputs are copied back once at the end.
+//
+// Rank classification the fast way: the encoder runs once per example; each decoder layer computes the
+// cross-attention keys/values of the encoder output once per example and every choice row of that example
+// reads them (row -> example index, no copies); all rows of the batch are decoded together. Mixed-task
+// batches need no extra pass: the (IA)3 kernels look up each token's adapter.
+//
+// Memory: weights in one allocation (gpu/weights.h); activations in one arena planned from the batch shape
+// (gpu/engine_plan.h), grown on demand (never in the steady state), with the encoder's and the decoder's
+// temporaries sharing the same bytes. release() frees all of it.
+//
+// One class, three files:
+//   cuda_engine.cc    set-up, the Engine entry points, validation and input packing, the arena and the
+//                     adapters in device memory, CUDA graphs, score(), merge_adapter(), release()
+//   cuda_forward.cc   the inference forward (enqueue_forward)
+//   cuda_training.cc  loss_and_gradients(): the training forward that saves activations, the T-Few losses,
+//                     and the backward pass to the (IA)3 vectors
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "gpu/device_memory.h"
+#include "gpu/engine_plan.h"
+#include "gpu/gemm.h"
+#include "gpu/profiler.h"
+#include "gpu/weights.h"
+#include "kernels/kernels.cuh"
+#include "model/engine.h"
+
+namespace tfew {
+namespace gpu {
+
+constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends on Hopper
+constexpr size_t kMaxCachedGraphs = 32;
+const kernels::DropoutSite kNoDropout{};
+
+// Dropout sites, numbered exactly as the CPU backend numbers them (cpu/t5_cpu.cc), so both drop the same
+// elements for the same seed.
+enum DropSite : uint64_t { kEmbed = 1, kSelfProbs, kSelfOut, kCrossProbs, kCrossOut, kFfHidden, kFfOut, kFinal };
+inline uint64_t drop_site_id(int stack, int layer, DropSite s) {
+  return (static_cast<uint64_t>(stack) * 4096 + layer) * 16 + s;
+}
+
+// T: the storage type of weights and GEMM operands, __nv_bfloat16 (default) or float (verification mode).
+template <typename T>
+class CudaEngine final : public Engine {
+ public:
+  CudaEngine(const T5Config& config, const WeightSource& weights, int device, const CudaProbe& probe);
+  ~CudaEngine() override { release(); }
+
+  const char* device() const override { return "cuda"; }
+  const T5Config& config() const override { return config_; }
+  std::string describe() const override;
+
+  ScoreOutput score(const Batch& batch, const AdapterSet& adapters, bool want_logits,
+                    bool want_encoder_hidden) override;
+  LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override;
+  void merge_adapter(const float* vectors) override;
+  void release() override;
+
+ private:
+  static const char* precision_name() { return std::is_same<T, float>::value ? "fp32" : "bf16"; }
+
+  // ---- checks (cuda_engine.cc)
+  void validate_config() const;
+  void check_usable() const;
+  // After an exception: wait for work already queued (so pinned buffers are not reused under a copy) and
+  // remember errors that leave the context unusable.
+  void after_failure();
+  void validate(const Batch& b, const AdapterSet& adapters) const;
+
+  // ---- per-call inputs, arena, adapters (cuda_engine.cc)
+  const std::vector<int32_t>& buckets(int len, bool bidirectional);
+  // Writes the input block of `plan` into pinned memory, at the same offsets it has in the arena.
+  // pointer_arrays: the plan uses the batched-GEMM encoder attention (not the fused kernel).
+  void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays);
+  void ensure_arena(size_t bytes);
+  // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
+  void upload_adapters(const AdapterSet& set);
+
+  // ---- CUDA graphs (cuda_engine.cc)
+  void destroy_graphs();
+  // Runs the forward of `plan`: replays a graph for a shape seen before, captures one on the second call of
+  // a shape (the first runs eagerly so cuBLAS and lazily loaded kernels initialise outside capture).
+  bool launch_forward(const Plan<T>& plan);
+  // Returns null (and turns graphs off for this engine) when capture does not work here.
+  cudaGraphExec_t capture(const Plan<T>& plan);
+
+  // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
+  kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
+  void enqueue_forward(const Plan<T>& p);
+  ScoreOutput score_unlocked(const Batch& b, const AdapterSet& adapters, bool want_logits, bool want_hidden);
+
+  // ---- training (cuda_training.cc)
+  LossOutput train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options);
+  // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
+  // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
+  void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
+  // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
+  // gradient; l_ff's gradient is accumulated into t.grads.
+  void ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi, const T* wo,
+                    const T* pre, int n, const kernels::AdapterIndex& ix, int64_t ff_offset, bool decoder,
+                    int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden);
+  void reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters, int64_t offset);
+  void enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters);
+
+  // ---- merge and release (cuda_engine.cc)
+  void merge_unlocked(const float* vectors);
+  void release_unlocked();
+
+  const T5Config config_;
+  const IA3Layout layout_;
+  const int device_;
+  const CudaProbe probe_;
+  std::mutex mutex_;
+  bool released_ = false;
+  std::string broken_;
+
+  cudaStream_t stream_ = nullptr;
+  DeviceMemory cublas_workspace_;
+  Gemm gemm_;
+  ModelWeights<T> weights_;
+  DeviceMemory arena_;
+  PinnedMemory staging_in_, staging_out_;
+  DeviceMemory adapters_dev_;
+  size_t adapter_capacity_ = 0;
+  std::vector<std::vector<float>> adapter_cache_;
+  std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;
+
+  bool fused_attention_ = false;
+  bool graphs_enabled_ = true;
+  std::string graph_note_;
+  std::map<Shape, cudaGraphExec_t> graphs_;
+  std::map<Shape, int> seen_shapes_;
+  Profiler profiler_;
+};
+
+}  // namespace gpu
+}  // namespace tfew

@@ -1,0 +1,145 @@
+// The inference forward of the CUDA engine (gpu/cuda_engine.h): encoder, decoder over every choice row,
+// head and per-token log-probs, enqueued on the engine's stream (and captured into CUDA graphs by
+// launch_forward). The same launch sequence in fp32 mode is the verification path.
+#include <cmath>
+
+#include "gpu/cuda_engine.h"
+
+namespace tfew {
+namespace gpu {
+
+template <typename T>
+kernels::AdapterIndex CudaEngine<T>::adapter_index(const Plan<T>& p, bool decoder_rows) const {
+  kernels::AdapterIndex ix;
+  if (!p.shape.adapters) return ix;
+  ix.adapters = reinterpret_cast<const float*>(adapters_dev_.get());
+  ix.adapter_stride = layout_.total;
+  ix.adapter_of_example = p.adapter_of_example;
+  ix.row_example = decoder_rows ? p.row_example : nullptr;
+  ix.tokens_per_row = decoder_rows ? p.shape.dec_len : p.shape.enc_len;
+  return ix;
+}
+
+template <typename T>
+void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
+  const T5Config& c = config_;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, dkv = c.d_kv,
+            V = c.vocab_size;
+  const int wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const int B = p.shape.batch, Le = p.shape.enc_len, R = p.shape.rows, Ld = p.shape.dec_len;
+  const int Ne = B * Le, Nd = R * Ld;
+  const float eps = c.layer_norm_eps;
+  const kernels::AdapterIndex enc_ix = adapter_index(p, false), dec_ix = adapter_index(p, true);
+  Profiler& prof = profiler_;
+
+  // ---- encoder
+  {
+    Span span(prof, "embedding+bias", s);
+    kernels::relative_bias_table(weights_.enc_rel_bias, p.enc_buckets, 2 * Le - 1, H, p.enc_bias, s);
+    kernels::embedding_forward<T>(weights_.enc_embed, V, d, p.enc_ids, Ne, p.x_enc, s);
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    const EncoderLayerWeights<T>& L = weights_.encoder[l];
+    const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_attn, Ne, d, eps, 1.f, p.h_enc, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.qkv, d, p.qkv_enc, 3 * inner, Ne, 3 * inner, d, 0.f); }
+    if (fused_attention_) {
+      Span span(prof, "encoder_attention", s);
+      if constexpr (std::is_same<T, __nv_bfloat16>::value)
+        kernels::fused_encoder_attention(p.qkv_enc, inner, dkv, B, H, Le, p.enc_bias, p.enc_lengths, enc_ix,
+                                         ia3.self_k, ia3.self_v, p.ctx_enc, s);
+    } else {
+      {
+        Span span(prof, "ia3", s);
+        kernels::ia3_scale_kv<T>(p.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
+      }
+      { Span span(prof, "gemm_attention", s); gemm_.attention_scores<T>(p.qk_k, p.qk_q, p.qk_s, 3 * inner, Le, dkv, B * H); }
+      {
+        Span span(prof, "softmax", s);
+        kernels::encoder_softmax<T>(p.scores, p.enc_bias, p.enc_lengths, B, H, Le, kNoDropout, p.probs, s);
+      }
+      {
+        Span span(prof, "gemm_attention", s);
+        gemm_.attention_context<T>(p.pv_v, p.pv_p, p.pv_c, 3 * inner, inner, Le, dkv, B * H);
+      }
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, p.x_enc, d, Ne, d, inner, 1.f); }
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_ff, Ne, d, eps, 1.f, p.h_enc, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.wi, d, p.ff_enc, wi_cols, Ne, wi_cols, d, 0.f); }
+    {
+      Span span(prof, "ffn_act", s);
+      kernels::ffn_activation<T>(p.ff_enc, Ne, ff, c.gated_gelu, enc_ix, ia3.ff, kNoDropout, p.act_enc, s);
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_enc, ff, L.wo, ff, p.x_enc, d, Ne, d, ff, 1.f); }
+  }
+  {
+    Span span(prof, "rmsnorm", s);
+    kernels::rmsnorm_forward<T>(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_out, s);
+    if (p.enc_hidden) kernels::rmsnorm_forward<float>(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_hidden, s);
+  }
+  if (Nd == 0) return;
+
+  // ---- decoder: all choice rows of the batch together
+  {
+    Span span(prof, "embedding+bias", s);
+    kernels::relative_bias_table(weights_.dec_rel_bias, p.dec_buckets, 2 * Ld - 1, H, p.dec_bias, s);
+    kernels::embedding_forward<T>(weights_.dec_embed, V, d, p.dec_ids, Nd, p.x_dec, s);
+  }
+  // Cross-attention keys/values of every layer, once per example (its choice rows share them): one GEMM.
+  const int kv_cols = 2 * inner * c.num_decoder_layers;
+  {
+    Span span(prof, "gemm", s);
+    gemm_.linear<T, T>(p.enc_out, d, weights_.dec_kv_cross, d, p.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
+  }
+  for (int l = 0; l < c.num_decoder_layers; ++l) {
+    const DecoderLayerWeights<T>& L = weights_.decoder[l];
+    const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
+    // causal self-attention
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_self, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.qkv, d, p.qkv_dec, 3 * inner, Nd, 3 * inner, d, 0.f); }
+    {
+      Span span(prof, "decoder_attention", s);
+      kernels::decoder_self_attention<T>(p.qkv_dec, 3 * inner, inner, dkv, H, R, Ld, p.dec_bias, p.row_example,
+                                         dec_ix, ia3.self_k, ia3.self_v, kNoDropout, p.ctx_dec, inner, s);
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o, inner, p.x_dec, d, Nd, d, inner, 1.f); }
+    // cross-attention: this layer's slice of the shared keys/values
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f); }
+    {
+      Span span(prof, "decoder_attention", s);
+      kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols, inner,
+                                  dkv, H, R, Ld, p.row_example, p.enc_lengths, Le, dec_ix, ia3.cross_k, ia3.cross_v,
+                                  kNoDropout, p.ctx_dec, inner, s);
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o_cross, inner, p.x_dec, d, Nd, d, inner, 1.f); }
+    // feed-forward
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_ff, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.wi, d, p.ff_dec, wi_cols, Nd, wi_cols, d, 0.f); }
+    {
+      Span span(prof, "ffn_act", s);
+      kernels::ffn_activation<T>(p.ff_dec, Nd, ff, c.gated_gelu, dec_ix, ia3.ff, kNoDropout, p.act_dec, s);
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_dec, ff, L.wo, ff, p.x_dec, d, Nd, d, ff, 1.f); }
+  }
+  // head: final norm (with the tied-head rescale folded in), logits in fp32, target log-probs
+  const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+  {
+    Span span(prof, "rmsnorm", s);
+    kernels::rmsnorm_forward<T>(p.x_dec, weights_.dec_final_ln, Nd, d, eps, head_scale, p.h_dec, s);
+  }
+  { Span span(prof, "gemm_head", s); gemm_.linear<T, float>(p.h_dec, d, weights_.lm_head, d, p.logits, V, Nd, V, d, 0.f); }
+  {
+    Span span(prof, "logprobs", s);
+    kernels::token_logprobs(p.logits, Nd, V, p.targets, c.pad_token_id, p.token_logp, s);
+  }
+}
+
+template kernels::AdapterIndex CudaEngine<float>::adapter_index(const Plan<float>&, bool) const;
+template kernels::AdapterIndex CudaEngine<__nv_bfloat16>::adapter_index(const Plan<__nv_bfloat16>&, bool) const;
+template void CudaEngine<float>::enqueue_forward(const Plan<float>&);
+template void CudaEngine<__nv_bfloat16>::enqueue_forward(const Plan<__nv_bfloat16>&);
+
+}  // namespace gpu
+}  // namespace tfew

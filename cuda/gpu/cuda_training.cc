@@ -1,0 +1,317 @@
+// Training on the CUDA engine (gpu/cuda_engine.h): loss_and_gradients() runs the forward of the CPU
+// backend's training pass step for step (dropout sites included) while saving each sub-layer's input, computes
+// the T-Few losses on the host from the per-token log-probs (the CPU backend's own function), and runs the
+// backward pass to the (IA)3 vectors: only activation gradients through the frozen weights, per-token (IA)3
+// contributions reduced per adapter in a fixed order (no atomics: bit-reproducible).
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/cpu_ops.h"  // tfew_losses: the T-Few losses are defined once, by the CPU backend
+#include "gpu/cuda_engine.h"
+
+namespace tfew {
+namespace gpu {
+
+namespace {
+
+// The dropout site `site` of (stack, layer) with the call's rate and seed.
+kernels::DropoutSite at_site(const kernels::DropoutSite& d, int stack, int layer, DropSite site) {
+  kernels::DropoutSite s = d;
+  s.site = drop_site_id(stack, layer, site);
+  return s;
+}
+
+}  // namespace
+
+template <typename T>
+LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options) {
+  validate(b, adapters);
+  TFEW_CHECK_ARG(b.num_rows > 0, "training needs answer choices");
+  TFEW_CHECK_ARG(static_cast<int>(b.labels.size()) == b.batch_size, "labels are needed, one per example");
+  for (int i = 0; i < b.batch_size; ++i) {
+    const int n_choices = b.row_start[i + 1] - b.row_start[i];
+    TFEW_CHECK_ARG(n_choices > 0, "every example needs at least one answer choice");
+    TFEW_CHECK_ARG(b.labels[i] >= 0 && b.labels[i] < n_choices,
+                   "label " + std::to_string(b.labels[i]) + " of example " + std::to_string(i) +
+                       " is not one of its choices");
+  }
+  Shape shape;
+  shape.batch = b.batch_size;
+  shape.enc_len = b.enc_len;
+  shape.rows = b.num_rows;
+  shape.dec_len = b.dec_len;
+  shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
+  const int n_adapters = static_cast<int>(adapters.vectors.size());
+  if (shape.adapters) upload_adapters(adapters);
+  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, 0).bytes);
+  const TrainPlan<T> tp = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
+  const Plan<T>& f = tp.fwd;
+  pack_inputs(b, f, true);
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
+                                  cudaMemcpyHostToDevice, stream_));
+
+  kernels::DropoutSite drop;
+  drop.rate = options.dropout ? config_.dropout_rate : 0.f;
+  drop.seed = options.dropout ? options.seed : 0;
+  enqueue_train_forward(tp, drop);
+
+  const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
+  LossOutput out;
+  out.token_logp.resize(Nd);
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), f.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
+                                  stream_));
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+
+  // The losses are a few scalars over R * dec_len log-probs: the CPU backend's own function computes them
+  // (and d loss / d log-prob), so both backends share one definition.
+  cpu::TFewLossInput li{out.token_logp.data(), b.choice_ids.data(), b.num_rows, b.dec_len, config_.pad_token_id,
+                        b.row_start.data(), b.labels.data(), b.batch_size, options.lm_weight, options.ul_weight,
+                        options.ln_weight};
+  cpu::TFewLossOutput lo = cpu::tfew_losses(li);
+  out.lm_loss = lo.lm;
+  out.ul_loss = lo.ul;
+  out.ln_loss = lo.ln;
+  out.total_loss = lo.total;
+  out.gradients.assign(static_cast<size_t>(n_adapters) * layout_.total, 0.f);
+  if (!shape.adapters) return out;  // no example uses an adapter: every gradient is zero
+
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(tp.dlogp, lo.dtoken_logp.data(), Nd * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, out.gradients.size() * sizeof(float), stream_));
+  enqueue_backward(tp, drop, n_adapters);
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), tp.grads, out.gradients.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost, stream_));
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+template <typename T>
+void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop) {
+  const T5Config& c = config_;
+  const Plan<T>& f = t.fwd;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
+  const int wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const int B = f.shape.batch, Le = f.shape.enc_len, R = f.shape.rows, Ld = f.shape.dec_len;
+  const int Ne = B * Le, Nd = R * Ld, Lenc = c.num_layers, Ldec = c.num_decoder_layers;
+  const int kv_cols = 2 * inner * Ldec;
+  const float eps = c.layer_norm_eps;
+  const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
+
+  // encoder
+  kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
+  float* x0 = Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final;
+  kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x0, s);
+  kernels::dropout_inplace<float>(x0, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
+  for (int l = 0; l < Lenc; ++l) {
+    const EncoderLayerWeights<T>& L = weights_.encoder[l];
+    const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+    kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+    gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(f.qkv_enc, t.enc_qkv[l], sizeof(T) * Ne * 3 * inner, cudaMemcpyDeviceToDevice, s));
+    kernels::ia3_scale_kv<T>(f.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
+    gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
+    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
+                                f.probs, s);
+    gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
+    gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
+    kernels::residual_add(t.enc_x_attn[l], t.sublayer_out, static_cast<int64_t>(Ne) * d,
+                          at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], s);
+    kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+    gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
+    kernels::ffn_activation<T>(t.enc_ff_pre[l], Ne, ff, c.gated_gelu, enc_ix, ia3.ff, at_site(drop, 0, l, kFfHidden),
+                               f.act_enc, s);
+    gemm_.linear<T, float>(f.act_enc, ff, L.wo, ff, t.sublayer_out, d, Ne, d, ff, 0.f);
+    float* next = l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final;
+    kernels::residual_add(t.enc_x_ff[l], t.sublayer_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kFfOut),
+                          next, s);
+  }
+  kernels::rmsnorm_forward<T>(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
+  kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+
+  // decoder
+  gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
+  kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
+  float* y0 = Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final;
+  kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y0, s);
+  kernels::dropout_inplace<float>(y0, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
+  for (int l = 0; l < Ldec; ++l) {
+    const DecoderLayerWeights<T>& L = weights_.decoder[l];
+    const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
+    kernels::rmsnorm_forward<T>(t.dec_x_self[l], L.ln_self, Nd, d, eps, 1.f, f.h_dec, s);
+    gemm_.linear<T, T>(f.h_dec, d, L.qkv, d, t.dec_qkv[l], 3 * inner, Nd, 3 * inner, d, 0.f);
+    kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
+                                       dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
+                                       inner, s);
+    gemm_.linear<T, float>(f.ctx_dec, inner, L.o, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
+    kernels::residual_add(t.dec_x_self[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
+                          at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l], s);
+    kernels::rmsnorm_forward<T>(t.dec_x_cross[l], L.ln_cross, Nd, d, eps, 1.f, f.h_dec, s);
+    gemm_.linear<T, T>(f.h_dec, d, L.q_cross, d, t.dec_q_cross[l], inner, Nd, inner, d, 0.f);
+    kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
+                                inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
+                                ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
+    gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
+    kernels::residual_add(t.dec_x_cross[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
+                          at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], s);
+    kernels::rmsnorm_forward<T>(t.dec_x_ff[l], L.ln_ff, Nd, d, eps, 1.f, f.h_dec, s);
+    gemm_.linear<T, T>(f.h_dec, d, L.wi, d, t.dec_ff_pre[l], wi_cols, Nd, wi_cols, d, 0.f);
+    kernels::ffn_activation<T>(t.dec_ff_pre[l], Nd, ff, c.gated_gelu, dec_ix, ia3.ff, at_site(drop, 1, l, kFfHidden),
+                               f.act_dec, s);
+    gemm_.linear<T, float>(f.act_dec, ff, L.wo, ff, t.sublayer_out, d, Nd, d, ff, 0.f);
+    float* next = l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final;
+    kernels::residual_add(t.dec_x_ff[l], t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kFfOut),
+                          next, s);
+  }
+  const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+  kernels::rmsnorm_forward<T>(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
+  kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
+  kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
+}
+
+template <typename T>
+void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi,
+                                 const T* wo, const T* pre, int n, const kernels::AdapterIndex& ix,
+                                 int64_t ff_offset, bool decoder, int n_adapters,
+                                 const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden) {
+  const T5Config& c = config_;
+  const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
+  kernels::dropout_cast<T>(dy, static_cast<int64_t>(n) * d, drop_out, t.dout, stream_);
+  gemm_.linear_backward<T, float>(t.dout, d, wo, ff, t.dscaled, ff, n, d, ff, 1.f, 0.f);
+  kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre, t.g_ff, stream_);
+  reduce_ia3(t, t.g_ff, ff, decoder, n_adapters, ff_offset);
+  gemm_.linear_backward<T, float>(t.d_pre, wi_cols, wi, d, t.dnormed, d, n, wi_cols, d, 1.f, 0.f);
+  kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_);
+}
+
+template <typename T>
+void CudaEngine<T>::reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters,
+                               int64_t offset) {
+  const Plan<T>& f = t.fwd;
+  kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : f.shape.enc_len,
+                           decoder ? f.row_start : nullptr, f.adapter_of_example, n_adapters, t.partial, t.grads,
+                           layout_.total, offset, stream_);
+}
+
+template <typename T>
+void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters) {
+  const T5Config& c = config_;
+  const Plan<T>& f = t.fwd;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
+  const int B = f.shape.batch, Le = f.shape.enc_len, R = f.shape.rows, Ld = f.shape.dec_len;
+  const int Ne = B * Le, Nd = R * Ld, Lenc = c.num_layers, Ldec = c.num_decoder_layers;
+  const int kv_cols = 2 * inner * Ldec;
+  const float eps = c.layer_norm_eps;
+  const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
+
+  // head and final decoder norm
+  kernels::token_logprobs_backward<T>(f.logits, Nd, V, f.targets, c.pad_token_id, t.dlogp, t.dlogits, s);
+  const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+  gemm_.linear_backward<T, float>(t.dlogits, V, weights_.lm_head, d, t.dnormed, d, Nd, V, d, head_scale, 0.f);
+  kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s);
+
+  kernels::AttentionGeometry self_g;
+  self_g.kind = kernels::AttentionKind::DecoderSelf;
+  self_g.heads = H;
+  self_g.d_kv = dkv;
+  self_g.n_seq = R;
+  self_g.n_examples = B;
+  self_g.q_len = Ld;
+  self_g.k_len = Ld;
+  self_g.bias_table = f.dec_bias;
+  self_g.row_example = f.row_example;
+  kernels::AttentionGeometry cross_g = self_g;
+  cross_g.kind = kernels::AttentionKind::Cross;
+  cross_g.k_len = Le;
+  cross_g.bias_table = nullptr;
+  cross_g.key_lengths = f.enc_lengths;
+  cross_g.row_start = f.row_start;
+
+  for (int l = Ldec - 1; l >= 0; --l) {
+    const DecoderLayerWeights<T>& L = weights_.decoder[l];
+    const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
+    ffn_backward(t, t.dy_dec, t.dec_x_ff[l], L.ln_ff, L.wi, L.wo, t.dec_ff_pre[l], Nd, dec_ix, ia3.ff, true,
+                 n_adapters, at_site(drop, 1, l, kFfOut), at_site(drop, 1, l, kFfHidden));
+
+    // cross-attention: q from this layer, k|v from the encoder output (their gradient is kept per layer
+    // and sent into the encoder by one GEMM after the loop)
+    kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut), t.dout, s);
+    gemm_.linear_backward<T, float>(t.dout, d, L.o_cross, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
+    cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
+    const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
+    kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
+                                         ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
+    T* dkv = t.dkv_cross + static_cast<int64_t>(l) * 2 * inner;
+    kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
+                                       ia3.cross_k, ia3.cross_v, t.stats, dkv, dkv + inner, kv_cols, s);
+    reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.cross_k);
+    reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.cross_v);
+    gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s);
+
+    // causal self-attention
+    kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kSelfOut), t.dout, s);
+    gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
+    self_g.dropout = at_site(drop, 1, l, kSelfProbs);
+    const T* qkv = t.dec_qkv[l];
+    kernels::attention_backward_query<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                         dec_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
+    kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                       dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
+                                       3 * inner, s);
+    reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.self_k);
+    reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.self_v);
+    gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Nd, 3 * inner, d, 1.f, 0.f);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s);
+  }
+  // (the decoder embedding is frozen: the decoder's gradient stops here)
+
+  // encoder output: the gradients of every layer's cross k|v, in one GEMM
+  if (Ldec > 0) {
+    gemm_.linear_backward<T, float>(t.dkv_cross, kv_cols, weights_.dec_kv_cross, d, t.dnormed, d, Ne, kv_cols, d, 1.f,
+                                    0.f);
+  } else {
+    TFEW_CUDA_CHECK(cudaMemsetAsync(t.dnormed, 0, sizeof(float) * Ne * d, s));
+  }
+  kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+  kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s);
+
+  kernels::AttentionGeometry enc_g;
+  enc_g.kind = kernels::AttentionKind::EncoderSelf;
+  enc_g.heads = H;
+  enc_g.d_kv = dkv;
+  enc_g.n_seq = B;
+  enc_g.n_examples = B;
+  enc_g.q_len = Le;
+  enc_g.k_len = Le;
+  enc_g.bias_table = f.enc_bias;
+  enc_g.key_lengths = f.enc_lengths;
+  enc_g.keys_prescaled = true;  // the training forward's encoder attention scaled K (and V) in a copy
+  for (int l = Lenc - 1; l >= 0; --l) {
+    const EncoderLayerWeights<T>& L = weights_.encoder[l];
+    const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+    ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
+                 n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
+    kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
+    gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
+    enc_g.dropout = at_site(drop, 0, l, kSelfProbs);
+    const T* qkv = t.enc_qkv[l];
+    kernels::attention_backward_query<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                         enc_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
+    kernels::attention_backward_key<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                       enc_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
+                                       3 * inner, s);
+    reduce_ia3(t, t.g_k, inner, false, n_adapters, ia3.self_k);
+    reduce_ia3(t, t.g_v, inner, false, n_adapters, ia3.self_v);
+    gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
+    kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
+  }
+}
+
+template LossOutput CudaEngine<float>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);
+template LossOutput CudaEngine<__nv_bfloat16>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);
+
+}  // namespace gpu
+}  // namespace tfew

@@ -1,0 +1,226 @@
+// Where every buffer of one call lives in the engine's activation arena (gpu/cuda_engine.h).
+//
+// Plan: the inference forward (score). Inputs that change per call come first, in one block, so one
+// cudaMemcpyAsync uploads them; then the tensors that live across the encoder -> decoder boundary; then the
+// encoder's temporaries and, on the same bytes, the decoder's (the decoder starts when the encoder is done).
+// TrainPlan: loss_and_gradients on top of an inference plan: the activations the backward pass reads and
+// its own buffers. Both are built twice: from base 0 to size the arena, then from the arena's base.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "gpu/device_memory.h"
+#include "model/t5_config.h"
+
+namespace tfew {
+namespace gpu {
+
+// Shape of one call; everything the launch sequence depends on besides device-resident data.
+struct Shape {
+  int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
+  bool want_hidden = false, adapters = false;
+  bool operator<(const Shape& o) const {
+    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters) <
+           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters);
+  }
+};
+
+// Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
+// from the arena's base.
+template <typename T>
+struct Plan {
+  Shape shape;
+  size_t bytes = 0;
+  // per-call inputs, one contiguous block [inputs_begin, inputs_end) filled by a single copy
+  size_t inputs_begin = 0, inputs_end = 0;
+  const void** qk_k = nullptr;
+  const void** qk_q = nullptr;
+  void** qk_s = nullptr;
+  const void** pv_v = nullptr;
+  const void** pv_p = nullptr;
+  void** pv_c = nullptr;
+  int32_t* enc_ids = nullptr;
+  int32_t* enc_lengths = nullptr;
+  int32_t* dec_ids = nullptr;
+  int32_t* targets = nullptr;
+  int32_t* row_example = nullptr;
+  int32_t* row_start = nullptr;  // [B + 1]
+  int32_t* adapter_of_example = nullptr;
+  int32_t* enc_buckets = nullptr;
+  int32_t* dec_buckets = nullptr;
+  // results and tensors that live across the encoder -> decoder boundary
+  float* enc_bias = nullptr;  // [H, 2 Le - 1]
+  float* dec_bias = nullptr;  // [H, 2 Ld - 1]
+  T* enc_out = nullptr;       // [Ne, d]
+  float* enc_hidden = nullptr;  // [Ne, d] fp32 copy of the encoder output, when asked for
+  float* token_logp = nullptr;  // [Nd]
+  // encoder temporaries
+  float* x_enc = nullptr;
+  T* h_enc = nullptr;
+  T* qkv_enc = nullptr;
+  float* scores = nullptr;  // [B, H, Le, Le]
+  T* probs = nullptr;
+  T* ctx_enc = nullptr;
+  T* ff_enc = nullptr;
+  T* act_enc = nullptr;
+  // decoder temporaries (same bytes as the encoder's)
+  float* x_dec = nullptr;
+  T* h_dec = nullptr;
+  T* qkv_dec = nullptr;
+  T* ctx_dec = nullptr;
+  T* q_cross = nullptr;
+  T* kv_cross = nullptr;  // [Ne, layers * 2 inner]
+  T* ff_dec = nullptr;
+  T* act_dec = nullptr;
+  float* logits = nullptr;  // [Nd, vocab]
+};
+
+// fused_attention: the encoder attention runs as one kernel, without score/probability buffers or the
+// pointer arrays of the batched GEMMs.
+template <typename T>
+Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintptr_t base) {
+  Plan<T> p;
+  p.shape = s;
+  const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
+  const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const size_t B = s.batch, Le = s.enc_len, R = s.rows, Ld = s.dec_len;
+  const size_t Ne = B * Le, Nd = R * Ld, BH = fused_attention ? 0 : B * H;
+
+  Placer pl(base);
+  p.inputs_begin = 0;
+  p.qk_k = pl.place<const void*>(BH);
+  p.qk_q = pl.place<const void*>(BH);
+  p.qk_s = pl.place<void*>(BH);
+  p.pv_v = pl.place<const void*>(BH);
+  p.pv_p = pl.place<const void*>(BH);
+  p.pv_c = pl.place<void*>(BH);
+  p.enc_ids = pl.place<int32_t>(Ne);
+  p.enc_lengths = pl.place<int32_t>(B);
+  p.dec_ids = pl.place<int32_t>(Nd);
+  p.targets = pl.place<int32_t>(Nd);
+  p.row_example = pl.place<int32_t>(R);
+  p.row_start = pl.place<int32_t>(B + 1);
+  p.adapter_of_example = pl.place<int32_t>(B);
+  p.enc_buckets = pl.place<int32_t>(2 * Le - 1);
+  p.dec_buckets = pl.place<int32_t>(Ld > 0 ? 2 * Ld - 1 : 0);
+  p.inputs_end = pl.cursor();
+
+  p.enc_bias = pl.place<float>(H * (2 * Le - 1));
+  p.dec_bias = pl.place<float>(Ld > 0 ? H * (2 * Ld - 1) : 0);
+  p.enc_out = pl.place<T>(Ne * d);
+  p.enc_hidden = s.want_hidden ? pl.place<float>(Ne * d) : nullptr;
+  p.token_logp = pl.place<float>(Nd);
+
+  const size_t phase_start = pl.cursor();
+  p.x_enc = pl.place<float>(Ne * d);
+  p.h_enc = pl.place<T>(Ne * d);
+  p.qkv_enc = pl.place<T>(Ne * 3 * inner);
+  p.scores = pl.place<float>(BH * Le * Le);  // BH = 0 with fused attention
+  p.probs = pl.place<T>(BH * Le * Le);
+  p.ctx_enc = pl.place<T>(Ne * inner);
+  p.ff_enc = pl.place<T>(Ne * wi_cols);
+  p.act_enc = pl.place<T>(Ne * ff);
+  const size_t encoder_end = pl.cursor();
+
+  pl.set_cursor(phase_start);
+  p.x_dec = pl.place<float>(Nd * d);
+  p.h_dec = pl.place<T>(Nd * d);
+  p.qkv_dec = pl.place<T>(Nd * 3 * inner);
+  p.ctx_dec = pl.place<T>(Nd * inner);
+  p.q_cross = pl.place<T>(Nd * inner);
+  p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
+  p.ff_dec = pl.place<T>(Nd * wi_cols);
+  p.act_dec = pl.place<T>(Nd * ff);
+  p.logits = pl.place<float>(Nd * V);
+  p.bytes = align_up(std::max(encoder_end, pl.cursor()), 256);
+  return p;
+}
+
+// Training (loss_and_gradients) on top of an inference plan built without the fused attention: what the
+// backward pass needs from the forward (the inputs of every sub-layer and the pre-activations, nothing
+// recomputable by a cheap kernel) and the backward's own buffers.
+template <typename T>
+struct TrainPlan {
+  Plan<T> fwd;  // inputs, the forward's temporaries (h, the scaled q|k|v copy, scores, ctx, ...), logits
+  size_t bytes = 0;
+  // saved forward state, per layer
+  std::vector<float*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
+  std::vector<T*> enc_qkv, enc_ff_pre;       // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
+  float* enc_pre_final = nullptr;
+  std::vector<float*> dec_x_self, dec_x_cross, dec_x_ff;
+  std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
+  float* dec_pre_final = nullptr;
+  float* sublayer_out = nullptr;  // a sub-layer's output before its (dropped-out) residual add [maxN, d]
+  // backward
+  float* dlogp = nullptr;      // [Nd] d loss / d token log-prob (from the host)
+  T* dlogits = nullptr;        // [Nd, V]
+  float* dnormed = nullptr;    // gradient of a norm's output [maxN, d]
+  float* dy_dec = nullptr;     // gradient of the decoder residual stream [Nd, d]
+  float* dx_enc = nullptr;     // ... of the encoder's [Ne, d]
+  T* dout = nullptr;           // a sub-layer output's gradient as GEMM input [maxN, d]
+  float* dscaled = nullptr;    // [maxN, d_ff]
+  T* d_pre = nullptr;          // [maxN, wi_cols]
+  float* g_ff = nullptr;       // per-token l_ff contributions [maxN, d_ff]
+  float* dctx = nullptr;       // [maxN, inner]
+  T* dqkv = nullptr;           // [maxN, 3 inner]
+  float* g_k = nullptr;        // per-token l_k / l_v contributions [maxN, inner]
+  float* g_v = nullptr;
+  float* stats = nullptr;      // softmax statistics per (query, head) [maxN, H, 3]
+  T* dkv_cross = nullptr;      // gradient of every layer's cross k|v [Ne, layers * 2 inner]
+  float* grads = nullptr;      // [num_adapters, layout.total]
+  float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
+};
+
+template <typename T>
+TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, uintptr_t base) {
+  TrainPlan<T> t;
+  t.fwd = make_plan<T>(c, s, false, base);
+  const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
+  const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const size_t Ne = static_cast<size_t>(s.batch) * s.enc_len, Nd = static_cast<size_t>(s.rows) * s.dec_len;
+  const size_t N = std::max(Ne, Nd);
+  const size_t kv_cols = 2 * inner * c.num_decoder_layers;
+  Placer pl(base, t.fwd.bytes);
+  for (int l = 0; l < c.num_layers; ++l) {
+    t.enc_x_attn.push_back(pl.place<float>(Ne * d));
+    t.enc_qkv.push_back(pl.place<T>(Ne * 3 * inner));
+    t.enc_x_ff.push_back(pl.place<float>(Ne * d));
+    t.enc_ff_pre.push_back(pl.place<T>(Ne * wi_cols));
+  }
+  t.enc_pre_final = pl.place<float>(Ne * d);
+  for (int l = 0; l < c.num_decoder_layers; ++l) {
+    t.dec_x_self.push_back(pl.place<float>(Nd * d));
+    t.dec_qkv.push_back(pl.place<T>(Nd * 3 * inner));
+    t.dec_x_cross.push_back(pl.place<float>(Nd * d));
+    t.dec_q_cross.push_back(pl.place<T>(Nd * inner));
+    t.dec_x_ff.push_back(pl.place<float>(Nd * d));
+    t.dec_ff_pre.push_back(pl.place<T>(Nd * wi_cols));
+  }
+  t.dec_pre_final = pl.place<float>(Nd * d);
+  t.sublayer_out = pl.place<float>(N * d);
+  t.dlogp = pl.place<float>(Nd);
+  t.dlogits = pl.place<T>(Nd * V);
+  t.dnormed = pl.place<float>(N * d);
+  t.dy_dec = pl.place<float>(Nd * d);
+  t.dx_enc = pl.place<float>(Ne * d);
+  t.dout = pl.place<T>(N * d);
+  t.dscaled = pl.place<float>(N * ff);
+  t.d_pre = pl.place<T>(N * wi_cols);
+  t.g_ff = pl.place<float>(N * ff);
+  t.dctx = pl.place<float>(N * inner);
+  t.dqkv = pl.place<T>(N * 3 * inner);
+  t.g_k = pl.place<float>(N * inner);
+  t.g_v = pl.place<float>(N * inner);
+  t.stats = pl.place<float>(N * H * 3);
+  t.dkv_cross = pl.place<T>(Ne * kv_cols);
+  t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
+  t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
+  t.bytes = align_up(pl.cursor(), 256);
+  return t;
+}
+
+}  // namespace gpu
+}  // namespace tfew

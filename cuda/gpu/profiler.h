@@ -1,0 +1,125 @@
+// Optional CUDA-event timing of the engine's forward for the benchmark (benchmarks/rank-bench.ts).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "gpu/cuda_check.h"
+#include "gpu/engine_plan.h"
+
+namespace tfew {
+namespace gpu {
+
+// Optional timing (TFEW_CUDA_PROFILE=<file>): CUDA events around the whole forward, and with
+// TFEW_CUDA_PROFILE_DETAIL=1 around every launch by family (GEMMs vs the rest; graphs off), appended to the
+// file as one JSON line per call. The benchmark reads it.
+class Profiler {
+ public:
+  Profiler() {
+    const char* f = std::getenv("TFEW_CUDA_PROFILE");
+    if (f && f[0]) file_ = f;
+    detail_ = !file_.empty() && env_flag("TFEW_CUDA_PROFILE_DETAIL", false);
+  }
+  ~Profiler() {
+    for (auto& e : events_) cudaEventDestroy(e);
+  }
+  bool enabled() const { return !file_.empty(); }
+  bool detail() const { return detail_; }
+
+  void begin_call(cudaStream_t stream) {
+    if (!enabled()) return;
+    used_ = 0;
+    marks_.clear();
+    call_start_ = record(stream);
+  }
+  // A span of the launch sequence attributed to `family` (only in detail mode).
+  void mark(const char* family, cudaStream_t stream, bool begin) {
+    if (!detail_) return;
+    marks_.push_back({family, record(stream), begin});
+  }
+  void end_call(cudaStream_t stream) {
+    if (!enabled()) return;
+    call_end_ = record(stream);
+  }
+  // After the stream was synchronised.
+  void report(const Shape& s, const std::string& device, const char* precision, bool graph) {
+    if (!enabled()) return;
+    float total = 0.f;
+    cudaEventElapsedTime(&total, events_[call_start_], events_[call_end_]);
+    std::map<std::string, double> by_family;
+    std::map<std::string, size_t> open;
+    for (const auto& m : marks_) {
+      if (m.begin) {
+        open[m.family] = m.event;
+      } else {
+        float ms = 0.f;
+        cudaEventElapsedTime(&ms, events_[open[m.family]], events_[m.event]);
+        by_family[m.family] += ms;
+      }
+    }
+    cudaGetLastError();
+    FILE* f = std::fopen(file_.c_str(), "a");
+    if (!f) return;
+    std::fprintf(f,
+                 "{\"device\":\"%s\",\"precision\":\"%s\",\"batch\":%d,\"enc_len\":%d,\"rows\":%d,\"dec_len\":%d,"
+                 "\"adapters\":%s,\"graph\":%s,\"forward_ms\":%.4f",
+                 device.c_str(), precision, s.batch, s.enc_len, s.rows, s.dec_len, s.adapters ? "true" : "false",
+                 graph ? "true" : "false", total);
+    if (detail_) {
+      std::fprintf(f, ",\"families_ms\":{");
+      bool first = true;
+      for (const auto& kv : by_family) {
+        std::fprintf(f, "%s\"%s\":%.4f", first ? "" : ",", kv.first.c_str(), kv.second);
+        first = false;
+      }
+      std::fprintf(f, "}");
+    }
+    std::fprintf(f, "}\n");
+    std::fclose(f);
+  }
+
+ private:
+  struct Mark {
+    std::string family;
+    size_t event;
+    bool begin;
+  };
+  size_t record(cudaStream_t stream) {
+    if (used_ == events_.size()) {
+      cudaEvent_t e;
+      TFEW_CUDA_CHECK(cudaEventCreate(&e));
+      events_.push_back(e);
+    }
+    TFEW_CUDA_CHECK(cudaEventRecord(events_[used_], stream));
+    return used_++;
+  }
+  std::string file_;
+  bool detail_ = false;
+  std::vector<cudaEvent_t> events_;
+  size_t used_ = 0, call_start_ = 0, call_end_ = 0;
+  std::vector<Mark> marks_;
+};
+
+// Brackets one launch family for the detail profile.
+class Span {
+ public:
+  Span(Profiler& p, const char* family, cudaStream_t s) : p_(p), family_(family), s_(s) { p_.mark(family_, s_, true); }
+  ~Span() {
+    try {
+      p_.mark(family_, s_, false);
+    } catch (...) {  // a failed timing event must not mask the error being unwound (or abort)
+    }
+  }
+
+ private:
+  Profiler& p_;
+  const char* family_;
+  cudaStream_t s_;
+};
+
+}  // namespace gpu
+}  // namespace tfew
