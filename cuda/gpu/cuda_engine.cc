@@ -133,6 +133,12 @@ void CudaEngine<T>::after_failure() {
 
 template <typename T>
 void CudaEngine<T>::validate(const Batch& b, const AdapterSet& adapters) const {
+  for (const float* v : adapters.vectors) TFEW_CHECK_ARG(v != nullptr, "null adapter");
+  validate(b, static_cast<int>(adapters.vectors.size()));
+}
+
+template <typename T>
+void CudaEngine<T>::validate(const Batch& b, int n_adapters) const {
   const int B = b.batch_size, Le = b.enc_len, R = b.num_rows, Ld = b.dec_len, V = config_.vocab_size;
   TFEW_CHECK_ARG(B >= 1, "batch_size must be at least 1");
   TFEW_CHECK_ARG(Le >= 1, "enc_len must be at least 1");
@@ -151,10 +157,8 @@ void CudaEngine<T>::validate(const Batch& b, const AdapterSet& adapters) const {
   }
   TFEW_CHECK_ARG(b.adapter_of_example.empty() || static_cast<int>(b.adapter_of_example.size()) == B,
                  "adapter_of_example must have batch_size entries");
-  const int n_adapters = static_cast<int>(adapters.vectors.size());
   for (int a : b.adapter_of_example)
     TFEW_CHECK_ARG(a >= -1 && a < n_adapters, "adapter_of_example refers to an adapter that was not passed");
-  for (const float* v : adapters.vectors) TFEW_CHECK_ARG(v != nullptr, "null adapter");
   for (int32_t id : b.input_ids)
     TFEW_CHECK_ARG(id >= 0 && id < V, "input token id " + std::to_string(id) + " is outside the vocabulary");
   for (int32_t id : b.choice_ids)
@@ -244,6 +248,7 @@ void CudaEngine<T>::ensure_arena(size_t bytes) {
 template <typename T>
 void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
   const size_t n = set.vectors.size();
+  adapter_source_ = nullptr;  // the kernels read adapters_dev_
   if (n == 0) return;
   const size_t total = static_cast<size_t>(layout_.total);
   if (n > adapter_capacity_) {

@@ -22,6 +22,7 @@
 //   cuda_forward.cc   the inference forward (enqueue_forward)
 //   cuda_training.cc  loss_and_gradients(): the training forward that saves activations, the T-Few losses,
 //                     and the backward pass to the (IA)3 vectors
+//   cuda_session.cc   training sessions: vectors and Adafactor state on the device (kernels/adafactor.cu)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -55,6 +56,9 @@ inline uint64_t drop_site_id(int stack, int layer, DropSite s) {
   return (static_cast<uint64_t>(stack) * 4096 + layer) * 16 + s;
 }
 
+template <typename T>
+class DeviceTrainingSession;
+
 // T: the storage type of weights and GEMM operands, __nv_bfloat16 (default) or float (verification mode).
 template <typename T>
 class CudaEngine final : public Engine {
@@ -71,6 +75,14 @@ class CudaEngine final : public Engine {
   LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override;
   void merge_adapter(const float* vectors) override;
   void release() override;
+  // A training session whose vectors, gradients and Adafactor state stay in device memory
+  // (gpu/cuda_session.cc): per step only the per-token log-probs (for the losses) and the scalars move.
+  std::unique_ptr<TrainingSession> create_training_session(std::vector<std::vector<float>> initial,
+                                                           const OptimizerOptions& options) override;
+  // The session's step and read, under the engine's lock (called by DeviceTrainingSession).
+  TrainStepOutput session_step(DeviceTrainingSession<T>& session, const Batch& b, const LossOptions& loss,
+                               int schedule_step);
+  std::vector<float> session_read(const DeviceTrainingSession<T>& session, int adapter);
 
  private:
   static const char* precision_name() { return std::is_same<T, float>::value ? "fp32" : "bf16"; }
@@ -82,6 +94,7 @@ class CudaEngine final : public Engine {
   // remember errors that leave the context unusable.
   void after_failure();
   void validate(const Batch& b, const AdapterSet& adapters) const;
+  void validate(const Batch& b, int n_adapters) const;
 
   // ---- per-call inputs, arena, adapters (cuda_engine.cc)
   const std::vector<int32_t>& buckets(int len, bool bidirectional);
@@ -107,6 +120,10 @@ class CudaEngine final : public Engine {
 
   // ---- training (cuda_training.cc)
   LossOutput train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options);
+  // The training step up to the gradients, which it leaves in device memory (returned; null when no example
+  // uses an adapter). The kernels read the adapters at adapter_source_ (or adapters_dev_). `out` gets the
+  // losses and per-token log-probs, not the gradients.
+  float* train_to_device(const Batch& b, int n_adapters, const LossOptions& options, LossOutput& out);
   // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
   // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
@@ -137,6 +154,7 @@ class CudaEngine final : public Engine {
   DeviceMemory arena_;
   PinnedMemory staging_in_, staging_out_;
   DeviceMemory adapters_dev_;
+  const float* adapter_source_ = nullptr;  // a training session's vectors during its step, else adapters_dev_
   size_t adapter_capacity_ = 0;
   std::vector<std::vector<float>> adapter_cache_;
   std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;

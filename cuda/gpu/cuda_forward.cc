@@ -12,7 +12,7 @@ template <typename T>
 kernels::AdapterIndex CudaEngine<T>::adapter_index(const Plan<T>& p, bool decoder_rows) const {
   kernels::AdapterIndex ix;
   if (!p.shape.adapters) return ix;
-  ix.adapters = reinterpret_cast<const float*>(adapters_dev_.get());
+  ix.adapters = adapter_source_ ? adapter_source_ : reinterpret_cast<const float*>(adapters_dev_.get());
   ix.adapter_stride = layout_.total;
   ix.adapter_of_example = p.adapter_of_example;
   ix.row_example = decoder_rows ? p.row_example : nullptr;

@@ -26,6 +26,20 @@ kernels::DropoutSite at_site(const kernels::DropoutSite& d, int stack, int layer
 template <typename T>
 LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options) {
   validate(b, adapters);
+  const int n_adapters = static_cast<int>(adapters.vectors.size());
+  upload_adapters(adapters);
+  LossOutput out;
+  const float* grads = train_to_device(b, n_adapters, options, out);
+  out.gradients.assign(static_cast<size_t>(n_adapters) * layout_.total, 0.f);
+  if (!grads) return out;  // no example uses an adapter: every gradient is zero
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), grads, out.gradients.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost, stream_));
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+template <typename T>
+float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const LossOptions& options, LossOutput& out) {
   TFEW_CHECK_ARG(b.num_rows > 0, "training needs answer choices");
   TFEW_CHECK_ARG(static_cast<int>(b.labels.size()) == b.batch_size, "labels are needed, one per example");
   for (int i = 0; i < b.batch_size; ++i) {
@@ -41,8 +55,6 @@ LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapt
   shape.rows = b.num_rows;
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
-  const int n_adapters = static_cast<int>(adapters.vectors.size());
-  if (shape.adapters) upload_adapters(adapters);
   ensure_arena(make_train_plan<T>(config_, shape, n_adapters, 0).bytes);
   const TrainPlan<T> tp = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
   const Plan<T>& f = tp.fwd;
@@ -56,7 +68,6 @@ LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapt
   enqueue_train_forward(tp, drop);
 
   const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
-  LossOutput out;
   out.token_logp.resize(Nd);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), f.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
                                   stream_));
@@ -72,16 +83,13 @@ LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapt
   out.ul_loss = lo.ul;
   out.ln_loss = lo.ln;
   out.total_loss = lo.total;
-  out.gradients.assign(static_cast<size_t>(n_adapters) * layout_.total, 0.f);
-  if (!shape.adapters) return out;  // no example uses an adapter: every gradient is zero
+  if (!shape.adapters) return nullptr;
 
+  // dtoken_logp is pageable host memory: the copy is complete when cudaMemcpyAsync returns
   TFEW_CUDA_CHECK(cudaMemcpyAsync(tp.dlogp, lo.dtoken_logp.data(), Nd * sizeof(float), cudaMemcpyHostToDevice, stream_));
-  TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, out.gradients.size() * sizeof(float), stream_));
+  TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, static_cast<size_t>(n_adapters) * layout_.total * sizeof(float), stream_));
   enqueue_backward(tp, drop, n_adapters);
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), tp.grads, out.gradients.size() * sizeof(float),
-                                  cudaMemcpyDeviceToHost, stream_));
-  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  return out;
+  return tp.grads;
 }
 
 template <typename T>
