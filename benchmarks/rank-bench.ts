@@ -3,8 +3,9 @@
 //   RANK-3B-B32   32 examples, encoder length 256, 2 choices x 8 tokens, one adapter
 //   RANK-3B-B1    the same for one example (latency)
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
-//   TRAIN-3B      lossAndGradients (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout on)
-//                 of 8 examples, encoder length 256, 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices.
+//   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
+//                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
+//                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices.
 //                 The optimizer step is not included (it runs in lib/optim.ts on the host).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
@@ -147,8 +148,10 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile);
   for (const [name, choices] of [['TRAIN-3B', 2], ['TRAIN-3B-C4', 4]] as const) {
     const tb = randomBatch(V, new Array(8).fill(256), new Array(8).fill(new Array(choices).fill(8)), 13 + choices);
-    const call = () => model.lossAndGradients({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
-                                              { adapter, dropout: true, seed: 1 });
+    // the whole T-Few step: forward, losses, backward, clipping + schedule + Adafactor on the device
+    const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
+    const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
+                                    { adapter, dropout: true, seed: 1 });
     for (let i = 0; i < 2; i++) await call();
     const wall: number[] = [];
     for (let i = 0; i < 5; i++) {
@@ -156,6 +159,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       await call();
       wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
     }
+    await session.dispose();
     workloads[name] = { examples: 8, wallMs: wall, forwardMs: [], medianWallMs: median(wall), medianForwardMs: NaN,
                         examplesPerSecond: 8 / (median(wall) / 1000), graphReplays: 0 };
   }
