@@ -127,6 +127,8 @@ export interface NativeAddon {
   version: string;
   buildInfo: { cudaCompiled: boolean; compiler: string; napiVersion: number };
   probeCuda(): CudaProbe;
+  /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
+  cudaMemoryInfo(): { free: number; total: number } | null;
   loadModel(config: NativeConfig, tensors: NativeTensorSpec[], options: { device: 'cpu' | 'cuda'; threads: number }): Promise<NativeModel>;
 }
 

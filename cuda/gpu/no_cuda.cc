@@ -12,6 +12,8 @@ CudaProbe probe_cuda() {
   return p;
 }
 
+CudaMemoryInfo cuda_memory_info() { return CudaMemoryInfo(); }
+
 std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, int) {
   fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);
 }

@@ -124,4 +124,20 @@ CudaProbe probe_cuda() {
   return result;
 }
 
+CudaMemoryInfo cuda_memory_info() {
+  CudaMemoryInfo info;
+  if (!probe_cuda().usable) return info;
+  int count = 0;
+  std::string error;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) return info;
+  const int device = gpu::selected_device(count, &error);
+  if (device < 0 || cudaSetDevice(device) != cudaSuccess) return info;
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return info;
+  info.ok = true;
+  info.free_bytes = static_cast<int64_t>(free_bytes);
+  info.total_bytes = static_cast<int64_t>(total_bytes);
+  return info;
+}
+
 }  // namespace tfew

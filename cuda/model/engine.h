@@ -79,6 +79,13 @@ struct CudaProbe {
   std::string cublas_library;
 };
 CudaProbe probe_cuda();
+// cudaMemGetInfo on the selected GPU (bytes); ok false without a usable CUDA backend. For tests and
+// benchmarks: what dispose() gives back, peak device memory.
+struct CudaMemoryInfo {
+  bool ok = false;
+  int64_t free_bytes = 0, total_bytes = 0;
+};
+CudaMemoryInfo cuda_memory_info();
 std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights, int max_batch_hint);
 
 }  // namespace tfew

@@ -603,6 +603,17 @@ static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cudaMemoryInfo() -> { free, total } in bytes, or null without a usable CUDA backend.
+static Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CudaMemoryInfo m = cuda_memory_info();
+  if (!m.ok) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("free", Napi::Number::New(env, static_cast<double>(m.free_bytes)));
+  o.Set("total", Napi::Number::New(env, static_cast<double>(m.total_bytes)));
+  return o;
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = NativeModel::Define(env);
   NativeModel::constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
@@ -626,6 +637,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   build.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   exports.Set("buildInfo", build);
   exports.Set("probeCuda", Napi::Function::New(env, ProbeCuda));
+  exports.Set("cudaMemoryInfo", Napi::Function::New(env, CudaMemory));
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   return exports;
 }

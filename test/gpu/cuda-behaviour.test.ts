@@ -1,6 +1,5 @@
 // CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed), and that
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
-import { execFileSync } from 'child_process';
 import * as os from 'os';
 import * as path from 'path';
 import { DisposedError, OutOfMemoryError, T5Model } from '../../lib';
@@ -11,16 +10,11 @@ import { describeCuda, loadCuda } from './helpers';
 
 jest.setTimeout(300_000);
 
-/** Device memory in use on the GPU we run on (MiB), or null without nvidia-smi. */
-function usedMiB(): number | null {
-  try {
-    const index = process.env.TFEW_CUDA_DEVICE ?? '0';
-    const out = execFileSync('nvidia-smi', ['--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', index], { encoding: 'utf8' });
-    const v = Number(out.trim().split('\n')[0]);
-    return Number.isFinite(v) ? v : null;
-  } catch {
-    return null;
-  }
+/** Device memory in use on the GPU we run on (MiB), from cudaMemGetInfo. */
+function usedMiB(): number {
+  const m = native().cudaMemoryInfo();
+  if (!m) throw new Error('cudaMemoryInfo() returned null on a usable GPU');
+  return (m.total - m.free) / (1 << 20);
 }
 
 describeCuda('CUDA backend behaviour', () => {
@@ -74,23 +68,18 @@ describeCuda('CUDA backend behaviour', () => {
     await m.dispose(); // twice is fine
   });
 
-  test('dispose() returns the device memory (nvidia-smi)', async () => {
-    if (usedMiB() === null) {
-      // eslint-disable-next-line no-console
-      console.warn('[tfew tests] nvidia-smi not available: device memory after dispose() not measured');
-      return;
-    }
+  test('dispose() returns the device memory (cudaMemGetInfo)', async () => {
     const dir = process.env.TFEW_RANDOM_T5_DIR ?? path.join(os.tmpdir(), 'tfew-rand-t0w-2l');
     writeRandomT5(dir, { configJson: t0_3bConfigJson(2), seed: 1234 });
     // warm the CUDA context so its own memory is not counted
     const warm = await loadCuda(fx.dir, 'bf16');
     await warm.dispose();
-    const before = usedMiB() as number;
+    const before = usedMiB();
     const m = await loadCuda(dir, 'bf16');
     await m.rankClassify([[5, 6, 7, 1]], [[[8, 1], [9, 1]]]);
-    const loaded = usedMiB() as number;
+    const loaded = usedMiB();
     await m.dispose();
-    const after = usedMiB() as number;
+    const after = usedMiB();
     // 2+2 layers of the T0-3B width in bf16 are ~0.7 GB of weights
     expect(loaded - before).toBeGreaterThan(500);
     expect(after - before).toBeLessThan(64);
