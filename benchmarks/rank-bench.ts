@@ -40,6 +40,8 @@ interface WorkloadResult {
   medianForwardMs: number;
   examplesPerSecond: number;
   graphReplays: number;
+  /** Device memory in use after the workload minus before the model was loaded (cudaMemGetInfo), MiB. */
+  deviceMiB?: number;
 }
 
 export interface RankBenchResult {
@@ -125,6 +127,12 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   process.env.TFEW_CUDA_PROFILE = profileFile;
   delete process.env.TFEW_CUDA_PROFILE_DETAIL;
 
+  // The engine's arena only grows, so memory in use after a workload is its peak for that workload.
+  const usedMiB = (): number => {
+    const m = native().cudaMemoryInfo();
+    return m ? (m.total - m.free) / (1 << 20) : NaN;
+  };
+  const baselineMiB = usedMiB();
   const tLoad = process.hrtime.bigint();
   let model = await T5Model.load(modelDir, { device: 'cuda' });
   const loadSeconds = Number(process.hrtime.bigint() - tLoad) / 1e9;
@@ -158,13 +166,15 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       await call();
       wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
     }
+    const deviceMiB = usedMiB() - baselineMiB;
     await session.dispose();
     workloads[name] = { examples: 8, wallMs: wall, forwardMs: [], medianWallMs: median(wall), medianForwardMs: NaN,
-                        examplesPerSecond: 8 / (median(wall) / 1000), graphReplays: 0 };
+                        examplesPerSecond: 8 / (median(wall) / 1000), graphReplays: 0, deviceMiB };
   }
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
-                `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}`);
+                `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}` +
+                (w.deviceMiB !== undefined ? `, device memory ${(w.deviceMiB / 1024).toFixed(2)} GiB` : ''));
   }
   const describe = model.describe();
   await model.dispose();
