@@ -11,7 +11,8 @@
 #   bash benchmarks/device-check.sh
 # Environment:
 #   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
-#   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call
+#   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call;
+#                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts)
 #   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
 #   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
 #   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
@@ -193,6 +194,15 @@ if want bench; then
     step rank-bench 240 0 node dist/benchmarks/rank-bench.js run --layers 24 --out "$OUT/rank-bench.json"
   else
     note "SKIP  rank-bench (smoke check failed)"
+  fi
+fi
+
+# a whole 1000-step T-Few run on T0-3B-sized random weights (not in the default steps: ~1-2 min of device time)
+if want trainrun; then
+  if later_ok; then
+    step train-run 240 0 node dist/benchmarks/train-run.js --layers 24 --steps 1000 --out "$OUT/train-run.json"
+  else
+    note "SKIP  train-run (smoke check failed)"
   fi
 fi
 

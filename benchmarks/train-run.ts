@@ -1,0 +1,56 @@
+// A whole T-Few training run end to end through the public API (Trainer -> native training session): the
+// T-Few recipe (1000 steps, batch 8, Adafactor lr 3e-3, warmup 6%, clipping 1.0, LM + UL + LN, dropout) on
+// the T0-3B architecture with random weights (benchmarks/random-t5.ts), on synthetic examples of encoder
+// length 256 with 2 choices of 8 tokens. Prints JSON: total seconds, ms per step (median), device memory.
+//
+//   node dist/benchmarks/train-run.js [--layers 24] [--steps 1000] [--device cuda|cpu] [--out FILE.json]
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { IA3Adapter, T5Model, Trainer } from '../lib';
+import { native } from '../lib/native';
+import { randomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
+
+function arg(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : fallback;
+}
+
+async function main(): Promise<void> {
+  const layers = Number(arg('layers', '24'));
+  const steps = Number(arg('steps', '1000'));
+  const device = arg('device', 'cuda') as 'cuda' | 'cpu';
+  const dir = arg('model-dir', path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l`));
+  const config = writeRandomT5(dir, { configJson: t0_3bConfigJson(layers) });
+  const usedMiB = (): number => {
+    const m = native().cudaMemoryInfo();
+    return m ? (m.total - m.free) / (1 << 20) : NaN;
+  };
+  const baseline = usedMiB();
+  const model = await T5Model.load(dir, { device });
+  const adapter = IA3Adapter.create(model);
+  // 32 few-shot examples, as RTE's split: 4 epochs of 8 per 32 steps
+  const data = randomBatch(config.vocabSize, new Array(32).fill(256), new Array(32).fill([8, 8]), 21);
+  const examples = data.inputIds.map((input, i) => ({ input, choices: data.choices[i], label: data.labels[i] }));
+  const trainer = new Trainer(model, adapter, { steps, batchSize: 8, seed: 42 });
+  const stepMs: number[] = [];
+  trainer.on('step', (e) => stepMs.push(8000 / e.examplesPerSecond));
+  const t0 = process.hrtime.bigint();
+  const result = await trainer.train(examples);
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const sorted = [...stepMs].sort((a, b) => a - b);
+  const out = {
+    date: new Date().toISOString(), backend: model.describe(), layers, steps: result.steps, seconds,
+    medianStepMs: sorted[Math.floor(sorted.length / 2)], firstLoss: result.losses[0], lastLoss: result.losses[result.losses.length - 1],
+    deviceMiB: usedMiB() - baseline,
+  };
+  await model.dispose();
+  const json = JSON.stringify(out, null, 2);
+  if (process.argv.includes('--out')) fs.writeFileSync(arg('out', ''), json + '\n');
+  console.log(json);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
