@@ -12,6 +12,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { requiredTensors } from '../lib/checkpoint';
 import { parseT5Config, T5ModelConfig } from '../lib/config';
+import { seededRandom } from '../lib/random';
 import { floatBitsToBf16 } from '../lib/safetensors';
 
 /** config.json of the T0-3B architecture (bigscience/T0_3B: T5 v1.1 LM-adapted XL). */
@@ -42,16 +43,7 @@ export function t0_3bConfigJson(layers = 24): Record<string, unknown> {
 }
 
 /** A small seeded PRNG (mulberry32): uniform in [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const mulberry32 = seededRandom;
 
 const POOL_LENGTH = 4_194_319; // odd: consecutive rows of a wrapped matrix are shifted, never equal
 

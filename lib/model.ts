@@ -7,6 +7,7 @@ import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
 import { CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
+import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
 export type DeviceOption = 'auto' | 'cpu' | 'cuda';
@@ -69,18 +70,8 @@ export interface LossResult {
   adapterGradients: Map<IA3Adapter, Float32Array>;
 }
 
-export interface TrainingSessionOptions {
-  /** Peak learning rate. Default 3e-3. */
-  lr?: number;
-  /** Length of the schedule. Default 1000. */
-  totalSteps?: number;
-  /** Warmup fraction of totalSteps. Default 0.06. */
-  warmupRatio?: number;
-  /** Per-adapter gradient-norm clipping threshold; 0 disables. Default 1.0. */
-  clipNorm?: number;
-  scaleParameter?: boolean;
-  weightDecay?: number;
-}
+/** The T-Few optimizer of a training session: the options of lib/optim.ts TfewOptimizer, same defaults. */
+export type TrainingSessionOptions = TfewOptimizerOptions;
 
 export interface TrainingStepOptions extends Omit<LossOptions, 'adapter'> {
   /** The adapter of each example (one of the session's), or one for all. Default: the session's first. */
@@ -274,7 +265,7 @@ export class T5Model {
       const chunk = examples.slice(start, start + batchSize);
       const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
       const batch = buildBatch(encoded, this.config.vocabSize, false);
-      const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), false, false));
+      const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false));
       const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
       logProbs.forEach((lp, i) => {
         const scores = lengthNormalize ? lp.map((s, j) => s / lengths[i][j]) : lp.slice();
@@ -293,7 +284,7 @@ export class T5Model {
     const chunk = inputs.map((input) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: [[this.config.eosTokenId]] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
     const batch = buildBatch(encoded, this.config.vocabSize, false);
-    const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), false, true));
+    const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true));
     const d = this.config.dModel;
     const hidden = out.encoderHidden as Float32Array;
     return encoded.map((ex, b) => hidden.slice(b * batch.encLen * d, (b * batch.encLen + ex.inputIds.length) * d));
@@ -307,7 +298,7 @@ export class T5Model {
     const chunk = inputs.map((input, b) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: this.choiceIds(choices[b], b) }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
     const batch = buildBatch(encoded, this.config.vocabSize, false);
-    const out = await this.call(() => nm.score(batch, adapters.map((a) => a.data), true, false));
+    const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false));
     const V = this.config.vocabSize;
     const logits = out.logits as Float32Array;
     return encoded.map((ex, b) => ex.choices.map((c, j) => {
@@ -322,7 +313,7 @@ export class T5Model {
     const perExample = this.adaptersPerExample(options.adapter, batch?.inputIds?.length ?? 0);
     const { batch: nb, adapters } = this.lossBatch(batch, perExample, { maxInputLength: options.maxInputLength });
     const weights = lossWeights(options);
-    const out = await this.call(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
+    const out = await callNative(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
     const adapterGradients = new Map<IA3Adapter, Float32Array>();
     adapters.forEach((a, i) => adapterGradients.set(a, out.gradients.subarray(i * a.data.length, (i + 1) * a.data.length)));
     const gradients: Record<string, Float32Array> = {};
@@ -358,7 +349,7 @@ export class T5Model {
     if (!(o.warmupRatio >= 0 && o.warmupRatio <= 1)) throw new InvalidArgumentError(`warmupRatio must be in [0, 1], got ${o.warmupRatio}`);
     if (!(o.clipNorm >= 0)) throw new InvalidArgumentError(`clipNorm must be >= 0, got ${o.clipNorm}`);
     if (!(o.weightDecay >= 0) || !Number.isFinite(o.weightDecay)) throw new InvalidArgumentError(`weightDecay must be >= 0, got ${o.weightDecay}`);
-    const session = await this.call(() => nm.createTrainingSession(adapters.map((a) => a.data), o));
+    const session = await callNative(() => nm.createTrainingSession(adapters.map((a) => a.data), o));
     return new TrainingSession(this, adapters.slice(), session);
   }
 
@@ -394,13 +385,6 @@ export class T5Model {
     return this.nativeModel;
   }
 
-  private async call<T>(f: () => Promise<T>): Promise<T> {
-    try {
-      return await f();
-    } catch (e) {
-      throw fromNative(e);
-    }
-  }
 
   private ids(input: number[] | string, maxLength: number): number[] {
     if (typeof input === 'string') return this.tokenize(input, maxLength);

@@ -80,6 +80,17 @@ describe.each(CHECKPOINTS)('%s: native training session', (name) => {
     expect(Math.max(...delta(nat.b).map(Math.abs))).toBeGreaterThan(1e-3); // b really trained
   });
 
+  test('disposing the model ends its sessions', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu' });
+    const a = IA3Adapter.create(m);
+    const session = await m.createTrainingSession([a]);
+    await session.step(batch(), { adapter: a });
+    await m.dispose();
+    await expect(session.step(batch(), { adapter: a })).rejects.toBeInstanceOf(DisposedError);
+    await expect(session.sync()).rejects.toBeInstanceOf(DisposedError);
+    await session.dispose(); // still fine
+  });
+
   test('bad use is a typed error', async () => {
     const a = IA3Adapter.create(model);
     const other = IA3Adapter.create(model);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -153,9 +154,14 @@ static Napi::Float32Array to_f32(Napi::Env env, const std::vector<float>& v) {
 
 // ---------- the model holder shared by the JS object and its in-flight workers ----------
 
+struct SessionHolder;
+static void end_session(const std::shared_ptr<SessionHolder>& s);
+
 struct ModelHolder {
   std::mutex mu;
   std::unique_ptr<Engine> engine;
+  // Training sessions of this model: dispose() ends them too (their device memory goes with the model's).
+  std::vector<std::weak_ptr<SessionHolder>> sessions;
   T5Config config;
   int64_t ia3_size = 0;
   std::string device;
@@ -205,6 +211,25 @@ class PromiseWorker : public Napi::AsyncWorker {
  private:
   Napi::Promise::Deferred deferred_;
   ErrorCode code_ = ErrorCode::Internal;
+};
+
+// A call that resolves with undefined: `work` runs off the event loop.
+class VoidWorker : public PromiseWorker {
+ public:
+  VoidWorker(Napi::Env env, std::function<void()> work) : PromiseWorker(env), work_(std::move(work)) {}
+  static Napi::Value queue(Napi::Env env, std::function<void()> work) {
+    auto* w = new VoidWorker(env, std::move(work));
+    auto p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+ protected:
+  void work() override { work_(); }
+  Napi::Value result(Napi::Env env) override { return env.Undefined(); }
+
+ private:
+  std::function<void()> work_;
 };
 
 // Rejects immediately (argument errors found on the main thread) without throwing into JS.
@@ -323,27 +348,15 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value MergeAdapter(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, AdapterCopies a)
-          : PromiseWorker(env), h_(std::move(h)), a_(std::move(a)) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->mu);
-        h_->use().merge_adapter(a_.data[0].data());
-      }
-      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
-     private:
-      std::shared_ptr<ModelHolder> h_;
-      AdapterCopies a_;
-    };
     try {
       Napi::Array arr = Napi::Array::New(env, 1);
       arr.Set(uint32_t(0), info.Length() > 0 ? info[0] : env.Undefined());
-      auto a = to_adapters(arr, holder_->ia3_size);
-      auto* w = new Worker(env, holder_, std::move(a));
-      auto p = w->promise();
-      w->Queue();
-      return p;
+      auto a = std::make_shared<AdapterCopies>(to_adapters(arr, holder_->ia3_size));
+      auto h = holder_;
+      return VoidWorker::queue(env, [h, a] {
+        std::lock_guard<std::mutex> lock(h->mu);
+        h->use().merge_adapter(a->data[0].data());
+      });
     } catch (const TfewError& e) {
       return rejected(env, e.code(), e.what());
     }
@@ -352,24 +365,16 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value CreateTrainingSession(const Napi::CallbackInfo& info);
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h) : PromiseWorker(env), h_(std::move(h)) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->mu);  // waits for a call in flight
-        if (h_->engine) {
-          h_->engine->release();
-          h_->engine.reset();
-        }
+    auto h = holder_;
+    return VoidWorker::queue(info.Env(), [h] {
+      std::lock_guard<std::mutex> lock(h->mu);  // waits for a call in flight
+      for (auto& weak : h->sessions) end_session(weak.lock());
+      h->sessions.clear();
+      if (h->engine) {
+        h->engine->release();
+        h->engine.reset();
       }
-      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
-     private:
-      std::shared_ptr<ModelHolder> h_;
-    };
-    auto* w = new Worker(info.Env(), holder_);
-    auto p = w->promise();
-    w->Queue();
-    return p;
+    });
   }
 
   std::shared_ptr<ModelHolder> holder_;
@@ -377,15 +382,22 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
 Napi::FunctionReference* NativeModel::constructor = nullptr;
 
-// A training session and the model it trains; calls lock the model (one call at a time per model).
+// A training session and the model it trains; calls lock the model (one call at a time per model) and
+// check both are alive.
 struct SessionHolder {
   std::shared_ptr<ModelHolder> model;
   std::unique_ptr<TrainingSession> session;
   TrainingSession& use() {
+    model->use();  // a session never outlives its model's engine
     if (!session) fail(ErrorCode::Disposed, "the training session has been disposed");
     return *session;
   }
 };
+
+// Frees a session (under its model's lock, held by the caller).
+static void end_session(const std::shared_ptr<SessionHolder>& s) {
+  if (s) s->session.reset();
+}
 
 class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
  public:
@@ -414,7 +426,8 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
           : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), opt_(o), schedule_(s) {}
       void work() override {
         std::lock_guard<std::mutex> lock(h_->model->mu);
-        out_ = h_->use().step(h_->model->use(), batch_, opt_, schedule_);
+        TrainingSession& session = h_->use();
+        out_ = session.step(h_->model->use(), batch_, opt_, schedule_);
       }
       Napi::Value result(Napi::Env env) override {
         Napi::Object o = Napi::Object::New(env);
@@ -475,21 +488,11 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h) : PromiseWorker(env), h_(std::move(h)) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->model->mu);
-        h_->session.reset();
-      }
-      Napi::Value result(Napi::Env env) override { return env.Undefined(); }
-     private:
-      std::shared_ptr<SessionHolder> h_;
-    };
-    auto* w = new Worker(info.Env(), holder_);
-    auto p = w->promise();
-    w->Queue();
-    return p;
+    auto h = holder_;
+    return VoidWorker::queue(info.Env(), [h] {
+      std::lock_guard<std::mutex> lock(h->model->mu);
+      h->session.reset();
+    });
   }
 
   std::shared_ptr<SessionHolder> holder_;
@@ -509,6 +512,10 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
       holder_ = std::make_shared<SessionHolder>();
       holder_->model = h_;
       holder_->session = h_->use().create_training_session(std::move(a_.data), o_);
+      auto& list = h_->sessions;
+      list.erase(std::remove_if(list.begin(), list.end(), [](const std::weak_ptr<SessionHolder>& w) { return w.expired(); }),
+                 list.end());
+      list.push_back(holder_);
     }
     Napi::Value result(Napi::Env env) override {
       auto* ext = new std::shared_ptr<SessionHolder>(holder_);
