@@ -1,276 +1,241 @@
-// A small template language for prompts: a documented subset of the Jinja syntax PromptSource uses, so
-// P3-style templates (and most PromptSource ones) can be written as plain data.
+// Prompt templates in Jinja syntax, rendered by nunjucks (a maintained JavaScript port of Jinja2), so P3-style
+// templates and PromptSource's can be written as plain data:
 //
 //   {{ premise }}                      a field of the example (HF field names)
-//   {{ target.span1_text }}            nested fields; {{ endings[2] }} list items;
+//   {{ target.span1_text }}            nested fields; {{ endings[2] }}, {{ endings[-1] }} list items
 //   {{ fields["Paper title"] }}        any column, also names that are not identifiers
-//   {{ hypothesis | lower }}           filters: lower, upper, capitalize (Jinja: first upper, rest lower),
-//                                      ucfirst, lcfirst, trim, rstrip("."), join(", "), replace("a", "b")
-//   {{ "true" }}                       string literals
-//   {% if question == "cause" %}...{% elif ... %}...{% else %}...{% endif %}   (== and != and bare truthiness)
+//   {{ hypothesis | lower }}           nunjucks' filters, Jinja's versions of lower, upper, capitalize, trim, join,
+//                                      replace, plus ucfirst, lcfirst, rstrip(".")
+//   {% if question == "cause" %}...{% elif ... %}...{% else %}...{% endif %}, {% for %}, {% set %}, and/or/not
 //   {{ answer_choices | join(" or ") }}  the rendered answer choices; {{ label }} the gold index
 //
 // A template has an input (the encoder text) and answer choices (each one a template too). The target is
 // always answer_choices[label], as in rank classification; PromptSource's `jinja: "input ||| target"` form
 // is accepted and its target part ignored.
+//
+// Stricter than Jinja's defaults, because a typo in a field name should fail loudly rather than silently change
+// the prompt: every field a template names must exist in the example (except under `is defined` or `default`),
+// and printing an undefined value (a missing nested field or list element) is an error.
+import * as nunjucks from 'nunjucks';
 import { InvalidArgumentError } from '../errors';
 import type { Example, FieldValue } from '../tasks/types';
 
 // ---------------------------------------------------------------------------------------------------
-// Parsing
+// The environment
 
-type Expr =
-  | { kind: 'literal'; value: FieldValue }
-  | { kind: 'path'; root: string; steps: (string | number)[] }
-  | { kind: 'filter'; input: Expr; name: string; args: FieldValue[] };
+// Prompts are plain text: no HTML escaping, whitespace exactly as written, and no loaders, so templates
+// cannot read files ({% include %} fails).
+const env = new nunjucks.Environment([], {
+  autoescape: false,
+  throwOnUndefined: true,
+  trimBlocks: false,
+  lstripBlocks: false,
+});
 
-type Cond = { left: Expr; op: '==' | '!=' | 'truthy'; right?: Expr };
-
-type Node =
-  | { kind: 'text'; text: string }
-  | { kind: 'expr'; expr: Expr }
-  | { kind: 'if'; branches: { cond: Cond; body: Node[] }[]; otherwise: Node[] };
-
-const FILTERS = ['lower', 'upper', 'capitalize', 'ucfirst', 'lcfirst', 'trim', 'rstrip', 'join', 'replace'];
-
-class ExprParser {
-  private pos = 0;
-  constructor(private readonly src: string, private readonly where: string) {}
-
-  fail(msg: string): never {
-    throw new InvalidArgumentError(`${this.where}: ${msg} in "${this.src}"`);
-  }
-  private skip(): void {
-    while (this.pos < this.src.length && /\s/.test(this.src[this.pos])) this.pos++;
-  }
-  private peek(s: string): boolean {
-    this.skip();
-    return this.src.startsWith(s, this.pos);
-  }
-  private eat(s: string): boolean {
-    if (this.peek(s)) {
-      this.pos += s.length;
-      return true;
-    }
-    return false;
-  }
-  done(): boolean {
-    this.skip();
-    return this.pos >= this.src.length;
-  }
-
-  private literal(): FieldValue | undefined {
-    this.skip();
-    const c = this.src[this.pos];
-    if (c === '"' || c === "'") {
-      let out = '';
-      let i = this.pos + 1;
-      for (; i < this.src.length && this.src[i] !== c; i++) {
-        if (this.src[i] === '\\' && i + 1 < this.src.length) {
-          const n = this.src[++i];
-          out += n === 'n' ? '\n' : n === 't' ? '\t' : n;
-        } else out += this.src[i];
-      }
-      if (i >= this.src.length) this.fail('unterminated string');
-      this.pos = i + 1;
-      return out;
-    }
-    const m = /^-?\d+/.exec(this.src.slice(this.pos));
-    if (m) {
-      this.pos += m[0].length;
-      return Number(m[0]);
-    }
-    return undefined;
-  }
-
-  private identifier(): string {
-    this.skip();
-    const m = /^[A-Za-z_][A-Za-z0-9_]*/.exec(this.src.slice(this.pos));
-    if (!m) this.fail(`expected a name at position ${this.pos}`);
-    this.pos += m[0].length;
-    return m[0];
-  }
-
-  expr(): Expr {
-    let e: Expr;
-    const lit = this.literal();
-    if (lit !== undefined) e = { kind: 'literal', value: lit };
-    else {
-      const root = this.identifier();
-      const steps: (string | number)[] = [];
-      for (;;) {
-        if (this.src[this.pos] === '.') {
-          this.pos++;
-          steps.push(this.identifier());
-        } else if (this.src[this.pos] === '[') {
-          this.pos++;
-          const key = this.literal();
-          if (key === undefined || (typeof key !== 'number' && typeof key !== 'string')) this.fail('expected an index');
-          if (!this.eat(']')) this.fail('expected ]');
-          steps.push(key as string | number);
-        } else break;
-      }
-      e = { kind: 'path', root, steps };
-    }
-    while (this.eat('|')) {
-      const name = this.identifier();
-      if (!FILTERS.includes(name)) this.fail(`unknown filter "${name}" (known: ${FILTERS.join(', ')})`);
-      const args: FieldValue[] = [];
-      if (this.eat('(')) {
-        if (!this.eat(')')) {
-          for (;;) {
-            const a = this.literal();
-            if (a === undefined) this.fail('filter arguments must be literals');
-            args.push(a);
-            if (this.eat(')')) break;
-            if (!this.eat(',')) this.fail('expected , or )');
-          }
-        }
-      }
-      e = { kind: 'filter', input: e, name, args };
-    }
-    return e;
-  }
-
-  cond(): Cond {
-    const left = this.expr();
-    if (this.eat('==')) return { left, op: '==', right: this.expr() };
-    if (this.eat('!=')) return { left, op: '!=', right: this.expr() };
-    return { left, op: 'truthy' };
-  }
+/** A value as a prompt shows it; undefined means the template reached past the data. */
+function text(value: unknown, filter: string): string {
+  if (value === undefined) throw new InvalidArgumentError(`filter "${filter}" got an undefined value`);
+  return value === null ? '' : String(value);
 }
 
-function parseExpr(src: string, where: string): Expr {
-  const p = new ExprParser(src, where);
-  const e = p.expr();
-  if (!p.done()) p.fail('unexpected trailing text');
-  return e;
+/** Python's str.rstrip / str.strip: `chars` is a set of characters, default whitespace. */
+function stripChars(s: string, chars: unknown, left: boolean): string {
+  if (chars === undefined || chars === null) return left ? s.trim() : s.trimEnd();
+  const set = String(chars);
+  let end = s.length;
+  while (end > 0 && set.includes(s[end - 1])) end--;
+  let start = 0;
+  while (left && start < end && set.includes(s[start])) start++;
+  return s.slice(start, end);
 }
 
-function parseCond(src: string, where: string): Cond {
-  const p = new ExprParser(src, where);
-  const c = p.cond();
-  if (!p.done()) p.fail('unexpected trailing text');
-  return c;
-}
+// nunjucks' own lower/upper/capitalize/trim fail on numbers and its join fails on strings; these follow Jinja,
+// which converts the value to text first. nunjucks' replace already matches Python's str.replace.
+env.addFilter('lower', (v: unknown) => text(v, 'lower').toLowerCase());
+env.addFilter('upper', (v: unknown) => text(v, 'upper').toUpperCase());
+env.addFilter('capitalize', (v: unknown) => {
+  const s = text(v, 'capitalize').toLowerCase();
+  return s.charAt(0).toUpperCase() + s.slice(1);
+});
+env.addFilter('trim', (v: unknown, chars?: unknown) => stripChars(text(v, 'trim'), chars, true));
+env.addFilter('join', (v: unknown, separator: unknown = '', attribute?: unknown) => {
+  const items = typeof v === 'string' ? Array.from(v) : Array.isArray(v) ? v : [text(v, 'join')];
+  const picked = attribute === undefined ? items : items.map((x) => (x as Record<string, unknown>)[String(attribute)]);
+  return picked.map((x) => text(x, 'join')).join(text(separator, 'join'));
+});
+// Not Jinja filters, but handy for prompts (and kept from this project's earlier template language).
+env.addFilter('ucfirst', (v: unknown) => {
+  const s = text(v, 'ucfirst');
+  return s.charAt(0).toUpperCase() + s.slice(1);
+});
+env.addFilter('lcfirst', (v: unknown) => {
+  const s = text(v, 'lcfirst');
+  return s.charAt(0).toLowerCase() + s.slice(1);
+});
+env.addFilter('rstrip', (v: unknown, chars?: unknown) => stripChars(text(v, 'rstrip'), chars, false));
 
-/** Parses template text into a tree; throws InvalidArgumentError naming `where` on syntax errors. */
-export function parseTemplate(text: string, where: string): Node[] {
-  const tokens = text.split(/(\{\{[\s\S]*?\}\}|\{%[\s\S]*?%\})/);
-  let i = 0;
-  const parseBlock = (stopAt: string[]): { nodes: Node[]; stop: string; arg: string } => {
-    const nodes: Node[] = [];
-    while (i < tokens.length) {
-      const tok = tokens[i++];
-      if (tok.startsWith('{{')) {
-        nodes.push({ kind: 'expr', expr: parseExpr(tok.slice(2, -2), where) });
-      } else if (tok.startsWith('{%')) {
-        const body = tok.slice(2, -2).trim();
-        const [keyword, ...rest] = body.split(/\s+/);
-        const arg = rest.join(' ');
-        if (stopAt.includes(keyword)) return { nodes, stop: keyword, arg };
-        if (keyword !== 'if') throw new InvalidArgumentError(`${where}: unsupported tag {% ${body} %}`);
-        const branches: { cond: Cond; body: Node[] }[] = [];
-        let otherwise: Node[] = [];
-        let cond = parseCond(arg, where);
-        for (;;) {
-          const r = parseBlock(['elif', 'else', 'endif']);
-          branches.push({ cond, body: r.nodes });
-          if (r.stop === 'elif') {
-            cond = parseCond(r.arg, where);
-            continue;
-          }
-          if (r.stop === 'else') {
-            const e = parseBlock(['endif']);
-            if (e.stop !== 'endif') throw new InvalidArgumentError(`${where}: {% if %} without {% endif %}`);
-            otherwise = e.nodes;
-          }
-          break;
-        }
-        nodes.push({ kind: 'if', branches, otherwise });
-      } else if (tok.length > 0) {
-        nodes.push({ kind: 'text', text: tok });
-      }
-    }
-    if (stopAt.length > 0) throw new InvalidArgumentError(`${where}: {% if %} without {% endif %}`);
-    return { nodes, stop: '', arg: '' };
+// ---------------------------------------------------------------------------------------------------
+// Checking a template: which fields it needs, and whether its filters and tests exist
+
+/** nunjucks' parse tree (its parser is public but untyped): every node lists its child fields. */
+interface AstNode {
+  readonly typename: string;
+  readonly fields: readonly string[];
+  readonly [field: string]: unknown;
+}
+const { parser } = nunjucks as unknown as { parser: { parse(src: string, extensions: unknown[], opts: object): AstNode } };
+const envTests = env as unknown as { getTest(name: string): unknown };
+
+const isNode = (v: unknown): v is AstNode => typeof v === 'object' && v !== null && typeof (v as AstNode).typename === 'string';
+const symbolName = (v: unknown): string | undefined =>
+  isNode(v) && v.typename === 'Symbol' ? String(v.value) : undefined;
+
+/**
+ * The example fields a template names: free variables that are not set or looped over in the template, not
+ * nunjucks globals (range, ...), and not only tested with `is defined` / passed to `default`. Throws for
+ * unknown filters and tests, which nunjucks would only report when rendering.
+ */
+function requiredFields(source: string, where: string): string[] {
+  const used = new Set<string>();
+  const bound = new Set<string>(['loop', 'caller']);
+  const optional = new Set<string>();
+  const bind = (target: unknown): void => {
+    const name = symbolName(target);
+    if (name !== undefined) bound.add(name);
+    else if (Array.isArray(target)) target.forEach(bind);
+    else if (isNode(target)) target.fields.forEach((f) => bind(target[f]));
   };
-  return parseBlock([]).nodes;
+  const visit = (v: unknown): void => {
+    if (Array.isArray(v)) return v.forEach(visit);
+    if (!isNode(v)) return;
+    switch (v.typename) {
+      case 'Symbol':
+        used.add(String(v.value));
+        return;
+      case 'Pair': // dict and keyword-argument keys are names, not variables
+        return visit(v.value);
+      case 'Filter': {
+        const name = symbolName(v.name) ?? '';
+        try {
+          env.getFilter(name);
+        } catch {
+          throw new InvalidArgumentError(`${where}: unknown filter "${name}"`);
+        }
+        const input = symbolName(((v.args as AstNode).children as unknown[])[0]);
+        if ((name === 'default' || name === 'd') && input !== undefined) optional.add(input);
+        return visit(v.args);
+      }
+      case 'Is': {
+        // The right side names a test, possibly called with arguments: `x is divisibleby(3)`.
+        const test = isNode(v.right) ? (symbolName(v.right.name) ?? String(v.right.value)) : '';
+        try {
+          envTests.getTest(test);
+        } catch {
+          throw new InvalidArgumentError(`${where}: unknown test "${test}"`);
+        }
+        const input = symbolName(v.left);
+        if ((test === 'defined' || test === 'undefined') && input !== undefined) optional.add(input);
+        visit(v.left);
+        return isNode(v.right) ? visit(v.right.args) : undefined;
+      }
+      case 'For':
+      case 'AsyncEach':
+      case 'AsyncAll':
+        bind(v.name);
+        break;
+      case 'Set':
+        bind(v.targets);
+        visit(v.body); // a block {% set %} keeps its body outside `fields`
+        break;
+      case 'Macro':
+        bind(v.name);
+        bind(v.args);
+        return visit(v.body);
+    }
+    v.fields.forEach((f) => visit(v[f]));
+  };
+  visit(parser.parse(source, [], {}));
+  const isGlobal = (name: string): boolean => {
+    try {
+      env.getGlobal(name);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  return [...used].filter((n) => !bound.has(n) && !optional.has(n) && !isGlobal(n));
+}
+
+/**
+ * nunjucks' messages read "(unknown path) [Line L, Column C]\n  Template render error: ..."; keep the message,
+ * and name the tag that failed where nunjucks gives its position.
+ */
+function describeError(error: unknown, source: string): string {
+  const message = error instanceof Error ? error.message : String(error);
+  let detail = message
+    .replace(/\(unknown path\)( \[Line \d+, Column \d+\])?|Template render error:|\b(InvalidArgument)?Error: /g, ' ')
+    .replace(/\s+/g, ' ')
+    .trim();
+  if (detail === 'attempted to output null or undefined value') detail = 'renders an undefined value (a missing field or list element)';
+  const position = /\[Line (\d+), Column (\d+)\]/.exec(message);
+  if (!position) return detail;
+  const [line, column] = [Number(position[1]), Number(position[2])];
+  const offset = source.split('\n').slice(0, line - 1).reduce((n, l) => n + l.length + 1, 0) + column - 1;
+  const tag = /^(\{\{[\s\S]*?\}\}|\{%[\s\S]*?%\})/.exec(source.slice(offset));
+  return `${detail} at ${tag ? tag[0] : `line ${line}, column ${column}`}`;
+}
+
+/** One template string, parsed and compiled once. */
+class CompiledText {
+  private readonly template: nunjucks.Template;
+  private readonly fields: string[];
+
+  constructor(private readonly source: string, where: string) {
+    try {
+      this.template = new nunjucks.Template(source, env, undefined, true);
+    } catch (e) {
+      throw new InvalidArgumentError(`${where}: ${describeError(e, source)} in "${source}"`);
+    }
+    this.fields = requiredFields(source, where);
+  }
+
+  render(scope: Record<string, unknown>, where: string): string {
+    for (const name of this.fields) {
+      if (!Object.prototype.hasOwnProperty.call(scope, name)) throw new InvalidArgumentError(`${where}: the example has no field "${name}"`);
+    }
+    try {
+      return this.template.render(scope);
+    } catch (e) {
+      throw new InvalidArgumentError(`${where}: ${describeError(e, this.source)}`);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Rendering
+// Example values as templates see them
 
-type Scope = Record<string, FieldValue>;
+// Lists print as "a, b, c" and take Python's negative indexes (endings[-1]); nunjucks would print "a,b,c" and
+// give undefined for [-1].
+const LIST_VIEW: ProxyHandler<unknown[]> = {
+  get(list, key, receiver) {
+    if (key === 'toString') return () => list.map(String).join(', ');
+    if (typeof key === 'string' && /^-\d+$/.test(key)) return list[list.length + Number(key)];
+    return Reflect.get(list, key, receiver);
+  },
+};
 
-function toText(v: FieldValue): string {
-  if (v === null) return '';
-  if (typeof v === 'string') return v;
-  if (typeof v === 'number' || typeof v === 'boolean') return String(v);
-  if (Array.isArray(v)) return v.map(toText).join(', ');
-  return JSON.stringify(v);
+/** null prints as empty text, records as JSON, lists as above. */
+function templateValue(value: FieldValue): unknown {
+  if (value === null) return '';
+  if (Array.isArray(value)) return new Proxy(value.map(templateValue), LIST_VIEW);
+  if (typeof value === 'object') return templateRecord(value);
+  return value;
 }
 
-function evalExpr(e: Expr, scope: Scope, where: string): FieldValue {
-  if (e.kind === 'literal') return e.value;
-  if (e.kind === 'path') {
-    if (!(e.root in scope)) throw new InvalidArgumentError(`${where}: the example has no field "${e.root}"`);
-    let v: FieldValue = scope[e.root];
-    for (const step of e.steps) {
-      if (typeof step === 'number' && Array.isArray(v)) v = v[step < 0 ? v.length + step : step];
-      else if (typeof step === 'number' && typeof v === 'string') v = v[step < 0 ? v.length + step : step];
-      else if (v !== null && typeof v === 'object' && !Array.isArray(v)) v = (v as Record<string, FieldValue>)[String(step)];
-      else v = undefined as unknown as FieldValue;
-      if (v === undefined) throw new InvalidArgumentError(`${where}: "${e.root}" has no element ${JSON.stringify(step)}`);
-    }
-    return v;
-  }
-  const input = evalExpr(e.input, scope, where);
-  const s = () => toText(input);
-  const str = (i: number, dflt: string) => (e.args[i] === undefined ? dflt : String(e.args[i]));
-  switch (e.name) {
-    case 'lower': return s().toLowerCase();
-    case 'upper': return s().toUpperCase();
-    case 'capitalize': { const t = s(); return t.charAt(0).toUpperCase() + t.slice(1).toLowerCase(); }
-    case 'ucfirst': { const t = s(); return t.charAt(0).toUpperCase() + t.slice(1); }
-    case 'lcfirst': { const t = s(); return t.charAt(0).toLowerCase() + t.slice(1); }
-    case 'trim': return s().trim();
-    case 'rstrip': {
-      const chars = str(0, ' \t\n\r');
-      let t = s();
-      while (t.length > 0 && chars.includes(t[t.length - 1])) t = t.slice(0, -1);
-      return t;
-    }
-    case 'join': return Array.isArray(input) ? input.map(toText).join(str(0, '')) : s();
-    case 'replace': return s().split(str(0, '')).join(str(1, ''));
-  }
-  throw new InvalidArgumentError(`${where}: unknown filter "${e.name}"`);
-}
-
-function truthy(v: FieldValue): boolean {
-  if (Array.isArray(v)) return v.length > 0;
-  return v !== null && v !== '' && v !== 0 && v !== false;
-}
-
-function holds(c: Cond, scope: Scope, where: string): boolean {
-  const l = evalExpr(c.left, scope, where);
-  if (c.op === 'truthy') return truthy(l);
-  const r = evalExpr(c.right as Expr, scope, where);
-  // Compare as text so `label == 1` and `answer == "1"` both work on CSV strings and JSON numbers.
-  const eq = toText(l) === toText(r);
-  return c.op === '==' ? eq : !eq;
-}
-
-export function renderNodes(nodes: Node[], scope: Scope, where: string): string {
-  let out = '';
-  for (const n of nodes) {
-    if (n.kind === 'text') out += n.text;
-    else if (n.kind === 'expr') out += toText(evalExpr(n.expr, scope, where));
-    else {
-      const branch = n.branches.find((b) => holds(b.cond, scope, where));
-      out += renderNodes(branch ? branch.body : n.otherwise, scope, where);
-    }
-  }
+function templateRecord(record: Record<string, FieldValue>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(record)) out[k] = templateValue(v);
+  Object.defineProperty(out, 'toString', { value: () => JSON.stringify(record) });
   return out;
 }
 
@@ -315,8 +280,9 @@ export interface TemplateSpec {
 export class TextTemplate implements Template {
   readonly name: string;
   readonly originalTask: boolean;
-  private readonly inputNodes: Node[];
-  private readonly choiceNodes: Node[][];
+  private readonly input: CompiledText;
+  /** A compiled template per choice, or the text itself for literal choices. */
+  private readonly choices: (CompiledText | string)[];
 
   constructor(spec: TemplateSpec) {
     if (!spec || typeof spec.name !== 'string' || spec.name === '') {
@@ -332,26 +298,27 @@ export class TextTemplate implements Template {
     if (!Array.isArray(choiceList) || choiceList.length < 2) {
       throw new InvalidArgumentError(`${where}: needs at least two answer "choices"`);
     }
-    this.inputNodes = parseTemplate(inputText, where);
-    this.choiceNodes = choiceList.map((c, i) => {
+    this.input = new CompiledText(inputText, where);
+    this.choices = choiceList.map((c, i) => {
       if (typeof c !== 'string') throw new InvalidArgumentError(`${where}: choice ${i} is not a string`);
-      return spec.literalChoices ? [{ kind: 'text', text: c }] : parseTemplate(c.trim(), `${where}, choice ${i}`);
+      return spec.literalChoices ? c : new CompiledText(c.trim(), `${where}, choice ${i}`);
     });
   }
 
   render(example: Example): RenderedPrompt {
     const where = `template "${this.name}" on example ${example.id}`;
+    const fields = templateRecord(example.fields);
     // `fields` reaches columns whose names are not identifiers: {{ fields["Paper title"] }}.
-    const scope: Scope = { fields: example.fields, ...example.fields, label: example.label };
-    const choices = this.choiceNodes.map((nodes) => renderNodes(nodes, scope, where).trim());
+    const scope: Record<string, unknown> = { fields, ...fields, label: example.label };
+    const choices = this.choices.map((c, i) => (typeof c === 'string' ? c : c.render(scope, `${where}, choice ${i}`)).trim());
     choices.forEach((c, i) => {
       if (c === '') throw new InvalidArgumentError(`${where}: answer choice ${i} rendered empty`);
     });
     if (example.label >= choices.length) {
       throw new InvalidArgumentError(`${where}: label ${example.label} but only ${choices.length} choices`);
     }
-    scope.answer_choices = choices;
-    const input = renderNodes(this.inputNodes, scope, where).trim();
+    scope.answer_choices = templateValue(choices);
+    const input = this.input.render(scope, where).trim();
     return { input: [input], choices, label: example.label };
   }
 }

@@ -10,7 +10,8 @@
 //   ]
 //
 // A single object, or { "templates": [...] }, is accepted too. When "choices" is left out the task's label
-// names are the answer choices; "literalChoices" gives choices that are not parsed as templates. The syntax inside strings is lib/templates/engine.ts's Jinja subset.
+// names are the answer choices; "literalChoices" gives choices that are not parsed as templates. Strings are Jinja templates
+// rendered by nunjucks (lib/templates/engine.ts).
 import * as fs from 'fs';
 import { FileFormatError, InvalidArgumentError } from '../errors';
 import { TextTemplate, type Template, type TemplateSpec } from './engine';

@@ -78,6 +78,48 @@ describe('template language', () => {
     const three = new TextTemplate({ name: 'lbl', input: 'x', choices: ['a', 'b'] });
     expect(() => three.render(ex({}, 2))).toThrow(/label 2/);
   });
+
+  // The template language is nunjucks (Jinja syntax); docs/pipeline.md lists what the project relies on.
+  const render = (input: string, fields: Example['fields']) => new TextTemplate({ name: 'n', input, choices: ['a', 'b'] }).render(ex(fields)).input[0];
+
+  test('Jinja statements and expressions beyond if: for/loop, set, macro, and/or/not/in, inline if, ~', () => {
+    expect(render('{% for e in endings %}{{ loop.index }}. {{ e }}\n{% endfor %}', { endings: ['x', 'y'] })).toBe('1. x\n2. y');
+    expect(render('{% set q = premise | upper %}{{ q ~ "!" }}', { premise: 'p' })).toBe('P!');
+    expect(render('{% macro ask(s, end="?") %}{{ s }}{{ end }}{% endmacro %}{{ ask(a) }} {{ ask(a, end="!") }}', { a: 'A' })).toBe('A? A!');
+    const cond = '{% if a and not b %}yes{% endif %}{% if "x" in xs %} in{% endif %} {{ "on" if flag else "off" }}';
+    expect(render(cond, { a: 1, b: 0, xs: ['x'], flag: false })).toBe('yes in off');
+    expect(render(cond, { a: 1, b: 1, xs: ['y'], flag: true })).toBe('on');
+  });
+
+  test('whitespace is kept as written; {%- -%} trims it', () => {
+    // Neither trimBlocks (newline after a tag) nor lstripBlocks (indent before a tag) applies.
+    expect(render('x{% if a %}\n  A\n  {% endif %}\n|', { a: 1 })).toBe('x\n  A\n  \n|');
+    expect(render('x{% if a %}  A  {% endif %}|', { a: 1 })).toBe('x  A  |');
+    expect(render('x {%- if a %}  A  {%- endif -%}  |', { a: 1 })).toBe('x  A|');
+  });
+
+  test('nunjucks built-in filters, and Jinja behaviour on numbers and strings', () => {
+    expect(render('{{ a | title }} {{ xs | length }} {{ xs | first }} {{ xs | sort | join(",") }}', { a: 'hello world', xs: ['c', 'a', 'b'] })).toBe('Hello World 3 c a,b,c');
+    expect(render('{{ n | lower }} {{ s | join("-") }} {{ d | trim(".") }} {{ d | replace(".", "!", 1) }}', { n: 5, s: 'ab', d: '..x..' })).toBe('5 a-b x !.x..');
+  });
+
+  test('values: lists print comma-separated, negative indexes count from the end, null reads as empty', () => {
+    expect(render('{{ xs }} | {{ xs[-2] }} | [{{ n }}] | {{ nested[0][-1] }}', { xs: ['a', 'b', 'c'], n: null, nested: [['p', 'q']] })).toBe('a, b, c | b | [] | q');
+    expect(() => render('{{ xs[-4] }}', { xs: ['a', 'b', 'c'] })).toThrow(/template "n".*undefined value.*\{\{ xs\[-4\] \}\}/);
+  });
+
+  test('every named field must exist, also in conditions; is defined / default make one optional', () => {
+    expect(() => render('{% if questoin == "cause" %}because{% endif %}', { question: 'cause' })).toThrow(/no field "questoin"/);
+    expect(render('{% if extra is defined %}{{ extra }}{% else %}none{% endif %} {{ other | default("D") }}', {})).toBe('none D');
+    expect(render('{% if extra is defined %}{{ extra }}{% endif %}', { extra: 'E' })).toBe('E');
+    expect(() => render('{{ t.nope | lower }}', { t: {} })).toThrow(/filter "lower" got an undefined value/);
+  });
+
+  test('unknown tests, syntax errors and file access are typed errors naming the template', () => {
+    expect(() => render('{{ a is nosuchtest }}', { a: 1 })).toThrow(/template "n": unknown test "nosuchtest"/);
+    expect(() => render('{{ a + }}', { a: 1 })).toThrow(InvalidArgumentError);
+    expect(() => render('{% include "x.txt" %}', {})).toThrow(/template "n" on example x: template not found/);
+  });
 });
 
 describe('built-in templates: answer choices follow the dataset labels', () => {
