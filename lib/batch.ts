@@ -23,7 +23,11 @@ function checkIds(ids: unknown, vocabSize: number, what: string): asserts ids is
   }
 }
 
-export function buildBatch(examples: EncodedExample[], vocabSize: number, withLabels: boolean): NativeBatch {
+/**
+ * padId: the config's pad token. Choices are padded with it and the engine masks exactly the targets equal to
+ * it, so a choice needs at least one other token (else its length-normalised score would be 0 / 0).
+ */
+export function buildBatch(examples: EncodedExample[], vocabSize: number, withLabels: boolean, padId = 0): NativeBatch {
   if (examples.length === 0) throw new InvalidArgumentError('the batch is empty');
   let encLen = 0;
   let decLen = 0;
@@ -31,7 +35,10 @@ export function buildBatch(examples: EncodedExample[], vocabSize: number, withLa
   examples.forEach((ex, b) => {
     checkIds(ex.inputIds, vocabSize, `input ${b}`);
     if (!Array.isArray(ex.choices) || ex.choices.length === 0) throw new InvalidArgumentError(`example ${b} has no answer choices`);
-    ex.choices.forEach((c, j) => checkIds(c, vocabSize, `choice ${j} of example ${b}`));
+    ex.choices.forEach((c, j) => {
+      checkIds(c, vocabSize, `choice ${j} of example ${b}`);
+      if (c.every((id) => id === padId)) throw new InvalidArgumentError(`choice ${j} of example ${b} has only pad tokens (${padId})`);
+    });
     if (withLabels) {
       if (!Number.isInteger(ex.label) || (ex.label as number) < 0 || (ex.label as number) >= ex.choices.length) {
         throw new InvalidArgumentError(`label ${String(ex.label)} of example ${b} is not one of its ${ex.choices.length} choices`);
@@ -42,9 +49,9 @@ export function buildBatch(examples: EncodedExample[], vocabSize: number, withLa
     numRows += ex.choices.length;
   });
   const B = examples.length;
-  const inputIds = new Int32Array(B * encLen);
+  const inputIds = new Int32Array(B * encLen).fill(padId);
   const encLengths = new Int32Array(B);
-  const choiceIds = new Int32Array(numRows * decLen);
+  const choiceIds = new Int32Array(numRows * decLen).fill(padId);
   const rowStart = new Int32Array(B + 1);
   const adapterOfExample = new Int32Array(B);
   const labels = withLabels ? new Int32Array(B) : undefined;

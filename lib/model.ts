@@ -12,10 +12,13 @@ import { T5Tokenizer } from './tokenizer';
 
 export type DeviceOption = 'auto' | 'cpu' | 'cuda';
 
+/** The most CPU backend threads a model may use (the addon clamps to the same bound). */
+export const MAX_CPU_THREADS = 256;
+
 export interface LoadOptions {
   /** 'auto' (default) uses CUDA when a GPU, driver and cuBLAS are usable, else the CPU backend. */
   device?: DeviceOption;
-  /** CPU backend threads (default: all cores). */
+  /** CPU backend threads, 1..MAX_CPU_THREADS (default: all cores, at most MAX_CPU_THREADS). */
   threads?: number;
   /** Fold this adapter into the weights (single-task serving); calls then need no adapter. */
   mergeAdapter?: IA3Adapter;
@@ -112,8 +115,13 @@ export class TrainingSession {
     const n = batch?.inputIds?.length ?? 0;
     const perExample = Array.isArray(options.adapter) ? options.adapter : new Array(n).fill(options.adapter ?? this.adapters[0]);
     if (perExample.length !== n) throw new InvalidArgumentError(`got ${perExample.length} adapters for ${n} examples`);
+    const scheduleStep = options.scheduleStep ?? -1;
+    if (options.scheduleStep !== undefined && (!Number.isInteger(scheduleStep) || scheduleStep < 0 || scheduleStep > 2 ** 31 - 1)) {
+      throw new InvalidArgumentError(`scheduleStep must be an integer >= 0, got ${String(options.scheduleStep)}`);
+    }
     const { batch: nb } = this.model.lossBatch(batch, perExample, { fixed: this.adapters, maxInputLength: options.maxInputLength });
-    const out = await callNative(() => session.step(nb, lossWeights(options), options.scheduleStep ?? -1));
+    const weights = lossWeights(options);
+    const out = await this.model.callNative(() => session.step(nb, weights, scheduleStep));
     const gradNorms = new Map<IA3Adapter, number>();
     this.adapters.forEach((a, i) => {
       if (out.stepped[i]) gradNorms.set(a, out.gradNorms[i]);
@@ -125,7 +133,7 @@ export class TrainingSession {
   async sync(): Promise<void> {
     const session = this.live();
     for (let i = 0; i < this.adapters.length; i++) {
-      const v = await callNative(() => session.read(i));
+      const v = await this.model.callNative(() => session.read(i));
       this.adapters[i].data.set(v);
       this.adapters[i].markChanged();
     }
@@ -144,7 +152,7 @@ export class TrainingSession {
   }
 }
 
-async function callNative<T>(f: () => Promise<T>): Promise<T> {
+async function mapNativeErrors<T>(f: () => Promise<T>): Promise<T> {
   try {
     return await f();
   } catch (e) {
@@ -163,7 +171,16 @@ function lossWeights(options: LossOptions): { lmWeight: number; ulWeight: number
   for (const [k, v] of Object.entries(w)) {
     if (typeof v === 'number' && !Number.isFinite(v)) throw new InvalidArgumentError(`${k} must be a finite number`);
   }
+  // dropout masks hash the seed as an unsigned 64-bit integer: only exact non-negative integers convert
+  if (!Number.isSafeInteger(w.seed) || w.seed < 0) throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(w.seed)}`);
   return w;
+}
+
+/** maxInputLength (the truncation of string inputs, eos kept): an integer >= 1, default 256. */
+function checkMaxInputLength(value: number | undefined): number {
+  const v = value ?? 256;
+  if (!Number.isInteger(v) || v < 1) throw new InvalidArgumentError(`maxInputLength must be an integer >= 1, got ${String(v)}`);
+  return v;
 }
 
 export class T5Model {
@@ -176,10 +193,17 @@ export class T5Model {
   readonly deviceReason: string;
   private nativeModel: NativeModel | undefined;
   private readonly tensors: NativeTensorSpec[];
+  private readonly threads: number;
+  // Native calls of this model run one after another. The addon serialises them with a mutex anyway, but a call
+  // waiting for that mutex holds one of libuv's threads (4 by default) meanwhile, starving fs, zlib, dns and
+  // the calls of other models.
+  private callsInFlight = 0;
+  private lastCall: Promise<void> = Promise.resolve();
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
-                      nm: NativeModel, reason: string) {
+                      nm: NativeModel, reason: string, threads: number) {
     this.dir = dir;
+    this.threads = threads;
     this.config = config;
     this.tensors = tensors;
     this.tokenizer = tokenizer;
@@ -204,16 +228,22 @@ export class T5Model {
   static async load(dir: string, options: LoadOptions = {}): Promise<T5Model> {
     const { config, tensors } = resolveCheckpoint(dir);
     const { device, reason } = T5Model.selectDevice(options.device ?? 'auto');
-    const threads = options.threads ?? os.cpus().length;
+    const threads = options.threads ?? Math.min(MAX_CPU_THREADS, Math.max(1, os.cpus().length));
+    if (!Number.isInteger(threads) || threads < 1 || threads > MAX_CPU_THREADS) {
+      throw new InvalidArgumentError(`threads must be an integer in [1, ${MAX_CPU_THREADS}], got ${String(threads)}`);
+    }
+    // Everything that can fail without the weights is checked first: a failure after the native load would
+    // leave the weights (device memory too) waiting for the garbage collector.
+    const tokenizer = T5Tokenizer.fromDir(dir);
+    if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
       nm = await native().loadModel(config, tensors, { device, threads });
     } catch (e) {
       throw fromNative(e);
     }
-    const model = new T5Model(dir, config, tensors, T5Tokenizer.fromDir(dir), nm, reason);
+    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads);
     if (options.mergeAdapter) {
-      options.mergeAdapter.assertCompatible(config);
       try {
         await nm.mergeAdapter(options.mergeAdapter.data);
       } catch (e) {
@@ -227,7 +257,7 @@ export class T5Model {
   /** A second model on the same backend with `adapter` folded into its weights (the original is unchanged). */
   async withMergedAdapter(adapter: IA3Adapter): Promise<T5Model> {
     this.live();
-    return T5Model.load(this.dir, { device: this.device, mergeAdapter: adapter });
+    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: adapter });
   }
 
   get disposed(): boolean {
@@ -254,18 +284,20 @@ export class T5Model {
       throw new InvalidArgumentError(`got ${inputs.length} inputs but ${choices.length} lists of choices`);
     }
     const lengthNormalize = options.lengthNormalize ?? true;
+    const batchSize = options.batchSize ?? 32;
+    if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
+    const maxInputLength = checkMaxInputLength(options.maxInputLength);
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input, b) => ({
-      inputIds: this.ids(input, options.maxInputLength ?? 256),
+      inputIds: this.ids(input, maxInputLength),
       choices: this.choiceIds(choices[b], b),
     }));
-    const batchSize = Math.max(1, options.batchSize ?? 32);
     const result: RankClassifyResult = { predictions: [], scores: [], logProbs: [] };
     for (let start = 0; start < examples.length; start += batchSize) {
       const chunk = examples.slice(start, start + batchSize);
       const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
-      const batch = buildBatch(encoded, this.config.vocabSize, false);
-      const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false));
+      const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
+      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false));
       const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
       logProbs.forEach((lp, i) => {
         const scores = lengthNormalize ? lp.map((s, j) => s / lengths[i][j]) : lp.slice();
@@ -280,11 +312,14 @@ export class T5Model {
   /** Encoder output (after the final layer norm) per example: [length * dModel], real positions only. */
   async encode(inputs: string[] | number[][], options: { adapter?: AdapterOption; maxInputLength?: number } = {}): Promise<Float32Array[]> {
     const nm = this.live();
+    if (!Array.isArray(inputs)) throw new InvalidArgumentError('inputs must be an array');
+    const maxInputLength = checkMaxInputLength(options.maxInputLength);
+    if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
-    const chunk = inputs.map((input) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: [[this.config.eosTokenId]] }));
+    const chunk = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
-    const batch = buildBatch(encoded, this.config.vocabSize, false);
-    const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true));
+    const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
+    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true));
     const d = this.config.dModel;
     const hidden = out.encoderHidden as Float32Array;
     return encoded.map((ex, b) => hidden.slice(b * batch.encLen * d, (b * batch.encLen + ex.inputIds.length) * d));
@@ -294,11 +329,15 @@ export class T5Model {
   async choiceLogits(inputs: string[] | number[][], choices: (string[] | number[][])[],
                      options: { adapter?: AdapterOption; maxInputLength?: number } = {}): Promise<Float32Array[][]> {
     const nm = this.live();
+    if (!Array.isArray(inputs) || !Array.isArray(choices)) throw new InvalidArgumentError('inputs and choices must be arrays');
+    if (inputs.length !== choices.length) throw new InvalidArgumentError(`got ${inputs.length} inputs but ${choices.length} lists of choices`);
+    const maxInputLength = checkMaxInputLength(options.maxInputLength);
+    if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
-    const chunk = inputs.map((input, b) => ({ inputIds: this.ids(input, options.maxInputLength ?? 256), choices: this.choiceIds(choices[b], b) }));
+    const chunk = inputs.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b) }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
-    const batch = buildBatch(encoded, this.config.vocabSize, false);
-    const out = await callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false));
+    const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
+    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false));
     const V = this.config.vocabSize;
     const logits = out.logits as Float32Array;
     return encoded.map((ex, b) => ex.choices.map((c, j) => {
@@ -313,7 +352,7 @@ export class T5Model {
     const perExample = this.adaptersPerExample(options.adapter, batch?.inputIds?.length ?? 0);
     const { batch: nb, adapters } = this.lossBatch(batch, perExample, { maxInputLength: options.maxInputLength });
     const weights = lossWeights(options);
-    const out = await callNative(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
+    const out = await this.callNative(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
     const adapterGradients = new Map<IA3Adapter, Float32Array>();
     adapters.forEach((a, i) => adapterGradients.set(a, out.gradients.subarray(i * a.data.length, (i + 1) * a.data.length)));
     const gradients: Record<string, Float32Array> = {};
@@ -349,7 +388,7 @@ export class T5Model {
     if (!(o.warmupRatio >= 0 && o.warmupRatio <= 1)) throw new InvalidArgumentError(`warmupRatio must be in [0, 1], got ${o.warmupRatio}`);
     if (!(o.clipNorm >= 0)) throw new InvalidArgumentError(`clipNorm must be >= 0, got ${o.clipNorm}`);
     if (!(o.weightDecay >= 0) || !Number.isFinite(o.weightDecay)) throw new InvalidArgumentError(`weightDecay must be >= 0, got ${o.weightDecay}`);
-    const session = await callNative(() => nm.createTrainingSession(adapters.map((a) => a.data), o));
+    const session = await this.callNative(() => nm.createTrainingSession(adapters.map((a) => a.data), o));
     return new TrainingSession(this, adapters.slice(), session);
   }
 
@@ -365,10 +404,10 @@ export class T5Model {
     if (inputIds.length !== choices.length || inputIds.length !== labels.length) {
       throw new InvalidArgumentError(`inputIds (${inputIds.length}), choices (${choices.length}) and labels (${labels.length}) differ in length`);
     }
-    const maxInputLength = options.maxInputLength ?? 256;
+    const maxInputLength = checkMaxInputLength(options.maxInputLength);
     const chunk = inputIds.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b), label: labels[b] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample, options.fixed);
-    return { batch: buildBatch(encoded, this.config.vocabSize, true), adapters };
+    return { batch: buildBatch(encoded, this.config.vocabSize, true, this.config.padTokenId), adapters };
   }
 
   /** Frees the weights (device memory included). Later calls reject with DisposedError. Safe to call twice. */
@@ -376,6 +415,21 @@ export class T5Model {
     const nm = this.nativeModel;
     this.nativeModel = undefined;
     if (nm) await nm.dispose();
+  }
+
+  /**
+   * @internal Runs a native call of this model (or of its training sessions) after the ones before it, and maps
+   * its errors to typed ones. With nothing in flight it starts at once, so a call made before dispose() is
+   * issued before the dispose.
+   */
+  callNative<T>(call: () => Promise<T>): Promise<T> {
+    const invoke = (): Promise<T> => mapNativeErrors(call);
+    const run = this.callsInFlight === 0 ? invoke() : this.lastCall.then(invoke);
+    this.callsInFlight++;
+    this.lastCall = run.then(() => undefined, () => undefined).then(() => {
+      this.callsInFlight--;
+    });
+    return run;
   }
 
   // ---- internals ----

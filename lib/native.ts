@@ -40,11 +40,11 @@ export interface NativeTensorSpec {
 export interface NativeBatch {
   batchSize: number;
   encLen: number;
-  inputIds: Int32Array; // [B*encLen], right-padded with 0
+  inputIds: Int32Array; // [B*encLen], right-padded with the pad token
   encLengths: Int32Array; // [B]
   numRows: number;
   decLen: number;
-  choiceIds: Int32Array; // [R*decLen], right-padded with 0
+  choiceIds: Int32Array; // [R*decLen], right-padded with the pad token (masked as a target)
   rowStart: Int32Array; // [B+1]
   adapterOfExample: Int32Array; // [B], -1 = none
   labels?: Int32Array; // [B], gold choice index within the example's rows
@@ -130,6 +130,12 @@ export interface NativeAddon {
   /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
   cudaMemoryInfo(): { free: number; total: number } | null;
   loadModel(config: NativeConfig, tensors: NativeTensorSpec[], options: { device: 'cpu' | 'cuda'; threads: number }): Promise<NativeModel>;
+  /** Internal checks of the native thread pool's failure handling (test/core-review.test.ts); not an API. */
+  _testing: {
+    parallelFor(options: {
+      threads: number; n: number; nested: boolean; throwIn: 'none' | 'worker' | 'caller'; kind: 'runtime' | 'bad_alloc' | 'tfew';
+    }): Promise<number[]>;
+  };
 }
 
 /** The package root (where package.json is), from lib/ under ts-jest or dist/lib/ when compiled. */

@@ -272,6 +272,7 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     let adapterPath: string | undefined;
     try {
       const stepper = await this.stepper(examples);
+      let failed = false;
       try {
         const batches = this.batchStream(examples.length);
         for (let step = 0; step < o.steps; step++) {
@@ -319,10 +320,19 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
             this.emit('eval', { step: done, accuracy, predictions });
           }
         }
+      } catch (e) {
+        failed = true;
+        throw e;
       } finally {
-        // the adapters hold every step taken, aborted or not
-        await stepper.sync();
-        await stepper.dispose();
+        // The adapters hold every step taken, aborted or not. The session is freed even when that copy fails
+        // (e.g. the model was disposed), and a failed copy does not hide the error that stopped the run.
+        try {
+          await stepper.sync();
+        } catch (e) {
+          if (!failed) throw e;
+        } finally {
+          await stepper.dispose();
+        }
       }
 
       if (!aborted && o.saveTo !== undefined) {

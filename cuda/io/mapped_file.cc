@@ -82,10 +82,11 @@ TensorView FileWeightSource::get(const std::string& name, const std::vector<int6
                                       ", expected " + shape_str(expected));
   const auto& f = files_.at(s.file);
   int64_t numel = 1;
-  for (auto d : s.shape) numel *= d;
+  for (auto d : s.shape) numel *= d;  // no overflow: the non-unit dims equal the engine's expected shape
   if (s.byte_length != numel * dtype_size(s.dtype))
     fail(ErrorCode::InvalidModel, "tensor " + name + " in " + s.file + ": byte length does not match its shape and dtype");
-  if (s.offset < 0 || s.offset + s.byte_length > f->size())
+  // Written so that no sum can overflow (offset and length come from a file header).
+  if (s.offset < 0 || s.byte_length < 0 || s.byte_length > f->size() || s.offset > f->size() - s.byte_length)
     fail(ErrorCode::Io, "tensor " + name + " lies beyond the end of " + s.file + " (truncated file?)");
   TensorView v;
   v.name = name;

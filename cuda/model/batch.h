@@ -1,9 +1,10 @@
 // One batch as the engine sees it, built and validated by lib/batch.ts.
 //
-// Examples b = 0..B-1 have encoder inputs input_ids[b*enc_len .. +enc_len) (right-padded with pad 0,
+// Examples b = 0..B-1 have encoder inputs input_ids[b*enc_len .. +enc_len) (right-padded with the pad token,
 // eos included by the caller) with enc_lengths[b] real tokens. Every answer choice is one "row"
 // r = 0..R-1; rows of example b are row_start[b] .. row_start[b+1]-1 (examples may have different numbers
-// of choices). choice_ids[r*dec_len ..) is the choice's target tokens (eos included), right-padded with 0;
+// of choices). choice_ids[r*dec_len ..) is the choice's target tokens (eos included), right-padded with
+// config.pad_token_id (targets equal to it are masked, so every choice needs another token);
 // the decoder input is [decoder_start, choice[:-1]]. adapter_of_example[b] picks the (IA)3 adapter of
 // example b (-1 = none): mixed-task batches need no extra pass. labels[b] is the gold choice index within
 // example b's rows (only read by the losses).
@@ -25,9 +26,10 @@ struct Batch {
   std::vector<int32_t> adapter_of_example;  // [B], -1 = no adapter
   std::vector<int32_t> labels;       // [B], may be empty when no loss is asked for
 
+  // The example that row r belongs to (r must be in [0, num_rows); a validated batch is assumed).
   int example_of_row(int r) const {
     int b = 0;
-    while (row_start[b + 1] <= r) ++b;
+    while (b + 1 < batch_size && row_start[b + 1] <= r) ++b;  // bounded even for an r past the end
     return b;
   }
 };

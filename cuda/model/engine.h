@@ -13,7 +13,8 @@ namespace tfew {
 
 enum class DType { F64, F32, F16, BF16 };
 
-// A tensor as stored in a checkpoint file: raw little-endian bytes, typically inside an mmap'd file.
+// A tensor as stored in a checkpoint file: raw little-endian bytes, typically inside an mmap'd file. `data` is
+// valid only while the WeightSource that returned it lives (engines convert or upload in their constructor).
 struct TensorView {
   std::string name;
   DType dtype = DType::F32;

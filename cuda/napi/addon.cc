@@ -1,19 +1,28 @@
 // The N-API addon: module functions (version, buildInfo, probeCuda, loadModel) and the NativeModel class.
 // Every long call runs in a Napi::AsyncWorker (never on the event loop) and settles a promise; engine errors
-// (tfew::TfewError) become rejections whose Error carries `code`. Calls on one model are serialised by its
-// mutex, so concurrent calls from JS are safe; dispose() waits for a running call and frees the engine.
+// (tfew::TfewError) become rejections whose Error carries `code`. Methods never throw: bad arguments reject too.
+// Calls on one model are serialised by its mutex, so concurrent calls from JS are safe (lib/model.ts also queues
+// them, so waiting calls do not hold libuv threads); dispose() waits for a running call and frees the engine.
+// Nothing on the main thread waits for that mutex.
 #include <napi.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/errors.h"
+#include "core/thread_pool.h"
 #include "io/mapped_file.h"
 #include "model/engine.h"
 
@@ -21,21 +30,30 @@ namespace tfew {
 namespace napi {
 
 // ---------- conversions JS -> native (run on the main thread, before a worker starts) ----------
+// Everything the engine reads is copied out of JS values here: a worker never touches JS memory, and numbers
+// are checked before a cast (a double outside the target range is undefined behaviour in a static_cast).
 
-static int32_t get_int(const Napi::Object& o, const char* key) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) fail(ErrorCode::InvalidArgument, std::string("expected a number for '") + key + "'");
-  return v.As<Napi::Number>().Int32Value();
-}
 static double get_double(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) fail(ErrorCode::InvalidArgument, std::string("expected a number for '") + key + "'");
   return v.As<Napi::Number>().DoubleValue();
 }
+static bool is_integer_in(double d, double lo, double hi) { return d >= lo && d <= hi && d == std::floor(d); }
+static int32_t get_int(const Napi::Object& o, const char* key) {
+  double d = get_double(o, key);
+  if (!is_integer_in(d, INT32_MIN, INT32_MAX))
+    fail(ErrorCode::InvalidArgument, std::string("expected a 32-bit integer for '") + key + "'");
+  return static_cast<int32_t>(d);
+}
 static bool get_bool(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsBoolean()) fail(ErrorCode::InvalidArgument, std::string("expected a boolean for '") + key + "'");
   return v.As<Napi::Boolean>().Value();
+}
+static std::string get_string(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsString()) fail(ErrorCode::InvalidArgument, std::string("expected a string for '") + key + "'");
+  return v.As<Napi::String>().Utf8Value();
 }
 static std::vector<int32_t> get_i32(const Napi::Object& o, const char* key, bool optional = false) {
   Napi::Value v = o.Get(key);
@@ -43,6 +61,7 @@ static std::vector<int32_t> get_i32(const Napi::Object& o, const char* key, bool
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
     fail(ErrorCode::InvalidArgument, std::string("expected an Int32Array for '") + key + "'");
   auto a = v.As<Napi::Int32Array>();
+  if (a.ElementLength() == 0) return {};  // a detached buffer has no data pointer
   return std::vector<int32_t>(a.Data(), a.Data() + a.ElementLength());
 }
 
@@ -57,32 +76,60 @@ static T5Config to_config(const Napi::Object& o) {
   c.num_decoder_layers = get_int(o, "numDecoderLayers");
   c.num_buckets = get_int(o, "numBuckets");
   c.max_distance = get_int(o, "maxDistance");
-  c.layer_norm_eps = static_cast<float>(get_double(o, "layerNormEps"));
+  const double eps = get_double(o, "layerNormEps"), dropout = get_double(o, "dropoutRate");
+  // checked as doubles: a cast of an out-of-range double to float is undefined
+  if (!(eps > 0 && eps <= 3.4e38)) fail(ErrorCode::InvalidModel, "config: layer_norm_epsilon must be a positive number");
+  if (!(dropout >= 0 && dropout < 1)) fail(ErrorCode::InvalidModel, "config: dropout_rate must be in [0, 1)");
+  c.layer_norm_eps = static_cast<float>(eps);
+  c.dropout_rate = static_cast<float>(dropout);
   c.gated_gelu = get_bool(o, "gatedGelu");
   c.tied_head = get_bool(o, "tiedHead");
   c.scale_decoder_outputs = get_bool(o, "scaleDecoderOutputs");
-  c.dropout_rate = static_cast<float>(get_double(o, "dropoutRate"));
   c.pad_token_id = get_int(o, "padTokenId");
   c.eos_token_id = get_int(o, "eosTokenId");
   c.decoder_start_token_id = get_int(o, "decoderStartTokenId");
   if (c.vocab_size <= 0 || c.d_model <= 0 || c.d_ff <= 0 || c.d_kv <= 0 || c.num_heads <= 0 || c.num_layers <= 0 ||
       c.num_decoder_layers <= 0 || c.num_buckets <= 1 || c.max_distance <= 0)
     fail(ErrorCode::InvalidModel, "config has a non-positive dimension");
+  if (static_cast<int64_t>(c.num_heads) * c.d_kv > INT32_MAX) fail(ErrorCode::InvalidModel, "config: num_heads * d_kv is too large");
+  if (!(c.layer_norm_eps > 0) || !(c.dropout_rate < 1))  // a tiny eps or a rate just below 1 may round in float
+    fail(ErrorCode::InvalidModel, "config: layer_norm_epsilon or dropout_rate does not fit a float");
+  // The engine indexes the embedding table with these: outside the vocabulary they would read out of bounds.
+  const std::pair<const char*, int> ids[] = {{"pad_token_id", c.pad_token_id}, {"eos_token_id", c.eos_token_id},
+                                             {"decoder_start_token_id", c.decoder_start_token_id}};
+  for (const auto& id : ids)
+    if (id.second < 0 || id.second >= c.vocab_size)
+      fail(ErrorCode::InvalidModel, std::string("config: ") + id.first + " " + std::to_string(id.second) +
+                                        " is outside the vocabulary (size " + std::to_string(c.vocab_size) + ")");
   return c;
+}
+
+// A byte offset, length or dimension: a non-negative integer a double holds exactly.
+static int64_t to_size(double d, const std::string& what) {
+  if (!is_integer_in(d, 0, 9007199254740992.0)) fail(ErrorCode::InvalidModel, what + " must be a non-negative integer");
+  return static_cast<int64_t>(d);
 }
 
 static std::vector<TensorSpec> to_specs(const Napi::Array& a) {
   std::vector<TensorSpec> specs;
   for (uint32_t i = 0; i < a.Length(); ++i) {
-    Napi::Object o = a.Get(i).As<Napi::Object>();
+    Napi::Value e = a.Get(i);
+    if (!e.IsObject()) fail(ErrorCode::InvalidArgument, "tensor spec " + std::to_string(i) + " is not an object");
+    Napi::Object o = e.As<Napi::Object>();
     TensorSpec s;
-    s.name = o.Get("name").As<Napi::String>().Utf8Value();
-    s.file = o.Get("file").As<Napi::String>().Utf8Value();
-    s.offset = static_cast<int64_t>(get_double(o, "offset"));
-    s.byte_length = static_cast<int64_t>(get_double(o, "byteLength"));
-    s.dtype = parse_dtype(o.Get("dtype").As<Napi::String>().Utf8Value());
-    Napi::Array shape = o.Get("shape").As<Napi::Array>();
-    for (uint32_t j = 0; j < shape.Length(); ++j) s.shape.push_back(shape.Get(j).As<Napi::Number>().Int64Value());
+    s.name = get_string(o, "name");
+    s.file = get_string(o, "file");
+    s.offset = to_size(get_double(o, "offset"), "offset of tensor " + s.name);
+    s.byte_length = to_size(get_double(o, "byteLength"), "byteLength of tensor " + s.name);
+    s.dtype = parse_dtype(get_string(o, "dtype"));
+    Napi::Value shape_value = o.Get("shape");
+    if (!shape_value.IsArray()) fail(ErrorCode::InvalidArgument, "shape of tensor " + s.name + " is not an array");
+    Napi::Array shape = shape_value.As<Napi::Array>();
+    for (uint32_t j = 0; j < shape.Length(); ++j) {
+      Napi::Value d = shape.Get(j);
+      if (!d.IsNumber()) fail(ErrorCode::InvalidModel, "shape of tensor " + s.name + " has a non-number");
+      s.shape.push_back(to_size(d.As<Napi::Number>().DoubleValue(), "a dimension of tensor " + s.name));
+    }
     specs.push_back(std::move(s));
   }
   return specs;
@@ -132,11 +179,17 @@ static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size) {
 
 static LossOptions to_loss_options(const Napi::Object& o) {
   LossOptions opt;
-  opt.lm_weight = static_cast<float>(get_double(o, "lmWeight"));
-  opt.ul_weight = static_cast<float>(get_double(o, "ulWeight"));
-  opt.ln_weight = static_cast<float>(get_double(o, "lnWeight"));
+  const char* weights[] = {"lmWeight", "ulWeight", "lnWeight"};
+  float* dest[] = {&opt.lm_weight, &opt.ul_weight, &opt.ln_weight};
+  for (int i = 0; i < 3; ++i) {
+    double w = get_double(o, weights[i]);
+    if (!(std::abs(w) <= 3.4e38)) fail(ErrorCode::InvalidArgument, std::string(weights[i]) + " must be a finite number");
+    *dest[i] = static_cast<float>(w);
+  }
   opt.dropout = get_bool(o, "dropout");
-  opt.seed = static_cast<uint64_t>(get_double(o, "seed"));
+  const double seed = get_double(o, "seed");
+  if (!is_integer_in(seed, 0, 9007199254740992.0)) fail(ErrorCode::InvalidArgument, "seed must be an integer >= 0");
+  opt.seed = static_cast<uint64_t>(seed);
   return opt;
 }
 
@@ -165,6 +218,9 @@ struct ModelHolder {
   T5Config config;
   int64_t ia3_size = 0;
   std::string device;
+  // The last describe() text. Read and written on the main thread only (describe() must not wait for the
+  // lock while a call runs: that would block the event loop).
+  std::string description;
 
   Engine& use() {
     if (!engine) fail(ErrorCode::Disposed, "the model has been disposed");
@@ -194,6 +250,9 @@ class PromiseWorker : public Napi::AsyncWorker {
     } catch (const std::exception& e) {
       code_ = ErrorCode::Internal;
       SetError(e.what());
+    } catch (...) {  // nothing may escape into the libuv thread: that would terminate the process
+      code_ = ErrorCode::Internal;
+      SetError("unknown native exception");
     }
   }
   void OnOK() override {
@@ -202,6 +261,10 @@ class PromiseWorker : public Napi::AsyncWorker {
       deferred_.Resolve(result(Env()));
     } catch (const Napi::Error& e) {
       deferred_.Reject(e.Value());
+    } catch (const std::bad_alloc&) {  // node-addon-api lets only Napi::Error through its callbacks
+      deferred_.Reject(to_js_error(Env(), ErrorCode::OutOfMemory, "out of host memory").Value());
+    } catch (const std::exception& e) {
+      deferred_.Reject(to_js_error(Env(), ErrorCode::Internal, e.what()).Value());
     }
   }
   void OnError(const Napi::Error& e) override {
@@ -217,12 +280,7 @@ class PromiseWorker : public Napi::AsyncWorker {
 class VoidWorker : public PromiseWorker {
  public:
   VoidWorker(Napi::Env env, std::function<void()> work) : PromiseWorker(env), work_(std::move(work)) {}
-  static Napi::Value queue(Napi::Env env, std::function<void()> work) {
-    auto* w = new VoidWorker(env, std::move(work));
-    auto p = w->promise();
-    w->Queue();
-    return p;
-  }
+  static Napi::Value queue(Napi::Env env, std::function<void()> work);
 
  protected:
   void work() override { work_(); }
@@ -239,10 +297,44 @@ static Napi::Value rejected(Napi::Env env, ErrorCode code, const std::string& me
   return d.Promise();
 }
 
+// Runs the main-thread part of a call (reading the arguments, queueing the worker). Every failure becomes a
+// rejected promise: methods never throw, and no C++ exception other than Napi::Error may leave a callback.
+template <typename Start>
+static Napi::Value settle(Napi::Env env, Start&& start) {
+  try {
+    return start();
+  } catch (const TfewError& e) {
+    return rejected(env, e.code(), e.what());
+  } catch (const Napi::Error& e) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Reject(e.Value());
+    return d.Promise();
+  } catch (const std::bad_alloc&) {
+    return rejected(env, ErrorCode::OutOfMemory, "out of host memory");
+  } catch (const std::exception& e) {
+    return rejected(env, ErrorCode::Internal, e.what());
+  }
+}
+
+template <typename W>
+static Napi::Value queue(W* worker) {
+  auto p = worker->promise();
+  worker->Queue();
+  return p;
+}
+Napi::Value VoidWorker::queue(Napi::Env env, std::function<void()> work) {
+  return tfew::napi::queue(new VoidWorker(env, std::move(work)));
+}
+
+// Per-environment state: the classes' constructors. The addon may be loaded by several environments (the main
+// thread and worker_threads), each with its own JS functions; a process-wide static would give one environment
+// another's constructor (a crash in the main thread once a worker that loaded the addon had exited).
+struct AddonData {
+  Napi::FunctionReference model_ctor, session_ctor;
+};
+
 class NativeModel : public Napi::ObjectWrap<NativeModel> {
  public:
-  static Napi::FunctionReference* constructor;
-
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeModel",
                        {InstanceAccessor<&NativeModel::Device>("device"),
@@ -263,10 +355,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
  private:
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), holder_->device); }
 
+  // Never waits for the model's lock (a running call holds it for seconds: the event loop would stall); while
+  // a call runs it returns the last description.
   Napi::Value Describe(const Napi::CallbackInfo& info) {
-    std::lock_guard<std::mutex> lock(holder_->mu);
-    if (!holder_->engine) return Napi::String::New(info.Env(), "disposed");
-    return Napi::String::New(info.Env(), holder_->engine->describe());
+    std::unique_lock<std::mutex> lock(holder_->mu, std::try_to_lock);
+    if (lock.owns_lock()) holder_->description = holder_->engine ? holder_->engine->describe() : "disposed";
+    return Napi::String::New(info.Env(), holder_->description);
   }
 
   Napi::Value Score(const Napi::CallbackInfo& info) {
@@ -293,16 +387,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       bool logits_, enc_;
       ScoreOutput out_;
     };
-    try {
+    return settle(env, [&] {
       if (info.Length() < 4 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "score(batch, adapters, wantLogits, wantEncoderHidden)");
-      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size),
-                           info[2].ToBoolean().Value(), info[3].ToBoolean().Value());
-      auto p = w->promise();
-      w->Queue();
-      return p;
-    } catch (const TfewError& e) {
-      return rejected(env, e.code(), e.what());
-    }
+      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size),
+                              info[2].ToBoolean().Value(), info[3].ToBoolean().Value()));
+    });
   }
 
   Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
@@ -332,23 +421,17 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       LossOptions opt_;
       LossOutput out_;
     };
-    try {
+    return settle(env, [&] {
       if (info.Length() < 3 || !info[0].IsObject() || !info[2].IsObject())
         fail(ErrorCode::InvalidArgument, "lossAndGradients(batch, adapters, options)");
-      Napi::Object o = info[2].As<Napi::Object>();
-      LossOptions opt = to_loss_options(o);
-      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size), opt);
-      auto p = w->promise();
-      w->Queue();
-      return p;
-    } catch (const TfewError& e) {
-      return rejected(env, e.code(), e.what());
-    }
+      LossOptions opt = to_loss_options(info[2].As<Napi::Object>());
+      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size), opt));
+    });
   }
 
   Napi::Value MergeAdapter(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    try {
+    return settle(env, [&] {
       Napi::Array arr = Napi::Array::New(env, 1);
       arr.Set(uint32_t(0), info.Length() > 0 ? info[0] : env.Undefined());
       auto a = std::make_shared<AdapterCopies>(to_adapters(arr, holder_->ia3_size));
@@ -357,30 +440,29 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         std::lock_guard<std::mutex> lock(h->mu);
         h->use().merge_adapter(a->data[0].data());
       });
-    } catch (const TfewError& e) {
-      return rejected(env, e.code(), e.what());
-    }
+    });
   }
 
   Napi::Value CreateTrainingSession(const Napi::CallbackInfo& info);
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     auto h = holder_;
-    return VoidWorker::queue(info.Env(), [h] {
-      std::lock_guard<std::mutex> lock(h->mu);  // waits for a call in flight
-      for (auto& weak : h->sessions) end_session(weak.lock());
-      h->sessions.clear();
-      if (h->engine) {
-        h->engine->release();
-        h->engine.reset();
-      }
+    return settle(info.Env(), [&] {
+      return VoidWorker::queue(info.Env(), [h] {
+        std::lock_guard<std::mutex> lock(h->mu);  // waits for a call in flight
+        for (auto& weak : h->sessions) end_session(weak.lock());
+        h->sessions.clear();
+        if (h->engine) {
+          h->engine->release();
+          h->engine.reset();
+        }
+      });
     });
   }
 
   std::shared_ptr<ModelHolder> holder_;
 };
 
-Napi::FunctionReference* NativeModel::constructor = nullptr;
 
 // A training session and the model it trains; calls lock the model (one call at a time per model) and
 // check both are alive.
@@ -399,10 +481,16 @@ static void end_session(const std::shared_ptr<SessionHolder>& s) {
   if (s) s->session.reset();
 }
 
+// An optional integer argument: undefined -> fallback; anything else must be a 32-bit integer.
+static int optional_int_arg(const Napi::Value& v, int fallback, const char* what) {
+  if (v.IsUndefined() || v.IsNull()) return fallback;
+  if (!v.IsNumber() || !is_integer_in(v.As<Napi::Number>().DoubleValue(), INT32_MIN, INT32_MAX))
+    fail(ErrorCode::InvalidArgument, std::string(what) + " must be an integer");
+  return static_cast<int>(v.As<Napi::Number>().DoubleValue());
+}
+
 class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
  public:
-  static Napi::FunctionReference* constructor;
-
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeTrainingSession",
                        {InstanceMethod<&NativeTrainingSession::Step>("step"),
@@ -453,17 +541,14 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
       int schedule_;
       TrainStepOutput out_;
     };
-    try {
-      if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsObject())
+    return settle(env, [&] {
+      if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
         fail(ErrorCode::InvalidArgument, "step(batch, lossOptions, scheduleStep)");
-      int schedule = info[2].IsNumber() ? info[2].As<Napi::Number>().Int32Value() : -1;
-      auto* w = new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_loss_options(info[1].As<Napi::Object>()), schedule);
-      auto p = w->promise();
-      w->Queue();
-      return p;
-    } catch (const TfewError& e) {
-      return rejected(env, e.code(), e.what());
-    }
+      // a negative schedule step (or none) continues the schedule
+      const int schedule = std::max(-1, optional_int_arg(info.Length() > 2 ? info[2] : env.Undefined(), -1, "scheduleStep"));
+      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_loss_options(info[1].As<Napi::Object>()),
+                              schedule));
+    });
   }
 
   Napi::Value Read(const Napi::CallbackInfo& info) {
@@ -481,24 +566,24 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
       int a_;
       std::vector<float> out_;
     };
-    auto* w = new Worker(env, holder_, info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : -1);
-    auto p = w->promise();
-    w->Queue();
-    return p;
+    return settle(env, [&] {
+      return queue(new Worker(env, holder_, optional_int_arg(info.Length() > 0 ? info[0] : env.Undefined(), -1, "adapter index")));
+    });
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     auto h = holder_;
-    return VoidWorker::queue(info.Env(), [h] {
-      std::lock_guard<std::mutex> lock(h->model->mu);
-      h->session.reset();
+    return settle(info.Env(), [&] {
+      return VoidWorker::queue(info.Env(), [h] {
+        std::lock_guard<std::mutex> lock(h->model->mu);
+        h->session.reset();
+      });
     });
   }
 
   std::shared_ptr<SessionHolder> holder_;
 };
 
-Napi::FunctionReference* NativeTrainingSession::constructor = nullptr;
 
 // createTrainingSession(adapters: Float32Array[], options) -> Promise<NativeTrainingSession>
 Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
@@ -521,7 +606,7 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
       auto* ext = new std::shared_ptr<SessionHolder>(holder_);
       auto external = Napi::External<std::shared_ptr<SessionHolder>>::New(
           env, ext, [](Napi::Env, std::shared_ptr<SessionHolder>* p) { delete p; });
-      return NativeTrainingSession::constructor->New({external});
+      return env.GetInstanceData<AddonData>()->session_ctor.New({external});
     }
    private:
     std::shared_ptr<ModelHolder> h_;
@@ -529,7 +614,7 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
     OptimizerOptions o_;
     std::shared_ptr<SessionHolder> holder_;
   };
-  try {
+  return settle(env, [&] {
     if (info.Length() < 2 || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "createTrainingSession(adapters, options)");
     Napi::Object o = info[1].As<Napi::Object>();
     OptimizerOptions opt;
@@ -539,14 +624,18 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
     opt.clip_norm = get_double(o, "clipNorm");
     opt.scale_parameter = get_bool(o, "scaleParameter");
     opt.weight_decay = get_double(o, "weightDecay");
-    auto* w = new Worker(env, holder_, to_adapters(info[0], holder_->ia3_size), opt);
-    auto p = w->promise();
-    w->Queue();
-    return p;
-  } catch (const TfewError& e) {
-    return rejected(env, e.code(), e.what());
-  }
+    // Checked here for every backend's session (clipNorm may be +Infinity: no clipping).
+    TFEW_CHECK_ARG(opt.lr > 0 && std::isfinite(opt.lr), "lr must be a positive number");
+    TFEW_CHECK_ARG(opt.total_steps >= 1, "totalSteps must be >= 1");
+    TFEW_CHECK_ARG(opt.warmup_ratio >= 0 && opt.warmup_ratio <= 1, "warmupRatio must be in [0, 1]");
+    TFEW_CHECK_ARG(opt.clip_norm >= 0, "clipNorm must be >= 0");
+    TFEW_CHECK_ARG(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay), "weightDecay must be a finite number >= 0");
+    return queue(new Worker(env, holder_, to_adapters(info[0], holder_->ia3_size), opt));
+  });
 }
+
+// The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
+static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads }) -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
@@ -565,12 +654,13 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         holder_->engine = make_cuda_engine(config_, source, 0);
       else
         holder_->engine = make_cpu_engine(config_, source, threads_);
+      holder_->description = holder_->engine->describe();
     }
     Napi::Value result(Napi::Env env) override {
       auto* ext = new std::shared_ptr<ModelHolder>(holder_);
       auto external = Napi::External<std::shared_ptr<ModelHolder>>::New(
           env, ext, [](Napi::Env, std::shared_ptr<ModelHolder>* p) { delete p; });
-      return NativeModel::constructor->New({external});
+      return env.GetInstanceData<AddonData>()->model_ctor.New({external});
     }
    private:
     T5Config config_;
@@ -579,21 +669,18 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
     int threads_;
     std::shared_ptr<ModelHolder> holder_;
   };
-  try {
+  return settle(env, [&] {
     if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsArray() || !info[2].IsObject())
       fail(ErrorCode::InvalidArgument, "loadModel(config, tensors, options)");
     Napi::Object opts = info[2].As<Napi::Object>();
     std::string device = opts.Get("device").ToString().Utf8Value();
     if (device != "cpu" && device != "cuda") fail(ErrorCode::InvalidArgument, "device must be 'cpu' or 'cuda'");
-    int threads = opts.Has("threads") && opts.Get("threads").IsNumber() ? opts.Get("threads").As<Napi::Number>().Int32Value() : 0;
-    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    auto* w = new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device, threads);
-    auto p = w->promise();
-    w->Queue();
-    return p;
-  } catch (const TfewError& e) {
-    return rejected(env, e.code(), e.what());
-  }
+    double requested = opts.Has("threads") && opts.Get("threads").IsNumber() ? opts.Get("threads").As<Napi::Number>().DoubleValue() : 0;
+    int threads = requested >= 1 ? static_cast<int>(std::min<double>(requested, kMaxCpuThreads))
+                                 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::min(threads, kMaxCpuThreads);
+    return queue(new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device, threads));
+  });
 }
 
 static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
@@ -621,12 +708,92 @@ static Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// ---------- internal: checks of the thread pool's failure handling (test/core-review.test.ts) ----------
+
+// _testing.parallelFor({ threads, n, nested, throwIn: 'none'|'worker'|'caller', kind: 'runtime'|'bad_alloc'|'tfew' })
+// runs ThreadPool::parallel_for over [0, n) on a fresh pool, each index visited directly or (nested) through an
+// inner parallel_for over 4 sub-indices. With threads > 1 the caller's first chunk waits (up to 5 s) until a pool
+// thread has started one, so both kinds of thread take part. Without a throw it resolves with the visit counts. With one, it runs the same
+// loop again without throwing and, when that covers every index exactly once (the pool survived), rejects with
+// the first run's exception as every native call reports it.
+static Napi::Value TestParallelFor(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  class Worker : public PromiseWorker {
+   public:
+    Worker(Napi::Env env, int threads, int64_t n, bool nested, std::string throw_in, std::string kind)
+        : PromiseWorker(env), threads_(threads), n_(n), nested_(nested), throw_in_(std::move(throw_in)), kind_(std::move(kind)) {}
+    void work() override {
+      ThreadPool pool(threads_);
+      const std::thread::id caller = std::this_thread::get_id();
+      auto run = [&](bool may_throw) {
+        std::vector<std::atomic<int>> counts(static_cast<size_t>(n_));
+        std::atomic<bool> pool_thread_started{false}, caller_waited{false};
+        pool.parallel_for(n_, 1, [&](int64_t begin, int64_t end) {
+          const bool on_caller = std::this_thread::get_id() == caller;
+          if (!on_caller) pool_thread_started = true;
+          if (on_caller && threads_ > 1 && !caller_waited.exchange(true))
+            for (int i = 0; i < 5000 && !pool_thread_started; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          if (may_throw && ((throw_in_ == "worker" && !on_caller) || (throw_in_ == "caller" && on_caller))) {
+            if (kind_ == "bad_alloc") throw std::bad_alloc();
+            if (kind_ == "tfew") fail(ErrorCode::InvalidArgument, "chunk " + std::to_string(begin) + " failed");
+            throw std::runtime_error("chunk " + std::to_string(begin) + " failed");
+          }
+          for (int64_t i = begin; i < end; ++i) {
+            if (nested_)
+              pool.parallel_for(4, 1, [&](int64_t b, int64_t e) { counts[i] += static_cast<int>(e - b); });
+            else
+              counts[i] += 1;
+          }
+        });
+        std::vector<int> out;
+        for (auto& c : counts) out.push_back(c.load());
+        return out;
+      };
+      if (throw_in_ == "none") {
+        counts_ = run(false);
+        return;
+      }
+      std::exception_ptr first;
+      try {
+        run(true);
+      } catch (...) {
+        first = std::current_exception();
+      }
+      const std::vector<int> again = run(false);
+      const int expected = nested_ ? 4 : 1;
+      for (int c : again)
+        if (c != expected) fail(ErrorCode::Internal, "the pool is broken after an exception");
+      if (first) std::rethrow_exception(first);
+      fail(ErrorCode::Internal, "no chunk threw");
+    }
+    Napi::Value result(Napi::Env env) override {
+      Napi::Array a = Napi::Array::New(env, counts_.size());
+      for (uint32_t i = 0; i < counts_.size(); ++i) a.Set(i, Napi::Number::New(env, counts_[i]));
+      return a;
+    }
+   private:
+    int threads_;
+    int64_t n_;
+    bool nested_;
+    std::string throw_in_, kind_;
+    std::vector<int> counts_;
+  };
+  return settle(env, [&] {
+    if (info.Length() < 1 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "parallelFor(options)");
+    Napi::Object o = info[0].As<Napi::Object>();
+    const int threads = get_int(o, "threads"), n = get_int(o, "n");
+    TFEW_CHECK_ARG(threads >= 1 && threads <= 64 && n >= 0 && n <= 100000, "threads in [1, 64], n in [0, 100000]");
+    return queue(new Worker(env, threads, n, get_bool(o, "nested"), get_string(o, "throwIn"), get_string(o, "kind")));
+  });
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = NativeModel::Define(env);
-  NativeModel::constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
+  auto* data = new AddonData();  // freed with the environment (SetInstanceData's default finalizer)
+  data->model_ctor = Napi::Persistent(ctor);
+  data->session_ctor = Napi::Persistent(NativeTrainingSession::Define(env));
+  env.SetInstanceData(data);
   exports.Set("NativeModel", ctor);
-  Napi::Function session_ctor = NativeTrainingSession::Define(env);
-  NativeTrainingSession::constructor = new Napi::FunctionReference(Napi::Persistent(session_ctor));
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   Napi::Object build = Napi::Object::New(env);
 #ifdef TFEW_WITH_CUDA
@@ -646,6 +813,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probeCuda", Napi::Function::New(env, ProbeCuda));
   exports.Set("cudaMemoryInfo", Napi::Function::New(env, CudaMemory));
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
+  Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
+  testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
+  exports.Set("_testing", testing);
   return exports;
 }
 
