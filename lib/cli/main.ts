@@ -414,10 +414,10 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         });
         for (const r of [c.tfew, c.zeroShot, c.icl]) if (r) printEvaluation(io, r);
         io.out('');
-        io.out('method      inference FLOPs/ex  training FLOPs  disk       accuracy  ms/ex    peak RSS');
+        io.out('method      inference FLOPs/ex  training FLOPs  disk       accuracy  ms/ex    peak RSS    peak GPU');
         for (const row of c.costs) {
           io.out(`${row.method.padEnd(11)} ${formatFlops(row.inferenceFlopsPerExample).padStart(18)}  ${formatFlops(row.trainingFlops).padStart(14)}  ` +
-            `${formatBytes(row.diskBytes).padEnd(9)}  ${pct(row.accuracy).padStart(8)}  ${row.msPerExample.toFixed(2).padStart(7)}  ${formatBytes(row.peakRssBytes)}`);
+            `${formatBytes(row.diskBytes).padEnd(9)}  ${pct(row.accuracy).padStart(8)}  ${row.msPerExample.toFixed(2).padStart(7)}  ${formatBytes(row.peakRssBytes).padEnd(10)}  ${formatBytes(row.peakDeviceBytes)}`);
         }
         if (o.json) writeJson(o.json, comparisonJson(c));
         if (o.report) {

@@ -60,6 +60,7 @@ export async function benchmark(model: T5Model, options: BenchOptions): Promise<
     msPerExample: r.cost.msPerExample,
     trainingSeconds,
     peakRssBytes: r.cost.peakRssBytes,
+    peakDeviceBytes: r.cost.peakDeviceBytes,
     meanInputTokens: r.cost.meanInputTokens,
   });
   const rows = [

@@ -42,6 +42,7 @@ export function costRows(c: Omit<Comparison, 'costs'>): CostRow[] {
     msPerExample: r.cost.msPerExample,
     trainingSeconds,
     peakRssBytes: r.cost.peakRssBytes,
+    peakDeviceBytes: r.cost.peakDeviceBytes,
     meanInputTokens: r.cost.meanInputTokens,
   });
   // Adapters trained in an earlier run come without their training cost: reported as n/a, not 0.

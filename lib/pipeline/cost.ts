@@ -14,6 +14,7 @@
 // encoder-decoder of N parameters (Table 1 footnote). Training FLOPs follow the paper's convention:
 // 3 x forward (forward + backward) per example, times steps x batch size.
 import { performance } from 'perf_hooks';
+import { native } from '../native';
 
 /** The model dimensions the formula needs (T5ModelConfig / NativeConfig provide them). */
 export interface FlopsConfig {
@@ -71,24 +72,41 @@ export interface Measured<T> {
   peakRssBytes: number;
   /** Peak RSS minus the RSS just before (bytes): the memory this work added on the host. */
   peakRssDeltaBytes: number;
+  /** Highest GPU memory in use seen while `fn` ran (cudaMemGetInfo, bytes); NaN without a usable GPU. */
+  peakDeviceBytes: number;
+}
+
+/** GPU memory in use now (bytes), NaN without a usable CUDA backend. */
+function deviceBytesInUse(): number {
+  try {
+    const m = native().cudaMemoryInfo();
+    return m ? m.total - m.free : NaN;
+  } catch {
+    return NaN;
+  }
 }
 
 /**
- * Runs `fn`, timing it and sampling the process's resident memory every `sampleMs` (native work runs off
- * the event loop, so the sampler keeps ticking). Host memory only: device memory is not visible here.
+ * Runs `fn`, timing it and sampling the process's resident memory and the GPU's memory in use every
+ * `sampleMs` (native work runs off the event loop, so the sampler keeps ticking). The CUDA engine's arena
+ * only grows, so the device number after the work is its peak too.
  */
 export async function measure<T>(fn: () => Promise<T>, sampleMs = 10): Promise<Measured<T>> {
   const before = process.memoryUsage().rss;
   let peak = before;
-  const timer = setInterval(() => {
+  let peakDevice = deviceBytesInUse();
+  const sample = () => {
     peak = Math.max(peak, process.memoryUsage().rss);
-  }, sampleMs);
+    const d = deviceBytesInUse();
+    if (Number.isFinite(d)) peakDevice = Number.isFinite(peakDevice) ? Math.max(peakDevice, d) : d;
+  };
+  const timer = setInterval(sample, sampleMs);
   const started = performance.now();
   try {
     const result = await fn();
     const seconds = (performance.now() - started) / 1000;
-    peak = Math.max(peak, process.memoryUsage().rss);
-    return { result, seconds, peakRssBytes: peak, peakRssDeltaBytes: peak - before };
+    sample();
+    return { result, seconds, peakRssBytes: peak, peakRssDeltaBytes: peak - before, peakDeviceBytes: peakDevice };
   } finally {
     clearInterval(timer);
   }
@@ -111,6 +129,8 @@ export interface CostRow {
   trainingSeconds: number;
   /** Peak host RSS during inference (bytes). */
   peakRssBytes: number;
+  /** Peak GPU memory in use during inference (bytes); NaN on the CPU backend. */
+  peakDeviceBytes: number;
   /** Mean encoder input length (tokens). */
   meanInputTokens: number;
 }
@@ -123,6 +143,7 @@ export function formatFlops(x: number): string {
 }
 
 export function formatBytes(x: number): string {
+  if (!Number.isFinite(x)) return 'n/a';
   if (x < 1024) return `${x} B`;
   if (x < 1024 * 1024) return `${(x / 1024).toFixed(1)} kB`;
   if (x < 1024 ** 3) return `${(x / 1024 ** 2).toFixed(1)} MB`;

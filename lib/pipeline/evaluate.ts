@@ -56,6 +56,7 @@ export interface EvaluationRun extends RunAccuracy {
   labels: number[];
   seconds: number;
   peakRssBytes: number;
+  peakDeviceBytes: number;
   /** Mean encoder length and analytic FLOPs per example of this run. */
   meanInputTokens: number;
   flopsPerExample: number;
@@ -66,7 +67,7 @@ export interface EvaluationReport {
   task: string;
   runs: EvaluationRun[];
   summary: AccuracySummary;
-  cost: { flopsPerExample: number; msPerExample: number; peakRssBytes: number; meanInputTokens: number };
+  cost: { flopsPerExample: number; msPerExample: number; peakRssBytes: number; peakDeviceBytes: number; meanInputTokens: number };
 }
 
 /** Mean analytic forward FLOPs and encoder length over encoded prompts. */
@@ -85,7 +86,7 @@ export async function scoreEncoded(
   model: ScoringModel,
   encoded: EncodedPrompt[],
   options: { adapter?: IA3Adapter | null; batchSize?: number; lengthNormalize?: boolean },
-): Promise<{ predictions: number[]; scores: number[][]; seconds: number; peakRssBytes: number }> {
+): Promise<{ predictions: number[]; scores: number[][]; seconds: number; peakRssBytes: number; peakDeviceBytes: number }> {
   const m = await measure(() =>
     model.rankClassify(
       encoded.map((e) => e.inputIds),
@@ -99,7 +100,8 @@ export async function scoreEncoded(
       },
     ),
   );
-  return { predictions: m.result.predictions, scores: m.result.scores, seconds: m.seconds, peakRssBytes: m.peakRssBytes };
+  return { predictions: m.result.predictions, scores: m.result.scores, seconds: m.seconds, peakRssBytes: m.peakRssBytes,
+           peakDeviceBytes: m.peakDeviceBytes };
 }
 
 function evalSetFor(options: EvaluateOptions, seed: number): Example[] {
@@ -143,6 +145,7 @@ export async function evaluate(model: ScoringModel, options: EvaluateOptions): P
         labels,
         seconds: scored.seconds,
         peakRssBytes: scored.peakRssBytes,
+        peakDeviceBytes: scored.peakDeviceBytes,
         meanInputTokens: cost.inputTokens,
         flopsPerExample: cost.flops,
       };
@@ -166,6 +169,7 @@ export function report(method: string, task: string, runs: EvaluationRun[]): Eva
       flopsPerExample: weighted((r) => r.flopsPerExample),
       msPerExample: (1000 * runs.reduce((a, r) => a + r.seconds, 0)) / examples,
       peakRssBytes: Math.max(...runs.map((r) => r.peakRssBytes)),
+      peakDeviceBytes: Math.max(...runs.map((r) => r.peakDeviceBytes)),
       meanInputTokens: weighted((r) => r.meanInputTokens),
     },
   };

@@ -98,6 +98,7 @@ export async function evaluateIcl(model: ScoringModel, options: IclOptions): Pro
         labels,
         seconds: scored.seconds,
         peakRssBytes: scored.peakRssBytes,
+        peakDeviceBytes: scored.peakDeviceBytes,
         meanInputTokens: cost.inputTokens,
         flopsPerExample: cost.flops,
         demonstrationsUsed: Math.min(...inputs.map((i) => i.demonstrationsUsed)),

@@ -70,16 +70,17 @@ export function markdownReport(input: ReportInput): string {
     out.push('## Cost', '');
     out.push(
       'Inference FLOPs are analytic per evaluated example (formula in lib/pipeline/cost.ts), training FLOPs = 3 x forward x steps x batch ' +
-        '(the paper\'s convention); time and memory are measured on this machine (peak host RSS).',
+        '(the paper\'s convention); time and memory are measured on this machine (peak host RSS; peak GPU memory in use ' +
+        'from cudaMemGetInfo on the CUDA backend, n/a on the CPU).',
       '',
     );
     out.push(
       table(
-        ['Method', 'Inference FLOPs / example', 'Training FLOPs', 'Disk', 'Accuracy', 'ms / example', 'Training time', 'Peak RSS', 'Input tokens'],
+        ['Method', 'Inference FLOPs / example', 'Training FLOPs', 'Disk', 'Accuracy', 'ms / example', 'Training time', 'Peak RSS', 'Peak GPU memory', 'Input tokens'],
         input.costs.map((c) => [
           c.method, formatFlops(c.inferenceFlopsPerExample), formatFlops(c.trainingFlops), formatBytes(c.diskBytes),
           Number.isFinite(c.accuracy) ? `${pct(c.accuracy)} (IQR ${pct(c.accuracyIqr)})` : '-', c.msPerExample.toFixed(2),
-          c.trainingSeconds > 0 ? `${c.trainingSeconds.toFixed(1)} s` : '-', formatBytes(c.peakRssBytes), c.meanInputTokens.toFixed(0),
+          c.trainingSeconds > 0 ? `${c.trainingSeconds.toFixed(1)} s` : '-', formatBytes(c.peakRssBytes), formatBytes(c.peakDeviceBytes), c.meanInputTokens.toFixed(0),
         ]),
       ),
       '',
