@@ -134,26 +134,40 @@ export async function evaluate(model: ScoringModel, options: EvaluateOptions): P
     const labels = examples.map((e) => e.label);
     for (const template of templates) {
       const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
-      const cost = promptCost(model.config, encoded);
-      const scored = await scoreEncoded(model, encoded, { adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize });
-      const run: EvaluationRun = {
-        template: template.name,
-        seed,
-        accuracy: accuracy(scored.predictions, labels),
-        count: examples.length,
-        predictions: scored.predictions,
-        labels,
-        seconds: scored.seconds,
-        peakRssBytes: scored.peakRssBytes,
-        peakDeviceBytes: scored.peakDeviceBytes,
-        meanInputTokens: cost.inputTokens,
-        flopsPerExample: cost.flops,
-      };
+      const run = await scoreRun(model, encoded, labels, template.name, seed, {
+        adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
+      });
       runs.push(run);
       options.onRun?.(run);
     }
   }
   return report(options.method ?? (anyAdapter ? 'T-Few' : 'zero-shot'), options.task?.name ?? 'custom', runs);
+}
+
+/** Scores one template x seed run of encoded prompts: accuracy, predictions, time, memory, analytic cost. */
+export async function scoreRun(
+  model: ScoringModel,
+  encoded: EncodedPrompt[],
+  labels: number[],
+  template: string,
+  seed: number,
+  options: { adapter?: IA3Adapter | null; batchSize?: number; lengthNormalize?: boolean },
+): Promise<EvaluationRun> {
+  const cost = promptCost(model.config, encoded);
+  const scored = await scoreEncoded(model, encoded, options);
+  return {
+    template,
+    seed,
+    accuracy: accuracy(scored.predictions, labels),
+    count: encoded.length,
+    predictions: scored.predictions,
+    labels,
+    seconds: scored.seconds,
+    peakRssBytes: scored.peakRssBytes,
+    peakDeviceBytes: scored.peakDeviceBytes,
+    meanInputTokens: cost.inputTokens,
+    flopsPerExample: cost.flops,
+  };
 }
 
 /** Aggregates runs into a report (shared with the ICL baseline). */

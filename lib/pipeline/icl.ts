@@ -7,8 +7,7 @@ import type { Task } from '../tasks/registry';
 import type { Example } from '../tasks/types';
 import type { RenderedPrompt, Template } from '../templates/engine';
 import type { EncodedPrompt, PromptTokenizer } from './encode';
-import { promptCost, report, requireTokenizer, scoreEncoded, type EvaluationReport, type EvaluationRun, type ScoringModel } from './evaluate';
-import { accuracy } from './metrics';
+import { report, requireTokenizer, scoreRun, type EvaluationReport, type EvaluationRun, type ScoringModel } from './evaluate';
 
 /** Encoder budget for ICL inputs: long enough for dozens of short demonstrations. */
 export const DEFAULT_ICL_MAX_INPUT_LENGTH = 1024;
@@ -87,20 +86,10 @@ export async function evaluateIcl(model: ScoringModel, options: IclOptions): Pro
       const rendered = demos.map((d) => template.render(d));
       demoBytes = Math.max(demoBytes, Buffer.byteLength(rendered.map(demonstrationText).join(ICL_SEPARATOR)));
       const inputs = queries.map((q) => buildIclInput(tokenizer, rendered, template.render(q), maxLen));
-      const cost = promptCost(model.config, inputs);
-      const scored = await scoreEncoded(model, inputs, { adapter: null, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize });
       const run = {
-        template: template.name,
-        seed,
-        accuracy: accuracy(scored.predictions, labels),
-        count: queries.length,
-        predictions: scored.predictions,
-        labels,
-        seconds: scored.seconds,
-        peakRssBytes: scored.peakRssBytes,
-        peakDeviceBytes: scored.peakDeviceBytes,
-        meanInputTokens: cost.inputTokens,
-        flopsPerExample: cost.flops,
+        ...(await scoreRun(model, inputs, labels, template.name, seed, {
+          adapter: null, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
+        })),
         demonstrationsUsed: Math.min(...inputs.map((i) => i.demonstrationsUsed)),
       };
       runs.push(run);
