@@ -120,14 +120,7 @@ class WeightWalker {
     for (int i = 0; i < c_.num_layers; ++i) {
       const std::string p = "encoder.block." + std::to_string(i) + ".";
       EncoderLayerWeights<T>& L = w.encoder[i];
-      L.ln_attn = placer_.place<float>(d);
-      load(p + "layer.0.layer_norm.weight", {d}, L.ln_attn);
-      L.qkv = placer_.place<T>(3 * inner * d);
-      load(p + "layer.0.SelfAttention.q.weight", {inner, d}, L.qkv);
-      load(p + "layer.0.SelfAttention.k.weight", {inner, d}, L.qkv + inner * d);
-      load(p + "layer.0.SelfAttention.v.weight", {inner, d}, L.qkv + 2 * inner * d);
-      L.o = placer_.place<T>(d * inner);
-      load(p + "layer.0.SelfAttention.o.weight", {d, inner}, L.o);
+      load_self_attention(p, L.ln_attn, L.qkv, L.o);
       L.ln_ff = placer_.place<float>(d);
       load(p + "layer.1.layer_norm.weight", {d}, L.ln_ff);
       L.wi = placer_.place<T>(wi_rows * d);
@@ -142,14 +135,7 @@ class WeightWalker {
     for (int i = 0; i < c_.num_decoder_layers; ++i) {
       const std::string p = "decoder.block." + std::to_string(i) + ".";
       DecoderLayerWeights<T>& L = w.decoder[i];
-      L.ln_self = placer_.place<float>(d);
-      load(p + "layer.0.layer_norm.weight", {d}, L.ln_self);
-      L.qkv = placer_.place<T>(3 * inner * d);
-      load(p + "layer.0.SelfAttention.q.weight", {inner, d}, L.qkv);
-      load(p + "layer.0.SelfAttention.k.weight", {inner, d}, L.qkv + inner * d);
-      load(p + "layer.0.SelfAttention.v.weight", {inner, d}, L.qkv + 2 * inner * d);
-      L.o = placer_.place<T>(d * inner);
-      load(p + "layer.0.SelfAttention.o.weight", {d, inner}, L.o);
+      load_self_attention(p, L.ln_self, L.qkv, L.o);
       L.ln_cross = placer_.place<float>(d);
       load(p + "layer.1.layer_norm.weight", {d}, L.ln_cross);
       L.q_cross = placer_.place<T>(inner * d);
@@ -171,6 +157,19 @@ class WeightWalker {
   }
 
  private:
+  // Block `p`'s layer.0: its norm, the self-attention q|k|v packed into one [3 inner, d] matrix, and o.
+  void load_self_attention(const std::string& p, float*& ln, T*& qkv, T*& o) {
+    const int64_t d = c_.d_model, inner = c_.inner_dim();
+    ln = placer_.place<float>(d);
+    load(p + "layer.0.layer_norm.weight", {d}, ln);
+    qkv = placer_.place<T>(3 * inner * d);
+    load(p + "layer.0.SelfAttention.q.weight", {inner, d}, qkv);
+    load(p + "layer.0.SelfAttention.k.weight", {inner, d}, qkv + inner * d);
+    load(p + "layer.0.SelfAttention.v.weight", {inner, d}, qkv + 2 * inner * d);
+    o = placer_.place<T>(d * inner);
+    load(p + "layer.0.SelfAttention.o.weight", {d, inner}, o);
+  }
+
   template <typename D>
   void load(const std::string& name, const std::vector<int64_t>& shape, D* dst) {
     if (!uploader_) return;  // measuring pass
