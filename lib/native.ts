@@ -1,5 +1,6 @@
 // The TypeScript view of the native addon (cuda/napi). Only lib/ talks to it; users see T5Model etc.
-// The addon is found by node-gyp-build: prebuilds/<platform>-<arch>/ first, then build/Release.
+// The addon is found by node-gyp-build: prebuilds/<platform>-<arch>/ first, then build/Release;
+// TFEW_NATIVE_ADDON=<path to a .node file> loads that file instead.
 import * as fs from 'fs';
 import * as path from 'path';
 
@@ -157,6 +158,13 @@ export function native(): NativeAddon {
   if (cached) return cached;
   if (loadError) throw loadError;
   try {
+    const override = process.env.TFEW_NATIVE_ADDON;
+    if (override) {
+      // A specific build, e.g. the CUDA-emulator addon the GPU tests run on without a GPU (build-emu/).
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      cached = require(path.resolve(override)) as NativeAddon;
+      return cached;
+    }
     // eslint-disable-next-line @typescript-eslint/no-var-requires
     const load = require('node-gyp-build');
     cached = load(packageRoot()) as NativeAddon;

@@ -2,6 +2,8 @@
 // Builds the native addon.
 //   node scripts/build-native.js               build (cmake-js; CUDA when nvcc is found)
 //   node scripts/build-native.js --if-missing  the npm "install" step: skip when a prebuilt or built addon loads
+//   node scripts/build-native.js --emu         the CUDA-emulator addon for tests (build-emu/Release/tfew.node;
+//                                              cuda/emu): the CUDA backend's code running on the CPU
 // Environment: TFEW_CUDA=auto|on|off (default auto), TFEW_BUILD_JOBS (default: all cores),
 // TFEW_BUILD=cmake|gyp (default: cmake when it is on PATH).
 // Without cmake (or with TFEW_BUILD=gyp) it uses node-gyp and binding.gyp, which builds the CPU backend only.
@@ -32,17 +34,19 @@ if (args.includes('--if-missing') && addonLoads()) {
   process.exit(0);
 }
 
-const cuda = (process.env.TFEW_CUDA || 'auto').toUpperCase();
+const emu = args.includes('--emu');
+const cuda = emu ? 'EMU' : (process.env.TFEW_CUDA || 'auto').toUpperCase();
 const jobs = process.env.TFEW_BUILD_JOBS || String(os.cpus().length);
 const env = { ...process.env, CMAKE_BUILD_PARALLEL_LEVEL: jobs };
 if (!env.CUDACXX && fs.existsSync('/usr/local/cuda/bin/nvcc') && !have('nvcc')) env.CUDACXX = '/usr/local/cuda/bin/nvcc';
 
 try {
-  const useGyp = process.env.TFEW_BUILD === 'gyp' || !have('cmake');
+  const useGyp = !emu && (process.env.TFEW_BUILD === 'gyp' || !have('cmake'));
+  if (emu && !have('cmake')) throw new Error('the emulator build needs cmake');
   if (!useGyp) {
     const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
     const gen = have('ninja') ? ['-G', 'Ninja'] : [];
-    execFileSync(process.execPath, [cmakeJs, 'compile', ...gen, `--CDTFEW_CUDA=${cuda}`], { cwd: root, stdio: 'inherit', env });
+    execFileSync(process.execPath, [cmakeJs, 'compile', ...gen, ...(emu ? ['--out', 'build-emu'] : []), `--CDTFEW_CUDA=${cuda}`], { cwd: root, stdio: 'inherit', env });
   } else {
     console.log('[tfew] building the CPU backend with node-gyp (binding.gyp); the CUDA backend needs cmake');
     // node-gyp ships with npm; under `npm install` npm_execpath points at npm's own cli.

@@ -8,6 +8,11 @@
 #include <vector>
 
 namespace tfew {
+#ifdef TFEW_CUDA_EMULATION
+namespace emu {
+void fill_emulated_cublas(gpu::CublasLibrary& lib);  // cuda/emu/emu_cublas.cc
+}  // namespace emu
+#endif
 namespace gpu {
 
 namespace {
@@ -31,6 +36,10 @@ std::string loaded_path(void* lib, const std::string& fallback) {
 }
 
 void load(CublasLibrary& out) {
+#ifdef TFEW_CUDA_EMULATION
+  emu::fill_emulated_cublas(out);  // the emulation build (TFEW_CUDA=EMU) has no real cuBLAS
+  return;
+#endif
   std::vector<std::string> names;
   if (const char* override_path = std::getenv("TFEW_CUBLAS_PATH")) {
     if (override_path[0]) names.push_back(override_path);
