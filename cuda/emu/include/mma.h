@@ -1,13 +1,16 @@
 // nvcuda::wmma for the CUDA emulator (cuda/emu/emu_runtime.h): the subset our kernels use, with the device's
 // numerics (bf16 or fp16 inputs, exact products, fp32 accumulation). Every lane of a warp holds the whole
-// tile and computes it; loads and stores check the device's alignment rules (256-bit pointers, ldm a
-// multiple of 16 bytes), which real tensor-core code must meet.
+// tile and computes it. Loads and stores are warp-collective as on the device: each waits for the whole warp
+// first (otherwise lane 0's store would be seen by lane 1's load of the same tile), and checks the device's
+// alignment rules (256-bit pointers, ldm a multiple of 16 bytes), which real tensor-core code must meet.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <string>
+
+#include "emu/emu_runtime.h"
 
 namespace tfew {
 namespace emu {
@@ -29,8 +32,10 @@ inline float element_to_float(float x) { return x; }
 inline float element_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 inline float element_to_float(__half x) { return __half2float(x); }
 
+// Every load and store starts here: the warp meets, then the operand is checked.
 template <typename T>
 inline void check_alignment(const T* p, unsigned ldm) {
+  ::tfew::emu::sync_warp();
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0)
     ::tfew::emu::wmma_alignment_fault(p, ldm, sizeof(T));
 }
