@@ -1,10 +1,25 @@
 /** @type {import('jest').Config} */
-module.exports = {
+// Two projects:
+//   tfew           every test, on the addon npm built (GPU tests run on a real GPU, skip without one)
+//   cuda-emulator  the GPU tests again, on the CUDA-emulator addon (build-emu/, `npm run build:emu`): the CUDA
+//                  backend's kernels and cuBLAS calls executed on the CPU, so they are checked without a GPU
+const common = {
   testEnvironment: 'node',
-  roots: ['<rootDir>/test'],
-  testMatch: ['**/*.test.ts'],
   transform: { '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.json' }] },
-  globalSetup: '<rootDir>/test/global-setup.js',
+};
+
+module.exports = {
   testTimeout: 120000,
+  globalSetup: '<rootDir>/test/global-setup.js',
   reporters: ['default', '<rootDir>/test/summary-reporter.js'],
+  projects: [
+    { ...common, displayName: 'tfew', roots: ['<rootDir>/test'], testMatch: ['**/*.test.ts'] },
+    {
+      ...common,
+      displayName: 'cuda-emulator',
+      roots: ['<rootDir>/test/gpu'],
+      testMatch: ['**/*.test.ts'],
+      setupFiles: ['<rootDir>/test/gpu/emulator-setup.js'],
+    },
+  ],
 };

@@ -21,7 +21,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { IA3Adapter, T5Model } from '../lib';
+import { CudaOptions, IA3Adapter, T5Model } from '../lib';
 import { buildTinyT5 } from '../lib/tiny';
 import { native } from '../lib/native';
 import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
@@ -271,17 +271,8 @@ const maxRelErr = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
 };
 
 /** Loads DIR on CUDA with engine switches (read by the engine when it is created), restoring the environment. */
-async function loadCudaWith(dir: string, env: Record<string, string>): Promise<T5Model> {
-  const previous = Object.keys(env).map((k) => [k, process.env[k]] as const);
-  Object.assign(process.env, env);
-  try {
-    return await T5Model.load(dir, { device: 'cuda' });
-  } finally {
-    for (const [k, v] of previous) {
-      if (v === undefined) delete process.env[k];
-      else process.env[k] = v;
-    }
-  }
+async function loadCudaWith(dir: string, cuda: CudaOptions): Promise<T5Model> {
+  return T5Model.load(dir, { device: 'cuda', cuda });
 }
 
 async function smoke(args: Map<string, string>): Promise<boolean> {
@@ -334,7 +325,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       loss: await cpu.lossAndGradients(batch, { adapter: [a, b, a] }),
     };
     await cpu.dispose();
-    for (const precision of ['fp32', 'bf16']) {
+    for (const precision of ['fp32', 'bf16'] as const) {
       // fp32: the verification mode (1e-4 like the CPU tests). bf16: a coarse bound that only a broken kernel
       // exceeds (a failed smoke check skips the benchmark); the real bf16 tolerances, twice PyTorch's own bf16
       // error, are the GPU tests'.
@@ -342,7 +333,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       const tag = `${name} ${precision}`;
       let gpu = undefined as T5Model | undefined; // set by the load check (a failed load skips the rest)
       await check(`${tag} load`, 0, async () => {
-        gpu = await loadCudaWith(dir, { TFEW_CUDA_PRECISION: precision });
+        gpu = await loadCudaWith(dir, { precision });
         console.log(`[smoke]       ${gpu.describe()}`);
         return 0;
       });
@@ -375,7 +366,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       });
       if (precision === 'bf16') {
         await check(`${tag} fused encoder attention vs cuBLAS path`, 5e-2, async () => {
-          const unfused = await loadCudaWith(dir, { TFEW_CUDA_PRECISION: 'bf16', TFEW_CUDA_FUSED_ATTENTION: '0' });
+          const unfused = await loadCudaWith(dir, { precision: 'bf16', fusedAttention: false });
           try {
             const x = await m.encode(batch.inputIds, { adapter: mixed });
             const y = await unfused.encode(batch.inputIds, { adapter: mixed });
@@ -400,7 +391,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
     const want = await cpu.lossAndGradients(db, opts);
     await cpu.dispose();
     await check('tiny dropout 0.1 fp32: losses and gradients with dropout equal the CPU', 1e-4, async () => {
-      const gpu = await loadCudaWith(tmp, { TFEW_CUDA_PRECISION: 'fp32' });
+      const gpu = await loadCudaWith(tmp, { precision: 'fp32' });
       try {
         const got = await gpu.lossAndGradients(db, opts);
         return Math.max(maxRelErr([got.totalLoss], [want.totalLoss]),

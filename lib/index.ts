@@ -7,6 +7,7 @@ export { T5Tokenizer } from './tokenizer';
 export { parseT5Config, readT5Config } from './config';
 export type { T5ModelConfig } from './config';
 export { resolveCheckpoint } from './checkpoint';
+export type { CudaOptions, CudaProbe } from './native';
 export * from './errors';
 export { Trainer } from './trainer';
 export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, TrainingSessionLike, EvaluationResult } from './trainer';

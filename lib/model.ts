@@ -6,7 +6,7 @@ import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
-import { CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
+import { CudaOptions, CudaProbe, native, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -22,6 +22,11 @@ export interface LoadOptions {
   threads?: number;
   /** Fold this adapter into the weights (single-task serving); calls then need no adapter. */
   mergeAdapter?: IA3Adapter;
+  /**
+   * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention, graphs.
+   * Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION and TFEW_CUDA_GRAPHS.
+   */
+  cuda?: CudaOptions;
 }
 
 export type AdapterOption = IA3Adapter | null | undefined | (IA3Adapter | null | undefined)[];
@@ -194,6 +199,7 @@ export class T5Model {
   private nativeModel: NativeModel | undefined;
   private readonly tensors: NativeTensorSpec[];
   private readonly threads: number;
+  private readonly cudaOptions: CudaOptions | undefined;
   // Native calls of this model run one after another. The addon serialises them with a mutex anyway, but a call
   // waiting for that mutex holds one of libuv's threads (4 by default) meanwhile, starving fs, zlib, dns and
   // the calls of other models.
@@ -201,9 +207,10 @@ export class T5Model {
   private lastCall: Promise<void> = Promise.resolve();
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
-                      nm: NativeModel, reason: string, threads: number) {
+                      nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined) {
     this.dir = dir;
     this.threads = threads;
+    this.cudaOptions = cudaOptions;
     this.config = config;
     this.tensors = tensors;
     this.tokenizer = tokenizer;
@@ -238,11 +245,11 @@ export class T5Model {
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
-      nm = await native().loadModel(config, tensors, { device, threads });
+      nm = await native().loadModel(config, tensors, { device, threads, cuda: checkCudaOptions(options.cuda) });
     } catch (e) {
       throw fromNative(e);
     }
-    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads);
+    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, options.cuda);
     if (options.mergeAdapter) {
       try {
         await nm.mergeAdapter(options.mergeAdapter.data);
@@ -257,7 +264,7 @@ export class T5Model {
   /** A second model on the same backend with `adapter` folded into its weights (the original is unchanged). */
   async withMergedAdapter(adapter: IA3Adapter): Promise<T5Model> {
     this.live();
-    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: adapter });
+    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: adapter, cuda: this.cudaOptions });
   }
 
   get disposed(): boolean {
@@ -498,3 +505,15 @@ export function backendInfo(): { build: ReturnType<typeof native>['buildInfo']; 
 }
 
 export type { NativeBatch };
+
+function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
+  if (o === undefined) return undefined;
+  if (typeof o !== 'object' || o === null) throw new InvalidArgumentError('cuda must be an object');
+  if (o.precision !== undefined && o.precision !== 'bf16' && o.precision !== 'fp32') {
+    throw new InvalidArgumentError(`cuda.precision must be 'bf16' or 'fp32', got ${String(o.precision)}`);
+  }
+  for (const k of ['fusedAttention', 'graphs'] as const) {
+    if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
+  }
+  return o;
+}

@@ -6,6 +6,16 @@ import * as path from 'path';
 
 export type NativeDType = 'F64' | 'F32' | 'F16' | 'BF16';
 
+/** How the CUDA backend runs (T5Model.load's `cuda` option); unset fields fall back to the environment. */
+export interface CudaOptions {
+  /** 'bf16' (default): bf16 storage, fp32 accumulation. 'fp32': fp32 everywhere, no TF32 (verification). */
+  precision?: 'bf16' | 'fp32';
+  /** The fused tensor-core encoder attention (bf16; default on where the GPU's shared memory allows). */
+  fusedAttention?: boolean;
+  /** CUDA graphs for repeated batch shapes (default on). */
+  graphs?: boolean;
+}
+
 /** T5 hyper-parameters, resolved from config.json by lib/config.ts (mirrors cuda/model/t5_config.h). */
 export interface NativeConfig {
   vocabSize: number;
@@ -130,7 +140,8 @@ export interface NativeAddon {
   probeCuda(): CudaProbe;
   /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
   cudaMemoryInfo(): { free: number; total: number } | null;
-  loadModel(config: NativeConfig, tensors: NativeTensorSpec[], options: { device: 'cpu' | 'cuda'; threads: number }): Promise<NativeModel>;
+  loadModel(config: NativeConfig, tensors: NativeTensorSpec[],
+            options: { device: 'cpu' | 'cuda'; threads: number; cuda?: CudaOptions }): Promise<NativeModel>;
   /** Internal checks of the native thread pool's failure handling (test/core-review.test.ts); not an API. */
   _testing: {
     parallelFor(options: {

@@ -4,6 +4,8 @@
 //   node scripts/build-native.js --if-missing  the npm "install" step: skip when a prebuilt or built addon loads
 //   node scripts/build-native.js --emu         the CUDA-emulator addon for tests (build-emu/Release/tfew.node;
 //                                              cuda/emu): the CUDA backend's code running on the CPU
+//   node scripts/build-native.js --emu --if-possible   the same, skipped (with the reason) where cmake or the
+//                                              CUDA headers are missing: the npm "pretest" step
 // Environment: TFEW_CUDA=auto|on|off (default auto), TFEW_BUILD_JOBS (default: all cores),
 // TFEW_BUILD=cmake|gyp (default: cmake when it is on PATH).
 // Without cmake (or with TFEW_BUILD=gyp) it uses node-gyp and binding.gyp, which builds the CPU backend only.
@@ -27,6 +29,19 @@ function addonLoads() {
 
 function have(cmd) {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+}
+
+function cudaHeadersFound() {
+  const dirs = [process.env.CUDA_PATH && path.join(process.env.CUDA_PATH, 'include'), '/usr/local/cuda/include'].filter(Boolean);
+  return dirs.some((d) => fs.existsSync(path.join(d, 'cuda_runtime_api.h')));
+}
+
+if (args.includes('--emu') && args.includes('--if-possible')) {
+  const missing = !have('cmake') ? 'cmake is not installed' : !cudaHeadersFound() ? 'the CUDA headers (cuda_runtime_api.h) are not installed' : '';
+  if (missing) {
+    console.log(`[tfew] CUDA emulator addon not built: ${missing}; the cuda-emulator tests will be skipped`);
+    process.exit(0);
+  }
 }
 
 if (args.includes('--if-missing') && addonLoads()) {

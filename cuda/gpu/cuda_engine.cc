@@ -18,7 +18,8 @@ namespace tfew {
 namespace gpu {
 
 template <typename T>
-CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, int device, const CudaProbe& probe)
+CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, int device, const CudaProbe& probe,
+                          const CudaEngineOptions& options)
     : config_(config), layout_(IA3Layout::make(config)), device_(device), probe_(probe) {
   validate_config();
   TFEW_CUDA_CHECK(cudaSetDevice(device_));
@@ -27,14 +28,17 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     cublas_workspace_.allocate(kCublasWorkspaceBytes, "the cuBLAS workspace");
     load_weights<T>(config_, weights, stream_, weights_);
     gemm_.init(stream_, cublas_workspace_.get(), kCublasWorkspaceBytes);
-    // TFEW_CUDA_FUSED_ATTENTION=0 selects the cuBLAS path in bf16 too (for comparisons).
-    fused_attention_ = std::is_same<T, __nv_bfloat16>::value && kernels::fused_encoder_attention_supported(config_.d_kv) &&
-                       env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
-    graphs_enabled_ = env_flag("TFEW_CUDA_GRAPHS", true) && !profiler_.detail() && !debug_sync();
+    // fused attention off selects the cuBLAS path in bf16 too (for comparisons).
+    const bool fused_wanted = options.fused_attention >= 0 ? options.fused_attention == 1
+                                                           : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
+    fused_attention_ = std::is_same<T, __nv_bfloat16>::value &&
+                       kernels::fused_encoder_attention_supported(config_.d_kv) && fused_wanted;
+    const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
+    graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
     if (!graphs_enabled_)
       graph_note_ = profiler_.detail() ? "off (detail profiling)"
                     : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
-                                       : "off (TFEW_CUDA_GRAPHS=0)";
+                                       : "off (graphs disabled)";
   } catch (...) {
     release_unlocked();
     throw;
@@ -435,8 +439,8 @@ template class CudaEngine<__nv_bfloat16>;
 
 }  // namespace gpu
 
-std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights, int max_batch_hint) {
-  (void)max_batch_hint;  // the arena is sized from the first batches instead
+std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
+                                         const CudaEngineOptions& options) {
   const CudaProbe probe = probe_cuda();
   if (!probe.usable) fail(ErrorCode::DeviceUnavailable, probe.reason);
   int count = 0;
@@ -444,14 +448,17 @@ std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSou
   std::string error;
   const int device = gpu::selected_device(count, &error);
   if (device < 0) fail(ErrorCode::DeviceUnavailable, error);
-  // TFEW_CUDA_PRECISION=fp32 keeps weights and activations in fp32 (cuBLAS without TF32): a verification
-  // mode whose results match the CPU backend closely. The default is bf16 storage with fp32 accumulation.
-  const char* precision = std::getenv("TFEW_CUDA_PRECISION");
-  const std::string p = precision ? precision : "";
-  if (p == "fp32") return std::unique_ptr<Engine>(new gpu::CudaEngine<float>(config, weights, device, probe));
+  // fp32 keeps weights and activations in fp32 (cuBLAS without TF32): a verification mode whose results match
+  // the CPU backend closely. The default is bf16 storage with fp32 accumulation.
+  std::string p = options.precision;
+  if (p.empty()) {
+    const char* precision = std::getenv("TFEW_CUDA_PRECISION");
+    p = precision ? precision : "";
+  }
+  if (p == "fp32") return std::unique_ptr<Engine>(new gpu::CudaEngine<float>(config, weights, device, probe, options));
   if (p.empty() || p == "bf16")
-    return std::unique_ptr<Engine>(new gpu::CudaEngine<__nv_bfloat16>(config, weights, device, probe));
-  fail(ErrorCode::InvalidArgument, "TFEW_CUDA_PRECISION must be bf16 or fp32, not \"" + p + "\"");
+    return std::unique_ptr<Engine>(new gpu::CudaEngine<__nv_bfloat16>(config, weights, device, probe, options));
+  fail(ErrorCode::InvalidArgument, "the CUDA precision must be bf16 or fp32, not \"" + p + "\"");
 }
 
 }  // namespace tfew

@@ -63,7 +63,8 @@ class DeviceTrainingSession;
 template <typename T>
 class CudaEngine final : public Engine {
  public:
-  CudaEngine(const T5Config& config, const WeightSource& weights, int device, const CudaProbe& probe);
+  CudaEngine(const T5Config& config, const WeightSource& weights, int device, const CudaProbe& probe,
+             const CudaEngineOptions& options);
   ~CudaEngine() override { release(); }
 
   const char* device() const override { return "cuda"; }

@@ -14,7 +14,7 @@ CudaProbe probe_cuda() {
 
 CudaMemoryInfo cuda_memory_info() { return CudaMemoryInfo(); }
 
-std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, int) {
+std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, const CudaEngineOptions&) {
   fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);
 }
 

@@ -87,6 +87,14 @@ struct CudaMemoryInfo {
   int64_t free_bytes = 0, total_bytes = 0;
 };
 CudaMemoryInfo cuda_memory_info();
-std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights, int max_batch_hint);
+// How a CUDA engine runs. Each switch comes from the load options (T5Model.load's `cuda`), else from its
+// environment variable (TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_GRAPHS), else the default.
+struct CudaEngineOptions {
+  std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
+  int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
+  int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
+};
+std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
+                                         const CudaEngineOptions& options);
 
 }  // namespace tfew

@@ -637,13 +637,14 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
 // The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
 static constexpr int kMaxCpuThreads = 256;
 
-// loadModel(config, tensors, { device, threads }) -> Promise<NativeModel>
+// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, graphs? } }) -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   class Worker : public PromiseWorker {
    public:
-    Worker(Napi::Env env, T5Config c, std::vector<TensorSpec> s, std::string device, int threads)
-        : PromiseWorker(env), config_(c), specs_(std::move(s)), device_(std::move(device)), threads_(threads) {}
+    Worker(Napi::Env env, T5Config c, std::vector<TensorSpec> s, std::string device, int threads, CudaEngineOptions cuda)
+        : PromiseWorker(env), config_(c), specs_(std::move(s)), device_(std::move(device)), threads_(threads),
+          cuda_(std::move(cuda)) {}
     void work() override {
       FileWeightSource source(specs_);  // mmaps the files; unmapped when the engine has converted them
       holder_ = std::make_shared<ModelHolder>();
@@ -651,7 +652,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       holder_->ia3_size = IA3Layout::make(config_).total;
       holder_->device = device_;
       if (device_ == "cuda")
-        holder_->engine = make_cuda_engine(config_, source, 0);
+        holder_->engine = make_cuda_engine(config_, source, cuda_);
       else
         holder_->engine = make_cpu_engine(config_, source, threads_);
       holder_->description = holder_->engine->describe();
@@ -667,6 +668,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
     std::vector<TensorSpec> specs_;
     std::string device_;
     int threads_;
+    CudaEngineOptions cuda_;
     std::shared_ptr<ModelHolder> holder_;
   };
   return settle(env, [&] {
@@ -679,7 +681,16 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
     int threads = requested >= 1 ? static_cast<int>(std::min<double>(requested, kMaxCpuThreads))
                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     threads = std::min(threads, kMaxCpuThreads);
-    return queue(new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device, threads));
+    CudaEngineOptions cuda;
+    if (opts.Has("cuda") && opts.Get("cuda").IsObject()) {
+      Napi::Object c = opts.Get("cuda").As<Napi::Object>();
+      if (c.Has("precision") && c.Get("precision").IsString()) cuda.precision = c.Get("precision").As<Napi::String>().Utf8Value();
+      if (c.Has("fusedAttention") && c.Get("fusedAttention").IsBoolean())
+        cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
+    }
+    return queue(new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device,
+                            threads, cuda));
   });
 }
 

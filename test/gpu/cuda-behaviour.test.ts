@@ -1,12 +1,9 @@
 // CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed), and that
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
-import * as os from 'os';
-import * as path from 'path';
 import { DisposedError, OutOfMemoryError, T5Model } from '../../lib';
 import { native } from '../../lib/native';
-import { t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
 import { loadFixture } from '../helpers/reference';
-import { describeCuda, loadCuda } from './helpers';
+import { describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
 
 jest.setTimeout(300_000);
 
@@ -28,7 +25,7 @@ describeCuda('CUDA backend behaviour', () => {
     expect(p.deviceName.length).toBeGreaterThan(0);
     expect(p.computeCapability).toBeGreaterThanOrEqual(80);
     expect(p.totalMemory).toBeGreaterThan(1 << 30);
-    expect(p.cublasLibrary).toMatch(/libcublas/);
+    expect(p.cublasLibrary).toMatch(emulated() ? /emulated cuBLAS/ : /libcublas/);
   });
 
   test("device 'auto' picks CUDA and says so", async () => {
@@ -69,8 +66,7 @@ describeCuda('CUDA backend behaviour', () => {
   });
 
   test('dispose() returns the device memory (cudaMemGetInfo)', async () => {
-    const dir = process.env.TFEW_RANDOM_T5_DIR ?? path.join(os.tmpdir(), 'tfew-rand-t0w-2l');
-    writeRandomT5(dir, { configJson: t0_3bConfigJson(2), seed: 1234 });
+    const { dir, weightBytesBf16 } = randomCheckpoint();
     // warm the CUDA context so its own memory is not counted
     const warm = await loadCuda(fx.dir, 'bf16');
     await warm.dispose();
@@ -80,8 +76,8 @@ describeCuda('CUDA backend behaviour', () => {
     const loaded = usedMiB();
     await m.dispose();
     const after = usedMiB();
-    // 2+2 layers of the T0-3B width in bf16 are ~0.7 GB of weights
-    expect(loaded - before).toBeGreaterThan(500);
+    // at least the bf16 weights (2+2 layers of the T0-3B width: ~0.7 GB)
+    expect(loaded - before).toBeGreaterThan((0.95 * weightBytesBf16) / (1 << 20));
     expect(after - before).toBeLessThan(64);
   });
 });

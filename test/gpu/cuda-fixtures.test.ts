@@ -1,7 +1,7 @@
 // The CUDA backend against the float64 golden outputs of HF transformers T5 + PEFT IA3 (test/fixtures), for
 // both tiny checkpoints (T0 layout: gated-gelu, untied head; T5 v1.0 layout: relu, tied rescaled head), with
 // and without adapters, and a mixed-task batch.
-//   fp32 mode (TFEW_CUDA_PRECISION=fp32): relative error <= 1e-4, like the CPU backend.
+//   fp32 mode (cuda: { precision: 'fp32' }): relative error <= 1e-4, like the CPU backend.
 //   bf16 (the default): no worse than twice PyTorch's own bf16 error on the same fixtures
 //   (TFEW_BF16_ERRORS, measured by benchmarks/pytorch_baseline.py in the same device run).
 // Skipped when CUDA is not usable here.

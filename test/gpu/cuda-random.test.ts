@@ -6,21 +6,18 @@
 // The checkpoint is TFEW_RANDOM_T5_DIR (written by benchmarks/device-check.sh) or written here to a temp dir.
 // Skipped when CUDA is not usable here.
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
-import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
+import { mulberry32, randomBatch, RandomBatch } from '../../benchmarks/random-t5';
 import { maxRelError, relError } from '../helpers/reference';
-import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision } from './helpers';
+import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision, randomCheckpoint } from './helpers';
 
 jest.setTimeout(600_000);
 
 const FP32_TOL = 1e-4;
 
 function checkpointDir(): string {
-  const dir = process.env.TFEW_RANDOM_T5_DIR ?? path.join(os.tmpdir(), 'tfew-rand-t0w-2l');
-  writeRandomT5(dir, { configJson: t0_3bConfigJson(2), seed: 1234 }); // no-op when already written
-  return dir;
+  return randomCheckpoint().dir; // T0-3B width on a GPU, a quarter of it on the emulator
 }
 
 function parityBatch(dir: string, vocab: number): RandomBatch {
@@ -102,7 +99,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
 
     if (precision === 'bf16') {
       test('the fused encoder attention kernel agrees with the cuBLAS path (with adapters)', async () => {
-        const unfused = await loadCuda(dir, 'bf16', {}, { TFEW_CUDA_FUSED_ATTENTION: '0', TFEW_CUDA_GRAPHS: '0' });
+        const unfused = await loadCuda(dir, 'bf16', {}, { fusedAttention: false, graphs: false });
         try {
           expect(gpu.describe()).toMatch(/encoder attention fused/);
           expect(unfused.describe()).toMatch(/encoder attention cuBLAS/);
