@@ -177,13 +177,13 @@ if want tests; then
     file=${t%%:*}
     cap=${t##*:}
     TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
-      step "jest-$file" "$cap" "$RESERVE" node node_modules/jest/bin/jest.js "test/gpu/$file.test.ts" --runInBand --verbose
+      step "jest-$file" "$cap" "$RESERVE" node node_modules/jest/bin/jest.js --selectProjects tfew --runInBand --verbose "test/gpu/$file.test.ts"
     # A CUDA fault is reported by whichever call synchronises next; rerun once synchronising after every
     # kernel, so the log names the kernel that faulted.
     if [ "$debug_rerun_done" = "0" ] && cuda_fault "$OUT/jest-$file.log"; then
       debug_rerun_done=1
       TFEW_CUDA_DEBUG_SYNC=1 TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
-        step "jest-$file-debug-sync" 120 "$RESERVE" node node_modules/jest/bin/jest.js "test/gpu/$file.test.ts" --runInBand --verbose
+        step "jest-$file-debug-sync" 120 "$RESERVE" node node_modules/jest/bin/jest.js --selectProjects tfew --runInBand --verbose "test/gpu/$file.test.ts"
     fi
   done
 fi

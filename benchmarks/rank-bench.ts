@@ -10,7 +10,10 @@
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
 //
-//   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json]
+//   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json] [--dry]
+// --dry: every step of `run` on a small model (an eighth of the width, 1 + 1 layers by default, 4 examples of
+// 32 tokens, 1 warm-up and 2 runs): checks the script on the CUDA emulator (TFEW_NATIVE_ADDON=build-emu/...)
+// before a GPU run spends its minutes on it. Its numbers mean nothing.
 //   node dist/benchmarks/rank-bench.js table --ours rank-bench.json [--torch pytorch-bench.json]
 //   node dist/benchmarks/rank-bench.js smoke [--fixtures test/fixtures]
 // smoke: the first-light check device-check.sh runs before anything long: the tiny fixture checkpoints on the
@@ -114,13 +117,19 @@ function gemmShare(families: Record<string, number>): number {
 }
 
 async function run(args: Map<string, string>): Promise<RankBenchResult> {
-  const layers = Number(args.get('layers') ?? '24');
-  const modelDir = args.get('model-dir') ?? path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l`);
+  const dry = args.has('dry');
+  const layers = Number(args.get('layers') ?? (dry ? '1' : '24'));
+  const modelDir = args.get('model-dir') ?? path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l${dry ? '-dry' : ''}`);
+  // the workloads' sizes (baselines.md), or the dry run's
+  const encLen = dry ? 32 : 256, rankBatch = dry ? 4 : 32, trainBatch = dry ? 2 : 8;
+  const warmups = dry ? 1 : 3, runs = dry ? 2 : 10;
+  const configJson = t0_3bConfigJson(layers);
+  if (dry) Object.assign(configJson, { d_model: 256, d_ff: 640, num_heads: 4 });
   const probe = native().probeCuda();
   if (!probe.usable) throw new Error(`CUDA is not usable here: ${probe.reason}`);
 
   const tGen = Date.now();
-  const config = writeRandomT5(modelDir, { configJson: t0_3bConfigJson(layers) });
+  const config = writeRandomT5(modelDir, { configJson });
   console.log(`[rank-bench] random T0-3B checkpoint (${layers}+${layers} layers) ready in ${((Date.now() - tGen) / 1000).toFixed(1)} s: ${modelDir}`);
 
   const profileFile = path.join(os.tmpdir(), `tfew-profile-${process.pid}.jsonl`);
@@ -139,37 +148,39 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   console.log(`[rank-bench] loaded in ${loadSeconds.toFixed(2)} s: ${model.describe()}`);
 
   const V = config.vocabSize;
-  const b32 = randomBatch(V, new Array(32).fill(256), new Array(32).fill([8, 8]), 11);
-  const b1 = randomBatch(V, [256], [[8, 8]], 12);
+  const b32 = randomBatch(V, new Array(rankBatch).fill(encLen), new Array(rankBatch).fill([8, 8]), 11);
+  const b1 = randomBatch(V, [encLen], [[8, 8]], 12);
   const adapter = randomAdapter(model, 1);
   const adapters8 = Array.from({ length: 8 }, (_, i) => randomAdapter(model, 100 + i));
 
   const tFirst = process.hrtime.bigint();
-  await model.rankClassify(b32.inputIds, b32.choices, { adapter, batchSize: 32 });
+  await model.rankClassify(b32.inputIds, b32.choices, { adapter, batchSize: rankBatch });
   const firstResultMs = Number(process.hrtime.bigint() - tFirst) / 1e6;
 
   const workloads: Record<string, WorkloadResult> = {};
-  workloads['RANK-3B-B32'] = await timeWorkload(model, b32, adapter, profileFile);
-  workloads['RANK-3B-B1'] = await timeWorkload(model, b1, adapter, profileFile);
-  workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile);
-  workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile);
+  workloads['RANK-3B-B32'] = await timeWorkload(model, b32, adapter, profileFile, warmups, runs);
+  workloads['RANK-3B-B1'] = await timeWorkload(model, b1, adapter, profileFile, warmups, runs);
+  workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile,
+                                                 warmups, runs);
+  workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile, warmups, runs);
   for (const [name, choices] of [['TRAIN-3B', 2], ['TRAIN-3B-C4', 4]] as const) {
-    const tb = randomBatch(V, new Array(8).fill(256), new Array(8).fill(new Array(choices).fill(8)), 13 + choices);
+    const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)),
+                           13 + choices);
     // the whole T-Few step: forward, losses, backward, clipping + schedule + Adafactor on the device
     const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
     const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
                                     { adapter, dropout: true, seed: 1 });
-    for (let i = 0; i < 2; i++) await call();
+    for (let i = 0; i < Math.min(2, warmups); i++) await call();
     const wall: number[] = [];
-    for (let i = 0; i < 5; i++) {
+    for (let i = 0; i < Math.min(5, runs); i++) {
       const t0 = process.hrtime.bigint();
       await call();
       wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
     }
     const deviceMiB = usedMiB() - baselineMiB;
     await session.dispose();
-    workloads[name] = { examples: 8, wallMs: wall, forwardMs: [], medianWallMs: median(wall), medianForwardMs: NaN,
-                        examplesPerSecond: 8 / (median(wall) / 1000), graphReplays: 0, deviceMiB };
+    workloads[name] = { examples: trainBatch, wallMs: wall, forwardMs: [], medianWallMs: median(wall), medianForwardMs: NaN,
+                        examplesPerSecond: trainBatch / (median(wall) / 1000), graphReplays: 0, deviceMiB };
   }
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
@@ -184,7 +195,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
   model = await T5Model.load(modelDir, { device: 'cuda' });
   for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
-    await timeWorkload(model, batch, adapter, profileFile, 2, 5);
+    await timeWorkload(model, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
     const lines = readProfile(profileFile).filter((p) => p.families_ms);
     const families: Record<string, number> = {};
     const keys = new Set(lines.flatMap((l) => Object.keys(l.families_ms ?? {})));
@@ -410,8 +421,12 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
 function parseArgs(argv: string[]): Map<string, string> {
   const m = new Map<string, string>();
   for (let i = 0; i < argv.length; i++) {
-    if (argv[i].startsWith('--')) {
-      m.set(argv[i].slice(2), argv[i + 1] ?? '');
+    if (!argv[i].startsWith('--')) continue;
+    const value = argv[i + 1];
+    if (value === undefined || value.startsWith('--')) {
+      m.set(argv[i].slice(2), ''); // a flag
+    } else {
+      m.set(argv[i].slice(2), value);
       i++;
     }
   }

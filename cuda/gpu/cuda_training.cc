@@ -286,17 +286,6 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
   kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s);
 
-  kernels::AttentionGeometry enc_g;
-  enc_g.kind = kernels::AttentionKind::EncoderSelf;
-  enc_g.heads = H;
-  enc_g.d_kv = dkv;
-  enc_g.n_seq = B;
-  enc_g.n_examples = B;
-  enc_g.q_len = Le;
-  enc_g.k_len = Le;
-  enc_g.bias_table = f.enc_bias;
-  enc_g.key_lengths = f.enc_lengths;
-  enc_g.keys_prescaled = true;  // the training forward's encoder attention scaled K (and V) in a copy
   for (int l = Lenc - 1; l >= 0; --l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
@@ -304,18 +293,64 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
                  n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
     kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
-    enc_g.dropout = at_site(drop, 0, l, kSelfProbs);
-    const T* qkv = t.enc_qkv[l];
-    kernels::attention_backward_query<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                         enc_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
-    kernels::attention_backward_key<T>(enc_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                       enc_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
-                                       3 * inner, s);
+    encoder_attention_backward(t, l, drop);
     reduce_ia3(t, t.g_k, inner, false, n_adapters, ia3.self_k);
     reduce_ia3(t, t.g_v, inner, false, n_adapters, ia3.self_v);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
     kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
   }
+}
+
+// Encoder self-attention backward of layer `layer` on tensor cores: batched GEMMs per example over its heads,
+// around an elementwise softmax backward. From t.dctx (fp32, the gradient of the attention output) to t.dqkv
+// (the gradient of the unscaled q|k|v, as T) and the per-token (IA)3 contributions in t.g_k / t.g_v.
+// Nothing of the forward's attention is stored: the probabilities are recomputed exactly as the training
+// forward made them (scaled copy of q|k|v, the scores GEMM, the softmax), which costs one GEMM.
+// Row-major, per (example, head), with K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
+//   P = softmax(Q K~^T + bias), P' = dropout(P), C = P' V~          (forward)
+//   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP')
+//   dQ = dS K~,  dK~ = dS^T Q,  dV~ = P'^T dC,  then dK = l_k * dK~, dV = l_v * dV~, g_k = K * dK~, g_v = V * dV~.
+template <typename T>
+void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop) {
+  const T5Config& c = config_;
+  const Plan<T>& f = t.fwd;
+  cudaStream_t s = stream_;
+  const int inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
+  const int B = f.shape.batch, Le = f.shape.enc_len, Ne = B * Le;
+  const int ld = 3 * inner;
+  const long long LL = static_cast<long long>(Le) * Le;
+  const IA3Layout::EncoderBlock& ia3 = layout_.encoder[layer];
+  const kernels::AdapterIndex ix = adapter_index(f, false);
+  const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
+
+  // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(f.qkv_enc, t.enc_qkv[layer], sizeof(T) * Ne * ld, cudaMemcpyDeviceToDevice, s));
+  kernels::ia3_scale_kv<T>(f.qkv_enc, ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+  gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
+  kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
+  kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, t.probs_dropped, s);
+  kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);
+
+  // dP' (fp32, into the scores buffer) = dC V~^T
+  for (int b = 0; b < B; ++b) {
+    const T* v = f.qkv_enc + static_cast<int64_t>(b) * Le * ld + 2 * inner;
+    const T* dc = t.dctx_t + static_cast<int64_t>(b) * Le * inner;
+    gemm_.batched<T, float>(false, true, Le, Le, dkv, dc, inner, dkv, v, ld, dkv, f.scores + b * H * LL, Le, LL, H);
+  }
+  kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
+  for (int b = 0; b < B; ++b) {
+    const T* q = f.qkv_enc + static_cast<int64_t>(b) * Le * ld;  // Q is not scaled
+    const T* k = q + inner;
+    const T* ds = f.probs + b * H * LL;
+    const T* pd = t.probs_dropped + b * H * LL;
+    const T* dc = t.dctx_t + static_cast<int64_t>(b) * Le * inner;
+    const int64_t tok = static_cast<int64_t>(b) * Le;
+    gemm_.batched<T, T>(false, false, Le, dkv, Le, ds, Le, LL, k, ld, dkv, t.dqkv + tok * ld, ld, dkv, H);  // dQ
+    gemm_.batched<T, float>(true, false, Le, dkv, Le, ds, Le, LL, q, ld, dkv, t.g_k + tok * inner, inner, dkv, H);  // dK~
+    gemm_.batched<T, float>(true, false, Le, dkv, Le, pd, Le, LL, dc, inner, dkv, t.g_v + tok * inner, inner, dkv, H);  // dV~
+  }
+  kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
+                              t.g_v, inner, t.dqkv, ld, s);
 }
 
 template LossOutput CudaEngine<float>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);

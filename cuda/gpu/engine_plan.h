@@ -168,7 +168,9 @@ struct TrainPlan {
   T* dqkv = nullptr;           // [maxN, 3 inner]
   float* g_k = nullptr;        // per-token l_k / l_v contributions [maxN, inner]
   float* g_v = nullptr;
-  float* stats = nullptr;      // softmax statistics per (query, head) [maxN, H, 3]
+  float* stats = nullptr;      // softmax statistics per (query, head) [maxN, H, 3] (decoder attention)
+  T* probs_dropped = nullptr;  // encoder attention backward: the dropped probabilities P' [B, H, Le, Le]
+  T* dctx_t = nullptr;         // ... and the context gradient as a GEMM operand [Ne, inner]
   T* dkv_cross = nullptr;      // gradient of every layer's cross k|v [Ne, layers * 2 inner]
   float* grads = nullptr;      // [num_adapters, layout.total]
   float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
@@ -215,6 +217,8 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.g_k = pl.place<float>(N * inner);
   t.g_v = pl.place<float>(N * inner);
   t.stats = pl.place<float>(N * H * 3);
+  t.probs_dropped = pl.place<T>(static_cast<size_t>(s.batch) * H * s.enc_len * s.enc_len);
+  t.dctx_t = pl.place<T>(Ne * inner);
   t.dkv_cross = pl.place<T>(Ne * kv_cols);
   t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
   t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));

@@ -86,6 +86,55 @@ __global__ void encoder_softmax_kernel(const float* __restrict__ scores, const f
   }
 }
 
+// Its backward, in place: probs holds P (without dropout) on entry and dS on return, where
+// dP = drop * dP' (dP' = dprobs, the gradient of the dropped probabilities), D = sum_j P_j dP_j and
+// dS_j = P_j (dP_j - D): the gradient of the scores. One warp per row, as the forward.
+template <typename T>
+__global__ void encoder_softmax_backward_kernel(const float* __restrict__ dprobs, T* __restrict__ probs,
+                                                const int32_t* __restrict__ lengths, int heads, int len,
+                                                int64_t n_rows, DropoutSite dropout) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  if (row >= n_rows) return;  // whole warps exit together
+  const int b = static_cast<int>(row / (static_cast<int64_t>(len) * heads));
+  const int n_keys = min(max(lengths[b], 0), len);
+  const float* dp = dprobs + row * len;
+  T* p = probs + row * len;
+  const uint64_t drop_base = static_cast<uint64_t>(row) * len;
+  float D = 0.f;
+  for (int j = lane; j < n_keys; j += 32) D += to_f32(p[j]) * dropout_scale(dropout, drop_base + j) * dp[j];
+  D = warp_sum(D);
+  for (int j = lane; j < len; j += 32) {
+    const float ds = j < n_keys ? to_f32(p[j]) * (dropout_scale(dropout, drop_base + j) * dp[j] - D) : 0.f;
+    p[j] = from_f32<T>(ds);
+  }
+}
+
+// The (IA)3 step of the encoder attention backward: the GEMMs gave dK~ and dV~, the gradients of the scaled
+// keys and values K~ = l_k * K, V~ = l_v * V. Writes dK = l_k * dK~, dV = l_v * dV~ (as T, into the q|k|v
+// gradient) and replaces dK~, dV~ by the per-token (IA)3 contributions K * dK~ and V * dV~ (0 for tokens
+// without an adapter), which ia3_grad_reduce sums per adapter.
+template <typename T>
+__global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_col, int v_col, int width,
+                                       int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset,
+                                       float* __restrict__ g_k, float* __restrict__ g_v, int g_ld,
+                                       T* __restrict__ dqkv, int dq_ld) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
+    const float* l = a >= 0 ? index.adapters + a * index.adapter_stride : nullptr;
+    const int64_t gi = static_cast<int64_t>(t) * g_ld + c;
+    const float dk = g_k[gi], dv = g_v[gi];
+    T* drow = dqkv + static_cast<int64_t>(t) * dq_ld;
+    drow[k_col + c] = from_f32<T>(l ? l[k_offset + c] * dk : dk);
+    drow[v_col + c] = from_f32<T>(l ? l[v_offset + c] * dv : dv);
+    const T* row = qkv + static_cast<int64_t>(t) * ld;
+    g_k[gi] = l ? to_f32(row[k_col + c]) * dk : 0.f;
+    g_v[gi] = l ? to_f32(row[v_col + c]) * dv : 0.f;
+  }
+}
+
 // --------------------------------------------------------------------------------------------------------
 // small-query attention: one warp per (query token, head)
 
@@ -576,6 +625,29 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
 }
 
 template <typename T>
+void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch, int heads, int len,
+                              const DropoutSite& dropout, cudaStream_t stream) {
+  const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
+  if (n_rows <= 0) return;
+  constexpr int kBlock = 256;  // 8 rows per block
+  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
+  encoder_softmax_backward_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(dprobs, probs, lengths,
+                                                                                           heads, len, n_rows, dropout);
+  TFEW_CUDA_CHECK_LAUNCH("encoder_softmax_backward_kernel");
+}
+
+template <typename T>
+void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
+                     int64_t k_offset, int64_t v_offset, float* g_k, float* g_v, int g_ld, T* dqkv, int dq_ld,
+                     cudaStream_t stream) {
+  if (n_tokens <= 0 || width <= 0) return;
+  const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  ia3_kv_backward_kernel<T><<<grid, 256, 0, stream>>>(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
+                                                      v_offset, g_k, g_v, g_ld, dqkv, dq_ld);
+  TFEW_CUDA_CHECK_LAUNCH("ia3_kv_backward_kernel");
+}
+
+template <typename T>
 void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads, int n_rows, int dec_len,
                             const float* bias_table, const int32_t* row_example, const AdapterIndex& index,
                             int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, T* out, int out_ld,
@@ -653,6 +725,10 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
                                 cudaStream_t);                                                                \
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
                                    const DropoutSite&, T*, cudaStream_t);                                     \
+  template void encoder_softmax_backward<T>(const float*, T*, const int32_t*, int, int, int, const DropoutSite&, \
+                                            cudaStream_t);                                                    \
+  template void ia3_kv_backward<T>(const T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,     \
+                                   float*, float*, int, T*, int, cudaStream_t);                               \
   template void decoder_self_attention<T>(const T*, int, int, int, int, int, int, const float*, const int32_t*, \
                                           const AdapterIndex&, int64_t, int64_t, const DropoutSite&, T*, int, \
                                           cudaStream_t);                                                      \

@@ -81,6 +81,22 @@ template <typename T>
 void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch,
                      int heads, int len, const DropoutSite& dropout, T* probs, cudaStream_t stream);
 
+// Its backward (training), in place: probs holds the probabilities P without dropout on entry and the
+// gradient of the scores dS = P * (drop * dprobs - D) (D = sum_j P_j drop_j dprobs_j) on return; dprobs fp32
+// [B, H, L, L] is the gradient of the dropped probabilities. Dropout indices as in encoder_softmax.
+template <typename T>
+void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch, int heads, int len,
+                              const DropoutSite& dropout, cudaStream_t stream);
+
+// The (IA)3 step of an attention backward that ran on the scaled keys and values K~ = l_k * K, V~ = l_v * V:
+// g_k, g_v (fp32 [n_tokens, g_ld], columns < width) hold dK~, dV~ on entry and the per-token contributions
+// K * dK~, V * dV~ on return (0 for tokens without an adapter); dK = l_k * dK~ and dV = l_v * dV~ are written
+// as T into dqkv's columns k_col, v_col. K and V (unscaled) are qkv's columns k_col, v_col.
+template <typename T>
+void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
+                     int64_t k_offset, int64_t v_offset, float* g_k, float* g_v, int g_ld, T* dqkv, int dq_ld,
+                     cudaStream_t stream);
+
 // Decoder causal self-attention over the positions of each choice row (dec_len tokens per row; no padding
 // mask: the decoder mask is causal only). q, k, v are the column blocks [0, inner), [inner, 2 inner),
 // [2 inner, 3 inner) of qkv [n_rows * dec_len, ld]; bias_table [H, 2 dec_len - 1]; out [.., out_ld].
