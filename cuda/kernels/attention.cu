@@ -157,30 +157,6 @@ __device__ __forceinline__ float dot_row(const float* q, const T* __restrict__ r
   return s;
 }
 
-// q . round(scale * row): the scores of the batched-GEMM encoder path, whose keys were scaled by l_k and
-// rounded to T before the GEMM (training recomputes exactly those scores).
-template <typename T>
-__device__ __forceinline__ float dot_row_prescaled(const float* q, const T* __restrict__ row, const float* scale,
-                                                   int d_kv) {
-  float s = 0.f;
-  constexpr int kVec = 16 / sizeof(T);
-  if ((d_kv % kVec) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-    const uint4* r4 = reinterpret_cast<const uint4*>(row);
-    for (int v = 0; v < d_kv / kVec; ++v) {
-      uint4 packed = __ldg(r4 + v);
-      const T* e = reinterpret_cast<const T*>(&packed);
-#pragma unroll
-      for (int u = 0; u < kVec; ++u) {
-        const int d = v * kVec + u;
-        s += q[d] * to_f32(from_f32<T>(to_f32(e[u]) * scale[d]));
-      }
-    }
-  } else {
-    for (int d = 0; d < d_kv; ++d) s += q[d] * to_f32(from_f32<T>(to_f32(row[d]) * scale[d]));
-  }
-  return s;
-}
-
 constexpr int kSmallAttnWarps = 8;  // queries per block: neighbouring tokens share keys in L1
 
 // DPL = dimensions per lane = ceil(d_kv / 32). Self mode (bias_table != nullptr): keys are positions
@@ -321,11 +297,6 @@ __device__ __forceinline__ QueryView query_view(const AttentionGeometry& g, int 
   QueryView v;
   const int seq = t / g.q_len, i = t % g.q_len;
   switch (g.kind) {
-    case AttentionKind::EncoderSelf:
-      v.example = seq;
-      v.key_base = static_cast<int64_t>(seq) * g.k_len;
-      v.n_keys = min(max(g.key_lengths[seq], 0), g.k_len);
-      break;
     case AttentionKind::DecoderSelf:
       v.example = g.row_example[seq];
       v.key_base = static_cast<int64_t>(seq) * g.k_len;
@@ -364,7 +335,7 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
                                                 int64_t v_offset, int n_queries, T* __restrict__ dq, int dq_ld,
                                                 float* __restrict__ g_k, float* __restrict__ g_v,
                                                 float* __restrict__ stats) {
-  extern __shared__ float smem[];  // per warp: q~ [d_kv], g~ [d_kv], l_k [d_kv]
+  extern __shared__ float smem[];  // per warp: q~ [d_kv], g~ [d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kBackWarps + warp;
   const int h = blockIdx.y;
@@ -375,23 +346,19 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
   const float *l_k, *l_v;
   adapter_vectors(index, qv.example, head_col, k_offset, v_offset, &l_k, &l_v);
 
-  float* qs = smem + warp * 3 * d_kv;
+  float* qs = smem + warp * 2 * d_kv;
   float* gs = qs + d_kv;
-  float* ls = gs + d_kv;
   const T* qrow = q + static_cast<int64_t>(t) * q_ld + head_col;
   const float* grow = dout + static_cast<int64_t>(t) * inner + head_col;
-  const bool prescaled = g.keys_prescaled && l_k;
   for (int d = lane; d < d_kv; d += 32) {
-    qs[d] = to_f32(qrow[d]) * (l_k && !prescaled ? l_k[d] : 1.f);
+    qs[d] = to_f32(qrow[d]) * (l_k ? l_k[d] : 1.f);
     gs[d] = grow[d] * (l_v ? l_v[d] : 1.f);
-    ls[d] = l_k ? l_k[d] : 1.f;
   }
   __syncwarp();
 
   auto score = [&](int j) {
     const T* krow = k + (qv.key_base + j) * kv_ld + head_col;
-    // prescaled: q . round(l_k * k), as the forward's GEMM saw it; else q~ . k
-    const float s = prescaled ? dot_row_prescaled(qs, krow, ls, d_kv) : dot_row(qs, krow, d_kv);
+    const float s = dot_row(qs, krow, d_kv);  // q~ . k
     return qv.bias_row ? s + qv.bias_row[j] : s;
   };
 
@@ -499,12 +466,6 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
   int example, seq_first, n_seq, i_first = 0;
   bool valid;
   switch (g.kind) {
-    case AttentionKind::EncoderSelf:
-      example = kseq;
-      valid = j < min(max(g.key_lengths[kseq], 0), g.k_len);
-      seq_first = kseq;
-      n_seq = 1;
-      break;
     case AttentionKind::DecoderSelf:
       example = g.row_example[kseq];
       valid = true;
@@ -535,8 +496,7 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
   const T* krow = k + static_cast<int64_t>(u_tok) * kv_ld + head_col;
   const T* vrow = v + static_cast<int64_t>(u_tok) * kv_ld + head_col;
   for (int d = lane; d < d_kv; d += 32) {
-    const float kl = to_f32(krow[d]) * (l_k ? l_k[d] : 1.f);  // q . (l_k k) = q~ . k
-    ks[d] = g.keys_prescaled ? to_f32(from_f32<T>(kl)) : kl;
+    ks[d] = to_f32(krow[d]) * (l_k ? l_k[d] : 1.f);  // q . (l_k k) = q~ . k
     vs[d] = to_f32(vrow[d]) * (l_v ? l_v[d] : 1.f);  // g . (l_v v) = g~ . v
   }
   __syncwarp();
@@ -681,7 +641,7 @@ void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, 
   const int n_queries = g.n_seq * g.q_len;
   if (n_queries <= 0) return;
   const dim3 grid((n_queries + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
-  const size_t smem = sizeof(float) * kBackWarps * 3 * g.d_kv;
+  const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
 #define TFEW_BACK_Q(DPL)                                                                                        \
   attention_backward_query_kernel<T, DPL><<<grid, block, smem, stream>>>(g, q, q_ld, k, v, kv_ld, dout, index,   \
                                                                          k_offset, v_offset, n_queries, dq,     \

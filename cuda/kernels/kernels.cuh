@@ -131,26 +131,23 @@ void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;
 
-// Attention backward (training), one code path for the three attention kinds. Recomputes the probabilities
-// from q and k (nothing of the forward is stored but its inputs), with the (IA)3 vectors applied as in the
-// forward: scores = (l_k * q) . k, output = l_v * sum_j p_j v_j.
-enum class AttentionKind { EncoderSelf, DecoderSelf, Cross };
+// Attention backward (training) of the decoder's two attention kinds, whose few queries per sequence do not
+// pay for GEMMs (the encoder's runs on batched GEMMs: CudaEngine::encoder_attention_backward). Recomputes the
+// probabilities from q and k (nothing of the forward is stored but its inputs), with the (IA)3 vectors applied
+// as in the forward: scores = (l_k * q) . k, output = l_v * sum_j p_j v_j.
+enum class AttentionKind { DecoderSelf, Cross };
 struct AttentionGeometry {
-  AttentionKind kind = AttentionKind::EncoderSelf;
+  AttentionKind kind = AttentionKind::DecoderSelf;
   int heads = 0, d_kv = 0;
-  int n_seq = 0;    // query sequences: examples (encoder) or choice rows (decoder)
-  int n_examples = 0;  // examples: the key sequences of encoder self- and cross-attention
-  int q_len = 0;    // queries per sequence: enc_len or dec_len
-  int k_len = 0;    // padded keys per key sequence: enc_len (encoder, cross) or dec_len (decoder self)
+  int n_seq = 0;    // query sequences: choice rows
+  int n_examples = 0;  // examples: the key sequences of cross-attention
+  int q_len = 0;    // queries per sequence: dec_len
+  int k_len = 0;    // padded keys per key sequence: enc_len (cross) or dec_len (self)
   const float* bias_table = nullptr;        // [H, 2 q_len - 1] for self-attention, null for cross
-  const int32_t* key_lengths = nullptr;     // enc_lengths [B] (encoder self, cross)
-  const int32_t* row_example = nullptr;     // [R] (decoder self, cross)
+  const int32_t* key_lengths = nullptr;     // enc_lengths [B] (cross)
+  const int32_t* row_example = nullptr;     // [R]
   const int32_t* row_start = nullptr;       // [B + 1] (cross: the rows reading an example's keys)
   DropoutSite dropout;                      // on the probabilities, indexed like the CPU's probs array
-  // The forward scored against keys scaled by l_k and rounded to T (the batched-GEMM encoder path) rather
-  // than with l_k folded into the query: the backward recomputes the same scores, since softmax amplifies
-  // any difference in them.
-  bool keys_prescaled = false;
 };
 // Pass 1, one warp per (query, head): d q (w.r.t. the unscaled q, written as T into dq [.., dq_ld]), the
 // per-token (IA)3 contributions g_k = q * dq~ and g_v = dout * o~ (fp32 [Nq, inner]; reduced per adapter by
