@@ -11,11 +11,10 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "model/losses.h"
 
 namespace tfew {
 namespace cpu {
-
-static constexpr double kUnlikelihoodEps = 0.01;  // T-Few's "+ 0.01" inside the log (absent from the paper)
 
 void log_softmax_gather(ThreadPool& pool, const float* logits, const int32_t* targets, int64_t n, int vocab, int pad_id,
                         float* token_logp) {

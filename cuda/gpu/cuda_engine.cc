@@ -229,6 +229,8 @@ void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointe
   std::memcpy(host_ptr(plan.row_start), b.row_start.data(), (B + 1) * sizeof(int32_t));
   int32_t* adapter_of = reinterpret_cast<int32_t*>(host_ptr(plan.adapter_of_example));
   for (int e = 0; e < B; ++e) adapter_of[e] = b.adapter_of_example.empty() ? -1 : b.adapter_of_example[e];
+  int32_t* labels = reinterpret_cast<int32_t*>(host_ptr(plan.labels));
+  for (int e = 0; e < B; ++e) labels[e] = static_cast<int>(b.labels.size()) == B ? b.labels[e] : -1;
   const auto& eb = buckets(Le, true);
   std::memcpy(host_ptr(plan.enc_buckets), eb.data(), eb.size() * sizeof(int32_t));
   if (Ld > 0) {

@@ -121,10 +121,12 @@ class CudaEngine final : public Engine {
 
   // ---- training (cuda_training.cc)
   LossOutput train_unlocked(const Batch& b, const AdapterSet& adapters, const LossOptions& options);
-  // The training step up to the gradients, which it leaves in device memory (returned; null when no example
-  // uses an adapter). The kernels read the adapters at adapter_source_ (or adapters_dev_). `out` gets the
-  // losses and per-token log-probs, not the gradients.
-  float* train_to_device(const Batch& b, int n_adapters, const LossOptions& options, LossOutput& out);
+  // The kernels read the adapters at adapter_source_ (or adapters_dev_).
+  // Enqueues a whole training step's forward, losses and backward (no host round trip); returns the device
+  // gradients [n_adapters, layout.total], or null when no example uses an adapter. read_train_results() then
+  // copies the losses and token log-probs (the step's only synchronisation).
+  float* train_to_device(const Batch& b, int n_adapters, const LossOptions& options);
+  void read_train_results(LossOutput& out);
   // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
   // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
@@ -165,6 +167,7 @@ class CudaEngine final : public Engine {
   bool graphs_enabled_ = true;
   std::string graph_note_;
   std::map<Shape, cudaGraphExec_t> graphs_;
+  TrainPlan<T> train_plan_;  // the last training step's buffers (read_train_results)
   std::map<Shape, int> seen_shapes_;
   Profiler profiler_;
 };

@@ -91,13 +91,9 @@ TrainStepOutput CudaEngine<T>::session_step(DeviceTrainingSession<T>& s, const B
       if (a >= 0) out.stepped[a] = 1;
 
     adapter_source_ = reinterpret_cast<const float*>(s.params_.get());
-    LossOutput lo;
-    const float* grads = train_to_device(b, s.n_, loss, lo);
+    std::vector<float> norms(s.n_, 0.f);
+    const float* grads = train_to_device(b, s.n_, loss);
     adapter_source_ = nullptr;
-    out.lm_loss = lo.lm_loss;
-    out.ul_loss = lo.ul_loss;
-    out.ln_loss = lo.ln_loss;
-    out.total_loss = lo.total_loss;
 
     if (grads) {
       std::vector<int32_t> flags(2 * static_cast<size_t>(s.n_));
@@ -125,13 +121,18 @@ TrainStepOutput CudaEngine<T>::session_step(DeviceTrainingSession<T>& s, const B
       kernels::adafactor_step(p, s.n_, flags_dev, flags_dev + s.n_, reinterpret_cast<float*>(s.params_.get()), grads,
                               reinterpret_cast<float*>(s.state_.get()), reinterpret_cast<float*>(s.module_sq_.get()),
                               norms_dev, stream_);
-      std::vector<float> norms(s.n_);
+      // (a copy into pageable memory returns when it is done: the step's one wait, with read_train_results)
       TFEW_CUDA_CHECK(cudaMemcpyAsync(norms.data(), norms_dev, s.n_ * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-      TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      for (int a = 0; a < s.n_; ++a) out.grad_norms[a] = out.stepped[a] ? norms[a] : 0.0;
     } else {
       std::fill(out.stepped.begin(), out.stepped.end(), 0);  // no adapter in the batch: nothing steps
     }
+    LossOutput lo;
+    read_train_results(lo);  // synchronises the stream
+    for (int a = 0; a < s.n_; ++a) out.grad_norms[a] = out.stepped[a] ? norms[a] : 0.0;
+    out.lm_loss = lo.lm_loss;
+    out.ul_loss = lo.ul_loss;
+    out.ln_loss = lo.ln_loss;
+    out.total_loss = lo.total_loss;
     ++s.schedule_;
     return out;
   } catch (...) {

@@ -1,12 +1,11 @@
 // Training on the CUDA engine (gpu/cuda_engine.h): loss_and_gradients() runs the forward of the CPU
 // backend's training pass step for step (dropout sites included) while saving each sub-layer's input, computes
-// the T-Few losses on the host from the per-token log-probs (the CPU backend's own function), and runs the
-// backward pass to the (IA)3 vectors: only activation gradients through the frozen weights, per-token (IA)3
+// the T-Few losses on the device from the per-token log-probs (kernels/loss.cu, the CPU backend's definition),
+// and runs the backward pass to the (IA)3 vectors: only activation gradients through the frozen weights, per-token (IA)3
 // contributions reduced per adapter in a fixed order (no atomics: bit-reproducible).
 #include <algorithm>
 #include <cmath>
 
-#include "cpu/cpu_ops.h"  // tfew_losses: the T-Few losses are defined once, by the CPU backend
 #include "gpu/cuda_engine.h"
 
 namespace tfew {
@@ -29,17 +28,33 @@ LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapt
   const int n_adapters = static_cast<int>(adapters.vectors.size());
   upload_adapters(adapters);
   LossOutput out;
-  const float* grads = train_to_device(b, n_adapters, options, out);
+  const float* grads = train_to_device(b, n_adapters, options);
   out.gradients.assign(static_cast<size_t>(n_adapters) * layout_.total, 0.f);
-  if (!grads) return out;  // no example uses an adapter: every gradient is zero
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), grads, out.gradients.size() * sizeof(float),
-                                  cudaMemcpyDeviceToHost, stream_));
-  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (grads)  // else no example uses an adapter: every gradient is zero
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), grads, out.gradients.size() * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+  read_train_results(out);
   return out;
 }
 
 template <typename T>
-float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const LossOptions& options, LossOutput& out) {
+void CudaEngine<T>::read_train_results(LossOutput& out) {
+  const TrainPlan<T>& tp = train_plan_;
+  const size_t Nd = static_cast<size_t>(tp.fwd.shape.rows) * tp.fwd.shape.dec_len;
+  float losses[4];
+  out.token_logp.resize(Nd);
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), tp.fwd.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
+                                  stream_));
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(losses, tp.losses, sizeof(losses), cudaMemcpyDeviceToHost, stream_));
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  out.lm_loss = losses[0];
+  out.ul_loss = losses[1];
+  out.ln_loss = losses[2];
+  out.total_loss = losses[3];
+}
+
+template <typename T>
+float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const LossOptions& options) {
   TFEW_CHECK_ARG(b.num_rows > 0, "training needs answer choices");
   TFEW_CHECK_ARG(static_cast<int>(b.labels.size()) == b.batch_size, "labels are needed, one per example");
   for (int i = 0; i < b.batch_size; ++i) {
@@ -56,7 +71,8 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
   ensure_arena(make_train_plan<T>(config_, shape, n_adapters, 0).bytes);
-  const TrainPlan<T> tp = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
+  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
+  const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
   pack_inputs(b, f, true);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
@@ -66,27 +82,10 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   drop.rate = options.dropout ? config_.dropout_rate : 0.f;
   drop.seed = options.dropout ? options.seed : 0;
   enqueue_train_forward(tp, drop);
-
-  const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
-  out.token_logp.resize(Nd);
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), f.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
-                                  stream_));
-  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-
-  // The losses are a few scalars over R * dec_len log-probs: the CPU backend's own function computes them
-  // (and d loss / d log-prob), so both backends share one definition.
-  cpu::TFewLossInput li{out.token_logp.data(), b.choice_ids.data(), b.num_rows, b.dec_len, config_.pad_token_id,
-                        b.row_start.data(), b.labels.data(), b.batch_size, options.lm_weight, options.ul_weight,
-                        options.ln_weight};
-  cpu::TFewLossOutput lo = cpu::tfew_losses(li);
-  out.lm_loss = lo.lm;
-  out.ul_loss = lo.ul;
-  out.ln_loss = lo.ln;
-  out.total_loss = lo.total;
+  kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
+                       f.row_example, f.labels, shape.batch, options.lm_weight, options.ul_weight, options.ln_weight,
+                       tp.loss_scratch, tp.losses, tp.dlogp, stream_);
   if (!shape.adapters) return nullptr;
-
-  // dtoken_logp is pageable host memory: the copy is complete when cudaMemcpyAsync returns
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(tp.dlogp, lo.dtoken_logp.data(), Nd * sizeof(float), cudaMemcpyHostToDevice, stream_));
   TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, static_cast<size_t>(n_adapters) * layout_.total * sizeof(float), stream_));
   enqueue_backward(tp, drop, n_adapters);
   return tp.grads;
@@ -355,6 +354,11 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
 
 template LossOutput CudaEngine<float>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);
 template LossOutput CudaEngine<__nv_bfloat16>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);
+// used by the device training sessions (cuda_session.cc)
+template float* CudaEngine<float>::train_to_device(const Batch&, int, const LossOptions&);
+template float* CudaEngine<__nv_bfloat16>::train_to_device(const Batch&, int, const LossOptions&);
+template void CudaEngine<float>::read_train_results(LossOutput&);
+template void CudaEngine<__nv_bfloat16>::read_train_results(LossOutput&);
 
 }  // namespace gpu
 }  // namespace tfew

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gpu/device_memory.h"
+#include "kernels/kernels.cuh"
 #include "model/t5_config.h"
 
 namespace tfew {
@@ -49,6 +50,7 @@ struct Plan {
   int32_t* row_example = nullptr;
   int32_t* row_start = nullptr;  // [B + 1]
   int32_t* adapter_of_example = nullptr;
+  int32_t* labels = nullptr;  // [B] the gold choice of each example (training)
   int32_t* enc_buckets = nullptr;
   int32_t* dec_buckets = nullptr;
   // results and tensors that live across the encoder -> decoder boundary
@@ -104,6 +106,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.row_example = pl.place<int32_t>(R);
   p.row_start = pl.place<int32_t>(B + 1);
   p.adapter_of_example = pl.place<int32_t>(B);
+  p.labels = pl.place<int32_t>(B);
   p.enc_buckets = pl.place<int32_t>(2 * Le - 1);
   p.dec_buckets = pl.place<int32_t>(Ld > 0 ? 2 * Ld - 1 : 0);
   p.inputs_end = pl.cursor();
@@ -155,7 +158,9 @@ struct TrainPlan {
   float* dec_pre_final = nullptr;
   float* sublayer_out = nullptr;  // a sub-layer's output before its (dropped-out) residual add [maxN, d]
   // backward
-  float* dlogp = nullptr;      // [Nd] d loss / d token log-prob (from the host)
+  float* dlogp = nullptr;      // [Nd] d loss / d token log-prob
+  double* loss_scratch = nullptr;  // kernels::tfew_losses' per-row and per-example sums
+  float* losses = nullptr;     // [4] LM, UL, LN, total
   T* dlogits = nullptr;        // [Nd, V]
   float* dnormed = nullptr;    // gradient of a norm's output [maxN, d]
   float* dy_dec = nullptr;     // gradient of the decoder residual stream [Nd, d]
@@ -204,6 +209,8 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.dec_pre_final = pl.place<float>(Nd * d);
   t.sublayer_out = pl.place<float>(N * d);
   t.dlogp = pl.place<float>(Nd);
+  t.loss_scratch = pl.place<double>(kernels::tfew_losses_scratch_doubles(s.rows, s.batch));
+  t.losses = pl.place<float>(4);
   t.dlogits = pl.place<T>(Nd * V);
   t.dnormed = pl.place<float>(N * d);
   t.dy_dec = pl.place<float>(Nd * d);

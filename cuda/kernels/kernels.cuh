@@ -187,6 +187,17 @@ void ia3_grad_reduce(const float* g, int width, int batch, int tokens_per_row, c
                      const int32_t* adapter_of_example, int n_adapters, float* partial, float* grads, int64_t stride,
                      int64_t offset, cudaStream_t stream);
 
+// ---- loss.cu (training)
+// The T-Few losses from the per-token log-probs (token_logp, targets [rows, len]; pad targets do not count),
+// as the CPU backend's cpu::tfew_losses: losses[0..3] = LM, UL, LN, total (w_lm LM + w_ul UL + w_ln LN) and
+// dlogp [rows, len] = d total / d token_logp. row_start [batch + 1], row_example [rows], labels [batch] (the
+// gold choice within the example's rows). scratch: tfew_losses_scratch_doubles(rows, batch) doubles.
+size_t tfew_losses_scratch_doubles(int rows, int batch);
+void tfew_losses(const float* token_logp, const int32_t* targets, int rows, int len, int pad_id,
+                 const int32_t* row_start, const int32_t* row_example, const int32_t* labels, int batch,
+                 float lm_weight, float ul_weight, float ln_weight, double* scratch, float* losses, float* dlogp,
+                 cudaStream_t stream);
+
 // ---- head.cu
 // out[t] = log_softmax(logits[t, :])[targets[t]], or 0 where targets[t] == pad_id. No probability rows are
 // written: one pass for the max, one for the sum of exponentials, per row.
