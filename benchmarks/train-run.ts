@@ -3,7 +3,9 @@
 // the T0-3B architecture with random weights (benchmarks/random-t5.ts), on synthetic examples of encoder
 // length 256 with 2 choices of 8 tokens. Prints JSON: total seconds, ms per step (median), device memory.
 //
-//   node dist/benchmarks/train-run.js [--layers 24] [--steps 1000] [--device cuda|cpu] [--out FILE.json]
+//   node dist/benchmarks/train-run.js [--layers 24] [--steps 1000] [--device cuda|cpu] [--out FILE.json] [--dry]
+// --dry: the same run on a small model (an eighth of the width, 1 + 1 layers, 32 tokens, 4 steps), to check
+// the script on the CUDA emulator before a GPU run. Its numbers mean nothing.
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -17,11 +19,14 @@ function arg(name: string, fallback: string): string {
 }
 
 async function main(): Promise<void> {
-  const layers = Number(arg('layers', '24'));
-  const steps = Number(arg('steps', '1000'));
+  const dry = process.argv.includes('--dry');
+  const layers = Number(arg('layers', dry ? '1' : '24'));
+  const steps = Number(arg('steps', dry ? '4' : '1000'));
   const device = arg('device', 'cuda') as 'cuda' | 'cpu';
-  const dir = arg('model-dir', path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l`));
-  const config = writeRandomT5(dir, { configJson: t0_3bConfigJson(layers) });
+  const dir = arg('model-dir', path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l${dry ? '-dry' : ''}`));
+  const configJson = t0_3bConfigJson(layers);
+  if (dry) Object.assign(configJson, { d_model: 256, d_ff: 640, num_heads: 4 });
+  const config = writeRandomT5(dir, { configJson });
   const usedMiB = (): number => {
     const m = native().cudaMemoryInfo();
     return m ? (m.total - m.free) / (1 << 20) : NaN;
@@ -30,7 +35,7 @@ async function main(): Promise<void> {
   const model = await T5Model.load(dir, { device });
   const adapter = IA3Adapter.create(model);
   // 32 few-shot examples, as RTE's split: 4 epochs of 8 per 32 steps
-  const data = randomBatch(config.vocabSize, new Array(32).fill(256), new Array(32).fill([8, 8]), 21);
+  const data = randomBatch(config.vocabSize, new Array(32).fill(dry ? 32 : 256), new Array(32).fill([8, 8]), 21);
   const examples = data.inputIds.map((input, i) => ({ input, choices: data.choices[i], label: data.labels[i] }));
   const trainer = new Trainer(model, adapter, { steps, batchSize: 8, seed: 42 });
   const stepMs: number[] = [];
