@@ -5,7 +5,8 @@
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
-//                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices.
+//                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE with the encoder projections
+//                 recomputed in the backward (LossOptions.recompute: less device memory).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -163,13 +164,15 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile,
                                                  warmups, runs);
   workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile, warmups, runs);
-  for (const [name, choices] of [['TRAIN-3B', 2], ['TRAIN-3B-C4', 4]] as const) {
+  // The arena only grows: the recomputing variant (the smallest) goes first, so its memory is its own.
+  for (const [name, choices, recompute] of [['TRAIN-3B-RECOMPUTE', 2, true], ['TRAIN-3B', 2, false],
+                                            ['TRAIN-3B-C4', 4, false]] as const) {
     const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)),
                            13 + choices);
     // the whole T-Few step: forward, losses, backward, clipping + schedule + Adafactor on the device
     const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
     const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
-                                    { adapter, dropout: true, seed: 1 });
+                                    { adapter, dropout: true, seed: 1, recompute });
     for (let i = 0; i < Math.min(2, warmups); i++) await call();
     const wall: number[] = [];
     for (let i = 0; i < Math.min(5, runs); i++) {

@@ -82,6 +82,7 @@ export interface NativeLossOptions {
   lnWeight: number;
   dropout: boolean;
   seed: number;
+  recompute?: boolean;
 }
 
 export interface NativeModel {

@@ -47,6 +47,8 @@ export interface TrainerOptions {
   dropout?: boolean;
   /** Seeds the shuffling and (as seed + step) the dropout masks. */
   seed?: number;
+  /** CUDA: recompute encoder projections in the backward (less device memory, same results; LossOptions). */
+  recompute?: boolean;
   /** Inputs are truncated to this many tokens (T-Few: 256). */
   maxInputLength?: number;
   /** Evaluate on evalSet every this many steps (and after the last step). */
@@ -138,6 +140,7 @@ export interface TrainableModel {
       dropout?: boolean;
       seed?: number;
       maxInputLength?: number;
+      recompute?: boolean;
     },
   ): Promise<LossAndGradientsResult>;
   rankClassify(
@@ -158,7 +161,7 @@ export interface TrainingSessionLike {
     batch: { inputIds: (number[] | string)[]; choices: (number[][] | string[])[]; labels: number[] },
     options: {
       adapter: IA3Adapter[]; lmWeight: number; ulWeight: number; lnWeight: number; dropout: boolean; seed: number;
-      maxInputLength: number; scheduleStep: number;
+      maxInputLength: number; scheduleStep: number; recompute: boolean;
     },
   ): Promise<{ totalLoss: number; lmLoss: number; ulLoss: number; lnLoss: number; lr: number; gradNorms: Map<IA3Adapter, number> }>;
   sync(): Promise<void>;
@@ -181,6 +184,7 @@ const DEFAULTS = {
   lnWeight: 1,
   dropout: true,
   seed: 42,
+  recompute: false,
   maxInputLength: 256,
   nativeOptimizer: true,
 };
@@ -295,6 +299,7 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
               seed: o.seed + step,
               maxInputLength: o.maxInputLength,
               scheduleStep: step,
+              recompute: o.recompute,
             },
           );
           losses.push(r.totalLoss);

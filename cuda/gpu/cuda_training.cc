@@ -70,8 +70,9 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.rows = b.num_rows;
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
-  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, 0).bytes);
-  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, reinterpret_cast<uintptr_t>(arena_.get()));
+  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, options.recompute, 0).bytes);
+  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, options.recompute,
+                                   reinterpret_cast<uintptr_t>(arena_.get()));
   const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
   pack_inputs(b, f, true);
@@ -285,13 +286,22 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
   kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s);
 
+  const int wi_cols = c.gated_gelu ? 2 * c.d_ff : c.d_ff;
   for (int l = Lenc - 1; l >= 0; --l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
+    if (t.recompute) {  // the wi projection of this layer, exactly as the forward computed it
+      kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+      gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
+    }
     ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
                  n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
     kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
+    if (t.recompute) {  // ... and its q|k|v projection
+      kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+      gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
+    }
     encoder_attention_backward(t, l, drop);
     reduce_ia3(t, t.g_k, inner, false, n_adapters, ia3.self_k);
     reduce_ia3(t, t.g_v, inner, false, n_adapters, ia3.self_v);

@@ -152,6 +152,7 @@ struct TrainPlan {
   // saved forward state, per layer
   std::vector<float*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
   std::vector<T*> enc_qkv, enc_ff_pre;       // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
+  bool recompute = false;  // enc_qkv / enc_ff_pre: one buffer for all layers, recomputed by the backward
   float* enc_pre_final = nullptr;
   std::vector<float*> dec_x_self, dec_x_cross, dec_x_ff;
   std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
@@ -182,8 +183,9 @@ struct TrainPlan {
 };
 
 template <typename T>
-TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, uintptr_t base) {
+TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, bool recompute, uintptr_t base) {
   TrainPlan<T> t;
+  t.recompute = recompute;
   t.fwd = make_plan<T>(c, s, false, base);
   const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
   const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
@@ -191,11 +193,13 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   const size_t N = std::max(Ne, Nd);
   const size_t kv_cols = 2 * inner * c.num_decoder_layers;
   Placer pl(base, t.fwd.bytes);
+  T* shared_qkv = recompute ? pl.place<T>(Ne * 3 * inner) : nullptr;
+  T* shared_ff_pre = recompute ? pl.place<T>(Ne * wi_cols) : nullptr;
   for (int l = 0; l < c.num_layers; ++l) {
     t.enc_x_attn.push_back(pl.place<float>(Ne * d));
-    t.enc_qkv.push_back(pl.place<T>(Ne * 3 * inner));
+    t.enc_qkv.push_back(recompute ? shared_qkv : pl.place<T>(Ne * 3 * inner));
     t.enc_x_ff.push_back(pl.place<float>(Ne * d));
-    t.enc_ff_pre.push_back(pl.place<T>(Ne * wi_cols));
+    t.enc_ff_pre.push_back(recompute ? shared_ff_pre : pl.place<T>(Ne * wi_cols));
   }
   t.enc_pre_final = pl.place<float>(Ne * d);
   for (int l = 0; l < c.num_decoder_layers; ++l) {

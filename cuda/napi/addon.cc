@@ -187,6 +187,7 @@ static LossOptions to_loss_options(const Napi::Object& o) {
     *dest[i] = static_cast<float>(w);
   }
   opt.dropout = get_bool(o, "dropout");
+  opt.recompute = o.Has("recompute") && get_bool(o, "recompute");
   const double seed = get_double(o, "seed");
   if (!is_integer_in(seed, 0, 9007199254740992.0)) fail(ErrorCode::InvalidArgument, "seed must be an integer >= 0");
   opt.seed = static_cast<uint64_t>(seed);

@@ -84,6 +84,15 @@ describeCuda('CUDA training', () => {
       expect(b.totalLoss).toBe(a.totalLoss);
       expect(Array.from(b.adapterGradients.get(adapterA) as Float32Array)).toEqual(Array.from(a.adapterGradients.get(adapterA) as Float32Array));
     });
+
+    test('recompute: the same losses and gradients, bit for bit, with dropout', async () => {
+      const opts = { adapter: [adapterA, adapterB, adapterA], dropout: true, seed: 7 };
+      const kept = await gpu.lossAndGradients(batch(), opts);
+      const recomputed = await gpu.lossAndGradients(batch(), { ...opts, recompute: true });
+      expect(recomputed.totalLoss).toBe(kept.totalLoss);
+      for (const a of [adapterA, adapterB])
+        expect(Array.from(recomputed.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(kept.adapterGradients.get(a) as Float32Array));
+    });
   });
 
   describe.each([true, false])('dropout masks equal the CPU backend (tiny model, gated %s, fp32 mode)', (gated) => {
