@@ -16,6 +16,10 @@
 #   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
 #   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
 #   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
+#   TFEW_DEVICE_DRY=1      a rehearsal of this script without a GPU, on the CUDA emulator (npm run build:emu):
+#                          TFEW_DEVICE_DRY=1 OUT=/tmp/dry bash benchmarks/device-check.sh
+#                          the addon is build-emu/'s, the benchmarks run with --dry, time caps are 4x, no budget;
+#                          the PyTorch steps fail where python3 has no torch. Checks the script, not the numbers.
 # Order and failure policy: the probe first (no usable GPU for us: print what is missing and stop); then the
 # smoke check on the tiny fixtures with TFEW_CUDA_DEBUG_SYNC=1 (a CUDA fault names its kernel); each GPU test
 # file runs in its own process (a CUDA fault poisons the whole process, so one file cannot take the others
@@ -66,7 +70,16 @@ fi
 
 OUT=${OUT:-/tmp/tfew-device-out}
 mkdir -p "$OUT"
+DRY=${TFEW_DEVICE_DRY:-0}
 BUDGET=${TFEW_DEVICE_BUDGET_S:-540}
+DRY_ARGS=()
+CAP_FACTOR=1
+if [ "$DRY" = "1" ]; then
+  export TFEW_NATIVE_ADDON="$ROOT/build-emu/Release/tfew.node"
+  BUDGET=${TFEW_DEVICE_BUDGET_S:-7200}
+  DRY_ARGS=(--dry)
+  CAP_FACTOR=4
+fi
 STEPS=${TFEW_DEVICE_STEPS:-smoke,errors,tests,bench,torch}
 RESERVE=${TFEW_DEVICE_RESERVE_S:-150}
 FORCE=${TFEW_DEVICE_FORCE:-0}
@@ -88,6 +101,7 @@ finish() {
 step() {
   local name=$1 max=$2 keep=$3
   shift 3
+  max=$((max * CAP_FACTOR))
   local left=$((BUDGET - ($(date +%s) - START) - keep))
   if [ "$left" -lt 20 ]; then
     note "SKIP  $name (budget spent)"
@@ -120,7 +134,7 @@ fi
 if [ ! -d node_modules ] && [ -f .device/node_modules.tar.xz ]; then
   xz -dc .device/node_modules.tar.xz | tar -xf -
 fi
-if [ -f build-cuda/tfew.node ]; then  # node-gyp-build (lib/native.ts) looks in build/Release
+if [ "$DRY" != "1" ] && [ -f build-cuda/tfew.node ]; then  # node-gyp-build (lib/native.ts) looks in build/Release
   mkdir -p build/Release
   cp build-cuda/tfew.node build/Release/tfew.node
 fi
@@ -191,7 +205,7 @@ fi
 # ---- our benchmark, then the PyTorch + PEFT baseline on the same GPU
 if want bench; then
   if later_ok; then
-    step rank-bench 240 0 node dist/benchmarks/rank-bench.js run --layers 24 --out "$OUT/rank-bench.json"
+    step rank-bench 240 0 node dist/benchmarks/rank-bench.js run "${DRY_ARGS[@]}" --out "$OUT/rank-bench.json"
   else
     note "SKIP  rank-bench (smoke check failed)"
   fi
@@ -200,7 +214,7 @@ fi
 # a whole 1000-step T-Few run on T0-3B-sized random weights (not in the default steps: ~1-2 min of device time)
 if want trainrun; then
   if later_ok; then
-    step train-run 240 0 node dist/benchmarks/train-run.js --layers 24 --steps 1000 --out "$OUT/train-run.json"
+    step train-run 240 0 node dist/benchmarks/train-run.js "${DRY_ARGS[@]}" --out "$OUT/train-run.json"
   else
     note "SKIP  train-run (smoke check failed)"
   fi

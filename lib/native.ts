@@ -137,7 +137,8 @@ export interface CudaProbe {
 
 export interface NativeAddon {
   version: string;
-  buildInfo: { cudaCompiled: boolean; compiler: string; napiVersion: number };
+  /** cudaEmulated: the CUDA-emulator build (build-emu/, tests only): its "GPU" is the CPU. */
+  buildInfo: { cudaCompiled: boolean; cudaEmulated?: boolean; compiler: string; napiVersion: number };
   probeCuda(): CudaProbe;
   /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
   cudaMemoryInfo(): { free: number; total: number } | null;

@@ -282,6 +282,17 @@ unsigned char* dynamic_shared_memory(size_t bytes) {
   return p;
 }
 
+// TFEW_EMU_SCHEDULE=reverse runs the threads between two barriers from the last to the first (default: first to
+// last). Code that is only right in one order has a race (a missing __syncthreads or __syncwarp): running the
+// tests both ways shows it.
+bool reverse_schedule() {
+  static const bool reverse = [] {
+    const char* v = std::getenv("TFEW_EMU_SCHEDULE");
+    return v && std::strcmp(v, "reverse") == 0;
+  }();
+  return reverse;
+}
+
 // Runs one block: its threads as fibers, released at barriers when every live thread (block barrier) or every
 // live lane of a warp (warp barrier) has arrived. Returns false when the block cannot finish.
 bool run_block(BlockRun& run, const uint3& block_idx, const dim3& grid, const dim3& block, unsigned char* shared) {
@@ -300,8 +311,8 @@ bool run_block(BlockRun& run, const uint3& block_idx, const dim3& grid, const di
   int live = n;
   while (live > 0) {
     bool ran = false;
-    for (int t = 0; t < n; ++t) {
-      Fiber& f = *tl_fibers[t];
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = *tl_fibers[reverse_schedule() ? n - 1 - i : i];
       if (f.state != FiberState::Ready) continue;
       tl_current = &f;
       switch_to(&tl_scheduler_sp, f.sp);

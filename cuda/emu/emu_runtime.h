@@ -20,7 +20,9 @@
 //   checked at every synchronisation and free; copies and memsets must lie inside one allocation.
 // - cuBLAS (emu_cublas.cc): the GEMMs we call, in fp32 on the CPU, with bf16 or fp32 inputs and outputs.
 // - Tensor cores: nvcuda::wmma (cuda/emu/include/mma.h) multiplies bf16 tiles with fp32 accumulation.
-// Not emulated: timing (events measure host time), concurrency between streams, memory-model races.
+// - Races: threads run from barrier to barrier one after another, first to last, or last to first with
+//   TFEW_EMU_SCHEDULE=reverse; a result that depends on the order shows a missing barrier.
+// Not emulated: timing (events measure host time), concurrency between streams, memory-model subtleties.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <vector_types.h>

@@ -183,7 +183,7 @@ const std::vector<int32_t>& CudaEngine<T>::buckets(int len, bool bidirectional) 
 }
 
 template <typename T>
-void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays) {
+void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays, uint64_t dropout_seed) {
   const size_t bytes = plan.inputs_end - plan.inputs_begin;
   staging_in_.reserve(bytes);
   char* host = staging_in_.get();
@@ -229,6 +229,7 @@ void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointe
   std::memcpy(host_ptr(plan.row_start), b.row_start.data(), (B + 1) * sizeof(int32_t));
   int32_t* adapter_of = reinterpret_cast<int32_t*>(host_ptr(plan.adapter_of_example));
   for (int e = 0; e < B; ++e) adapter_of[e] = b.adapter_of_example.empty() ? -1 : b.adapter_of_example[e];
+  std::memcpy(host_ptr(plan.dropout_seed), &dropout_seed, sizeof(dropout_seed));
   int32_t* labels = reinterpret_cast<int32_t*>(host_ptr(plan.labels));
   for (int e = 0; e < B; ++e) labels[e] = static_cast<int>(b.labels.size()) == B ? b.labels[e] : -1;
   const auto& eb = buckets(Le, true);
@@ -280,41 +281,50 @@ template <typename T>
 void CudaEngine<T>::destroy_graphs() {
   for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
   graphs_.clear();
+  for (auto& kv : train_graphs_) cudaGraphExecDestroy(kv.second);
+  train_graphs_.clear();
 }
 
 template <typename T>
 bool CudaEngine<T>::launch_forward(const Plan<T>& plan) {
+  return launch_cached(graphs_, seen_shapes_, plan.shape, [&] { enqueue_forward(plan); });
+}
+
+template <typename T>
+template <typename Key>
+bool CudaEngine<T>::launch_cached(std::map<Key, cudaGraphExec_t>& cache, std::map<Key, int>& seen, const Key& key,
+                                  const std::function<void()>& enqueue) {
   if (!graphs_enabled_) {
-    enqueue_forward(plan);
+    enqueue();
     return false;
   }
-  auto it = graphs_.find(plan.shape);
-  if (it != graphs_.end()) {
+  auto it = cache.find(key);
+  if (it != cache.end()) {
     TFEW_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return true;
   }
-  if (seen_shapes_[plan.shape]++ == 0) {
-    enqueue_forward(plan);
+  if (seen[key]++ == 0) {
+    enqueue();
     return false;
   }
-  cudaGraphExec_t exec = capture(plan);
+  cudaGraphExec_t exec = capture(enqueue);
   if (!exec) {
-    enqueue_forward(plan);
+    enqueue();
     return false;
   }
-  if (graphs_.size() >= kMaxCachedGraphs) destroy_graphs();
-  graphs_[plan.shape] = exec;
+  if (cache.size() >= kMaxCachedGraphs) destroy_graphs();
+  cache[key] = exec;
   TFEW_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
   return true;
 }
 
 template <typename T>
-cudaGraphExec_t CudaEngine<T>::capture(const Plan<T>& plan) {
+cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
   cudaGraph_t graph = nullptr;
   TFEW_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   std::string failure;
   try {
-    enqueue_forward(plan);
+    enqueue();
   } catch (const std::exception& e) {
     failure = e.what();
   }

@@ -28,7 +28,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <tuple>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -101,7 +103,7 @@ class CudaEngine final : public Engine {
   const std::vector<int32_t>& buckets(int len, bool bidirectional);
   // Writes the input block of `plan` into pinned memory, at the same offsets it has in the arena.
   // pointer_arrays: the plan uses the batched-GEMM encoder attention (not the fused kernel).
-  void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays);
+  void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays, uint64_t dropout_seed = 0);
   void ensure_arena(size_t bytes);
   // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
   void upload_adapters(const AdapterSet& set);
@@ -111,8 +113,14 @@ class CudaEngine final : public Engine {
   // Runs the forward of `plan`: replays a graph for a shape seen before, captures one on the second call of
   // a shape (the first runs eagerly so cuBLAS and lazily loaded kernels initialise outside capture).
   bool launch_forward(const Plan<T>& plan);
+  // Replays the graph cached under `key`, or runs `enqueue` eagerly (the first call of a key, so cuBLAS and
+  // lazily loaded kernels initialise outside capture), or captures it (the second call). False when it ran
+  // eagerly. Inference graphs are keyed by shape, training steps by TrainGraphKey.
+  template <typename Key>
+  bool launch_cached(std::map<Key, cudaGraphExec_t>& cache, std::map<Key, int>& seen, const Key& key,
+                     const std::function<void()>& enqueue);
   // Returns null (and turns graphs off for this engine) when capture does not work here.
-  cudaGraphExec_t capture(const Plan<T>& plan);
+  cudaGraphExec_t capture(const std::function<void()>& enqueue);
 
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
@@ -167,6 +175,20 @@ class CudaEngine final : public Engine {
   bool graphs_enabled_ = true;
   std::string graph_note_;
   std::map<Shape, cudaGraphExec_t> graphs_;
+  // Everything a captured training step depends on besides device data (the dropout seed is device data).
+  struct TrainGraphKey {
+    Shape shape;
+    int n_adapters = 0;
+    bool recompute = false, dropout = false;
+    float lm = 0, ul = 0, ln = 0;
+    const float* adapters = nullptr;
+    bool operator<(const TrainGraphKey& o) const {
+      return std::tie(shape, n_adapters, recompute, dropout, lm, ul, ln, adapters) <
+             std::tie(o.shape, o.n_adapters, o.recompute, o.dropout, o.lm, o.ul, o.ln, o.adapters);
+    }
+  };
+  std::map<TrainGraphKey, cudaGraphExec_t> train_graphs_;
+  std::map<TrainGraphKey, int> seen_train_;
   TrainPlan<T> train_plan_;  // the last training step's buffers (read_train_results)
   std::map<Shape, int> seen_shapes_;
   Profiler profiler_;

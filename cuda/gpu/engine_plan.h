@@ -51,6 +51,7 @@ struct Plan {
   int32_t* row_start = nullptr;  // [B + 1]
   int32_t* adapter_of_example = nullptr;
   int32_t* labels = nullptr;  // [B] the gold choice of each example (training)
+  uint64_t* dropout_seed = nullptr;  // [1] the training step's dropout seed
   int32_t* enc_buckets = nullptr;
   int32_t* dec_buckets = nullptr;
   // results and tensors that live across the encoder -> decoder boundary
@@ -107,6 +108,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.row_start = pl.place<int32_t>(B + 1);
   p.adapter_of_example = pl.place<int32_t>(B);
   p.labels = pl.place<int32_t>(B);
+  p.dropout_seed = pl.place<uint64_t>(1);
   p.enc_buckets = pl.place<int32_t>(2 * Le - 1);
   p.dec_buckets = pl.place<int32_t>(Ld > 0 ? 2 * Ld - 1 : 0);
   p.inputs_end = pl.cursor();

@@ -19,7 +19,8 @@ __device__ __forceinline__ uint64_t splitmix64_device(uint64_t z) {
 // 1 / (1 - rate) where kept, 0 where dropped, 1 without dropout.
 __device__ __forceinline__ float dropout_scale(const DropoutSite& d, uint64_t index) {
   if (d.rate <= 0.f) return 1.f;
-  const uint64_t h = splitmix64_device(d.seed ^ splitmix64_device(d.site * 0x100000001b3ull ^ splitmix64_device(index)));
+  const uint64_t seed = d.seed_dev ? *d.seed_dev : d.seed;
+  const uint64_t h = splitmix64_device(seed ^ splitmix64_device(d.site * 0x100000001b3ull ^ splitmix64_device(index)));
   const double u = static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);
   return u >= static_cast<double>(d.rate) ? 1.f / (1.f - d.rate) : 0.f;
 }

@@ -35,6 +35,9 @@ struct DropoutSite {
   float rate = 0.f;
   uint64_t seed = 0;
   uint64_t site = 0;
+  // When set, the seed is read from device memory instead (training: a CUDA graph of the step replays with
+  // each step's seed).
+  const uint64_t* seed_dev = nullptr;
 };
 
 // ---- embedding.cu

@@ -810,6 +810,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object build = Napi::Object::New(env);
 #ifdef TFEW_WITH_CUDA
   build.Set("cudaCompiled", Napi::Boolean::New(env, true));
+#ifdef TFEW_CUDA_EMULATION
+  build.Set("cudaEmulated", Napi::Boolean::New(env, true));  // the CUDA emulator build (tests only): no GPU used
+#endif
 #else
   build.Set("cudaCompiled", Napi::Boolean::New(env, false));
 #endif

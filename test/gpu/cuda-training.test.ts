@@ -111,12 +111,13 @@ describeCuda('CUDA training', () => {
       fs.rmSync(dir, { recursive: true, force: true });
     });
 
+    const batch = {
+      inputIds: [[3, 4, 5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 14, 1]],
+      choices: [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]], [[10, 11, 1], [12, 1]]],
+      labels: [1, 2, 0],
+    };
+
     test('same seed: same losses and gradients; dropout changes them', async () => {
-      const batch = {
-        inputIds: [[3, 4, 5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 14, 1]],
-        choices: [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]], [[10, 11, 1], [12, 1]]],
-        labels: [1, 2, 0],
-      };
       const adapters = [perturbed(cpu, 5), perturbed(cpu, 6)];
       const opts = { adapter: [adapters[0], adapters[1], adapters[0]], dropout: true, seed: 42 };
       const g = await gpu.lossAndGradients(batch, opts);
@@ -126,6 +127,20 @@ describeCuda('CUDA training', () => {
         expect(relError(g.adapterGradients.get(a) as Float32Array, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(FP32_TOL);
       const noDropout = await gpu.lossAndGradients(batch, { ...opts, dropout: false });
       expect(Math.abs(noDropout.totalLoss - g.totalLoss)).toBeGreaterThan(1e-4);
+    });
+
+    test("a training step's CUDA graph replays with each step's dropout seed", async () => {
+      const adapters = [perturbed(cpu, 7), perturbed(cpu, 8)];
+      // a new shape: eager, then captured, then replayed twice (graphs are on unless TFEW_CUDA_DEBUG_SYNC)
+      const wider = { ...batch, labels: [0, 1, 1] };
+      for (const seed of [11, 12, 13, 14]) {
+        const opts = { adapter: [adapters[1], adapters[0], adapters[1]], dropout: true, seed };
+        const g = await gpu.lossAndGradients(wider, opts);
+        const c = await cpu.lossAndGradients(wider, opts);
+        expect(maxRelError([g.lmLoss, g.ulLoss, g.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss])).toBeLessThan(FP32_TOL);
+        for (const a of adapters)
+          expect(relError(g.adapterGradients.get(a) as Float32Array, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(FP32_TOL);
+      }
     });
   });
 });
