@@ -448,6 +448,14 @@ void CudaEngine<T>::release_unlocked() {
 // Members defined in this file (the forward and training are instantiated in their own files).
 template class CudaEngine<float>;
 template class CudaEngine<__nv_bfloat16>;
+// the training step's graphs (cuda_training.cc)
+#define TFEW_INSTANTIATE_TRAIN_GRAPHS(T)                                                                       \
+  template bool CudaEngine<T>::launch_cached<CudaEngine<T>::TrainGraphKey>(                                   \
+      std::map<CudaEngine<T>::TrainGraphKey, cudaGraphExec_t>&, std::map<CudaEngine<T>::TrainGraphKey, int>&, \
+      const CudaEngine<T>::TrainGraphKey&, const std::function<void()>&);
+TFEW_INSTANTIATE_TRAIN_GRAPHS(float)
+TFEW_INSTANTIATE_TRAIN_GRAPHS(__nv_bfloat16)
+#undef TFEW_INSTANTIATE_TRAIN_GRAPHS
 
 }  // namespace gpu
 

@@ -141,6 +141,8 @@ describeCuda('CUDA training', () => {
         for (const a of adapters)
           expect(relError(g.adapterGradients.get(a) as Float32Array, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(FP32_TOL);
       }
+      // a failed capture would have turned graphs off (and said why) instead
+      if (!process.env.TFEW_CUDA_DEBUG_SYNC) expect(gpu.describe()).toMatch(/CUDA graphs on/);
     });
   });
 });
