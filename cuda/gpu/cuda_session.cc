@@ -39,6 +39,8 @@ class DeviceTrainingSession final : public TrainingSession {
                                  size_ * sizeof(float), cudaMemcpyHostToDevice));
     TFEW_CUDA_CHECK(cudaMemset(state_.get(), 0, state_.size()));
     TFEW_CUDA_CHECK(cudaMemcpy(modules_.get(), descs.data(), modules_.size(), cudaMemcpyHostToDevice));
+    // The copies above ran on the legacy stream, which the engine's non-blocking stream does not wait for.
+    TFEW_CUDA_CHECK(cudaDeviceSynchronize());
     steps_taken_.assign(n_, 0);
   }
 

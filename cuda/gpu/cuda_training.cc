@@ -351,13 +351,19 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   kernels::ia3_scale_kv<T>(f.qkv_enc, ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
   gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
   kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
-  kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, t.probs_dropped, s);
+  const bool dropped = probs_drop.rate > 0.f;  // without dropout P' is P
+  if (dropped)
+    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, t.probs_dropped, s);
+  const T* p_dropped = dropped ? t.probs_dropped : f.probs;
   kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);
 
-  // dP' (fp32, into the scores buffer) = dC V~^T
+  // dV~ = P'^T dC (before f.probs turns into dS), dP' (fp32, into the scores buffer) = dC V~^T
   for (int b = 0; b < B; ++b) {
     const T* v = f.qkv_enc + static_cast<int64_t>(b) * Le * ld + 2 * inner;
     const T* dc = t.dctx_t + static_cast<int64_t>(b) * Le * inner;
+    const T* pd = p_dropped + b * H * LL;
+    const int64_t tok = static_cast<int64_t>(b) * Le;
+    gemm_.batched<T, float>(true, false, Le, dkv, Le, pd, Le, LL, dc, inner, dkv, t.g_v + tok * inner, inner, dkv, H);
     gemm_.batched<T, float>(false, true, Le, Le, dkv, dc, inner, dkv, v, ld, dkv, f.scores + b * H * LL, Le, LL, H);
   }
   kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
@@ -365,12 +371,9 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
     const T* q = f.qkv_enc + static_cast<int64_t>(b) * Le * ld;  // Q is not scaled
     const T* k = q + inner;
     const T* ds = f.probs + b * H * LL;
-    const T* pd = t.probs_dropped + b * H * LL;
-    const T* dc = t.dctx_t + static_cast<int64_t>(b) * Le * inner;
     const int64_t tok = static_cast<int64_t>(b) * Le;
     gemm_.batched<T, T>(false, false, Le, dkv, Le, ds, Le, LL, k, ld, dkv, t.dqkv + tok * ld, ld, dkv, H);  // dQ
     gemm_.batched<T, float>(true, false, Le, dkv, Le, ds, Le, LL, q, ld, dkv, t.g_k + tok * inner, inner, dkv, H);  // dK~
-    gemm_.batched<T, float>(true, false, Le, dkv, Le, pd, Le, LL, dc, inner, dkv, t.g_v + tok * inner, inner, dkv, H);  // dV~
   }
   kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
                               t.g_v, inner, t.dqkv, ld, s);
