@@ -70,12 +70,14 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.rows = b.num_rows;
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
+  shape.training = true;
   ensure_arena(make_train_plan<T>(config_, shape, n_adapters, options.recompute, 0).bytes);
   train_plan_ = make_train_plan<T>(config_, shape, n_adapters, options.recompute,
                                    reinterpret_cast<uintptr_t>(arena_.get()));
   const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
   pack_inputs(b, f, true, options.dropout ? options.seed : 0);
+  pack_backward_pointers(tp, options.dropout && config_.dropout_rate > 0.f);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
                                   cudaMemcpyHostToDevice, stream_));
 
@@ -324,6 +326,35 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   }
 }
 
+// The encoder attention backward's pointer arrays, per (example, head) bh = b * H + h, into the staging copy of
+// the inputs block (pack_inputs has filled the rest).
+template <typename T>
+void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) {
+  const Plan<T>& f = t.fwd;
+  char* host = staging_in_.get();
+  const uintptr_t arena = reinterpret_cast<uintptr_t>(arena_.get());
+  auto host_array = [&](const void* device_ptr) {
+    return reinterpret_cast<const void**>(host + (reinterpret_cast<uintptr_t>(device_ptr) - arena - f.inputs_begin));
+  };
+  const void** dc = host_array(f.bw_dc);
+  const void** pd = host_array(f.bw_pd);
+  const void** dq = host_array(f.bw_dq);
+  const void** gk = host_array(f.bw_gk);
+  const void** gv = host_array(f.bw_gv);
+  const int B = f.shape.batch, Le = f.shape.enc_len, H = config_.num_heads;
+  const int64_t inner = config_.inner_dim(), dkv = config_.d_kv, LL = static_cast<int64_t>(Le) * Le;
+  const T* p_dropped = dropout ? t.probs_dropped : f.probs;  // without dropout P' is P
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const int64_t bh = static_cast<int64_t>(b) * H + h, tok = static_cast<int64_t>(b) * Le;
+      dc[bh] = t.dctx_t + tok * inner + h * dkv;
+      pd[bh] = p_dropped + bh * LL;
+      dq[bh] = t.dqkv + tok * 3 * inner + h * dkv;
+      gk[bh] = t.g_k + tok * inner + h * dkv;
+      gv[bh] = t.g_v + tok * inner + h * dkv;
+    }
+}
+
 // Encoder self-attention backward of layer `layer` on tensor cores: batched GEMMs per example over its heads,
 // around an elementwise softmax backward. From t.dctx (fp32, the gradient of the attention output) to t.dqkv
 // (the gradient of the unscaled q|k|v, as T) and the per-token (IA)3 contributions in t.g_k / t.g_v.
@@ -341,7 +372,6 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   const int inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
   const int B = f.shape.batch, Le = f.shape.enc_len, Ne = B * Le;
   const int ld = 3 * inner;
-  const long long LL = static_cast<long long>(Le) * Le;
   const IA3Layout::EncoderBlock& ia3 = layout_.encoder[layer];
   const kernels::AdapterIndex ix = adapter_index(f, false);
   const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
@@ -351,30 +381,18 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   kernels::ia3_scale_kv<T>(f.qkv_enc, ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
   gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
   kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
-  const bool dropped = probs_drop.rate > 0.f;  // without dropout P' is P
-  if (dropped)
+  if (probs_drop.rate > 0.f)  // (without dropout P' is P: the pointer arrays point at f.probs)
     kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, t.probs_dropped, s);
-  const T* p_dropped = dropped ? t.probs_dropped : f.probs;
   kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);
 
-  // dV~ = P'^T dC (before f.probs turns into dS), dP' (fp32, into the scores buffer) = dC V~^T
-  for (int b = 0; b < B; ++b) {
-    const T* v = f.qkv_enc + static_cast<int64_t>(b) * Le * ld + 2 * inner;
-    const T* dc = t.dctx_t + static_cast<int64_t>(b) * Le * inner;
-    const T* pd = p_dropped + b * H * LL;
-    const int64_t tok = static_cast<int64_t>(b) * Le;
-    gemm_.batched<T, float>(true, false, Le, dkv, Le, pd, Le, LL, dc, inner, dkv, t.g_v + tok * inner, inner, dkv, H);
-    gemm_.batched<T, float>(false, true, Le, Le, dkv, dc, inner, dkv, v, ld, dkv, f.scores + b * H * LL, Le, LL, H);
-  }
+  // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
+  // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
+  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
+  gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
   kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
-  for (int b = 0; b < B; ++b) {
-    const T* q = f.qkv_enc + static_cast<int64_t>(b) * Le * ld;  // Q is not scaled
-    const T* k = q + inner;
-    const T* ds = f.probs + b * H * LL;
-    const int64_t tok = static_cast<int64_t>(b) * Le;
-    gemm_.batched<T, T>(false, false, Le, dkv, Le, ds, Le, LL, k, ld, dkv, t.dqkv + tok * ld, ld, dkv, H);  // dQ
-    gemm_.batched<T, float>(true, false, Le, dkv, Le, ds, Le, LL, q, ld, dkv, t.g_k + tok * inner, inner, dkv, H);  // dK~
-  }
+  // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
+  gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
+  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
   kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
                               t.g_v, inner, t.dqkv, ld, s);
 }

@@ -23,9 +23,10 @@ namespace gpu {
 struct Shape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool want_hidden = false, adapters = false;
+  bool training = false;  // a training plan (its inputs include the backward's pointer arrays)
   bool operator<(const Shape& o) const {
-    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters) <
-           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters);
+    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training) <
+           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters, o.training);
   }
 };
 
@@ -43,6 +44,12 @@ struct Plan {
   const void** pv_v = nullptr;
   const void** pv_p = nullptr;
   void** pv_c = nullptr;
+  // the encoder attention backward's operands (training): dC, P', dQ, dK~, dV~ of (example, head) bh
+  const void** bw_dc = nullptr;
+  const void** bw_pd = nullptr;
+  void** bw_dq = nullptr;
+  void** bw_gk = nullptr;
+  void** bw_gv = nullptr;
   int32_t* enc_ids = nullptr;
   int32_t* enc_lengths = nullptr;
   int32_t* dec_ids = nullptr;
@@ -100,6 +107,12 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.pv_v = pl.place<const void*>(BH);
   p.pv_p = pl.place<const void*>(BH);
   p.pv_c = pl.place<void*>(BH);
+  const size_t BHt = s.training ? BH : 0;
+  p.bw_dc = pl.place<const void*>(BHt);
+  p.bw_pd = pl.place<const void*>(BHt);
+  p.bw_dq = pl.place<void*>(BHt);
+  p.bw_gk = pl.place<void*>(BHt);
+  p.bw_gv = pl.place<void*>(BHt);
   p.enc_ids = pl.place<int32_t>(Ne);
   p.enc_lengths = pl.place<int32_t>(B);
   p.dec_ids = pl.place<int32_t>(Nd);

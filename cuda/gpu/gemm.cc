@@ -83,18 +83,18 @@ void Gemm::attention_context(const void* const* v_ptrs, const void* const* p_ptr
 }
 
 template <typename TIn, typename TOut>
-void Gemm::batched(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a, int lda, long long stride_a,
-                   const TIn* b, int ldb, long long stride_b, TOut* c, int ldc, long long stride_c, int batch) {
+void Gemm::batched(bool trans_a, bool trans_b, int M, int N, int K, const void* const* a, int lda, const void* const* b,
+                   int ldb, void* const* c, int ldc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
   const float alpha = 1.f, beta = 0.f;
   // Column-major view of row-major C = op(A) op(B): C^T (N x M) = op(B)^T (N x K) * op(A)^T (K x M), where a
   // row-major X read column-major is X^T; so B comes first, transposed exactly when op(B) is.
-  const cublasStatus_t s = api_->gemm_strided_batched_ex(
+  const cublasStatus_t s = api_->gemm_batched_ex(
       handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b,
-      cuda_data_type<TIn>(), ldb, stride_b, a, cuda_data_type<TIn>(), lda, stride_a, &beta, c, cuda_data_type<TOut>(),
-      ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      cuda_data_type<TIn>(), ldb, a, cuda_data_type<TIn>(), lda, &beta, c, cuda_data_type<TOut>(), ldc, batch,
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (s != CUBLAS_STATUS_SUCCESS)
-    check_cublas(s, ("cublasGemmStridedBatchedEx " + shape_text("batched", N, M, K)).c_str(), __FILE__, __LINE__);
+    check_cublas(s, ("cublasGemmBatchedEx " + shape_text("batched", N, M, K)).c_str(), __FILE__, __LINE__);
 }
 
 template void Gemm::linear<float, float>(const float*, int, const float*, int, float*, int, int, int, int, float);
@@ -106,13 +106,12 @@ template void Gemm::linear_backward<float, float>(const float*, int, const float
                                                   float, float);
 template void Gemm::linear_backward<__nv_bfloat16, float>(const __nv_bfloat16*, int, const __nv_bfloat16*, int,
                                                           float*, int, int, int, int, float, float);
-template void Gemm::batched<float, float>(bool, bool, int, int, int, const float*, int, long long, const float*, int,
-                                         long long, float*, int, long long, int);
-template void Gemm::batched<__nv_bfloat16, __nv_bfloat16>(bool, bool, int, int, int, const __nv_bfloat16*, int,
-                                                         long long, const __nv_bfloat16*, int, long long,
-                                                         __nv_bfloat16*, int, long long, int);
-template void Gemm::batched<__nv_bfloat16, float>(bool, bool, int, int, int, const __nv_bfloat16*, int, long long,
-                                                 const __nv_bfloat16*, int, long long, float*, int, long long, int);
+template void Gemm::batched<float, float>(bool, bool, int, int, int, const void* const*, int, const void* const*, int,
+                                         void* const*, int, int);
+template void Gemm::batched<__nv_bfloat16, __nv_bfloat16>(bool, bool, int, int, int, const void* const*, int,
+                                                         const void* const*, int, void* const*, int, int);
+template void Gemm::batched<__nv_bfloat16, float>(bool, bool, int, int, int, const void* const*, int,
+                                                 const void* const*, int, void* const*, int, int);
 template void Gemm::attention_scores<float>(const void* const*, const void* const*, void* const*, int, int, int, int);
 template void Gemm::attention_scores<__nv_bfloat16>(const void* const*, const void* const*, void* const*, int, int,
                                                     int, int);

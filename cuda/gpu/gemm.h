@@ -50,11 +50,12 @@ class Gemm {
   void attention_context(const void* const* v_ptrs, const void* const* p_ptrs, void* const* c_ptrs, int ld_v,
                          int ld_ctx, int len, int d_kv, int batch);
 
-  // Row-major products batched with constant strides (the heads of one example in the attention backward):
-  // C[i] (M x N, ld ldc) = op(A[i]) (M x K) * op(B[i]) (K x N), op(X) = X^T where trans_*, X[i] = x + i * stride.
+  // Row-major products batched over device arrays of pointers (the (example, head) pairs of the encoder
+  // attention backward): C[i] (M x N, ld ldc) = op(A[i]) (M x K) * op(B[i]) (K x N), op(X) = X^T where trans_*.
+  // A and B hold TIn, C holds TOut.
   template <typename TIn, typename TOut>
-  void batched(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a, int lda, long long stride_a,
-               const TIn* b, int ldb, long long stride_b, TOut* c, int ldc, long long stride_c, int batch);
+  void batched(bool trans_a, bool trans_b, int M, int N, int K, const void* const* a, int lda, const void* const* b,
+               int ldb, void* const* c, int ldc, int batch);
 
  private:
   cublasHandle_t handle_ = nullptr;
