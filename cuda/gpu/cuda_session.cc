@@ -34,6 +34,8 @@ class DeviceTrainingSession final : public TrainingSession {
     flags_.allocate(2 * static_cast<size_t>(n_) * sizeof(int32_t), "Adafactor step flags");
     module_sq_.allocate(static_cast<size_t>(n_) * num_modules_ * sizeof(float), "Adafactor scratch");
     grad_norms_.allocate(static_cast<size_t>(n_) * sizeof(float), "gradient norms");
+    flags_host_.allocate(flags_.size());
+    norms_host_.allocate(grad_norms_.size());
     for (int a = 0; a < n_; ++a)
       TFEW_CUDA_CHECK(cudaMemcpy(params_.get() + static_cast<size_t>(a) * size_ * sizeof(float), initial[a].data(),
                                  size_ * sizeof(float), cudaMemcpyHostToDevice));
@@ -64,6 +66,8 @@ class DeviceTrainingSession final : public TrainingSession {
   int schedule_ = 0;
   std::vector<int32_t> steps_taken_;  // Adafactor's per-adapter step count (adapters step only when in a batch)
   DeviceMemory params_, state_, modules_, flags_, module_sq_, grad_norms_;
+  // pinned staging of the step flags (in) and gradient norms (out): copies that never wait on the stream
+  PinnedMemory flags_host_, norms_host_;
 };
 
 template <typename T>
@@ -93,19 +97,19 @@ TrainStepOutput CudaEngine<T>::session_step(DeviceTrainingSession<T>& s, const B
       if (a >= 0) out.stepped[a] = 1;
 
     adapter_source_ = reinterpret_cast<const float*>(s.params_.get());
-    std::vector<float> norms(s.n_, 0.f);
     const float* grads = train_to_device(b, s.n_, loss);
     adapter_source_ = nullptr;
 
     if (grads) {
-      std::vector<int32_t> flags(2 * static_cast<size_t>(s.n_));
+      // (the previous step's copies are done: every step ends with a synchronisation)
+      int32_t* flags = reinterpret_cast<int32_t*>(s.flags_host_.get());
       for (int a = 0; a < s.n_; ++a) {
         s.steps_taken_[a] += out.stepped[a] ? 1 : 0;
         flags[a] = out.stepped[a];
         flags[s.n_ + a] = s.steps_taken_[a];
       }
       int32_t* flags_dev = reinterpret_cast<int32_t*>(s.flags_.get());
-      TFEW_CUDA_CHECK(cudaMemcpyAsync(flags_dev, flags.data(), flags.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+      TFEW_CUDA_CHECK(cudaMemcpyAsync(flags_dev, flags, s.flags_.size(), cudaMemcpyHostToDevice, stream_));
       kernels::AdafactorParams p;
       p.modules = reinterpret_cast<const kernels::AdafactorModuleDesc*>(s.modules_.get());
       p.num_modules = s.num_modules_;
@@ -123,14 +127,15 @@ TrainStepOutput CudaEngine<T>::session_step(DeviceTrainingSession<T>& s, const B
       kernels::adafactor_step(p, s.n_, flags_dev, flags_dev + s.n_, reinterpret_cast<float*>(s.params_.get()), grads,
                               reinterpret_cast<float*>(s.state_.get()), reinterpret_cast<float*>(s.module_sq_.get()),
                               norms_dev, stream_);
-      // (a copy into pageable memory returns when it is done: the step's one wait, with read_train_results)
-      TFEW_CUDA_CHECK(cudaMemcpyAsync(norms.data(), norms_dev, s.n_ * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      TFEW_CUDA_CHECK(cudaMemcpyAsync(s.norms_host_.get(), norms_dev, s.grad_norms_.size(), cudaMemcpyDeviceToHost,
+                                      stream_));
     } else {
       std::fill(out.stepped.begin(), out.stepped.end(), 0);  // no adapter in the batch: nothing steps
     }
     LossOutput lo;
-    read_train_results(lo);  // synchronises the stream
-    for (int a = 0; a < s.n_; ++a) out.grad_norms[a] = out.stepped[a] ? norms[a] : 0.0;
+    read_train_results(lo);  // synchronises the stream: the step's one wait
+    const float* norms = reinterpret_cast<const float*>(s.norms_host_.get());
+    for (int a = 0; a < s.n_; ++a) out.grad_norms[a] = grads && out.stepped[a] ? norms[a] : 0.0;
     out.lm_loss = lo.lm_loss;
     out.ul_loss = lo.ul_loss;
     out.ln_loss = lo.ln_loss;
