@@ -155,7 +155,8 @@ void CudaEngine<T>::validate(const Batch& b, int n_adapters) const {
   TFEW_CHECK_ARG(static_cast<int>(b.row_start.size()) == B + 1, "row_start must have batch_size + 1 entries");
   TFEW_CHECK_ARG(b.row_start[0] == 0 && b.row_start[B] == R, "row_start must run from 0 to num_rows");
   for (int i = 0; i < B; ++i) {
-    TFEW_CHECK_ARG(b.row_start[i] <= b.row_start[i + 1], "row_start must be non-decreasing");
+    // as the CPU backend: every example is scored over at least one choice
+    TFEW_CHECK_ARG(b.row_start[i] < b.row_start[i + 1], "every example needs at least one answer choice");
     // as the CPU backend: an input without tokens has no keys to attend to (its softmax is undefined)
     TFEW_CHECK_ARG(b.enc_lengths[i] >= 1 && b.enc_lengths[i] <= Le, "every input needs at least one token");
   }

@@ -1,6 +1,6 @@
 // CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed), and that
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
-import { DisposedError, OutOfMemoryError, T5Model } from '../../lib';
+import { DisposedError, OutOfMemoryError, resolveCheckpoint, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
 import { describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
@@ -54,6 +54,26 @@ describeCuda('CUDA backend behaviour', () => {
       expect(again.logProbs).toEqual(ok.logProbs);
     } finally {
       await m.dispose();
+    }
+  });
+
+  test('a batch the CPU backend rejects is rejected the same way (no answer choice for an example)', async () => {
+    const { config, tensors } = resolveCheckpoint(fx.dir);
+    const nm = await native().loadModel(config, tensors, { device: 'cuda', threads: 1, cuda: { precision: 'fp32' } });
+    try {
+      const batch = {
+        batchSize: 2, encLen: 2, inputIds: Int32Array.from([5, 1, 6, 1]), encLengths: Int32Array.from([2, 2]),
+        numRows: 2, decLen: 2, choiceIds: Int32Array.from([3, 1, 4, 1]), rowStart: Int32Array.from([0, 0, 2]),
+        adapterOfExample: Int32Array.from([-1, -1]),
+      };
+      const err = await nm.score(batch, [], false, false).then(() => undefined, (e: unknown) => e);
+      expect((err as { code?: string }).code).toBe('E_INVALID_ARGUMENT');
+      expect((err as Error).message).toMatch(/at least one answer choice/);
+      // and the model keeps working
+      const ok = await nm.score({ ...batch, rowStart: Int32Array.from([0, 1, 2]) }, [], false, false);
+      expect(ok.tokenLogp.length).toBe(4);
+    } finally {
+      await nm.dispose();
     }
   });
 
