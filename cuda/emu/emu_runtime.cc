@@ -3,6 +3,8 @@
 #include "emu/emu_runtime.h"
 
 #include <cuda_runtime_api.h>
+
+#include "emu/emu_selftest.h"
 #include <sys/mman.h>
 #include <vector_functions.h>
 #include <unistd.h>
@@ -412,6 +414,18 @@ void device_fault(cudaError_t error, const std::string& what) {
       std::abort();
     }
   }
+}
+
+void reset_device_faults() {
+  {
+    std::lock_guard<std::mutex> lock(g_memory_mutex);  // damaged guards would fault again at the next check
+    for (const auto& kv : g_allocations)
+      if (kv.second.device) std::memset(reinterpret_cast<unsigned char*>(kv.first) + kv.second.size, kGuardByte, kGuardBytes);
+  }
+  std::lock_guard<std::mutex> lock(g_fault_mutex);
+  g_sticky_error.store(cudaSuccess);
+  g_fault_text.clear();
+  tl_last_error = cudaSuccess;
 }
 
 const ThreadPosition& position() {

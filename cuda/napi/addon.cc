@@ -25,6 +25,9 @@
 #include "core/thread_pool.h"
 #include "io/mapped_file.h"
 #include "model/engine.h"
+#ifdef TFEW_CUDA_EMULATION
+#include "emu/emu_selftest.h"
+#endif
 
 namespace tfew {
 namespace napi {
@@ -830,6 +833,16 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
+#ifdef TFEW_CUDA_EMULATION
+  // emulatorSelfTest(name) -> { error, message }: one deliberate mistake and what the CUDA emulator made of it
+  testing.Set("emulatorSelfTest", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    const emu::SelfTestResult r = emu::run_self_test(info.Length() > 0 ? info[0].ToString().Utf8Value() : "");
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("error", r.error);
+    o.Set("message", r.message);
+    return o;
+  }));
+#endif
   exports.Set("_testing", testing);
   return exports;
 }

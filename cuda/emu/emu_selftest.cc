@@ -1,0 +1,135 @@
+// Self-test of the CUDA emulator's checks (emulation build only; test/gpu/cuda-emulator-selftest.test.ts):
+// each scenario makes one mistake a real GPU would fault or misbehave on, and reports what the emulator said.
+// Without these, a check that silently stopped working would let wrong kernels pass the emulated GPU tests.
+#include "emu/emu_device.h"
+
+#include <mma.h>
+
+#include <string>
+#include <vector>
+
+#include "emu/emu_selftest.h"
+
+namespace tfew {
+namespace emu {
+
+namespace {
+
+// Lane 0 waits for the block, its warp's other lanes wait for lane 0: neither barrier can complete.
+__global__ void only_thread_zero_waits(int* out) {
+  if (threadIdx.x == 0) __syncthreads();
+  else __syncwarp();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void write_one_past_the_end(int* out, int n) { out[n + threadIdx.x] = 7; }
+
+__global__ void needs_shared(float* out) {
+  float* s = reinterpret_cast<float*>(position().dynamic_shared);
+  s[threadIdx.x] = 1.f;
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+__global__ void misaligned_wmma(const __nv_bfloat16* a, float* out) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> f;
+  wmma::load_matrix_sync(f, a + 1, 16);  // 2 bytes off a 32-byte boundary
+  out[threadIdx.x] = 0.f;
+}
+
+// Shared memory read before the barrier that would make it valid: lane i reads what lane i + 1 writes.
+__global__ void missing_barrier(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // needs __syncthreads() between the two lines
+}
+
+SelfTestResult finish(cudaError_t call_result, const std::string& note = "") {
+  SelfTestResult r;
+  const cudaError_t synced = cudaDeviceSynchronize();
+  const cudaError_t e = call_result != cudaSuccess ? call_result : synced;
+  r.error = cudaGetErrorName(e);
+  r.message = std::string(cudaGetErrorString(e)) + (note.empty() ? "" : " | " + note);
+  return r;
+}
+
+// Device memory of one scenario, freed when it ends.
+struct Buffers {
+  std::vector<void*> all;
+  template <typename D>
+  D* get(size_t count) {
+    void* p = nullptr;
+    cudaMalloc(&p, count * sizeof(D));
+    all.push_back(p);
+    return static_cast<D*>(p);
+  }
+  ~Buffers() {
+    for (void* p : all) cudaFree(p);
+  }
+};
+
+SelfTestResult run_scenario(const std::string& name) {
+  Buffers mem;
+  SelfTestResult r;
+  if (name == "barrier-deadlock") {
+    int* out = mem.get<int>(64);
+    launch("only_thread_zero_waits", dim3(1), dim3(64), 0, cudaStream_t{nullptr}, only_thread_zero_waits, out);
+    r = finish(cudaGetLastError());
+  } else if (name == "write-past-allocation") {
+    int* out = mem.get<int>(100);
+    launch("write_one_past_the_end", dim3(1), dim3(4), 0, cudaStream_t{nullptr}, write_one_past_the_end, out, 100);
+    r = finish(cudaGetLastError());
+  } else if (name == "shared-memory-limit") {
+    float* out = mem.get<float>(64);
+    // 64 KiB is above the default 48 KiB: a launch error unless cudaFuncSetAttribute raised the limit
+    launch("needs_shared", dim3(1), dim3(64), 64 * 1024, cudaStream_t{nullptr}, needs_shared, out);
+    r = finish(cudaGetLastError());
+  } else if (name == "pageable-copy-in-capture") {
+    cudaStream_t s = nullptr;
+    cudaStreamCreate(&s);
+    float* dev = mem.get<float>(16);
+    std::vector<float> pageable(16, 1.f);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+    const cudaError_t copy = cudaMemcpyAsync(dev, pageable.data(), 16 * sizeof(float), cudaMemcpyHostToDevice, s);
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(s, &graph);
+    cudaStreamDestroy(s);
+    cudaGetLastError();
+    r = finish(copy, std::string("end capture: ") + cudaGetErrorName(end));
+  } else if (name == "fresh-memory-is-nan") {
+    float* dev = mem.get<float>(4);
+    float host[4] = {0, 0, 0, 0};
+    cudaMemcpy(host, dev, sizeof(host), cudaMemcpyDeviceToHost);
+    r = finish(cudaSuccess, std::isnan(host[0]) ? "read NaN" : "read a number");
+  } else if (name == "misaligned-wmma") {
+    __nv_bfloat16* a = mem.get<__nv_bfloat16>(512);
+    float* out = mem.get<float>(32);
+    launch("misaligned_wmma", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_wmma, a, out);
+    r = finish(cudaGetLastError());
+  } else if (name == "missing-barrier") {
+    float* out = mem.get<float>(64);
+    launch("missing_barrier", dim3(1), dim3(64), 0, cudaStream_t{nullptr}, missing_barrier, out);
+    float host[64];
+    cudaMemcpy(host, out, sizeof(host), cudaMemcpyDeviceToHost);
+    // in order, lane i reads lane i + 1's slot before it is written (stale); reversed, every read looks right
+    int right = 0;
+    for (int i = 0; i < 64; ++i) right += host[i] == static_cast<float>((i + 1) % 64);
+    r = finish(cudaSuccess, std::to_string(right) + " of 64 reads saw the value written");
+  } else {
+    r.error = "unknown";
+    r.message = "no self-test named " + name;
+  }
+  return r;
+}
+
+}  // namespace
+
+SelfTestResult run_self_test(const std::string& name) {
+  reset_device_faults();
+  const SelfTestResult r = run_scenario(name);
+  reset_device_faults();  // the faults were deliberate: later tests start from a clean context
+  return r;
+}
+
+}  // namespace emu
+}  // namespace tfew

@@ -1,0 +1,58 @@
+// The CUDA emulator's own checks (cuda/emu, README "The CUDA emulator"): each scenario makes one mistake that a
+// GPU would fault or misbehave on, and the emulator must report it. The GPU tests rely on these checks when they
+// pass on the emulator. Runs only on the emulator addon (the cuda-emulator jest project).
+import { native } from '../../lib/native';
+import { emulated } from './helpers';
+
+interface SelfTest {
+  error: string;
+  message: string;
+}
+
+const selfTest = (name: string): SelfTest =>
+  (native()._testing as unknown as { emulatorSelfTest: (n: string) => SelfTest }).emulatorSelfTest(name);
+
+const describeEmulator = emulated() ? describe : describe.skip;
+
+describeEmulator('CUDA emulator self-test', () => {
+  test('a __syncthreads that not every thread reaches is a launch failure naming the kernel', () => {
+    const r = selfTest('barrier-deadlock');
+    expect(r.error).toBe('cudaErrorLaunchFailure');
+    expect(r.message).toMatch(/only_thread_zero_waits: barrier deadlock/);
+  });
+
+  test('a write past the end of an allocation is an illegal address', () => {
+    const r = selfTest('write-past-allocation');
+    expect(r.error).toBe('cudaErrorIllegalAddress');
+    expect(r.message).toMatch(/past the end of the device allocation of 400 bytes/);
+  });
+
+  test('more dynamic shared memory than the kernel was opened up to is a launch error', () => {
+    expect(selfTest('shared-memory-limit').error).toBe('cudaErrorInvalidValue');
+  });
+
+  test('a copy from pageable memory inside a graph capture fails and invalidates the capture', () => {
+    const r = selfTest('pageable-copy-in-capture');
+    expect(r.error).toBe('cudaErrorStreamCaptureUnsupported');
+    expect(r.message).toMatch(/end capture: cudaErrorStreamCaptureInvalidated/);
+  });
+
+  test('device memory that was never written reads as NaN', () => {
+    expect(selfTest('fresh-memory-is-nan').message).toMatch(/read NaN/);
+  });
+
+  test('a WMMA load from a misaligned pointer is a misaligned address', () => {
+    expect(selfTest('misaligned-wmma').error).toBe('cudaErrorMisalignedAddress');
+  });
+
+  test('shared memory read before the barrier that would make it valid gives stale values', () => {
+    const r = selfTest('missing-barrier');
+    const right = Number(/(\d+) of 64 reads/.exec(r.message)?.[1]);
+    expect(right).toBeLessThan(64);
+  });
+
+  test('after the deliberate faults the emulated context is usable again', () => {
+    expect(native().probeCuda().usable).toBe(true);
+    expect(selfTest('fresh-memory-is-nan').error).toBe('cudaSuccess');
+  });
+});
