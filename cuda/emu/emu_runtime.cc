@@ -746,8 +746,8 @@ cudaError_t copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, 
   }
   const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
-  if (kind == cudaMemcpyHostToHost || kind == cudaMemcpyDefault) {
-    std::memcpy(dst, src, bytes);
+  if (kind == cudaMemcpyHostToHost || kind == cudaMemcpyDefault) {  // unchecked, but ordered like the others
+    enqueue(async ? stream : nullptr, [dst, src, bytes]() { std::memmove(dst, src, bytes); });
     return cudaSuccess;
   }
   cudaError_t e = check_copy_side(dst, bytes, dst_device, capturing, "cudaMemcpy destination");
