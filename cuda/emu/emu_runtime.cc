@@ -136,8 +136,9 @@ CUstream_st* stream_of(cudaStream_t s) { return s ? s : &g_legacy_stream; }
 
 // A call that is not allowed while this thread captures: the capture is invalidated, as on the device.
 bool capture_forbids(const char* what) {
-  (void)what;
-  return tl_captures > 0;
+  if (tl_captures == 0) return false;
+  std::fprintf(stderr, "[tfew cuda emulator] %s while this thread captures a CUDA graph\n", what);
+  return true;
 }
 
 std::mutex g_capture_mutex;
