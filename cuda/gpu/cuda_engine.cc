@@ -184,14 +184,15 @@ const std::vector<int32_t>& CudaEngine<T>::buckets(int len, bool bidirectional) 
 }
 
 template <typename T>
+char* CudaEngine<T>::staged(const Plan<T>& plan, const void* device_ptr) {
+  return staging_in_.get() +
+         (reinterpret_cast<uintptr_t>(device_ptr) - reinterpret_cast<uintptr_t>(arena_.get()) - plan.inputs_begin);
+}
+
+template <typename T>
 void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays, uint64_t dropout_seed) {
-  const size_t bytes = plan.inputs_end - plan.inputs_begin;
-  staging_in_.reserve(bytes);
-  char* host = staging_in_.get();
-  const uintptr_t arena = reinterpret_cast<uintptr_t>(arena_.get());
-  auto host_ptr = [&](const void* device_ptr) {
-    return host + (reinterpret_cast<uintptr_t>(device_ptr) - arena - plan.inputs_begin);
-  };
+  staging_in_.reserve(plan.inputs_end - plan.inputs_begin);
+  auto host_ptr = [&](const void* device_ptr) { return staged(plan, device_ptr); };
   const int B = b.batch_size, Le = b.enc_len, R = b.num_rows, Ld = plan.shape.dec_len, H = config_.num_heads;
   const int64_t inner = config_.inner_dim(), dkv = config_.d_kv;
 

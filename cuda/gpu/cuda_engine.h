@@ -104,6 +104,8 @@ class CudaEngine final : public Engine {
   // Writes the input block of `plan` into pinned memory, at the same offsets it has in the arena.
   // pointer_arrays: the plan uses the batched-GEMM encoder attention (not the fused kernel).
   void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays, uint64_t dropout_seed = 0);
+  // Where device_ptr (inside plan's inputs block) lies in the pinned staging copy of that block.
+  char* staged(const Plan<T>& plan, const void* device_ptr);
   void ensure_arena(size_t bytes);
   // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
   void upload_adapters(const AdapterSet& set);
@@ -125,6 +127,8 @@ class CudaEngine final : public Engine {
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
   void enqueue_forward(const Plan<T>& p);
+  void enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln, const T* wi, const T* wo, int n,
+                   const kernels::AdapterIndex& ix, int64_t ff_offset);
   ScoreOutput score_unlocked(const Batch& b, const AdapterSet& adapters, bool want_logits, bool want_hidden);
 
   // ---- training (cuda_training.cc)
@@ -134,12 +138,17 @@ class CudaEngine final : public Engine {
   // gradients [n_adapters, layout.total], or null when no example uses an adapter. read_train_results() then
   // copies the losses and token log-probs (the step's only synchronisation).
   float* train_to_device(const Batch& b, int n_adapters, const LossOptions& options);
-  void read_train_results(LossOutput& out);
+  void read_train_results(LossOutput& out, bool with_token_logp);
   // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
   // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
   // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
   // gradient; l_ff's gradient is accumulated into t.grads.
+  // One feed-forward sub-layer of the training forward: from the residual stream x (kept) through the saved wi
+  // output `pre` to x_next = x + dropout(wo(...)).
+  void train_ffn_forward(const TrainPlan<T>& t, const float* x, T* h, T* pre, T* act, const float* ln, const T* wi,
+                         const T* wo, int n, const kernels::AdapterIndex& ix, int64_t ff_offset,
+                         const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out, float* x_next);
   void ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi, const T* wo,
                     const T* pre, int n, const kernels::AdapterIndex& ix, int64_t ff_offset, bool decoder,
                     int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden);

@@ -20,13 +20,29 @@ kernels::AdapterIndex CudaEngine<T>::adapter_index(const Plan<T>& p, bool decode
   return ix;
 }
 
+// One feed-forward sub-layer of n tokens: x += wo(act(wi(rmsnorm(x)))) with the (IA)3 l_ff of each token's
+// adapter; h, pre and act are scratch.
+template <typename T>
+void CudaEngine<T>::enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln, const T* wi, const T* wo, int n,
+                                const kernels::AdapterIndex& ix, int64_t ff_offset) {
+  const T5Config& c = config_;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
+  Profiler& prof = profiler_;
+  { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(x, ln, n, d, c.layer_norm_eps, 1.f, h, s); }
+  { Span span(prof, "gemm", s); gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f); }
+  {
+    Span span(prof, "ffn_act", s);
+    kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, kNoDropout, act, s);
+  }
+  { Span span(prof, "gemm", s); gemm_.linear<T, float>(act, ff, wo, ff, x, d, n, d, ff, 1.f); }
+}
+
 template <typename T>
 void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   const T5Config& c = config_;
   cudaStream_t s = stream_;
-  const int d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, dkv = c.d_kv,
-            V = c.vocab_size;
-  const int wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
   const int B = p.shape.batch, Le = p.shape.enc_len, R = p.shape.rows, Ld = p.shape.dec_len;
   const int Ne = B * Le, Nd = R * Ld;
   const float eps = c.layer_norm_eps;
@@ -65,13 +81,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
       }
     }
     { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, p.x_enc, d, Ne, d, inner, 1.f); }
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_ff, Ne, d, eps, 1.f, p.h_enc, s); }
-    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.wi, d, p.ff_enc, wi_cols, Ne, wi_cols, d, 0.f); }
-    {
-      Span span(prof, "ffn_act", s);
-      kernels::ffn_activation<T>(p.ff_enc, Ne, ff, c.gated_gelu, enc_ix, ia3.ff, kNoDropout, p.act_enc, s);
-    }
-    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_enc, ff, L.wo, ff, p.x_enc, d, Ne, d, ff, 1.f); }
+    enqueue_ffn(p.x_enc, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff);
   }
   {
     Span span(prof, "rmsnorm", s);
@@ -114,14 +124,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
                                   kNoDropout, p.ctx_dec, inner, s);
     }
     { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o_cross, inner, p.x_dec, d, Nd, d, inner, 1.f); }
-    // feed-forward
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_ff, Nd, d, eps, 1.f, p.h_dec, s); }
-    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.wi, d, p.ff_dec, wi_cols, Nd, wi_cols, d, 0.f); }
-    {
-      Span span(prof, "ffn_act", s);
-      kernels::ffn_activation<T>(p.ff_dec, Nd, ff, c.gated_gelu, dec_ix, ia3.ff, kNoDropout, p.act_dec, s);
-    }
-    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.act_dec, ff, L.wo, ff, p.x_dec, d, Nd, d, ff, 1.f); }
+    enqueue_ffn(p.x_dec, p.h_dec, p.ff_dec, p.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff);
   }
   // head: final norm (with the tied-head rescale folded in), logits in fp32, target log-probs
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;

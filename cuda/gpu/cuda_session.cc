@@ -133,7 +133,7 @@ TrainStepOutput CudaEngine<T>::session_step(DeviceTrainingSession<T>& s, const B
       std::fill(out.stepped.begin(), out.stepped.end(), 0);  // no adapter in the batch: nothing steps
     }
     LossOutput lo;
-    read_train_results(lo);  // synchronises the stream: the step's one wait
+    read_train_results(lo, false);  // synchronises the stream: the step's one wait
     const float* norms = reinterpret_cast<const float*>(s.norms_host_.get());
     for (int a = 0; a < s.n_; ++a) out.grad_norms[a] = grads && out.stepped[a] ? norms[a] : 0.0;
     out.lm_loss = lo.lm_loss;

@@ -33,18 +33,20 @@ LossOutput CudaEngine<T>::train_unlocked(const Batch& b, const AdapterSet& adapt
   if (grads)  // else no example uses an adapter: every gradient is zero
     TFEW_CUDA_CHECK(cudaMemcpyAsync(out.gradients.data(), grads, out.gradients.size() * sizeof(float),
                                     cudaMemcpyDeviceToHost, stream_));
-  read_train_results(out);
+  read_train_results(out, true);
   return out;
 }
 
 template <typename T>
-void CudaEngine<T>::read_train_results(LossOutput& out) {
+void CudaEngine<T>::read_train_results(LossOutput& out, bool with_token_logp) {
   const TrainPlan<T>& tp = train_plan_;
-  const size_t Nd = static_cast<size_t>(tp.fwd.shape.rows) * tp.fwd.shape.dec_len;
   float losses[4];
-  out.token_logp.resize(Nd);
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), tp.fwd.token_logp, Nd * sizeof(float), cudaMemcpyDeviceToHost,
-                                  stream_));
+  if (with_token_logp) {
+    const size_t Nd = static_cast<size_t>(tp.fwd.shape.rows) * tp.fwd.shape.dec_len;
+    out.token_logp.resize(Nd);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(out.token_logp.data(), tp.fwd.token_logp, Nd * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+  }
   TFEW_CUDA_CHECK(cudaMemcpyAsync(losses, tp.losses, sizeof(losses), cudaMemcpyDeviceToHost, stream_));
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   out.lm_loss = losses[0];
@@ -113,8 +115,7 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   const T5Config& c = config_;
   const Plan<T>& f = t.fwd;
   cudaStream_t s = stream_;
-  const int d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
-  const int wi_cols = c.gated_gelu ? 2 * ff : ff;
+  const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv, V = c.vocab_size;
   const int B = f.shape.batch, Le = f.shape.enc_len, R = f.shape.rows, Ld = f.shape.dec_len;
   const int Ne = B * Le, Nd = R * Ld, Lenc = c.num_layers, Ldec = c.num_decoder_layers;
   const int kv_cols = 2 * inner * Ldec;
@@ -140,14 +141,9 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
     kernels::residual_add(t.enc_x_attn[l], t.sublayer_out, static_cast<int64_t>(Ne) * d,
                           at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], s);
-    kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
-    gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
-    kernels::ffn_activation<T>(t.enc_ff_pre[l], Ne, ff, c.gated_gelu, enc_ix, ia3.ff, at_site(drop, 0, l, kFfHidden),
-                               f.act_enc, s);
-    gemm_.linear<T, float>(f.act_enc, ff, L.wo, ff, t.sublayer_out, d, Ne, d, ff, 0.f);
-    float* next = l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final;
-    kernels::residual_add(t.enc_x_ff[l], t.sublayer_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kFfOut),
-                          next, s);
+    train_ffn_forward(t, t.enc_x_ff[l], f.h_enc, t.enc_ff_pre[l], f.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff,
+                      at_site(drop, 0, l, kFfHidden), at_site(drop, 0, l, kFfOut),
+                      l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final);
   }
   kernels::rmsnorm_forward<T>(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
   kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
@@ -177,20 +173,29 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
     kernels::residual_add(t.dec_x_cross[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
                           at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], s);
-    kernels::rmsnorm_forward<T>(t.dec_x_ff[l], L.ln_ff, Nd, d, eps, 1.f, f.h_dec, s);
-    gemm_.linear<T, T>(f.h_dec, d, L.wi, d, t.dec_ff_pre[l], wi_cols, Nd, wi_cols, d, 0.f);
-    kernels::ffn_activation<T>(t.dec_ff_pre[l], Nd, ff, c.gated_gelu, dec_ix, ia3.ff, at_site(drop, 1, l, kFfHidden),
-                               f.act_dec, s);
-    gemm_.linear<T, float>(f.act_dec, ff, L.wo, ff, t.sublayer_out, d, Nd, d, ff, 0.f);
-    float* next = l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final;
-    kernels::residual_add(t.dec_x_ff[l], t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kFfOut),
-                          next, s);
+    train_ffn_forward(t, t.dec_x_ff[l], f.h_dec, t.dec_ff_pre[l], f.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff,
+                      at_site(drop, 1, l, kFfHidden), at_site(drop, 1, l, kFfOut),
+                      l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final);
   }
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   kernels::rmsnorm_forward<T>(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
   kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
   gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
   kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
+}
+
+template <typename T>
+void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, const float* x, T* h, T* pre, T* act, const float* ln,
+                                      const T* wi, const T* wo, int n, const kernels::AdapterIndex& ix,
+                                      int64_t ff_offset, const kernels::DropoutSite& drop_hidden,
+                                      const kernels::DropoutSite& drop_out, float* x_next) {
+  const T5Config& c = config_;
+  const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
+  kernels::rmsnorm_forward<T>(x, ln, n, d, c.layer_norm_eps, 1.f, h, stream_);
+  gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f);
+  kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, act, stream_);
+  gemm_.linear<T, float>(act, ff, wo, ff, t.sublayer_out, d, n, d, ff, 0.f);
+  kernels::residual_add(x, t.sublayer_out, static_cast<int64_t>(n) * d, drop_out, x_next, stream_);
 }
 
 template <typename T>
@@ -331,11 +336,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
 template <typename T>
 void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) {
   const Plan<T>& f = t.fwd;
-  char* host = staging_in_.get();
-  const uintptr_t arena = reinterpret_cast<uintptr_t>(arena_.get());
-  auto host_array = [&](const void* device_ptr) {
-    return reinterpret_cast<const void**>(host + (reinterpret_cast<uintptr_t>(device_ptr) - arena - f.inputs_begin));
-  };
+  auto host_array = [&](const void* device_ptr) { return reinterpret_cast<const void**>(staged(f, device_ptr)); };
   const void** dc = host_array(f.bw_dc);
   const void** pd = host_array(f.bw_pd);
   const void** dq = host_array(f.bw_dq);
@@ -402,8 +403,8 @@ template LossOutput CudaEngine<__nv_bfloat16>::train_unlocked(const Batch&, cons
 // used by the device training sessions (cuda_session.cc)
 template float* CudaEngine<float>::train_to_device(const Batch&, int, const LossOptions&);
 template float* CudaEngine<__nv_bfloat16>::train_to_device(const Batch&, int, const LossOptions&);
-template void CudaEngine<float>::read_train_results(LossOutput&);
-template void CudaEngine<__nv_bfloat16>::read_train_results(LossOutput&);
+template void CudaEngine<float>::read_train_results(LossOutput&, bool);
+template void CudaEngine<__nv_bfloat16>::read_train_results(LossOutput&, bool);
 
 }  // namespace gpu
 }  // namespace tfew

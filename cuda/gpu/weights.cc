@@ -86,9 +86,8 @@ class WeightWalker {
       : c_(c), source_(source), placer_(base), uploader_(uploader) {}
 
   size_t walk(ModelWeights<T>& w) {
-    const int64_t d = c_.d_model, inner = c_.inner_dim(), ff = c_.d_ff, vocab = c_.vocab_size;
+    const int64_t d = c_.d_model, inner = c_.inner_dim(), vocab = c_.vocab_size;
     const int64_t buckets = c_.num_buckets, heads = c_.num_heads;
-    const int64_t wi_rows = c_.gated_gelu ? 2 * ff : ff;
 
     // Untied checkpoints may carry encoder/decoder embeddings that differ from shared.weight (the T0-layout
     // fixture does); Hugging Face uses them, so do we. Equal tensors share one device copy.
@@ -121,11 +120,7 @@ class WeightWalker {
       const std::string p = "encoder.block." + std::to_string(i) + ".";
       EncoderLayerWeights<T>& L = w.encoder[i];
       load_self_attention(p, L.ln_attn, L.qkv, L.o);
-      L.ln_ff = placer_.place<float>(d);
-      load(p + "layer.1.layer_norm.weight", {d}, L.ln_ff);
-      L.wi = placer_.place<T>(wi_rows * d);
-      L.wo = placer_.place<T>(d * ff);
-      load_ffn(p + "layer.1.DenseReluDense.", L.wi, L.wo);
+      load_ffn(p + "layer.1.", L.ln_ff, L.wi, L.wo);
     }
     w.enc_final_ln = placer_.place<float>(d);
     load("encoder.final_layer_norm.weight", {d}, w.enc_final_ln);
@@ -145,11 +140,7 @@ class WeightWalker {
       load(p + "layer.1.EncDecAttention.v.weight", {inner, d}, L.kv_cross + inner * d);
       L.o_cross = placer_.place<T>(d * inner);
       load(p + "layer.1.EncDecAttention.o.weight", {d, inner}, L.o_cross);
-      L.ln_ff = placer_.place<float>(d);
-      load(p + "layer.2.layer_norm.weight", {d}, L.ln_ff);
-      L.wi = placer_.place<T>(wi_rows * d);
-      L.wo = placer_.place<T>(d * ff);
-      load_ffn(p + "layer.2.DenseReluDense.", L.wi, L.wo);
+      load_ffn(p + "layer.2.", L.ln_ff, L.wi, L.wo);
     }
     w.dec_final_ln = placer_.place<float>(d);
     load("decoder.final_layer_norm.weight", {d}, w.dec_final_ln);
@@ -190,8 +181,15 @@ class WeightWalker {
     return ta.dtype == tb.dtype && std::memcmp(ta.data, tb.data, ta.numel() * dtype_bytes(ta.dtype)) == 0;
   }
 
-  void load_ffn(const std::string& p, T* wi, T* wo) {
+  // A block's feed-forward sub-layer `layer` (e.g. "encoder.block.3.layer.1."): its norm, wi (wi_0 | wi_1 when
+  // gated) and wo.
+  void load_ffn(const std::string& layer, float*& ln, T*& wi, T*& wo) {
     const int64_t d = c_.d_model, ff = c_.d_ff;
+    ln = placer_.place<float>(d);
+    load(layer + "layer_norm.weight", {d}, ln);
+    wi = placer_.place<T>((c_.gated_gelu ? 2 : 1) * ff * d);
+    wo = placer_.place<T>(d * ff);
+    const std::string p = layer + "DenseReluDense.";
     if (c_.gated_gelu) {
       load(p + "wi_0.weight", {ff, d}, wi);
       load(p + "wi_1.weight", {ff, d}, wi + ff * d);

@@ -8,6 +8,19 @@ namespace kernels {
 
 namespace {
 
+// The max of a logits row and the sum of exp(x - max) over it, reduced over the block (every thread gets both).
+struct RowSoftmax {
+  float max, sum;
+};
+__device__ __forceinline__ RowSoftmax row_softmax(const float* __restrict__ row, int vocab, float* scratch) {
+  float m = -INFINITY;
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, row[c]);
+  m = block_max(m, scratch);
+  float sum = 0.f;
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(row[c] - m);
+  return {m, block_sum(sum, scratch)};
+}
+
 __global__ void token_logprobs_kernel(const float* __restrict__ logits, int vocab,
                                       const int32_t* __restrict__ targets, int pad_id, float* __restrict__ out) {
   __shared__ float scratch[32];
@@ -18,13 +31,8 @@ __global__ void token_logprobs_kernel(const float* __restrict__ logits, int voca
     return;
   }
   const float* row = logits + t * vocab;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, row[c]);
-  m = block_max(m, scratch);
-  float sum = 0.f;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(row[c] - m);
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) out[t] = row[target] - m - logf(sum);
+  const RowSoftmax r = row_softmax(row, vocab, scratch);
+  if (threadIdx.x == 0) out[t] = row[target] - r.max - logf(r.sum);
 }
 
 template <typename T>
@@ -41,15 +49,10 @@ __global__ void token_logprobs_backward_kernel(const float* __restrict__ logits,
     return;
   }
   const float* row = logits + t * vocab;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, row[c]);
-  m = block_max(m, scratch);
-  float sum = 0.f;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(row[c] - m);
-  sum = block_sum(sum, scratch);
-  const float inv = 1.f / sum;
+  const RowSoftmax r = row_softmax(row, vocab, scratch);
+  const float inv = 1.f / r.sum;
   for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-    const float p = expf(row[c] - m) * inv;
+    const float p = expf(row[c] - r.max) * inv;
     drow[c] = from_f32<T>(gt * ((c == target ? 1.f : 0.f) - p));
   }
 }
