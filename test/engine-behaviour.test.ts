@@ -148,6 +148,17 @@ describe('API behaviour on the CPU backend', () => {
     expect(ok.predictions).toEqual(Array.from(fx.get('base.pred')));
   });
 
+  test('bad CUDA options are typed errors, whatever the backend', async () => {
+    const bad = [{ precision: 'fp16' }, { graphs: 'yes' }, { fusedAttention: 1 }] as unknown as object[];
+    for (const cuda of bad) await expect(T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const batch = { inputIds: [[5, 1]], choices: [[[3, 1], [4, 1]]], labels: [0] };
+    await expect(model.lossAndGradients(batch, { recompute: 'yes' as unknown as boolean })).rejects.toBeInstanceOf(InvalidArgumentError);
+    // recompute is a CUDA memory option: the CPU backend gives the same result with it
+    const a = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model) });
+    const b = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model), recompute: true });
+    expect(b.totalLoss).toBe(a.totalLoss);
+  });
+
   test('concurrent calls are safe and give the serial results', async () => {
     const serial = await model.rankClassify(fx.inputIds, fx.choices);
     const many = await Promise.all(Array.from({ length: 8 }, () => model.rankClassify(fx.inputIds, fx.choices)));
