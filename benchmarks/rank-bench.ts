@@ -5,8 +5,9 @@
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
-//                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE with the encoder projections
-//                 recomputed in the backward (LossOptions.recompute: less device memory).
+//                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
+//                 the encoder's q|k|v / q|k|v and wi projections recomputed in the backward (LossOptions.recompute
+//                 'attention' / 'all': less device memory).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -160,13 +161,14 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   const workloads: Record<string, WorkloadResult> = {};
   workloads['RANK-3B-B32'] = await timeWorkload(model, b32, adapter, profileFile, warmups, runs);
+  workloads['RANK-3B-B32'].deviceMiB = usedMiB() - baselineMiB;  // the first workload: its arena is its own
   workloads['RANK-3B-B1'] = await timeWorkload(model, b1, adapter, profileFile, warmups, runs);
   workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile,
                                                  warmups, runs);
   workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile, warmups, runs);
   // The arena only grows: the recomputing variant (the smallest) goes first, so its memory is its own.
-  for (const [name, choices, recompute] of [['TRAIN-3B-RECOMPUTE', 2, true], ['TRAIN-3B', 2, false],
-                                            ['TRAIN-3B-C4', 4, false]] as const) {
+  for (const [name, choices, recompute] of [['TRAIN-3B-RECOMPUTE', 2, 'all'], ['TRAIN-3B-RECOMPUTE-ATTN', 2, 'attention'],
+                                            ['TRAIN-3B', 2, 'none'], ['TRAIN-3B-C4', 4, 'none']] as const) {
     const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)),
                            13 + choices);
     // the whole T-Few step: forward, losses, backward, clipping + schedule + Adafactor on the device
@@ -245,12 +247,14 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
   lines.push('');
-  lines.push('| workload | ours wall ms | ours forward ms | ours ex/s | PyTorch eager ms | PyTorch compiled ms (compile s) | GEMM share |');
-  lines.push('|---|---|---|---|---|---|---|');
+  lines.push('| workload | ours wall ms | ours forward ms | ours ex/s | ours device GiB | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
+  lines.push('|---|---|---|---|---|---|---|---|');
   for (const [name, w] of Object.entries(ours.workloads)) {
     const t = torch?.workloads?.[name];
     const share = ours.breakdown?.[name]?.gemmShare;
-    lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(t?.eager_ms)} | ` +
+    const gib = w.deviceMiB === undefined ? undefined : w.deviceMiB / 1024;
+    lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(gib)} | ` +
+               `${fmt(t?.eager_ms)} (${fmt(t?.peak_gib, 1)}) | ` +
                `${fmt(t?.compiled_ms)} (${fmt(t?.compile_s, 0)}) | ${share === undefined ? '-' : fmt(share * 100, 1) + ' %'} |`);
   }
   if (ours.breakdown) {

@@ -82,7 +82,7 @@ export interface NativeLossOptions {
   lnWeight: number;
   dropout: boolean;
   seed: number;
-  recompute?: boolean;
+  recompute?: 'none' | 'attention' | 'all';
 }
 
 export interface NativeModel {
@@ -149,6 +149,11 @@ export interface NativeAddon {
     parallelFor(options: {
       threads: number; n: number; nested: boolean; throwIn: 'none' | 'worker' | 'caller'; kind: 'runtime' | 'bad_alloc' | 'tfew';
     }): Promise<number[]>;
+    /** The CUDA planner's activation arena (bytes) of a bf16 engine for calls of one shape; no GPU needed. */
+    cudaArenaBytes(config: NativeConfig, shape: {
+      batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
+      recompute: 'none' | 'attention' | 'all';
+    }): Promise<number>;
   };
 }
 

@@ -10,6 +10,7 @@ import { EventEmitter } from 'events';
 import { performance } from 'perf_hooks';
 import type TypedEmitter from 'typed-emitter';
 import type { IA3Adapter } from './adapter';
+import type { Recompute } from './model';
 import { DisposedError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { TfewOptimizer } from './optim';
@@ -48,7 +49,7 @@ export interface TrainerOptions {
   /** Seeds the shuffling and (as seed + step) the dropout masks. */
   seed?: number;
   /** CUDA: recompute encoder projections in the backward (less device memory, same results; LossOptions). */
-  recompute?: boolean;
+  recompute?: Recompute;
   /** Inputs are truncated to this many tokens (T-Few: 256). */
   maxInputLength?: number;
   /** Evaluate on evalSet every this many steps (and after the last step). */
@@ -140,7 +141,7 @@ export interface TrainableModel {
       dropout?: boolean;
       seed?: number;
       maxInputLength?: number;
-      recompute?: boolean;
+      recompute?: Recompute;
     },
   ): Promise<LossAndGradientsResult>;
   rankClassify(
@@ -161,7 +162,7 @@ export interface TrainingSessionLike {
     batch: { inputIds: (number[] | string)[]; choices: (number[][] | string[])[]; labels: number[] },
     options: {
       adapter: IA3Adapter[]; lmWeight: number; ulWeight: number; lnWeight: number; dropout: boolean; seed: number;
-      maxInputLength: number; scheduleStep: number; recompute: boolean;
+      maxInputLength: number; scheduleStep: number; recompute: Recompute;
     },
   ): Promise<{ totalLoss: number; lmLoss: number; ulLoss: number; lnLoss: number; lr: number; gradNorms: Map<IA3Adapter, number> }>;
   sync(): Promise<void>;
@@ -231,6 +232,9 @@ function resolveOptions(options: TrainerOptions): ResolvedOptions {
   }
   if (typeof o.seed !== 'number' || !Number.isInteger(o.seed) || o.seed < 0) {
     throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(o.seed)}`);
+  }
+  if (![true, false, 'none', 'attention', 'all'].includes(o.recompute)) {
+    throw new InvalidArgumentError(`recompute must be a boolean, 'none', 'attention' or 'all', got ${String(o.recompute)}`);
   }
   if (o.evalEvery !== undefined && (!o.evalSet || o.evalSet.length === 0)) {
     throw new InvalidArgumentError('evalEvery needs a non-empty evalSet');

@@ -4,7 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import {
-  DeviceUnavailableError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, T5Model,
+  DeviceUnavailableError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, T5Model, Trainer,
 } from '../lib';
 import { native } from '../lib/native';
 import { buildTinyT5 } from '../lib/tiny';
@@ -152,11 +152,16 @@ describe('API behaviour on the CPU backend', () => {
     const bad = [{ precision: 'fp16' }, { graphs: 'yes' }, { fusedAttention: 1 }] as unknown as object[];
     for (const cuda of bad) await expect(T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda })).rejects.toBeInstanceOf(InvalidArgumentError);
     const batch = { inputIds: [[5, 1]], choices: [[[3, 1], [4, 1]]], labels: [0] };
-    await expect(model.lossAndGradients(batch, { recompute: 'yes' as unknown as boolean })).rejects.toBeInstanceOf(InvalidArgumentError);
-    // recompute is a CUDA memory option: the CPU backend gives the same result with it
+    for (const recompute of ['yes', 'ffn', 1, null]) {
+      await expect(model.lossAndGradients(batch, { recompute: recompute as unknown as boolean })).rejects.toBeInstanceOf(InvalidArgumentError);
+      expect(() => new Trainer(model, IA3Adapter.create(model), { recompute: recompute as unknown as boolean })).toThrow(InvalidArgumentError);
+    }
+    // recompute is a CUDA memory option: the CPU backend gives the same result at every level
     const a = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model) });
-    const b = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model), recompute: true });
-    expect(b.totalLoss).toBe(a.totalLoss);
+    for (const recompute of [true, 'attention', 'all', 'none'] as const) {
+      const b = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model), recompute });
+      expect(b.totalLoss).toBe(a.totalLoss);
+    }
   });
 
   test('concurrent calls are safe and give the serial results', async () => {

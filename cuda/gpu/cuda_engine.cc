@@ -461,6 +461,21 @@ TFEW_INSTANTIATE_TRAIN_GRAPHS(__nv_bfloat16)
 
 }  // namespace gpu
 
+int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
+  using gpu::Shape;
+  TFEW_CHECK_ARG(a.batch > 0 && a.enc_len > 0 && a.rows >= 0 && a.dec_len >= 0 && a.n_adapters >= 0,
+                 "an arena shape needs batch, enc_len > 0 and rows, dec_len, n_adapters >= 0");
+  Shape s;
+  s.batch = a.batch;
+  s.enc_len = a.enc_len;
+  s.rows = a.rows;
+  s.dec_len = a.dec_len;
+  s.adapters = a.n_adapters > 0;
+  s.training = a.training;
+  if (a.training) return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, 0).bytes;
+  return gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes;
+}
+
 std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
                                          const CudaEngineOptions& options) {
   const CudaProbe probe = probe_cuda();

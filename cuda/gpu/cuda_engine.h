@@ -189,7 +189,8 @@ class CudaEngine final : public Engine {
   struct TrainGraphKey {
     Shape shape;
     int n_adapters = 0;
-    bool recompute = false, dropout = false;
+    Recompute recompute = Recompute::None;
+    bool dropout = false;
     float lm = 0, ul = 0, ln = 0;
     const float* adapters = nullptr;
     bool operator<(const TrainGraphKey& o) const {

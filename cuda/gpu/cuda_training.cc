@@ -264,19 +264,22 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     ffn_backward(t, t.dy_dec, t.dec_x_ff[l], L.ln_ff, L.wi, L.wo, t.dec_ff_pre[l], Nd, dec_ix, ia3.ff, true,
                  n_adapters, at_site(drop, 1, l, kFfOut), at_site(drop, 1, l, kFfHidden));
 
-    // cross-attention: q from this layer, k|v from the encoder output (their gradient is kept per layer
-    // and sent into the encoder by one GEMM after the loop)
+    // cross-attention: q from this layer, k|v from the encoder output (their gradient goes straight back
+    // through this layer's k|v projection into the encoder output's gradient, summed over layers in dx_enc)
     kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o_cross, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
     cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
     const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
     kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
                                          ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
-    T* dkv = t.dkv_cross + static_cast<int64_t>(l) * 2 * inner;
     kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
-                                       ia3.cross_k, ia3.cross_v, t.stats, dkv, dkv + inner, kv_cols, s);
+                                       ia3.cross_k, ia3.cross_v, t.stats, t.dkv_cross, t.dkv_cross + inner, 2 * inner,
+                                       s);
     reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.cross_k);
     reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.cross_v);
+    const T* w_kv = weights_.dec_kv_cross + static_cast<int64_t>(l) * 2 * inner * d;  // this layer's rows
+    gemm_.linear_backward<T, float>(t.dkv_cross, 2 * inner, w_kv, d, t.dx_enc, d, Ne, 2 * inner, d, 1.f,
+                                    l == Ldec - 1 ? 0.f : 1.f);
     gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
     kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s);
 
@@ -297,10 +300,9 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   }
   // (the decoder embedding is frozen: the decoder's gradient stops here)
 
-  // encoder output: the gradients of every layer's cross k|v, in one GEMM
+  // encoder output: its gradient (summed in dx_enc by the cross-attention layers) through the final norm
   if (Ldec > 0) {
-    gemm_.linear_backward<T, float>(t.dkv_cross, kv_cols, weights_.dec_kv_cross, d, t.dnormed, d, Ne, kv_cols, d, 1.f,
-                                    0.f);
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(t.dnormed, t.dx_enc, sizeof(float) * Ne * d, cudaMemcpyDeviceToDevice, s));
   } else {
     TFEW_CUDA_CHECK(cudaMemsetAsync(t.dnormed, 0, sizeof(float) * Ne * d, s));
   }
@@ -311,7 +313,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   for (int l = Lenc - 1; l >= 0; --l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
-    if (t.recompute) {  // the wi projection of this layer, exactly as the forward computed it
+    if (t.recompute_ff_pre) {  // the wi projection of this layer, exactly as the forward computed it
       kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
       gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
     }
@@ -319,7 +321,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
                  n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
     kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
-    if (t.recompute) {  // ... and its q|k|v projection
+    if (t.recompute_qkv) {  // ... and its q|k|v projection
       kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
       gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     }

@@ -14,6 +14,7 @@
 
 #include "gpu/device_memory.h"
 #include "kernels/kernels.cuh"
+#include "model/batch.h"
 #include "model/t5_config.h"
 
 namespace tfew {
@@ -167,7 +168,8 @@ struct TrainPlan {
   // saved forward state, per layer
   std::vector<float*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
   std::vector<T*> enc_qkv, enc_ff_pre;       // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
-  bool recompute = false;  // enc_qkv / enc_ff_pre: one buffer for all layers, recomputed by the backward
+  // Recomputed by the backward (Recompute::Attention / All): one buffer for all layers
+  bool recompute_qkv = false, recompute_ff_pre = false;
   float* enc_pre_final = nullptr;
   std::vector<float*> dec_x_self, dec_x_cross, dec_x_ff;
   std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
@@ -180,41 +182,43 @@ struct TrainPlan {
   T* dlogits = nullptr;        // [Nd, V]
   float* dnormed = nullptr;    // gradient of a norm's output [maxN, d]
   float* dy_dec = nullptr;     // gradient of the decoder residual stream [Nd, d]
-  float* dx_enc = nullptr;     // ... of the encoder's [Ne, d]
+  float* dx_enc = nullptr;     // ... of the encoder's [Ne, d]; during the decoder's backward it sums the
+                               // gradient of the encoder output over the layers' cross k|v
   T* dout = nullptr;           // a sub-layer output's gradient as GEMM input [maxN, d]
-  float* dscaled = nullptr;    // [maxN, d_ff]
-  T* d_pre = nullptr;          // [maxN, wi_cols]
-  float* g_ff = nullptr;       // per-token l_ff contributions [maxN, d_ff]
-  float* dctx = nullptr;       // [maxN, inner]
-  T* dqkv = nullptr;           // [maxN, 3 inner]
-  float* g_k = nullptr;        // per-token l_k / l_v contributions [maxN, inner]
+  // The FFN sub-layer's backward buffers and the attention sub-layer's share bytes (one sub-layer at a time).
+  float* dscaled = nullptr;    // FFN: [maxN, d_ff]; the kernel turns it into the per-token l_ff contributions
+  float* g_ff = nullptr;       //   in place: g_ff == dscaled
+  T* d_pre = nullptr;          //   [maxN, wi_cols]
+  float* dctx = nullptr;       // attention: [maxN, inner]
+  T* dqkv = nullptr;           //   [maxN, 3 inner]
+  float* g_k = nullptr;        //   per-token l_k / l_v contributions [maxN, inner]
   float* g_v = nullptr;
-  float* stats = nullptr;      // softmax statistics per (query, head) [maxN, H, 3] (decoder attention)
-  T* probs_dropped = nullptr;  // encoder attention backward: the dropped probabilities P' [B, H, Le, Le]
-  T* dctx_t = nullptr;         // ... and the context gradient as a GEMM operand [Ne, inner]
-  T* dkv_cross = nullptr;      // gradient of every layer's cross k|v [Ne, layers * 2 inner]
+  float* stats = nullptr;      //   softmax statistics per (query, head) [maxN, H, 3] (decoder attention)
+  T* probs_dropped = nullptr;  //   encoder attention backward: the dropped probabilities P' [B, H, Le, Le]
+  T* dctx_t = nullptr;         //   ... and the context gradient as a GEMM operand [Ne, inner]
+  T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner]
   float* grads = nullptr;      // [num_adapters, layout.total]
   float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
 };
 
 template <typename T>
-TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, bool recompute, uintptr_t base) {
+TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, Recompute recompute, uintptr_t base) {
   TrainPlan<T> t;
-  t.recompute = recompute;
+  t.recompute_qkv = recompute != Recompute::None;
+  t.recompute_ff_pre = recompute == Recompute::All;
   t.fwd = make_plan<T>(c, s, false, base);
   const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
   const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
   const size_t Ne = static_cast<size_t>(s.batch) * s.enc_len, Nd = static_cast<size_t>(s.rows) * s.dec_len;
   const size_t N = std::max(Ne, Nd);
-  const size_t kv_cols = 2 * inner * c.num_decoder_layers;
   Placer pl(base, t.fwd.bytes);
-  T* shared_qkv = recompute ? pl.place<T>(Ne * 3 * inner) : nullptr;
-  T* shared_ff_pre = recompute ? pl.place<T>(Ne * wi_cols) : nullptr;
+  T* shared_qkv = t.recompute_qkv ? pl.place<T>(Ne * 3 * inner) : nullptr;
+  T* shared_ff_pre = t.recompute_ff_pre ? pl.place<T>(Ne * wi_cols) : nullptr;
   for (int l = 0; l < c.num_layers; ++l) {
     t.enc_x_attn.push_back(pl.place<float>(Ne * d));
-    t.enc_qkv.push_back(recompute ? shared_qkv : pl.place<T>(Ne * 3 * inner));
+    t.enc_qkv.push_back(t.recompute_qkv ? shared_qkv : pl.place<T>(Ne * 3 * inner));
     t.enc_x_ff.push_back(pl.place<float>(Ne * d));
-    t.enc_ff_pre.push_back(recompute ? shared_ff_pre : pl.place<T>(Ne * wi_cols));
+    t.enc_ff_pre.push_back(t.recompute_ff_pre ? shared_ff_pre : pl.place<T>(Ne * wi_cols));
   }
   t.enc_pre_final = pl.place<float>(Ne * d);
   for (int l = 0; l < c.num_decoder_layers; ++l) {
@@ -235,9 +239,12 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.dy_dec = pl.place<float>(Nd * d);
   t.dx_enc = pl.place<float>(Ne * d);
   t.dout = pl.place<T>(N * d);
+  const size_t sublayer_phase = pl.cursor();
   t.dscaled = pl.place<float>(N * ff);
+  t.g_ff = t.dscaled;
   t.d_pre = pl.place<T>(N * wi_cols);
-  t.g_ff = pl.place<float>(N * ff);
+  const size_t ffn_end = pl.cursor();
+  pl.set_cursor(sublayer_phase);
   t.dctx = pl.place<float>(N * inner);
   t.dqkv = pl.place<T>(N * 3 * inner);
   t.g_k = pl.place<float>(N * inner);
@@ -245,7 +252,8 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.stats = pl.place<float>(N * H * 3);
   t.probs_dropped = pl.place<T>(static_cast<size_t>(s.batch) * H * s.enc_len * s.enc_len);
   t.dctx_t = pl.place<T>(Ne * inner);
-  t.dkv_cross = pl.place<T>(Ne * kv_cols);
+  t.dkv_cross = pl.place<T>(Ne * 2 * inner);
+  pl.set_cursor(std::max(ffn_end, pl.cursor()));
   t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
   t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
   t.bytes = align_up(pl.cursor(), 256);

@@ -18,4 +18,6 @@ std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, c
   fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);
 }
 
+int64_t cuda_arena_bytes(const T5Config&, const CudaArenaShape&) { fail(ErrorCode::DeviceUnavailable, probe_cuda().reason); }
+
 }  // namespace tfew

@@ -50,9 +50,10 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, in
 }
 
 template <typename T, bool kGated>
-__global__ void ffn_backward_kernel(const float* __restrict__ dscaled, const T* __restrict__ pre, int n_tokens,
-                                    int d_ff, AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
-                                    T* __restrict__ d_pre, float* __restrict__ g_ff) {
+// g_ff may be dscaled itself (the training plan does that): each element is read, then written, by one thread.
+__global__ void ffn_backward_kernel(const float* dscaled, const T* __restrict__ pre, int n_tokens, int d_ff,
+                                    AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
+                                    T* __restrict__ d_pre, float* g_ff) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {

@@ -176,7 +176,7 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
                     int64_t ff_offset, const DropoutSite& dropout, T* out, cudaStream_t stream);
 // Backward from dscaled (fp32 [n, d_ff], the gradient of the activation's output): d_pre (T [n, 2 d_ff] or
 // [n, d_ff], the gradient of the wi projections) and g_ff = dropout-masked dscaled * unscaled hidden
-// (fp32 [n, d_ff], the per-token contribution to l_ff's gradient).
+// (fp32 [n, d_ff], the per-token contribution to l_ff's gradient; may be dscaled itself, computed in place).
 template <typename T>
 void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
                   int64_t ff_offset, const DropoutSite& dropout, T* d_pre, float* g_ff, cudaStream_t stream);

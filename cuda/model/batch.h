@@ -39,13 +39,16 @@ struct AdapterSet {
   std::vector<const float*> vectors;
 };
 
+// CUDA: what the backward recomputes from the saved layer inputs instead of keeping it from the forward.
+// None keeps everything (fastest); Attention recomputes the encoder's q|k|v projections (one GEMM more per
+// encoder layer); All also its feed-forward wi projections (two). Same results at every level.
+enum class Recompute { None, Attention, All };
+
 struct LossOptions {
   float lm_weight = 1.f, ul_weight = 1.f, ln_weight = 1.f;
   bool dropout = false;    // training-mode dropout at config.dropout_rate
   uint64_t seed = 0;       // dropout masks are a pure function of (seed, site, position)
-  // CUDA: the backward recomputes the encoder's q|k|v and feed-forward projections from the saved layer
-  // inputs instead of keeping them from the forward (less memory, two more GEMMs per layer). Same results.
-  bool recompute = false;
+  Recompute recompute = Recompute::None;
 };
 
 struct ScoreOutput {

@@ -96,5 +96,15 @@ struct CudaEngineOptions {
 };
 std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
                                          const CudaEngineOptions& options);
+// The activation arena a bf16 CUDA engine allocates for calls of one shape (bytes, from its planner
+// gpu/engine_plan.h; inference with the fused encoder attention). Needs no GPU, only the CUDA build
+// (DeviceUnavailable without it). For tests and memory planning: the weights come on top.
+struct CudaArenaShape {
+  int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
+  bool training = false;
+  int n_adapters = 1;
+  Recompute recompute = Recompute::None;
+};
+int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
 
 }  // namespace tfew

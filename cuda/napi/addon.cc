@@ -190,7 +190,13 @@ static LossOptions to_loss_options(const Napi::Object& o) {
     *dest[i] = static_cast<float>(w);
   }
   opt.dropout = get_bool(o, "dropout");
-  opt.recompute = o.Has("recompute") && get_bool(o, "recompute");
+  if (o.Has("recompute")) {
+    const std::string r = get_string(o, "recompute");
+    if (r == "none") opt.recompute = Recompute::None;
+    else if (r == "attention") opt.recompute = Recompute::Attention;
+    else if (r == "all") opt.recompute = Recompute::All;
+    else fail(ErrorCode::InvalidArgument, "recompute must be 'none', 'attention' or 'all', got '" + r + "'");
+  }
   const double seed = get_double(o, "seed");
   if (!is_integer_in(seed, 0, 9007199254740992.0)) fail(ErrorCode::InvalidArgument, "seed must be an integer >= 0");
   opt.seed = static_cast<uint64_t>(seed);
@@ -833,6 +839,26 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
+  // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute }): the planner's arena size
+  testing.Set("cudaArenaBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "cudaArenaBytes(config, shape)");
+      const Napi::Object o = info[1].As<Napi::Object>();
+      CudaArenaShape a;
+      a.batch = get_int(o, "batch");
+      a.enc_len = get_int(o, "encLen");
+      a.rows = get_int(o, "rows");
+      a.dec_len = get_int(o, "decLen");
+      a.training = get_bool(o, "training");
+      a.n_adapters = get_int(o, "nAdapters");
+      const std::string r = get_string(o, "recompute");
+      a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
+      const int64_t bytes = cuda_arena_bytes(to_config(info[0].As<Napi::Object>()), a);
+      auto d = Napi::Promise::Deferred::New(info.Env());
+      d.Resolve(Napi::Number::New(info.Env(), static_cast<double>(bytes)));
+      return d.Promise();
+    });
+  }));
 #ifdef TFEW_CUDA_EMULATION
   // emulatorSelfTest(name) -> { error, message }: one deliberate mistake and what the CUDA emulator made of it
   testing.Set("emulatorSelfTest", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

@@ -85,10 +85,10 @@ describeCuda('CUDA training', () => {
       expect(Array.from(b.adapterGradients.get(adapterA) as Float32Array)).toEqual(Array.from(a.adapterGradients.get(adapterA) as Float32Array));
     });
 
-    test('recompute: the same losses and gradients, bit for bit, with dropout', async () => {
+    test.each(['attention', 'all'] as const)('recompute %s: the same losses and gradients, bit for bit, with dropout', async (level) => {
       const opts = { adapter: [adapterA, adapterB, adapterA], dropout: true, seed: 7 };
       const kept = await gpu.lossAndGradients(batch(), opts);
-      const recomputed = await gpu.lossAndGradients(batch(), { ...opts, recompute: true });
+      const recomputed = await gpu.lossAndGradients(batch(), { ...opts, recompute: level });
       expect(recomputed.totalLoss).toBe(kept.totalLoss);
       for (const a of [adapterA, adapterB])
         expect(Array.from(recomputed.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(kept.adapterGradients.get(a) as Float32Array));

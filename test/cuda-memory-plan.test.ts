@@ -1,0 +1,79 @@
+// The CUDA engine's device-memory planner (cuda/gpu/engine_plan.h) on the T0-3B architecture, without a GPU:
+// the arena sizes behind the memory numbers in benchmarks/RESULTS.md and the recompute levels' savings.
+// Needs the CUDA build of the addon (nvcc present at install), not a GPU; skipped otherwise.
+import { t0_3bConfigJson } from '../benchmarks/random-t5';
+import { parseT5Config } from '../lib/config';
+import { fromNative, InvalidArgumentError } from '../lib/errors';
+import { native } from '../lib/native';
+
+const compiled = (() => {
+  try {
+    return native().buildInfo.cudaCompiled;
+  } catch {
+    return false;
+  }
+})();
+if (!compiled) console.warn('[cuda-memory-plan] skipped: this build of the addon has no CUDA backend');
+const describeCompiled = compiled ? describe : describe.skip;
+
+const GiB = 2 ** 30;
+const config = parseT5Config(t0_3bConfigJson(24), 'config.json');
+type Level = 'none' | 'attention' | 'all';
+const trainArena = (recompute: Level, choices = 2): Promise<number> =>
+  native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute });
+
+// bf16 weights of an untied T0 checkpoint (shared embedding + head), fp32 norms and relative-position tables:
+// counted from the architecture, independently of the engine's weight walker.
+function t0WeightBytes(): number {
+  const { dModel: d, dFf: ff, vocabSize: V, numHeads: H, dKv, numLayers: Le, numDecoderLayers: Ld, numBuckets } = config;
+  const inner = H * dKv;
+  const ffn = 2 * ff * d + ff * d;  // wi_0 | wi_1, wo
+  const encoder = Le * (3 * inner * d + inner * d + ffn);
+  const decoder = Ld * (3 * inner * d + inner * d + inner * d + 2 * inner * d + inner * d + ffn);
+  const norms = (2 * Le + 3 * Ld + 2) * d;
+  return 2 * (2 * V * d + encoder + decoder) + 4 * (norms + 2 * numBuckets * H);
+}
+
+describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
+  test('each recompute level saves exactly the encoder buffers it stops keeping', async () => {
+    const [none, attention, all] = await Promise.all([trainArena('none'), trainArena('attention'), trainArena('all')]);
+    const Ne = 8 * 256, inner = config.numHeads * config.dKv, wiCols = 2 * config.dFf, layers = config.numLayers;
+    // every layer's q|k|v (bf16) is replaced by one shared buffer; 'all' does the same for the wi outputs
+    expect(none - attention).toBe((layers - 1) * Ne * 3 * inner * 2);
+    expect(attention - all).toBe((layers - 1) * Ne * wiCols * 2);
+  });
+
+  test("TRAIN-3B: weights + arena within the 8 GiB goal with recompute 'attention' (and 'all')", async () => {
+    const weights = t0WeightBytes();
+    expect(weights / GiB).toBeCloseTo(5.31, 2);
+    const headroom = 64 * 2 ** 20;  // cuBLAS workspace and allocation rounding
+    expect(weights + (await trainArena('attention')) + headroom).toBeLessThan(8 * GiB);
+    expect(weights + (await trainArena('all')) + headroom).toBeLessThan(7 * GiB);
+    // keeping everything is the fast mode; it stays within a 16 GiB card with room to spare
+    expect(weights + (await trainArena('none'))).toBeLessThan(8.5 * GiB);
+  });
+
+  test('the cross-attention key/value gradients take one layer of memory, not all 24', async () => {
+    const Ne = 8 * 256, Nd = 16 * 8, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
+    // One more decoder layer adds its cross k|v ([Ne, 2 inner], read by the backward), its saved activations
+    // (three fp32 residual inputs, q|k|v, the cross q, the wi outputs) and its (IA)3 gradients (k, v, cross k,
+    // cross v, ff), but no cross k|v gradient buffer of its own: that one is shared by all layers.
+    const deeper = parseT5Config({ ...t0_3bConfigJson(24), num_decoder_layers: 25 }, 'config.json');
+    const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const };
+    const grow = (await native()._testing.cudaArenaBytes(deeper, shape)) - (await trainArena('none'));
+    const crossKv = Ne * 2 * inner * 2;
+    const saved = Nd * (3 * d * 4 + 3 * inner * 2 + inner * 2 + 2 * ff * 2);
+    const ia3Grads = (4 * inner + ff) * 4;
+    expect(grow).toBe(crossKv + saved + ia3Grads);
+  });
+
+  test('inference arena grows linearly with the batch; bad shapes are typed errors', async () => {
+    const rank = (batch: number): Promise<number> =>
+      native()._testing.cudaArenaBytes(config, { batch, encLen: 256, rows: 2 * batch, decLen: 8, training: false, nAdapters: 1, recompute: 'none' });
+    const [b16, b32, b64] = await Promise.all([rank(16), rank(32), rank(64)]);
+    expect(Math.abs((b64 - b32) - 2 * (b32 - b16))).toBeLessThan(2 ** 20);
+    expect(b32 / GiB).toBeGreaterThan(1.5);  // every decoder layer's cross k|v of 32 x 256 tokens: 1.5 GiB
+    const bad = native()._testing.cudaArenaBytes(config, { batch: 0, encLen: 256, rows: 0, decLen: 8, training: false, nAdapters: 1, recompute: 'none' });
+    await expect(bad.catch((e) => { throw fromNative(e); })).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+});
