@@ -3,6 +3,7 @@
 //   RANK-3B-B32   32 examples, encoder length 256, 2 choices x 8 tokens, one adapter
 //   RANK-3B-B1    the same for one example (latency)
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
+//   RANK-3B-B32-PRECOMPUTED / RANK-3B-B1-FOLDED  the other cross-attention path than 'auto' picks (a second load)
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
 //                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
@@ -195,6 +196,19 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const describe = model.describe();
   await model.dispose();
 
+  // The other cross-attention path for each rank workload ('auto' folds RANK-3B-B32 and precomputes
+  // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold.
+  for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
+                                               ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
+    const before = usedMiB();
+    const alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention } });
+    workloads[name] = await timeWorkload(alt, batch, adapter, profileFile, warmups, runs);
+    workloads[name].deviceMiB = usedMiB() - before;
+    await alt.dispose();
+    console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
+                `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
+  }
+
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: RankBenchResult['breakdown'] = {};
   process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
@@ -324,6 +338,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
 
   const V = 128;
   const batch = randomBatch(V, [12, 5, 9], [[3, 5, 2], [4, 1], [5, 5, 3]], 5);
+  const uniform = randomBatch(V, [12, 5, 9], [[3, 5], [4, 1], [5, 2]], 6);  // 2 choices each: foldable
   for (const name of ['tiny-gated-gelu-untied', 'tiny-relu-tied']) {
     const dir = path.join(fixtures, name);
     if (!fs.existsSync(path.join(dir, 'config.json'))) {
@@ -341,6 +356,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       mixed: await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: mixed }),
       encoder: await cpu.encode(batch.inputIds, { adapter: mixed }),
       loss: await cpu.lossAndGradients(batch, { adapter: [a, b, a] }),
+      uniform: await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: mixed }),
     };
     await cpu.dispose();
     for (const precision of ['fp32', 'bf16'] as const) {
@@ -381,6 +397,14 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
         let worst = 0;
         for (let i = 0; i < 3; i++) worst = Math.max(worst, maxRelErr(logp(await m.rankClassify(shape.inputIds, shape.choices, { adapter: a })), first));
         return worst;
+      });
+      await check(`${tag} folded cross-attention, mixed [a, none, b]`, tol, async () => {
+        const folded = await loadCudaWith(dir, { precision, crossAttention: 'folded' });
+        try {
+          return maxRelErr(logp(await folded.rankClassify(uniform.inputIds, uniform.choices, { adapter: mixed })), logp(ref.uniform));
+        } finally {
+          await folded.dispose();
+        }
       });
       if (precision === 'bf16') {
         await check(`${tag} fused encoder attention vs cuBLAS path`, 5e-2, async () => {

@@ -23,8 +23,9 @@ export interface LoadOptions {
   /** Fold this adapter into the weights (single-task serving); calls then need no adapter. */
   mergeAdapter?: IA3Adapter;
   /**
-   * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention, graphs.
-   * Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION and TFEW_CUDA_GRAPHS.
+   * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention, graphs,
+   * crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_GRAPHS
+   * and TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -533,6 +534,9 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   }
   for (const k of ['fusedAttention', 'graphs'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
+  }
+  if (o.crossAttention !== undefined && !['auto', 'folded', 'precomputed'].includes(o.crossAttention)) {
+    throw new InvalidArgumentError(`cuda.crossAttention must be 'auto', 'folded' or 'precomputed', got ${String(o.crossAttention)}`);
   }
   return o;
 }

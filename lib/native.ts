@@ -14,6 +14,14 @@ export interface CudaOptions {
   fusedAttention?: boolean;
   /** CUDA graphs for repeated batch shapes (default on). */
   graphs?: boolean;
+  /**
+   * The decoder's cross-attention in rank classification. 'precomputed': every layer's keys and values of the
+   * encoder output, once per example. 'folded': W_k and W_v folded into the queries, no keys or values (fewer
+   * FLOPs and far less memory when the choices are short; needs the same number of choices in every example
+   * of a batch, else precomputed). 'auto' (default): folded where it saves work, for batches of at least
+   * 2048 encoder tokens. Training always precomputes.
+   */
+  crossAttention?: 'auto' | 'folded' | 'precomputed';
 }
 
 /** T5 hyper-parameters, resolved from config.json by lib/config.ts (mirrors cuda/model/t5_config.h). */
@@ -152,7 +160,7 @@ export interface NativeAddon {
     /** The CUDA planner's activation arena (bytes) of a bf16 engine for calls of one shape; no GPU needed. */
     cudaArenaBytes(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
-      recompute: 'none' | 'attention' | 'all';
+      recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
     }): Promise<number>;
   };
 }

@@ -67,6 +67,20 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(grow).toBe(crossKv + saved + ia3Grads);
   });
 
+  test('RANK-3B-B32: the folded cross-attention needs no encoder keys/values (1.5 GiB of the arena)', async () => {
+    const shape = { batch: 32, encLen: 256, rows: 64, decLen: 8, training: false, nAdapters: 1, recompute: 'none' as const };
+    const precomputed = await native()._testing.cudaArenaBytes(config, shape);
+    const folded = await native()._testing.cudaArenaBytes(config, { ...shape, foldedCross: true });
+    const encoderOnly = await native()._testing.cudaArenaBytes(config, { ...shape, rows: 0, decLen: 0, foldedCross: true });
+    // precomputed, the decoder's buffers set the arena: every layer's keys/values of 32 x 256 positions (1.5 GiB),
+    // less the encoder temporaries they share bytes with. Folded, the encoder's temporaries set it.
+    const Ne = 32 * 256, inner = config.numHeads * config.dKv;
+    const keysValues = Ne * 2 * inner * config.numDecoderLayers * 2;
+    expect(precomputed).toBeGreaterThan(keysValues);
+    expect(precomputed - folded).toBeGreaterThan(1.1 * GiB);
+    expect(Math.abs(folded - encoderOnly)).toBeLessThan(2 ** 20);
+  });
+
   test('inference arena grows linearly with the batch; bad shapes are typed errors', async () => {
     const rank = (batch: number): Promise<number> =>
       native()._testing.cudaArenaBytes(config, { batch, encLen: 256, rows: 2 * batch, decLen: 8, training: false, nAdapters: 1, recompute: 'none' });

@@ -195,6 +195,34 @@ cublasStatus_t gemm_batched_ex(cublasHandle_t h, cublasOperation_t op_a, cublasO
   return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t gemm_strided_batched_ex(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b, int m, int n,
+                                       int k, const void* alpha, const void* A, cudaDataType ta, int lda,
+                                       long long stride_a, const void* B, cudaDataType tb, int ldb, long long stride_b,
+                                       const void* beta, void* C, cudaDataType tc, int ldc, long long stride_c,
+                                       int batch, cublasComputeType_t compute, cublasGemmAlgo_t) {
+  const char* call = "cublasGemmStridedBatchedEx";
+  const cublasStatus_t s = check_call(call, h, op_a, op_b, m, n, k, alpha, beta, ta, tb, tc, lda, ldb, ldc, batch, compute);
+  if (s != CUBLAS_STATUS_SUCCESS) return s;
+  if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+  const int ar = op_a == CUBLAS_OP_N ? m : k, ac = op_a == CUBLAS_OP_N ? k : m;
+  const int br = op_b == CUBLAS_OP_N ? k : n, bc = op_b == CUBLAS_OP_N ? n : k;
+  auto at = [](const void* p, cudaDataType t, long long stride, int i) {
+    return static_cast<const char*>(p) + static_cast<long long>(i) * stride * static_cast<long long>(type_bytes(t));
+  };
+  for (int i = 0; i < batch; ++i)
+    if (!operand_ok(call, "A[i]", at(A, ta, stride_a, i), ta, ar, ac, lda) ||
+        !operand_ok(call, "B[i]", at(B, tb, stride_b, i), tb, br, bc, ldb) ||
+        !operand_ok(call, "C[i]", at(C, tc, stride_c, i), tc, m, n, ldc))
+      return CUBLAS_STATUS_INVALID_VALUE;  // on a device: an illegal address
+  const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+  enqueue(h->stream, [=]() {
+    for (int i = 0; i < batch; ++i)
+      gemm(op_a, op_b, m, n, k, a, at(A, ta, stride_a, i), ta, lda, at(B, tb, stride_b, i), tb, ldb, b,
+           const_cast<char*>(at(C, tc, stride_c, i)), tc, ldc);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t get_property(libraryPropertyType_t type, int* value) {
   if (!value) return CUBLAS_STATUS_INVALID_VALUE;
   *value = type == CUBLAS_PROP_MAJOR_VERSION ? 13 : 0;
@@ -213,6 +241,7 @@ void fill_emulated_cublas(gpu::CublasLibrary& lib) {
   a.set_math_mode = set_math_mode;
   a.gemm_ex = gemm_ex;
   a.gemm_batched_ex = gemm_batched_ex;
+  a.gemm_strided_batched_ex = gemm_strided_batched_ex;
   a.get_property = get_property;
   lib.path = "emulated cuBLAS (CPU, cuda/emu/emu_cublas.cc)";
   lib.version = "13.0.0";

@@ -77,6 +77,7 @@ void load(CublasLibrary& out) {
   ok &= resolve(lib, "cublasSetMathMode", a.set_math_mode, missing);
   ok &= resolve(lib, "cublasGemmEx", a.gemm_ex, missing);
   ok &= resolve(lib, "cublasGemmBatchedEx", a.gemm_batched_ex, missing);
+  ok &= resolve(lib, "cublasGemmStridedBatchedEx", a.gemm_strided_batched_ex, missing);
   if (!ok) {
     out.error = out.path + " lacks required entry points (" + missing + "): cuBLAS 12 or newer is needed";
     dlclose(lib);

@@ -63,6 +63,12 @@ struct CublasApi {
                                     const void* const B[], cudaDataType Btype, int ldb, const void* beta,
                                     void* const C[], cudaDataType Ctype, int ldc, int batch_count,
                                     cublasComputeType_t, cublasGemmAlgo_t) = nullptr;  // cublasGemmBatchedEx
+  cublasStatus_t (*gemm_strided_batched_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                                            const void* alpha, const void* A, cudaDataType Atype, int lda,
+                                            long long stride_a, const void* B, cudaDataType Btype, int ldb,
+                                            long long stride_b, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                                            long long stride_c, int batch_count, cublasComputeType_t,
+                                            cublasGemmAlgo_t) = nullptr;  // cublasGemmStridedBatchedEx
   cublasStatus_t (*get_property)(libraryPropertyType_t, int*) = nullptr;  // cublasGetProperty (optional)
   const char* (*get_status_string)(cublasStatus_t) = nullptr;             // cublasGetStatusString (optional)
 };

@@ -33,6 +33,11 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
                                                            : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
     fused_attention_ = std::is_same<T, __nv_bfloat16>::value &&
                        kernels::fused_encoder_attention_supported(config_.d_kv) && fused_wanted;
+    const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
+    const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
+    if (cross == "folded") cross_mode_ = CrossMode::Folded;
+    else if (cross == "precomputed") cross_mode_ = CrossMode::Precomputed;
+    else if (cross != "auto") fail(ErrorCode::InvalidArgument, "cross attention must be 'auto', 'folded' or 'precomputed', got '" + cross + "'");
     const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
     graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
     if (!graphs_enabled_)
@@ -52,6 +57,8 @@ std::string CudaEngine<T>::describe() const {
      << probe_.compute_capability % 10 << ", " << (probe_.total_memory >> 20) << " MiB), "
      << precision_name() << " weights " << (weights_.storage.size() >> 20) << " MiB, arena "
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
+     << ", cross-attention "
+     << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
      << (graphs_enabled_ ? "on" : graph_note_);
   return os.str();
@@ -353,6 +360,22 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
 
 // ---- score, merge, release
 
+// Whether score() folds the cross-attention for this batch. It needs the same number of choice rows in every
+// example (its per-example products are one strided batch). Its cost per example and layer against computing
+// the keys/values: (tokens x heads) x (2 Le d + 2 d_kv d) against Le x 2 d inner, i.e. a ratio of
+// tokens (Le + d_kv) / (Le d_kv). "auto" folds below half of that and from 2048 encoder tokens on (smaller
+// batches are bound by weight reads and launches, where folding only adds launches; to be tuned on a GPU).
+template <typename T>
+bool CudaEngine<T>::folds_cross_attention(const Batch& b) const {
+  if (cross_mode_ == CrossMode::Precomputed || b.num_rows <= 0 || b.num_rows % b.batch_size != 0) return false;
+  const int rows_per_example = b.num_rows / b.batch_size;
+  for (int e = 0; e < b.batch_size; ++e)
+    if (b.row_start[e + 1] - b.row_start[e] != rows_per_example) return false;
+  if (cross_mode_ == CrossMode::Folded) return true;
+  const double tokens = static_cast<double>(rows_per_example) * b.dec_len, Le = b.enc_len, dkv = config_.d_kv;
+  return tokens * (Le + dkv) <= 0.5 * Le * dkv && static_cast<int64_t>(b.batch_size) * b.enc_len >= 2048;
+}
+
 template <typename T>
 ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adapters, bool want_logits, bool want_hidden) {
   validate(b, adapters);
@@ -363,6 +386,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
   shape.dec_len = b.num_rows > 0 ? b.dec_len : 0;
   shape.want_hidden = want_hidden;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
+  shape.folded_cross = folds_cross_attention(b);
 
   if (shape.adapters) upload_adapters(adapters);
   ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes);
@@ -472,6 +496,7 @@ int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
   s.dec_len = a.dec_len;
   s.adapters = a.n_adapters > 0;
   s.training = a.training;
+  s.folded_cross = a.folded_cross && !a.training;
   if (a.training) return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, 0).bytes;
   return gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes;
 }

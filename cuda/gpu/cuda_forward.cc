@@ -98,7 +98,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   }
   // Cross-attention keys/values of every layer, once per example (its choice rows share them): one GEMM.
   const int kv_cols = 2 * inner * c.num_decoder_layers;
-  {
+  if (!p.shape.folded_cross) {
     Span span(prof, "gemm", s);
     gemm_.linear<T, T>(p.enc_out, d, weights_.dec_kv_cross, d, p.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
   }
@@ -117,7 +117,9 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     // cross-attention: this layer's slice of the shared keys/values
     { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
     { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f); }
-    {
+    if (p.shape.folded_cross) {
+      enqueue_folded_cross_attention(p, l, dec_ix);
+    } else {
       Span span(prof, "decoder_attention", s);
       kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols, inner,
                                   dkv, H, R, Ld, p.row_example, p.enc_lengths, Le, dec_ix, ia3.cross_k, ia3.cross_v,
@@ -137,6 +139,49 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     Span span(prof, "logprobs", s);
     kernels::token_logprobs(p.logits, Nd, V, p.targets, c.pad_token_id, p.token_logp, s);
   }
+}
+
+// Cross-attention of decoder layer `layer` without keys or values (Shape::folded_cross). Per head h, with
+// K = E W_k,h^T and V = E W_v,h^T (E: the example's encoder output, W_k,h / W_v,h: the head's d_kv rows of the
+// layer's k / v projections) and the (IA)3 vectors l_k, l_v:
+//   q . (l_k * k_j) = (W_k,h^T (l_k * q)) . e_j        sum_j p_j (l_v * v_j) = l_v * W_v,h (sum_j p_j e_j)
+// so each (token, head) gets a query in model space, scores against the encoder outputs, a softmax, and the
+// probability-weighted sum of encoder outputs, projected by W_v,h: five products, all strided batches (over
+// heads or over examples), instead of the keys/values of every encoder position. p.ctx_dec receives the
+// context [Nd, inner] as the precomputed path's kernel writes it.
+template <typename T>
+void CudaEngine<T>::enqueue_folded_cross_attention(const Plan<T>& p, int layer, const kernels::AdapterIndex& ix) {
+  const T5Config& c = config_;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
+  const int B = p.shape.batch, Le = p.shape.enc_len, Nd = p.shape.rows * p.shape.dec_len;
+  const int64_t m = static_cast<int64_t>(Nd / B) * H;  // (token, head) rows of one example
+  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
+  const T* w_k = weights_.dec_kv_cross + static_cast<int64_t>(layer) * 2 * inner * d;  // [inner, d]
+  const T* w_v = w_k + static_cast<int64_t>(inner) * d;
+  const int64_t enc_stride = static_cast<int64_t>(Le) * d;
+  Profiler& prof = profiler_;
+  { Span span(prof, "ia3", s); kernels::ia3_scale_columns<T>(p.q_cross, inner, 0, inner, Nd, ix, ia3.cross_k, s); }
+  {
+    Span span(prof, "gemm_cross", s);
+    // cross_model[:, h, :] (Nd x d, row stride H d) = q[:, h] (Nd x d_kv) W_k,h (d_kv x d)
+    gemm_.strided<T, T>(false, false, Nd, d, dkv, p.q_cross, inner, dkv, w_k, d, static_cast<int64_t>(dkv) * d,
+                        p.cross_model, H * d, d, H);
+    // per example: scores (m x Le) = its cross_model rows (m x d) times its encoder output transposed
+    gemm_.strided<T, float>(false, true, static_cast<int>(m), Le, d, p.cross_model, d, m * d, p.enc_out, d,
+                            enc_stride, p.cross_scores, Le, m * Le, B);
+  }
+  { Span span(prof, "softmax", s); kernels::cross_softmax_folded<T>(p.cross_scores, p.enc_lengths, B, m, Le, p.cross_probs, s); }
+  {
+    Span span(prof, "gemm_cross", s);
+    // per example: cross_model rows (m x d) = probabilities (m x Le) times its encoder output (Le x d)
+    gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, p.cross_probs, Le, m * Le, p.enc_out, d, enc_stride,
+                        p.cross_model, d, m * d, B);
+    // ctx[:, h] (Nd x d_kv, ld inner) = cross_model[:, h, :] (Nd x d) W_v,h^T (d x d_kv)
+    gemm_.strided<T, T>(false, true, Nd, dkv, d, p.cross_model, H * d, d, w_v, d, static_cast<int64_t>(dkv) * d,
+                        p.ctx_dec, inner, dkv, H);
+  }
+  { Span span(prof, "ia3", s); kernels::ia3_scale_columns<T>(p.ctx_dec, inner, 0, inner, Nd, ix, ia3.cross_v, s); }
 }
 
 template kernels::AdapterIndex CudaEngine<float>::adapter_index(const Plan<float>&, bool) const;

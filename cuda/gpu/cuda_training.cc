@@ -5,6 +5,7 @@
 // contributions reduced per adapter in a fixed order (no atomics: bit-reproducible).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "gpu/cuda_engine.h"
 
@@ -80,6 +81,8 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   const Plan<T>& f = tp.fwd;
   pack_inputs(b, f, true, options.dropout ? options.seed : 0);
   pack_backward_pointers(tp, options.dropout && config_.dropout_rate > 0.f);
+  const float loss_weights[3] = {options.lm_weight, options.ul_weight, options.ln_weight};
+  std::memcpy(staged(f, f.loss_weights), loss_weights, sizeof(loss_weights));
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
                                   cudaMemcpyHostToDevice, stream_));
 
@@ -87,21 +90,19 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   drop.rate = options.dropout ? config_.dropout_rate : 0.f;
   drop.seed_dev = f.dropout_seed;  // read on the device: a replayed graph sees each step's seed
 
-  // forward, losses and backward: one CUDA graph per key after the second step of a shape
+  // forward, losses and backward: one CUDA graph per key after the second step of a shape (the loss weights,
+  // like the labels and the dropout seed, are device data: a replay sees each step's values)
   TrainGraphKey key;
   key.shape = shape;
   key.n_adapters = n_adapters;
   key.recompute = options.recompute;
   key.dropout = drop.rate > 0.f;
-  key.lm = options.lm_weight;
-  key.ul = options.ul_weight;
-  key.ln = options.ln_weight;
   key.adapters = adapter_source_ ? adapter_source_ : reinterpret_cast<const float*>(adapters_dev_.get());
   launch_cached(train_graphs_, seen_train_, key, [&] {
     enqueue_train_forward(tp, drop);
     kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
-                         f.row_example, f.labels, shape.batch, options.lm_weight, options.ul_weight,
-                         options.ln_weight, tp.loss_scratch, tp.losses, tp.dlogp, stream_);
+                         f.row_example, f.labels, shape.batch, f.loss_weights, tp.loss_scratch, tp.losses, tp.dlogp,
+                         stream_);
     if (!shape.adapters) return;
     TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, static_cast<size_t>(n_adapters) * layout_.total * sizeof(float),
                                     stream_));

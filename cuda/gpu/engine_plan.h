@@ -25,9 +25,12 @@ struct Shape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool want_hidden = false, adapters = false;
   bool training = false;  // a training plan (its inputs include the backward's pointer arrays)
+  // The decoder's cross-attention folded into model space (CudaEngine::enqueue_folded_cross_attention): no
+  // per-layer encoder keys/values. Inference with the same number of choice rows in every example only.
+  bool folded_cross = false;
   bool operator<(const Shape& o) const {
-    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training) <
-           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters, o.training);
+    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training, folded_cross) <
+           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters, o.training, o.folded_cross);
   }
 };
 
@@ -60,6 +63,7 @@ struct Plan {
   int32_t* adapter_of_example = nullptr;
   int32_t* labels = nullptr;  // [B] the gold choice of each example (training)
   uint64_t* dropout_seed = nullptr;  // [1] the training step's dropout seed
+  float* loss_weights = nullptr;     // [3] the training step's LM, UL, LN weights
   int32_t* enc_buckets = nullptr;
   int32_t* dec_buckets = nullptr;
   // results and tensors that live across the encoder -> decoder boundary
@@ -83,7 +87,13 @@ struct Plan {
   T* qkv_dec = nullptr;
   T* ctx_dec = nullptr;
   T* q_cross = nullptr;
-  T* kv_cross = nullptr;  // [Ne, layers * 2 inner]
+  T* kv_cross = nullptr;  // [Ne, layers * 2 inner] (not with folded_cross)
+  // folded cross-attention: per (decoder token, head) a vector in model space, first the query folded
+  // through W_k, then the probability-weighted sum of encoder outputs [Nd, H, d]; scores and probabilities
+  // per (token, head) over the example's encoder positions [Nd, H, Le]
+  T* cross_model = nullptr;
+  float* cross_scores = nullptr;
+  T* cross_probs = nullptr;
   T* ff_dec = nullptr;
   T* act_dec = nullptr;
   float* logits = nullptr;  // [Nd, vocab]
@@ -123,6 +133,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.adapter_of_example = pl.place<int32_t>(B);
   p.labels = pl.place<int32_t>(B);
   p.dropout_seed = pl.place<uint64_t>(1);
+  p.loss_weights = pl.place<float>(s.training ? 3 : 0);
   p.enc_buckets = pl.place<int32_t>(2 * Le - 1);
   p.dec_buckets = pl.place<int32_t>(Ld > 0 ? 2 * Ld - 1 : 0);
   p.inputs_end = pl.cursor();
@@ -150,7 +161,13 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.qkv_dec = pl.place<T>(Nd * 3 * inner);
   p.ctx_dec = pl.place<T>(Nd * inner);
   p.q_cross = pl.place<T>(Nd * inner);
-  p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
+  if (s.folded_cross) {
+    p.cross_model = pl.place<T>(Nd * H * d);
+    p.cross_scores = pl.place<float>(Nd * H * Le);
+    p.cross_probs = pl.place<T>(Nd * H * Le);
+  } else {
+    p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
+  }
   p.ff_dec = pl.place<T>(Nd * wi_cols);
   p.act_dec = pl.place<T>(Nd * ff);
   p.logits = pl.place<float>(Nd * V);

@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "gpu/cublas_loader.h"
 #include "gpu/cuda_check.h"
 
@@ -56,6 +58,12 @@ class Gemm {
   template <typename TIn, typename TOut>
   void batched(bool trans_a, bool trans_b, int M, int N, int K, const void* const* a, int lda, const void* const* b,
                int ldb, void* const* c, int ldc, int batch);
+
+  // The same with a fixed stride (elements) between the operands of consecutive batch entries: the folded
+  // cross-attention's per-head and per-example products.
+  template <typename TIn, typename TOut>
+  void strided(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a, int lda, int64_t stride_a, const TIn* b,
+               int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch);
 
  private:
   cublasHandle_t handle_ = nullptr;

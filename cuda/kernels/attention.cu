@@ -49,38 +49,44 @@ __global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int 
     const float* l = index.adapters + a * index.adapter_stride;
     T* row = buf + static_cast<int64_t>(t) * ld;
     row[k_col + c] = from_f32<T>(to_f32(row[k_col + c]) * l[k_offset + c]);
-    row[v_col + c] = from_f32<T>(to_f32(row[v_col + c]) * l[v_offset + c]);
+    if (v_col >= 0) row[v_col + c] = from_f32<T>(to_f32(row[v_col + c]) * l[v_offset + c]);
   }
 }
 
 // --------------------------------------------------------------------------------------------------------
-// encoder softmax: one warp per score row
+// softmax over score rows of `len` keys: one warp per row. Rows come in groups of rows_per_example (the rows
+// of one example: its keys j < lengths[example] are real). With a bias table (the encoder: rows [B, H, L, L])
+// the relative-position bias of head h and query i is added; without one (the folded cross-attention), none.
 
 template <typename T>
-__global__ void encoder_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
-                                       const int32_t* __restrict__ lengths, int heads, int len, int64_t n_rows,
-                                       DropoutSite dropout, T* __restrict__ probs) {
+__global__ void masked_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
+                                      const int32_t* __restrict__ lengths, int heads, int len,
+                                      int64_t rows_per_example, int64_t n_rows, DropoutSite dropout,
+                                      T* __restrict__ probs) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (row >= n_rows) return;  // whole warps exit together: no block-level synchronisation below
-  const int i = static_cast<int>(row % len);
-  const int h = static_cast<int>((row / len) % heads);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(len) * heads));
+  const int b = static_cast<int>(row / rows_per_example);
   const int n_keys = min(max(lengths[b], 0), len);
   const float* s = scores + row * len;
-  // bias for key j sits at brow[j]: relative position j - i, offset by len - 1
-  const float* brow = bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - i);
+  const float* brow = nullptr;  // bias for key j at brow[j]: relative position j - i, offset by len - 1
+  if (bias_table) {
+    const int i = static_cast<int>(row % len);
+    const int h = static_cast<int>((row / len) % heads);
+    brow = bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - i);
+  }
+  auto logit = [&](int j) { return brow ? s[j] + brow[j] : s[j]; };
   T* p = probs + row * len;
 
   float m = -INFINITY;
-  for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, s[j] + brow[j]);
+  for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, logit(j));
   m = warp_max(m);
   float sum = 0.f;
-  for (int j = lane; j < n_keys; j += 32) sum += expf(s[j] + brow[j] - m);
+  for (int j = lane; j < n_keys; j += 32) sum += expf(logit(j) - m);
   sum = warp_sum(sum);
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int j = lane; j < len; j += 32) {
-    const float v = j < n_keys ? expf(s[j] + brow[j] - m) * inv : 0.f;
+    const float v = j < n_keys ? expf(logit(j) - m) * inv : 0.f;
     // dropout index = position in the [B, H, L, L] probabilities, as the CPU backend counts it
     p[j] = from_f32<T>(v * dropout_scale(dropout, static_cast<uint64_t>(row) * len + j));
   }
@@ -572,16 +578,33 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
 }
 
 template <typename T>
+void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const AdapterIndex& index, int64_t offset,
+                       cudaStream_t stream) {
+  ia3_scale_kv<T>(buf, ld, col, -1, width, n_tokens, index, offset, 0, stream);
+}
+
+template <typename T>
 void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
                      int len, const DropoutSite& dropout, T* probs, cudaStream_t stream) {
   const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
   if (n_rows <= 0) return;
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  encoder_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(scores, bias_table, lengths,
-                                                                                  heads, len, n_rows, dropout,
-                                                                                  probs);
-  TFEW_CUDA_CHECK_LAUNCH("encoder_softmax_kernel");
+  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs);
+  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (encoder)");
+}
+
+template <typename T>
+void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch, int64_t rows_per_example, int len,
+                          T* probs, cudaStream_t stream) {
+  const int64_t n_rows = batch * rows_per_example;
+  if (n_rows <= 0) return;
+  constexpr int kBlock = 256;  // 8 rows per block
+  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
+  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      scores, nullptr, lengths, 1, len, rows_per_example, n_rows, DropoutSite{}, probs);
+  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (folded cross-attention)");
 }
 
 template <typename T>
@@ -683,8 +706,10 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
 #define TFEW_INSTANTIATE(T)                                                                                   \
   template void ia3_scale_kv<T>(T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,            \
                                 cudaStream_t);                                                                \
+  template void ia3_scale_columns<T>(T*, int, int, int, int, const AdapterIndex&, int64_t, cudaStream_t);      \
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
                                    const DropoutSite&, T*, cudaStream_t);                                     \
+  template void cross_softmax_folded<T>(const float*, const int32_t*, int, int64_t, int, T*, cudaStream_t);    \
   template void encoder_softmax_backward<T>(const float*, T*, const int32_t*, int, int, int, const DropoutSite&, \
                                             cudaStream_t);                                                    \
   template void ia3_kv_backward<T>(const T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,     \

@@ -76,6 +76,10 @@ void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span,
 template <typename T>
 void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream);
+// One range only: buf[t, col + c] *= l[c] with the vector at `offset` of token t's adapter.
+template <typename T>
+void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const AdapterIndex& index, int64_t offset,
+                       cudaStream_t stream);
 
 // Encoder self-attention softmax: probs[b, h, i, :] = softmax_j(scores[b, h, i, j] + bias[h, j - i]) over the
 // example's real keys j < lengths[b] (padded keys get probability 0), then dropout (training). scores fp32
@@ -90,6 +94,12 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
 template <typename T>
 void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch, int heads, int len,
                               const DropoutSite& dropout, cudaStream_t stream);
+
+// The folded cross-attention's softmax (inference): rows of `len` encoder keys, in groups of rows_per_example
+// per example (its real keys j < lengths[example]; the others get probability 0). No bias, no dropout.
+template <typename T>
+void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch, int64_t rows_per_example, int len,
+                          T* probs, cudaStream_t stream);
 
 // The (IA)3 step of an attention backward that ran on the scaled keys and values K~ = l_k * K, V~ = l_v * V:
 // g_k, g_v (fp32 [n_tokens, g_ld], columns < width) hold dK~, dV~ on entry and the per-token contributions
@@ -194,12 +204,12 @@ void ia3_grad_reduce(const float* g, int width, int batch, int tokens_per_row, c
 // The T-Few losses from the per-token log-probs (token_logp, targets [rows, len]; pad targets do not count),
 // as the CPU backend's cpu::tfew_losses: losses[0..3] = LM, UL, LN, total (w_lm LM + w_ul UL + w_ln LN) and
 // dlogp [rows, len] = d total / d token_logp. row_start [batch + 1], row_example [rows], labels [batch] (the
-// gold choice within the example's rows). scratch: tfew_losses_scratch_doubles(rows, batch) doubles.
+// gold choice within the example's rows), weights [3] = w_lm, w_ul, w_ln (device data: a captured step
+// replays with each step's weights). scratch: tfew_losses_scratch_doubles(rows, batch) doubles.
 size_t tfew_losses_scratch_doubles(int rows, int batch);
 void tfew_losses(const float* token_logp, const int32_t* targets, int rows, int len, int pad_id,
                  const int32_t* row_start, const int32_t* row_example, const int32_t* labels, int batch,
-                 float lm_weight, float ul_weight, float ln_weight, double* scratch, float* losses, float* dlogp,
-                 cudaStream_t stream);
+                 const float* weights, double* scratch, float* losses, float* dlogp, cudaStream_t stream);
 
 // ---- head.cu
 // out[t] = log_softmax(logits[t, :])[targets[t]], or 0 where targets[t] == pad_id. No probability rows are

@@ -21,9 +21,9 @@ enum RowStat { kLength = 0, kSumLogp, kUnlikely, kGold, kDScore, kRowStats };
 __global__ void tfew_losses_kernel(const float* __restrict__ logp, const int32_t* __restrict__ targets, int rows,
                                    int len, int pad_id, const int32_t* __restrict__ row_start,
                                    const int32_t* __restrict__ row_example, const int32_t* __restrict__ labels,
-                                   int batch, float lm_weight, float ul_weight, float ln_weight,
-                                   double* __restrict__ scratch, float* __restrict__ losses,
-                                   float* __restrict__ dlogp) {
+                                   int batch, const float* __restrict__ weights, double* __restrict__ scratch,
+                                   float* __restrict__ losses, float* __restrict__ dlogp) {
+  const float lm_weight = weights[0], ul_weight = weights[1], ln_weight = weights[2];
   double* row_stat = scratch;                            // [rows, kRowStats]
   double* example_ln = scratch + static_cast<int64_t>(rows) * kRowStats;  // [batch]
   __shared__ double totals[5];  // gold tokens, wrong tokens, LM, UL, LN (as losses)
@@ -122,11 +122,10 @@ size_t tfew_losses_scratch_doubles(int rows, int batch) {
 
 void tfew_losses(const float* token_logp, const int32_t* targets, int rows, int len, int pad_id,
                  const int32_t* row_start, const int32_t* row_example, const int32_t* labels, int batch,
-                 float lm_weight, float ul_weight, float ln_weight, double* scratch, float* losses, float* dlogp,
-                 cudaStream_t stream) {
+                 const float* weights, double* scratch, float* losses, float* dlogp, cudaStream_t stream) {
   if (rows <= 0 || batch <= 0) return;
   tfew_losses_kernel<<<1, 256, 0, stream>>>(token_logp, targets, rows, len, pad_id, row_start, row_example, labels,
-                                            batch, lm_weight, ul_weight, ln_weight, scratch, losses, dlogp);
+                                            batch, weights, scratch, losses, dlogp);
   TFEW_CUDA_CHECK_LAUNCH("tfew_losses_kernel");
 }
 

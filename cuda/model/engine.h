@@ -93,6 +93,9 @@ struct CudaEngineOptions {
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
+  // the decoder's cross-attention: "auto" (default: folded where it saves work), "folded" (wherever it
+  // applies), "precomputed" (every layer's encoder keys/values, always)
+  std::string cross_attention;
 };
 std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
                                          const CudaEngineOptions& options);
@@ -104,6 +107,7 @@ struct CudaArenaShape {
   bool training = false;
   int n_adapters = 1;
   Recompute recompute = Recompute::None;
+  bool folded_cross = false;  // inference: the folded cross-attention (no encoder keys/values)
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
 

@@ -647,7 +647,8 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
 // The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
 static constexpr int kMaxCpuThreads = 256;
 
-// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, graphs? } }) -> Promise<NativeModel>
+// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, graphs?, crossAttention? } })
+//   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   class Worker : public PromiseWorker {
@@ -698,6 +699,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       if (c.Has("fusedAttention") && c.Get("fusedAttention").IsBoolean())
         cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("crossAttention") && c.Get("crossAttention").IsString())
+        cuda.cross_attention = c.Get("crossAttention").As<Napi::String>().Utf8Value();
     }
     return queue(new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device,
                             threads, cuda));
@@ -839,7 +842,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
-  // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute }): the planner's arena size
+  // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross? }): the
+  // planner's arena size
   testing.Set("cudaArenaBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {
       if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "cudaArenaBytes(config, shape)");
@@ -851,6 +855,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       a.dec_len = get_int(o, "decLen");
       a.training = get_bool(o, "training");
       a.n_adapters = get_int(o, "nAdapters");
+      a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
       const std::string r = get_string(o, "recompute");
       a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
       const int64_t bytes = cuda_arena_bytes(to_config(info[0].As<Napi::Object>()), a);

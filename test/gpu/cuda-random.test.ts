@@ -44,6 +44,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
   let cpuPlain: { logProbs: number[][]; scores: number[][] };
   let cpuMixed: { logProbs: number[][]; scores: number[][] };
   let cpuEncoder: Float32Array[];
+  let uniform: RandomBatch;  // two choices per example (of different lengths): the folded cross-attention applies
+  let cpuUniform: { logProbs: number[][]; scores: number[][] };
 
   beforeAll(async () => {
     dir = checkpointDir();
@@ -54,6 +56,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
     cpuPlain = await cpu.rankClassify(batch.inputIds, batch.choices);
     cpuMixed = await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
     cpuEncoder = await cpu.encode(batch.inputIds);
+    uniform = randomBatch(cpu.config.vocabSize, [300, 37, 128, 255], [[3, 8], [5, 1], [8, 8], [2, 6]], 1236);
+    cpuUniform = await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
     await cpu.dispose();
   });
 
@@ -114,6 +118,25 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
         }
       });
     }
+
+    test('folded cross-attention equals the CPU backend and the precomputed path; other batches fall back', async () => {
+      const folded = await loadCuda(dir, precision, {}, { crossAttention: 'folded' });
+      const precomputed = await loadCuda(dir, precision, {}, { crossAttention: 'precomputed' });
+      try {
+        expect(folded.describe()).toMatch(/cross-attention folded/);
+        const rf = await folded.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
+        const rp = await precomputed.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
+        expect(maxRelError(rf.logProbs.flat(), cpuUniform.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+        expect(maxRelError(rf.scores.flat(), cpuUniform.scores.flat())).toBeLessThan(tol('scores'));
+        expect(maxRelError(rp.logProbs.flat(), cpuUniform.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+        // a different number of choices per example cannot fold: the precomputed path, the same results
+        const mixed = await folded.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+        expect(maxRelError(mixed.logProbs.flat(), cpuMixed.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+      } finally {
+        await folded.dispose();
+        await precomputed.dispose();
+      }
+    });
 
     test('editing an adapter in place is seen by the next call', async () => {
       const a = randomAdapter(gpu, 31);

@@ -60,6 +60,21 @@ describeCuda('CUDA training', () => {
       for (const m of adapterA.modules) expect(relError(g.gradients[m.name], fx.get(`ia3.${key}.${m.name}`))).toBeLessThan(gradTol);
     });
 
+    if (precision === 'fp32') {
+      test('loss weights change between replays of one captured step (they are device data)', async () => {
+        const weights = [{ lmWeight: 1, ulWeight: 1, lnWeight: 1 }, { lmWeight: 0.5, ulWeight: 2, lnWeight: 0 },
+                         { lmWeight: 0, ulWeight: 0, lnWeight: 3 }];
+        for (let round = 0; round < 2; round++) {  // eager, capture, then replays with other weights
+          for (const w of weights) {
+            const g = await gpu.lossAndGradients(batch(), { adapter: adapterA, ...w });
+            const c = await cpu.lossAndGradients(batch(), { adapter: adapterA, ...w });
+            expect(maxRelError([g.totalLoss], [c.totalLoss])).toBeLessThan(lossTol);
+            for (const m of adapterA.modules) expect(relError(g.gradients[m.name], c.gradients[m.name])).toBeLessThan(gradTol);
+          }
+        }
+      });
+    }
+
     test('base: losses through an all-ones adapter', async () => {
       const g = await gpu.lossAndGradients(batch(), { adapter: IA3Adapter.create(gpu) });
       expect(maxRelError([g.totalLoss], fx.get('base.total_loss'))).toBeLessThan(lossTol);
