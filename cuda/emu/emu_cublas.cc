@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -44,9 +46,12 @@ void store(void* p, cudaDataType t, size_t i, float v) {
   else static_cast<float*>(p)[i] = v;
 }
 
-// The combinations cuBLAS supports for CUBLAS_COMPUTE_32F with fp32 scale that we may use.
-bool supported(cudaDataType a, cudaDataType b, cudaDataType c, cublasComputeType_t compute) {
+// The combinations cuBLAS supports for CUBLAS_COMPUTE_32F with fp32 scale that we may use. TFEW_EMU_CUBLAS_NO_F32_OUT
+// ("cublasGemmBatchedEx" or "cublasGemmStridedBatchedEx") plays a cuBLAS whose call lacks bf16-in / fp32-out.
+bool supported(const char* call, cudaDataType a, cudaDataType b, cudaDataType c, cublasComputeType_t compute) {
   if (compute != CUBLAS_COMPUTE_32F || a != b) return false;
+  const char* lacking = std::getenv("TFEW_EMU_CUBLAS_NO_F32_OUT");
+  if (lacking && std::strcmp(lacking, call) == 0 && a == CUDA_R_16BF && c == CUDA_R_32F) return false;
   if (a == CUDA_R_16BF) return c == CUDA_R_16BF || c == CUDA_R_32F;
   if (a == CUDA_R_32F) return c == CUDA_R_32F;
   return false;
@@ -98,7 +103,7 @@ cublasStatus_t check_call(const char* call, cublasHandle_t h, cublasOperation_t 
                           int n, int k, const void* alpha, const void* beta, cudaDataType ta, cudaDataType tb,
                           cudaDataType tc, int lda, int ldb, int ldc, int batch, cublasComputeType_t compute) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-  if (!supported(ta, tb, tc, compute)) {
+  if (!supported(call, ta, tb, tc, compute)) {
     std::fprintf(stderr, "[tfew cuda emulator] %s: types A %d B %d C %d compute %d not supported\n", call, ta, tb, tc,
                  compute);
     return CUBLAS_STATUS_NOT_SUPPORTED;

@@ -38,6 +38,12 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
     else if (cross == "precomputed") cross_mode_ = CrossMode::Precomputed;
     else if (cross != "auto") fail(ErrorCode::InvalidArgument, "cross attention must be 'auto', 'folded' or 'precomputed', got '" + cross + "'");
+    if (std::is_same<T, __nv_bfloat16>::value) {
+      gemm_support_ = gemm_.probe_bf16_f32(stream_);
+      if (!gemm_support_.strided_bf16_f32) cross_mode_ = CrossMode::Precomputed;  // folding needs it
+    } else {
+      gemm_support_ = GemmSupport{true, true};  // fp32 in, fp32 out: always there
+    }
     const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
     graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
     if (!graphs_enabled_)
@@ -59,6 +65,8 @@ std::string CudaEngine<T>::describe() const {
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
+     << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")
+     << (gemm_support_.batched_bf16_f32 ? "" : ", no batched bf16->fp32 GEMMs in this cuBLAS: bf16 training fails")
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
      << (graphs_enabled_ ? "on" : graph_note_);
   return os.str();

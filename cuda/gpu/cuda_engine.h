@@ -188,6 +188,7 @@ class CudaEngine final : public Engine {
 
   bool fused_attention_ = false;
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;
+  GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;
   std::string graph_note_;
   std::map<Shape, cudaGraphExec_t> graphs_;

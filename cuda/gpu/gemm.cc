@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "gpu/device_memory.h"
+
 namespace tfew {
 namespace gpu {
 
@@ -19,6 +21,32 @@ void Gemm::init(cudaStream_t stream, void* workspace, size_t workspace_bytes) {
 void Gemm::destroy() {
   if (handle_ && api_) api_->destroy(handle_);
   handle_ = nullptr;
+}
+
+GemmSupport Gemm::probe_bf16_f32(cudaStream_t stream) {
+  constexpr int n = 16;  // two 16 x 16 x 16 products
+  DeviceMemory buf;
+  buf.allocate(2 * (2 * n * n * sizeof(__nv_bfloat16) + n * n * sizeof(float)) + 6 * sizeof(void*), "a cuBLAS probe");
+  TFEW_CUDA_CHECK(cudaMemsetAsync(buf.get(), 0, buf.size(), stream));
+  char* base = buf.get();
+  const auto* a = reinterpret_cast<const __nv_bfloat16*>(base);
+  const __nv_bfloat16* b = a + 2 * n * n;
+  float* c = reinterpret_cast<float*>(base + 4 * n * n * sizeof(__nv_bfloat16));
+  void** ptrs = reinterpret_cast<void**>(base + 4 * n * n * sizeof(__nv_bfloat16) + 2 * n * n * sizeof(float));
+  const void* host_ptrs[6] = {a, a + n * n, b, b + n * n, c, c + n * n};
+  TFEW_CUDA_CHECK(cudaMemcpyAsync(ptrs, host_ptrs, sizeof(host_ptrs), cudaMemcpyHostToDevice, stream));
+  const float alpha = 1.f, beta = 0.f;
+  GemmSupport s;
+  s.strided_bf16_f32 =
+      api_->gemm_strided_batched_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, n * n, b,
+                                    CUDA_R_16BF, n, n * n, &beta, c, CUDA_R_32F, n, n * n, 2, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS;
+  s.batched_bf16_f32 =
+      api_->gemm_batched_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, reinterpret_cast<const void* const*>(ptrs),
+                            CUDA_R_16BF, n, reinterpret_cast<const void* const*>(ptrs + 2), CUDA_R_16BF, n, &beta,
+                            ptrs + 4, CUDA_R_32F, n, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS;
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream));  // before the buffer is freed (and host_ptrs goes away)
+  return s;
 }
 
 namespace {

@@ -20,6 +20,12 @@ constexpr cudaDataType cuda_data_type<float>() { return CUDA_R_32F; }
 template <>
 constexpr cudaDataType cuda_data_type<__nv_bfloat16>() { return CUDA_R_16BF; }
 
+// Whether this cuBLAS runs the bf16-in / fp32-out batched products (Gemm::probe_bf16_f32).
+struct GemmSupport {
+  bool batched_bf16_f32 = false;  // pointer arrays: the cuBLAS encoder attention and its backward
+  bool strided_bf16_f32 = false;  // fixed strides: the folded cross-attention's scores
+};
+
 class Gemm {
  public:
   Gemm() = default;
@@ -31,6 +37,10 @@ class Gemm {
   // capture never makes cuBLAS allocate) and fp32 reductions.
   void init(cudaStream_t stream, void* workspace, size_t workspace_bytes);
   void destroy();  // never throws
+
+  // Tries both batched bf16-in / fp32-out calls once on tiny operands, synchronously. NVIDIA's tables list
+  // them (CUBLAS_COMPUTE_32F), but a cuBLAS that answers NOT_SUPPORTED should cost a fallback, not a failed call.
+  GemmSupport probe_bf16_f32(cudaStream_t stream);
 
   // y[M, N] (ld ldy) = x[M, K] (ld ldx) * W[N, K]^T (ld ldw) + beta * y.  beta = 1 adds into y: the residual.
   template <typename TIn, typename TOut>
