@@ -33,6 +33,7 @@ import { native } from '../lib/native';
 import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
 
 interface ProfileLine {
+  kind?: 'score' | 'train';
   forward_ms: number;
   graph: boolean;
   families_ms?: Record<string, number>;
@@ -213,14 +214,33 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const breakdown: RankBenchResult['breakdown'] = {};
   process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
   model = await T5Model.load(modelDir, { device: 'cuda' });
-  for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
-    await timeWorkload(model, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
-    const lines = readProfile(profileFile).filter((p) => p.families_ms);
+  const summarise = (name: string, kind: 'score' | 'train') => {
+    const lines = readProfile(profileFile).filter((p) => p.families_ms && (p.kind ?? 'score') === kind);
     const families: Record<string, number> = {};
     const keys = new Set(lines.flatMap((l) => Object.keys(l.families_ms ?? {})));
     for (const k of keys) families[k] = median(lines.map((l) => (l.families_ms ?? {})[k] ?? 0));
-    breakdown[name] = { totalMs: median(lines.map((l) => l.forward_ms)), familiesMs: families, gemmShare: gemmShare(families) };
+    const totalMs = median(lines.map((l) => l.forward_ms));
+    // what no span covers (training brackets only its GEMMs and (IA)3 reductions): the other kernels
+    const covered = Object.values(families).reduce((x, y) => x + y, 0);
+    if (totalMs - covered > 0.01 * totalMs) families.other = totalMs - covered;
+    breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families) };
     console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
+  };
+  for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
+    await timeWorkload(model, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
+    summarise(name, 'score');
+  }
+  {
+    // TRAIN-3B: forward, losses and backward of a training-session step (Adafactor, two launches, excluded)
+    const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill([8, 8]), 15);
+    const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
+    const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
+                                    { adapter, dropout: true, seed: 1 });
+    for (let i = 0; i < Math.min(2, warmups); i++) await call();
+    fs.writeFileSync(profileFile, '');
+    for (let i = 0; i < Math.min(5, runs); i++) await call();
+    await session.dispose();
+    summarise('TRAIN-3B', 'train');
   }
   await model.dispose();
   delete process.env.TFEW_CUDA_PROFILE_DETAIL;

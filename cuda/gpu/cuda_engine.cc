@@ -27,7 +27,7 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
   try {
     cublas_workspace_.allocate(kCublasWorkspaceBytes, "the cuBLAS workspace");
     load_weights<T>(config_, weights, stream_, weights_);
-    gemm_.init(stream_, cublas_workspace_.get(), kCublasWorkspaceBytes);
+    gemm_.init(stream_, cublas_workspace_.get(), kCublasWorkspaceBytes, &profiler_);
     // fused attention off selects the cuBLAS path in bf16 too (for comparisons).
     const bool fused_wanted = options.fused_attention >= 0 ? options.fused_attention == 1
                                                            : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
@@ -66,7 +66,7 @@ std::string CudaEngine<T>::describe() const {
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")
-     << (gemm_support_.batched_bf16_f32 ? "" : ", no batched bf16->fp32 GEMMs in this cuBLAS: bf16 training fails")
+     << (gemm_support_.batched_bf16_f32 ? "" : ", no batched bf16->fp32 GEMMs in this cuBLAS: bf16 training and the cuBLAS encoder attention fail")
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
      << (graphs_enabled_ ? "on" : graph_note_);
   return os.str();
@@ -162,6 +162,12 @@ void CudaEngine<T>::validate(const Batch& b, int n_adapters) const {
   TFEW_CHECK_ARG(B >= 1, "batch_size must be at least 1");
   TFEW_CHECK_ARG(Le >= 1, "enc_len must be at least 1");
   TFEW_CHECK_ARG(R >= 0 && Ld >= (R > 0 ? 1 : 0), "num_rows / dec_len out of range");
+  // GEMM row counts and kernel grids are 32-bit: far above any real batch, checked so that none overflows
+  constexpr int64_t kMaxTokens = 1 << 24;
+  TFEW_CHECK_ARG(static_cast<int64_t>(B) * Le <= kMaxTokens && static_cast<int64_t>(R) * Ld <= kMaxTokens,
+                 "too many tokens in one call (" + std::to_string(static_cast<int64_t>(B) * Le) + " input, " +
+                     std::to_string(static_cast<int64_t>(R) * Ld) + " choice positions; at most " +
+                     std::to_string(kMaxTokens) + " each): use a smaller batchSize");
   TFEW_CHECK_ARG(static_cast<int64_t>(b.input_ids.size()) == static_cast<int64_t>(B) * Le,
                  "input_ids must have batch_size * enc_len entries");
   TFEW_CHECK_ARG(static_cast<int>(b.enc_lengths.size()) == B, "enc_lengths must have batch_size entries");
@@ -427,7 +433,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   out.token_logp.assign(reinterpret_cast<const float*>(staging_out_.get()),
                         reinterpret_cast<const float*>(staging_out_.get()) + Nd);
-  profiler_.report(shape, probe_.device_name, precision_name(), graphed);
+  profiler_.report("score", shape, probe_.device_name, precision_name(), graphed);
   return out;
 }
 

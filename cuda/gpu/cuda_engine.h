@@ -208,6 +208,7 @@ class CudaEngine final : public Engine {
   std::map<TrainGraphKey, cudaGraphExec_t> train_graphs_;
   std::map<TrainGraphKey, int> seen_train_;
   TrainPlan<T> train_plan_;  // the last training step's buffers (read_train_results)
+  bool train_graphed_ = false;  // ... and whether it ran as a graph replay (for the profile)
   std::map<Shape, int> seen_shapes_;
   Profiler profiler_;
 };

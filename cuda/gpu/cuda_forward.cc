@@ -146,7 +146,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
 // layer's k / v projections) and the (IA)3 vectors l_k, l_v:
 //   q . (l_k * k_j) = (W_k,h^T (l_k * q)) . e_j        sum_j p_j (l_v * v_j) = l_v * W_v,h (sum_j p_j e_j)
 // so each (token, head) gets a query in model space, scores against the encoder outputs, a softmax, and the
-// probability-weighted sum of encoder outputs, projected by W_v,h: five products, all strided batches (over
+// probability-weighted sum of encoder outputs, projected by W_v,h: four products, all strided batches (over
 // heads or over examples), instead of the keys/values of every encoder position. p.ctx_dec receives the
 // context [Nd, inner] as the precomputed path's kernel writes it.
 template <typename T>

@@ -50,6 +50,7 @@ void CudaEngine<T>::read_train_results(LossOutput& out, bool with_token_logp) {
   }
   TFEW_CUDA_CHECK(cudaMemcpyAsync(losses, tp.losses, sizeof(losses), cudaMemcpyDeviceToHost, stream_));
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  profiler_.report("train", tp.fwd.shape, probe_.device_name, precision_name(), train_graphed_);
   out.lm_loss = losses[0];
   out.ul_loss = losses[1];
   out.ln_loss = losses[2];
@@ -83,6 +84,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   pack_backward_pointers(tp, options.dropout && config_.dropout_rate > 0.f);
   const float loss_weights[3] = {options.lm_weight, options.ul_weight, options.ln_weight};
   std::memcpy(staged(f, f.loss_weights), loss_weights, sizeof(loss_weights));
+  profiler_.begin_call(stream_);  // as score(): the input copy counts
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + f.inputs_begin, staging_in_.get(), f.inputs_end - f.inputs_begin,
                                   cudaMemcpyHostToDevice, stream_));
 
@@ -98,7 +100,13 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   key.recompute = options.recompute;
   key.dropout = drop.rate > 0.f;
   key.adapters = adapter_source_ ? adapter_source_ : reinterpret_cast<const float*>(adapters_dev_.get());
-  launch_cached(train_graphs_, seen_train_, key, [&] {
+  // Timing (TFEW_CUDA_PROFILE): the whole step; in detail mode each GEMM as "gemm" and the (IA)3 reductions.
+  struct GemmTiming {
+    Gemm& gemm;
+    ~GemmTiming() { gemm.time_as(nullptr); }
+  } timing{gemm_};
+  if (profiler_.detail()) gemm_.time_as("gemm");
+  train_graphed_ = launch_cached(train_graphs_, seen_train_, key, [&] {
     enqueue_train_forward(tp, drop);
     kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
                          f.row_example, f.labels, shape.batch, f.loss_weights, tp.loss_scratch, tp.losses, tp.dlogp,
@@ -108,6 +116,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
                                     stream_));
     enqueue_backward(tp, drop, n_adapters);
   });
+  profiler_.end_call(stream_);
   return shape.adapters ? tp.grads : nullptr;
 }
 
@@ -218,6 +227,7 @@ template <typename T>
 void CudaEngine<T>::reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters,
                                int64_t offset) {
   const Plan<T>& f = t.fwd;
+  Span span(profiler_, "ia3_reduce", stream_);
   kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : f.shape.enc_len,
                            decoder ? f.row_start : nullptr, f.adapter_of_example, n_adapters, t.partial, t.grads,
                            layout_.total, offset, stream_);

@@ -9,6 +9,7 @@
 
 #include "gpu/cublas_loader.h"
 #include "gpu/cuda_check.h"
+#include "gpu/profiler.h"
 
 namespace tfew {
 namespace gpu {
@@ -34,8 +35,11 @@ class Gemm {
   Gemm& operator=(const Gemm&) = delete;
 
   // Creates the handle on the current device, bound to `stream`, with our own workspace (so that graph
-  // capture never makes cuBLAS allocate) and fp32 reductions.
-  void init(cudaStream_t stream, void* workspace, size_t workspace_bytes);
+  // capture never makes cuBLAS allocate) and fp32 reductions. `profiler` times calls when asked (time_as).
+  void init(cudaStream_t stream, void* workspace, size_t workspace_bytes, Profiler* profiler);
+  // From now on every call is a span of `family` in the detail profile (nullptr: none). The training step
+  // uses it for its GEMM share; the inference forward brackets its GEMMs by name itself.
+  void time_as(const char* family) { family_ = family; }
   void destroy();  // never throws
 
   // Tries both batched bf16-in / fp32-out calls once on tiny operands, synchronously. NVIDIA's tables list
@@ -76,8 +80,12 @@ class Gemm {
                int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch);
 
  private:
+  class Timed;  // brackets one call for the detail profile when time_as asked for it
   cublasHandle_t handle_ = nullptr;
   const CublasApi* api_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  Profiler* profiler_ = nullptr;
+  const char* family_ = nullptr;
 };
 
 }  // namespace gpu

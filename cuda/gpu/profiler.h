@@ -46,7 +46,8 @@ class Profiler {
     call_end_ = record(stream);
   }
   // After the stream was synchronised.
-  void report(const Shape& s, const std::string& device, const char* precision, bool graph) {
+  // kind: "score" (the inference forward) or "train" (a training step: forward, losses, backward).
+  void report(const char* kind, const Shape& s, const std::string& device, const char* precision, bool graph) {
     if (!enabled()) return;
     float total = 0.f;
     cudaEventElapsedTime(&total, events_[call_start_], events_[call_end_]);
@@ -65,9 +66,9 @@ class Profiler {
     FILE* f = std::fopen(file_.c_str(), "a");
     if (!f) return;
     std::fprintf(f,
-                 "{\"device\":\"%s\",\"precision\":\"%s\",\"batch\":%d,\"enc_len\":%d,\"rows\":%d,\"dec_len\":%d,"
-                 "\"adapters\":%s,\"graph\":%s,\"forward_ms\":%.4f",
-                 device.c_str(), precision, s.batch, s.enc_len, s.rows, s.dec_len, s.adapters ? "true" : "false",
+                 "{\"kind\":\"%s\",\"device\":\"%s\",\"precision\":\"%s\",\"batch\":%d,\"enc_len\":%d,\"rows\":%d,"
+                 "\"dec_len\":%d,\"adapters\":%s,\"graph\":%s,\"forward_ms\":%.4f",
+                 kind, device.c_str(), precision, s.batch, s.enc_len, s.rows, s.dec_len, s.adapters ? "true" : "false",
                  graph ? "true" : "false", total);
     if (detail_) {
       std::fprintf(f, ",\"families_ms\":{");
