@@ -67,11 +67,12 @@ export interface LossOptions {
   seed?: number;
   maxInputLength?: number;
   /**
-   * CUDA backend: what the backward pass recomputes instead of keeping it from the forward. 'none' (or false,
-   * the default) keeps everything: fastest. 'attention' recomputes the encoder's q|k|v projections (one GEMM
-   * more per encoder layer; T0-3B at 8 x 256 tokens: 0.56 GiB less device memory), 'all' (or true) also its
-   * feed-forward wi projections (two GEMMs; 1.4 GiB less). The results are the same, bit for bit. The CPU
-   * backend ignores it.
+   * CUDA backend: what the backward pass recomputes instead of keeping it from the forward. 'none' (or false)
+   * keeps everything: fastest. 'attention' recomputes the encoder's q|k|v projections (one GEMM more per
+   * encoder layer; T0-3B at 8 x 256 tokens: 0.56 GiB less device memory), 'all' (or true) also its
+   * feed-forward wi projections (two GEMMs; 1.4 GiB less). 'auto' (the default): the first of those that fits
+   * in the free device memory (256 MiB kept free). The results are the same, bit for bit, at every level. The
+   * CPU backend ignores it.
    */
   recompute?: Recompute;
 }
@@ -175,13 +176,14 @@ async function mapNativeErrors<T>(f: () => Promise<T>): Promise<T> {
 }
 
 /** LossOptions.recompute: how much of the encoder's forward the CUDA backward recomputes. */
-export type Recompute = boolean | 'none' | 'attention' | 'all';
+export type Recompute = boolean | 'auto' | 'none' | 'attention' | 'all';
 
-function recomputeLevel(value: Recompute | undefined): 'none' | 'attention' | 'all' {
-  if (value === undefined || value === false || value === 'none') return 'none';
+function recomputeLevel(value: Recompute | undefined): 'auto' | 'none' | 'attention' | 'all' {
+  if (value === undefined || value === 'auto') return 'auto';
+  if (value === false || value === 'none') return 'none';
   if (value === true || value === 'all') return 'all';
   if (value === 'attention') return value;
-  throw new InvalidArgumentError(`recompute must be a boolean, 'none', 'attention' or 'all', got ${JSON.stringify(value) ?? String(value)}`);
+  throw new InvalidArgumentError(`recompute must be a boolean, 'auto', 'none', 'attention' or 'all', got ${JSON.stringify(value) ?? String(value)}`);
 }
 
 function lossWeights(options: LossOptions): NativeLossOptions {

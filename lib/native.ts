@@ -90,7 +90,7 @@ export interface NativeLossOptions {
   lnWeight: number;
   dropout: boolean;
   seed: number;
-  recompute?: 'none' | 'attention' | 'all';
+  recompute?: 'auto' | 'none' | 'attention' | 'all';
 }
 
 export interface NativeModel {
@@ -162,6 +162,10 @@ export interface NativeAddon {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
       recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
     }): Promise<number>;
+    /** The recompute level 'auto' picks for a training shape, holding haveBytes of arena with freeBytes free. */
+    cudaRecomputeChoice(config: NativeConfig, shape: {
+      batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
+    }, haveBytes: number, freeBytes: number): Promise<'none' | 'attention' | 'all'>;
   };
 }
 

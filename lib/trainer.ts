@@ -185,7 +185,7 @@ const DEFAULTS = {
   lnWeight: 1,
   dropout: true,
   seed: 42,
-  recompute: false,
+  recompute: 'auto',
   maxInputLength: 256,
   nativeOptimizer: true,
 };
@@ -233,8 +233,8 @@ function resolveOptions(options: TrainerOptions): ResolvedOptions {
   if (typeof o.seed !== 'number' || !Number.isInteger(o.seed) || o.seed < 0) {
     throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(o.seed)}`);
   }
-  if (![true, false, 'none', 'attention', 'all'].includes(o.recompute)) {
-    throw new InvalidArgumentError(`recompute must be a boolean, 'none', 'attention' or 'all', got ${String(o.recompute)}`);
+  if (![true, false, 'auto', 'none', 'attention', 'all'].includes(o.recompute)) {
+    throw new InvalidArgumentError(`recompute must be a boolean, 'auto', 'none', 'attention' or 'all', got ${String(o.recompute)}`);
   }
   if (o.evalEvery !== undefined && (!o.evalSet || o.evalSet.length === 0)) {
     throw new InvalidArgumentError('evalEvery needs a non-empty evalSet');

@@ -53,6 +53,23 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(weights + (await trainArena('none'))).toBeLessThan(8.5 * GiB);
   });
 
+  test("recompute 'auto' keeps the most that fits in the free device memory", async () => {
+    const MiB = 2 ** 20, granule = 64 * MiB, reserve = 256 * MiB;
+    const allocated = async (level: Level) => Math.ceil((await trainArena(level)) / granule) * granule;
+    const [none, attention, all] = [await allocated('none'), await allocated('attention'), await allocated('all')];
+    const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1 };
+    const choice = (have: number, free: number) => native()._testing.cudaRecomputeChoice(config, shape, have, free);
+    expect(await choice(0, 16 * GiB)).toBe('none');
+    expect(await choice(0, none + reserve)).toBe('none');
+    expect(await choice(0, none + reserve - MiB)).toBe('attention');
+    expect(await choice(0, attention + reserve)).toBe('attention');
+    expect(await choice(0, attention + reserve - MiB)).toBe('all');
+    expect(await choice(0, 0)).toBe('all');  // nothing fits: the smallest (its allocation reports the shortfall)
+    // an arena already held counts: it is replaced by the bigger one, or already big enough
+    expect(await choice(none, 0)).toBe('none');
+    expect(await choice(all, attention - all + reserve)).toBe('attention');
+  });
+
   test('the cross-attention key/value gradients take one layer of memory, not all 24', async () => {
     const Ne = 8 * 256, Nd = 16 * 8, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
     // One more decoder layer adds its cross k|v ([Ne, 2 inner], read by the backward), its saved activations

@@ -158,7 +158,7 @@ describe('API behaviour on the CPU backend', () => {
     }
     // recompute is a CUDA memory option: the CPU backend gives the same result at every level
     const a = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model) });
-    for (const recompute of [true, 'attention', 'all', 'none'] as const) {
+    for (const recompute of [true, 'attention', 'all', 'none', 'auto'] as const) {
       const b = await model.lossAndGradients(batch, { adapter: IA3Adapter.create(model), recompute });
       expect(b.totalLoss).toBe(a.totalLoss);
     }

@@ -271,8 +271,8 @@ void CudaEngine<T>::ensure_arena(size_t bytes) {
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they point into the old arena
   arena_.reset();
-  const size_t granule = 64u << 20;
-  arena_.allocate(align_up(bytes + bytes / 8, granule), "the activation arena");
+  // (callers size it for arena_shape: no further headroom)
+  arena_.allocate(align_up(bytes, kArenaGranule), "the activation arena");
 }
 
 template <typename T>
@@ -403,7 +403,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
   shape.folded_cross = folds_cross_attention(b);
 
   if (shape.adapters) upload_adapters(adapters);
-  ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes);
+  ensure_arena(make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes);
   const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
   pack_inputs(b, plan, !fused_attention_);
 
@@ -499,11 +499,11 @@ TFEW_INSTANTIATE_TRAIN_GRAPHS(__nv_bfloat16)
 
 }  // namespace gpu
 
-int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
-  using gpu::Shape;
+namespace {
+gpu::Shape engine_shape(const CudaArenaShape& a) {
   TFEW_CHECK_ARG(a.batch > 0 && a.enc_len > 0 && a.rows >= 0 && a.dec_len >= 0 && a.n_adapters >= 0,
                  "an arena shape needs batch, enc_len > 0 and rows, dec_len, n_adapters >= 0");
-  Shape s;
+  gpu::Shape s;
   s.batch = a.batch;
   s.enc_len = a.enc_len;
   s.rows = a.rows;
@@ -511,6 +511,17 @@ int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
   s.adapters = a.n_adapters > 0;
   s.training = a.training;
   s.folded_cross = a.folded_cross && !a.training;
+  return s;
+}
+}  // namespace
+
+Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a, int64_t have, int64_t free) {
+  TFEW_CHECK_ARG(a.training && have >= 0 && free >= 0, "a training shape and byte counts >= 0");
+  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, have, free);
+}
+
+int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
+  const gpu::Shape s = engine_shape(a);
   if (a.training) return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, 0).bytes;
   return gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes;
 }

@@ -159,6 +159,7 @@ class CudaEngine final : public Engine {
                     int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden);
   void reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters, int64_t offset);
   void enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters);
+  Recompute recompute_for_memory(const Shape& shape, int n_adapters);
   void encoder_attention_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop);
   void pack_backward_pointers(const TrainPlan<T>& t, bool dropout);
 

@@ -75,9 +75,10 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
   shape.training = true;
-  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, options.recompute, 0).bytes);
-  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, options.recompute,
-                                   reinterpret_cast<uintptr_t>(arena_.get()));
+  const Recompute recompute = options.recompute == Recompute::Auto ? recompute_for_memory(shape, n_adapters)
+                                                                   : options.recompute;
+  ensure_arena(make_train_plan<T>(config_, arena_shape(shape), n_adapters, recompute, 0).bytes);
+  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, recompute, reinterpret_cast<uintptr_t>(arena_.get()));
   const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
   pack_inputs(b, f, true, options.dropout ? options.seed : 0);
@@ -97,7 +98,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   TrainGraphKey key;
   key.shape = shape;
   key.n_adapters = n_adapters;
-  key.recompute = options.recompute;
+  key.recompute = recompute;
   key.dropout = drop.rate > 0.f;
   key.adapters = adapter_source_ ? adapter_source_ : reinterpret_cast<const float*>(adapters_dev_.get());
   // Timing (TFEW_CUDA_PROFILE): the whole step; in detail mode each GEMM as "gemm" and the (IA)3 reductions.
@@ -118,6 +119,14 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   });
   profiler_.end_call(stream_);
   return shape.adapters ? tp.grads : nullptr;
+}
+
+// Recompute::Auto: keep everything when that fits in the device memory at hand, else recompute the least that does.
+template <typename T>
+Recompute CudaEngine<T>::recompute_for_memory(const Shape& shape, int n_adapters) {
+  size_t free_bytes = 0, total_bytes = 0;
+  TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return recompute_that_fits<T>(config_, shape, n_adapters, arena_.size(), free_bytes);
 }
 
 template <typename T>

@@ -34,6 +34,18 @@ struct Shape {
   }
 };
 
+// The shape the arena is sized for: lengths rounded up (encoder to 64, decoder to 8 positions, choice rows to
+// 8), so that batches of similar lengths reuse it instead of growing it a little at a time. Every plan grows
+// with each of these, so the rounded shape's plan covers the call's. Shapes already on the grid (the
+// benchmarks') get exactly what they need.
+inline Shape arena_shape(Shape s) {
+  auto round_up = [](int x, int m) { return (x + m - 1) / m * m; };
+  s.enc_len = round_up(s.enc_len, 64);
+  s.dec_len = round_up(s.dec_len, 8);
+  s.rows = round_up(s.rows, 8);
+  return s;
+}
+
 // Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
 // from the arena's base.
 template <typename T>
@@ -275,6 +287,20 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
   t.bytes = align_up(pl.cursor(), 256);
   return t;
+}
+
+constexpr size_t kArenaGranule = 64u << 20;      // the arena is allocated in these steps
+constexpr size_t kRecomputeReserve = 256u << 20;  // Recompute::Auto leaves this free (cuBLAS, graphs, context)
+
+// Recompute::Auto: the first level, fastest first, whose arena (for arena_shape(s)) fits. `have` is the arena
+// the engine holds, `free` the device memory free besides it (a bigger arena replaces the old one).
+template <typename T>
+Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, size_t have, size_t free) {
+  for (Recompute level : {Recompute::None, Recompute::Attention, Recompute::All}) {
+    const size_t need = align_up(make_train_plan<T>(c, arena_shape(s), n_adapters, level, 0).bytes, kArenaGranule);
+    if (need <= have || need + kRecomputeReserve <= free + have) return level;
+  }
+  return Recompute::All;  // nothing fits: the smallest, whose allocation then reports the shortfall
 }
 
 }  // namespace gpu

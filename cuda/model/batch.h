@@ -41,14 +41,15 @@ struct AdapterSet {
 
 // CUDA: what the backward recomputes from the saved layer inputs instead of keeping it from the forward.
 // None keeps everything (fastest); Attention recomputes the encoder's q|k|v projections (one GEMM more per
-// encoder layer); All also its feed-forward wi projections (two). Same results at every level.
-enum class Recompute { None, Attention, All };
+// encoder layer); All also its feed-forward wi projections (two). Same results at every level. Auto (the
+// default): the first of None, Attention, All whose activations fit in the device memory at hand.
+enum class Recompute { None, Attention, All, Auto };
 
 struct LossOptions {
   float lm_weight = 1.f, ul_weight = 1.f, ln_weight = 1.f;
   bool dropout = false;    // training-mode dropout at config.dropout_rate
   uint64_t seed = 0;       // dropout masks are a pure function of (seed, site, position)
-  Recompute recompute = Recompute::None;
+  Recompute recompute = Recompute::Auto;
 };
 
 struct ScoreOutput {

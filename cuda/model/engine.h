@@ -110,5 +110,8 @@ struct CudaArenaShape {
   bool folded_cross = false;  // inference: the folded cross-attention (no encoder keys/values)
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
+// Recompute::Auto's choice for a training step of this shape, with `have` bytes of arena already held and
+// `free` bytes of device memory free besides.
+Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& shape, int64_t have, int64_t free);
 
 }  // namespace tfew

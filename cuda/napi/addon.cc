@@ -195,7 +195,8 @@ static LossOptions to_loss_options(const Napi::Object& o) {
     if (r == "none") opt.recompute = Recompute::None;
     else if (r == "attention") opt.recompute = Recompute::Attention;
     else if (r == "all") opt.recompute = Recompute::All;
-    else fail(ErrorCode::InvalidArgument, "recompute must be 'none', 'attention' or 'all', got '" + r + "'");
+    else if (r == "auto") opt.recompute = Recompute::Auto;
+    else fail(ErrorCode::InvalidArgument, "recompute must be 'auto', 'none', 'attention' or 'all', got '" + r + "'");
   }
   const double seed = get_double(o, "seed");
   if (!is_integer_in(seed, 0, 9007199254740992.0)) fail(ErrorCode::InvalidArgument, "seed must be an integer >= 0");
@@ -336,6 +337,55 @@ Napi::Value VoidWorker::queue(Napi::Env env, std::function<void()> work) {
   return tfew::napi::queue(new VoidWorker(env, std::move(work)));
 }
 
+// A call that resolves with a value: `work` runs off the event loop and returns Out, `convert` turns it into
+// JS values on the main thread.
+template <typename Out>
+class CallWorker : public PromiseWorker {
+ public:
+  using Work = std::function<Out()>;
+  using Convert = std::function<Napi::Value(Napi::Env, Out&)>;
+  CallWorker(Napi::Env env, Work work, Convert convert)
+      : PromiseWorker(env), work_(std::move(work)), convert_(std::move(convert)) {}
+
+ protected:
+  void work() override { out_ = work_(); }
+  Napi::Value result(Napi::Env env) override { return convert_(env, out_); }
+
+ private:
+  Work work_;
+  Convert convert_;
+  Out out_{};
+};
+
+template <typename Out>
+static Napi::Value queue_call(Napi::Env env, typename CallWorker<Out>::Work work,
+                              typename CallWorker<Out>::Convert convert) {
+  return queue(new CallWorker<Out>(env, std::move(work), std::move(convert)));
+}
+
+// A native object for JS: the holder travels in an External that the class's constructor unwraps.
+template <typename Holder>
+static Napi::Value wrap_holder(Napi::Env env, Napi::FunctionReference& ctor, std::shared_ptr<Holder> holder) {
+  auto* ext = new std::shared_ptr<Holder>(std::move(holder));
+  auto external = Napi::External<std::shared_ptr<Holder>>::New(env, ext, [](Napi::Env, std::shared_ptr<Holder>* p) { delete p; });
+  return ctor.New({external});
+}
+
+template <typename Holder>
+static std::shared_ptr<Holder> unwrap_holder(const Napi::CallbackInfo& info, const char* made_by) {
+  if (info.Length() != 1 || !info[0].IsExternal())
+    throw Napi::TypeError::New(info.Env(), std::string("this object is created by ") + made_by);
+  return *info[0].As<Napi::External<std::shared_ptr<Holder>>>().Data();
+}
+
+// The losses of a loss_and_gradients call or a training step, as JS numbers.
+static void set_losses(Napi::Env env, Napi::Object& o, double lm, double ul, double ln, double total) {
+  o.Set("lmLoss", Napi::Number::New(env, lm));
+  o.Set("ulLoss", Napi::Number::New(env, ul));
+  o.Set("lnLoss", Napi::Number::New(env, ln));
+  o.Set("totalLoss", Napi::Number::New(env, total));
+}
+
 // Per-environment state: the classes' constructors. The addon may be loaded by several environments (the main
 // thread and worker_threads), each with its own JS functions; a process-wide static would give one environment
 // another's constructor (a crash in the main thread once a worker that loaded the addon had exited).
@@ -356,11 +406,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod<&NativeModel::Dispose>("dispose")});
   }
 
-  NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
-    if (info.Length() != 1 || !info[0].IsExternal())
-      throw Napi::TypeError::New(info.Env(), "NativeModel is created by loadModel()");
-    holder_ = *info[0].As<Napi::External<std::shared_ptr<ModelHolder>>>().Data();
-  }
+  NativeModel(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<NativeModel>(info), holder_(unwrap_holder<ModelHolder>(info, "loadModel()")) {}
 
  private:
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), holder_->device); }
@@ -375,67 +422,50 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value Score(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, Batch b, AdapterCopies a, bool logits, bool enc)
-          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), adapters_(std::move(a)), logits_(logits), enc_(enc) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->mu);
-        out_ = h_->use().score(batch_, adapters_.view(), logits_, enc_);
-      }
-      Napi::Value result(Napi::Env env) override {
-        Napi::Object o = Napi::Object::New(env);
-        o.Set("tokenLogp", to_f32(env, out_.token_logp));
-        if (logits_) o.Set("logits", to_f32(env, out_.logits));
-        if (enc_) o.Set("encoderHidden", to_f32(env, out_.encoder_hidden));
-        return o;
-      }
-     private:
-      std::shared_ptr<ModelHolder> h_;
-      Batch batch_;
-      AdapterCopies adapters_;
-      bool logits_, enc_;
-      ScoreOutput out_;
-    };
     return settle(env, [&] {
       if (info.Length() < 4 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "score(batch, adapters, wantLogits, wantEncoderHidden)");
-      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size),
-                              info[2].ToBoolean().Value(), info[3].ToBoolean().Value()));
+      auto batch = std::make_shared<Batch>(to_batch(info[0].As<Napi::Object>()));
+      auto adapters = std::make_shared<AdapterCopies>(to_adapters(info[1], holder_->ia3_size));
+      const bool logits = info[2].ToBoolean().Value(), enc = info[3].ToBoolean().Value();
+      auto h = holder_;
+      return queue_call<ScoreOutput>(
+          env,
+          [h, batch, adapters, logits, enc] {
+            std::lock_guard<std::mutex> lock(h->mu);
+            return h->use().score(*batch, adapters->view(), logits, enc);
+          },
+          [logits, enc](Napi::Env env, ScoreOutput& out) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("tokenLogp", to_f32(env, out.token_logp));
+            if (logits) o.Set("logits", to_f32(env, out.logits));
+            if (enc) o.Set("encoderHidden", to_f32(env, out.encoder_hidden));
+            return o;
+          });
     });
   }
 
   Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, Batch b, AdapterCopies a, LossOptions o)
-          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), adapters_(std::move(a)), opt_(o) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->mu);
-        out_ = h_->use().loss_and_gradients(batch_, adapters_.view(), opt_);
-      }
-      Napi::Value result(Napi::Env env) override {
-        Napi::Object o = Napi::Object::New(env);
-        o.Set("lmLoss", Napi::Number::New(env, out_.lm_loss));
-        o.Set("ulLoss", Napi::Number::New(env, out_.ul_loss));
-        o.Set("lnLoss", Napi::Number::New(env, out_.ln_loss));
-        o.Set("totalLoss", Napi::Number::New(env, out_.total_loss));
-        o.Set("tokenLogp", to_f32(env, out_.token_logp));
-        o.Set("gradients", to_f32(env, out_.gradients));
-        return o;
-      }
-     private:
-      std::shared_ptr<ModelHolder> h_;
-      Batch batch_;
-      AdapterCopies adapters_;
-      LossOptions opt_;
-      LossOutput out_;
-    };
     return settle(env, [&] {
       if (info.Length() < 3 || !info[0].IsObject() || !info[2].IsObject())
         fail(ErrorCode::InvalidArgument, "lossAndGradients(batch, adapters, options)");
-      LossOptions opt = to_loss_options(info[2].As<Napi::Object>());
-      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_adapters(info[1], holder_->ia3_size), opt));
+      const LossOptions opt = to_loss_options(info[2].As<Napi::Object>());
+      auto batch = std::make_shared<Batch>(to_batch(info[0].As<Napi::Object>()));
+      auto adapters = std::make_shared<AdapterCopies>(to_adapters(info[1], holder_->ia3_size));
+      auto h = holder_;
+      return queue_call<LossOutput>(
+          env,
+          [h, batch, adapters, opt] {
+            std::lock_guard<std::mutex> lock(h->mu);
+            return h->use().loss_and_gradients(*batch, adapters->view(), opt);
+          },
+          [](Napi::Env env, LossOutput& out) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(env);
+            set_losses(env, o, out.lm_loss, out.ul_loss, out.ln_loss, out.total_loss);
+            o.Set("tokenLogp", to_f32(env, out.token_logp));
+            o.Set("gradients", to_f32(env, out.gradients));
+            return o;
+          });
     });
   }
 
@@ -508,76 +538,58 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
                         InstanceMethod<&NativeTrainingSession::Dispose>("dispose")});
   }
 
-  NativeTrainingSession(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeTrainingSession>(info) {
-    if (info.Length() != 1 || !info[0].IsExternal())
-      throw Napi::TypeError::New(info.Env(), "NativeTrainingSession is created by createTrainingSession()");
-    holder_ = *info[0].As<Napi::External<std::shared_ptr<SessionHolder>>>().Data();
-  }
+  NativeTrainingSession(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<NativeTrainingSession>(info),
+        holder_(unwrap_holder<SessionHolder>(info, "createTrainingSession()")) {}
 
  private:
   // step(batch, lossOptions, scheduleStep) -> { lmLoss, ulLoss, lnLoss, totalLoss, lr, gradNorms, stepped }
   Napi::Value Step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h, Batch b, LossOptions o, int s)
-          : PromiseWorker(env), h_(std::move(h)), batch_(std::move(b)), opt_(o), schedule_(s) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->model->mu);
-        TrainingSession& session = h_->use();
-        out_ = session.step(h_->model->use(), batch_, opt_, schedule_);
-      }
-      Napi::Value result(Napi::Env env) override {
-        Napi::Object o = Napi::Object::New(env);
-        o.Set("lmLoss", Napi::Number::New(env, out_.lm_loss));
-        o.Set("ulLoss", Napi::Number::New(env, out_.ul_loss));
-        o.Set("lnLoss", Napi::Number::New(env, out_.ln_loss));
-        o.Set("totalLoss", Napi::Number::New(env, out_.total_loss));
-        o.Set("lr", Napi::Number::New(env, out_.lr));
-        Napi::Array norms = Napi::Array::New(env, out_.grad_norms.size());
-        Napi::Array stepped = Napi::Array::New(env, out_.stepped.size());
-        for (uint32_t i = 0; i < out_.grad_norms.size(); ++i) {
-          norms.Set(i, Napi::Number::New(env, out_.grad_norms[i]));
-          stepped.Set(i, Napi::Boolean::New(env, out_.stepped[i] != 0));
-        }
-        o.Set("gradNorms", norms);
-        o.Set("stepped", stepped);
-        return o;
-      }
-     private:
-      std::shared_ptr<SessionHolder> h_;
-      Batch batch_;
-      LossOptions opt_;
-      int schedule_;
-      TrainStepOutput out_;
-    };
     return settle(env, [&] {
       if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
         fail(ErrorCode::InvalidArgument, "step(batch, lossOptions, scheduleStep)");
       // a negative schedule step (or none) continues the schedule
       const int schedule = std::max(-1, optional_int_arg(info.Length() > 2 ? info[2] : env.Undefined(), -1, "scheduleStep"));
-      return queue(new Worker(env, holder_, to_batch(info[0].As<Napi::Object>()), to_loss_options(info[1].As<Napi::Object>()),
-                              schedule));
+      auto batch = std::make_shared<Batch>(to_batch(info[0].As<Napi::Object>()));
+      const LossOptions opt = to_loss_options(info[1].As<Napi::Object>());
+      auto h = holder_;
+      return queue_call<TrainStepOutput>(
+          env,
+          [h, batch, opt, schedule] {
+            std::lock_guard<std::mutex> lock(h->model->mu);
+            TrainingSession& session = h->use();
+            return session.step(h->model->use(), *batch, opt, schedule);
+          },
+          [](Napi::Env env, TrainStepOutput& out) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(env);
+            set_losses(env, o, out.lm_loss, out.ul_loss, out.ln_loss, out.total_loss);
+            o.Set("lr", Napi::Number::New(env, out.lr));
+            Napi::Array norms = Napi::Array::New(env, out.grad_norms.size());
+            Napi::Array stepped = Napi::Array::New(env, out.stepped.size());
+            for (uint32_t i = 0; i < out.grad_norms.size(); ++i) {
+              norms.Set(i, Napi::Number::New(env, out.grad_norms[i]));
+              stepped.Set(i, Napi::Boolean::New(env, out.stepped[i] != 0));
+            }
+            o.Set("gradNorms", norms);
+            o.Set("stepped", stepped);
+            return o;
+          });
     });
   }
 
   Napi::Value Read(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    class Worker : public PromiseWorker {
-     public:
-      Worker(Napi::Env env, std::shared_ptr<SessionHolder> h, int a) : PromiseWorker(env), h_(std::move(h)), a_(a) {}
-      void work() override {
-        std::lock_guard<std::mutex> lock(h_->model->mu);
-        out_ = h_->use().read(a_);
-      }
-      Napi::Value result(Napi::Env env) override { return to_f32(env, out_); }
-     private:
-      std::shared_ptr<SessionHolder> h_;
-      int a_;
-      std::vector<float> out_;
-    };
     return settle(env, [&] {
-      return queue(new Worker(env, holder_, optional_int_arg(info.Length() > 0 ? info[0] : env.Undefined(), -1, "adapter index")));
+      const int adapter = optional_int_arg(info.Length() > 0 ? info[0] : env.Undefined(), -1, "adapter index");
+      auto h = holder_;
+      return queue_call<std::vector<float>>(
+          env,
+          [h, adapter] {
+            std::lock_guard<std::mutex> lock(h->model->mu);
+            return h->use().read(adapter);
+          },
+          [](Napi::Env env, std::vector<float>& out) -> Napi::Value { return to_f32(env, out); });
     });
   }
 
@@ -598,32 +610,6 @@ class NativeTrainingSession : public Napi::ObjectWrap<NativeTrainingSession> {
 // createTrainingSession(adapters: Float32Array[], options) -> Promise<NativeTrainingSession>
 Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  class Worker : public PromiseWorker {
-   public:
-    Worker(Napi::Env env, std::shared_ptr<ModelHolder> h, AdapterCopies a, OptimizerOptions o)
-        : PromiseWorker(env), h_(std::move(h)), a_(std::move(a)), o_(o) {}
-    void work() override {
-      std::lock_guard<std::mutex> lock(h_->mu);
-      holder_ = std::make_shared<SessionHolder>();
-      holder_->model = h_;
-      holder_->session = h_->use().create_training_session(std::move(a_.data), o_);
-      auto& list = h_->sessions;
-      list.erase(std::remove_if(list.begin(), list.end(), [](const std::weak_ptr<SessionHolder>& w) { return w.expired(); }),
-                 list.end());
-      list.push_back(holder_);
-    }
-    Napi::Value result(Napi::Env env) override {
-      auto* ext = new std::shared_ptr<SessionHolder>(holder_);
-      auto external = Napi::External<std::shared_ptr<SessionHolder>>::New(
-          env, ext, [](Napi::Env, std::shared_ptr<SessionHolder>* p) { delete p; });
-      return env.GetInstanceData<AddonData>()->session_ctor.New({external});
-    }
-   private:
-    std::shared_ptr<ModelHolder> h_;
-    AdapterCopies a_;
-    OptimizerOptions o_;
-    std::shared_ptr<SessionHolder> holder_;
-  };
   return settle(env, [&] {
     if (info.Length() < 2 || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "createTrainingSession(adapters, options)");
     Napi::Object o = info[1].As<Napi::Object>();
@@ -640,7 +626,24 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
     TFEW_CHECK_ARG(opt.warmup_ratio >= 0 && opt.warmup_ratio <= 1, "warmupRatio must be in [0, 1]");
     TFEW_CHECK_ARG(opt.clip_norm >= 0, "clipNorm must be >= 0");
     TFEW_CHECK_ARG(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay), "weightDecay must be a finite number >= 0");
-    return queue(new Worker(env, holder_, to_adapters(info[0], holder_->ia3_size), opt));
+    auto adapters = std::make_shared<AdapterCopies>(to_adapters(info[0], holder_->ia3_size));
+    auto h = holder_;
+    return queue_call<std::shared_ptr<SessionHolder>>(
+        env,
+        [h, adapters, opt] {
+          std::lock_guard<std::mutex> lock(h->mu);
+          auto session = std::make_shared<SessionHolder>();
+          session->model = h;
+          session->session = h->use().create_training_session(std::move(adapters->data), opt);
+          auto& list = h->sessions;
+          list.erase(std::remove_if(list.begin(), list.end(), [](const std::weak_ptr<SessionHolder>& w) { return w.expired(); }),
+                     list.end());
+          list.push_back(session);
+          return session;
+        },
+        [](Napi::Env env, std::shared_ptr<SessionHolder>& session) -> Napi::Value {
+          return wrap_holder(env, env.GetInstanceData<AddonData>()->session_ctor, session);
+        });
   });
 }
 
@@ -669,10 +672,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       holder_->description = holder_->engine->describe();
     }
     Napi::Value result(Napi::Env env) override {
-      auto* ext = new std::shared_ptr<ModelHolder>(holder_);
-      auto external = Napi::External<std::shared_ptr<ModelHolder>>::New(
-          env, ext, [](Napi::Env, std::shared_ptr<ModelHolder>* p) { delete p; });
-      return env.GetInstanceData<AddonData>()->model_ctor.New({external});
+      return wrap_holder(env, env.GetInstanceData<AddonData>()->model_ctor, holder_);
     }
    private:
     T5Config config_;
@@ -843,25 +843,40 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross? }): the
-  // planner's arena size
-  testing.Set("cudaArenaBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+  // planner's arena size; cudaRecomputeChoice(config, shape, haveBytes, freeBytes): Recompute::Auto's level
+  auto arena_shape_arg = [](const Napi::Object& o) {
+    CudaArenaShape a;
+    a.batch = get_int(o, "batch");
+    a.enc_len = get_int(o, "encLen");
+    a.rows = get_int(o, "rows");
+    a.dec_len = get_int(o, "decLen");
+    a.training = get_bool(o, "training");
+    a.n_adapters = get_int(o, "nAdapters");
+    a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
+    const std::string r = o.Has("recompute") ? get_string(o, "recompute") : "none";
+    a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
+    return a;
+  };
+  auto resolved = [](Napi::Env env, Napi::Value v) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Resolve(v);
+    return d.Promise();
+  };
+  testing.Set("cudaArenaBytes", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {
       if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "cudaArenaBytes(config, shape)");
-      const Napi::Object o = info[1].As<Napi::Object>();
-      CudaArenaShape a;
-      a.batch = get_int(o, "batch");
-      a.enc_len = get_int(o, "encLen");
-      a.rows = get_int(o, "rows");
-      a.dec_len = get_int(o, "decLen");
-      a.training = get_bool(o, "training");
-      a.n_adapters = get_int(o, "nAdapters");
-      a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
-      const std::string r = get_string(o, "recompute");
-      a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
-      const int64_t bytes = cuda_arena_bytes(to_config(info[0].As<Napi::Object>()), a);
-      auto d = Napi::Promise::Deferred::New(info.Env());
-      d.Resolve(Napi::Number::New(info.Env(), static_cast<double>(bytes)));
-      return d.Promise();
+      const int64_t bytes = cuda_arena_bytes(to_config(info[0].As<Napi::Object>()), arena_shape_arg(info[1].As<Napi::Object>()));
+      return resolved(info.Env(), Napi::Number::New(info.Env(), static_cast<double>(bytes)));
+    });
+  }));
+  testing.Set("cudaRecomputeChoice", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 4 || !info[0].IsObject() || !info[1].IsObject() || !info[2].IsNumber() || !info[3].IsNumber())
+        fail(ErrorCode::InvalidArgument, "cudaRecomputeChoice(config, shape, haveBytes, freeBytes)");
+      const Recompute r = cuda_recompute_choice(to_config(info[0].As<Napi::Object>()), arena_shape_arg(info[1].As<Napi::Object>()),
+                                                static_cast<int64_t>(info[2].As<Napi::Number>().DoubleValue()),
+                                                static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
+      return resolved(info.Env(), Napi::String::New(info.Env(), r == Recompute::None ? "none" : r == Recompute::Attention ? "attention" : "all"));
     });
   }));
 #ifdef TFEW_CUDA_EMULATION
