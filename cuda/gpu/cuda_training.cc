@@ -151,8 +151,7 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
     kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
-    TFEW_CUDA_CHECK(cudaMemcpyAsync(f.qkv_enc, t.enc_qkv[l], sizeof(T) * Ne * 3 * inner, cudaMemcpyDeviceToDevice, s));
-    kernels::ia3_scale_kv<T>(f.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
+    kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[l], f.qkv_enc, 3 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
     gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
     kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
                                 f.probs, s);
@@ -400,8 +399,7 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
 
   // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
-  TFEW_CUDA_CHECK(cudaMemcpyAsync(f.qkv_enc, t.enc_qkv[layer], sizeof(T) * Ne * ld, cudaMemcpyDeviceToDevice, s));
-  kernels::ia3_scale_kv<T>(f.qkv_enc, ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+  kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
   gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
   kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
   if (probs_drop.rate > 0.f)  // (without dropout P' is P: the pointer arrays point at f.probs)

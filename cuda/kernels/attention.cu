@@ -53,6 +53,26 @@ __global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int 
   }
 }
 
+// dst = src for the q|k|v rows of n_tokens tokens (3 inner columns, both with row stride ld), k and v scaled by
+// the token's adapter on the way: one pass instead of a copy and an in-place scale.
+template <typename T>
+__global__ void ia3_scaled_qkv_copy_kernel(const T* __restrict__ src, T* __restrict__ dst, int ld, int inner,
+                                           int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= 3 * inner) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    const int64_t i = static_cast<int64_t>(t) * ld + c;
+    const int a = c >= inner ? adapter_of_token(index, t) : -1;
+    if (a < 0) {
+      dst[i] = src[i];
+    } else {
+      const float* l = index.adapters + a * index.adapter_stride;
+      const float scale = c < 2 * inner ? l[k_offset + c - inner] : l[v_offset + c - 2 * inner];
+      dst[i] = from_f32<T>(to_f32(src[i]) * scale);
+    }
+  }
+}
+
 // --------------------------------------------------------------------------------------------------------
 // softmax over score rows of `len` keys: one warp per row. Rows come in groups of rows_per_example (the rows
 // of one example: its keys j < lengths[example] are real). With a bias table (the encoder: rows [B, H, L, L])
@@ -578,6 +598,20 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
 }
 
 template <typename T>
+void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, const AdapterIndex& index,
+                         int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
+  if (n_tokens <= 0 || inner <= 0) return;
+  if (!index.active()) {
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(T) * static_cast<size_t>(n_tokens) * ld, cudaMemcpyDeviceToDevice,
+                                    stream));
+    return;
+  }
+  const dim3 grid((3 * inner + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  ia3_scaled_qkv_copy_kernel<T><<<grid, 256, 0, stream>>>(src, dst, ld, inner, n_tokens, index, k_offset, v_offset);
+  TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_qkv_copy_kernel");
+}
+
+template <typename T>
 void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const AdapterIndex& index, int64_t offset,
                        cudaStream_t stream) {
   ia3_scale_kv<T>(buf, ld, col, -1, width, n_tokens, index, offset, 0, stream);
@@ -707,6 +741,8 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   template void ia3_scale_kv<T>(T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,            \
                                 cudaStream_t);                                                                \
   template void ia3_scale_columns<T>(T*, int, int, int, int, const AdapterIndex&, int64_t, cudaStream_t);      \
+  template void ia3_scaled_qkv_copy<T>(const T*, T*, int, int, int, const AdapterIndex&, int64_t, int64_t,      \
+                                       cudaStream_t);                                                         \
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
                                    const DropoutSite&, T*, cudaStream_t);                                     \
   template void cross_softmax_folded<T>(const float*, const int32_t*, int, int64_t, int, T*, cudaStream_t);    \

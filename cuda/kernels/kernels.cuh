@@ -76,6 +76,11 @@ void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span,
 template <typename T>
 void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream);
+// dst = src over n_tokens q|k|v rows (3 inner columns, row stride ld), k (columns inner..) and v (2 inner..)
+// scaled by the token's adapter vectors at k_offset / v_offset: the scaled copy the attention GEMMs read.
+template <typename T>
+void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, const AdapterIndex& index,
+                         int64_t k_offset, int64_t v_offset, cudaStream_t stream);
 // One range only: buf[t, col + c] *= l[c] with the vector at `offset` of token t's adapter.
 template <typename T>
 void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const AdapterIndex& index, int64_t offset,
