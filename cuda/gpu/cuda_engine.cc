@@ -517,7 +517,8 @@ gpu::Shape engine_shape(const CudaArenaShape& a) {
 
 Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a, int64_t have, int64_t free) {
   TFEW_CHECK_ARG(a.training && have >= 0 && free >= 0, "a training shape and byte counts >= 0");
-  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, have, free);
+  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, have,
+                                                 [free] { return static_cast<size_t>(free); });
 }
 
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {

@@ -293,12 +293,20 @@ constexpr size_t kArenaGranule = 64u << 20;      // the arena is allocated in th
 constexpr size_t kRecomputeReserve = 256u << 20;  // Recompute::Auto leaves this free (cuBLAS, graphs, context)
 
 // Recompute::Auto: the first level, fastest first, whose arena (for arena_shape(s)) fits. `have` is the arena
-// the engine holds, `free` the device memory free besides it (a bigger arena replaces the old one).
-template <typename T>
-Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, size_t have, size_t free) {
+// the engine holds, free_bytes() the device memory free besides it (asked only when the arena held is too
+// small; a bigger arena replaces the old one).
+template <typename T, typename FreeBytes>
+Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, size_t have, FreeBytes free_bytes) {
+  size_t free = 0;
+  bool asked = false;
   for (Recompute level : {Recompute::None, Recompute::Attention, Recompute::All}) {
     const size_t need = align_up(make_train_plan<T>(c, arena_shape(s), n_adapters, level, 0).bytes, kArenaGranule);
-    if (need <= have || need + kRecomputeReserve <= free + have) return level;
+    if (need <= have) return level;
+    if (!asked) {
+      free = free_bytes();
+      asked = true;
+    }
+    if (need + kRecomputeReserve <= free + have) return level;
   }
   return Recompute::All;  // nothing fits: the smallest, whose allocation then reports the shortfall
 }
