@@ -280,6 +280,7 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     let adapterPath: string | undefined;
     try {
       const stepper = await this.stepper(examples);
+      const prepared = this.tokenizedOnce(examples);
       let failed = false;
       try {
         const batches = this.batchStream(examples.length);
@@ -291,7 +292,7 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
           this.checkModel();
           const stepStarted = performance.now();
           const batch = batches.next().value as number[];
-          const chosen = batch.map((i) => examples[i]);
+          const chosen = batch.map((i) => prepared[i]);
           const r = await stepper.step(
             { inputIds: chosen.map((e) => e.input), choices: chosen.map((e) => this.choicesOf(e)), labels: chosen.map((e) => e.label) },
             {
@@ -451,6 +452,20 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
         checked.add(e.adapter);
       }
     });
+  }
+
+  /**
+   * The examples with their text tokenized once for the whole run (inputs truncated to maxInputLength, as the
+   * model would each step), not again at every step they are drawn in. Without a tokenizer: as given.
+   */
+  private tokenizedOnce(examples: TrainExample[]): TrainExample[] {
+    if (!this.model.tokenizer) return examples;
+    const maxLength = this.options.maxInputLength;
+    return examples.map((e) => ({
+      ...e,
+      input: typeof e.input === 'string' ? this.tokenize(e.input, maxLength) : e.input,
+      choices: e.choices.map((c) => (typeof c === 'string' ? this.tokenize(c) : c)),
+    }));
   }
 
   /** One example's choices in the form the model takes: all text or all token ids. */

@@ -341,6 +341,29 @@ describe('few-shot training on the tiny T5', () => {
     }
   });
 
+  test('text is tokenized once per run, not at every step; the same losses as token ids', async () => {
+    const model = await loadTiny();
+    try {
+      const examples = task();
+      const tokenizer = model.tokenizer!;
+      const encode = tokenizer.encode.bind(tokenizer);
+      let calls = 0;
+      tokenizer.encode = (text, options) => {
+        calls++;
+        return encode(text, options);
+      };
+      const options = { steps: 20, batchSize: 4, lr: 0.1, seed: 3 };
+      const fromText = await new Trainer(model, IA3Adapter.create(model), options).train(examples);
+      tokenizer.encode = encode;
+      expect(calls).toBe(examples.length * (1 + ANSWERS.length));  // 20 steps x 4 examples drawn: 240 before
+      const asIds = examples.map((e) => ({ ...e, input: model.tokenize(e.input as string, 256), choices: ANSWERS.map((c) => model.tokenize(c)) }));
+      const fromIds = await new Trainer(model, IA3Adapter.create(model), options).train(asIds);
+      expect(fromIds.losses).toEqual(fromText.losses);
+    } finally {
+      await model.dispose();
+    }
+  });
+
   test('mixed-task training: two adapters learn opposite labels for the same inputs in shared batches', async () => {
     const model = await loadTiny();
     try {
