@@ -46,6 +46,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
   let cpuEncoder: Float32Array[];
   let uniform: RandomBatch;  // two choices per example (of different lengths): the folded cross-attention applies
   let cpuUniform: { logProbs: number[][]; scores: number[][] };
+  let trainBatch: { inputIds: number[][]; choices: number[][][]; labels: number[] };
+  let cpuTrain: Awaited<ReturnType<T5Model['lossAndGradients']>>;
 
   beforeAll(async () => {
     dir = checkpointDir();
@@ -58,6 +60,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
     cpuEncoder = await cpu.encode(batch.inputIds);
     uniform = randomBatch(cpu.config.vocabSize, [300, 37, 128, 255], [[3, 8], [5, 1], [8, 8], [2, 6]], 1236);
     cpuUniform = await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
+    trainBatch = { inputIds: batch.inputIds, choices: batch.choices, labels: batch.choices.map((c, i) => (i + 1) % c.length) };
+    cpuTrain = await cpu.lossAndGradients(trainBatch, { adapter: perExample });
     await cpu.dispose();
   });
 
@@ -136,6 +140,17 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
         await folded.dispose();
         await precomputed.dispose();
       }
+    });
+
+    test('training at this width: the T-Few losses and every adapter\'s (IA)3 gradient against the CPU backend', async () => {
+      // long, unevenly padded inputs, 2-4 choices of different lengths, two adapters and an example without
+      const g = await gpu.lossAndGradients(trainBatch, { adapter: perExample });
+      const lossTol = precision === 'fp32' ? FP32_TOL : 4 * tol('sum_logp');
+      expect(maxRelError([g.lmLoss, g.ulLoss, g.lnLoss, g.totalLoss], [cpuTrain.lmLoss, cpuTrain.ulLoss, cpuTrain.lnLoss, cpuTrain.totalLoss]))
+        .toBeLessThan(lossTol);
+      // bf16: a bound only a wrong kernel exceeds (the gradient tolerances proper are cuda-training's)
+      const gradTol = precision === 'fp32' ? FP32_TOL : 0.1;
+      for (const a of adapters) expect(relError(g.adapterGradients.get(a) as Float32Array, cpuTrain.adapterGradients.get(a) as Float32Array)).toBeLessThan(gradTol);
     });
 
     test('editing an adapter in place is seen by the next call', async () => {
