@@ -64,7 +64,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
       Span span(prof, "encoder_attention", s);
       if constexpr (std::is_same<T, __nv_bfloat16>::value)
         kernels::fused_encoder_attention(p.qkv_enc, inner, dkv, B, H, Le, p.enc_bias, p.enc_lengths, enc_ix,
-                                         ia3.self_k, ia3.self_v, p.ctx_enc, s);
+                                         ia3.self_k, ia3.self_v, kNoDropout, p.ctx_enc, s);
     } else {
       {
         Span span(prof, "ia3", s);

@@ -153,11 +153,24 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
     kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
-    kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[l], f.qkv_enc, 3 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
-    gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
-    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
-                                f.probs, s);
-    gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
+    // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
+    // backward recomputes them with the cuBLAS path (encoder_attention_backward).
+    bool fused = false;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      if (fused_attention_) {
+        kernels::fused_encoder_attention(t.enc_qkv[l], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, enc_ix,
+                                         ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s);
+        fused = true;
+      }
+    }
+    if (!fused) {
+      kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[l], f.qkv_enc, 3 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v,
+                                      s);
+      gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
+      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
+                                  f.probs, s);
+      gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
+    }
     gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
     kernels::residual_add(t.enc_x_attn[l], t.sublayer_out, static_cast<int64_t>(Ne) * d,
                           at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], s);

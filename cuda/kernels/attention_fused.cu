@@ -9,10 +9,13 @@
 // the online softmax over its rows in fp32 (running max m, running sum l; the output rows are rescaled by
 // exp(m_old - m_new)); P (bf16) V is accumulated (WMMA) into fp32 output rows kept in shared memory. The
 // (IA)3 key/value scales of the example's adapter are applied while K and V tiles are loaded, so the
-// encoder needs no separate (IA)3 pass. T5: no 1/sqrt(d_kv) scaling.
+// encoder needs no separate (IA)3 pass. Training-mode dropout drops probabilities in the P V product only
+// (the row sums, which normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it.
+// T5: no 1/sqrt(d_kv) scaling.
 #include <mma.h>
 
 #include "kernels/device_common.cuh"
+#include "kernels/dropout.cuh"
 
 namespace tfew {
 namespace kernels {
@@ -65,7 +68,7 @@ template <int DK>
 __global__ void __launch_bounds__(kThreads)
 fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
                                const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
-                               AdapterIndex index, int64_t k_offset, int64_t v_offset,
+                               AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
                                __nv_bfloat16* __restrict__ out) {
   using S = FusedSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];  // WMMA needs 32-byte aligned tiles
@@ -136,6 +139,8 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
         const int j = k0 + lane + 32 * u;
         s[u] = j < n_keys ? Ss[r * S::kLdS + lane + 32 * u] + brow[j] : -INFINITY;
       }
+      // dropout index of (b, h, i, k0 + lane): the position in the [B, H, L, L] probabilities
+      const uint64_t drop_row = ((static_cast<uint64_t>(b) * gridDim.y + h) * len + i) * len + k0 + lane;
       const float m_old = row_max[r];
       const float m_new = fmaxf(m_old, warp_max(fmaxf(s[0], s[1])));
       const bool any = m_new != -INFINITY;  // false only if no key seen yet (cannot happen: k0 < n_keys)
@@ -144,7 +149,8 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
       for (int u = 0; u < 2; ++u) {
         const float p = any ? expf(s[u] - m_new) : 0.f;
         p_sum += p;
-        Ps[r * S::kLdP + lane + 32 * u] = __float2bfloat16_rn(p);
+        const float kept = dropout.rate > 0.f && p > 0.f ? p * dropout_scale(dropout, drop_row + 32 * u) : p;
+        Ps[r * S::kLdP + lane + 32 * u] = __float2bfloat16_rn(kept);
       }
       p_sum = warp_sum(p_sum);
       const float alpha = (any && m_old != -INFINITY) ? expf(m_old - m_new) : (any ? 0.f : 1.f);
@@ -188,7 +194,7 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
-                  __nv_bfloat16* out, cudaStream_t stream) {
+                  const DropoutSite& dropout, __nv_bfloat16* out, cudaStream_t stream) {
   constexpr size_t smem = FusedSmem<DK>::kBytes;
   // More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel.
   static bool configured = false;
@@ -199,7 +205,7 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
   }
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
   fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
-                                                                       k_offset, v_offset, out);
+                                                                       k_offset, v_offset, dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
 }
 
@@ -227,13 +233,14 @@ bool fused_encoder_attention_supported(int d_kv) {
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
-                             int64_t k_offset, int64_t v_offset, __nv_bfloat16* out, cudaStream_t stream) {
+                             int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
+                             cudaStream_t stream) {
   if (batch <= 0 || len <= 0) return;
   switch (d_kv) {
-    case 16: launch_fused<16>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, out, stream); break;
-    case 32: launch_fused<32>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, out, stream); break;
-    case 64: launch_fused<64>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, out, stream); break;
-    case 128: launch_fused<128>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, out, stream); break;
+    case 16: launch_fused<16>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
+    case 32: launch_fused<32>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
+    case 64: launch_fused<64>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
+    case 128: launch_fused<128>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
     default: fail(ErrorCode::Internal, "fused encoder attention: unsupported d_kv " + std::to_string(d_kv));
   }
 }

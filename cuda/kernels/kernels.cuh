@@ -138,13 +138,15 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
 
 // Fused encoder self-attention for bf16 (attention_fused.cu): the same result as the two batched GEMMs
 // around encoder_softmax, without writing scores to memory, with the (IA)3 k/v scales (k_offset/v_offset
-// into token adapters; the encoder then needs no ia3_scale_kv pass) applied as K and V are read.
-// qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner]. Inference only.
+// into token adapters; the encoder then needs no ia3_scale_kv pass) applied as K and V are read, and the
+// dropout of the probabilities (training forward; the same elements as encoder_softmax drops).
+// qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner].
 // d_kv in {16, 32, 64, 128} and the kernel's shared memory fits the current device's opt-in limit.
 bool fused_encoder_attention_supported(int d_kv);
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
-                             int64_t k_offset, int64_t v_offset, __nv_bfloat16* out, cudaStream_t stream);
+                             int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
+                             cudaStream_t stream);
 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;
