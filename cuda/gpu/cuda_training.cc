@@ -416,9 +416,11 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
   kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
   gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
-  kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
-  if (probs_drop.rate > 0.f)  // (without dropout P' is P: the pointer arrays point at f.probs)
-    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, t.probs_dropped, s);
+  if (probs_drop.rate > 0.f)
+    kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
+                                     t.probs_dropped, s);
+  else  // without dropout P' is P: the pointer arrays point at f.probs
+    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
   kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);
 
   // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.

@@ -82,7 +82,7 @@ template <typename T>
 __global__ void masked_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
                                       const int32_t* __restrict__ lengths, int heads, int len,
                                       int64_t rows_per_example, int64_t n_rows, DropoutSite dropout,
-                                      T* __restrict__ probs) {
+                                      T* __restrict__ probs, T* __restrict__ probs_dropped) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (row >= n_rows) return;  // whole warps exit together: no block-level synchronisation below
@@ -108,7 +108,13 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   for (int j = lane; j < len; j += 32) {
     const float v = j < n_keys ? expf(logit(j) - m) * inv : 0.f;
     // dropout index = position in the [B, H, L, L] probabilities, as the CPU backend counts it
-    p[j] = from_f32<T>(v * dropout_scale(dropout, static_cast<uint64_t>(row) * len + j));
+    const float kept = v * dropout_scale(dropout, static_cast<uint64_t>(row) * len + j);
+    if (probs_dropped) {  // both: P (probs) and P' (probs_dropped)
+      p[j] = from_f32<T>(v);
+      probs_dropped[row * len + j] = from_f32<T>(kept);
+    } else {
+      p[j] = from_f32<T>(kept);
+    }
   }
 }
 
@@ -625,8 +631,20 @@ void encoder_softmax(const float* scores, const float* bias_table, const int32_t
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs);
+      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs, nullptr);
   TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (encoder)");
+}
+
+template <typename T>
+void encoder_softmax_pair(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
+                          int len, const DropoutSite& dropout, T* probs, T* probs_dropped, cudaStream_t stream) {
+  const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
+  if (n_rows <= 0) return;
+  constexpr int kBlock = 256;  // 8 rows per block
+  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
+  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs, probs_dropped);
+  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (encoder, with and without dropout)");
 }
 
 template <typename T>
@@ -637,7 +655,7 @@ void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, nullptr, lengths, 1, len, rows_per_example, n_rows, DropoutSite{}, probs);
+      scores, nullptr, lengths, 1, len, rows_per_example, n_rows, DropoutSite{}, probs, nullptr);
   TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (folded cross-attention)");
 }
 
@@ -746,6 +764,8 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
                                    const DropoutSite&, T*, cudaStream_t);                                     \
   template void cross_softmax_folded<T>(const float*, const int32_t*, int, int64_t, int, T*, cudaStream_t);    \
+  template void encoder_softmax_pair<T>(const float*, const float*, const int32_t*, int, int, int,             \
+                                        const DropoutSite&, T*, T*, cudaStream_t);                            \
   template void encoder_softmax_backward<T>(const float*, T*, const int32_t*, int, int, int, const DropoutSite&, \
                                             cudaStream_t);                                                    \
   template void ia3_kv_backward<T>(const T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,     \

@@ -100,6 +100,11 @@ template <typename T>
 void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch, int heads, int len,
                               const DropoutSite& dropout, cudaStream_t stream);
 
+// encoder_softmax written twice in one pass (training backward): probs without dropout, probs_dropped with.
+template <typename T>
+void encoder_softmax_pair(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
+                          int len, const DropoutSite& dropout, T* probs, T* probs_dropped, cudaStream_t stream);
+
 // The folded cross-attention's softmax (inference): rows of `len` encoder keys, in groups of rows_per_example
 // per example (its real keys j < lengths[example]; the others get probability 0). No bias, no dropout.
 template <typename T>
