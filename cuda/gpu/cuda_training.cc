@@ -240,8 +240,12 @@ void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const float* 
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
   kernels::dropout_cast<T>(dy, static_cast<int64_t>(n) * d, drop_out, t.dout, stream_);
   gemm_.linear_backward<T, float>(t.dout, d, wo, ff, t.dscaled, ff, n, d, ff, 1.f, 0.f);
-  kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre, t.g_ff, stream_);
-  reduce_ia3(t, t.g_ff, ff, decoder, n_adapters, ff_offset);
+  // the decoder's contributions per token (in place, g_ff == dscaled), the encoder's summed per chunk
+  const kernels::Ia3Sums per_token{n, 1};
+  float* g = decoder ? t.g_ff : t.enc_sums_ff;
+  kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre,
+                           decoder ? per_token : t.enc_sums, g, stream_);
+  reduce_ia3(t, g, ff, decoder, n_adapters, ff_offset);
   gemm_.linear_backward<T, float>(t.d_pre, wi_cols, wi, d, t.dnormed, d, n, wi_cols, d, 1.f, 0.f);
   kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_);
 }
@@ -251,7 +255,8 @@ void CudaEngine<T>::reduce_ia3(const TrainPlan<T>& t, const float* g, int width,
                                int64_t offset) {
   const Plan<T>& f = t.fwd;
   Span span(profiler_, "ia3_reduce", stream_);
-  kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : f.shape.enc_len,
+  // rows of g: the decoder's per token (row_start's rows of dec_len tokens), the encoder's per chunk
+  kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : t.enc_sums.chunks_per_example(),
                            decoder ? f.row_start : nullptr, f.adapter_of_example, n_adapters, t.partial, t.grads,
                            layout_.total, offset, stream_);
 }
@@ -360,8 +365,8 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
       gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     }
     encoder_attention_backward(t, l, drop);
-    reduce_ia3(t, t.g_k, inner, false, n_adapters, ia3.self_k);
-    reduce_ia3(t, t.g_v, inner, false, n_adapters, ia3.self_v);
+    reduce_ia3(t, t.enc_sums_k, inner, false, n_adapters, ia3.self_k);
+    reduce_ia3(t, t.enc_sums_v, inner, false, n_adapters, ia3.self_v);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
     kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
   }
@@ -432,7 +437,7 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
   gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
   kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
-                              t.g_v, inner, t.dqkv, ld, s);
+                              t.g_v, inner, t.dqkv, ld, t.enc_sums, t.enc_sums_k, t.enc_sums_v, s);
 }
 
 template LossOutput CudaEngine<float>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);

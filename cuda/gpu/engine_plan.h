@@ -228,7 +228,15 @@ struct TrainPlan {
   T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner]
   float* grads = nullptr;      // [num_adapters, layout.total]
   float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
+  // The encoder's (IA)3 contributions, summed by their producing kernels over chunks of kIa3Chunk tokens
+  // (kernels::Ia3Sums): [B * enc_chunks, d_ff] for l_ff, [B * enc_chunks, inner] each for l_k, l_v
+  kernels::Ia3Sums enc_sums;
+  float* enc_sums_ff = nullptr;
+  float* enc_sums_k = nullptr;
+  float* enc_sums_v = nullptr;
 };
+
+constexpr int kIa3Chunk = 32;  // encoder tokens per (IA)3 partial sum
 
 template <typename T>
 TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, Recompute recompute, uintptr_t base) {
@@ -283,6 +291,12 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.dctx_t = pl.place<T>(Ne * inner);
   t.dkv_cross = pl.place<T>(Ne * 2 * inner);
   pl.set_cursor(std::max(ffn_end, pl.cursor()));
+  t.enc_sums.tokens_per_example = s.enc_len;
+  t.enc_sums.chunk = kIa3Chunk;
+  const size_t sum_rows = static_cast<size_t>(s.batch) * t.enc_sums.chunks_per_example();
+  t.enc_sums_ff = pl.place<float>(sum_rows * ff);
+  t.enc_sums_k = pl.place<float>(sum_rows * inner);
+  t.enc_sums_v = pl.place<float>(sum_rows * inner);
   t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
   t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
   t.bytes = align_up(pl.cursor(), 256);

@@ -144,26 +144,39 @@ __global__ void encoder_softmax_backward_kernel(const float* __restrict__ dprobs
 
 // The (IA)3 step of the encoder attention backward: the GEMMs gave dK~ and dV~, the gradients of the scaled
 // keys and values K~ = l_k * K, V~ = l_v * V. Writes dK = l_k * dK~, dV = l_v * dV~ (as T, into the q|k|v
-// gradient) and replaces dK~, dV~ by the per-token (IA)3 contributions K * dK~ and V * dV~ (0 for tokens
-// without an adapter), which ia3_grad_reduce sums per adapter.
+// gradient) and the (IA)3 contributions K * dK~ and V * dV~ (0 for tokens without an adapter), per token or
+// summed per chunk (Ia3Sums; one block row per row of sums, as ffn_backward_kernel), which ia3_grad_reduce
+// sums per adapter. Per token, gk_out / gv_out may be g_k / g_v.
 template <typename T>
 __global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_col, int v_col, int width,
                                        int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset,
-                                       float* __restrict__ g_k, float* __restrict__ g_v, int g_ld,
-                                       T* __restrict__ dqkv, int dq_ld) {
+                                       const float* g_k, const float* g_v, int g_ld, T* __restrict__ dqkv, int dq_ld,
+                                       Ia3Sums sums, float* gk_out, float* gv_out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
-  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
-    const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
-    const float* l = a >= 0 ? index.adapters + a * index.adapter_stride : nullptr;
-    const int64_t gi = static_cast<int64_t>(t) * g_ld + c;
-    const float dk = g_k[gi], dv = g_v[gi];
-    T* drow = dqkv + static_cast<int64_t>(t) * dq_ld;
-    drow[k_col + c] = from_f32<T>(l ? l[k_offset + c] * dk : dk);
-    drow[v_col + c] = from_f32<T>(l ? l[v_offset + c] * dv : dv);
-    const T* row = qkv + static_cast<int64_t>(t) * ld;
-    g_k[gi] = l ? to_f32(row[k_col + c]) * dk : 0.f;
-    g_v[gi] = l ? to_f32(row[v_col + c]) * dv : 0.f;
+  const int per_example = sums.chunks_per_example();
+  const int64_t n_rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * per_example;
+  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
+    const int b = static_cast<int>(r / per_example), k = static_cast<int>(r % per_example);
+    const int t0 = b * sums.tokens_per_example + k * sums.chunk;
+    const int t1 = min(t0 + sums.chunk, (b + 1) * sums.tokens_per_example);
+    float ck = 0.f, cv = 0.f;
+    for (int t = t0; t < t1; ++t) {
+      const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
+      const float* l = a >= 0 ? index.adapters + a * index.adapter_stride : nullptr;
+      const int64_t gi = static_cast<int64_t>(t) * g_ld + c;
+      const float dk = g_k[gi], dv = g_v[gi];
+      T* drow = dqkv + static_cast<int64_t>(t) * dq_ld;
+      drow[k_col + c] = from_f32<T>(l ? l[k_offset + c] * dk : dk);
+      drow[v_col + c] = from_f32<T>(l ? l[v_offset + c] * dv : dv);
+      const T* row = qkv + static_cast<int64_t>(t) * ld;
+      if (l) {
+        ck += to_f32(row[k_col + c]) * dk;
+        cv += to_f32(row[v_col + c]) * dv;
+      }
+    }
+    gk_out[r * width + c] = ck;
+    gv_out[r * width + c] = cv;
   }
 }
 
@@ -673,12 +686,15 @@ void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* leng
 
 template <typename T>
 void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
-                     int64_t k_offset, int64_t v_offset, float* g_k, float* g_v, int g_ld, T* dqkv, int dq_ld,
-                     cudaStream_t stream) {
+                     int64_t k_offset, int64_t v_offset, const float* g_k, const float* g_v, int g_ld, T* dqkv,
+                     int dq_ld, const Ia3Sums& sums, float* gk_out, float* gv_out, cudaStream_t stream) {
   if (n_tokens <= 0 || width <= 0) return;
-  const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  if (sums.tokens_per_example <= 0 || n_tokens % sums.tokens_per_example != 0 || sums.chunk <= 0)
+    fail(ErrorCode::Internal, "ia3_kv_backward: tokens are not whole examples");
+  const int64_t rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * sums.chunks_per_example();
+  const dim3 grid((width + 255) / 256, static_cast<unsigned>(rows < 65535 ? rows : 65535));
   ia3_kv_backward_kernel<T><<<grid, 256, 0, stream>>>(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
-                                                      v_offset, g_k, g_v, g_ld, dqkv, dq_ld);
+                                                      v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums, gk_out, gv_out);
   TFEW_CUDA_CHECK_LAUNCH("ia3_kv_backward_kernel");
 }
 
@@ -769,7 +785,8 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   template void encoder_softmax_backward<T>(const float*, T*, const int32_t*, int, int, int, const DropoutSite&, \
                                             cudaStream_t);                                                    \
   template void ia3_kv_backward<T>(const T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,     \
-                                   float*, float*, int, T*, int, cudaStream_t);                               \
+                                   const float*, const float*, int, T*, int, const Ia3Sums&, float*, float*,  \
+                                   cudaStream_t);                                                             \
   template void decoder_self_attention<T>(const T*, int, int, int, int, int, int, const float*, const int32_t*, \
                                           const AdapterIndex&, int64_t, int64_t, const DropoutSite&, T*, int, \
                                           cudaStream_t);                                                      \

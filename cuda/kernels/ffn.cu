@@ -49,35 +49,45 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, in
   }
 }
 
+// One block row per Ia3Sums row (a token, or a chunk of one example's tokens walked in order). Per token, g_ff
+// may be dscaled itself (the decoder's plan does that): each element is read, then written, by one thread.
 template <typename T, bool kGated>
-// g_ff may be dscaled itself (the training plan does that): each element is read, then written, by one thread.
 __global__ void ffn_backward_kernel(const float* dscaled, const T* __restrict__ pre, int n_tokens, int d_ff,
                                     AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
-                                    T* __restrict__ d_pre, float* g_ff) {
+                                    T* __restrict__ d_pre, Ia3Sums sums, float* g_ff) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
-  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
-    const int64_t i = static_cast<int64_t>(t) * d_ff + c;
-    const float g = dscaled[i] * dropout_scale(dropout, static_cast<uint64_t>(i));  // d loss / d (scaled hidden)
-    float l = 1.f;
-    if (scaled) {
-      const int a = adapter_of_token(index, t);
-      if (a >= 0) l = index.adapters[a * index.adapter_stride + ff_offset + c];
+  const int per_example = sums.chunks_per_example();
+  const int64_t n_rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * per_example;
+  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
+    const int b = static_cast<int>(r / per_example), k = static_cast<int>(r % per_example);
+    const int t0 = b * sums.tokens_per_example + k * sums.chunk;
+    const int t1 = min(t0 + sums.chunk, (b + 1) * sums.tokens_per_example);
+    float contribution = 0.f;
+    for (int t = t0; t < t1; ++t) {
+      const int64_t i = static_cast<int64_t>(t) * d_ff + c;
+      const float g = dscaled[i] * dropout_scale(dropout, static_cast<uint64_t>(i));  // d loss / d (scaled hidden)
+      float l = 1.f;
+      if (scaled) {
+        const int a = adapter_of_token(index, t);
+        if (a >= 0) l = index.adapters[a * index.adapter_stride + ff_offset + c];
+      }
+      if (kGated) {
+        const T* row = pre + static_cast<int64_t>(t) * 2 * d_ff;
+        const float h0 = to_f32(row[c]), h1 = to_f32(row[d_ff + c]);
+        const float act = gelu_new(h0);
+        contribution += g * act * h1;
+        const float dh = g * l;
+        T* drow = d_pre + static_cast<int64_t>(t) * 2 * d_ff;
+        drow[c] = from_f32<T>(dh * h1 * gelu_new_grad(h0));
+        drow[d_ff + c] = from_f32<T>(dh * act);
+      } else {
+        const float h0 = to_f32(pre[i]);
+        contribution += g * fmaxf(h0, 0.f);
+        d_pre[i] = from_f32<T>(h0 > 0.f ? g * l : 0.f);
+      }
     }
-    if (kGated) {
-      const T* row = pre + static_cast<int64_t>(t) * 2 * d_ff;
-      const float h0 = to_f32(row[c]), h1 = to_f32(row[d_ff + c]);
-      const float act = gelu_new(h0);
-      g_ff[i] = g * act * h1;
-      const float dh = g * l;
-      T* drow = d_pre + static_cast<int64_t>(t) * 2 * d_ff;
-      drow[c] = from_f32<T>(dh * h1 * gelu_new_grad(h0));
-      drow[d_ff + c] = from_f32<T>(dh * act);
-    } else {
-      const float h0 = to_f32(pre[i]);
-      g_ff[i] = g * fmaxf(h0, 0.f);
-      d_pre[i] = from_f32<T>(h0 > 0.f ? g * l : 0.f);
-    }
+    g_ff[r * d_ff + c] = contribution;
   }
 }
 
@@ -99,17 +109,21 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
 
 template <typename T>
 void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
-                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, float* g_ff, cudaStream_t stream) {
+                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, const Ia3Sums& sums, float* g_ff,
+                  cudaStream_t stream) {
   if (n_tokens <= 0 || d_ff <= 0) return;
+  if (sums.tokens_per_example <= 0 || n_tokens % sums.tokens_per_example != 0 || sums.chunk <= 0)
+    fail(ErrorCode::Internal, "ffn_backward: tokens are not whole examples");
   const bool scaled = index.active();
+  const int64_t rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * sums.chunks_per_example();
   const dim3 block(256);
-  const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  const dim3 grid((d_ff + 255) / 256, static_cast<unsigned>(rows < 65535 ? rows : 65535));
   if (gated)
     ffn_backward_kernel<T, true><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
-                                                             dropout, d_pre, g_ff);
+                                                             dropout, d_pre, sums, g_ff);
   else
     ffn_backward_kernel<T, false><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
-                                                              dropout, d_pre, g_ff);
+                                                              dropout, d_pre, sums, g_ff);
   TFEW_CUDA_CHECK_LAUNCH("ffn_backward_kernel");
 }
 
@@ -117,7 +131,7 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
   template void ffn_activation<T>(const T*, int, int, bool, const AdapterIndex&, int64_t, const DropoutSite&, T*, \
                                   cudaStream_t);                                                                 \
   template void ffn_backward<T>(const float*, const T*, int, int, bool, const AdapterIndex&, int64_t,             \
-                                const DropoutSite&, T*, float*, cudaStream_t);
+                                const DropoutSite&, T*, const Ia3Sums&, float*, cudaStream_t);
 TFEW_INSTANTIATE(float)
 TFEW_INSTANTIATE(__nv_bfloat16)
 #undef TFEW_INSTANTIATE

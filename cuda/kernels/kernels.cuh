@@ -40,6 +40,16 @@ struct DropoutSite {
   const uint64_t* seed_dev = nullptr;
 };
 
+// Where a kernel puts its per-token (IA)3 gradient contributions: one row per token (chunk 1), or one row per
+// chunk of up to `chunk` consecutive tokens of one example (tokens_per_example each; chunks never cross
+// examples), summed in token order: the first stage of ia3_grad_reduce done by the producing kernel, so the
+// per-token rows are never written and read back. Rows: (n_tokens / tokens_per_example) * chunks_per_example().
+struct Ia3Sums {
+  int tokens_per_example = 1;
+  int chunk = 1;
+  __host__ __device__ int chunks_per_example() const { return (tokens_per_example + chunk - 1) / chunk; }
+};
+
 // ---- embedding.cu
 // out[t, :] = table[ids[t], :] as fp32 (the residual stream).
 template <typename T>
@@ -112,13 +122,14 @@ void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch
                           T* probs, cudaStream_t stream);
 
 // The (IA)3 step of an attention backward that ran on the scaled keys and values K~ = l_k * K, V~ = l_v * V:
-// g_k, g_v (fp32 [n_tokens, g_ld], columns < width) hold dK~, dV~ on entry and the per-token contributions
-// K * dK~, V * dV~ on return (0 for tokens without an adapter); dK = l_k * dK~ and dV = l_v * dV~ are written
-// as T into dqkv's columns k_col, v_col. K and V (unscaled) are qkv's columns k_col, v_col.
+// g_k, g_v (fp32 [n_tokens, g_ld], columns < width) hold dK~, dV~; the contributions K * dK~, V * dV~ (0 for
+// tokens without an adapter) go to gk_out, gv_out ([rows of `sums`, width]; per token they may be g_k, g_v
+// themselves); dK = l_k * dK~ and dV = l_v * dV~ are written as T into dqkv's columns k_col, v_col. K and V
+// (unscaled) are qkv's columns k_col, v_col.
 template <typename T>
 void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
-                     int64_t k_offset, int64_t v_offset, float* g_k, float* g_v, int g_ld, T* dqkv, int dq_ld,
-                     cudaStream_t stream);
+                     int64_t k_offset, int64_t v_offset, const float* g_k, const float* g_v, int g_ld, T* dqkv,
+                     int dq_ld, const Ia3Sums& sums, float* gk_out, float* gv_out, cudaStream_t stream);
 
 // Decoder causal self-attention over the positions of each choice row (dec_len tokens per row; no padding
 // mask: the decoder mask is causal only). q, k, v are the column blocks [0, inner), [inner, 2 inner),
@@ -198,10 +209,12 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
                     int64_t ff_offset, const DropoutSite& dropout, T* out, cudaStream_t stream);
 // Backward from dscaled (fp32 [n, d_ff], the gradient of the activation's output): d_pre (T [n, 2 d_ff] or
 // [n, d_ff], the gradient of the wi projections) and g_ff = dropout-masked dscaled * unscaled hidden
-// (fp32 [n, d_ff], the per-token contribution to l_ff's gradient; may be dscaled itself, computed in place).
+// (fp32 [rows of `sums`, d_ff], the contributions to l_ff's gradient; per token it may be dscaled itself,
+// computed in place).
 template <typename T>
 void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
-                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, float* g_ff, cudaStream_t stream);
+                  int64_t ff_offset, const DropoutSite& dropout, T* d_pre, const Ia3Sums& sums, float* g_ff,
+                  cudaStream_t stream);
 
 // ---- ia3.cu (training)
 // grads[a * stride + offset + c] += sum of g[t, c] over the tokens t of the examples whose adapter is a.
