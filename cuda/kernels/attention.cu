@@ -154,12 +154,9 @@ __global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_
                                        Ia3Sums sums, float* gk_out, float* gv_out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
-  const int per_example = sums.chunks_per_example();
-  const int64_t n_rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * per_example;
-  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
-    const int b = static_cast<int>(r / per_example), k = static_cast<int>(r % per_example);
-    const int t0 = b * sums.tokens_per_example + k * sums.chunk;
-    const int t1 = min(t0 + sums.chunk, (b + 1) * sums.tokens_per_example);
+  for (int64_t r = blockIdx.y; r < sums.rows(n_tokens); r += gridDim.y) {
+    int t0, t1;
+    sums.tokens_of(r, t0, t1);
     float ck = 0.f, cv = 0.f;
     for (int t = t0; t < t1; ++t) {
       const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
@@ -636,40 +633,40 @@ void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const A
   ia3_scale_kv<T>(buf, ld, col, -1, width, n_tokens, index, offset, 0, stream);
 }
 
+namespace {
+// One warp per row, 8 rows per block.
+template <typename T>
+void launch_masked_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int heads, int len,
+                           int64_t rows_per_example, int64_t n_rows, const DropoutSite& dropout, T* probs,
+                           T* probs_dropped, cudaStream_t stream) {
+  if (n_rows <= 0) return;
+  constexpr int kBlock = 256;
+  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
+  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, probs, probs_dropped);
+  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel");
+}
+}  // namespace
+
 template <typename T>
 void encoder_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
                      int len, const DropoutSite& dropout, T* probs, cudaStream_t stream) {
-  const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
-  if (n_rows <= 0) return;
-  constexpr int kBlock = 256;  // 8 rows per block
-  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs, nullptr);
-  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (encoder)");
+  launch_masked_softmax<T>(scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len,
+                           static_cast<int64_t>(batch) * heads * len, dropout, probs, nullptr, stream);
 }
 
 template <typename T>
 void encoder_softmax_pair(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
                           int len, const DropoutSite& dropout, T* probs, T* probs_dropped, cudaStream_t stream) {
-  const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
-  if (n_rows <= 0) return;
-  constexpr int kBlock = 256;  // 8 rows per block
-  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len, n_rows, dropout, probs, probs_dropped);
-  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (encoder, with and without dropout)");
+  launch_masked_softmax<T>(scores, bias_table, lengths, heads, len, static_cast<int64_t>(heads) * len,
+                           static_cast<int64_t>(batch) * heads * len, dropout, probs, probs_dropped, stream);
 }
 
 template <typename T>
 void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch, int64_t rows_per_example, int len,
                           T* probs, cudaStream_t stream) {
-  const int64_t n_rows = batch * rows_per_example;
-  if (n_rows <= 0) return;
-  constexpr int kBlock = 256;  // 8 rows per block
-  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, nullptr, lengths, 1, len, rows_per_example, n_rows, DropoutSite{}, probs, nullptr);
-  TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel (folded cross-attention)");
+  launch_masked_softmax<T>(scores, nullptr, lengths, 1, len, rows_per_example, batch * rows_per_example,
+                           DropoutSite{}, probs, nullptr, stream);
 }
 
 template <typename T>
@@ -691,7 +688,7 @@ void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int 
   if (n_tokens <= 0 || width <= 0) return;
   if (sums.tokens_per_example <= 0 || n_tokens % sums.tokens_per_example != 0 || sums.chunk <= 0)
     fail(ErrorCode::Internal, "ia3_kv_backward: tokens are not whole examples");
-  const int64_t rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * sums.chunks_per_example();
+  const int64_t rows = sums.rows(n_tokens);
   const dim3 grid((width + 255) / 256, static_cast<unsigned>(rows < 65535 ? rows : 65535));
   ia3_kv_backward_kernel<T><<<grid, 256, 0, stream>>>(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
                                                       v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums, gk_out, gv_out);

@@ -57,12 +57,9 @@ __global__ void ffn_backward_kernel(const float* dscaled, const T* __restrict__ 
                                     T* __restrict__ d_pre, Ia3Sums sums, float* g_ff) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
-  const int per_example = sums.chunks_per_example();
-  const int64_t n_rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * per_example;
-  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
-    const int b = static_cast<int>(r / per_example), k = static_cast<int>(r % per_example);
-    const int t0 = b * sums.tokens_per_example + k * sums.chunk;
-    const int t1 = min(t0 + sums.chunk, (b + 1) * sums.tokens_per_example);
+  for (int64_t r = blockIdx.y; r < sums.rows(n_tokens); r += gridDim.y) {
+    int t0, t1;
+    sums.tokens_of(r, t0, t1);
     float contribution = 0.f;
     for (int t = t0; t < t1; ++t) {
       const int64_t i = static_cast<int64_t>(t) * d_ff + c;
@@ -115,7 +112,7 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
   if (sums.tokens_per_example <= 0 || n_tokens % sums.tokens_per_example != 0 || sums.chunk <= 0)
     fail(ErrorCode::Internal, "ffn_backward: tokens are not whole examples");
   const bool scaled = index.active();
-  const int64_t rows = static_cast<int64_t>(n_tokens / sums.tokens_per_example) * sums.chunks_per_example();
+  const int64_t rows = sums.rows(n_tokens);
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, static_cast<unsigned>(rows < 65535 ? rows : 65535));
   if (gated)

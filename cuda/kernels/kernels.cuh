@@ -48,6 +48,17 @@ struct Ia3Sums {
   int tokens_per_example = 1;
   int chunk = 1;
   __host__ __device__ int chunks_per_example() const { return (tokens_per_example + chunk - 1) / chunk; }
+  __host__ __device__ int64_t rows(int n_tokens) const {
+    return static_cast<int64_t>(n_tokens / tokens_per_example) * chunks_per_example();
+  }
+  // The tokens [first, last) that row r sums.
+  __host__ __device__ void tokens_of(int64_t r, int& first, int& last) const {
+    const int per_example = chunks_per_example();
+    const int b = static_cast<int>(r / per_example), k = static_cast<int>(r % per_example);
+    first = b * tokens_per_example + k * chunk;
+    const int end = (b + 1) * tokens_per_example;
+    last = first + chunk < end ? first + chunk : end;
+  }
 };
 
 // ---- embedding.cu
