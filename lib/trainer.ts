@@ -279,8 +279,8 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     let aborted = false;
     let adapterPath: string | undefined;
     try {
+      const prepared = this.tokenizedOnce(examples);  // before the session: a failure here leaks nothing
       const stepper = await this.stepper(examples);
-      const prepared = this.tokenizedOnce(examples);
       let failed = false;
       try {
         const batches = this.batchStream(examples.length);

@@ -266,13 +266,20 @@ void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointe
 // ---- memory
 
 template <typename T>
-void CudaEngine<T>::ensure_arena(size_t bytes) {
-  if (bytes <= arena_.size()) return;
+void CudaEngine<T>::ensure_arena(size_t wanted, size_t needed) {
+  if (needed <= arena_.size()) return;
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they point into the old arena
   arena_.reset();
-  // (callers size it for arena_shape: no further headroom)
-  arena_.allocate(align_up(bytes, kArenaGranule), "the activation arena");
+  if (wanted > needed) {
+    try {
+      arena_.allocate(align_up(wanted, kArenaGranule), "the activation arena");
+      return;
+    } catch (const TfewError& e) {
+      if (e.code() != ErrorCode::OutOfMemory) throw;
+    }
+  }
+  arena_.allocate(align_up(needed, kArenaGranule), "the activation arena");
 }
 
 template <typename T>
@@ -403,7 +410,8 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
   shape.folded_cross = folds_cross_attention(b);
 
   if (shape.adapters) upload_adapters(adapters);
-  ensure_arena(make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes);
+  ensure_arena(make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes,
+               make_plan<T>(config_, shape, fused_attention_, 0).bytes);
   const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
   pack_inputs(b, plan, !fused_attention_);
 

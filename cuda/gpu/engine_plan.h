@@ -34,13 +34,13 @@ struct Shape {
   }
 };
 
-// The shape the arena is sized for: lengths rounded up (encoder to 64, decoder to 8 positions, choice rows to
+// The shape the arena is sized for: lengths rounded up (encoder to 16, decoder to 8 positions, choice rows to
 // 8), so that batches of similar lengths reuse it instead of growing it a little at a time. Every plan grows
 // with each of these, so the rounded shape's plan covers the call's. Shapes already on the grid (the
-// benchmarks') get exactly what they need.
+// benchmarks') get exactly what they need; when the rounded arena does not fit, the exact one is tried.
 inline Shape arena_shape(Shape s) {
   auto round_up = [](int x, int m) { return (x + m - 1) / m * m; };
-  s.enc_len = round_up(s.enc_len, 64);
+  s.enc_len = round_up(s.enc_len, 16);
   s.dec_len = round_up(s.dec_len, 8);
   s.rows = round_up(s.rows, 8);
   return s;
@@ -306,15 +306,16 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
 constexpr size_t kArenaGranule = 64u << 20;      // the arena is allocated in these steps
 constexpr size_t kRecomputeReserve = 256u << 20;  // Recompute::Auto leaves this free (cuBLAS, graphs, context)
 
-// Recompute::Auto: the first level, fastest first, whose arena (for arena_shape(s)) fits. `have` is the arena
-// the engine holds, free_bytes() the device memory free besides it (asked only when the arena held is too
-// small; a bigger arena replaces the old one).
+// Recompute::Auto: the first level, fastest first, whose arena fits (the call's own plan: ensure_arena falls
+// back to it when the rounded shape's does not fit). `have` is the arena the engine holds, free_bytes() the
+// device memory free besides it (asked only when the arena held is too small; a bigger arena replaces the
+// old one).
 template <typename T, typename FreeBytes>
 Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, size_t have, FreeBytes free_bytes) {
   size_t free = 0;
   bool asked = false;
   for (Recompute level : {Recompute::None, Recompute::Attention, Recompute::All}) {
-    const size_t need = align_up(make_train_plan<T>(c, arena_shape(s), n_adapters, level, 0).bytes, kArenaGranule);
+    const size_t need = align_up(make_train_plan<T>(c, s, n_adapters, level, 0).bytes, kArenaGranule);
     if (need <= have) return level;
     if (!asked) {
       free = free_bytes();

@@ -14,6 +14,9 @@
 // T5: no 1/sqrt(d_kv) scaling.
 #include <mma.h>
 
+#include <mutex>
+#include <set>
+
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
 
@@ -196,12 +199,19 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                   const DropoutSite& dropout, __nv_bfloat16* out, cudaStream_t stream) {
   constexpr size_t smem = FusedSmem<DK>::kBytes;
-  // More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel.
-  static bool configured = false;
-  if (!configured) {
-    TFEW_CUDA_CHECK(cudaFuncSetAttribute(fused_encoder_attention_kernel<DK>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    configured = true;
+  // More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel and device (the
+  // attribute belongs to the current device; engines on several GPUs, or threads, may launch it).
+  static std::mutex mu;
+  static std::set<int> configured;
+  int device = 0;
+  TFEW_CUDA_CHECK(cudaGetDevice(&device));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!configured.count(device)) {
+      TFEW_CUDA_CHECK(cudaFuncSetAttribute(fused_encoder_attention_kernel<DK>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      configured.insert(device);
+    }
   }
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
   fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,

@@ -854,6 +854,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     a.n_adapters = get_int(o, "nAdapters");
     a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
     const std::string r = o.Has("recompute") ? get_string(o, "recompute") : "none";
+    if (r != "none" && r != "attention" && r != "all") fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
     a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
     return a;
   };
