@@ -266,8 +266,9 @@ void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointe
 // ---- memory
 
 template <typename T>
-void CudaEngine<T>::ensure_arena(size_t wanted, size_t needed) {
+void CudaEngine<T>::ensure_arena(size_t needed, const std::function<size_t()>& wanted_bytes) {
   if (needed <= arena_.size()) return;
+  const size_t wanted = wanted_bytes();
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they point into the old arena
   arena_.reset();
@@ -410,8 +411,8 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
   shape.folded_cross = folds_cross_attention(b);
 
   if (shape.adapters) upload_adapters(adapters);
-  ensure_arena(make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes,
-               make_plan<T>(config_, shape, fused_attention_, 0).bytes);
+  ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes,
+               [&] { return make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes; });
   const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
   pack_inputs(b, plan, !fused_attention_);
 

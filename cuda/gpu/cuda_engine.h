@@ -109,9 +109,9 @@ class CudaEngine final : public Engine {
   void pack_inputs(const Batch& b, const Plan<T>& plan, bool pointer_arrays, uint64_t dropout_seed = 0);
   // Where device_ptr (inside plan's inputs block) lies in the pinned staging copy of that block.
   char* staged(const Plan<T>& plan, const void* device_ptr);
-  // Grows the arena to `wanted` bytes (the plan of arena_shape), or to `needed` (the call's own plan) when
-  // `wanted` does not fit.
-  void ensure_arena(size_t wanted, size_t needed);
+  // Grows the arena, when it holds less than `needed` bytes (the call's own plan), to wanted() bytes (the plan
+  // of arena_shape; computed only then), or to `needed` when that does not fit.
+  void ensure_arena(size_t needed, const std::function<size_t()>& wanted);
   // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
   void upload_adapters(const AdapterSet& set);
 

@@ -77,8 +77,8 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.training = true;
   const Recompute recompute = options.recompute == Recompute::Auto ? recompute_for_memory(shape, n_adapters)
                                                                    : options.recompute;
-  ensure_arena(make_train_plan<T>(config_, arena_shape(shape), n_adapters, recompute, 0).bytes,
-               make_train_plan<T>(config_, shape, n_adapters, recompute, 0).bytes);
+  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, recompute, 0).bytes,
+               [&] { return make_train_plan<T>(config_, arena_shape(shape), n_adapters, recompute, 0).bytes; });
   train_plan_ = make_train_plan<T>(config_, shape, n_adapters, recompute, reinterpret_cast<uintptr_t>(arena_.get()));
   const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
