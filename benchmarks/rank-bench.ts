@@ -8,7 +8,8 @@
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
 //                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
 //                 the encoder's q|k|v / q|k|v and wi projections recomputed in the backward (LossOptions.recompute
-//                 'attention' / 'all': less device memory).
+//                 'attention' / 'all': less device memory). TRAIN-3B folds the cross-attention under 'auto';
+//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values (on the second load).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -36,6 +37,7 @@ interface ProfileLine {
   kind?: 'score' | 'train';
   forward_ms: number;
   graph: boolean;
+  folded_cross?: boolean;
   families_ms?: Record<string, number>;
 }
 
@@ -47,8 +49,12 @@ interface WorkloadResult {
   medianForwardMs: number;
   examplesPerSecond: number;
   graphReplays: number;
+  /** Whether every timed call ran the folded cross-attention (the profile's folded_cross). */
+  foldedCross: boolean;
   /** Device memory in use after the workload minus before the model was loaded (cudaMemGetInfo), MiB. */
   deviceMiB?: number;
+  /** Training workloads: the recompute level asked for. */
+  recompute?: string;
 }
 
 export interface RankBenchResult {
@@ -85,9 +91,9 @@ function randomAdapter(model: T5Model, seed: number): IA3Adapter {
   return a;
 }
 
-async function timeWorkload(model: T5Model, batch: RandomBatch, adapter: IA3Adapter | (IA3Adapter | null)[] | undefined,
-                            profileFile: string, warmups = 3, runs = 10): Promise<WorkloadResult> {
-  const call = () => model.rankClassify(batch.inputIds, batch.choices, { adapter, batchSize: batch.inputIds.length });
+// Warm-ups, then timed calls: their wall times (hrtime) and the engine's profile lines of `kind` (CUDA events).
+async function timeCalls(call: () => Promise<unknown>, kind: 'score' | 'train', examples: number, profileFile: string,
+                         warmups: number, runs: number): Promise<WorkloadResult> {
   for (let i = 0; i < warmups; i++) await call();
   fs.writeFileSync(profileFile, '');
   const wall: number[] = [];
@@ -96,9 +102,8 @@ async function timeWorkload(model: T5Model, batch: RandomBatch, adapter: IA3Adap
     await call();
     wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
   }
-  const prof = readProfile(profileFile);
+  const prof = readProfile(profileFile).filter((p) => (p.kind ?? 'score') === kind);
   const forward = prof.map((p) => p.forward_ms);
-  const examples = batch.inputIds.length;
   return {
     examples,
     wallMs: wall,
@@ -107,7 +112,31 @@ async function timeWorkload(model: T5Model, batch: RandomBatch, adapter: IA3Adap
     medianForwardMs: median(forward),
     examplesPerSecond: examples / (median(wall) / 1000),
     graphReplays: prof.filter((p) => p.graph).length,
+    foldedCross: prof.length > 0 && prof.every((p) => p.folded_cross === true),
   };
+}
+
+async function timeWorkload(model: T5Model, batch: RandomBatch, adapter: IA3Adapter | (IA3Adapter | null)[] | undefined,
+                            profileFile: string, warmups = 3, runs = 10): Promise<WorkloadResult> {
+  const call = () => model.rankClassify(batch.inputIds, batch.choices, { adapter, batchSize: batch.inputIds.length });
+  return timeCalls(call, 'score', batch.inputIds.length, profileFile, warmups, runs);
+}
+
+type Recompute = 'none' | 'attention' | 'all';
+
+// One T-Few training-session step (forward, losses, backward, clipping + schedule + Adafactor on the device):
+// wall time per step, and the step's device time from the profile (CUDA events around forward, losses and
+// backward; Adafactor's two launches are outside).
+async function timeTraining(model: T5Model, batch: RandomBatch, adapter: IA3Adapter, recompute: Recompute,
+                            profileFile: string, warmups: number, runs: number): Promise<WorkloadResult> {
+  const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
+  try {
+    const call = () => session.step({ inputIds: batch.inputIds, choices: batch.choices, labels: batch.labels },
+                                    { adapter, dropout: true, seed: 1, recompute });
+    return { ...(await timeCalls(call, 'train', batch.inputIds.length, profileFile, warmups, runs)), recompute };
+  } finally {
+    await session.dispose();
+  }
 }
 
 function gemmShare(families: Record<string, number>): number {
@@ -169,29 +198,18 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
                                                  warmups, runs);
   workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile, warmups, runs);
   // The arena only grows: the recomputing variant (the smallest) goes first, so its memory is its own.
+  const trainBatchOf = (choices: number) =>
+    randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)), 13 + choices);
   for (const [name, choices, recompute] of [['TRAIN-3B-RECOMPUTE', 2, 'all'], ['TRAIN-3B-RECOMPUTE-ATTN', 2, 'attention'],
                                             ['TRAIN-3B', 2, 'none'], ['TRAIN-3B-C4', 4, 'none']] as const) {
-    const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)),
-                           13 + choices);
-    // the whole T-Few step: forward, losses, backward, clipping + schedule + Adafactor on the device
-    const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
-    const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
-                                    { adapter, dropout: true, seed: 1, recompute });
-    for (let i = 0; i < Math.min(2, warmups); i++) await call();
-    const wall: number[] = [];
-    for (let i = 0; i < Math.min(5, runs); i++) {
-      const t0 = process.hrtime.bigint();
-      await call();
-      wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
-    }
-    const deviceMiB = usedMiB() - baselineMiB;
-    await session.dispose();
-    workloads[name] = { examples: trainBatch, wallMs: wall, forwardMs: [], medianWallMs: median(wall), medianForwardMs: NaN,
-                        examplesPerSecond: trainBatch / (median(wall) / 1000), graphReplays: 0, deviceMiB };
+    workloads[name] = await timeTraining(model, trainBatchOf(choices), adapter, recompute, profileFile, Math.min(2, warmups),
+                                         Math.min(5, runs));
+    workloads[name].deviceMiB = usedMiB() - baselineMiB;
   }
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
-                `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}` +
+                `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}, ` +
+                `cross-attention ${w.foldedCross ? 'folded' : 'precomputed'}` +
                 (w.deviceMiB !== undefined ? `, device memory ${(w.deviceMiB / 1024).toFixed(2)} GiB` : ''));
   }
   const describe = model.describe();
@@ -205,6 +223,11 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     const alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention } });
     workloads[name] = await timeWorkload(alt, batch, adapter, profileFile, warmups, runs);
     workloads[name].deviceMiB = usedMiB() - before;
+    if (crossAttention === 'precomputed') {  // and TRAIN-3B (folded under 'auto') without the fold
+      workloads['TRAIN-3B-PRECOMPUTED'] = await timeTraining(alt, trainBatchOf(2), adapter, 'none', profileFile,
+                                                             Math.min(2, warmups), Math.min(5, runs));
+      workloads['TRAIN-3B-PRECOMPUTED'].deviceMiB = usedMiB() - before;
+    }
     await alt.dispose();
     console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
                 `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
@@ -281,13 +304,14 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
   lines.push('');
-  lines.push('| workload | ours wall ms | ours forward ms | ours ex/s | ours device GiB | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
-  lines.push('|---|---|---|---|---|---|---|---|');
+  lines.push('| workload | ours wall ms | ours device ms | ours ex/s | ours device GiB | cross-attention | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
+  lines.push('|---|---|---|---|---|---|---|---|---|');
   for (const [name, w] of Object.entries(ours.workloads)) {
     const t = torch?.workloads?.[name];
     const share = ours.breakdown?.[name]?.gemmShare;
     const gib = w.deviceMiB === undefined ? undefined : w.deviceMiB / 1024;
     lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(gib)} | ` +
+               `${w.foldedCross ? 'folded' : 'precomputed'}${w.recompute ? `, recompute ${w.recompute}` : ''} | ` +
                `${fmt(t?.eager_ms)} (${fmt(t?.peak_gib, 1)}) | ` +
                `${fmt(t?.compiled_ms)} (${fmt(t?.compile_s, 0)}) | ${share === undefined ? '-' : fmt(share * 100, 1) + ' %'} |`);
   }
@@ -377,6 +401,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       encoder: await cpu.encode(batch.inputIds, { adapter: mixed }),
       loss: await cpu.lossAndGradients(batch, { adapter: [a, b, a] }),
       uniform: await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: mixed }),
+      uniformLoss: await cpu.lossAndGradients(uniform, { adapter: [a, b, a] }),
     };
     await cpu.dispose();
     for (const precision of ['fp32', 'bf16'] as const) {
@@ -422,6 +447,15 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
         const folded = await loadCudaWith(dir, { precision, crossAttention: 'folded' });
         try {
           return maxRelErr(logp(await folded.rankClassify(uniform.inputIds, uniform.choices, { adapter: mixed })), logp(ref.uniform));
+        } finally {
+          await folded.dispose();
+        }
+      });
+      await check(`${tag} folded cross-attention training gradients, mixed [a, b, a]`, precision === 'fp32' ? 1e-4 : 2.5e-1, async () => {
+        const folded = await loadCudaWith(dir, { precision, crossAttention: 'folded' });
+        try {
+          const g = await folded.lossAndGradients(uniform, { adapter: [a, b, a] });
+          return Math.max(...[a, b].map((x) => relErr(g.adapterGradients.get(x) as Float32Array, ref.uniformLoss.adapterGradients.get(x) as Float32Array)));
         } finally {
           await folded.dispose();
         }

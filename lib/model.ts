@@ -175,15 +175,25 @@ async function mapNativeErrors<T>(f: () => Promise<T>): Promise<T> {
   }
 }
 
-/** LossOptions.recompute: how much of the encoder's forward the CUDA backward recomputes. */
-export type Recompute = boolean | 'auto' | 'none' | 'attention' | 'all';
+/** "'a', 'b' or 'c'": the allowed values in an error message. */
+function oneOf(values: readonly string[]): string {
+  const q = values.map((v) => `'${v}'`);
+  return q.length > 1 ? `${q.slice(0, -1).join(', ')} or ${q[q.length - 1]}` : q.join('');
+}
 
-function recomputeLevel(value: Recompute | undefined): 'auto' | 'none' | 'attention' | 'all' {
-  if (value === undefined || value === 'auto') return 'auto';
-  if (value === false || value === 'none') return 'none';
-  if (value === true || value === 'all') return 'all';
-  if (value === 'attention') return value;
-  throw new InvalidArgumentError(`recompute must be a boolean, 'auto', 'none', 'attention' or 'all', got ${JSON.stringify(value) ?? String(value)}`);
+/** The recompute levels; the one list behind LossOptions, the Trainer and the CLI's --recompute. */
+export const RECOMPUTE_LEVELS = ['auto', 'none', 'attention', 'all'] as const;
+export type RecomputeLevel = (typeof RECOMPUTE_LEVELS)[number];
+/** LossOptions.recompute: how much of the encoder's forward the CUDA backward recomputes. */
+export type Recompute = boolean | RecomputeLevel;
+
+/** Validates a recompute option (undefined = 'auto', false = 'none', true = 'all') and names its level. */
+export function recomputeLevel(value: Recompute | undefined): RecomputeLevel {
+  if (value === undefined) return 'auto';
+  if (value === false) return 'none';
+  if (value === true) return 'all';
+  if ((RECOMPUTE_LEVELS as readonly unknown[]).includes(value)) return value;
+  throw new InvalidArgumentError(`recompute must be a boolean, ${oneOf(RECOMPUTE_LEVELS)}, got ${JSON.stringify(value) ?? String(value)}`);
 }
 
 function lossWeights(options: LossOptions): NativeLossOptions {
@@ -528,17 +538,21 @@ export function backendInfo(): { build: ReturnType<typeof native>['buildInfo']; 
 
 export type { NativeBatch };
 
+/** The values of CudaOptions.precision and .crossAttention, for checkCudaOptions and the CLI's flags. */
+export const CUDA_PRECISIONS: readonly NonNullable<CudaOptions['precision']>[] = ['bf16', 'fp32'];
+export const CUDA_CROSS_ATTENTION: readonly NonNullable<CudaOptions['crossAttention']>[] = ['auto', 'folded', 'precomputed'];
+
 function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o === undefined) return undefined;
   if (typeof o !== 'object' || o === null) throw new InvalidArgumentError('cuda must be an object');
-  if (o.precision !== undefined && o.precision !== 'bf16' && o.precision !== 'fp32') {
-    throw new InvalidArgumentError(`cuda.precision must be 'bf16' or 'fp32', got ${String(o.precision)}`);
+  if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
+    throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }
   for (const k of ['fusedAttention', 'graphs'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
-  if (o.crossAttention !== undefined && !['auto', 'folded', 'precomputed'].includes(o.crossAttention)) {
-    throw new InvalidArgumentError(`cuda.crossAttention must be 'auto', 'folded' or 'precomputed', got ${String(o.crossAttention)}`);
+  if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {
+    throw new InvalidArgumentError(`cuda.crossAttention must be ${oneOf(CUDA_CROSS_ATTENTION)}, got ${String(o.crossAttention)}`);
   }
   return o;
 }

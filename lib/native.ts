@@ -166,6 +166,8 @@ export interface NativeAddon {
     cudaRecomputeChoice(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
     }, haveBytes: number, freeBytes: number): Promise<'none' | 'attention' | 'all'>;
+    /** Maps the file, truncates it, reads it: rejects with the Io error a truncation during loading gives. */
+    readAfterTruncation(path: string): Promise<void>;
   };
 }
 

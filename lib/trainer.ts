@@ -10,7 +10,7 @@ import { EventEmitter } from 'events';
 import { performance } from 'perf_hooks';
 import type TypedEmitter from 'typed-emitter';
 import type { IA3Adapter } from './adapter';
-import type { Recompute } from './model';
+import { recomputeLevel, type Recompute } from './model';
 import { DisposedError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { TfewOptimizer } from './optim';
@@ -233,9 +233,7 @@ function resolveOptions(options: TrainerOptions): ResolvedOptions {
   if (typeof o.seed !== 'number' || !Number.isInteger(o.seed) || o.seed < 0) {
     throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(o.seed)}`);
   }
-  if (![true, false, 'auto', 'none', 'attention', 'all'].includes(o.recompute)) {
-    throw new InvalidArgumentError(`recompute must be a boolean, 'auto', 'none', 'attention' or 'all', got ${String(o.recompute)}`);
-  }
+  recomputeLevel(o.recompute); // throws on a value LossOptions would reject, before any step runs
   if (o.evalEvery !== undefined && (!o.evalSet || o.evalSet.length === 0)) {
     throw new InvalidArgumentError('evalEvery needs a non-empty evalSet');
   }

@@ -3,7 +3,8 @@ import * as os from 'os';
 import * as path from 'path';
 import { requiredTensors, resolveCheckpoint } from '../lib/checkpoint';
 import { readT5Config } from '../lib/config';
-import { FileFormatError, InvalidModelError } from '../lib/errors';
+import { FileFormatError, fromNative, InvalidModelError } from '../lib/errors';
+import { native } from '../lib/native';
 import {
   floatToHalf, halfToFloat, readSafetensorsF64, readSafetensorsHeader, readTensorF32, readTensorF64,
   WritableTensor, writeSafetensors,
@@ -288,6 +289,20 @@ describe('resolveCheckpoint', () => {
     fs.truncateSync(file, fs.statSync(file).size - 100);
     expect(() => resolveCheckpoint(dir)).toThrow(FileFormatError);
     expect(() => resolveCheckpoint(dir)).toThrow(`${file}: truncated: tensor "${last.name}"`);
+  });
+
+  test('a file truncated while it is mapped: a FileFormatError, not SIGBUS (the process lives on)', async () => {
+    // What a checkpoint truncated during loading does to the native reader: map it, truncate it, read it.
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-truncated-')), 'model.safetensors');
+    fs.writeFileSync(file, Buffer.alloc(1 << 16, 7));
+    const read = native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); });
+    await expect(read).rejects.toThrow(FileFormatError);
+    await expect(native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); }))
+      .rejects.toThrow(/is empty/);  // now empty: nothing to map
+    fs.writeFileSync(file, Buffer.alloc(1 << 16, 7));
+    await expect(native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); }))
+      .rejects.toThrow(new RegExp(`reading ${file.replace(/[.]/g, '\\.')} failed with a bus error: the file was truncated`));
+    expect(fs.statSync(file).size).toBe(0);
   });
 
   test('corrupt header: garbage JSON and absurd length', () => {

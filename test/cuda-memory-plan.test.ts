@@ -19,8 +19,9 @@ const describeCompiled = compiled ? describe : describe.skip;
 const GiB = 2 ** 30;
 const config = parseT5Config(t0_3bConfigJson(24), 'config.json');
 type Level = 'none' | 'attention' | 'all';
-const trainArena = (recompute: Level, choices = 2): Promise<number> =>
-  native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute });
+// foldedCross: what the engine picks for TRAIN-3B (uniform choices, short enough: CudaEngine::folds_cross_attention)
+const trainArena = (recompute: Level, choices = 2, foldedCross = false): Promise<number> =>
+  native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute, foldedCross });
 
 // bf16 weights of an untied T0 checkpoint (shared embedding + head), fp32 norms and relative-position tables:
 // counted from the architecture, independently of the engine's weight walker.
@@ -43,14 +44,25 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(attention - all).toBe((layers - 1) * Ne * wiCols * 2);
   });
 
-  test("TRAIN-3B: weights + arena within the 8 GiB goal with recompute 'attention' (and 'all')", async () => {
+  test('TRAIN-3B: weights + arena within the 8 GiB goal at every recompute level (cross-attention folded)', async () => {
     const weights = t0WeightBytes();
     expect(weights / GiB).toBeCloseTo(5.31, 2);
     const headroom = 64 * 2 ** 20;  // cuBLAS workspace and allocation rounding
-    expect(weights + (await trainArena('attention')) + headroom).toBeLessThan(8 * GiB);
-    expect(weights + (await trainArena('all')) + headroom).toBeLessThan(7 * GiB);
-    // keeping everything is the fast mode; it stays within a 16 GiB card with room to spare
-    expect(weights + (await trainArena('none'))).toBeLessThan(8.5 * GiB);
+    expect(weights + (await trainArena('none', 2, true)) + headroom).toBeLessThan(7.9 * GiB);
+    expect(weights + (await trainArena('attention', 2, true)) + headroom).toBeLessThan(7.4 * GiB);
+    expect(weights + (await trainArena('all', 2, true)) + headroom).toBeLessThan(6.5 * GiB);
+    // with every layer's cross keys/values (a batch with unequal choices) the fast mode is just within it
+    expect(weights + (await trainArena('none')) + headroom).toBeLessThan(8 * GiB);
+  });
+
+  test('the training forward keeps the residual stream in bf16 (half an fp32 copy) and no scratch wi output', async () => {
+    // One more encoder layer adds exactly its saved inputs: two residual-stream copies (bf16), q|k|v and the wi
+    // outputs (bf16), and its (IA)3 gradients (k, v, ff), fp32.
+    const deeper = parseT5Config({ ...t0_3bConfigJson(24), num_layers: 25 }, 'config.json');
+    const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
+    const grow = (await native()._testing.cudaArenaBytes(deeper, shape)) - (await trainArena('none', 2, true));
+    const Ne = 8 * 256, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
+    expect(grow).toBe(Ne * (2 * d * 2 + 3 * inner * 2 + 2 * ff * 2) + (2 * inner + ff) * 4);
   });
 
   test("recompute 'auto' keeps the most that fits in the free device memory", async () => {
@@ -70,18 +82,22 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(await choice(all, attention - all + reserve)).toBe('attention');
   });
 
-  test('the cross-attention key/value gradients take one layer of memory, not all 24', async () => {
+  test('the cross-attention key/value gradients take one layer of memory, not all 24; folded, no keys/values', async () => {
     const Ne = 8 * 256, Nd = 16 * 8, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
+    const H = config.numHeads, Le = 256;
     // One more decoder layer adds its cross k|v ([Ne, 2 inner], read by the backward), its saved activations
-    // (three fp32 residual inputs, q|k|v, the cross q, the wi outputs) and its (IA)3 gradients (k, v, cross k,
+    // (three bf16 residual inputs, q|k|v, the cross q, the wi outputs) and its (IA)3 gradients (k, v, cross k,
     // cross v, ff), but no cross k|v gradient buffer of its own: that one is shared by all layers.
     const deeper = parseT5Config({ ...t0_3bConfigJson(24), num_decoder_layers: 25 }, 'config.json');
     const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const };
     const grow = (await native()._testing.cudaArenaBytes(deeper, shape)) - (await trainArena('none'));
     const crossKv = Ne * 2 * inner * 2;
-    const saved = Nd * (3 * d * 4 + 3 * inner * 2 + inner * 2 + 2 * ff * 2);
+    const saved = Nd * (3 * d * 2 + 3 * inner * 2 + inner * 2 + 2 * ff * 2);
     const ia3Grads = (4 * inner + ff) * 4;
     expect(grow).toBe(crossKv + saved + ia3Grads);
+    // folded: instead of keys/values, the layer's probabilities [Nd, H, Le] and its context before l_v (bf16)
+    const foldedGrow = (await native()._testing.cudaArenaBytes(deeper, { ...shape, foldedCross: true })) - (await trainArena('none', 2, true));
+    expect(foldedGrow).toBe(saved + Nd * H * Le * 2 + Nd * inner * 2 + ia3Grads);
   });
 
   test('RANK-3B-B32: the folded cross-attention needs no encoder keys/values (1.5 GiB of the arena)', async () => {

@@ -6,6 +6,7 @@ import * as path from 'path';
 import { IA3Adapter } from '../lib/adapter';
 import { DisposedError, InvalidAdapterError, InvalidArgumentError } from '../lib/errors';
 import type { NativeConfig } from '../lib/native';
+import { RECOMPUTE_LEVELS } from '../lib/model';
 import { linearWarmupDecay } from '../lib/optim';
 import { Trainer, type DoneEvent, type EvalEvent, type StepEvent, type TrainableModel, type TrainExample } from '../lib/trainer';
 
@@ -264,6 +265,10 @@ describe('Trainer mechanics (analytic model)', () => {
     expect(() => new Trainer(model, adapter, { lr: -1 })).toThrow(InvalidArgumentError);
     expect(() => new Trainer(model, adapter, { evalEvery: 5 })).toThrow(InvalidArgumentError);
     expect(() => new Trainer(model, adapter, { lmWeight: 0, ulWeight: 0, lnWeight: 0 })).toThrow(InvalidArgumentError);
+    // recompute: the values (and the error) of lib/model.ts's recomputeLevel, which LossOptions checks too
+    for (const recompute of [true, false, ...RECOMPUTE_LEVELS]) expect(new Trainer(model, adapter, { recompute }).options.recompute).toBe(recompute);
+    expect(() => new Trainer(model, adapter, { recompute: 'ffn' as 'all' })).toThrow(InvalidArgumentError);
+    expect(() => new Trainer(model, adapter, { recompute: 'ffn' as 'all' })).toThrow(/^recompute must be a boolean, 'auto', 'none', 'attention' or 'all', got "ffn"$/);
     const other = IA3Adapter.create({ ...SMALL_CONFIG, dFf: 5 });
     expect(() => new Trainer(model, other)).toThrow(InvalidAdapterError);
     const trainer = new Trainer(model, adapter, { steps: 2 });

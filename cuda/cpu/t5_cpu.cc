@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "core/errors.h"
+#include "io/mapped_file.h"
 #include "cpu_ops.h"
 #include "model/engine.h"
 
@@ -171,7 +172,7 @@ class CpuEngine : public Engine {
   Vec load(const WeightSource& ws, const std::string& name, std::vector<int64_t> shape) {
     TensorView t = ws.get(name, shape);
     Vec v(static_cast<size_t>(t.numel()));
-    convert_to_f32(t, 0, t.numel(), v.data());
+    read_mapped(t.name, [&] { convert_to_f32(t, 0, t.numel(), v.data()); });
     return v;
   }
 

@@ -519,7 +519,7 @@ gpu::Shape engine_shape(const CudaArenaShape& a) {
   s.dec_len = a.dec_len;
   s.adapters = a.n_adapters > 0;
   s.training = a.training;
-  s.folded_cross = a.folded_cross && !a.training;
+  s.folded_cross = a.folded_cross;
   return s;
 }
 }  // namespace

@@ -12,8 +12,9 @@
 // Cross-attention either computes every layer's keys/values of the encoder output once per example
 // ("precomputed": one GEMM for all layers), or, when the choices have fewer tokens than that costs, folds W_k
 // and W_v into the queries and works in model space ("folded": enqueue_folded_cross_attention; no keys or
-// values at all: 9% fewer FLOPs and 1.1 GiB less arena at RANK-3B-B32). Mixed-task batches need no extra
-// pass: the (IA)3 kernels look up each token's adapter.
+// values at all: 9% fewer FLOPs and 1.1 GiB less arena at RANK-3B-B32). Training folds by the same rule
+// (train_folded_cross_forward / folded_cross_backward: at TRAIN-3B about 0.9 TFLOP less per step). Mixed-task
+// batches need no extra pass: the (IA)3 kernels look up each token's adapter.
 //
 // Memory: weights in one allocation (gpu/weights.h); activations in one arena planned from the batch shape
 // (gpu/engine_plan.h), grown on demand (never in the steady state), with the encoder's and the decoder's
@@ -135,6 +136,8 @@ class CudaEngine final : public Engine {
   void enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln, const T* wi, const T* wo, int n,
                    const kernels::AdapterIndex& ix, int64_t ff_offset);
   void enqueue_folded_cross_attention(const Plan<T>& p, int layer, const kernels::AdapterIndex& ix);
+  void folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,
+                             T* probs_dropped, T* context);
   bool folds_cross_attention(const Batch& b) const;
   ScoreOutput score_unlocked(const Batch& b, const AdapterSet& adapters, bool want_logits, bool want_hidden);
 
@@ -149,20 +152,27 @@ class CudaEngine final : public Engine {
   // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
   // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
+  // One feed-forward sub-layer of the training forward: from the residual stream x (fp32, updated in place; its
+  // saved copy x_saved is what the norm reads) through the saved wi output `pre` to x += dropout(wo(...)), whose
+  // copy goes to x_next_saved.
+  void train_ffn_forward(const TrainPlan<T>& t, float* x, const T* x_saved, T* h, T* pre, T* act, const float* ln,
+                         const T* wi, const T* wo, int n, const kernels::AdapterIndex& ix, int64_t ff_offset,
+                         const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out,
+                         T* x_next_saved);
   // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
   // gradient; l_ff's gradient is accumulated into t.grads.
-  // One feed-forward sub-layer of the training forward: from the residual stream x (kept) through the saved wi
-  // output `pre` to x_next = x + dropout(wo(...)).
-  void train_ffn_forward(const TrainPlan<T>& t, const float* x, T* h, T* pre, T* act, const float* ln, const T* wi,
-                         const T* wo, int n, const kernels::AdapterIndex& ix, int64_t ff_offset,
-                         const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out, float* x_next);
-  void ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi, const T* wo,
+  void ffn_backward(const TrainPlan<T>& t, float* dy, const T* x_in, const float* ln, const T* wi, const T* wo,
                     const T* pre, int n, const kernels::AdapterIndex& ix, int64_t ff_offset, bool decoder,
                     int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden);
   void reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters, int64_t offset);
   void enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters);
   Recompute recompute_for_memory(const Shape& shape, int n_adapters);
   void encoder_attention_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop);
+  // The folded cross-attention of decoder layer `layer` in training: forward from t.dec_q_cross[layer] to the
+  // context in fwd.ctx_dec; backward from t.dctx to the q gradient in t.dqkv (ld inner), the l_k / l_v
+  // contributions in t.g_k / t.g_v, and the encoder output's gradient added into t.dx_enc (set when `first`).
+  void train_folded_cross_forward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop);
+  void folded_cross_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop, bool first);
   void pack_backward_pointers(const TrainPlan<T>& t, bool dropout);
 
   // ---- merge and release (cuda_engine.cc)

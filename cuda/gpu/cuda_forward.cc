@@ -29,7 +29,7 @@ void CudaEngine<T>::enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln,
   cudaStream_t s = stream_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
   Profiler& prof = profiler_;
-  { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(x, ln, n, d, c.layer_norm_eps, 1.f, h, s); }
+  { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(x, ln, n, d, c.layer_norm_eps, 1.f, h, s); }
   { Span span(prof, "gemm", s); gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f); }
   {
     Span span(prof, "ffn_act", s);
@@ -58,7 +58,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   for (int l = 0; l < c.num_layers; ++l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_enc, L.ln_attn, Ne, d, eps, 1.f, p.h_enc, s); }
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_enc, L.ln_attn, Ne, d, eps, 1.f, p.h_enc, s); }
     { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.qkv, d, p.qkv_enc, 3 * inner, Ne, 3 * inner, d, 0.f); }
     if (fused_attention_) {
       Span span(prof, "encoder_attention", s);
@@ -85,8 +85,8 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   }
   {
     Span span(prof, "rmsnorm", s);
-    kernels::rmsnorm_forward<T>(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_out, s);
-    if (p.enc_hidden) kernels::rmsnorm_forward<float>(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_hidden, s);
+    kernels::rmsnorm_forward(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_out, s);
+    if (p.enc_hidden) kernels::rmsnorm_forward(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_hidden, s);
   }
   if (Nd == 0) return;
 
@@ -106,7 +106,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
     // causal self-attention
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_self, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_dec, L.ln_self, Nd, d, eps, 1.f, p.h_dec, s); }
     { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.qkv, d, p.qkv_dec, 3 * inner, Nd, 3 * inner, d, 0.f); }
     {
       Span span(prof, "decoder_attention", s);
@@ -115,7 +115,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     }
     { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o, inner, p.x_dec, d, Nd, d, inner, 1.f); }
     // cross-attention: this layer's slice of the shared keys/values
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward<T>(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
     { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f); }
     if (p.shape.folded_cross) {
       enqueue_folded_cross_attention(p, l, dec_ix);
@@ -132,7 +132,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   {
     Span span(prof, "rmsnorm", s);
-    kernels::rmsnorm_forward<T>(p.x_dec, weights_.dec_final_ln, Nd, d, eps, head_scale, p.h_dec, s);
+    kernels::rmsnorm_forward(p.x_dec, weights_.dec_final_ln, Nd, d, eps, head_scale, p.h_dec, s);
   }
   { Span span(prof, "gemm_head", s); gemm_.linear<T, float>(p.h_dec, d, weights_.lm_head, d, p.logits, V, Nd, V, d, 0.f); }
   {
@@ -151,17 +151,34 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
 // context [Nd, inner] as the precomputed path's kernel writes it.
 template <typename T>
 void CudaEngine<T>::enqueue_folded_cross_attention(const Plan<T>& p, int layer, const kernels::AdapterIndex& ix) {
+  const int inner = config_.inner_dim(), Nd = p.shape.rows * p.shape.dec_len;
+  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
+  {
+    Span span(profiler_, "ia3", stream_);
+    kernels::ia3_scale_columns<T>(p.q_cross, inner, 0, inner, Nd, ix, ia3.cross_k, stream_);
+  }
+  folded_cross_products(p, layer, kNoDropout, p.cross_probs, nullptr, p.ctx_dec);
+  {
+    Span span(profiler_, "ia3", stream_);
+    kernels::ia3_scale_columns<T>(p.ctx_dec, inner, 0, inner, Nd, ix, ia3.cross_v, stream_);
+  }
+}
+
+// The products of the folded cross-attention, from the query scaled by l_k in p.q_cross to the context
+// before l_v (`context`, [Nd, inner]). probs gets the probabilities P and, with dropout (training),
+// probs_dropped the P' the context is made of.
+template <typename T>
+void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,
+                                          T* probs_dropped, T* context) {
   const T5Config& c = config_;
   cudaStream_t s = stream_;
   const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
   const int B = p.shape.batch, Le = p.shape.enc_len, Nd = p.shape.rows * p.shape.dec_len;
   const int64_t m = static_cast<int64_t>(Nd / B) * H;  // (token, head) rows of one example
-  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
   const T* w_k = weights_.dec_kv_cross + static_cast<int64_t>(layer) * 2 * inner * d;  // [inner, d]
   const T* w_v = w_k + static_cast<int64_t>(inner) * d;
   const int64_t enc_stride = static_cast<int64_t>(Le) * d;
   Profiler& prof = profiler_;
-  { Span span(prof, "ia3", s); kernels::ia3_scale_columns<T>(p.q_cross, inner, 0, inner, Nd, ix, ia3.cross_k, s); }
   {
     Span span(prof, "gemm_cross", s);
     // cross_model[:, h, :] (Nd x d, row stride H d) = q[:, h] (Nd x d_kv) W_k,h (d_kv x d)
@@ -171,17 +188,20 @@ void CudaEngine<T>::enqueue_folded_cross_attention(const Plan<T>& p, int layer, 
     gemm_.strided<T, float>(false, true, static_cast<int>(m), Le, d, p.cross_model, d, m * d, p.enc_out, d,
                             enc_stride, p.cross_scores, Le, m * Le, B);
   }
-  { Span span(prof, "softmax", s); kernels::cross_softmax_folded<T>(p.cross_scores, p.enc_lengths, B, m, Le, p.cross_probs, s); }
+  {
+    Span span(prof, "softmax", s);
+    kernels::cross_softmax_folded<T>(p.cross_scores, p.enc_lengths, B, m, Le, drop,
+                                     kernels::FoldedRows{H, p.shape.dec_len}, probs, probs_dropped, s);
+  }
   {
     Span span(prof, "gemm_cross", s);
     // per example: cross_model rows (m x d) = probabilities (m x Le) times its encoder output (Le x d)
-    gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, p.cross_probs, Le, m * Le, p.enc_out, d, enc_stride,
-                        p.cross_model, d, m * d, B);
-    // ctx[:, h] (Nd x d_kv, ld inner) = cross_model[:, h, :] (Nd x d) W_v,h^T (d x d_kv)
+    gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, probs_dropped ? probs_dropped : probs, Le, m * Le,
+                        p.enc_out, d, enc_stride, p.cross_model, d, m * d, B);
+    // context[:, h] (Nd x d_kv, ld inner) = cross_model[:, h, :] (Nd x d) W_v,h^T (d x d_kv)
     gemm_.strided<T, T>(false, true, Nd, dkv, d, p.cross_model, H * d, d, w_v, d, static_cast<int64_t>(dkv) * d,
-                        p.ctx_dec, inner, dkv, H);
+                        context, inner, dkv, H);
   }
-  { Span span(prof, "ia3", s); kernels::ia3_scale_columns<T>(p.ctx_dec, inner, 0, inner, Nd, ix, ia3.cross_v, s); }
 }
 
 template kernels::AdapterIndex CudaEngine<float>::adapter_index(const Plan<float>&, bool) const;

@@ -75,6 +75,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.dec_len = b.dec_len;
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
   shape.training = true;
+  shape.folded_cross = folds_cross_attention(b);
   const Recompute recompute = options.recompute == Recompute::Auto ? recompute_for_memory(shape, n_adapters)
                                                                    : options.recompute;
   ensure_arena(make_train_plan<T>(config_, shape, n_adapters, recompute, 0).bytes,
@@ -146,13 +147,16 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
 
   // encoder
   kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
-  float* x0 = Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final;
-  kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x0, s);
-  kernels::dropout_inplace<float>(x0, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
+  // the fp32 residual stream in f.x_enc; each sub-layer's input saved as T (TrainPlan)
+  float* x = f.x_enc;
+  kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x, s);
+  kernels::dropout_inplace<float>(x, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
+  kernels::dropout_cast<T>(x, static_cast<int64_t>(Ne) * d, kNoDropout, Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final,
+                           s);
   for (int l = 0; l < Lenc; ++l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
-    kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+    kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
     // backward recomputes them with the cuBLAS path (encoder_attention_backward).
@@ -173,67 +177,74 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
       gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
     }
     gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
-    kernels::residual_add(t.enc_x_attn[l], t.sublayer_out, static_cast<int64_t>(Ne) * d,
-                          at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], s);
-    train_ffn_forward(t, t.enc_x_ff[l], f.h_enc, t.enc_ff_pre[l], f.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff,
+    kernels::residual_add_save<T>(x, t.sublayer_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut),
+                                  t.enc_x_ff[l], s);
+    train_ffn_forward(t, x, t.enc_x_ff[l], f.h_enc, t.enc_ff_pre[l], f.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff,
                       at_site(drop, 0, l, kFfHidden), at_site(drop, 0, l, kFfOut),
                       l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final);
   }
-  kernels::rmsnorm_forward<T>(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
+  kernels::rmsnorm_forward(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
   kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
 
   // decoder
-  gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
+  if (!f.shape.folded_cross)
+    gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
   kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
-  float* y0 = Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final;
-  kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y0, s);
-  kernels::dropout_inplace<float>(y0, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
+  float* y = f.x_dec;  // (the encoder's stream is done: same bytes)
+  kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y, s);
+  kernels::dropout_inplace<float>(y, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
+  kernels::dropout_cast<T>(y, static_cast<int64_t>(Nd) * d, kNoDropout, Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final,
+                           s);
   for (int l = 0; l < Ldec; ++l) {
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
-    kernels::rmsnorm_forward<T>(t.dec_x_self[l], L.ln_self, Nd, d, eps, 1.f, f.h_dec, s);
+    kernels::rmsnorm_forward(t.dec_x_self[l], L.ln_self, Nd, d, eps, 1.f, f.h_dec, s);
     gemm_.linear<T, T>(f.h_dec, d, L.qkv, d, t.dec_qkv[l], 3 * inner, Nd, 3 * inner, d, 0.f);
     kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
                                        dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
                                        inner, s);
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add(t.dec_x_self[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
-                          at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l], s);
-    kernels::rmsnorm_forward<T>(t.dec_x_cross[l], L.ln_cross, Nd, d, eps, 1.f, f.h_dec, s);
+    kernels::residual_add_save<T>(y, t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kSelfOut),
+                                  t.dec_x_cross[l], s);
+    kernels::rmsnorm_forward(t.dec_x_cross[l], L.ln_cross, Nd, d, eps, 1.f, f.h_dec, s);
     gemm_.linear<T, T>(f.h_dec, d, L.q_cross, d, t.dec_q_cross[l], inner, Nd, inner, d, 0.f);
-    kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
-                                inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
-                                ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
+    if (f.shape.folded_cross)
+      train_folded_cross_forward(t, l, at_site(drop, 1, l, kCrossProbs));
+    else
+      kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
+                                  inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
+                                  ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add(t.dec_x_cross[l], t.sublayer_out, static_cast<int64_t>(Nd) * d,
-                          at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], s);
-    train_ffn_forward(t, t.dec_x_ff[l], f.h_dec, t.dec_ff_pre[l], f.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff,
+    kernels::residual_add_save<T>(y, t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut),
+                                  t.dec_x_ff[l], s);
+    train_ffn_forward(t, y, t.dec_x_ff[l], f.h_dec, t.dec_ff_pre[l], f.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff,
                       at_site(drop, 1, l, kFfHidden), at_site(drop, 1, l, kFfOut),
                       l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final);
   }
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
-  kernels::rmsnorm_forward<T>(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
+  kernels::rmsnorm_forward(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
   kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
   gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
   kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
 }
 
 template <typename T>
-void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, const float* x, T* h, T* pre, T* act, const float* ln,
-                                      const T* wi, const T* wo, int n, const kernels::AdapterIndex& ix,
-                                      int64_t ff_offset, const kernels::DropoutSite& drop_hidden,
-                                      const kernels::DropoutSite& drop_out, float* x_next) {
+void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, float* x, const T* x_saved, T* h, T* pre, T* act,
+                                      const float* ln, const T* wi, const T* wo, int n,
+                                      const kernels::AdapterIndex& ix, int64_t ff_offset,
+                                      const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out,
+                                      T* x_next_saved) {
   const T5Config& c = config_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
-  kernels::rmsnorm_forward<T>(x, ln, n, d, c.layer_norm_eps, 1.f, h, stream_);
+  kernels::rmsnorm_forward(x_saved, ln, n, d, c.layer_norm_eps, 1.f, h, stream_);
   gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f);
   kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, act, stream_);
   gemm_.linear<T, float>(act, ff, wo, ff, t.sublayer_out, d, n, d, ff, 0.f);
-  kernels::residual_add(x, t.sublayer_out, static_cast<int64_t>(n) * d, drop_out, x_next, stream_);
+  kernels::residual_add_save<T>(x, t.sublayer_out, static_cast<int64_t>(n) * d, drop_out, x_next_saved, stream_);
 }
 
 template <typename T>
-void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const float* x_in, const float* ln, const T* wi,
+void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const T* x_in, const float* ln, const T* wi,
                                  const T* wo, const T* pre, int n, const kernels::AdapterIndex& ix,
                                  int64_t ff_offset, bool decoder, int n_adapters,
                                  const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden) {
@@ -308,18 +319,22 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     // through this layer's k|v projection into the encoder output's gradient, summed over layers in dx_enc)
     kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o_cross, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
-    cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
-    const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
-    kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
-                                         ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
-    kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx, dec_ix,
-                                       ia3.cross_k, ia3.cross_v, t.stats, t.dkv_cross, t.dkv_cross + inner, 2 * inner,
-                                       s);
+    if (f.shape.folded_cross) {
+      folded_cross_backward(t, l, at_site(drop, 1, l, kCrossProbs), l == Ldec - 1);
+    } else {
+      cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
+      const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
+      kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
+                                           dec_ix, ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
+      kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
+                                         dec_ix, ia3.cross_k, ia3.cross_v, t.stats, t.dkv_cross,
+                                         t.dkv_cross + inner, 2 * inner, s);
+      const T* w_kv = weights_.dec_kv_cross + static_cast<int64_t>(l) * 2 * inner * d;  // this layer's rows
+      gemm_.linear_backward<T, float>(t.dkv_cross, 2 * inner, w_kv, d, t.dx_enc, d, Ne, 2 * inner, d, 1.f,
+                                      l == Ldec - 1 ? 0.f : 1.f);
+    }
     reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.cross_k);
     reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.cross_v);
-    const T* w_kv = weights_.dec_kv_cross + static_cast<int64_t>(l) * 2 * inner * d;  // this layer's rows
-    gemm_.linear_backward<T, float>(t.dkv_cross, 2 * inner, w_kv, d, t.dx_enc, d, Ne, 2 * inner, d, 1.f,
-                                    l == Ldec - 1 ? 0.f : 1.f);
     gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
     kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s);
 
@@ -354,7 +369,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
     if (t.recompute_ff_pre) {  // the wi projection of this layer, exactly as the forward computed it
-      kernels::rmsnorm_forward<T>(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+      kernels::rmsnorm_forward(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
       gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
     }
     ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
@@ -362,7 +377,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
     if (t.recompute_qkv) {  // ... and its q|k|v projection
-      kernels::rmsnorm_forward<T>(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+      kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
       gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     }
     encoder_attention_backward(t, l, drop);
@@ -371,6 +386,71 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
     kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
   }
+}
+
+// The folded cross-attention in training (enqueue_folded_cross_attention has the algebra): the products from
+// the query scaled by l_k, saving what the backward needs, P (before dropout) and the context before l_v.
+template <typename T>
+void CudaEngine<T>::train_folded_cross_forward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop) {
+  const Plan<T>& f = t.fwd;
+  const int inner = config_.inner_dim(), Nd = f.shape.rows * f.shape.dec_len;
+  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
+  const kernels::AdapterIndex ix = adapter_index(f, true);
+  kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k,
+                                      stream_);
+  folded_cross_products(f, layer, drop, t.dec_cross_probs[layer], drop.rate > 0.f ? f.cross_probs : nullptr,
+                        t.dec_cross_ctx[layer]);
+  kernels::ia3_scaled_columns_copy<T>(t.dec_cross_ctx[layer], inner, f.ctx_dec, inner, inner, Nd, ix, ia3.cross_v,
+                                      stream_);
+}
+
+// Its backward. Per example b (m = its (token, head) rows), head h, with Q~ = (l_k q) W_k,h (model space), P, P',
+// E (the encoder output), X = P' E, U = X W_v,h^T and the context l_v U:
+//   dU = l_v dC (g_v = U dC),  dX = dU W_v,h,  dE += P'^T dX,  dP' = dX E^T,  dS = softmax backward,
+//   dE += dS^T Q~,  dQ~ = dS E,  d(l_k q) = dQ~ W_k,h^T  (dq = l_k d(l_k q), g_k = q d(l_k q)).
+// Q~ is made again (one small product) instead of being kept per layer.
+template <typename T>
+void CudaEngine<T>::folded_cross_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop,
+                                          bool first) {
+  const T5Config& c = config_;
+  const Plan<T>& f = t.fwd;
+  cudaStream_t s = stream_;
+  const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
+  const int B = f.shape.batch, Le = f.shape.enc_len, Nd = f.shape.rows * f.shape.dec_len;
+  const int m = Nd / B * H;
+  const int64_t m_d = static_cast<int64_t>(m) * d, m_le = static_cast<int64_t>(m) * Le,
+                le_d = static_cast<int64_t>(Le) * d, dkv_d = static_cast<int64_t>(dkv) * d;
+  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
+  const kernels::AdapterIndex ix = adapter_index(f, true);
+  const kernels::Ia3Sums per_token{Nd, 1};
+  const kernels::FoldedRows rows{H, f.shape.dec_len};
+  const T* w_k = weights_.dec_kv_cross + static_cast<int64_t>(layer) * 2 * inner * d;  // [inner, d]
+  const T* w_v = w_k + static_cast<int64_t>(inner) * d;
+  T* probs = t.dec_cross_probs[layer];  // P, then dS
+
+  // l_v: dU (T, into t.dqkv) and the contributions U dC
+  kernels::ia3_kv_backward<T>(t.dec_cross_ctx[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_v, 0, t.dctx, nullptr,
+                              inner, t.dqkv, inner, per_token, t.g_v, nullptr, s);
+  gemm_.strided<T, T>(false, false, Nd, d, dkv, t.dqkv, inner, dkv, w_v, d, dkv_d, f.cross_dmodel, H * d, d, H);
+  const T* probs_dropped = probs;
+  if (drop.rate > 0.f) {
+    kernels::cross_probs_dropout<T>(probs, static_cast<int64_t>(Nd) * H, Le, drop, rows, f.cross_probs, s);
+    probs_dropped = f.cross_probs;
+  }
+  gemm_.strided<T, float>(true, false, Le, d, m, probs_dropped, Le, m_le, f.cross_dmodel, d, m_d, t.dx_enc, d, le_d, B,
+                          first ? 0.f : 1.f);
+  gemm_.strided<T, float>(false, true, m, Le, d, f.cross_dmodel, d, m_d, f.enc_out, d, le_d, f.cross_scores, Le, m_le,
+                          B);
+  kernels::cross_softmax_folded_backward<T>(f.cross_scores, probs, f.enc_lengths, B, m, Le, drop, rows, s);
+  // Q~ again, then dE += dS^T Q~ and dQ~ = dS E (into the model-space gradient buffer, free again)
+  kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k, s);
+  gemm_.strided<T, T>(false, false, Nd, d, dkv, f.q_cross, inner, dkv, w_k, d, dkv_d, f.cross_model, H * d, d, H);
+  gemm_.strided<T, float>(true, false, Le, d, m, probs, Le, m_le, f.cross_model, d, m_d, t.dx_enc, d, le_d, B, 1.f);
+  gemm_.strided<T, T>(false, false, m, d, Le, probs, Le, m_le, f.enc_out, d, le_d, f.cross_dmodel, d, m_d, B);
+  // d(l_k q) in fp32 (into t.dctx, read above), then l_k: dq (T, into t.dqkv) and the contributions q d(l_k q)
+  gemm_.strided<T, float>(false, true, Nd, dkv, d, f.cross_dmodel, H * d, d, w_k, d, dkv_d, t.dctx, inner, dkv, H);
+  kernels::ia3_kv_backward<T>(t.dec_q_cross[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_k, 0, t.dctx, nullptr,
+                              inner, t.dqkv, inner, per_token, t.g_k, nullptr, s);
 }
 
 // The encoder attention backward's pointer arrays, per (example, head) bh = b * H + h, into the staging copy of

@@ -26,7 +26,7 @@ struct Shape {
   bool want_hidden = false, adapters = false;
   bool training = false;  // a training plan (its inputs include the backward's pointer arrays)
   // The decoder's cross-attention folded into model space (CudaEngine::enqueue_folded_cross_attention): no
-  // per-layer encoder keys/values. Inference with the same number of choice rows in every example only.
+  // per-layer encoder keys/values. Only for the same number of choice rows in every example.
   bool folded_cross = false;
   bool operator<(const Shape& o) const {
     return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training, folded_cross) <
@@ -104,8 +104,9 @@ struct Plan {
   // through W_k, then the probability-weighted sum of encoder outputs [Nd, H, d]; scores and probabilities
   // per (token, head) over the example's encoder positions [Nd, H, Le]
   T* cross_model = nullptr;
-  float* cross_scores = nullptr;
-  T* cross_probs = nullptr;
+  float* cross_scores = nullptr;  // (training backward: the gradient of the dropped probabilities)
+  T* cross_probs = nullptr;       // (training: the dropped probabilities P', forward and backward)
+  T* cross_dmodel = nullptr;      // training backward: gradients in model space [Nd, H, d]
   T* ff_dec = nullptr;
   T* act_dec = nullptr;
   float* logits = nullptr;  // [Nd, vocab]
@@ -163,7 +164,7 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.scores = pl.place<float>(BH * Le * Le);  // BH = 0 with fused attention
   p.probs = pl.place<T>(BH * Le * Le);
   p.ctx_enc = pl.place<T>(Ne * inner);
-  p.ff_enc = pl.place<T>(Ne * wi_cols);
+  p.ff_enc = s.training ? nullptr : pl.place<T>(Ne * wi_cols);  // training keeps the wi outputs per layer
   p.act_enc = pl.place<T>(Ne * ff);
   const size_t encoder_end = pl.cursor();
 
@@ -177,10 +178,11 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
     p.cross_model = pl.place<T>(Nd * H * d);
     p.cross_scores = pl.place<float>(Nd * H * Le);
     p.cross_probs = pl.place<T>(Nd * H * Le);
+    p.cross_dmodel = s.training ? pl.place<T>(Nd * H * d) : nullptr;
   } else {
     p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
   }
-  p.ff_dec = pl.place<T>(Nd * wi_cols);
+  p.ff_dec = s.training ? nullptr : pl.place<T>(Nd * wi_cols);
   p.act_dec = pl.place<T>(Nd * ff);
   p.logits = pl.place<float>(Nd * V);
   p.bytes = align_up(std::max(encoder_end, pl.cursor()), 256);
@@ -194,15 +196,20 @@ template <typename T>
 struct TrainPlan {
   Plan<T> fwd;  // inputs, the forward's temporaries (h, the scaled q|k|v copy, scores, ctx, ...), logits
   size_t bytes = 0;
-  // saved forward state, per layer
-  std::vector<float*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
-  std::vector<T*> enc_qkv, enc_ff_pre;       // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
+  // saved forward state, per layer. The residual stream itself runs in fp32 (fwd.x_enc, fwd.x_dec); what is
+  // kept of it is a copy in T, which the forward's norms read as well (so a recomputed projection is
+  // bit-identical): in bf16 half the bytes of an fp32 copy, 384 MiB less at TRAIN-3B.
+  std::vector<T*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
+  std::vector<T*> enc_qkv, enc_ff_pre;   // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
   // Recomputed by the backward (Recompute::Attention / All): one buffer for all layers
   bool recompute_qkv = false, recompute_ff_pre = false;
-  float* enc_pre_final = nullptr;
-  std::vector<float*> dec_x_self, dec_x_cross, dec_x_ff;
+  T* enc_pre_final = nullptr;
+  std::vector<T*> dec_x_self, dec_x_cross, dec_x_ff;
   std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
-  float* dec_pre_final = nullptr;
+  // folded cross-attention (Shape::folded_cross): per layer its probabilities P [Nd, H, Le] before dropout and
+  // the unscaled context W_v,h (P' E) [Nd, inner] (l_v's gradient); no keys or values
+  std::vector<T*> dec_cross_probs, dec_cross_ctx;
+  T* dec_pre_final = nullptr;
   float* sublayer_out = nullptr;  // a sub-layer's output before its (dropped-out) residual add [maxN, d]
   // backward
   float* dlogp = nullptr;      // [Nd] d loss / d token log-prob
@@ -225,7 +232,7 @@ struct TrainPlan {
   float* stats = nullptr;      //   softmax statistics per (query, head) [maxN, H, 3] (decoder attention)
   T* probs_dropped = nullptr;  //   encoder attention backward: the dropped probabilities P' [B, H, Le, Le]
   T* dctx_t = nullptr;         //   ... and the context gradient as a GEMM operand [Ne, inner]
-  T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner]
+  T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner] (not when folded)
   float* grads = nullptr;      // [num_adapters, layout.total]
   float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
   // The encoder's (IA)3 contributions, summed by their producing kernels over chunks of kIa3Chunk tokens
@@ -253,21 +260,25 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   T* shared_qkv = t.recompute_qkv ? pl.place<T>(Ne * 3 * inner) : nullptr;
   T* shared_ff_pre = t.recompute_ff_pre ? pl.place<T>(Ne * wi_cols) : nullptr;
   for (int l = 0; l < c.num_layers; ++l) {
-    t.enc_x_attn.push_back(pl.place<float>(Ne * d));
+    t.enc_x_attn.push_back(pl.place<T>(Ne * d));
     t.enc_qkv.push_back(t.recompute_qkv ? shared_qkv : pl.place<T>(Ne * 3 * inner));
-    t.enc_x_ff.push_back(pl.place<float>(Ne * d));
+    t.enc_x_ff.push_back(pl.place<T>(Ne * d));
     t.enc_ff_pre.push_back(t.recompute_ff_pre ? shared_ff_pre : pl.place<T>(Ne * wi_cols));
   }
-  t.enc_pre_final = pl.place<float>(Ne * d);
+  t.enc_pre_final = pl.place<T>(Ne * d);
   for (int l = 0; l < c.num_decoder_layers; ++l) {
-    t.dec_x_self.push_back(pl.place<float>(Nd * d));
+    t.dec_x_self.push_back(pl.place<T>(Nd * d));
     t.dec_qkv.push_back(pl.place<T>(Nd * 3 * inner));
-    t.dec_x_cross.push_back(pl.place<float>(Nd * d));
+    t.dec_x_cross.push_back(pl.place<T>(Nd * d));
     t.dec_q_cross.push_back(pl.place<T>(Nd * inner));
-    t.dec_x_ff.push_back(pl.place<float>(Nd * d));
+    t.dec_x_ff.push_back(pl.place<T>(Nd * d));
     t.dec_ff_pre.push_back(pl.place<T>(Nd * wi_cols));
+    if (s.folded_cross) {
+      t.dec_cross_probs.push_back(pl.place<T>(Nd * H * s.enc_len));
+      t.dec_cross_ctx.push_back(pl.place<T>(Nd * inner));
+    }
   }
-  t.dec_pre_final = pl.place<float>(Nd * d);
+  t.dec_pre_final = pl.place<T>(Nd * d);
   t.sublayer_out = pl.place<float>(N * d);
   t.dlogp = pl.place<float>(Nd);
   t.loss_scratch = pl.place<double>(kernels::tfew_losses_scratch_doubles(s.rows, s.batch));
@@ -290,7 +301,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.stats = pl.place<float>(N * H * 3);
   t.probs_dropped = pl.place<T>(static_cast<size_t>(s.batch) * H * s.enc_len * s.enc_len);
   t.dctx_t = pl.place<T>(Ne * inner);
-  t.dkv_cross = pl.place<T>(Ne * 2 * inner);
+  t.dkv_cross = s.folded_cross ? nullptr : pl.place<T>(Ne * 2 * inner);
   pl.set_cursor(std::max(ffn_end, pl.cursor()));
   t.enc_sums.tokens_per_example = s.enc_len;
   t.enc_sums.chunk = kIa3Chunk;

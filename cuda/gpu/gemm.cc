@@ -150,10 +150,11 @@ void Gemm::batched(bool trans_a, bool trans_b, int M, int N, int K, const void* 
 
 template <typename TIn, typename TOut>
 void Gemm::strided(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a, int lda, int64_t stride_a,
-                   const TIn* b, int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch) {
+                   const TIn* b, int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch,
+                   float beta) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
   const Timed timed(*this);
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f;
   // the column-major view of Gemm::batched
   const cublasStatus_t s = api_->gemm_strided_batched_ex(
       handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b,
@@ -179,12 +180,12 @@ template void Gemm::batched<__nv_bfloat16, __nv_bfloat16>(bool, bool, int, int, 
 template void Gemm::batched<__nv_bfloat16, float>(bool, bool, int, int, int, const void* const*, int,
                                                  const void* const*, int, void* const*, int, int);
 template void Gemm::strided<float, float>(bool, bool, int, int, int, const float*, int, int64_t, const float*, int,
-                                         int64_t, float*, int, int64_t, int);
+                                         int64_t, float*, int, int64_t, int, float);
 template void Gemm::strided<__nv_bfloat16, __nv_bfloat16>(bool, bool, int, int, int, const __nv_bfloat16*, int,
                                                          int64_t, const __nv_bfloat16*, int, int64_t, __nv_bfloat16*,
-                                                         int, int64_t, int);
+                                                         int, int64_t, int, float);
 template void Gemm::strided<__nv_bfloat16, float>(bool, bool, int, int, int, const __nv_bfloat16*, int, int64_t,
-                                                 const __nv_bfloat16*, int, int64_t, float*, int, int64_t, int);
+                                                 const __nv_bfloat16*, int, int64_t, float*, int, int64_t, int, float);
 template void Gemm::attention_scores<float>(const void* const*, const void* const*, void* const*, int, int, int, int);
 template void Gemm::attention_scores<__nv_bfloat16>(const void* const*, const void* const*, void* const*, int, int,
                                                     int, int);

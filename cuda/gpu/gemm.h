@@ -74,10 +74,10 @@ class Gemm {
                int ldb, void* const* c, int ldc, int batch);
 
   // The same with a fixed stride (elements) between the operands of consecutive batch entries: the folded
-  // cross-attention's per-head and per-example products.
+  // cross-attention's per-head and per-example products. beta = 1 adds into C (the training backward's sums).
   template <typename TIn, typename TOut>
   void strided(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a, int lda, int64_t stride_a, const TIn* b,
-               int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch);
+               int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch, float beta = 0.f);
 
  private:
   class Timed;  // brackets one call for the detail profile when time_as asked for it

@@ -67,9 +67,9 @@ class Profiler {
     if (!f) return;
     std::fprintf(f,
                  "{\"kind\":\"%s\",\"device\":\"%s\",\"precision\":\"%s\",\"batch\":%d,\"enc_len\":%d,\"rows\":%d,"
-                 "\"dec_len\":%d,\"adapters\":%s,\"graph\":%s,\"forward_ms\":%.4f",
+                 "\"dec_len\":%d,\"adapters\":%s,\"folded_cross\":%s,\"graph\":%s,\"forward_ms\":%.4f",
                  kind, device.c_str(), precision, s.batch, s.enc_len, s.rows, s.dec_len, s.adapters ? "true" : "false",
-                 graph ? "true" : "false", total);
+                 s.folded_cross ? "true" : "false", graph ? "true" : "false", total);
     if (detail_) {
       std::fprintf(f, ",\"families_ms\":{");
       bool first = true;

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "kernels/kernels.cuh"
+#include "io/mapped_file.h"
 
 namespace tfew {
 namespace gpu {
@@ -56,7 +57,8 @@ class Uploader {
       const int64_t count = n - off < chunk ? n - off : chunk;
       const int slot = next_++ & 1;
       TFEW_CUDA_CHECK(cudaEventSynchronize(done_[slot]));  // the slot's previous copy has finished
-      std::memcpy(host_[slot].get(), src + off * esize, count * esize);
+      void* staging = host_[slot].get();
+      read_mapped(t.name, [&] { std::memcpy(staging, src + off * esize, count * esize); });
       if (same_representation<D>(t.dtype)) {
         TFEW_CUDA_CHECK(cudaMemcpyAsync(dst + off, host_[slot].get(), count * esize, cudaMemcpyHostToDevice, stream_));
       } else {

@@ -1,11 +1,14 @@
 #include "mapped_file.h"
 
 #include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <mutex>
 #include <sstream>
 
 #include "core/errors.h"
@@ -34,6 +37,59 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
 
 MappedFile::~MappedFile() {
   if (data_) munmap(data_, static_cast<size_t>(size_));
+}
+
+namespace {
+
+thread_local sigjmp_buf* t_guarded_read = nullptr;  // set while this thread runs a guarded read
+struct sigaction g_previous_sigbus;
+std::once_flag g_sigbus_installed;
+
+void on_sigbus(int sig, siginfo_t* info, void* ucontext) {
+  if (t_guarded_read) siglongjmp(*t_guarded_read, 1);
+  // Not ours: what handled SIGBUS before. For the default action, restore it and return: the faulting
+  // access repeats and the process ends as it would have without us.
+  const struct sigaction& prev = g_previous_sigbus;
+  if (prev.sa_flags & SA_SIGINFO) {
+    if (prev.sa_sigaction) return prev.sa_sigaction(sig, info, ucontext);
+  } else if (prev.sa_handler == SIG_IGN) {
+    return;
+  } else if (prev.sa_handler != SIG_DFL && prev.sa_handler != nullptr) {
+    return prev.sa_handler(sig);
+  }
+  signal(SIGBUS, SIG_DFL);
+}
+
+}  // namespace
+
+void guarded_read(const std::string& what, void (*copy)(void*), void* context) {
+  std::call_once(g_sigbus_installed, [] {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &g_previous_sigbus);
+  });
+  sigjmp_buf jump;
+  sigjmp_buf* const outer = t_guarded_read;
+  if (sigsetjmp(jump, 1) != 0) {  // (the signal mask is restored: SIGBUS is deliverable again)
+    t_guarded_read = outer;
+    fail(ErrorCode::Io, "reading " + what + " failed with a bus error: the file was truncated or replaced while " +
+                            "it was being loaded");
+  }
+  t_guarded_read = &jump;
+  copy(context);
+  t_guarded_read = outer;
+}
+
+void read_after_truncation_for_test(const std::string& path) {
+  MappedFile file(path);
+  if (file.size() <= 0) fail(ErrorCode::InvalidArgument, path + " is empty");
+  if (::truncate(path.c_str(), 0) != 0) fail(ErrorCode::Io, "cannot truncate " + path + ": " + std::strerror(errno));
+  volatile uint8_t sink = 0;
+  read_mapped(path, [&] { sink = file.data()[0]; });
+  (void)sink;
 }
 
 DType parse_dtype(const std::string& s) {

@@ -4,6 +4,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "model/engine.h"
@@ -25,6 +26,21 @@ class MappedFile {
   uint8_t* data_ = nullptr;
   int64_t size_ = 0;
 };
+
+// Runs `copy`, a plain copy or conversion out of a mapped file (nothing in it may own resources), so that a
+// read past the file's end — the file truncated or replaced after it was mapped — throws Io naming `what`
+// instead of killing the process with SIGBUS. A process-wide SIGBUS handler (installed on first use, passing
+// every other SIGBUS to the previous disposition) jumps back to the guarded read of the faulting thread.
+void guarded_read(const std::string& what, void (*copy)(void*), void* context);
+template <typename F>
+void read_mapped(const std::string& what, F&& copy) {
+  using Fn = typename std::remove_reference<F>::type;
+  guarded_read(what, [](void* f) { (*static_cast<Fn*>(f))(); }, &copy);
+}
+
+// Maps `path`, truncates the file to 0 bytes and reads its first byte through read_mapped: the Io error a
+// truncation during loading gives (the test of the guard).
+void read_after_truncation_for_test(const std::string& path);
 
 struct TensorSpec {
   std::string name, file;

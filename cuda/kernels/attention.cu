@@ -73,6 +73,31 @@ __global__ void ia3_scaled_qkv_copy_kernel(const T* __restrict__ src, T* __restr
   }
 }
 
+// dst[t, c] = src[t, c] * l[offset + c] for c < width (a plain copy for tokens without an adapter).
+template <typename T>
+__global__ void ia3_scaled_columns_copy_kernel(const T* __restrict__ src, int src_ld, T* __restrict__ dst, int dst_ld,
+                                               int width, int n_tokens, AdapterIndex index, int64_t offset) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
+    const T v = src[static_cast<int64_t>(t) * src_ld + c];
+    dst[static_cast<int64_t>(t) * dst_ld + c] =
+        a < 0 ? v : from_f32<T>(to_f32(v) * index.adapters[a * index.adapter_stride + offset + c]);
+  }
+}
+
+// Where row `row` of a softmax's probabilities starts in the CPU backend's numbering of that attention's
+// probabilities, which the dropout masks are indexed by: the encoder's [B, H, L, L] rows are that numbering
+// already; the folded cross-attention's rows are (decoder token, head), token-major, while the CPU numbers the
+// cross-attention's probabilities [R, H, dec_len, enc_len].
+__device__ __forceinline__ uint64_t probs_row_base(int64_t row, int len, const FoldedRows& folded) {
+  if (folded.heads <= 0) return static_cast<uint64_t>(row) * len;
+  const int64_t token = row / folded.heads;
+  const int64_t h = row % folded.heads, r = token / folded.dec_len, i = token % folded.dec_len;
+  return ((static_cast<uint64_t>(r) * folded.heads + h) * folded.dec_len + i) * len;
+}
+
 // --------------------------------------------------------------------------------------------------------
 // softmax over score rows of `len` keys: one warp per row. Rows come in groups of rows_per_example (the rows
 // of one example: its keys j < lengths[example] are real). With a bias table (the encoder: rows [B, H, L, L])
@@ -82,7 +107,8 @@ template <typename T>
 __global__ void masked_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
                                       const int32_t* __restrict__ lengths, int heads, int len,
                                       int64_t rows_per_example, int64_t n_rows, DropoutSite dropout,
-                                      T* __restrict__ probs, T* __restrict__ probs_dropped) {
+                                      FoldedRows folded, T* __restrict__ probs, T* __restrict__ probs_dropped) {
+  dropout = with_seed(dropout);
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (row >= n_rows) return;  // whole warps exit together: no block-level synchronisation below
@@ -97,6 +123,7 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   }
   auto logit = [&](int j) { return brow ? s[j] + brow[j] : s[j]; };
   T* p = probs + row * len;
+  const uint64_t drop_base = probs_row_base(row, len, folded);
 
   float m = -INFINITY;
   for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, logit(j));
@@ -106,9 +133,10 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   sum = warp_sum(sum);
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int j = lane; j < len; j += 32) {
-    const float v = j < n_keys ? expf(logit(j) - m) * inv : 0.f;
-    // dropout index = position in the [B, H, L, L] probabilities, as the CPU backend counts it
-    const float kept = v * dropout_scale(dropout, static_cast<uint64_t>(row) * len + j);
+    float v = j < n_keys ? expf(logit(j) - m) * inv : 0.f;
+    // the folded cross-attention's backward makes P' again from the stored P: both from the same rounded value
+    if (folded.heads > 0) v = to_f32(from_f32<T>(v));
+    const float kept = v * dropout_scale(dropout, drop_base + j);
     if (probs_dropped) {  // both: P (probs) and P' (probs_dropped)
       p[j] = from_f32<T>(v);
       probs_dropped[row * len + j] = from_f32<T>(kept);
@@ -122,23 +150,38 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
 // dP = drop * dP' (dP' = dprobs, the gradient of the dropped probabilities), D = sum_j P_j dP_j and
 // dS_j = P_j (dP_j - D): the gradient of the scores. One warp per row, as the forward.
 template <typename T>
-__global__ void encoder_softmax_backward_kernel(const float* __restrict__ dprobs, T* __restrict__ probs,
-                                                const int32_t* __restrict__ lengths, int heads, int len,
-                                                int64_t n_rows, DropoutSite dropout) {
+__global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __restrict__ probs,
+                                        const int32_t* __restrict__ lengths, int len, int64_t rows_per_example,
+                                        int64_t n_rows, DropoutSite dropout, FoldedRows folded) {
+  dropout = with_seed(dropout);
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (row >= n_rows) return;  // whole warps exit together
-  const int b = static_cast<int>(row / (static_cast<int64_t>(len) * heads));
+  const int b = static_cast<int>(row / rows_per_example);
   const int n_keys = min(max(lengths[b], 0), len);
   const float* dp = dprobs + row * len;
   T* p = probs + row * len;
-  const uint64_t drop_base = static_cast<uint64_t>(row) * len;
+  const uint64_t drop_base = probs_row_base(row, len, folded);
   float D = 0.f;
   for (int j = lane; j < n_keys; j += 32) D += to_f32(p[j]) * dropout_scale(dropout, drop_base + j) * dp[j];
   D = warp_sum(D);
   for (int j = lane; j < len; j += 32) {
     const float ds = j < n_keys ? to_f32(p[j]) * (dropout_scale(dropout, drop_base + j) * dp[j] - D) : 0.f;
     p[j] = from_f32<T>(ds);
+  }
+}
+
+// P' = dropout(P) from the stored P (the folded cross-attention's backward), as its forward made P'.
+template <typename T>
+__global__ void dropout_probs_kernel(const T* __restrict__ probs, int64_t n_rows, int len, DropoutSite dropout,
+                                     FoldedRows folded, T* __restrict__ probs_dropped) {
+  dropout = with_seed(dropout);
+  const int64_t n = n_rows * len;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / len;
+    const int j = static_cast<int>(i % len);
+    probs_dropped[i] = from_f32<T>(to_f32(probs[i]) * dropout_scale(dropout, probs_row_base(row, len, folded) + j));
   }
 }
 
@@ -162,18 +205,19 @@ __global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_
       const int a = index.adapters != nullptr && index.adapter_of_example != nullptr ? adapter_of_token(index, t) : -1;
       const float* l = a >= 0 ? index.adapters + a * index.adapter_stride : nullptr;
       const int64_t gi = static_cast<int64_t>(t) * g_ld + c;
-      const float dk = g_k[gi], dv = g_v[gi];
+      const float dk = g_k[gi];
       T* drow = dqkv + static_cast<int64_t>(t) * dq_ld;
-      drow[k_col + c] = from_f32<T>(l ? l[k_offset + c] * dk : dk);
-      drow[v_col + c] = from_f32<T>(l ? l[v_offset + c] * dv : dv);
       const T* row = qkv + static_cast<int64_t>(t) * ld;
-      if (l) {
-        ck += to_f32(row[k_col + c]) * dk;
-        cv += to_f32(row[v_col + c]) * dv;
+      drow[k_col + c] = from_f32<T>(l ? l[k_offset + c] * dk : dk);
+      if (l) ck += to_f32(row[k_col + c]) * dk;
+      if (v_col >= 0) {
+        const float dv = g_v[gi];
+        drow[v_col + c] = from_f32<T>(l ? l[v_offset + c] * dv : dv);
+        if (l) cv += to_f32(row[v_col + c]) * dv;
       }
     }
     gk_out[r * width + c] = ck;
-    gv_out[r * width + c] = cv;
+    if (v_col >= 0) gv_out[r * width + c] = cv;
   }
 }
 
@@ -210,6 +254,7 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
                                        const int32_t* __restrict__ row_example,
                                        const int32_t* __restrict__ enc_lengths, int enc_len, AdapterIndex index,
                                        int64_t k_offset, int64_t v_offset, DropoutSite dropout) {
+  dropout = with_seed(dropout);
   extern __shared__ float q_smem[];  // [kSmallAttnWarps][d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kSmallAttnWarps + warp;
@@ -377,6 +422,7 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
                                                 int64_t v_offset, int n_queries, T* __restrict__ dq, int dq_ld,
                                                 float* __restrict__ g_k, float* __restrict__ g_v,
                                                 float* __restrict__ stats) {
+  g.dropout = with_seed(g.dropout);
   extern __shared__ float smem[];  // per warp: q~ [d_kv], g~ [d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kBackWarps + warp;
@@ -494,6 +540,7 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
                                               const float* __restrict__ dout, AdapterIndex index, int64_t k_offset,
                                               int64_t v_offset, const float* __restrict__ stats, int n_keys_total,
                                               T* __restrict__ dk, T* __restrict__ dv, int dkv_ld) {
+  g.dropout = with_seed(g.dropout);
   extern __shared__ float smem[];  // per warp: l_k * k_j [d_kv], l_v * v_j [d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int u_tok = blockIdx.x * kBackWarps + warp;
@@ -638,12 +685,12 @@ namespace {
 template <typename T>
 void launch_masked_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int heads, int len,
                            int64_t rows_per_example, int64_t n_rows, const DropoutSite& dropout, T* probs,
-                           T* probs_dropped, cudaStream_t stream) {
+                           T* probs_dropped, cudaStream_t stream, FoldedRows folded = {}) {
   if (n_rows <= 0) return;
   constexpr int kBlock = 256;
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, probs, probs_dropped);
+      scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, folded, probs, probs_dropped);
   TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel");
 }
 }  // namespace
@@ -664,21 +711,60 @@ void encoder_softmax_pair(const float* scores, const float* bias_table, const in
 
 template <typename T>
 void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch, int64_t rows_per_example, int len,
-                          T* probs, cudaStream_t stream) {
-  launch_masked_softmax<T>(scores, nullptr, lengths, 1, len, rows_per_example, batch * rows_per_example,
-                           DropoutSite{}, probs, nullptr, stream);
+                          const DropoutSite& dropout, const FoldedRows& folded, T* probs, T* probs_dropped,
+                          cudaStream_t stream) {
+  if (folded.heads <= 0 || folded.dec_len <= 0) fail(ErrorCode::Internal, "cross_softmax_folded: no row geometry");
+  launch_masked_softmax<T>(scores, nullptr, lengths, 1, len, rows_per_example, batch * rows_per_example, dropout,
+                           probs, probs_dropped, stream, folded);
 }
+
+namespace {
+template <typename T>
+void launch_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int len, int64_t rows_per_example,
+                             int64_t n_rows, const DropoutSite& dropout, const FoldedRows& folded,
+                             cudaStream_t stream) {
+  if (n_rows <= 0) return;
+  constexpr int kBlock = 256;  // 8 rows per block
+  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
+  softmax_backward_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      dprobs, probs, lengths, len, rows_per_example, n_rows, dropout, folded);
+  TFEW_CUDA_CHECK_LAUNCH("softmax_backward_kernel");
+}
+}  // namespace
 
 template <typename T>
 void encoder_softmax_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch, int heads, int len,
                               const DropoutSite& dropout, cudaStream_t stream) {
-  const int64_t n_rows = static_cast<int64_t>(batch) * heads * len;
-  if (n_rows <= 0) return;
-  constexpr int kBlock = 256;  // 8 rows per block
-  const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  encoder_softmax_backward_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(dprobs, probs, lengths,
-                                                                                           heads, len, n_rows, dropout);
-  TFEW_CUDA_CHECK_LAUNCH("encoder_softmax_backward_kernel");
+  launch_softmax_backward<T>(dprobs, probs, lengths, len, static_cast<int64_t>(heads) * len,
+                             static_cast<int64_t>(batch) * heads * len, dropout, FoldedRows{}, stream);
+}
+
+template <typename T>
+void cross_softmax_folded_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch,
+                                   int64_t rows_per_example, int len, const DropoutSite& dropout,
+                                   const FoldedRows& folded, cudaStream_t stream) {
+  if (folded.heads <= 0 || folded.dec_len <= 0) fail(ErrorCode::Internal, "cross_softmax_folded: no row geometry");
+  launch_softmax_backward<T>(dprobs, probs, lengths, len, rows_per_example, batch * rows_per_example, dropout, folded,
+                             stream);
+}
+
+template <typename T>
+void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutSite& dropout, const FoldedRows& folded,
+                         T* probs_dropped, cudaStream_t stream) {
+  const int64_t n = n_rows * len;
+  if (n <= 0) return;
+  dropout_probs_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(probs, n_rows, len, dropout, folded, probs_dropped);
+  TFEW_CUDA_CHECK_LAUNCH("dropout_probs_kernel");
+}
+
+template <typename T>
+void ia3_scaled_columns_copy(const T* src, int src_ld, T* dst, int dst_ld, int width, int n_tokens,
+                             const AdapterIndex& index, int64_t offset, cudaStream_t stream) {
+  if (n_tokens <= 0 || width <= 0) return;
+  const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  ia3_scaled_columns_copy_kernel<T><<<grid, 256, 0, stream>>>(src, src_ld, dst, dst_ld, width, n_tokens, index,
+                                                              offset);
+  TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_columns_copy_kernel");
 }
 
 template <typename T>
@@ -776,7 +862,14 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
                                        cudaStream_t);                                                         \
   template void encoder_softmax<T>(const float*, const float*, const int32_t*, int, int, int,                  \
                                    const DropoutSite&, T*, cudaStream_t);                                     \
-  template void cross_softmax_folded<T>(const float*, const int32_t*, int, int64_t, int, T*, cudaStream_t);    \
+  template void cross_softmax_folded<T>(const float*, const int32_t*, int, int64_t, int, const DropoutSite&,     \
+                                        const FoldedRows&, T*, T*, cudaStream_t);                              \
+  template void cross_softmax_folded_backward<T>(const float*, T*, const int32_t*, int, int64_t, int,             \
+                                                 const DropoutSite&, const FoldedRows&, cudaStream_t);         \
+  template void cross_probs_dropout<T>(const T*, int64_t, int, const DropoutSite&, const FoldedRows&, T*,         \
+                                       cudaStream_t);                                                          \
+  template void ia3_scaled_columns_copy<T>(const T*, int, T*, int, int, int, const AdapterIndex&, int64_t,        \
+                                           cudaStream_t);                                                      \
   template void encoder_softmax_pair<T>(const float*, const float*, const int32_t*, int, int, int,             \
                                         const DropoutSite&, T*, T*, cudaStream_t);                            \
   template void encoder_softmax_backward<T>(const float*, T*, const int32_t*, int, int, int, const DropoutSite&, \

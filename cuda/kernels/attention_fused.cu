@@ -73,6 +73,7 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
                                const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
                                __nv_bfloat16* __restrict__ out) {
+  dropout = with_seed(dropout);
   using S = FusedSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];  // WMMA needs 32-byte aligned tiles
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem + S::kQ);

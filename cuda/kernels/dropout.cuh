@@ -16,6 +16,16 @@ __device__ __forceinline__ uint64_t splitmix64_device(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// The site with its seed read from device memory once: kernels call this on entry, so a thread reads the
+// seed once instead of once per element (a replayed graph's seed lives in device memory).
+__device__ __forceinline__ DropoutSite with_seed(DropoutSite d) {
+  if (d.rate > 0.f && d.seed_dev) {
+    d.seed = *d.seed_dev;
+    d.seed_dev = nullptr;
+  }
+  return d;
+}
+
 // 1 / (1 - rate) where kept, 0 where dropped, 1 without dropout.
 __device__ __forceinline__ float dropout_scale(const DropoutSite& d, uint64_t index) {
   if (d.rate <= 0.f) return 1.f;

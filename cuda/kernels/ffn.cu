@@ -30,6 +30,7 @@ __device__ __forceinline__ float gelu_new_grad(float x) {
 template <typename T, bool kGated>
 __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
                                       bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+  dropout = with_seed(dropout);
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
@@ -55,6 +56,7 @@ template <typename T, bool kGated>
 __global__ void ffn_backward_kernel(const float* dscaled, const T* __restrict__ pre, int n_tokens, int d_ff,
                                     AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
                                     T* __restrict__ d_pre, Ia3Sums sums, float* g_ff) {
+  dropout = with_seed(dropout);
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
   for (int64_t r = blockIdx.y; r < sums.rows(n_tokens); r += gridDim.y) {

@@ -69,19 +69,24 @@ void embedding_forward(const T* table, int vocab, int d_model, const int32_t* id
 
 // ---- rmsnorm.cu
 // out[r, :] = weight * x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * out_scale   (T5 LayerNorm: no mean, no bias)
-template <typename TOut>
-void rmsnorm_forward(const float* x, const float* weight, int n_rows, int d, float eps, float out_scale,
+// x: the fp32 residual stream, or (training) its saved copy in the storage type. Instantiated for
+// <float, float>, <float, bf16> and <bf16, bf16>.
+template <typename TIn, typename TOut>
+void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream);
-// dx (+)= the input gradient given dy (the weight is frozen); 1/rms is recomputed from x.
-void rmsnorm_backward(const float* dy, const float* x, const float* weight, int n_rows, int d, float eps,
+// dx (+)= the input gradient given dy (the weight is frozen); 1/rms is recomputed from x (float or bf16).
+template <typename TX>
+void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,
                       bool accumulate, float* dx, cudaStream_t stream);
 
 // ---- dropout.cu (training)
 // x[i] *= scale(i) in place (also the backward of a dropout: the same mask and scale).
 template <typename T>
 void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream);
-// out[i] = x[i] + scale(i) * y[i]: a sub-layer's (dropped) output added to the residual stream.
-void residual_add(const float* x, const float* y, int64_t n, const DropoutSite& site, float* out, cudaStream_t stream);
+// x[i] += scale(i) * y[i]: a sub-layer's (dropped) output added to the fp32 residual stream, and
+// saved[i] = (T)x[i], the copy the next sub-layer's norm and the backward read (in bf16 half the bytes).
+template <typename T>
+void residual_add_save(float* x, const float* y, int64_t n, const DropoutSite& site, T* saved, cudaStream_t stream);
 // out[i] = (T)(x[i] * scale(i)): the gradient through a dropped sub-layer output, cast for the next GEMM.
 template <typename T>
 void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream);
@@ -102,6 +107,11 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
 template <typename T>
 void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, const AdapterIndex& index,
                          int64_t k_offset, int64_t v_offset, cudaStream_t stream);
+// dst[t, c] = src[t, c] * l[c] for c < width with the vector at `offset` of token t's adapter (copied unscaled
+// for tokens without one).
+template <typename T>
+void ia3_scaled_columns_copy(const T* src, int src_ld, T* dst, int dst_ld, int width, int n_tokens,
+                             const AdapterIndex& index, int64_t offset, cudaStream_t stream);
 // One range only: buf[t, col + c] *= l[c] with the vector at `offset` of token t's adapter.
 template <typename T>
 void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const AdapterIndex& index, int64_t offset,
@@ -126,17 +136,35 @@ template <typename T>
 void encoder_softmax_pair(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
                           int len, const DropoutSite& dropout, T* probs, T* probs_dropped, cudaStream_t stream);
 
-// The folded cross-attention's softmax (inference): rows of `len` encoder keys, in groups of rows_per_example
-// per example (its real keys j < lengths[example]; the others get probability 0). No bias, no dropout.
+// The folded cross-attention's rows (CudaEngine::enqueue_folded_cross_attention): one per (decoder token, head),
+// token-major, dec_len tokens per choice row. Dropout masks follow the CPU backend's numbering of the
+// cross-attention probabilities [R, H, dec_len, enc_len].
+struct FoldedRows {
+  int heads = 0, dec_len = 0;
+};
+// The folded cross-attention's softmax: rows of `len` encoder keys, in groups of rows_per_example per example
+// (its real keys j < lengths[example]; the others get probability 0), no bias. probs gets P (rounded to T)
+// and, when probs_dropped is given (training), probs_dropped gets P' = dropout(P) of that rounded P, as
+// cross_probs_dropout remakes it; without probs_dropped, probs gets P'.
 template <typename T>
 void cross_softmax_folded(const float* scores, const int32_t* lengths, int batch, int64_t rows_per_example, int len,
-                          T* probs, cudaStream_t stream);
+                          const DropoutSite& dropout, const FoldedRows& folded, T* probs, T* probs_dropped,
+                          cudaStream_t stream);
+// Its backward, in place, as encoder_softmax_backward: P on entry, dS on return; dprobs fp32 = dL/dP'.
+template <typename T>
+void cross_softmax_folded_backward(const float* dprobs, T* probs, const int32_t* lengths, int batch,
+                                   int64_t rows_per_example, int len, const DropoutSite& dropout,
+                                   const FoldedRows& folded, cudaStream_t stream);
+// probs_dropped = dropout(probs) over n_rows folded rows of len (the backward's P', from the stored P).
+template <typename T>
+void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutSite& dropout, const FoldedRows& folded,
+                         T* probs_dropped, cudaStream_t stream);
 
 // The (IA)3 step of an attention backward that ran on the scaled keys and values K~ = l_k * K, V~ = l_v * V:
 // g_k, g_v (fp32 [n_tokens, g_ld], columns < width) hold dK~, dV~; the contributions K * dK~, V * dV~ (0 for
 // tokens without an adapter) go to gk_out, gv_out ([rows of `sums`, width]; per token they may be g_k, g_v
 // themselves); dK = l_k * dK~ and dV = l_v * dV~ are written as T into dqkv's columns k_col, v_col. K and V
-// (unscaled) are qkv's columns k_col, v_col.
+// (unscaled) are qkv's columns k_col, v_col. v_col < 0: the k range only (g_v and gv_out are not used).
 template <typename T>
 void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
                      int64_t k_offset, int64_t v_offset, const float* g_k, const float* g_v, int g_ld, T* dqkv,

@@ -880,6 +880,15 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       return resolved(info.Env(), Napi::String::New(info.Env(), r == Recompute::None ? "none" : r == Recompute::Attention ? "attention" : "all"));
     });
   }));
+  // readAfterTruncation(path): maps the file, truncates it and reads it (a truncation during loading): rejects
+  // with the Io error, and the process lives on
+  testing.Set("readAfterTruncation", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 1 || !info[0].IsString()) fail(ErrorCode::InvalidArgument, "readAfterTruncation(path)");
+      read_after_truncation_for_test(info[0].As<Napi::String>().Utf8Value());
+      return resolved(info.Env(), info.Env().Undefined());
+    });
+  }));
 #ifdef TFEW_CUDA_EMULATION
   // emulatorSelfTest(name) -> { error, message }: one deliberate mistake and what the CUDA emulator made of it
   testing.Set("emulatorSelfTest", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

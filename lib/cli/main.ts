@@ -7,8 +7,8 @@ import * as path from 'path';
 import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 'commander';
 import { IA3Adapter } from '../adapter';
 import { InvalidArgumentError, TfewError } from '../errors';
-import { T5Model, type DeviceOption } from '../model';
-import { native } from '../native';
+import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type RecomputeLevel } from '../model';
+import { native, type CudaOptions } from '../native';
 import { classify } from '../pipeline/classify';
 import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
 import { formatBytes, formatFlops, ia3ParameterCount, parameterCount } from '../pipeline/cost';
@@ -58,7 +58,11 @@ function num(name: string) {
 }
 const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(Boolean);
 
-interface ModelOpts { model: string; device: DeviceOption; threads?: number }
+interface CudaOpts {
+  cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
+  cudaFusedAttention?: boolean; cudaGraphs?: boolean;
+}
+interface ModelOpts extends CudaOpts { model: string; device: DeviceOption; threads?: number }
 interface TaskOpts {
   task?: string; dataDir?: string; trainFile?: string; evalFile?: string; testFile?: string; labelColumn?: string;
   labels?: string[]; templateFile?: string; templates?: string[]; instruction?: string; sample?: number;
@@ -66,14 +70,39 @@ interface TaskOpts {
 }
 interface RecipeOpts {
   steps?: number; batchSize?: number; lr?: number; lmWeight?: number; ulWeight?: number; lnWeight?: number;
-  dropout: boolean; maxInputLength?: number;
+  dropout: boolean; maxInputLength?: number; recompute?: RecomputeLevel;
+}
+
+// T5Model.load's `cuda` switches. The choices are the library's own lists, so the CLI accepts exactly what it does.
+function addCudaOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
+    .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention in rank classification (default auto)').choices(CUDA_CROSS_ATTENTION))
+    .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
+    .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs');
+}
+
+/** The `cuda` load option from the flags; flags not given stay unset, so the TFEW_CUDA_* variables still apply. */
+function cudaOptions(o: CudaOpts): CudaOptions | undefined {
+  const c: CudaOptions = {};
+  if (o.cudaPrecision !== undefined) c.precision = o.cudaPrecision;
+  if (o.cudaCrossAttention !== undefined) c.crossAttention = o.cudaCrossAttention;
+  // commander defaults a --no-x flag to true: only an explicit --no-x (false) is passed on
+  if (o.cudaFusedAttention === false) c.fusedAttention = false;
+  if (o.cudaGraphs === false) c.graphs = false;
+  return Object.keys(c).length > 0 ? c : undefined;
+}
+
+/** --recompute for the commands that train (a fresh Option each: commander options belong to one command). */
+function recomputeOption(): Option {
+  return new Option('--recompute <level>', 'CUDA training: what the backward recomputes to save device memory (default auto)').choices(RECOMPUTE_LEVELS);
 }
 
 function addModelOptions(cmd: Command): Command {
-  return cmd
+  return addCudaOptions(cmd
     .requiredOption('-m, --model <dir>', 'Hugging Face T5/T0 directory (config.json, *.safetensors, tokenizer.json)')
     .addOption(new Option('--device <device>', 'backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
-    .option('--threads <n>', 'CPU backend threads (default: all cores)', int('--threads'));
+    .option('--threads <n>', 'CPU backend threads (default: all cores)', int('--threads')));
 }
 
 function addTaskOptions(cmd: Command): Command {
@@ -102,13 +131,14 @@ function addRecipeOptions(cmd: Command): Command {
     .option('--ul-weight <x>', 'unlikelihood loss weight (1)', num('--ul-weight'))
     .option('--ln-weight <x>', 'length-normalised loss weight (1)', num('--ln-weight'))
     .option('--no-dropout', 'train without dropout (T-Few trains with 0.1)')
-    .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'));
+    .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'))
+    .addOption(recomputeOption());
 }
 
 function recipe(o: RecipeOpts): RecipeOptions {
   return {
     steps: o.steps, batchSize: o.batchSize, lr: o.lr, lmWeight: o.lmWeight, ulWeight: o.ulWeight, lnWeight: o.lnWeight,
-    dropout: o.dropout === false ? false : undefined, maxInputLength: o.maxInputLength,
+    dropout: o.dropout === false ? false : undefined, maxInputLength: o.maxInputLength, recompute: o.recompute,
   };
 }
 
@@ -147,7 +177,7 @@ function parseSeeds(value: string | undefined, task: Task): number[] {
 }
 
 async function loadModel(o: ModelOpts, io: CliIO): Promise<T5Model> {
-  const model = await T5Model.load(o.model, { device: o.device, threads: o.threads });
+  const model = await T5Model.load(o.model, { device: o.device, threads: o.threads, cuda: cudaOptions(o) });
   io.err(`[tfew] ${o.model} on ${model.device} (${model.deviceReason})`);
   return model;
 }
@@ -235,14 +265,15 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .exitOverride()
     .configureOutput({ writeOut: (s) => io.out(s.replace(/\n$/, '')), writeErr: (s) => io.err(s.replace(/\n$/, '')) });
 
-  program
+  addCudaOptions(program
     .command('demo')
     .description('build a tiny T5, train (IA)3 on a synthetic few-shot task, and show accuracy before/after (under a minute on CPU)')
     .option('--model-dir <dir>', 'where to write the tiny model (default: ~/.cache/tfew/demo-tiny-t5)')
     .addOption(new Option('--device <device>', 'backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
-    .option('--steps <n>', 'training steps (300)', int('--steps'))
-    .action(async (o: { modelDir?: string; device: DeviceOption; steps?: number }) => {
-      await runDemo({ modelDir: o.modelDir, device: o.device, steps: o.steps, log: io.out });
+    .option('--steps <n>', 'training steps (300)', int('--steps')))
+    .addOption(recomputeOption())
+    .action(async (o: CudaOpts & { modelDir?: string; device: DeviceOption; steps?: number; recompute?: RecomputeLevel }) => {
+      await runDemo({ modelDir: o.modelDir, device: o.device, steps: o.steps, cuda: cudaOptions(o), recompute: o.recompute, log: io.out });
     });
 
   addRecipeOptions(addTaskOptions(addModelOptions(program.command('train'))))
@@ -435,13 +466,14 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('-k, --shots <k>', 'ICL demonstrations per query (default: the few-shot set)', int('--shots'))
     .option('--train-steps <n>', 'training steps to time (10); the 1000-step cost is extrapolated', int('--train-steps'))
     .option('--icl-max-input-length <n>', 'ICL encoder budget (1024)', int('--icl-max-input-length'))
+    .addOption(recomputeOption())
     .option('--json <file>', 'write the results as JSON')
-    .action(async (o: ModelOpts & TaskOpts & { examples?: number; shots?: number; trainSteps?: number; iclMaxInputLength?: number; json?: string }) => {
+    .action(async (o: ModelOpts & TaskOpts & { examples?: number; shots?: number; trainSteps?: number; iclMaxInputLength?: number; recompute?: RecomputeLevel; json?: string }) => {
       const task = resolveTask(o);
       const templates = resolveTemplates(task, o).slice(0, 1);
       const model = await loadModel(o, io);
       try {
-        const b = await benchmark(model, { task, template: templates[0], examples: o.examples, shots: o.shots, trainSteps: o.trainSteps, iclMaxInputLength: o.iclMaxInputLength });
+        const b = await benchmark(model, { task, template: templates[0], examples: o.examples, shots: o.shots, trainSteps: o.trainSteps, iclMaxInputLength: o.iclMaxInputLength, recompute: o.recompute });
         io.out(markdownReport({ title: `Cost: ${task.name}`, setup: setupLines(model, task, b.notes), results: [], costs: b.rows }));
         if (o.json) writeJson(o.json, b);
       } finally {

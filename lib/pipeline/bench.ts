@@ -3,7 +3,7 @@
 // 1000, on the same examples and model.
 import { IA3Adapter } from '../adapter';
 import { InvalidArgumentError } from '../errors';
-import type { T5Model } from '../model';
+import type { Recompute, T5Model } from '../model';
 import type { Task } from '../tasks/registry';
 import type { Template } from '../templates/engine';
 import { ia3ParameterCount, type CostRow } from './cost';
@@ -23,6 +23,8 @@ export interface BenchOptions {
   recipeSteps?: number;
   batchSize?: number;
   iclMaxInputLength?: number;
+  /** The timed training steps' recompute level (CUDA; the Trainer's default 'auto'). */
+  recompute?: Recompute;
 }
 
 export interface BenchResult {
@@ -46,7 +48,7 @@ export async function benchmark(model: T5Model, options: BenchOptions): Promise<
   // Inference cost does not depend on the adapter's values: the identity adapter stands in for a trained one.
   const tfew = await evaluate(model, { task, templates: [template], seeds: [seed], adapter: IA3Adapter.create(model), limit: n, method: 'T-Few' });
   const icl = await evaluateIcl(model, { task, templates: [template], seeds: [seed], shots: options.shots, limit: n, maxInputLength: options.iclMaxInputLength });
-  const { run } = await trainAdapter(model, { task, seed: task.kind === 'raft' ? undefined : seed, templates: [template], steps: trainSteps, batchSize });
+  const { run } = await trainAdapter(model, { task, seed: task.kind === 'raft' ? undefined : seed, templates: [template], steps: trainSteps, batchSize, recompute: options.recompute });
   const perStep = run.seconds / Math.max(1, run.steps);
   const perStepFlops = run.flops / Math.max(1, run.steps);
 

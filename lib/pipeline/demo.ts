@@ -4,7 +4,8 @@
 // a few new reviews. A random tiny model knows nothing, so the gain comes from the (IA)3 vectors alone.
 import * as os from 'os';
 import * as path from 'path';
-import { T5Model, type DeviceOption } from '../model';
+import { T5Model, type DeviceOption, type Recompute } from '../model';
+import type { CudaOptions } from '../native';
 import type { Task } from '../tasks/registry';
 import type { Example } from '../tasks/types';
 import { seededRandom } from '../random';
@@ -81,6 +82,9 @@ export interface DemoOptions {
   /** Where the tiny model is written (default: $XDG_CACHE_HOME or ~/.cache, under tfew/demo-tiny-t5). */
   modelDir?: string;
   device?: DeviceOption;
+  /** CUDA backend switches (T5Model.load) and the training's recompute level (Trainer); both CUDA only. */
+  cuda?: CudaOptions;
+  recompute?: Recompute;
   /** Training steps (default 300) and learning rate (default 0.1: a random tiny model needs far more than T0's 3e-3). */
   steps?: number;
   lr?: number;
@@ -125,7 +129,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   log('T-Few demo: few-shot fine-tuning of (IA)3 vectors on a tiny T5 built on the spot (nothing is downloaded).');
   // Rebuilt every time (it takes milliseconds), so a cache left by another version never goes stale.
   buildTinyT5(modelDir, { words: demoVocabulary(), seed: options.modelSeed ?? 1, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
-  const model = await T5Model.load(modelDir, { device: options.device ?? 'auto' });
+  const model = await T5Model.load(modelDir, { device: options.device ?? 'auto', cuda: options.cuda });
   try {
     const task = syntheticSentimentTask();
     const c = model.config;
@@ -139,7 +143,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     log(`Before training: accuracy ${pct(before.summary.median)} on the held-out reviews (chance is 50%).`);
     log(`Training ${steps} steps, batch 8, lr ${lr}, loss = LM + unlikelihood + length-normalised (the T-Few losses):`);
     const { adapter, run } = await trainAdapter(model, {
-      task, steps, lr, batchSize: 8, trainerSeed: 1,
+      task, steps, lr, batchSize: 8, trainerSeed: 1, recompute: options.recompute,
       onStep: (e) => {
         if (e.step % logEvery === 0 || e.step === e.totalSteps) {
           log(`  step ${String(e.step).padStart(4)}/${e.totalSteps}  loss ${e.totalLoss.toFixed(3)}  (lm ${e.lmLoss.toFixed(3)}, ul ${e.ulLoss.toFixed(3)}, ln ${e.lnLoss.toFixed(3)})`);

@@ -17,7 +17,7 @@ import { evaluate, promptCost, requireTokenizer, type EvaluationReport, type Eva
 
 /** The recipe knobs, T-Few's values by default (the Trainer's defaults, then the task's overrides). */
 export type RecipeOptions = Pick<TrainerOptions,
-  'steps' | 'batchSize' | 'lr' | 'lmWeight' | 'ulWeight' | 'lnWeight' | 'dropout' | 'maxInputLength' | 'warmupRatio' | 'clipNorm' | 'scaleParameter' | 'weightDecay'>;
+  'steps' | 'batchSize' | 'lr' | 'lmWeight' | 'ulWeight' | 'lnWeight' | 'dropout' | 'maxInputLength' | 'warmupRatio' | 'clipNorm' | 'scaleParameter' | 'weightDecay' | 'recompute'>;
 
 export interface TrainingRun {
   seed: number;
@@ -86,6 +86,7 @@ export async function trainAdapter(model: T5Model, options: TrainAdapterOptions)
     clipNorm: options.clipNorm,
     scaleParameter: options.scaleParameter,
     weightDecay: options.weightDecay,
+    recompute: options.recompute,
     seed: options.trainerSeed ?? options.seed ?? 42,
     saveTo: options.saveTo,
   };

@@ -48,6 +48,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
   let cpuUniform: { logProbs: number[][]; scores: number[][] };
   let trainBatch: { inputIds: number[][]; choices: number[][][]; labels: number[] };
   let cpuTrain: Awaited<ReturnType<T5Model['lossAndGradients']>>;
+  let uniformTrain: { inputIds: number[][]; choices: number[][][]; labels: number[] };
+  let cpuUniformTrain: Awaited<ReturnType<T5Model['lossAndGradients']>>;
 
   beforeAll(async () => {
     dir = checkpointDir();
@@ -62,6 +64,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
     cpuUniform = await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
     trainBatch = { inputIds: batch.inputIds, choices: batch.choices, labels: batch.choices.map((c, i) => (i + 1) % c.length) };
     cpuTrain = await cpu.lossAndGradients(trainBatch, { adapter: perExample });
+    uniformTrain = { inputIds: uniform.inputIds, choices: uniform.choices, labels: [1, 0, 1, 0] };
+    cpuUniformTrain = await cpu.lossAndGradients(uniformTrain, { adapter: perExample, dropout: true, seed: 3 });
     await cpu.dispose();
   });
 
@@ -136,6 +140,13 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
         // a different number of choices per example cannot fold: the precomputed path, the same results
         const mixed = await folded.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
         expect(maxRelError(mixed.logProbs.flat(), cpuMixed.logProbs.flat())).toBeLessThan(tol('sum_logp'));
+        // training folds too (long padded inputs, dropout, two adapters and an example without)
+        const g = await folded.lossAndGradients(uniformTrain, { adapter: perExample, dropout: true, seed: 3 });
+        const c = cpuUniformTrain;
+        expect(maxRelError([g.lmLoss, g.ulLoss, g.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss]))
+          .toBeLessThan(precision === 'fp32' ? FP32_TOL : 4 * tol('sum_logp'));
+        for (const a of adapters)
+          expect(relError(g.adapterGradients.get(a) as Float32Array, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(precision === 'fp32' ? FP32_TOL : 0.1);
       } finally {
         await folded.dispose();
         await precomputed.dispose();

@@ -161,6 +161,64 @@ describeCuda('CUDA training', () => {
     });
   });
 
+  // The folded cross-attention in training (uniform choices per example): forward and backward in model space,
+  // no keys/values. Against the CPU backend with dropout on the cross-attention probabilities, mixed adapters
+  // and an example without one, across a captured step's replays; a batch it does not apply to falls back.
+  describe.each(['fp32', 'bf16'] as Precision[])('folded cross-attention in training, %s', (precision) => {
+    let dir: string;
+    let folded: T5Model;
+    let precomputed: T5Model;
+    let cpu: T5Model;
+    const tol = precision === 'fp32' ? { loss: FP32_TOL, grad: FP32_TOL } : { loss: 1e-2, grad: 0.1 };
+    beforeAll(async () => {
+      dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-folded-train-'));
+      buildTinyT5(dir, { words: ['alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu'], gated: true, dropoutRate: 0.3, seed: 5 });
+      folded = await loadCuda(dir, precision, {}, { crossAttention: 'folded' });
+      precomputed = await loadCuda(dir, precision, {}, { crossAttention: 'precomputed' });
+      cpu = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    });
+    afterAll(async () => {
+      await folded?.dispose();
+      await precomputed?.dispose();
+      await cpu?.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+
+    const uniform = {
+      inputIds: [[3, 4, 5, 6, 7, 8, 9, 10, 1], [9, 10, 1], [11, 12, 13, 14, 1]],
+      choices: [[[4, 1], [5, 6, 7, 1]], [[7, 1], [8, 9, 1]], [[10, 11, 1], [12, 1]]],
+      labels: [1, 0, 1],
+    };
+
+    test('losses and gradients equal the CPU backend and the precomputed path', async () => {
+      expect(folded.describe()).toMatch(/cross-attention folded/);
+      const adapters = [perturbed(cpu, 21), perturbed(cpu, 22)];
+      for (const seed of [31, 32, 33]) {  // eager, captured, replayed
+        const opts = { adapter: [adapters[0], null, adapters[1]], dropout: true, seed };
+        const [f, p, c] = [await folded.lossAndGradients(uniform, opts), await precomputed.lossAndGradients(uniform, opts),
+                           await cpu.lossAndGradients(uniform, opts)];
+        expect(maxRelError([f.lmLoss, f.ulLoss, f.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss])).toBeLessThan(tol.loss);
+        for (const a of adapters) {
+          const fg = f.adapterGradients.get(a) as Float32Array;
+          expect(relError(fg, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(tol.grad);
+          expect(relError(fg, p.adapterGradients.get(a) as Float32Array)).toBeLessThan(tol.grad);
+          // the cross-attention's own vectors, where a wrong fold would show first
+          for (const m of a.modules.filter((mm) => /EncDecAttention/.test(mm.name)))
+            expect(relError(fg.subarray(m.offset, m.offset + m.length), (c.adapterGradients.get(a) as Float32Array).subarray(m.offset, m.offset + m.length))).toBeLessThan(tol.grad);
+        }
+      }
+    });
+
+    test('a batch with different numbers of choices falls back to the precomputed keys and values', async () => {
+      const ragged = { ...uniform, choices: [[[4, 1], [5, 6, 7, 1]], [[7, 1], [8, 9, 1], [10, 1]], [[10, 11, 1], [12, 1]]] };
+      const adapter = perturbed(cpu, 23);
+      const opts = { adapter, dropout: true, seed: 5 };
+      const [f, c] = [await folded.lossAndGradients(ragged, opts), await cpu.lossAndGradients(ragged, opts)];
+      expect(maxRelError([f.totalLoss], [c.totalLoss])).toBeLessThan(tol.loss);
+      expect(relError(f.adapterGradients.get(adapter) as Float32Array, c.adapterGradients.get(adapter) as Float32Array)).toBeLessThan(tol.grad);
+    });
+  });
+
   // bf16 training runs the encoder attention forward in the fused kernel, which drops probabilities itself. At
   // dropout 0.5 a mask off by one element moves the gradients by ~100% (checked by hand on the emulator);
   // the right one stays at bf16 noise (~2e-2).

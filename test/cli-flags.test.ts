@@ -1,0 +1,137 @@
+// The CLI's CUDA switches (--cuda-*) and --recompute: parsed into T5Model.load's `cuda` option and the
+// Trainer's `recompute`, bad values refused before anything loads. Runs on the CPU backend (which accepts and
+// ignores both), so it checks the plumbing, not what CUDA does with them.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { main } from '../lib/cli/main';
+import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, RECOMPUTE_LEVELS, T5Model, type LoadOptions } from '../lib/model';
+import { buildTinyT5 } from '../lib/tiny';
+import { Trainer } from '../lib/trainer';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-cli-flags-'));
+const modelDir = path.join(tmp, 'tiny');
+const trainFile = path.join(tmp, 'reviews.csv');
+
+const REVIEWS = [
+  ['the plot was superb', 'good'], ['the acting was dreadful', 'bad'], ['the music was lovely', 'good'],
+  ['the pacing was tedious', 'bad'], ['the cast was brilliant', 'good'], ['the script was awful', 'bad'],
+  ['the ending was moving', 'good'], ['the dialogue was clumsy', 'bad'], ['the camera work was superb', 'good'],
+  ['the story was boring', 'bad'], ['the score was lovely', 'good'], ['the jokes were awful', 'bad'],
+];
+
+let lines: string[];
+const io = { out: (l: string) => lines.push(l), err: (l: string) => lines.push(`ERR ${l}`), interactive: false };
+const run = (...args: string[]) => main(['node', 'tfew', ...args], io);
+// A custom task over the CSV: 4 shots per seed, the other 8 rows evaluate.
+const model = ['--model', modelDir, '--device', 'cpu', '--threads', '2'];
+const task = ['--task', 'custom', '--train-file', trainFile, '--sample', '4'];
+
+let load: jest.SpyInstance<Promise<T5Model>, [string, LoadOptions?]>;
+let train: jest.SpyInstance;
+
+beforeAll(() => {
+  fs.writeFileSync(trainFile, `text,label\n${REVIEWS.map(([t, l]) => `${t},${l}`).join('\n')}\n`);
+  buildTinyT5(modelDir, { words: ['text', 'label', ...REVIEWS.flat().join(' ').split(' ')], seed: 3, dModel: 16, dFf: 32, numHeads: 2, dKv: 8, numLayers: 1 });
+});
+beforeEach(() => {
+  lines = [];
+  // call through: the real model loads and trains, the spies only record what they were given
+  load = jest.spyOn(T5Model, 'load');
+  train = jest.spyOn(Trainer.prototype, 'train');
+});
+afterEach(() => jest.restoreAllMocks());
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+/** The `cuda` option of the only T5Model.load call. */
+function loadedCuda(): unknown {
+  expect(load).toHaveBeenCalledTimes(1);
+  expect(load.mock.calls[0][0]).toBe(modelDir);
+  return load.mock.calls[0][1]?.cuda;
+}
+/** The recompute option of every Trainer that trained. */
+const trainedRecompute = (): unknown[] => (train.mock.contexts as Trainer[]).map((t) => t.options.recompute);
+
+describe('tfew CUDA flags', () => {
+  test('train: every --cuda-* flag reaches T5Model.load, --recompute the Trainer (and run.json)', async () => {
+    const out = path.join(tmp, 'all-flags');
+    const code = await run('train', ...model, ...task, '--seed', '42', '--steps', '2', '--batch-size', '2', '--out', out,
+      '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-graphs', '--recompute', 'attention');
+    expect(lines.filter((l) => l.startsWith('ERR tfew:'))).toEqual([]);
+    expect(code).toBe(0);
+    expect(load.mock.calls[0][1]).toMatchObject({ device: 'cpu', threads: 2 });
+    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, graphs: false });
+    expect(trainedRecompute()).toEqual(['attention']);
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('attention');
+  });
+
+  test('train without the flags: no cuda option (the TFEW_CUDA_* variables decide) and the default recompute', async () => {
+    const out = path.join(tmp, 'no-flags');
+    expect(await run('train', ...model, ...task, '--seed', '42', '--steps', '1', '--batch-size', '2', '--out', out)).toBe(0);
+    expect(loadedCuda()).toBeUndefined();
+    expect(trainedRecompute()).toEqual(['auto']);
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('auto');
+  });
+
+  test('one --no-cuda-* flag sets only its own switch', async () => {
+    expect(await run('train', ...model, ...task, '--seed', '42', '--steps', '1', '--out', path.join(tmp, 'graphs'), '--no-cuda-graphs')).toBe(0);
+    expect(loadedCuda()).toStrictEqual({ graphs: false });
+  });
+
+  test('eval and classify load with the CUDA flags; they do not train, so they take no --recompute', async () => {
+    expect(await run('eval', ...model, ...task, '--limit', '2', '--cuda-cross-attention', 'precomputed', '--cuda-precision', 'bf16')).toBe(0);
+    expect(loadedCuda()).toStrictEqual({ crossAttention: 'precomputed', precision: 'bf16' });
+    expect(train).not.toHaveBeenCalled();
+
+    load.mockClear();
+    const input = path.join(tmp, 'classify.csv');
+    fs.writeFileSync(input, 'text\nthe plot was lovely\n');
+    expect(await run('classify', ...model, ...task, '--input', input, '--no-cuda-fused-attention')).toBe(0);
+    expect(loadedCuda()).toStrictEqual({ fusedAttention: false });
+    expect(JSON.parse(lines[lines.length - 1]).label).toMatch(/^(good|bad)$/);
+
+    load.mockClear();
+    expect(await run('eval', ...model, ...task, '--recompute', 'all')).toBe(1);
+    expect(lines).toContain("ERR error: unknown option '--recompute'");
+    expect(load).not.toHaveBeenCalled();
+  });
+
+  test('icl --compare and bench train with --recompute; demo takes both kinds of flag', async () => {
+    expect(await run('icl', ...model, ...task, '--compare', '--seeds', '42', '--steps', '1', '--batch-size', '2', '--limit', '2', '--shots', '1',
+      '--no-zero-shot', '--recompute', 'none', '--cuda-precision', 'fp32')).toBe(0);
+    expect(loadedCuda()).toStrictEqual({ precision: 'fp32' });
+    expect(trainedRecompute()).toEqual(['none']);
+
+    load.mockClear();
+    train.mockClear();
+    expect(await run('bench', ...model, ...task, '--examples', '2', '--train-steps', '1', '--shots', '1', '--recompute', 'all')).toBe(0);
+    expect(loadedCuda()).toBeUndefined();
+    expect(trainedRecompute()).toEqual(['all']);
+
+    load.mockClear();
+    train.mockClear();
+    expect(await run('demo', '--model-dir', path.join(tmp, 'demo'), '--device', 'cpu', '--steps', '2',
+      '--cuda-cross-attention', 'auto', '--no-cuda-graphs', '--recompute', 'attention')).toBe(0);
+    expect(load.mock.calls[0][1]?.cuda).toStrictEqual({ crossAttention: 'auto', graphs: false });
+    expect(trainedRecompute()).toEqual(['attention']);
+  });
+
+  test.each([
+    ['--cuda-precision', 'fp16', `option '--cuda-precision <precision>' argument 'fp16' is invalid. Allowed choices are ${CUDA_PRECISIONS.join(', ')}.`],
+    ['--cuda-cross-attention', 'fused', `option '--cuda-cross-attention <mode>' argument 'fused' is invalid. Allowed choices are ${CUDA_CROSS_ATTENTION.join(', ')}.`],
+    ['--recompute', 'true', `option '--recompute <level>' argument 'true' is invalid. Allowed choices are ${RECOMPUTE_LEVELS.join(', ')}.`],
+  ])('%s %s: a one-line error naming the allowed values, exit 1, nothing loaded', async (flag, value, message) => {
+    expect(await run('train', ...model, ...task, '--out', path.join(tmp, 'bad'), flag, value)).toBe(1);
+    expect(lines[0]).toBe(`ERR error: ${message}`);
+    expect(load).not.toHaveBeenCalled();
+    expect(fs.existsSync(path.join(tmp, 'bad'))).toBe(false);
+  });
+
+  test('--help lists the flags', async () => {
+    expect(await run('train', '--help')).toBe(0);
+    const help = lines.join('\n');
+    for (const flag of ['--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-graphs', '--recompute <level>']) {
+      expect(help).toContain(flag);
+    }
+  });
+});
