@@ -9,7 +9,8 @@
 //                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
 //                 the encoder's q|k|v / q|k|v and wi projections recomputed in the backward (LossOptions.recompute
 //                 'attention' / 'all': less device memory). TRAIN-3B folds the cross-attention under 'auto';
-//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values (on the second load).
+//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-CUBLAS-BACKWARD
+//                 with the encoder attention backward on cuBLAS instead of the fused kernels (second loads).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -216,18 +217,19 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   await model.dispose();
 
   // The other cross-attention path for each rank workload ('auto' folds RANK-3B-B32 and precomputes
-  // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold.
+  // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold. On the same loads, TRAIN-3B without
+  // the fold and with the cuBLAS encoder attention backward (cuda.fusedBackward false) instead of the fused one.
   for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
                                                ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
     const before = usedMiB();
-    const alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention } });
+    const trainName = crossAttention === 'precomputed' ? 'TRAIN-3B-PRECOMPUTED' : 'TRAIN-3B-CUBLAS-BACKWARD';
+    const fusedBackward = trainName !== 'TRAIN-3B-CUBLAS-BACKWARD';
+    const alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward } });
     workloads[name] = await timeWorkload(alt, batch, adapter, profileFile, warmups, runs);
     workloads[name].deviceMiB = usedMiB() - before;
-    if (crossAttention === 'precomputed') {  // and TRAIN-3B (folded under 'auto') without the fold
-      workloads['TRAIN-3B-PRECOMPUTED'] = await timeTraining(alt, trainBatchOf(2), adapter, 'none', profileFile,
-                                                             Math.min(2, warmups), Math.min(5, runs));
-      workloads['TRAIN-3B-PRECOMPUTED'].deviceMiB = usedMiB() - before;
-    }
+    workloads[trainName] = await timeTraining(alt, trainBatchOf(2), adapter, 'none', profileFile, Math.min(2, warmups),
+                                              Math.min(5, runs));
+    workloads[trainName].deviceMiB = usedMiB() - before;
     await alt.dispose();
     console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
                 `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
@@ -469,6 +471,18 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
             return Math.max(...x.map((e, i) => relErr(e, y[i])));
           } finally {
             await unfused.dispose();
+          }
+        });
+        await check(`${tag} fused attention backward vs cuBLAS backward, dropout`, 1e-1, async () => {
+          const cublas = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: false });
+          try {
+            if (!/backward fused/.test(m.describe()) || !/backward cuBLAS/.test(cublas.describe()))
+              throw new Error(`expected the fused and the cuBLAS backward: ${m.describe()} | ${cublas.describe()}`);
+            const opts = { adapter: [a, b, a], dropout: true, seed: 3 };
+            const [x, y] = [await m.lossAndGradients(batch, opts), await cublas.lossAndGradients(batch, opts)];
+            return Math.max(...[a, b].map((v) => relErr(x.adapterGradients.get(v) as Float32Array, y.adapterGradients.get(v) as Float32Array)));
+          } finally {
+            await cublas.dispose();
           }
         });
       }

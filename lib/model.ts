@@ -23,9 +23,9 @@ export interface LoadOptions {
   /** Fold this adapter into the weights (single-task serving); calls then need no adapter. */
   mergeAdapter?: IA3Adapter;
   /**
-   * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention, graphs,
-   * crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_GRAPHS
-   * and TFEW_CUDA_CROSS_ATTENTION.
+   * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention,
+   * fusedBackward, graphs, crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION,
+   * TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_GRAPHS and TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -548,7 +548,7 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
     throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }
-  for (const k of ['fusedAttention', 'graphs'] as const) {
+  for (const k of ['fusedAttention', 'fusedBackward', 'graphs'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
   if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {

@@ -12,6 +12,11 @@ export interface CudaOptions {
   precision?: 'bf16' | 'fp32';
   /** The fused tensor-core encoder attention (bf16; default on where the GPU's shared memory allows). */
   fusedAttention?: boolean;
+  /**
+   * bf16 training: the encoder attention backward in the fused flash-style kernels too (default on with
+   * fusedAttention, where they fit); false keeps the cuBLAS backward (for comparisons).
+   */
+  fusedBackward?: boolean;
   /** CUDA graphs for repeated batch shapes (default on). */
   graphs?: boolean;
   /**
@@ -19,7 +24,7 @@ export interface CudaOptions {
    * encoder output, once per example. 'folded': W_k and W_v folded into the queries, no keys or values (fewer
    * FLOPs and far less memory when the choices are short; needs the same number of choices in every example
    * of a batch, else precomputed). 'auto' (default): folded where it saves work, for batches of at least
-   * 2048 encoder tokens. Training always precomputes.
+   * 2048 encoder tokens. Training decides the same way.
    */
   crossAttention?: 'auto' | 'folded' | 'precomputed';
 }
@@ -161,13 +166,16 @@ export interface NativeAddon {
     cudaArenaBytes(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
       recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
+      /** training: the encoder attention fused forward and backward (default) or the cuBLAS path's buffers */
+      fusedAttention?: boolean;
     }): Promise<number>;
     /** The recompute level 'auto' picks for a training shape, holding haveBytes of arena with freeBytes free. */
     cudaRecomputeChoice(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
+      fusedAttention?: boolean;
     }, haveBytes: number, freeBytes: number): Promise<'none' | 'attention' | 'all'>;
-    /** Maps the file, truncates it, reads it: rejects with the Io error a truncation during loading gives. */
-    readAfterTruncation(path: string): Promise<void>;
+    /** A temporary file mapped, truncated and read: rejects with the Io error a truncation during loading gives. */
+    readAfterTruncation(): Promise<void>;
   };
 }
 

@@ -292,17 +292,10 @@ describe('resolveCheckpoint', () => {
   });
 
   test('a file truncated while it is mapped: a FileFormatError, not SIGBUS (the process lives on)', async () => {
-    // What a checkpoint truncated during loading does to the native reader: map it, truncate it, read it.
-    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-truncated-')), 'model.safetensors');
-    fs.writeFileSync(file, Buffer.alloc(1 << 16, 7));
-    const read = native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); });
-    await expect(read).rejects.toThrow(FileFormatError);
-    await expect(native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); }))
-      .rejects.toThrow(/is empty/);  // now empty: nothing to map
-    fs.writeFileSync(file, Buffer.alloc(1 << 16, 7));
-    await expect(native()._testing.readAfterTruncation(file).catch((e) => { throw fromNative(e); }))
-      .rejects.toThrow(new RegExp(`reading ${file.replace(/[.]/g, '\\.')} failed with a bus error: the file was truncated`));
-    expect(fs.statSync(file).size).toBe(0);
+    // What a checkpoint truncated during loading does to the native reader: a file mapped, truncated, read.
+    const read = () => native()._testing.readAfterTruncation().catch((e) => { throw fromNative(e); });
+    await expect(read()).rejects.toThrow(FileFormatError);
+    await expect(read()).rejects.toThrow(/^reading the test file \/tmp\/tfew-truncation-test-\w+ failed with a bus error: the file was truncated/);
   });
 
   test('corrupt header: garbage JSON and absurd length', () => {

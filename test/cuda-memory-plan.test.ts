@@ -55,6 +55,19 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(weights + (await trainArena('none')) + headroom).toBeLessThan(8 * GiB);
   });
 
+  test('the fused encoder attention backward keeps no [B, H, L, L] tensors: scores, P and P\' (145 MiB less at TRAIN-3B)', async () => {
+    const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
+    const fused = await native()._testing.cudaArenaBytes(config, shape);
+    const cublas = await native()._testing.cudaArenaBytes(config, { ...shape, fusedAttention: false });
+    const BHLL = 8 * config.numHeads * 256 * 256;
+    const squares = BHLL * 4 + BHLL * 2 + BHLL * 2;  // fp32 scores, bf16 P, bf16 P'
+    const scaledQkv = 8 * 256 * 3 * config.numHeads * config.dKv * 2;  // the cuBLAS path's scaled q|k|v copy
+    // less by the squares and (up to where the decoder's temporaries take over) the scaled copy
+    expect(cublas - fused).toBeGreaterThanOrEqual(squares);
+    expect(cublas - fused).toBeLessThan(squares + scaledQkv + 2 ** 20);  // and the pointer arrays
+    expect(fused).toBe(await trainArena('none', 2, true));  // the default
+  });
+
   test('the training forward keeps the residual stream in bf16 (half an fp32 copy) and no scratch wi output', async () => {
     // One more encoder layer adds exactly its saved inputs: two residual-stream copies (bf16), q|k|v and the wi
     // outputs (bf16), and its (IA)3 gradients (k, v, ff), fp32.

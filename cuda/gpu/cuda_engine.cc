@@ -33,6 +33,10 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
                                                            : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
     fused_attention_ = std::is_same<T, __nv_bfloat16>::value &&
                        kernels::fused_encoder_attention_supported(config_.d_kv) && fused_wanted;
+    const bool fused_backward_wanted = options.fused_backward >= 0 ? options.fused_backward == 1
+                                                                   : env_flag("TFEW_CUDA_FUSED_BACKWARD", true);
+    fused_backward_ = fused_attention_ && kernels::fused_encoder_attention_backward_supported(config_.d_kv) &&
+                      fused_backward_wanted;
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -63,6 +67,7 @@ std::string CudaEngine<T>::describe() const {
      << probe_.compute_capability % 10 << ", " << (probe_.total_memory >> 20) << " MiB), "
      << precision_name() << " weights " << (weights_.storage.size() >> 20) << " MiB, arena "
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
+     << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")
@@ -526,13 +531,14 @@ gpu::Shape engine_shape(const CudaArenaShape& a) {
 
 Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a, int64_t have, int64_t free) {
   TFEW_CHECK_ARG(a.training && have >= 0 && free >= 0, "a training shape and byte counts >= 0");
-  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, have,
+  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_attention, have,
                                                  [free] { return static_cast<size_t>(free); });
 }
 
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
   const gpu::Shape s = engine_shape(a);
-  if (a.training) return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, 0).bytes;
+  if (a.training)
+    return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, a.fused_attention, 0).bytes;
   return gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes;
 }
 

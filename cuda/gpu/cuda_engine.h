@@ -200,6 +200,9 @@ class CudaEngine final : public Engine {
   std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;
 
   bool fused_attention_ = false;
+  // bf16 training runs the encoder attention backward in the fused kernels too (no [B, H, L, L] tensors);
+  // cuda.fusedBackward false (TFEW_CUDA_FUSED_BACKWARD=0) keeps the cuBLAS backward (for comparisons)
+  bool fused_backward_ = false;
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;

@@ -179,8 +179,9 @@ void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const ker
   const T* w_v = w_k + static_cast<int64_t>(inner) * d;
   const int64_t enc_stride = static_cast<int64_t>(Le) * d;
   Profiler& prof = profiler_;
+  const char* gemm_family = gemm_.timed() ? nullptr : "gemm_cross";  // (training: each GEMM times itself)
   {
-    Span span(prof, "gemm_cross", s);
+    Span span(prof, gemm_family, s);
     // cross_model[:, h, :] (Nd x d, row stride H d) = q[:, h] (Nd x d_kv) W_k,h (d_kv x d)
     gemm_.strided<T, T>(false, false, Nd, d, dkv, p.q_cross, inner, dkv, w_k, d, static_cast<int64_t>(dkv) * d,
                         p.cross_model, H * d, d, H);
@@ -194,7 +195,7 @@ void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const ker
                                      kernels::FoldedRows{H, p.shape.dec_len}, probs, probs_dropped, s);
   }
   {
-    Span span(prof, "gemm_cross", s);
+    Span span(prof, gemm_family, s);
     // per example: cross_model rows (m x d) = probabilities (m x Le) times its encoder output (Le x d)
     gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, probs_dropped ? probs_dropped : probs, Le, m * Le,
                         p.enc_out, d, enc_stride, p.cross_model, d, m * d, B);

@@ -78,13 +78,15 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.folded_cross = folds_cross_attention(b);
   const Recompute recompute = options.recompute == Recompute::Auto ? recompute_for_memory(shape, n_adapters)
                                                                    : options.recompute;
-  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, recompute, 0).bytes,
-               [&] { return make_train_plan<T>(config_, arena_shape(shape), n_adapters, recompute, 0).bytes; });
-  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, recompute, reinterpret_cast<uintptr_t>(arena_.get()));
+  ensure_arena(make_train_plan<T>(config_, shape, n_adapters, recompute, fused_backward_, 0).bytes, [&] {
+    return make_train_plan<T>(config_, arena_shape(shape), n_adapters, recompute, fused_backward_, 0).bytes;
+  });
+  train_plan_ = make_train_plan<T>(config_, shape, n_adapters, recompute, fused_backward_,
+                                   reinterpret_cast<uintptr_t>(arena_.get()));
   const TrainPlan<T>& tp = train_plan_;
   const Plan<T>& f = tp.fwd;
-  pack_inputs(b, f, true, options.dropout ? options.seed : 0);
-  pack_backward_pointers(tp, options.dropout && config_.dropout_rate > 0.f);
+  pack_inputs(b, f, !fused_backward_, options.dropout ? options.seed : 0);
+  if (!fused_backward_) pack_backward_pointers(tp, options.dropout && config_.dropout_rate > 0.f);
   const float loss_weights[3] = {options.lm_weight, options.ul_weight, options.ln_weight};
   std::memcpy(staged(f, f.loss_weights), loss_weights, sizeof(loss_weights));
   profiler_.begin_call(stream_);  // as score(): the input copy counts
@@ -126,7 +128,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
 // Recompute::Auto: keep everything when that fits in the device memory at hand, else recompute the least that does.
 template <typename T>
 Recompute CudaEngine<T>::recompute_for_memory(const Shape& shape, int n_adapters) {
-  return recompute_that_fits<T>(config_, shape, n_adapters, arena_.size(), [] {
+  return recompute_that_fits<T>(config_, shape, n_adapters, fused_backward_, arena_.size(), [] {
     size_t free_bytes = 0, total_bytes = 0;
     TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     return free_bytes;
@@ -478,15 +480,18 @@ void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) 
     }
 }
 
-// Encoder self-attention backward of layer `layer` on tensor cores: batched GEMMs per example over its heads,
-// around an elementwise softmax backward. From t.dctx (fp32, the gradient of the attention output) to t.dqkv
-// (the gradient of the unscaled q|k|v, as T) and the per-token (IA)3 contributions in t.g_k / t.g_v.
-// Nothing of the forward's attention is stored: the probabilities are recomputed exactly as the training
-// forward made them (scaled copy of q|k|v, the scores GEMM, the softmax), which costs one GEMM.
-// Row-major, per (example, head), with K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
+// Encoder self-attention backward of layer `layer` on tensor cores. From t.dctx (fp32, the gradient of the
+// attention output) to t.dqkv (the gradient of the unscaled q|k|v, as T) and the (IA)3 contributions
+// (t.enc_sums_k / _v). Nothing of the forward's attention is stored. Row-major, per (example, head), with
+// K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
 //   P = softmax(Q K~^T + bias), P' = dropout(P), C = P' V~          (forward)
-//   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP')
+//   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP') = rowsum(dC * C)
 //   dQ = dS K~,  dK~ = dS^T Q,  dV~ = P'^T dC,  then dK = l_k * dK~, dV = l_v * dV~, g_k = K * dK~, g_v = V * dV~.
+// bf16 (fused_backward_): flash-style kernels (kernels/attention_fused.cu) after a rerun of the fused forward
+// for C and the softmax statistics; nothing [B, H, L, L] in memory. Otherwise (fp32 mode, or where those
+// kernels do not fit): the probabilities recomputed as the training forward made them (scaled copy of q|k|v,
+// the scores GEMM, the softmax), then batched GEMMs per example over its heads around an elementwise softmax
+// backward.
 template <typename T>
 void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop) {
   const T5Config& c = config_;
@@ -498,25 +503,37 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   const IA3Layout::EncoderBlock& ia3 = layout_.encoder[layer];
   const kernels::AdapterIndex ix = adapter_index(f, false);
   const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
+  kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);  // dC as T
 
-  // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
-  kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
-  gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
-  if (probs_drop.rate > 0.f)
-    kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
-                                     t.probs_dropped, s);
-  else  // without dropout P' is P: the pointer arrays point at f.probs
-    kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
-  kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);
-
-  // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
-  // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
-  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
-  gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
-  kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
-  // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
-  gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
-  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
+  bool fused = false;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (fused_backward_) {
+      kernels::fused_encoder_attention(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, ix,
+                                       ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats);
+      kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
+                                                ix, ia3.self_k, ia3.self_v, probs_drop, t.dctx_t, f.ctx_enc, t.stats,
+                                                t.dqkv, ld, t.g_k, t.g_v, inner, s);
+      fused = true;
+    }
+  }
+  if (!fused) {
+    // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
+    kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+    gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
+    if (probs_drop.rate > 0.f)
+      kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
+                                       t.probs_dropped, s);
+    else  // without dropout P' is P: the pointer arrays point at f.probs
+      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
+    // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
+    // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
+    gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
+    gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
+    kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
+    // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
+    gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
+    gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
+  }
   kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
                               t.g_v, inner, t.dqkv, ld, t.enc_sums, t.enc_sums_k, t.enc_sums_v, s);
 }

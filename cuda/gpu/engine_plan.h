@@ -160,7 +160,8 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   const size_t phase_start = pl.cursor();
   p.x_enc = pl.place<float>(Ne * d);
   p.h_enc = pl.place<T>(Ne * d);
-  p.qkv_enc = pl.place<T>(Ne * 3 * inner);
+  // (a training plan keeps each layer's q|k|v itself; with the fused attention it needs no scaled copy either)
+  p.qkv_enc = s.training && fused_attention ? nullptr : pl.place<T>(Ne * 3 * inner);
   p.scores = pl.place<float>(BH * Le * Le);  // BH = 0 with fused attention
   p.probs = pl.place<T>(BH * Le * Le);
   p.ctx_enc = pl.place<T>(Ne * inner);
@@ -189,9 +190,10 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   return p;
 }
 
-// Training (loss_and_gradients) on top of an inference plan built without the fused attention: what the
-// backward pass needs from the forward (the inputs of every sub-layer and the pre-activations, nothing
-// recomputable by a cheap kernel) and the backward's own buffers.
+// Training (loss_and_gradients) on top of an inference plan: what the backward pass needs from the forward (the
+// inputs of every sub-layer and the pre-activations, nothing recomputable by a cheap kernel) and the backward's
+// own buffers. `fused`: the encoder attention runs fused forward and backward (bf16: no scores, probabilities
+// or pointer arrays); else the cuBLAS path's buffers.
 template <typename T>
 struct TrainPlan {
   Plan<T> fwd;  // inputs, the forward's temporaries (h, the scaled q|k|v copy, scores, ctx, ...), logits
@@ -229,8 +231,8 @@ struct TrainPlan {
   T* dqkv = nullptr;           //   [maxN, 3 inner]
   float* g_k = nullptr;        //   per-token l_k / l_v contributions [maxN, inner]
   float* g_v = nullptr;
-  float* stats = nullptr;      //   softmax statistics per (query, head) [maxN, H, 3] (decoder attention)
-  T* probs_dropped = nullptr;  //   encoder attention backward: the dropped probabilities P' [B, H, Le, Le]
+  float* stats = nullptr;      //   softmax statistics per (query, head) [maxN, H, 3] (decoder and fused encoder)
+  T* probs_dropped = nullptr;  //   encoder attention backward: the dropped probabilities P' [B, H, Le, Le] (cuBLAS)
   T* dctx_t = nullptr;         //   ... and the context gradient as a GEMM operand [Ne, inner]
   T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner] (not when folded)
   float* grads = nullptr;      // [num_adapters, layout.total]
@@ -247,11 +249,12 @@ struct TrainPlan {
 constexpr int kIa3Chunk = 16;
 
 template <typename T>
-TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, Recompute recompute, uintptr_t base) {
+TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, Recompute recompute, bool fused,
+                             uintptr_t base) {
   TrainPlan<T> t;
   t.recompute_qkv = recompute != Recompute::None;
   t.recompute_ff_pre = recompute == Recompute::All;
-  t.fwd = make_plan<T>(c, s, false, base);
+  t.fwd = make_plan<T>(c, s, fused, base);
   const size_t d = c.d_model, inner = c.inner_dim(), ff = c.d_ff, H = c.num_heads, V = c.vocab_size;
   const size_t wi_cols = c.gated_gelu ? 2 * ff : ff;
   const size_t Ne = static_cast<size_t>(s.batch) * s.enc_len, Nd = static_cast<size_t>(s.rows) * s.dec_len;
@@ -299,7 +302,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.g_k = pl.place<float>(N * inner);
   t.g_v = pl.place<float>(N * inner);
   t.stats = pl.place<float>(N * H * 3);
-  t.probs_dropped = pl.place<T>(static_cast<size_t>(s.batch) * H * s.enc_len * s.enc_len);
+  t.probs_dropped = fused ? nullptr : pl.place<T>(static_cast<size_t>(s.batch) * H * s.enc_len * s.enc_len);
   t.dctx_t = pl.place<T>(Ne * inner);
   t.dkv_cross = s.folded_cross ? nullptr : pl.place<T>(Ne * 2 * inner);
   pl.set_cursor(std::max(ffn_end, pl.cursor()));
@@ -323,11 +326,12 @@ constexpr size_t kRecomputeReserve = 256u << 20;  // Recompute::Auto leaves this
 // device memory free besides it (asked only when the arena held is too small; a bigger arena replaces the
 // old one).
 template <typename T, typename FreeBytes>
-Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, size_t have, FreeBytes free_bytes) {
+Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters, bool fused, size_t have,
+                              FreeBytes free_bytes) {
   size_t free = 0;
   bool asked = false;
   for (Recompute level : {Recompute::None, Recompute::Attention, Recompute::All}) {
-    const size_t need = align_up(make_train_plan<T>(c, s, n_adapters, level, 0).bytes, kArenaGranule);
+    const size_t need = align_up(make_train_plan<T>(c, s, n_adapters, level, fused, 0).bytes, kArenaGranule);
     if (need <= have) return level;
     if (!asked) {
       free = free_bytes();

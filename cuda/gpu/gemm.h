@@ -40,6 +40,7 @@ class Gemm {
   // From now on every call is a span of `family` in the detail profile (nullptr: none). The training step
   // uses it for its GEMM share; the inference forward brackets its GEMMs by name itself.
   void time_as(const char* family) { family_ = family; }
+  bool timed() const { return family_ != nullptr; }
   void destroy();  // never throws
 
   // Tries both batched bf16-in / fp32-out calls once on tiny operands, synchronously. NVIDIA's tables list

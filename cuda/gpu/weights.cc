@@ -180,7 +180,10 @@ class WeightWalker {
     const std::vector<int64_t> shape = {c_.vocab_size, c_.d_model};
     const TensorView ta = source_.get(a, shape), tb = source_.get(b, shape);
     if (ta.data == tb.data) return true;
-    return ta.dtype == tb.dtype && std::memcmp(ta.data, tb.data, ta.numel() * dtype_bytes(ta.dtype)) == 0;
+    if (ta.dtype != tb.dtype) return false;
+    bool equal = false;
+    read_mapped(a + " / " + b, [&] { equal = std::memcmp(ta.data, tb.data, ta.numel() * dtype_bytes(ta.dtype)) == 0; });
+    return equal;
   }
 
   // A block's feed-forward sub-layer `layer` (e.g. "encoder.block.3.layer.1."): its norm, wi (wi_0 | wi_1 when

@@ -7,8 +7,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <mutex>
+#include <vector>
 #include <sstream>
 
 #include "core/errors.h"
@@ -41,23 +43,29 @@ MappedFile::~MappedFile() {
 
 namespace {
 
-thread_local sigjmp_buf* t_guarded_read = nullptr;  // set while this thread runs a guarded read
+// Set while this thread runs a guarded read. g_active_guards lets the handler leave the thread-local alone (its
+// first access on a thread may allocate, which a signal handler must not) unless some guarded read is running.
+// (initial-exec TLS would avoid that, but a dlopen'ed addon beside the CUDA libraries may find no static TLS.)
+thread_local sigjmp_buf* t_guarded_read = nullptr;
+std::atomic<int> g_active_guards{0};
 struct sigaction g_previous_sigbus;
 std::once_flag g_sigbus_installed;
 
 void on_sigbus(int sig, siginfo_t* info, void* ucontext) {
-  if (t_guarded_read) siglongjmp(*t_guarded_read, 1);
-  // Not ours: what handled SIGBUS before. For the default action, restore it and return: the faulting
-  // access repeats and the process ends as it would have without us.
+  if (g_active_guards.load(std::memory_order_relaxed) > 0 && t_guarded_read) siglongjmp(*t_guarded_read, 1);
+  // Not ours: what handled SIGBUS before. A fault (si_code > 0) that was ignored or defaulted gets the default
+  // action (returning would repeat the faulting access forever); a sent SIGBUS is raised again by default.
   const struct sigaction& prev = g_previous_sigbus;
+  const bool fault = info != nullptr && info->si_code > 0;
   if (prev.sa_flags & SA_SIGINFO) {
     if (prev.sa_sigaction) return prev.sa_sigaction(sig, info, ucontext);
   } else if (prev.sa_handler == SIG_IGN) {
-    return;
+    if (!fault) return;
   } else if (prev.sa_handler != SIG_DFL && prev.sa_handler != nullptr) {
     return prev.sa_handler(sig);
   }
   signal(SIGBUS, SIG_DFL);
+  if (!fault) raise(SIGBUS);  // (a fault repeats on return and ends the process as it would have without us)
 }
 
 }  // namespace
@@ -75,20 +83,42 @@ void guarded_read(const std::string& what, void (*copy)(void*), void* context) {
   sigjmp_buf* const outer = t_guarded_read;
   if (sigsetjmp(jump, 1) != 0) {  // (the signal mask is restored: SIGBUS is deliverable again)
     t_guarded_read = outer;
+    g_active_guards.fetch_sub(1);
     fail(ErrorCode::Io, "reading " + what + " failed with a bus error: the file was truncated or replaced while " +
                             "it was being loaded");
   }
   t_guarded_read = &jump;
-  copy(context);
+  g_active_guards.fetch_add(1);
+  try {
+    copy(context);
+  } catch (...) {  // (no callers throw today; a stale jump buffer must not outlive this frame)
+    t_guarded_read = outer;
+    g_active_guards.fetch_sub(1);
+    throw;
+  }
   t_guarded_read = outer;
+  g_active_guards.fetch_sub(1);
 }
 
-void read_after_truncation_for_test(const std::string& path) {
+void read_after_truncation_for_test() {
+  char path[] = "/tmp/tfew-truncation-test-XXXXXX";
+  const int fd = mkstemp(path);
+  if (fd < 0) fail(ErrorCode::Io, std::string("cannot create a temporary file: ") + std::strerror(errno));
+  struct Cleanup {
+    const char* path;
+    int fd;
+    ~Cleanup() {
+      ::close(fd);
+      ::unlink(path);
+    }
+  } cleanup{path, fd};
+  std::vector<uint8_t> bytes(1 << 16, 7);
+  if (::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size()))
+    fail(ErrorCode::Io, std::string("cannot write ") + path);
   MappedFile file(path);
-  if (file.size() <= 0) fail(ErrorCode::InvalidArgument, path + " is empty");
-  if (::truncate(path.c_str(), 0) != 0) fail(ErrorCode::Io, "cannot truncate " + path + ": " + std::strerror(errno));
+  if (::ftruncate(fd, 0) != 0) fail(ErrorCode::Io, std::string("cannot truncate ") + path);
   volatile uint8_t sink = 0;
-  read_mapped(path, [&] { sink = file.data()[0]; });
+  read_mapped(std::string("the test file ") + path, [&] { sink = file.data()[0]; });
   (void)sink;
 }
 

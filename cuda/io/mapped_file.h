@@ -38,9 +38,9 @@ void read_mapped(const std::string& what, F&& copy) {
   guarded_read(what, [](void* f) { (*static_cast<Fn*>(f))(); }, &copy);
 }
 
-// Maps `path`, truncates the file to 0 bytes and reads its first byte through read_mapped: the Io error a
-// truncation during loading gives (the test of the guard).
-void read_after_truncation_for_test(const std::string& path);
+// Writes a temporary file, maps it, truncates it to 0 bytes and reads its first byte through read_mapped: the
+// Io error a truncation during loading gives (the test of the guard). The file is removed.
+void read_after_truncation_for_test();
 
 struct TensorSpec {
   std::string name, file;

@@ -12,10 +12,21 @@
 // encoder needs no separate (IA)3 pass. Training-mode dropout drops probabilities in the P V product only
 // (the row sums, which normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it.
 // T5: no 1/sqrt(d_kv) scaling.
+//
+// The backward (training, flash-style: no [B, H, L, L] tensor in memory) is two kernels after a rerun of the
+// forward that also writes each query row's softmax statistics (max m, sum l) and the output C:
+//   dq kernel,  one block per (example, head, 64-query tile): D = rowsum(dC * C), then per key tile
+//               S = Q K~^T, P = exp(S + bias - m) / l, dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~;
+//   dkv kernel, one block per (example, head, 64-key tile): per query tile S^T = K~ Q^T, P^T, dP'^T = V~ dC^T,
+//               dV~ += P'^T dC, dK~ += dS^T Q.
+// Each output element is summed by one block in a fixed order (in WMMA accumulators, in registers):
+// deterministic, no atomics. Query tiles past an example's length are skipped: padded positions are masked as
+// keys everywhere, so nothing reads them and their output gradient dC is exactly zero.
 #include <mma.h>
 
 #include <mutex>
 #include <set>
+#include <utility>
 
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
@@ -67,12 +78,78 @@ __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src,
   }
 }
 
+// The (IA)3 scales of head h for example b's adapter (null: none).
+__device__ __forceinline__ void head_scales(const AdapterIndex& index, int b, int h, int dk, int64_t k_offset,
+                                            int64_t v_offset, const float*& k_scale, const float*& v_scale) {
+  k_scale = v_scale = nullptr;
+  if (index.adapters == nullptr || index.adapter_of_example == nullptr) return;
+  const int a = index.adapter_of_example[b];
+  if (a < 0) return;
+  const float* l = index.adapters + a * index.adapter_stride;
+  k_scale = l + k_offset + static_cast<int64_t>(h) * dk;
+  v_scale = l + v_offset + static_cast<int64_t>(h) * dk;
+}
+
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// One warp's 16 rows of a tile product on tensor cores: acc[n] += A[16 x 16 KT] (bf16, row-major, lda) times
+// B's 16-column block n (n < NT), whose 16 x 16 block (k, n) starts at b + n * n_step + k * k_step in layout
+// LayoutB. Each A fragment is loaded once; every output block sums over k in order.
+template <int NT, int KT, typename LayoutB>
+__device__ __forceinline__ void warp_mma(const __nv_bfloat16* a, int lda, const __nv_bfloat16* b, int ldb,
+                                         int n_step, int k_step, Accumulator (&acc)[NT]) {
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kt * 16, lda);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> fb;
+      wmma::load_matrix_sync(fb, b + nt * n_step + kt * k_step, ldb);
+      wmma::mma_sync(acc[nt], fa, fb, acc[nt]);
+    }
+  }
+}
+
+// C[16 x 64] (fp32, ldc) = A[16 x DK] B^T with B[64 x DK] row-major (rows of b): scores-like products
+// (Q K^T, dC V^T, ...).
+template <int DK>
+__device__ __forceinline__ void warp_abt(const __nv_bfloat16* a, int lda, const __nv_bfloat16* b, int ldb, float* c,
+                                         int ldc) {
+  Accumulator acc[kTile / 16];
+#pragma unroll
+  for (int nt = 0; nt < kTile / 16; ++nt) wmma::fill_fragment(acc[nt], 0.f);
+  warp_mma<kTile / 16, DK / 16, wmma::col_major>(a, lda, b, ldb, 16 * ldb, 16, acc);
+#pragma unroll
+  for (int nt = 0; nt < kTile / 16; ++nt) wmma::store_matrix_sync(c + nt * 16, acc[nt], ldc, wmma::mem_row_major);
+}
+
+// acc[16 x DK] += A[16 x 64] B with B[64 x DK] row-major: probability-weighted sums (P V, dS K, ...) into
+// accumulators kept in registers.
+template <int DK>
+__device__ __forceinline__ void warp_ab_acc(const __nv_bfloat16* a, int lda, const __nv_bfloat16* b, int ldb,
+                                            Accumulator (&acc)[DK / 16]) {
+  warp_mma<DK / 16, kTile / 16, wmma::row_major>(a, lda, b, ldb, 16, 16 * ldb, acc);
+}
+
+// The same into fp32 rows in shared memory (the forward, which rescales its output rows between tiles).
+template <int DK>
+__device__ __forceinline__ void warp_ab_acc(const __nv_bfloat16* a, int lda, const __nv_bfloat16* b, int ldb,
+                                            float* c, int ldc) {
+  Accumulator acc[DK / 16];
+#pragma unroll
+  for (int dt = 0; dt < DK / 16; ++dt) wmma::load_matrix_sync(acc[dt], c + dt * 16, ldc, wmma::mem_row_major);
+  warp_ab_acc<DK>(a, lda, b, ldb, acc);
+#pragma unroll
+  for (int dt = 0; dt < DK / 16; ++dt) wmma::store_matrix_sync(c + dt * 16, acc[dt], ldc, wmma::mem_row_major);
+}
+
 template <int DK>
 __global__ void __launch_bounds__(kThreads)
 fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
                                const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
-                               __nv_bfloat16* __restrict__ out) {
+                               __nv_bfloat16* __restrict__ out, float* __restrict__ stats) {
   dropout = with_seed(dropout);
   using S = FusedSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];  // WMMA needs 32-byte aligned tiles
@@ -91,16 +168,9 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
   const __nv_bfloat16* base = qkv + static_cast<int64_t>(b) * len * ld + static_cast<int64_t>(h) * DK;
   const int n_keys = min(max(lengths[b], 0), len);
 
-  const float* k_scale = nullptr;
-  const float* v_scale = nullptr;
-  if (index.adapters != nullptr && index.adapter_of_example != nullptr) {
-    const int a = index.adapter_of_example[b];
-    if (a >= 0) {
-      const float* l = index.adapters + a * index.adapter_stride;
-      k_scale = l + k_offset + static_cast<int64_t>(h) * DK;
-      v_scale = l + v_offset + static_cast<int64_t>(h) * DK;
-    }
-  }
+  const float* k_scale;
+  const float* v_scale;
+  head_scales(index, b, h, DK, k_offset, v_offset, k_scale, v_scale);
 
   load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdQ);
   for (int i = threadIdx.x; i < kTile * S::kLdO; i += kThreads) Os[i] = 0.f;
@@ -117,20 +187,7 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
     __syncthreads();
 
     // S[wr .. wr+16, 0 .. 64) = Q K^T
-#pragma unroll
-    for (int nt = 0; nt < kTile / 16; ++nt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kt = 0; kt < DK / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, Qs + wr * S::kLdQ + kt * 16, S::kLdQ);
-        wmma::load_matrix_sync(bk, Ks + nt * 16 * S::kLdQ + kt * 16, S::kLdQ);  // K rows = columns of K^T
-        wmma::mma_sync(acc, a, bk, acc);
-      }
-      wmma::store_matrix_sync(Ss + wr * S::kLdS + nt * 16, acc, S::kLdS, wmma::mem_row_major);
-    }
+    warp_abt<DK>(Qs + wr * S::kLdQ, S::kLdQ, Ks, S::kLdQ, Ss + wr * S::kLdS, S::kLdS);
     __syncwarp();
 
     // Online softmax of this warp's 16 rows; lanes own key columns lane and lane + 32.
@@ -168,23 +225,19 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
     __syncwarp();
 
     // O[wr .. wr+16, :] += P V
-#pragma unroll
-    for (int dt = 0; dt < DK / 16; ++dt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, Os + wr * S::kLdO + dt * 16, S::kLdO, wmma::mem_row_major);
-#pragma unroll
-      for (int kt = 0; kt < kTile / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, Ps + wr * S::kLdP + kt * 16, S::kLdP);
-        wmma::load_matrix_sync(bv, Vs + kt * 16 * S::kLdQ + dt * 16, S::kLdQ);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
-      wmma::store_matrix_sync(Os + wr * S::kLdO + dt * 16, acc, S::kLdO, wmma::mem_row_major);
-    }
+    warp_ab_acc<DK>(Ps + wr * S::kLdP, S::kLdP, Vs, S::kLdQ, Os + wr * S::kLdO, S::kLdO);
   }
   __syncthreads();
 
+  // the softmax statistics of each query row, for the backward: [B, H, L, 3] = m, l (D: the dq kernel)
+  if (stats) {
+    for (int r = threadIdx.x; r < kTile; r += kThreads) {
+      if (q0 + r >= len) continue;
+      float* st = stats + ((static_cast<int64_t>(b) * gridDim.y + h) * len + q0 + r) * 3;
+      st[0] = row_max[r];
+      st[1] = row_sum[r];
+    }
+  }
   // out[b, i, h*DK + c] = O[i, c] / l[i] for the tile's real query rows
   __nv_bfloat16* obase = out + static_cast<int64_t>(b) * len * inner + static_cast<int64_t>(h) * DK;
   for (int v = threadIdx.x; v < kTile * DK; v += kThreads) {
@@ -195,33 +248,315 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
   }
 }
 
+// ---- backward
+
+template <int DK>
+struct BackwardSmem {
+  static constexpr int kLdT = DK + 8;     // bf16 rows of Q, K~, V~, dC (multiple of 8)
+  static constexpr int kLdS = kTile + 4;  // fp32 64 x 64 score-like tiles
+  static constexpr int kLdP = kTile + 8;  // bf16 64 x 64 tiles (P', dS)
+  static constexpr int kLdA = DK + 4;     // fp32 rows of an output staged for its copy out (dQ; dK~, dV~)
+  static constexpr size_t kTileBf16 = sizeof(__nv_bfloat16) * kTile * kLdT;
+  static constexpr size_t kScores = sizeof(float) * kTile * kLdS;
+  static constexpr size_t kProbs = sizeof(__nv_bfloat16) * kTile * kLdP;
+  static constexpr size_t kRows = sizeof(float) * kTile * 3;  // m, l, D of 64 query rows
+  // The outputs accumulate in registers (WMMA fragments); at the end one is staged through the two fp32 tiles
+  // (contiguous) for its bounds-checked copy out.
+  static_assert(sizeof(float) * kTile * kLdA <= 2 * kScores, "an output tile fits the two score tiles");
+  // dq kernel: 4 bf16 tiles (Q, dC, K~, V~) | 2 fp32 (S, dP') | 1 bf16 (dS) | rows;
+  // dkv kernel: the same (K~, V~, Q, dC | S^T, dP'^T | P'^T | rows), then 1 bf16 (dS^T)
+  static constexpr size_t kDqBytes = 4 * kTileBf16 + 2 * kScores + kProbs + kRows;
+  static constexpr size_t kDkvBytes = kDqBytes + kProbs;
+};
+
+struct AttentionBackwardArgs {
+  const __nv_bfloat16* qkv;  // [B * len, 3 inner] unscaled q|k|v
+  int inner, len;
+  const float* bias_table;
+  const int32_t* lengths;
+  AdapterIndex index;
+  int64_t k_offset, v_offset;
+  DropoutSite dropout;
+  const __nv_bfloat16* dctx;  // dC [B * len, inner]
+  const __nv_bfloat16* ctx;   // C [B * len, inner] (the forward's output)
+  float* stats;               // [B, H, len, 3]: m, l (the forward's), D (the dq kernel's)
+  __nv_bfloat16* dq;
+  int dq_ld;
+  float* g_k;
+  float* g_v;
+  int g_ld;
+};
+
+// One backward block: its shared memory (BackwardSmem's layout) and its (example, head) of the q|k|v buffer.
+template <int DK>
+struct BackwardBlock {
+  using S = BackwardSmem<DK>;
+  __nv_bfloat16* tile[4];
+  float* scores[2];
+  __nv_bfloat16* probs[2];
+  float* rows;
+  int b, h, H, n_keys;
+  int64_t ld, head_col;        // q|k|v row stride; the head's first column in [B * len, inner] tensors
+  const __nv_bfloat16* base;   // the example's first q|k|v row, the head's columns
+  const float* k_scale;        // (IA)3 scales of the head (null: none)
+  const float* v_scale;
+  __device__ BackwardBlock(unsigned char* smem, const AttentionBackwardArgs& a)
+      : b(blockIdx.z), h(blockIdx.y), H(gridDim.y) {
+    for (int i = 0; i < 4; ++i) tile[i] = reinterpret_cast<__nv_bfloat16*>(smem + i * S::kTileBf16);
+    unsigned char* p = smem + 4 * S::kTileBf16;
+    scores[0] = reinterpret_cast<float*>(p);
+    scores[1] = reinterpret_cast<float*>(p + S::kScores);
+    probs[0] = reinterpret_cast<__nv_bfloat16*>(p + 2 * S::kScores);
+    rows = reinterpret_cast<float*>(p + 2 * S::kScores + S::kProbs);
+    probs[1] = reinterpret_cast<__nv_bfloat16*>(smem + S::kDqBytes);
+    ld = 3 * static_cast<int64_t>(a.inner);
+    base = a.qkv + static_cast<int64_t>(b) * a.len * ld + static_cast<int64_t>(h) * DK;
+    head_col = static_cast<int64_t>(b) * a.len * a.inner + static_cast<int64_t>(h) * DK;
+    n_keys = min(max(a.lengths[b], 0), a.len);
+    head_scales(a.index, b, h, DK, a.k_offset, a.v_offset, k_scale, v_scale);
+  }
+  // The two fp32 tiles as one [64, kLdA] staging area for an output (after the last tile's use of them).
+  __device__ float* staging() const { return scores[0]; }
+  __device__ float* stats_row(const AttentionBackwardArgs& a, int i) const {
+    return a.stats + ((static_cast<int64_t>(b) * H + h) * a.len + min(i, a.len - 1)) * 3;
+  }
+};
+
+// dQ of one (example, head, 64-query tile); also D = rowsum(dC * C) into stats[.., 2] for the dkv kernel.
+template <int DK>
+__global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionBackwardArgs a) {
+  using S = BackwardSmem<DK>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const BackwardBlock<DK> blk(smem, a);
+  const DropoutSite dropout = with_seed(a.dropout);
+  __nv_bfloat16* Qs = blk.tile[0];
+  __nv_bfloat16* dCs = blk.tile[1];
+  __nv_bfloat16* Ks = blk.tile[2];
+  __nv_bfloat16* Vs = blk.tile[3];
+  float* Ss = blk.scores[0];
+  float* dPs = blk.scores[1];
+  __nv_bfloat16* dSs = blk.probs[0];
+  float* rows = blk.rows;  // [64][3]: m, l, D
+  const int q0 = blockIdx.x * kTile, h = blk.h, b = blk.b, H = blk.H, len = a.len, inner = a.inner;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ld = blk.ld, head_col = blk.head_col;
+  const __nv_bfloat16* base = blk.base;
+  const int n_keys = blk.n_keys;
+  __nv_bfloat16* dq_rows = a.dq + (static_cast<int64_t>(b) * len + q0) * a.dq_ld + static_cast<int64_t>(h) * DK;
+  if (q0 >= n_keys) {
+    // Padding queries: their output gradient dC is exactly zero (nothing reads a padded position: it is
+    // masked as a key everywhere), so dS and dQ are too; the dkv kernel skips these tiles.
+    for (int v = threadIdx.x; v < kTile * DK; v += kThreads)
+      if (q0 + v / DK < len) dq_rows[static_cast<int64_t>(v / DK) * a.dq_ld + v % DK] = __float2bfloat16_rn(0.f);
+    return;
+  }
+
+  load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdT);
+  load_tile<DK>(a.dctx + head_col, inner, q0, len, nullptr, dCs, S::kLdT);
+  __syncthreads();
+  // D_i = dC_i . C_i (one warp per row), with the forward's m and l of the row
+  for (int r = warp; r < kTile; r += kWarps) {
+    const int i = q0 + r;
+    float d = 0.f;
+    if (i < len) {
+      const __nv_bfloat16* crow = a.ctx + head_col + static_cast<int64_t>(i) * inner;
+      for (int c = lane; c < DK; c += 32) d += __bfloat162float(dCs[r * S::kLdT + c]) * __bfloat162float(crow[c]);
+    }
+    d = warp_sum(d);
+    if (lane == 0) {
+      float* st = blk.stats_row(a, i);
+      rows[r * 3 + 0] = i < len ? st[0] : 0.f;
+      rows[r * 3 + 1] = i < len ? st[1] : 0.f;
+      rows[r * 3 + 2] = d;
+      if (i < len) st[2] = d;
+    }
+  }
+
+  const int wr = warp * 16;
+  Accumulator dq_acc[DK / 16];  // this warp's 16 rows of dQ
+#pragma unroll
+  for (int dt = 0; dt < DK / 16; ++dt) wmma::fill_fragment(dq_acc[dt], 0.f);
+  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
+    __syncthreads();  // the previous tile's K~/V~ are no longer read (and the rows above are written)
+    load_tile<DK>(base + inner, ld, k0, len, blk.k_scale, Ks, S::kLdT);
+    load_tile<DK>(base + 2 * inner, ld, k0, len, blk.v_scale, Vs, S::kLdT);
+    __syncthreads();
+    warp_abt<DK>(Qs + wr * S::kLdT, S::kLdT, Ks, S::kLdT, Ss + wr * S::kLdS, S::kLdS);    // S = Q K~^T
+    warp_abt<DK>(dCs + wr * S::kLdT, S::kLdT, Vs, S::kLdT, dPs + wr * S::kLdS, S::kLdS);  // dP' = dC V~^T
+    __syncwarp();
+    for (int r = wr; r < wr + 16; ++r) {
+      const int i = q0 + r;
+      const float m = rows[r * 3 + 0], l = rows[r * 3 + 1], D = rows[r * 3 + 2];
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const float* brow = a.bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - min(i, len - 1));
+      const uint64_t drop_row = ((static_cast<uint64_t>(b) * H + h) * len + i) * len + k0;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int c = lane + 32 * u, j = k0 + c;
+        float ds = 0.f;
+        if (j < n_keys && i < len) {
+          const float p = expf(Ss[r * S::kLdS + c] + brow[j] - m) * inv_l;
+          ds = p * (dropout_scale(dropout, drop_row + c) * dPs[r * S::kLdS + c] - D);
+        }
+        dSs[r * S::kLdP + c] = __float2bfloat16_rn(ds);
+      }
+    }
+    __syncwarp();
+    warp_ab_acc<DK>(dSs + wr * S::kLdP, S::kLdP, Ks, S::kLdT, dq_acc);  // dQ += dS K~
+  }
+  __syncthreads();  // the score tiles become the staging area
+  float* out = blk.staging();
+#pragma unroll
+  for (int dt = 0; dt < DK / 16; ++dt)
+    wmma::store_matrix_sync(out + wr * S::kLdA + dt * 16, dq_acc[dt], S::kLdA, wmma::mem_row_major);
+  __syncthreads();
+  for (int v = threadIdx.x; v < kTile * DK; v += kThreads) {
+    const int r = v / DK, c = v % DK;
+    if (q0 + r < len) dq_rows[static_cast<int64_t>(r) * a.dq_ld + c] = __float2bfloat16_rn(out[r * S::kLdA + c]);
+  }
+}
+
+// dK~ and dV~ (fp32, the gradients of the scaled keys and values) of one (example, head, 64-key tile).
+template <int DK>
+__global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
+  using S = BackwardSmem<DK>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const BackwardBlock<DK> blk(smem, a);
+  const DropoutSite dropout = with_seed(a.dropout);
+  __nv_bfloat16* Ks = blk.tile[0];
+  __nv_bfloat16* Vs = blk.tile[1];
+  __nv_bfloat16* Qs = blk.tile[2];
+  __nv_bfloat16* dCs = blk.tile[3];
+  float* Sts = blk.scores[0];  // [key][query]
+  float* dPts = blk.scores[1];
+  __nv_bfloat16* Pts = blk.probs[0];  // P'^T
+  __nv_bfloat16* dSts = blk.probs[1];
+  float* rows = blk.rows;  // m, l, D of the current query tile
+  const int k0 = blockIdx.x * kTile, h = blk.h, b = blk.b, H = blk.H, len = a.len, inner = a.inner;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ld = blk.ld, head_col = blk.head_col;
+  const __nv_bfloat16* base = blk.base;
+  const int n_keys = blk.n_keys;
+
+  Accumulator dk_acc[DK / 16], dv_acc[DK / 16];  // this warp's 16 key rows of dK~ and dV~
+#pragma unroll
+  for (int dt = 0; dt < DK / 16; ++dt) {
+    wmma::fill_fragment(dk_acc[dt], 0.f);
+    wmma::fill_fragment(dv_acc[dt], 0.f);
+  }
+  const int wr = warp * 16;  // this warp's first key row in the tile
+  if (k0 < n_keys) {  // keys past the example's length get no gradient (zero probability)
+    load_tile<DK>(base + inner, ld, k0, len, blk.k_scale, Ks, S::kLdT);
+    load_tile<DK>(base + 2 * inner, ld, k0, len, blk.v_scale, Vs, S::kLdT);
+    // query tiles past the example's length: padding, whose dC is exactly zero (see the dq kernel)
+    for (int q0 = 0; q0 < n_keys; q0 += kTile) {
+      __syncthreads();  // the previous query tile is no longer read (and K~/V~ are loaded)
+      load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdT);
+      load_tile<DK>(a.dctx + head_col, inner, q0, len, nullptr, dCs, S::kLdT);
+      for (int r = threadIdx.x; r < kTile; r += kThreads) {
+        const int i = q0 + r;
+        const float* st = blk.stats_row(a, i);
+        rows[r * 3 + 0] = i < len ? st[0] : 0.f;
+        rows[r * 3 + 1] = i < len ? st[1] : 0.f;
+        rows[r * 3 + 2] = i < len ? st[2] : 0.f;
+      }
+      __syncthreads();
+      warp_abt<DK>(Ks + wr * S::kLdT, S::kLdT, Qs, S::kLdT, Sts + wr * S::kLdS, S::kLdS);    // S^T = K~ Q^T
+      warp_abt<DK>(Vs + wr * S::kLdT, S::kLdT, dCs, S::kLdT, dPts + wr * S::kLdS, S::kLdS);  // dP'^T = V~ dC^T
+      __syncwarp();
+      for (int r = wr; r < wr + 16; ++r) {  // key row j, query columns q0 + lane (+ 32)
+        const int j = k0 + r;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int c = lane + 32 * u, i = q0 + c;
+          float pd = 0.f, ds = 0.f;
+          if (j < n_keys && i < len) {
+            const float m = rows[c * 3 + 0], l = rows[c * 3 + 1], D = rows[c * 3 + 2];
+            const float bias = a.bias_table[static_cast<int64_t>(h) * (2 * len - 1) + (j - i + len - 1)];
+            const float p = expf(Sts[r * S::kLdS + c] + bias - m) * (l > 0.f ? 1.f / l : 0.f);
+            const float drop = dropout_scale(dropout, ((static_cast<uint64_t>(b) * H + h) * len + i) * len + j);
+            pd = p * drop;
+            ds = p * (drop * dPts[r * S::kLdS + c] - D);
+          }
+          Pts[r * S::kLdP + c] = __float2bfloat16_rn(pd);
+          dSts[r * S::kLdP + c] = __float2bfloat16_rn(ds);
+        }
+      }
+      __syncwarp();
+      warp_ab_acc<DK>(Pts + wr * S::kLdP, S::kLdP, dCs, S::kLdT, dv_acc);  // dV~ += P'^T dC
+      warp_ab_acc<DK>(dSts + wr * S::kLdP, S::kLdP, Qs, S::kLdT, dk_acc);  // dK~ += dS^T Q
+    }
+  }
+  // out via the staging area (the score tiles), one output after the other
+  float* out = blk.staging();
+  const int64_t g_first = (static_cast<int64_t>(b) * len + k0) * a.g_ld + static_cast<int64_t>(h) * DK;
+  for (int which = 0; which < 2; ++which) {
+    __syncthreads();  // the staging area is free (last tile done, or the previous output copied out)
+#pragma unroll
+    for (int dt = 0; dt < DK / 16; ++dt)
+      wmma::store_matrix_sync(out + wr * S::kLdA + dt * 16, which == 0 ? dk_acc[dt] : dv_acc[dt], S::kLdA,
+                              wmma::mem_row_major);
+    __syncthreads();
+    float* g = which == 0 ? a.g_k : a.g_v;
+    for (int v = threadIdx.x; v < kTile * DK; v += kThreads) {
+      const int r = v / DK, c = v % DK;
+      if (k0 + r < len) g[g_first + static_cast<int64_t>(r) * a.g_ld + c] = out[r * S::kLdA + c];
+    }
+  }
+}
+
+// More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel and device (the
+// attribute belongs to the current device; engines on several GPUs, or threads, may launch it).
+void opt_in_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> configured;
+  int device = 0;
+  TFEW_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (configured.count({kernel, device})) return;
+  TFEW_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  configured.insert({kernel, device});
+}
+
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
-                  const DropoutSite& dropout, __nv_bfloat16* out, cudaStream_t stream) {
+                  const DropoutSite& dropout, __nv_bfloat16* out, float* stats, cudaStream_t stream) {
   constexpr size_t smem = FusedSmem<DK>::kBytes;
-  // More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel and device (the
-  // attribute belongs to the current device; engines on several GPUs, or threads, may launch it).
-  static std::mutex mu;
-  static std::set<int> configured;
-  int device = 0;
-  TFEW_CUDA_CHECK(cudaGetDevice(&device));
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!configured.count(device)) {
-      TFEW_CUDA_CHECK(cudaFuncSetAttribute(fused_encoder_attention_kernel<DK>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      configured.insert(device);
-    }
-  }
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
   fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
-                                                                       k_offset, v_offset, dropout, out);
+                                                                       k_offset, v_offset, dropout, out, stats);
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
+}
+
+template <int DK>
+void launch_fused_backward(const AttentionBackwardArgs& args, int batch, int heads, cudaStream_t stream) {
+  using S = BackwardSmem<DK>;
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dq_kernel<DK>), S::kDqBytes);
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dkv_kernel<DK>), S::kDkvBytes);
+  const dim3 grid((args.len + kTile - 1) / kTile, heads, batch);
+  fused_attention_dq_kernel<DK><<<grid, kThreads, S::kDqBytes, stream>>>(args);
+  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dq_kernel");
+  fused_attention_dkv_kernel<DK><<<grid, kThreads, S::kDkvBytes, stream>>>(args);
+  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dkv_kernel");
+}
+
+// The opt-in shared memory per block of the current device (0 when it cannot be asked).
+size_t shared_memory_optin() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return static_cast<size_t>(optin);
 }
 
 }  // namespace
 
+// The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on compute
+// capability 8.6 / 8.9 cards, where d_kv 128 (110 KiB forward) does not fit: the cuBLAS path is used there.
 bool fused_encoder_attention_supported(int d_kv) {
   size_t needed = 0;
   switch (d_kv) {
@@ -231,28 +566,61 @@ bool fused_encoder_attention_supported(int d_kv) {
     case 128: needed = FusedSmem<128>::kBytes; break;
     default: return false;
   }
-  // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on
-  // compute capability 8.6 / 8.9 cards, where d_kv 128 (110 KiB) does not fit: use the cuBLAS path there.
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
+  return needed <= shared_memory_optin();
+}
+
+bool fused_encoder_attention_backward_supported(int d_kv) {
+  size_t needed = 0;
+  switch (d_kv) {
+    case 16: needed = BackwardSmem<16>::kDkvBytes; break;
+    case 32: needed = BackwardSmem<32>::kDkvBytes; break;
+    case 64: needed = BackwardSmem<64>::kDkvBytes; break;
+    case 128: needed = BackwardSmem<128>::kDkvBytes; break;
+    default: return false;
   }
-  return needed <= static_cast<size_t>(optin);
+  return fused_encoder_attention_supported(d_kv) && needed <= shared_memory_optin();
 }
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, float* stats) {
   if (batch <= 0 || len <= 0) return;
   switch (d_kv) {
-    case 16: launch_fused<16>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
-    case 32: launch_fused<32>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
-    case 64: launch_fused<64>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
-    case 128: launch_fused<128>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stream); break;
+#define TFEW_FUSED_CASE(DK)                                                                                       \
+  case DK:                                                                                                        \
+    launch_fused<DK>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, \
+                     stats, stream);                                                                              \
+    break;
+    TFEW_FUSED_CASE(16)
+    TFEW_FUSED_CASE(32)
+    TFEW_FUSED_CASE(64)
+    TFEW_FUSED_CASE(128)
+#undef TFEW_FUSED_CASE
     default: fail(ErrorCode::Internal, "fused encoder attention: unsupported d_kv " + std::to_string(d_kv));
+  }
+}
+
+void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
+                                      const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
+                                      int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
+                                      const __nv_bfloat16* dctx, const __nv_bfloat16* ctx, float* stats,
+                                      __nv_bfloat16* dq, int dq_ld, float* g_k, float* g_v, int g_ld,
+                                      cudaStream_t stream) {
+  if (batch <= 0 || len <= 0) return;
+  const AttentionBackwardArgs args{qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout,
+                                   dctx, ctx, stats, dq, dq_ld, g_k, g_v, g_ld};
+  switch (d_kv) {
+#define TFEW_FUSED_CASE(DK)                                  \
+  case DK:                                                   \
+    launch_fused_backward<DK>(args, batch, heads, stream);   \
+    break;
+    TFEW_FUSED_CASE(16)
+    TFEW_FUSED_CASE(32)
+    TFEW_FUSED_CASE(64)
+    TFEW_FUSED_CASE(128)
+#undef TFEW_FUSED_CASE
+    default: fail(ErrorCode::Internal, "fused encoder attention backward: unsupported d_kv " + std::to_string(d_kv));
   }
 }
 

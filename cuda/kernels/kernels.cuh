@@ -197,11 +197,24 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
 // dropout of the probabilities (training forward; the same elements as encoder_softmax drops).
 // qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner].
 // d_kv in {16, 32, 64, 128} and the kernel's shared memory fits the current device's opt-in limit.
+// stats (training): [B, H, len, 3], each query row's softmax max and sum in slots 0 and 1 (the backward's).
 bool fused_encoder_attention_supported(int d_kv);
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
-                             cudaStream_t stream);
+                             cudaStream_t stream, float* stats = nullptr);
+// Its backward (training, flash-style: two kernels, no [B, H, L, L] tensor), after a forward with the same
+// arguments wrote ctx (its output C) and stats: from dctx (bf16 [B * len, inner], the gradient of C) to dQ
+// (bf16, columns h d_kv.. of dq, row stride dq_ld; w.r.t. the unscaled q) and the gradients of the scaled keys
+// and values dK~, dV~ (fp32 [B * len, g_ld], as CudaEngine::encoder_attention_backward's GEMMs write them).
+// stats slot 2 receives D = rowsum(dC * C). Deterministic. Supported where its shared memory fits.
+bool fused_encoder_attention_backward_supported(int d_kv);
+void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
+                                      const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
+                                      int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
+                                      const __nv_bfloat16* dctx, const __nv_bfloat16* ctx, float* stats,
+                                      __nv_bfloat16* dq, int dq_ld, float* g_k, float* g_v, int g_ld,
+                                      cudaStream_t stream);
 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;

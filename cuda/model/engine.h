@@ -92,6 +92,7 @@ CudaMemoryInfo cuda_memory_info();
 struct CudaEngineOptions {
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
+  int fused_backward = -1;  // bf16 training: -1 default (with fused_attention, where supported), 0 cuBLAS, 1 on
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
   // the decoder's cross-attention: "auto" (default: folded where it saves work), "folded" (wherever it
   // applies), "precomputed" (every layer's encoder keys/values, always)
@@ -105,9 +106,12 @@ std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSou
 struct CudaArenaShape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool training = false;
+  // training: the encoder attention fused forward and backward (bf16 where the kernels fit: the default on
+  // an A100/H100 for d_kv 64) or the cuBLAS path's [B, H, L, L] buffers
+  bool fused_attention = true;
   int n_adapters = 1;
   Recompute recompute = Recompute::None;
-  bool folded_cross = false;  // inference: the folded cross-attention (no encoder keys/values)
+  bool folded_cross = false;  // the folded cross-attention (no encoder keys/values)
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
 // Recompute::Auto's choice for a training step of this shape, with `have` bytes of arena already held and

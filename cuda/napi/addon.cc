@@ -650,7 +650,8 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
 // The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
 static constexpr int kMaxCpuThreads = 256;
 
-// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, graphs?, crossAttention? } })
+// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, fusedBackward?, graphs?,
+// crossAttention? } })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -698,6 +699,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       if (c.Has("precision") && c.Get("precision").IsString()) cuda.precision = c.Get("precision").As<Napi::String>().Utf8Value();
       if (c.Has("fusedAttention") && c.Get("fusedAttention").IsBoolean())
         cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("fusedBackward") && c.Get("fusedBackward").IsBoolean())
+        cuda.fused_backward = c.Get("fusedBackward").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("crossAttention") && c.Get("crossAttention").IsString())
         cuda.cross_attention = c.Get("crossAttention").As<Napi::String>().Utf8Value();
@@ -842,8 +845,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
-  // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross? }): the
-  // planner's arena size; cudaRecomputeChoice(config, shape, haveBytes, freeBytes): Recompute::Auto's level
+  // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,
+  // fusedAttention? (training; default true) }): the planner's arena size;
+  // cudaRecomputeChoice(config, shape, haveBytes, freeBytes): Recompute::Auto's level
   auto arena_shape_arg = [](const Napi::Object& o) {
     CudaArenaShape a;
     a.batch = get_int(o, "batch");
@@ -853,6 +857,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     a.training = get_bool(o, "training");
     a.n_adapters = get_int(o, "nAdapters");
     a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
+    a.fused_attention = !o.Has("fusedAttention") || get_bool(o, "fusedAttention");
     const std::string r = o.Has("recompute") ? get_string(o, "recompute") : "none";
     if (r != "none" && r != "attention" && r != "all") fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
     a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
@@ -880,12 +885,11 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       return resolved(info.Env(), Napi::String::New(info.Env(), r == Recompute::None ? "none" : r == Recompute::Attention ? "attention" : "all"));
     });
   }));
-  // readAfterTruncation(path): maps the file, truncates it and reads it (a truncation during loading): rejects
+  // readAfterTruncation(): a temporary file mapped, truncated and read (a truncation during loading): rejects
   // with the Io error, and the process lives on
   testing.Set("readAfterTruncation", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {
-      if (info.Length() < 1 || !info[0].IsString()) fail(ErrorCode::InvalidArgument, "readAfterTruncation(path)");
-      read_after_truncation_for_test(info[0].As<Napi::String>().Utf8Value());
+      read_after_truncation_for_test();
       return resolved(info.Env(), info.Env().Undefined());
     });
   }));

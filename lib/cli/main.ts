@@ -77,7 +77,7 @@ interface RecipeOpts {
 function addCudaOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
-    .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention in rank classification (default auto)').choices(CUDA_CROSS_ATTENTION))
+    .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs');
 }

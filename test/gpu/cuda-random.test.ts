@@ -164,6 +164,30 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
       for (const a of adapters) expect(relError(g.adapterGradients.get(a) as Float32Array, cpuTrain.adapterGradients.get(a) as Float32Array)).toBeLessThan(gradTol);
     });
 
+    if (precision === 'bf16') {
+      test('training: the fused encoder attention backward agrees with the cuBLAS one (long padded inputs, dropout)', async () => {
+        // several 64-token tiles, an example of 37 tokens (its padded query tiles skipped), dropout on
+        const cublas = await loadCuda(dir, 'bf16', {}, { fusedBackward: false });
+        try {
+          expect(gpu.describe()).toMatch(/backward fused/);
+          expect(cublas.describe()).toMatch(/backward cuBLAS/);
+          const opts = { adapter: perExample, dropout: true, seed: 3 };
+          const [f, c] = [await gpu.lossAndGradients(uniformTrain, opts), await cublas.lossAndGradients(uniformTrain, opts)];
+          expect(maxRelError([f.totalLoss], [c.totalLoss])).toBeLessThan(1e-2);
+          for (const a of adapters) {
+            const fa = f.adapterGradients.get(a) as Float32Array;
+            const ca = c.adapterGradients.get(a) as Float32Array;
+            expect(relError(fa, ca)).toBeLessThan(2e-2);
+            // the encoder's self-attention vectors, which only this backward produces
+            for (const m of a.modules.filter((mm) => /^encoder\..*SelfAttention/.test(mm.name)))
+              expect(relError(fa.subarray(m.offset, m.offset + m.length), ca.subarray(m.offset, m.offset + m.length))).toBeLessThan(5e-2);
+          }
+        } finally {
+          await cublas.dispose();
+        }
+      });
+    }
+
     test('editing an adapter in place is seen by the next call', async () => {
       const a = randomAdapter(gpu, 31);
       const before = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: a });
