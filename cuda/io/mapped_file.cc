@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -101,8 +102,11 @@ void guarded_read(const std::string& what, void (*copy)(void*), void* context) {
 }
 
 void read_after_truncation_for_test() {
-  char path[] = "/tmp/tfew-truncation-test-XXXXXX";
-  const int fd = mkstemp(path);
+  const char* tmp = std::getenv("TMPDIR");
+  std::string name = std::string(tmp && tmp[0] ? tmp : "/tmp") + "/tfew-truncation-test-XXXXXX";
+  std::vector<char> path(name.begin(), name.end());
+  path.push_back('\0');
+  const int fd = mkstemp(path.data());
   if (fd < 0) fail(ErrorCode::Io, std::string("cannot create a temporary file: ") + std::strerror(errno));
   struct Cleanup {
     const char* path;
@@ -111,14 +115,14 @@ void read_after_truncation_for_test() {
       ::close(fd);
       ::unlink(path);
     }
-  } cleanup{path, fd};
+  } cleanup{path.data(), fd};
   std::vector<uint8_t> bytes(1 << 16, 7);
   if (::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size()))
-    fail(ErrorCode::Io, std::string("cannot write ") + path);
-  MappedFile file(path);
-  if (::ftruncate(fd, 0) != 0) fail(ErrorCode::Io, std::string("cannot truncate ") + path);
+    fail(ErrorCode::Io, std::string("cannot write ") + path.data());
+  MappedFile file(path.data());
+  if (::ftruncate(fd, 0) != 0) fail(ErrorCode::Io, std::string("cannot truncate ") + path.data());
   volatile uint8_t sink = 0;
-  read_mapped(std::string("the test file ") + path, [&] { sink = file.data()[0]; });
+  read_mapped(std::string("the test file ") + path.data(), [&] { sink = file.data()[0]; });
   (void)sink;
 }
 
