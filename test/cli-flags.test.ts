@@ -56,11 +56,12 @@ describe('tfew CUDA flags', () => {
   test('train: every --cuda-* flag reaches T5Model.load, --recompute the Trainer (and run.json)', async () => {
     const out = path.join(tmp, 'all-flags');
     const code = await run('train', ...model, ...task, '--seed', '42', '--steps', '2', '--batch-size', '2', '--out', out,
-      '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-graphs', '--recompute', 'attention');
+      '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-fused-backward', '--no-cuda-graphs',
+      '--recompute', 'attention');
     expect(lines.filter((l) => l.startsWith('ERR tfew:'))).toEqual([]);
     expect(code).toBe(0);
     expect(load.mock.calls[0][1]).toMatchObject({ device: 'cpu', threads: 2 });
-    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, graphs: false });
+    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false, graphs: false });
     expect(trainedRecompute()).toEqual(['attention']);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('attention');
   });
@@ -130,7 +131,8 @@ describe('tfew CUDA flags', () => {
   test('--help lists the flags', async () => {
     expect(await run('train', '--help')).toBe(0);
     const help = lines.join('\n');
-    for (const flag of ['--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-graphs', '--recompute <level>']) {
+    for (const flag of ['--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
+      '--no-cuda-graphs', '--recompute <level>']) {
       expect(help).toContain(flag);
     }
   });

@@ -60,7 +60,7 @@ const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(B
 
 interface CudaOpts {
   cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
-  cudaFusedAttention?: boolean; cudaGraphs?: boolean;
+  cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaGraphs?: boolean;
 }
 interface ModelOpts extends CudaOpts { model: string; device: DeviceOption; threads?: number }
 interface TaskOpts {
@@ -79,6 +79,7 @@ function addCudaOptions(cmd: Command): Command {
     .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
     .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
+    .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward instead of the fused kernels')
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs');
 }
 
@@ -89,6 +90,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaCrossAttention !== undefined) c.crossAttention = o.cudaCrossAttention;
   // commander defaults a --no-x flag to true: only an explicit --no-x (false) is passed on
   if (o.cudaFusedAttention === false) c.fusedAttention = false;
+  if (o.cudaFusedBackward === false) c.fusedBackward = false;
   if (o.cudaGraphs === false) c.graphs = false;
   return Object.keys(c).length > 0 ? c : undefined;
 }
