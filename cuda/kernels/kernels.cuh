@@ -38,6 +38,12 @@ struct DropoutSite {
   // When set, the seed is read from device memory instead (training: a CUDA graph of the step replays with
   // each step's seed).
   const uint64_t* seed_dev = nullptr;
+  // Filled on the device by with_seed() (kernels/dropout.cuh), once per thread: the mask's stream key,
+  // threshold and the kept elements' scale.
+  bool prepared = false;
+  uint32_t threshold = 0;
+  float keep_scale = 1.f;
+  uint64_t key = 0;
 };
 
 // Where a kernel puts its per-token (IA)3 gradient contributions: one row per token (chunk 1), or one row per
