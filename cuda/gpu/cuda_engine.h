@@ -150,7 +150,8 @@ class CudaEngine final : public Engine {
   float* train_to_device(const Batch& b, int n_adapters, const LossOptions& options);
   void read_train_results(LossOutput& out, bool with_token_logp);
   // The forward of the CPU backend's training pass, step for step (dropout sites included), saving each
-  // sub-layer's input. The encoder attention runs as batched GEMMs on a copy of q|k|v with (IA)3 applied.
+  // sub-layer's input. The encoder attention runs in the fused kernel (bf16), else as batched GEMMs on a scaled
+  // copy of q|k|v.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
   // One feed-forward sub-layer of the training forward: from the residual stream x (fp32, updated in place; its
   // saved copy x_saved is what the norm reads) through the saved wi output `pre` to x += dropout(wo(...)), whose

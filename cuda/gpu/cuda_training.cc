@@ -161,7 +161,7 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
-    // backward recomputes them with the cuBLAS path (encoder_attention_backward).
+    // backward recomputes what it needs (encoder_attention_backward).
     bool fused = false;
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
       if (fused_attention_) {

@@ -180,6 +180,18 @@ static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size) {
   return c;
 }
 
+// LossOptions.recompute as lib/model.ts names it, and back.
+static Recompute to_recompute(const std::string& r) {
+  if (r == "none") return Recompute::None;
+  if (r == "attention") return Recompute::Attention;
+  if (r == "all") return Recompute::All;
+  if (r == "auto") return Recompute::Auto;
+  fail(ErrorCode::InvalidArgument, "recompute must be 'auto', 'none', 'attention' or 'all', got '" + r + "'");
+}
+static const char* recompute_name(Recompute r) {
+  return r == Recompute::None ? "none" : r == Recompute::Attention ? "attention" : r == Recompute::All ? "all" : "auto";
+}
+
 static LossOptions to_loss_options(const Napi::Object& o) {
   LossOptions opt;
   const char* weights[] = {"lmWeight", "ulWeight", "lnWeight"};
@@ -190,14 +202,7 @@ static LossOptions to_loss_options(const Napi::Object& o) {
     *dest[i] = static_cast<float>(w);
   }
   opt.dropout = get_bool(o, "dropout");
-  if (o.Has("recompute")) {
-    const std::string r = get_string(o, "recompute");
-    if (r == "none") opt.recompute = Recompute::None;
-    else if (r == "attention") opt.recompute = Recompute::Attention;
-    else if (r == "all") opt.recompute = Recompute::All;
-    else if (r == "auto") opt.recompute = Recompute::Auto;
-    else fail(ErrorCode::InvalidArgument, "recompute must be 'auto', 'none', 'attention' or 'all', got '" + r + "'");
-  }
+  if (o.Has("recompute")) opt.recompute = to_recompute(get_string(o, "recompute"));
   const double seed = get_double(o, "seed");
   if (!is_integer_in(seed, 0, 9007199254740992.0)) fail(ErrorCode::InvalidArgument, "seed must be an integer >= 0");
   opt.seed = static_cast<uint64_t>(seed);
@@ -858,9 +863,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     a.n_adapters = get_int(o, "nAdapters");
     a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
     a.fused_attention = !o.Has("fusedAttention") || get_bool(o, "fusedAttention");
-    const std::string r = o.Has("recompute") ? get_string(o, "recompute") : "none";
-    if (r != "none" && r != "attention" && r != "all") fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
-    a.recompute = r == "all" ? Recompute::All : r == "attention" ? Recompute::Attention : Recompute::None;
+    a.recompute = o.Has("recompute") ? to_recompute(get_string(o, "recompute")) : Recompute::None;
+    if (a.recompute == Recompute::Auto) fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
     return a;
   };
   auto resolved = [](Napi::Env env, Napi::Value v) {
@@ -882,7 +886,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       const Recompute r = cuda_recompute_choice(to_config(info[0].As<Napi::Object>()), arena_shape_arg(info[1].As<Napi::Object>()),
                                                 static_cast<int64_t>(info[2].As<Napi::Number>().DoubleValue()),
                                                 static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
-      return resolved(info.Env(), Napi::String::New(info.Env(), r == Recompute::None ? "none" : r == Recompute::Attention ? "attention" : "all"));
+      return resolved(info.Env(), Napi::String::New(info.Env(), recompute_name(r)));
     });
   }));
   // readAfterTruncation(): a temporary file mapped, truncated and read (a truncation during loading): rejects
