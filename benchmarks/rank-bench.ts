@@ -473,12 +473,12 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
             await unfused.dispose();
           }
         });
-        await check(`${tag} fused attention backward vs cuBLAS backward, dropout`, 1e-1, async () => {
+        await check(`${tag} fused attention backward vs cuBLAS backward`, 1e-1, async () => {
           const cublas = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: false });
           try {
             if (!/backward fused/.test(m.describe()) || !/backward cuBLAS/.test(cublas.describe()))
               throw new Error(`expected the fused and the cuBLAS backward: ${m.describe()} | ${cublas.describe()}`);
-            const opts = { adapter: [a, b, a], dropout: true, seed: 3 };
+            const opts = { adapter: [a, b, a], dropout: true, seed: 3 };  // (the fixtures' dropout rate is 0)
             const [x, y] = [await m.lossAndGradients(batch, opts), await cublas.lossAndGradients(batch, opts)];
             return Math.max(...[a, b].map((v) => relErr(x.adapterGradients.get(v) as Float32Array, y.adapterGradients.get(v) as Float32Array)));
           } finally {
