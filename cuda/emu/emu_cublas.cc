@@ -99,6 +99,11 @@ void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, f
   }
 }
 
+void trace_gemm(const char* call, int m, int n, int k, int batch) {
+  trace(std::string("gemm ") + call + " " + std::to_string(m) + " " + std::to_string(n) + " " + std::to_string(k) +
+        " " + std::to_string(batch));
+}
+
 cublasStatus_t check_call(const char* call, cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b, int m,
                           int n, int k, const void* alpha, const void* beta, cudaDataType ta, cudaDataType tb,
                           cudaDataType tc, int lda, int ldb, int ldc, int batch, cublasComputeType_t compute) {
@@ -165,7 +170,10 @@ cublasStatus_t gemm_ex(cublasHandle_t h, cublasOperation_t op_a, cublasOperation
       !operand_ok("cublasGemmEx", "C", C, tc, m, n, ldc))
     return CUBLAS_STATUS_INVALID_VALUE;  // on a device: an illegal address
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
-  enqueue(h->stream, [=]() { gemm(op_a, op_b, m, n, k, a, A, ta, lda, B, tb, ldb, b, C, tc, ldc); });
+  enqueue(h->stream, [=]() {
+    trace_gemm("cublasGemmEx", m, n, k, 1);
+    gemm(op_a, op_b, m, n, k, a, A, ta, lda, B, tb, ldb, b, C, tc, ldc);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -186,6 +194,7 @@ cublasStatus_t gemm_batched_ex(cublasHandle_t h, cublasOperation_t op_a, cublasO
   const int br = op_b == CUBLAS_OP_N ? k : n, bc = op_b == CUBLAS_OP_N ? n : k;
   // The pointer arrays are device data: read them when the work runs (a graph replay sees their new values).
   enqueue(h->stream, [=]() {
+    trace_gemm("cublasGemmBatchedEx", m, n, k, batch);
     for (int i = 0; i < batch; ++i) {
       if (!operand_ok("cublasGemmBatchedEx", "A[i]", A[i], ta, ar, ac, lda) ||
           !operand_ok("cublasGemmBatchedEx", "B[i]", B[i], tb, br, bc, ldb) ||
@@ -221,6 +230,7 @@ cublasStatus_t gemm_strided_batched_ex(cublasHandle_t h, cublasOperation_t op_a,
       return CUBLAS_STATUS_INVALID_VALUE;  // on a device: an illegal address
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   enqueue(h->stream, [=]() {
+    trace_gemm(call, m, n, k, batch);
     for (int i = 0; i < batch; ++i)
       gemm(op_a, op_b, m, n, k, a, at(A, ta, stride_a, i), ta, lda, at(B, tb, stride_b, i), tb, ldb, b,
            const_cast<char*>(at(C, tc, stride_c, i)), tc, ldc);

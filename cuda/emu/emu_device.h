@@ -60,6 +60,13 @@ inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
   return ::tfew::emu::shuffle(v, source >= (lane & ~(width - 1)) ? source : lane);
 }
 
+// Bit l set iff lane l's predicate holds (a full warp: the kernels ballot with every lane): an OR over lanes.
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  unsigned bits = predicate ? 1u << (static_cast<int>(threadIdx.x) & 31) : 0u;
+  for (int o = 16; o > 0; o >>= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, o);
+  return bits;
+}
+
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 

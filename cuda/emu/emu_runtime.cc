@@ -461,6 +461,17 @@ void enqueue(cudaStream_t stream, std::function<void()> work) {
   work();
 }
 
+void trace(const std::string& line) {
+  static const char* path = std::getenv("TFEW_EMU_TRACE");
+  if (path == nullptr || *path == '\0') return;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  static FILE* file = std::fopen(path, "a");
+  if (file == nullptr) return;
+  std::fprintf(file, "%s\n", line.c_str());
+  std::fflush(file);
+}
+
 void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared,
                  cudaStream_t stream, std::function<void()> thread_body) {
   if (sticky() != cudaSuccess) {
@@ -484,6 +495,8 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
   std::string kernel_name = name;
   enqueue(stream, [kernel_name, grid, block, dynamic_shared, body = std::move(thread_body)]() {
     if (sticky() != cudaSuccess) return;
+    trace("kernel " + kernel_name + " " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+          std::to_string(grid.z) + " " + std::to_string(block.x * block.y * block.z));
     run_grid(kernel_name.c_str(), grid, block, dynamic_shared, body);
     check_guards(("after kernel " + kernel_name).c_str());
   });

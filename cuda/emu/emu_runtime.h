@@ -42,6 +42,11 @@ namespace emu {
 // Runs `work` on `stream` now, or records it when the stream is being captured into a graph.
 void enqueue(cudaStream_t stream, std::function<void()> work);
 
+// TFEW_EMU_TRACE=<file>: each kernel and emulated cuBLAS call appends one line there when it runs (graph
+// replays included): "kernel <name> <grid x,y,z> <block>" or "gemm <call> <m n k batch>". What a step launches,
+// counted without a GPU (scripts/emu-launches.js tallies it).
+void trace(const std::string& line);
+
 // Reports a failure inside emulated device code (a bad barrier, a guard overwritten): the error becomes
 // sticky, as a device fault does, and later CUDA calls return it.
 void device_fault(cudaError_t error, const std::string& what);

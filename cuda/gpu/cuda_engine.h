@@ -161,11 +161,15 @@ class CudaEngine final : public Engine {
                          const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out,
                          T* x_next_saved);
   // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
-  // gradient; l_ff's gradient is accumulated into t.grads.
+  // gradient; l_ff's gradient is accumulated into t.grads. Every sub-layer backward starts from t.dout, its
+  // output dropout applied to dy and cast to T, which the norm backward before it wrote (`next_out`: the site of
+  // the sub-layer after this one in backward order, whose t.dout this one's norm backward writes).
   void ffn_backward(const TrainPlan<T>& t, float* dy, const T* x_in, const float* ln, const T* wi, const T* wo,
                     const T* pre, int n, const kernels::AdapterIndex& ix, int64_t ff_offset, bool decoder,
-                    int n_adapters, const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden);
-  void reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters, int64_t offset);
+                    int n_adapters, const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& next_out);
+  // Sums one or two vectors' (IA)3 contributions (second: none, or the v beside a k) into t.grads: one launch.
+  void reduce_ia3(const TrainPlan<T>& t, const kernels::Ia3GradSource& first, const kernels::Ia3GradSource& second,
+                  int width, bool decoder, int n_adapters);
   void enqueue_backward(const TrainPlan<T>& t, const kernels::DropoutSite& drop, int n_adapters);
   Recompute recompute_for_memory(const Shape& shape, int n_adapters);
   void encoder_attention_backward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop);

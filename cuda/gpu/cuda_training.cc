@@ -161,12 +161,14 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
-    // backward recomputes what it needs (encoder_attention_backward).
+    // backward recomputes what it needs (encoder_attention_backward) but reads the dropout mask this writes.
     bool fused = false;
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
       if (fused_attention_) {
+        const kernels::KeepBits keep{t.keep_bits_saved ? t.enc_keep_bits[l] : nullptr, true};
         kernels::fused_encoder_attention(t.enc_qkv[l], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, enc_ix,
-                                         ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s);
+                                         ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s,
+                                         nullptr, keep);
         fused = true;
       }
     }
@@ -249,30 +251,30 @@ template <typename T>
 void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const T* x_in, const float* ln, const T* wi,
                                  const T* wo, const T* pre, int n, const kernels::AdapterIndex& ix,
                                  int64_t ff_offset, bool decoder, int n_adapters,
-                                 const kernels::DropoutSite& drop_out, const kernels::DropoutSite& drop_hidden) {
+                                 const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& next_out) {
   const T5Config& c = config_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
-  kernels::dropout_cast<T>(dy, static_cast<int64_t>(n) * d, drop_out, t.dout, stream_);
+  // t.dout: dy through this sub-layer's output dropout, as T (written by the norm backward before this one)
   gemm_.linear_backward<T, float>(t.dout, d, wo, ff, t.dscaled, ff, n, d, ff, 1.f, 0.f);
   // the decoder's contributions per token (in place, g_ff == dscaled), the encoder's summed per chunk
   const kernels::Ia3Sums per_token{n, 1};
   float* g = decoder ? t.g_ff : t.enc_sums_ff;
   kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre,
                            decoder ? per_token : t.enc_sums, g, stream_);
-  reduce_ia3(t, g, ff, decoder, n_adapters, ff_offset);
+  reduce_ia3(t, {g, ff_offset}, {}, ff, decoder, n_adapters);
   gemm_.linear_backward<T, float>(t.d_pre, wi_cols, wi, d, t.dnormed, d, n, wi_cols, d, 1.f, 0.f);
-  kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_);
+  kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_, t.dout, next_out);
 }
 
 template <typename T>
-void CudaEngine<T>::reduce_ia3(const TrainPlan<T>& t, const float* g, int width, bool decoder, int n_adapters,
-                               int64_t offset) {
+void CudaEngine<T>::reduce_ia3(const TrainPlan<T>& t, const kernels::Ia3GradSource& first,
+                               const kernels::Ia3GradSource& second, int width, bool decoder, int n_adapters) {
   const Plan<T>& f = t.fwd;
   Span span(profiler_, "ia3_reduce", stream_);
   // rows of g: the decoder's per token (row_start's rows of dec_len tokens), the encoder's per chunk
-  kernels::ia3_grad_reduce(g, width, f.shape.batch, decoder ? f.shape.dec_len : t.enc_sums.chunks_per_example(),
-                           decoder ? f.row_start : nullptr, f.adapter_of_example, n_adapters, t.partial, t.grads,
-                           layout_.total, offset, stream_);
+  kernels::ia3_grad_reduce(first, second, width, f.shape.batch,
+                           decoder ? f.shape.dec_len : t.enc_sums.chunks_per_example(), decoder ? f.row_start : nullptr,
+                           f.adapter_of_example, n_adapters, t.partial, t.grads, layout_.total, stream_);
 }
 
 template <typename T>
@@ -292,7 +294,9 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   gemm_.linear_backward<T, float>(t.dlogits, V, weights_.lm_head, d, t.dnormed, d, Nd, V, d, head_scale, 0.f);
   kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
-  kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s);
+  // Each norm backward also writes t.dout for the next sub-layer in backward order (its output dropout applied).
+  kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s,
+                            Ldec > 0 ? t.dout : nullptr, at_site(drop, 1, Ldec - 1, kFfOut));
 
   kernels::AttentionGeometry self_g;
   self_g.kind = kernels::AttentionKind::DecoderSelf;
@@ -315,11 +319,10 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
     ffn_backward(t, t.dy_dec, t.dec_x_ff[l], L.ln_ff, L.wi, L.wo, t.dec_ff_pre[l], Nd, dec_ix, ia3.ff, true,
-                 n_adapters, at_site(drop, 1, l, kFfOut), at_site(drop, 1, l, kFfHidden));
+                 n_adapters, at_site(drop, 1, l, kFfHidden), at_site(drop, 1, l, kCrossOut));
 
     // cross-attention: q from this layer, k|v from the encoder output (their gradient goes straight back
     // through this layer's k|v projection into the encoder output's gradient, summed over layers in dx_enc)
-    kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o_cross, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
     if (f.shape.folded_cross) {
       folded_cross_backward(t, l, at_site(drop, 1, l, kCrossProbs), l == Ldec - 1);
@@ -335,13 +338,12 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
       gemm_.linear_backward<T, float>(t.dkv_cross, 2 * inner, w_kv, d, t.dx_enc, d, Ne, 2 * inner, d, 1.f,
                                       l == Ldec - 1 ? 0.f : 1.f);
     }
-    reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.cross_k);
-    reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.cross_v);
+    reduce_ia3(t, {t.g_k, ia3.cross_k}, {t.g_v, ia3.cross_v}, inner, true, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s, t.dout,
+                              at_site(drop, 1, l, kSelfOut));
 
     // causal self-attention
-    kernels::dropout_cast<T>(t.dy_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kSelfOut), t.dout, s);
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
     self_g.dropout = at_site(drop, 1, l, kSelfProbs);
     const T* qkv = t.dec_qkv[l];
@@ -350,10 +352,10 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
                                        dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
                                        3 * inner, s);
-    reduce_ia3(t, t.g_k, inner, true, n_adapters, ia3.self_k);
-    reduce_ia3(t, t.g_v, inner, true, n_adapters, ia3.self_v);
+    reduce_ia3(t, {t.g_k, ia3.self_k}, {t.g_v, ia3.self_v}, inner, true, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Nd, 3 * inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s,
+                              l > 0 ? t.dout : nullptr, at_site(drop, 1, l - 1, kFfOut));
   }
   // (the decoder embedding is frozen: the decoder's gradient stops here)
 
@@ -364,7 +366,8 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     TFEW_CUDA_CHECK(cudaMemsetAsync(t.dnormed, 0, sizeof(float) * Ne * d, s));
   }
   kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
-  kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s);
+  kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s,
+                            Lenc > 0 ? t.dout : nullptr, at_site(drop, 0, Lenc - 1, kFfOut));
 
   const int wi_cols = c.gated_gelu ? 2 * c.d_ff : c.d_ff;
   for (int l = Lenc - 1; l >= 0; --l) {
@@ -375,18 +378,18 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
       gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
     }
     ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
-                 n_adapters, at_site(drop, 0, l, kFfOut), at_site(drop, 0, l, kFfHidden));
-    kernels::dropout_cast<T>(t.dx_enc, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut), t.dout, s);
-    gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Ne, d, inner, 1.f, 0.f);
+                 n_adapters, at_site(drop, 0, l, kFfHidden), at_site(drop, 0, l, kSelfOut));
+    // dC straight as T (the attention backward's GEMM / WMMA operand; nothing reads it in fp32)
+    gemm_.linear_backward<T, T>(t.dout, d, L.o, inner, t.dctx_t, inner, Ne, d, inner, 1.f, 0.f);
     if (t.recompute_qkv) {  // ... and its q|k|v projection
       kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
       gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     }
     encoder_attention_backward(t, l, drop);
-    reduce_ia3(t, t.enc_sums_k, inner, false, n_adapters, ia3.self_k);
-    reduce_ia3(t, t.enc_sums_v, inner, false, n_adapters, ia3.self_v);
+    reduce_ia3(t, {t.enc_sums_k, ia3.self_k}, {t.enc_sums_v, ia3.self_v}, inner, false, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s);
+    kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s,
+                              l > 0 ? t.dout : nullptr, at_site(drop, 0, l - 1, kFfOut));
   }
 }
 
@@ -480,7 +483,7 @@ void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) 
     }
 }
 
-// Encoder self-attention backward of layer `layer` on tensor cores. From t.dctx (fp32, the gradient of the
+// Encoder self-attention backward of layer `layer` on tensor cores. From t.dctx_t (T, the gradient of the
 // attention output) to t.dqkv (the gradient of the unscaled q|k|v, as T) and the (IA)3 contributions
 // (t.enc_sums_k / _v). Nothing of the forward's attention is stored. Row-major, per (example, head), with
 // K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
@@ -503,16 +506,18 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   const IA3Layout::EncoderBlock& ia3 = layout_.encoder[layer];
   const kernels::AdapterIndex ix = adapter_index(f, false);
   const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
-  kernels::dropout_cast<T>(t.dctx, static_cast<int64_t>(Ne) * inner, kNoDropout, t.dctx_t, s);  // dC as T
 
   bool fused = false;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (fused_backward_) {
+      // the dropout mask: the forward's bits, or (q|k|v recomputed) made by this rerun into the shared buffer
+      uint32_t* keep_bits = t.enc_keep_bits.empty() ? nullptr : t.enc_keep_bits[layer];
       kernels::fused_encoder_attention(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, ix,
-                                       ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats);
+                                       ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats,
+                                       kernels::KeepBits{keep_bits, !t.keep_bits_saved});
       kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
-                                                ix, ia3.self_k, ia3.self_v, probs_drop, t.dctx_t, f.ctx_enc, t.stats,
-                                                t.dqkv, ld, t.g_k, t.g_v, inner, s);
+                                                ix, ia3.self_k, ia3.self_v, probs_drop, keep_bits, t.dctx_t,
+                                                f.ctx_enc, t.stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
       fused = true;
     }
   }

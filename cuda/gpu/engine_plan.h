@@ -203,6 +203,11 @@ struct TrainPlan {
   // bit-identical): in bf16 half the bytes of an fp32 copy, 384 MiB less at TRAIN-3B.
   std::vector<T*> enc_x_attn, enc_x_ff;  // residual stream entering each sub-layer [Ne, d]
   std::vector<T*> enc_qkv, enc_ff_pre;   // unscaled q|k|v [Ne, 3 inner], wi outputs [Ne, wi_cols]
+  // fused backward with dropout: each layer's keep mask of the attention probabilities as bits
+  // (kernels::KeepBits, 2 MiB per layer at TRAIN-3B), written by the forward, read by the backward. When q|k|v
+  // is recomputed, one buffer that the backward's rerun of the forward fills (keep_bits_saved false).
+  std::vector<uint32_t*> enc_keep_bits;
+  bool keep_bits_saved = false;
   // Recomputed by the backward (Recompute::Attention / All): one buffer for all layers
   bool recompute_qkv = false, recompute_ff_pre = false;
   T* enc_pre_final = nullptr;
@@ -227,7 +232,7 @@ struct TrainPlan {
   float* dscaled = nullptr;    // FFN: [maxN, d_ff]; the kernel turns it into the per-token l_ff contributions
   float* g_ff = nullptr;       //   in place: g_ff == dscaled
   T* d_pre = nullptr;          //   [maxN, wi_cols]
-  float* dctx = nullptr;       // attention: [maxN, inner]
+  float* dctx = nullptr;       // attention (decoder): [Nd, inner]
   T* dqkv = nullptr;           //   [maxN, 3 inner]
   float* g_k = nullptr;        //   per-token l_k / l_v contributions [maxN, inner]
   float* g_v = nullptr;
@@ -236,7 +241,7 @@ struct TrainPlan {
   T* dctx_t = nullptr;         //   ... and the context gradient as a GEMM operand [Ne, inner]
   T* dkv_cross = nullptr;      //   gradient of one decoder layer's cross k|v [Ne, 2 inner] (not when folded)
   float* grads = nullptr;      // [num_adapters, layout.total]
-  float* partial = nullptr;    // per-example sums [B, max(inner, d_ff)]
+  float* partial = nullptr;    // per-example sums [2, B, max(inner, d_ff)] (kernels::ia3_grad_reduce)
   // The encoder's (IA)3 contributions, summed by their producing kernels over chunks of kIa3Chunk tokens
   // (kernels::Ia3Sums): [B * enc_chunks, d_ff] for l_ff, [B * enc_chunks, inner] each for l_k, l_v
   kernels::Ia3Sums enc_sums;
@@ -262,7 +267,12 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   Placer pl(base, t.fwd.bytes);
   T* shared_qkv = t.recompute_qkv ? pl.place<T>(Ne * 3 * inner) : nullptr;
   T* shared_ff_pre = t.recompute_ff_pre ? pl.place<T>(Ne * wi_cols) : nullptr;
+  const bool keep_bits = fused && c.dropout_rate > 0.f;
+  const size_t keep_words = static_cast<size_t>(s.batch) * H * s.enc_len * kernels::keep_bits_words(s.enc_len);
+  t.keep_bits_saved = keep_bits && !t.recompute_qkv;
+  uint32_t* shared_keep_bits = keep_bits && t.recompute_qkv ? pl.place<uint32_t>(keep_words) : nullptr;
   for (int l = 0; l < c.num_layers; ++l) {
+    if (keep_bits) t.enc_keep_bits.push_back(t.keep_bits_saved ? pl.place<uint32_t>(keep_words) : shared_keep_bits);
     t.enc_x_attn.push_back(pl.place<T>(Ne * d));
     t.enc_qkv.push_back(t.recompute_qkv ? shared_qkv : pl.place<T>(Ne * 3 * inner));
     t.enc_x_ff.push_back(pl.place<T>(Ne * d));
@@ -297,7 +307,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.d_pre = pl.place<T>(N * wi_cols);
   const size_t ffn_end = pl.cursor();
   pl.set_cursor(sublayer_phase);
-  t.dctx = pl.place<float>(N * inner);
+  t.dctx = pl.place<float>(Nd * inner);  // the decoder's (the encoder's dC goes to dctx_t as T)
   t.dqkv = pl.place<T>(N * 3 * inner);
   t.g_k = pl.place<float>(N * inner);
   t.g_v = pl.place<float>(N * inner);
@@ -313,7 +323,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   t.enc_sums_k = pl.place<float>(sum_rows * inner);
   t.enc_sums_v = pl.place<float>(sum_rows * inner);
   t.grads = pl.place<float>(static_cast<size_t>(n_adapters) * IA3Layout::make(c).total);
-  t.partial = pl.place<float>(static_cast<size_t>(s.batch) * std::max(inner, ff));
+  t.partial = pl.place<float>(2 * static_cast<size_t>(s.batch) * std::max(inner, ff));  // k and v at once
   t.bytes = align_up(pl.cursor(), 256);
   return t;
 }

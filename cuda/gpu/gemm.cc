@@ -158,6 +158,9 @@ template void Gemm::linear_backward<float, float>(const float*, int, const float
                                                   float, float);
 template void Gemm::linear_backward<__nv_bfloat16, float>(const __nv_bfloat16*, int, const __nv_bfloat16*, int,
                                                           float*, int, int, int, int, float, float);
+template void Gemm::linear_backward<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, int, const __nv_bfloat16*,
+                                                                  int, __nv_bfloat16*, int, int, int, int, float,
+                                                                  float);
 template void Gemm::batched<float, float>(bool, bool, int, int, int, const void* const*, int, const void* const*, int,
                                          void* const*, int, int);
 template void Gemm::batched<__nv_bfloat16, __nv_bfloat16>(bool, bool, int, int, int, const void* const*, int,

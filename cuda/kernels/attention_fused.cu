@@ -10,7 +10,9 @@
 // exp(m_old - m_new)); P (bf16) V is accumulated (WMMA) into fp32 output rows kept in shared memory. The
 // (IA)3 key/value scales of the example's adapter are applied while K and V tiles are loaded, so the
 // encoder needs no separate (IA)3 pass. Training-mode dropout drops probabilities in the P V product only
-// (the row sums, which normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it.
+// (the row sums, which normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it. In
+// training the forward also writes that mask as bits (KeepBits, one warp ballot per 32 keys), which the rerun
+// and the two backward kernels read: each element is hashed once per step, not four times.
 // T5: no 1/sqrt(d_kv) scaling.
 //
 // The backward (training, flash-style: no [B, H, L, L] tensor in memory) is two kernels after a rerun of the
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
                                const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
-                               __nv_bfloat16* __restrict__ out, float* __restrict__ stats) {
+                               __nv_bfloat16* __restrict__ out, float* __restrict__ stats, KeepBits keep) {
   dropout = with_seed(dropout);
   using S = FusedSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];  // WMMA needs 32-byte aligned tiles
@@ -167,6 +169,8 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
   const int64_t ld = 3 * static_cast<int64_t>(inner);
   const __nv_bfloat16* base = qkv + static_cast<int64_t>(b) * len * ld + static_cast<int64_t>(h) * DK;
   const int n_keys = min(max(lengths[b], 0), len);
+  const int64_t keep_ld = keep_bits_words(len);
+  const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
 
   const float* k_scale;
   const float* v_scale;
@@ -200,8 +204,11 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
         const int j = k0 + lane + 32 * u;
         s[u] = j < n_keys ? Ss[r * S::kLdS + lane + 32 * u] + brow[j] : -INFINITY;
       }
-      // dropout index of (b, h, i, k0 + lane): the position in the [B, H, L, L] probabilities
+      // dropout index of (b, h, i, k0 + lane): the position in the [B, H, L, L] probabilities; the row's
+      // first keep word of this key tile
       const uint64_t drop_row = ((static_cast<uint64_t>(b) * gridDim.y + h) * len + i) * len + k0 + lane;
+      const int64_t keep_row = (static_cast<int64_t>(b) * gridDim.y + h) * len + i;
+      uint32_t* keep_words = keep.words && i < len ? keep.words + keep_row * keep_ld + k0 / 32 : nullptr;
       const float m_old = row_max[r];
       const float m_new = fmaxf(m_old, warp_max(fmaxf(s[0], s[1])));
       const bool any = m_new != -INFINITY;  // false only if no key seen yet (cannot happen: k0 < n_keys)
@@ -210,7 +217,20 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
       for (int u = 0; u < 2; ++u) {
         const float p = any ? expf(s[u] - m_new) : 0.f;
         p_sum += p;
-        const float kept = dropout.rate > 0.f && p > 0.f ? p * dropout_scale(dropout, drop_row + 32 * u) : p;
+        float kept = p;
+        if (dropout.rate > 0.f) {
+          bool keeps;
+          if (fill_keep || !keep_words) {  // hash (every lane when filling: a word must be whole)
+            keeps = (fill_keep || p > 0.f) && dropout_keeps(dropout, drop_row + 32 * u);
+            if (fill_keep) {
+              const uint32_t word = __ballot_sync(kFullMask, keeps);
+              if (lane == 0 && keep_words) keep_words[u] = word;
+            }
+          } else {
+            keeps = (keep_words[u] >> lane) & 1u;
+          }
+          kept = keeps ? p * dropout.keep_scale : 0.f;
+        }
         Ps[r * S::kLdP + lane + 32 * u] = __float2bfloat16_rn(kept);
       }
       p_sum = warp_sum(p_sum);
@@ -277,6 +297,7 @@ struct AttentionBackwardArgs {
   AdapterIndex index;
   int64_t k_offset, v_offset;
   DropoutSite dropout;
+  const uint32_t* keep_bits;  // the forward's keep mask (KeepBits layout) when dropout.rate > 0
   const __nv_bfloat16* dctx;  // dC [B * len, inner]
   const __nv_bfloat16* ctx;   // C [B * len, inner] (the forward's output)
   float* stats;               // [B, H, len, 3]: m, l (the forward's), D (the dq kernel's)
@@ -320,6 +341,14 @@ struct BackwardBlock {
   __device__ float* stats_row(const AttentionBackwardArgs& a, int i) const {
     return a.stats + ((static_cast<int64_t>(b) * H + h) * a.len + min(i, a.len - 1)) * 3;
   }
+  // Query row i's keep word w (keys 32 w .. 32 w + 31); i < len.
+  __device__ uint32_t keep_word(const AttentionBackwardArgs& a, int i, int w) const {
+    return a.keep_bits[((static_cast<int64_t>(b) * H + h) * a.len + i) * keep_bits_words(a.len) + w];
+  }
+  // The dropout scale of a kept (1) or dropped (0) bit: 1 / (1 - rate) or 0; 1 without dropout.
+  __device__ static float keep_scale(const DropoutSite& d, uint32_t bit) {
+    return d.rate > 0.f ? (bit ? d.keep_scale : 0.f) : 1.f;
+  }
 };
 
 // dQ of one (example, head, 64-query tile); also D = rowsum(dC * C) into stats[.., 2] for the dkv kernel.
@@ -337,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
   float* dPs = blk.scores[1];
   __nv_bfloat16* dSs = blk.probs[0];
   float* rows = blk.rows;  // [64][3]: m, l, D
-  const int q0 = blockIdx.x * kTile, h = blk.h, b = blk.b, H = blk.H, len = a.len, inner = a.inner;
+  const int q0 = blockIdx.x * kTile, h = blk.h, b = blk.b, len = a.len, inner = a.inner;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t ld = blk.ld, head_col = blk.head_col;
   const __nv_bfloat16* base = blk.base;
@@ -389,14 +418,14 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
       const float m = rows[r * 3 + 0], l = rows[r * 3 + 1], D = rows[r * 3 + 2];
       const float inv_l = l > 0.f ? 1.f / l : 0.f;
       const float* brow = a.bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - min(i, len - 1));
-      const uint64_t drop_row = ((static_cast<uint64_t>(b) * H + h) * len + i) * len + k0;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int c = lane + 32 * u, j = k0 + c;
         float ds = 0.f;
         if (j < n_keys && i < len) {
           const float p = expf(Ss[r * S::kLdS + c] + brow[j] - m) * inv_l;
-          ds = p * (dropout_scale(dropout, drop_row + c) * dPs[r * S::kLdS + c] - D);
+          const uint32_t bit = dropout.rate > 0.f ? (blk.keep_word(a, i, k0 / 32 + u) >> lane) & 1u : 1u;
+          ds = p * (blk.keep_scale(dropout, bit) * dPs[r * S::kLdS + c] - D);
         }
         dSs[r * S::kLdP + c] = __float2bfloat16_rn(ds);
       }
@@ -432,7 +461,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
   __nv_bfloat16* Pts = blk.probs[0];  // P'^T
   __nv_bfloat16* dSts = blk.probs[1];
   float* rows = blk.rows;  // m, l, D of the current query tile
-  const int k0 = blockIdx.x * kTile, h = blk.h, b = blk.b, H = blk.H, len = a.len, inner = a.inner;
+  const int k0 = blockIdx.x * kTile, h = blk.h, b = blk.b, len = a.len, inner = a.inner;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t ld = blk.ld, head_col = blk.head_col;
   const __nv_bfloat16* base = blk.base;
@@ -463,6 +492,13 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
       __syncthreads();
       warp_abt<DK>(Ks + wr * S::kLdT, S::kLdT, Qs, S::kLdT, Sts + wr * S::kLdS, S::kLdS);    // S^T = K~ Q^T
       warp_abt<DK>(Vs + wr * S::kLdT, S::kLdT, dCs, S::kLdT, dPts + wr * S::kLdS, S::kLdS);  // dP'^T = V~ dC^T
+      // this warp's 16 keys lie in one keep word of each query row: lane's queries q0 + lane (+ 32)
+      uint32_t keep[2] = {~0u, ~0u};
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int i = q0 + lane + 32 * u;
+        if (dropout.rate > 0.f && i < len && k0 + wr < n_keys) keep[u] = blk.keep_word(a, i, (k0 + wr) / 32);
+      }
       __syncwarp();
       for (int r = wr; r < wr + 16; ++r) {  // key row j, query columns q0 + lane (+ 32)
         const int j = k0 + r;
@@ -474,7 +510,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
             const float m = rows[c * 3 + 0], l = rows[c * 3 + 1], D = rows[c * 3 + 2];
             const float bias = a.bias_table[static_cast<int64_t>(h) * (2 * len - 1) + (j - i + len - 1)];
             const float p = expf(Sts[r * S::kLdS + c] + bias - m) * (l > 0.f ? 1.f / l : 0.f);
-            const float drop = dropout_scale(dropout, ((static_cast<uint64_t>(b) * H + h) * len + i) * len + j);
+            const float drop = blk.keep_scale(dropout, (keep[u] >> (j & 31)) & 1u);
             pd = p * drop;
             ds = p * (drop * dPts[r * S::kLdS + c] - D);
           }
@@ -521,12 +557,13 @@ void opt_in_shared_memory(const void* kernel, size_t bytes) {
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
-                  const DropoutSite& dropout, __nv_bfloat16* out, float* stats, cudaStream_t stream) {
+                  const DropoutSite& dropout, __nv_bfloat16* out, float* stats, const KeepBits& keep,
+                  cudaStream_t stream) {
   constexpr size_t smem = FusedSmem<DK>::kBytes;
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
   fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
-                                                                       k_offset, v_offset, dropout, out, stats);
+                                                                       k_offset, v_offset, dropout, out, stats, keep);
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
 }
 
@@ -584,13 +621,13 @@ bool fused_encoder_attention_backward_supported(int d_kv) {
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
-                             cudaStream_t stream, float* stats) {
+                             cudaStream_t stream, float* stats, const KeepBits& keep) {
   if (batch <= 0 || len <= 0) return;
   switch (d_kv) {
 #define TFEW_FUSED_CASE(DK)                                                                                       \
   case DK:                                                                                                        \
     launch_fused<DK>(qkv, inner, batch, heads, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, \
-                     stats, stream);                                                                              \
+                     stats, keep, stream);                                                                        \
     break;
     TFEW_FUSED_CASE(16)
     TFEW_FUSED_CASE(32)
@@ -604,12 +641,14 @@ void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int 
 void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                                       const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                                       int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
-                                      const __nv_bfloat16* dctx, const __nv_bfloat16* ctx, float* stats,
-                                      __nv_bfloat16* dq, int dq_ld, float* g_k, float* g_v, int g_ld,
-                                      cudaStream_t stream) {
+                                      const uint32_t* keep_bits, const __nv_bfloat16* dctx,
+                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dq, int dq_ld,
+                                      float* g_k, float* g_v, int g_ld, cudaStream_t stream) {
   if (batch <= 0 || len <= 0) return;
+  if (dropout.rate > 0.f && keep_bits == nullptr)
+    fail(ErrorCode::Internal, "fused encoder attention backward: dropout without the forward's keep bits");
   const AttentionBackwardArgs args{qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout,
-                                   dctx, ctx, stats, dq, dq_ld, g_k, g_v, g_ld};
+                                   keep_bits, dctx, ctx, stats, dq, dq_ld, g_k, g_v, g_ld};
   switch (d_kv) {
 #define TFEW_FUSED_CASE(DK)                                  \
   case DK:                                                   \

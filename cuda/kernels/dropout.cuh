@@ -23,6 +23,11 @@ __device__ __forceinline__ DropoutSite with_seed(DropoutSite d) {
   return d;
 }
 
+// Whether element `index` of a prepared site (with_seed) is kept.
+__device__ __forceinline__ bool dropout_keeps(const DropoutSite& d, uint64_t index) {
+  return dropout_kept(d.key, d.threshold, index);
+}
+
 // 1 / (1 - rate) where kept, 0 where dropped, 1 without dropout.
 __device__ __forceinline__ float dropout_scale(const DropoutSite& d, uint64_t index) {
   if (d.rate <= 0.f) return 1.f;

@@ -46,6 +46,18 @@ struct DropoutSite {
   uint64_t key = 0;
 };
 
+// The keep mask of the encoder self-attention's dropout ([B, H, L, L] probabilities) as bits, so that the
+// training backward reads it instead of hashing every element again (the fused forward is run twice and the two
+// backward kernels read each element once more: four hashes per element otherwise, ~1.6 G per TRAIN-3B step).
+// Row (b, h, i) takes keep_bits_words(L) words; key j is bit j % 32 of its word j / 32 (32 keys: one warp's
+// ballot). Only bits of real (query, key) pairs are defined.
+struct KeepBits {
+  uint32_t* words = nullptr;  // null: each element hashed (kernels/dropout.cuh)
+  bool fill = false;          // the forward writes the mask (else reads it)
+};
+// Words per query row: whole 64-key tiles, two words each.
+constexpr int64_t keep_bits_words(int len) { return 2 * ((static_cast<int64_t>(len) + 63) / 64); }
+
 // Where a kernel puts its per-token (IA)3 gradient contributions: one row per token (chunk 1), or one row per
 // chunk of up to `chunk` consecutive tokens of one example (tokens_per_example each; chunks never cross
 // examples), summed in token order: the first stage of ia3_grad_reduce done by the producing kernel, so the
@@ -81,9 +93,12 @@ template <typename TIn, typename TOut>
 void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream);
 // dx (+)= the input gradient given dy (the weight is frozen); 1/rms is recomputed from x (float or bf16).
+// cast_out (training; nullable): also the result as dropout_cast(dx, n_rows * d, cast_site, cast_out) writes it,
+// the next sub-layer's GEMM input, in the same pass.
 template <typename TX>
 void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,
-                      bool accumulate, float* dx, cudaStream_t stream);
+                      bool accumulate, float* dx, cudaStream_t stream, TX* cast_out = nullptr,
+                      const DropoutSite& cast_site = {});
 
 // ---- dropout.cu (training)
 // x[i] *= scale(i) in place (also the backward of a dropout: the same mask and scale).
@@ -204,23 +219,26 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
 // qkv [B * len, 3 inner] as produced by the fused q|k|v projection; out [B * len, inner].
 // d_kv in {16, 32, 64, 128} and the kernel's shared memory fits the current device's opt-in limit.
 // stats (training): [B, H, len, 3], each query row's softmax max and sum in slots 0 and 1 (the backward's).
+// keep (training with dropout): the probabilities' keep mask as bits, written here (keep.fill) or read instead
+// of hashing each element.
 bool fused_encoder_attention_supported(int d_kv);
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
-                             cudaStream_t stream, float* stats = nullptr);
+                             cudaStream_t stream, float* stats = nullptr, const KeepBits& keep = {});
 // Its backward (training, flash-style: two kernels, no [B, H, L, L] tensor), after a forward with the same
 // arguments wrote ctx (its output C) and stats: from dctx (bf16 [B * len, inner], the gradient of C) to dQ
 // (bf16, columns h d_kv.. of dq, row stride dq_ld; w.r.t. the unscaled q) and the gradients of the scaled keys
 // and values dK~, dV~ (fp32 [B * len, g_ld], as CudaEngine::encoder_attention_backward's GEMMs write them).
-// stats slot 2 receives D = rowsum(dC * C). Deterministic. Supported where its shared memory fits.
+// stats slot 2 receives D = rowsum(dC * C). With dropout, keep_bits is the forward's keep mask (KeepBits: the
+// mask is read, never hashed again). Deterministic. Supported where its shared memory fits.
 bool fused_encoder_attention_backward_supported(int d_kv);
 void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                                       const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                                       int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
-                                      const __nv_bfloat16* dctx, const __nv_bfloat16* ctx, float* stats,
-                                      __nv_bfloat16* dq, int dq_ld, float* g_k, float* g_v, int g_ld,
-                                      cudaStream_t stream);
+                                      const uint32_t* keep_bits, const __nv_bfloat16* dctx,
+                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dq, int dq_ld,
+                                      float* g_k, float* g_v, int g_ld, cudaStream_t stream);
 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;
@@ -275,13 +293,19 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
                   cudaStream_t stream);
 
 // ---- ia3.cu (training)
+// Per-token (IA)3 gradient contributions g [tokens, width] of the vector at `offset` of the adapter layout.
+struct Ia3GradSource {
+  const float* g = nullptr;
+  int64_t offset = 0;
+};
+// For each source (second: optional, e.g. a layer's v beside its k; the same width):
 // grads[a * stride + offset + c] += sum of g[t, c] over the tokens t of the examples whose adapter is a.
-// Deterministic: per-example sums (partial [batch, width] scratch), then per adapter in example order.
-// Tokens of example b: [b * tokens_per_row, (b+1) * tokens_per_row) when row_start is null (encoder), else
-// [row_start[b] * tokens_per_row, row_start[b+1] * tokens_per_row) (decoder rows).
-void ia3_grad_reduce(const float* g, int width, int batch, int tokens_per_row, const int32_t* row_start,
-                     const int32_t* adapter_of_example, int n_adapters, float* partial, float* grads, int64_t stride,
-                     int64_t offset, cudaStream_t stream);
+// Deterministic: per-example sums (partial [2, batch, width] scratch), then per adapter in example order; one
+// launch. Tokens of example b: [b * tokens_per_row, (b+1) * tokens_per_row) when row_start is null (encoder),
+// else [row_start[b] * tokens_per_row, row_start[b+1] * tokens_per_row) (decoder rows).
+void ia3_grad_reduce(const Ia3GradSource& first, const Ia3GradSource& second, int width, int batch,
+                     int tokens_per_row, const int32_t* row_start, const int32_t* adapter_of_example, int n_adapters,
+                     float* partial, float* grads, int64_t stride, cudaStream_t stream);
 
 // ---- loss.cu (training)
 // The T-Few losses from the per-token log-probs (token_logp, targets [rows, len]; pad targets do not count),

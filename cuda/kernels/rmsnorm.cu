@@ -4,8 +4,11 @@
 // writes the GEMM input type.
 // out_scale folds in the d_model^-0.5 rescale before a tied head, so it costs no extra pass.
 // Backward (the weight is frozen): with r = 1/rms and u = w * dy, dx = r u - x r^3 mean(u x); r is
-// recomputed from x instead of being stored.
+// recomputed from x instead of being stored. In training the backward also writes what the next sub-layer's
+// backward starts from (its output dropout applied to the residual gradient, cast for a GEMM), saving that
+// sub-layer a pass over the gradient and a launch.
 #include "kernels/device_common.cuh"
+#include "kernels/dropout.cuh"
 
 namespace tfew {
 namespace kernels {
@@ -34,8 +37,9 @@ __global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* _
 template <typename TX>
 __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* __restrict__ x,
                                         const float* __restrict__ weight, int d, float eps, bool accumulate,
-                                        float* __restrict__ dx) {
+                                        float* __restrict__ dx, TX* __restrict__ cast_out, DropoutSite cast_site) {
   __shared__ float scratch[32];
+  cast_site = with_seed(cast_site);
   const int64_t row = blockIdx.x;
   const TX* xr = x + row * d;
   const float* dyr = dy + row * d;
@@ -52,7 +56,12 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
   float* dxr = dx + row * d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     const float g = r * weight[c] * dyr[c] - to_f32(xr[c]) * coef;
-    dxr[c] = accumulate ? dxr[c] + g : g;
+    const float v = accumulate ? dxr[c] + g : g;
+    dxr[c] = v;
+    if (cast_out) {  // as dropout_cast(dx, n, cast_site, cast_out) would, element for element
+      const int64_t i = row * d + c;
+      cast_out[i] = from_f32<TX>(v * dropout_scale(cast_site, static_cast<uint64_t>(i)));
+    }
   }
 }
 
@@ -60,10 +69,11 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
 
 template <typename TX>
 void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,
-                      bool accumulate, float* dx, cudaStream_t stream) {
+                      bool accumulate, float* dx, cudaStream_t stream, TX* cast_out, const DropoutSite& cast_site) {
   if (n_rows <= 0) return;
   const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
-  rmsnorm_backward_kernel<TX><<<n_rows, block, 0, stream>>>(dy, x, weight, d, eps, accumulate, dx);
+  rmsnorm_backward_kernel<TX><<<n_rows, block, 0, stream>>>(dy, x, weight, d, eps, accumulate, dx, cast_out,
+                                                            cast_site);
   TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_kernel");
 }
 
@@ -78,9 +88,9 @@ void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float
 
 using bf16 = __nv_bfloat16;
 template void rmsnorm_backward<float>(const float*, const float*, const float*, int, int, float, bool, float*,
-                                      cudaStream_t);
+                                      cudaStream_t, float*, const DropoutSite&);
 template void rmsnorm_backward<bf16>(const float*, const bf16*, const float*, int, int, float, bool, float*,
-                                     cudaStream_t);
+                                     cudaStream_t, bf16*, const DropoutSite&);
 template void rmsnorm_forward<float, float>(const float*, const float*, int, int, float, float, float*, cudaStream_t);
 template void rmsnorm_forward<float, bf16>(const float*, const float*, int, int, float, float, bf16*, cudaStream_t);
 template void rmsnorm_forward<bf16, bf16>(const bf16*, const float*, int, int, float, float, bf16*, cudaStream_t);
