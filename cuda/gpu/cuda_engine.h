@@ -153,13 +153,13 @@ class CudaEngine final : public Engine {
   // sub-layer's input. The encoder attention runs in the fused kernel (bf16), else as batched GEMMs on a scaled
   // copy of q|k|v.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
-  // One feed-forward sub-layer of the training forward: from the residual stream x (fp32, updated in place; its
-  // saved copy x_saved is what the norm reads) through the saved wi output `pre` to x += dropout(wo(...)), whose
-  // copy goes to x_next_saved.
-  void train_ffn_forward(const TrainPlan<T>& t, float* x, const T* x_saved, T* h, T* pre, T* act, const float* ln,
-                         const T* wi, const T* wo, int n, const kernels::AdapterIndex& ix, int64_t ff_offset,
-                         const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out,
-                         T* x_next_saved);
+  // One feed-forward sub-layer of the training forward: from h (its input, normalised) through the saved wi
+  // output `pre` to x += dropout(wo(...)) (the fp32 stream, in place), whose T copy goes to x_next_saved and
+  // whose next norm (next_ln, next_scale) to next_h (kernels::residual_add_norm).
+  void train_ffn_forward(const TrainPlan<T>& t, float* x, const T* h, T* pre, T* act, const T* wi, const T* wo, int n,
+                         const kernels::AdapterIndex& ix, int64_t ff_offset, const kernels::DropoutSite& drop_hidden,
+                         const kernels::DropoutSite& drop_out, T* x_next_saved, const float* next_ln,
+                         float next_scale, T* next_h);
   // One feed-forward sub-layer backward: dy (the residual stream's gradient) gains the sub-layer's input
   // gradient; l_ff's gradient is accumulated into t.grads. Every sub-layer backward starts from t.dout, its
   // output dropout applied to dy and cast to T, which the norm backward before it wrote (`next_out`: the site of

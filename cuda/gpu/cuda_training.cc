@@ -155,10 +155,12 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   kernels::dropout_inplace<float>(x, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
   kernels::dropout_cast<T>(x, static_cast<int64_t>(Ne) * d, kNoDropout, Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final,
                            s);
+  // Each sub-layer's residual add also normalises the stream for the next one (residual_add_norm): the norm
+  // outputs (f.h_enc, f.h_dec) are made there, but for the first layer's.
+  if (Lenc > 0) kernels::rmsnorm_forward(t.enc_x_attn[0], weights_.encoder[0].ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
   for (int l = 0; l < Lenc; ++l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
-    kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
     // backward recomputes what it needs (encoder_attention_backward) but reads the dropout mask this writes.
@@ -181,13 +183,15 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
       gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
     }
     gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
-    kernels::residual_add_save<T>(x, t.sublayer_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, l, kSelfOut),
-                                  t.enc_x_ff[l], s);
-    train_ffn_forward(t, x, t.enc_x_ff[l], f.h_enc, t.enc_ff_pre[l], f.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff,
+    kernels::residual_add_norm<T>(x, t.sublayer_out, Ne, d, at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], L.ln_ff,
+                                  eps, 1.f, f.h_enc, s);
+    const bool last = l + 1 == Lenc;  // then the next norm is the final one, into the encoder output
+    train_ffn_forward(t, x, f.h_enc, t.enc_ff_pre[l], f.act_enc, L.wi, L.wo, Ne, enc_ix, ia3.ff,
                       at_site(drop, 0, l, kFfHidden), at_site(drop, 0, l, kFfOut),
-                      l + 1 < Lenc ? t.enc_x_attn[l + 1] : t.enc_pre_final);
+                      last ? t.enc_pre_final : t.enc_x_attn[l + 1],
+                      last ? weights_.enc_final_ln : weights_.encoder[l + 1].ln_attn, 1.f, last ? f.enc_out : f.h_enc);
   }
-  kernels::rmsnorm_forward(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
+  if (Lenc == 0) kernels::rmsnorm_forward(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
   kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
 
   // decoder
@@ -199,18 +203,18 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   kernels::dropout_inplace<float>(y, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
   kernels::dropout_cast<T>(y, static_cast<int64_t>(Nd) * d, kNoDropout, Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final,
                            s);
+  const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
+  if (Ldec > 0) kernels::rmsnorm_forward(t.dec_x_self[0], weights_.decoder[0].ln_self, Nd, d, eps, 1.f, f.h_dec, s);
   for (int l = 0; l < Ldec; ++l) {
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
-    kernels::rmsnorm_forward(t.dec_x_self[l], L.ln_self, Nd, d, eps, 1.f, f.h_dec, s);
     gemm_.linear<T, T>(f.h_dec, d, L.qkv, d, t.dec_qkv[l], 3 * inner, Nd, 3 * inner, d, 0.f);
     kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
                                        dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
                                        inner, s);
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add_save<T>(y, t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kSelfOut),
-                                  t.dec_x_cross[l], s);
-    kernels::rmsnorm_forward(t.dec_x_cross[l], L.ln_cross, Nd, d, eps, 1.f, f.h_dec, s);
+    kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l],
+                                  L.ln_cross, eps, 1.f, f.h_dec, s);
     gemm_.linear<T, T>(f.h_dec, d, L.q_cross, d, t.dec_q_cross[l], inner, Nd, inner, d, 0.f);
     if (f.shape.folded_cross)
       train_folded_cross_forward(t, l, at_site(drop, 1, l, kCrossProbs));
@@ -219,32 +223,32 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
                                   inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
                                   ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add_save<T>(y, t.sublayer_out, static_cast<int64_t>(Nd) * d, at_site(drop, 1, l, kCrossOut),
-                                  t.dec_x_ff[l], s);
-    train_ffn_forward(t, y, t.dec_x_ff[l], f.h_dec, t.dec_ff_pre[l], f.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff,
+    kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], L.ln_ff,
+                                  eps, 1.f, f.h_dec, s);
+    const bool last = l + 1 == Ldec;  // then the next norm is the final one (with the tied head's rescale)
+    train_ffn_forward(t, y, f.h_dec, t.dec_ff_pre[l], f.act_dec, L.wi, L.wo, Nd, dec_ix, ia3.ff,
                       at_site(drop, 1, l, kFfHidden), at_site(drop, 1, l, kFfOut),
-                      l + 1 < Ldec ? t.dec_x_self[l + 1] : t.dec_pre_final);
+                      last ? t.dec_pre_final : t.dec_x_self[l + 1],
+                      last ? weights_.dec_final_ln : weights_.decoder[l + 1].ln_self, last ? head_scale : 1.f, f.h_dec);
   }
-  const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
-  kernels::rmsnorm_forward(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
+  if (Ldec == 0) kernels::rmsnorm_forward(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
   kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
   gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
   kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
 }
 
 template <typename T>
-void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, float* x, const T* x_saved, T* h, T* pre, T* act,
-                                      const float* ln, const T* wi, const T* wo, int n,
-                                      const kernels::AdapterIndex& ix, int64_t ff_offset,
+void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, float* x, const T* h, T* pre, T* act, const T* wi,
+                                      const T* wo, int n, const kernels::AdapterIndex& ix, int64_t ff_offset,
                                       const kernels::DropoutSite& drop_hidden, const kernels::DropoutSite& drop_out,
-                                      T* x_next_saved) {
+                                      T* x_next_saved, const float* next_ln, float next_scale, T* next_h) {
   const T5Config& c = config_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
-  kernels::rmsnorm_forward(x_saved, ln, n, d, c.layer_norm_eps, 1.f, h, stream_);
   gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f);
   kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, act, stream_);
   gemm_.linear<T, float>(act, ff, wo, ff, t.sublayer_out, d, n, d, ff, 0.f);
-  kernels::residual_add_save<T>(x, t.sublayer_out, static_cast<int64_t>(n) * d, drop_out, x_next_saved, stream_);
+  kernels::residual_add_norm<T>(x, t.sublayer_out, n, d, drop_out, x_next_saved, next_ln, c.layer_norm_eps, next_scale,
+                                next_h, stream_);
 }
 
 template <typename T>

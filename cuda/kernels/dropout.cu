@@ -1,5 +1,5 @@
-// Dropout for training, with the CPU backend's masks (kernels/dropout.cuh), and the residual add that follows
-// a dropped sub-layer output. Inverted dropout: kept values are scaled by 1/(1 - rate).
+// Dropout for training, with the CPU backend's masks (kernels/dropout.cuh). Inverted dropout: kept values are
+// scaled by 1/(1 - rate). (The residual add after a dropped sub-layer output: residual_add_norm, rmsnorm.cu.)
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
 
@@ -14,18 +14,6 @@ __global__ void dropout_inplace_kernel(T* __restrict__ x, int64_t n, DropoutSite
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[i] = from_f32<T>(to_f32(x[i]) * dropout_scale(site, static_cast<uint64_t>(i)));
-}
-
-template <typename T>
-__global__ void residual_add_save_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n,
-                                         DropoutSite site, T* __restrict__ saved) {
-  site = with_seed(site);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = x[i] + y[i] * dropout_scale(site, static_cast<uint64_t>(i));
-    x[i] = v;
-    saved[i] = from_f32<T>(v);
-  }
 }
 
 template <typename T>
@@ -46,13 +34,6 @@ void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stre
 }
 
 template <typename T>
-void residual_add_save(float* x, const float* y, int64_t n, const DropoutSite& site, T* saved, cudaStream_t stream) {
-  if (n <= 0) return;
-  residual_add_save_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, y, n, site, saved);
-  TFEW_CUDA_CHECK_LAUNCH("residual_add_save_kernel");
-}
-
-template <typename T>
 void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream) {
   if (n <= 0) return;
   dropout_cast_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, n, site, out);
@@ -61,9 +42,6 @@ void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cu
 
 template void dropout_inplace<float>(float*, int64_t, const DropoutSite&, cudaStream_t);
 template void dropout_inplace<__nv_bfloat16>(__nv_bfloat16*, int64_t, const DropoutSite&, cudaStream_t);
-template void residual_add_save<float>(float*, const float*, int64_t, const DropoutSite&, float*, cudaStream_t);
-template void residual_add_save<__nv_bfloat16>(float*, const float*, int64_t, const DropoutSite&, __nv_bfloat16*,
-                                               cudaStream_t);
 template void dropout_cast<float>(const float*, int64_t, const DropoutSite&, float*, cudaStream_t);
 template void dropout_cast<__nv_bfloat16>(const float*, int64_t, const DropoutSite&, __nv_bfloat16*, cudaStream_t);
 

@@ -92,6 +92,12 @@ void embedding_forward(const T* table, int vocab, int d_model, const int32_t* id
 template <typename TIn, typename TOut>
 void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream);
+// Training forward: x[i] += scale(i) * y[i] (a sub-layer's dropped output added to the fp32 residual stream),
+// saved[i] = (T)x[i] (the copy the backward reads; in bf16 half the bytes), and the next sub-layer's norm of
+// that copy, rmsnorm_forward(saved, weight, n_rows, d, eps, out_scale, out), in one pass per row.
+template <typename T>
+void residual_add_norm(float* x, const float* y, int n_rows, int d, const DropoutSite& site, T* saved,
+                       const float* weight, float eps, float out_scale, T* out, cudaStream_t stream);
 // dx (+)= the input gradient given dy (the weight is frozen); 1/rms is recomputed from x (float or bf16).
 // cast_out (training; nullable): also the result as dropout_cast(dx, n_rows * d, cast_site, cast_out) writes it,
 // the next sub-layer's GEMM input, in the same pass.
@@ -104,10 +110,6 @@ void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_r
 // x[i] *= scale(i) in place (also the backward of a dropout: the same mask and scale).
 template <typename T>
 void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream);
-// x[i] += scale(i) * y[i]: a sub-layer's (dropped) output added to the fp32 residual stream, and
-// saved[i] = (T)x[i], the copy the next sub-layer's norm and the backward read (in bf16 half the bytes).
-template <typename T>
-void residual_add_save(float* x, const float* y, int64_t n, const DropoutSite& site, T* saved, cudaStream_t stream);
 // out[i] = (T)(x[i] * scale(i)): the gradient through a dropped sub-layer output, cast for the next GEMM.
 template <typename T>
 void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream);

@@ -34,6 +34,33 @@ __global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* _
   }
 }
 
+// The training forward's residual add (with the sub-layer's output dropout) and saved copy, fused with the next
+// sub-layer's norm of that copy (rmsnorm_forward<T, T>'s sums in the same order): one pass per row.
+template <typename T>
+__global__ void residual_add_norm_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site,
+                                         T* __restrict__ saved, const float* __restrict__ weight, int d, float eps,
+                                         float out_scale, T* __restrict__ out) {
+  __shared__ float scratch[32];
+  site = with_seed(site);
+  const int64_t row = blockIdx.x;
+  float ss = 0.f;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    const int64_t i = row * d + c;
+    const float v = x[i] + y[i] * dropout_scale(site, static_cast<uint64_t>(i));
+    x[i] = v;
+    const T kept = from_f32<T>(v);
+    saved[i] = kept;
+    const float u = to_f32(kept);
+    ss += u * u;
+  }
+  ss = block_sum(ss, scratch);
+  const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    const int64_t i = row * d + c;
+    out[i] = from_f32<T>(weight[c] * (to_f32(saved[i]) * inv_rms) * out_scale);  // this thread's own write
+  }
+}
+
 template <typename TX>
 __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* __restrict__ x,
                                         const float* __restrict__ weight, int d, float eps, bool accumulate,
@@ -86,7 +113,20 @@ void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float
   TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_kernel");
 }
 
+template <typename T>
+void residual_add_norm(float* x, const float* y, int n_rows, int d, const DropoutSite& site, T* saved,
+                       const float* weight, float eps, float out_scale, T* out, cudaStream_t stream) {
+  if (n_rows <= 0) return;
+  const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);  // rmsnorm_forward's (the same sums)
+  residual_add_norm_kernel<T><<<n_rows, block, 0, stream>>>(x, y, site, saved, weight, d, eps, out_scale, out);
+  TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_kernel");
+}
+
 using bf16 = __nv_bfloat16;
+template void residual_add_norm<float>(float*, const float*, int, int, const DropoutSite&, float*, const float*,
+                                       float, float, float*, cudaStream_t);
+template void residual_add_norm<bf16>(float*, const float*, int, int, const DropoutSite&, bf16*, const float*, float,
+                                      float, bf16*, cudaStream_t);
 template void rmsnorm_backward<float>(const float*, const float*, const float*, int, int, float, bool, float*,
                                       cudaStream_t, float*, const DropoutSite&);
 template void rmsnorm_backward<bf16>(const float*, const bf16*, const float*, int, int, float, bool, float*,
