@@ -15,12 +15,13 @@ namespace kernels {
 
 namespace {
 
+// One row of the norm, by one block: the sums and the output of rmsnorm_forward. The training forward's fused
+// residual add calls it too, so a norm recomputed by the backward (rmsnorm_forward) is the same bit for bit.
+// (xr is not __restrict__: the fused kernel reads here what it has just written, which must not go through the
+// read-only cache.)
 template <typename TIn, typename TOut>
-__global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int d,
-                                       float eps, float out_scale, TOut* __restrict__ out) {
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
-  const TIn* xr = x + row * d;
+__device__ __forceinline__ void rmsnorm_row(const TIn* xr, const float* __restrict__ weight, int d,
+                                            float eps, float out_scale, TOut* __restrict__ orow, float* scratch) {
   float ss = 0.f;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     const float v = to_f32(xr[c]);
@@ -28,14 +29,22 @@ __global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* _
   }
   ss = block_sum(ss, scratch);
   const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
-  TOut* orow = out + row * d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     orow[c] = from_f32<TOut>(weight[c] * (to_f32(xr[c]) * inv_rms) * out_scale);
   }
 }
 
-// The training forward's residual add (with the sub-layer's output dropout) and saved copy, fused with the next
-// sub-layer's norm of that copy (rmsnorm_forward<T, T>'s sums in the same order): one pass per row.
+template <typename TIn, typename TOut>
+__global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int d,
+                                       float eps, float out_scale, TOut* __restrict__ out) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  rmsnorm_row(x + row * d, weight, d, eps, out_scale, out + row * d, scratch);
+}
+
+// The training forward's residual add (with the sub-layer's output dropout) and saved copy, then the next
+// sub-layer's norm of that copy (rmsnorm_row: rmsnorm_forward's arithmetic). Each thread reads back only the
+// elements it wrote (rmsnorm_row strides as the loop here), so no barrier is needed before it.
 template <typename T>
 __global__ void residual_add_norm_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site,
                                          T* __restrict__ saved, const float* __restrict__ weight, int d, float eps,
@@ -43,22 +52,13 @@ __global__ void residual_add_norm_kernel(float* __restrict__ x, const float* __r
   __shared__ float scratch[32];
   site = with_seed(site);
   const int64_t row = blockIdx.x;
-  float ss = 0.f;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     const int64_t i = row * d + c;
     const float v = x[i] + y[i] * dropout_scale(site, static_cast<uint64_t>(i));
     x[i] = v;
-    const T kept = from_f32<T>(v);
-    saved[i] = kept;
-    const float u = to_f32(kept);
-    ss += u * u;
+    saved[i] = from_f32<T>(v);
   }
-  ss = block_sum(ss, scratch);
-  const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    const int64_t i = row * d + c;
-    out[i] = from_f32<T>(weight[c] * (to_f32(saved[i]) * inv_rms) * out_scale);  // this thread's own write
-  }
+  rmsnorm_row(saved + row * d, weight, d, eps, out_scale, out + row * d, scratch);
 }
 
 template <typename TX>
