@@ -168,6 +168,8 @@ export interface NativeAddon {
       recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
       /** training: the encoder attention fused forward and backward (default) or the cuBLAS path's buffers */
       fusedAttention?: boolean;
+      /** training with dropout (default; the fused backward's mask bits are planned only then) */
+      dropout?: boolean;
     }): Promise<number>;
     /** The recompute level 'auto' picks for a training shape, holding haveBytes of arena with freeBytes free. */
     cudaRecomputeChoice(config: NativeConfig, shape: {

@@ -76,6 +76,8 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(keepBits).toBe(48 * 2 ** 20);
     expect(cublas - fused).toBeGreaterThanOrEqual(squares - keepBits);
     expect(cublas - fused).toBeLessThan(squares - keepBits + scaledQkv + 2 ** 20);  // and the pointer arrays
+    // the mask bits are planned only for a step with dropout
+    expect(fused - (await native()._testing.cudaArenaBytes(config, { ...shape, dropout: false }))).toBe(keepBits);
     expect(fused).toBe(await trainArena('none', 2, true));  // the default
   });
 

@@ -525,6 +525,7 @@ gpu::Shape engine_shape(const CudaArenaShape& a) {
   s.adapters = a.n_adapters > 0;
   s.training = a.training;
   s.folded_cross = a.folded_cross;
+  s.dropout = a.training && a.dropout;
   return s;
 }
 }  // namespace

@@ -76,6 +76,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
   shape.training = true;
   shape.folded_cross = folds_cross_attention(b);
+  shape.dropout = options.dropout && config_.dropout_rate > 0.f;
   const Recompute recompute = options.recompute == Recompute::Auto ? recompute_for_memory(shape, n_adapters)
                                                                    : options.recompute;
   ensure_arena(make_train_plan<T>(config_, shape, n_adapters, recompute, fused_backward_, 0).bytes, [&] {

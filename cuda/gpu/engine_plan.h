@@ -28,9 +28,11 @@ struct Shape {
   // The decoder's cross-attention folded into model space (CudaEngine::enqueue_folded_cross_attention): no
   // per-layer encoder keys/values. Only for the same number of choice rows in every example.
   bool folded_cross = false;
+  bool dropout = false;  // training with dropout (config.dropout_rate > 0): the fused backward's mask bits
   bool operator<(const Shape& o) const {
-    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training, folded_cross) <
-           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters, o.training, o.folded_cross);
+    return std::tie(batch, enc_len, rows, dec_len, want_hidden, adapters, training, folded_cross, dropout) <
+           std::tie(o.batch, o.enc_len, o.rows, o.dec_len, o.want_hidden, o.adapters, o.training, o.folded_cross,
+                    o.dropout);
   }
 };
 
@@ -267,7 +269,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   Placer pl(base, t.fwd.bytes);
   T* shared_qkv = t.recompute_qkv ? pl.place<T>(Ne * 3 * inner) : nullptr;
   T* shared_ff_pre = t.recompute_ff_pre ? pl.place<T>(Ne * wi_cols) : nullptr;
-  const bool keep_bits = fused && c.dropout_rate > 0.f;
+  const bool keep_bits = fused && s.dropout && c.dropout_rate > 0.f;
   const size_t keep_words = static_cast<size_t>(s.batch) * H * s.enc_len * kernels::keep_bits_words(s.enc_len);
   t.keep_bits_saved = keep_bits && !t.recompute_qkv;
   uint32_t* shared_keep_bits = keep_bits && t.recompute_qkv ? pl.place<uint32_t>(keep_words) : nullptr;

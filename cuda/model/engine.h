@@ -112,6 +112,7 @@ struct CudaArenaShape {
   int n_adapters = 1;
   Recompute recompute = Recompute::None;
   bool folded_cross = false;  // the folded cross-attention (no encoder keys/values)
+  bool dropout = true;        // training with dropout at config.dropout_rate (T-Few's): the mask bits planned
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
 // Recompute::Auto's choice for a training step of this shape, with `have` bytes of arena already held and

@@ -851,7 +851,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,
-  // fusedAttention? (training; default true) }): the planner's arena size;
+  // fusedAttention?, dropout? (training; both default true) }): the planner's arena size;
   // cudaRecomputeChoice(config, shape, haveBytes, freeBytes): Recompute::Auto's level
   auto arena_shape_arg = [](const Napi::Object& o) {
     CudaArenaShape a;
@@ -863,6 +863,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     a.n_adapters = get_int(o, "nAdapters");
     a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
     a.fused_attention = !o.Has("fusedAttention") || get_bool(o, "fusedAttention");
+    a.dropout = !o.Has("dropout") || get_bool(o, "dropout");
     a.recompute = o.Has("recompute") ? to_recompute(get_string(o, "recompute")) : Recompute::None;
     if (a.recompute == Recompute::Auto) fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
     return a;
