@@ -1,5 +1,5 @@
 // Dropout masks, one definition for the CPU backend (cpu/dropout.cc) and the CUDA kernels
-// (kernels/dropout.cuh), so both drop the same elements and no mask is ever stored: element `index` of dropout
+// (kernels/dropout.cuh), so both drop the same elements and a mask need not be stored: element `index` of dropout
 // site `site` under `seed` is kept iff the index-th output of a SplitMix64 stream keyed by (seed, site), in its
 // top 24 bits, is at least rate * 2^24. Per element that is one SplitMix64 output (three 64-bit multiplies);
 // the key is computed once per site (the CUDA kernels: once per thread).
