@@ -100,6 +100,7 @@ void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, f
 }
 
 void trace_gemm(const char* call, int m, int n, int k, int batch) {
+  if (!tracing()) return;
   trace(std::string("gemm ") + call + " " + std::to_string(m) + " " + std::to_string(n) + " " + std::to_string(k) +
         " " + std::to_string(batch));
 }

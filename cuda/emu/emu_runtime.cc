@@ -461,9 +461,18 @@ void enqueue(cudaStream_t stream, std::function<void()> work) {
   work();
 }
 
+namespace {
+const char* trace_path() {
+  static const char* path = std::getenv("TFEW_EMU_TRACE");  // read once, at the first launch
+  return path != nullptr && *path != '\0' ? path : nullptr;
+}
+}  // namespace
+
+bool tracing() { return trace_path() != nullptr; }
+
 void trace(const std::string& line) {
-  static const char* path = std::getenv("TFEW_EMU_TRACE");
-  if (path == nullptr || *path == '\0') return;
+  const char* path = trace_path();
+  if (path == nullptr) return;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   static FILE* file = std::fopen(path, "a");
@@ -495,8 +504,9 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
   std::string kernel_name = name;
   enqueue(stream, [kernel_name, grid, block, dynamic_shared, body = std::move(thread_body)]() {
     if (sticky() != cudaSuccess) return;
-    trace("kernel " + kernel_name + " " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
-          std::to_string(grid.z) + " " + std::to_string(block.x * block.y * block.z));
+    if (tracing())
+      trace("kernel " + kernel_name + " " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+            std::to_string(grid.z) + " " + std::to_string(block.x * block.y * block.z));
     run_grid(kernel_name.c_str(), grid, block, dynamic_shared, body);
     check_guards(("after kernel " + kernel_name).c_str());
   });

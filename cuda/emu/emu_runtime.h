@@ -44,7 +44,8 @@ void enqueue(cudaStream_t stream, std::function<void()> work);
 
 // TFEW_EMU_TRACE=<file>: each kernel and emulated cuBLAS call appends one line there when it runs (graph
 // replays included): "kernel <name> <grid x,y,z> <block>" or "gemm <call> <m n k batch>". What a step launches,
-// counted without a GPU (scripts/emu-launches.js tallies it).
+// counted without a GPU (benchmarks/launch-count.ts tallies it). Callers build the line only when tracing().
+bool tracing();
 void trace(const std::string& line);
 
 // Reports a failure inside emulated device code (a bad barrier, a guard overwritten): the error becomes

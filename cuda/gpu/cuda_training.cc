@@ -490,8 +490,8 @@ void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) 
 
 // Encoder self-attention backward of layer `layer` on tensor cores. From t.dctx_t (T, the gradient of the
 // attention output) to t.dqkv (the gradient of the unscaled q|k|v, as T) and the (IA)3 contributions
-// (t.enc_sums_k / _v). Nothing of the forward's attention is stored. Row-major, per (example, head), with
-// K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
+// (t.enc_sums_k / _v). Nothing of the forward's attention is stored but (fused, with dropout) its mask as bits.
+// Row-major, per (example, head), with K~ = l_k * K and V~ = l_v * V rounded to T as in the forward:
 //   P = softmax(Q K~^T + bias), P' = dropout(P), C = P' V~          (forward)
 //   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP') = rowsum(dC * C)
 //   dQ = dS K~,  dK~ = dS^T Q,  dV~ = P'^T dC,  then dK = l_k * dK~, dV = l_v * dV~, g_k = K * dK~, g_v = V * dV~.
