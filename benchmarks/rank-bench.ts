@@ -3,6 +3,8 @@
 //   RANK-3B-B32   32 examples, encoder length 256, 2 choices x 8 tokens, one adapter
 //   RANK-3B-B1    the same for one example (latency)
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
+//   SERVE-3B-64   64 concurrent single-example requests of 8 tasks through RankBatcher (lib/serve.ts): two
+//                 mixed batches of 32; wall time of all 64 answers (its device ms: the median engine call, one batch)
 //   RANK-3B-B32-PRECOMPUTED / RANK-3B-B1-FOLDED  the other cross-attention path than 'auto' picks (a second load)
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
@@ -15,21 +17,26 @@
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
 //
-//   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json] [--dry]
+//   node dist/benchmarks/rank-bench.js run [--model-dir DIR] [--layers 24] [--out FILE.json] [--dry] [--resume]
+// A workload that throws is recorded under `failures` and the others still run; FILE.json is written after each.
+// A CUDA fault that loses the context stops the run (exit 1, `complete: false`); `--resume` runs what is left in a
+// fresh process, keeping FILE.json's numbers (device-check.sh does this once).
 // --dry: every step of `run` on a small model (an eighth of the width, 1 + 1 layers by default, 4 examples of
 // 32 tokens, 1 warm-up and 2 runs): checks the script on the CUDA emulator (TFEW_NATIVE_ADDON=build-emu/...)
 // before a GPU run spends its minutes on it. Its numbers mean nothing.
 //   node dist/benchmarks/rank-bench.js table --ours rank-bench.json [--torch pytorch-bench.json]
-//   node dist/benchmarks/rank-bench.js smoke [--fixtures test/fixtures]
+//   node dist/benchmarks/rank-bench.js smoke [--fixtures test/fixtures] [--core]
 // smoke: the first-light check device-check.sh runs before anything long: the tiny fixture checkpoints on the
 // CUDA backend (fp32 and bf16) against the CPU backend in the same process — scores with no / one / mixed
 // adapters, encoder states, losses and gradients (mixed adapters, dropout), fused vs cuBLAS encoder attention,
 // graph replays vs the eager call. One line per check; exit code 1 when any check fails or throws. Run it
-// with TFEW_CUDA_DEBUG_SYNC=1 so that a CUDA fault names the kernel that caused it.
+// with TFEW_CUDA_DEBUG_SYNC=1 so that a CUDA fault names the kernel that caused it. --core leaves out the checks
+// that force a path by a load option (folded cross-attention, fused vs cuBLAS attention): what runs is what the
+// TFEW_CUDA_* switches pick.
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { CudaOptions, IA3Adapter, T5Model } from '../lib';
+import { CudaOptions, IA3Adapter, RankBatcher, T5Model } from '../lib';
 import { buildTinyT5 } from '../lib/tiny';
 import { native } from '../lib/native';
 import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
@@ -70,6 +77,15 @@ export interface RankBenchResult {
   workloads: Record<string, WorkloadResult>;
   mixedSlowdown?: number;
   breakdown?: Record<string, { totalMs: number; familiesMs: Record<string, number>; gemmShare: number }>;
+  /** Pieces that threw (workload or step name -> message); the others' numbers stand. */
+  failures?: Record<string, string>;
+  /** False when the CUDA context was lost before the end (see lostAt; `run --resume` continues). */
+  complete?: boolean;
+  lostAt?: string;
+  /** The TFEW_CUDA_* switches in the environment (device-check.sh's fallback sets some). */
+  engineEnv?: Record<string, string>;
+  /** Processes that wrote this file (2 after one --resume). */
+  processes?: number;
 }
 
 const median = (xs: number[]): number => {
@@ -150,10 +166,19 @@ function gemmShare(families: Record<string, number>): number {
   return total > 0 ? gemm / total : NaN;
 }
 
+/** A CUDA error after which every later call in this process fails the same way (the engine's message says so). */
+export const contextLost = (message: string): boolean =>
+  /restart the process|illegal (memory )?address|launch failure|misaligned/i.test(message);
+
+// The engine switches in force (the environment; explicit load options of a workload override them).
+const engineEnv = (): Record<string, string> =>
+  Object.fromEntries(Object.entries(process.env).filter(([k]) => /^TFEW_CUDA_(PRECISION|FUSED_ATTENTION|FUSED_BACKWARD|GRAPHS|CROSS_ATTENTION|DEBUG_SYNC)$/.test(k)) as [string, string][]);
+
 async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const dry = args.has('dry');
   const layers = Number(args.get('layers') ?? (dry ? '1' : '24'));
   const modelDir = args.get('model-dir') ?? path.join(os.tmpdir(), `tfew-bench-t0-3b-${layers}l${dry ? '-dry' : ''}`);
+  const out = args.get('out');
   // the workloads' sizes (baselines.md), or the dry run's
   const encLen = dry ? 32 : 256, rankBatch = dry ? 4 : 32, trainBatch = dry ? 2 : 8;
   const warmups = dry ? 1 : 3, runs = dry ? 2 : 10;
@@ -161,6 +186,33 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   if (dry) Object.assign(configJson, { d_model: 256, d_ff: 640, num_heads: 4 });
   const probe = native().probeCuda();
   if (!probe.usable) throw new Error(`CUDA is not usable here: ${probe.reason}`);
+
+  // --resume: continue an earlier run's file (one whose CUDA context was lost): the workloads it finished or saw
+  // fail are kept and not run again; the rest run in this fresh process.
+  const earlier = args.has('resume') && out && fs.existsSync(out) ? (JSON.parse(fs.readFileSync(out, 'utf8')) as RankBenchResult) : undefined;
+  const result: RankBenchResult = {
+    date: new Date().toISOString(), device: probe.deviceName, describe: '', probe, modelDir, layers, loadSeconds: NaN,
+    firstResultMs: NaN, workloads: {}, failures: {}, complete: false, engineEnv: engineEnv(), processes: 1,
+    ...(earlier ? { ...earlier, processes: (earlier.processes ?? 1) + 1 } : {}),
+  };
+  result.failures ??= {};
+  const save = () => { if (out) fs.writeFileSync(out, JSON.stringify(result, null, 2)); };
+  let lost = '';  // set when the CUDA context is gone: the remaining workloads are left for --resume
+  // Runs one named piece of the benchmark unless an earlier process finished it or saw it fail; a failure is
+  // recorded and the run goes on (a lost context stops it), and the file is written after each piece, so a
+  // fault late in the run keeps every number before it.
+  const attempt = async (name: string, work: () => Promise<void>, done = () => name in result.workloads): Promise<void> => {
+    if (lost || done() || name in result.failures!) return;
+    try {
+      await work();
+    } catch (e) {
+      const message = (e as Error).message ?? String(e);
+      result.failures![name] = message;
+      console.log(`[rank-bench] FAIL ${name}: ${message}`);
+      if (contextLost(message)) lost = name;
+    }
+    save();
+  };
 
   const tGen = Date.now();
   const config = writeRandomT5(modelDir, { configJson });
@@ -179,6 +231,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const tLoad = process.hrtime.bigint();
   let model = await T5Model.load(modelDir, { device: 'cuda' });
   const loadSeconds = Number(process.hrtime.bigint() - tLoad) / 1e9;
+  if (!earlier) result.loadSeconds = loadSeconds;
+  result.describe = model.describe();
   console.log(`[rank-bench] loaded in ${loadSeconds.toFixed(2)} s: ${model.describe()}`);
 
   const V = config.vocabSize;
@@ -186,26 +240,40 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const b1 = randomBatch(V, [encLen], [[8, 8]], 12);
   const adapter = randomAdapter(model, 1);
   const adapters8 = Array.from({ length: 8 }, (_, i) => randomAdapter(model, 100 + i));
+  const workloads = result.workloads;
 
-  const tFirst = process.hrtime.bigint();
-  await model.rankClassify(b32.inputIds, b32.choices, { adapter, batchSize: rankBatch });
-  const firstResultMs = Number(process.hrtime.bigint() - tFirst) / 1e6;
-
-  const workloads: Record<string, WorkloadResult> = {};
-  workloads['RANK-3B-B32'] = await timeWorkload(model, b32, adapter, profileFile, warmups, runs);
-  workloads['RANK-3B-B32'].deviceMiB = usedMiB() - baselineMiB;  // the first workload: its arena is its own
-  workloads['RANK-3B-B1'] = await timeWorkload(model, b1, adapter, profileFile, warmups, runs);
-  workloads['MIXED-3B-B32'] = await timeWorkload(model, b32, b32.inputIds.map((_, i) => adapters8[i % 8]), profileFile,
-                                                 warmups, runs);
-  workloads['RANK-3B-B32-NOADAPTER'] = await timeWorkload(model, b32, undefined, profileFile, warmups, runs);
+  await attempt('first-result', async () => {
+    const tFirst = process.hrtime.bigint();
+    await model.rankClassify(b32.inputIds, b32.choices, { adapter, batchSize: rankBatch });
+    result.firstResultMs = Number(process.hrtime.bigint() - tFirst) / 1e6;
+  }, () => Number.isFinite(result.firstResultMs));
+  const rankWorkload = (name: string, batch: RandomBatch, adapters: IA3Adapter | (IA3Adapter | null)[] | undefined, memory = false) =>
+    attempt(name, async () => {
+      workloads[name] = await timeWorkload(model, batch, adapters, profileFile, warmups, runs);
+      if (memory) workloads[name].deviceMiB = usedMiB() - baselineMiB;  // the first workload: its arena is its own
+    });
+  await rankWorkload('RANK-3B-B32', b32, adapter, true);
+  await rankWorkload('RANK-3B-B1', b1, adapter);
+  await rankWorkload('MIXED-3B-B32', b32, b32.inputIds.map((_, i) => adapters8[i % 8]));
+  await rankWorkload('RANK-3B-B32-NOADAPTER', b32, undefined);
+  // A service's view: 64 single-example requests at once, 8 tasks, through RankBatcher (two mixed batches of 32).
+  await attempt('SERVE-3B-64', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: rankBatch, maxDelayMs: 1 });
+    const requests = Array.from({ length: 2 * rankBatch }, (_, i) => i % rankBatch);
+    const call = () => Promise.all(requests.map((j, i) => batcher.classify(b32.inputIds[j], b32.choices[j], { adapter: adapters8[i % 8] })));
+    workloads['SERVE-3B-64'] = await timeCalls(call, 'score', requests.length, profileFile, warmups, runs);
+    await batcher.close();
+  });
   // The arena only grows: the recomputing variant (the smallest) goes first, so its memory is its own.
   const trainBatchOf = (choices: number) =>
     randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill(new Array(choices).fill(8)), 13 + choices);
   for (const [name, choices, recompute] of [['TRAIN-3B-RECOMPUTE', 2, 'all'], ['TRAIN-3B-RECOMPUTE-ATTN', 2, 'attention'],
                                             ['TRAIN-3B', 2, 'none'], ['TRAIN-3B-C4', 4, 'none']] as const) {
-    workloads[name] = await timeTraining(model, trainBatchOf(choices), adapter, recompute, profileFile, Math.min(2, warmups),
-                                         Math.min(5, runs));
-    workloads[name].deviceMiB = usedMiB() - baselineMiB;
+    await attempt(name, async () => {
+      workloads[name] = await timeTraining(model, trainBatchOf(choices), adapter, recompute, profileFile, Math.min(2, warmups),
+                                           Math.min(5, runs));
+      workloads[name].deviceMiB = usedMiB() - baselineMiB;
+    });
   }
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
@@ -213,80 +281,96 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
                 `cross-attention ${w.foldedCross ? 'folded' : 'precomputed'}` +
                 (w.deviceMiB !== undefined ? `, device memory ${(w.deviceMiB / 1024).toFixed(2)} GiB` : ''));
   }
-  const describe = model.describe();
-  await model.dispose();
+  if (!lost) await model.dispose();
 
   // The other cross-attention path for each rank workload ('auto' folds RANK-3B-B32 and precomputes
   // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold. On the same loads, TRAIN-3B without
   // the fold and with the cuBLAS encoder attention backward (cuda.fusedBackward false) instead of the fused one.
   for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
                                                ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
-    const before = usedMiB();
     const trainName = crossAttention === 'precomputed' ? 'TRAIN-3B-PRECOMPUTED' : 'TRAIN-3B-CUBLAS-BACKWARD';
+    if (lost || ((name in workloads || name in result.failures) && (trainName in workloads || trainName in result.failures))) continue;
+    const before = usedMiB();
     const fusedBackward = trainName !== 'TRAIN-3B-CUBLAS-BACKWARD';
-    const alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward } });
-    workloads[name] = await timeWorkload(alt, batch, adapter, profileFile, warmups, runs);
-    workloads[name].deviceMiB = usedMiB() - before;
-    workloads[trainName] = await timeTraining(alt, trainBatchOf(2), adapter, 'none', profileFile, Math.min(2, warmups),
-                                              Math.min(5, runs));
-    workloads[trainName].deviceMiB = usedMiB() - before;
-    await alt.dispose();
-    console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
-                `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
+    let alt: T5Model | undefined;
+    await attempt(`load cuda ${JSON.stringify({ crossAttention, fusedBackward })}`, async () => {
+      alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward } });
+    }, () => false);
+    if (!alt) continue;
+    const altModel = alt;
+    await attempt(name, async () => {
+      workloads[name] = await timeWorkload(altModel, batch, adapter, profileFile, warmups, runs);
+      workloads[name].deviceMiB = usedMiB() - before;
+      console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
+                  `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
+    });
+    await attempt(trainName, async () => {
+      workloads[trainName] = await timeTraining(altModel, trainBatchOf(2), adapter, 'none', profileFile, Math.min(2, warmups),
+                                                Math.min(5, runs));
+      workloads[trainName].deviceMiB = usedMiB() - before;
+    });
+    if (!lost) await altModel.dispose();
   }
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
-  const breakdown: RankBenchResult['breakdown'] = {};
-  process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
-  model = await T5Model.load(modelDir, { device: 'cuda' });
-  const summarise = (name: string, kind: 'score' | 'train') => {
-    const lines = readProfile(profileFile).filter((p) => p.families_ms && (p.kind ?? 'score') === kind);
-    const families: Record<string, number> = {};
-    const keys = new Set(lines.flatMap((l) => Object.keys(l.families_ms ?? {})));
-    for (const k of keys) families[k] = median(lines.map((l) => (l.families_ms ?? {})[k] ?? 0));
-    const totalMs = median(lines.map((l) => l.forward_ms));
-    // what no span covers (training brackets only its GEMMs and (IA)3 reductions): the other kernels
-    const covered = Object.values(families).reduce((x, y) => x + y, 0);
-    if (totalMs - covered > 0.01 * totalMs) families.other = totalMs - covered;
-    breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families) };
-    console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
-  };
-  for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
-    await timeWorkload(model, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
-    summarise(name, 'score');
+  const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
+  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B'].filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
+  if (!lost && breakdownPending.length > 0) {
+    process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
+    let detail: T5Model | undefined;
+    await attempt('load cuda (profile detail)', async () => { detail = await T5Model.load(modelDir, { device: 'cuda' }); }, () => false);
+    const summarise = (name: string, kind: 'score' | 'train') => {
+      const lines = readProfile(profileFile).filter((p) => p.families_ms && (p.kind ?? 'score') === kind);
+      const families: Record<string, number> = {};
+      const keys = new Set(lines.flatMap((l) => Object.keys(l.families_ms ?? {})));
+      for (const k of keys) families[k] = median(lines.map((l) => (l.families_ms ?? {})[k] ?? 0));
+      const totalMs = median(lines.map((l) => l.forward_ms));
+      // what no span covers (training brackets only its GEMMs and (IA)3 reductions): the other kernels
+      const covered = Object.values(families).reduce((x, y) => x + y, 0);
+      if (totalMs - covered > 0.01 * totalMs) families.other = totalMs - covered;
+      breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families) };
+      console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
+    };
+    if (detail) {
+      const m = detail;
+      for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
+        await attempt(`breakdown ${name}`, async () => {
+          await timeWorkload(m, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
+          summarise(name, 'score');
+        }, () => name in breakdown);
+      }
+      // TRAIN-3B: forward, losses and backward of a training-session step (Adafactor, two launches, excluded)
+      await attempt('breakdown TRAIN-3B', async () => {
+        const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill([8, 8]), 15);
+        const session = await m.createTrainingSession([adapter], { totalSteps: 1000 });
+        try {
+          const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
+                                          { adapter, dropout: true, seed: 1 });
+          for (let i = 0; i < Math.min(2, warmups); i++) await call();
+          fs.writeFileSync(profileFile, '');
+          for (let i = 0; i < Math.min(5, runs); i++) await call();
+        } finally {
+          if (!lost) await session.dispose();
+        }
+        summarise('TRAIN-3B', 'train');
+      }, () => 'TRAIN-3B' in breakdown);
+      if (!lost) await m.dispose();
+    }
+    delete process.env.TFEW_CUDA_PROFILE_DETAIL;
   }
-  {
-    // TRAIN-3B: forward, losses and backward of a training-session step (Adafactor, two launches, excluded)
-    const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill([8, 8]), 15);
-    const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
-    const call = () => session.step({ inputIds: tb.inputIds, choices: tb.choices, labels: tb.labels },
-                                    { adapter, dropout: true, seed: 1 });
-    for (let i = 0; i < Math.min(2, warmups); i++) await call();
-    fs.writeFileSync(profileFile, '');
-    for (let i = 0; i < Math.min(5, runs); i++) await call();
-    await session.dispose();
-    summarise('TRAIN-3B', 'train');
-  }
-  await model.dispose();
-  delete process.env.TFEW_CUDA_PROFILE_DETAIL;
   delete process.env.TFEW_CUDA_PROFILE;
   fs.rmSync(profileFile, { force: true });
 
-  const single = workloads['RANK-3B-B32'].medianForwardMs;
-  const mixed = workloads['MIXED-3B-B32'].medianForwardMs;
-  return {
-    date: new Date().toISOString(),
-    device: probe.deviceName,
-    describe,
-    probe,
-    modelDir,
-    layers,
-    loadSeconds,
-    firstResultMs,
-    workloads,
-    mixedSlowdown: mixed / single - 1,
-    breakdown,
-  };
+  if (workloads['RANK-3B-B32'] && workloads['MIXED-3B-B32'])
+    result.mixedSlowdown = workloads['MIXED-3B-B32'].medianForwardMs / workloads['RANK-3B-B32'].medianForwardMs - 1;
+  result.complete = !lost;
+  if (lost) {
+    result.lostAt = lost;
+    console.log(`[rank-bench] the CUDA context was lost in "${lost}"; the rest did not run: ` +
+                `rerun with --resume --out ${out ?? 'FILE'} to run it in a fresh process`);
+  }
+  save();
+  return result;
 }
 
 // ---- the summary table (ours next to PyTorch + PEFT from pytorch_baseline.py, same GPU, same run)
@@ -324,6 +408,13 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
       lines.push(`${name} (graphs off, ${fmt(b.totalMs)} ms): ${parts.join(', ')}`);
     }
   }
+  const failures = Object.entries(ours.failures ?? {});
+  if (failures.length > 0 || ours.complete === false) {
+    lines.push('');
+    for (const [name, message] of failures) lines.push(`FAILED ${name}: ${message}`);
+    if (ours.complete === false) lines.push(`INCOMPLETE: the CUDA context was lost in "${ours.lostAt}"; later workloads did not run`);
+  }
+  if (ours.engineEnv && Object.keys(ours.engineEnv).length > 0) lines.push(`engine switches: ${JSON.stringify(ours.engineEnv)}`);
   if (torch?.gemm_tflops) lines.push(`PyTorch bf16 GEMM ceiling on this GPU: ${fmt(torch.gemm_tflops, 0)} TFLOP/s`);
   return lines.join('\n');
 }
@@ -355,8 +446,9 @@ async function loadCudaWith(dir: string, cuda: CudaOptions): Promise<T5Model> {
 
 async function smoke(args: Map<string, string>): Promise<boolean> {
   const fixtures = args.get('fixtures') ?? path.resolve(__dirname, '..', '..', 'test', 'fixtures');
+  const core = args.has('core');
   const probe = native().probeCuda();
-  console.log(`[smoke] probe: ${JSON.stringify(probe)}`);
+  console.log(`[smoke] probe: ${JSON.stringify(probe)}${core ? ` (core checks; engine switches ${JSON.stringify(engineEnv())})` : ''}`);
   if (!probe.usable) {
     console.log(`[smoke] FAIL CUDA is not usable: ${probe.reason}`);
     return false;
@@ -378,7 +470,7 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
       failures++;
       const err = e as Error & { code?: string };
       console.log(`[smoke] FAIL  ${name}: threw ${err.code ?? err.name}: ${err.message}`);
-      if (/restart the process|illegal|launch failure|misaligned/i.test(err.message)) fatal = true;
+      if (contextLost(err.message)) fatal = true;
     }
   };
 
@@ -445,6 +537,12 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
         for (let i = 0; i < 3; i++) worst = Math.max(worst, maxRelErr(logp(await m.rankClassify(shape.inputIds, shape.choices, { adapter: a })), first));
         return worst;
       });
+      // --core: only the paths the environment's switches pick (device-check.sh's fallback turns paths off with
+      // TFEW_CUDA_* and asks whether the rest works); the checks below force a path by a load option.
+      if (core) {
+        await m.dispose();
+        continue;
+      }
       await check(`${tag} folded cross-attention, mixed [a, none, b]`, tol, async () => {
         const folded = await loadCudaWith(dir, { precision, crossAttention: 'folded' });
         try {
@@ -542,10 +640,9 @@ async function main(): Promise<void> {
   const [cmd, ...rest] = process.argv.slice(2);
   const args = parseArgs(rest);
   if (cmd === 'run') {
-    const result = await run(args);
-    const out = args.get('out');
-    if (out) fs.writeFileSync(out, JSON.stringify(result, null, 2));
+    const result = await run(args);  // (writes --out after each workload)
     console.log(table(result, undefined));
+    if (!result.complete || Object.keys(result.failures ?? {}).length > 0) process.exitCode = 1;
   } else if (cmd === 'table') {
     const oursFile = args.get('ours');
     if (!oursFile) throw new Error('table needs --ours FILE');
@@ -556,7 +653,7 @@ async function main(): Promise<void> {
   } else if (cmd === 'smoke') {
     if (!(await smoke(args))) process.exitCode = 1;
   } else {
-    console.error('usage: rank-bench run [--model-dir DIR] [--layers N] [--out FILE] | table --ours FILE [--torch FILE] | smoke [--fixtures DIR]');
+    console.error('usage: rank-bench run [--model-dir DIR] [--layers N] [--out FILE] [--dry] [--resume] | table --ours FILE [--torch FILE] | smoke [--fixtures DIR] [--core]');
     process.exit(2);
   }
 }

@@ -9,6 +9,8 @@ export type { T5ModelConfig } from './config';
 export { resolveCheckpoint } from './checkpoint';
 export type { CudaOptions, CudaProbe } from './native';
 export * from './errors';
+export { RankBatcher, QueueFullError } from './serve';
+export type { RankBatcherOptions, RankRequestOptions, RankOneResult, RankBatcherStats } from './serve';
 export { Trainer } from './trainer';
 export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, TrainingSessionLike, EvaluationResult } from './trainer';
 export * from './optim';

@@ -1,0 +1,158 @@
+// RankBatcher (lib/serve.ts): concurrent requests with different adapters gathered into mixed-task batches.
+// Each request's answer must equal rankClassify of that request alone with its adapter; batches must form as
+// the policy says; a bad request must fail alone; abort, back-pressure, close and dispose behave.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import {
+  AbortError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, QueueFullError, RankBatcher, T5Model,
+} from '../lib';
+import { buildTinyT5 } from '../lib/tiny';
+import { normalFrom, seededRandom } from '../lib/random';
+import { loadFixture } from './helpers/reference';
+
+const WORDS = ['great film loved it awful boring plot superb acting terrible waste of time yes no maybe positive negative review the a was'];
+
+function randomAdapter(model: T5Model, seed: number): IA3Adapter {
+  const r = seededRandom(seed);
+  const a = IA3Adapter.create(model);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.3 * normalFrom(r);
+  a.markChanged();
+  return a;
+}
+
+const maxRel = (a: number[], b: number[]): number =>
+  Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.max(Math.abs(b[i]), 1e-6)));
+
+describe('RankBatcher', () => {
+  let dir: string;
+  let model: T5Model;
+  let adapters: (IA3Adapter | null)[];
+  // requests of different lengths and choice counts, token ids and strings
+  const requests: { input: string | number[]; choices: string[] | number[][] }[] = [
+    { input: 'the film was great , loved it', choices: ['positive', 'negative'] },
+    { input: [5, 6, 7, 1], choices: [[8, 1], [9, 10, 1], [11, 1]] },
+    { input: 'awful boring plot', choices: ['yes', 'no', 'maybe'] },
+    { input: [12, 13, 14, 15, 16, 17, 18, 19, 1], choices: [[4, 1], [5, 1]] },  // (the vocabulary has 25 tokens)
+    { input: 'superb acting', choices: ['positive review', 'negative review'] },
+    { input: [3, 1], choices: [[6, 7, 8, 1], [9, 1]] },
+    { input: 'a terrible waste of time', choices: ['yes', 'no'] },
+    { input: [20, 21, 22, 1], choices: [[23, 1], [24, 1], [21, 1], [3, 1]] },
+    { input: 'loved the acting', choices: ['positive', 'negative'] },
+    { input: [7, 7, 7, 7, 1], choices: [[10, 1], [11, 12, 1]] },
+  ];
+
+  beforeAll(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-serve-'));
+    buildTinyT5(dir, { words: WORDS, gated: true, seed: 7, dModel: 48, dFf: 64, numHeads: 4, dKv: 12, numLayers: 2 });
+    model = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    const a = randomAdapter(model, 1), b = randomAdapter(model, 2), c = randomAdapter(model, 3);
+    adapters = [a, null, b, c, a, b, null, c, a, b];
+  });
+  afterAll(async () => {
+    await model?.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  // what each request gets alone, with its adapter
+  const alone = async (i: number) =>
+    model.rankClassify([requests[i].input] as string[] | number[][], [requests[i].choices], { adapter: adapters[i] });
+
+  test('concurrent requests with mixed adapters: batches of maxBatch, each answer equal to the request alone', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 4, maxDelayMs: 5 });
+    const answers = await Promise.all(requests.map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
+    expect(batcher.stats).toEqual({ requests: 10, batches: 3, batchedExamples: 10, largestBatch: 4, isolatedBatches: 0 });
+    for (let i = 0; i < requests.length; i++) {
+      const want = await alone(i);
+      expect(answers[i].prediction).toBe(want.predictions[0]);
+      expect(maxRel(answers[i].logProbs, want.logProbs[0])).toBeLessThan(1e-5);
+      expect(maxRel(answers[i].scores, want.scores[0])).toBeLessThan(1e-5);
+      expect(answers[i].scores).toHaveLength(requests[i].choices.length);
+    }
+    // the adapters matter: request 0 without its adapter scores differently (so a mix-up would be caught)
+    const bare = await model.rankClassify([requests[0].input] as string[], [requests[0].choices]);
+    expect(maxRel(answers[0].logProbs, bare.logProbs[0])).toBeGreaterThan(1e-3);
+    await batcher.close();
+  });
+
+  test('requests that arrive while a batch runs go together in the next one', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 32, maxDelayMs: 0 });
+    const first = batcher.classify(requests[0].input, requests[0].choices, { adapter: adapters[0] });
+    await new Promise((r) => setTimeout(r, 2));  // the first batch (one request) has been sent
+    const rest = requests.slice(1).map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i + 1] }));
+    expect(batcher.pending).toBe(9);
+    const answers = await Promise.all([first, ...rest]);
+    expect(batcher.stats.batches).toBe(2);
+    expect(batcher.stats.largestBatch).toBe(9);
+    for (const i of [0, 5, 9]) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+  });
+
+  test('a bad request fails alone with a typed error; its batch-mates are answered', async () => {
+    {
+      const otherModel = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
+      const foreign = IA3Adapter.create(otherModel);  // another architecture's vector layout
+      await otherModel.dispose();
+      const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5 });
+      const good = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
+      const unknownToken = batcher.classify([5, 100000, 1], [[4, 1], [5, 1]]);
+      const mismatched = batcher.classify(requests[3].input, requests[3].choices, { adapter: foreign });
+      await expect(unknownToken).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(mismatched).rejects.toBeInstanceOf(InvalidAdapterError);
+      const answers = await Promise.all(good);
+      for (let i = 0; i < 3; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+      expect(batcher.stats.batches).toBe(1);
+      expect(batcher.stats.isolatedBatches).toBe(1);
+      // bad arguments are refused before queueing
+      await expect(batcher.classify([1], [])).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(batcher.classify([1], [[1]], { adapter: {} as IA3Adapter })).rejects.toBeInstanceOf(InvalidArgumentError);
+    }
+  });
+
+  test('abort while queued: AbortError, and the request is not sent', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 20 });
+    const ctl = new AbortController();
+    const kept = batcher.classify(requests[0].input, requests[0].choices);
+    const aborted = batcher.classify(requests[1].input, requests[1].choices, { signal: ctl.signal });
+    ctl.abort();
+    await expect(aborted).rejects.toBeInstanceOf(AbortError);
+    await kept;
+    expect(batcher.stats.batchedExamples).toBe(1);
+    const already = new AbortController();
+    already.abort();
+    await expect(batcher.classify(requests[0].input, requests[0].choices, { signal: already.signal })).rejects.toBeInstanceOf(AbortError);
+  });
+
+  test('back-pressure: beyond maxQueue waiting requests, QueueFullError', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 2, maxQueue: 3, maxDelayMs: 50 });
+    const accepted = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices));
+    const refused = batcher.classify(requests[3].input, requests[3].choices);
+    await expect(refused).rejects.toBeInstanceOf(QueueFullError);
+    await expect(refused).rejects.toMatchObject({ code: 'E_QUEUE_FULL' });
+    expect((await Promise.all(accepted)).length).toBe(3);
+  });
+
+  test('close() answers what was accepted, then refuses; a disposed model rejects with DisposedError', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 4, maxDelayMs: 1000 });
+    const accepted = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
+    const t0 = Date.now();
+    await batcher.close();  // sends the waiting requests at once (not after maxDelayMs)
+    expect(Date.now() - t0).toBeLessThan(900);
+    expect((await Promise.all(accepted)).map((r) => r.scores.length)).toEqual([2, 3, 3]);
+    await expect(batcher.classify(requests[0].input, requests[0].choices)).rejects.toBeInstanceOf(DisposedError);
+
+    const own = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    const b2 = new RankBatcher(own, { maxDelayMs: 20 });
+    const queued = b2.classify(requests[0].input, requests[0].choices);
+    await own.dispose();  // disposed before the batch is sent
+    await expect(queued).rejects.toBeInstanceOf(DisposedError);
+    await expect(b2.classify(requests[0].input, requests[0].choices)).rejects.toBeInstanceOf(DisposedError);
+    // and the shared model still serves a batcher afterwards
+    expect((await new RankBatcher(model).classify(requests[0].input, requests[0].choices)).scores).toHaveLength(2);
+  });
+
+  test('options are checked', () => {
+    expect(() => new RankBatcher(model, { maxBatch: 0 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { maxQueue: 1.5 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { maxDelayMs: -1 })).toThrow(InvalidArgumentError);
+  });
+});
