@@ -3,7 +3,7 @@
 // T-Few checkpoints (.pt, 'multi_lora_b' vectors); writes PEFT format.
 import * as fs from 'fs';
 import * as path from 'path';
-import { FileFormatError, InvalidAdapterError, InvalidArgumentError } from './errors';
+import { FileFormatError, InvalidAdapterError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { readSafetensorsHeader, readTensorF32, writeSafetensors } from './safetensors';
 import { readTorchCheckpoint } from './torch-pt';
@@ -29,6 +29,9 @@ export interface IA3Dims {
 type DimsSource = NativeConfig | IA3Dims | { config: NativeConfig };
 
 function toDims(src: DimsSource): IA3Dims {
+  if (src === null || typeof src !== 'object') {
+    throw new InvalidArgumentError(`expected a T5Model, its config or adapter dimensions, got ${String(src)}`);
+  }
   const c = 'config' in src ? src.config : src;
   const innerDim = 'innerDim' in c ? c.innerDim : c.numHeads * c.dKv;
   const dims = { numLayers: c.numLayers, numDecoderLayers: c.numDecoderLayers, innerDim, dFf: c.dFf };
@@ -98,9 +101,10 @@ function tfewModuleName(key: string): string | undefined {
 let nextId = 1;
 
 export class IA3Adapter {
-  /** Unique per instance: the native side caches device copies by (id, version). */
+  /** Unique per instance (for callers that key caches by adapter). */
   readonly id: number;
-  /** Bumped by markChanged() / set(); the native side re-uploads when it changes. */
+  /** Bumped by markChanged() / set(): a change counter for callers' caches. The engine needs neither: every
+   *  call sends `data`, and the CUDA engine re-uploads a vector whenever its contents differ from its copy. */
   version = 0;
   readonly dims: IA3Dims;
   readonly data: Float32Array;
@@ -163,6 +167,15 @@ export class IA3Adapter {
 
   /** Writes DIR/adapter_config.json and DIR/adapter_model.safetensors (F32), the PEFT layout. */
   async save(dir: string): Promise<void> {
+    try {
+      this.writePeft(dir);
+    } catch (e) {
+      if (e instanceof TfewError) throw e;
+      throw new FileFormatError(`cannot write the adapter to ${dir}: ${(e as Error).message}`);
+    }
+  }
+
+  private writePeft(dir: string): void {
     fs.mkdirSync(dir, { recursive: true });
     const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
     for (const m of this.modules) {
@@ -200,7 +213,7 @@ export class IA3Adapter {
     this.markChanged();
   }
 
-  /** Call after editing `data` in place so that cached device copies are refreshed. */
+  /** Records an in-place edit of `data` (bumps `version`). Optional for the engine, which compares contents. */
   markChanged(): void {
     this.version++;
   }

@@ -237,6 +237,8 @@ export class T5Model {
   // the calls of other models.
   private callsInFlight = 0;
   private lastCall: Promise<void> = Promise.resolve();
+  // The (IA)3 vectors folded into the weights at load (mergeAdapter), for withMergedAdapter to compose.
+  private mergedVectors: Float32Array | undefined;
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
                       nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined) {
@@ -265,6 +267,12 @@ export class T5Model {
   }
 
   static async load(dir: string, options: LoadOptions = {}): Promise<T5Model> {
+    // (plain JavaScript callers: typed errors, not TypeErrors from deep inside)
+    if (typeof dir !== 'string' || dir.length === 0) throw new InvalidArgumentError(`the model directory must be a non-empty string, got ${String(dir)}`);
+    if (options === null || typeof options !== 'object') throw new InvalidArgumentError(`load options must be an object, got ${String(options)}`);
+    if (options.mergeAdapter !== undefined && !(options.mergeAdapter instanceof IA3Adapter)) {
+      throw new InvalidArgumentError('mergeAdapter must be an IA3Adapter (IA3Adapter.load(path) reads one from disk)');
+    }
     const { config, tensors } = resolveCheckpoint(dir);
     const { device, reason } = T5Model.selectDevice(options.device ?? 'auto');
     const threads = options.threads ?? Math.min(MAX_CPU_THREADS, Math.max(1, os.cpus().length));
@@ -289,14 +297,27 @@ export class T5Model {
         await nm.dispose();
         throw fromNative(e);
       }
+      model.mergedVectors = Float32Array.from(options.mergeAdapter.data);
     }
     return model;
   }
 
-  /** A second model on the same backend with `adapter` folded into its weights (the original is unchanged). */
+  /**
+   * A second model on the same backend with `adapter` folded into its weights (the original is unchanged). On a
+   * model that already has an adapter merged, both are: (IA)3 vectors rescale, so merging a then b is merging
+   * their elementwise product.
+   */
   async withMergedAdapter(adapter: IA3Adapter): Promise<T5Model> {
     this.live();
-    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: adapter, cuda: this.cudaOptions });
+    if (!(adapter instanceof IA3Adapter)) throw new InvalidArgumentError('withMergedAdapter needs an IA3Adapter');
+    adapter.assertCompatible(this.config);
+    let merged = adapter;
+    if (this.mergedVectors) {
+      const product = Float32Array.from(this.mergedVectors);
+      for (let i = 0; i < product.length; i++) product[i] *= adapter.data[i];
+      merged = IA3Adapter.fromFlat(this.config, product);
+    }
+    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: merged, cuda: this.cudaOptions });
   }
 
   get disposed(): boolean {
@@ -449,11 +470,23 @@ export class T5Model {
     return { batch: buildBatch(encoded, this.config.vocabSize, true, this.config.padTokenId), adapters };
   }
 
-  /** Frees the weights (device memory included). Later calls reject with DisposedError. Safe to call twice. */
+  /**
+   * Frees the weights (device memory included) once the calls made before it have finished (they complete
+   * normally). Later calls reject with DisposedError. Safe to call twice.
+   */
   async dispose(): Promise<void> {
     const nm = this.nativeModel;
     this.nativeModel = undefined;
-    if (nm) await nm.dispose();
+    if (!nm) return;
+    // Wait for the queue to drain. A call made before dispose() may issue its next native call (its next chunk
+    // of examples) from a continuation: those run before a setImmediate, so the queue is looked at again after one.
+    for (;;) {
+      const last = this.lastCall;
+      await last;
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      if (this.lastCall === last && this.callsInFlight === 0) break;
+    }
+    await nm.dispose();
   }
 
   /**

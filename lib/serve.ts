@@ -7,10 +7,11 @@
 // Policy: a request waits at most `maxDelayMs` for company while the engine is idle; a full batch (`maxBatch`
 // examples) goes at once; while a batch runs, new requests queue and go together as soon as it returns. One
 // engine call at a time (the model serialises its calls anyway). A request that the engine rejects for its own
-// input (a bad token id, an adapter that does not fit the model) must not fail its batch-mates: when a batch is
-// rejected with such an error, its requests are scored one by one, so only the bad one rejects.
+// input (a bad token id, an adapter that does not fit the model, an input too long for memory) must not fail its
+// batch-mates: when a batch is rejected with such an error, its requests are scored one by one, so only the bad
+// one rejects.
 import { IA3Adapter } from './adapter';
-import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, TfewError } from './errors';
+import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, TfewError } from './errors';
 import type { T5Model } from './model';
 
 export interface RankBatcherOptions {
@@ -70,8 +71,10 @@ interface Pending {
   onAbort?: () => void;
 }
 
-// Errors that concern one request's input, not the engine: its batch-mates are scored again without it.
-const isInputError = (e: unknown): boolean => e instanceof InvalidArgumentError || e instanceof InvalidAdapterError;
+// Errors that may concern one request, not the engine: its batch-mates are scored again without it (out of
+// memory included: one over-long input can make the whole batch too big).
+const isInputError = (e: unknown): boolean =>
+  e instanceof InvalidArgumentError || e instanceof InvalidAdapterError || e instanceof OutOfMemoryError;
 
 export class RankBatcher {
   private readonly maxBatch: number;

@@ -6,12 +6,14 @@
 // computes every adapter's gradient; each adapter then has its own optimizer state and is clipped on its
 // own gradient norm (as if each task were trained alone with T-Few's global-norm clipping), while all of
 // them follow the trainer's single learning-rate schedule.
+import * as fs from 'fs';
+import * as path from 'path';
 import { EventEmitter } from 'events';
 import { performance } from 'perf_hooks';
 import type TypedEmitter from 'typed-emitter';
 import type { IA3Adapter } from './adapter';
 import { recomputeLevel, type Recompute } from './model';
-import { DisposedError, InvalidArgumentError, TfewError } from './errors';
+import { DisposedError, FileFormatError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { TfewOptimizer } from './optim';
 import { seededRandom } from './random';
@@ -271,6 +273,7 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     this.checkExamples(examples, 'examples');
     const { signal } = runOptions;
     const o = this.options;
+    if (o.saveTo !== undefined) checkWritableDir(o.saveTo);  // now, not after the last step
     this.running = true;
     const started = performance.now();
     const losses: number[] = [];
@@ -489,5 +492,22 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
       throw new InvalidArgumentError('this model has no tokenizer: give inputs and choices as token ids');
     }
     return tokenizer.encode(text, maxLength !== undefined ? { maxLength } : undefined);
+  }
+}
+
+/** Throws FileFormatError unless `dir` is, or could be created as, a writable directory. */
+function checkWritableDir(dir: string): void {
+  let probe = path.resolve(dir);
+  while (!fs.existsSync(probe)) {
+    const parent = path.dirname(probe);
+    if (parent === probe) break;
+    probe = parent;
+  }
+  const fail = (why: string) => new FileFormatError(`saveTo ${dir}: ${why}`);
+  if (!fs.statSync(probe).isDirectory()) throw fail(`${probe} is not a directory`);
+  try {
+    fs.accessSync(probe, fs.constants.W_OK);
+  } catch {
+    throw fail(`${probe} is not writable`);
   }
 }

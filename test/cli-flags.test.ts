@@ -111,10 +111,28 @@ describe('tfew CUDA flags', () => {
 
     load.mockClear();
     train.mockClear();
-    expect(await run('demo', '--model-dir', path.join(tmp, 'demo'), '--device', 'cpu', '--steps', '2',
+    expect(await run('demo', '--model-dir', path.join(tmp, 'demo'), '--device', 'cpu', '--threads', '1', '--steps', '2',
       '--cuda-cross-attention', 'auto', '--no-cuda-graphs', '--recompute', 'attention')).toBe(0);
     expect(load.mock.calls[0][1]?.cuda).toStrictEqual({ crossAttention: 'auto', graphs: false });
+    expect(load.mock.calls[0][1]?.threads).toBe(1);
     expect(trainedRecompute()).toEqual(['attention']);
+  });
+
+  test('an adapter is evaluated under the seed it was trained on: eval refuses another --seeds; icl --compare reports its seed', async () => {
+    const out = path.join(tmp, 'seed-42-adapter');
+    expect(await run('train', ...model, ...task, '--seed', '42', '--steps', '1', '--batch-size', '2', '--out', out)).toBe(0);
+    lines = [];
+    expect(await run('eval', ...model, ...task, '--adapter', out, '--seeds', '7', '--limit', '2')).toBe(1);
+    expect(lines.join('\n')).toMatch(/--seeds 7: the adapter .* was trained on seed 42/);
+    lines = [];
+    expect(await run('eval', ...model, ...task, '--adapter', out, '--limit', '2')).toBe(0);
+    expect(lines.join('\n')).toMatch(/seeds: 42|seed 42/);
+    const report = path.join(tmp, 'icl-report');
+    expect(await run('icl', ...model, ...task, '--compare', '--adapter', out, '--limit', '2', '--shots', '1', '--no-zero-shot',
+      '--report', report)).toBe(0);
+    const md = fs.readFileSync(`${report}.md`, 'utf8');
+    expect(md).toMatch(/Seeds: 42\b/);
+    expect(md).not.toMatch(/Seeds: 42, /);
   });
 
   test.each([

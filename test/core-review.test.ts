@@ -343,15 +343,18 @@ describe('T5Model edge cases', () => {
     }
   });
 
-  test('dispose between the chunks of a rankClassify: the rest rejects with DisposedError', async () => {
+  test('dispose while a rankClassify runs its chunks: the call completes, then the model is freed', async () => {
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
     const inputs = Array.from({ length: 12 }, (_, i) => fx.inputIds[i % 3]);
     const choices = Array.from({ length: 12 }, (_, i) => fx.choices[i % 3]);
     const running = m.rankClassify(inputs, choices, { batchSize: 1 });
     const disposing = m.dispose();
-    await expect(running).rejects.toBeInstanceOf(DisposedError);
+    expect(m.describe()).toBe('disposed');  // at once: no new call starts
+    await expect(m.rankClassify(inputs, choices)).rejects.toBeInstanceOf(DisposedError);
+    const r = await running;
+    expect(r.predictions).toHaveLength(12);
+    expect(r.logProbs[3]).toEqual(r.logProbs[0]);  // the same example, all chunks scored
     await disposing;
-    expect(m.describe()).toBe('disposed');
   });
 
   test('strings without a tokenizer are an InvalidArgumentError naming the directory', async () => {

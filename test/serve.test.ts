@@ -5,7 +5,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import {
-  AbortError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, QueueFullError, RankBatcher, T5Model,
+  AbortError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, QueueFullError, RankBatcher,
+  T5Model,
 } from '../lib';
 import { buildTinyT5 } from '../lib/tiny';
 import { normalFrom, seededRandom } from '../lib/random';
@@ -96,8 +97,11 @@ describe('RankBatcher', () => {
       const good = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
       const unknownToken = batcher.classify([5, 100000, 1], [[4, 1], [5, 1]]);
       const mismatched = batcher.classify(requests[3].input, requests[3].choices, { adapter: foreign });
+      // token ids are not truncated: 300,000 of them need more memory than there is (a fast, typed failure)
+      const tooLong = batcher.classify([...new Array(300000).fill(5), 1], [[4, 1], [5, 1]]);
       await expect(unknownToken).rejects.toBeInstanceOf(InvalidArgumentError);
       await expect(mismatched).rejects.toBeInstanceOf(InvalidAdapterError);
+      await expect(tooLong).rejects.toBeInstanceOf(OutOfMemoryError);
       const answers = await Promise.all(good);
       for (let i = 0; i < 3; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
       expect(batcher.stats.batches).toBe(1);

@@ -8,7 +8,7 @@ CudaProbe probe_cuda() {
   CudaProbe p;
   p.compiled = false;
   p.usable = false;
-  p.reason = "this build of the addon has no CUDA backend (built without nvcc; rebuild with TFEW_CUDA=on)";
+  p.reason = "this build of the addon has no CUDA backend (built without nvcc, or by node-gyp; the CUDA backend needs cmake and nvcc: TFEW_CUDA=on npm rebuild @tfew/cuda)";
   return p;
 }
 

@@ -272,10 +272,11 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .description('build a tiny T5, train (IA)3 on a synthetic few-shot task, and show accuracy before/after (under a minute on CPU)')
     .option('--model-dir <dir>', 'where to write the tiny model (default: ~/.cache/tfew/demo-tiny-t5)')
     .addOption(new Option('--device <device>', 'backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--threads <n>', 'CPU backend threads (default: all cores)', int('--threads'))
     .option('--steps <n>', 'training steps (300)', int('--steps')))
     .addOption(recomputeOption())
-    .action(async (o: CudaOpts & { modelDir?: string; device: DeviceOption; steps?: number; recompute?: RecomputeLevel }) => {
-      await runDemo({ modelDir: o.modelDir, device: o.device, steps: o.steps, cuda: cudaOptions(o), recompute: o.recompute, log: io.out });
+    .action(async (o: CudaOpts & { modelDir?: string; device: DeviceOption; threads?: number; steps?: number; recompute?: RecomputeLevel }) => {
+      await runDemo({ modelDir: o.modelDir, device: o.device, threads: o.threads, steps: o.steps, cuda: cudaOptions(o), recompute: o.recompute, log: io.out });
     });
 
   addRecipeOptions(addTaskOptions(addModelOptions(program.command('train'))))
@@ -347,6 +348,20 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         else if (loaded instanceof Map) seeds = [...loaded.keys()];
         else if (loaded && o.adapter) seeds = [recordedSeed(o.adapter) ?? task.seeds[0]];
         else seeds = task.kind === 'raft' ? [...task.seeds] : [task.seeds[0]];
+        // An adapter answers for the seed it was trained on, never silently for another (nor zero-shot for a
+        // seed the directory lacks).
+        if (o.seeds && loaded instanceof Map) {
+          const missing = seeds.filter((s) => !loaded.has(s));
+          if (missing.length > 0) {
+            throw new InvalidArgumentError(`--seeds ${missing.join(', ')}: ${o.adapter} has adapters for seeds ${[...loaded.keys()].join(', ')} only`);
+          }
+        } else if (o.seeds && loaded && o.adapter) {
+          const trained = recordedSeed(o.adapter);
+          if (trained !== undefined && (seeds.length !== 1 || seeds[0] !== trained)) {
+            throw new InvalidArgumentError(`--seeds ${seeds.join(', ')}: the adapter ${o.adapter} was trained on seed ${trained} (its run.json); ` +
+                                           'omit --seeds, or give a directory of seed-<n>/ adapters');
+          }
+        }
         const r = await evaluate(model, {
           task, templates, seeds, limit: o.limit, batchSize: o.batchSize, maxInputLength: o.maxInputLength,
           adapter: loaded instanceof Map ? (s) => loaded.get(s) ?? null : loaded,
@@ -436,8 +451,9 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const adapters = loaded instanceof IA3Adapter ? new Map([[recordedSeed(o.adapter as string) ?? seeds[0], loaded]]) : loaded;
         const steps = o.steps ?? 1000;
         let progress: ReturnType<typeof progressReporter> | undefined;
+        const usedSeeds = adapters ? [...adapters.keys()] : seeds;  // (given adapters: their seeds)
         const c = await compareWithIcl(model, {
-          ...recipe(o), task, templates, seeds: adapters ? [...adapters.keys()] : seeds, adapters,
+          ...recipe(o), task, templates, seeds: usedSeeds, adapters,
           iclShots: o.shots, iclMaxInputLength: o.iclMaxInputLength, evalLimit: o.limit, zeroShot: o.zeroShot,
           onStep: (seed, e) => {
             if (e.step === 1) progress = progressReporter(io, `${task.name} seed ${seed}`, steps, Math.max(1, Math.round(steps / 10)));
@@ -454,7 +470,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         }
         if (o.json) writeJson(o.json, comparisonJson(c));
         if (o.report) {
-          const files = await writeReport(o.report, comparisonReport(c, setupLines(model, task, [`Seeds: ${seeds.join(', ')}`])), comparisonJson(c));
+          const files = await writeReport(o.report, comparisonReport(c, setupLines(model, task, [`Seeds: ${usedSeeds.join(', ')}`])), comparisonJson(c));
           io.out(`report: ${files.markdown} (plot ${files.png})`);
         }
       } finally {

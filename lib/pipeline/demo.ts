@@ -82,6 +82,8 @@ export interface DemoOptions {
   /** Where the tiny model is written (default: $XDG_CACHE_HOME or ~/.cache, under tfew/demo-tiny-t5). */
   modelDir?: string;
   device?: DeviceOption;
+  /** CPU backend threads (default: all cores). */
+  threads?: number;
   /** CUDA backend switches (T5Model.load) and the training's recompute level (Trainer); both CUDA only. */
   cuda?: CudaOptions;
   recompute?: Recompute;
@@ -129,7 +131,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   log('T-Few demo: few-shot fine-tuning of (IA)3 vectors on a tiny T5 built on the spot (nothing is downloaded).');
   // Rebuilt every time (it takes milliseconds), so a cache left by another version never goes stale.
   buildTinyT5(modelDir, { words: demoVocabulary(), seed: options.modelSeed ?? 1, dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2 });
-  const model = await T5Model.load(modelDir, { device: options.device ?? 'auto', cuda: options.cuda });
+  const model = await T5Model.load(modelDir, { device: options.device ?? 'auto', threads: options.threads, cuda: options.cuda });
   try {
     const task = syntheticSentimentTask();
     const c = model.config;

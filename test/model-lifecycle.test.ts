@@ -1,0 +1,109 @@
+// The model's lifecycle and misuse from plain JavaScript: dispose() lets the calls made before it finish,
+// merged adapters compose, and wrong arguments, unwritable adapter paths and the Trainer's saveTo give typed
+// errors (the last before any training step).
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { DisposedError, FileFormatError, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
+import { loadFixture } from './helpers/reference';
+
+const fx = loadFixture('tiny-gated-gelu-untied');
+const inputs = [[5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 1], [14, 1]];
+const choices = [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]], [[10, 1], [11, 1]], [[12, 1], [13, 14, 1]]];
+const maxRel = (a: number[], b: number[]) => Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.max(Math.abs(b[i]), 1e-6)));
+
+let tmp: string;
+let a: IA3Adapter;
+let b: IA3Adapter;
+beforeAll(async () => {
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-lifecycle-'));
+  a = await IA3Adapter.load(path.join(fx.dir, 'adapter_a'));
+  b = await IA3Adapter.load(path.join(fx.dir, 'adapter_b'));
+});
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+describe('dispose()', () => {
+  test('calls made before dispose() complete (several chunks each); calls after it reject with DisposedError', async () => {
+    const ref = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    const want = await ref.rankClassify(inputs, choices, { adapter: a });
+    await ref.dispose();
+
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    const p1 = m.rankClassify(inputs, choices, { adapter: a, batchSize: 1 });  // four native calls in turn
+    const p2 = m.rankClassify(inputs, choices, { adapter: a, batchSize: 3 });
+    const p3 = m.encode(inputs);
+    const disposed = m.dispose();
+    const late = m.rankClassify(inputs, choices);
+    await expect(late).rejects.toBeInstanceOf(DisposedError);
+    const [r1, r2, r3] = await Promise.all([p1, p2, p3]);
+    expect(maxRel(r1.logProbs.flat(), want.logProbs.flat())).toBeLessThan(1e-5);
+    expect(maxRel(r2.logProbs.flat(), want.logProbs.flat())).toBeLessThan(1e-5);
+    expect(r3).toHaveLength(4);
+    await disposed;
+    expect(m.disposed).toBe(true);
+    await m.dispose();  // twice: nothing happens
+  });
+});
+
+describe('withMergedAdapter', () => {
+  test('on a model with an adapter merged, merges both (their elementwise product)', async () => {
+    const base = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    const mergedA = await T5Model.load(fx.dir, { device: 'cpu', threads: 1, mergeAdapter: a });
+    const mergedAB = await mergedA.withMergedAdapter(b);
+    const product = IA3Adapter.fromFlat(base.config, a.data.map((x, i) => x * b.data[i]));
+    const want = await base.rankClassify(inputs, choices, { adapter: product });
+    const onlyB = await base.rankClassify(inputs, choices, { adapter: b });
+    const got = await mergedAB.rankClassify(inputs, choices);
+    expect(maxRel(got.logProbs.flat(), want.logProbs.flat())).toBeLessThan(1e-4);
+    expect(maxRel(got.logProbs.flat(), onlyB.logProbs.flat())).toBeGreaterThan(1e-3);  // a is not dropped
+    // the first merged model is unchanged
+    const stillA = await mergedA.rankClassify(inputs, choices);
+    const wantA = await base.rankClassify(inputs, choices, { adapter: a });
+    expect(maxRel(stillA.logProbs.flat(), wantA.logProbs.flat())).toBeLessThan(1e-4);
+    await Promise.all([base.dispose(), mergedA.dispose(), mergedAB.dispose()]);
+  });
+});
+
+describe('misuse from plain JavaScript gives typed errors', () => {
+  const anyLoad = T5Model.load as unknown as (...args: unknown[]) => Promise<T5Model>;
+  test.each([
+    ['no directory', [undefined]],
+    ['null options', [fx.dir, null]],
+    ['a path as mergeAdapter', [fx.dir, { mergeAdapter: path.join(fx.dir, 'adapter_a') }]],
+  ])('T5Model.load with %s: InvalidArgumentError', async (_name, args) => {
+    await expect(anyLoad(...args)).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+
+  test('IA3Adapter.create without a model: InvalidArgumentError', () => {
+    expect(() => IA3Adapter.create(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
+  });
+
+  test('saving an adapter where a file is in the way: FileFormatError naming the path', async () => {
+    const file = path.join(tmp, 'a-file');
+    fs.writeFileSync(file, 'x');
+    const err = await a.save(path.join(file, 'adapter')).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(FileFormatError);
+    expect((err as Error).message).toContain(path.join(file, 'adapter'));
+  });
+
+  test('Trainer saveTo that cannot be written: FileFormatError before the first step', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      const file = path.join(tmp, 'blocker');
+      fs.writeFileSync(file, 'x');
+      const adapter = IA3Adapter.create(m);
+      const trainer = new Trainer(m, adapter, { steps: 3, batchSize: 2, saveTo: path.join(file, 'out') });
+      let steps = 0;
+      trainer.on('step', () => steps++);
+      const examples = inputs.map((input, i) => ({ input, choices: choices[i], label: 0 }));
+      await expect(trainer.train(examples)).rejects.toBeInstanceOf(FileFormatError);
+      expect(steps).toBe(0);
+      // a writable saveTo trains and saves
+      const ok = new Trainer(m, adapter, { steps: 2, batchSize: 2, saveTo: path.join(tmp, 'saved', 'adapter') });
+      await ok.train(examples);
+      expect(fs.existsSync(path.join(tmp, 'saved', 'adapter', 'adapter_model.safetensors'))).toBe(true);
+    } finally {
+      await m.dispose();
+    }
+  });
+});
