@@ -202,7 +202,13 @@ function permutation(n: number, random: () => number): number[] {
   return order;
 }
 
+const OPTION_NAMES: readonly string[] = [...Object.keys(DEFAULTS), 'evalEvery', 'evalSet', 'saveTo'];
+
 function resolveOptions(options: TrainerOptions): ResolvedOptions {
+  if (options === null || typeof options !== 'object') throw new InvalidArgumentError(`Trainer options must be an object, got ${String(options)}`);
+  // a misspelt option (e.g. learningRate) would otherwise be ignored in silence
+  const unknown = Object.keys(options).filter((k) => !OPTION_NAMES.includes(k));
+  if (unknown.length > 0) throw new InvalidArgumentError(`unknown Trainer option(s) ${unknown.join(', ')}; known: ${OPTION_NAMES.join(', ')}`);
   const o = { ...DEFAULTS } as ResolvedOptions;
   for (const [k, v] of Object.entries(options)) if (v !== undefined) (o as unknown as Record<string, unknown>)[k] = v;
 

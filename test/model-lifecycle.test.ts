@@ -74,6 +74,19 @@ describe('misuse from plain JavaScript gives typed errors', () => {
     await expect(anyLoad(...args)).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
+  test('a misspelt Trainer option is refused, not ignored', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      const make = (o: unknown) => () => new Trainer(m, IA3Adapter.create(m), o as Record<string, never>);
+      expect(make({ learningRate: 1e-2 })).toThrow(/unknown Trainer option\(s\) learningRate/);
+      expect(make({ learningRate: 1e-2 })).toThrow(InvalidArgumentError);
+      expect(make(null)).toThrow(InvalidArgumentError);
+      expect(make({ lr: 1e-2, steps: 3, saveTo: undefined })).not.toThrow();
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test('IA3Adapter.create without a model: InvalidArgumentError', () => {
     expect(() => IA3Adapter.create(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
   });
