@@ -25,6 +25,7 @@ import { readUserData } from '../tasks/custom';
 import type { Template } from '../templates/engine';
 import { loadTemplateFile } from '../templates/user';
 import type { StepEvent } from '../trainer';
+import { RankServer } from '../serve-http';
 
 export interface CliIO {
   out: (line: string) => void;
@@ -195,6 +196,36 @@ async function loadAdapters(file: string, model: T5Model): Promise<Map<number, I
     }
   }
   return IA3Adapter.load(file, { config: model.config });
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+/** `tfew serve --adapter`: name=path pairs, or directories whose subdirectories are adapters (named after them). */
+async function loadNamedAdapters(specs: string[], model: T5Model): Promise<Map<string, IA3Adapter>> {
+  const out = new Map<string, IA3Adapter>();
+  const add = async (name: string, file: string) => {
+    if (!name) throw new InvalidArgumentError(`--adapter ${file}: empty name`);
+    if (out.has(name)) throw new InvalidArgumentError(`--adapter: two adapters named "${name}"`);
+    out.set(name, await IA3Adapter.load(file, { config: model.config }));
+  };
+  for (const spec of specs) {
+    const eq = spec.indexOf('=');
+    if (eq >= 0) {
+      await add(spec.slice(0, eq), spec.slice(eq + 1));
+      continue;
+    }
+    const isAdapter = (d: string) => fs.existsSync(path.join(d, 'adapter_model.safetensors'));
+    if (!fs.existsSync(spec) || !fs.statSync(spec).isDirectory() || isAdapter(spec)) {
+      await add(path.basename(spec).replace(/\.(pt|safetensors)$/, ''), spec);
+      continue;
+    }
+    const subdirs = fs.readdirSync(spec).filter((d) => isAdapter(path.join(spec, d))).sort();
+    if (subdirs.length === 0) throw new InvalidArgumentError(`--adapter ${spec}: no adapter in it (nor in its subdirectories)`);
+    for (const d of subdirs) await add(d, path.join(spec, d));
+  }
+  return out;
 }
 
 /** The seed recorded by `tfew train` next to an adapter (run.json), if any. */
@@ -494,6 +525,35 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const b = await benchmark(model, { task, template: templates[0], examples: o.examples, shots: o.shots, trainSteps: o.trainSteps, iclMaxInputLength: o.iclMaxInputLength, recompute: o.recompute });
         io.out(markdownReport({ title: `Cost: ${task.name}`, setup: setupLines(model, task, b.notes), results: [], costs: b.rows }));
         if (o.json) writeJson(o.json, b);
+      } finally {
+        await model.dispose();
+      }
+    });
+
+  addModelOptions(program.command('serve'))
+    .description('serve rank classification over HTTP: named (IA)3 adapters, requests of different tasks batched together')
+    .option('-a, --adapter <name=path>', 'a named adapter, repeatable (path: PEFT dir/file or T-Few .pt); or a directory whose subdirectories are adapters, named after them', collect, [])
+    .option('--port <n>', 'port (8080; 0 picks a free one)', int('--port'), 8080)
+    .option('--host <host>', 'interface to listen on', '127.0.0.1')
+    .option('--max-batch <n>', 'examples per engine call (32)', int('--max-batch'))
+    .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
+    .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
+    .option('--max-input-length <n>', 'truncate text inputs to this many tokens (256)', int('--max-input-length'))
+    .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number }) => {
+      const model = await loadModel(o, io);
+      try {
+        const adapters = await loadNamedAdapters(o.adapter, model);
+        const server = new RankServer(model, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
+        const address = await server.listen(o.port, o.host);
+        io.out(`tfew serve: http://${address.address}:${address.port} on ${model.device}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +
+               '(POST /classify, GET /health; Ctrl-C stops)');
+        await new Promise<void>((resolve) => {
+          process.once('SIGINT', resolve);
+          process.once('SIGTERM', resolve);
+        });
+        io.err('[tfew] stopping: answering the accepted requests');
+        await server.close();
+        io.err(`[tfew] stopped: ${JSON.stringify(server.batcher.stats)}`);
       } finally {
         await model.dispose();
       }

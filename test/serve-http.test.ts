@@ -1,0 +1,134 @@
+// `tfew serve` / RankServer (lib/serve-http.ts): HTTP requests of different tasks scored in mixed-task batches.
+// Answers must equal rankClassify with the named adapter; errors map to their HTTP statuses with typed codes;
+// the CLI command loads named adapters, serves, and stops on SIGTERM after answering what it accepted.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { IA3Adapter, T5Model } from '../lib';
+import { main } from '../lib/cli/main';
+import { RankServer } from '../lib/serve-http';
+import { buildTinyT5 } from '../lib/tiny';
+import { normalFrom, seededRandom } from '../lib/random';
+
+const WORDS = ['great film loved it awful boring plot superb acting terrible waste of time yes no maybe positive negative review the a was'];
+
+let dir: string;
+let model: T5Model;
+const adapters = new Map<string, IA3Adapter>();
+const maxRel = (a: number[], b: number[]) => Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.max(Math.abs(b[i]), 1e-6)));
+
+beforeAll(async () => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-serve-http-'));
+  buildTinyT5(path.join(dir, 'model'), { words: WORDS, gated: true, seed: 5, dModel: 48, dFf: 64, numHeads: 4, dKv: 12, numLayers: 2 });
+  model = await T5Model.load(path.join(dir, 'model'), { device: 'cpu', threads: 2 });
+  for (const [name, seed] of [['sentiment', 1], ['topic', 2]] as const) {
+    const r = seededRandom(seed);
+    const a = IA3Adapter.create(model);
+    for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.3 * normalFrom(r);
+    a.markChanged();
+    adapters.set(name, a);
+    await a.save(path.join(dir, 'adapters', name));
+  }
+});
+afterAll(async () => {
+  await model?.dispose();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+async function post(base: string, body: unknown, raw?: string): Promise<{ status: number; json: any }> {
+  const res = await fetch(`${base}/classify`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: raw ?? JSON.stringify(body) });
+  return { status: res.status, json: await res.json() };
+}
+
+describe('RankServer', () => {
+  let server: RankServer;
+  let base: string;
+  beforeAll(async () => {
+    server = new RankServer(model, adapters, { maxBatch: 8, maxDelayMs: 5, maxQueue: 64, maxBodyBytes: 4096 });
+    const a = await server.listen(0);
+    base = `http://127.0.0.1:${a.port}`;
+  });
+  afterAll(async () => server.close());
+
+  test('concurrent requests of two tasks and none: each answer equals rankClassify with that adapter, in shared batches', async () => {
+    const reqs = [
+      { input: 'the film was great', choices: ['positive', 'negative'], adapter: 'sentiment' },
+      { input: 'awful boring plot', choices: ['yes', 'no', 'maybe'], adapter: 'topic' },
+      { input: [5, 6, 7, 1], choices: [[8, 1], [9, 10, 1]] },
+      { input: 'superb acting', choices: ['positive review', 'negative review'], adapter: 'sentiment' },
+      { input: 'a terrible waste of time', choices: ['yes', 'no'], adapter: 'topic' },
+    ];
+    const before = server.batcher.stats.batches;
+    const answers = await Promise.all(reqs.map((r) => post(base, r)));
+    expect(server.batcher.stats.batches - before).toBeLessThan(reqs.length);
+    for (let i = 0; i < reqs.length; i++) {
+      const r = reqs[i];
+      expect(answers[i].status).toBe(200);
+      const want = await model.rankClassify([r.input] as string[], [r.choices] as string[][], { adapter: r.adapter ? adapters.get(r.adapter) : null });
+      expect(answers[i].json.prediction).toBe(want.predictions[0]);
+      expect(maxRel(answers[i].json.logProbs, want.logProbs[0])).toBeLessThan(1e-5);
+      if (typeof r.choices[0] === 'string') expect(answers[i].json.label).toBe(r.choices[want.predictions[0]]);
+    }
+  });
+
+  test('a body of several requests: each answered on its own, a bad one as an error entry', async () => {
+    const { status, json } = await post(base, {
+      requests: [
+        { input: 'loved it', choices: ['yes', 'no'], adapter: 'sentiment' },
+        { input: 'loved it', choices: ['yes', 'no'], adapter: 'nope' },
+        { input: [5, 1000, 1], choices: [[4, 1]] },
+      ],
+    });
+    expect(status).toBe(200);
+    expect(json.results[0].scores).toHaveLength(2);
+    expect(json.results[1].error.code).toBe('E_UNKNOWN_ADAPTER');
+    expect(json.results[2].error.code).toBe('E_INVALID_ARGUMENT');
+  });
+
+  test('errors: statuses and typed codes', async () => {
+    expect((await post(base, undefined, '{ not json')).json.error.code).toBe('E_INVALID_ARGUMENT');
+    const unknown = await post(base, { input: 'x', choices: ['yes'], adapter: 'nope' });
+    expect(unknown.status).toBe(400);
+    expect(unknown.json.error.message).toMatch(/no adapter named "nope" \(loaded: sentiment, topic\)/);
+    expect((await post(base, { input: 'x', choices: [] })).status).toBe(400);
+    expect((await post(base, { input: [3, 99999, 1], choices: [[4, 1]] })).json.error.code).toBe('E_INVALID_ARGUMENT');
+    const big = await post(base, { input: 'x '.repeat(5000), choices: ['yes'] });
+    expect(big.status).toBe(413);
+    expect(big.json.error.code).toBe('E_TOO_LARGE');
+    expect((await fetch(`${base}/classify`)).status).toBe(405);
+    expect((await fetch(`${base}/nowhere`)).status).toBe(404);
+    const health = await (await fetch(`${base}/health`)).json();
+    expect(health).toMatchObject({ status: 'ok', device: 'cpu', adapters: ['sentiment', 'topic'] });
+    expect(health.stats.requests).toBeGreaterThan(0);
+  });
+
+  test('an adapter that does not fit the model is refused when the server is made', () => {
+    const foreign = IA3Adapter.create({ numLayers: 1, numDecoderLayers: 1, innerDim: 8, dFf: 8 });
+    expect(() => new RankServer(model, new Map([['x', foreign]]))).toThrow(/does not fit the model/);
+  });
+});
+
+describe('tfew serve', () => {
+  test('loads named adapters (name=path and a directory of them), serves, and stops on SIGTERM', async () => {
+    const lines: string[] = [];
+    let started!: (line: string) => void;
+    const ready = new Promise<string>((resolve) => { started = resolve; });
+    const io = {
+      out: (l: string) => { lines.push(l); if (l.startsWith('tfew serve:')) started(l); },
+      err: (l: string) => lines.push(`ERR ${l}`),
+      interactive: false,
+    };
+    const exit = main(['node', 'tfew', 'serve', '--model', path.join(dir, 'model'), '--device', 'cpu', '--threads', '1', '--port', '0',
+      '--adapter', `s2=${path.join(dir, 'adapters', 'sentiment')}`, '--adapter', path.join(dir, 'adapters'), '--max-delay-ms', '1'], io);
+    const line = await ready;
+    expect(line).toMatch(/adapters: s2, sentiment, topic/);
+    const base = /http:\/\/[^ ]+/.exec(line)![0];
+    const r = await post(base, { input: 'loved the acting', choices: ['positive', 'negative'], adapter: 's2' });
+    expect(r.status).toBe(200);
+    const want = await model.rankClassify(['loved the acting'], [['positive', 'negative']], { adapter: adapters.get('sentiment') });
+    expect(maxRel(r.json.logProbs, want.logProbs[0])).toBeLessThan(1e-5);
+    process.emit('SIGTERM');
+    expect(await exit).toBe(0);
+    expect(lines.some((l) => /stopped: .*"requests":1/.test(l))).toBe(true);
+  });
+});
