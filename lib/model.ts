@@ -2,6 +2,7 @@
 // the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
+import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
@@ -158,6 +159,10 @@ export class TrainingSession {
     const s = this.nativeSession;
     this.nativeSession = undefined;
     if (s) await s.dispose();
+  }
+
+  async [asyncDispose](): Promise<void> {
+    await this.dispose();
   }
 
   private live(): NativeTrainingSession {
@@ -487,6 +492,11 @@ export class T5Model {
       if (this.lastCall === last && this.callsInFlight === 0) break;
     }
     await nm.dispose();
+  }
+
+  /** `await using model = await T5Model.load(...)`: dispose() at the end of the scope. */
+  async [asyncDispose](): Promise<void> {
+    await this.dispose();
   }
 
   /**

@@ -10,6 +10,7 @@
 import * as http from 'http';
 import type { AddressInfo } from 'net';
 import { IA3Adapter } from './adapter';
+import { asyncDispose } from './disposable';
 import { InvalidAdapterError, InvalidArgumentError, TfewError } from './errors';
 import type { T5Model } from './model';
 import { QueueFullError, RankBatcher, RankBatcherOptions, RankOneResult } from './serve';
@@ -86,6 +87,10 @@ export class RankServer {
     await this.batcher.close();
     this.server.closeIdleConnections?.();
     await closed;
+  }
+
+  async [asyncDispose](): Promise<void> {
+    await this.close();
   }
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {

@@ -11,6 +11,7 @@
 // batch-mates: when a batch is rejected with such an error, its requests are scored one by one, so only the bad
 // one rejects.
 import { IA3Adapter } from './adapter';
+import { asyncDispose } from './disposable';
 import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, TfewError } from './errors';
 import type { T5Model } from './model';
 
@@ -147,6 +148,11 @@ export class RankBatcher {
     if (this.timer) this.dispatchSoon(0);
     if (!this.running && this.queue.length === 0) return;
     await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** `await using batcher = new RankBatcher(model)`: close() at the end of the scope. */
+  async [asyncDispose](): Promise<void> {
+    await this.close();
   }
 
   // ---- internals

@@ -45,6 +45,21 @@ describe('dispose()', () => {
   });
 });
 
+describe('Symbol.asyncDispose', () => {
+  // (jest runs tests in a vm realm without Node's Symbol.asyncDispose; Node's main realm has this very symbol)
+  (Symbol as { asyncDispose?: symbol }).asyncDispose ??= Symbol.for('nodejs.asyncDispose');
+  test('`await using` disposes the model at the end of the scope', async () => {
+    let escaped: T5Model | undefined;
+    {
+      await using m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+      escaped = m;
+      expect((await m.rankClassify(inputs, choices)).predictions).toHaveLength(4);
+    }
+    expect(escaped.disposed).toBe(true);
+    await expect(escaped.rankClassify(inputs, choices)).rejects.toBeInstanceOf(DisposedError);
+  });
+});
+
 describe('withMergedAdapter', () => {
   test('on a model with an adapter merged, merges both (their elementwise product)', async () => {
     const base = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
