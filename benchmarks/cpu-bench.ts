@@ -63,9 +63,10 @@ async function main(): Promise<void> {
     });
     results['TRAIN-B8'] = { examples: 8, encoderLength: 256, choices: '2 x 8 tokens', medianMs: median(ms), runsMs: ms, includes: 'forward, LM+UL+LN, backward to (IA)3, Adafactor (host)' };
   }
+  const backend = model.describe();  // (before dispose: afterwards it says 'disposed')
   await model.dispose();
   const out = {
-    date: new Date().toISOString(), backend: model.describe(), cpu: os.cpus()[0]?.model, cores: os.cpus().length, threads,
+    date: new Date().toISOString(), backend, cpu: os.cpus()[0]?.model, cores: os.cpus().length, threads,
     model: `random T5, ${layers}+${layers} layers, d_model ${dModel}, d_ff ${configJson.d_ff}, vocab 32128, gated-gelu`, repeats,
     workloads: results,
   };

@@ -178,6 +178,9 @@ export interface NativeAddon {
     }, haveBytes: number, freeBytes: number): Promise<'none' | 'attention' | 'all'>;
     /** A temporary file mapped, truncated and read: rejects with the Io error a truncation during loading gives. */
     readAfterTruncation(): Promise<void>;
+    /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */
+    cpuLinear(x: Float32Array, w: Float32Array, dy: Float32Array, dxInit: Float32Array | null, n: number, inDim: number,
+              out: number, threads: number): Promise<{ y: Float32Array; dx: Float32Array; simd: 'avx2+fma' | 'baseline' }>;
   };
 }
 

@@ -43,9 +43,7 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
         int64_t nk = keys_visible(s, key_len[seq], i);
         float mx = -INFINITY;
         for (int64_t j = 0; j < nk; ++j) {
-          const float* kj = kb + j * inner;
-          float acc = 0.f;
-          for (int d = 0; d < s.d_kv; ++d) acc += qi[d] * kj[d];
+          float acc = dot(qi, kb + j * inner, s.d_kv);
           if (bias) acc += bias[(static_cast<int64_t>(h) * s.q_len + i) * s.k_len + j];
           p[j] = acc;
           mx = std::max(mx, acc);
@@ -104,13 +102,9 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
               scale = dropout_keep(seed, site, row_index + j, dropout_rate) ? 1.f / (1.f - dropout_rate) : 0.f;
             const float* vj = vb + j * inner;
             float* dvj = dvb + j * inner;
-            float g = 0.f;
             float pd = p[j] * scale;  // the dropped-out probability used in the forward
-            for (int d = 0; d < s.d_kv; ++d) {
-              g += doi[d] * vj[d];
-              dvj[d] += pd * doi[d];
-            }
-            dp[j] = g * scale;
+            for (int d = 0; d < s.d_kv; ++d) dvj[d] += pd * doi[d];
+            dp[j] = dot(doi, vj, s.d_kv) * scale;
             pdp += static_cast<double>(p[j]) * dp[j];
           }
           for (int d = 0; d < s.d_kv; ++d) dqi[d] = 0.f;

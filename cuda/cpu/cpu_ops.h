@@ -12,7 +12,22 @@
 namespace tfew {
 namespace cpu {
 
+// a . b over n floats, in 8 independent partial sums: the compiler vectorises it, where one running sum (which it
+// may not reorder) would wait for each addition in turn.
+inline float dot(const float* a, const float* b, int n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) part[u] += a[i + u] * b[i + u];
+  float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+
 // ---- linear.cc: y = x W^T (no bias anywhere in T5) ----
+// The vector kernels linear_forward / linear_backward_input use here: "avx2+fma" or "baseline".
+const char* linear_simd();
 void linear_forward(ThreadPool& pool, const float* x, const float* w, float* y, int64_t n, int in, int out);
 // dx (+)= dy W. accumulate=false overwrites dx.
 void linear_backward_input(ThreadPool& pool, const float* dy, const float* w, float* dx, int64_t n, int in, int out,

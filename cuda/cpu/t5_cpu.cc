@@ -70,7 +70,7 @@ class CpuEngine : public Engine {
   const T5Config& config() const override { return cfg_; }
   std::string describe() const override {
     std::ostringstream o;
-    o << "cpu (fp32 reference backend, " << pool_.size() << " threads)";
+    o << "cpu (fp32 reference backend, " << pool_.size() << " threads, " << cpu::linear_simd() << " kernels)";
     return o.str();
   }
 

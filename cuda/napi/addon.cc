@@ -23,6 +23,7 @@
 
 #include "core/errors.h"
 #include "core/thread_pool.h"
+#include "cpu/cpu_ops.h"
 #include "io/mapped_file.h"
 #include "model/engine.h"
 #ifdef TFEW_CUDA_EMULATION
@@ -888,6 +889,35 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
                                                 static_cast<int64_t>(info[2].As<Napi::Number>().DoubleValue()),
                                                 static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
       return resolved(info.Env(), Napi::String::New(info.Env(), recompute_name(r)));
+    });
+  }));
+  // cpuLinear(x, w, dy, dxInit | null, n, in, out, threads) -> { y, dx, simd }: the CPU backend's linear kernels
+  // (y = x W^T; dx = dy W, added to dxInit when given) on small inputs, synchronously, for test/cpu-linear.test.ts
+  testing.Set("cpuLinear", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 8 || !info[0].IsTypedArray() || !info[1].IsTypedArray() || !info[2].IsTypedArray())
+        fail(ErrorCode::InvalidArgument, "cpuLinear(x, w, dy, dxInit, n, in, out, threads)");
+      const int64_t n = info[4].As<Napi::Number>().Int64Value();
+      const int in = info[5].As<Napi::Number>().Int32Value(), out = info[6].As<Napi::Number>().Int32Value();
+      const int threads = info[7].As<Napi::Number>().Int32Value();
+      auto x = info[0].As<Napi::Float32Array>(), w = info[1].As<Napi::Float32Array>(), dy = info[2].As<Napi::Float32Array>();
+      const bool accumulate = info[3].IsTypedArray();
+      if (n < 1 || in < 1 || out < 1 || threads < 1 || static_cast<int64_t>(x.ElementLength()) != n * in ||
+          static_cast<int64_t>(w.ElementLength()) != static_cast<int64_t>(out) * in ||
+          static_cast<int64_t>(dy.ElementLength()) != n * out ||
+          (accumulate && static_cast<int64_t>(info[3].As<Napi::Float32Array>().ElementLength()) != n * in))
+        fail(ErrorCode::InvalidArgument, "cpuLinear: sizes do not match n, in, out");
+      ThreadPool pool(threads);
+      Napi::Float32Array y = Napi::Float32Array::New(info.Env(), static_cast<size_t>(n * out));
+      Napi::Float32Array dx = Napi::Float32Array::New(info.Env(), static_cast<size_t>(n * in));
+      if (accumulate) std::memcpy(dx.Data(), info[3].As<Napi::Float32Array>().Data(), sizeof(float) * n * in);
+      cpu::linear_forward(pool, x.Data(), w.Data(), y.Data(), n, in, out);
+      cpu::linear_backward_input(pool, dy.Data(), w.Data(), dx.Data(), n, in, out, accumulate);
+      Napi::Object o = Napi::Object::New(info.Env());
+      o.Set("y", y);
+      o.Set("dx", dx);
+      o.Set("simd", cpu::linear_simd());
+      return resolved(info.Env(), o);
     });
   }));
   // readAfterTruncation(): a temporary file mapped, truncated and read (a truncation during loading): rejects
