@@ -101,12 +101,13 @@ function tfewModuleName(key: string): string | undefined {
 let nextId = 1;
 
 export class IA3Adapter {
-  /** Unique per instance (for callers that key caches by adapter). */
+  /** Unique per instance: with `version`, names the contents the addon holds a snapshot of. */
   readonly id: number;
-  /** Bumped by markChanged() / set(): a change counter for callers' caches. The engine needs neither: every
-   *  call sends `data`, and the CUDA engine re-uploads a vector whenever its contents differ from its copy. */
+  /** Bumped by markChanged() / set(). The addon reuses its snapshot of this adapter (no copy of the vectors, no
+   *  upload to the GPU) while the version is the same: after editing `data` in place, call markChanged(). */
   version = 0;
   readonly dims: IA3Dims;
+  /** All vectors, flat in IA3Layout order. After editing in place, call markChanged(). */
   readonly data: Float32Array;
   readonly modules: IA3Module[];
   private readonly byName: Map<string, IA3Module>;
@@ -213,7 +214,7 @@ export class IA3Adapter {
     this.markChanged();
   }
 
-  /** Records an in-place edit of `data` (bumps `version`). Optional for the engine, which compares contents. */
+  /** Call after editing `data` in place: the next call sends the new values (it bumps `version`). */
   markChanged(): void {
     this.version++;
   }

@@ -172,6 +172,12 @@ export class TrainingSession {
   }
 }
 
+// [id, version] of each adapter: the addon reuses its snapshot of an adapter it has seen at that version
+// (IA3Adapter.markChanged / set bump the version) instead of copying the vectors again.
+function adapterKeys(adapters: readonly IA3Adapter[]): number[] {
+  return adapters.flatMap((a) => [a.id, a.version]);
+}
+
 async function mapNativeErrors<T>(f: () => Promise<T>): Promise<T> {
   try {
     return await f();
@@ -362,7 +368,7 @@ export class T5Model {
       const chunk = examples.slice(start, start + batchSize);
       const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false));
+      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false, adapterKeys(adapters)));
       const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
       logProbs.forEach((lp, i) => {
         const scores = lengthNormalize ? lp.map((s, j) => s / lengths[i][j]) : lp.slice();
@@ -384,7 +390,7 @@ export class T5Model {
     const chunk = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
     const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true));
+    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true, adapterKeys(adapters)));
     const d = this.config.dModel;
     const hidden = out.encoderHidden as Float32Array;
     return encoded.map((ex, b) => hidden.slice(b * batch.encLen * d, (b * batch.encLen + ex.inputIds.length) * d));
@@ -402,7 +408,7 @@ export class T5Model {
     const chunk = inputs.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b) }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample);
     const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false));
+    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false, adapterKeys(adapters)));
     const V = this.config.vocabSize;
     const logits = out.logits as Float32Array;
     return encoded.map((ex, b) => ex.choices.map((c, j) => {
@@ -417,7 +423,7 @@ export class T5Model {
     const perExample = this.adaptersPerExample(options.adapter, batch?.inputIds?.length ?? 0);
     const { batch: nb, adapters } = this.lossBatch(batch, perExample, { maxInputLength: options.maxInputLength });
     const weights = lossWeights(options);
-    const out = await this.callNative(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights));
+    const out = await this.callNative(() => nm.lossAndGradients(nb, adapters.map((a) => a.data), weights, adapterKeys(adapters)));
     const adapterGradients = new Map<IA3Adapter, Float32Array>();
     adapters.forEach((a, i) => adapterGradients.set(a, out.gradients.subarray(i * a.data.length, (i + 1) * a.data.length)));
     const gradients: Record<string, Float32Array> = {};

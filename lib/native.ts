@@ -102,8 +102,10 @@ export interface NativeModel {
   readonly device: 'cpu' | 'cuda';
   describe(): string;
   /** adapters: flat Float32Arrays laid out by IA3 layout order (lib/adapter.ts), referenced by index. */
-  score(batch: NativeBatch, adapters: Float32Array[], wantLogits: boolean, wantEncoderHidden: boolean): Promise<NativeScoreResult>;
-  lossAndGradients(batch: NativeBatch, adapters: Float32Array[], options: NativeLossOptions): Promise<NativeLossResult>;
+  /** adapterKeys: [id, version] per adapter (IA3Adapter); an adapter seen before at the same version is not copied again. */
+  score(batch: NativeBatch, adapters: Float32Array[], wantLogits: boolean, wantEncoderHidden: boolean,
+        adapterKeys?: number[]): Promise<NativeScoreResult>;
+  lossAndGradients(batch: NativeBatch, adapters: Float32Array[], options: NativeLossOptions, adapterKeys?: number[]): Promise<NativeLossResult>;
   /** A native training session over copies of these adapters (vectors and optimizer state stay native). */
   createTrainingSession(adapters: Float32Array[], options: NativeOptimizerOptions): Promise<NativeTrainingSession>;
   /** Folds one adapter into the weights (k/v rows, wo columns). */

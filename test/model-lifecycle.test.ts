@@ -5,6 +5,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { DisposedError, FileFormatError, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
+import { checkAdapterSnapshots } from './helpers/adapter-snapshots';
 import { loadFixture } from './helpers/reference';
 
 const fx = loadFixture('tiny-gated-gelu-untied');
@@ -57,6 +58,17 @@ describe('Symbol.asyncDispose', () => {
     }
     expect(escaped.disposed).toBe(true);
     await expect(escaped.rankClassify(inputs, choices)).rejects.toBeInstanceOf(DisposedError);
+  });
+});
+
+describe('adapter snapshots', () => {
+  test('slots swapped between calls, in-place edits seen after markChanged(), more adapters than the table holds', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      await checkAdapterSnapshots(m, inputs, choices, 1e-6);
+    } finally {
+      await m.dispose();
+    }
   });
 });
 

@@ -300,14 +300,26 @@ void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
     adapter_capacity_ = std::max<size_t>(n, 8);
     adapters_dev_.allocate(adapter_capacity_ * total * sizeof(float), "(IA)3 adapters");
     adapter_cache_.assign(adapter_capacity_, std::vector<float>());
+    adapter_cache_key_.assign(adapter_capacity_, 0);
   }
   for (size_t i = 0; i < n; ++i) {
+    // The same snapshot as this slot's last upload: nothing to read (2 MiB per adapter at T0-3B) or copy.
+    const uint64_t key = i < set.content_keys.size() ? set.content_keys[i] : 0;
+    if (key != 0 && adapter_cache_key_[i] == key) continue;
+    adapter_cache_key_[i] = 0;  // (until this slot holds the vector again)
     std::vector<float>& cached = adapter_cache_[i];
     const float* v = set.vectors[i];
-    if (cached.size() == total && std::memcmp(cached.data(), v, total * sizeof(float)) == 0) continue;
-    cached.assign(v, v + total);
-    TFEW_CUDA_CHECK(cudaMemcpyAsync(adapters_dev_.get() + i * total * sizeof(float), cached.data(),
-                                    total * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    if (cached.size() != total || std::memcmp(cached.data(), v, total * sizeof(float)) != 0) {
+      cached.assign(v, v + total);
+      try {
+        TFEW_CUDA_CHECK(cudaMemcpyAsync(adapters_dev_.get() + i * total * sizeof(float), cached.data(),
+                                        total * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      } catch (...) {
+        cached.clear();  // the device slot does not hold it: compare again next time
+        throw;
+      }
+    }
+    adapter_cache_key_[i] = key;
   }
 }
 
@@ -490,6 +502,7 @@ void CudaEngine<T>::release_unlocked() {
   arena_.reset();
   adapters_dev_.reset();
   adapter_cache_.clear();
+  adapter_cache_key_.clear();
   weights_.storage.reset();
   cublas_workspace_.reset();
   staging_in_.reset();

@@ -202,6 +202,7 @@ class CudaEngine final : public Engine {
   const float* adapter_source_ = nullptr;  // a training session's vectors during its step, else adapters_dev_
   size_t adapter_capacity_ = 0;
   std::vector<std::vector<float>> adapter_cache_;
+  std::vector<uint64_t> adapter_cache_key_;  // per slot: the AdapterSet content key last uploaded (0: unknown)
   std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;
 
   bool fused_attention_ = false;

@@ -37,6 +37,10 @@ struct Batch {
 // The adapters a call may use: pointers to flat arrays laid out by IA3Layout, owned by the caller.
 struct AdapterSet {
   std::vector<const float*> vectors;
+  // Optional, per vector: a nonzero key names one immutable content (equal keys, equal values; the N-API layer
+  // gives each adapter snapshot its own), so an engine can tell that a vector it holds is unchanged without
+  // reading it. 0 or absent: unknown, compare the values.
+  std::vector<uint64_t> content_keys;
 };
 
 // CUDA: what the backward recomputes from the saved layer inputs instead of keeping it from the forward.

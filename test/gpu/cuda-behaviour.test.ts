@@ -2,6 +2,7 @@
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
 import { DisposedError, OutOfMemoryError, resolveCheckpoint, T5Model } from '../../lib';
 import { native } from '../../lib/native';
+import { checkAdapterSnapshots } from '../helpers/adapter-snapshots';
 import { loadFixture } from '../helpers/reference';
 import { describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
 
@@ -74,6 +75,17 @@ describeCuda('CUDA backend behaviour', () => {
       expect(ok.tokenLogp.length).toBe(4);
     } finally {
       await nm.dispose();
+    }
+  });
+
+  test('adapters between calls: device slots swapped, in-place edits seen after markChanged(), many adapters', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      const inputs = [[5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 1], [14, 1]];
+      const choices = [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1], [9, 1]], [[10, 1], [11, 1]], [[12, 1], [13, 14, 1]]];
+      await checkAdapterSnapshots(m, inputs, choices, 1e-5);
+    } finally {
+      await m.dispose();
     }
   });
 
