@@ -11,6 +11,8 @@ export type { CudaOptions, CudaProbe } from './native';
 export * from './errors';
 export { RankBatcher, QueueFullError } from './serve';
 export type { RankBatcherOptions, RankRequestOptions, RankOneResult, RankBatcherStats } from './serve';
+export { RankServer, HttpError } from './serve-http';
+export type { RankServerOptions } from './serve-http';
 export { Trainer } from './trainer';
 export type { TrainerOptions, TrainExample, TrainResult, StepEvent, EvalEvent, DoneEvent, TrainerEvents, TrainableModel, TrainingSessionLike, EvaluationResult } from './trainer';
 export * from './optim';

@@ -155,10 +155,13 @@ export class TrainingSession {
     }
   }
 
+  /** Frees the session (device memory included) after the steps and reads issued before it. Safe to call twice. */
   async dispose(): Promise<void> {
     const s = this.nativeSession;
     this.nativeSession = undefined;
-    if (s) await s.dispose();
+    // through the model's queue, so a step issued before dispose() runs first (the addon's dispose of a session
+    // the model already ended is a no-op)
+    if (s) await this.model.callNative(() => s.dispose());
   }
 
   async [asyncDispose](): Promise<void> {
@@ -250,6 +253,7 @@ export class T5Model {
   private lastCall: Promise<void> = Promise.resolve();
   // The (IA)3 vectors folded into the weights at load (mergeAdapter), for withMergedAdapter to compose.
   private mergedVectors: Float32Array | undefined;
+  private disposing: Promise<void> | undefined;
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
                       nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined) {
@@ -486,6 +490,11 @@ export class T5Model {
    * normally). Later calls reject with DisposedError. Safe to call twice.
    */
   async dispose(): Promise<void> {
+    if (!this.disposing) this.disposing = this.disposeOnce();
+    return this.disposing;  // (a second call resolves when the first has freed everything)
+  }
+
+  private async disposeOnce(): Promise<void> {
     const nm = this.nativeModel;
     this.nativeModel = undefined;
     if (!nm) return;

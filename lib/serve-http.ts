@@ -1,12 +1,14 @@
 // A small HTTP front end for RankBatcher (`tfew serve`): one model in memory, any number of named (IA)3 adapters,
 // requests of different tasks scored together in mixed-task batches. Node's own http module; JSON in and out.
 //
-//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...}}
+//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...}} (503 once stopping or disposed)
 //   POST /classify   {"input": "text" | [ids], "choices": ["a","b"] | [[ids]], "adapter"?: "name"}
 //                    -> {"prediction": 1, "label": "b", "scores": [...], "logProbs": [...]}
 //                    or {"requests": [ {...}, ... ]} -> {"results": [ {...} | {"error": {...}} ]} (each on its own)
 // Errors: {"error": {"code": "E_...", "message": "..."}} with 400 (bad input, unknown adapter), 404 / 405 (route),
-// 413 (body over maxBodyBytes), 429 (QueueFullError), 503 (closing), 500 (anything else).
+// 413 (body over maxBodyBytes, too many requests in one body), 429 (queue full), 503 (stopping), 500 (other).
+// A client that disconnects takes its waiting requests out of the queue.
+import { setMaxListeners } from 'events';
 import * as http from 'http';
 import type { AddressInfo } from 'net';
 import { IA3Adapter } from './adapter';
@@ -24,11 +26,12 @@ export interface RankServerOptions extends RankBatcherOptions {
 
 interface ClassifyRequest {
   input: string | number[];
-  choices: string[] | number[][];
+  choices: (string | number[])[];
   adapter?: string;
 }
 
-class HttpError extends TfewError {
+/** An HTTP-level failure: its status and code go to the client. */
+export class HttpError extends TfewError {
   constructor(readonly status: number, code: string, message: string) {
     super(code, message);
   }
@@ -50,43 +53,79 @@ function errorBody(e: unknown): { error: { code: string; message: string } } {
 export class RankServer {
   readonly batcher: RankBatcher;
   readonly server: http.Server;
+  private readonly adapters: Map<string, IA3Adapter>;
   private readonly maxBodyBytes: number;
   private readonly maxRequestsPerBody: number;
   private closing = false;
+  private closed: Promise<void> | undefined;
 
-  /** `adapters`: name -> adapter (each checked against the model now, not at the first request). */
-  constructor(private readonly model: T5Model, private readonly adapters: Map<string, IA3Adapter>, options: RankServerOptions = {}) {
-    for (const [name, a] of adapters) {
+  /** `adapters`: name -> adapter, a Map or a plain object (each checked against the model now, not at the first request). */
+  constructor(private readonly model: T5Model, adapters: Map<string, IA3Adapter> | Record<string, IA3Adapter> = new Map(),
+              options: RankServerOptions = {}) {
+    if (!model || typeof model.rankClassify !== 'function') throw new InvalidArgumentError('RankServer needs a T5Model');
+    if (model.disposed) throw new InvalidArgumentError('RankServer needs a model that has not been disposed');
+    if (adapters === null || typeof adapters !== 'object') throw new InvalidArgumentError('adapters must be a Map or an object of name -> IA3Adapter');
+    this.adapters = adapters instanceof Map ? new Map(adapters) : new Map(Object.entries(adapters));
+    for (const [name, a] of this.adapters) {
       if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter "${name}" is not an IA3Adapter`);
       a.assertCompatible(model.config);
     }
+    if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankServer options must be an object');
     const { maxBodyBytes, maxRequestsPerBody, ...batcherOptions } = options;
-    this.maxBodyBytes = maxBodyBytes ?? 1 << 20;
-    this.maxRequestsPerBody = maxRequestsPerBody ?? 256;
+    const positive = (name: string, v: number | undefined, dflt: number): number => {
+      const x = v ?? dflt;
+      if (!Number.isInteger(x) || x < 1) throw new InvalidArgumentError(`${name} must be an integer >= 1, got ${String(v)}`);
+      return x;
+    };
+    this.maxBodyBytes = positive('maxBodyBytes', maxBodyBytes, 1 << 20);
+    this.maxRequestsPerBody = positive('maxRequestsPerBody', maxRequestsPerBody, 256);
     this.batcher = new RankBatcher(model, batcherOptions);
     this.server = http.createServer((req, res) => {
       this.handle(req, res).catch((e) => this.send(res, statusOf(e), errorBody(e)));
     });
   }
 
-  /** Starts listening; resolves with the bound address (port 0 picks a free port). */
+  /** Starts listening; resolves with the bound address (port 0 picks a free port). Fails with E_LISTEN. */
   listen(port: number, host = '127.0.0.1'): Promise<AddressInfo> {
     return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
+      const fail = (e: Error) => reject(new TfewError('E_LISTEN', `cannot listen on ${host}:${port}: ${e.message}`));
+      if (!Number.isInteger(port) || port < 0 || port > 65535) return fail(new Error('the port must be an integer in [0, 65535]'));
+      if (this.server.listening || this.closing) return fail(new Error(this.closing ? 'the server was closed' : 'already listening'));
+      this.server.once('error', fail);
       this.server.listen(port, host, () => {
-        this.server.off('error', reject);
+        this.server.off('error', fail);
         resolve(this.server.address() as AddressInfo);
       });
     });
   }
 
-  /** Stops taking connections and requests, answers the accepted ones, then resolves. The model stays loaded. */
-  async close(): Promise<void> {
+  /**
+   * Stops taking connections and requests, answers the accepted ones, then resolves (the model stays loaded).
+   * Connections still open `graceMs` after the answers (a client that never finishes its request) are cut.
+   * Calling it again returns the same promise.
+   */
+  close(graceMs = 10_000): Promise<void> {
+    if (this.closed) return this.closed;
     this.closing = true;
-    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    await this.batcher.close();
-    this.server.closeIdleConnections?.();
-    await closed;
+    this.closed = (async () => {
+      const serverClosed = this.server.listening ? new Promise<void>((resolve) => this.server.close(() => resolve())) : Promise.resolve();
+      this.server.closeIdleConnections();
+      await this.batcher.close();
+      this.server.closeIdleConnections();
+      const cut = setTimeout(() => this.server.closeAllConnections(), graceMs);
+      try {
+        await serverClosed;
+      } finally {
+        clearTimeout(cut);
+      }
+    })();
+    return this.closed;
+  }
+
+  /** Cuts every connection at once (a second Ctrl-C); accepted requests are still scored, their answers dropped. */
+  closeNow(): void {
+    this.closing = true;
+    this.server.closeAllConnections();
   }
 
   async [asyncDispose](): Promise<void> {
@@ -96,9 +135,10 @@ export class RankServer {
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = (req.url ?? '/').split('?')[0];
     if (url === '/health') {
-      if (req.method !== 'GET') throw new HttpError(405, 'E_METHOD', 'use GET /health');
-      this.send(res, this.closing ? 503 : 200, {
-        status: this.closing ? 'closing' : 'ok', device: this.model.device, model: this.model.describe(),
+      if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, 'E_METHOD', 'use GET /health');
+      const status = this.model.disposed ? 'disposed' : this.closing ? 'closing' : 'ok';
+      this.send(res, status === 'ok' ? 200 : 503, {
+        status, device: this.model.device, model: this.model.describe(),
         adapters: [...this.adapters.keys()], stats: this.batcher.stats, pending: this.batcher.pending,
       });
       return;
@@ -107,22 +147,32 @@ export class RankServer {
     if (req.method !== 'POST') throw new HttpError(405, 'E_METHOD', 'use POST /classify');
     if (this.closing) throw new HttpError(503, 'E_CLOSING', 'the server is shutting down');
     const body = await this.readJson(req);
-    if (body && typeof body === 'object' && Array.isArray((body as { requests?: unknown }).requests)) {
-      const requests = (body as { requests: unknown[] }).requests;
+    if (this.closing) throw new HttpError(503, 'E_CLOSING', 'the server is shutting down');
+    // A client that goes away before its answer takes its waiting requests out of the queue.
+    const gone = new AbortController();
+    setMaxListeners(this.maxRequestsPerBody + 1, gone.signal);  // (one listener per request of the body)
+    res.on('close', () => {
+      if (!res.writableFinished) gone.abort();
+    });
+    if (body !== null && typeof body === 'object' && !Array.isArray(body) && 'requests' in body) {
+      const requests = (body as { requests: unknown }).requests;
+      if (!Array.isArray(requests)) throw new InvalidArgumentError('"requests" must be an array of requests');
       if (requests.length > this.maxRequestsPerBody) {
         throw new HttpError(413, 'E_TOO_LARGE', `${requests.length} requests in one body (at most ${this.maxRequestsPerBody})`);
       }
       // each request on its own: one bad request does not fail the others
-      const results = await Promise.all(requests.map((r) => this.classify(r).catch((e: unknown) => errorBody(e))));
+      const results = await Promise.all(requests.map((r) => this.classify(r, gone.signal).catch((e: unknown) => errorBody(e))));
       this.send(res, 200, { results });
       return;
     }
-    this.send(res, 200, await this.classify(body));
+    this.send(res, 200, await this.classify(body, gone.signal));
   }
 
-  private async classify(raw: unknown): Promise<RankOneResult & { label?: string }> {
+  private async classify(raw: unknown, signal: AbortSignal): Promise<RankOneResult & { label?: string }> {
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
+      throw new InvalidArgumentError('a request is an object {"input", "choices", "adapter"?}');
+    }
     const r = raw as ClassifyRequest;
-    if (!r || typeof r !== 'object') throw new InvalidArgumentError('a request is an object {"input", "choices", "adapter"?}');
     let adapter: IA3Adapter | null = null;
     if (r.adapter !== undefined && r.adapter !== null) {
       if (typeof r.adapter !== 'string') throw new InvalidArgumentError('"adapter" must be the name of a loaded adapter');
@@ -130,7 +180,7 @@ export class RankServer {
       if (!found) throw new HttpError(400, 'E_UNKNOWN_ADAPTER', `no adapter named "${r.adapter}" (loaded: ${[...this.adapters.keys()].join(', ') || 'none'})`);
       adapter = found;
     }
-    const out = await this.batcher.classify(r.input, r.choices, { adapter });
+    const out = await this.batcher.classify(r.input, r.choices, { adapter, signal });
     const label = Array.isArray(r.choices) && typeof r.choices[out.prediction] === 'string' ? (r.choices[out.prediction] as string) : undefined;
     return label === undefined ? out : { ...out, label };
   }
@@ -163,9 +213,12 @@ export class RankServer {
   }
 
   private send(res: http.ServerResponse, status: number, body: unknown): void {
-    if (res.headersSent) return;
+    if (res.headersSent || res.destroyed) return;
     const text = JSON.stringify(body);
-    res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) });
-    res.end(text);
+    const headers: http.OutgoingHttpHeaders = { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) };
+    if (status === 405) headers.allow = (res.req?.url ?? '').startsWith('/health') ? 'GET, HEAD' : 'POST';
+    if (this.closing) headers.connection = 'close';  // no keep-alive while stopping: close() need not wait it out
+    res.writeHead(status, headers);
+    res.end(res.req?.method === 'HEAD' ? undefined : text);
   }
 }

@@ -6,10 +6,11 @@
 //
 // Policy: a request waits at most `maxDelayMs` for company while the engine is idle; a full batch (`maxBatch`
 // examples) goes at once; while a batch runs, new requests queue and go together as soon as it returns. One
-// engine call at a time (the model serialises its calls anyway). A request that the engine rejects for its own
-// input (a bad token id, an adapter that does not fit the model, an input too long for memory) must not fail its
-// batch-mates: when a batch is rejected with such an error, its requests are scored one by one, so only the bad
-// one rejects.
+// engine call at a time (the model serialises its calls anyway). Requests are tokenized and checked when they
+// arrive (token ids in the vocabulary, at most maxInputLength input tokens: ids are refused beyond it, text is
+// truncated; bounded choices), so one client's bad request is refused alone and costs no engine time. Should the
+// engine still reject a batch for one request (an adapter that does not fit, out of memory), its requests are
+// scored one by one, so only that one fails.
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
 import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, TfewError } from './errors';
@@ -25,8 +26,12 @@ export interface RankBatcherOptions {
   maxQueue?: number;
   /** As RankClassifyOptions.lengthNormalize (default true). */
   lengthNormalize?: boolean;
-  /** As RankClassifyOptions.maxInputLength (string inputs). */
+  /** Input tokens (eos included): text is truncated to it, longer token-id inputs are refused. Default 256. */
   maxInputLength?: number;
+  /** Answer choices per request. Default 128 (RAFT's banking_77 has 77). */
+  maxChoices?: number;
+  /** Tokens per answer choice (eos included); longer ones are refused. Default 128. */
+  maxChoiceLength?: number;
 }
 
 export interface RankRequestOptions {
@@ -62,28 +67,41 @@ export class QueueFullError extends TfewError {
 }
 
 interface Pending {
-  input: string | number[];
-  choices: string[] | number[][];
+  inputIds: number[];
+  choiceIds: number[][];
   adapter: IA3Adapter | null;
   resolve: (r: RankOneResult) => void;
   reject: (e: Error) => void;
   settled: boolean;
+  dispatched: boolean;
   signal?: AbortSignal;
   onAbort?: () => void;
 }
 
 // Errors that may concern one request, not the engine: its batch-mates are scored again without it (out of
-// memory included: one over-long input can make the whole batch too big).
+// memory included: one request can make the whole batch too big).
 const isInputError = (e: unknown): boolean =>
   e instanceof InvalidArgumentError || e instanceof InvalidAdapterError || e instanceof OutOfMemoryError;
+
+const isSignal = (s: unknown): s is AbortSignal =>
+  typeof s === 'object' && s !== null && typeof (s as AbortSignal).aborted === 'boolean' &&
+  typeof (s as AbortSignal).addEventListener === 'function';
+
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class RankBatcher {
   private readonly maxBatch: number;
   private readonly maxDelayMs: number;
   private readonly maxQueue: number;
   private readonly lengthNormalize: boolean;
-  private readonly maxInputLength?: number;
+  private readonly maxInputLength: number;
+  private readonly maxChoices: number;
+  private readonly maxChoiceLength: number;
+  // Requests in arrival order from `head` on; aborted ones stay (settled) and are skipped when batches form, so
+  // an abort costs O(1) however long the queue.
   private queue: Pending[] = [];
+  private head = 0;
+  private waiting = 0;  // queued, not aborted, not yet sent
   private running = false;
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -91,6 +109,8 @@ export class RankBatcher {
   private readonly counts: RankBatcherStats = { requests: 0, batches: 0, batchedExamples: 0, largestBatch: 0, isolatedBatches: 0 };
 
   constructor(private readonly model: T5Model, options: RankBatcherOptions = {}) {
+    if (!model || typeof model.rankClassify !== 'function') throw new InvalidArgumentError('RankBatcher needs a T5Model');
+    if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankBatcher options must be an object');
     const int = (name: string, v: number | undefined, dflt: number, min: number): number => {
       const x = v ?? dflt;
       if (!Number.isInteger(x) || x < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${String(v)}`);
@@ -98,37 +118,52 @@ export class RankBatcher {
     };
     this.maxBatch = int('maxBatch', options.maxBatch, 32, 1);
     this.maxQueue = int('maxQueue', options.maxQueue, 4096, 1);
+    this.maxInputLength = int('maxInputLength', options.maxInputLength, 256, 1);
+    this.maxChoices = int('maxChoices', options.maxChoices, 128, 1);
+    this.maxChoiceLength = int('maxChoiceLength', options.maxChoiceLength, 128, 1);
     const delay = options.maxDelayMs ?? 2;
-    if (!Number.isFinite(delay) || delay < 0) throw new InvalidArgumentError(`maxDelayMs must be a number >= 0, got ${String(options.maxDelayMs)}`);
+    if (typeof delay !== 'number' || !Number.isFinite(delay) || delay < 0 || delay > MAX_TIMER_MS) {
+      throw new InvalidArgumentError(`maxDelayMs must be a number in [0, ${MAX_TIMER_MS}], got ${String(options.maxDelayMs)}`);
+    }
     this.maxDelayMs = delay;
-    this.lengthNormalize = options.lengthNormalize ?? true;
-    this.maxInputLength = options.maxInputLength;
+    const normalize = options.lengthNormalize ?? true;
+    if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`lengthNormalize must be a boolean, got ${String(normalize)}`);
+    this.lengthNormalize = normalize;
   }
 
   /** Scores `choices` for `input` (a string, or token ids with eos) in the next batch. */
-  classify(input: string | number[], choices: string[] | number[][], options: RankRequestOptions = {}): Promise<RankOneResult> {
+  classify(input: string | ArrayLike<number>, choices: (string | ArrayLike<number>)[],
+           options: RankRequestOptions | null = {}): Promise<RankOneResult> {
     return new Promise<RankOneResult>((resolve, reject) => {
-      if (this.closed) return reject(new DisposedError('the RankBatcher has been closed'));
-      if (this.model.disposed) return reject(new DisposedError('the RankBatcher\'s model has been disposed'));
-      if (options.signal?.aborted) return reject(new AbortError());
-      if (typeof input !== 'string' && !Array.isArray(input)) return reject(new InvalidArgumentError('input must be a string or an array of token ids'));
-      if (!Array.isArray(choices) || choices.length === 0) return reject(new InvalidArgumentError('choices must be a non-empty array'));
-      const adapter = options.adapter ?? null;
-      if (adapter !== null && !(adapter instanceof IA3Adapter)) return reject(new InvalidArgumentError('adapter must be an IA3Adapter or null'));
-      if (this.queue.length >= this.maxQueue) {
-        return reject(new QueueFullError(`${this.queue.length} requests are waiting (maxQueue ${this.maxQueue}); retry later`));
+      try {
+        if (this.closed) throw new DisposedError('the RankBatcher has been closed');
+        if (this.model.disposed) throw new DisposedError('the RankBatcher\'s model has been disposed');
+        const o = options ?? {};
+        if (typeof o !== 'object') throw new InvalidArgumentError('classify options must be an object');
+        if (o.signal !== undefined && !isSignal(o.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
+        if (o.signal?.aborted) throw new AbortError();
+        const adapter = o.adapter ?? null;
+        if (adapter !== null && !(adapter instanceof IA3Adapter)) throw new InvalidArgumentError('adapter must be an IA3Adapter or null');
+        if (adapter) adapter.assertCompatible(this.model.config);
+        if (this.waiting >= this.maxQueue) {
+          throw new QueueFullError(`${this.waiting} requests are waiting (maxQueue ${this.maxQueue}); retry later`);
+        }
+        const { inputIds, choiceIds } = this.encode(input, choices);
+        const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false, signal: o.signal };
+        if (o.signal) {
+          p.onAbort = () => {
+            if (!p.dispatched && !p.settled) this.waiting--;
+            this.settle(p, new AbortError());
+          };
+          o.signal.addEventListener('abort', p.onAbort, { once: true });
+        }
+        this.counts.requests++;
+        this.queue.push(p);
+        this.waiting++;
+        this.schedule();
+      } catch (e) {
+        reject(e as Error);
       }
-      const p: Pending = { input, choices, adapter, resolve, reject, settled: false, signal: options.signal };
-      if (options.signal) {
-        p.onAbort = () => {
-          this.queue = this.queue.filter((q) => q !== p);
-          this.settle(p, new AbortError());
-        };
-        options.signal.addEventListener('abort', p.onAbort, { once: true });
-      }
-      this.counts.requests++;
-      this.queue.push(p);
-      this.schedule();
     });
   }
 
@@ -139,14 +174,14 @@ export class RankBatcher {
 
   /** Requests waiting for a batch (not counting a running one). */
   get pending(): number {
-    return this.queue.length;
+    return this.waiting;
   }
 
   /** Stops taking requests; resolves once every accepted request has been answered. The model stays loaded. */
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) this.dispatchSoon(0);
-    if (!this.running && this.queue.length === 0) return;
+    if (!this.running && this.waiting === 0) return;
     await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -157,9 +192,41 @@ export class RankBatcher {
 
   // ---- internals
 
+  // Token ids of the request, checked: what would fail in the engine for this request alone fails here.
+  private encode(input: string | ArrayLike<number>, choices: (string | ArrayLike<number>)[]): { inputIds: number[]; choiceIds: number[][] } {
+    const vocab = this.model.config.vocabSize;
+    const ids = (value: unknown, what: string, limit: number, truncate: boolean): number[] => {
+      let out: number[];
+      if (typeof value === 'string') {
+        out = this.model.tokenize(value, truncate ? limit : undefined);
+      } else if (Array.isArray(value) || ArrayBuffer.isView(value)) {
+        out = Array.from(value as ArrayLike<number>);
+      } else {
+        throw new InvalidArgumentError(`${what} must be a string or an array of token ids`);
+      }
+      if (out.length === 0) throw new InvalidArgumentError(`${what} is empty`);
+      if (out.length > limit) {
+        throw new InvalidArgumentError(`${what} has ${out.length} tokens; this batcher takes at most ${limit}` +
+                                       (truncate ? ' (token ids are not truncated)' : ''));
+      }
+      for (let i = 0; i < out.length; i++) {
+        const t = out[i];
+        if (!Number.isInteger(t) || t < 0 || t >= vocab) {
+          throw new InvalidArgumentError(`${what}: token id ${JSON.stringify(t)} at position ${i} is not in the vocabulary [0, ${vocab})`);
+        }
+      }
+      return out;
+    };
+    const inputIds = ids(input, 'the input', this.maxInputLength, true);
+    if (!Array.isArray(choices) || choices.length === 0) throw new InvalidArgumentError('choices must be a non-empty array');
+    if (choices.length > this.maxChoices) throw new InvalidArgumentError(`${choices.length} choices; this batcher takes at most ${this.maxChoices}`);
+    const choiceIds = choices.map((c, j) => ids(c, `choice ${j}`, this.maxChoiceLength, false));
+    return { inputIds, choiceIds };
+  }
+
   private schedule(): void {
     if (this.running) return;  // the running batch's end sends what queued meanwhile
-    if (this.queue.length >= this.maxBatch || this.closed) this.dispatchSoon(0);
+    if (this.waiting >= this.maxBatch || this.closed) this.dispatchSoon(0);
     else if (!this.timer) this.dispatchSoon(this.maxDelayMs);
   }
 
@@ -172,12 +239,31 @@ export class RankBatcher {
     }, ms);
   }
 
+  // The next batch: up to maxBatch requests in arrival order, skipping aborted ones.
+  private takeBatch(): Pending[] {
+    const batch: Pending[] = [];
+    while (batch.length < this.maxBatch && this.head < this.queue.length) {
+      const p = this.queue[this.head++];
+      if (p.settled) continue;
+      p.dispatched = true;
+      this.waiting--;
+      batch.push(p);
+    }
+    if (this.head === this.queue.length) {
+      this.queue = [];
+      this.head = 0;
+    } else if (this.head > 1024 && this.head * 2 > this.queue.length) {
+      this.queue = this.queue.slice(this.head);
+      this.head = 0;
+    }
+    return batch;
+  }
+
   private async runBatches(): Promise<void> {
     if (this.running) return;
     this.running = true;
     try {
-      while (this.queue.length > 0) {
-        const batch = this.queue.splice(0, this.maxBatch);
+      for (let batch = this.takeBatch(); batch.length > 0; batch = this.takeBatch()) {
         this.counts.batches++;
         this.counts.batchedExamples += batch.length;
         this.counts.largestBatch = Math.max(this.counts.largestBatch, batch.length);
@@ -202,7 +288,7 @@ export class RankBatcher {
       }
     } finally {
       this.running = false;
-      if (this.queue.length === 0) {
+      if (this.waiting === 0) {
         const waiters = this.idleWaiters;
         this.idleWaiters = [];
         waiters.forEach((w) => w());
@@ -214,9 +300,9 @@ export class RankBatcher {
 
   private async score(batch: Pending[]): Promise<RankOneResult[]> {
     const r = await this.model.rankClassify(
-      batch.map((p) => p.input) as string[] | number[][],
-      batch.map((p) => p.choices),
-      { adapter: batch.map((p) => p.adapter), lengthNormalize: this.lengthNormalize, maxInputLength: this.maxInputLength, batchSize: batch.length });
+      batch.map((p) => p.inputIds),
+      batch.map((p) => p.choiceIds),
+      { adapter: batch.map((p) => p.adapter), lengthNormalize: this.lengthNormalize, batchSize: batch.length });
     return r.predictions.map((prediction, i) => ({ prediction, scores: r.scores[i], logProbs: r.logProbs[i] }));
   }
 

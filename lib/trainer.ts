@@ -241,6 +241,12 @@ function resolveOptions(options: TrainerOptions): ResolvedOptions {
   if (typeof o.seed !== 'number' || !Number.isInteger(o.seed) || o.seed < 0) {
     throw new InvalidArgumentError(`seed must be an integer >= 0, got ${String(o.seed)}`);
   }
+  for (const name of ['scaleParameter', 'dropout', 'nativeOptimizer'] as const) {
+    if (typeof o[name] !== 'boolean') throw new InvalidArgumentError(`${name} must be a boolean, got ${String(o[name])}`);
+  }
+  if (o.saveTo !== undefined && (typeof o.saveTo !== 'string' || o.saveTo.length === 0 || o.saveTo.includes('\0'))) {
+    throw new InvalidArgumentError(`saveTo must be a directory path (a non-empty string), got ${JSON.stringify(o.saveTo)}`);
+  }
   recomputeLevel(o.recompute); // throws on a value LossOptions would reject, before any step runs
   if (o.evalEvery !== undefined && (!o.evalSet || o.evalSet.length === 0)) {
     throw new InvalidArgumentError('evalEvery needs a non-empty evalSet');

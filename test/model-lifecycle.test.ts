@@ -46,6 +46,36 @@ describe('dispose()', () => {
   });
 });
 
+describe('dispose() twice, and a training session', () => {
+  test('a second dispose() resolves only once the first has freed the model', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    const order: string[] = [];
+    const running = m.rankClassify(inputs, choices, { batchSize: 1 }).then(() => order.push('call'));
+    const first = m.dispose().then(() => order.push('first dispose'));
+    const second = m.dispose().then(() => order.push('second dispose'));
+    await Promise.all([running, first, second]);
+    expect(order).toEqual(['call', 'first dispose', 'second dispose']);
+  });
+
+  test('a session step issued before session.dispose() completes; later ones reject with DisposedError', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      const a = IA3Adapter.create(m);
+      const session = await m.createTrainingSession([a], { totalSteps: 10 });
+      const batch = { inputIds: inputs, choices, labels: [0, 1, 0, 1] };
+      const step1 = session.step(batch, { adapter: a });
+      const step2 = session.step(batch, { adapter: a });
+      const disposed = session.dispose();
+      await expect(session.step(batch, { adapter: a })).rejects.toBeInstanceOf(DisposedError);
+      expect((await step1).totalLoss).toBeGreaterThan(0);
+      expect((await step2).totalLoss).toBeGreaterThan(0);
+      await disposed;
+    } finally {
+      await m.dispose();
+    }
+  });
+});
+
 describe('Symbol.asyncDispose', () => {
   // (jest runs tests in a vm realm without Node's Symbol.asyncDispose; Node's main realm has this very symbol)
   (Symbol as { asyncDispose?: symbol }).asyncDispose ??= Symbol.for('nodejs.asyncDispose');
@@ -109,6 +139,18 @@ describe('misuse from plain JavaScript gives typed errors', () => {
       expect(make({ learningRate: 1e-2 })).toThrow(InvalidArgumentError);
       expect(make(null)).toThrow(InvalidArgumentError);
       expect(make({ lr: 1e-2, steps: 3, saveTo: undefined })).not.toThrow();
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('Trainer saveTo that is not a path is refused when the Trainer is made', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      for (const saveTo of ['', 5, {}, null, 'a\0b']) {
+        expect(() => new Trainer(m, IA3Adapter.create(m), { saveTo } as unknown as Record<string, never>)).toThrow(InvalidArgumentError);
+      }
+      expect(() => new Trainer(m, IA3Adapter.create(m), { dropout: 'false' } as unknown as Record<string, never>)).toThrow(InvalidArgumentError);
     } finally {
       await m.dispose();
     }

@@ -4,7 +4,9 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { IA3Adapter, T5Model } from '../lib';
+import * as http from 'http';
+import * as net from 'net';
+import { IA3Adapter, InvalidArgumentError, T5Model, TfewError } from '../lib';
 import { main } from '../lib/cli/main';
 import { RankServer } from '../lib/serve-http';
 import { buildTinyT5 } from '../lib/tiny';
@@ -100,6 +102,80 @@ describe('RankServer', () => {
     const health = await (await fetch(`${base}/health`)).json();
     expect(health).toMatchObject({ status: 'ok', device: 'cpu', adapters: ['sentiment', 'topic'] });
     expect(health.stats.requests).toBeGreaterThan(0);
+  });
+
+  test('token ids beyond maxInputLength, a non-array "requests": 400 with the reason', async () => {
+    const long = await post(base, { input: [...new Array(300).fill(5), 1], choices: [[4, 1]] });
+    expect(long.status).toBe(400);
+    expect(long.json.error.message).toMatch(/301 tokens; this batcher takes at most 256/);
+    const bad = await post(base, { requests: 'x' });
+    expect(bad.status).toBe(400);
+    expect(bad.json.error.message).toMatch(/"requests" must be an array/);
+  });
+
+  test('a client that disconnects while its request waits takes it out of the queue', async () => {
+    const slow = new RankServer(model, adapters, { maxDelayMs: 300 });
+    const a = await slow.listen(0);
+    try {
+      const req = http.request({ port: a.port, host: '127.0.0.1', method: 'POST', path: '/classify', headers: { 'content-type': 'application/json' } });
+      req.on('error', () => undefined);
+      req.end(JSON.stringify({ input: [5, 1], choices: [[4, 1]] }));
+      for (let i = 0; i < 100 && slow.batcher.pending === 0; i++) await new Promise((r) => setTimeout(r, 5));
+      expect(slow.batcher.pending).toBe(1);
+      req.destroy();
+      for (let i = 0; i < 100 && slow.batcher.pending === 1; i++) await new Promise((r) => setTimeout(r, 5));
+      expect(slow.batcher.pending).toBe(0);
+      await new Promise((r) => setTimeout(r, 400));
+      expect(slow.batcher.stats.batchedExamples).toBe(0);
+    } finally {
+      await slow.close();
+    }
+  });
+
+  test('close() does not wait on a client that never finishes its request (grace period), and a second close() shares it', async () => {
+    const s2 = new RankServer(model, adapters);
+    const a = await s2.listen(0);
+    const sock = net.connect(a.port, '127.0.0.1');
+    sock.on('error', () => undefined);
+    await new Promise<void>((r) => sock.once('connect', () => r()));
+    sock.write('POST /classify HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"inp');
+    await new Promise((r) => setTimeout(r, 50));
+    const t0 = Date.now();
+    const first = s2.close(200);
+    expect(s2.close()).toBe(first);
+    await first;
+    expect(Date.now() - t0).toBeLessThan(3000);
+    sock.destroy();
+    await expect(s2.listen(0)).rejects.toMatchObject({ code: 'E_LISTEN' });
+  });
+
+  test('listening on a port in use: TfewError E_LISTEN', async () => {
+    const other = new RankServer(model, adapters);
+    const port = Number(new URL(base).port);
+    const err = await other.listen(port).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TfewError);
+    expect(err).toMatchObject({ code: 'E_LISTEN' });
+    await other.close();
+  });
+
+  test('options and adapters are checked when the server is made; /health says when the model is gone', async () => {
+    expect(() => new RankServer(model, adapters, { maxBodyBytes: NaN })).toThrow(InvalidArgumentError);
+    expect(() => new RankServer(model, adapters, { maxRequestsPerBody: 0 })).toThrow(InvalidArgumentError);
+    expect(() => new RankServer(model, null as unknown as Map<string, IA3Adapter>)).toThrow(InvalidArgumentError);
+    const own = await T5Model.load(path.join(dir, 'model'), { device: 'cpu', threads: 1 });
+    const s3 = new RankServer(own, { sentiment: adapters.get('sentiment')! });  // a plain object of adapters
+    const a = await s3.listen(0);
+    try {
+      const url = `http://127.0.0.1:${a.port}/health`;
+      expect((await (await fetch(url)).json()).adapters).toEqual(['sentiment']);
+      await own.dispose();
+      const res = await fetch(url);
+      expect(res.status).toBe(503);
+      expect((await res.json()).status).toBe('disposed');
+      expect(() => new RankServer(own, adapters)).toThrow(InvalidArgumentError);
+    } finally {
+      await s3.close();
+    }
   });
 
   test('an adapter that does not fit the model is refused when the server is made', () => {

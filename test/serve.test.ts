@@ -88,28 +88,59 @@ describe('RankBatcher', () => {
     for (const i of [0, 5, 9]) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
   });
 
-  test('a bad request fails alone with a typed error; its batch-mates are answered', async () => {
-    {
-      const otherModel = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
-      const foreign = IA3Adapter.create(otherModel);  // another architecture's vector layout
-      await otherModel.dispose();
-      const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5 });
-      const good = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
-      const unknownToken = batcher.classify([5, 100000, 1], [[4, 1], [5, 1]]);
-      const mismatched = batcher.classify(requests[3].input, requests[3].choices, { adapter: foreign });
-      // token ids are not truncated: 300,000 of them need more memory than there is (a fast, typed failure)
-      const tooLong = batcher.classify([...new Array(300000).fill(5), 1], [[4, 1], [5, 1]]);
-      await expect(unknownToken).rejects.toBeInstanceOf(InvalidArgumentError);
-      await expect(mismatched).rejects.toBeInstanceOf(InvalidAdapterError);
-      await expect(tooLong).rejects.toBeInstanceOf(OutOfMemoryError);
-      const answers = await Promise.all(good);
-      for (let i = 0; i < 3; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
-      expect(batcher.stats.batches).toBe(1);
-      expect(batcher.stats.isolatedBatches).toBe(1);
-      // bad arguments are refused before queueing
-      await expect(batcher.classify([1], [])).rejects.toBeInstanceOf(InvalidArgumentError);
-      await expect(batcher.classify([1], [[1]], { adapter: {} as IA3Adapter })).rejects.toBeInstanceOf(InvalidArgumentError);
+  test('bad requests are refused when they arrive, with typed errors, and cost no engine call', async () => {
+    const otherModel = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
+    const foreign = IA3Adapter.create(otherModel);  // another architecture's vector layout
+    await otherModel.dispose();
+    const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5, maxInputLength: 16, maxChoices: 3, maxChoiceLength: 4 });
+    const good = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
+    const refused = [
+      batcher.classify([5, 100000, 1], [[4, 1], [5, 1]]),                       // unknown token id
+      batcher.classify([5, 1.5, 1], [[4, 1]]),                                  // not an integer
+      batcher.classify(requests[3].input, requests[3].choices, { adapter: foreign }),
+      batcher.classify([...new Array(20).fill(5), 1], [[4, 1]]),               // ids beyond maxInputLength
+      batcher.classify([5, 1], [[4, 1], [5, 1], [6, 1], [7, 1]]),               // more than maxChoices
+      batcher.classify([5, 1], [[4, 5, 6, 7, 8, 1]]),                            // a choice beyond maxChoiceLength
+      batcher.classify([5, 1], [[]]),                                           // an empty choice
+      batcher.classify([5, 1], [[4, 1]], { signal: {} as AbortSignal }),
+      batcher.classify([5, 1], [[4, 1]], null as unknown as undefined),        // (null options are fine: below)
+    ];
+    for (const [i, r] of refused.slice(0, 8).entries()) {
+      await expect(r).rejects.toBeInstanceOf(i === 2 ? InvalidAdapterError : InvalidArgumentError);
     }
+    await expect(refused[8]).resolves.toMatchObject({ scores: [expect.any(Number)] });
+    // text is truncated to maxInputLength, not refused
+    await expect(batcher.classify('great film '.repeat(40), ['yes', 'no'])).resolves.toMatchObject({ prediction: expect.any(Number) });
+    const answers = await Promise.all(good);
+    for (let i = 0; i < 3; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+    expect(batcher.stats.isolatedBatches).toBe(0);
+    expect(batcher.stats.batchedExamples).toBe(5);  // the 3 good ones, the null-options one, the text
+  });
+
+  test('a request the engine rejects (out of memory) fails alone; its batch-mates are answered', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5, maxInputLength: 400000 });
+    const good = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices, { adapter: adapters[i] }));
+    // 300,000 token ids pass the batcher's checks here, and need more memory than there is (a fast, typed failure)
+    const tooLong = batcher.classify([...new Array(300000).fill(5), 1], [[4, 1], [5, 1]]);
+    await expect(tooLong).rejects.toBeInstanceOf(OutOfMemoryError);
+    const answers = await Promise.all(good);
+    for (let i = 0; i < 3; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+    expect(batcher.stats).toMatchObject({ batches: 1, isolatedBatches: 1 });
+  });
+
+  test('10,000 requests, half of them aborted while queued: the rest answered, the aborts cheap', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 64, maxDelayMs: 0, maxQueue: 20000 });
+    const ctl = new AbortController();
+    const all = Array.from({ length: 10000 }, (_, i) =>
+      batcher.classify([3 + (i % 20), 1], [[4, 1], [5, 1]], i % 2 ? { signal: ctl.signal } : {}));
+    const t0 = Date.now();
+    ctl.abort();
+    expect(Date.now() - t0).toBeLessThan(500);
+    const settled = await Promise.allSettled(all);
+    expect(settled.filter((s, i) => i % 2 === 1 && s.status === 'rejected' && s.reason instanceof AbortError)).toHaveLength(5000);
+    expect(settled.filter((s, i) => i % 2 === 0 && s.status === 'fulfilled')).toHaveLength(5000);
+    expect(batcher.stats.batchedExamples).toBe(5000);
+    expect(batcher.pending).toBe(0);
   });
 
   test('abort while queued: AbortError, and the request is not sent', async () => {
@@ -158,5 +189,10 @@ describe('RankBatcher', () => {
     expect(() => new RankBatcher(model, { maxBatch: 0 })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { maxQueue: 1.5 })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { maxDelayMs: -1 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { maxDelayMs: 2 ** 40 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { maxInputLength: 0 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { lengthNormalize: 'no' as unknown as boolean })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { maxChoices: 0 })).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
   });
 });

@@ -198,6 +198,12 @@ async function loadAdapters(file: string, model: T5Model): Promise<Map<number, I
   return IA3Adapter.load(file, { config: model.config });
 }
 
+function port(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new CommanderArgumentError('--port must be an integer in [0, 65535]');
+  return n;
+}
+
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
@@ -212,7 +218,7 @@ async function loadNamedAdapters(specs: string[], model: T5Model): Promise<Map<s
   };
   for (const spec of specs) {
     const eq = spec.indexOf('=');
-    if (eq >= 0) {
+    if (eq > 0 && /^[\w.-]+$/.test(spec.slice(0, eq))) {  // name=path (a path with '=' in it stays a path)
       await add(spec.slice(0, eq), spec.slice(eq + 1));
       continue;
     }
@@ -533,7 +539,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
   addModelOptions(program.command('serve'))
     .description('serve rank classification over HTTP: named (IA)3 adapters, requests of different tasks batched together')
     .option('-a, --adapter <name=path>', 'a named adapter, repeatable (path: PEFT dir/file or T-Few .pt); or a directory whose subdirectories are adapters, named after them', collect, [])
-    .option('--port <n>', 'port (8080; 0 picks a free one)', int('--port'), 8080)
+    .option('--port <n>', 'port (8080; 0 picks a free one)', port, 8080)
     .option('--host <host>', 'interface to listen on', '127.0.0.1')
     .option('--max-batch <n>', 'examples per engine call (32)', int('--max-batch'))
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
@@ -546,13 +552,29 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const server = new RankServer(model, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
         const address = await server.listen(o.port, o.host);
         io.out(`tfew serve: http://${address.address}:${address.port} on ${model.device}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +
-               '(POST /classify, GET /health; Ctrl-C stops)');
-        await new Promise<void>((resolve) => {
-          process.once('SIGINT', resolve);
-          process.once('SIGTERM', resolve);
-        });
-        io.err('[tfew] stopping: answering the accepted requests');
-        await server.close();
+               '(POST /classify, GET /health; Ctrl-C stops, twice cuts the connections)');
+        // The first SIGINT or SIGTERM stops gracefully (answers what was accepted); a second one cuts every connection.
+        let signals = 0;
+        let stop!: () => void;
+        const stopped = new Promise<void>((resolve) => { stop = resolve; });
+        const onSignal = () => {
+          if (++signals === 1) {
+            io.err('[tfew] stopping: answering the accepted requests (again to cut the connections)');
+            stop();
+          } else {
+            io.err('[tfew] cutting the connections');
+            server.closeNow();
+          }
+        };
+        process.on('SIGINT', onSignal);
+        process.on('SIGTERM', onSignal);
+        try {
+          await stopped;
+          await server.close();
+        } finally {
+          process.off('SIGINT', onSignal);
+          process.off('SIGTERM', onSignal);
+        }
         io.err(`[tfew] stopped: ${JSON.stringify(server.batcher.stats)}`);
       } finally {
         await model.dispose();
