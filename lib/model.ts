@@ -6,7 +6,7 @@ import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
 import { CudaOptions, CudaProbe, native, NativeLossOptions, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -42,6 +42,8 @@ export interface RankClassifyOptions {
   maxInputLength?: number;
   /** Examples per native call (memory bound). Default 32. */
   batchSize?: number;
+  /** Stops between native calls (batches of batchSize): the call rejects with AbortError. */
+  signal?: AbortSignal;
 }
 
 export interface RankClassifyResult {
@@ -369,6 +371,7 @@ export class T5Model {
     }));
     const result: RankClassifyResult = { predictions: [], scores: [], logProbs: [] };
     for (let start = 0; start < examples.length; start += batchSize) {
+      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${start} of ${examples.length} examples`);
       const chunk = examples.slice(start, start + batchSize);
       const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);

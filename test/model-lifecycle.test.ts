@@ -4,7 +4,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { DisposedError, FileFormatError, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
+import { AbortError, DisposedError, FileFormatError, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
 import { checkAdapterSnapshots } from './helpers/adapter-snapshots';
 import { loadFixture } from './helpers/reference';
 
@@ -70,6 +70,25 @@ describe('dispose() twice, and a training session', () => {
       expect((await step1).totalLoss).toBeGreaterThan(0);
       expect((await step2).totalLoss).toBeGreaterThan(0);
       await disposed;
+    } finally {
+      await m.dispose();
+    }
+  });
+});
+
+describe('rankClassify with an AbortSignal', () => {
+  test('stops between batches with AbortError; an unaborted signal changes nothing', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      const many = Array.from({ length: 40 }, (_, i) => inputs[i % 4]);
+      const manyChoices = Array.from({ length: 40 }, (_, i) => choices[i % 4]);
+      const ctl = new AbortController();
+      const running = m.rankClassify(many, manyChoices, { batchSize: 1, signal: ctl.signal });
+      setImmediate(() => ctl.abort());
+      await expect(running).rejects.toBeInstanceOf(AbortError);
+      await expect(running).rejects.toThrow(/aborted after [1-9]\d* of 40 examples/);
+      const fine = await m.rankClassify(inputs, choices, { signal: new AbortController().signal });
+      expect(fine.predictions).toHaveLength(4);
     } finally {
       await m.dispose();
     }
