@@ -364,6 +364,9 @@ export class T5Model {
     const batchSize = options.batchSize ?? 32;
     if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
+    if (options.signal !== undefined && (typeof options.signal !== 'object' || options.signal === null || typeof options.signal.aborted !== 'boolean')) {
+      throw new InvalidArgumentError('signal must be an AbortSignal');
+    }
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input, b) => ({
       inputIds: this.ids(input, maxInputLength),

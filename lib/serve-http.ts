@@ -58,6 +58,7 @@ export class RankServer {
   private readonly maxRequestsPerBody: number;
   private closing = false;
   private closed: Promise<void> | undefined;
+  private binding: Promise<void> | undefined;  // a listen() in progress (settles, never rejects)
 
   /** `adapters`: name -> adapter, a Map or a plain object (each checked against the model now, not at the first request). */
   constructor(private readonly model: T5Model, adapters: Map<string, IA3Adapter> | Record<string, IA3Adapter> = new Map(),
@@ -87,16 +88,26 @@ export class RankServer {
 
   /** Starts listening; resolves with the bound address (port 0 picks a free port). Fails with E_LISTEN. */
   listen(port: number, host = '127.0.0.1'): Promise<AddressInfo> {
-    return new Promise((resolve, reject) => {
-      const fail = (e: Error) => reject(new TfewError('E_LISTEN', `cannot listen on ${host}:${port}: ${e.message}`));
-      if (!Number.isInteger(port) || port < 0 || port > 65535) return fail(new Error('the port must be an integer in [0, 65535]'));
-      if (this.server.listening || this.closing) return fail(new Error(this.closing ? 'the server was closed' : 'already listening'));
+    const error = (why: string) => new TfewError('E_LISTEN', `cannot listen on ${String(host)}:${port}: ${why}`);
+    if (!Number.isInteger(port) || port < 0 || port > 65535) return Promise.reject(error('the port must be an integer in [0, 65535]'));
+    if (typeof host !== 'string') return Promise.reject(error('the host must be a string'));
+    if (this.server.listening || this.binding || this.closing) {
+      return Promise.reject(error(this.closing ? 'the server was closed' : 'already listening'));
+    }
+    const bound = new Promise<AddressInfo>((resolve, reject) => {
+      const fail = (e: Error) => reject(error(e.message));
       this.server.once('error', fail);
       this.server.listen(port, host, () => {
         this.server.off('error', fail);
         resolve(this.server.address() as AddressInfo);
       });
     });
+    const settled = bound.then(() => undefined, () => undefined);  // (the caller handles the rejection)
+    this.binding = settled;
+    void settled.then(() => {
+      if (this.binding === settled) this.binding = undefined;
+    });
+    return bound;
   }
 
   /**
@@ -106,8 +117,12 @@ export class RankServer {
    */
   close(graceMs = 10_000): Promise<void> {
     if (this.closed) return this.closed;
+    if (typeof graceMs !== 'number' || !(graceMs >= 0 && graceMs <= 2 ** 31 - 1)) {
+      return Promise.reject(new InvalidArgumentError(`graceMs must be a number in [0, ${2 ** 31 - 1}], got ${String(graceMs)}`));
+    }
     this.closing = true;
     this.closed = (async () => {
+      await this.binding;  // (a listen() still binding: let it finish, then close it)
       const serverClosed = this.server.listening ? new Promise<void>((resolve) => this.server.close(() => resolve())) : Promise.resolve();
       this.server.closeIdleConnections();
       await this.batcher.close();
@@ -122,9 +137,12 @@ export class RankServer {
     return this.closed;
   }
 
-  /** Cuts every connection at once (a second Ctrl-C); accepted requests are still scored, their answers dropped. */
+  /**
+   * Cuts every connection at once (a second Ctrl-C): requests already in a running batch are scored and their
+   * answers dropped, waiting ones leave the queue with their connections. Starts close() if it has not begun.
+   */
   closeNow(): void {
-    this.closing = true;
+    void this.close(0).catch(() => undefined);
     this.server.closeAllConnections();
   }
 

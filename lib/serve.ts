@@ -67,7 +67,7 @@ export class QueueFullError extends TfewError {
 }
 
 interface Pending {
-  inputIds: number[];
+  inputIds: number[];  // (emptied when the request is aborted while queued: its entry stays until skipped)
   choiceIds: number[][];
   adapter: IA3Adapter | null;
   resolve: (r: RankOneResult) => void;
@@ -102,6 +102,7 @@ export class RankBatcher {
   private queue: Pending[] = [];
   private head = 0;
   private waiting = 0;  // queued, not aborted, not yet sent
+  private abortedInQueue = 0;  // aborted entries still in `queue`
   private running = false;
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -152,7 +153,10 @@ export class RankBatcher {
         const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false, signal: o.signal };
         if (o.signal) {
           p.onAbort = () => {
-            if (!p.dispatched && !p.settled) this.waiting--;
+            if (!p.dispatched && !p.settled) {
+              this.waiting--;
+              this.dropAborted(p);
+            }
             this.settle(p, new AbortError());
           };
           o.signal.addEventListener('abort', p.onAbort, { once: true });
@@ -239,12 +243,28 @@ export class RankBatcher {
     }, ms);
   }
 
+  // An aborted request's entry stays in the queue (removing it would cost O(queue)) but lets go of its tokens;
+  // when such entries outnumber the waiting ones (clients giving up during a long batch), they are swept out.
+  private dropAborted(p: Pending): void {
+    p.inputIds = [];
+    p.choiceIds = [];
+    p.adapter = null;
+    if (++this.abortedInQueue > 1024 && this.abortedInQueue > this.waiting) {
+      this.queue = this.queue.slice(this.head).filter((q) => !q.settled && q !== p);
+      this.head = 0;
+      this.abortedInQueue = 0;
+    }
+  }
+
   // The next batch: up to maxBatch requests in arrival order, skipping aborted ones.
   private takeBatch(): Pending[] {
     const batch: Pending[] = [];
     while (batch.length < this.maxBatch && this.head < this.queue.length) {
       const p = this.queue[this.head++];
-      if (p.settled) continue;
+      if (p.settled) {
+        this.abortedInQueue--;
+        continue;
+      }
       p.dispatched = true;
       this.waiting--;
       batch.push(p);
@@ -252,6 +272,7 @@ export class RankBatcher {
     if (this.head === this.queue.length) {
       this.queue = [];
       this.head = 0;
+      this.abortedInQueue = 0;
     } else if (this.head > 1024 && this.head * 2 > this.queue.length) {
       this.queue = this.queue.slice(this.head);
       this.head = 0;

@@ -149,6 +149,16 @@ describe('RankServer', () => {
     await expect(s2.listen(0)).rejects.toMatchObject({ code: 'E_LISTEN' });
   });
 
+  test('close() while listen() is still binding closes the server it binds', async () => {
+    const s4 = new RankServer(model, adapters);
+    const bound = s4.listen(0);
+    await s4.close();
+    await bound.catch(() => undefined);
+    expect(s4.server.listening).toBe(false);
+    await expect(s4.close(Number.POSITIVE_INFINITY)).resolves.toBeUndefined();  // (closed already: same promise)
+    await expect(new RankServer(model, adapters).close(-1)).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+
   test('listening on a port in use: TfewError E_LISTEN', async () => {
     const other = new RankServer(model, adapters);
     const port = Number(new URL(base).port);

@@ -143,6 +143,21 @@ describe('RankBatcher', () => {
     expect(batcher.pending).toBe(0);
   });
 
+  test('thousands of requests aborted while few wait: their entries are swept out of the queue', async () => {
+    const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 50, maxQueue: 10000 });
+    const ctl = new AbortController();
+    const kept = Array.from({ length: 5 }, (_, i) => batcher.classify(requests[i].input, requests[i].choices));
+    const dropped = Array.from({ length: 3000 }, () => batcher.classify([5, 6, 1], [[4, 1]], { signal: ctl.signal }));
+    ctl.abort();
+    const internal = batcher as unknown as { queue: unknown[]; head: number };
+    expect(internal.queue.length - internal.head).toBeLessThan(1100);  // swept (it holds 5 waiting + < 1025 aborted)
+    expect(batcher.pending).toBe(5);
+    expect((await Promise.allSettled(dropped)).every((r) => r.status === 'rejected')).toBe(true);
+    expect((await Promise.all(kept)).length).toBe(5);
+    expect(batcher.stats.batchedExamples).toBe(5);
+    expect(batcher.pending).toBe(0);
+  });
+
   test('abort while queued: AbortError, and the request is not sent', async () => {
     const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 20 });
     const ctl = new AbortController();

@@ -297,10 +297,16 @@ void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
   if (n > adapter_capacity_) {
     TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
     destroy_graphs();  // they hold the old adapter pointer
-    adapter_capacity_ = std::max<size_t>(n, 8);
-    adapters_dev_.allocate(adapter_capacity_ * total * sizeof(float), "(IA)3 adapters");
-    adapter_cache_.assign(adapter_capacity_, std::vector<float>());
-    adapter_cache_key_.assign(adapter_capacity_, 0);
+    // Nothing is valid until the new buffer exists: allocate() frees the old one first, and when it fails (out
+    // of memory, not sticky) the next call with adapters must try again, not use stale slots or a null buffer.
+    const size_t capacity = std::max<size_t>(n, 8);
+    adapter_capacity_ = 0;
+    adapter_cache_.clear();
+    adapter_cache_key_.clear();
+    adapters_dev_.allocate(capacity * total * sizeof(float), "(IA)3 adapters");
+    adapter_cache_.assign(capacity, std::vector<float>());
+    adapter_cache_key_.assign(capacity, 0);
+    adapter_capacity_ = capacity;
   }
   for (size_t i = 0; i < n; ++i) {
     // The same snapshot as this slot's last upload: nothing to read (2 MiB per adapter at T0-3B) or copy.

@@ -155,7 +155,6 @@ static Batch to_batch(const Napi::Object& o) {
   return b;
 }
 
-// Copies of the adapters' vectors, owned by the worker (JS may change or collect the arrays meanwhile).
 // The adapters of one call: immutable snapshots of their vectors, shared with the worker thread (JavaScript may
 // change an adapter's Float32Array while the call runs).
 struct AdapterCopies {
@@ -189,9 +188,22 @@ struct AdapterSnapshots {
     double version = 0;
     std::shared_ptr<const std::vector<float>> data;
     uint64_t key = 0;
+    uint64_t last_use = 0;
   };
   std::unordered_map<double, Entry> by_id;
-  static constexpr size_t kMaxEntries = 64;  // (then the map starts again: at most one cold call per adapter)
+  uint64_t uses = 0;
+  // At most 256 MiB of snapshots (124 at T0-3B) and 256 entries; beyond, the least recently used one goes (a
+  // call in flight keeps its snapshots alive through their shared_ptr).
+  static size_t capacity(int64_t floats_per_adapter) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats_per_adapter, 1)) * sizeof(float);
+    return std::max<size_t>(8, std::min<size_t>(256, (size_t(256) << 20) / bytes));
+  }
+  void evict_one() {
+    auto oldest = by_id.begin();
+    for (auto it = by_id.begin(); it != by_id.end(); ++it)
+      if (it->second.last_use < oldest->second.last_use) oldest = it;
+    if (oldest != by_id.end()) by_id.erase(oldest);
+  }
 };
 
 static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size, AdapterSnapshots* snapshots = nullptr,
@@ -222,13 +234,16 @@ static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size, Ad
       const double id = id_v.As<Napi::Number>().DoubleValue(), version = version_v.As<Napi::Number>().DoubleValue();
       auto it = snapshots->by_id.find(id);
       if (it != snapshots->by_id.end() && it->second.version == version) {
+        it->second.last_use = ++snapshots->uses;
         c.data.push_back(it->second.data);
         c.keys.push_back(it->second.key);
         continue;
       }
-      if (snapshots->by_id.size() >= AdapterSnapshots::kMaxEntries) snapshots->by_id.clear();
+      if (it != snapshots->by_id.end()) snapshots->by_id.erase(it);
+      if (snapshots->by_id.size() >= AdapterSnapshots::capacity(expected_size)) snapshots->evict_one();
       AdapterSnapshots::Entry entry;
       entry.version = version;
+      entry.last_use = ++snapshots->uses;
       entry.data = std::make_shared<const std::vector<float>>(f.Data(), f.Data() + f.ElementLength());
       entry.key = new_content_key();
       c.data.push_back(entry.data);
@@ -558,6 +573,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     auto h = holder_;
+    h->adapter_snapshots.by_id.clear();  // (main thread; a call in flight holds its own snapshots)
     return settle(info.Env(), [&] {
       return VoidWorker::queue(info.Env(), [h] {
         std::lock_guard<std::mutex> lock(h->mu);  // waits for a call in flight

@@ -1,5 +1,7 @@
 // CUDA backend behaviour beyond numbers: device selection, typed errors (out of memory, disposed), and that
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
+import { spawnSync } from 'child_process';
+import * as path from 'path';
 import { DisposedError, OutOfMemoryError, resolveCheckpoint, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { checkAdapterSnapshots } from '../helpers/adapter-snapshots';
@@ -87,6 +89,36 @@ describeCuda('CUDA backend behaviour', () => {
     } finally {
       await m.dispose();
     }
+  });
+
+  // Emulator only: its device memory can be made small (TFEW_EMU_MEMORY_MB), in a child process of its own.
+  (emulated() ? test : test.skip)('out of memory while growing the adapter buffer: typed, and later calls use their adapters', () => {
+    const root = path.resolve(__dirname, '..', '..');
+    const script = `
+      const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(root, 'dist', 'lib'))});
+      (async () => {
+        const m = await T5Model.load(${JSON.stringify(fx.dir)}, { device: 'cuda', cuda: { precision: 'fp32' } });
+        const a = IA3Adapter.create(m, 1.1);
+        const inputs = [[5, 6, 7, 1]], choices = [[[4, 1], [5, 1]]];
+        const logp = async (adapter) => (await m.rankClassify(inputs, choices, { adapter })).logProbs[0];
+        const out = { withA: await logp(a), none: await logp(null) };
+        const many = Array.from({ length: 4000 }, () => IA3Adapter.create(m, 1));
+        out.big = await m.rankClassify(many.map(() => [5, 1]), many.map(() => [[4, 1]]), { adapter: many, batchSize: 4000 })
+          .then(() => 'ok', (e) => e.code);
+        out.after = await logp(a);
+        const nine = Array.from({ length: 9 }, (_, i) => (i === 0 ? a : IA3Adapter.create(m, 1)));
+        out.nine = (await m.rankClassify(nine.map(() => inputs[0]), nine.map(() => choices[0]), { adapter: nine, batchSize: 9 })).logProbs[0];
+        await m.dispose();
+        process.stdout.write(JSON.stringify(out));
+      })().catch((e) => { process.stdout.write(JSON.stringify({ fatal: String(e) })); });`;
+    const child = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_EMU_MEMORY_MB: '100' }, encoding: 'utf8' });
+    expect(child.status).toBe(0);
+    const out = JSON.parse(child.stdout);
+    expect(out.big).toBe('E_OUT_OF_MEMORY');
+    const rel = (x: number[], y: number[]) => Math.max(...x.map((v, i) => Math.abs(v - y[i]) / Math.abs(y[i])));
+    expect(rel(out.withA, out.none)).toBeGreaterThan(1e-3);  // (the adapter matters)
+    expect(rel(out.after, out.withA)).toBeLessThan(1e-6);
+    expect(rel(out.nine, out.withA)).toBeLessThan(1e-6);
   });
 
   test('a disposed model rejects with DisposedError', async () => {
