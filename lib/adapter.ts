@@ -214,7 +214,10 @@ export class IA3Adapter {
     this.markChanged();
   }
 
-  /** Call after editing `data` in place: the next call sends the new values (it bumps `version`). */
+  /**
+   * Call after editing `data` in place: calls that start after it use the new values (it bumps `version`). A call
+   * reads the adapter when it starts running (calls on one model run one after another), not when it is made.
+   */
   markChanged(): void {
     this.version++;
   }
