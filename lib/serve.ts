@@ -11,6 +11,7 @@
 // truncated; bounded choices), so one client's bad request is refused alone and costs no engine time. Should the
 // engine still reject a batch for one request (an adapter that does not fit, out of memory), its requests are
 // scored one by one, so only that one fails.
+import { performance } from 'perf_hooks';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
 import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, TfewError } from './errors';
@@ -59,6 +60,12 @@ export interface RankBatcherStats {
   largestBatch: number;
   /** Batches rejected for one request's input and then scored one by one. */
   isolatedBatches: number;
+  /** Time from a request's arrival to its batch being sent, ms: the mean and the largest over sent requests. */
+  meanWaitMs: number;
+  maxWaitMs: number;
+  /** Engine time per batch that returned (the rankClassify call), ms: the mean and the last. */
+  meanBatchMs: number;
+  lastBatchMs: number;
 }
 
 /** classify() while maxQueue requests wait. */
@@ -74,6 +81,7 @@ interface Pending {
   reject: (e: Error) => void;
   settled: boolean;
   dispatched: boolean;
+  arrivedAt: number;  // performance.now()
   signal?: AbortSignal;
   onAbort?: () => void;
 }
@@ -107,7 +115,12 @@ export class RankBatcher {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
-  private readonly counts: RankBatcherStats = { requests: 0, batches: 0, batchedExamples: 0, largestBatch: 0, isolatedBatches: 0 };
+  private readonly counts = { requests: 0, batches: 0, batchedExamples: 0, largestBatch: 0, isolatedBatches: 0 };
+  private waitSumMs = 0;
+  private maxWaitMs = 0;
+  private batchSumMs = 0;
+  private timedBatches = 0;  // (batches that returned: a failed one has no engine time to count)
+  private lastBatchMs = 0;
 
   constructor(private readonly model: T5Model, options: RankBatcherOptions = {}) {
     if (!model || typeof model.rankClassify !== 'function') throw new InvalidArgumentError('RankBatcher needs a T5Model');
@@ -150,7 +163,8 @@ export class RankBatcher {
           throw new QueueFullError(`${this.waiting} requests are waiting (maxQueue ${this.maxQueue}); retry later`);
         }
         const { inputIds, choiceIds } = this.encode(input, choices);
-        const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false, signal: o.signal };
+        const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false,
+                             arrivedAt: performance.now(), signal: o.signal };
         if (o.signal) {
           p.onAbort = () => {
             if (!p.dispatched && !p.settled) {
@@ -173,7 +187,14 @@ export class RankBatcher {
 
   /** Counts of what the batcher did (for logs and tests). */
   get stats(): RankBatcherStats {
-    return { ...this.counts };
+    const c = this.counts;
+    return {
+      ...c,
+      meanWaitMs: c.batchedExamples > 0 ? this.waitSumMs / c.batchedExamples : 0,
+      maxWaitMs: this.maxWaitMs,
+      meanBatchMs: this.timedBatches > 0 ? this.batchSumMs / this.timedBatches : 0,
+      lastBatchMs: this.lastBatchMs,
+    };
   }
 
   /** Requests waiting for a batch (not counting a running one). */
@@ -288,8 +309,16 @@ export class RankBatcher {
         this.counts.batches++;
         this.counts.batchedExamples += batch.length;
         this.counts.largestBatch = Math.max(this.counts.largestBatch, batch.length);
+        const sentAt = performance.now();
+        for (const p of batch) {
+          this.waitSumMs += sentAt - p.arrivedAt;
+          this.maxWaitMs = Math.max(this.maxWaitMs, sentAt - p.arrivedAt);
+        }
         try {
           const results = await this.score(batch);
+          this.lastBatchMs = performance.now() - sentAt;
+          this.batchSumMs += this.lastBatchMs;
+          this.timedBatches++;
           batch.forEach((p, i) => this.settle(p, undefined, results[i]));
         } catch (e) {
           if (batch.length > 1 && isInputError(e)) {

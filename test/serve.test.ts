@@ -62,7 +62,13 @@ describe('RankBatcher', () => {
   test('concurrent requests with mixed adapters: batches of maxBatch, each answer equal to the request alone', async () => {
     const batcher = new RankBatcher(model, { maxBatch: 4, maxDelayMs: 5 });
     const answers = await Promise.all(requests.map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
-    expect(batcher.stats).toEqual({ requests: 10, batches: 3, batchedExamples: 10, largestBatch: 4, isolatedBatches: 0 });
+    const stats = batcher.stats;
+    expect(stats).toMatchObject({ requests: 10, batches: 3, batchedExamples: 10, largestBatch: 4, isolatedBatches: 0 });
+    // all 10 arrived at once: the first batch waited maxDelayMs (5), the others also for the batches before them
+    expect(stats.maxWaitMs).toBeGreaterThanOrEqual(4);
+    expect(stats.maxWaitMs).toBeGreaterThanOrEqual(stats.meanWaitMs);
+    expect(stats.meanBatchMs).toBeGreaterThan(0);
+    expect(stats.maxWaitMs).toBeGreaterThan(stats.lastBatchMs);  // the last batch's requests waited for two batches
     for (let i = 0; i < requests.length; i++) {
       const want = await alone(i);
       expect(answers[i].prediction).toBe(want.predictions[0]);
