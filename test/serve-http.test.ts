@@ -114,7 +114,7 @@ describe('RankServer', () => {
   });
 
   test('a client that disconnects while its request waits takes it out of the queue', async () => {
-    const slow = new RankServer(model, adapters, { maxDelayMs: 300 });
+    const slow = new RankServer(model, adapters, { maxDelayMs: 1500 });
     const a = await slow.listen(0);
     try {
       const req = http.request({ port: a.port, host: '127.0.0.1', method: 'POST', path: '/classify', headers: { 'content-type': 'application/json' } });
@@ -125,7 +125,7 @@ describe('RankServer', () => {
       req.destroy();
       for (let i = 0; i < 100 && slow.batcher.pending === 1; i++) await new Promise((r) => setTimeout(r, 5));
       expect(slow.batcher.pending).toBe(0);
-      await new Promise((r) => setTimeout(r, 400));
+      await new Promise((r) => setTimeout(r, 1600));  // (past the batch it would have gone in)
       expect(slow.batcher.stats.batchedExamples).toBe(0);
     } finally {
       await slow.close();
