@@ -11,14 +11,15 @@ export interface EncodedExample {
   adapterIndex: number; // -1 = no adapter
 }
 
-function checkIds(ids: unknown, vocabSize: number, what: string): asserts ids is number[] {
+/** Throws InvalidArgumentError unless `ids` is a non-empty array of token ids in [0, vocabSize). */
+export function checkIds(ids: unknown, vocabSize: number, what: string): asserts ids is number[] {
   if (!Array.isArray(ids) && !ArrayBuffer.isView(ids)) throw new InvalidArgumentError(`${what} must be an array of token ids`);
   const arr = ids as ArrayLike<unknown>;
   if (arr.length === 0) throw new InvalidArgumentError(`${what} is empty`);
   for (let i = 0; i < arr.length; i++) {
     const id = arr[i];
     if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocabSize) {
-      throw new InvalidArgumentError(`${what}: token id ${String(id)} at position ${i} is not in the vocabulary [0, ${vocabSize})`);
+      throw new InvalidArgumentError(`${what}: token id ${JSON.stringify(id)} at position ${i} is not in the vocabulary [0, ${vocabSize})`);
     }
   }
 }

@@ -49,6 +49,12 @@ export class AbortError extends TfewError {
   constructor(message = 'the operation was aborted') { super('E_ABORTED', message); }
 }
 
+/** Whether `s` is an AbortSignal (by shape: test runners and other realms have their own AbortSignal class). */
+export function isAbortSignal(s: unknown): s is AbortSignal {
+  return typeof s === 'object' && s !== null && typeof (s as AbortSignal).aborted === 'boolean' &&
+    typeof (s as AbortSignal).addEventListener === 'function';
+}
+
 const byCode: Record<string, new (m: string) => TfewError> = {
   E_INVALID_ARGUMENT: InvalidArgumentError,
   E_INVALID_MODEL: InvalidModelError,

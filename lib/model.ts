@@ -6,7 +6,7 @@ import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal } from './errors';
 import { CudaOptions, CudaProbe, native, NativeLossOptions, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -364,9 +364,7 @@ export class T5Model {
     const batchSize = options.batchSize ?? 32;
     if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
-    if (options.signal !== undefined && (typeof options.signal !== 'object' || options.signal === null || typeof options.signal.aborted !== 'boolean')) {
-      throw new InvalidArgumentError('signal must be an AbortSignal');
-    }
+    if (options.signal !== undefined && !isAbortSignal(options.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input, b) => ({
       inputIds: this.ids(input, maxInputLength),

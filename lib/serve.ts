@@ -14,7 +14,8 @@
 import { performance } from 'perf_hooks';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
-import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, TfewError } from './errors';
+import { checkIds } from './batch';
+import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError, TfewError } from './errors';
 import type { T5Model } from './model';
 
 export interface RankBatcherOptions {
@@ -91,10 +92,6 @@ interface Pending {
 const isInputError = (e: unknown): boolean =>
   e instanceof InvalidArgumentError || e instanceof InvalidAdapterError || e instanceof OutOfMemoryError;
 
-const isSignal = (s: unknown): s is AbortSignal =>
-  typeof s === 'object' && s !== null && typeof (s as AbortSignal).aborted === 'boolean' &&
-  typeof (s as AbortSignal).addEventListener === 'function';
-
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class RankBatcher {
@@ -154,7 +151,7 @@ export class RankBatcher {
         if (this.model.disposed) throw new DisposedError('the RankBatcher\'s model has been disposed');
         const o = options ?? {};
         if (typeof o !== 'object') throw new InvalidArgumentError('classify options must be an object');
-        if (o.signal !== undefined && !isSignal(o.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
+        if (o.signal !== undefined && !isAbortSignal(o.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
         if (o.signal?.aborted) throw new AbortError();
         const adapter = o.adapter ?? null;
         if (adapter !== null && !(adapter instanceof IA3Adapter)) throw new InvalidArgumentError('adapter must be an IA3Adapter or null');
@@ -229,17 +226,11 @@ export class RankBatcher {
       } else {
         throw new InvalidArgumentError(`${what} must be a string or an array of token ids`);
       }
-      if (out.length === 0) throw new InvalidArgumentError(`${what} is empty`);
       if (out.length > limit) {
         throw new InvalidArgumentError(`${what} has ${out.length} tokens; this batcher takes at most ${limit}` +
                                        (truncate ? ' (token ids are not truncated)' : ''));
       }
-      for (let i = 0; i < out.length; i++) {
-        const t = out[i];
-        if (!Number.isInteger(t) || t < 0 || t >= vocab) {
-          throw new InvalidArgumentError(`${what}: token id ${JSON.stringify(t)} at position ${i} is not in the vocabulary [0, ${vocab})`);
-        }
-      }
+      checkIds(out, vocab, what);  // (buildBatch's check, here at arrival: a bad request costs no engine call)
       return out;
     };
     const inputIds = ids(input, 'the input', this.maxInputLength, true);

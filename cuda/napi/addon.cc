@@ -166,9 +166,16 @@ struct AdapterCopies {
     s.content_keys = keys;
     return s;
   }
-  std::vector<std::vector<float>> take_vectors() const {
+  // The vectors as the engine's own (a training session's starting values): moved out where this call holds the
+  // only reference (no snapshot table shares them: createTrainingSession's case), else copied. (Snapshots are
+  // allocated non-const, so moving out of one nobody else sees is defined.)
+  std::vector<std::vector<float>> take_vectors() {
     std::vector<std::vector<float>> out;
-    for (const auto& d : data) out.push_back(*d);
+    for (auto& d : data) {
+      if (d.use_count() == 1) out.push_back(std::move(*std::const_pointer_cast<std::vector<float>>(d)));
+      else out.push_back(*d);
+    }
+    data.clear();
     return out;
   }
 };
@@ -244,14 +251,14 @@ static AdapterCopies to_adapters(const Napi::Value& v, int64_t expected_size, Ad
       AdapterSnapshots::Entry entry;
       entry.version = version;
       entry.last_use = ++snapshots->uses;
-      entry.data = std::make_shared<const std::vector<float>>(f.Data(), f.Data() + f.ElementLength());
+      entry.data = std::make_shared<std::vector<float>>(f.Data(), f.Data() + f.ElementLength());
       entry.key = new_content_key();
       c.data.push_back(entry.data);
       c.keys.push_back(entry.key);
       snapshots->by_id[id] = std::move(entry);
       continue;
     }
-    c.data.push_back(std::make_shared<const std::vector<float>>(f.Data(), f.Data() + f.ElementLength()));
+    c.data.push_back(std::make_shared<std::vector<float>>(f.Data(), f.Data() + f.ElementLength()));
     c.keys.push_back(0);
   }
   return c;

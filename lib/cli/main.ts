@@ -544,7 +544,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-batch <n>', 'examples per engine call (32)', int('--max-batch'))
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
-    .option('--max-input-length <n>', 'truncate text inputs to this many tokens (256)', int('--max-input-length'))
+    .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number }) => {
       const model = await loadModel(o, io);
       try {
