@@ -5,6 +5,11 @@
 //   MIXED-3B-B32  RANK-3B-B32 with 8 different adapters (example b uses adapter b % 8) vs one adapter
 //   SERVE-3B-64   64 concurrent single-example requests of 8 tasks through RankBatcher (lib/serve.ts): two
 //                 mixed batches of 32; wall time of all 64 answers (its device ms: the median engine call, one batch)
+//   RANK-3B-B1-VARIED  a service's single-example calls: every call a new random input length (100-320 tokens),
+//                 2 choices x 8 tokens; 24 warm-up calls, 48 timed. With the default shape buckets (lengths padded
+//                 to a grid, so graphs replay); RANK-3B-B1-VARIED-EXACT without them (cuda.graphBuckets false:
+//                 every new length launches eagerly), on the RANK-3B-B32-PRECOMPUTED load (the
+//                 cross-attention path 'auto' picks for one example)
 //   RANK-3B-B32-PRECOMPUTED / RANK-3B-B1-FOLDED  the other cross-attention path than 'auto' picks (a second load)
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
@@ -238,6 +243,18 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const V = config.vocabSize;
   const b32 = randomBatch(V, new Array(rankBatch).fill(encLen), new Array(rankBatch).fill([8, 8]), 11);
   const b1 = randomBatch(V, [encLen], [[8, 8]], 12);
+  // RANK-3B-B1-VARIED: single examples of random lengths (as a service sees them), the same sequence for both runs
+  const lengthOf = mulberry32(21);
+  const variedCalls = Array.from({ length: dry ? 6 : 72 }, (_, i) =>
+    randomBatch(V, [dry ? 9 + Math.floor(lengthOf() * 24) : 100 + Math.floor(lengthOf() * 221)], [[8, 8]], 500 + i));
+  const variedWorkload = (m: T5Model) => {
+    let next = 0;
+    const call = () => {
+      const b = variedCalls[next++ % variedCalls.length];
+      return m.rankClassify(b.inputIds, b.choices, { adapter });
+    };
+    return timeCalls(call, 'score', 1, profileFile, variedCalls.length / 3, (2 * variedCalls.length) / 3);
+  };
   const adapter = randomAdapter(model, 1);
   const adapters8 = Array.from({ length: 8 }, (_, i) => randomAdapter(model, 100 + i));
   const workloads = result.workloads;
@@ -254,6 +271,9 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     });
   await rankWorkload('RANK-3B-B32', b32, adapter, true);
   await rankWorkload('RANK-3B-B1', b1, adapter);
+  await attempt('RANK-3B-B1-VARIED', async () => {
+    workloads['RANK-3B-B1-VARIED'] = await variedWorkload(model);
+  });
   await rankWorkload('MIXED-3B-B32', b32, b32.inputIds.map((_, i) => adapters8[i % 8]));
   await rankWorkload('RANK-3B-B32-NOADAPTER', b32, undefined);
   // A service's view: 64 single-example requests at once, 8 tasks, through RankBatcher (two mixed batches of 32).
@@ -289,12 +309,15 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
                                                ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
     const trainName = crossAttention === 'precomputed' ? 'TRAIN-3B-PRECOMPUTED' : 'TRAIN-3B-CUBLAS-BACKWARD';
-    if (lost || ((name in workloads || name in result.failures) && (trainName in workloads || trainName in result.failures))) continue;
+    const names = crossAttention === 'precomputed' ? [name, trainName, 'RANK-3B-B1-VARIED-EXACT'] : [name, trainName];
+    if (lost || names.every((n) => n in workloads || n in result.failures!)) continue;
     const before = usedMiB();
     const fusedBackward = trainName !== 'TRAIN-3B-CUBLAS-BACKWARD';
     let alt: T5Model | undefined;
     await attempt(`load cuda ${JSON.stringify({ crossAttention, fusedBackward })}`, async () => {
-      alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward } });
+      // (the precomputed load runs every call at its exact shape, for RANK-3B-B1-VARIED-EXACT: its other workloads
+      // are too large for the buckets)
+      alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward, graphBuckets: crossAttention !== 'precomputed' } });
     }, () => false);
     if (!alt) continue;
     const altModel = alt;
@@ -304,6 +327,11 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
                   `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
     });
+    if (crossAttention === 'precomputed') {
+      await attempt('RANK-3B-B1-VARIED-EXACT', async () => {
+        workloads['RANK-3B-B1-VARIED-EXACT'] = await variedWorkload(altModel);
+      });
+    }
     await attempt(trainName, async () => {
       workloads[trainName] = await timeTraining(altModel, trainBatchOf(2), adapter, 'none', profileFile, Math.min(2, warmups),
                                                 Math.min(5, runs));
@@ -390,13 +418,14 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
   lines.push('');
-  lines.push('| workload | ours wall ms | ours device ms | ours ex/s | ours device GiB | cross-attention | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
-  lines.push('|---|---|---|---|---|---|---|---|---|');
+  lines.push('| workload | ours wall ms | ours device ms | ours ex/s | ours device GiB | graph replays | cross-attention | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
+  lines.push('|---|---|---|---|---|---|---|---|---|---|');
   for (const [name, w] of Object.entries(ours.workloads)) {
     const t = torch?.workloads?.[name];
     const share = ours.breakdown?.[name]?.gemmShare;
     const gib = w.deviceMiB === undefined ? undefined : w.deviceMiB / 1024;
     lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(gib)} | ` +
+               `${w.graphReplays}/${w.forwardMs.length} | ` +
                `${w.foldedCross ? 'folded' : 'precomputed'}${w.recompute ? `, recompute ${w.recompute}` : ''} | ` +
                `${fmt(t?.eager_ms)} (${fmt(t?.peak_gib, 1)}) | ` +
                `${fmt(t?.compiled_ms)} (${fmt(t?.compile_s, 0)}) | ${share === undefined ? '-' : fmt(share * 100, 1) + ' %'} |`);

@@ -7,7 +7,7 @@ import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal } from './errors';
-import { CudaOptions, CudaProbe, native, NativeLossOptions, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
+import { CudaOptions, CudaProbe, GraphStats, native, NativeLossOptions, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -25,8 +25,9 @@ export interface LoadOptions {
   mergeAdapter?: IA3Adapter;
   /**
    * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention,
-   * fusedBackward, graphs, crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION,
-   * TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_GRAPHS and TFEW_CUDA_CROSS_ATTENTION.
+   * fusedBackward, graphs, graphBuckets, crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION,
+   * TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_GRAPHS, TFEW_CUDA_GRAPH_BUCKETS and
+   * TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -346,6 +347,16 @@ export class T5Model {
     return this.nativeModel ? this.nativeModel.describe() : 'disposed';
   }
 
+  /**
+   * How the CUDA backend ran its calls so far: CUDA graphs replayed or captured, or kernels launched one by one
+   * (a service whose calls mostly run eagerly pays the launch overhead each time), and the shape the last call
+   * ran at. While a call runs, the counts before it. The CPU backend has no graphs: all zero.
+   */
+  graphStats(): GraphStats {
+    if (!this.nativeModel) throw new DisposedError('the model has been disposed');
+    return this.nativeModel.graphStats();
+  }
+
   /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
   tokenize(text: string, maxLength?: number): number[] {
     if (!this.tokenizer) throw new InvalidArgumentError(`${this.dir} has no tokenizer.json: pass token ids instead of strings`);
@@ -610,7 +621,7 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
     throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }
-  for (const k of ['fusedAttention', 'fusedBackward', 'graphs'] as const) {
+  for (const k of ['fusedAttention', 'fusedBackward', 'graphs', 'graphBuckets'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
   if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {

@@ -20,6 +20,13 @@ export interface CudaOptions {
   /** CUDA graphs for repeated batch shapes (default on). */
   graphs?: boolean;
   /**
+   * With graphs: rank-classification calls of at most 4096 encoder tokens run padded up to a grid of lengths
+   * (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more; choices: multiples of 4),
+   * so that a service's calls of similar lengths replay one CUDA graph instead of launching every kernel.
+   * Padding is masked: same results. Default on; false runs every call at its exact lengths.
+   */
+  graphBuckets?: boolean;
+  /**
    * The decoder's cross-attention in rank classification. 'precomputed': every layer's keys and values of the
    * encoder output, once per example. 'folded': W_k and W_v folded into the queries, no keys or values (fewer
    * FLOPs and far less memory when the choices are short; needs the same number of choices in every example
@@ -98,9 +105,29 @@ export interface NativeLossOptions {
   recompute?: 'auto' | 'none' | 'attention' | 'all';
 }
 
+/**
+ * How the CUDA backend ran its calls (T5Model.graphStats): CUDA graphs replayed or captured, or kernels launched
+ * one by one. The CPU backend has no graphs: all zero, last null.
+ */
+export interface GraphStats {
+  /** CUDA graphs on (cuda.graphs, and capture works here). */
+  enabled: boolean;
+  /** Small rank-classification calls padded to shape buckets (cuda.graphBuckets). */
+  buckets: boolean;
+  /** Calls so far that replayed a graph, captured one (the second call of a shape), or ran eagerly. */
+  replays: number;
+  captures: number;
+  eager: number;
+  /** Graphs held now (at most 64 per kind; the least recently used goes first). */
+  cached: number;
+  /** The last call: the shape it ran at (after bucketing) and how; null before any. */
+  last: { kind: 'score' | 'train'; launch: 'replay' | 'capture' | 'eager'; batch: number; encLen: number; rows: number; decLen: number } | null;
+}
+
 export interface NativeModel {
   readonly device: 'cpu' | 'cuda';
   describe(): string;
+  graphStats(): GraphStats;
   /** adapters: flat Float32Arrays laid out by IA3 layout order (lib/adapter.ts), referenced by index. */
   /** adapterKeys: [id, version] per adapter (IA3Adapter); an adapter seen before at the same version is not copied again. */
   score(batch: NativeBatch, adapters: Float32Array[], wantLogits: boolean, wantEncoderHidden: boolean,

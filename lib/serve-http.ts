@@ -1,7 +1,8 @@
 // A small HTTP front end for RankBatcher (`tfew serve`): one model in memory, any number of named (IA)3 adapters,
 // requests of different tasks scored together in mixed-task batches. Node's own http module; JSON in and out.
 //
-//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...}} (503 once stopping or disposed)
+//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...},"graphs":{...}} (503 once stopping or
+//                    disposed; graphs: T5Model.graphStats())
 //   POST /classify   {"input": "text" | [ids], "choices": ["a","b"] | [[ids]], "adapter"?: "name"}
 //                    -> {"prediction": 1, "label": "b", "scores": [...], "logProbs": [...]}
 //                    or {"requests": [ {...}, ... ]} -> {"results": [ {...} | {"error": {...}} ]} (each on its own)
@@ -158,6 +159,8 @@ export class RankServer {
       this.send(res, status === 'ok' ? 200 : 503, {
         status, device: this.model.device, model: this.model.describe(),
         adapters: [...this.adapters.keys()], stats: this.batcher.stats, pending: this.batcher.pending,
+        // CUDA: how many batches replayed a graph (a low share: launch-bound batches of ever new shapes)
+        graphs: this.model.disposed ? null : this.model.graphStats(),
       });
       return;
     }

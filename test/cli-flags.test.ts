@@ -57,11 +57,11 @@ describe('tfew CUDA flags', () => {
     const out = path.join(tmp, 'all-flags');
     const code = await run('train', ...model, ...task, '--seed', '42', '--steps', '2', '--batch-size', '2', '--out', out,
       '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-fused-backward', '--no-cuda-graphs',
-      '--recompute', 'attention');
+      '--no-cuda-graph-buckets', '--recompute', 'attention');
     expect(lines.filter((l) => l.startsWith('ERR tfew:'))).toEqual([]);
     expect(code).toBe(0);
     expect(load.mock.calls[0][1]).toMatchObject({ device: 'cpu', threads: 2 });
-    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false, graphs: false });
+    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false, graphs: false, graphBuckets: false });
     expect(trainedRecompute()).toEqual(['attention']);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('attention');
   });
@@ -150,7 +150,7 @@ describe('tfew CUDA flags', () => {
     expect(await run('train', '--help')).toBe(0);
     const help = lines.join('\n');
     for (const flag of ['--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
-      '--no-cuda-graphs', '--recompute <level>']) {
+      '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
       expect(help).toContain(flag);
     }
   });

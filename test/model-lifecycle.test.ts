@@ -46,6 +46,16 @@ describe('dispose()', () => {
   });
 });
 
+describe('graphStats()', () => {
+  test('the CPU backend has no graphs (all zero); a disposed model throws DisposedError', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    await m.rankClassify(inputs, choices);
+    expect(m.graphStats()).toEqual({ enabled: false, buckets: false, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
+    await m.dispose();
+    expect(() => m.graphStats()).toThrow(DisposedError);
+  });
+});
+
 describe('dispose() twice, and a training session', () => {
   test('a second dispose() resolves only once the first has freed the model', async () => {
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
@@ -143,6 +153,7 @@ describe('withMergedAdapter', () => {
 describe('misuse from plain JavaScript gives typed errors', () => {
   const anyLoad = T5Model.load as unknown as (...args: unknown[]) => Promise<T5Model>;
   test.each([
+    ['a number as cuda.graphBuckets', [fx.dir, { cuda: { graphBuckets: 1 } }]],
     ['no directory', [undefined]],
     ['null options', [fx.dir, null]],
     ['a path as mergeAdapter', [fx.dir, { mergeAdapter: path.join(fx.dir, 'adapter_a') }]],

@@ -50,6 +50,7 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     }
     const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
     graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
+    graph_buckets_ = options.graph_buckets >= 0 ? options.graph_buckets == 1 : env_flag("TFEW_CUDA_GRAPH_BUCKETS", true);
     if (!graphs_enabled_)
       graph_note_ = profiler_.detail() ? "off (detail profiling)"
                     : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
@@ -73,7 +74,8 @@ std::string CudaEngine<T>::describe() const {
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")
      << (gemm_support_.batched_bf16_f32 ? "" : ", no batched bf16->fp32 GEMMs in this cuBLAS: bf16 training and the cuBLAS encoder attention fail")
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
-     << (graphs_enabled_ ? "on" : graph_note_);
+     << (graphs_enabled_ ? (graph_buckets_ ? "on (small calls padded to shape buckets)" : "on (exact shapes)")
+                         : graph_note_);
   return os.str();
 }
 
@@ -333,43 +335,68 @@ void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
 
 template <typename T>
 void CudaEngine<T>::destroy_graphs() {
-  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
-  graphs_.clear();
-  for (auto& kv : train_graphs_) cudaGraphExecDestroy(kv.second);
-  train_graphs_.clear();
+  graphs_.destroy();
+  train_graphs_.destroy();
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  stats_.cached = 0;
 }
 
 template <typename T>
 bool CudaEngine<T>::launch_forward(const Plan<T>& plan) {
-  return launch_cached(graphs_, seen_shapes_, plan.shape, [&] { enqueue_forward(plan); });
+  const Launch launch = launch_cached(graphs_, plan.shape, [&] { enqueue_forward(plan); });
+  note_launch("score", plan.shape, launch);
+  return launch != Launch::Eager;
+}
+
+template <typename T>
+void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch launch) {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  (launch == Launch::Replay ? stats_.replays : launch == Launch::Capture ? stats_.captures : stats_.eager) += 1;
+  stats_.cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
+  stats_.last_kind = kind;
+  stats_.last_launch = launch == Launch::Replay ? "replay" : launch == Launch::Capture ? "capture" : "eager";
+  stats_.last_batch = shape.batch;
+  stats_.last_enc_len = shape.enc_len;
+  stats_.last_rows = shape.rows;
+  stats_.last_dec_len = shape.dec_len;
+}
+
+template <typename T>
+GraphStats CudaEngine<T>::graph_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  GraphStats s = stats_;
+  s.enabled = graphs_enabled_;
+  s.buckets = graphs_enabled_ && graph_buckets_;
+  return s;
 }
 
 template <typename T>
 template <typename Key>
-bool CudaEngine<T>::launch_cached(std::map<Key, cudaGraphExec_t>& cache, std::map<Key, int>& seen, const Key& key,
-                                  const std::function<void()>& enqueue) {
+typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue) {
   if (!graphs_enabled_) {
     enqueue();
-    return false;
+    return Launch::Eager;
   }
-  auto it = cache.find(key);
-  if (it != cache.end()) {
-    TFEW_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
-    return true;
+  auto it = cache.graphs.find(key);
+  if (it != cache.graphs.end()) {
+    it->second.last_use = ++cache.clock;
+    TFEW_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream_));
+    return Launch::Replay;
   }
-  if (seen[key]++ == 0) {
+  if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
+  if (cache.seen[key]++ == 0) {
     enqueue();
-    return false;
+    return Launch::Eager;
   }
   cudaGraphExec_t exec = capture(enqueue);
   if (!exec) {
     enqueue();
-    return false;
+    return Launch::Eager;
   }
-  if (cache.size() >= kMaxCachedGraphs) destroy_graphs();
-  cache[key] = exec;
+  if (cache.graphs.size() >= kMaxCachedGraphs) cache.evict_one();
+  cache.graphs[key] = {exec, ++cache.clock};
   TFEW_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
-  return true;
+  return Launch::Capture;
 }
 
 template <typename T>
@@ -421,9 +448,41 @@ bool CudaEngine<T>::folds_cross_attention(const Batch& b) const {
   return tokens * (Le + dkv) <= 0.5 * Le * dkv && static_cast<int64_t>(b.batch_size) * b.enc_len >= 2048;
 }
 
+namespace {
+// b right-padded to longer encoder and choice lengths (padding masked as everywhere: same results).
+Batch padded_batch(const Batch& b, int enc_len, int dec_len, int32_t pad_id) {
+  Batch p = b;
+  p.enc_len = enc_len;
+  p.input_ids.assign(static_cast<size_t>(b.batch_size) * enc_len, pad_id);
+  for (int e = 0; e < b.batch_size; ++e)
+    std::copy_n(b.input_ids.begin() + static_cast<size_t>(e) * b.enc_len, b.enc_len,
+                p.input_ids.begin() + static_cast<size_t>(e) * enc_len);
+  p.dec_len = dec_len;
+  p.choice_ids.assign(static_cast<size_t>(b.num_rows) * dec_len, pad_id);
+  for (int r = 0; r < b.num_rows; ++r)
+    std::copy_n(b.choice_ids.begin() + static_cast<size_t>(r) * b.dec_len, b.dec_len,
+                p.choice_ids.begin() + static_cast<size_t>(r) * dec_len);
+  return p;
+}
+}  // namespace
+
 template <typename T>
-ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adapters, bool want_logits, bool want_hidden) {
-  validate(b, adapters);
+ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& adapters, bool want_logits,
+                                          bool want_hidden) {
+  validate(call, adapters);
+  // A small call runs at its graph bucket's shape (graph_bucket_length); logits and encoder states, which come
+  // back per position, keep the exact shape.
+  Batch bucketed;
+  const Batch* run = &call;
+  if (graph_buckets_ && graphs_enabled_ && !want_logits && !want_hidden && call.num_rows > 0) {
+    const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
+    if (static_cast<int64_t>(call.batch_size) * enc_len <= kGraphBucketMaxTokens &&
+        (enc_len != call.enc_len || dec_len != call.dec_len)) {
+      bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
+      run = &bucketed;
+    }
+  }
+  const Batch& b = *run;
   Shape shape;
   shape.batch = b.batch_size;
   shape.enc_len = b.enc_len;
@@ -463,8 +522,12 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& b, const AdapterSet& adap
                                     out.encoder_hidden.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   }
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  out.token_logp.assign(reinterpret_cast<const float*>(staging_out_.get()),
-                        reinterpret_cast<const float*>(staging_out_.get()) + Nd);
+  // the caller's [R, dec_len] layout (the bucket's padded positions hold 0)
+  const float* logp = reinterpret_cast<const float*>(staging_out_.get());
+  out.token_logp.resize(static_cast<size_t>(call.num_rows) * call.dec_len);
+  for (int r = 0; r < call.num_rows; ++r)
+    std::copy_n(logp + static_cast<size_t>(r) * b.dec_len, call.dec_len,
+                out.token_logp.begin() + static_cast<size_t>(r) * call.dec_len);
   profiler_.report("score", shape, probe_.device_name, precision_name(), graphed);
   return out;
 }
@@ -523,9 +586,9 @@ template class CudaEngine<float>;
 template class CudaEngine<__nv_bfloat16>;
 // the training step's graphs (cuda_training.cc)
 #define TFEW_INSTANTIATE_TRAIN_GRAPHS(T)                                                                       \
-  template bool CudaEngine<T>::launch_cached<CudaEngine<T>::TrainGraphKey>(                                   \
-      std::map<CudaEngine<T>::TrainGraphKey, cudaGraphExec_t>&, std::map<CudaEngine<T>::TrainGraphKey, int>&, \
-      const CudaEngine<T>::TrainGraphKey&, const std::function<void()>&);
+  template CudaEngine<T>::Launch CudaEngine<T>::launch_cached<CudaEngine<T>::TrainGraphKey>(                \
+      CudaEngine<T>::GraphCache<CudaEngine<T>::TrainGraphKey>&, const CudaEngine<T>::TrainGraphKey&,            \
+      const std::function<void()>&);
 TFEW_INSTANTIATE_TRAIN_GRAPHS(float)
 TFEW_INSTANTIATE_TRAIN_GRAPHS(__nv_bfloat16)
 #undef TFEW_INSTANTIATE_TRAIN_GRAPHS

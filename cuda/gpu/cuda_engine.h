@@ -52,7 +52,8 @@ namespace tfew {
 namespace gpu {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends on Hopper
-constexpr size_t kMaxCachedGraphs = 32;
+constexpr size_t kMaxCachedGraphs = 64;  // per kind (inference, training); the least recently used goes first
+constexpr size_t kMaxSeenKeys = 4096;    // keys remembered for "capture on the second call" (then forgotten)
 const kernels::DropoutSite kNoDropout{};
 
 // Dropout sites, numbered exactly as the CPU backend numbers them (cpu/t5_cpu.cc), so both drop the same
@@ -81,6 +82,7 @@ class CudaEngine final : public Engine {
                     bool want_encoder_hidden) override;
   LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override;
   void merge_adapter(const float* vectors) override;
+  GraphStats graph_stats() const override;
   void release() override;
   // A training session whose vectors, gradients and Adafactor state stay in device memory
   // (gpu/cuda_session.cc): per step only the per-token log-probs (for the losses) and the scalars move.
@@ -117,16 +119,42 @@ class CudaEngine final : public Engine {
   void upload_adapters(const AdapterSet& set);
 
   // ---- CUDA graphs (cuda_engine.cc)
+  // The graphs of one kind, keyed by everything their launch sequence depends on besides device data.
+  template <typename Key>
+  struct GraphCache {
+    struct Entry {
+      cudaGraphExec_t exec = nullptr;
+      uint64_t last_use = 0;
+    };
+    std::map<Key, Entry> graphs;
+    std::map<Key, int> seen;  // calls per key so far (a graph is captured on a key's second call)
+    uint64_t clock = 0;
+    void destroy() {
+      for (auto& kv : graphs) cudaGraphExecDestroy(kv.second.exec);  // in-flight replays still complete
+      graphs.clear();
+    }
+    // Makes room for one more graph by destroying the least recently used.
+    void evict_one() {
+      auto oldest = graphs.begin();
+      for (auto it = graphs.begin(); it != graphs.end(); ++it)
+        if (it->second.last_use < oldest->second.last_use) oldest = it;
+      if (oldest == graphs.end()) return;
+      cudaGraphExecDestroy(oldest->second.exec);
+      graphs.erase(oldest);
+    }
+  };
   void destroy_graphs();
   // Runs the forward of `plan`: replays a graph for a shape seen before, captures one on the second call of
   // a shape (the first runs eagerly so cuBLAS and lazily loaded kernels initialise outside capture).
   bool launch_forward(const Plan<T>& plan);
+  enum class Launch { Eager, Capture, Replay };
   // Replays the graph cached under `key`, or runs `enqueue` eagerly (the first call of a key, so cuBLAS and
-  // lazily loaded kernels initialise outside capture), or captures it (the second call). False when it ran
-  // eagerly. Inference graphs are keyed by shape, training steps by TrainGraphKey.
+  // lazily loaded kernels initialise outside capture), or captures it (the second call), and counts the call
+  // in stats_. Inference graphs are keyed by shape, training steps by TrainGraphKey.
   template <typename Key>
-  bool launch_cached(std::map<Key, cudaGraphExec_t>& cache, std::map<Key, int>& seen, const Key& key,
-                     const std::function<void()>& enqueue);
+  Launch launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue);
+  // Counts a call in stats_ and the shape it ran at.
+  void note_launch(const char* kind, const Shape& shape, Launch launch);
   // Returns null (and turns graphs off for this engine) when capture does not work here.
   cudaGraphExec_t capture(const std::function<void()>& enqueue);
 
@@ -213,7 +241,10 @@ class CudaEngine final : public Engine {
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;
   std::string graph_note_;
-  std::map<Shape, cudaGraphExec_t> graphs_;
+  // Small rank-classification calls run padded up to graph_bucket_length (cuda.graphBuckets), so that calls of
+  // similar lengths replay one graph instead of launching eagerly.
+  bool graph_buckets_ = true;
+  GraphCache<Shape> graphs_;
   // Everything a captured training step depends on besides device data (the dropout seed, labels and loss
   // weights are device data).
   struct TrainGraphKey {
@@ -227,11 +258,11 @@ class CudaEngine final : public Engine {
              std::tie(o.shape, o.n_adapters, o.recompute, o.dropout, o.adapters);
     }
   };
-  std::map<TrainGraphKey, cudaGraphExec_t> train_graphs_;
-  std::map<TrainGraphKey, int> seen_train_;
+  GraphCache<TrainGraphKey> train_graphs_;
+  mutable std::mutex stats_mu_;  // stats_ is read from the main thread while a call runs
+  GraphStats stats_;
   TrainPlan<T> train_plan_;  // the last training step's buffers (read_train_results)
   bool train_graphed_ = false;  // ... and whether it ran as a graph replay (for the profile)
-  std::map<Shape, int> seen_shapes_;
   Profiler profiler_;
 };
 

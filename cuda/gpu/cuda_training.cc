@@ -112,7 +112,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
     ~GemmTiming() { gemm.time_as(nullptr); }
   } timing{gemm_};
   if (profiler_.detail()) gemm_.time_as("gemm");
-  train_graphed_ = launch_cached(train_graphs_, seen_train_, key, [&] {
+  const Launch launch = launch_cached(train_graphs_, key, [&] {
     enqueue_train_forward(tp, drop);
     kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
                          f.row_example, f.labels, shape.batch, f.loss_weights, tp.loss_scratch, tp.losses, tp.dlogp,
@@ -122,6 +122,8 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
                                     stream_));
     enqueue_backward(tp, drop, n_adapters);
   });
+  train_graphed_ = launch != Launch::Eager;
+  note_launch("train", shape, launch);
   profiler_.end_call(stream_);
   return shape.adapters ? tp.grads : nullptr;
 }

@@ -40,6 +40,18 @@ class WeightSource {
   virtual bool has(const std::string& name) const = 0;
 };
 
+// How the CUDA engine ran its calls: CUDA graphs replayed or captured, or kernels launched one by one (for
+// tests, benchmarks and service monitoring). The CPU backend has no graphs: all zero.
+struct GraphStats {
+  bool enabled = false;  // graphs on
+  bool buckets = false;  // small calls padded to shape buckets (cuda.graphBuckets)
+  uint64_t replays = 0, captures = 0, eager = 0;  // calls of each kind so far
+  int64_t cached = 0;                             // graphs held now
+  // the last call: "score" or "train" ("" before any), the shape it ran at (after bucketing), and how
+  std::string last_kind, last_launch;
+  int last_batch = 0, last_enc_len = 0, last_rows = 0, last_dec_len = 0;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -62,6 +74,7 @@ class Engine {
                                                                    const OptimizerOptions& options) {
     return make_host_training_session(config(), std::move(initial), options);
   }
+  virtual GraphStats graph_stats() const { return GraphStats{}; }
   // Frees all memory the engine holds (device memory included). Safe to call twice.
   virtual void release() = 0;
 };
@@ -94,6 +107,9 @@ struct CudaEngineOptions {
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
   int fused_backward = -1;  // bf16 training: -1 default (with fused_attention, where supported), 0 cuBLAS, 1 on
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
+  // small rank-classification calls padded to shape buckets so that similar lengths share a graph:
+  // -1 default (on), 0 off (every call at its exact shape), 1 on
+  int graph_buckets = -1;
   // the decoder's cross-attention: "auto" (default: folded where it saves work), "folded" (wherever it
   // applies), "precomputed" (every layer's encoder keys/values, always)
   std::string cross_attention;

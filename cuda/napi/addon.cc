@@ -321,6 +321,7 @@ struct ModelHolder {
   // The last describe() text. Read and written on the main thread only (describe() must not wait for the
   // lock while a call runs: that would block the event loop).
   std::string description;
+  GraphStats graph_stats;  // the last graphStats() (the same rule)
   AdapterSnapshots adapter_snapshots;  // main thread only
 
   Engine& use() {
@@ -489,6 +490,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return DefineClass(env, "NativeModel",
                        {InstanceAccessor<&NativeModel::Device>("device"),
                         InstanceMethod<&NativeModel::Describe>("describe"),
+                        InstanceMethod<&NativeModel::GraphStatsOf>("graphStats"),
                         InstanceMethod<&NativeModel::Score>("score"),
                         InstanceMethod<&NativeModel::LossAndGradients>("lossAndGradients"),
                         InstanceMethod<&NativeModel::MergeAdapter>("mergeAdapter"),
@@ -508,6 +510,34 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     std::unique_lock<std::mutex> lock(holder_->mu, std::try_to_lock);
     if (lock.owns_lock()) holder_->description = holder_->engine ? holder_->engine->describe() : "disposed";
     return Napi::String::New(info.Env(), holder_->description);
+  }
+
+  // Like describe(): while a call runs, the stats as they were before it.
+  Napi::Value GraphStatsOf(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::unique_lock<std::mutex> lock(holder_->mu, std::try_to_lock);
+    if (lock.owns_lock() && holder_->engine) holder_->graph_stats = holder_->engine->graph_stats();
+    const GraphStats& s = holder_->graph_stats;
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("enabled", s.enabled);
+    o.Set("buckets", s.buckets);
+    o.Set("replays", static_cast<double>(s.replays));
+    o.Set("captures", static_cast<double>(s.captures));
+    o.Set("eager", static_cast<double>(s.eager));
+    o.Set("cached", static_cast<double>(s.cached));
+    if (s.last_kind.empty()) {
+      o.Set("last", env.Null());
+    } else {
+      Napi::Object last = Napi::Object::New(env);
+      last.Set("kind", s.last_kind);
+      last.Set("launch", s.last_launch);
+      last.Set("batch", s.last_batch);
+      last.Set("encLen", s.last_enc_len);
+      last.Set("rows", s.last_rows);
+      last.Set("decLen", s.last_dec_len);
+      o.Set("last", last);
+    }
+    return o;
   }
 
   Napi::Value Score(const Napi::CallbackInfo& info) {
@@ -745,7 +775,7 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, fusedBackward?, graphs?,
-// crossAttention? } })
+// graphBuckets?, crossAttention? } })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -796,6 +826,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       if (c.Has("fusedBackward") && c.Get("fusedBackward").IsBoolean())
         cuda.fused_backward = c.Get("fusedBackward").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("graphBuckets") && c.Get("graphBuckets").IsBoolean())
+        cuda.graph_buckets = c.Get("graphBuckets").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("crossAttention") && c.Get("crossAttention").IsString())
         cuda.cross_attention = c.Get("crossAttention").As<Napi::String>().Utf8Value();
     }

@@ -61,7 +61,7 @@ const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(B
 
 interface CudaOpts {
   cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
-  cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaGraphs?: boolean;
+  cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaGraphs?: boolean; cudaGraphBuckets?: boolean;
 }
 interface ModelOpts extends CudaOpts { model: string; device: DeviceOption; threads?: number }
 interface TaskOpts {
@@ -81,7 +81,8 @@ function addCudaOptions(cmd: Command): Command {
     .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
     .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward instead of the fused kernels')
-    .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs');
+    .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
+    .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
 
 /** The `cuda` load option from the flags; flags not given stay unset, so the TFEW_CUDA_* variables still apply. */
@@ -93,6 +94,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaFusedAttention === false) c.fusedAttention = false;
   if (o.cudaFusedBackward === false) c.fusedBackward = false;
   if (o.cudaGraphs === false) c.graphs = false;
+  if (o.cudaGraphBuckets === false) c.graphBuckets = false;
   return Object.keys(c).length > 0 ? c : undefined;
 }
 

@@ -1,0 +1,115 @@
+// CUDA graphs and their shape buckets (cuda.graphBuckets): small rank-classification calls run padded up to a
+// grid of lengths, so that calls of similar lengths replay one graph; the results stay those of the exact
+// shape. Read through T5Model.graphStats(). Skipped when CUDA is not usable.
+import { T5Model } from '../../lib';
+import { mulberry32 } from '../../benchmarks/random-t5';
+import { loadFixture, maxRelError } from '../helpers/reference';
+import { describeCuda, loadCuda } from './helpers';
+
+jest.setTimeout(300_000);
+
+/** The engine's encoder-length grid (gpu/engine_plan.h graph_bucket_length), written out independently. */
+function bucket(len: number): number {
+  const grid = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 176, 192, 208, 224, 240, 256, 288, 320];
+  const b = grid.find((g) => g >= len);
+  if (b === undefined) throw new Error(`no bucket listed for ${len}`);
+  return b;
+}
+
+describeCuda('CUDA graphs with shape buckets', () => {
+  const fx = loadFixture('tiny-gated-gelu-untied');
+  const rand = mulberry32(77);
+  const tokens = (n: number): number[] => [...Array.from({ length: n - 1 }, () => 2 + Math.floor(rand() * 120)), 1];
+  const choices = [[5, 9, 1], [7, 1]]; // decoder length 3: bucket 4
+  let bucketed: T5Model;
+  let exact: T5Model;
+
+  beforeAll(async () => {
+    bucketed = await loadCuda(fx.dir, 'fp32');
+    exact = await loadCuda(fx.dir, 'fp32', {}, { graphBuckets: false });
+  });
+  afterAll(async () => {
+    await bucketed?.dispose();
+    await exact?.dispose();
+  });
+
+  test('describe() and graphStats() say how graphs run', () => {
+    expect(bucketed.describe()).toMatch(/CUDA graphs on \(small calls padded to shape buckets\)/);
+    expect(exact.describe()).toMatch(/CUDA graphs on \(exact shapes\)/);
+    expect(bucketed.graphStats()).toMatchObject({ enabled: true, buckets: true, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
+    expect(exact.graphStats()).toMatchObject({ enabled: true, buckets: false });
+  });
+
+  test('single-example calls of similar lengths share one graph and give the exact-shape results', async () => {
+    const lengths = [34, 39, 36, 40, 33];  // all in the bucket of 40
+    const launches: string[] = [];
+    for (const n of lengths) {
+      const input = [tokens(n)];
+      const a = await bucketed.rankClassify(input, [choices]);
+      const s = bucketed.graphStats();
+      launches.push(s.last!.launch);
+      expect(s.last).toMatchObject({ kind: 'score', batch: 1, encLen: bucket(n), rows: 2, decLen: 4 });
+      const b = await exact.rankClassify(input, [choices]);
+      expect(exact.graphStats().last).toMatchObject({ kind: 'score', batch: 1, encLen: n, rows: 2, decLen: 3, launch: 'eager' });
+      expect(maxRelError(a.logProbs.flat(), b.logProbs.flat())).toBeLessThan(1e-5);
+      expect(a.predictions).toEqual(b.predictions);
+    }
+    // the first call of the bucket runs eagerly, the second captures its graph, the rest replay it
+    expect(launches).toEqual(['eager', 'capture', 'replay', 'replay', 'replay']);
+    expect(bucketed.graphStats()).toMatchObject({ replays: 3, captures: 1, eager: 1, cached: 1 });
+    expect(exact.graphStats()).toMatchObject({ replays: 0, captures: 0, eager: 5, cached: 0 });
+  });
+
+  test('the fixture batch, bucketed, against the float64 reference', async () => {
+    const r = await bucketed.rankClassify(fx.inputIds, fx.choices, { lengthNormalize: false });
+    const maxLen = Math.max(...fx.inputIds.map((x) => x.length));
+    expect(bucketed.graphStats().last!.encLen).toBe(bucket(maxLen));
+    expect(maxRelError(r.logProbs.flat(), fx.get('base.sum_logp'))).toBeLessThan(1e-4);
+  });
+
+  test('encoder states and large calls keep their exact shape', async () => {
+    const input = [tokens(37)];
+    await bucketed.encode(input);
+    expect(bucketed.graphStats().last).toMatchObject({ kind: 'score', encLen: 37 });
+    // 33 examples of 130 tokens: 33 x 144 padded tokens would pass the 4096 of the latency regime
+    const many = Array.from({ length: 33 }, () => tokens(130));
+    await bucketed.rankClassify(many, many.map(() => choices), { batchSize: 33 });
+    expect(bucketed.graphStats().last).toMatchObject({ batch: 33, encLen: 130, decLen: 3 });
+  });
+
+  test('at most 64 graphs are kept; the least recently used goes first', async () => {
+    const m = await loadCuda(fx.dir, 'fp32', {}, { graphBuckets: false });
+    try {
+      const call = async (n: number) => {
+        const input = [tokens(n)];
+        await m.rankClassify(input, [choices]);
+        return m.graphStats().last!.launch;
+      };
+      // lengths 2..67: 66 shapes, each captured on its second call; length 2 is used again before the last two
+      for (let n = 2; n <= 65; n++) {
+        await call(n);
+        await call(n);
+      }
+      expect(m.graphStats().cached).toBe(64);
+      expect(await call(2)).toBe('replay');
+      for (const n of [66, 67]) {
+        await call(n);
+        expect(await call(n)).toBe('capture');
+      }
+      expect(m.graphStats().cached).toBe(64);
+      // 66 and 67 took the places of 3 and 4, the least recently used (2 was used again before them)
+      expect(await call(2)).toBe('replay');
+      expect(await call(5)).toBe('replay');
+      expect(await call(3)).toBe('capture');
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('training steps count as graph launches of their own kind', async () => {
+    const batch = { inputIds: [tokens(21), tokens(18)], choices: [choices, choices], labels: [0, 1] };
+    for (let i = 0; i < 3; i++) await bucketed.lossAndGradients(batch);
+    const s = bucketed.graphStats();
+    expect(s.last).toMatchObject({ kind: 'train', launch: 'replay', batch: 2, encLen: 21, rows: 4, decLen: 3 });
+  });
+});
