@@ -113,7 +113,8 @@ step() {
   local limit=$((max < left ? max : left))
   local t0
   t0=$(date +%s)
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # (TFEW_STEP_LIMIT_S: the step's own limit, for commands that budget their time, e.g. pytorch_baseline.py)
+  TFEW_STEP_LIMIT_S="$limit" timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   local dt=$(($(date +%s) - t0))
   if [ $rc -eq 0 ]; then
@@ -209,7 +210,7 @@ fi
 # ---- the GPU tests, one process per file
 if want tests; then
   debug_rerun_done=0
-  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-behaviour:120; do
+  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-behaviour:120 cuda-graphs:90; do
     file=${t%%:*}
     cap=${t##*:}
     TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
@@ -252,6 +253,8 @@ if want torch; then
   if later_ok; then
     extra=()
     [ "${TFEW_SKIP_COMPILE:-0}" = "1" ] && extra+=(--no-compile)
+    # the random T0-3B checkpoint rank-bench wrote: PyTorch runs on the same weights
+    [ -f /tmp/tfew-bench-t0-3b-24l/config.json ] && extra+=(--model-dir /tmp/tfew-bench-t0-3b-24l)
     step pytorch-bench 300 0 python3 benchmarks/pytorch_baseline.py bench "${extra[@]}" --out "$OUT/pytorch-bench.json"
   else
     note "SKIP  pytorch-bench (smoke check failed)"

@@ -50,6 +50,8 @@ interface ProfileLine {
   kind?: 'score' | 'train';
   forward_ms: number;
   graph: boolean;
+  /** how the call ran: a graph replayed, captured (and launched), or kernels launched eagerly */
+  launch?: 'replay' | 'capture' | 'eager';
   folded_cross?: boolean;
   families_ms?: Record<string, number>;
 }
@@ -133,7 +135,7 @@ async function timeCalls(call: () => Promise<unknown>, kind: 'score' | 'train', 
     medianWallMs: median(wall),
     medianForwardMs: median(forward),
     examplesPerSecond: examples / (median(wall) / 1000),
-    graphReplays: prof.filter((p) => p.graph).length,
+    graphReplays: prof.filter((p) => (p.launch ? p.launch === 'replay' : p.graph)).length,
     foldedCross: prof.length > 0 && prof.every((p) => p.folded_cross === true),
   };
 }
@@ -425,7 +427,7 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
     const share = ours.breakdown?.[name]?.gemmShare;
     const gib = w.deviceMiB === undefined ? undefined : w.deviceMiB / 1024;
     lines.push(`| ${name} | ${fmt(w.medianWallMs)} | ${fmt(w.medianForwardMs)} | ${fmt(w.examplesPerSecond, 0)} | ${fmt(gib)} | ` +
-               `${w.graphReplays}/${w.forwardMs.length} | ` +
+               `${w.graphReplays ?? '-'}/${w.forwardMs.length} | ` +
                `${w.foldedCross ? 'folded' : 'precomputed'}${w.recompute ? `, recompute ${w.recompute}` : ''} | ` +
                `${fmt(t?.eager_ms)} (${fmt(t?.peak_gib, 1)}) | ` +
                `${fmt(t?.compiled_ms)} (${fmt(t?.compile_s, 0)}) | ${share === undefined ? '-' : fmt(share * 100, 1) + ' %'} |`);

@@ -20,10 +20,11 @@ export interface CudaOptions {
   /** CUDA graphs for repeated batch shapes (default on). */
   graphs?: boolean;
   /**
-   * With graphs: rank-classification calls of at most 4096 encoder tokens run padded up to a grid of lengths
-   * (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more; choices: multiples of 4),
-   * so that a service's calls of similar lengths replay one CUDA graph instead of launching every kernel.
-   * Padding is masked: same results. Default on; false runs every call at its exact lengths.
+   * With graphs: rank-classification calls of at most 4096 encoder and 512 decoder tokens run padded up to a
+   * grid of lengths (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more above 64;
+   * choices longer than 4 tokens: multiples of 4), so that a service's calls of similar lengths replay one CUDA
+   * graph instead of launching every kernel. Padding is masked: the results equal the exact lengths' within
+   * rounding. Default on; false runs every call at its exact lengths.
    */
   graphBuckets?: boolean;
   /**

@@ -51,6 +51,10 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
     graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
     graph_buckets_ = options.graph_buckets >= 0 ? options.graph_buckets == 1 : env_flag("TFEW_CUDA_GRAPH_BUCKETS", true);
+    stats_->update([&](GraphStats& s) {
+      s.enabled = graphs_enabled_;
+      s.buckets = graphs_enabled_ && graph_buckets_;
+    });
     if (!graphs_enabled_)
       graph_note_ = profiler_.detail() ? "off (detail profiling)"
                     : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
@@ -337,37 +341,32 @@ template <typename T>
 void CudaEngine<T>::destroy_graphs() {
   graphs_.destroy();
   train_graphs_.destroy();
-  std::lock_guard<std::mutex> lock(stats_mu_);
-  stats_.cached = 0;
+  stats_->update([](GraphStats& s) { s.cached = 0; });
 }
 
 template <typename T>
-bool CudaEngine<T>::launch_forward(const Plan<T>& plan) {
+typename CudaEngine<T>::Launch CudaEngine<T>::launch_forward(const Plan<T>& plan) {
   const Launch launch = launch_cached(graphs_, plan.shape, [&] { enqueue_forward(plan); });
   note_launch("score", plan.shape, launch);
-  return launch != Launch::Eager;
+  return launch;
 }
 
 template <typename T>
 void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch launch) {
-  std::lock_guard<std::mutex> lock(stats_mu_);
-  (launch == Launch::Replay ? stats_.replays : launch == Launch::Capture ? stats_.captures : stats_.eager) += 1;
-  stats_.cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
-  stats_.last_kind = kind;
-  stats_.last_launch = launch == Launch::Replay ? "replay" : launch == Launch::Capture ? "capture" : "eager";
-  stats_.last_batch = shape.batch;
-  stats_.last_enc_len = shape.enc_len;
-  stats_.last_rows = shape.rows;
-  stats_.last_dec_len = shape.dec_len;
-}
-
-template <typename T>
-GraphStats CudaEngine<T>::graph_stats() const {
-  std::lock_guard<std::mutex> lock(stats_mu_);
-  GraphStats s = stats_;
-  s.enabled = graphs_enabled_;
-  s.buckets = graphs_enabled_ && graph_buckets_;
-  return s;
+  const int64_t cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
+  const bool enabled = graphs_enabled_;  // (a failed capture turns graphs off)
+  stats_->update([&](GraphStats& s) {
+    (launch == Launch::Replay ? s.replays : launch == Launch::Capture ? s.captures : s.eager) += 1;
+    s.enabled = enabled;
+    s.buckets = enabled && graph_buckets_;
+    s.cached = cached;
+    s.last_kind = kind;
+    s.last_launch = launch_name(launch);
+    s.last_batch = shape.batch;
+    s.last_enc_len = shape.enc_len;
+    s.last_rows = shape.rows;
+    s.last_dec_len = shape.dec_len;
+  });
 }
 
 template <typename T>
@@ -477,31 +476,50 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   if (graph_buckets_ && graphs_enabled_ && !want_logits && !want_hidden && call.num_rows > 0) {
     const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
     if (static_cast<int64_t>(call.batch_size) * enc_len <= kGraphBucketMaxTokens &&
+        static_cast<int64_t>(call.num_rows) * dec_len <= kGraphBucketMaxChoiceTokens &&
         (enc_len != call.enc_len || dec_len != call.dec_len)) {
       bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
       run = &bucketed;
     }
   }
-  const Batch& b = *run;
-  Shape shape;
-  shape.batch = b.batch_size;
-  shape.enc_len = b.enc_len;
-  shape.rows = b.num_rows;
-  shape.dec_len = b.num_rows > 0 ? b.dec_len : 0;
-  shape.want_hidden = want_hidden;
-  shape.adapters = std::any_of(b.adapter_of_example.begin(), b.adapter_of_example.end(), [](int a) { return a >= 0; });
-  shape.folded_cross = folds_cross_attention(b);
+  const bool adapters_used =
+      std::any_of(call.adapter_of_example.begin(), call.adapter_of_example.end(), [](int a) { return a >= 0; });
+  // the cross-attention path of the exact shape (padding must not switch it)
+  const bool folded_cross = folds_cross_attention(call);
+  auto shape_of = [&](const Batch& b) {
+    Shape s;
+    s.batch = b.batch_size;
+    s.enc_len = b.enc_len;
+    s.rows = b.num_rows;
+    s.dec_len = b.num_rows > 0 ? b.dec_len : 0;
+    s.want_hidden = want_hidden;
+    s.adapters = adapters_used;
+    s.folded_cross = folded_cross;
+    return s;
+  };
+  Shape shape = shape_of(*run);
 
   if (shape.adapters) upload_adapters(adapters);
-  ensure_arena(make_plan<T>(config_, shape, fused_attention_, 0).bytes,
-               [&] { return make_plan<T>(config_, arena_shape(shape), fused_attention_, 0).bytes; });
+  auto arena_for = [&](const Shape& s) {
+    ensure_arena(make_plan<T>(config_, s, fused_attention_, 0).bytes,
+                 [&] { return make_plan<T>(config_, arena_shape(s), fused_attention_, 0).bytes; });
+  };
+  try {
+    arena_for(shape);
+  } catch (const TfewError& e) {
+    if (run == &call || e.code() != ErrorCode::OutOfMemory) throw;
+    run = &call;  // the bucket's padding does not fit in the memory left: the exact shape may
+    shape = shape_of(call);
+    arena_for(shape);
+  }
+  const Batch& b = *run;
   const Plan<T> plan = make_plan<T>(config_, shape, fused_attention_, reinterpret_cast<uintptr_t>(arena_.get()));
   pack_inputs(b, plan, !fused_attention_);
 
   profiler_.begin_call(stream_);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + plan.inputs_begin, staging_in_.get(),
                                   plan.inputs_end - plan.inputs_begin, cudaMemcpyHostToDevice, stream_));
-  const bool graphed = launch_forward(plan);
+  const Launch launch = launch_forward(plan);
 
   const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
   const size_t Ne = static_cast<size_t>(shape.batch) * shape.enc_len;
@@ -528,7 +546,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   for (int r = 0; r < call.num_rows; ++r)
     std::copy_n(logp + static_cast<size_t>(r) * b.dec_len, call.dec_len,
                 out.token_logp.begin() + static_cast<size_t>(r) * call.dec_len);
-  profiler_.report("score", shape, probe_.device_name, precision_name(), graphed);
+  profiler_.report("score", shape, probe_.device_name, precision_name(), launch_name(launch));
   return out;
 }
 

@@ -82,7 +82,7 @@ class CudaEngine final : public Engine {
                     bool want_encoder_hidden) override;
   LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override;
   void merge_adapter(const float* vectors) override;
-  GraphStats graph_stats() const override;
+  std::shared_ptr<GraphStatsBox> graph_stats() const override { return stats_; }
   void release() override;
   // A training session whose vectors, gradients and Adafactor state stay in device memory
   // (gpu/cuda_session.cc): per step only the per-token log-probs (for the losses) and the scalars move.
@@ -146,8 +146,11 @@ class CudaEngine final : public Engine {
   void destroy_graphs();
   // Runs the forward of `plan`: replays a graph for a shape seen before, captures one on the second call of
   // a shape (the first runs eagerly so cuBLAS and lazily loaded kernels initialise outside capture).
-  bool launch_forward(const Plan<T>& plan);
   enum class Launch { Eager, Capture, Replay };
+  static const char* launch_name(Launch l) {
+    return l == Launch::Replay ? "replay" : l == Launch::Capture ? "capture" : "eager";
+  }
+  Launch launch_forward(const Plan<T>& plan);
   // Replays the graph cached under `key`, or runs `enqueue` eagerly (the first call of a key, so cuBLAS and
   // lazily loaded kernels initialise outside capture), or captures it (the second call), and counts the call
   // in stats_. Inference graphs are keyed by shape, training steps by TrainGraphKey.
@@ -259,10 +262,9 @@ class CudaEngine final : public Engine {
     }
   };
   GraphCache<TrainGraphKey> train_graphs_;
-  mutable std::mutex stats_mu_;  // stats_ is read from the main thread while a call runs
-  GraphStats stats_;
+  std::shared_ptr<GraphStatsBox> stats_ = std::make_shared<GraphStatsBox>();  // read by the main thread at any time
   TrainPlan<T> train_plan_;  // the last training step's buffers (read_train_results)
-  bool train_graphed_ = false;  // ... and whether it ran as a graph replay (for the profile)
+  Launch train_launch_ = Launch::Eager;  // ... and how it ran (for the profile)
   Profiler profiler_;
 };
 

@@ -50,7 +50,7 @@ void CudaEngine<T>::read_train_results(LossOutput& out, bool with_token_logp) {
   }
   TFEW_CUDA_CHECK(cudaMemcpyAsync(losses, tp.losses, sizeof(losses), cudaMemcpyDeviceToHost, stream_));
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  profiler_.report("train", tp.fwd.shape, probe_.device_name, precision_name(), train_graphed_);
+  profiler_.report("train", tp.fwd.shape, probe_.device_name, precision_name(), launch_name(train_launch_));
   out.lm_loss = losses[0];
   out.ul_loss = losses[1];
   out.ln_loss = losses[2];
@@ -122,7 +122,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
                                     stream_));
     enqueue_backward(tp, drop, n_adapters);
   });
-  train_graphed_ = launch != Launch::Eager;
+  train_launch_ = launch;
   note_launch("train", shape, launch);
   profiler_.end_call(stream_);
   return shape.adapters ? tp.grads : nullptr;

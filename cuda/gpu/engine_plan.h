@@ -50,12 +50,15 @@ inline Shape arena_shape(Shape s) {
 
 // CUDA graph buckets (CudaEngine::score, cuda.graphBuckets): a graph replays only for the exact shape it was
 // captured with, and a service's single-example calls rarely repeat a length. Small rank-classification calls
-// therefore run padded up to these lengths (padding is masked, so the results are those of the exact shape):
-// encoder lengths to multiples of 8 up to 64, then 8 steps per doubling (at most 12.5% more positions: 72,
-// 80, .., 128, 144, .., 256, 288, ..); choice lengths to multiples of 4. Only calls of at most
-// kGraphBucketMaxTokens padded encoder tokens, where launches rather than FLOPs bound the time; larger ones run
-// at their exact shape.
+// therefore run padded up to these lengths (padding is masked: the results equal the exact shape's within
+// rounding, cuBLAS being free to pick other kernels for other sizes):
+//   encoder lengths: multiples of 8 up to 64, then 8 steps per doubling (72, 80, .., 128, 144, .., 256, 288, ..:
+//   at most 12.5% more positions above 64);
+//   choice lengths: as they are up to 4 (one-word answers), then multiples of 4.
+// Only calls of at most kGraphBucketMaxTokens padded encoder tokens and kGraphBucketMaxChoiceTokens padded
+// decoder tokens, where launches rather than FLOPs bound the time; larger ones run at their exact shape.
 constexpr int64_t kGraphBucketMaxTokens = 4096;
+constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
 inline int graph_bucket_length(int len) {
   if (len <= 64) return (len + 7) / 8 * 8;
   int octave = 64;  // octave < len <= 2 octave
@@ -63,7 +66,7 @@ inline int graph_bucket_length(int len) {
   const int step = octave / 8;
   return (len + step - 1) / step * step;
 }
-inline int graph_bucket_choice_length(int len) { return (len + 3) / 4 * 4; }
+inline int graph_bucket_choice_length(int len) { return len <= 4 ? len : (len + 3) / 4 * 4; }
 
 // Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
 // from the arena's base.

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -47,7 +48,8 @@ class Profiler {
   }
   // After the stream was synchronised.
   // kind: "score" (the inference forward) or "train" (a training step: forward, losses, backward).
-  void report(const char* kind, const Shape& s, const std::string& device, const char* precision, bool graph) {
+  // launch: "replay", "capture" (a graph captured and launched) or "eager".
+  void report(const char* kind, const Shape& s, const std::string& device, const char* precision, const char* launch) {
     if (!enabled()) return;
     float total = 0.f;
     cudaEventElapsedTime(&total, events_[call_start_], events_[call_end_]);
@@ -67,9 +69,10 @@ class Profiler {
     if (!f) return;
     std::fprintf(f,
                  "{\"kind\":\"%s\",\"device\":\"%s\",\"precision\":\"%s\",\"batch\":%d,\"enc_len\":%d,\"rows\":%d,"
-                 "\"dec_len\":%d,\"adapters\":%s,\"folded_cross\":%s,\"graph\":%s,\"forward_ms\":%.4f",
+                 "\"dec_len\":%d,\"adapters\":%s,\"folded_cross\":%s,\"graph\":%s,\"launch\":\"%s\","
+                 "\"forward_ms\":%.4f",
                  kind, device.c_str(), precision, s.batch, s.enc_len, s.rows, s.dec_len, s.adapters ? "true" : "false",
-                 s.folded_cross ? "true" : "false", graph ? "true" : "false", total);
+                 s.folded_cross ? "true" : "false", std::strcmp(launch, "eager") != 0 ? "true" : "false", launch, total);
     if (detail_) {
       std::fprintf(f, ",\"families_ms\":{");
       bool first = true;

@@ -186,8 +186,9 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
   const int wr = warp * 16;  // this warp's first query row in the tile
   for (int k0 = 0; k0 < n_keys; k0 += kTile) {
     __syncthreads();  // the previous tile's K/V/P are no longer read
-    load_tile<DK>(base + inner, ld, k0, len, k_scale, Ks, S::kLdQ);
-    load_tile<DK>(base + 2 * inner, ld, k0, len, v_scale, Vs, S::kLdQ);
+    // keys past the example's length are zeros (masked below; a zero V row keeps 0 x V exact whatever padding holds)
+    load_tile<DK>(base + inner, ld, k0, n_keys, k_scale, Ks, S::kLdQ);
+    load_tile<DK>(base + 2 * inner, ld, k0, n_keys, v_scale, Vs, S::kLdQ);
     __syncthreads();
 
     // S[wr .. wr+16, 0 .. 64) = Q K^T

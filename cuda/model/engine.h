@@ -2,6 +2,7 @@
 // (cuda/cpu) is the readable oracle, the CUDA backend (cuda/gpu + cuda/kernels) the fast one.
 #pragma once
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,25 @@ struct GraphStats {
   int last_batch = 0, last_enc_len = 0, last_rows = 0, last_dec_len = 0;
 };
 
+// Where an engine keeps its GraphStats: shared with the JS side, which reads it without waiting for the model
+// (a busy service's model is almost never idle) and after the engine is gone.
+class GraphStatsBox {
+ public:
+  GraphStats read() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+  template <typename Update>
+  void update(Update&& f) {
+    std::lock_guard<std::mutex> lock(mu_);
+    f(stats_);
+  }
+
+ private:
+  mutable std::mutex mu_;
+  GraphStats stats_;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -74,7 +94,8 @@ class Engine {
                                                                    const OptimizerOptions& options) {
     return make_host_training_session(config(), std::move(initial), options);
   }
-  virtual GraphStats graph_stats() const { return GraphStats{}; }
+  // The engine's graph counts (null: no graphs, as on the CPU backend).
+  virtual std::shared_ptr<GraphStatsBox> graph_stats() const { return nullptr; }
   // Frees all memory the engine holds (device memory included). Safe to call twice.
   virtual void release() = 0;
 };

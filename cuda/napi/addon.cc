@@ -321,7 +321,7 @@ struct ModelHolder {
   // The last describe() text. Read and written on the main thread only (describe() must not wait for the
   // lock while a call runs: that would block the event loop).
   std::string description;
-  GraphStats graph_stats;  // the last graphStats() (the same rule)
+  std::shared_ptr<GraphStatsBox> graph_stats;  // the engine's counts (null on the CPU backend); outlives it
   AdapterSnapshots adapter_snapshots;  // main thread only
 
   Engine& use() {
@@ -512,12 +512,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return Napi::String::New(info.Env(), holder_->description);
   }
 
-  // Like describe(): while a call runs, the stats as they were before it.
+  // Never waits for the model: the counts live in a box of their own (GraphStatsBox).
   Napi::Value GraphStatsOf(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    std::unique_lock<std::mutex> lock(holder_->mu, std::try_to_lock);
-    if (lock.owns_lock() && holder_->engine) holder_->graph_stats = holder_->engine->graph_stats();
-    const GraphStats& s = holder_->graph_stats;
+    const GraphStats s = holder_->graph_stats ? holder_->graph_stats->read() : GraphStats{};
     Napi::Object o = Napi::Object::New(env);
     o.Set("enabled", s.enabled);
     o.Set("buckets", s.buckets);
@@ -795,6 +793,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       else
         holder_->engine = make_cpu_engine(config_, source, threads_);
       holder_->description = holder_->engine->describe();
+      holder_->graph_stats = holder_->engine->graph_stats();
     }
     Napi::Value result(Napi::Env env) override {
       return wrap_holder(env, env.GetInstanceData<AddonData>()->model_ctor, holder_);

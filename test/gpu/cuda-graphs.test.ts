@@ -1,10 +1,10 @@
 // CUDA graphs and their shape buckets (cuda.graphBuckets): small rank-classification calls run padded up to a
 // grid of lengths, so that calls of similar lengths replay one graph; the results stay those of the exact
 // shape. Read through T5Model.graphStats(). Skipped when CUDA is not usable.
-import { T5Model } from '../../lib';
+import { IA3Adapter, T5Model } from '../../lib';
 import { mulberry32 } from '../../benchmarks/random-t5';
 import { loadFixture, maxRelError } from '../helpers/reference';
-import { describeCuda, loadCuda } from './helpers';
+import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision, randomCheckpoint } from './helpers';
 
 jest.setTimeout(300_000);
 
@@ -20,7 +20,7 @@ describeCuda('CUDA graphs with shape buckets', () => {
   const fx = loadFixture('tiny-gated-gelu-untied');
   const rand = mulberry32(77);
   const tokens = (n: number): number[] => [...Array.from({ length: n - 1 }, () => 2 + Math.floor(rand() * 120)), 1];
-  const choices = [[5, 9, 1], [7, 1]]; // decoder length 3: bucket 4
+  const choices = [[5, 9, 11, 13, 1], [7, 1]]; // decoder length 5: bucket 8 (rows of 5 and 2 tokens)
   let bucketed: T5Model;
   let exact: T5Model;
 
@@ -34,6 +34,8 @@ describeCuda('CUDA graphs with shape buckets', () => {
   });
 
   test('describe() and graphStats() say how graphs run', () => {
+    // (a failed capture turns graphs off and describe() says why: every test below depends on graphs)
+    expect(`${bucketed.graphStats().enabled}: ${bucketed.describe()}`).toMatch(/^true: /);
     expect(bucketed.describe()).toMatch(/CUDA graphs on \(small calls padded to shape buckets\)/);
     expect(exact.describe()).toMatch(/CUDA graphs on \(exact shapes\)/);
     expect(bucketed.graphStats()).toMatchObject({ enabled: true, buckets: true, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
@@ -48,9 +50,9 @@ describeCuda('CUDA graphs with shape buckets', () => {
       const a = await bucketed.rankClassify(input, [choices]);
       const s = bucketed.graphStats();
       launches.push(s.last!.launch);
-      expect(s.last).toMatchObject({ kind: 'score', batch: 1, encLen: bucket(n), rows: 2, decLen: 4 });
+      expect(s.last).toMatchObject({ kind: 'score', batch: 1, encLen: bucket(n), rows: 2, decLen: 8 });
       const b = await exact.rankClassify(input, [choices]);
-      expect(exact.graphStats().last).toMatchObject({ kind: 'score', batch: 1, encLen: n, rows: 2, decLen: 3, launch: 'eager' });
+      expect(exact.graphStats().last).toMatchObject({ kind: 'score', batch: 1, encLen: n, rows: 2, decLen: 5, launch: 'eager' });
       expect(maxRelError(a.logProbs.flat(), b.logProbs.flat())).toBeLessThan(1e-5);
       expect(a.predictions).toEqual(b.predictions);
     }
@@ -67,14 +69,23 @@ describeCuda('CUDA graphs with shape buckets', () => {
     expect(maxRelError(r.logProbs.flat(), fx.get('base.sum_logp'))).toBeLessThan(1e-4);
   });
 
-  test('encoder states and large calls keep their exact shape', async () => {
+  test('encoder states, logits and large calls keep their exact shape; short answers keep their length', async () => {
     const input = [tokens(37)];
     await bucketed.encode(input);
     expect(bucketed.graphStats().last).toMatchObject({ kind: 'score', encLen: 37 });
+    await bucketed.choiceLogits(input, [choices]);
+    expect(bucketed.graphStats().last).toMatchObject({ kind: 'score', encLen: 37, decLen: 5 });
     // 33 examples of 130 tokens: 33 x 144 padded tokens would pass the 4096 of the latency regime
     const many = Array.from({ length: 33 }, () => tokens(130));
     await bucketed.rankClassify(many, many.map(() => choices), { batchSize: 33 });
-    expect(bucketed.graphStats().last).toMatchObject({ batch: 33, encLen: 130, decLen: 3 });
+    expect(bucketed.graphStats().last).toMatchObject({ batch: 33, encLen: 130, decLen: 5 });
+    // 100 choices: 100 x 8 padded decoder tokens would pass 512 (the call runs at its exact shape)
+    const hundred = Array.from({ length: 100 }, (_, i) => [5 + (i % 90), 9, 11, 13, 1]);
+    await bucketed.rankClassify(input, [hundred]);
+    expect(bucketed.graphStats().last).toMatchObject({ batch: 1, encLen: 37, rows: 100, decLen: 5 });
+    // answers of at most 4 tokens (one word and eos) are not padded
+    await bucketed.rankClassify(input, [[[5, 1], [6, 7, 1]]]);
+    expect(bucketed.graphStats().last).toMatchObject({ encLen: 40, rows: 2, decLen: 3 });
   });
 
   test('at most 64 graphs are kept; the least recently used goes first', async () => {
@@ -110,6 +121,51 @@ describeCuda('CUDA graphs with shape buckets', () => {
     const batch = { inputIds: [tokens(21), tokens(18)], choices: [choices, choices], labels: [0, 1] };
     for (let i = 0; i < 3; i++) await bucketed.lossAndGradients(batch);
     const s = bucketed.graphStats();
-    expect(s.last).toMatchObject({ kind: 'train', launch: 'replay', batch: 2, encLen: 21, rows: 4, decLen: 3 });
+    expect(s.last).toMatchObject({ kind: 'train', launch: 'replay', batch: 2, encLen: 21, rows: 4, decLen: 5 });
   });
+});
+
+// The other kernel paths a bucketed call can take, on the T0-3B-width random checkpoint (d_kv 64): the fused
+// encoder attention (bf16) over padded keys, the folded and the precomputed cross-attention over padded encoder
+// positions, several examples of different lengths with a mixed batch of adapters.
+describeCuda('CUDA graph buckets on the fused and folded paths', () => {
+  const rand = mulberry32(78);
+  let dir: string;
+  let vocab: number;
+  beforeAll(() => {
+    const c = randomCheckpoint();
+    dir = c.dir;
+    vocab = c.config.vocab_size as number;
+  });
+  const tokens = (n: number): number[] => [...Array.from({ length: n - 1 }, () => 2 + Math.floor(rand() * (vocab - 2))), 1];
+
+  describe.each([['bf16', 'folded'], ['bf16', 'precomputed'], ['fp32', 'folded']] as [Precision, 'folded' | 'precomputed'][])(
+    '%s, cross-attention %s', (precision, crossAttention) => {
+      test('a mixed batch of three lengths, bucketed, equals the exact shape', async () => {
+        const bucketed = await loadCuda(dir, precision, {}, { crossAttention });
+        const exact = await loadCuda(dir, precision, {}, { crossAttention, graphBuckets: false });
+        try {
+          const adapters = [IA3Adapter.create(bucketed), IA3Adapter.create(bucketed)];
+          adapters.forEach((a, k) => {
+            for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.4 * (rand() - 0.5) * (k + 1);
+            a.markChanged();
+          });
+          const inputs = [tokens(37), tokens(50), tokens(21)];
+          const choices = [[tokens(6), tokens(3)], [tokens(2), tokens(5)], [tokens(7), tokens(1 + 1)]];
+          const options = { adapter: [adapters[0], null, adapters[1]] };
+          const a = await bucketed.rankClassify(inputs, choices, options);
+          expect(`${bucketed.graphStats().enabled}: ${bucketed.describe()}`).toMatch(/^true: /);
+          expect(bucketed.graphStats().last).toMatchObject({ batch: 3, encLen: 56, rows: 6, decLen: 8 });
+          const b = await exact.rankClassify(inputs, choices, options);
+          expect(exact.graphStats().last).toMatchObject({ batch: 3, encLen: 50, rows: 6, decLen: 7 });
+          const tol = precision === 'fp32' ? 1e-5 : bf16Tolerance(['random', 'sum_logp']);
+          expect(maxRelError(a.logProbs.flat(), b.logProbs.flat())).toBeLessThan(tol);
+          expect(maxRelError(a.scores.flat(), b.scores.flat())).toBeLessThan(tol);
+          for (const e of clearWinners(b.scores, 4 * tol)) expect(a.predictions[e]).toBe(argmaxRows(b.scores)[e]);
+        } finally {
+          await bucketed.dispose();
+          await exact.dispose();
+        }
+      });
+    });
 });
