@@ -12,7 +12,8 @@
 # Environment:
 #   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
 #   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call;
-#                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts)
+#                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts), with fixed and
+#                          with varied input lengths
 #   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
 #   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
 #   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
@@ -244,6 +245,9 @@ fi
 if want trainrun; then
   if later_ok; then
     step train-run 240 0 env "${BENCH_ENV[@]}" node dist/benchmarks/train-run.js "${DRY_ARGS[@]}" --out "$OUT/train-run.json"
+    # the same with inputs of 64-256 tokens: batches of changing lengths, as a Trainer on real data gives
+    step train-run-varied 240 0 env "${BENCH_ENV[@]}" node dist/benchmarks/train-run.js "${DRY_ARGS[@]}" --lengths varied \
+      --out "$OUT/train-run-varied.json"
   else
     note "SKIP  train-run (smoke check failed)"
   fi

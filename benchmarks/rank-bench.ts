@@ -419,6 +419,12 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   const lines: string[] = [];
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
+  const varied = ours.workloads['RANK-3B-B1-VARIED'], exact = ours.workloads['RANK-3B-B1-VARIED-EXACT'];
+  if (varied && exact) {
+    lines.push(`single examples of random lengths: ${fmt(varied.medianWallMs)} ms with graph buckets ` +
+               `(${varied.graphReplays}/${varied.forwardMs.length} replays), ${fmt(exact.medianWallMs)} ms at exact shapes ` +
+               `(${exact.graphReplays}/${exact.forwardMs.length} replays)`);
+  }
   lines.push('');
   lines.push('| workload | ours wall ms | ours device ms | ours ex/s | ours device GiB | graph replays | cross-attention | PyTorch eager ms (peak GiB) | PyTorch compiled ms (compile s) | GEMM share |');
   lines.push('|---|---|---|---|---|---|---|---|---|---|');

@@ -17,11 +17,16 @@ export interface CudaOptions {
    * fusedAttention, where they fit); false keeps the cuBLAS backward (for comparisons).
    */
   fusedBackward?: boolean;
-  /** CUDA graphs for repeated batch shapes (default on). */
+  /**
+   * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
+   * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
+   * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape
+   * (a capture leaves the GPU idle, and batches of changing lengths would rarely replay it).
+   */
   graphs?: boolean;
   /**
-   * With graphs: rank-classification calls of at most 4096 encoder and 512 decoder tokens run padded up to a
-   * grid of lengths (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more above 64;
+   * With graphs: small rank-classification calls (at most 4096 encoder and 512 decoder tokens, and at most 2.5
+   * TFLOP of encoder GEMMs: about 1,000 tokens of T0-3B) run padded up to a grid of lengths (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more above 64;
    * choices longer than 4 tokens: multiples of 4), so that a service's calls of similar lengths replay one CUDA
    * graph instead of launching every kernel. Padding is masked: the results equal the exact lengths' within
    * rounding. Default on; false runs every call at its exact lengths.

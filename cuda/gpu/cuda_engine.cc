@@ -345,8 +345,8 @@ void CudaEngine<T>::destroy_graphs() {
 }
 
 template <typename T>
-typename CudaEngine<T>::Launch CudaEngine<T>::launch_forward(const Plan<T>& plan) {
-  const Launch launch = launch_cached(graphs_, plan.shape, [&] { enqueue_forward(plan); });
+typename CudaEngine<T>::Launch CudaEngine<T>::launch_forward(const Plan<T>& plan, bool launch_bound) {
+  const Launch launch = launch_cached(graphs_, plan.shape, [&] { enqueue_forward(plan); }, !launch_bound);
   note_launch("score", plan.shape, launch);
   return launch;
 }
@@ -371,11 +371,15 @@ void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch lau
 
 template <typename T>
 template <typename Key>
-typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue) {
+typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cache, const Key& key,
+                                                             const std::function<void()>& enqueue, bool consecutive_only) {
   if (!graphs_enabled_) {
     enqueue();
     return Launch::Eager;
   }
+  const bool after_same = cache.same_as_last(key);
+  cache.last = key;
+  cache.has_last = true;
   auto it = cache.graphs.find(key);
   if (it != cache.graphs.end()) {
     it->second.last_use = ++cache.clock;
@@ -383,7 +387,8 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
     return Launch::Replay;
   }
   if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
-  if (cache.seen[key]++ == 0) {
+  const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
+  if (!repeated) {
     enqueue();
     return Launch::Eager;
   }
@@ -471,16 +476,18 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   validate(call, adapters);
   // A small call runs at its graph bucket's shape (graph_bucket_length); logits and encoder states, which come
   // back per position, keep the exact shape.
+  // Small calls are bound by launches, not by the GPU (kGraphBucketMaxFlops): graphs pay for them most.
+  const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
+  const int64_t enc_tokens = static_cast<int64_t>(call.batch_size) * enc_len;
+  const bool launch_bound = enc_tokens <= kGraphBucketMaxTokens &&
+                            static_cast<int64_t>(call.num_rows) * dec_len <= kGraphBucketMaxChoiceTokens &&
+                            enc_tokens * encoder_flops_per_token(config_) <= kGraphBucketMaxFlops;
   Batch bucketed;
   const Batch* run = &call;
-  if (graph_buckets_ && graphs_enabled_ && !want_logits && !want_hidden && call.num_rows > 0) {
-    const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
-    if (static_cast<int64_t>(call.batch_size) * enc_len <= kGraphBucketMaxTokens &&
-        static_cast<int64_t>(call.num_rows) * dec_len <= kGraphBucketMaxChoiceTokens &&
-        (enc_len != call.enc_len || dec_len != call.dec_len)) {
-      bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
-      run = &bucketed;
-    }
+  if (graph_buckets_ && graphs_enabled_ && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
+      (enc_len != call.enc_len || dec_len != call.dec_len)) {
+    bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
+    run = &bucketed;
   }
   const bool adapters_used =
       std::any_of(call.adapter_of_example.begin(), call.adapter_of_example.end(), [](int a) { return a >= 0; });
@@ -519,7 +526,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   profiler_.begin_call(stream_);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + plan.inputs_begin, staging_in_.get(),
                                   plan.inputs_end - plan.inputs_begin, cudaMemcpyHostToDevice, stream_));
-  const Launch launch = launch_forward(plan);
+  const Launch launch = launch_forward(plan, launch_bound);
 
   const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
   const size_t Ne = static_cast<size_t>(shape.batch) * shape.enc_len;
@@ -606,7 +613,7 @@ template class CudaEngine<__nv_bfloat16>;
 #define TFEW_INSTANTIATE_TRAIN_GRAPHS(T)                                                                       \
   template CudaEngine<T>::Launch CudaEngine<T>::launch_cached<CudaEngine<T>::TrainGraphKey>(                \
       CudaEngine<T>::GraphCache<CudaEngine<T>::TrainGraphKey>&, const CudaEngine<T>::TrainGraphKey&,            \
-      const std::function<void()>&);
+      const std::function<void()>&, bool);
 TFEW_INSTANTIATE_TRAIN_GRAPHS(float)
 TFEW_INSTANTIATE_TRAIN_GRAPHS(__nv_bfloat16)
 #undef TFEW_INSTANTIATE_TRAIN_GRAPHS

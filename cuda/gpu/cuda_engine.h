@@ -129,6 +129,9 @@ class CudaEngine final : public Engine {
     std::map<Key, Entry> graphs;
     std::map<Key, int> seen;  // calls per key so far (a graph is captured on a key's second call)
     uint64_t clock = 0;
+    bool has_last = false;  // the key of the call before (see launch_cached's consecutive_only)
+    Key last{};
+    bool same_as_last(const Key& key) const { return has_last && !(key < last) && !(last < key); }
     void destroy() {
       for (auto& kv : graphs) cudaGraphExecDestroy(kv.second.exec);  // in-flight replays still complete
       graphs.clear();
@@ -150,12 +153,18 @@ class CudaEngine final : public Engine {
   static const char* launch_name(Launch l) {
     return l == Launch::Replay ? "replay" : l == Launch::Capture ? "capture" : "eager";
   }
-  Launch launch_forward(const Plan<T>& plan);
+  Launch launch_forward(const Plan<T>& plan, bool launch_bound);
   // Replays the graph cached under `key`, or runs `enqueue` eagerly (the first call of a key, so cuBLAS and
-  // lazily loaded kernels initialise outside capture), or captures it (the second call), and counts the call
-  // in stats_. Inference graphs are keyed by shape, training steps by TrainGraphKey.
+  // lazily loaded kernels initialise outside capture), or captures it (the second call of the key, or with
+  // consecutive_only a call right after one of the same key), and counts the call in stats_. Inference graphs
+  // are keyed by shape, training steps by TrainGraphKey.
+  // consecutive_only, for calls bound by the GPU rather than by launches (training steps, large batches): a
+  // capture leaves the GPU idle while the call is recorded and instantiated, and a replay saves such a call
+  // little, so a graph pays only when its shape repeats call after call (fixed-length batches), not for batches
+  // of ever different lengths (a Trainer on real data), where every shape seen twice would cost a capture.
   template <typename Key>
-  Launch launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue);
+  Launch launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue,
+                       bool consecutive_only);
   // Counts a call in stats_ and the shape it ran at.
   void note_launch(const char* kind, const Shape& shape, Launch launch);
   // Returns null (and turns graphs off for this engine) when capture does not work here.

@@ -121,7 +121,7 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
     TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, static_cast<size_t>(n_adapters) * layout_.total * sizeof(float),
                                     stream_));
     enqueue_backward(tp, drop, n_adapters);
-  });
+  }, /*consecutive_only=*/true);
   train_launch_ = launch;
   note_launch("train", shape, launch);
   profiler_.end_call(stream_);

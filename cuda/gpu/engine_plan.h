@@ -55,10 +55,18 @@ inline Shape arena_shape(Shape s) {
 //   encoder lengths: multiples of 8 up to 64, then 8 steps per doubling (72, 80, .., 128, 144, .., 256, 288, ..:
 //   at most 12.5% more positions above 64);
 //   choice lengths: as they are up to 4 (one-word answers), then multiples of 4.
-// Only calls of at most kGraphBucketMaxTokens padded encoder tokens and kGraphBucketMaxChoiceTokens padded
-// decoder tokens, where launches rather than FLOPs bound the time; larger ones run at their exact shape.
+// Only calls where launches rather than FLOPs bound the time: at most kGraphBucketMaxTokens padded encoder
+// tokens, kGraphBucketMaxChoiceTokens padded decoder tokens, and kGraphBucketMaxFlops of encoder GEMMs (about
+// 3 ms of an H100's tensor cores: ~1,000 tokens of T0-3B, a few single examples; a call's ~500 launches take
+// the CPU ~2 ms); larger ones run at their exact shape.
 constexpr int64_t kGraphBucketMaxTokens = 4096;
 constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
+constexpr double kGraphBucketMaxFlops = 2.5e12;
+// GEMM FLOPs of one encoder token (q, k, v, o and the feed-forward, every layer).
+inline double encoder_flops_per_token(const T5Config& c) {
+  const double d = c.d_model, inner = c.inner_dim(), ff = c.d_ff;
+  return 2.0 * c.num_layers * (4 * d * inner + (c.gated_gelu ? 3 : 2) * d * ff);
+}
 inline int graph_bucket_length(int len) {
   if (len <= 64) return (len + 7) / 8 * 8;
   int octave = 64;  // octave < len <= 2 octave

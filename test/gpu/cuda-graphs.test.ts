@@ -75,10 +75,17 @@ describeCuda('CUDA graphs with shape buckets', () => {
     expect(bucketed.graphStats().last).toMatchObject({ kind: 'score', encLen: 37 });
     await bucketed.choiceLogits(input, [choices]);
     expect(bucketed.graphStats().last).toMatchObject({ kind: 'score', encLen: 37, decLen: 5 });
-    // 33 examples of 130 tokens: 33 x 144 padded tokens would pass the 4096 of the latency regime
+    // 33 examples of 130 tokens: 33 x 144 padded tokens would pass the 4096 of the latency regime. Such a call is
+    // bound by the GPU, not by launches: its graph is captured only when the call before had the same shape.
     const many = Array.from({ length: 33 }, () => tokens(130));
-    await bucketed.rankClassify(many, many.map(() => choices), { batchSize: 33 });
-    expect(bucketed.graphStats().last).toMatchObject({ batch: 33, encLen: 130, decLen: 5 });
+    const others = Array.from({ length: 33 }, () => tokens(129));
+    const launches: string[] = [];
+    for (const inputs of [many, others, many, many, many]) {
+      await bucketed.rankClassify(inputs, inputs.map(() => choices), { batchSize: 33 });
+      expect(bucketed.graphStats().last).toMatchObject({ batch: 33, encLen: inputs[0].length, decLen: 5 });
+      launches.push(bucketed.graphStats().last!.launch);
+    }
+    expect(launches).toEqual(['eager', 'eager', 'eager', 'capture', 'replay']);
     // 100 choices: 100 x 8 padded decoder tokens would pass 512 (the call runs at its exact shape)
     const hundred = Array.from({ length: 100 }, (_, i) => [5 + (i % 90), 9, 11, 13, 1]);
     await bucketed.rankClassify(input, [hundred]);
@@ -117,11 +124,19 @@ describeCuda('CUDA graphs with shape buckets', () => {
     }
   });
 
-  test('training steps count as graph launches of their own kind', async () => {
+  test('training steps: captured only after a step of the same shape, replayed after', async () => {
     const batch = { inputIds: [tokens(21), tokens(18)], choices: [choices, choices], labels: [0, 1] };
-    for (let i = 0; i < 3; i++) await bucketed.lossAndGradients(batch);
-    const s = bucketed.graphStats();
-    expect(s.last).toMatchObject({ kind: 'train', launch: 'replay', batch: 2, encLen: 21, rows: 4, decLen: 5 });
+    const other = { inputIds: [tokens(23), tokens(18)], choices: [choices, choices], labels: [1, 0] };
+    const launches: string[] = [];
+    // a Trainer's batches of different lengths: every shape seen again, but never twice in a row (no capture:
+    // it would leave the GPU idle for a graph that is not replayed soon)
+    for (const b of [batch, other, batch, other, batch, batch, batch, other, other, other]) {
+      await bucketed.lossAndGradients(b);
+      const s = bucketed.graphStats();
+      expect(s.last).toMatchObject({ kind: 'train', batch: 2, encLen: b === batch ? 21 : 23, rows: 4, decLen: 5 });
+      launches.push(s.last!.launch);
+    }
+    expect(launches).toEqual(['eager', 'eager', 'eager', 'eager', 'eager', 'capture', 'replay', 'eager', 'capture', 'replay']);
   });
 });
 
