@@ -93,6 +93,8 @@ export interface RankBenchResult {
   engineEnv?: Record<string, string>;
   /** Processes that wrote this file (2 after one --resume). */
   processes?: number;
+  /** T5Model.graphStats() of each load at its end (how its calls ran: graphs replayed, captured, eager). */
+  graphStats?: Record<string, unknown>;
 }
 
 const median = (xs: number[]): number => {
@@ -303,7 +305,10 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
                 `cross-attention ${w.foldedCross ? 'folded' : 'precomputed'}` +
                 (w.deviceMiB !== undefined ? `, device memory ${(w.deviceMiB / 1024).toFixed(2)} GiB` : ''));
   }
-  if (!lost) await model.dispose();
+  if (!lost) {
+    (result.graphStats ??= {}).main = model.graphStats();
+    await model.dispose();
+  }
 
   // The other cross-attention path for each rank workload ('auto' folds RANK-3B-B32 and precomputes
   // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold. On the same loads, TRAIN-3B without
@@ -339,7 +344,10 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
                                                 Math.min(5, runs));
       workloads[trainName].deviceMiB = usedMiB() - before;
     });
-    if (!lost) await altModel.dispose();
+    if (!lost) {
+      (result.graphStats ??= {})[`cross-attention ${crossAttention}`] = altModel.graphStats();
+      await altModel.dispose();
+    }
   }
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
