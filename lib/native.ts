@@ -118,6 +118,8 @@ export interface NativeLossOptions {
 export interface GraphStats {
   /** CUDA graphs on (cuda.graphs, and capture works here). */
   enabled: boolean;
+  /** When off: why (e.g. "off (capture failed: ...)"); '' when on or on the CPU backend. */
+  offReason: string;
   /** Small rank-classification calls padded to shape buckets (cuda.graphBuckets). */
   buckets: boolean;
   /** Calls so far that replayed a graph, captured one (the second call of a shape), or ran eagerly. */

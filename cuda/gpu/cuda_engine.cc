@@ -53,7 +53,8 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     graph_buckets_ = options.graph_buckets >= 0 ? options.graph_buckets == 1 : env_flag("TFEW_CUDA_GRAPH_BUCKETS", true);
     stats_->update([&](GraphStats& s) {
       s.enabled = graphs_enabled_;
-      s.buckets = graphs_enabled_ && graph_buckets_;
+      s.buckets = graph_buckets_ && (graphs_enabled_ || debug_sync());
+      s.off_reason = graphs_enabled_ ? "" : graph_note_;
     });
     if (!graphs_enabled_)
       graph_note_ = profiler_.detail() ? "off (detail profiling)"
@@ -79,7 +80,8 @@ std::string CudaEngine<T>::describe() const {
      << (gemm_support_.batched_bf16_f32 ? "" : ", no batched bf16->fp32 GEMMs in this cuBLAS: bf16 training and the cuBLAS encoder attention fail")
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
      << (graphs_enabled_ ? (graph_buckets_ ? "on (small calls padded to shape buckets)" : "on (exact shapes)")
-                         : graph_note_);
+                         : graph_note_)
+     << (!graphs_enabled_ && graph_buckets_ && debug_sync() ? ", small calls padded to shape buckets" : "");
   return os.str();
 }
 
@@ -355,10 +357,12 @@ template <typename T>
 void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch launch) {
   const int64_t cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
   const bool enabled = graphs_enabled_;  // (a failed capture turns graphs off)
+  const std::string off_reason = enabled ? "" : graph_note_;
   stats_->update([&](GraphStats& s) {
     (launch == Launch::Replay ? s.replays : launch == Launch::Capture ? s.captures : s.eager) += 1;
     s.enabled = enabled;
-    s.buckets = enabled && graph_buckets_;
+    s.buckets = graph_buckets_ && (enabled || debug_sync());
+    s.off_reason = off_reason;
     s.cached = cached;
     s.last_kind = kind;
     s.last_launch = launch_name(launch);
@@ -484,7 +488,9 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
                             enc_tokens * encoder_flops_per_token(config_) <= kGraphBucketMaxFlops;
   Batch bucketed;
   const Batch* run = &call;
-  if (graph_buckets_ && graphs_enabled_ && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
+  // (also under TFEW_CUDA_DEBUG_SYNC, which turns graphs off: a fault on a padded shape must reproduce there)
+  if (graph_buckets_ && (graphs_enabled_ || debug_sync()) && launch_bound && !want_logits && !want_hidden &&
+      call.num_rows > 0 &&
       (enc_len != call.enc_len || dec_len != call.dec_len)) {
     bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
     run = &bucketed;
@@ -511,12 +517,19 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
     ensure_arena(make_plan<T>(config_, s, fused_attention_, 0).bytes,
                  [&] { return make_plan<T>(config_, arena_shape(s), fused_attention_, 0).bytes; });
   };
+  // Once the arena could not grow for a bucket, buckets only use the arena there is (growing it again would free
+  // it, fail, and shrink it to the exact shape's size on every such call).
+  if (run != &call && bucket_arena_full_ && make_plan<T>(config_, shape, fused_attention_, 0).bytes > arena_.size()) {
+    run = &call;
+    shape = shape_of(call);
+  }
   try {
     arena_for(shape);
   } catch (const TfewError& e) {
     if (run == &call || e.code() != ErrorCode::OutOfMemory) throw;
     run = &call;  // the bucket's padding does not fit in the memory left: the exact shape may
     shape = shape_of(call);
+    bucket_arena_full_ = true;
     arena_for(shape);
   }
   const Batch& b = *run;

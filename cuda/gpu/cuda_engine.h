@@ -256,6 +256,7 @@ class CudaEngine final : public Engine {
   // Small rank-classification calls run padded up to graph_bucket_length (cuda.graphBuckets), so that calls of
   // similar lengths replay one graph instead of launching eagerly.
   bool graph_buckets_ = true;
+  bool bucket_arena_full_ = false;  // the arena could not grow for a bucket: buckets stay within it
   GraphCache<Shape> graphs_;
   // Everything a captured training step depends on besides device data (the dropout seed, labels and loss
   // weights are device data).

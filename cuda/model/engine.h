@@ -45,6 +45,7 @@ class WeightSource {
 // tests, benchmarks and service monitoring). The CPU backend has no graphs: all zero.
 struct GraphStats {
   bool enabled = false;  // graphs on
+  std::string off_reason;  // when off: why (e.g. "off (capture failed: ...)")
   bool buckets = false;  // small calls padded to shape buckets (cuda.graphBuckets)
   uint64_t replays = 0, captures = 0, eager = 0;  // calls of each kind so far
   int64_t cached = 0;                             // graphs held now

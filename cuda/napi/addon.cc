@@ -518,6 +518,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const GraphStats s = holder_->graph_stats ? holder_->graph_stats->read() : GraphStats{};
     Napi::Object o = Napi::Object::New(env);
     o.Set("enabled", s.enabled);
+    o.Set("offReason", s.off_reason);
     o.Set("buckets", s.buckets);
     o.Set("replays", static_cast<double>(s.replays));
     o.Set("captures", static_cast<double>(s.captures));

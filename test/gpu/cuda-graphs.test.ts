@@ -38,7 +38,7 @@ describeCuda('CUDA graphs with shape buckets', () => {
     expect(`${bucketed.graphStats().enabled}: ${bucketed.describe()}`).toMatch(/^true: /);
     expect(bucketed.describe()).toMatch(/CUDA graphs on \(small calls padded to shape buckets\)/);
     expect(exact.describe()).toMatch(/CUDA graphs on \(exact shapes\)/);
-    expect(bucketed.graphStats()).toMatchObject({ enabled: true, buckets: true, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
+    expect(bucketed.graphStats()).toMatchObject({ enabled: true, offReason: '', buckets: true, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
     expect(exact.graphStats()).toMatchObject({ enabled: true, buckets: false });
   });
 
@@ -57,7 +57,7 @@ describeCuda('CUDA graphs with shape buckets', () => {
       expect(a.predictions).toEqual(b.predictions);
     }
     // the first call of the bucket runs eagerly, the second captures its graph, the rest replay it
-    expect(launches).toEqual(['eager', 'capture', 'replay', 'replay', 'replay']);
+    expect(`${launches.join(',')} (${bucketed.describe()})`).toMatch(/^eager,capture,replay,replay,replay /);
     expect(bucketed.graphStats()).toMatchObject({ replays: 3, captures: 1, eager: 1, cached: 1 });
     expect(exact.graphStats()).toMatchObject({ replays: 0, captures: 0, eager: 5, cached: 0 });
   });
