@@ -1,6 +1,6 @@
 // @tfew/cuda — T-Few ((IA)3 few-shot fine-tuning of T0/T5) for Node.js.
-export { T5Model, TrainingSession, backendInfo } from './model';
-export type { TrainingSessionOptions, TrainingStepOptions, TrainingStepResult, LoadOptions, RankClassifyOptions, RankClassifyResult, LossBatch, LossOptions, LossResult, DeviceOption, AdapterOption, Recompute } from './model';
+export { T5Model, TrainingSession, backendInfo, graphBucketLengths } from './model';
+export type { TrainingSessionOptions, TrainingStepOptions, TrainingStepResult, LoadOptions, RankClassifyOptions, RankClassifyResult, LossBatch, LossOptions, LossResult, DeviceOption, AdapterOption, Recompute, GraphWarmUpShape } from './model';
 export { IA3Adapter, ia3Modules } from './adapter';
 export type { IA3Module } from './adapter';
 export { T5Tokenizer } from './tokenizer';

@@ -357,6 +357,45 @@ export class T5Model {
     return this.nativeModel.graphStats();
   }
 
+  /**
+   * CUDA: captures the graphs of the call shapes a service expects before its traffic comes, so that the first
+   * calls of those shapes replay a graph instead of launching every kernel one by one. Each shape runs twice on
+   * filler tokens (eagerly, then captured). With graph buckets (the default) a shape stands for every call whose
+   * lengths fall in its bucket: `graphBucketLengths(maxInputLength)` gives one input length per bucket. Resolves
+   * with the number of shapes warmed: none on the CPU backend or with graphs off.
+   */
+  async warmUpGraphs(shapes: GraphWarmUpShape[]): Promise<number> {
+    this.live();
+    if (!Array.isArray(shapes)) throw new InvalidArgumentError('warmUpGraphs takes an array of shapes');
+    const checked = shapes.map((s, i) => {
+      const where = `warmUpGraphs shape ${i}`;
+      if (typeof s !== 'object' || s === null) throw new InvalidArgumentError(`${where} must be an object`);
+      const { inputLength, choiceLengths, batchSize = 1, adapter = true } = s;
+      if (!Number.isInteger(inputLength) || inputLength < 1) throw new InvalidArgumentError(`${where}: inputLength must be an integer >= 1`);
+      if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || !choiceLengths.every((n) => Number.isInteger(n) && n >= 1)) {
+        throw new InvalidArgumentError(`${where}: choiceLengths must be a non-empty array of integers >= 1`);
+      }
+      if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`${where}: batchSize must be an integer >= 1`);
+      if (typeof adapter !== 'boolean') throw new InvalidArgumentError(`${where}: adapter must be a boolean`);
+      return { inputLength, choiceLengths, batchSize, adapter };
+    });
+    if (this.device !== 'cuda' || !this.graphStats().enabled) return 0;
+    // filler: any token but pad and eos (a choice must hold a token other than pad), eos last as in real inputs
+    const { padTokenId: pad, eosTokenId: eos, vocabSize } = this.config;
+    let filler = 2;
+    while (filler === pad || filler === eos) filler++;
+    if (filler >= vocabSize) filler = eos;
+    const tokens = (n: number): number[] => [...new Array<number>(n - 1).fill(filler), eos];
+    const identity = checked.some((s) => s.adapter) ? IA3Adapter.create(this) : undefined;  // all ones
+    for (const s of checked) {
+      const inputs = Array.from({ length: s.batchSize }, () => tokens(s.inputLength));
+      const choices = inputs.map(() => s.choiceLengths.map(tokens));
+      const options = { adapter: s.adapter ? identity : undefined, batchSize: s.batchSize, maxInputLength: s.inputLength };
+      for (let k = 0; k < 2; k++) await this.rankClassify(inputs, choices, options);
+    }
+    return checked.length;
+  }
+
   /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
   tokenize(text: string, maxLength?: number): number[] {
     if (!this.tokenizer) throw new InvalidArgumentError(`${this.dir} has no tokenizer.json: pass token ids instead of strings`);
@@ -610,6 +649,36 @@ export function backendInfo(): { build: ReturnType<typeof native>['buildInfo']; 
 }
 
 export type { NativeBatch };
+
+/** One call shape for T5Model.warmUpGraphs. */
+export interface GraphWarmUpShape {
+  /** Input tokens per example (eos included). */
+  inputLength: number;
+  /** The token count of each answer choice (eos included), e.g. [2, 2] for "yes" / "no". */
+  choiceLengths: number[];
+  /** Examples per call (default 1: single requests). */
+  batchSize?: number;
+  /** Calls with an adapter (default true, as a service's calls are); false: without. */
+  adapter?: boolean;
+}
+
+/**
+ * The input lengths that CUDA graph buckets pad small calls to (cuda/gpu/engine_plan.h graph_bucket_length),
+ * one per bucket up to maxLength (the last one maxLength itself when it falls inside a bucket): the lengths to
+ * pass to T5Model.warmUpGraphs so that every input length up to maxLength replays a graph.
+ */
+export function graphBucketLengths(maxLength: number): number[] {
+  if (!Number.isInteger(maxLength) || maxLength < 1) throw new InvalidArgumentError('maxLength must be an integer >= 1');
+  const bucket = (len: number): number => {
+    if (len <= 64) return Math.ceil(len / 8) * 8;
+    let octave = 64;
+    while (octave * 2 < len) octave *= 2;
+    return Math.ceil(len / (octave / 8)) * (octave / 8);
+  };
+  const out: number[] = [];
+  for (let len = 1; len <= maxLength; len = bucket(len) + 1) out.push(Math.min(bucket(len), maxLength));
+  return out;
+}
 
 /** The values of CudaOptions.precision and .crossAttention, for checkCudaOptions and the CLI's flags. */
 export const CUDA_PRECISIONS: readonly NonNullable<CudaOptions['precision']>[] = ['bf16', 'fp32'];

@@ -4,7 +4,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { AbortError, DisposedError, FileFormatError, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
+import { AbortError, DisposedError, FileFormatError, graphBucketLengths, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
 import { checkAdapterSnapshots } from './helpers/adapter-snapshots';
 import { loadFixture } from './helpers/reference';
 
@@ -43,6 +43,33 @@ describe('dispose()', () => {
     await disposed;
     expect(m.disposed).toBe(true);
     await m.dispose();  // twice: nothing happens
+  });
+});
+
+describe('warmUpGraphs() and graphBucketLengths()', () => {
+  test('the CPU backend has no graphs to warm: no call is made; bad shapes are refused', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      expect(await m.warmUpGraphs([{ inputLength: 40, choiceLengths: [2, 3] }])).toBe(0);
+      for (const bad of [[{ inputLength: 0, choiceLengths: [2] }], [{ inputLength: 4, choiceLengths: [] }],
+        [{ inputLength: 4, choiceLengths: [2], batchSize: 0 }], [{ inputLength: 4, choiceLengths: [2], adapter: 1 }], 'x']) {
+        await expect(m.warmUpGraphs(bad as never)).rejects.toBeInstanceOf(InvalidArgumentError);
+      }
+    } finally {
+      await m.dispose();
+    }
+    await expect(m.warmUpGraphs([])).rejects.toBeInstanceOf(DisposedError);
+  });
+
+  test('graphBucketLengths: one length per bucket, the last one the maximum', () => {
+    expect(graphBucketLengths(20)).toEqual([8, 16, 20]);
+    expect(graphBucketLengths(64)).toEqual([8, 16, 24, 32, 40, 48, 56, 64]);
+    const to512 = graphBucketLengths(512);
+    expect(to512).toHaveLength(32);  // 8 per doubling above 64
+    expect(to512.slice(-9)).toEqual([256, 288, 320, 352, 384, 416, 448, 480, 512]);
+    // at most 12.5% padding above 64: each bucket ends within 1/8 of where it starts
+    for (let i = 8; i < to512.length; i++) expect(to512[i] / (to512[i - 1] + 1)).toBeLessThanOrEqual(1.125);
+    expect(() => graphBucketLengths(0)).toThrow(InvalidArgumentError);
   });
 });
 

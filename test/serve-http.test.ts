@@ -206,8 +206,10 @@ describe('tfew serve', () => {
       interactive: false,
     };
     const exit = main(['node', 'tfew', 'serve', '--model', path.join(dir, 'model'), '--device', 'cpu', '--threads', '1', '--port', '0',
-      '--adapter', `s2=${path.join(dir, 'adapters', 'sentiment')}`, '--adapter', path.join(dir, 'adapters'), '--max-delay-ms', '1'], io);
+      '--adapter', `s2=${path.join(dir, 'adapters', 'sentiment')}`, '--adapter', path.join(dir, 'adapters'), '--max-delay-ms', '1',
+      '--warm-up', '2,3'], io);
     const line = await ready;
+    expect(lines).toContain('ERR [tfew] --warm-up: nothing to warm on cpu (no CUDA graphs)');
     expect(line).toMatch(/adapters: s2, sentiment, topic/);
     const base = /http:\/\/[^ ]+/.exec(line)![0];
     const r = await post(base, { input: 'loved the acting', choices: ['positive', 'negative'], adapter: 's2' });
@@ -217,5 +219,14 @@ describe('tfew serve', () => {
     process.emit('SIGTERM');
     expect(await exit).toBe(0);
     expect(lines.some((l) => /stopped: .*"requests":1/.test(l))).toBe(true);
+  });
+
+  test('tfew serve --warm-up with something other than token counts: refused before loading', async () => {
+    const lines: string[] = [];
+    const io = { out: (l: string) => lines.push(l), err: (l: string) => lines.push(`ERR ${l}`), interactive: false };
+    const code = await main(['node', 'tfew', 'serve', '--model', path.join(dir, 'model'), '--device', 'cpu', '--port', '0',
+      '--warm-up', '2,x'], io);
+    expect(code).not.toBe(0);
+    expect(lines.join('\n')).toMatch(/--warm-up takes the token counts of a task's choices, e\.g\. 2,2; got "2,x"/);
   });
 });

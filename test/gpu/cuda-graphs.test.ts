@@ -1,7 +1,7 @@
 // CUDA graphs and their shape buckets (cuda.graphBuckets): small rank-classification calls run padded up to a
 // grid of lengths, so that calls of similar lengths replay one graph; the results stay those of the exact
 // shape. Read through T5Model.graphStats(). Skipped when CUDA is not usable.
-import { IA3Adapter, T5Model } from '../../lib';
+import { graphBucketLengths, IA3Adapter, T5Model } from '../../lib';
 import { mulberry32 } from '../../benchmarks/random-t5';
 import { loadFixture, maxRelError } from '../helpers/reference';
 import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision, randomCheckpoint } from './helpers';
@@ -93,6 +93,37 @@ describeCuda('CUDA graphs with shape buckets', () => {
     // answers of at most 4 tokens (one word and eos) are not padded
     await bucketed.rankClassify(input, [[[5, 1], [6, 7, 1]]]);
     expect(bucketed.graphStats().last).toMatchObject({ encLen: 40, rows: 2, decLen: 3 });
+  });
+
+  test('warmUpGraphs: the first real call of a warmed bucket replays its graph', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      expect(await m.warmUpGraphs([{ inputLength: 104, choiceLengths: [5, 2] }, { inputLength: 30, choiceLengths: [2, 2], adapter: false }])).toBe(2);
+      expect(m.graphStats()).toMatchObject({ eager: 2, captures: 2, replays: 0, cached: 2 });
+      const a = IA3Adapter.create(m);
+      for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.3 * (rand() - 0.5);
+      a.markChanged();
+      const input = [tokens(97)];
+      const r = await m.rankClassify(input, [choices], { adapter: a });  // bucket 104, choices padded to 8
+      expect(m.graphStats().last).toMatchObject({ launch: 'replay', encLen: 104, decLen: 8 });
+      const e = await exact.rankClassify(input, [choices], { adapter: a });  // the warmed graph ran this call's data
+      expect(maxRelError(r.logProbs.flat(), e.logProbs.flat())).toBeLessThan(1e-5);
+      await m.rankClassify([tokens(25)], [[[5, 1], [6, 1]]]);  // no adapter, bucket 32 (30 warmed it)
+      expect(m.graphStats().last).toMatchObject({ launch: 'replay', encLen: 32, decLen: 2 });
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test("graphBucketLengths lists the engine's buckets", async () => {
+    const lengths = graphBucketLengths(150);
+    expect(lengths).toEqual([8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 150]);
+    for (const n of [8, 9, 64, 65, 127, 144, 145]) {
+      await bucketed.rankClassify([tokens(n)], [choices]);
+      const expected = lengths.find((l) => l >= n) === 150 ? 160 : lengths.find((l) => l >= n);
+      expect(bucketed.graphStats().last!.encLen).toBe(expected);
+      expect(bucketed.graphStats().last!.encLen).toBe(bucket(n));
+    }
   });
 
   test('at most 64 graphs are kept; the least recently used goes first', async () => {
