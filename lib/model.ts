@@ -361,7 +361,8 @@ export class T5Model {
    * CUDA: captures the graphs of the call shapes a service expects before its traffic comes, so that the first
    * calls of those shapes replay a graph instead of launching every kernel one by one. Each shape runs twice on
    * filler tokens (eagerly, then captured). With graph buckets (the default) a shape stands for every call whose
-   * lengths fall in its bucket: `graphBucketLengths(maxInputLength)` gives one input length per bucket. Resolves
+   * lengths fall in its bucket: `graphBucketLengths(maxInputLength)` gives one input length per bucket (24 up to
+   * 256). At most 64 graphs are kept (the least recently used go first): warm no more shapes than that. Resolves
    * with the number of shapes warmed: none on the CPU backend or with graphs off.
    */
   async warmUpGraphs(shapes: GraphWarmUpShape[]): Promise<number> {
