@@ -350,7 +350,7 @@ export class T5Model {
   /**
    * How the CUDA backend ran its calls so far: CUDA graphs replayed or captured, or kernels launched one by one
    * (a service whose calls mostly run eagerly pays the launch overhead each time), and the shape the last call
-   * ran at. While a call runs, the counts before it. The CPU backend has no graphs: all zero.
+   * ran at. The CPU backend has no graphs: all zero. Throws DisposedError once the model is disposed.
    */
   graphStats(): GraphStats {
     if (!this.nativeModel) throw new DisposedError('the model has been disposed');
@@ -359,11 +359,14 @@ export class T5Model {
 
   /**
    * CUDA: captures the graphs of the call shapes a service expects before its traffic comes, so that the first
-   * calls of those shapes replay a graph instead of launching every kernel one by one. Each shape runs twice on
-   * filler tokens (eagerly, then captured). With graph buckets (the default) a shape stands for every call whose
-   * lengths fall in its bucket: `graphBucketLengths(maxInputLength)` gives one input length per bucket (24 up to
-   * 256). At most 64 graphs are kept (the least recently used go first): warm no more shapes than that. Resolves
-   * with the number of shapes warmed: none on the CPU backend or with graphs off.
+   * calls of those shapes replay a graph instead of launching every kernel one by one. Each distinct shape runs
+   * twice on filler tokens (eagerly, then captured), the largest first (a call that grows the activation arena
+   * drops the graphs captured before it, so warm up to the largest calls you will serve). With graph buckets (the
+   * default) a shape stands for every call whose lengths fall in its bucket: `graphBucketLengths(maxInputLength)`
+   * gives one input length per bucket (24 up to 256); calls above the buckets' limits (see
+   * CudaOptions.graphBuckets) and calls with buckets off replay only at exactly the warmed lengths. At most 64
+   * graphs are kept, so more distinct shapes are refused. Resolves with the number of graphs captured: none on
+   * the CPU backend or with graphs off.
    */
   async warmUpGraphs(shapes: GraphWarmUpShape[]): Promise<number> {
     this.live();
@@ -372,15 +375,34 @@ export class T5Model {
       const where = `warmUpGraphs shape ${i}`;
       if (typeof s !== 'object' || s === null) throw new InvalidArgumentError(`${where} must be an object`);
       const { inputLength, choiceLengths, batchSize = 1, adapter = true } = s;
-      if (!Number.isInteger(inputLength) || inputLength < 1) throw new InvalidArgumentError(`${where}: inputLength must be an integer >= 1`);
-      if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || !choiceLengths.every((n) => Number.isInteger(n) && n >= 1)) {
-        throw new InvalidArgumentError(`${where}: choiceLengths must be a non-empty array of integers >= 1`);
+      if (!Number.isInteger(inputLength) || inputLength < 1 || inputLength > 16384) {
+        throw new InvalidArgumentError(`${where}: inputLength must be an integer in [1, 16384]`);
       }
-      if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`${where}: batchSize must be an integer >= 1`);
+      if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || choiceLengths.length > 1024 ||
+          !choiceLengths.every((n) => Number.isInteger(n) && n >= 1 && n <= 1024)) {
+        throw new InvalidArgumentError(`${where}: choiceLengths must be 1 to 1024 integers in [1, 1024]`);
+      }
+      if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1024) {
+        throw new InvalidArgumentError(`${where}: batchSize must be an integer in [1, 1024]`);
+      }
       if (typeof adapter !== 'boolean') throw new InvalidArgumentError(`${where}: adapter must be a boolean`);
       return { inputLength, choiceLengths, batchSize, adapter };
     });
+    // one run per shape the engine tells apart (with buckets: bucketed lengths; the choices count by number and
+    // the longest), the largest first
+    const buckets = this.device === 'cuda' && this.graphStats().buckets;
+    const distinct = new Map<string, (typeof checked)[number]>();
+    for (const s of checked) {
+      const longest = Math.max(...s.choiceLengths);
+      const key = [s.batchSize, buckets ? graphBucketLength(s.inputLength) : s.inputLength, s.choiceLengths.length,
+        buckets && longest > 4 ? Math.ceil(longest / 4) * 4 : longest, s.adapter].join(',');
+      if (!distinct.has(key)) distinct.set(key, s);
+    }
+    if (distinct.size > 64) throw new InvalidArgumentError(`warmUpGraphs: ${distinct.size} distinct shapes, but at most 64 graphs are kept`);
     if (this.device !== 'cuda' || !this.graphStats().enabled) return 0;
+    const size = (s: (typeof checked)[number]) => s.batchSize * s.inputLength + s.choiceLengths.length * Math.max(...s.choiceLengths);
+    const order = [...distinct.values()].sort((a, b) => size(b) - size(a));
+    const capturesBefore = this.graphStats().captures;
     // filler: any token but pad and eos (a choice must hold a token other than pad), eos last as in real inputs
     const { padTokenId: pad, eosTokenId: eos, vocabSize } = this.config;
     let filler = 2;
@@ -388,13 +410,13 @@ export class T5Model {
     if (filler >= vocabSize) filler = eos;
     const tokens = (n: number): number[] => [...new Array<number>(n - 1).fill(filler), eos];
     const identity = checked.some((s) => s.adapter) ? IA3Adapter.create(this) : undefined;  // all ones
-    for (const s of checked) {
+    for (const s of order) {
       const inputs = Array.from({ length: s.batchSize }, () => tokens(s.inputLength));
       const choices = inputs.map(() => s.choiceLengths.map(tokens));
       const options = { adapter: s.adapter ? identity : undefined, batchSize: s.batchSize, maxInputLength: s.inputLength };
       for (let k = 0; k < 2; k++) await this.rankClassify(inputs, choices, options);
     }
-    return checked.length;
+    return this.graphStats().captures - capturesBefore;
   }
 
   /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
@@ -663,19 +685,23 @@ export interface GraphWarmUpShape {
   adapter?: boolean;
 }
 
+/** The encoder length a small call is padded to (cuda/gpu/engine_plan.h graph_bucket_length). */
+function graphBucketLength(len: number): number {
+  if (len <= 64) return Math.ceil(len / 8) * 8;
+  let octave = 64;
+  while (octave * 2 < len) octave *= 2;
+  return Math.ceil(len / (octave / 8)) * (octave / 8);
+}
+
 /**
  * The input lengths that CUDA graph buckets pad small calls to (cuda/gpu/engine_plan.h graph_bucket_length),
  * one per bucket up to maxLength (the last one maxLength itself when it falls inside a bucket): the lengths to
- * pass to T5Model.warmUpGraphs so that every input length up to maxLength replays a graph.
+ * pass to T5Model.warmUpGraphs so that every input length up to maxLength replays a graph (within the buckets'
+ * limits: calls of at most 4096 encoder tokens and 2.5 TFLOP, about 1,000 tokens of T0-3B).
  */
 export function graphBucketLengths(maxLength: number): number[] {
   if (!Number.isInteger(maxLength) || maxLength < 1) throw new InvalidArgumentError('maxLength must be an integer >= 1');
-  const bucket = (len: number): number => {
-    if (len <= 64) return Math.ceil(len / 8) * 8;
-    let octave = 64;
-    while (octave * 2 < len) octave *= 2;
-    return Math.ceil(len / (octave / 8)) * (octave / 8);
-  };
+  const bucket = graphBucketLength;
   const out: number[] = [];
   for (let len = 1; len <= maxLength; len = bucket(len) + 1) out.push(Math.min(bucket(len), maxLength));
   return out;

@@ -2,7 +2,7 @@
 // requests of different tasks scored together in mixed-task batches. Node's own http module; JSON in and out.
 //
 //   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...},"graphs":{...}} (503 once stopping or
-//                    disposed; graphs: T5Model.graphStats())
+//                    disposed; graphs: T5Model.graphStats(), null once the model is disposed)
 //   POST /classify   {"input": "text" | [ids], "choices": ["a","b"] | [[ids]], "adapter"?: "name"}
 //                    -> {"prediction": 1, "label": "b", "scores": [...], "logProbs": [...]}
 //                    or {"requests": [ {...}, ... ]} -> {"results": [ {...} | {"error": {...}} ]} (each on its own)

@@ -51,8 +51,13 @@ describe('warmUpGraphs() and graphBucketLengths()', () => {
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
     try {
       expect(await m.warmUpGraphs([{ inputLength: 40, choiceLengths: [2, 3] }])).toBe(0);
+      // at most 64 graphs are kept: more distinct shapes are refused (the same shape twice counts once)
+      const many = Array.from({ length: 65 }, (_, i) => ({ inputLength: i + 1, choiceLengths: [2] }));
+      await expect(m.warmUpGraphs(many)).rejects.toThrow(/65 distinct shapes, but at most 64/);
+      expect(await m.warmUpGraphs([...many.slice(0, 64), many[0]])).toBe(0);
       for (const bad of [[{ inputLength: 0, choiceLengths: [2] }], [{ inputLength: 4, choiceLengths: [] }],
-        [{ inputLength: 4, choiceLengths: [2], batchSize: 0 }], [{ inputLength: 4, choiceLengths: [2], adapter: 1 }], 'x']) {
+        [{ inputLength: 4, choiceLengths: [2], batchSize: 0 }], [{ inputLength: 4, choiceLengths: [2], adapter: 1 }], 'x',
+        [{ inputLength: 8, choiceLengths: [2], batchSize: 1e9 }], [{ inputLength: 1e7, choiceLengths: [2] }]]) {
         await expect(m.warmUpGraphs(bad as never)).rejects.toBeInstanceOf(InvalidArgumentError);
       }
     } finally {

@@ -51,15 +51,15 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     const bool graphs_wanted = options.graphs >= 0 ? options.graphs == 1 : env_flag("TFEW_CUDA_GRAPHS", true);
     graphs_enabled_ = graphs_wanted && !profiler_.detail() && !debug_sync();
     graph_buckets_ = options.graph_buckets >= 0 ? options.graph_buckets == 1 : env_flag("TFEW_CUDA_GRAPH_BUCKETS", true);
+    if (!graphs_enabled_)
+      graph_note_ = profiler_.detail() ? "off (detail profiling)"
+                    : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
+                                       : "off (graphs disabled)";
     stats_->update([&](GraphStats& s) {
       s.enabled = graphs_enabled_;
       s.buckets = graph_buckets_ && (graphs_enabled_ || debug_sync());
       s.off_reason = graphs_enabled_ ? "" : graph_note_;
     });
-    if (!graphs_enabled_)
-      graph_note_ = profiler_.detail() ? "off (detail profiling)"
-                    : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
-                                       : "off (graphs disabled)";
   } catch (...) {
     release_unlocked();
     throw;
@@ -497,8 +497,6 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   }
   const bool adapters_used =
       std::any_of(call.adapter_of_example.begin(), call.adapter_of_example.end(), [](int a) { return a >= 0; });
-  // the cross-attention path of the exact shape (padding must not switch it)
-  const bool folded_cross = folds_cross_attention(call);
   auto shape_of = [&](const Batch& b) {
     Shape s;
     s.batch = b.batch_size;
@@ -507,7 +505,9 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
     s.dec_len = b.num_rows > 0 ? b.dec_len : 0;
     s.want_hidden = want_hidden;
     s.adapters = adapters_used;
-    s.folded_cross = folded_cross;
+    // the cross-attention path of the shape that runs (a bucket's: every call of a bucket takes the same path and
+    // replays the same graph; both paths give the same results within rounding)
+    s.folded_cross = folds_cross_attention(b);
     return s;
   };
   Shape shape = shape_of(*run);

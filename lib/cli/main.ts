@@ -7,7 +7,7 @@ import * as path from 'path';
 import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 'commander';
 import { IA3Adapter } from '../adapter';
 import { InvalidArgumentError, TfewError } from '../errors';
-import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type RecomputeLevel } from '../model';
+import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type GraphWarmUpShape, type RecomputeLevel } from '../model';
 import { native, type CudaOptions } from '../native';
 import { classify } from '../pipeline/classify';
 import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
@@ -547,12 +547,16 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
     .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
-    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length whose choices have these token counts (eos included), e.g. 2,2; repeatable, one per task', collect, [])
+    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; the largest batch runs first, so the activation memory is in place', collect, [])
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[] }) => {
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
         if (lengths.length === 0 || !lengths.every((n) => Number.isInteger(n) && n >= 1)) {
           throw new InvalidArgumentError(`--warm-up takes the token counts of a task's choices, e.g. 2,2; got "${spec}"`);
+        }
+        // (the server's limits: RankBatcher's maxChoices and maxChoiceLength)
+        if (lengths.length > 128 || lengths.some((n) => n > 128)) {
+          throw new InvalidArgumentError(`--warm-up "${spec}": the server takes at most 128 choices of at most 128 tokens`);
         }
         return lengths;
       });
@@ -562,11 +566,26 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const server = new RankServer(model, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
         if (warmUp.length > 0) {
           const t0 = Date.now();
-          const shapes = warmUp.flatMap((choiceLengths) =>
-            graphBucketLengths(o.maxInputLength ?? 256).map((inputLength) => ({ inputLength, choiceLengths, adapter: adapters.size > 0 })));
-          const warmed = await model.warmUpGraphs(shapes);
-          io.err(warmed > 0 ? `[tfew] warmed the CUDA graphs of ${warmed} call shapes in ${((Date.now() - t0) / 1000).toFixed(1)} s`
-                            : `[tfew] --warm-up: nothing to warm on ${model.device} (no CUDA graphs)`);
+          const maxInputLength = o.maxInputLength ?? 256;
+          const adapter = adapters.size > 0;
+          const shapes: GraphWarmUpShape[] = warmUp.flatMap((choiceLengths) =>
+            graphBucketLengths(maxInputLength).map((inputLength) => ({ inputLength, choiceLengths, adapter })));
+          // the largest batch the server makes, first: the activation memory it needs is then in place (growing it
+          // later would drop the graphs captured before)
+          const longest = warmUp.reduce((a, b) => (b.length * Math.max(...b) > a.length * Math.max(...a) ? b : a));
+          shapes.push({ inputLength: maxInputLength, choiceLengths: longest, adapter, batchSize: o.maxBatch ?? 32 });
+          try {
+            const captured = await model.warmUpGraphs(shapes);
+            const stats = model.graphStats();
+            if (model.device !== 'cuda' || !stats.enabled) {
+              io.err(`[tfew] --warm-up: nothing to warm on ${model.device} (${model.device === 'cuda' ? stats.offReason : 'no CUDA graphs'})`);
+            } else {
+              io.err(`[tfew] --warm-up: ${captured} CUDA graphs captured in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${stats.cached} held` +
+                     (stats.buckets ? '' : ' (graph buckets are off: only calls of exactly these lengths replay them)'));
+            }
+          } catch (e) {
+            io.err(`[tfew] --warm-up failed, serving without it: ${(e as Error).message}`);
+          }
         }
         const address = await server.listen(o.port, o.host);
         io.out(`tfew serve: http://${address.address}:${address.port} on ${model.device}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +

@@ -42,6 +42,17 @@ describeCuda('CUDA graphs with shape buckets', () => {
     expect(exact.graphStats()).toMatchObject({ enabled: true, buckets: false });
   });
 
+  test('graphs off: graphStats() says why from the start, and warmUpGraphs warms nothing', async () => {
+    const off = await loadCuda(fx.dir, 'fp32', {}, { graphs: false });
+    try {
+      expect(off.graphStats()).toMatchObject({ enabled: false, offReason: expect.stringMatching(/^off \(/), buckets: false });
+      expect(await off.warmUpGraphs([{ inputLength: 40, choiceLengths: [2, 2] }])).toBe(0);
+      expect(off.graphStats()).toMatchObject({ eager: 0, captures: 0 });
+    } finally {
+      await off.dispose();
+    }
+  });
+
   test('single-example calls of similar lengths share one graph and give the exact-shape results', async () => {
     const lengths = [34, 39, 36, 40, 33];  // all in the bucket of 40
     const launches: string[] = [];
