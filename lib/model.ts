@@ -395,7 +395,7 @@ export class T5Model {
     for (const s of checked) {
       const longest = Math.max(...s.choiceLengths);
       const key = [s.batchSize, buckets ? graphBucketLength(s.inputLength) : s.inputLength, s.choiceLengths.length,
-        buckets && longest > 4 ? Math.ceil(longest / 4) * 4 : longest, s.adapter].join(',');
+        buckets ? graphBucketChoiceLength(longest) : longest, s.adapter].join(',');
       if (!distinct.has(key)) distinct.set(key, s);
     }
     if (distinct.size > 64) throw new InvalidArgumentError(`warmUpGraphs: ${distinct.size} distinct shapes, but at most 64 graphs are kept`);
@@ -691,6 +691,11 @@ function graphBucketLength(len: number): number {
   let octave = 64;
   while (octave * 2 < len) octave *= 2;
   return Math.ceil(len / (octave / 8)) * (octave / 8);
+}
+
+/** The choice length a small call is padded to (engine_plan.h graph_bucket_choice_length). */
+function graphBucketChoiceLength(len: number): number {
+  return len <= 4 ? len : Math.ceil(len / 4) * 4;
 }
 
 /**

@@ -55,11 +55,7 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
       graph_note_ = profiler_.detail() ? "off (detail profiling)"
                     : debug_sync()     ? "off (TFEW_CUDA_DEBUG_SYNC)"
                                        : "off (graphs disabled)";
-    stats_->update([&](GraphStats& s) {
-      s.enabled = graphs_enabled_;
-      s.buckets = graph_buckets_ && (graphs_enabled_ || debug_sync());
-      s.off_reason = graphs_enabled_ ? "" : graph_note_;
-    });
+    stats_->update([&](GraphStats& s) { graph_switches(s); });
   } catch (...) {
     release_unlocked();
     throw;
@@ -81,7 +77,7 @@ std::string CudaEngine<T>::describe() const {
      << ", cuBLAS " << probe_.cublas_library << ", CUDA graphs "
      << (graphs_enabled_ ? (graph_buckets_ ? "on (small calls padded to shape buckets)" : "on (exact shapes)")
                          : graph_note_)
-     << (!graphs_enabled_ && graph_buckets_ && debug_sync() ? ", small calls padded to shape buckets" : "");
+     << (!graphs_enabled_ && pads_to_buckets() ? ", small calls padded to shape buckets" : "");
   return os.str();
 }
 
@@ -356,13 +352,9 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_forward(const Plan<T>& plan
 template <typename T>
 void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch launch) {
   const int64_t cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
-  const bool enabled = graphs_enabled_;  // (a failed capture turns graphs off)
-  const std::string off_reason = enabled ? "" : graph_note_;
   stats_->update([&](GraphStats& s) {
     (launch == Launch::Replay ? s.replays : launch == Launch::Capture ? s.captures : s.eager) += 1;
-    s.enabled = enabled;
-    s.buckets = graph_buckets_ && (enabled || debug_sync());
-    s.off_reason = off_reason;
+    graph_switches(s);  // (a failed capture turns graphs off)
     s.cached = cached;
     s.last_kind = kind;
     s.last_launch = launch_name(launch);
@@ -459,7 +451,13 @@ bool CudaEngine<T>::folds_cross_attention(const Batch& b) const {
 namespace {
 // b right-padded to longer encoder and choice lengths (padding masked as everywhere: same results).
 Batch padded_batch(const Batch& b, int enc_len, int dec_len, int32_t pad_id) {
-  Batch p = b;
+  Batch p;
+  p.batch_size = b.batch_size;
+  p.enc_lengths = b.enc_lengths;
+  p.num_rows = b.num_rows;
+  p.row_start = b.row_start;
+  p.adapter_of_example = b.adapter_of_example;
+  p.labels = b.labels;
   p.enc_len = enc_len;
   p.input_ids.assign(static_cast<size_t>(b.batch_size) * enc_len, pad_id);
   for (int e = 0; e < b.batch_size; ++e)
@@ -478,9 +476,8 @@ template <typename T>
 ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& adapters, bool want_logits,
                                           bool want_hidden) {
   validate(call, adapters);
-  // A small call runs at its graph bucket's shape (graph_bucket_length); logits and encoder states, which come
-  // back per position, keep the exact shape.
-  // Small calls are bound by launches, not by the GPU (kGraphBucketMaxFlops): graphs pay for them most.
+  // A small call (bound by launches, not by the GPU: kGraphBucketMaxFlops) runs at its graph bucket's shape
+  // (graph_bucket_length); logits and encoder states, which come back per position, keep the exact shape.
   const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
   const int64_t enc_tokens = static_cast<int64_t>(call.batch_size) * enc_len;
   const bool launch_bound = enc_tokens <= kGraphBucketMaxTokens &&
@@ -488,9 +485,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
                             enc_tokens * encoder_flops_per_token(config_) <= kGraphBucketMaxFlops;
   Batch bucketed;
   const Batch* run = &call;
-  // (also under TFEW_CUDA_DEBUG_SYNC, which turns graphs off: a fault on a padded shape must reproduce there)
-  if (graph_buckets_ && (graphs_enabled_ || debug_sync()) && launch_bound && !want_logits && !want_hidden &&
-      call.num_rows > 0 &&
+  if (pads_to_buckets() && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
       (enc_len != call.enc_len || dec_len != call.dec_len)) {
     bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
     run = &bucketed;

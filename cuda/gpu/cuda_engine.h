@@ -165,6 +165,15 @@ class CudaEngine final : public Engine {
   template <typename Key>
   Launch launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue,
                        bool consecutive_only);
+  // Whether small calls run padded to their bucket: with graphs, and under TFEW_CUDA_DEBUG_SYNC (which turns graphs
+  // off), so that a fault on a padded shape reproduces there.
+  bool pads_to_buckets() const { return graph_buckets_ && (graphs_enabled_ || debug_sync()); }
+  // The switches GraphStats reports: graphs on, why not, buckets.
+  void graph_switches(GraphStats& s) const {
+    s.enabled = graphs_enabled_;
+    s.off_reason = graphs_enabled_ ? "" : graph_note_;
+    s.buckets = pads_to_buckets();
+  }
   // Counts a call in stats_ and the shape it ran at.
   void note_launch(const char* kind, const Shape& shape, Launch launch);
   // Returns null (and turns graphs off for this engine) when capture does not work here.
