@@ -219,16 +219,16 @@ fi
 # ---- the GPU tests, one process per file
 if want tests; then
   debug_rerun_done=0
-  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-behaviour:120 cuda-graphs:90; do
+  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-behaviour:120 cuda-graphs:90 cuda-reserve:60; do
     file=${t%%:*}
     cap=${t##*:}
     TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
       step "jest-$file" "$cap" "$RESERVE" node node_modules/jest/bin/jest.js --selectProjects tfew --runInBand --verbose "test/gpu/$file.test.ts"
     # A CUDA fault is reported by whichever call synchronises next; rerun once synchronising after every
     # kernel, so the log names the kernel that faulted.
-    # (not for cuda-graphs: its tests are about graphs, which debug-sync turns off; the other files run the padded
-    # shapes too, and so does debug-sync)
-    if [ "$debug_rerun_done" = "0" ] && [ "$file" != "cuda-graphs" ] && cuda_fault "$LOGS/jest-$file.log"; then
+    # (not for cuda-graphs and cuda-reserve: their tests are about graphs, which debug-sync turns off; the other
+    # files run the padded shapes too, and so does debug-sync)
+    if [ "$debug_rerun_done" = "0" ] && [ "$file" != "cuda-graphs" ] && [ "$file" != "cuda-reserve" ] && cuda_fault "$LOGS/jest-$file.log"; then
       debug_rerun_done=1
       TFEW_CUDA_DEBUG_SYNC=1 TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
         step "jest-$file-debug-sync" 120 "$RESERVE" node node_modules/jest/bin/jest.js --selectProjects tfew --runInBand --verbose "test/gpu/$file.test.ts"

@@ -7,7 +7,7 @@ export { T5Tokenizer } from './tokenizer';
 export { parseT5Config, readT5Config } from './config';
 export type { T5ModelConfig } from './config';
 export { resolveCheckpoint } from './checkpoint';
-export type { CudaOptions, CudaProbe, GraphStats } from './native';
+export type { CudaOptions, CudaProbe, GraphStats, ReserveShape } from './native';
 export * from './errors';
 export { RankBatcher, QueueFullError } from './serve';
 export type { RankBatcherOptions, RankRequestOptions, RankOneResult, RankBatcherStats } from './serve';

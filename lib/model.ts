@@ -7,7 +7,7 @@ import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal } from './errors';
-import { CudaOptions, CudaProbe, GraphStats, native, NativeLossOptions, NativeBatch, NativeModel, NativeTensorSpec, NativeTrainingSession } from './native';
+import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -303,7 +303,9 @@ export class T5Model {
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
-      nm = await native().loadModel(config, tensors, { device, threads, cuda: checkCudaOptions(options.cuda) });
+      const cuda = checkCudaOptions(options.cuda);
+      const reserve = cuda?.reserve === undefined ? undefined : reserveShapes(cuda.reserve, 'cuda.reserve');
+      nm = await native().loadModel(config, tensors, { device, threads, cuda, reserve });
     } catch (e) {
       throw fromNative(e);
     }
@@ -361,7 +363,7 @@ export class T5Model {
    * CUDA: captures the graphs of the call shapes a service expects before its traffic comes, so that the first
    * calls of those shapes replay a graph instead of launching every kernel one by one. Each distinct shape runs
    * twice on filler tokens (eagerly, then captured), the largest first (a call that grows the activation arena
-   * drops the graphs captured before it, so warm up to the largest calls you will serve). With graph buckets (the
+   * drops the graphs captured before it: reserveMemory() for the largest calls you will serve, then warm up). With graph buckets (the
    * default) a shape stands for every call whose lengths fall in its bucket: `graphBucketLengths(maxInputLength)`
    * gives one input length per bucket (24 up to 256); calls above the buckets' limits (see
    * CudaOptions.graphBuckets) and calls with buckets off replay only at exactly the warmed lengths. At most 64
@@ -417,6 +419,19 @@ export class T5Model {
       for (let k = 0; k < 2; k++) await this.rankClassify(inputs, choices, options);
     }
     return this.graphStats().captures - capturesBefore;
+  }
+
+  /**
+   * Plans and allocates the device memory of calls up to these sizes now (as CudaOptions.reserve does at load):
+   * later calls within them allocate nothing and keep the CUDA graphs captured so far, and a size that does not
+   * fit rejects here with OutOfMemoryError. Reserving only ever grows the memory held (growing it drops the
+   * graphs captured so far, so reserve before warmUpGraphs). Resolves with the bytes of activation memory held;
+   * the CPU backend allocates per call: it checks the shapes and resolves with 0.
+   */
+  async reserveMemory(shapes: ReserveShape | ReserveShape[]): Promise<number> {
+    const nm = this.live();
+    const checked = reserveShapes(shapes, 'reserveMemory');
+    return this.callNative(() => nm.reserve(checked));
   }
 
   /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
@@ -715,6 +730,40 @@ export function graphBucketLengths(maxLength: number): number[] {
 /** The values of CudaOptions.precision and .crossAttention, for checkCudaOptions and the CLI's flags. */
 export const CUDA_PRECISIONS: readonly NonNullable<CudaOptions['precision']>[] = ['bf16', 'fp32'];
 export const CUDA_CROSS_ATTENTION: readonly NonNullable<CudaOptions['crossAttention']>[] = ['auto', 'folded', 'precomputed'];
+
+/** ReserveShape(s) checked and in the addon's terms (`where` names the option in errors). */
+function reserveShapes(value: ReserveShape | ReserveShape[], where: string): NativeReserveShape[] {
+  const list = Array.isArray(value) ? value : [value];
+  if (list.length === 0 || list.length > 64) throw new InvalidArgumentError(`${where}: 1 to 64 shapes, got ${list.length}`);
+  return list.map((s, i) => {
+    const at = Array.isArray(value) ? `${where}[${i}]` : where;
+    if (typeof s !== 'object' || s === null) throw new InvalidArgumentError(`${at} must be an object`);
+    const int = (name: keyof ReserveShape, v: unknown, min: number, max: number): number => {
+      if (!Number.isInteger(v) || (v as number) < min || (v as number) > max) {
+        throw new InvalidArgumentError(`${at}.${name} must be an integer in [${min}, ${max}], got ${String(v)}`);
+      }
+      return v as number;
+    };
+    const { training = false } = s;
+    if (typeof training !== 'boolean') throw new InvalidArgumentError(`${at}.training must be a boolean`);
+    if (!training && s.recompute !== undefined) throw new InvalidArgumentError(`${at}.recompute applies to training shapes only`);
+    const choices = int('choices', s.choices, training ? 1 : 0, 1 << 20);
+    const shape: NativeReserveShape = {
+      batch: int('batchSize', s.batchSize, 1, 1 << 20),
+      encLen: int('inputLength', s.inputLength, 1, 1 << 20),
+      choices,
+      decLen: choices === 0 && s.choiceLength === undefined ? 0 : int('choiceLength', s.choiceLength, choices > 0 ? 1 : 0, 1 << 20),
+      nAdapters: int('adapters', s.adapters ?? 1, 0, 65536),
+      training,
+      recompute: recomputeLevel(s.recompute),
+    };
+    const tokens = 1 << 24;  // the engine's bound per call
+    if (shape.batch * shape.encLen > tokens || shape.batch * choices * shape.decLen > tokens) {
+      throw new InvalidArgumentError(`${at}: more than ${tokens} input or choice tokens in one call`);
+    }
+    return shape;
+  });
+}
 
 function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o === undefined) return undefined;

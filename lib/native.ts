@@ -40,6 +40,49 @@ export interface CudaOptions {
    * 2048 encoder tokens. Training decides the same way.
    */
   crossAttention?: 'auto' | 'folded' | 'precomputed';
+  /**
+   * The largest calls this model will serve or train on: their device memory is planned and allocated at load
+   * (T5Model.reserveMemory does the same later), so that no call up to these sizes allocates device memory or
+   * drops the CUDA graphs captured so far (a call that has to grow the activation arena drops them all:
+   * graphStats().arenaGrowths counts those), and a size that does not fit fails at load with OutOfMemoryError
+   * instead of in the middle of a service or a training run. Larger calls still work (they grow the memory).
+   * The CPU backend, which allocates per call, only checks the shapes. (withMergedAdapter's model, a model of its
+   * own, reserves the same.)
+   */
+  reserve?: ReserveShape | ReserveShape[];
+}
+
+/**
+ * One size of call to plan device memory for (CudaOptions.reserve, T5Model.reserveMemory): every call with at most
+ * these numbers (rank classification with or without graph-bucket padding, either cross-attention path, encode(),
+ * and with `training` the training steps) fits in what is reserved.
+ */
+export interface ReserveShape {
+  /** Examples per call (rankClassify's batchSize, RankBatcher's maxBatch, the Trainer's batchSize). */
+  batchSize: number;
+  /** Tokens of the longest input, eos included (rankClassify's maxInputLength). */
+  inputLength: number;
+  /** Answer choices of one example (0: encode() only). */
+  choices: number;
+  /** Tokens of the longest answer choice, eos included (needed when choices > 0). */
+  choiceLength?: number;
+  /** Distinct adapters in one call (mixed-task batches; a training session's adapters). Default 1. */
+  adapters?: number;
+  /** Training steps (lossAndGradients, TrainingSession.step, Trainer) rather than rank classification. */
+  training?: boolean;
+  /** Training: the recompute level the steps use (LossOptions.recompute; default 'auto'). */
+  recompute?: boolean | 'auto' | 'none' | 'attention' | 'all';
+}
+
+/** ReserveShape as the addon takes it. */
+export interface NativeReserveShape {
+  batch: number;
+  encLen: number;
+  choices: number;
+  decLen: number;
+  nAdapters: number;
+  training: boolean;
+  recompute: 'auto' | 'none' | 'attention' | 'all';
 }
 
 /** T5 hyper-parameters, resolved from config.json by lib/config.ts (mirrors cuda/model/t5_config.h). */
@@ -128,6 +171,13 @@ export interface GraphStats {
   eager: number;
   /** Graphs held now (at most 64 per kind; the least recently used goes first). */
   cached: number;
+  /** Bytes of the activation arena held now (0 on the CPU backend, and before the first call or reserve). */
+  arenaBytes: number;
+  /**
+   * Calls that had to allocate a larger activation arena, each dropping every captured graph (they point into
+   * it). Calls within CudaOptions.reserve / reserveMemory() never do.
+   */
+  arenaGrowths: number;
   /** The last call: the shape it ran at (after bucketing) and how; null before any. */
   last: { kind: 'score' | 'train'; launch: 'replay' | 'capture' | 'eager'; batch: number; encLen: number; rows: number; decLen: number } | null;
 }
@@ -145,6 +195,8 @@ export interface NativeModel {
   createTrainingSession(adapters: Float32Array[], options: NativeOptimizerOptions): Promise<NativeTrainingSession>;
   /** Folds one adapter into the weights (k/v rows, wo columns). */
   mergeAdapter(adapter: Float32Array): Promise<void>;
+  /** Plans and allocates memory for calls up to these shapes; resolves with the activation bytes held. */
+  reserve(shapes: NativeReserveShape[]): Promise<number>;
   dispose(): Promise<void>;
 }
 
@@ -193,7 +245,7 @@ export interface NativeAddon {
   /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
   cudaMemoryInfo(): { free: number; total: number } | null;
   loadModel(config: NativeConfig, tensors: NativeTensorSpec[],
-            options: { device: 'cpu' | 'cuda'; threads: number; cuda?: CudaOptions }): Promise<NativeModel>;
+            options: { device: 'cpu' | 'cuda'; threads: number; cuda?: CudaOptions; reserve?: NativeReserveShape[] }): Promise<NativeModel>;
   /** Internal checks of the native thread pool's failure handling (test/core-review.test.ts); not an API. */
   _testing: {
     parallelFor(options: {
@@ -208,11 +260,15 @@ export interface NativeAddon {
       /** training with dropout (default; the fused backward's mask bits are planned only then) */
       dropout?: boolean;
     }): Promise<number>;
-    /** The recompute level 'auto' picks for a training shape, holding haveBytes of arena with freeBytes free. */
+    /**
+     * The recompute level 'auto' picks for a training shape, holding haveBytes of arena with freeBytes free (and, as
+     * an engine after reserve(), these training shapes reserved).
+     */
     cudaRecomputeChoice(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
       fusedAttention?: boolean;
-    }, haveBytes: number, freeBytes: number): Promise<'none' | 'attention' | 'all'>;
+    }, haveBytes: number, freeBytes: number,
+    reserved?: { batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number }[]): Promise<'none' | 'attention' | 'all'>;
     /** A temporary file mapped, truncated and read: rejects with the Io error a truncation during loading gives. */
     readAfterTruncation(): Promise<void>;
     /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */

@@ -14,7 +14,7 @@ import type TypedEmitter from 'typed-emitter';
 import type { IA3Adapter } from './adapter';
 import { recomputeLevel, type Recompute } from './model';
 import { DisposedError, FileFormatError, InvalidArgumentError, TfewError } from './errors';
-import type { NativeConfig } from './native';
+import type { NativeConfig, ReserveShape } from './native';
 import { TfewOptimizer } from './optim';
 import { seededRandom } from './random';
 
@@ -151,6 +151,11 @@ export interface TrainableModel {
     choices: (string[] | number[][])[],
     options?: { adapter?: IA3Adapter | (IA3Adapter | null)[]; maxInputLength?: number; batchSize?: number },
   ): Promise<{ predictions: number[] }>;
+  /**
+   * Optional (T5Model has it): plans device memory for the run's largest step before the first, so that a run that
+   * cannot fit fails at once rather than at the first long batch, and no step grows the memory mid-run.
+   */
+  reserveMemory?(shapes: ReserveShape | ReserveShape[]): Promise<number>;
   /** Optional: a native training session (T5Model has one); without it the optimizer runs in lib/optim.ts. */
   createTrainingSession?(
     adapters: IA3Adapter[],
@@ -293,6 +298,8 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
     let adapterPath: string | undefined;
     try {
       const prepared = this.tokenizedOnce(examples);  // before the session: a failure here leaks nothing
+      const largest = this.largestCalls(prepared);
+      if (largest && typeof this.model.reserveMemory === 'function') await this.model.reserveMemory(largest);
       const stepper = await this.stepper(examples);
       let failed = false;
       try {
@@ -479,6 +486,40 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
       input: typeof e.input === 'string' ? this.tokenize(e.input, maxLength) : e.input,
       choices: e.choices.map((c) => (typeof c === 'string' ? this.tokenize(c) : c)),
     }));
+  }
+
+  /**
+   * The largest calls of a run over these (tokenized) examples, for TrainableModel.reserveMemory: its steps (the
+   * batch size, the longest input and choice, the most choices, every adapter: a native session's gradients are per
+   * adapter) and, with an evalSet, evaluate()'s rank classification (batches of up to 32). Undefined when some text
+   * has no token count (no tokenizer: the steps then fail on their own).
+   */
+  private largestCalls(prepared: TrainExample[]): ReserveShape[] | undefined {
+    const extent = (examples: TrainExample[]) => {
+      let inputLength = 0, choices = 0, choiceLength = 0;
+      for (const e of examples) {
+        if (typeof e.input === 'string' || e.choices.some((c) => typeof c === 'string')) return undefined;
+        inputLength = Math.max(inputLength, e.input.length);
+        choices = Math.max(choices, e.choices.length);
+        for (const c of e.choices as number[][]) choiceLength = Math.max(choiceLength, c.length);
+      }
+      return { inputLength, choices, choiceLength, adapters: new Set(examples.map((e) => e.adapter ?? this.adapter)).size };
+    };
+    const steps = extent(prepared);
+    if (!steps) return undefined;
+    const shapes: ReserveShape[] = [{
+      batchSize: Math.min(this.options.batchSize, prepared.length), ...steps,
+      adapters: new Set([this.adapter, ...prepared.map((e) => e.adapter ?? this.adapter)]).size,
+      training: true, recompute: this.options.recompute,
+    }];
+    const evalSet = this.options.evalSet;
+    if (evalSet && this.options.evalEvery) {
+      const evaluation = extent(this.tokenizedOnce(evalSet));
+      if (!evaluation) return undefined;
+      const batchSize = Math.min(32, evalSet.length);  // rankClassify's default, as evaluate() calls it
+      shapes.push({ batchSize, ...evaluation, adapters: Math.min(evaluation.adapters, batchSize) });
+    }
+    return shapes;
   }
 
   /** One example's choices in the form the model takes: all text or all token ids. */

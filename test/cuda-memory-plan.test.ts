@@ -108,6 +108,33 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(await choice(all, attention - all + reserve)).toBe('attention');
   });
 
+  test("recompute 'auto' within a reserved training shape: what the reserved arena holds, never a growth", async () => {
+    const MiB = 2 ** 20, granule = 64 * MiB, reserve = 256 * MiB;
+    const shape = (encLen: number) => ({ batch: 8, encLen, rows: 16, decLen: 8, training: true, nAdapters: 1 });
+    const bytes = (encLen: number, recompute: Level) => native()._testing.cudaArenaBytes(config, { ...shape(encLen), recompute });
+    // reserve() for 8 x 256 where 'none' does not fit: it picks 'attention' and holds that arena
+    const noneAt256 = await bytes(256, 'none');
+    const free = Math.ceil(noneAt256 / granule) * granule + reserve - MiB;
+    expect(await native()._testing.cudaRecomputeChoice(config, shape(256), 0, free)).toBe('attention');
+    const held = Math.ceil((await bytes(256, 'attention')) / granule) * granule;
+    const left = free - held;  // free besides the reserved arena
+    // a shorter step whose 'none' plan is above the arena held but fits in what is free: unreserved, 'auto' picks
+    // 'none' and grows the arena; within the reservation it keeps to the arena held
+    const encLen = 224;
+    expect(await bytes(encLen, 'none')).toBeGreaterThan(held);
+    expect(await native()._testing.cudaRecomputeChoice(config, shape(encLen), held, left)).toBe('none');
+    const within = await native()._testing.cudaRecomputeChoice(config, shape(encLen), held, left, [shape(256)]);
+    expect(within).toBe('attention');
+    expect(await bytes(encLen, within)).toBeLessThanOrEqual(held);
+    // every length up to the reserved one stays within the arena held; a longer step is not covered by it
+    for (let len = 16; len <= 256; len += 16) {
+      const level = await native()._testing.cudaRecomputeChoice(config, shape(len), held, left, [shape(256)]);
+      expect({ len, fits: (await bytes(len, level)) <= held }).toEqual({ len, fits: true });
+    }
+    // a step outside the reserved shape (here: two adapters where one was reserved) is decided as before
+    expect(await native()._testing.cudaRecomputeChoice(config, { ...shape(encLen), nAdapters: 2 }, held, left, [shape(256)])).toBe('none');
+  });
+
   test('the cross-attention key/value gradients take one layer of memory, not all 24; folded, no keys/values', async () => {
     const Ne = 8 * 256, Nd = 16 * 8, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
     const H = config.numHeads, Le = 256;
@@ -148,5 +175,32 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(b32 / GiB).toBeGreaterThan(1.5);  // every decoder layer's cross k|v of 32 x 256 tokens: 1.5 GiB
     const bad = native()._testing.cudaArenaBytes(config, { batch: 0, encLen: 256, rows: 0, decLen: 8, training: false, nAdapters: 1, recompute: 'none' });
     await expect(bad.catch((e) => { throw fromNative(e); })).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+
+  // cuda.reserve / reserveMemory plan the largest shape once: that is enough only if no smaller call needs more.
+  test('a smaller call never needs more arena than the largest (what reserving the largest relies on)', async () => {
+    let seed = 12345;
+    const rand = (n: number): number => {  // 1..n (a small LCG: reproducible)
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return 1 + (seed % n);
+    };
+    const bytes = (s: { batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
+      recompute: Level; foldedCross: boolean; dropout: boolean }) => native()._testing.cudaArenaBytes(config, s);
+    for (let i = 0; i < 60; i++) {
+      const training = i % 2 === 0;
+      const big = { batch: rand(32), encLen: rand(512), choices: rand(4), decLen: rand(16), nAdapters: rand(8) };
+      const small = { batch: rand(big.batch), encLen: rand(big.encLen), choices: rand(big.choices), decLen: rand(big.decLen), nAdapters: rand(big.nAdapters) };
+      const recompute = (['none', 'attention', 'all'] as const)[i % 3];
+      for (const foldedCross of [false, true]) {
+        const common = { training, recompute, foldedCross, dropout: training };
+        const largest = await bytes({ ...common, batch: big.batch, encLen: big.encLen, rows: big.batch * big.choices, decLen: big.decLen, nAdapters: big.nAdapters });
+        const smaller = await bytes({ ...common, batch: small.batch, encLen: small.encLen, rows: small.batch * small.choices, decLen: small.decLen, nAdapters: small.nAdapters });
+        const noAdapters = await bytes({ ...common, batch: small.batch, encLen: small.encLen, rows: small.batch * small.choices, decLen: small.decLen, nAdapters: 0 });
+        const noDropout = await bytes({ ...common, dropout: false, batch: small.batch, encLen: small.encLen, rows: small.batch * small.choices, decLen: small.decLen, nAdapters: small.nAdapters });
+        const where = JSON.stringify({ big, small, ...common });
+        expect({ where, fits: smaller <= largest }).toEqual({ where, fits: true });
+        expect({ where, fits: noAdapters <= smaller && noDropout <= smaller }).toEqual({ where, fits: true });
+      }
+    }
   });
 });

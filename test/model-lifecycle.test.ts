@@ -82,9 +82,53 @@ describe('graphStats()', () => {
   test('the CPU backend has no graphs (all zero); a disposed model throws DisposedError', async () => {
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
     await m.rankClassify(inputs, choices);
-    expect(m.graphStats()).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, cached: 0, last: null });
+    expect(m.graphStats()).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, cached: 0,
+      arenaBytes: 0, arenaGrowths: 0, last: null });
     await m.dispose();
     expect(() => m.graphStats()).toThrow(DisposedError);
+  });
+});
+
+describe('cuda.reserve and reserveMemory()', () => {
+  const shape = { batchSize: 4, inputLength: 64, choices: 2, choiceLength: 4 };
+  test('the CPU backend checks the shapes and holds nothing; the model works as before', async () => {
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda: { reserve: [shape, { ...shape, training: true, recompute: 'attention', adapters: 3 }] } });
+    try {
+      expect(await m.reserveMemory(shape)).toBe(0);
+      expect(await m.reserveMemory({ batchSize: 2, inputLength: 8, choices: 0 })).toBe(0);  // encode() only
+      expect(m.graphStats()).toMatchObject({ arenaBytes: 0, arenaGrowths: 0 });
+      const r = await m.rankClassify(inputs, choices);
+      expect(r.predictions).toHaveLength(inputs.length);
+    } finally {
+      await m.dispose();
+    }
+    await expect(m.reserveMemory(shape)).rejects.toThrow(DisposedError);
+  });
+
+  test.each([
+    [{ ...shape, batchSize: 0 }, /batchSize must be an integer/],
+    [{ ...shape, inputLength: 1.5 }, /inputLength must be an integer/],
+    [{ ...shape, choices: -1 }, /choices must be an integer/],
+    [{ ...shape, choiceLength: 0 }, /choiceLength must be an integer in \[1,/],
+    [{ batchSize: 1, inputLength: 8, choices: 2 }, /choiceLength must be an integer in \[1, .*got undefined/],
+    [{ ...shape, adapters: 70000 }, /adapters must be an integer/],
+    [{ ...shape, training: true, choices: 0 }, /choices must be an integer in \[1,/],
+    [{ ...shape, recompute: 'all' }, /recompute applies to training shapes only/],
+    [{ ...shape, training: true, recompute: 'some' }, /recompute must be/],
+    [{ ...shape, training: 'yes' }, /training must be a boolean/],
+    [{ ...shape, batchSize: 8192, inputLength: 4096 }, /more than 16777216 input or choice tokens/],
+    [[], /1 to 64 shapes/],
+    [null, /must be an object/],
+  ])('bad shape %j: InvalidArgumentError at load, before anything loads, and from reserveMemory', async (bad, message) => {
+    const load = T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda: { reserve: bad as never } });
+    await expect(load).rejects.toThrow(InvalidArgumentError);
+    await expect(T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda: { reserve: bad as never } })).rejects.toThrow(message);
+    const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
+    try {
+      await expect(m.reserveMemory(bad as never)).rejects.toThrow(message);
+    } finally {
+      await m.dispose();
+    }
   });
 });
 

@@ -223,6 +223,51 @@ describe('Trainer mechanics (analytic model)', () => {
     for (let i = 0; i < b.data.length; i++) expect(b.data[i]).toBeCloseTo(bAlone.data[i], 6);
   });
 
+  test('reserves memory for the run\'s largest step before the first step, and fails there when it does not fit', async () => {
+    const model = new QuadraticModel() as QuadraticModel & { reserveMemory: jest.Mock };
+    const order: string[] = [];
+    model.reserveMemory = jest.fn(async () => {
+      order.push('reserve');
+      return 0;
+    });
+    const spy = jest.spyOn(model, 'lossAndGradients').mockImplementation(async function (this: QuadraticModel, ...args) {
+      order.push('step');
+      return QuadraticModel.prototype.lossAndGradients.apply(this, args);
+    });
+    const a = IA3Adapter.create(SMALL_CONFIG);
+    const b = IA3Adapter.create(SMALL_CONFIG);
+    const examples: TrainExample[] = [
+      { input: [2, 5, 1], choices: [[3, 1], [4, 1]], label: 0 },
+      { input: [2, 5, 6, 7, 8, 1], choices: [[3, 1], [4, 4, 4, 1], [5, 1]], label: 2, adapter: b },
+      { input: [9, 1], choices: [[3, 1]], label: 0 },
+    ];
+    await new Trainer(model, a, { steps: 2, batchSize: 8, recompute: 'attention' }).train(examples);
+    expect(model.reserveMemory).toHaveBeenCalledTimes(1);
+    expect(model.reserveMemory).toHaveBeenCalledWith([{
+      batchSize: 3, inputLength: 6, choices: 3, choiceLength: 4, adapters: 2, training: true, recompute: 'attention',
+    }]);
+    expect(order).toEqual(['reserve', 'step', 'step']);
+    // with evaluation during the run: evaluate()'s rank classification too (batches of up to 32, its own lengths)
+    const evalSet: TrainExample[] = [
+      { input: [3, 3, 3, 3, 3, 3, 3, 3, 1], choices: [[3, 1], [4, 1]], label: 0 },
+      { input: [4, 1], choices: [[3, 3, 3, 3, 3, 1], [4, 1]], label: 1, adapter: b },
+    ];
+    model.reserveMemory.mockClear();
+    await new Trainer(model, a, { steps: 2, batchSize: 2, evalEvery: 1, evalSet }).train(examples);
+    expect(model.reserveMemory).toHaveBeenCalledWith([
+      { batchSize: 2, inputLength: 6, choices: 3, choiceLength: 4, adapters: 2, training: true, recompute: 'auto' },
+      { batchSize: 2, inputLength: 9, choices: 2, choiceLength: 6, adapters: 2 },
+    ]);
+    spy.mockRestore();
+
+    model.reserveMemory = jest.fn(async () => {
+      throw new InvalidArgumentError('no room');
+    });
+    const before = model.calls.length;
+    await expect(new Trainer(model, a, { steps: 2 }).train(examples)).rejects.toThrow('no room');
+    expect(model.calls.length).toBe(before);  // no step ran
+  });
+
   test('evaluate() and eval events report accuracy against the labels', async () => {
     const model = new QuadraticModel();
     model.fixedPrediction = 1;

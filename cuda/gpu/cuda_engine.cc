@@ -275,12 +275,23 @@ void CudaEngine<T>::pack_inputs(const Batch& b, const Plan<T>& plan, bool pointe
 // ---- memory
 
 template <typename T>
-void CudaEngine<T>::ensure_arena(size_t needed, const std::function<size_t()>& wanted_bytes) {
+void CudaEngine<T>::ensure_arena(size_t needed, const std::function<size_t()>& wanted_bytes, bool for_call) {
   if (needed <= arena_.size()) return;
   const size_t wanted = wanted_bytes();
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they point into the old arena
   arena_.reset();
+  struct Count {  // the arena's size after it all (0 when nothing could be allocated), and one more growth
+    CudaEngine& e;
+    bool for_call;
+    ~Count() {
+      const int64_t bytes = static_cast<int64_t>(e.arena_.size());
+      e.stats_->update([&](GraphStats& s) {
+        s.arena_bytes = bytes;
+        if (for_call) ++s.arena_growths;
+      });
+    }
+  } count{*this, for_call};
   if (wanted > needed) {
     try {
       arena_.allocate(align_up(wanted, kArenaGranule), "the activation arena");
@@ -293,25 +304,147 @@ void CudaEngine<T>::ensure_arena(size_t needed, const std::function<size_t()>& w
 }
 
 template <typename T>
+int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_usable();
+  TFEW_CUDA_CHECK(cudaSetDevice(device_));
+  for (const ReserveShape& r : shapes) check_reserve_shape(r);
+  try {
+    size_t arena = 0, inputs = 0, outputs = 0, slots = 0;
+    auto need = [&](const Plan<T>& p, size_t arena_bytes) {
+      arena = std::max(arena, arena_bytes);
+      inputs = std::max(inputs, p.inputs_end - p.inputs_begin);
+      outputs = std::max(outputs, static_cast<size_t>(p.shape.rows) * p.shape.dec_len * sizeof(float));
+    };
+    // a call's cross-attention path: folded or precomputed (decided per call), or only precomputed
+    std::vector<bool> folded_paths = {false};
+    if (cross_mode_ != CrossMode::Precomputed) folded_paths.push_back(true);
+    std::vector<ReservedTraining> training;
+    for (const ReserveShape& r : shapes) {
+      slots = std::max(slots, static_cast<size_t>(r.n_adapters));
+      Shape s;
+      s.batch = r.batch;
+      s.enc_len = r.enc_len;
+      s.rows = r.batch * r.choices;
+      s.dec_len = r.choices > 0 ? r.dec_len : 0;
+      s.adapters = r.n_adapters > 0;
+      if (r.training) {
+        s.training = true;
+        s.dropout = config_.dropout_rate > 0.f;  // (the mask bits: a step without dropout needs less)
+        for (const bool folded : folded_paths) {
+          s.folded_cross = folded;
+          const Recompute level = r.recompute == Recompute::Auto ? recompute_for_memory(s, r.n_adapters) : r.recompute;
+          const TrainPlan<T> t = make_train_plan<T>(config_, s, r.n_adapters, level, fused_backward_, 0);
+          need(t.fwd, t.bytes);
+        }
+        s.folded_cross = false;
+        training.push_back({s, r.n_adapters});
+        continue;
+      }
+      // Every plan grows with each of batch, lengths, rows and adapters, so the largest call at its exact lengths
+      // covers the calls that run unpadded. A small call runs padded up to its buckets, which may lie above the
+      // reserved lengths (within their own bucket): planned for the largest batch that still runs padded there.
+      std::vector<Shape> calls;
+      if (r.choices > 0) calls.push_back(s);
+      Shape encode = s;  // encode(): the encoder states come back (one row of one token per example), never padded
+      encode.rows = r.batch;
+      encode.dec_len = 1;
+      encode.want_hidden = true;
+      calls.push_back(encode);
+      if (pads_to_buckets() && r.choices > 0) {
+        Shape padded = s;
+        padded.enc_len = graph_bucket_length(r.enc_len);
+        padded.dec_len = graph_bucket_choice_length(r.dec_len);
+        int b = static_cast<int>(std::min<int64_t>(r.batch, kGraphBucketMaxTokens / padded.enc_len));
+        while (b > 0 && !graph_bucket_launch_bound(config_, b, padded.enc_len, 0, padded.dec_len)) --b;
+        if (b > 0) {
+          padded.batch = b;
+          padded.rows = b * r.choices;
+          calls.push_back(padded);
+        }
+      }
+      for (Shape c : calls)
+        for (const bool folded : folded_paths) {
+          c.folded_cross = folded;
+          const Plan<T> p = make_plan<T>(config_, c, fused_attention_, 0);
+          need(p, p.bytes);
+        }
+    }
+    // Refused before anything is freed (ensure_arena and the adapter buffer free what they replace first) when it
+    // cannot fit with Recompute::Auto's margin left for cuBLAS, graphs and the context: a reservation that fails
+    // leaves the model as it was.
+    const size_t want = std::max(align_up(arena, kArenaGranule), arena_.size());
+    const size_t slot_bytes = static_cast<size_t>(layout_.total) * sizeof(float);
+    const size_t adapters_want = slots > adapter_capacity_ ? std::max<size_t>(slots, 8) * slot_bytes : adapters_dev_.size();
+    if (want > arena_.size() || adapters_want > adapters_dev_.size()) {
+      size_t free_bytes = 0, total_bytes = 0;
+      TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+      const size_t available = free_bytes + arena_.size() + adapters_dev_.size();
+      if (want + adapters_want + kRecomputeReserve > available)
+        fail(ErrorCode::OutOfMemory, "the reserved shapes need " + mib_text(want) + " of activation memory" +
+                                         (adapters_want > adapters_dev_.size() ? " and " + mib_text(adapters_want) + " for adapters" : "") +
+                                         "; " + mib_text(available) + " of device memory is free for them (" +
+                                         mib_text(kRecomputeReserve) + " of it kept free)");
+    }
+    const size_t held = arena_.size();
+    try {
+      ensure_arena(arena, [arena] { return arena; }, /*for_call=*/false);
+    } catch (const TfewError& e) {
+      // (the memory went elsewhere since the check: the arena held before, if that can still be had)
+      if (e.code() == ErrorCode::OutOfMemory && held > 0 && arena_.size() == 0) {
+        try {
+          ensure_arena(held, [held] { return held; }, /*for_call=*/false);
+        } catch (const TfewError&) {
+        }
+      }
+      throw;
+    }
+    staging_in_.reserve(inputs);
+    staging_out_.reserve(std::max<size_t>(outputs, sizeof(float)));
+    ensure_adapter_slots(slots);
+    for (auto& t : training) reserved_training_.push_back(t);
+    return static_cast<int64_t>(arena_.size());
+  } catch (...) {
+    after_failure();
+    throw;
+  }
+}
+
+// (here, not in cuda_training.cc: reserve() uses it too)
+template <typename T>
+Recompute CudaEngine<T>::recompute_for_memory(const Shape& shape, int n_adapters) {
+  return recompute_for_step<T>(config_, shape, n_adapters, fused_backward_, arena_.size(), reserved_training_, [] {
+    size_t free_bytes = 0, total_bytes = 0;
+    TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return free_bytes;
+  });
+}
+
+template <typename T>
+void CudaEngine<T>::ensure_adapter_slots(size_t n) {
+  if (n <= adapter_capacity_) return;
+  const size_t total = static_cast<size_t>(layout_.total);
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  destroy_graphs();  // they hold the old adapter pointer
+  // Nothing is valid until the new buffer exists: allocate() frees the old one first, and when it fails (out
+  // of memory, not sticky) the next call with adapters must try again, not use stale slots or a null buffer.
+  const size_t capacity = std::max<size_t>(n, 8);
+  adapter_capacity_ = 0;
+  adapter_cache_.clear();
+  adapter_cache_key_.clear();
+  adapters_dev_.allocate(capacity * total * sizeof(float), "(IA)3 adapters");
+  adapter_cache_.assign(capacity, std::vector<float>());
+  adapter_cache_key_.assign(capacity, 0);
+  adapter_capacity_ = capacity;
+}
+
+template <typename T>
 void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
   const size_t n = set.vectors.size();
   adapter_source_ = nullptr;  // the kernels read adapters_dev_
   if (n == 0) return;
   const size_t total = static_cast<size_t>(layout_.total);
-  if (n > adapter_capacity_) {
-    TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    destroy_graphs();  // they hold the old adapter pointer
-    // Nothing is valid until the new buffer exists: allocate() frees the old one first, and when it fails (out
-    // of memory, not sticky) the next call with adapters must try again, not use stale slots or a null buffer.
-    const size_t capacity = std::max<size_t>(n, 8);
-    adapter_capacity_ = 0;
-    adapter_cache_.clear();
-    adapter_cache_key_.clear();
-    adapters_dev_.allocate(capacity * total * sizeof(float), "(IA)3 adapters");
-    adapter_cache_.assign(capacity, std::vector<float>());
-    adapter_cache_key_.assign(capacity, 0);
-    adapter_capacity_ = capacity;
-  }
+  ensure_adapter_slots(n);
   for (size_t i = 0; i < n; ++i) {
     // The same snapshot as this slot's last upload: nothing to read (2 MiB per adapter at T0-3B) or copy.
     const uint64_t key = i < set.content_keys.size() ? set.content_keys[i] : 0;
@@ -479,10 +612,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   // A small call (bound by launches, not by the GPU: kGraphBucketMaxFlops) runs at its graph bucket's shape
   // (graph_bucket_length); logits and encoder states, which come back per position, keep the exact shape.
   const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
-  const int64_t enc_tokens = static_cast<int64_t>(call.batch_size) * enc_len;
-  const bool launch_bound = enc_tokens <= kGraphBucketMaxTokens &&
-                            static_cast<int64_t>(call.num_rows) * dec_len <= kGraphBucketMaxChoiceTokens &&
-                            enc_tokens * encoder_flops_per_token(config_) <= kGraphBucketMaxFlops;
+  const bool launch_bound = graph_bucket_launch_bound(config_, call.batch_size, enc_len, call.num_rows, dec_len);
   Batch bucketed;
   const Batch* run = &call;
   if (pads_to_buckets() && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
@@ -645,10 +775,13 @@ gpu::Shape engine_shape(const CudaArenaShape& a) {
 }
 }  // namespace
 
-Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a, int64_t have, int64_t free) {
+Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a, int64_t have, int64_t free,
+                                const std::vector<CudaArenaShape>& reserved) {
   TFEW_CHECK_ARG(a.training && have >= 0 && free >= 0, "a training shape and byte counts >= 0");
-  return gpu::recompute_that_fits<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_attention, have,
-                                                 [free] { return static_cast<size_t>(free); });
+  std::vector<gpu::ReservedTraining> planned;
+  for (const CudaArenaShape& r : reserved) planned.push_back({engine_shape(r), r.n_adapters});
+  return gpu::recompute_for_step<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_attention, have, planned,
+                                                [free] { return static_cast<size_t>(free); });
 }
 
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {

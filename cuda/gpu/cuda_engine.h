@@ -83,6 +83,9 @@ class CudaEngine final : public Engine {
   LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& options) override;
   void merge_adapter(const float* vectors) override;
   std::shared_ptr<GraphStatsBox> graph_stats() const override { return stats_; }
+  // Sizes the arena, the pinned staging buffers and the adapter slots for the largest of `shapes` (every cross-
+  // attention path, graph-bucket padding included), so that calls up to them never allocate.
+  int64_t reserve(const std::vector<ReserveShape>& shapes) override;
   void release() override;
   // A training session whose vectors, gradients and Adafactor state stay in device memory
   // (gpu/cuda_session.cc): per step only the per-token log-probs (for the losses) and the scalars move.
@@ -113,8 +116,11 @@ class CudaEngine final : public Engine {
   // Where device_ptr (inside plan's inputs block) lies in the pinned staging copy of that block.
   char* staged(const Plan<T>& plan, const void* device_ptr);
   // Grows the arena, when it holds less than `needed` bytes (the call's own plan), to wanted() bytes (the plan
-  // of arena_shape; computed only then), or to `needed` when that does not fit.
-  void ensure_arena(size_t needed, const std::function<size_t()>& wanted);
+  // of arena_shape; computed only then), or to `needed` when that does not fit. A call's growth counts in
+  // GraphStats::arena_growths (reserve()'s does not).
+  void ensure_arena(size_t needed, const std::function<size_t()>& wanted, bool for_call = true);
+  // Room for n adapters in adapters_dev_ (growing it drops every graph: they hold its address).
+  void ensure_adapter_slots(size_t n);
   // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
   void upload_adapters(const AdapterSet& set);
 
@@ -266,6 +272,9 @@ class CudaEngine final : public Engine {
   // similar lengths replay one graph instead of launching eagerly.
   bool graph_buckets_ = true;
   bool bucket_arena_full_ = false;  // the arena could not grow for a bucket: buckets stay within it
+  // The training shapes reserve() planned, with their adapter counts: Recompute::Auto keeps steps within them
+  // inside the reserved arena (recompute_for_memory).
+  std::vector<ReservedTraining> reserved_training_;
   GraphCache<Shape> graphs_;
   // Everything a captured training step depends on besides device data (the dropout seed, labels and loss
   // weights are device data).

@@ -129,14 +129,6 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
 }
 
 // Recompute::Auto: keep everything when that fits in the device memory at hand, else recompute the least that does.
-template <typename T>
-Recompute CudaEngine<T>::recompute_for_memory(const Shape& shape, int n_adapters) {
-  return recompute_that_fits<T>(config_, shape, n_adapters, fused_backward_, arena_.size(), [] {
-    size_t free_bytes = 0, total_bytes = 0;
-    TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-    return free_bytes;
-  });
-}
 
 template <typename T>
 void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop) {

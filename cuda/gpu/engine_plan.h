@@ -75,6 +75,12 @@ inline int graph_bucket_length(int len) {
   return (len + step - 1) / step * step;
 }
 inline int graph_bucket_choice_length(int len) { return len <= 4 ? len : (len + 3) / 4 * 4; }
+// Whether a call of this shape, its lengths padded to their buckets, is small enough to run padded (see above).
+inline bool graph_bucket_launch_bound(const T5Config& c, int64_t batch, int enc_len, int64_t rows, int dec_len) {
+  const int64_t enc_tokens = batch * enc_len;
+  return enc_tokens <= kGraphBucketMaxTokens && rows * dec_len <= kGraphBucketMaxChoiceTokens &&
+         enc_tokens * encoder_flops_per_token(c) <= kGraphBucketMaxFlops;
+}
 
 // Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
 // from the arena's base.
@@ -380,6 +386,30 @@ Recompute recompute_that_fits(const T5Config& c, const Shape& s, int n_adapters,
     if (need + kRecomputeReserve <= free + have) return level;
   }
   return Recompute::All;  // nothing fits: the smallest, whose allocation then reports the shortfall
+}
+
+// A training shape that CudaEngine::reserve planned the arena for, with its adapter count.
+struct ReservedTraining {
+  Shape shape;
+  int n_adapters = 0;
+  bool covers(const Shape& s, int n) const {
+    return s.batch <= shape.batch && s.enc_len <= shape.enc_len && s.rows <= shape.rows && s.dec_len <= shape.dec_len &&
+           n <= n_adapters;
+  }
+};
+
+// Recompute::Auto for one step: within a reserved training shape, the least recomputing that the arena held fits
+// (one level always does, each level's plan growing with the shape), not a faster level that would grow the
+// reserved arena (dropping every graph, in the middle of a run); elsewhere recompute_that_fits.
+template <typename T, typename FreeBytes>
+Recompute recompute_for_step(const T5Config& c, const Shape& s, int n_adapters, bool fused, size_t have,
+                             const std::vector<ReservedTraining>& reserved, FreeBytes free_bytes) {
+  for (const ReservedTraining& r : reserved) {
+    if (!r.covers(s, n_adapters)) continue;
+    for (Recompute level : {Recompute::None, Recompute::Attention, Recompute::All})
+      if (make_train_plan<T>(c, s, n_adapters, level, fused, 0).bytes <= have) return level;
+  }
+  return recompute_that_fits<T>(c, s, n_adapters, fused, have, free_bytes);
 }
 
 }  // namespace gpu

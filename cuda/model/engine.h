@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
 #include "batch.h"
 #include "t5_config.h"
 #include "training.h"
@@ -52,7 +53,36 @@ struct GraphStats {
   // the last call: "score" or "train" ("" before any), the shape it ran at (after bucketing), and how
   std::string last_kind, last_launch;
   int last_batch = 0, last_enc_len = 0, last_rows = 0, last_dec_len = 0;
+  // The activation arena: its size now, and how often a call had to allocate it (each time every captured
+  // graph is dropped, since graphs point into it). Engine::reserve sizes it once, so calls within stay at 0.
+  int64_t arena_bytes = 0;
+  uint64_t arena_growths = 0;
 };
+
+// The largest calls a model is to serve or train on (T5Model.load's cuda.reserve, T5Model.reserveMemory):
+// Engine::reserve plans the device memory of all of them once, so that no call up to these sizes allocates
+// (or drops captured CUDA graphs), and a shape that does not fit fails there rather than in the middle of a
+// service or a training run.
+struct ReserveShape {
+  int batch = 0;    // examples per call
+  int enc_len = 0;  // input tokens of the longest example (eos included)
+  int choices = 0;  // answer choices of one example (0: encode() only)
+  int dec_len = 0;  // tokens of the longest choice (eos included)
+  int n_adapters = 1;  // distinct adapters in one call (a training session's: its adapters)
+  bool training = false;  // training steps (losses and gradients) rather than rank classification
+  Recompute recompute = Recompute::Auto;  // training: as LossOptions.recompute
+};
+// Throws InvalidArgument for a shape that no call could have (the CPU backend checks, then has nothing to plan).
+inline void check_reserve_shape(const ReserveShape& s) {
+  constexpr int64_t kMaxTokens = 1 << 24;  // as the CUDA engine's per-call bound
+  TFEW_CHECK_ARG(s.batch >= 1 && s.enc_len >= 1, "a reserved shape needs batch and input length >= 1");
+  TFEW_CHECK_ARG(s.choices >= 0 && s.dec_len >= (s.choices > 0 ? 1 : 0) && s.n_adapters >= 0 && s.n_adapters <= 65536,
+                 "a reserved shape needs choices >= 0, a choice length >= 1 with choices, 0..65536 adapters");
+  TFEW_CHECK_ARG(!s.training || s.choices >= 1, "a reserved training shape needs answer choices");
+  TFEW_CHECK_ARG(static_cast<int64_t>(s.batch) * s.enc_len <= kMaxTokens &&
+                     static_cast<int64_t>(s.batch) * s.choices * s.dec_len <= kMaxTokens,
+                 "a reserved shape of more than " + std::to_string(kMaxTokens) + " input or choice tokens");
+}
 
 // Where an engine keeps its GraphStats: shared with the JS side, which reads it without waiting for the model
 // (a busy service's model is almost never idle) and after the engine is gone.
@@ -97,6 +127,12 @@ class Engine {
   }
   // The engine's graph counts (null: no graphs, as on the CPU backend).
   virtual std::shared_ptr<GraphStatsBox> graph_stats() const { return nullptr; }
+  // Plans and allocates the memory that calls up to these shapes need (ReserveShape); returns the bytes of
+  // activation memory now held. The CPU backend allocates per call: it only checks the shapes.
+  virtual int64_t reserve(const std::vector<ReserveShape>& shapes) {
+    for (const ReserveShape& s : shapes) check_reserve_shape(s);
+    return 0;
+  }
   // Frees all memory the engine holds (device memory included). Safe to call twice.
   virtual void release() = 0;
 };
@@ -154,7 +190,8 @@ struct CudaArenaShape {
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
 // Recompute::Auto's choice for a training step of this shape, with `have` bytes of arena already held and
-// `free` bytes of device memory free besides.
-Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& shape, int64_t have, int64_t free);
+// `free` bytes of device memory free besides, and the training shapes reserved (Engine::reserve) before.
+Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& shape, int64_t have, int64_t free,
+                                const std::vector<CudaArenaShape>& reserved = {});
 
 }  // namespace tfew

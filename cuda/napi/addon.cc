@@ -293,6 +293,30 @@ static LossOptions to_loss_options(const Napi::Object& o) {
   return opt;
 }
 
+// ReserveShape[] from [{ batch, encLen, choices, decLen, nAdapters, training, recompute }] (lib/model.ts checks
+// and names them; the engine checks again).
+static std::vector<ReserveShape> to_reserve_shapes(const Napi::Value& v) {
+  if (!v.IsArray()) fail(ErrorCode::InvalidArgument, "reserve: expected an array of shapes");
+  Napi::Array a = v.As<Napi::Array>();
+  std::vector<ReserveShape> out;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsObject()) fail(ErrorCode::InvalidArgument, "reserve: expected an array of shapes");
+    Napi::Object o = e.As<Napi::Object>();
+    ReserveShape r;
+    r.batch = get_int(o, "batch");
+    r.enc_len = get_int(o, "encLen");
+    r.choices = get_int(o, "choices");
+    r.dec_len = get_int(o, "decLen");
+    r.n_adapters = get_int(o, "nAdapters");
+    r.training = get_bool(o, "training");
+    r.recompute = to_recompute(get_string(o, "recompute"));
+    check_reserve_shape(r);
+    out.push_back(r);
+  }
+  return out;
+}
+
 static Napi::Error to_js_error(Napi::Env env, ErrorCode code, const std::string& message) {
   Napi::Error e = Napi::Error::New(env, message);
   e.Set("code", Napi::String::New(env, error_code_name(code)));
@@ -494,6 +518,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod<&NativeModel::Score>("score"),
                         InstanceMethod<&NativeModel::LossAndGradients>("lossAndGradients"),
                         InstanceMethod<&NativeModel::MergeAdapter>("mergeAdapter"),
+                        InstanceMethod<&NativeModel::Reserve>("reserve"),
                         InstanceMethod<&NativeModel::CreateTrainingSession>("createTrainingSession"),
                         InstanceMethod<&NativeModel::Dispose>("dispose")});
   }
@@ -524,6 +549,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     o.Set("captures", static_cast<double>(s.captures));
     o.Set("eager", static_cast<double>(s.eager));
     o.Set("cached", static_cast<double>(s.cached));
+    o.Set("arenaBytes", static_cast<double>(s.arena_bytes));
+    o.Set("arenaGrowths", static_cast<double>(s.arena_growths));
     if (s.last_kind.empty()) {
       o.Set("last", env.Null());
     } else {
@@ -588,6 +615,22 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
             o.Set("gradients", to_f32(env, out.gradients));
             return o;
           });
+    });
+  }
+
+  // reserve(shapes) -> Promise<number>: the bytes of activation memory held after planning for the shapes.
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return settle(env, [&] {
+      auto shapes = std::make_shared<std::vector<ReserveShape>>(to_reserve_shapes(info.Length() > 0 ? info[0] : env.Undefined()));
+      auto h = holder_;
+      return queue_call<int64_t>(
+          env,
+          [h, shapes] {
+            std::lock_guard<std::mutex> lock(h->mu);
+            return h->use().reserve(*shapes);
+          },
+          [](Napi::Env env, int64_t& bytes) -> Napi::Value { return Napi::Number::New(env, static_cast<double>(bytes)); });
     });
   }
 
@@ -774,15 +817,16 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, fusedBackward?, graphs?,
-// graphBuckets?, crossAttention? } })
+// graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   class Worker : public PromiseWorker {
    public:
-    Worker(Napi::Env env, T5Config c, std::vector<TensorSpec> s, std::string device, int threads, CudaEngineOptions cuda)
+    Worker(Napi::Env env, T5Config c, std::vector<TensorSpec> s, std::string device, int threads, CudaEngineOptions cuda,
+           std::vector<ReserveShape> reserve)
         : PromiseWorker(env), config_(c), specs_(std::move(s)), device_(std::move(device)), threads_(threads),
-          cuda_(std::move(cuda)) {}
+          cuda_(std::move(cuda)), reserve_(std::move(reserve)) {}
     void work() override {
       FileWeightSource source(specs_);  // mmaps the files; unmapped when the engine has converted them
       holder_ = std::make_shared<ModelHolder>();
@@ -793,6 +837,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         holder_->engine = make_cuda_engine(config_, source, cuda_);
       else
         holder_->engine = make_cpu_engine(config_, source, threads_);
+      // (a failure here releases the engine: the holder dies with this worker)
+      if (!reserve_.empty()) holder_->engine->reserve(reserve_);
       holder_->description = holder_->engine->describe();
       holder_->graph_stats = holder_->engine->graph_stats();
     }
@@ -805,6 +851,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
     std::string device_;
     int threads_;
     CudaEngineOptions cuda_;
+    std::vector<ReserveShape> reserve_;
     std::shared_ptr<ModelHolder> holder_;
   };
   return settle(env, [&] {
@@ -831,8 +878,11 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
       if (c.Has("crossAttention") && c.Get("crossAttention").IsString())
         cuda.cross_attention = c.Get("crossAttention").As<Napi::String>().Utf8Value();
     }
+    // the shapes to plan memory for at load (lib passes cuda.reserve here, checked and named as reserve())
+    std::vector<ReserveShape> reserve;
+    if (opts.Has("reserve") && !opts.Get("reserve").IsUndefined()) reserve = to_reserve_shapes(opts.Get("reserve"));
     return queue(new Worker(env, to_config(info[0].As<Napi::Object>()), to_specs(info[1].As<Napi::Array>()), device,
-                            threads, cuda));
+                            threads, cuda, std::move(reserve)));
   });
 }
 
@@ -973,7 +1023,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,
   // fusedAttention?, dropout? (training; both default true) }): the planner's arena size;
-  // cudaRecomputeChoice(config, shape, haveBytes, freeBytes): Recompute::Auto's level
+  // cudaRecomputeChoice(config, shape, haveBytes, freeBytes[, reservedTrainingShapes]): Recompute::Auto's level
   auto arena_shape_arg = [](const Napi::Object& o) {
     CudaArenaShape a;
     a.batch = get_int(o, "batch");
@@ -1005,9 +1055,17 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     return settle(info.Env(), [&]() -> Napi::Value {
       if (info.Length() < 4 || !info[0].IsObject() || !info[1].IsObject() || !info[2].IsNumber() || !info[3].IsNumber())
         fail(ErrorCode::InvalidArgument, "cudaRecomputeChoice(config, shape, haveBytes, freeBytes)");
+      std::vector<CudaArenaShape> reserved;  // optional: the training shapes reserved before
+      if (info.Length() > 4 && info[4].IsArray()) {
+        Napi::Array list = info[4].As<Napi::Array>();
+        for (uint32_t i = 0; i < list.Length(); ++i) {
+          if (!list.Get(i).IsObject()) fail(ErrorCode::InvalidArgument, "cudaRecomputeChoice: reserved shapes must be objects");
+          reserved.push_back(arena_shape_arg(list.Get(i).As<Napi::Object>()));
+        }
+      }
       const Recompute r = cuda_recompute_choice(to_config(info[0].As<Napi::Object>()), arena_shape_arg(info[1].As<Napi::Object>()),
                                                 static_cast<int64_t>(info[2].As<Napi::Number>().DoubleValue()),
-                                                static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
+                                                static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()), reserved);
       return resolved(info.Env(), Napi::String::New(info.Env(), recompute_name(r)));
     });
   }));

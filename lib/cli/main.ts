@@ -8,7 +8,7 @@ import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 
 import { IA3Adapter } from '../adapter';
 import { InvalidArgumentError, TfewError } from '../errors';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type GraphWarmUpShape, type RecomputeLevel } from '../model';
-import { native, type CudaOptions } from '../native';
+import { native, type CudaOptions, type ReserveShape } from '../native';
 import { classify } from '../pipeline/classify';
 import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
 import { formatBytes, formatFlops, ia3ParameterCount, parameterCount } from '../pipeline/cost';
@@ -547,7 +547,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
     .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
-    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; the largest batch runs first, so the activation memory is in place', collect, [])
+    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[] }) => {
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
@@ -570,11 +570,17 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           const adapter = adapters.size > 0;
           const shapes: GraphWarmUpShape[] = warmUp.flatMap((choiceLengths) =>
             graphBucketLengths(maxInputLength).map((inputLength) => ({ inputLength, choiceLengths, adapter })));
-          // the largest batch the server makes, first: the activation memory it needs is then in place (growing it
-          // later would drop the graphs captured before)
-          const longest = warmUp.reduce((a, b) => (b.length * Math.max(...b) > a.length * Math.max(...a) ? b : a));
-          shapes.push({ inputLength: maxInputLength, choiceLengths: longest, adapter, batchSize: o.maxBatch ?? 32 });
+          // the memory of the largest batch the server makes of such requests, first: a batch that had to grow it
+          // would drop every graph captured before
+          const maxBatch = o.maxBatch ?? 32;
+          const largest: ReserveShape = {
+            batchSize: maxBatch, inputLength: maxInputLength,
+            choices: Math.max(...warmUp.map((c) => c.length)), choiceLength: Math.max(...warmUp.flat()),
+            adapters: Math.min(adapters.size, maxBatch),
+          };
           try {
+            const reserved = await model.reserveMemory(largest);
+            if (model.device === 'cuda') io.err(`[tfew] --warm-up: ${(reserved / 2 ** 20).toFixed(0)} MiB of activation memory reserved for ${maxBatch} requests of ${maxInputLength} tokens`);
             const captured = await model.warmUpGraphs(shapes);
             const stats = model.graphStats();
             if (model.device !== 'cuda' || !stats.enabled) {

@@ -1,0 +1,148 @@
+// Device memory planned for the largest calls (cuda.reserve at load, T5Model.reserveMemory later): calls up to
+// the reserved sizes allocate nothing and keep the CUDA graphs captured so far; a reservation that does not fit
+// fails at once with OutOfMemoryError and leaves the model as it was. Skipped when CUDA is not usable.
+//
+// The tiny checkpoint's calls fit in the arena's first 64 MiB step, so the "big" calls here are long enough
+// (fp32: [batch, heads, length, length] attention scores) to need a second one.
+import { IA3Adapter, OutOfMemoryError, T5Model, Trainer } from '../../lib';
+import { native } from '../../lib/native';
+import { loadFixture } from '../helpers/reference';
+import { describeCuda, loadCuda } from './helpers';
+
+jest.setTimeout(300_000);
+
+const MiB = 2 ** 20;
+
+describeCuda('device memory reserved for the largest calls', () => {
+  const fx = loadFixture('tiny-gated-gelu-untied');
+  let seed = 5;
+  const tokens = (n: number): number[] => {
+    const ids: number[] = [];
+    for (let i = 0; i < n - 1; i++) {
+      seed = (seed * 48271) % 2147483647;
+      ids.push(2 + (seed % 120));
+    }
+    return [...ids, 1];
+  };
+  const batch = (examples: number, length: number) => ({
+    inputs: Array.from({ length: examples }, () => tokens(length)),
+    choices: Array.from({ length: examples }, () => [tokens(2), tokens(3)]),
+  });
+  const small = batch(1, 10);
+  const big = batch(4, 700);  // fp32: a 128 MiB arena
+  const bigShape = { batchSize: 4, inputLength: 700, choices: 2, choiceLength: 3 };
+  const options = { maxInputLength: 1024 };
+
+  /** Runs small, small, big, small; returns how each call launched and the big call's scores. */
+  async function smallBigSmall(m: T5Model): Promise<{ launches: string[]; bigScores: number[][] }> {
+    const launches: string[] = [];
+    let bigScores: number[][] = [];
+    for (const b of [small, small, big, small]) {
+      const r = await m.rankClassify(b.inputs, b.choices, options);
+      if (b === big) bigScores = r.scores;
+      launches.push((m.graphStats().last as { launch: string }).launch);
+    }
+    return { launches, bigScores };
+  }
+
+  test('rank classification within cuda.reserve: no arena growth, captured graphs survive a larger call', async () => {
+    const plain = await loadCuda(fx.dir, 'fp32');
+    const reserved = await loadCuda(fx.dir, 'fp32', {}, { reserve: bigShape });
+    try {
+      expect(plain.graphStats()).toMatchObject({ arenaBytes: 0, arenaGrowths: 0 });
+      const held = reserved.graphStats().arenaBytes;
+      expect(held).toBeGreaterThan(64 * MiB);  // (else this test would show nothing)
+      expect(reserved.graphStats().arenaGrowths).toBe(0);
+
+      const withReserve = await smallBigSmall(reserved);
+      const without = await smallBigSmall(plain);
+      // plain: the big call grows the arena, which drops the small call's graph: it is captured again
+      expect(without.launches).toEqual(['eager', 'capture', 'eager', 'capture']);
+      expect(plain.graphStats().arenaGrowths).toBe(2);  // the first call's arena, then the big call's
+      expect(plain.graphStats().arenaBytes).toBeLessThanOrEqual(held);
+      // reserved: nothing allocated, the graph replays
+      expect(withReserve.launches).toEqual(['eager', 'capture', 'eager', 'replay']);
+      expect(reserved.graphStats()).toMatchObject({ arenaBytes: held, arenaGrowths: 0 });
+      expect(withReserve.bigScores).toEqual(without.bigScores);  // the same computation, in another arena
+    } finally {
+      await plain.dispose();
+      await reserved.dispose();
+    }
+  });
+
+  test('training steps within a training reserve: no arena growth, the small step\'s graph survives', async () => {
+    const m = await loadCuda(fx.dir, 'fp32', {}, { reserve: { batchSize: 4, inputLength: 500, choices: 2, choiceLength: 3, training: true } });
+    try {
+      expect(m.graphStats().arenaBytes).toBeGreaterThan(64 * MiB);  // a 4 x 500 step needs 128 MiB
+      const adapter = IA3Adapter.create(m);
+      const step = (b: ReturnType<typeof batch>) =>
+        m.lossAndGradients({ inputIds: b.inputs, choices: b.choices, labels: b.inputs.map(() => 0) }, { adapter, ...options });
+      const smallTrain = batch(2, 10);
+      const first = await step(smallTrain);
+      await step(smallTrain);  // captured (a training step's shape repeated right after)
+      expect(m.graphStats().last).toMatchObject({ kind: 'train', launch: 'capture' });
+      await step(batch(4, 500));
+      const again = await step(smallTrain);
+      expect(m.graphStats().last).toMatchObject({ kind: 'train', launch: 'replay' });
+      expect(m.graphStats().arenaGrowths).toBe(0);
+      expect(again.totalLoss).toBe(first.totalLoss);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('a Trainer reserves its largest step before the first: a run of varied lengths never grows the arena', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      const examples = [12, 40, 25, 60, 33, 18].map((n, i) => ({ input: tokens(n), choices: [tokens(2), tokens(3 + (i % 3))], label: i % 2 }));
+      const trainer = new Trainer(m, IA3Adapter.create(m), { steps: 4, batchSize: 2, seed: 3 });
+      const result = await trainer.train(examples);
+      expect(result.losses).toHaveLength(4);
+      expect(m.graphStats()).toMatchObject({ arenaGrowths: 0, last: { kind: 'train' } });
+      expect(m.graphStats().arenaBytes).toBeGreaterThan(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('reserveMemory later: grows once (dropping graphs, not counted as a call\'s growth), never shrinks', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      for (let i = 0; i < 2; i++) await m.rankClassify(small.inputs, small.choices, options);
+      expect(m.graphStats()).toMatchObject({ cached: 1, arenaBytes: 64 * MiB, arenaGrowths: 1 });
+      const held = await m.reserveMemory([{ batchSize: 1, inputLength: 16, choices: 2, choiceLength: 3 }, bigShape]);
+      expect(held).toBeGreaterThan(64 * MiB);
+      expect(m.graphStats()).toMatchObject({ cached: 0, arenaBytes: held, arenaGrowths: 1 });
+      for (let i = 0; i < 2; i++) await m.rankClassify(small.inputs, small.choices, options);
+      expect(await m.reserveMemory({ batchSize: 1, inputLength: 8, choices: 1, choiceLength: 1 })).toBe(held);
+      expect(m.graphStats()).toMatchObject({ cached: 1, arenaBytes: held });  // a smaller reservation changes nothing
+      await m.rankClassify(big.inputs, big.choices, options);
+      await m.rankClassify(small.inputs, small.choices, options);
+      expect(m.graphStats()).toMatchObject({ arenaGrowths: 1, last: { launch: 'replay' } });
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('a reservation that does not fit: OutOfMemoryError at load with nothing left held, or from reserveMemory with the model unchanged', async () => {
+    const before = native().cudaMemoryInfo();
+    const huge = { batchSize: 4096, inputLength: 4096, choices: 1, choiceLength: 1 };  // TiBs of attention scores
+    await expect(loadCuda(fx.dir, 'fp32', {}, { reserve: huge })).rejects.toThrow(OutOfMemoryError);
+    await expect(loadCuda(fx.dir, 'fp32', {}, { reserve: huge })).rejects.toThrow(/reserved shapes need .* of activation memory/);
+    // (the weights were uploaded, then freed again; a real GPU may keep a little lazily loaded kernel code)
+    const after = native().cudaMemoryInfo();
+    expect((before?.free ?? 0) - (after?.free ?? 0)).toBeLessThan(64 * MiB);
+
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      for (let i = 0; i < 2; i++) await m.rankClassify(small.inputs, small.choices, options);
+      const stats = m.graphStats();
+      await expect(m.reserveMemory(huge)).rejects.toThrow(OutOfMemoryError);
+      expect(m.graphStats()).toMatchObject({ cached: stats.cached, arenaBytes: stats.arenaBytes });
+      await m.rankClassify(small.inputs, small.choices, options);
+      expect(m.graphStats().last).toMatchObject({ launch: 'replay' });
+    } finally {
+      await m.dispose();
+    }
+  });
+});
