@@ -7,7 +7,7 @@ import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal } from './errors';
-import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
+import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -396,8 +396,9 @@ export class T5Model {
     const distinct = new Map<string, (typeof checked)[number]>();
     for (const s of checked) {
       const longest = Math.max(...s.choiceLengths);
-      const key = [s.batchSize, buckets ? graphBucketLength(s.inputLength) : s.inputLength, s.choiceLengths.length,
-        buckets ? graphBucketChoiceLength(longest) : longest, s.adapter].join(',');
+      const rules = native().graphBuckets([s.inputLength], { config: this.config, rows: s.choiceLengths.length, choiceLength: longest });
+      const key = [s.batchSize, buckets ? rules.lengths[0] : s.inputLength, s.choiceLengths.length,
+        buckets ? rules.choiceLength : longest, s.adapter].join(',');
       if (!distinct.has(key)) distinct.set(key, s);
     }
     if (distinct.size > 64) throw new InvalidArgumentError(`warmUpGraphs: ${distinct.size} distinct shapes, but at most 64 graphs are kept`);
@@ -700,30 +701,31 @@ export interface GraphWarmUpShape {
   adapter?: boolean;
 }
 
-/** The encoder length a small call is padded to (cuda/gpu/engine_plan.h graph_bucket_length). */
-function graphBucketLength(len: number): number {
-  if (len <= 64) return Math.ceil(len / 8) * 8;
-  let octave = 64;
-  while (octave * 2 < len) octave *= 2;
-  return Math.ceil(len / (octave / 8)) * (octave / 8);
-}
-
-/** The choice length a small call is padded to (engine_plan.h graph_bucket_choice_length). */
-function graphBucketChoiceLength(len: number): number {
-  return len <= 4 ? len : Math.ceil(len / 4) * 4;
-}
-
 /**
- * The input lengths that CUDA graph buckets pad small calls to (cuda/gpu/engine_plan.h graph_bucket_length),
- * one per bucket up to maxLength (the last one maxLength itself when it falls inside a bucket): the lengths to
- * pass to T5Model.warmUpGraphs so that every input length up to maxLength replays a graph (within the buckets'
- * limits: calls of at most 4096 encoder tokens and 2.5 TFLOP, about 1,000 tokens of T0-3B).
+ * The input lengths that CUDA graph buckets pad small calls to (cuda/model/graph_buckets.h), one per bucket up to
+ * maxLength (the last one maxLength itself when it falls inside a bucket): the lengths to pass to
+ * T5Model.warmUpGraphs so that every input length up to maxLength replays a graph. Buckets cover calls of at most
+ * 4096 encoder tokens and 2.5 TFLOP of encoder GEMMs (about 1,000 tokens of T0-3B): given `request` (a model's
+ * config and one request's choices), only the lengths at which such a single request runs padded (a longer one runs
+ * at its exact length, where a graph warmed for it would serve that one length alone).
  */
-export function graphBucketLengths(maxLength: number): number[] {
+export function graphBucketLengths(maxLength: number, request?: { config: NativeConfig; choiceLengths: number[] }): number[] {
   if (!Number.isInteger(maxLength) || maxLength < 1) throw new InvalidArgumentError('maxLength must be an integer >= 1');
-  const bucket = graphBucketLength;
+  let limit = maxLength;
+  if (request !== undefined) {
+    const { config, choiceLengths } = request;
+    if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || !choiceLengths.every((n) => Number.isInteger(n) && n >= 1)) {
+      throw new InvalidArgumentError('graphBucketLengths: choiceLengths must be integers >= 1');
+    }
+    limit = Math.min(limit, native().graphBuckets([1], { config, rows: choiceLengths.length, choiceLength: Math.max(...choiceLengths) }).singleLimit ?? 0);
+  }
   const out: number[] = [];
-  for (let len = 1; len <= maxLength; len = bucket(len) + 1) out.push(Math.min(bucket(len), maxLength));
+  let len = 1;
+  while (len <= limit) {
+    const bucket = native().graphBuckets([len]).lengths[0];
+    out.push(Math.min(bucket, limit));
+    len = bucket + 1;
+  }
   return out;
 }
 

@@ -244,6 +244,13 @@ export interface NativeAddon {
   probeCuda(): CudaProbe;
   /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
   cudaMemoryInfo(): { free: number; total: number } | null;
+  /**
+   * The CUDA graph bucket rules (cuda/model/graph_buckets.h): each length's bucket; with a request (one example with
+   * `rows` choices of at most choiceLength tokens) the choice length's bucket and the longest input at which such a
+   * request still runs padded (0: none).
+   */
+  graphBuckets(lengths: number[], request?: { config: NativeConfig; rows: number; choiceLength: number }):
+    { lengths: number[]; choiceLength?: number; singleLimit?: number };
   loadModel(config: NativeConfig, tensors: NativeTensorSpec[],
             options: { device: 'cpu' | 'cuda'; threads: number; cuda?: CudaOptions; reserve?: NativeReserveShape[] }): Promise<NativeModel>;
   /** Internal checks of the native thread pool's failure handling (test/core-review.test.ts); not an API. */

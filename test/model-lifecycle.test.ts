@@ -7,6 +7,8 @@ import * as path from 'path';
 import { AbortError, DisposedError, FileFormatError, graphBucketLengths, IA3Adapter, InvalidArgumentError, T5Model, Trainer } from '../lib';
 import { checkAdapterSnapshots } from './helpers/adapter-snapshots';
 import { loadFixture } from './helpers/reference';
+import { t0_3bConfigJson } from '../benchmarks/random-t5';
+import { parseT5Config } from '../lib/config';
 
 const fx = loadFixture('tiny-gated-gelu-untied');
 const inputs = [[5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 1], [14, 1]];
@@ -75,6 +77,23 @@ describe('warmUpGraphs() and graphBucketLengths()', () => {
     // at most 12.5% padding above 64: each bucket ends within 1/8 of where it starts
     for (let i = 8; i < to512.length; i++) expect(to512[i] / (to512[i - 1] + 1)).toBeLessThanOrEqual(1.125);
     expect(() => graphBucketLengths(0)).toThrow(InvalidArgumentError);
+  });
+
+  test("graphBucketLengths for a model's single requests: only the lengths that run padded", () => {
+    // T0-3B: 2 x 24 layers x (4 d inner + 3 d ff) GEMM FLOPs per encoder token; padded calls do at most 2.5 TFLOP
+    const t0 = parseT5Config(t0_3bConfigJson(24), 'config.json');
+    const inner = t0.numHeads * t0.dKv;
+    const perToken = 2 * t0.numLayers * (4 * t0.dModel * inner + 3 * t0.dModel * t0.dFf);
+    const all = graphBucketLengths(4096);
+    const padded = all.filter((b) => b * perToken <= 2.5e12);
+    expect(padded[padded.length - 1]).toBe(1024);  // (about 1,000 tokens of T0-3B)
+    expect(graphBucketLengths(2048, { config: t0, choiceLengths: [2, 2] })).toEqual(padded);
+    expect(graphBucketLengths(300, { config: t0, choiceLengths: [2, 2] })).toEqual(graphBucketLengths(300));
+    // a tiny model: at most 4096 encoder tokens; 128 choices of 8 tokens are more than 512 decoder tokens: none
+    const tiny = parseT5Config(JSON.parse(fs.readFileSync(path.join(fx.dir, 'config.json'), 'utf8')), 'config.json');
+    expect(graphBucketLengths(5000, { config: tiny, choiceLengths: [3, 3] }).slice(-1)).toEqual([4096]);
+    expect(graphBucketLengths(256, { config: t0, choiceLengths: new Array(128).fill(8) })).toEqual([]);
+    expect(() => graphBucketLengths(256, { config: t0, choiceLengths: [] })).toThrow(InvalidArgumentError);
   });
 });
 

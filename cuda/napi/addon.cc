@@ -27,6 +27,7 @@
 #include "cpu/cpu_ops.h"
 #include "io/mapped_file.h"
 #include "model/engine.h"
+#include "model/graph_buckets.h"
 #ifdef TFEW_CUDA_EMULATION
 #include "emu/emu_selftest.h"
 #endif
@@ -59,6 +60,11 @@ static std::string get_string(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsString()) fail(ErrorCode::InvalidArgument, std::string("expected a string for '") + key + "'");
   return v.As<Napi::String>().Utf8Value();
+}
+static Napi::Object get_object(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsObject()) fail(ErrorCode::InvalidArgument, std::string("expected an object for '") + key + "'");
+  return v.As<Napi::Object>();
 }
 static std::vector<int32_t> get_i32(const Napi::Object& o, const char* key, bool optional = false) {
   Napi::Value v = o.Get(key);
@@ -1019,6 +1025,39 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probeCuda", Napi::Function::New(env, ProbeCuda));
   exports.Set("cudaMemoryInfo", Napi::Function::New(env, CudaMemory));
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
+  // The CUDA graph bucket rules (model/graph_buckets.h), for lib's warm-up lengths:
+  // graphBuckets(lengths, request?: { config, rows, choiceLength }) -> { lengths: each length's bucket, and with a
+  // request (one example with `rows` choices of at most choiceLength tokens): choiceLength, its bucket, and
+  // singleLimit, the longest input at which such a request runs padded (0: none) }
+  exports.Set("graphBuckets", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    Napi::Env env = info.Env();
+    try {
+      if (info.Length() < 1 || !info[0].IsArray()) fail(ErrorCode::InvalidArgument, "graphBuckets(lengths, request?)");
+      auto length_arg = [](const Napi::Value& v) {
+        const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+        if (!is_integer_in(d, 1, 1 << 20)) fail(ErrorCode::InvalidArgument, "graphBuckets: lengths are integers in [1, 2^20]");
+        return static_cast<int>(d);
+      };
+      Napi::Array in = info[0].As<Napi::Array>();
+      Napi::Array lengths = Napi::Array::New(env, in.Length());
+      for (uint32_t i = 0; i < in.Length(); ++i) lengths.Set(i, graph_bucket_length(length_arg(in.Get(i))));
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("lengths", lengths);
+      if (info.Length() > 1 && info[1].IsObject()) {
+        Napi::Object r = info[1].As<Napi::Object>();
+        const T5Config c = to_config(get_object(r, "config"));
+        const int rows = length_arg(r.Get("rows")), choice = graph_bucket_choice_length(length_arg(r.Get("choiceLength")));
+        int limit = 0;  // (a longer input is more tokens and more work: the last length that runs padded)
+        for (int len = 1; len <= kGraphBucketMaxTokens; ++len)
+          if (graph_bucket_launch_bound(c, 1, graph_bucket_length(len), rows, choice)) limit = len;
+        o.Set("choiceLength", choice);
+        o.Set("singleLimit", limit);
+      }
+      return o;
+    } catch (const TfewError& e) {
+      throw to_js_error(env, e.code(), e.what());  // (a synchronous call: node-addon-api throws it in JS)
+    }
+  }));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,

@@ -547,7 +547,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
     .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
-    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
+    .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length (that such a request runs padded at) whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[] }) => {
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
@@ -568,8 +568,10 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           const t0 = Date.now();
           const maxInputLength = o.maxInputLength ?? 256;
           const adapter = adapters.size > 0;
+          // (only the lengths a single request runs padded at: a longer one runs at its exact length, bound by the
+          // GPU's work rather than by launches, where a graph warmed for it would serve that one length alone)
           const shapes: GraphWarmUpShape[] = warmUp.flatMap((choiceLengths) =>
-            graphBucketLengths(maxInputLength).map((inputLength) => ({ inputLength, choiceLengths, adapter })));
+            graphBucketLengths(maxInputLength, { config: model.config, choiceLengths }).map((inputLength) => ({ inputLength, choiceLengths, adapter })));
           // the memory of the largest batch the server makes of such requests, first: a batch that had to grow it
           // would drop every graph captured before
           const maxBatch = o.maxBatch ?? 32;
@@ -586,8 +588,10 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
             if (model.device !== 'cuda' || !stats.enabled) {
               io.err(`[tfew] --warm-up: nothing to warm on ${model.device} (${model.device === 'cuda' ? stats.offReason : 'no CUDA graphs'})`);
             } else {
+              const longest = Math.max(0, ...shapes.map((sh) => sh.inputLength));
               io.err(`[tfew] --warm-up: ${captured} CUDA graphs captured in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${stats.cached} held` +
-                     (stats.buckets ? '' : ' (graph buckets are off: only calls of exactly these lengths replay them)'));
+                     (stats.buckets ? '' : ' (graph buckets are off: only calls of exactly these lengths replay them)') +
+                     (longest < maxInputLength ? `; requests longer than ${longest} tokens run at their exact length, without a warmed graph` : ''));
             }
           } catch (e) {
             io.err(`[tfew] --warm-up failed, serving without it: ${(e as Error).message}`);

@@ -1,0 +1,45 @@
+// CUDA graph shape buckets: the lengths a small rank-classification call is padded to, and which calls are small
+// enough. Used by the CUDA engine (gpu/cuda_engine.cc) and, through the addon, by lib/model.ts (warm-up lengths),
+// so the rules live here once; nothing here needs CUDA.
+#pragma once
+#include <cstdint>
+
+#include "t5_config.h"
+
+namespace tfew {
+
+// CUDA graph buckets (CudaEngine::score, cuda.graphBuckets): a graph replays only for the exact shape it was
+// captured with, and a service's single-example calls rarely repeat a length. Small rank-classification calls
+// therefore run padded up to these lengths (padding is masked: the results equal the exact shape's within
+// rounding, cuBLAS being free to pick other kernels for other sizes):
+//   encoder lengths: multiples of 8 up to 64, then 8 steps per doubling (72, 80, .., 128, 144, .., 256, 288, ..:
+//   at most 12.5% more positions above 64);
+//   choice lengths: as they are up to 4 (one-word answers), then multiples of 4.
+// Only calls where launches rather than FLOPs bound the time: at most kGraphBucketMaxTokens padded encoder
+// tokens, kGraphBucketMaxChoiceTokens padded decoder tokens, and kGraphBucketMaxFlops of encoder GEMMs (about
+// 3 ms of an H100's tensor cores: ~1,000 tokens of T0-3B, a few single examples; a call's ~500 launches take
+// the CPU ~2 ms); larger ones run at their exact shape.
+constexpr int64_t kGraphBucketMaxTokens = 4096;
+constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
+constexpr double kGraphBucketMaxFlops = 2.5e12;
+// GEMM FLOPs of one encoder token (q, k, v, o and the feed-forward, every layer).
+inline double encoder_flops_per_token(const T5Config& c) {
+  const double d = c.d_model, inner = c.inner_dim(), ff = c.d_ff;
+  return 2.0 * c.num_layers * (4 * d * inner + (c.gated_gelu ? 3 : 2) * d * ff);
+}
+inline int graph_bucket_length(int len) {
+  if (len <= 64) return (len + 7) / 8 * 8;
+  int octave = 64;  // octave < len <= 2 octave
+  while (octave * 2 < len) octave *= 2;
+  const int step = octave / 8;
+  return (len + step - 1) / step * step;
+}
+inline int graph_bucket_choice_length(int len) { return len <= 4 ? len : (len + 3) / 4 * 4; }
+// Whether a call of this shape, its lengths padded to their buckets, is small enough to run padded (see above).
+inline bool graph_bucket_launch_bound(const T5Config& c, int64_t batch, int enc_len, int64_t rows, int dec_len) {
+  const int64_t enc_tokens = batch * enc_len;
+  return enc_tokens <= kGraphBucketMaxTokens && rows * dec_len <= kGraphBucketMaxChoiceTokens &&
+         enc_tokens * encoder_flops_per_token(c) <= kGraphBucketMaxFlops;
+}
+
+}  // namespace tfew
