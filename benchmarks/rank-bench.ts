@@ -10,6 +10,9 @@
 //                 to a grid, so graphs replay); RANK-3B-B1-VARIED-EXACT without them (cuda.graphBuckets false:
 //                 every new length launches eagerly), on the RANK-3B-B32-PRECOMPUTED load (the
 //                 cross-attention path 'auto' picks for one example)
+//   RANK-3B-SMALL-VARIED  a lightly loaded service's batches: 1-4 requests of random lengths (100-250 tokens) with 2
+//                 or 3 choices x 8 tokens each; 24 warm-up calls, 48 timed (batch sizes and rows padded to buckets
+//                 too); RANK-3B-SMALL-VARIED-EXACT without buckets, on the same load as RANK-3B-B1-VARIED-EXACT
 //   RANK-3B-B32-PRECOMPUTED / RANK-3B-B1-FOLDED  the other cross-attention path than 'auto' picks (a second load)
 //   TRAIN-3B      one training-session step (forward, LM + UL + LN losses, backward to the (IA)3 vectors, dropout
 //                 on, clipping + schedule + Adafactor on the device) of 8 examples, encoder length 256,
@@ -251,13 +254,20 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   const lengthOf = mulberry32(21);
   const variedCalls = Array.from({ length: dry ? 6 : 72 }, (_, i) =>
     randomBatch(V, [dry ? 9 + Math.floor(lengthOf() * 24) : 100 + Math.floor(lengthOf() * 221)], [[8, 8]], 500 + i));
-  const variedWorkload = (m: T5Model) => {
+  // RANK-3B-SMALL-VARIED: a lightly loaded service's batches, 1-4 requests of random lengths and 2 or 3 choices
+  const smallCalls = Array.from({ length: dry ? 6 : 72 }, (_, i) => {
+    const n = 1 + Math.floor(lengthOf() * 4);
+    const lengths = Array.from({ length: n }, () => (dry ? 9 + Math.floor(lengthOf() * 24) : 100 + Math.floor(lengthOf() * 151)));
+    return randomBatch(V, lengths, lengths.map(() => (lengthOf() < 0.5 ? [8, 8] : [8, 8, 8])), 900 + i);
+  });
+  const variedWorkload = (m: T5Model, calls = variedCalls) => {
     let next = 0;
     const call = () => {
-      const b = variedCalls[next++ % variedCalls.length];
-      return m.rankClassify(b.inputIds, b.choices, { adapter });
+      const b = calls[next++ % calls.length];
+      return m.rankClassify(b.inputIds, b.choices, { adapter, batchSize: b.inputIds.length });
     };
-    return timeCalls(call, 'score', 1, profileFile, variedCalls.length / 3, (2 * variedCalls.length) / 3);
+    const examples = calls.reduce((sum, b) => sum + b.inputIds.length, 0) / calls.length;  // (ex/s: the mean batch)
+    return timeCalls(call, 'score', examples, profileFile, calls.length / 3, (2 * calls.length) / 3);
   };
   const adapter = randomAdapter(model, 1);
   const adapters8 = Array.from({ length: 8 }, (_, i) => randomAdapter(model, 100 + i));
@@ -301,6 +311,9 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   await attempt('RANK-3B-B1-VARIED', async () => {
     workloads['RANK-3B-B1-VARIED'] = await variedWorkload(model);
   });
+  await attempt('RANK-3B-SMALL-VARIED', async () => {
+    workloads['RANK-3B-SMALL-VARIED'] = await variedWorkload(model, smallCalls);
+  });
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
                 `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}, ` +
@@ -319,7 +332,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
                                                ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
     const trainName = crossAttention === 'precomputed' ? 'TRAIN-3B-PRECOMPUTED' : 'TRAIN-3B-CUBLAS-BACKWARD';
-    const names = crossAttention === 'precomputed' ? [name, trainName, 'RANK-3B-B1-VARIED-EXACT'] : [name, trainName];
+    const names = crossAttention === 'precomputed' ? [name, trainName, 'RANK-3B-B1-VARIED-EXACT', 'RANK-3B-SMALL-VARIED-EXACT'] : [name, trainName];
     if (lost || names.every((n) => n in workloads || n in result.failures!)) continue;
     const before = usedMiB();
     const fusedBackward = trainName !== 'TRAIN-3B-CUBLAS-BACKWARD';
@@ -340,6 +353,9 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     if (crossAttention === 'precomputed') {
       await attempt('RANK-3B-B1-VARIED-EXACT', async () => {
         workloads['RANK-3B-B1-VARIED-EXACT'] = await variedWorkload(altModel);
+      });
+      await attempt('RANK-3B-SMALL-VARIED-EXACT', async () => {
+        workloads['RANK-3B-SMALL-VARIED-EXACT'] = await variedWorkload(altModel, smallCalls);
       });
     }
     await attempt(trainName, async () => {
@@ -430,9 +446,10 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   const lines: string[] = [];
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
-  const varied = ours.workloads['RANK-3B-B1-VARIED'], exact = ours.workloads['RANK-3B-B1-VARIED-EXACT'];
-  if (varied && exact) {
-    lines.push(`single examples of random lengths: ${fmt(varied.medianWallMs)} ms with graph buckets ` +
+  for (const [what, name] of [['single examples of random lengths', 'RANK-3B-B1-VARIED'], ['batches of 1-4 requests', 'RANK-3B-SMALL-VARIED']]) {
+    const varied = ours.workloads[name], exact = ours.workloads[`${name}-EXACT`];
+    if (!varied || !exact) continue;
+    lines.push(`${what}: ${fmt(varied.medianWallMs)} ms with graph buckets ` +
                `(${varied.graphReplays}/${varied.forwardMs.length} replays), ${fmt(exact.medianWallMs)} ms at exact shapes ` +
                `(${exact.graphReplays}/${exact.forwardMs.length} replays)`);
   }

@@ -27,9 +27,10 @@ export interface CudaOptions {
   /**
    * With graphs: small rank-classification calls (at most 4096 encoder and 512 decoder tokens, and at most 2.5
    * TFLOP of encoder GEMMs: about 1,000 tokens of T0-3B) run padded up to a grid of lengths (encoder: multiples of 8 to 64, then 8 steps per doubling, at most 12.5% more above 64;
-   * choices longer than 4 tokens: multiples of 4), so that a service's calls of similar lengths replay one CUDA
-   * graph instead of launching every kernel. Padding is masked: the results equal the exact lengths' within
-   * rounding. Default on; false runs every call at its exact lengths.
+   * choices longer than 4 tokens: multiples of 4; examples and choice rows above 4: 6, 8, 12, 16, 24, .., with
+   * filler examples of one token), so that a service's calls of similar sizes replay one CUDA graph instead of
+   * launching every kernel. Padding is masked: the results equal the exact shape's within rounding. Default on;
+   * false runs every call at its exact shape.
    */
   graphBuckets?: boolean;
   /**

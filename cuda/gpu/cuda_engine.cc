@@ -352,15 +352,17 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
       encode.want_hidden = true;
       calls.push_back(encode);
       if (pads_to_buckets() && r.choices > 0) {
+        // (the batch and rows padded as score_unlocked pads them; whether a call runs padded is decided on its own
+        // rows, which may be fewer: not checked here)
         Shape padded = s;
         padded.enc_len = graph_bucket_length(r.enc_len);
         padded.dec_len = graph_bucket_choice_length(r.dec_len);
-        int b = static_cast<int>(std::min<int64_t>(r.batch, kGraphBucketMaxTokens / padded.enc_len));
-        while (b > 0 && !graph_bucket_launch_bound(config_, b, padded.enc_len, 0, padded.dec_len)) --b;
-        if (b > 0) {
-          padded.batch = b;
-          padded.rows = b * r.choices;
+        for (int b = static_cast<int>(std::min<int64_t>(r.batch, kGraphBucketMaxTokens / padded.enc_len)); b > 0; --b) {
+          padded.batch = graph_bucket_count(b);
+          if (!graph_bucket_launch_bound(config_, padded.batch, padded.enc_len, 0, padded.dec_len)) continue;
+          padded.rows = graph_bucket_count(b * r.choices + (padded.batch - b));
           calls.push_back(padded);
+          break;
         }
       }
       for (Shape c : calls)
@@ -582,25 +584,37 @@ bool CudaEngine<T>::folds_cross_attention(const Batch& b) const {
 }
 
 namespace {
-// b right-padded to longer encoder and choice lengths (padding masked as everywhere: same results).
-Batch padded_batch(const Batch& b, int enc_len, int dec_len, int32_t pad_id) {
+// b padded to a graph bucket's shape (masked as everywhere: the same results for b's rows): longer encoder and
+// choice lengths, filler examples up to `batch` (one eos token, one row of one eos token, no adapter), and rows up
+// to `rows`, those beyond the fillers' on the last example (scored, then dropped).
+Batch padded_batch(const Batch& b, int batch, int enc_len, int rows, int dec_len, int32_t pad_id, int32_t eos_id) {
   Batch p;
-  p.batch_size = b.batch_size;
-  p.enc_lengths = b.enc_lengths;
-  p.num_rows = b.num_rows;
-  p.row_start = b.row_start;
-  p.adapter_of_example = b.adapter_of_example;
-  p.labels = b.labels;
+  p.batch_size = batch;
   p.enc_len = enc_len;
-  p.input_ids.assign(static_cast<size_t>(b.batch_size) * enc_len, pad_id);
+  p.input_ids.assign(static_cast<size_t>(batch) * enc_len, pad_id);
   for (int e = 0; e < b.batch_size; ++e)
     std::copy_n(b.input_ids.begin() + static_cast<size_t>(e) * b.enc_len, b.enc_len,
                 p.input_ids.begin() + static_cast<size_t>(e) * enc_len);
+  p.enc_lengths = b.enc_lengths;
+  p.adapter_of_example = b.adapter_of_example;
+  p.row_start = b.row_start;
+  for (int e = b.batch_size; e < batch; ++e) {
+    p.input_ids[static_cast<size_t>(e) * enc_len] = eos_id;
+    p.enc_lengths.push_back(1);
+    p.adapter_of_example.push_back(-1);
+    p.row_start.push_back(p.row_start.back() + 1);
+  }
+  p.row_start.back() = rows;  // (the last example's extra rows)
+  p.num_rows = rows;
   p.dec_len = dec_len;
-  p.choice_ids.assign(static_cast<size_t>(b.num_rows) * dec_len, pad_id);
-  for (int r = 0; r < b.num_rows; ++r)
-    std::copy_n(b.choice_ids.begin() + static_cast<size_t>(r) * b.dec_len, b.dec_len,
-                p.choice_ids.begin() + static_cast<size_t>(r) * dec_len);
+  p.choice_ids.assign(static_cast<size_t>(rows) * dec_len, pad_id);
+  for (int r = 0; r < rows; ++r) {
+    if (r < b.num_rows)
+      std::copy_n(b.choice_ids.begin() + static_cast<size_t>(r) * b.dec_len, b.dec_len,
+                  p.choice_ids.begin() + static_cast<size_t>(r) * dec_len);
+    else
+      p.choice_ids[static_cast<size_t>(r) * dec_len] = eos_id;
+  }
   return p;
 }
 }  // namespace
@@ -612,12 +626,14 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   // A small call (bound by launches, not by the GPU: kGraphBucketMaxFlops) runs at its graph bucket's shape
   // (graph_bucket_length); logits and encoder states, which come back per position, keep the exact shape.
   const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
-  const bool launch_bound = graph_bucket_launch_bound(config_, call.batch_size, enc_len, call.num_rows, dec_len);
+  const int batch = graph_bucket_count(call.batch_size);
+  const int rows = graph_bucket_count(call.num_rows + (batch - call.batch_size));  // (a row per filler example)
+  const bool launch_bound = graph_bucket_launch_bound(config_, batch, enc_len, rows, dec_len);
   Batch bucketed;
   const Batch* run = &call;
   if (pads_to_buckets() && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
-      (enc_len != call.enc_len || dec_len != call.dec_len)) {
-    bucketed = padded_batch(call, enc_len, dec_len, config_.pad_token_id);
+      (enc_len != call.enc_len || dec_len != call.dec_len || batch != call.batch_size || rows != call.num_rows)) {
+    bucketed = padded_batch(call, batch, enc_len, rows, dec_len, config_.pad_token_id, config_.eos_token_id);
     run = &bucketed;
   }
   const bool adapters_used =

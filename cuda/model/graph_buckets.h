@@ -14,7 +14,9 @@ namespace tfew {
 // rounding, cuBLAS being free to pick other kernels for other sizes):
 //   encoder lengths: multiples of 8 up to 64, then 8 steps per doubling (72, 80, .., 128, 144, .., 256, 288, ..:
 //   at most 12.5% more positions above 64);
-//   choice lengths: as they are up to 4 (one-word answers), then multiples of 4.
+//   choice lengths: as they are up to 4 (one-word answers), then multiples of 4;
+//   examples and choice rows: see graph_bucket_count (filler examples of one token and one row; rows beyond those
+//   go to the last example, whose extra rows are scored and dropped).
 // Only calls where launches rather than FLOPs bound the time: at most kGraphBucketMaxTokens padded encoder
 // tokens, kGraphBucketMaxChoiceTokens padded decoder tokens, and kGraphBucketMaxFlops of encoder GEMMs (about
 // 3 ms of an H100's tensor cores: ~1,000 tokens of T0-3B, a few single examples; a call's ~500 launches take
@@ -35,6 +37,14 @@ inline int graph_bucket_length(int len) {
   return (len + step - 1) / step * step;
 }
 inline int graph_bucket_choice_length(int len) { return len <= 4 ? len : (len + 3) / 4 * 4; }
+// Examples per call and choice rows (a service's batches of concurrent requests vary in both): as they are up to 4,
+// then two steps per doubling (6, 8, 12, 16, 24, 32, ..: at most 50% more, in calls whose time launches bound).
+inline int graph_bucket_count(int n) {
+  if (n <= 4) return n;
+  int p = 4;  // p < n <= 2p
+  while (p * 2 < n) p *= 2;
+  return n <= p + p / 2 ? p + p / 2 : 2 * p;
+}
 // Whether a call of this shape, its lengths padded to their buckets, is small enough to run padded (see above).
 inline bool graph_bucket_launch_bound(const T5Config& c, int64_t batch, int enc_len, int64_t rows, int dec_len) {
   const int64_t enc_tokens = batch * enc_len;

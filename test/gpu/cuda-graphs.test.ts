@@ -73,6 +73,31 @@ describeCuda('CUDA graphs with shape buckets', () => {
     expect(exact.graphStats()).toMatchObject({ replays: 0, captures: 0, eager: 5, cached: 0 });
   });
 
+  test('batches of 5 and 6 requests share one graph (filler examples and rows) and give the exact-shape results', async () => {
+    // a service's batches vary in size and rows: 5 examples run as 6 (one filler example of one token and one row),
+    // and 12 rows (2 or 3 choices each) + the filler's row = 13 rows as 16 (the extra rows on the last example, then
+    // dropped); 4 examples of 10 rows need no filler: their rows are padded to 12 on the last example
+    const adapter = IA3Adapter.create(bucketed);
+    for (let i = 0; i < adapter.data.length; i++) adapter.data[i] = 1 + 0.3 * (rand() - 0.5);
+    adapter.markChanged();
+    const launches: string[] = [];
+    for (const [size, rows] of [[5, 12], [6, 15], [5, 12], [4, 10], [6, 15]]) {
+      const inputs = Array.from({ length: size }, () => tokens(33 + Math.floor(rand() * 8)));  // bucket 40
+      const choiceSets = inputs.map((_, i) => (i % 2 === 0 ? [tokens(2), tokens(5)] : [tokens(3), tokens(4), tokens(2)]));
+      expect(choiceSets.flat().length).toBe(rows);
+      const options = { adapter: inputs.map((_, i) => (i % 3 === 1 ? null : adapter)), batchSize: 8 };
+      const a = await bucketed.rankClassify(inputs, choiceSets, options);
+      const s = bucketed.graphStats().last!;
+      launches.push(s.launch);
+      expect(s).toMatchObject(size === 4 ? { batch: 4, encLen: 40, rows: 12, decLen: 8 } : { batch: 6, encLen: 40, rows: 16, decLen: 8 });
+      const b = await exact.rankClassify(inputs, choiceSets, options);
+      expect(exact.graphStats().last).toMatchObject({ batch: size, rows, decLen: 5 });
+      expect(maxRelError(a.logProbs.flat(), b.logProbs.flat())).toBeLessThan(1e-5);
+      expect(a.predictions).toEqual(b.predictions);
+    }
+    expect(launches).toEqual(['eager', 'capture', 'replay', 'eager', 'replay']);
+  });
+
   test('the fixture batch, bucketed, against the float64 reference', async () => {
     const r = await bucketed.rankClassify(fx.inputIds, fx.choices, { lengthNormalize: false });
     const maxLen = Math.max(...fx.inputIds.map((x) => x.length));
