@@ -364,7 +364,7 @@ export class T5Model {
    * calls of those shapes replay a graph instead of launching every kernel one by one. Each distinct shape runs
    * twice on filler tokens (eagerly, then captured), the largest first (a call that grows the activation arena
    * drops the graphs captured before it: reserveMemory() for the largest calls you will serve, then warm up). With graph buckets (the
-   * default) a shape stands for every call whose lengths fall in its bucket: `graphBucketLengths(maxInputLength)`
+   * default) a shape stands for every small call whose lengths, examples and rows fall in its buckets: `graphBucketLengths(maxInputLength)`
    * gives one input length per bucket (24 up to 256); calls above the buckets' limits (see
    * CudaOptions.graphBuckets) and calls with buckets off replay only at exactly the warmed lengths. At most 64
    * graphs are kept, so more distinct shapes are refused. Resolves with the number of graphs captured: none on
@@ -396,9 +396,10 @@ export class T5Model {
     const distinct = new Map<string, (typeof checked)[number]>();
     for (const s of checked) {
       const longest = Math.max(...s.choiceLengths);
-      const rules = native().graphBuckets([s.inputLength], { config: this.config, rows: s.choiceLengths.length, choiceLength: longest });
-      const key = [s.batchSize, buckets ? rules.lengths[0] : s.inputLength, s.choiceLengths.length,
-        buckets ? rules.choiceLength : longest, s.adapter].join(',');
+      const rows = s.batchSize * s.choiceLengths.length;
+      const runs = buckets ? native().graphBucketCall(this.config, s.batchSize, s.inputLength, rows, longest) : undefined;
+      const key = runs?.padded ? [runs.batch, runs.encLen, runs.rows, runs.decLen, s.adapter].join(',')
+        : [s.batchSize, s.inputLength, rows, longest, s.adapter].join(',');
       if (!distinct.has(key)) distinct.set(key, s);
     }
     if (distinct.size > 64) throw new InvalidArgumentError(`warmUpGraphs: ${distinct.size} distinct shapes, but at most 64 graphs are kept`);
@@ -710,7 +711,9 @@ export interface GraphWarmUpShape {
  * at its exact length, where a graph warmed for it would serve that one length alone).
  */
 export function graphBucketLengths(maxLength: number, request?: { config: NativeConfig; choiceLengths: number[] }): number[] {
-  if (!Number.isInteger(maxLength) || maxLength < 1) throw new InvalidArgumentError('maxLength must be an integer >= 1');
+  if (!Number.isInteger(maxLength) || maxLength < 1 || maxLength > 2 ** 20) {
+    throw new InvalidArgumentError(`maxLength must be an integer in [1, 2^20], got ${String(maxLength)}`);
+  }
   let limit = maxLength;
   if (request !== undefined) {
     const { config, choiceLengths } = request;

@@ -250,8 +250,11 @@ export interface NativeAddon {
    * `rows` choices of at most choiceLength tokens) the choice length's bucket and the longest input at which such a
    * request still runs padded (0: none).
    */
-  graphBuckets(lengths: number[], request?: { config: NativeConfig; rows: number; choiceLength: number }):
-    { lengths: number[]; choiceLength?: number; singleLimit?: number };
+  graphBuckets(lengths: number[], request?: { config: NativeConfig; rows: number; choiceLength: number } | null, counts?: number[]):
+    { lengths: number[]; choiceLength?: number; singleLimit?: number; counts?: number[] };
+  /** The shape a rank-classification call runs at with graph buckets (padded when small: CudaEngine::score). */
+  graphBucketCall(config: NativeConfig, batch: number, encLen: number, rows: number, decLen: number):
+    { batch: number; encLen: number; rows: number; decLen: number; padded: boolean };
   loadModel(config: NativeConfig, tensors: NativeTensorSpec[],
             options: { device: 'cpu' | 'cuda'; threads: number; cuda?: CudaOptions; reserve?: NativeReserveShape[] }): Promise<NativeModel>;
   /** Internal checks of the native thread pool's failure handling (test/core-review.test.ts); not an API. */
@@ -277,6 +280,8 @@ export interface NativeAddon {
       fusedAttention?: boolean;
     }, haveBytes: number, freeBytes: number,
     reserved?: { batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number }[]): Promise<'none' | 'attention' | 'all'>;
+    /** The arena reserve() plans for rank classification up to this shape (bf16, graph buckets on). */
+    cudaReserveBytes(config: NativeConfig, shape: { batch: number; encLen: number; choices: number; decLen: number; nAdapters: number }): Promise<number>;
     /** A temporary file mapped, truncated and read: rejects with the Io error a truncation during loading gives. */
     readAfterTruncation(): Promise<void>;
     /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */

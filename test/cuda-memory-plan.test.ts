@@ -203,4 +203,46 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
       }
     }
   });
+
+  // reserve() plans rank classification up to a shape once; a call within it runs as graph buckets pad it (filler
+  // examples and rows, longer lengths), which may exceed the reserved numbers: its arena must still fit.
+  test('every call within a reserved shape, padded as graph buckets pad it, fits in what reserve() plans', async () => {
+    let seed = 777;
+    const rand = (n: number): number => {  // 1..n
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return 1 + (seed % n);
+    };
+    let padded = 0, fillers = 0;
+    const cases: [number, number, number, number][] = [[5, 180, 2, 2], [9, 96, 2, 2], [5, 180, 2, 5]];  // (found by review)
+    for (let i = 0; i < 40; i++) cases.push([rand(12), rand(400), rand(4), rand(12)]);
+    for (const [batch, encLen, choices, decLen] of cases) {
+      const reserved = await native()._testing.cudaReserveBytes(config, { batch, encLen, choices, decLen, nAdapters: 1 });
+      for (let k = 0; k < 25; k++) {
+        const b = rand(batch), le = rand(encLen), ld = rand(decLen);
+        let rows = 0;
+        for (let e = 0; e < b; e++) rows += rand(choices);
+        const call = native().graphBucketCall(config, b, le, rows, ld);
+        if (call.padded) padded++;
+        if (call.batch > b) fillers++;
+        for (const foldedCross of [false, true]) {
+          const need = await native()._testing.cudaArenaBytes(config, { batch: call.batch, encLen: call.encLen, rows: call.rows,
+            decLen: call.decLen, training: false, nAdapters: 1, recompute: 'none', foldedCross });
+          const where = JSON.stringify({ reserved: { batch, encLen, choices, decLen }, call: { b, le, rows, ld }, runs: call, foldedCross });
+          expect({ where, fits: need <= reserved }).toEqual({ where, fits: true });
+        }
+      }
+    }
+    expect(padded).toBeGreaterThan(100);  // (the cases exercise the padding, fillers included)
+    expect(fillers).toBeGreaterThan(20);
+  });
+
+  test("graph bucket padding: counts above 4 in two steps per doubling; fillers only where they stay small", () => {
+    const t = native();
+    expect(native().graphBuckets([1], null, [1, 4, 5, 6, 7, 9, 13, 17, 25, 33]).counts).toEqual([1, 4, 6, 6, 8, 12, 16, 24, 32, 48]);
+    // T0-3B: 5 x 208 padded tokens would be 6 x 208 with a filler, over 2.5 TFLOP: its lengths alone are padded
+    expect(t.graphBucketCall(config, 5, 200, 10, 2)).toEqual({ batch: 5, encLen: 208, rows: 10, decLen: 2, padded: true });
+    expect(t.graphBucketCall(config, 3, 100, 7, 5)).toEqual({ batch: 3, encLen: 104, rows: 8, decLen: 8, padded: true });
+    expect(t.graphBucketCall(config, 5, 40, 10, 2)).toEqual({ batch: 6, encLen: 40, rows: 12, decLen: 2, padded: true });
+    expect(t.graphBucketCall(config, 32, 256, 64, 8)).toEqual({ batch: 32, encLen: 256, rows: 64, decLen: 8, padded: false });
+  });
 });

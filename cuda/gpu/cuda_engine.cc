@@ -341,36 +341,11 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
         training.push_back({s, r.n_adapters});
         continue;
       }
-      // Every plan grows with each of batch, lengths, rows and adapters, so the largest call at its exact lengths
-      // covers the calls that run unpadded. A small call runs padded up to its buckets, which may lie above the
-      // reserved lengths (within their own bucket): planned for the largest batch that still runs padded there.
-      std::vector<Shape> calls;
-      if (r.choices > 0) calls.push_back(s);
-      Shape encode = s;  // encode(): the encoder states come back (one row of one token per example), never padded
-      encode.rows = r.batch;
-      encode.dec_len = 1;
-      encode.want_hidden = true;
-      calls.push_back(encode);
-      if (pads_to_buckets() && r.choices > 0) {
-        // (the batch and rows padded as score_unlocked pads them; whether a call runs padded is decided on its own
-        // rows, which may be fewer: not checked here)
-        Shape padded = s;
-        padded.enc_len = graph_bucket_length(r.enc_len);
-        padded.dec_len = graph_bucket_choice_length(r.dec_len);
-        for (int b = static_cast<int>(std::min<int64_t>(r.batch, kGraphBucketMaxTokens / padded.enc_len)); b > 0; --b) {
-          padded.batch = graph_bucket_count(b);
-          if (!graph_bucket_launch_bound(config_, padded.batch, padded.enc_len, 0, padded.dec_len)) continue;
-          padded.rows = graph_bucket_count(b * r.choices + (padded.batch - b));
-          calls.push_back(padded);
-          break;
-        }
+      for (const Shape& c : reserved_call_shapes(config_, r.batch, r.enc_len, r.choices, r.dec_len, s.adapters,
+                                                 pads_to_buckets(), folded_paths)) {
+        const Plan<T> p = make_plan<T>(config_, c, fused_attention_, 0);
+        need(p, p.bytes);
       }
-      for (Shape c : calls)
-        for (const bool folded : folded_paths) {
-          c.folded_cross = folded;
-          const Plan<T> p = make_plan<T>(config_, c, fused_attention_, 0);
-          need(p, p.bytes);
-        }
     }
     // Refused before anything is freed (ensure_arena and the adapter buffer free what they replace first) when it
     // cannot fit with Recompute::Auto's margin left for cuBLAS, graphs and the context: a reservation that fails
@@ -597,6 +572,7 @@ Batch padded_batch(const Batch& b, int batch, int enc_len, int rows, int dec_len
                 p.input_ids.begin() + static_cast<size_t>(e) * enc_len);
   p.enc_lengths = b.enc_lengths;
   p.adapter_of_example = b.adapter_of_example;
+  if (p.adapter_of_example.empty()) p.adapter_of_example.assign(b.batch_size, -1);  // (optional in a Batch)
   p.row_start = b.row_start;
   for (int e = b.batch_size; e < batch; ++e) {
     p.input_ids[static_cast<size_t>(e) * enc_len] = eos_id;
@@ -625,15 +601,13 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   validate(call, adapters);
   // A small call (bound by launches, not by the GPU: kGraphBucketMaxFlops) runs at its graph bucket's shape
   // (graph_bucket_length); logits and encoder states, which come back per position, keep the exact shape.
-  const int enc_len = graph_bucket_length(call.enc_len), dec_len = graph_bucket_choice_length(call.dec_len);
-  const int batch = graph_bucket_count(call.batch_size);
-  const int rows = graph_bucket_count(call.num_rows + (batch - call.batch_size));  // (a row per filler example)
-  const bool launch_bound = graph_bucket_launch_bound(config_, batch, enc_len, rows, dec_len);
+  const BucketedCall p = graph_bucket_call(config_, call.batch_size, call.enc_len, call.num_rows, call.dec_len);
+  const bool launch_bound = p.padded;
   Batch bucketed;
   const Batch* run = &call;
-  if (pads_to_buckets() && launch_bound && !want_logits && !want_hidden && call.num_rows > 0 &&
-      (enc_len != call.enc_len || dec_len != call.dec_len || batch != call.batch_size || rows != call.num_rows)) {
-    bucketed = padded_batch(call, batch, enc_len, rows, dec_len, config_.pad_token_id, config_.eos_token_id);
+  if (pads_to_buckets() && p.padded && !want_logits && !want_hidden && call.num_rows > 0 &&
+      (p.enc_len != call.enc_len || p.dec_len != call.dec_len || p.batch != call.batch_size || p.rows != call.num_rows)) {
+    bucketed = padded_batch(call, p.batch, p.enc_len, p.rows, p.dec_len, config_.pad_token_id, config_.eos_token_id);
     run = &bucketed;
   }
   const bool adapters_used =
@@ -798,6 +772,16 @@ Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a,
   for (const CudaArenaShape& r : reserved) planned.push_back({engine_shape(r), r.n_adapters});
   return gpu::recompute_for_step<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_attention, have, planned,
                                                 [free] { return static_cast<size_t>(free); });
+}
+
+int64_t cuda_reserve_bytes(const T5Config& config, const ReserveShape& r) {
+  check_reserve_shape(r);
+  TFEW_CHECK_ARG(!r.training, "cuda_reserve_bytes plans rank classification");
+  size_t bytes = 0;
+  for (const gpu::Shape& s : gpu::reserved_call_shapes(config, r.batch, r.enc_len, r.choices, r.dec_len, r.n_adapters > 0,
+                                                       /*pads=*/true, {false, true}))
+    bytes = std::max(bytes, gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes);
+  return static_cast<int64_t>(bytes);
 }
 
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {

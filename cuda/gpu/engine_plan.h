@@ -331,6 +331,56 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   return t;
 }
 
+// The inference shapes whose plans cover every call up to a reserved shape (CudaEngine::reserve): the largest call
+// as it is (every plan grows with batch, lengths, rows and adapters), encode() (one row of one token per example,
+// the encoder states back), and with buckets (`pads`) the padded calls: at every encoder bucket up to the reserved
+// length's, the largest batch that runs padded there, with fillers (whose count may exceed the reserved batch) and
+// with its lengths alone (whose choice bucket may exceed the reserved length). Whether a call runs padded is
+// decided on its own rows, which may be fewer: not used here, so more is planned, never less. Each shape once per
+// cross-attention path in `folded_paths`.
+inline std::vector<Shape> reserved_call_shapes(const T5Config& c, int batch, int enc_len, int choices, int dec_len,
+                                               bool adapters, bool pads, const std::vector<bool>& folded_paths) {
+  Shape s;
+  s.batch = batch;
+  s.enc_len = enc_len;
+  s.rows = batch * choices;
+  s.dec_len = choices > 0 ? dec_len : 0;
+  s.adapters = adapters;
+  std::vector<Shape> calls;
+  if (choices > 0) calls.push_back(s);
+  Shape encode = s;
+  encode.rows = batch;
+  encode.dec_len = 1;
+  encode.want_hidden = true;
+  calls.push_back(encode);
+  if (pads && choices > 0) {
+    const int top = graph_bucket_length(enc_len), dec = graph_bucket_choice_length(dec_len);
+    auto largest_padded = [&](int len, bool fillers) {
+      for (int b = static_cast<int>(std::min<int64_t>(batch, kGraphBucketMaxTokens / len)); b > 0; --b) {
+        Shape p = s;
+        p.batch = fillers ? graph_bucket_count(b) : b;
+        p.enc_len = len;
+        p.dec_len = dec;
+        if (!graph_bucket_launch_bound(c, p.batch, len, 0, dec)) continue;
+        p.rows = fillers ? graph_bucket_count(b * choices + (p.batch - b)) : b * choices;
+        calls.push_back(p);
+        return;
+      }
+    };
+    for (int len = 1; len <= top; len = graph_bucket_length(len) + 1) {
+      largest_padded(graph_bucket_length(len), true);
+      largest_padded(graph_bucket_length(len), false);
+    }
+  }
+  std::vector<Shape> out;
+  for (Shape call : calls)
+    for (const bool folded : folded_paths) {
+      call.folded_cross = folded;
+      out.push_back(call);
+    }
+  return out;
+}
+
 constexpr size_t kArenaGranule = 64u << 20;      // the arena is allocated in these steps
 constexpr size_t kRecomputeReserve = 256u << 20;  // Recompute::Auto leaves this free (cuBLAS, graphs, context)
 

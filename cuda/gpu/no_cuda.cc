@@ -19,6 +19,7 @@ std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, c
 }
 
 int64_t cuda_arena_bytes(const T5Config&, const CudaArenaShape&) { fail(ErrorCode::DeviceUnavailable, probe_cuda().reason); }
+int64_t cuda_reserve_bytes(const T5Config&, const ReserveShape&) { fail(ErrorCode::DeviceUnavailable, probe_cuda().reason); }
 
 Recompute cuda_recompute_choice(const T5Config&, const CudaArenaShape&, int64_t, int64_t, const std::vector<CudaArenaShape>&) {
   fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);

@@ -189,6 +189,9 @@ struct CudaArenaShape {
   bool dropout = true;        // training with dropout at config.dropout_rate (T-Few's): the mask bits planned
 };
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& shape);
+// The activation arena a bf16 CUDA engine (fused attention, graph buckets on, either cross-attention path) reserves
+// for rank classification up to `shape` (Engine::reserve; not training). For tests of the reservation's promise.
+int64_t cuda_reserve_bytes(const T5Config& config, const ReserveShape& shape);
 // Recompute::Auto's choice for a training step of this shape, with `have` bytes of arena already held and
 // `free` bytes of device memory free besides, and the training shapes reserved (Engine::reserve) before.
 Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& shape, int64_t have, int64_t free,

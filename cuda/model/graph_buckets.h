@@ -52,4 +52,23 @@ inline bool graph_bucket_launch_bound(const T5Config& c, int64_t batch, int enc_
          enc_tokens * encoder_flops_per_token(c) <= kGraphBucketMaxFlops;
 }
 
+// The shape a rank-classification call of `batch` examples, `rows` choice rows and lengths enc_len, dec_len runs at
+// when graph buckets are on (CudaEngine::score_unlocked): a small call padded to its bucket (with filler examples
+// and rows, or, where those would take it past the bounds, its lengths alone), a larger one as it is.
+struct BucketedCall {
+  int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
+  bool padded = false;
+};
+inline BucketedCall graph_bucket_call(const T5Config& c, int batch, int enc_len, int rows, int dec_len) {
+  BucketedCall p{graph_bucket_count(batch), graph_bucket_length(enc_len), 0, graph_bucket_choice_length(dec_len), true};
+  p.rows = graph_bucket_count(rows + (p.batch - batch));  // (a row per filler example)
+  if (!graph_bucket_launch_bound(c, p.batch, p.enc_len, p.rows, p.dec_len)) {
+    p.batch = batch;
+    p.rows = rows;
+    p.padded = graph_bucket_launch_bound(c, p.batch, p.enc_len, p.rows, p.dec_len);
+  }
+  if (!p.padded) p = BucketedCall{batch, enc_len, rows, dec_len, false};
+  return p;
+}
+
 }  // namespace tfew

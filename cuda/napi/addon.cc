@@ -1026,13 +1026,14 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaMemoryInfo", Napi::Function::New(env, CudaMemory));
   exports.Set("loadModel", Napi::Function::New(env, LoadModel));
   // The CUDA graph bucket rules (model/graph_buckets.h), for lib's warm-up lengths:
-  // graphBuckets(lengths, request?: { config, rows, choiceLength }) -> { lengths: each length's bucket, and with a
-  // request (one example with `rows` choices of at most choiceLength tokens): choiceLength, its bucket, and
-  // singleLimit, the longest input at which such a request runs padded (0: none) }
+  // graphBuckets(lengths, request?: { config, rows, choiceLength }, counts?) -> { lengths: each length's bucket, and
+  // with a request (one example with `rows` choices of at most choiceLength tokens): choiceLength, its bucket, and
+  // singleLimit, the longest input at which such a request runs padded (0: none); with counts (of examples or
+  // rows): counts, their buckets }
   exports.Set("graphBuckets", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     Napi::Env env = info.Env();
     try {
-      if (info.Length() < 1 || !info[0].IsArray()) fail(ErrorCode::InvalidArgument, "graphBuckets(lengths, request?)");
+      if (info.Length() < 1 || !info[0].IsArray()) fail(ErrorCode::InvalidArgument, "graphBuckets(lengths, request?, counts?)");
       auto length_arg = [](const Napi::Value& v) {
         const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
         if (!is_integer_in(d, 1, 1 << 20)) fail(ErrorCode::InvalidArgument, "graphBuckets: lengths are integers in [1, 2^20]");
@@ -1043,13 +1044,19 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       for (uint32_t i = 0; i < in.Length(); ++i) lengths.Set(i, graph_bucket_length(length_arg(in.Get(i))));
       Napi::Object o = Napi::Object::New(env);
       o.Set("lengths", lengths);
+      if (info.Length() > 2 && info[2].IsArray()) {  // counts of examples or rows: their buckets
+        Napi::Array c = info[2].As<Napi::Array>();
+        Napi::Array counts = Napi::Array::New(env, c.Length());
+        for (uint32_t i = 0; i < c.Length(); ++i) counts.Set(i, graph_bucket_count(length_arg(c.Get(i))));
+        o.Set("counts", counts);
+      }
       if (info.Length() > 1 && info[1].IsObject()) {
         Napi::Object r = info[1].As<Napi::Object>();
         const T5Config c = to_config(get_object(r, "config"));
         const int rows = length_arg(r.Get("rows")), choice = graph_bucket_choice_length(length_arg(r.Get("choiceLength")));
         int limit = 0;  // (a longer input is more tokens and more work: the last length that runs padded)
         for (int len = 1; len <= kGraphBucketMaxTokens; ++len)
-          if (graph_bucket_launch_bound(c, 1, graph_bucket_length(len), rows, choice)) limit = len;
+          if (graph_bucket_call(c, 1, len, rows, choice).padded) limit = len;
         o.Set("choiceLength", choice);
         o.Set("singleLimit", limit);
       }
@@ -1089,6 +1096,45 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       const int64_t bytes = cuda_arena_bytes(to_config(info[0].As<Napi::Object>()), arena_shape_arg(info[1].As<Napi::Object>()));
       return resolved(info.Env(), Napi::Number::New(info.Env(), static_cast<double>(bytes)));
     });
+  }));
+  // cudaReserveBytes(config, { batch, encLen, choices, decLen, nAdapters }): the arena reserve() plans for rank
+  // classification up to that shape (bf16, graph buckets on); and (not a testing hook: lib's warm-up uses it)
+  // graphBucketCall(config, batch, encLen, rows, decLen): the shape such a call runs at (score_unlocked's padding)
+  testing.Set("cudaReserveBytes", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "cudaReserveBytes(config, shape)");
+      Napi::Object o = info[1].As<Napi::Object>();
+      ReserveShape r;
+      r.batch = get_int(o, "batch");
+      r.enc_len = get_int(o, "encLen");
+      r.choices = get_int(o, "choices");
+      r.dec_len = get_int(o, "decLen");
+      r.n_adapters = get_int(o, "nAdapters");
+      const int64_t bytes = cuda_reserve_bytes(to_config(info[0].As<Napi::Object>()), r);
+      return resolved(info.Env(), Napi::Number::New(info.Env(), static_cast<double>(bytes)));
+    });
+  }));
+  exports.Set("graphBucketCall", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    Napi::Env env = info.Env();
+    try {
+      if (info.Length() < 5 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "graphBucketCall(config, batch, encLen, rows, decLen)");
+      int v[4];
+      for (int i = 0; i < 4; ++i) {
+        const double d = info[i + 1].IsNumber() ? info[i + 1].As<Napi::Number>().DoubleValue() : -1;
+        if (!is_integer_in(d, 1, 1 << 20)) fail(ErrorCode::InvalidArgument, "graphBucketCall: sizes are integers in [1, 2^20]");
+        v[i] = static_cast<int>(d);
+      }
+      const BucketedCall p = graph_bucket_call(to_config(info[0].As<Napi::Object>()), v[0], v[1], v[2], v[3]);
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("batch", p.batch);
+      o.Set("encLen", p.enc_len);
+      o.Set("rows", p.rows);
+      o.Set("decLen", p.dec_len);
+      o.Set("padded", p.padded);
+      return o;
+    } catch (const TfewError& e) {
+      throw to_js_error(env, e.code(), e.what());
+    }
   }));
   testing.Set("cudaRecomputeChoice", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {

@@ -8,7 +8,7 @@ import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precis
 
 jest.setTimeout(300_000);
 
-/** The engine's encoder-length grid (gpu/engine_plan.h graph_bucket_length), written out independently. */
+/** The engine's encoder-length grid (model/graph_buckets.h graph_bucket_length), written out independently. */
 function bucket(len: number): number {
   const grid = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 176, 192, 208, 224, 240, 256, 288, 320];
   const b = grid.find((g) => g >= len);
