@@ -6,8 +6,8 @@ import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal } from './errors';
-import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
+import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
+import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -362,8 +362,9 @@ export class T5Model {
   /**
    * CUDA: captures the graphs of the call shapes a service expects before its traffic comes, so that the first
    * calls of those shapes replay a graph instead of launching every kernel one by one. Each distinct shape runs
-   * twice on filler tokens (eagerly, then captured), the largest first (a call that grows the activation arena
-   * drops the graphs captured before it: reserveMemory() for the largest calls you will serve, then warm up). With graph buckets (the
+   * twice on filler tokens (eagerly, then captured), after reserving their memory (reserveMemory(): a call that
+   * grows device memory drops the graphs captured before it, so reserve the largest calls you will serve too, before
+   * warming up). With graph buckets (the
    * default) a shape stands for every small call whose lengths, examples and rows fall in its buckets: `graphBucketLengths(maxInputLength)`
    * gives one input length per bucket (24 up to 256); calls above the buckets' limits (see
    * CudaOptions.graphBuckets) and calls with buckets off replay only at exactly the warmed lengths. At most 64
@@ -398,7 +399,8 @@ export class T5Model {
       const longest = Math.max(...s.choiceLengths);
       const rows = s.batchSize * s.choiceLengths.length;
       const runs = buckets ? native().graphBucketCall(this.config, s.batchSize, s.inputLength, rows, longest) : undefined;
-      const key = runs?.padded ? [runs.batch, runs.encLen, runs.rows, runs.decLen, s.adapter].join(',')
+      // (the choices per example too: with equal rows per example, the cross-attention path depends on them)
+      const key = runs?.padded ? [runs.batch, runs.encLen, runs.rows, runs.decLen, s.choiceLengths.length, s.adapter].join(',')
         : [s.batchSize, s.inputLength, rows, longest, s.adapter].join(',');
       if (!distinct.has(key)) distinct.set(key, s);
     }
@@ -406,6 +408,16 @@ export class T5Model {
     if (this.device !== 'cuda' || !this.graphStats().enabled) return 0;
     const size = (s: (typeof checked)[number]) => s.batchSize * s.inputLength + s.choiceLengths.length * Math.max(...s.choiceLengths);
     const order = [...distinct.values()].sort((a, b) => size(b) - size(a));
+    // Memory for all of them first (arena and adapter slots): growing either while warming would drop the graphs
+    // captured before. Where that does not fit, the calls may still: largest first, as far as they go.
+    try {
+      await this.reserveMemory(order.map((s) => ({
+        batchSize: s.batchSize, inputLength: s.inputLength, choices: s.choiceLengths.length,
+        choiceLength: Math.max(...s.choiceLengths), adapters: s.adapter ? 1 : 0,
+      })));
+    } catch (e) {
+      if (!(e instanceof OutOfMemoryError)) throw e;
+    }
     const capturesBefore = this.graphStats().captures;
     // filler: any token but pad and eos (a choice must hold a token other than pad), eos last as in real inputs
     const { padTokenId: pad, eosTokenId: eos, vocabSize } = this.config;
@@ -716,11 +728,21 @@ export function graphBucketLengths(maxLength: number, request?: { config: Native
   }
   let limit = maxLength;
   if (request !== undefined) {
-    const { config, choiceLengths } = request;
-    if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || !choiceLengths.every((n) => Number.isInteger(n) && n >= 1)) {
-      throw new InvalidArgumentError('graphBucketLengths: choiceLengths must be integers >= 1');
+    if (typeof request !== 'object' || request === null || typeof request.config !== 'object' || request.config === null) {
+      throw new InvalidArgumentError('graphBucketLengths: request must be { config, choiceLengths } (config: a model\'s config)');
     }
-    limit = Math.min(limit, native().graphBuckets([1], { config, rows: choiceLengths.length, choiceLength: Math.max(...choiceLengths) }).singleLimit ?? 0);
+    const { config, choiceLengths } = request;
+    if (!Array.isArray(choiceLengths) || choiceLengths.length === 0 || choiceLengths.length > 2 ** 20 ||
+        !choiceLengths.every((n) => Number.isInteger(n) && n >= 1 && n <= 2 ** 20)) {
+      throw new InvalidArgumentError('graphBucketLengths: choiceLengths must be 1 to 2^20 integers in [1, 2^20]');
+    }
+    let rules: ReturnType<NativeAddon['graphBuckets']>;
+    try {
+      rules = native().graphBuckets([1], { config, rows: choiceLengths.length, choiceLength: Math.max(...choiceLengths) });
+    } catch (e) {
+      throw fromNative(e);  // (a config that is not a T5 config's)
+    }
+    limit = Math.min(limit, rules.singleLimit ?? 0);
   }
   const out: number[] = [];
   let len = 1;
@@ -742,13 +764,23 @@ function reserveShapes(value: ReserveShape | ReserveShape[], where: string): Nat
   if (list.length === 0 || list.length > 64) throw new InvalidArgumentError(`${where}: 1 to 64 shapes, got ${list.length}`);
   return list.map((s, i) => {
     const at = Array.isArray(value) ? `${where}[${i}]` : where;
-    if (typeof s !== 'object' || s === null) throw new InvalidArgumentError(`${at} must be an object`);
+    if (typeof s !== 'object' || s === null || Array.isArray(s)) throw new InvalidArgumentError(`${at} must be an object`);
+    const known = ['batchSize', 'inputLength', 'choices', 'choiceLength', 'adapters', 'training', 'recompute'];
+    const unknown = Object.keys(s).filter((k) => !known.includes(k));
+    if (unknown.length > 0) throw new InvalidArgumentError(`${at}: unknown field ${unknown.map((k) => `'${k}'`).join(', ')} (fields: ${known.join(', ')})`);
     const int = (name: keyof ReserveShape, v: unknown, min: number, max: number): number => {
       if (!Number.isInteger(v) || (v as number) < min || (v as number) > max) {
-        throw new InvalidArgumentError(`${at}.${name} must be an integer in [${min}, ${max}], got ${String(v)}`);
+        throw new InvalidArgumentError(`${at}.${name} must be an integer in [${min}, ${max}], got ${JSON.stringify(v) ?? String(v)}`);
       }
       return v as number;
     };
+    const recompute = (() => {
+      try {
+        return recomputeLevel(s.recompute);
+      } catch (e) {
+        throw new InvalidArgumentError(`${at}.${(e as Error).message}`);
+      }
+    })();
     const { training = false } = s;
     if (typeof training !== 'boolean') throw new InvalidArgumentError(`${at}.training must be a boolean`);
     if (!training && s.recompute !== undefined) throw new InvalidArgumentError(`${at}.recompute applies to training shapes only`);
@@ -760,7 +792,7 @@ function reserveShapes(value: ReserveShape | ReserveShape[], where: string): Nat
       decLen: choices === 0 && s.choiceLength === undefined ? 0 : int('choiceLength', s.choiceLength, choices > 0 ? 1 : 0, 1 << 20),
       nAdapters: int('adapters', s.adapters ?? 1, 0, 65536),
       training,
-      recompute: recomputeLevel(s.recompute),
+      recompute,
     };
     const tokens = 1 << 24;  // the engine's bound per call
     if (shape.batch * shape.encLen > tokens || shape.batch * choices * shape.decLen > tokens) {

@@ -48,7 +48,7 @@ export interface CudaOptions {
    * graphStats().arenaGrowths counts those), and a size that does not fit fails at load with OutOfMemoryError
    * instead of in the middle of a service or a training run. Larger calls still work (they grow the memory).
    * The CPU backend, which allocates per call, only checks the shapes. (withMergedAdapter's model, a model of its
-   * own, reserves the same.)
+   * own, reserves what this option says; later reserveMemory() calls are not carried over.)
    */
   reserve?: ReserveShape | ReserveShape[];
 }
@@ -175,8 +175,8 @@ export interface GraphStats {
   /** Bytes of the activation arena held now (0 on the CPU backend, and before the first call or reserve). */
   arenaBytes: number;
   /**
-   * Calls that had to allocate a larger activation arena, each dropping every captured graph (they point into
-   * it). Calls within CudaOptions.reserve / reserveMemory() never do.
+   * Calls that had to grow device memory (a larger activation arena, or more adapter slots), each dropping every
+   * captured graph (they point into it). Calls within CudaOptions.reserve / reserveMemory() never do.
    */
   arenaGrowths: number;
   /** The last call: the shape it ran at (after bucketing) and how; null before any. */

@@ -499,6 +499,8 @@ export class Trainer extends (EventEmitter as new () => TypedEmitter<TrainerEven
       let inputLength = 0, choices = 0, choiceLength = 0;
       for (const e of examples) {
         if (typeof e.input === 'string' || e.choices.some((c) => typeof c === 'string')) return undefined;
+        // (an empty input or choice: no reservation, the step rejects it with its own message)
+        if (e.input.length === 0 || e.choices.length === 0 || e.choices.some((c) => c.length === 0)) return undefined;
         inputLength = Math.max(inputLength, e.input.length);
         choices = Math.max(choices, e.choices.length);
         for (const c of e.choices as number[][]) choiceLength = Math.max(choiceLength, c.length);

@@ -94,6 +94,10 @@ describe('warmUpGraphs() and graphBucketLengths()', () => {
     expect(graphBucketLengths(5000, { config: tiny, choiceLengths: [3, 3] }).slice(-1)).toEqual([4096]);
     expect(graphBucketLengths(256, { config: t0, choiceLengths: new Array(128).fill(8) })).toEqual([]);
     expect(() => graphBucketLengths(256, { config: t0, choiceLengths: [] })).toThrow(InvalidArgumentError);
+    expect(() => graphBucketLengths(256, { config: t0, choiceLengths: [2 ** 21] })).toThrow(InvalidArgumentError);
+    expect(() => graphBucketLengths(256, null as never)).toThrow(InvalidArgumentError);
+    expect(() => graphBucketLengths(256, { config: {} as never, choiceLengths: [2] })).toThrow(InvalidArgumentError);
+    expect(() => graphBucketLengths(2 ** 21)).toThrow(InvalidArgumentError);
   });
 });
 
@@ -133,8 +137,10 @@ describe('cuda.reserve and reserveMemory()', () => {
     [{ ...shape, adapters: 70000 }, /adapters must be an integer/],
     [{ ...shape, training: true, choices: 0 }, /choices must be an integer in \[1,/],
     [{ ...shape, recompute: 'all' }, /recompute applies to training shapes only/],
-    [{ ...shape, training: true, recompute: 'some' }, /recompute must be/],
+    [{ ...shape, training: true, recompute: 'some' }, /^(reserveMemory|cuda\.reserve)\.recompute must be/],
     [{ ...shape, training: 'yes' }, /training must be a boolean/],
+    [{ ...shape, adapter: 8 }, /unknown field 'adapter'/],
+    [{ ...shape, batchSize: '32' }, /batchSize must be an integer in \[1, \d+\], got "32"/],
     [{ ...shape, batchSize: 8192, inputLength: 4096 }, /more than 16777216 input or choice tokens/],
     [[], /1 to 64 shapes/],
     [null, /must be an object/],

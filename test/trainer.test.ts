@@ -260,6 +260,11 @@ describe('Trainer mechanics (analytic model)', () => {
     ]);
     spy.mockRestore();
 
+    // an empty choice: nothing reserved (the step rejects the example with its own message)
+    model.reserveMemory.mockClear();
+    await new Trainer(model, a, { steps: 1, batchSize: 1 }).train([{ input: [2, 1], choices: [[], [4, 1]], label: 1 }]);
+    expect(model.reserveMemory).not.toHaveBeenCalled();
+
     model.reserveMemory = jest.fn(async () => {
       throw new InvalidArgumentError('no room');
     });

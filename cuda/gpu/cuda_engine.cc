@@ -281,14 +281,14 @@ void CudaEngine<T>::ensure_arena(size_t needed, const std::function<size_t()>& w
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they point into the old arena
   arena_.reset();
-  struct Count {  // the arena's size after it all (0 when nothing could be allocated), and one more growth
-    CudaEngine& e;
+  struct Count {  // the arena's size after it all (0 when nothing could be allocated), and one more growth when a
+    CudaEngine& e;  // call's allocation succeeded (a call that retries at its exact shape counts once)
     bool for_call;
     ~Count() {
       const int64_t bytes = static_cast<int64_t>(e.arena_.size());
       e.stats_->update([&](GraphStats& s) {
         s.arena_bytes = bytes;
-        if (for_call) ++s.arena_growths;
+        if (for_call && bytes > 0) ++s.arena_growths;
       });
     }
   } count{*this, for_call};
@@ -348,8 +348,7 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
       }
     }
     // Refused before anything is freed (ensure_arena and the adapter buffer free what they replace first) when it
-    // cannot fit with Recompute::Auto's margin left for cuBLAS, graphs and the context: a reservation that fails
-    // leaves the model as it was.
+    // cannot fit: a reservation that fails leaves the model as it was.
     const size_t want = std::max(align_up(arena, kArenaGranule), arena_.size());
     const size_t slot_bytes = static_cast<size_t>(layout_.total) * sizeof(float);
     const size_t adapters_want = slots > adapter_capacity_ ? std::max<size_t>(slots, 8) * slot_bytes : adapters_dev_.size();
@@ -357,11 +356,10 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
       size_t free_bytes = 0, total_bytes = 0;
       TFEW_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
       const size_t available = free_bytes + arena_.size() + adapters_dev_.size();
-      if (want + adapters_want + kRecomputeReserve > available)
+      if (want + adapters_want > available)
         fail(ErrorCode::OutOfMemory, "the reserved shapes need " + mib_text(want) + " of activation memory" +
                                          (adapters_want > adapters_dev_.size() ? " and " + mib_text(adapters_want) + " for adapters" : "") +
-                                         "; " + mib_text(available) + " of device memory is free for them (" +
-                                         mib_text(kRecomputeReserve) + " of it kept free)");
+                                         "; " + mib_text(available) + " of device memory is free for them");
     }
     const size_t held = arena_.size();
     try {
@@ -378,7 +376,7 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
     }
     staging_in_.reserve(inputs);
     staging_out_.reserve(std::max<size_t>(outputs, sizeof(float)));
-    ensure_adapter_slots(slots);
+    ensure_adapter_slots(slots, /*for_call=*/false);
     for (auto& t : training) reserved_training_.push_back(t);
     return static_cast<int64_t>(arena_.size());
   } catch (...) {
@@ -398,8 +396,9 @@ Recompute CudaEngine<T>::recompute_for_memory(const Shape& shape, int n_adapters
 }
 
 template <typename T>
-void CudaEngine<T>::ensure_adapter_slots(size_t n) {
+void CudaEngine<T>::ensure_adapter_slots(size_t n, bool for_call) {
   if (n <= adapter_capacity_) return;
+  if (for_call) stats_->update([](GraphStats& s) { ++s.arena_growths; });  // (it drops every graph too)
   const size_t total = static_cast<size_t>(layout_.total);
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   destroy_graphs();  // they hold the old adapter pointer
@@ -421,7 +420,7 @@ void CudaEngine<T>::upload_adapters(const AdapterSet& set) {
   adapter_source_ = nullptr;  // the kernels read adapters_dev_
   if (n == 0) return;
   const size_t total = static_cast<size_t>(layout_.total);
-  ensure_adapter_slots(n);
+  ensure_adapter_slots(n, /*for_call=*/true);
   for (size_t i = 0; i < n; ++i) {
     // The same snapshot as this slot's last upload: nothing to read (2 MiB per adapter at T0-3B) or copy.
     const uint64_t key = i < set.content_keys.size() ? set.content_keys[i] : 0;

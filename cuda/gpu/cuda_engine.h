@@ -119,8 +119,9 @@ class CudaEngine final : public Engine {
   // of arena_shape; computed only then), or to `needed` when that does not fit. A call's growth counts in
   // GraphStats::arena_growths (reserve()'s does not).
   void ensure_arena(size_t needed, const std::function<size_t()>& wanted, bool for_call = true);
-  // Room for n adapters in adapters_dev_ (growing it drops every graph: they hold its address).
-  void ensure_adapter_slots(size_t n);
+  // Room for n adapters in adapters_dev_ (growing it drops every graph: they hold its address; a call's growth
+  // counts in GraphStats::arena_growths).
+  void ensure_adapter_slots(size_t n, bool for_call);
   // Uploads the adapters a call uses, skipping those whose values did not change since the last call.
   void upload_adapters(const AdapterSet& set);
 

@@ -53,8 +53,9 @@ struct GraphStats {
   // the last call: "score" or "train" ("" before any), the shape it ran at (after bucketing), and how
   std::string last_kind, last_launch;
   int last_batch = 0, last_enc_len = 0, last_rows = 0, last_dec_len = 0;
-  // The activation arena: its size now, and how often a call had to allocate it (each time every captured
-  // graph is dropped, since graphs point into it). Engine::reserve sizes it once, so calls within stay at 0.
+  // The activation arena: its size now, and how often a call had to grow device memory (the arena, or the adapter
+  // slots): each time every captured graph is dropped, since graphs point into them. Engine::reserve sizes both
+  // once, so calls within stay at 0. (A call that fails for want of memory drops them too, uncounted.)
   int64_t arena_bytes = 0;
   uint64_t arena_growths = 0;
 };

@@ -105,6 +105,28 @@ describeCuda('device memory reserved for the largest calls', () => {
     }
   });
 
+  test('warmUpGraphs reserves first: every graph it captures is still held; more adapter slots count as a growth', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    try {
+      // no adapter first in size order, then one with: the first adapter call used to allocate the slots (dropping
+      // every graph); and a long single input after a wide batch used to grow the arena
+      const captured = await m.warmUpGraphs([
+        { inputLength: 8, choiceLengths: [2], batchSize: 200, adapter: false },
+        { inputLength: 600, choiceLengths: [2, 2], adapter: false },
+        { inputLength: 40, choiceLengths: [2, 3], adapter: true },
+      ]);
+      expect(captured).toBe(3);
+      expect(m.graphStats()).toMatchObject({ cached: 3, arenaGrowths: 0 });
+      // twelve adapters in one call: more slots than reserved (8): the graphs go, and it is counted
+      const adapters = Array.from({ length: 12 }, () => IA3Adapter.create(m));
+      const inputs = adapters.map(() => tokens(12));
+      await m.rankClassify(inputs, inputs.map(() => [tokens(2), tokens(3)]), { adapter: adapters, ...options });
+      expect(m.graphStats()).toMatchObject({ cached: 0, arenaGrowths: 1 });
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test('reserveMemory later: grows once (dropping graphs, not counted as a call\'s growth), never shrinks', async () => {
     const m = await loadCuda(fx.dir, 'fp32');
     try {
