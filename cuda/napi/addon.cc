@@ -299,8 +299,20 @@ static LossOptions to_loss_options(const Napi::Object& o) {
   return opt;
 }
 
-// ReserveShape[] from [{ batch, encLen, choices, decLen, nAdapters, training, recompute }] (lib/model.ts checks
-// and names them; the engine checks again).
+// ReserveShape from { batch, encLen, choices, decLen, nAdapters, training?, recompute? } (lib/model.ts checks and
+// names them; the engine checks again), and an array of them.
+static ReserveShape to_reserve_shape(const Napi::Object& o) {
+  ReserveShape r;
+  r.batch = get_int(o, "batch");
+  r.enc_len = get_int(o, "encLen");
+  r.choices = get_int(o, "choices");
+  r.dec_len = get_int(o, "decLen");
+  r.n_adapters = get_int(o, "nAdapters");
+  r.training = o.Has("training") && get_bool(o, "training");
+  r.recompute = o.Has("recompute") ? to_recompute(get_string(o, "recompute")) : Recompute::Auto;
+  check_reserve_shape(r);
+  return r;
+}
 static std::vector<ReserveShape> to_reserve_shapes(const Napi::Value& v) {
   if (!v.IsArray()) fail(ErrorCode::InvalidArgument, "reserve: expected an array of shapes");
   Napi::Array a = v.As<Napi::Array>();
@@ -308,17 +320,7 @@ static std::vector<ReserveShape> to_reserve_shapes(const Napi::Value& v) {
   for (uint32_t i = 0; i < a.Length(); ++i) {
     Napi::Value e = a.Get(i);
     if (!e.IsObject()) fail(ErrorCode::InvalidArgument, "reserve: expected an array of shapes");
-    Napi::Object o = e.As<Napi::Object>();
-    ReserveShape r;
-    r.batch = get_int(o, "batch");
-    r.enc_len = get_int(o, "encLen");
-    r.choices = get_int(o, "choices");
-    r.dec_len = get_int(o, "decLen");
-    r.n_adapters = get_int(o, "nAdapters");
-    r.training = get_bool(o, "training");
-    r.recompute = to_recompute(get_string(o, "recompute"));
-    check_reserve_shape(r);
-    out.push_back(r);
+    out.push_back(to_reserve_shape(e.As<Napi::Object>()));
   }
   return out;
 }
@@ -1103,14 +1105,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   testing.Set("cudaReserveBytes", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {
       if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject()) fail(ErrorCode::InvalidArgument, "cudaReserveBytes(config, shape)");
-      Napi::Object o = info[1].As<Napi::Object>();
-      ReserveShape r;
-      r.batch = get_int(o, "batch");
-      r.enc_len = get_int(o, "encLen");
-      r.choices = get_int(o, "choices");
-      r.dec_len = get_int(o, "decLen");
-      r.n_adapters = get_int(o, "nAdapters");
-      const int64_t bytes = cuda_reserve_bytes(to_config(info[0].As<Napi::Object>()), r);
+      const int64_t bytes = cuda_reserve_bytes(to_config(info[0].As<Napi::Object>()), to_reserve_shape(info[1].As<Napi::Object>()));
       return resolved(info.Env(), Napi::Number::New(info.Env(), static_cast<double>(bytes)));
     });
   }));
