@@ -322,13 +322,13 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
     std::vector<ReservedTraining> training;
     for (const ReserveShape& r : shapes) {
       slots = std::max(slots, static_cast<size_t>(r.n_adapters));
-      Shape s;
-      s.batch = r.batch;
-      s.enc_len = r.enc_len;
-      s.rows = r.batch * r.choices;
-      s.dec_len = r.choices > 0 ? r.dec_len : 0;
-      s.adapters = r.n_adapters > 0;
       if (r.training) {
+        Shape s;
+        s.batch = r.batch;
+        s.enc_len = r.enc_len;
+        s.rows = r.batch * r.choices;
+        s.dec_len = r.dec_len;
+        s.adapters = r.n_adapters > 0;
         s.training = true;
         s.dropout = config_.dropout_rate > 0.f;  // (the mask bits: a step without dropout needs less)
         for (const bool folded : folded_paths) {
@@ -341,7 +341,7 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
         training.push_back({s, r.n_adapters});
         continue;
       }
-      for (const Shape& c : reserved_call_shapes(config_, r.batch, r.enc_len, r.choices, r.dec_len, s.adapters,
+      for (const Shape& c : reserved_call_shapes(config_, r.batch, r.enc_len, r.choices, r.dec_len, r.n_adapters > 0,
                                                  pads_to_buckets(), folded_paths)) {
         const Plan<T> p = make_plan<T>(config_, c, fused_attention_, 0);
         need(p, p.bytes);
@@ -377,7 +377,11 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
     staging_in_.reserve(inputs);
     staging_out_.reserve(std::max<size_t>(outputs, sizeof(float)));
     ensure_adapter_slots(slots, /*for_call=*/false);
-    for (auto& t : training) reserved_training_.push_back(t);
+    for (const ReservedTraining& t : training) {  // (one already reserved that covers it decides the same)
+      const bool covered = std::any_of(reserved_training_.begin(), reserved_training_.end(),
+                                       [&](const ReservedTraining& old) { return old.covers(t.shape, t.n_adapters); });
+      if (!covered) reserved_training_.push_back(t);
+    }
     return static_cast<int64_t>(arena_.size());
   } catch (...) {
     after_failure();
@@ -601,7 +605,6 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   // A small call (bound by launches, not by the GPU: kGraphBucketMaxFlops) runs at its graph bucket's shape
   // (graph_bucket_length); logits and encoder states, which come back per position, keep the exact shape.
   const BucketedCall p = graph_bucket_call(config_, call.batch_size, call.enc_len, call.num_rows, call.dec_len);
-  const bool launch_bound = p.padded;
   Batch bucketed;
   const Batch* run = &call;
   if (pads_to_buckets() && p.padded && !want_logits && !want_hidden && call.num_rows > 0 &&
@@ -653,7 +656,7 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   profiler_.begin_call(stream_);
   TFEW_CUDA_CHECK(cudaMemcpyAsync(arena_.get() + plan.inputs_begin, staging_in_.get(),
                                   plan.inputs_end - plan.inputs_begin, cudaMemcpyHostToDevice, stream_));
-  const Launch launch = launch_forward(plan, launch_bound);
+  const Launch launch = launch_forward(plan, /*launch_bound=*/p.padded);
 
   const size_t Nd = static_cast<size_t>(shape.rows) * shape.dec_len;
   const size_t Ne = static_cast<size_t>(shape.batch) * shape.enc_len;
