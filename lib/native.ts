@@ -170,6 +170,12 @@ export interface GraphStats {
   replays: number;
   captures: number;
   eager: number;
+  /**
+   * Captures whose graph found no device memory, even after the cached graphs were dropped to make room (those
+   * calls ran eagerly). Three in a row turn graphs off (offReason says so); any other capture failure turns them
+   * off at once.
+   */
+  captureFailures: number;
   /** Graphs held now (at most 64 per kind; the least recently used goes first). */
   cached: number;
   /** Bytes of the activation arena held now (0 on the CPU backend, and before the first call or reserve). */

@@ -37,6 +37,7 @@ struct CUgraph_st {
 };
 struct CUgraphExec_st {
   std::vector<std::function<void()>> nodes;
+  size_t device_bytes = 0;  // the device memory it holds (counted against TFEW_EMU_MEMORY_MB until destroyed)
 };
 
 namespace tfew {
@@ -416,6 +417,10 @@ void device_fault(cudaError_t error, const std::string& what) {
     }
   }
 }
+
+std::atomic<long long> g_graph_exec_bytes{-1};
+
+void set_graph_exec_bytes(long long bytes) { g_graph_exec_bytes.store(bytes); }
 
 void reset_device_faults() {
   {
@@ -894,10 +899,28 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* 
   return cudaSuccess;
 }
 
+// An executable graph holds device memory on a GPU (its nodes' parameters and launch descriptors), so
+// instantiating one fails with cudaErrorMemoryAllocation when the device is full, as it can after a reservation
+// took the device to its last MiB. Modelled as 1 KiB per node (a guess: the real size is undocumented);
+// set_graph_exec_bytes (a test hook) sets a fixed size per graph instead, to fill the device.
+static size_t graph_exec_bytes(size_t nodes) {
+  const long long fixed = tfew::emu::g_graph_exec_bytes.load();
+  return fixed >= 0 ? static_cast<size_t>(fixed) : nodes * 1024;
+}
+
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
   EMU_STICKY_GUARD();
   if (!exec || !graph) return record(cudaErrorInvalidValue);
-  *exec = new CUgraphExec_st{graph->nodes};
+  const size_t bytes = graph_exec_bytes(graph->nodes.size());
+  {
+    std::lock_guard<std::mutex> lock(g_memory_mutex);
+    if (g_device_bytes + bytes > total_memory()) {
+      *exec = nullptr;
+      return record(cudaErrorMemoryAllocation);
+    }
+    g_device_bytes += bytes;
+  }
+  *exec = new CUgraphExec_st{graph->nodes, bytes};
   return cudaSuccess;
 }
 
@@ -919,6 +942,10 @@ cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
 }
 
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  if (exec) {
+    std::lock_guard<std::mutex> lock(g_memory_mutex);
+    g_device_bytes -= exec->device_bytes;
+  }
   delete exec;
   return cudaSuccess;
 }

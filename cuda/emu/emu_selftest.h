@@ -15,5 +15,9 @@ SelfTestResult run_self_test(const std::string& name);
 // context cannot recover from a fault).
 void reset_device_faults();
 
+// The device memory each executable graph holds from now on (-1: the default, 1 KiB per node). A test fills the
+// device with it to see what the engine does when a graph cannot be instantiated.
+void set_graph_exec_bytes(long long bytes);
+
 }  // namespace emu
 }  // namespace tfew

@@ -526,9 +526,19 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
   if (failure.empty() && (e != cudaSuccess || !graph))
     failure = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(e);
   cudaGraphExec_t exec = nullptr;
+  bool out_of_memory = false;
   if (failure.empty()) {
     e = cudaGraphInstantiate(&exec, graph, 0);
+    if (e == cudaErrorMemoryAllocation) {
+      // An executable graph holds device memory, and a reservation may have left none: the cached graphs free
+      // theirs (they are captured again when their shapes come back), and it is tried once more.
+      cudaGetLastError();
+      exec = nullptr;
+      destroy_graphs();
+      e = cudaGraphInstantiate(&exec, graph, 0);
+    }
     if (e != cudaSuccess) {
+      out_of_memory = e == cudaErrorMemoryAllocation;
       failure = std::string("cudaGraphInstantiate: ") + cudaGetErrorString(e);
       exec = nullptr;
     }
@@ -536,10 +546,20 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
   if (graph) cudaGraphDestroy(graph);
   if (!failure.empty()) {
     cudaGetLastError();
+    // Out of memory is a state of the device, not a defect of capture here: the call runs eagerly and graphs stay
+    // on, unless it keeps happening (then each capture would only cost the call its time).
+    if (out_of_memory && ++graph_memory_failures_ < kMaxGraphMemoryFailures) {
+      stats_->update([](GraphStats& s) { ++s.capture_failures; });
+      return nullptr;
+    }
+    if (out_of_memory) stats_->update([](GraphStats& s) { ++s.capture_failures; });
     graphs_enabled_ = false;
-    graph_note_ = "off (capture failed: " + failure + ")";
+    graph_note_ = out_of_memory ? "off (no device memory for graphs: " + std::to_string(kMaxGraphMemoryFailures) +
+                                      " captures in a row failed: " + failure + ")"
+                                : "off (capture failed: " + failure + ")";
     return nullptr;
   }
+  graph_memory_failures_ = 0;
   return exec;
 }
 

@@ -53,6 +53,7 @@ namespace gpu {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends on Hopper
 constexpr size_t kMaxCachedGraphs = 64;  // per kind (inference, training); the least recently used goes first
+constexpr int kMaxGraphMemoryFailures = 3;  // captures in a row that find no device memory before graphs go off
 constexpr size_t kMaxSeenKeys = 4096;    // keys remembered for "capture on the second call" (then forgotten)
 const kernels::DropoutSite kNoDropout{};
 
@@ -183,7 +184,9 @@ class CudaEngine final : public Engine {
   }
   // Counts a call in stats_ and the shape it ran at.
   void note_launch(const char* kind, const Shape& shape, Launch launch);
-  // Returns null (and turns graphs off for this engine) when capture does not work here.
+  // Returns null when capture does not work here (graphs go off for this engine) or the graph finds no device
+  // memory even after the cached ones are dropped (the call runs eagerly; kMaxGraphMemoryFailures in a row turn
+  // graphs off).
   cudaGraphExec_t capture(const std::function<void()>& enqueue);
 
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
@@ -269,6 +272,7 @@ class CudaEngine final : public Engine {
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;
   std::string graph_note_;
+  int graph_memory_failures_ = 0;  // captures in a row whose graph found no device memory
   // Small rank-classification calls run padded up to graph_bucket_length (cuda.graphBuckets), so that calls of
   // similar lengths replay one graph instead of launching eagerly.
   bool graph_buckets_ = true;

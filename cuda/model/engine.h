@@ -49,6 +49,7 @@ struct GraphStats {
   std::string off_reason;  // when off: why (e.g. "off (capture failed: ...)")
   bool buckets = false;  // small calls padded to shape buckets (cuda.graphBuckets)
   uint64_t replays = 0, captures = 0, eager = 0;  // calls of each kind so far
+  uint64_t capture_failures = 0;  // captures whose graph found no device memory (those calls ran eagerly)
   int64_t cached = 0;                             // graphs held now
   // the last call: "score" or "train" ("" before any), the shape it ran at (after bucketing), and how
   std::string last_kind, last_launch;

@@ -556,6 +556,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     o.Set("replays", static_cast<double>(s.replays));
     o.Set("captures", static_cast<double>(s.captures));
     o.Set("eager", static_cast<double>(s.eager));
+    o.Set("captureFailures", static_cast<double>(s.capture_failures));
     o.Set("cached", static_cast<double>(s.cached));
     o.Set("arenaBytes", static_cast<double>(s.arena_bytes));
     o.Set("arenaGrowths", static_cast<double>(s.arena_growths));
@@ -1194,6 +1195,11 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     o.Set("error", r.error);
     o.Set("message", r.message);
     return o;
+  }));
+  // emulatorGraphExecBytes(bytes): the device memory each executable graph holds from now on (-1: the default)
+  testing.Set("emulatorGraphExecBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    emu::set_graph_exec_bytes(static_cast<long long>(info[0].ToNumber().Int64Value()));
+    return info.Env().Undefined();
   }));
 #endif
   exports.Set("_testing", testing);

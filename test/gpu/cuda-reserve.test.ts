@@ -7,7 +7,7 @@
 import { IA3Adapter, OutOfMemoryError, T5Model, Trainer } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
-import { describeCuda, loadCuda } from './helpers';
+import { describeCuda, emulated, loadCuda } from './helpers';
 
 jest.setTimeout(300_000);
 
@@ -142,6 +142,40 @@ describeCuda('device memory reserved for the largest calls', () => {
       await m.rankClassify(small.inputs, small.choices, options);
       expect(m.graphStats()).toMatchObject({ arenaGrowths: 1, last: { launch: 'replay' } });
     } finally {
+      await m.dispose();
+    }
+  });
+
+  // Emulator only: there the device memory an executable graph holds can be set (emulatorGraphExecBytes), so a graph
+  // can be made too large for what is free (on a GPU: a graph's few MiB after a reservation that took the device).
+  (emulated() ? test : test.skip)('a full device: a graph that finds no memory drops the cached ones and runs; graphs go off only after three in a row', async () => {
+    const long = batch(1, 300);  // another input-length bucket than small's
+    const m = await loadCuda(fx.dir, 'fp32');
+    const graphBytes = (native()._testing as unknown as { emulatorGraphExecBytes: (bytes: number) => void }).emulatorGraphExecBytes;
+    try {
+      const expected: number[][][] = [];
+      for (const b of [small, long]) expected.push((await m.rankClassify(b.inputs, b.choices, options)).scores);
+      const free = native().cudaMemoryInfo()?.free ?? 0;
+      graphBytes(Math.floor(0.6 * free));  // one graph fits in what is free, two do not
+      expect((await m.rankClassify(small.inputs, small.choices, options)).scores).toEqual(expected[0]);
+      expect(m.graphStats()).toMatchObject({ cached: 1, last: { launch: 'capture' } });
+      expect((await m.rankClassify(long.inputs, long.choices, options)).scores).toEqual(expected[1]);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, captureFailures: 0, last: { launch: 'capture' } });
+      expect((await m.rankClassify(long.inputs, long.choices, options)).scores).toEqual(expected[1]);
+      expect(m.graphStats().last).toMatchObject({ launch: 'replay' });
+      // no graph fits: each call runs eagerly and correctly, and the third capture in a row turns graphs off
+      graphBytes(free + MiB);
+      for (let i = 1; i <= 3; i++) {
+        expect((await m.rankClassify(small.inputs, small.choices, options)).scores).toEqual(expected[0]);
+        expect(m.graphStats()).toMatchObject({ enabled: i < 3, cached: 0, captureFailures: i, last: { launch: 'eager' } });
+      }
+      expect(m.graphStats().offReason).toMatch(/no device memory for graphs/);
+      // (graphs off, calls run at their exact lengths, no longer padded to the bucket: equal within rounding)
+      const scores = (await m.rankClassify(long.inputs, long.choices, options)).scores.flat();
+      scores.forEach((x, i) => expect(Math.abs(x - expected[1].flat()[i])).toBeLessThan(1e-5 * Math.abs(expected[1].flat()[i]) + 1e-6));
+      expect(m.graphStats()).toMatchObject({ captureFailures: 3, last: { launch: 'eager' } });
+    } finally {
+      graphBytes(-1);
       await m.dispose();
     }
   });
