@@ -271,16 +271,21 @@ export class T5Model {
     this.deviceReason = reason;
   }
 
-  /** Chooses the backend for `device` and says why. Throws DeviceUnavailableError for 'cuda' without a usable GPU. */
-  static selectDevice(device: DeviceOption = 'auto'): { device: 'cpu' | 'cuda'; reason: string; probe: CudaProbe } {
-    const probe = native().probeCuda();
+  /**
+   * Chooses the backend for `device` and says why; `gpu` is the GPU index (CudaOptions.device). Throws
+   * DeviceUnavailableError for 'cuda' without a usable GPU there.
+   */
+  static selectDevice(device: DeviceOption = 'auto', gpu?: number): { device: 'cpu' | 'cuda'; reason: string; probe: CudaProbe } {
+    checkGpuIndex(gpu, 'the GPU index');
+    const probe = native().probeCuda(gpu);
+    const on = `${probe.deviceName}${probe.deviceCount > 1 ? ` (GPU ${probe.deviceIndex} of ${probe.deviceCount})` : ''}`;
     if (device === 'cpu') return { device: 'cpu', reason: 'device: cpu was requested', probe };
     if (device === 'cuda') {
       if (!probe.usable) throw new DeviceUnavailableError(`device 'cuda' is not available: ${probe.reason}`);
-      return { device: 'cuda', reason: `CUDA on ${probe.deviceName}`, probe };
+      return { device: 'cuda', reason: `CUDA on ${on}`, probe };
     }
     if (device !== 'auto') throw new InvalidArgumentError(`device must be 'auto', 'cpu' or 'cuda', got '${String(device)}'`);
-    if (probe.usable) return { device: 'cuda', reason: `auto: CUDA on ${probe.deviceName}`, probe };
+    if (probe.usable) return { device: 'cuda', reason: `auto: CUDA on ${on}`, probe };
     return { device: 'cpu', reason: `auto: CUDA not used (${probe.reason})`, probe };
   }
 
@@ -292,7 +297,8 @@ export class T5Model {
       throw new InvalidArgumentError('mergeAdapter must be an IA3Adapter (IA3Adapter.load(path) reads one from disk)');
     }
     const { config, tensors } = resolveCheckpoint(dir);
-    const { device, reason } = T5Model.selectDevice(options.device ?? 'auto');
+    const cudaOptions = checkCudaOptions(options.cuda);
+    const { device, reason } = T5Model.selectDevice(options.device ?? 'auto', cudaOptions?.device);
     const threads = options.threads ?? Math.min(MAX_CPU_THREADS, Math.max(1, os.cpus().length));
     if (!Number.isInteger(threads) || threads < 1 || threads > MAX_CPU_THREADS) {
       throw new InvalidArgumentError(`threads must be an integer in [1, ${MAX_CPU_THREADS}], got ${String(threads)}`);
@@ -303,7 +309,7 @@ export class T5Model {
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
-      const cuda = checkCudaOptions(options.cuda);
+      const cuda = cudaOptions;
       const reserve = cuda?.reserve === undefined ? undefined : reserveShapes(cuda.reserve, 'cuda.reserve');
       nm = await native().loadModel(config, tensors, { device, threads, cuda, reserve });
     } catch (e) {
@@ -802,9 +808,16 @@ function reserveShapes(value: ReserveShape | ReserveShape[], where: string): Nat
   });
 }
 
+function checkGpuIndex(gpu: unknown, what: string): void {
+  if (gpu !== undefined && !(Number.isInteger(gpu) && (gpu as number) >= 0)) {
+    throw new InvalidArgumentError(`${what} must be an integer >= 0, got ${String(gpu)}`);
+  }
+}
+
 function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o === undefined) return undefined;
   if (typeof o !== 'object' || o === null) throw new InvalidArgumentError('cuda must be an object');
+  checkGpuIndex(o.device, 'cuda.device');
   if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
     throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }

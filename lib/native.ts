@@ -8,6 +8,11 @@ export type NativeDType = 'F64' | 'F32' | 'F16' | 'BF16';
 
 /** How the CUDA backend runs (T5Model.load's `cuda` option); unset fields fall back to the environment. */
 export interface CudaOptions {
+  /**
+   * Which GPU: an index among the visible ones (as CUDA_VISIBLE_DEVICES leaves them), so that one process can hold
+   * a model on each GPU. Default: $TFEW_CUDA_DEVICE, else 0. An index that is not visible is a DeviceUnavailableError.
+   */
+  device?: number;
   /** 'bf16' (default): bf16 storage, fp32 accumulation. 'fp32': fp32 everywhere, no TF32 (verification). */
   precision?: 'bf16' | 'fp32';
   /** The fused tensor-core encoder attention (bf16; default on where the GPU's shared memory allows). */
@@ -238,6 +243,10 @@ export interface CudaProbe {
   compiled: boolean;
   usable: boolean;
   reason: string;
+  /** GPUs visible (0 when the driver or runtime failed, or in a build without CUDA). */
+  deviceCount: number;
+  /** The GPU probed (-1 when none could be chosen). */
+  deviceIndex: number;
   deviceName: string;
   computeCapability: number;
   totalMemory: number;
@@ -248,9 +257,10 @@ export interface NativeAddon {
   version: string;
   /** cudaEmulated: the CUDA-emulator build (build-emu/, tests only): its "GPU" is the CPU. */
   buildInfo: { cudaCompiled: boolean; cudaEmulated?: boolean; compiler: string; napiVersion: number };
-  probeCuda(): CudaProbe;
-  /** cudaMemGetInfo on the selected GPU, or null without a usable CUDA backend. */
-  cudaMemoryInfo(): { free: number; total: number } | null;
+  /** device: a GPU index (default: $TFEW_CUDA_DEVICE, else 0). */
+  probeCuda(device?: number): CudaProbe;
+  /** cudaMemGetInfo on a GPU (default as probeCuda's), or null without a usable CUDA backend there. */
+  cudaMemoryInfo(device?: number): { free: number; total: number } | null;
   /**
    * The CUDA graph bucket rules (cuda/model/graph_buckets.h): each length's bucket; with a request (one example with
    * `rows` choices of at most choiceLength tokens) the choice length's bucket and the longest input at which such a

@@ -6,6 +6,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { main } from '../lib/cli/main';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, RECOMPUTE_LEVELS, T5Model, type LoadOptions } from '../lib/model';
+import { native } from '../lib/native';
 import { buildTinyT5 } from '../lib/tiny';
 import { Trainer } from '../lib/trainer';
 
@@ -56,12 +57,13 @@ describe('tfew CUDA flags', () => {
   test('train: every --cuda-* flag reaches T5Model.load, --recompute the Trainer (and run.json)', async () => {
     const out = path.join(tmp, 'all-flags');
     const code = await run('train', ...model, ...task, '--seed', '42', '--steps', '2', '--batch-size', '2', '--out', out,
-      '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-fused-backward', '--no-cuda-graphs',
-      '--no-cuda-graph-buckets', '--recompute', 'attention');
+      '--cuda-device', '0', '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
+      '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute', 'attention');
     expect(lines.filter((l) => l.startsWith('ERR tfew:'))).toEqual([]);
     expect(code).toBe(0);
     expect(load.mock.calls[0][1]).toMatchObject({ device: 'cpu', threads: 2 });
-    expect(loadedCuda()).toStrictEqual({ precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false, graphs: false, graphBuckets: false });
+    expect(loadedCuda()).toStrictEqual({ device: 0, precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false, graphs: false,
+      graphBuckets: false });
     expect(trainedRecompute()).toEqual(['attention']);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('attention');
   });
@@ -146,10 +148,22 @@ describe('tfew CUDA flags', () => {
     expect(fs.existsSync(path.join(tmp, 'bad'))).toBe(false);
   });
 
+  test('doctor: the GPUs it sees (none here: the reason), as text and JSON', async () => {
+    const probe = native().probeCuda();
+    expect(await run('doctor', '--json')).toBe(0);
+    const info = JSON.parse(lines.join('\n'));
+    expect(info.cuda).toMatchObject({ usable: probe.usable, deviceCount: probe.deviceCount, deviceIndex: probe.deviceIndex });
+    expect(info.defaultDevice).toBe(probe.usable ? 'cuda' : 'cpu');
+    lines = [];
+    expect(await run('doctor')).toBe(0);
+    expect(lines.some((l) => l.startsWith('cuda usable  ' + (probe.usable ? 'yes' : 'no')))).toBe(true);
+    expect(lines.filter((l) => l.startsWith('gpu ')).length).toBe(probe.deviceName ? Math.max(1, probe.deviceCount) : 0);
+  });
+
   test('--help lists the flags', async () => {
     expect(await run('train', '--help')).toBe(0);
     const help = lines.join('\n');
-    for (const flag of ['--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
+    for (const flag of ['--cuda-device <n>', '--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
       '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
       expect(help).toContain(flag);
     }

@@ -221,5 +221,16 @@ describe('backend selection', () => {
     await model.dispose();
     await expect(T5Model.load(fx.dir, { device: 'cuda' })).rejects.toBeInstanceOf(DeviceUnavailableError);
     await expect(T5Model.load(fx.dir, { device: 'tpu' as never })).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect(probe.deviceIndex).toBe(-1);
+  });
+  test('a GPU index is checked on every backend: an integer >= 0', async () => {
+    const fx = loadFixture('tiny-relu-tied');
+    for (const device of [-1, 1.5, '1' as never, NaN]) {
+      await expect(T5Model.load(fx.dir, { device: 'cpu', cuda: { device } })).rejects.toThrow(/cuda.device must be an integer >= 0/);
+    }
+    expect(() => T5Model.selectDevice('auto', -2)).toThrow(InvalidArgumentError);
+    expect(() => native().probeCuda(-3)).toThrow(/probeCuda's device must be an integer >= 0/);
+    expect(() => native().cudaMemoryInfo(0.5 as never)).toThrow(/cudaMemoryInfo's device must be an integer >= 0/);
+    expect(native().probeCuda(7).usable).toBe(probe.usable && probe.deviceCount > 7);
   });
 });

@@ -24,6 +24,7 @@ using namespace tfew::gpu;
 }  // namespace tfew
 
 struct tfew::gpu::CublasContextOpaque {
+  int device = 0;  // the device current at cublasCreate: its GEMMs run there, on operands in its memory
   cudaStream_t stream = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
@@ -60,11 +61,12 @@ bool supported(const char* call, cudaDataType a, cudaDataType b, cudaDataType c,
 // Elements a column-major rows x cols operand with leading dimension ld spans.
 size_t extent(int rows, int cols, int ld) { return cols == 0 || rows == 0 ? 0 : static_cast<size_t>(ld) * (cols - 1) + rows; }
 
-bool operand_ok(const char* call, const char* name, const void* p, cudaDataType t, int rows, int cols, int ld) {
+bool operand_ok(const char* call, const char* name, const void* p, cudaDataType t, int rows, int cols, int ld,
+                int device) {
   const size_t bytes = extent(rows, cols, ld) * type_bytes(t);
-  if (bytes == 0 || device_range_ok(p, bytes)) return true;
-  std::fprintf(stderr, "[tfew cuda emulator] %s: operand %s (%d x %d, ld %d) is not inside one device allocation\n", call,
-               name, rows, cols, ld);
+  if (bytes == 0 || device_range_ok(p, bytes, device)) return true;
+  std::fprintf(stderr, "[tfew cuda emulator] %s: operand %s (%d x %d, ld %d) is not inside one allocation of device %d\n",
+               call, name, rows, cols, ld, device);
   return false;
 }
 
@@ -109,6 +111,11 @@ cublasStatus_t check_call(const char* call, cublasHandle_t h, cublasOperation_t 
                           int n, int k, const void* alpha, const void* beta, cudaDataType ta, cudaDataType tb,
                           cudaDataType tc, int lda, int ldb, int ldc, int batch, cublasComputeType_t compute) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (h->device != current_device()) {
+    std::fprintf(stderr, "[tfew cuda emulator] %s: a cuBLAS handle of device %d used while device %d is current\n", call,
+                 h->device, current_device());
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   if (!supported(call, ta, tb, tc, compute)) {
     std::fprintf(stderr, "[tfew cuda emulator] %s: types A %d B %d C %d compute %d not supported\n", call, ta, tb, tc,
                  compute);
@@ -128,6 +135,7 @@ cublasStatus_t check_call(const char* call, cublasHandle_t h, cublasOperation_t 
 cublasStatus_t create(cublasHandle_t* h) {
   if (!h) return CUBLAS_STATUS_INVALID_VALUE;
   *h = new CublasContextOpaque();
+  (*h)->device = current_device();
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -146,7 +154,7 @@ cublasStatus_t set_stream(cublasHandle_t h, cudaStream_t s) {
 
 cublasStatus_t set_workspace(cublasHandle_t h, void* w, size_t bytes) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-  if (bytes > 0 && !device_range_ok(w, bytes)) return CUBLAS_STATUS_INVALID_VALUE;
+  if (bytes > 0 && !device_range_ok(w, bytes, h->device)) return CUBLAS_STATUS_INVALID_VALUE;
   h->workspace = w;
   h->workspace_bytes = bytes;
   return CUBLAS_STATUS_SUCCESS;
@@ -167,8 +175,8 @@ cublasStatus_t gemm_ex(cublasHandle_t h, cublasOperation_t op_a, cublasOperation
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   const int ar = op_a == CUBLAS_OP_N ? m : k, ac = op_a == CUBLAS_OP_N ? k : m;
   const int br = op_b == CUBLAS_OP_N ? k : n, bc = op_b == CUBLAS_OP_N ? n : k;
-  if (!operand_ok("cublasGemmEx", "A", A, ta, ar, ac, lda) || !operand_ok("cublasGemmEx", "B", B, tb, br, bc, ldb) ||
-      !operand_ok("cublasGemmEx", "C", C, tc, m, n, ldc))
+  if (!operand_ok("cublasGemmEx", "A", A, ta, ar, ac, lda, h->device) || !operand_ok("cublasGemmEx", "B", B, tb, br, bc, ldb, h->device) ||
+      !operand_ok("cublasGemmEx", "C", C, tc, m, n, ldc, h->device))
     return CUBLAS_STATUS_INVALID_VALUE;  // on a device: an illegal address
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   enqueue(h->stream, [=]() {
@@ -186,7 +194,8 @@ cublasStatus_t gemm_batched_ex(cublasHandle_t h, cublasOperation_t op_a, cublasO
   if (s != CUBLAS_STATUS_SUCCESS) return s;
   if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
   const size_t array_bytes = sizeof(void*) * static_cast<size_t>(batch);
-  if (!device_range_ok(A, array_bytes) || !device_range_ok(B, array_bytes) || !device_range_ok(C, array_bytes)) {
+  if (!device_range_ok(A, array_bytes, h->device) || !device_range_ok(B, array_bytes, h->device) ||
+      !device_range_ok(C, array_bytes, h->device)) {
     std::fprintf(stderr, "[tfew cuda emulator] cublasGemmBatchedEx: the pointer arrays must be in device memory\n");
     return CUBLAS_STATUS_INVALID_VALUE;
   }
@@ -197,9 +206,9 @@ cublasStatus_t gemm_batched_ex(cublasHandle_t h, cublasOperation_t op_a, cublasO
   enqueue(h->stream, [=]() {
     trace_gemm("cublasGemmBatchedEx", m, n, k, batch);
     for (int i = 0; i < batch; ++i) {
-      if (!operand_ok("cublasGemmBatchedEx", "A[i]", A[i], ta, ar, ac, lda) ||
-          !operand_ok("cublasGemmBatchedEx", "B[i]", B[i], tb, br, bc, ldb) ||
-          !operand_ok("cublasGemmBatchedEx", "C[i]", C[i], tc, m, n, ldc)) {
+      if (!operand_ok("cublasGemmBatchedEx", "A[i]", A[i], ta, ar, ac, lda, h->device) ||
+          !operand_ok("cublasGemmBatchedEx", "B[i]", B[i], tb, br, bc, ldb, h->device) ||
+          !operand_ok("cublasGemmBatchedEx", "C[i]", C[i], tc, m, n, ldc, h->device)) {
         device_fault(cudaErrorIllegalAddress, "cublasGemmBatchedEx operand outside device memory (batch entry " +
                                                   std::to_string(i) + ")");
         return;
@@ -225,9 +234,9 @@ cublasStatus_t gemm_strided_batched_ex(cublasHandle_t h, cublasOperation_t op_a,
     return static_cast<const char*>(p) + static_cast<long long>(i) * stride * static_cast<long long>(type_bytes(t));
   };
   for (int i = 0; i < batch; ++i)
-    if (!operand_ok(call, "A[i]", at(A, ta, stride_a, i), ta, ar, ac, lda) ||
-        !operand_ok(call, "B[i]", at(B, tb, stride_b, i), tb, br, bc, ldb) ||
-        !operand_ok(call, "C[i]", at(C, tc, stride_c, i), tc, m, n, ldc))
+    if (!operand_ok(call, "A[i]", at(A, ta, stride_a, i), ta, ar, ac, lda, h->device) ||
+        !operand_ok(call, "B[i]", at(B, tb, stride_b, i), tb, br, bc, ldb, h->device) ||
+        !operand_ok(call, "C[i]", at(C, tc, stride_c, i), tc, m, n, ldc, h->device))
       return CUBLAS_STATUS_INVALID_VALUE;  // on a device: an illegal address
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   enqueue(h->stream, [=]() {

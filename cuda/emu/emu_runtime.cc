@@ -24,11 +24,13 @@
 
 // The runtime's opaque handle types, defined here.
 struct CUstream_st {
+  int device = 0;                 // the device current when it was created (its work runs there)
   cudaGraph_t capture = nullptr;  // the graph being captured, or null
   bool capture_invalidated = false;
   std::thread::id capture_thread;
 };
 struct CUevent_st {
+  int device = 0;  // the device current when it was created
   double time_ms = 0;
   bool recorded = false;
 };
@@ -38,6 +40,7 @@ struct CUgraph_st {
 struct CUgraphExec_st {
   std::vector<std::function<void()>> nodes;
   size_t device_bytes = 0;  // the device memory it holds (counted against TFEW_EMU_MEMORY_MB until destroyed)
+  int device = 0;           // on which device
 };
 
 namespace tfew {
@@ -53,6 +56,19 @@ constexpr size_t kMaxDynamicSharedOptin = 227 * 1024;
 constexpr size_t kGuardBytes = 64;
 constexpr unsigned char kGuardByte = 0xA5;
 constexpr unsigned char kFreshByte = 0xFF;  // fresh device memory: NaN as fp32 and bf16, -1 as int32
+
+// TFEW_EMU_DEVICES: how many GPUs are visible (1 to 8; default 1), each with TFEW_EMU_MEMORY_MB of memory.
+constexpr int kMaxDevices = 8;
+int device_count() {
+  static const int count = [] {
+    const char* v = std::getenv("TFEW_EMU_DEVICES");
+    const int n = v && v[0] ? std::atoi(v) : 1;
+    return std::min(std::max(n, 1), kMaxDevices);
+  }();
+  return count;
+}
+// The calling thread's current device (cudaSetDevice), 0 until set, as on a GPU.
+thread_local int tl_device = 0;
 
 size_t total_memory() {
   static const size_t total = [] {
@@ -88,10 +104,11 @@ cudaError_t record(cudaError_t e) {
 struct Allocation {
   size_t size = 0;
   bool device = true;  // false: pinned host memory (cudaMallocHost)
+  int device_index = 0;  // the GPU whose memory it is (device memory)
 };
 std::mutex g_memory_mutex;
 std::map<uintptr_t, Allocation> g_allocations;
-size_t g_device_bytes = 0;
+size_t g_device_bytes[kMaxDevices] = {};  // in use, per device
 
 // The allocation that holds [p, p + bytes), or null.
 const Allocation* find_range(const void* p, size_t bytes, uintptr_t* base_out = nullptr) {
@@ -134,6 +151,16 @@ CUstream_st g_legacy_stream;
 thread_local int tl_captures = 0;  // captures begun by this thread (ThreadLocal mode: its unsafe calls fail)
 
 CUstream_st* stream_of(cudaStream_t s) { return s ? s : &g_legacy_stream; }
+
+// Work for a stream of another device than the calling thread's current one: a GPU refuses a kernel launch, an
+// event record or a graph launch there (cudaErrorInvalidResourceHandle). An engine that forgot cudaSetDevice
+// before its work shows up here. (The legacy stream is the current device's.)
+bool foreign_stream(cudaStream_t stream, const char* what) {
+  if (stream == nullptr || stream->device == tl_device) return false;
+  std::fprintf(stderr, "[tfew cuda emulator] %s on a stream of device %d while device %d is current\n", what,
+               stream->device, tl_device);
+  return true;
+}
 
 // A call that is not allowed while this thread captures: the capture is invalidated, as on the device.
 bool capture_forbids(const char* what) {
@@ -500,6 +527,10 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
     record(cudaErrorInvalidConfiguration);
     return;
   }
+  if (foreign_stream(stream, name)) {
+    record(cudaErrorInvalidResourceHandle);
+    return;
+  }
   if (dynamic_shared > shared_limit(kernel)) {
     std::fprintf(stderr, "[tfew cuda emulator] %s: %zu bytes of dynamic shared memory, above the kernel's limit %zu\n",
                  name, dynamic_shared, shared_limit(kernel));
@@ -518,11 +549,13 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
 }
 
 // Shared with emu_cublas.cc: is [p, p + bytes) inside one device allocation?
-bool device_range_ok(const void* p, size_t bytes) {
+bool device_range_ok(const void* p, size_t bytes, int device) {
   std::lock_guard<std::mutex> lock(g_memory_mutex);
   const Allocation* a = find_range(p, bytes);
-  return a != nullptr && a->device;
+  return a != nullptr && a->device && a->device_index == device;
 }
+
+int current_device() { return tl_device; }
 
 void wmma_alignment_fault(const void* p, unsigned ldm, size_t element_bytes) {
   device_fault(cudaErrorMisalignedAddress, "wmma load/store at " + pointer_text(p) + " with ldm " + std::to_string(ldm) +
@@ -596,15 +629,19 @@ const char* cudaGetErrorString(cudaError_t e) {
 
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return record(cudaErrorInvalidValue);
-  *count = 1;
+  *count = device_count();
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : record(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= device_count()) return record(cudaErrorInvalidDevice);
+  tl_device = device;
+  return cudaSuccess;
+}
 
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return record(cudaErrorInvalidValue);
-  *device = 0;
+  *device = tl_device;
   return cudaSuccess;
 }
 
@@ -619,7 +656,8 @@ cudaError_t cudaRuntimeGetVersion(int* version) {
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-  if (!prop || device != 0) return record(cudaErrorInvalidValue);
+  if (!prop) return record(cudaErrorInvalidValue);
+  if (device < 0 || device >= device_count()) return record(cudaErrorInvalidDevice);
   std::memset(prop, 0, sizeof(*prop));
   std::snprintf(prop->name, sizeof prop->name, "tfew CUDA emulator (CPU)");
   prop->major = 9;
@@ -682,7 +720,7 @@ cudaError_t cudaMalloc(void** p, size_t size) {
   }
   std::lock_guard<std::mutex> lock(g_memory_mutex);
   const size_t rounded = (std::max<size_t>(size, 1) + 255) / 256 * 256;
-  if (g_device_bytes + rounded > total_memory()) {
+  if (g_device_bytes[tl_device] + rounded > total_memory()) {
     *p = nullptr;
     return record(cudaErrorMemoryAllocation);
   }
@@ -693,8 +731,8 @@ cudaError_t cudaMalloc(void** p, size_t size) {
   }
   std::memset(mem, kFreshByte, size);
   std::memset(static_cast<unsigned char*>(mem) + size, kGuardByte, kGuardBytes);
-  g_allocations[reinterpret_cast<uintptr_t>(mem)] = Allocation{size, true};
-  g_device_bytes += rounded;
+  g_allocations[reinterpret_cast<uintptr_t>(mem)] = Allocation{size, true, tl_device};
+  g_device_bytes[tl_device] += rounded;
   *p = mem;
   return cudaSuccess;
 }
@@ -705,7 +743,7 @@ cudaError_t cudaFree(void* p) {
   std::lock_guard<std::mutex> lock(g_memory_mutex);
   auto it = g_allocations.find(reinterpret_cast<uintptr_t>(p));
   if (it == g_allocations.end() || !it->second.device) return record(cudaErrorInvalidValue);
-  g_device_bytes -= (std::max<size_t>(it->second.size, 1) + 255) / 256 * 256;
+  g_device_bytes[it->second.device_index] -= (std::max<size_t>(it->second.size, 1) + 255) / 256 * 256;
   g_allocations.erase(it);
   std::free(p);
   return cudaSuccess;
@@ -735,7 +773,7 @@ cudaError_t cudaFreeHost(void* p) {
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   EMU_STICKY_GUARD();
   std::lock_guard<std::mutex> lock(g_memory_mutex);
-  if (free_bytes) *free_bytes = total_memory() - g_device_bytes;
+  if (free_bytes) *free_bytes = total_memory() - g_device_bytes[tl_device];
   if (total_bytes) *total_bytes = total_memory();
   return cudaSuccess;
 }
@@ -826,6 +864,7 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t strea
 cudaError_t cudaStreamCreate(cudaStream_t* stream) {
   EMU_STICKY_GUARD();
   *stream = new CUstream_st();
+  (*stream)->device = tl_device;
   return cudaSuccess;
 }
 
@@ -914,19 +953,20 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsig
   const size_t bytes = graph_exec_bytes(graph->nodes.size());
   {
     std::lock_guard<std::mutex> lock(g_memory_mutex);
-    if (g_device_bytes + bytes > total_memory()) {
+    if (g_device_bytes[tl_device] + bytes > total_memory()) {
       *exec = nullptr;
       return record(cudaErrorMemoryAllocation);
     }
-    g_device_bytes += bytes;
+    g_device_bytes[tl_device] += bytes;
   }
-  *exec = new CUgraphExec_st{graph->nodes, bytes};
+  *exec = new CUgraphExec_st{graph->nodes, bytes, tl_device};
   return cudaSuccess;
 }
 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   EMU_STICKY_GUARD();
   if (!exec) return record(cudaErrorInvalidValue);
+  if (foreign_stream(stream, "cudaGraphLaunch")) return record(cudaErrorInvalidResourceHandle);
   enqueue(stream, [exec]() {
     for (const auto& node : exec->nodes) {
       if (sticky() != cudaSuccess) return;
@@ -944,7 +984,7 @@ cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
   if (exec) {
     std::lock_guard<std::mutex> lock(g_memory_mutex);
-    g_device_bytes -= exec->device_bytes;
+    g_device_bytes[exec->device] -= exec->device_bytes;
   }
   delete exec;
   return cudaSuccess;
@@ -953,6 +993,7 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 cudaError_t cudaEventCreate(cudaEvent_t* event) {
   EMU_STICKY_GUARD();
   *event = new CUevent_st();
+  (*event)->device = tl_device;
   return cudaSuccess;
 }
 
@@ -966,6 +1007,12 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   EMU_STICKY_GUARD();
   if (!event) return record(cudaErrorInvalidResourceHandle);
+  if (foreign_stream(stream, "cudaEventRecord")) return record(cudaErrorInvalidResourceHandle);
+  if (event->device != stream_of(stream)->device && stream != nullptr) {
+    std::fprintf(stderr, "[tfew cuda emulator] cudaEventRecord: an event of device %d on a stream of device %d\n",
+                 event->device, stream->device);
+    return record(cudaErrorInvalidResourceHandle);
+  }
   enqueue(stream, [event]() {
     event->time_ms = now_ms();
     event->recorded = true;

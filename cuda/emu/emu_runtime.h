@@ -22,6 +22,10 @@
 // - Tensor cores: nvcuda::wmma (cuda/emu/include/mma.h) multiplies bf16 tiles with fp32 accumulation.
 // - Races: threads run from barrier to barrier one after another, first to last, or last to first with
 //   TFEW_EMU_SCHEDULE=reverse; a result that depends on the order shows a missing barrier.
+// - Several GPUs (TFEW_EMU_DEVICES=n): each thread has a current device; streams, events, graphs, memory and
+//   cuBLAS handles belong to the device current at their creation. Kernel launches, event records and graph
+//   launches on another device's stream fail (cudaErrorInvalidResourceHandle), and cuBLAS refuses operands in
+//   another device's memory, as a GPU would: a missing cudaSetDevice shows.
 // Not emulated: timing (events measure host time), concurrency between streams, memory-model subtleties.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -52,8 +56,11 @@ void trace(const std::string& line);
 // sticky, as a device fault does, and later CUDA calls return it.
 void device_fault(cudaError_t error, const std::string& what);
 
-// Whether [p, p + bytes) lies inside one device allocation (the emulated libraries check their operands).
-bool device_range_ok(const void* p, size_t bytes);
+// Whether [p, p + bytes) lies inside one allocation of `device`'s memory (the emulated libraries check their
+// operands: a GPU's kernels cannot read another GPU's memory unless peer access is enabled, which we never do).
+bool device_range_ok(const void* p, size_t bytes, int device);
+// The calling thread's current device (cudaSetDevice).
+int current_device();
 
 // The position of the calling emulated thread.
 struct ThreadPosition {

@@ -11,7 +11,6 @@
 
 #include "core/errors.h"
 #include "gpu/cuda_check.h"
-#include "gpu/device_select.h"
 #include "model/relative_position.h"
 
 namespace tfew {
@@ -815,13 +814,9 @@ int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
 
 std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSource& weights,
                                          const CudaEngineOptions& options) {
-  const CudaProbe probe = probe_cuda();
+  const CudaProbe probe = probe_cuda(options.device);
   if (!probe.usable) fail(ErrorCode::DeviceUnavailable, probe.reason);
-  int count = 0;
-  TFEW_CUDA_CHECK(cudaGetDeviceCount(&count));
-  std::string error;
-  const int device = gpu::selected_device(count, &error);
-  if (device < 0) fail(ErrorCode::DeviceUnavailable, error);
+  const int device = probe.device_index;
   // fp32 keeps weights and activations in fp32 (cuBLAS without TF32): a verification mode whose results match
   // the CPU backend closely. The default is bf16 storage with fp32 accumulation.
   std::string p = options.precision;

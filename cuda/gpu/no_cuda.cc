@@ -4,7 +4,7 @@
 
 namespace tfew {
 
-CudaProbe probe_cuda() {
+CudaProbe probe_cuda(int) {
   CudaProbe p;
   p.compiled = false;
   p.usable = false;
@@ -12,7 +12,7 @@ CudaProbe probe_cuda() {
   return p;
 }
 
-CudaMemoryInfo cuda_memory_info() { return CudaMemoryInfo(); }
+CudaMemoryInfo cuda_memory_info(int) { return CudaMemoryInfo(); }
 
 std::unique_ptr<Engine> make_cuda_engine(const T5Config&, const WeightSource&, const CudaEngineOptions&) {
   fail(ErrorCode::DeviceUnavailable, probe_cuda().reason);

@@ -1,9 +1,10 @@
-// probe_cuda(): can the CUDA backend run here, and if not, why (in words a user can act on).
-// Never throws. The result is computed once per process: drivers and GPUs do not appear at run time.
+// probe_cuda(device): can the CUDA backend run here, on that GPU, and if not, why (in words a user can act on).
+// Never throws. Computed once per process and GPU: drivers and GPUs do not appear at run time.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -26,7 +27,9 @@ bool driver_library_present() {
   return true;
 }
 
-CudaProbe run_probe() {
+// What holds for every GPU: the driver, the runtime, at least one device, cuBLAS. On success `count` is the number
+// of visible GPUs and the probe's reason is empty.
+CudaProbe probe_system(int* count) {
   CudaProbe p;
   p.compiled = true;
   p.usable = false;
@@ -61,16 +64,21 @@ CudaProbe run_probe() {
     p.reason = "no CUDA-capable GPU is visible";
     return p;
   }
-
-  std::string device_error;
-  const int device = gpu::selected_device(device_count, &device_error);
-  if (device < 0) {
-    p.reason = device_error;
+  const gpu::CublasLibrary& cublas = gpu::cublas_library();
+  if (!cublas.loaded) {
+    p.reason = cublas.error;
     return p;
   }
+  p.cublas_library = cublas.path + (cublas.version.empty() ? "" : " (" + cublas.version + ")");
+  *count = device_count;
+  return p;
+}
 
+// One GPU, after probe_system passed: its properties, compute capability 8.0 or newer, a context.
+CudaProbe probe_device(CudaProbe p, int device) {
+  p.device_index = device;
   cudaDeviceProp prop;
-  err = cudaGetDeviceProperties(&prop, device);
+  cudaError_t err = cudaGetDeviceProperties(&prop, device);
   if (err != cudaSuccess) {
     cudaGetLastError();
     p.reason = std::string("cudaGetDeviceProperties failed: ") + cudaGetErrorString(err);
@@ -80,26 +88,18 @@ CudaProbe run_probe() {
   p.compute_capability = prop.major * 10 + prop.minor;
   p.total_memory = static_cast<int64_t>(prop.totalGlobalMem);
   if (prop.major < 8) {
-    p.reason = "GPU " + p.device_name + " has compute capability " + std::to_string(prop.major) + "." +
-               std::to_string(prop.minor) +
+    p.reason = "GPU " + std::to_string(device) + " (" + p.device_name + ") has compute capability " +
+               std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                "; the CUDA backend needs 8.0 or newer (bf16 tensor cores: A100, H100, RTX 30xx and later)";
     return p;
   }
-
-  const gpu::CublasLibrary& cublas = gpu::cublas_library();
-  if (!cublas.loaded) {
-    p.reason = cublas.error;
-    return p;
-  }
-  p.cublas_library = cublas.path + (cublas.version.empty() ? "" : " (" + cublas.version + ")");
-
   // Creating the context catches GPUs that exist but cannot be used (exclusive-process mode, no memory).
   err = cudaSetDevice(device);
   if (err == cudaSuccess) err = cudaFree(nullptr);
   if (err != cudaSuccess) {
     cudaGetLastError();
-    p.reason = "GPU " + p.device_name + " cannot be used: " + cudaGetErrorName(err) + " (" +
-               cudaGetErrorString(err) + ")";
+    p.reason = "GPU " + std::to_string(device) + " (" + p.device_name + ") cannot be used: " + cudaGetErrorName(err) +
+               " (" + cudaGetErrorString(err) + ")";
     return p;
   }
   p.usable = true;
@@ -109,29 +109,52 @@ CudaProbe run_probe() {
 
 }  // namespace
 
-CudaProbe probe_cuda() {
-  static CudaProbe result;
+CudaProbe probe_cuda(int device) {
+  // The system part once per process (drivers and GPUs do not appear at run time), each GPU's once.
+  static CudaProbe system;
+  static int count = 0;
   static std::once_flag once;
   std::call_once(once, [] {
     try {
-      result = run_probe();
+      system = probe_system(&count);
     } catch (const std::exception& e) {
-      result = CudaProbe();
-      result.compiled = true;
-      result.reason = std::string("CUDA probe failed: ") + e.what();
+      system = CudaProbe();
+      system.compiled = true;
+      system.reason = std::string("CUDA probe failed: ") + e.what();
     }
   });
-  return result;
+  if (!system.reason.empty()) return system;
+  CudaProbe p = system;
+  p.device_count = count;
+  std::string error;
+  const int index = device < 0 ? gpu::selected_device(count, &error) : device;
+  if (index < 0 || index >= count) {
+    p.device_index = index < 0 ? -1 : index;
+    p.reason = index < 0 ? error : "cuda.device " + std::to_string(index) + " is not one of the " +
+                                       std::to_string(count) + " visible GPU(s) (0 to " + std::to_string(count - 1) + ")";
+    return p;
+  }
+  static std::mutex mutex;
+  static std::map<int, CudaProbe> devices;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = devices.find(index);
+  if (it == devices.end()) {
+    CudaProbe d;
+    try {
+      d = probe_device(p, index);
+    } catch (const std::exception& e) {
+      d = p;
+      d.reason = std::string("CUDA probe failed: ") + e.what();
+    }
+    it = devices.emplace(index, d).first;
+  }
+  return it->second;
 }
 
-CudaMemoryInfo cuda_memory_info() {
+CudaMemoryInfo cuda_memory_info(int device) {
   CudaMemoryInfo info;
-  if (!probe_cuda().usable) return info;
-  int count = 0;
-  std::string error;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) return info;
-  const int device = gpu::selected_device(count, &error);
-  if (device < 0 || cudaSetDevice(device) != cudaSuccess) return info;
+  const CudaProbe p = probe_cuda(device);
+  if (!p.usable || cudaSetDevice(p.device_index) != cudaSuccess) return info;
   size_t free_bytes = 0, total_bytes = 0;
   if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return info;
   info.ok = true;

@@ -147,22 +147,26 @@ struct CudaProbe {
   bool compiled = false;
   bool usable = false;
   std::string reason;       // why not usable, or "" when usable
+  int device_count = 0;     // GPUs visible (0 when the driver or runtime failed)
+  int device_index = -1;    // the GPU probed (-1 when none could be chosen)
   std::string device_name;  // e.g. "NVIDIA H200"
   int compute_capability = 0;
   int64_t total_memory = 0;
   std::string cublas_library;
 };
-CudaProbe probe_cuda();
-// cudaMemGetInfo on the selected GPU (bytes); ok false without a usable CUDA backend. For tests and
+// device: an index among the visible GPUs; -1 picks $TFEW_CUDA_DEVICE, else 0.
+CudaProbe probe_cuda(int device = -1);
+// cudaMemGetInfo on a GPU (bytes; device as probe_cuda's); ok false without a usable CUDA backend. For tests and
 // benchmarks: what dispose() gives back, peak device memory.
 struct CudaMemoryInfo {
   bool ok = false;
   int64_t free_bytes = 0, total_bytes = 0;
 };
-CudaMemoryInfo cuda_memory_info();
+CudaMemoryInfo cuda_memory_info(int device = -1);
 // How a CUDA engine runs. Each switch comes from the load options (T5Model.load's `cuda`), else from its
 // environment variable (TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_GRAPHS), else the default.
 struct CudaEngineOptions {
+  int device = -1;          // which GPU, an index among the visible ones; -1: $TFEW_CUDA_DEVICE, else 0
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
   int fused_backward = -1;  // bf16 training: -1 default (with fused_attention, where supported), 0 cuBLAS, 1 on

@@ -822,10 +822,19 @@ Napi::Value NativeModel::CreateTrainingSession(const Napi::CallbackInfo& info) {
   });
 }
 
+// A GPU index argument: undefined or null picks the default ($TFEW_CUDA_DEVICE, else 0: -1 here); else an integer
+// >= 0 (whether that GPU exists is the probe's to say).
+static int device_index_arg(const Napi::Value& v, const char* what) {
+  if (v.IsUndefined() || v.IsNull()) return -1;
+  const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+  if (!is_integer_in(d, 0, 1 << 20)) fail(ErrorCode::InvalidArgument, std::string(what) + " must be an integer >= 0");
+  return static_cast<int>(d);
+}
+
 // The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
 static constexpr int kMaxCpuThreads = 256;
 
-// loadModel(config, tensors, { device, threads, cuda?: { precision?, fusedAttention?, fusedBackward?, graphs?,
+// loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?, graphs?,
 // graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
@@ -876,6 +885,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
     CudaEngineOptions cuda;
     if (opts.Has("cuda") && opts.Get("cuda").IsObject()) {
       Napi::Object c = opts.Get("cuda").As<Napi::Object>();
+      if (c.Has("device")) cuda.device = device_index_arg(c.Get("device"), "cuda.device");
       if (c.Has("precision") && c.Get("precision").IsString()) cuda.precision = c.Get("precision").As<Napi::String>().Utf8Value();
       if (c.Has("fusedAttention") && c.Get("fusedAttention").IsBoolean())
         cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
@@ -895,13 +905,21 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   });
 }
 
+// probeCuda(device?) -> { compiled, usable, reason, deviceCount, deviceIndex, deviceName, ... }
 static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  CudaProbe p = probe_cuda();
+  CudaProbe p;
+  try {
+    p = probe_cuda(device_index_arg(info[0], "probeCuda's device"));
+  } catch (const TfewError& e) {
+    throw to_js_error(env, e.code(), e.what());
+  }
   Napi::Object o = Napi::Object::New(env);
   o.Set("compiled", Napi::Boolean::New(env, p.compiled));
   o.Set("usable", Napi::Boolean::New(env, p.usable));
   o.Set("reason", Napi::String::New(env, p.reason));
+  o.Set("deviceCount", Napi::Number::New(env, p.device_count));
+  o.Set("deviceIndex", Napi::Number::New(env, p.device_index));
   o.Set("deviceName", Napi::String::New(env, p.device_name));
   o.Set("computeCapability", Napi::Number::New(env, p.compute_capability));
   o.Set("totalMemory", Napi::Number::New(env, static_cast<double>(p.total_memory)));
@@ -909,10 +927,15 @@ static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// cudaMemoryInfo() -> { free, total } in bytes, or null without a usable CUDA backend.
+// cudaMemoryInfo(device?) -> { free, total } in bytes, or null without a usable CUDA backend (on that GPU).
 static Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  CudaMemoryInfo m = cuda_memory_info();
+  CudaMemoryInfo m;
+  try {
+    m = cuda_memory_info(device_index_arg(info[0], "cudaMemoryInfo's device"));
+  } catch (const TfewError& e) {
+    throw to_js_error(env, e.code(), e.what());
+  }
   if (!m.ok) return env.Null();
   Napi::Object o = Napi::Object::New(env);
   o.Set("free", Napi::Number::New(env, static_cast<double>(m.free_bytes)));

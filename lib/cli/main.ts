@@ -8,7 +8,7 @@ import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 
 import { IA3Adapter } from '../adapter';
 import { InvalidArgumentError, TfewError } from '../errors';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type GraphWarmUpShape, type RecomputeLevel } from '../model';
-import { native, type CudaOptions, type ReserveShape } from '../native';
+import { native, type CudaOptions, type CudaProbe, type ReserveShape } from '../native';
 import { classify } from '../pipeline/classify';
 import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
 import { formatBytes, formatFlops, ia3ParameterCount, parameterCount } from '../pipeline/cost';
@@ -60,7 +60,7 @@ function num(name: string) {
 const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(Boolean);
 
 interface CudaOpts {
-  cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
+  cudaDevice?: number; cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
   cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaGraphs?: boolean; cudaGraphBuckets?: boolean;
 }
 interface ModelOpts extends CudaOpts { model: string; device: DeviceOption; threads?: number }
@@ -77,6 +77,7 @@ interface RecipeOpts {
 // T5Model.load's `cuda` switches. The choices are the library's own lists, so the CLI accepts exactly what it does.
 function addCudaOptions(cmd: Command): Command {
   return cmd
+    .option('--cuda-device <n>', 'CUDA: which GPU, an index among the visible ones (default: $TFEW_CUDA_DEVICE, else 0)', int('--cuda-device'))
     .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
     .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
@@ -88,6 +89,7 @@ function addCudaOptions(cmd: Command): Command {
 /** The `cuda` load option from the flags; flags not given stay unset, so the TFEW_CUDA_* variables still apply. */
 function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   const c: CudaOptions = {};
+  if (o.cudaDevice !== undefined) c.device = o.cudaDevice;
   if (o.cudaPrecision !== undefined) c.precision = o.cudaPrecision;
   if (o.cudaCrossAttention !== undefined) c.crossAttention = o.cudaCrossAttention;
   // commander defaults a --no-x flag to true: only an explicit --no-x (false) is passed on
@@ -640,6 +642,8 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const cuda = addon.probeCuda();
         info.addon = { version: addon.version, ...addon.buildInfo };
         info.cuda = cuda;
+        // every visible GPU, when there are several (models pick one with cuda.device / --cuda-device)
+        if (cuda.deviceCount > 1) info.gpus = Array.from({ length: cuda.deviceCount }, (_, i) => addon.probeCuda(i));
         info.defaultDevice = cuda.usable ? 'cuda' : 'cpu';
       } catch (e) {
         ok = false;
@@ -657,7 +661,11 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         const cuda = info.cuda as Record<string, unknown> | undefined;
         if (cuda) {
           io.out(`cuda usable  ${cuda.usable ? 'yes' : 'no'}${cuda.reason ? ` (${cuda.reason})` : ''}`);
-          if (cuda.deviceName) io.out(`gpu          ${cuda.deviceName}, compute capability ${cuda.computeCapability}, ${formatBytes(Number(cuda.totalMemory))}`);
+          const gpus = (info.gpus as CudaProbe[] | undefined) ?? (cuda.deviceName ? [cuda as unknown as CudaProbe] : []);
+          for (const g of gpus) {
+            io.out(`gpu ${String(g.deviceIndex).padEnd(9)}${g.deviceName}, compute capability ${g.computeCapability}, ${formatBytes(Number(g.totalMemory))}` +
+                   `${g.usable ? '' : ` (not usable: ${g.reason})`}${gpus.length > 1 && g.deviceIndex === cuda.deviceIndex ? ' (default)' : ''}`);
+          }
           io.out(`cublas       ${cuda.cublasLibrary || 'not found'}`);
           io.out(`device       models load on ${info.defaultDevice} with device: 'auto'`);
         }

@@ -1,0 +1,111 @@
+// Which GPU a model runs on (cuda.device): one process can hold a model on each GPU. Each model's work runs on
+// its own GPU whatever thread of the pool runs it (the engine sets its device before any work); memory is taken
+// from that GPU and given back to it; an index that is not visible is a DeviceUnavailableError naming the count.
+//
+// On the emulator the checks with two GPUs run in a child process with TFEW_EMU_DEVICES=2: there each thread has
+// a current device, and work on another device's stream, or cuBLAS operands in another device's memory, fail as
+// they would on a GPU (so a missing cudaSetDevice shows). On a real GPU they run when it has two or more.
+import { spawnSync } from 'child_process';
+import * as path from 'path';
+import { DeviceUnavailableError, InvalidArgumentError, T5Model } from '../../lib';
+import { native } from '../../lib/native';
+import { loadFixture } from '../helpers/reference';
+import { describeCuda, emulated } from './helpers';
+
+jest.setTimeout(300_000);
+
+const fx = loadFixture('tiny-gated-gelu-untied');
+
+describeCuda('cuda.device: which GPU a model runs on', () => {
+  test('the probe names the GPU; an index that is not visible is refused with the count', async () => {
+    const probe = native().probeCuda();
+    expect(probe.deviceCount).toBeGreaterThanOrEqual(1);
+    expect(probe.deviceIndex).toBeGreaterThanOrEqual(0);
+    expect(native().probeCuda(probe.deviceIndex)).toEqual(probe);
+    const missing = native().probeCuda(probe.deviceCount);
+    expect(missing.usable).toBe(false);
+    expect(missing.reason).toMatch(new RegExp(`not one of the ${probe.deviceCount} visible GPU`));
+    expect(native().cudaMemoryInfo(probe.deviceCount)).toBeNull();
+    await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceCount } })).rejects.toThrow(DeviceUnavailableError);
+    await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: -1 } })).rejects.toThrow(InvalidArgumentError);
+    await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: 0.5 } })).rejects.toThrow(InvalidArgumentError);
+    // 'auto' falls back to the CPU and says why
+    const m = await T5Model.load(fx.dir, { device: 'auto', threads: 1, cuda: { device: probe.deviceCount } });
+    try {
+      expect(m.device).toBe('cpu');
+      expect(m.deviceReason).toMatch(/not one of the/);
+    } finally {
+      await m.dispose();
+    }
+    const explicit = await T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceIndex, precision: 'fp32' } });
+    try {
+      expect(explicit.describe()).toContain(`cuda:${probe.deviceIndex} `);
+    } finally {
+      await explicit.dispose();
+    }
+  });
+
+  // The checks with two GPUs (a script, so that the emulator can run it with two emulated GPUs in a child process).
+  const script = `
+    const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib'))});
+    const { native } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib', 'native'))});
+    const dir = ${JSON.stringify(fx.dir)};
+    const inputs = [[5, 6, 7, 8, 1], [9, 10, 1]], choices = [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1]]];
+    const batch = { inputIds: inputs, choices, labels: [1, 0] };
+    const free = (d) => native().cudaMemoryInfo(d).free;
+    async function run(m, adapter) {
+      const r = [];
+      for (let i = 0; i < 3; i++) r.push((await m.rankClassify(inputs, choices, { adapter })).logProbs);  // eager, capture, replay
+      const g = await m.lossAndGradients(batch, { adapter });
+      return { logProbs: r, loss: g.totalLoss, grad: Array.from(Object.values(g.gradients)[0].slice(0, 8)) };
+    }
+    (async () => {
+      const out = { count: native().probeCuda().deviceCount, names: [0, 1].map((d) => native().probeCuda(d).usable) };
+      const free0 = free(0), free1 = free(1);
+      const a = await T5Model.load(dir, { device: 'cuda', cuda: { device: 0, precision: 'fp32' } });
+      const b = await T5Model.load(dir, { device: 'cuda', cuda: { device: 1, precision: 'fp32' } });
+      out.describe = [a.describe(), b.describe()];
+      const adapter = IA3Adapter.create(a, 1.05);
+      out.loadedOn1 = free1 - free(1);
+      // the two models' calls interleaved on the thread pool: each must run on its own GPU
+      const [ra, rb] = await Promise.all([run(a, adapter), run(b, adapter)]);
+      out.a = ra; out.b = rb;
+      const rb2 = await run(b, adapter);  // after device 0's work on the same threads
+      out.b2 = rb2;
+      const usedOn0 = free0 - free(0);
+      await a.dispose();
+      out.freedOn0 = free0 - free(0);
+      out.usedOn0 = usedOn0;
+      out.usedOn1 = free1 - free(1);
+      await b.dispose();
+      out.freedOn1 = free1 - free(1);
+      process.stdout.write(JSON.stringify(out));
+    })().catch((e) => { process.stdout.write(JSON.stringify({ fatal: String(e && e.stack || e) })); });`;
+
+  const twoGpus = emulated() || native().probeCuda().deviceCount >= 2;
+  (twoGpus ? test : test.skip)('two models on two GPUs: the same results, each GPU\'s own memory, interleaved calls', () => {
+    const env = emulated() ? { ...process.env, TFEW_EMU_DEVICES: '2' } : process.env;
+    const child = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+    expect(child.stderr).not.toMatch(/emulator\] .* (while device|of device)/);
+    expect(child.status).toBe(0);
+    const out = JSON.parse(child.stdout);
+    expect(out.fatal).toBeUndefined();
+    expect(out.count).toBeGreaterThanOrEqual(2);
+    expect(out.names).toEqual([true, true]);
+    expect(out.describe[0]).toContain('cuda:0 ');
+    expect(out.describe[1]).toContain('cuda:1 ');
+    // model b's weights and arena on GPU 1, none of it on GPU 0 once a is gone; all of it back after dispose
+    expect(out.loadedOn1).toBeGreaterThan(0);
+    expect(out.usedOn1).toBeGreaterThan(0);
+    expect(out.freedOn0).toBeLessThan(out.usedOn0);
+    if (emulated()) {
+      expect(out.freedOn0).toBe(0);
+      expect(out.freedOn1).toBe(0);
+    }
+    // the same maths on both GPUs (fp32, the same kernels), graphs included (the third call replays)
+    expect(out.b.logProbs).toEqual(out.a.logProbs);
+    expect(out.b.loss).toBe(out.a.loss);
+    expect(out.b.grad).toEqual(out.a.grad);
+    expect(out.b2).toEqual(out.b);
+  });
+});
