@@ -21,16 +21,18 @@ FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'test', 'fi
 
 
 def load_st(path):
+    """A safetensors file's tensors as numpy arrays (F32, F64, I64; BF16 widened to float32 exactly)."""
     b = open(path, 'rb').read()
     n = struct.unpack('<Q', b[:8])[0]
     h = json.loads(b[8:8 + n])
     out = {}
-    dt = {'F32': '<f4', 'F64': '<f8', 'I64': '<i8', 'BF16': None}
+    dt = {'F32': '<f4', 'F64': '<f8', 'I64': '<i8', 'BF16': '<u2'}
     for k, v in h.items():
         if k == '__metadata__':
             continue
         s, e = v['data_offsets']
-        out[k] = np.frombuffer(b[8 + n + s:8 + n + e], dtype=dt[v['dtype']]).reshape(v['shape'])
+        a = np.frombuffer(b[8 + n + s:8 + n + e], dtype=dt[v['dtype']]).reshape(v['shape'])
+        out[k] = (a.astype(np.uint32) << 16).view(np.float32) if v['dtype'] == 'BF16' else a
     return out
 
 

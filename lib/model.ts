@@ -245,6 +245,8 @@ export class T5Model {
   readonly device: 'cpu' | 'cuda';
   /** Why this backend was chosen (e.g. why CUDA was not used). */
   readonly deviceReason: string;
+  /** CUDA: the GPU the model is on (an index among the visible ones; CudaOptions.device); null on the CPU. */
+  readonly gpuIndex: number | null;
   private nativeModel: NativeModel | undefined;
   private readonly tensors: NativeTensorSpec[];
   private readonly threads: number;
@@ -259,7 +261,7 @@ export class T5Model {
   private disposing: Promise<void> | undefined;
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
-                      nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined) {
+                      nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined, gpuIndex: number) {
     this.dir = dir;
     this.threads = threads;
     this.cudaOptions = cudaOptions;
@@ -269,17 +271,23 @@ export class T5Model {
     this.nativeModel = nm;
     this.device = nm.device;
     this.deviceReason = reason;
+    this.gpuIndex = nm.device === 'cuda' ? gpuIndex : null;
   }
 
   /**
    * Chooses the backend for `device` and says why; `gpu` is the GPU index (CudaOptions.device). Throws
-   * DeviceUnavailableError for 'cuda' without a usable GPU there.
+   * DeviceUnavailableError for 'cuda' without a usable GPU there, and for a `gpu` that is not visible.
    */
   static selectDevice(device: DeviceOption = 'auto', gpu?: number): { device: 'cpu' | 'cuda'; reason: string; probe: CudaProbe } {
     checkGpuIndex(gpu, 'the GPU index');
     const probe = native().probeCuda(gpu);
     const on = `${probe.deviceName}${probe.deviceCount > 1 ? ` (GPU ${probe.deviceIndex} of ${probe.deviceCount})` : ''}`;
     if (device === 'cpu') return { device: 'cpu', reason: 'device: cpu was requested', probe };
+    // a GPU asked for by index that is not there: an error with 'auto' too (a model meant for GPU 3 of a machine
+    // with 2 should not quietly run on the CPU); 'auto' falls back only where CUDA cannot run at all
+    if (gpu !== undefined && probe.deviceCount > 0 && gpu >= probe.deviceCount) {
+      throw new DeviceUnavailableError(probe.reason);
+    }
     if (device === 'cuda') {
       if (!probe.usable) throw new DeviceUnavailableError(`device 'cuda' is not available: ${probe.reason}`);
       return { device: 'cuda', reason: `CUDA on ${on}`, probe };
@@ -298,7 +306,7 @@ export class T5Model {
     }
     const { config, tensors } = resolveCheckpoint(dir);
     const cudaOptions = checkCudaOptions(options.cuda);
-    const { device, reason } = T5Model.selectDevice(options.device ?? 'auto', cudaOptions?.device);
+    const { device, reason, probe } = T5Model.selectDevice(options.device ?? 'auto', cudaOptions?.device);
     const threads = options.threads ?? Math.min(MAX_CPU_THREADS, Math.max(1, os.cpus().length));
     if (!Number.isInteger(threads) || threads < 1 || threads > MAX_CPU_THREADS) {
       throw new InvalidArgumentError(`threads must be an integer in [1, ${MAX_CPU_THREADS}], got ${String(threads)}`);
@@ -315,7 +323,8 @@ export class T5Model {
     } catch (e) {
       throw fromNative(e);
     }
-    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, options.cuda);
+    // (a copy: the caller's object may change; withMergedAdapter loads with it again)
+    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, cudaOptions && { ...cudaOptions }, probe.deviceIndex);
     if (options.mergeAdapter) {
       try {
         await nm.mergeAdapter(options.mergeAdapter.data);
@@ -343,7 +352,9 @@ export class T5Model {
       for (let i = 0; i < product.length; i++) product[i] *= adapter.data[i];
       merged = IA3Adapter.fromFlat(this.config, product);
     }
-    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: merged, cuda: this.cudaOptions });
+    // (on the same GPU, even where that was TFEW_CUDA_DEVICE's choice)
+    const cuda = this.gpuIndex === null ? this.cudaOptions : { ...this.cudaOptions, device: this.gpuIndex };
+    return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: merged, cuda });
   }
 
   get disposed(): boolean {

@@ -10,7 +10,8 @@ export type NativeDType = 'F64' | 'F32' | 'F16' | 'BF16';
 export interface CudaOptions {
   /**
    * Which GPU: an index among the visible ones (as CUDA_VISIBLE_DEVICES leaves them), so that one process can hold
-   * a model on each GPU. Default: $TFEW_CUDA_DEVICE, else 0. An index that is not visible is a DeviceUnavailableError.
+   * a model on each GPU. Default: $TFEW_CUDA_DEVICE, else 0. An index that is not visible is a DeviceUnavailableError
+   * (with device 'auto' too, when there are GPUs: a model meant for a GPU does not quietly run on the CPU).
    */
   device?: number;
   /** 'bf16' (default): bf16 storage, fp32 accumulation. 'fp32': fp32 everywhere, no TF32 (verification). */
@@ -176,13 +177,19 @@ export interface GraphStats {
   captures: number;
   eager: number;
   /**
-   * Captures whose graph found no device memory, even after the cached graphs were dropped to make room (those
-   * calls ran eagerly). Three in a row turn graphs off (offReason says so); any other capture failure turns them
-   * off at once.
+   * Graphs that found no device memory to instantiate, even after every cached graph was dropped to make room, or
+   * to launch (those calls ran eagerly). Three failed captures in a row turn graphs off (offReason says so); any
+   * other capture failure turns them off at once.
    */
   captureFailures: number;
   /** Graphs held now (at most 64 per kind; the least recently used goes first). */
   cached: number;
+  /**
+   * Once a graph found device memory only by evicting others: how many graphs fit; shapes beyond them run eagerly
+   * (capturing them would evict graphs in use, and shapes taking turns would be captured again and again). 0 while
+   * no such limit was seen, and after reserveMemory().
+   */
+  graphLimit: number;
   /** Bytes of the activation arena held now (0 on the CPU backend, and before the first call or reserve). */
   arenaBytes: number;
   /**

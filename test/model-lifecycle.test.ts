@@ -105,7 +105,7 @@ describe('graphStats()', () => {
   test('the CPU backend has no graphs (all zero); a disposed model throws DisposedError', async () => {
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
     await m.rankClassify(inputs, choices);
-    expect(m.graphStats()).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, captureFailures: 0, cached: 0,
+    expect(m.graphStats()).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, captureFailures: 0, cached: 0, graphLimit: 0,
       arenaBytes: 0, arenaGrowths: 0, last: null });
     await m.dispose();
     expect(() => m.graphStats()).toThrow(DisposedError);

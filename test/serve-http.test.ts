@@ -102,7 +102,7 @@ describe('RankServer', () => {
     const health = await (await fetch(`${base}/health`)).json();
     expect(health).toMatchObject({ status: 'ok', device: 'cpu', adapters: ['sentiment', 'topic'] });
     expect(health.stats.requests).toBeGreaterThan(0);
-    expect(health.graphs).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, captureFailures: 0, cached: 0, arenaBytes: 0, arenaGrowths: 0, last: null });  // CPU
+    expect(health.graphs).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, captureFailures: 0, cached: 0, graphLimit: 0, arenaBytes: 0, arenaGrowths: 0, last: null });  // CPU
   });
 
   test('token ids beyond maxInputLength, a non-array "requests": 400 with the reason', async () => {

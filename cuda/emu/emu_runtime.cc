@@ -743,6 +743,10 @@ cudaError_t cudaFree(void* p) {
   std::lock_guard<std::mutex> lock(g_memory_mutex);
   auto it = g_allocations.find(reinterpret_cast<uintptr_t>(p));
   if (it == g_allocations.end() || !it->second.device) return record(cudaErrorInvalidValue);
+  // (CUDA frees it, but with another GPU current, one that had no context yet gets one: a few hundred MiB there)
+  if (it->second.device_index != tl_device)
+    std::fprintf(stderr, "[tfew cuda emulator] cudaFree of memory of device %d while device %d is current\n",
+                 it->second.device_index, tl_device);
   g_device_bytes[it->second.device_index] -= (std::max<size_t>(it->second.size, 1) + 255) / 256 * 256;
   g_allocations.erase(it);
   std::free(p);

@@ -24,8 +24,10 @@
 //   TFEW_EMU_SCHEDULE=reverse; a result that depends on the order shows a missing barrier.
 // - Several GPUs (TFEW_EMU_DEVICES=n): each thread has a current device; streams, events, graphs, memory and
 //   cuBLAS handles belong to the device current at their creation. Kernel launches, event records and graph
-//   launches on another device's stream fail (cudaErrorInvalidResourceHandle), and cuBLAS refuses operands in
-//   another device's memory, as a GPU would: a missing cudaSetDevice shows.
+//   launches on another device's stream fail (cudaErrorInvalidResourceHandle, as on a GPU), cuBLAS refuses
+//   operands in another device's memory (a GPU would fault), and cudaFree with another device current is reported
+//   on stderr (CUDA allows it, but it creates a context there): a missing cudaSetDevice shows. Kernels' own
+//   pointers are not checked, and one device fault stops every emulated GPU (a GPU loses only its own context).
 // Not emulated: timing (events measure host time), concurrency between streams, memory-model subtleties.
 #pragma once
 #include <cuda_runtime_api.h>

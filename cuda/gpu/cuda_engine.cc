@@ -376,6 +376,8 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
     staging_in_.reserve(inputs);
     staging_out_.reserve(std::max<size_t>(outputs, sizeof(float)));
     ensure_adapter_slots(slots, /*for_call=*/false);
+    graph_memory_limit_ = 0;  // (how many graphs fit is seen again, in the memory as now planned)
+    stats_->update([](GraphStats& s) { s.graph_limit = 0; });
     for (const ReservedTraining& t : training) {  // (one already reserved that covers it decides the same)
       const bool covered = std::any_of(reserved_training_.begin(), reserved_training_.end(),
                                        [&](const ReservedTraining& old) { return old.covers(t.shape, t.n_adapters); });
@@ -463,11 +465,12 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_forward(const Plan<T>& plan
 
 template <typename T>
 void CudaEngine<T>::note_launch(const char* kind, const Shape& shape, Launch launch) {
-  const int64_t cached = static_cast<int64_t>(graphs_.graphs.size() + train_graphs_.graphs.size());
+  const int64_t cached = static_cast<int64_t>(cached_graphs()), limit = static_cast<int64_t>(graph_memory_limit_);
   stats_->update([&](GraphStats& s) {
     (launch == Launch::Replay ? s.replays : launch == Launch::Capture ? s.captures : s.eager) += 1;
     graph_switches(s);  // (a failed capture turns graphs off)
     s.cached = cached;
+    s.graph_limit = limit;
     s.last_kind = kind;
     s.last_launch = launch_name(launch);
     s.last_batch = shape.batch;
@@ -491,28 +494,57 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   auto it = cache.graphs.find(key);
   if (it != cache.graphs.end()) {
     it->second.last_use = ++cache.clock;
-    TFEW_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream_));
-    return Launch::Replay;
-  }
-  if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
-  const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
-  if (!repeated) {
+    if (launch_graph(it->second.exec)) return Launch::Replay;
+    cudaGraphExecDestroy(it->second.exec);  // (a graph that cannot launch here goes; the call runs eagerly)
+    cache.graphs.erase(it);
     enqueue();
     return Launch::Eager;
   }
-  cudaGraphExec_t exec = capture(enqueue);
+  if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
+  const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
+  // Once the device has shown how many graphs it holds, a shape beyond them runs eagerly: capturing it would evict
+  // a graph in use, and shapes taking turns would be captured again and again, slower than launching them.
+  const bool room = graph_memory_limit_ == 0 || cached_graphs() < graph_memory_limit_;
+  if (!repeated || !room) {
+    enqueue();
+    return Launch::Eager;
+  }
+  // Room for a graph that finds no device memory: this kind's least recently used graph, then the other kind's.
+  auto make_room = [&]() -> bool {
+    if (!cache.graphs.empty()) {
+      cache.evict_one();
+      return true;
+    }
+    if (cached_graphs() == 0) return false;
+    destroy_graphs();
+    return true;
+  };
+  cudaGraphExec_t exec = capture(enqueue, make_room);
   if (!exec) {
     enqueue();
     return Launch::Eager;
   }
   if (cache.graphs.size() >= kMaxCachedGraphs) cache.evict_one();
   cache.graphs[key] = {exec, ++cache.clock};
-  TFEW_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
-  return Launch::Capture;
+  if (launch_graph(exec)) return Launch::Capture;
+  cudaGraphExecDestroy(exec);
+  cache.graphs.erase(key);
+  enqueue();
+  return Launch::Eager;
 }
 
 template <typename T>
-cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
+bool CudaEngine<T>::launch_graph(cudaGraphExec_t exec) {
+  const cudaError_t e = cudaGraphLaunch(exec, stream_);
+  if (e == cudaSuccess) return true;
+  if (e != cudaErrorMemoryAllocation) TFEW_CUDA_CHECK(e);
+  cudaGetLastError();  // (out of memory is not sticky)
+  stats_->update([](GraphStats& s) { ++s.capture_failures; });
+  return false;
+}
+
+template <typename T>
+cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue, const std::function<bool()>& make_room) {
   cudaGraph_t graph = nullptr;
   TFEW_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   std::string failure;
@@ -528,14 +560,16 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
   bool out_of_memory = false;
   if (failure.empty()) {
     e = cudaGraphInstantiate(&exec, graph, 0);
-    if (e == cudaErrorMemoryAllocation) {
-      // An executable graph holds device memory, and a reservation may have left none: the cached graphs free
-      // theirs (they are captured again when their shapes come back), and it is tried once more.
+    // An executable graph holds device memory, and a reservation may have left none: cached graphs make room, one
+    // at a time, and the count that then fits becomes the limit (launch_cached).
+    bool evicted = false;
+    while (e == cudaErrorMemoryAllocation && make_room()) {
       cudaGetLastError();
       exec = nullptr;
-      destroy_graphs();
+      evicted = true;
       e = cudaGraphInstantiate(&exec, graph, 0);
     }
+    if (e == cudaSuccess && evicted) graph_memory_limit_ = cached_graphs() + 1;  // (this one included)
     if (e != cudaSuccess) {
       out_of_memory = e == cudaErrorMemoryAllocation;
       failure = std::string("cudaGraphInstantiate: ") + cudaGetErrorString(e);
@@ -545,17 +579,15 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue) {
   if (graph) cudaGraphDestroy(graph);
   if (!failure.empty()) {
     cudaGetLastError();
+    if (out_of_memory) stats_->update([](GraphStats& s) { ++s.capture_failures; });
     // Out of memory is a state of the device, not a defect of capture here: the call runs eagerly and graphs stay
     // on, unless it keeps happening (then each capture would only cost the call its time).
-    if (out_of_memory && ++graph_memory_failures_ < kMaxGraphMemoryFailures) {
-      stats_->update([](GraphStats& s) { ++s.capture_failures; });
-      return nullptr;
-    }
-    if (out_of_memory) stats_->update([](GraphStats& s) { ++s.capture_failures; });
+    if (out_of_memory && ++graph_memory_failures_ < kMaxGraphMemoryFailures) return nullptr;
     graphs_enabled_ = false;
     graph_note_ = out_of_memory ? "off (no device memory for graphs: " + std::to_string(kMaxGraphMemoryFailures) +
                                       " captures in a row failed: " + failure + ")"
                                 : "off (capture failed: " + failure + ")";
+    destroy_graphs();  // (their memory back: nothing replays them any more)
     return nullptr;
   }
   graph_memory_failures_ = 0;

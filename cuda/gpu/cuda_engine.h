@@ -185,9 +185,13 @@ class CudaEngine final : public Engine {
   // Counts a call in stats_ and the shape it ran at.
   void note_launch(const char* kind, const Shape& shape, Launch launch);
   // Returns null when capture does not work here (graphs go off for this engine) or the graph finds no device
-  // memory even after the cached ones are dropped (the call runs eagerly; kMaxGraphMemoryFailures in a row turn
-  // graphs off).
-  cudaGraphExec_t capture(const std::function<void()>& enqueue);
+  // memory even after make_room() has dropped every cached graph it could (the call runs eagerly;
+  // kMaxGraphMemoryFailures in a row turn graphs off).
+  cudaGraphExec_t capture(const std::function<void()>& enqueue, const std::function<bool()>& make_room);
+  // Launches a cached graph; false (counted in capture_failures) when the launch found no device memory (a graph's
+  // first launch uploads it), and the caller drops the graph and runs eagerly. Other errors throw.
+  bool launch_graph(cudaGraphExec_t exec);
+  size_t cached_graphs() const { return graphs_.graphs.size() + train_graphs_.graphs.size(); }
 
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
@@ -273,6 +277,9 @@ class CudaEngine final : public Engine {
   bool graphs_enabled_ = true;
   std::string graph_note_;
   int graph_memory_failures_ = 0;  // captures in a row whose graph found no device memory
+  // Once a graph found device memory only by evicting others: how many graphs the device holds (0: no limit seen).
+  // Beyond it new shapes run eagerly; reserve() clears it (the memory is planned anew).
+  size_t graph_memory_limit_ = 0;
   // Small rank-classification calls run padded up to graph_bucket_length (cuda.graphBuckets), so that calls of
   // similar lengths replay one graph instead of launching eagerly.
   bool graph_buckets_ = true;

@@ -15,6 +15,7 @@ class DeviceTrainingSession final : public TrainingSession {
   DeviceTrainingSession(CudaEngine<T>& engine, const T5Config& config, std::vector<std::vector<float>> initial,
                         const OptimizerOptions& options)
       : engine_(engine), options_(options), size_(IA3Layout::make(config).total), n_(static_cast<int>(initial.size())) {
+    TFEW_CUDA_CHECK(cudaGetDevice(&device_));  // (the engine's: create_training_session set it)
     TFEW_CHECK_ARG(n_ > 0, "a training session needs at least one adapter");
     TFEW_CHECK_ARG(options.total_steps >= 1, "total_steps must be >= 1");
     for (const auto& v : initial)
@@ -46,6 +47,10 @@ class DeviceTrainingSession final : public TrainingSession {
     steps_taken_.assign(n_, 0);
   }
 
+  // Its memory is freed on its own GPU, whichever thread ends it (a pool thread that never set a device, the
+  // garbage collector's): freeing with another GPU current would create a context there.
+  ~DeviceTrainingSession() override { cudaSetDevice(device_); }
+
   int num_adapters() const override { return n_; }
 
   TrainStepOutput step(Engine& engine, const Batch& batch, const LossOptions& loss, int schedule_step) override {
@@ -58,6 +63,7 @@ class DeviceTrainingSession final : public TrainingSession {
  private:
   friend class CudaEngine<T>;
   CudaEngine<T>& engine_;
+  int device_ = 0;
   OptimizerOptions options_;
   int64_t size_;
   int n_;

@@ -64,6 +64,7 @@ CudaProbe probe_system(int* count) {
     p.reason = "no CUDA-capable GPU is visible";
     return p;
   }
+  p.device_count = device_count;
   const gpu::CublasLibrary& cublas = gpu::cublas_library();
   if (!cublas.loaded) {
     p.reason = cublas.error;
@@ -134,21 +135,22 @@ CudaProbe probe_cuda(int device) {
                                        std::to_string(count) + " visible GPU(s) (0 to " + std::to_string(count - 1) + ")";
     return p;
   }
+  // Kept: a usable GPU, or one too old. A GPU that could not be used now (busy in exclusive-process mode, out of
+  // memory for a context) is probed again next time.
   static std::mutex mutex;
   static std::map<int, CudaProbe> devices;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = devices.find(index);
-  if (it == devices.end()) {
-    CudaProbe d;
-    try {
-      d = probe_device(p, index);
-    } catch (const std::exception& e) {
-      d = p;
-      d.reason = std::string("CUDA probe failed: ") + e.what();
-    }
-    it = devices.emplace(index, d).first;
+  if (it != devices.end()) return it->second;
+  CudaProbe d;
+  try {
+    d = probe_device(p, index);
+  } catch (const std::exception& e) {
+    d = p;
+    d.reason = std::string("CUDA probe failed: ") + e.what();
   }
-  return it->second;
+  if (d.usable || (d.compute_capability > 0 && d.compute_capability < 80)) devices.emplace(index, d);
+  return d;
 }
 
 CudaMemoryInfo cuda_memory_info(int device) {

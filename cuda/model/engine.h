@@ -49,8 +49,11 @@ struct GraphStats {
   std::string off_reason;  // when off: why (e.g. "off (capture failed: ...)")
   bool buckets = false;  // small calls padded to shape buckets (cuda.graphBuckets)
   uint64_t replays = 0, captures = 0, eager = 0;  // calls of each kind so far
-  uint64_t capture_failures = 0;  // captures whose graph found no device memory (those calls ran eagerly)
+  uint64_t capture_failures = 0;  // graphs that found no device memory to instantiate or launch (calls ran eagerly)
   int64_t cached = 0;                             // graphs held now
+  // Once a graph found device memory only by evicting others: how many graphs fit (new shapes beyond them run
+  // eagerly); 0 while no such limit was seen, and after a reservation.
+  int64_t graph_limit = 0;
   // the last call: "score" or "train" ("" before any), the shape it ran at (after bucketing), and how
   std::string last_kind, last_launch;
   int last_batch = 0, last_enc_len = 0, last_rows = 0, last_dec_len = 0;

@@ -558,6 +558,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     o.Set("eager", static_cast<double>(s.eager));
     o.Set("captureFailures", static_cast<double>(s.capture_failures));
     o.Set("cached", static_cast<double>(s.cached));
+    o.Set("graphLimit", static_cast<double>(s.graph_limit));
     o.Set("arenaBytes", static_cast<double>(s.arena_bytes));
     o.Set("arenaGrowths", static_cast<double>(s.arena_growths));
     if (s.last_kind.empty()) {

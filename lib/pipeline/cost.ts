@@ -76,10 +76,11 @@ export interface Measured<T> {
   peakDeviceBytes: number;
 }
 
-/** GPU memory in use now (bytes), NaN without a usable CUDA backend. */
-function deviceBytesInUse(): number {
+/** Memory in use now on GPU `gpu` (bytes); NaN for null (a model on the CPU) or without a usable CUDA backend. */
+function deviceBytesInUse(gpu: number | null): number {
+  if (gpu === null) return NaN;
   try {
-    const m = native().cudaMemoryInfo();
+    const m = native().cudaMemoryInfo(gpu);
     return m ? m.total - m.free : NaN;
   } catch {
     return NaN;
@@ -87,17 +88,17 @@ function deviceBytesInUse(): number {
 }
 
 /**
- * Runs `fn`, timing it and sampling the process's resident memory and the GPU's memory in use every
- * `sampleMs` (native work runs off the event loop, so the sampler keeps ticking). The CUDA engine's arena
- * only grows, so the device number after the work is its peak too.
+ * Runs `fn`, timing it and sampling the process's resident memory and the memory in use on GPU `gpu` (the model's:
+ * T5Model.gpuIndex; null for a model on the CPU) every `sampleMs` (native work runs off the event loop, so the
+ * sampler keeps ticking). The CUDA engine's arena only grows, so the device number after the work is its peak too.
  */
-export async function measure<T>(fn: () => Promise<T>, sampleMs = 10): Promise<Measured<T>> {
+export async function measure<T>(fn: () => Promise<T>, gpu: number | null, sampleMs = 10): Promise<Measured<T>> {
   const before = process.memoryUsage().rss;
   let peak = before;
-  let peakDevice = deviceBytesInUse();
+  let peakDevice = deviceBytesInUse(gpu);
   const sample = () => {
     peak = Math.max(peak, process.memoryUsage().rss);
-    const d = deviceBytesInUse();
+    const d = deviceBytesInUse(gpu);
     if (Number.isFinite(d)) peakDevice = Number.isFinite(peakDevice) ? Math.max(peakDevice, d) : d;
   };
   const timer = setInterval(sample, sampleMs);

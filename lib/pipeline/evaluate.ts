@@ -13,6 +13,8 @@ import { accuracy, summarizeRuns, type AccuracySummary, type RunAccuracy } from 
 export interface ScoringModel {
   readonly config: FlopsConfig;
   readonly tokenizer?: PromptTokenizer;
+  /** The GPU it runs on (T5Model.gpuIndex), whose memory the reports measure; null or absent: none. */
+  readonly gpuIndex?: number | null;
   rankClassify(
     inputs: number[][],
     choices: number[][][],
@@ -99,6 +101,7 @@ export async function scoreEncoded(
         maxInputLength: Math.max(...encoded.map((e) => e.inputIds.length)),
       },
     ),
+    model.gpuIndex ?? null,
   );
   return { predictions: m.result.predictions, scores: m.result.scores, seconds: m.seconds, peakRssBytes: m.peakRssBytes,
            peakDeviceBytes: m.peakDeviceBytes };

@@ -92,7 +92,7 @@ export async function trainAdapter(model: T5Model, options: TrainAdapterOptions)
   };
   const trainer = new Trainer(model, adapter, trainerOptions);
   if (options.onStep) trainer.on('step', options.onStep);
-  const m = await measure(() => trainer.train(examples, { signal: options.signal }));
+  const m = await measure(() => trainer.train(examples, { signal: options.signal }), model.gpuIndex);
   const forward = promptCost(model.config, examples.map((e) => ({ inputIds: e.input as number[], choiceIds: e.choices as number[][], label: e.label }))).flops;
   const batch = Math.min(trainer.options.batchSize, examples.length);
   const { evalSet: _e, evalEvery: _v, saveTo: _s, ...resolved } = trainer.options;

@@ -111,7 +111,7 @@ describeCuda('CUDA backend behaviour', () => {
         await m.dispose();
         process.stdout.write(JSON.stringify(out));
       })().catch((e) => { process.stdout.write(JSON.stringify({ fatal: String(e) })); });`;
-    const child = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_EMU_MEMORY_MB: '100' }, encoding: 'utf8' });
+    const child = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_EMU_MEMORY_MB: '100' }, encoding: 'utf8', timeout: 240_000 });
     expect(child.status).toBe(0);
     const out = JSON.parse(child.stdout);
     expect(out.big).toBe('E_OUT_OF_MEMORY');

@@ -7,10 +7,10 @@
 // they would on a GPU (so a missing cudaSetDevice shows). On a real GPU they run when it has two or more.
 import { spawnSync } from 'child_process';
 import * as path from 'path';
-import { DeviceUnavailableError, InvalidArgumentError, T5Model } from '../../lib';
+import { DeviceUnavailableError, IA3Adapter, InvalidArgumentError, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
-import { describeCuda, emulated } from './helpers';
+import { cudaStatus, describeCuda, emulated } from './helpers';
 
 jest.setTimeout(300_000);
 
@@ -29,17 +29,15 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
     await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceCount } })).rejects.toThrow(DeviceUnavailableError);
     await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: -1 } })).rejects.toThrow(InvalidArgumentError);
     await expect(T5Model.load(fx.dir, { device: 'cuda', cuda: { device: 0.5 } })).rejects.toThrow(InvalidArgumentError);
-    // 'auto' falls back to the CPU and says why
-    const m = await T5Model.load(fx.dir, { device: 'auto', threads: 1, cuda: { device: probe.deviceCount } });
-    try {
-      expect(m.device).toBe('cpu');
-      expect(m.deviceReason).toMatch(/not one of the/);
-    } finally {
-      await m.dispose();
-    }
+    // with 'auto' too: a model meant for a GPU that is not there does not quietly run on the CPU
+    await expect(T5Model.load(fx.dir, { device: 'auto', cuda: { device: probe.deviceCount } })).rejects.toThrow(/not one of the/);
     const explicit = await T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceIndex, precision: 'fp32' } });
     try {
       expect(explicit.describe()).toContain(`cuda:${probe.deviceIndex} `);
+      expect(explicit.gpuIndex).toBe(probe.deviceIndex);
+      const merged = await explicit.withMergedAdapter(IA3Adapter.create(explicit, 1.1));
+      expect(merged.gpuIndex).toBe(probe.deviceIndex);
+      await merged.dispose();
     } finally {
       await explicit.dispose();
     }
@@ -57,7 +55,14 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       const r = [];
       for (let i = 0; i < 3; i++) r.push((await m.rankClassify(inputs, choices, { adapter })).logProbs);  // eager, capture, replay
       const g = await m.lossAndGradients(batch, { adapter });
-      return { logProbs: r, loss: g.totalLoss, grad: Array.from(Object.values(g.gradients)[0].slice(0, 8)) };
+      // a device training session: three optimizer steps, the vectors read back, then ended
+      const trainee = IA3Adapter.create(m, 1.05);
+      const session = await m.createTrainingSession([trainee], { lr: 0.01, totalSteps: 10 });
+      for (let i = 0; i < 3; i++) await session.step(batch);
+      await session.sync();
+      await session.dispose();
+      const trained = Array.from(trainee.data.slice(0, 8));
+      return { logProbs: r, loss: g.totalLoss, grad: Array.from(Object.values(g.gradients)[0].slice(0, 8)), trained };
     }
     (async () => {
       const out = { count: native().probeCuda().deviceCount, names: [0, 1].map((d) => native().probeCuda(d).usable) };
@@ -72,6 +77,11 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       out.a = ra; out.b = rb;
       const rb2 = await run(b, adapter);  // after device 0's work on the same threads
       out.b2 = rb2;
+      await b.reserveMemory({ batchSize: 4, inputLength: 64, choices: 2, choiceLength: 4 });
+      const merged = await b.withMergedAdapter(adapter);  // on b's GPU
+      out.mergedDescribe = merged.describe();
+      out.merged = (await merged.rankClassify(inputs, choices)).logProbs;
+      await merged.dispose();
       const usedOn0 = free0 - free(0);
       await a.dispose();
       out.freedOn0 = free0 - free(0);
@@ -82,10 +92,10 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       process.stdout.write(JSON.stringify(out));
     })().catch((e) => { process.stdout.write(JSON.stringify({ fatal: String(e && e.stack || e) })); });`;
 
-  const twoGpus = emulated() || native().probeCuda().deviceCount >= 2;
+  const twoGpus = cudaStatus().usable && (emulated() || native().probeCuda().deviceCount >= 2);
   (twoGpus ? test : test.skip)('two models on two GPUs: the same results, each GPU\'s own memory, interleaved calls', () => {
     const env = emulated() ? { ...process.env, TFEW_EMU_DEVICES: '2' } : process.env;
-    const child = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+    const child = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8', timeout: 240_000 });
     expect(child.stderr).not.toMatch(/emulator\] .* (while device|of device)/);
     expect(child.status).toBe(0);
     const out = JSON.parse(child.stdout);
@@ -107,5 +117,25 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
     expect(out.b.loss).toBe(out.a.loss);
     expect(out.b.grad).toEqual(out.a.grad);
     expect(out.b2).toEqual(out.b);
+    expect(out.a.trained.some((v: number) => v !== Math.fround(1.05))).toBe(true);  // (the session stepped)
+    expect(out.mergedDescribe).toContain('cuda:1 ');
+    // merged (IA)3 scaling equals the adapter applied per call (fp32: within rounding)
+    out.merged.flat().forEach((x: number, i: number) => expect(Math.abs(x - out.a.logProbs[2].flat()[i])).toBeLessThan(1e-5 * Math.abs(x) + 1e-6));
+  });
+
+  (emulated() ? test : test.skip)('tfew doctor lists every GPU (two emulated ones)', () => {
+    const cli = path.join(__dirname, '..', '..', 'dist', 'lib', 'cli', 'main.js');
+    const env = { ...process.env, TFEW_EMU_DEVICES: '2' };
+    const json = spawnSync(process.execPath, [cli, 'doctor', '--json'], { env, encoding: 'utf8', timeout: 60_000 });
+    expect(json.status).toBe(0);
+    const info = JSON.parse(json.stdout);
+    expect(info.cuda).toMatchObject({ usable: true, deviceCount: 2, deviceIndex: 0 });
+    expect(info.gpus.map((g: { deviceIndex: number; usable: boolean }) => [g.deviceIndex, g.usable])).toEqual([[0, true], [1, true]]);
+    const text = spawnSync(process.execPath, [cli, 'doctor'], { env: { ...env, TFEW_CUDA_DEVICE: '1' }, encoding: 'utf8', timeout: 60_000 });
+    expect(text.status).toBe(0);
+    const gpus = text.stdout.split('\n').filter((l) => l.startsWith('gpu '));
+    expect(gpus).toHaveLength(2);
+    expect(gpus[1]).toMatch(/^gpu 1 .*\(default\)$/);
+    expect(gpus[0]).not.toMatch(/default/);
   });
 });

@@ -148,31 +148,42 @@ describeCuda('device memory reserved for the largest calls', () => {
 
   // Emulator only: there the device memory an executable graph holds can be set (emulatorGraphExecBytes), so a graph
   // can be made too large for what is free (on a GPU: a graph's few MiB after a reservation that took the device).
-  (emulated() ? test : test.skip)('a full device: a graph that finds no memory drops the cached ones and runs; graphs go off only after three in a row', async () => {
+  (emulated() ? test : test.skip)('a full device: graphs make room for a new one, then the count that fits is the limit; graphs go off only after three failures in a row', async () => {
     const long = batch(1, 300);  // another input-length bucket than small's
     const m = await loadCuda(fx.dir, 'fp32');
     const graphBytes = (native()._testing as unknown as { emulatorGraphExecBytes: (bytes: number) => void }).emulatorGraphExecBytes;
+    const scores = async (b: typeof small) => (await m.rankClassify(b.inputs, b.choices, options)).scores;
     try {
-      const expected: number[][][] = [];
-      for (const b of [small, long]) expected.push((await m.rankClassify(b.inputs, b.choices, options)).scores);
+      const expected = { small: await scores(small), long: await scores(long) };
       const free = native().cudaMemoryInfo()?.free ?? 0;
       graphBytes(Math.floor(0.6 * free));  // one graph fits in what is free, two do not
-      expect((await m.rankClassify(small.inputs, small.choices, options)).scores).toEqual(expected[0]);
-      expect(m.graphStats()).toMatchObject({ cached: 1, last: { launch: 'capture' } });
-      expect((await m.rankClassify(long.inputs, long.choices, options)).scores).toEqual(expected[1]);
-      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, captureFailures: 0, last: { launch: 'capture' } });
-      expect((await m.rankClassify(long.inputs, long.choices, options)).scores).toEqual(expected[1]);
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ cached: 1, graphLimit: 0, last: { launch: 'capture' } });
+      // long's graph evicts small's, and one graph is the limit from now on
+      expect(await scores(long)).toEqual(expected.long);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, graphLimit: 1, captureFailures: 0, last: { launch: 'capture' } });
+      expect(await scores(long)).toEqual(expected.long);
       expect(m.graphStats().last).toMatchObject({ launch: 'replay' });
-      // no graph fits: each call runs eagerly and correctly, and the third capture in a row turns graphs off
+      // small, beyond the limit, runs eagerly instead of evicting long's graph (no captures taking turns)
+      for (let i = 0; i < 2; i++) {
+        expect(await scores(small)).toEqual(expected.small);
+        expect(m.graphStats()).toMatchObject({ cached: 1, last: { launch: 'eager' } });
+        expect(await scores(long)).toEqual(expected.long);
+        expect(m.graphStats().last).toMatchObject({ launch: 'replay' });
+      }
+      // a reservation clears the limit; now no graph fits: each call runs eagerly and correctly, and the third
+      // capture in a row that finds no memory turns graphs off
+      await m.reserveMemory({ batchSize: 1, inputLength: 10, choices: 2, choiceLength: 3 });
+      expect(m.graphStats().graphLimit).toBe(0);
       graphBytes(free + MiB);
       for (let i = 1; i <= 3; i++) {
-        expect((await m.rankClassify(small.inputs, small.choices, options)).scores).toEqual(expected[0]);
+        expect(await scores(small)).toEqual(expected.small);
         expect(m.graphStats()).toMatchObject({ enabled: i < 3, cached: 0, captureFailures: i, last: { launch: 'eager' } });
       }
       expect(m.graphStats().offReason).toMatch(/no device memory for graphs/);
       // (graphs off, calls run at their exact lengths, no longer padded to the bucket: equal within rounding)
-      const scores = (await m.rankClassify(long.inputs, long.choices, options)).scores.flat();
-      scores.forEach((x, i) => expect(Math.abs(x - expected[1].flat()[i])).toBeLessThan(1e-5 * Math.abs(expected[1].flat()[i]) + 1e-6));
+      const exact = (await scores(long)).flat();
+      exact.forEach((x, i) => expect(Math.abs(x - expected.long.flat()[i])).toBeLessThan(1e-5 * Math.abs(expected.long.flat()[i]) + 1e-6));
       expect(m.graphStats()).toMatchObject({ captureFailures: 3, last: { launch: 'eager' } });
     } finally {
       graphBytes(-1);

@@ -110,11 +110,12 @@ describe('cost accounting', () => {
       const big = Buffer.alloc(64 * 1024 * 1024, 1);
       await new Promise((r) => setTimeout(r, 50));
       return big.length;
-    });
+    }, null);
     expect(m.result).toBe(64 * 1024 * 1024);
     expect(m.seconds).toBeGreaterThanOrEqual(0.04);
     expect(m.peakRssBytes).toBeGreaterThan(0);
     expect(m.peakRssDeltaBytes).toBeGreaterThanOrEqual(0);
+    expect(m.peakDeviceBytes).toBeNaN();  // (no GPU asked for: nothing measured there)
   });
 });
 
