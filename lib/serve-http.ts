@@ -1,8 +1,10 @@
-// A small HTTP front end for RankBatcher (`tfew serve`): one model in memory, any number of named (IA)3 adapters,
-// requests of different tasks scored together in mixed-task batches. Node's own http module; JSON in and out.
+// A small HTTP front end for RankBatcher (`tfew serve`): one model in memory (or a replica of it on each of several
+// GPUs), any number of named (IA)3 adapters, requests of different tasks scored together in mixed-task batches.
+// Node's own http module; JSON in and out.
 //
-//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...},"graphs":{...}} (503 once stopping or
-//                    disposed; graphs: T5Model.graphStats(), null once the model is disposed)
+//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...},"graphs":{...},"replicas":[...]}
+//                    (503 once stopping or disposed; graphs: the first replica's T5Model.graphStats(), null once
+//                    disposed; replicas: each one's describe() and graphStats())
 //   POST /classify   {"input": "text" | [ids], "choices": ["a","b"] | [[ids]], "adapter"?: "name"}
 //                    -> {"prediction": 1, "label": "b", "scores": [...], "logProbs": [...]}
 //                    or {"requests": [ {...}, ... ]} -> {"results": [ {...} | {"error": {...}} ]} (each on its own)
@@ -61,16 +63,25 @@ export class RankServer {
   private closed: Promise<void> | undefined;
   private binding: Promise<void> | undefined;  // a listen() in progress (settles, never rejects)
 
-  /** `adapters`: name -> adapter, a Map or a plain object (each checked against the model now, not at the first request). */
-  constructor(private readonly model: T5Model, adapters: Map<string, IA3Adapter> | Record<string, IA3Adapter> = new Map(),
+  private readonly models: T5Model[];
+
+  /**
+   * `model`: one model, or replicas of one (the same checkpoint on several GPUs; RankBatcher runs batches on all).
+   * `adapters`: name -> adapter, a Map or a plain object (each checked against the model now, not at the first request).
+   */
+  constructor(model: T5Model | readonly T5Model[], adapters: Map<string, IA3Adapter> | Record<string, IA3Adapter> = new Map(),
               options: RankServerOptions = {}) {
-    if (!model || typeof model.rankClassify !== 'function') throw new InvalidArgumentError('RankServer needs a T5Model');
-    if (model.disposed) throw new InvalidArgumentError('RankServer needs a model that has not been disposed');
+    const models = Array.isArray(model) ? [...model] as T5Model[] : [model as T5Model];
+    if (models.length === 0 || models.some((m) => !m || typeof m.rankClassify !== 'function')) {
+      throw new InvalidArgumentError('RankServer needs a T5Model, or a non-empty array of replicas of one');
+    }
+    if (models.some((m) => m.disposed)) throw new InvalidArgumentError('RankServer needs a model that has not been disposed');
+    this.models = models;
     if (adapters === null || typeof adapters !== 'object') throw new InvalidArgumentError('adapters must be a Map or an object of name -> IA3Adapter');
     this.adapters = adapters instanceof Map ? new Map(adapters) : new Map(Object.entries(adapters));
     for (const [name, a] of this.adapters) {
       if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter "${name}" is not an IA3Adapter`);
-      a.assertCompatible(model.config);
+      a.assertCompatible(models[0].config);
     }
     if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankServer options must be an object');
     const { maxBodyBytes, maxRequestsPerBody, ...batcherOptions } = options;
@@ -81,7 +92,7 @@ export class RankServer {
     };
     this.maxBodyBytes = positive('maxBodyBytes', maxBodyBytes, 1 << 20);
     this.maxRequestsPerBody = positive('maxRequestsPerBody', maxRequestsPerBody, 256);
-    this.batcher = new RankBatcher(model, batcherOptions);
+    this.batcher = new RankBatcher(models, batcherOptions);
     this.server = http.createServer((req, res) => {
       this.handle(req, res).catch((e) => this.send(res, statusOf(e), errorBody(e)));
     });
@@ -155,12 +166,14 @@ export class RankServer {
     const url = (req.url ?? '/').split('?')[0];
     if (url === '/health') {
       if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, 'E_METHOD', 'use GET /health');
-      const status = this.model.disposed ? 'disposed' : this.closing ? 'closing' : 'ok';
+      const first = this.models[0];
+      const status = this.models.every((m) => m.disposed) ? 'disposed' : this.closing ? 'closing' : 'ok';
       this.send(res, status === 'ok' ? 200 : 503, {
-        status, device: this.model.device, model: this.model.describe(),
+        status, device: first.device, model: first.describe(),
         adapters: [...this.adapters.keys()], stats: this.batcher.stats, pending: this.batcher.pending,
         // CUDA: how many batches replayed a graph (a low share: launch-bound batches of ever new shapes)
-        graphs: this.model.disposed ? null : this.model.graphStats(),
+        graphs: first.disposed ? null : first.graphStats(),
+        replicas: this.models.map((m) => ({ model: m.describe(), graphs: m.disposed ? null : m.graphStats() })),
       });
       return;
     }

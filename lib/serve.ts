@@ -4,9 +4,11 @@
 // pays the whole per-call cost for each; batched, that cost is shared (RANK-3B-B1 vs RANK-3B-B32 in
 // benchmarks/RESULTS.md).
 //
-// Policy: a request waits at most `maxDelayMs` for company while the engine is idle; a full batch (`maxBatch`
+// Policy: a request waits at most `maxDelayMs` for company while an engine is idle; a full batch (`maxBatch`
 // examples) goes at once; while a batch runs, new requests queue and go together as soon as it returns. One
-// engine call at a time (the model serialises its calls anyway). Requests are tokenized and checked when they
+// engine call at a time per model (a model serialises its calls anyway). Given several replicas of a model (the
+// same checkpoint loaded once per GPU: `cuda: { device: n }`), batches run on all of them at once, each taking the
+// next batch as it returns: throughput grows with the GPUs. Requests are tokenized and checked when they
 // arrive (token ids in the vocabulary, at most maxInputLength input tokens: ids are refused beyond it, text is
 // truncated; bounded choices), so one client's bad request is refused alone and costs no engine time. Should the
 // engine still reject a batch for one request (an adapter that does not fit, out of memory), its requests are
@@ -67,6 +69,8 @@ export interface RankBatcherStats {
   /** Engine time per batch that returned (the rankClassify call), ms: the mean and the last. */
   meanBatchMs: number;
   lastBatchMs: number;
+  /** Per replica (one model: one entry): batches it ran, and whether one is running now. */
+  replicas: { batches: number; busy: boolean }[];
 }
 
 /** classify() while maxQueue requests wait. */
@@ -108,7 +112,10 @@ export class RankBatcher {
   private head = 0;
   private waiting = 0;  // queued, not aborted, not yet sent
   private abortedInQueue = 0;  // aborted entries still in `queue`
-  private running = false;
+  // The replicas (one model, or the same checkpoint on several GPUs) and which of them runs a batch now.
+  private readonly models: T5Model[];
+  private readonly busy: boolean[];
+  private readonly replicaBatches: number[];
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
@@ -119,8 +126,24 @@ export class RankBatcher {
   private timedBatches = 0;  // (batches that returned: a failed one has no engine time to count)
   private lastBatchMs = 0;
 
-  constructor(private readonly model: T5Model, options: RankBatcherOptions = {}) {
-    if (!model || typeof model.rankClassify !== 'function') throw new InvalidArgumentError('RankBatcher needs a T5Model');
+  /**
+   * `model`: one model, or replicas of one (the same checkpoint loaded on several GPUs): a batch runs on whichever
+   * is free, so several run at once.
+   */
+  constructor(model: T5Model | readonly T5Model[], options: RankBatcherOptions = {}) {
+    const models = Array.isArray(model) ? [...model] as T5Model[] : [model as T5Model];
+    if (models.length === 0 || models.some((m) => !m || typeof m.rankClassify !== 'function')) {
+      throw new InvalidArgumentError('RankBatcher needs a T5Model, or a non-empty array of replicas of one');
+    }
+    // (replicas score alike only if they are the same model: the same architecture and vocabulary at least)
+    const shape = (m: T5Model) => JSON.stringify(m.config);
+    if (models.some((m) => shape(m) !== shape(models[0]))) {
+      throw new InvalidArgumentError('RankBatcher replicas must be the same model (their configs differ)');
+    }
+    if (new Set(models).size !== models.length) throw new InvalidArgumentError('RankBatcher replicas must be distinct models');
+    this.models = models;
+    this.busy = models.map(() => false);
+    this.replicaBatches = models.map(() => 0);
     if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankBatcher options must be an object');
     const int = (name: string, v: number | undefined, dflt: number, min: number): number => {
       const x = v ?? dflt;
@@ -148,14 +171,14 @@ export class RankBatcher {
     return new Promise<RankOneResult>((resolve, reject) => {
       try {
         if (this.closed) throw new DisposedError('the RankBatcher has been closed');
-        if (this.model.disposed) throw new DisposedError('the RankBatcher\'s model has been disposed');
+        if (this.models.every((m) => m.disposed)) throw new DisposedError('the RankBatcher\'s model has been disposed');
         const o = options ?? {};
         if (typeof o !== 'object') throw new InvalidArgumentError('classify options must be an object');
         if (o.signal !== undefined && !isAbortSignal(o.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
         if (o.signal?.aborted) throw new AbortError();
         const adapter = o.adapter ?? null;
         if (adapter !== null && !(adapter instanceof IA3Adapter)) throw new InvalidArgumentError('adapter must be an IA3Adapter or null');
-        if (adapter) adapter.assertCompatible(this.model.config);
+        if (adapter) adapter.assertCompatible(this.models[0].config);
         if (this.waiting >= this.maxQueue) {
           throw new QueueFullError(`${this.waiting} requests are waiting (maxQueue ${this.maxQueue}); retry later`);
         }
@@ -191,6 +214,7 @@ export class RankBatcher {
       maxWaitMs: this.maxWaitMs,
       meanBatchMs: this.timedBatches > 0 ? this.batchSumMs / this.timedBatches : 0,
       lastBatchMs: this.lastBatchMs,
+      replicas: this.models.map((_, i) => ({ batches: this.replicaBatches[i], busy: this.busy[i] })),
     };
   }
 
@@ -203,7 +227,7 @@ export class RankBatcher {
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) this.dispatchSoon(0);
-    if (!this.running && this.waiting === 0) return;
+    if (!this.busy.includes(true) && this.waiting === 0) return;
     await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -216,11 +240,11 @@ export class RankBatcher {
 
   // Token ids of the request, checked: what would fail in the engine for this request alone fails here.
   private encode(input: string | ArrayLike<number>, choices: (string | ArrayLike<number>)[]): { inputIds: number[]; choiceIds: number[][] } {
-    const vocab = this.model.config.vocabSize;
+    const vocab = this.models[0].config.vocabSize;
     const ids = (value: unknown, what: string, limit: number, truncate: boolean): number[] => {
       let out: number[];
       if (typeof value === 'string') {
-        out = this.model.tokenize(value, truncate ? limit : undefined);
+        out = this.models[0].tokenize(value, truncate ? limit : undefined);
       } else if (Array.isArray(value) || ArrayBuffer.isView(value)) {
         out = Array.from(value as ArrayLike<number>);
       } else {
@@ -240,8 +264,18 @@ export class RankBatcher {
     return { inputIds, choiceIds };
   }
 
+  // A replica that can take a batch now (not running one, not disposed), or -1.
+  private idleReplica(): number {
+    return this.models.findIndex((m, i) => !this.busy[i] && !m.disposed);
+  }
+
   private schedule(): void {
-    if (this.running) return;  // the running batch's end sends what queued meanwhile
+    if (this.waiting === 0) return;
+    if (this.idleReplica() < 0) {
+      // a running batch's end sends what queued meanwhile; with every replica disposed, what waits fails now
+      if (this.models.every((m) => m.disposed) && !this.busy.includes(true)) this.dispatchSoon(0);
+      return;
+    }
     if (this.waiting >= this.maxBatch || this.closed) this.dispatchSoon(0);
     else if (!this.timer) this.dispatchSoon(this.maxDelayMs);
   }
@@ -251,8 +285,20 @@ export class RankBatcher {
     // (0 ms still goes through a timer: requests made in the same tick join the batch)
     this.timer = setTimeout(() => {
       this.timer = undefined;
-      void this.runBatches();
+      this.dispatch();
     }, ms);
+  }
+
+  // Starts idle replicas while requests wait: each takes a batch (and the next ones as it returns).
+  private dispatch(): void {
+    for (let i = this.idleReplica(); i >= 0 && this.waiting > 0; i = this.idleReplica()) void this.runBatches(i);
+    if (this.waiting > 0 && this.models.every((m) => m.disposed)) {
+      // (every replica is gone: what waits can never run)
+      for (let batch = this.takeBatch(); batch.length > 0; batch = this.takeBatch()) {
+        for (const p of batch) this.settle(p, new DisposedError('the RankBatcher\'s model has been disposed'));
+      }
+      this.wakeIdleWaiters();
+    }
   }
 
   // An aborted request's entry stays in the queue (removing it would cost O(queue)) but lets go of its tokens;
@@ -292,12 +338,14 @@ export class RankBatcher {
     return batch;
   }
 
-  private async runBatches(): Promise<void> {
-    if (this.running) return;
-    this.running = true;
+  private async runBatches(replica: number): Promise<void> {
+    if (this.busy[replica]) return;
+    this.busy[replica] = true;
+    const model = this.models[replica];
     try {
-      for (let batch = this.takeBatch(); batch.length > 0; batch = this.takeBatch()) {
+      for (let batch = this.takeBatch(); batch.length > 0; batch = model.disposed ? [] : this.takeBatch()) {
         this.counts.batches++;
+        this.replicaBatches[replica]++;
         this.counts.batchedExamples += batch.length;
         this.counts.largestBatch = Math.max(this.counts.largestBatch, batch.length);
         const sentAt = performance.now();
@@ -306,7 +354,7 @@ export class RankBatcher {
           this.maxWaitMs = Math.max(this.maxWaitMs, sentAt - p.arrivedAt);
         }
         try {
-          const results = await this.score(batch);
+          const results = await this.score(model, batch);
           this.lastBatchMs = performance.now() - sentAt;
           this.batchSumMs += this.lastBatchMs;
           this.timedBatches++;
@@ -317,7 +365,7 @@ export class RankBatcher {
             for (const p of batch) {
               if (p.settled) continue;
               try {
-                this.settle(p, undefined, (await this.score([p]))[0]);
+                this.settle(p, undefined, (await this.score(model, [p]))[0]);
               } catch (one) {
                 this.settle(p, one as Error);
               }
@@ -328,19 +376,22 @@ export class RankBatcher {
         }
       }
     } finally {
-      this.running = false;
-      if (this.waiting === 0) {
-        const waiters = this.idleWaiters;
-        this.idleWaiters = [];
-        waiters.forEach((w) => w());
-      } else {
-        this.schedule();
-      }
+      this.busy[replica] = false;
+      if (this.waiting > 0) this.schedule();
+      else this.wakeIdleWaiters();
     }
   }
 
-  private async score(batch: Pending[]): Promise<RankOneResult[]> {
-    const r = await this.model.rankClassify(
+  // close()'s waiters, once nothing runs and nothing waits.
+  private wakeIdleWaiters(): void {
+    if (this.busy.includes(true) || this.waiting > 0) return;
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    waiters.forEach((w) => w());
+  }
+
+  private async score(model: T5Model, batch: Pending[]): Promise<RankOneResult[]> {
+    const r = await model.rankClassify(
       batch.map((p) => p.inputIds),
       batch.map((p) => p.choiceIds),
       { adapter: batch.map((p) => p.adapter), lengthNormalize: this.lengthNormalize, batchSize: batch.length });

@@ -221,6 +221,45 @@ describe('tfew serve', () => {
     expect(lines.some((l) => /stopped: .*"requests":1/.test(l))).toBe(true);
   });
 
+  test('replicas: one server over two copies of the model (as on two GPUs); /health reports each', async () => {
+    const second = await T5Model.load(path.join(dir, 'model'), { device: 'cpu', threads: 1 });
+    const two = new RankServer([model, second], adapters, { maxBatch: 2, maxDelayMs: 1 });
+    try {
+      const a = await two.listen(0);
+      const url = `http://127.0.0.1:${a.port}`;
+      const texts = ['loved the acting', 'boring plot', 'great film', 'awful waste', 'superb', 'terrible'];
+      const answers = await Promise.all(texts.map((t) => post(url, { input: t, choices: ['positive', 'negative'], adapter: 'topic' })));
+      for (let i = 0; i < texts.length; i++) {
+        expect(answers[i].status).toBe(200);
+        const want = await model.rankClassify([texts[i]], [['positive', 'negative']], { adapter: adapters.get('topic') });
+        expect(maxRel(answers[i].json.logProbs, want.logProbs[0])).toBeLessThan(1e-5);
+      }
+      const health = await (await fetch(`${url}/health`)).json();
+      expect(health.replicas).toHaveLength(2);
+      expect(health.stats.replicas.map((r: { batches: number }) => r.batches).reduce((x: number, y: number) => x + y)).toBe(health.stats.batches);
+    } finally {
+      await two.close();
+      await second.dispose();
+    }
+    expect(() => new RankServer([], adapters)).toThrow(InvalidArgumentError);
+  });
+
+  test('tfew serve --cuda-devices: checked before loading', async () => {
+    const lines: string[] = [];
+    const io = { out: (l: string) => lines.push(l), err: (l: string) => lines.push(`ERR ${l}`), interactive: false };
+    const serve = (...flags: string[]) => main(['node', 'tfew', 'serve', '--model', path.join(dir, 'model'), '--port', '0', ...flags], io);
+    expect(await serve('--device', 'cpu', '--cuda-devices', '0,1')).toBe(1);
+    expect(await serve('--cuda-devices', '0', '--cuda-device', '1')).toBe(1);
+    expect(await serve('--cuda-devices', '0,x')).toBe(1);
+    expect(await serve('--cuda-devices', '1,1')).toBe(1);
+    expect(lines).toEqual([
+      'ERR tfew: --cuda-devices needs --device cuda or auto [E_INVALID_ARGUMENT]',
+      'ERR tfew: --cuda-devices and --cuda-device exclude each other [E_INVALID_ARGUMENT]',
+      'ERR tfew: --cuda-devices takes GPU indices (e.g. 0,1) or "all"; got "0,x" [E_INVALID_ARGUMENT]',
+      'ERR tfew: --cuda-devices "1,1" names a GPU twice [E_INVALID_ARGUMENT]',
+    ]);
+  });
+
   test('tfew serve --warm-up with something other than token counts: refused before loading', async () => {
     const lines: string[] = [];
     const io = { out: (l: string) => lines.push(l), err: (l: string) => lines.push(`ERR ${l}`), interactive: false };

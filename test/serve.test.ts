@@ -209,6 +209,61 @@ describe('RankBatcher', () => {
     expect((await new RankBatcher(model).classify(requests[0].input, requests[0].choices)).scores).toHaveLength(2);
   });
 
+  test('replicas (the same model loaded twice, as on two GPUs): batches run on both at once, answers as alone', async () => {
+    const replicas = [await T5Model.load(dir, { device: 'cpu', threads: 1 }), await T5Model.load(dir, { device: 'cpu', threads: 1 })];
+    try {
+      let inFlight = 0, most = 0;
+      for (const m of replicas) {
+        const call = m.rankClassify.bind(m);
+        jest.spyOn(m, 'rankClassify').mockImplementation(async (...args: Parameters<T5Model['rankClassify']>) => {
+          most = Math.max(most, ++inFlight);
+          try {
+            return await call(...args);
+          } finally {
+            inFlight--;
+          }
+        });
+      }
+      const batcher = new RankBatcher(replicas, { maxBatch: 2, maxDelayMs: 5 });
+      const answers = await Promise.all(requests.map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
+      const stats = batcher.stats;
+      expect(stats).toMatchObject({ requests: 10, batches: 5, batchedExamples: 10, largestBatch: 2 });
+      expect(stats.replicas.map((r) => r.batches).reduce((a, b) => a + b)).toBe(5);
+      expect(Math.min(...stats.replicas.map((r) => r.batches))).toBeGreaterThan(0);  // both worked
+      expect(most).toBe(2);  // at the same time
+      expect(stats.replicas.every((r) => !r.busy)).toBe(true);
+      for (let i = 0; i < requests.length; i++) {
+        const want = await alone(i);
+        expect(answers[i].prediction).toBe(want.predictions[0]);
+        expect(maxRel(answers[i].logProbs, want.logProbs[0])).toBeLessThan(1e-5);
+      }
+      // a replica disposed: the other serves on; both disposed: DisposedError, now and for what was queued
+      await replicas[0].dispose();
+      const more = await Promise.all(requests.slice(0, 4).map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
+      for (let i = 0; i < 4; i++) expect(maxRel(more[i].logProbs, answers[i].logProbs)).toBeLessThan(1e-6);
+      const slow = new RankBatcher(replicas, { maxDelayMs: 50 });
+      const queued = slow.classify(requests[0].input, requests[0].choices);
+      await replicas[1].dispose();
+      await expect(queued).rejects.toBeInstanceOf(DisposedError);
+      await expect(batcher.classify(requests[0].input, requests[0].choices)).rejects.toBeInstanceOf(DisposedError);
+      await slow.close();
+      await batcher.close();
+    } finally {
+      for (const m of replicas) await m.dispose();
+    }
+  });
+
+  test('replicas must be distinct copies of one model', async () => {
+    const other = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
+    try {
+      expect(() => new RankBatcher([model, other])).toThrow(/configs differ/);
+      expect(() => new RankBatcher([model, model])).toThrow(/distinct/);
+      expect(() => new RankBatcher([])).toThrow(InvalidArgumentError);
+    } finally {
+      await other.dispose();
+    }
+  });
+
   test('options are checked', () => {
     expect(() => new RankBatcher(model, { maxBatch: 0 })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { maxQueue: 1.5 })).toThrow(InvalidArgumentError);

@@ -189,6 +189,23 @@ async function loadModel(o: ModelOpts, io: CliIO): Promise<T5Model> {
   return model;
 }
 
+/** `tfew serve --cuda-devices`: the GPU indices, checked ("all": every visible GPU). */
+function replicaGpus(o: ModelOpts & { cudaDevices?: string }): number[] {
+  if (o.cudaDevice !== undefined) throw new InvalidArgumentError('--cuda-devices and --cuda-device exclude each other');
+  if (o.device === 'cpu') throw new InvalidArgumentError('--cuda-devices needs --device cuda or auto');
+  const spec = (o.cudaDevices ?? '').trim();
+  const gpus = spec === 'all'
+    ? Array.from({ length: native().probeCuda().deviceCount }, (_, i) => i)
+    : list(spec).map((v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--cuda-devices takes GPU indices (e.g. 0,1) or "all"; got "${spec}"`);
+      return n;
+    });
+  if (gpus.length === 0) throw new InvalidArgumentError(spec === 'all' ? '--cuda-devices all: no GPU is visible' : '--cuda-devices: no GPU index given');
+  if (new Set(gpus).size !== gpus.length) throw new InvalidArgumentError(`--cuda-devices "${spec}" names a GPU twice`);
+  return gpus;
+}
+
 /** Adapters for evaluation: a PEFT dir / file / T-Few .pt, or a directory of seed-<n>/ adapters. */
 async function loadAdapters(file: string, model: T5Model): Promise<Map<number, IA3Adapter> | IA3Adapter> {
   if (fs.existsSync(file) && fs.statSync(file).isDirectory()) {
@@ -549,8 +566,10 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
     .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
+    .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): batches run on all of them at once')
     .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length (that such a request runs padded at) whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
-    .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[] }) => {
+    .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[]; cudaDevices?: string }) => {
+      const gpus = o.cudaDevices === undefined ? undefined : replicaGpus(o);
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
         if (lengths.length === 0 || !lengths.every((n) => Number.isInteger(n) && n >= 1)) {
@@ -562,12 +581,19 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         }
         return lengths;
       });
-      const model = await loadModel(o, io);
+      const models: T5Model[] = [];
       try {
+        if (gpus === undefined) {
+          models.push(await loadModel(o, io));
+        } else {
+          for (const gpu of gpus) models.push(await loadModel({ ...o, cudaDevice: gpu }, io));
+        }
+        const model = models[0];
         const adapters = await loadNamedAdapters(o.adapter, model);
-        const server = new RankServer(model, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
-        if (warmUp.length > 0) {
+        const server = new RankServer(models, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
+        for (const model of warmUp.length > 0 ? models : []) {
           const t0 = Date.now();
+          const label = models.length > 1 ? ` (GPU ${model.gpuIndex})` : '';
           const maxInputLength = o.maxInputLength ?? 256;
           const adapter = adapters.size > 0;
           // (only the lengths a single request runs padded at: a longer one runs at its exact length, bound by the
@@ -584,14 +610,14 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           };
           try {
             const reserved = await model.reserveMemory(largest);
-            if (model.device === 'cuda') io.err(`[tfew] --warm-up: ${(reserved / 2 ** 20).toFixed(0)} MiB of activation memory reserved for ${maxBatch} requests of ${maxInputLength} tokens`);
+            if (model.device === 'cuda') io.err(`[tfew] --warm-up${label}: ${(reserved / 2 ** 20).toFixed(0)} MiB of activation memory reserved for ${maxBatch} requests of ${maxInputLength} tokens`);
             const captured = await model.warmUpGraphs(shapes);
             const stats = model.graphStats();
             if (model.device !== 'cuda' || !stats.enabled) {
-              io.err(`[tfew] --warm-up: nothing to warm on ${model.device} (${model.device === 'cuda' ? stats.offReason : 'no CUDA graphs'})`);
+              io.err(`[tfew] --warm-up${label}: nothing to warm on ${model.device} (${model.device === 'cuda' ? stats.offReason : 'no CUDA graphs'})`);
             } else {
               const longest = Math.max(0, ...shapes.map((sh) => sh.inputLength));
-              io.err(`[tfew] --warm-up: ${captured} CUDA graphs captured in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${stats.cached} held` +
+              io.err(`[tfew] --warm-up${label}: ${captured} CUDA graphs captured in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${stats.cached} held` +
                      (stats.buckets ? '' : ' (graph buckets are off: only calls of exactly these lengths replay them)') +
                      (longest < maxInputLength ? `; requests longer than ${longest} tokens run at their exact length, without a warmed graph` : ''));
             }
@@ -600,7 +626,8 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           }
         }
         const address = await server.listen(o.port, o.host);
-        io.out(`tfew serve: http://${address.address}:${address.port} on ${model.device}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +
+        const on = models.length > 1 ? `${models.length} GPUs (${models.map((m) => m.gpuIndex).join(', ')})` : model.device;
+        io.out(`tfew serve: http://${address.address}:${address.port} on ${on}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +
                '(POST /classify, GET /health; Ctrl-C stops, twice cuts the connections)');
         // The first SIGINT or SIGTERM stops gracefully (answers what was accepted); a second one cuts every connection.
         let signals = 0;
@@ -626,7 +653,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         }
         io.err(`[tfew] stopped: ${JSON.stringify(server.batcher.stats)}`);
       } finally {
-        await model.dispose();
+        for (const m of models) await m.dispose();
       }
     });
 

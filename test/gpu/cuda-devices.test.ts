@@ -5,7 +5,7 @@
 // On the emulator the checks with two GPUs run in a child process with TFEW_EMU_DEVICES=2: there each thread has
 // a current device, and work on another device's stream, or cuBLAS operands in another device's memory, fail as
 // they would on a GPU (so a missing cudaSetDevice shows). On a real GPU they run when it has two or more.
-import { spawnSync } from 'child_process';
+import { spawn, spawnSync } from 'child_process';
 import * as path from 'path';
 import { DeviceUnavailableError, IA3Adapter, InvalidArgumentError, T5Model } from '../../lib';
 import { native } from '../../lib/native';
@@ -45,7 +45,7 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
 
   // The checks with two GPUs (a script, so that the emulator can run it with two emulated GPUs in a child process).
   const script = `
-    const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib'))});
+    const { T5Model, IA3Adapter, RankBatcher } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib'))});
     const { native } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib', 'native'))});
     const dir = ${JSON.stringify(fx.dir)};
     const inputs = [[5, 6, 7, 8, 1], [9, 10, 1]], choices = [[[4, 1], [5, 6, 1]], [[7, 1], [8, 1]]];
@@ -77,6 +77,12 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       out.a = ra; out.b = rb;
       const rb2 = await run(b, adapter);  // after device 0's work on the same threads
       out.b2 = rb2;
+      // one RankBatcher over both GPUs: batches on both at once, answers as on one
+      const batcher = new RankBatcher([a, b], { maxBatch: 1, maxDelayMs: 1 });
+      const served = await Promise.all([0, 1, 0, 1, 0, 1].map((i) => batcher.classify(inputs[i], choices[i], { adapter })));
+      out.served = served.map((r) => r.logProbs);
+      out.replicaBatches = batcher.stats.replicas.map((r) => r.batches);
+      await batcher.close();
       await b.reserveMemory({ batchSize: 4, inputLength: 64, choices: 2, choiceLength: 4 });
       const merged = await b.withMergedAdapter(adapter);  // on b's GPU
       out.mergedDescribe = merged.describe();
@@ -118,9 +124,46 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
     expect(out.b.grad).toEqual(out.a.grad);
     expect(out.b2).toEqual(out.b);
     expect(out.a.trained.some((v: number) => v !== Math.fround(1.05))).toBe(true);  // (the session stepped)
+    expect(out.replicaBatches.every((n: number) => n > 0)).toBe(true);
+    // (one example per call against two per call: equal within rounding)
+    const want = [0, 1, 0, 1, 0, 1].map((i) => out.a.logProbs[2][i]).flat();
+    out.served.flat().forEach((x: number, i: number) => expect(Math.abs(x - want[i])).toBeLessThan(1e-5 * Math.abs(want[i]) + 1e-6));
     expect(out.mergedDescribe).toContain('cuda:1 ');
     // merged (IA)3 scaling equals the adapter applied per call (fp32: within rounding)
     out.merged.flat().forEach((x: number, i: number) => expect(Math.abs(x - out.a.logProbs[2].flat()[i])).toBeLessThan(1e-5 * Math.abs(x) + 1e-6));
+  });
+
+  (emulated() ? test : test.skip)('tfew serve --cuda-devices all: a replica on each GPU', async () => {
+    const cli = path.join(__dirname, '..', '..', 'dist', 'lib', 'cli', 'main.js');
+    const child = spawn(process.execPath, [cli, 'serve', '--model', fx.dir, '--cuda-devices', 'all', '--port', '0', '--cuda-precision', 'fp32'],
+                        { env: { ...process.env, TFEW_EMU_DEVICES: '2' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '', err = '';
+    child.stderr.on('data', (d) => { err += d; });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      const line = await new Promise<string>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no "tfew serve:" line; stderr: ${err}`)), 120_000);
+        child.stdout.on('data', (d) => {
+          out += d;
+          const m = /tfew serve: .*/.exec(out);
+          if (m) {
+            clearTimeout(timer);
+            resolve(m[0]);
+          }
+        });
+      });
+      expect(line).toMatch(/on 2 GPUs \(0, 1\)/);
+      const base = /http:\/\/[^ ]+/.exec(line)![0];
+      const health = await (await fetch(`${base}/health`)).json();
+      expect(health.replicas.map((r: { model: string }) => r.model.slice(0, 7))).toEqual(['cuda:0 ', 'cuda:1 ']);
+      const res = await fetch(`${base}/classify`, { method: 'POST', headers: { 'content-type': 'application/json' },
+                                                    body: JSON.stringify({ input: [5, 6, 7, 1], choices: [[4, 1], [5, 1]] }) });
+      expect(res.status).toBe(200);
+    } finally {
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    }
+    expect(err).not.toMatch(/emulator\] .* (while device|of device)/);
   });
 
   (emulated() ? test : test.skip)('tfew doctor lists every GPU (two emulated ones)', () => {
