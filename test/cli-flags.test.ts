@@ -148,6 +148,26 @@ describe('tfew CUDA flags', () => {
     expect(fs.existsSync(path.join(tmp, 'bad'))).toBe(false);
   });
 
+  test('train --seeds with --cuda-devices: a replica per device, seeds in parallel, the same adapters as one after another', async () => {
+    const auto = ['--model', modelDir, '--device', 'auto', '--threads', '1'];
+    const seq = path.join(tmp, 'seeds-seq'), par = path.join(tmp, 'seeds-par');
+    expect(await run('train', ...auto, ...task, '--seeds', '42,1024,0', '--steps', '3', '--batch-size', '2', '--out', seq)).toBe(0);
+    expect(load).toHaveBeenCalledTimes(1);
+    load.mockClear();
+    expect(await run('train', ...auto, ...task, '--seeds', '42,1024,0', '--steps', '3', '--batch-size', '2', '--out', par,
+      '--cuda-devices', '0,1')).toBe(0);
+    // (here, without a GPU, 'auto' puts both replicas on the CPU: they still run at once)
+    expect(load.mock.calls.map((c) => c[1]?.cuda?.device)).toEqual([0, 1]);
+    for (const seed of [42, 1024, 0]) {
+      const file = (dir: string) => fs.readFileSync(path.join(dir, `seed-${seed}`, 'adapter_model.safetensors'));
+      expect(file(par).equals(file(seq))).toBe(true);
+    }
+    expect(lines.filter((l) => / seed \d+.*: 3 steps/.test(l))).toHaveLength(6);
+    for (const r of [0, 1]) expect(lines.some((l) => new RegExp(`seed \\d+ \\((replica|GPU) ${r}\\): 3 steps`).test(l))).toBe(true);  // both trained
+    expect(await run('train', ...model, ...task, '--seeds', '42', '--out', path.join(tmp, 'bad-devices'), '--cuda-devices', '0')).toBe(1);
+    expect(lines.at(-1)).toBe('ERR tfew: --cuda-devices needs --device cuda or auto [E_INVALID_ARGUMENT]');
+  });
+
   test('doctor: the GPUs it sees (none here: the reason), as text and JSON', async () => {
     const probe = native().probeCuda();
     expect(await run('doctor', '--json')).toBe(0);

@@ -189,7 +189,26 @@ async function loadModel(o: ModelOpts, io: CliIO): Promise<T5Model> {
   return model;
 }
 
-/** `tfew serve --cuda-devices`: the GPU indices, checked ("all": every visible GPU). */
+/** How a replica is named in messages: its GPU, or (without a GPU, where 'auto' put it on the CPU) its number. */
+function replicaName(models: T5Model[], model: T5Model): string {
+  return model.gpuIndex === null ? `replica ${models.indexOf(model)}` : `GPU ${model.gpuIndex}`;
+}
+
+/** The model, or with --cuda-devices a replica of it on each of those GPUs (loaded one after another). */
+async function loadReplicas(o: ModelOpts & { cudaDevices?: string }, io: CliIO): Promise<T5Model[]> {
+  const gpus = o.cudaDevices === undefined ? undefined : replicaGpus(o);
+  const models: T5Model[] = [];
+  try {
+    if (gpus === undefined) models.push(await loadModel(o, io));
+    else for (const gpu of gpus) models.push(await loadModel({ ...o, cudaDevice: gpu }, io));
+  } catch (e) {
+    for (const m of models) await m.dispose();
+    throw e;
+  }
+  return models;
+}
+
+/** `--cuda-devices`: the GPU indices, checked ("all": every visible GPU). */
 function replicaGpus(o: ModelOpts & { cudaDevices?: string }): number[] {
   if (o.cudaDevice !== undefined) throw new InvalidArgumentError('--cuda-devices and --cuda-device exclude each other');
   if (o.device === 'cpu') throw new InvalidArgumentError('--cuda-devices needs --device cuda or auto');
@@ -344,32 +363,33 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--seeds <list>', 'several subsets, comma-separated, or "all"')
     .option('--init-adapter <path>', 'start from these vectors (e.g. T-Few\'s pre-trained t03b_ia3_finish.pt)')
     .option('--trainer-seed <n>', 'seed of the batch order and dropout (default: the subset seed)', int('--trainer-seed'))
-    .action(async (o: ModelOpts & TaskOpts & RecipeOpts & { out: string; seed?: number; seeds?: string; initAdapter?: string; trainerSeed?: number }) => {
+    .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): the seeds train in parallel, one per GPU at a time')
+    .action(async (o: ModelOpts & TaskOpts & RecipeOpts & { out: string; seed?: number; seeds?: string; initAdapter?: string; trainerSeed?: number; cudaDevices?: string }) => {
       const task = resolveTask(o);
       const templates = resolveTemplates(task, o);
       const seeds: (number | undefined)[] = o.seeds ? parseSeeds(o.seeds, task)
         : [o.seed ?? (task.kind === 'raft' ? undefined : task.seeds[0])];
-      const model = await loadModel(o, io);
+      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
+      const models = await loadReplicas(o, io);
+      // Ctrl-C stops every run after the step in flight; their adapters are then not saved.
+      const stop = new AbortController();
+      const onSigint = () => {
+        io.err('[tfew] interrupted: stopping after this step (the adapter will not be saved)');
+        stop.abort();
+      };
+      process.once('SIGINT', onSigint);
       try {
-        const init = o.initAdapter ? await IA3Adapter.load(o.initAdapter, { config: model.config }) : undefined;
-        for (const seed of seeds) {
+        const init = o.initAdapter ? await IA3Adapter.load(o.initAdapter, { config: models[0].config }) : undefined;
+        const trainSeed = async (model: T5Model, seed: number | undefined) => {
           const out = seeds.length > 1 ? path.join(o.out, `seed-${seed}`) : o.out;
-          const label = `${task.name}${seed === undefined ? '' : ` seed ${seed}`}`;
+          const label = `${task.name}${seed === undefined ? '' : ` seed ${seed}`}${models.length > 1 ? ` (${replicaName(models, model)})` : ''}`;
           const steps = o.steps ?? 1000;
           const progress = progressReporter(io, label, steps, Math.max(1, Math.round(steps / 20)));
-          // Ctrl-C stops after the step in flight; the adapter is then not saved.
-          const stop = new AbortController();
-          const onSigint = () => {
-            io.err('[tfew] interrupted: stopping after this step (the adapter will not be saved)');
-            stop.abort();
-          };
-          process.once('SIGINT', onSigint);
           let run: TrainingRun;
           try {
             ({ run } = await trainAdapter(model, { ...recipe(o), task, seed, templates, initAdapter: init, saveTo: out, trainerSeed: o.trainerSeed, onStep: progress.step, signal: stop.signal }));
           } finally {
             progress.stop();
-            process.removeListener('SIGINT', onSigint);
           }
           if (run.aborted) {
             status.exitCode = 130;
@@ -380,9 +400,23 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           });
           io.out(`${label}: ${run.steps} steps in ${run.seconds.toFixed(1)} s, loss ${run.firstLoss.toFixed(4)} -> ${run.finalLoss.toFixed(4)}, ` +
             `${formatFlops(run.flops)} training FLOPs; adapter saved to ${out}`);
-        }
+        };
+        // each replica takes the next seed as it finishes one (one replica: the seeds in order); a run that fails
+        // stops the others after their step in flight, and its error is reported once they have
+        let next = 0;
+        const settled = await Promise.allSettled(models.map(async (model) => {
+          try {
+            while (next < seeds.length && !stop.signal.aborted) await trainSeed(model, seeds[next++]);
+          } catch (e) {
+            stop.abort();
+            throw e;
+          }
+        }));
+        const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed) throw failed.reason;
       } finally {
-        await model.dispose();
+        process.removeListener('SIGINT', onSigint);
+        for (const m of models) await m.dispose();
       }
     });
 
@@ -569,7 +603,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): batches run on all of them at once')
     .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length (that such a request runs padded at) whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[]; cudaDevices?: string }) => {
-      const gpus = o.cudaDevices === undefined ? undefined : replicaGpus(o);
+      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
         if (lengths.length === 0 || !lengths.every((n) => Number.isInteger(n) && n >= 1)) {
@@ -581,19 +615,14 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         }
         return lengths;
       });
-      const models: T5Model[] = [];
+      const models = await loadReplicas(o, io);
       try {
-        if (gpus === undefined) {
-          models.push(await loadModel(o, io));
-        } else {
-          for (const gpu of gpus) models.push(await loadModel({ ...o, cudaDevice: gpu }, io));
-        }
         const model = models[0];
         const adapters = await loadNamedAdapters(o.adapter, model);
         const server = new RankServer(models, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
         for (const model of warmUp.length > 0 ? models : []) {
           const t0 = Date.now();
-          const label = models.length > 1 ? ` (GPU ${model.gpuIndex})` : '';
+          const label = models.length > 1 ? ` (${replicaName(models, model)})` : '';
           const maxInputLength = o.maxInputLength ?? 256;
           const adapter = adapters.size > 0;
           // (only the lengths a single request runs padded at: a longer one runs at its exact length, bound by the
@@ -626,7 +655,8 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           }
         }
         const address = await server.listen(o.port, o.host);
-        const on = models.length > 1 ? `${models.length} GPUs (${models.map((m) => m.gpuIndex).join(', ')})` : model.device;
+        const on = models.length === 1 ? model.device
+          : model.device === 'cuda' ? `${models.length} GPUs (${models.map((m) => m.gpuIndex).join(', ')})` : `${models.length} replicas on the CPU`;
         io.out(`tfew serve: http://${address.address}:${address.port} on ${on}; adapters: ${[...adapters.keys()].join(', ') || 'none'} ` +
                '(POST /classify, GET /health; Ctrl-C stops, twice cuts the connections)');
         // The first SIGINT or SIGTERM stops gracefully (answers what was accepted); a second one cuts every connection.
