@@ -164,6 +164,16 @@ describe('tfew CUDA flags', () => {
     }
     expect(lines.filter((l) => / seed \d+.*: 3 steps/.test(l))).toHaveLength(6);
     for (const r of [0, 1]) expect(lines.some((l) => new RegExp(`seed \\d+ \\((replica|GPU) ${r}\\): 3 steps`).test(l))).toBe(true);  // both trained
+    // eval shares its template x seed runs out among the replicas: the same report
+    const evalJson = async (name: string, ...flags: string[]) => {
+      const file = path.join(tmp, name);
+      expect(await run('eval', ...auto, ...task, '--adapter', seq, '--json', file, ...flags)).toBe(0);
+      const r = JSON.parse(fs.readFileSync(file, 'utf8'));
+      return { summary: r.summary, runs: r.runs.map((x: Record<string, unknown>) => [x.template, x.seed, x.accuracy, x.count]) };
+    };
+    const one = await evalJson('eval-one.json');
+    expect(one.runs.length).toBeGreaterThan(2);
+    expect(await evalJson('eval-two.json', '--cuda-devices', '0,1')).toEqual(one);
     expect(await run('train', ...model, ...task, '--seeds', '42', '--out', path.join(tmp, 'bad-devices'), '--cuda-devices', '0')).toBe(1);
     expect(lines.at(-1)).toBe('ERR tfew: --cuda-devices needs --device cuda or auto [E_INVALID_ARGUMENT]');
   });

@@ -429,10 +429,13 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'))
     .option('--json <file>', 'write the results as JSON')
     .option('--report <base>', 'write <base>.md, <base>.json and a plot <base>.png/.svg')
-    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; seeds?: string; limit?: number; batchSize?: number; maxInputLength?: number; json?: string; report?: string }) => {
+    .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): the template x seed runs share them')
+    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; seeds?: string; limit?: number; batchSize?: number; maxInputLength?: number; json?: string; report?: string; cudaDevices?: string }) => {
       const task = resolveTask(o);
       const templates = resolveTemplates(task, o);
-      const model = await loadModel(o, io);
+      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
+      const models = await loadReplicas(o, io);
+      const model = models[0];
       try {
         const loaded = o.adapter ? await loadAdapters(o.adapter, model) : null;
         let seeds: number[];
@@ -454,7 +457,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
                                            'omit --seeds, or give a directory of seed-<n>/ adapters');
           }
         }
-        const r = await evaluate(model, {
+        const r = await evaluate(models, {
           task, templates, seeds, limit: o.limit, batchSize: o.batchSize, maxInputLength: o.maxInputLength,
           adapter: loaded instanceof Map ? (s) => loaded.get(s) ?? null : loaded,
           onRun: (run) => io.err(`[tfew] ${run.template} seed ${run.seed}: ${pct(run.accuracy)} (${run.count} examples, ${run.seconds.toFixed(1)} s)`),
@@ -466,7 +469,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           io.out(`report: ${files.markdown}`);
         }
       } finally {
-        await model.dispose();
+        for (const m of models) await m.dispose();
       }
     });
 

@@ -121,29 +121,54 @@ async function adapterFor(adapter: AdapterForSeed | undefined, seed: number): Pr
   return adapter ?? null;
 }
 
-/** Accuracy of every template on every seed, and the median / IQR over all of them. */
-export async function evaluate(model: ScoringModel, options: EvaluateOptions): Promise<EvaluationReport> {
-  const tokenizer = requireTokenizer(model);
+/**
+ * Accuracy of every template on every seed, and the median / IQR over all of them. `model` may be replicas of one
+ * model (the same checkpoint on several GPUs): the template x seed runs are shared out among them and run at once
+ * (the report lists them in seed, then template order all the same; onRun is called as each ends).
+ */
+export async function evaluate(model: ScoringModel | readonly ScoringModel[], options: EvaluateOptions): Promise<EvaluationReport> {
+  const models: readonly ScoringModel[] = Array.isArray(model) ? model : [model as ScoringModel];
+  if (models.length === 0) throw new InvalidArgumentError('evaluate() needs a model');
+  const tokenizer = requireTokenizer(models[0]);
   const templates = options.templates ?? options.task?.templates();
   if (!templates || templates.length === 0) throw new InvalidArgumentError('evaluate() needs templates (or a task)');
   const seeds = options.seeds ?? options.task?.seeds ?? [0];
   const maxLen = options.maxInputLength ?? options.task?.recipe.maxInputLength ?? DEFAULT_MAX_INPUT_LENGTH;
-  const runs: EvaluationRun[] = [];
-  let anyAdapter = false;
-  for (const seed of seeds) {
-    const adapter = await adapterFor(options.adapter, seed);
-    anyAdapter ||= adapter !== null;
-    const examples = evalSetFor(options, seed);
-    const labels = examples.map((e) => e.label);
-    for (const template of templates) {
-      const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
-      const run = await scoreRun(model, encoded, labels, template.name, seed, {
-        adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
-      });
-      runs.push(run);
-      options.onRun?.(run);
+  // each seed's adapter and evaluation set, looked up once (when its first run starts)
+  const perSeed = new Map<number, Promise<{ adapter: IA3Adapter | null; examples: Example[] }>>();
+  const seedData = (seed: number) => {
+    let d = perSeed.get(seed);
+    if (!d) {
+      d = (async () => ({ adapter: await adapterFor(options.adapter, seed), examples: evalSetFor(options, seed) }))();
+      perSeed.set(seed, d);
     }
-  }
+    return d;
+  };
+  const jobs = seeds.flatMap((seed) => templates.map((template) => ({ seed, template })));
+  const runs: EvaluationRun[] = new Array(jobs.length);
+  let anyAdapter = false;
+  let next = 0;
+  let failed = false;
+  const settled = await Promise.allSettled(models.map(async (m) => {
+    while (next < jobs.length && !failed) {
+      const k = next++;
+      const { seed, template } = jobs[k];
+      try {
+        const { adapter, examples } = await seedData(seed);
+        anyAdapter ||= adapter !== null;
+        const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
+        runs[k] = await scoreRun(m, encoded, examples.map((e) => e.label), template.name, seed, {
+          adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
+        });
+      } catch (e) {
+        failed = true;  // (the other replicas stop after their run in flight)
+        throw e;
+      }
+      options.onRun?.(runs[k]);
+    }
+  }));
+  const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failure) throw failure.reason;
   return report(options.method ?? (anyAdapter ? 'T-Few' : 'zero-shot'), options.task?.name ?? 'custom', runs);
 }
 
