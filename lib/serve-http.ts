@@ -166,14 +166,14 @@ export class RankServer {
     const url = (req.url ?? '/').split('?')[0];
     if (url === '/health') {
       if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, 'E_METHOD', 'use GET /health');
-      const first = this.models[0];
-      const status = this.models.every((m) => m.disposed) ? 'disposed' : this.closing ? 'closing' : 'ok';
+      const first = this.models.find((m) => !m.disposed) ?? this.models[0];  // (the first replica still loaded)
+      const status = first.disposed ? 'disposed' : this.closing ? 'closing' : 'ok';
       this.send(res, status === 'ok' ? 200 : 503, {
         status, device: first.device, model: first.describe(),
         adapters: [...this.adapters.keys()], stats: this.batcher.stats, pending: this.batcher.pending,
         // CUDA: how many batches replayed a graph (a low share: launch-bound batches of ever new shapes)
         graphs: first.disposed ? null : first.graphStats(),
-        replicas: this.models.map((m) => ({ model: m.describe(), graphs: m.disposed ? null : m.graphStats() })),
+        replicas: this.models.map((m) => ({ model: m.describe(), gpu: m.gpuIndex, disposed: m.disposed, graphs: m.disposed ? null : m.graphStats() })),
       });
       return;
     }

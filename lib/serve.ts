@@ -69,8 +69,12 @@ export interface RankBatcherStats {
   /** Engine time per batch that returned (the rankClassify call), ms: the mean and the last. */
   meanBatchMs: number;
   lastBatchMs: number;
-  /** Per replica (one model: one entry): batches it ran, and whether one is running now. */
-  replicas: { batches: number; busy: boolean }[];
+  /**
+   * Per replica (one model: one entry): batches it ran, whether one is running now, batches that failed in a row
+   * for the engine's own reasons, and whether it was taken out of rotation for that (three in a row, while another
+   * replica can still run).
+   */
+  replicas: { batches: number; busy: boolean; failures: number; retired: boolean }[];
 }
 
 /** classify() while maxQueue requests wait. */
@@ -89,6 +93,8 @@ interface Pending {
   arrivedAt: number;  // performance.now()
   signal?: AbortSignal;
   onAbort?: () => void;
+  retried: boolean;  // sent again, to another replica, after its batch failed for the engine's own reasons
+  failedOn?: number;  // (retried) the replica it failed on
 }
 
 // Errors that may concern one request, not the engine: its batch-mates are scored again without it (out of
@@ -97,6 +103,8 @@ const isInputError = (e: unknown): boolean =>
   e instanceof InvalidArgumentError || e instanceof InvalidAdapterError || e instanceof OutOfMemoryError;
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
+// Batches a replica may fail in a row (the engine's own errors: a lost GPU) before it leaves the rotation.
+const MAX_REPLICA_FAILURES = 3;
 
 export class RankBatcher {
   private readonly maxBatch: number;
@@ -110,12 +118,16 @@ export class RankBatcher {
   // an abort costs O(1) however long the queue.
   private queue: Pending[] = [];
   private head = 0;
+  // Requests sent again after their batch failed on a replica (the engine's own error), first in line for the others.
+  private retryQueue: Pending[] = [];
   private waiting = 0;  // queued, not aborted, not yet sent
   private abortedInQueue = 0;  // aborted entries still in `queue`
   // The replicas (one model, or the same checkpoint on several GPUs) and which of them runs a batch now.
   private readonly models: T5Model[];
   private readonly busy: boolean[];
   private readonly replicaBatches: number[];
+  private readonly failuresInRow: number[];
+  private readonly retired: boolean[];
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
@@ -141,9 +153,14 @@ export class RankBatcher {
       throw new InvalidArgumentError('RankBatcher replicas must be the same model (their configs differ)');
     }
     if (new Set(models).size !== models.length) throw new InvalidArgumentError('RankBatcher replicas must be distinct models');
+    if (models.some((m) => m.device !== models[0].device)) {
+      throw new InvalidArgumentError(`RankBatcher replicas must run on one kind of device (${models.map((m) => m.device).join(', ')})`);
+    }
     this.models = models;
     this.busy = models.map(() => false);
     this.replicaBatches = models.map(() => 0);
+    this.failuresInRow = models.map(() => 0);
+    this.retired = models.map(() => false);
     if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankBatcher options must be an object');
     const int = (name: string, v: number | undefined, dflt: number, min: number): number => {
       const x = v ?? dflt;
@@ -184,14 +201,15 @@ export class RankBatcher {
         }
         const { inputIds, choiceIds } = this.encode(input, choices);
         const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false,
-                             arrivedAt: performance.now(), signal: o.signal };
+                             arrivedAt: performance.now(), signal: o.signal, retried: false };
         if (o.signal) {
           p.onAbort = () => {
             if (!p.dispatched && !p.settled) {
               this.waiting--;
-              this.dropAborted(p);
+              if (!p.retried) this.dropAborted(p);  // (a retried one is dropped from retryQueue when it comes up)
             }
             this.settle(p, new AbortError());
+            this.wakeIdleWaiters();  // (close() may be waiting for this one)
           };
           o.signal.addEventListener('abort', p.onAbort, { once: true });
         }
@@ -214,7 +232,7 @@ export class RankBatcher {
       maxWaitMs: this.maxWaitMs,
       meanBatchMs: this.timedBatches > 0 ? this.batchSumMs / this.timedBatches : 0,
       lastBatchMs: this.lastBatchMs,
-      replicas: this.models.map((_, i) => ({ batches: this.replicaBatches[i], busy: this.busy[i] })),
+      replicas: this.models.map((_, i) => ({ batches: this.replicaBatches[i], busy: this.busy[i], failures: this.failuresInRow[i], retired: this.retired[i] })),
     };
   }
 
@@ -264,13 +282,30 @@ export class RankBatcher {
     return { inputIds, choiceIds };
   }
 
-  // A replica that can take a batch now (not running one, not disposed), or -1.
+  // A replica that can take a batch now (not running one, not disposed, not retired), or -1.
   private idleReplica(): number {
-    return this.models.findIndex((m, i) => !this.busy[i] && !m.disposed);
+    return this.models.findIndex((m, i) => !this.busy[i] && !m.disposed && !this.retired[i]);
+  }
+
+  // Retirement only ever leaves others to do the work: when every live replica is retired, they all come back.
+  private keepOneInRotation(): void {
+    const live = this.models.map((m, i) => i).filter((i) => !this.models[i].disposed);
+    if (live.length > 0 && live.every((i) => this.retired[i])) {
+      for (const i of live) {
+        this.retired[i] = false;
+        this.failuresInRow[i] = 0;
+      }
+    }
+  }
+
+  // Live replicas in rotation other than `replica`.
+  private othersInRotation(replica: number): number {
+    return this.models.filter((m, i) => i !== replica && !m.disposed && !this.retired[i]).length;
   }
 
   private schedule(): void {
     if (this.waiting === 0) return;
+    this.keepOneInRotation();
     if (this.idleReplica() < 0) {
       // a running batch's end sends what queued meanwhile; with every replica disposed, what waits fails now
       if (this.models.every((m) => m.disposed) && !this.busy.includes(true)) this.dispatchSoon(0);
@@ -291,14 +326,31 @@ export class RankBatcher {
 
   // Starts idle replicas while requests wait: each takes a batch (and the next ones as it returns).
   private dispatch(): void {
-    for (let i = this.idleReplica(); i >= 0 && this.waiting > 0; i = this.idleReplica()) void this.runBatches(i);
+    this.keepOneInRotation();
+    for (let i = 0; i < this.models.length && this.waiting > 0; i++) {
+      if (!this.busy[i] && !this.models[i].disposed && !this.retired[i]) void this.runBatches(i);
+    }
     if (this.waiting > 0 && this.models.every((m) => m.disposed)) {
       // (every replica is gone: what waits can never run)
-      for (let batch = this.takeBatch(); batch.length > 0; batch = this.takeBatch()) {
+      for (let batch = this.takeBatch(0); batch.length > 0; batch = this.takeBatch(0)) {
         for (const p of batch) this.settle(p, new DisposedError('the RankBatcher\'s model has been disposed'));
       }
-      this.wakeIdleWaiters();
     }
+    this.wakeIdleWaiters();  // (close() after every waiting request was aborted: nothing left to run)
+  }
+
+  // A batch that failed for the engine's own reasons on `replica`: its requests go once more, first in line, to
+  // another replica (a lost GPU must not fail every request it happens to take); those already retried fail.
+  private requeue(replica: number, batch: Pending[], error: Error): void {
+    const again = batch.filter((p) => !p.settled && !p.retried && this.othersInRotation(replica) > 0);
+    for (const p of batch) if (!p.settled && !again.includes(p)) this.settle(p, error);
+    for (const p of again) {
+      p.retried = true;
+      p.failedOn = replica;
+      p.dispatched = false;
+    }
+    this.retryQueue.push(...again);
+    this.waiting += again.length;
   }
 
   // An aborted request's entry stays in the queue (removing it would cost O(queue)) but lets go of its tokens;
@@ -314,9 +366,25 @@ export class RankBatcher {
     }
   }
 
-  // The next batch: up to maxBatch requests in arrival order, skipping aborted ones.
-  private takeBatch(): Pending[] {
+  // The next batch for `replica`: retried requests first (not back to the replica they failed on, while another can
+  // take them), then up to maxBatch requests in arrival order, skipping aborted ones.
+  private takeBatch(replica: number): Pending[] {
     const batch: Pending[] = [];
+    if (this.retryQueue.length > 0) {
+      const alone = this.othersInRotation(replica) === 0;
+      const keep: Pending[] = [];
+      for (const p of this.retryQueue) {
+        if (p.settled) continue;  // (aborted while waiting again)
+        if (batch.length < this.maxBatch && (alone || p.failedOn !== replica)) {
+          p.dispatched = true;
+          this.waiting--;
+          batch.push(p);
+        } else {
+          keep.push(p);
+        }
+      }
+      this.retryQueue = keep;
+    }
     while (batch.length < this.maxBatch && this.head < this.queue.length) {
       const p = this.queue[this.head++];
       if (p.settled) {
@@ -342,8 +410,10 @@ export class RankBatcher {
     if (this.busy[replica]) return;
     this.busy[replica] = true;
     const model = this.models[replica];
+    let took = false;
     try {
-      for (let batch = this.takeBatch(); batch.length > 0; batch = model.disposed ? [] : this.takeBatch()) {
+      for (let batch = this.takeBatch(replica); batch.length > 0; batch = model.disposed ? [] : this.takeBatch(replica)) {
+        took = true;
         this.counts.batches++;
         this.replicaBatches[replica]++;
         this.counts.batchedExamples += batch.length;
@@ -358,6 +428,7 @@ export class RankBatcher {
           this.lastBatchMs = performance.now() - sentAt;
           this.batchSumMs += this.lastBatchMs;
           this.timedBatches++;
+          this.failuresInRow[replica] = 0;
           batch.forEach((p, i) => this.settle(p, undefined, results[i]));
         } catch (e) {
           if (batch.length > 1 && isInputError(e)) {
@@ -370,6 +441,12 @@ export class RankBatcher {
                 this.settle(p, one as Error);
               }
             }
+          } else if (!(e instanceof DisposedError) && !isInputError(e)) {
+            // the engine's own failure: another replica gets the batch; one failing batch after batch leaves the
+            // rotation (while another can run), instead of taking every batch as fast as it fails
+            this.requeue(replica, batch, e as Error);
+            if (++this.failuresInRow[replica] >= MAX_REPLICA_FAILURES && this.othersInRotation(replica) > 0) this.retired[replica] = true;
+            if (this.retired[replica]) break;
           } else {
             for (const p of batch) this.settle(p, e as Error);
           }
@@ -377,7 +454,8 @@ export class RankBatcher {
       }
     } finally {
       this.busy[replica] = false;
-      if (this.waiting > 0) this.schedule();
+      // (a replica that found nothing it may take leaves the rest to the others, which send it as they return)
+      if (this.waiting > 0 && took) this.schedule();
       else this.wakeIdleWaiters();
     }
   }

@@ -149,6 +149,11 @@ describe('tfew CUDA flags', () => {
   });
 
   test('train --seeds with --cuda-devices: a replica per device, seeds in parallel, the same adapters as one after another', async () => {
+    // --cuda-devices loads each replica with device 'cuda' on its GPU; here T5Model.load puts them on the CPU instead
+    // (which runs them at once just as well), so that the plumbing is tested on any machine
+    load.mockRestore();
+    const realLoad = T5Model.load.bind(T5Model);
+    load = jest.spyOn(T5Model, 'load').mockImplementation((d, opts) => realLoad(d, { ...opts, device: 'cpu' }));
     const auto = ['--model', modelDir, '--device', 'auto', '--threads', '1'];
     const seq = path.join(tmp, 'seeds-seq'), par = path.join(tmp, 'seeds-par');
     expect(await run('train', ...auto, ...task, '--seeds', '42,1024,0', '--steps', '3', '--batch-size', '2', '--out', seq)).toBe(0);
@@ -156,8 +161,8 @@ describe('tfew CUDA flags', () => {
     load.mockClear();
     expect(await run('train', ...auto, ...task, '--seeds', '42,1024,0', '--steps', '3', '--batch-size', '2', '--out', par,
       '--cuda-devices', '0,1')).toBe(0);
-    // (here, without a GPU, 'auto' puts both replicas on the CPU: they still run at once)
-    expect(load.mock.calls.map((c) => c[1]?.cuda?.device)).toEqual([0, 1]);
+    expect(load.mock.calls.map((c) => [c[1]?.device, c[1]?.cuda?.device])).toEqual([['cuda', 0], ['cuda', 1]]);
+    expect(JSON.parse(fs.readFileSync(path.join(par, 'seed-0', 'run.json'), 'utf8'))).toMatchObject({ replicas: 2 });
     for (const seed of [42, 1024, 0]) {
       const file = (dir: string) => fs.readFileSync(path.join(dir, `seed-${seed}`, 'adapter_model.safetensors'));
       expect(file(par).equals(file(seq))).toBe(true);
@@ -176,6 +181,15 @@ describe('tfew CUDA flags', () => {
     expect(await evalJson('eval-two.json', '--cuda-devices', '0,1')).toEqual(one);
     expect(await run('train', ...model, ...task, '--seeds', '42', '--out', path.join(tmp, 'bad-devices'), '--cuda-devices', '0')).toBe(1);
     expect(lines.at(-1)).toBe('ERR tfew: --cuda-devices needs --device cuda or auto [E_INVALID_ARGUMENT]');
+    // without a usable GPU, --cuda-devices is an error, never a CPU replica
+    load.mockRestore();
+    load = jest.spyOn(T5Model, 'load');
+    if (!native().probeCuda().usable) {
+      expect(await run('train', ...auto, ...task, '--seeds', '42', '--out', path.join(tmp, 'no-gpu'), '--cuda-devices', '0')).toBe(1);
+      expect(lines.at(-1)).toMatch(/^ERR tfew: device 'cuda' is not available: .* \[E_DEVICE_UNAVAILABLE\]$/);
+      expect(await run('train', ...auto, ...task, '--seeds', '42', '--out', path.join(tmp, 'no-gpu'), '--cuda-devices', 'all')).toBe(1);
+      expect(lines.at(-1)).toMatch(/^ERR tfew: --cuda-devices all: no usable GPU .* \[E_DEVICE_UNAVAILABLE\]$/);
+    }
   });
 
   test('doctor: the GPUs it sees (none here: the reason), as text and JSON', async () => {

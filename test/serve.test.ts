@@ -6,7 +6,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import {
-  AbortError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, QueueFullError, RankBatcher,
+  AbortError, CudaError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, QueueFullError, RankBatcher,
   T5Model,
 } from '../lib';
 import { buildTinyT5 } from '../lib/tiny';
@@ -250,6 +250,47 @@ describe('RankBatcher', () => {
       await batcher.close();
     } finally {
       for (const m of replicas) await m.dispose();
+    }
+  });
+
+  test('close() after every queued request was aborted resolves (one model and replicas)', async () => {
+    const second = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    try {
+      for (const target of [model, [model, second]]) {
+        const batcher = new RankBatcher(target, { maxDelayMs: 1000 });
+        const controllers = [0, 1, 2].map(() => new AbortController());
+        const queued = controllers.map((c, i) => batcher.classify(requests[i].input, requests[i].choices, { signal: c.signal }));
+        const closed = batcher.close();
+        controllers.forEach((c) => c.abort());  // (before the batch goes)
+        for (const q of queued) await expect(q).rejects.toBeInstanceOf(AbortError);
+        await closed;
+        expect(batcher.stats.batches).toBe(0);
+      }
+    } finally {
+      await second.dispose();
+    }
+  });
+
+  test('a replica whose engine fails: its batches go to the other, and after three in a row it leaves the rotation', async () => {
+    const healthy = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    const broken = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    try {
+      jest.spyOn(broken, 'rankClassify').mockImplementation(async () => {
+        throw new CudaError('an illegal memory access was encountered (the GPU context is lost)');
+      });
+      const batcher = new RankBatcher([broken, healthy], { maxBatch: 1, maxDelayMs: 1 });
+      const answers = await Promise.all(requests.map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
+      for (let i = 0; i < requests.length; i++) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+      const [b, h] = batcher.stats.replicas;
+      expect(b).toMatchObject({ retired: true, failures: 3, batches: 3 });  // then out of the rotation
+      expect(h.batches).toBe(requests.length + 0);
+      // with no other replica left in rotation the broken one comes back, and its errors reach the callers
+      await healthy.dispose();
+      await expect(batcher.classify(requests[0].input, requests[0].choices)).rejects.toBeInstanceOf(CudaError);
+      await batcher.close();
+    } finally {
+      await healthy.dispose();
+      await broken.dispose();
     }
   });
 

@@ -6,7 +6,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { Command, InvalidArgumentError as CommanderArgumentError, Option } from 'commander';
 import { IA3Adapter } from '../adapter';
-import { InvalidArgumentError, TfewError } from '../errors';
+import { DeviceUnavailableError, InvalidArgumentError, TfewError } from '../errors';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type GraphWarmUpShape, type RecomputeLevel } from '../model';
 import { native, type CudaOptions, type CudaProbe, type ReserveShape } from '../native';
 import { classify } from '../pipeline/classify';
@@ -199,8 +199,9 @@ async function loadReplicas(o: ModelOpts & { cudaDevices?: string }, io: CliIO):
   const gpus = o.cudaDevices === undefined ? undefined : replicaGpus(o);
   const models: T5Model[] = [];
   try {
+    // (each replica on its GPU or not at all: a GPU that cannot be used is an error, not a CPU replica)
     if (gpus === undefined) models.push(await loadModel(o, io));
-    else for (const gpu of gpus) models.push(await loadModel({ ...o, cudaDevice: gpu }, io));
+    else for (const gpu of gpus) models.push(await loadModel({ ...o, device: 'cuda', cudaDevice: gpu }, io));
   } catch (e) {
     for (const m of models) await m.dispose();
     throw e;
@@ -214,14 +215,20 @@ function replicaGpus(o: ModelOpts & { cudaDevices?: string }): number[] {
   if (o.device === 'cpu') throw new InvalidArgumentError('--cuda-devices needs --device cuda or auto');
   const spec = (o.cudaDevices ?? '').trim();
   const gpus = spec === 'all'
-    ? Array.from({ length: native().probeCuda().deviceCount }, (_, i) => i)
+    ? Array.from({ length: native().probeCuda().deviceCount }, (_, i) => i).filter((i) => native().probeCuda(i).usable)
     : list(spec).map((v) => {
       const n = Number(v);
       if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--cuda-devices takes GPU indices (e.g. 0,1) or "all"; got "${spec}"`);
       return n;
     });
-  if (gpus.length === 0) throw new InvalidArgumentError(spec === 'all' ? '--cuda-devices all: no GPU is visible' : '--cuda-devices: no GPU index given');
+  if (gpus.length === 0) {
+    if (spec === 'all') throw new DeviceUnavailableError(`--cuda-devices all: no usable GPU (${native().probeCuda().reason || 'none is visible'})`);
+    throw new InvalidArgumentError('--cuda-devices: no GPU index given');
+  }
   if (new Set(gpus).size !== gpus.length) throw new InvalidArgumentError(`--cuda-devices "${spec}" names a GPU twice`);
+  // Each native call holds one of libuv's threads while it runs (4 unless UV_THREADPOOL_SIZE says otherwise, read
+  // when the pool starts: the first native call, after this): one per replica, and the usual 4 for the rest.
+  if (process.env.UV_THREADPOOL_SIZE === undefined && gpus.length > 2) process.env.UV_THREADPOOL_SIZE = String(gpus.length + 4);
   return gpus;
 }
 
@@ -375,6 +382,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
       const stop = new AbortController();
       const onSigint = () => {
         io.err('[tfew] interrupted: stopping after this step (the adapter will not be saved)');
+        status.exitCode = 130;
         stop.abort();
       };
       process.once('SIGINT', onSigint);
@@ -384,7 +392,8 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           const out = seeds.length > 1 ? path.join(o.out, `seed-${seed}`) : o.out;
           const label = `${task.name}${seed === undefined ? '' : ` seed ${seed}`}${models.length > 1 ? ` (${replicaName(models, model)})` : ''}`;
           const steps = o.steps ?? 1000;
-          const progress = progressReporter(io, label, steps, Math.max(1, Math.round(steps / 20)));
+          // (several runs at once: progress as lines, not bars drawn over each other)
+          const progress = progressReporter(models.length > 1 ? { ...io, interactive: false } : io, label, steps, Math.max(1, Math.round(steps / 20)));
           let run: TrainingRun;
           try {
             ({ run } = await trainAdapter(model, { ...recipe(o), task, seed, templates, initAdapter: init, saveTo: out, trainerSeed: o.trainerSeed, onStep: progress.step, signal: stop.signal }));
@@ -397,18 +406,21 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           }
           writeJson(path.join(out, 'run.json'), {
             task: task.name, seed: seed ?? null, templates: templates.map((t) => t.name), model: path.resolve(o.model), training: run,
+            // (its time and host memory were measured beside the other replicas' runs)
+            ...(models.length > 1 ? { replicas: models.length, gpu: model.gpuIndex } : {}),
           });
           io.out(`${label}: ${run.steps} steps in ${run.seconds.toFixed(1)} s, loss ${run.firstLoss.toFixed(4)} -> ${run.finalLoss.toFixed(4)}, ` +
             `${formatFlops(run.flops)} training FLOPs; adapter saved to ${out}`);
         };
-        // each replica takes the next seed as it finishes one (one replica: the seeds in order); a run that fails
-        // stops the others after their step in flight, and its error is reported once they have
+        // each replica takes the next seed as it finishes one (one replica: the seeds in order); after a run fails no
+        // new seed starts, the runs in flight finish (and are saved), then the error is reported
         let next = 0;
+        let anyFailed = false;
         const settled = await Promise.allSettled(models.map(async (model) => {
           try {
-            while (next < seeds.length && !stop.signal.aborted) await trainSeed(model, seeds[next++]);
+            while (next < seeds.length && !stop.signal.aborted && !anyFailed) await trainSeed(model, seeds[next++]);
           } catch (e) {
-            stop.abort();
+            anyFailed = true;
             throw e;
           }
         }));

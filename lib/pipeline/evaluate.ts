@@ -160,11 +160,11 @@ export async function evaluate(model: ScoringModel | readonly ScoringModel[], op
         runs[k] = await scoreRun(m, encoded, examples.map((e) => e.label), template.name, seed, {
           adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
         });
+        options.onRun?.(runs[k]);
       } catch (e) {
         failed = true;  // (the other replicas stop after their run in flight)
         throw e;
       }
-      options.onRun?.(runs[k]);
     }
   }));
   const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');

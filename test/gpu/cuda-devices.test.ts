@@ -142,7 +142,8 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     try {
       const line = await new Promise<string>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no "tfew serve:" line; stderr: ${err}`)), 120_000);
+        const timer = setTimeout(() => reject(new Error(`no "tfew serve:" line; stderr: ${err}`)), 100_000);
+        void exited.then((code) => reject(new Error(`tfew serve exited (${code}) before listening; stderr: ${err}`)));
         child.stdout.on('data', (d) => {
           out += d;
           const m = /tfew serve: .*/.exec(out);
