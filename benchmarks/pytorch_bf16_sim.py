@@ -264,13 +264,18 @@ def max_rel_error(a, b, floor=1e-6):
     return float((np.abs(a - b) / np.maximum(np.abs(b), floor)).max())
 
 
-def tfew_losses(logp, tgt, labels):
+def loss_masks(tgt, labels):
+    """The T-Few losses' token masks of choices [B, C, Lc] (0 = padding): real tokens, gold-choice tokens, the rest."""
     mask = tgt != 0
     B, C, _ = tgt.shape
     gold = np.zeros((B, C), bool)
     gold[np.arange(B), labels] = True
-    gold_tok = mask & gold[..., None]
-    wrong_tok = mask & ~gold[..., None]
+    return mask, mask & gold[..., None], mask & ~gold[..., None]
+
+
+def tfew_losses(logp, tgt, labels):
+    mask, gold_tok, wrong_tok = loss_masks(tgt, labels)
+    B = tgt.shape[0]
     lp = logp.astype(np.float64)
     lm = -(lp * gold_tok).sum() / gold_tok.sum()
     ul = -(np.log(1 - np.exp(lp) + 0.01) * wrong_tok).sum() / wrong_tok.sum()

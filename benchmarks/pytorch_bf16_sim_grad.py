@@ -30,7 +30,7 @@ import math, os, sys, json
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_bf16_sim import load_st, bf16, bucket, rel_error, tfew_losses, T5Sim  # noqa: E402
+from pytorch_bf16_sim import load_st, bf16, bucket, loss_masks, rel_error, tfew_losses, T5Sim  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'test', 'fixtures')
 
@@ -423,12 +423,8 @@ class T5Tape:
 def loss_grads(logp, tgt, labels, weights):
     """Analytic d(w_lm*lm + w_ul*ul + w_ln*ln)/d logp, logp [B, C, Lc] (float64 from fp32 values)."""
     w_lm, w_ul, w_ln = weights
-    mask = tgt != 0
+    mask, gold_tok, wrong_tok = loss_masks(tgt, labels)
     B, C, _ = tgt.shape
-    gold = np.zeros((B, C), bool)
-    gold[np.arange(B), labels] = True
-    gold_tok = mask & gold[..., None]
-    wrong_tok = mask & ~gold[..., None]
     lp = logp
     g = np.zeros_like(lp)
     g += w_lm * (-gold_tok.astype(np.float64) / gold_tok.sum())
