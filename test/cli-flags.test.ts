@@ -179,6 +179,17 @@ describe('tfew CUDA flags', () => {
     const one = await evalJson('eval-one.json');
     expect(one.runs.length).toBeGreaterThan(2);
     expect(await evalJson('eval-two.json', '--cuda-devices', '0,1')).toEqual(one);
+    // classify shares its batches out: the same predictions, in input order
+    const input = path.join(tmp, 'classify-many.csv');
+    fs.writeFileSync(input, `text\n${REVIEWS.map(([t]) => t).join('\n')}\n`);
+    const predictions = async (...flags: string[]) => {
+      const file = path.join(tmp, `classify-${flags.length}.jsonl`);
+      expect(await run('classify', ...auto, ...task, '--input', input, '--adapter', path.join(seq, 'seed-42'), '--batch-size', '3', '--out', file, ...flags)).toBe(0);
+      return fs.readFileSync(file, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    };
+    const single = await predictions();
+    expect(single).toHaveLength(REVIEWS.length);
+    expect(await predictions('--cuda-devices', '0,1')).toEqual(single);
     expect(await run('train', ...model, ...task, '--seeds', '42', '--out', path.join(tmp, 'bad-devices'), '--cuda-devices', '0')).toBe(1);
     expect(lines.at(-1)).toBe('ERR tfew: --cuda-devices needs --device cuda or auto [E_INVALID_ARGUMENT]');
     // without a usable GPU, --cuda-devices is an error, never a CPU replica

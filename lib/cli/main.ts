@@ -493,7 +493,8 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--template <name>', 'which template to use (default: the first)')
     .option('--max-input-length <n>', 'truncate inputs to this many tokens (256)', int('--max-input-length'))
     .option('--batch-size <n>', 'examples per forward pass', int('--batch-size'))
-    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; input?: string; out: string; template?: string; maxInputLength?: number; batchSize?: number }) => {
+    .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): the batches share them')
+    .action(async (o: ModelOpts & TaskOpts & { adapter?: string; input?: string; out: string; template?: string; maxInputLength?: number; batchSize?: number; cudaDevices?: string }) => {
       const task = resolveTask(o);
       const templates = resolveTemplates(task, o);
       const template = o.template ? templates.find((t) => t.name === o.template) : templates[0];
@@ -501,11 +502,12 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
       const examples = o.input
         ? readUserData(o.input, { labelColumn: o.labelColumn, labelNames: task.labelNames.slice() }).examples
         : task.testExamples();
-      const model = await loadModel(o, io);
+      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
+      const models = await loadReplicas(o, io);
       try {
-        const adapter = o.adapter ? await IA3Adapter.load(o.adapter, { config: model.config }) : null;
+        const adapter = o.adapter ? await IA3Adapter.load(o.adapter, { config: models[0].config }) : null;
         const labelNames = task.kind === 'tfew' ? undefined : task.labelNames;
-        const preds = await classify(model, examples, {
+        const preds = await classify(models, examples, {
           template, adapter, labelNames, maxInputLength: o.maxInputLength ?? task.recipe.maxInputLength, batchSize: o.batchSize,
           onProgress: (done, total) => { if (!io.interactive && done % 512 < (o.batchSize ?? 32)) io.err(`[tfew] ${done}/${total}`); },
         });
@@ -522,7 +524,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
           }
         }
       } finally {
-        await model.dispose();
+        for (const m of models) await m.dispose();
       }
     });
 

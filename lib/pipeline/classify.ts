@@ -26,23 +26,42 @@ export interface ClassifyOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
-/** Rank-classifies examples (labels, when present, are ignored). */
-export async function classify(model: ScoringModel, examples: readonly Example[], options: ClassifyOptions): Promise<Prediction[]> {
+/**
+ * Rank-classifies examples (labels, when present, are ignored). `model` may be replicas of one model (the same
+ * checkpoint on several GPUs): the chunks of examples are shared out among them, the predictions in input order.
+ */
+export async function classify(model: ScoringModel | readonly ScoringModel[], examples: readonly Example[],
+                               options: ClassifyOptions): Promise<Prediction[]> {
+  const models: readonly ScoringModel[] = Array.isArray(model) ? model : [model as ScoringModel];
+  if (models.length === 0) throw new InvalidArgumentError('classify() needs a model');
   if (examples.length === 0) throw new InvalidArgumentError('nothing to classify');
-  const tokenizer = requireTokenizer(model);
+  const tokenizer = requireTokenizer(models[0]);
   const maxLen = options.maxInputLength ?? DEFAULT_MAX_INPUT_LENGTH;
   const chunk = Math.max(1, options.batchSize ?? 32);
-  const out: Prediction[] = [];
-  for (let start = 0; start < examples.length; start += chunk) {
-    const part = examples.slice(start, start + chunk);
-    const prompts = part.map((ex) => options.template.render({ ...ex, label: -1 }));
-    const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
-    const scored = await scoreEncoded(model, encoded, { adapter: options.adapter, batchSize: chunk });
-    part.forEach((ex, i) => {
-      const p = scored.predictions[i];
-      out.push({ id: ex.id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[i] });
-    });
-    options.onProgress?.(Math.min(start + chunk, examples.length), examples.length);
-  }
+  const out: Prediction[] = new Array(examples.length);
+  let next = 0, done = 0, failed = false;
+  const settled = await Promise.allSettled(models.map(async (m) => {
+    while (next < examples.length && !failed) {
+      const start = next;
+      next += chunk;
+      try {
+        const part = examples.slice(start, start + chunk);
+        const prompts = part.map((ex) => options.template.render({ ...ex, label: -1 }));
+        const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
+        const scored = await scoreEncoded(m, encoded, { adapter: options.adapter, batchSize: chunk });
+        part.forEach((ex, i) => {
+          const p = scored.predictions[i];
+          out[start + i] = { id: ex.id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[i] };
+        });
+        done += part.length;
+        options.onProgress?.(done, examples.length);
+      } catch (e) {
+        failed = true;  // (the other replicas stop after their chunk in flight)
+        throw e;
+      }
+    }
+  }));
+  const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failure) throw failure.reason;
   return out;
 }
