@@ -324,11 +324,15 @@ export class RankBatcher {
     }, ms);
   }
 
-  // Starts idle replicas while requests wait: each takes a batch (and the next ones as it returns).
+  // Starts idle replicas while requests wait: each takes a batch (and the next ones as it returns). What waits is
+  // shared evenly among them (33 requests on two idle replicas: 17 + 16, not 32 + 1: the burst is answered sooner).
   private dispatch(): void {
     this.keepOneInRotation();
-    for (let i = 0; i < this.models.length && this.waiting > 0; i++) {
-      if (!this.busy[i] && !this.models[i].disposed && !this.retired[i]) void this.runBatches(i);
+    const idle = this.models.map((_, i) => i).filter((i) => !this.busy[i] && !this.models[i].disposed && !this.retired[i]);
+    const share = Math.min(this.maxBatch, Math.ceil(this.waiting / Math.max(1, idle.length)));
+    for (const i of idle) {
+      if (this.waiting === 0) break;
+      void this.runBatches(i, share);
     }
     if (this.waiting > 0 && this.models.every((m) => m.disposed)) {
       // (every replica is gone: what waits can never run)
@@ -367,15 +371,15 @@ export class RankBatcher {
   }
 
   // The next batch for `replica`: retried requests first (not back to the replica they failed on, while another can
-  // take them), then up to maxBatch requests in arrival order, skipping aborted ones.
-  private takeBatch(replica: number): Pending[] {
+  // take them), then up to `limit` (maxBatch) requests in arrival order, skipping aborted ones.
+  private takeBatch(replica: number, limit = this.maxBatch): Pending[] {
     const batch: Pending[] = [];
     if (this.retryQueue.length > 0) {
       const alone = this.othersInRotation(replica) === 0;
       const keep: Pending[] = [];
       for (const p of this.retryQueue) {
         if (p.settled) continue;  // (aborted while waiting again)
-        if (batch.length < this.maxBatch && (alone || p.failedOn !== replica)) {
+        if (batch.length < limit && (alone || p.failedOn !== replica)) {
           p.dispatched = true;
           this.waiting--;
           batch.push(p);
@@ -385,7 +389,7 @@ export class RankBatcher {
       }
       this.retryQueue = keep;
     }
-    while (batch.length < this.maxBatch && this.head < this.queue.length) {
+    while (batch.length < limit && this.head < this.queue.length) {
       const p = this.queue[this.head++];
       if (p.settled) {
         this.abortedInQueue--;
@@ -406,13 +410,14 @@ export class RankBatcher {
     return batch;
   }
 
-  private async runBatches(replica: number): Promise<void> {
+  // `first`: the size of its first batch (dispatch's share); later ones take up to maxBatch.
+  private async runBatches(replica: number, first = this.maxBatch): Promise<void> {
     if (this.busy[replica]) return;
     this.busy[replica] = true;
     const model = this.models[replica];
     let took = false;
     try {
-      for (let batch = this.takeBatch(replica); batch.length > 0; batch = model.disposed ? [] : this.takeBatch(replica)) {
+      for (let batch = this.takeBatch(replica, first); batch.length > 0; batch = model.disposed ? [] : this.takeBatch(replica)) {
         took = true;
         this.counts.batches++;
         this.replicaBatches[replica]++;

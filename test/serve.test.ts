@@ -253,6 +253,20 @@ describe('RankBatcher', () => {
     }
   });
 
+  test('a burst is shared evenly among idle replicas (10 requests on two: 5 + 5, not 8 + 2)', async () => {
+    const second = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    try {
+      const batcher = new RankBatcher([model, second], { maxBatch: 8, maxDelayMs: 5 });
+      const answers = await Promise.all(requests.map((r, i) => batcher.classify(r.input, r.choices, { adapter: adapters[i] })));
+      expect(batcher.stats).toMatchObject({ batches: 2, largestBatch: 5 });
+      expect(batcher.stats.replicas.map((r) => r.batches)).toEqual([1, 1]);
+      for (const i of [0, 4, 9]) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
+      await batcher.close();
+    } finally {
+      await second.dispose();
+    }
+  });
+
   test('close() after every queued request was aborted resolves (one model and replicas)', async () => {
     const second = await T5Model.load(dir, { device: 'cpu', threads: 1 });
     try {
