@@ -491,14 +491,17 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   const bool after_same = cache.same_as_last(key);
   cache.last = key;
   cache.has_last = true;
+  // A graph that cannot launch here (no device memory for it) goes, and the call runs eagerly.
+  auto drop_and_run = [&](typename std::map<Key, typename GraphCache<Key>::Entry>::iterator at) {
+    cudaGraphExecDestroy(at->second.exec);
+    cache.graphs.erase(at);
+    enqueue();
+    return Launch::Eager;
+  };
   auto it = cache.graphs.find(key);
   if (it != cache.graphs.end()) {
     it->second.last_use = ++cache.clock;
-    if (launch_graph(it->second.exec)) return Launch::Replay;
-    cudaGraphExecDestroy(it->second.exec);  // (a graph that cannot launch here goes; the call runs eagerly)
-    cache.graphs.erase(it);
-    enqueue();
-    return Launch::Eager;
+    return launch_graph(it->second.exec) ? Launch::Replay : drop_and_run(it);
   }
   if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
   const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
@@ -525,12 +528,8 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
     return Launch::Eager;
   }
   if (cache.graphs.size() >= kMaxCachedGraphs) cache.evict_one();
-  cache.graphs[key] = {exec, ++cache.clock};
-  if (launch_graph(exec)) return Launch::Capture;
-  cudaGraphExecDestroy(exec);
-  cache.graphs.erase(key);
-  enqueue();
-  return Launch::Eager;
+  it = cache.graphs.emplace(key, typename GraphCache<Key>::Entry{exec, ++cache.clock}).first;
+  return launch_graph(exec) ? Launch::Capture : drop_and_run(it);
 }
 
 template <typename T>

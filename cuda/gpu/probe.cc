@@ -27,9 +27,9 @@ bool driver_library_present() {
   return true;
 }
 
-// What holds for every GPU: the driver, the runtime, at least one device, cuBLAS. On success `count` is the number
-// of visible GPUs and the probe's reason is empty.
-CudaProbe probe_system(int* count) {
+// What holds for every GPU: the driver, the runtime, at least one device, cuBLAS. On success the probe's reason is
+// empty and device_count says how many GPUs are visible.
+CudaProbe probe_system() {
   CudaProbe p;
   p.compiled = true;
   p.usable = false;
@@ -71,7 +71,6 @@ CudaProbe probe_system(int* count) {
     return p;
   }
   p.cublas_library = cublas.path + (cublas.version.empty() ? "" : " (" + cublas.version + ")");
-  *count = device_count;
   return p;
 }
 
@@ -113,11 +112,10 @@ CudaProbe probe_device(CudaProbe p, int device) {
 CudaProbe probe_cuda(int device) {
   // The system part once per process (drivers and GPUs do not appear at run time), each GPU's once.
   static CudaProbe system;
-  static int count = 0;
   static std::once_flag once;
   std::call_once(once, [] {
     try {
-      system = probe_system(&count);
+      system = probe_system();
     } catch (const std::exception& e) {
       system = CudaProbe();
       system.compiled = true;
@@ -126,7 +124,7 @@ CudaProbe probe_cuda(int device) {
   });
   if (!system.reason.empty()) return system;
   CudaProbe p = system;
-  p.device_count = count;
+  const int count = system.device_count;
   std::string error;
   const int index = device < 0 ? gpu::selected_device(count, &error) : device;
   if (index < 0 || index >= count) {

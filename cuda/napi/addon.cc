@@ -431,6 +431,17 @@ static Napi::Value rejected(Napi::Env env, ErrorCode code, const std::string& me
   return d.Promise();
 }
 
+// The synchronous counterpart of settle, for functions that return a value rather than a promise: a TfewError is
+// thrown as the typed JS error (node-addon-api throws a Napi::Error in JS).
+template <typename F>
+static auto throw_typed(Napi::Env env, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const TfewError& e) {
+    throw to_js_error(env, e.code(), e.what());
+  }
+}
+
 // Runs the main-thread part of a call (reading the arguments, queueing the worker). Every failure becomes a
 // rejected promise: methods never throw, and no C++ exception other than Napi::Error may leave a callback.
 template <typename Start>
@@ -909,12 +920,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
 // probeCuda(device?) -> { compiled, usable, reason, deviceCount, deviceIndex, deviceName, ... }
 static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  CudaProbe p;
-  try {
-    p = probe_cuda(device_index_arg(info[0], "probeCuda's device"));
-  } catch (const TfewError& e) {
-    throw to_js_error(env, e.code(), e.what());
-  }
+  const CudaProbe p = throw_typed(env, [&] { return probe_cuda(device_index_arg(info[0], "probeCuda's device")); });
   Napi::Object o = Napi::Object::New(env);
   o.Set("compiled", Napi::Boolean::New(env, p.compiled));
   o.Set("usable", Napi::Boolean::New(env, p.usable));
@@ -931,12 +937,8 @@ static Napi::Value ProbeCuda(const Napi::CallbackInfo& info) {
 // cudaMemoryInfo(device?) -> { free, total } in bytes, or null without a usable CUDA backend (on that GPU).
 static Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  CudaMemoryInfo m;
-  try {
-    m = cuda_memory_info(device_index_arg(info[0], "cudaMemoryInfo's device"));
-  } catch (const TfewError& e) {
-    throw to_js_error(env, e.code(), e.what());
-  }
+  const CudaMemoryInfo m =
+      throw_typed(env, [&] { return cuda_memory_info(device_index_arg(info[0], "cudaMemoryInfo's device")); });
   if (!m.ok) return env.Null();
   Napi::Object o = Napi::Object::New(env);
   o.Set("free", Napi::Number::New(env, static_cast<double>(m.free_bytes)));
@@ -1059,7 +1061,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   // rows): counts, their buckets }
   exports.Set("graphBuckets", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     Napi::Env env = info.Env();
-    try {
+    return throw_typed(env, [&]() -> Napi::Value {
       if (info.Length() < 1 || !info[0].IsArray()) fail(ErrorCode::InvalidArgument, "graphBuckets(lengths, request?, counts?)");
       auto length_arg = [](const Napi::Value& v) {
         const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
@@ -1088,9 +1090,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
         o.Set("singleLimit", limit);
       }
       return o;
-    } catch (const TfewError& e) {
-      throw to_js_error(env, e.code(), e.what());  // (a synchronous call: node-addon-api throws it in JS)
-    }
+    });
   }));
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
@@ -1136,7 +1136,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   }));
   exports.Set("graphBucketCall", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     Napi::Env env = info.Env();
-    try {
+    return throw_typed(env, [&]() -> Napi::Value {
       if (info.Length() < 5 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "graphBucketCall(config, batch, encLen, rows, decLen)");
       int v[4];
       for (int i = 0; i < 4; ++i) {
@@ -1152,9 +1152,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       o.Set("decLen", p.dec_len);
       o.Set("padded", p.padded);
       return o;
-    } catch (const TfewError& e) {
-      throw to_js_error(env, e.code(), e.what());
-    }
+    });
   }));
   testing.Set("cudaRecomputeChoice", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
     return settle(info.Env(), [&]() -> Napi::Value {

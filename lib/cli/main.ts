@@ -9,6 +9,7 @@ import { IA3Adapter } from '../adapter';
 import { DeviceUnavailableError, InvalidArgumentError, TfewError } from '../errors';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, graphBucketLengths, RECOMPUTE_LEVELS, T5Model, type DeviceOption, type GraphWarmUpShape, type RecomputeLevel } from '../model';
 import { native, type CudaOptions, type CudaProbe, type ReserveShape } from '../native';
+import { shareOut } from '../replicas';
 import { classify } from '../pipeline/classify';
 import { comparisonJson, comparisonReport, compareWithIcl } from '../pipeline/compare';
 import { formatBytes, formatFlops, ia3ParameterCount, parameterCount } from '../pipeline/cost';
@@ -189,12 +190,12 @@ async function loadModel(o: ModelOpts, io: CliIO): Promise<T5Model> {
   return model;
 }
 
-/** How a replica is named in messages: its GPU, or (without a GPU, where 'auto' put it on the CPU) its number. */
+/** How a replica is named in messages: its GPU, or (a replica on the CPU) its number. */
 function replicaName(models: T5Model[], model: T5Model): string {
   return model.gpuIndex === null ? `replica ${models.indexOf(model)}` : `GPU ${model.gpuIndex}`;
 }
 
-/** The model, or with --cuda-devices a replica of it on each of those GPUs (loaded one after another). */
+/** The model, or with --cuda-devices a replica of it on each of those GPUs (checked first, then loaded one after another). */
 async function loadReplicas(o: ModelOpts & { cudaDevices?: string }, io: CliIO): Promise<T5Model[]> {
   const gpus = o.cudaDevices === undefined ? undefined : replicaGpus(o);
   const models: T5Model[] = [];
@@ -376,7 +377,6 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
       const templates = resolveTemplates(task, o);
       const seeds: (number | undefined)[] = o.seeds ? parseSeeds(o.seeds, task)
         : [o.seed ?? (task.kind === 'raft' ? undefined : task.seeds[0])];
-      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
       const models = await loadReplicas(o, io);
       // Ctrl-C stops every run after the step in flight; their adapters are then not saved.
       const stop = new AbortController();
@@ -414,18 +414,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
         };
         // each replica takes the next seed as it finishes one (one replica: the seeds in order); after a run fails no
         // new seed starts, the runs in flight finish (and are saved), then the error is reported
-        let next = 0;
-        let anyFailed = false;
-        const settled = await Promise.allSettled(models.map(async (model) => {
-          try {
-            while (next < seeds.length && !stop.signal.aborted && !anyFailed) await trainSeed(model, seeds[next++]);
-          } catch (e) {
-            anyFailed = true;
-            throw e;
-          }
-        }));
-        const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-        if (failed) throw failed.reason;
+        await shareOut(models, seeds.length, (model, k) => trainSeed(model, seeds[k]), () => stop.signal.aborted);
       } finally {
         process.removeListener('SIGINT', onSigint);
         for (const m of models) await m.dispose();
@@ -445,7 +434,6 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .action(async (o: ModelOpts & TaskOpts & { adapter?: string; seeds?: string; limit?: number; batchSize?: number; maxInputLength?: number; json?: string; report?: string; cudaDevices?: string }) => {
       const task = resolveTask(o);
       const templates = resolveTemplates(task, o);
-      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
       const models = await loadReplicas(o, io);
       const model = models[0];
       try {
@@ -502,7 +490,6 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
       const examples = o.input
         ? readUserData(o.input, { labelColumn: o.labelColumn, labelNames: task.labelNames.slice() }).examples
         : task.testExamples();
-      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
       const models = await loadReplicas(o, io);
       try {
         const adapter = o.adapter ? await IA3Adapter.load(o.adapter, { config: models[0].config }) : null;
@@ -620,7 +607,6 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): batches run on all of them at once')
     .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length (that such a request runs padded at) whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
     .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[]; cudaDevices?: string }) => {
-      if (o.cudaDevices !== undefined) replicaGpus(o);  // (checked before anything loads)
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
         if (lengths.length === 0 || !lengths.every((n) => Number.isInteger(n) && n >= 1)) {

@@ -1,6 +1,7 @@
 // Classifying new inputs with a trained adapter: one prediction (label name, scores) per example.
 import type { IA3Adapter } from '../adapter';
 import { InvalidArgumentError } from '../errors';
+import { asReplicas, shareOut } from '../replicas';
 import type { Example } from '../tasks/types';
 import type { Template } from '../templates/engine';
 import { DEFAULT_MAX_INPUT_LENGTH, encodePrompt } from './encode';
@@ -32,36 +33,25 @@ export interface ClassifyOptions {
  */
 export async function classify(model: ScoringModel | readonly ScoringModel[], examples: readonly Example[],
                                options: ClassifyOptions): Promise<Prediction[]> {
-  const models: readonly ScoringModel[] = Array.isArray(model) ? model : [model as ScoringModel];
-  if (models.length === 0) throw new InvalidArgumentError('classify() needs a model');
+  const models = asReplicas(model, 'classify()');
   if (examples.length === 0) throw new InvalidArgumentError('nothing to classify');
   const tokenizer = requireTokenizer(models[0]);
   const maxLen = options.maxInputLength ?? DEFAULT_MAX_INPUT_LENGTH;
   const chunk = Math.max(1, options.batchSize ?? 32);
   const out: Prediction[] = new Array(examples.length);
-  let next = 0, done = 0, failed = false;
-  const settled = await Promise.allSettled(models.map(async (m) => {
-    while (next < examples.length && !failed) {
-      const start = next;
-      next += chunk;
-      try {
-        const part = examples.slice(start, start + chunk);
-        const prompts = part.map((ex) => options.template.render({ ...ex, label: -1 }));
-        const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
-        const scored = await scoreEncoded(m, encoded, { adapter: options.adapter, batchSize: chunk });
-        part.forEach((ex, i) => {
-          const p = scored.predictions[i];
-          out[start + i] = { id: ex.id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[i] };
-        });
-        done += part.length;
-        options.onProgress?.(done, examples.length);
-      } catch (e) {
-        failed = true;  // (the other replicas stop after their chunk in flight)
-        throw e;
-      }
-    }
-  }));
-  const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failure) throw failure.reason;
+  let done = 0;
+  await shareOut(models, Math.ceil(examples.length / chunk), async (m, job) => {
+    const start = job * chunk;
+    const part = examples.slice(start, start + chunk);
+    const prompts = part.map((ex) => options.template.render({ ...ex, label: -1 }));
+    const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
+    const scored = await scoreEncoded(m, encoded, { adapter: options.adapter, batchSize: chunk });
+    part.forEach((ex, i) => {
+      const p = scored.predictions[i];
+      out[start + i] = { id: ex.id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[i] };
+    });
+    done += part.length;
+    options.onProgress?.(done, examples.length);
+  });
   return out;
 }

@@ -2,6 +2,7 @@
 // median and interquartile range over all runs.
 import type { IA3Adapter } from '../adapter';
 import { InvalidArgumentError } from '../errors';
+import { asReplicas, shareOut } from '../replicas';
 import type { Task } from '../tasks/registry';
 import type { Example } from '../tasks/types';
 import type { Template } from '../templates/engine';
@@ -127,8 +128,7 @@ async function adapterFor(adapter: AdapterForSeed | undefined, seed: number): Pr
  * (the report lists them in seed, then template order all the same; onRun is called as each ends).
  */
 export async function evaluate(model: ScoringModel | readonly ScoringModel[], options: EvaluateOptions): Promise<EvaluationReport> {
-  const models: readonly ScoringModel[] = Array.isArray(model) ? model : [model as ScoringModel];
-  if (models.length === 0) throw new InvalidArgumentError('evaluate() needs a model');
+  const models = asReplicas(model, 'evaluate()');
   const tokenizer = requireTokenizer(models[0]);
   const templates = options.templates ?? options.task?.templates();
   if (!templates || templates.length === 0) throw new InvalidArgumentError('evaluate() needs templates (or a task)');
@@ -147,28 +147,16 @@ export async function evaluate(model: ScoringModel | readonly ScoringModel[], op
   const jobs = seeds.flatMap((seed) => templates.map((template) => ({ seed, template })));
   const runs: EvaluationRun[] = new Array(jobs.length);
   let anyAdapter = false;
-  let next = 0;
-  let failed = false;
-  const settled = await Promise.allSettled(models.map(async (m) => {
-    while (next < jobs.length && !failed) {
-      const k = next++;
-      const { seed, template } = jobs[k];
-      try {
-        const { adapter, examples } = await seedData(seed);
-        anyAdapter ||= adapter !== null;
-        const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
-        runs[k] = await scoreRun(m, encoded, examples.map((e) => e.label), template.name, seed, {
-          adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
-        });
-        options.onRun?.(runs[k]);
-      } catch (e) {
-        failed = true;  // (the other replicas stop after their run in flight)
-        throw e;
-      }
-    }
-  }));
-  const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failure) throw failure.reason;
+  await shareOut(models, jobs.length, async (m, k) => {
+    const { seed, template } = jobs[k];
+    const { adapter, examples } = await seedData(seed);
+    anyAdapter ||= adapter !== null;
+    const encoded = examples.map((ex) => encodePrompt(tokenizer, template.render(ex), maxLen));
+    runs[k] = await scoreRun(m, encoded, examples.map((e) => e.label), template.name, seed, {
+      adapter, batchSize: options.batchSize, lengthNormalize: options.lengthNormalize,
+    });
+    options.onRun?.(runs[k]);
+  });
   return report(options.method ?? (anyAdapter ? 'T-Few' : 'zero-shot'), options.task?.name ?? 'custom', runs);
 }
 
