@@ -6,6 +6,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { main } from '../lib/cli/main';
 import { CUDA_CROSS_ATTENTION, CUDA_PRECISIONS, RECOMPUTE_LEVELS, T5Model, type LoadOptions } from '../lib/model';
+import { CudaError } from '../lib/errors';
 import { native } from '../lib/native';
 import { buildTinyT5 } from '../lib/tiny';
 import { Trainer } from '../lib/trainer';
@@ -201,6 +202,72 @@ describe('tfew CUDA flags', () => {
       expect(await run('train', ...auto, ...task, '--seeds', '42', '--out', path.join(tmp, 'no-gpu'), '--cuda-devices', 'all')).toBe(1);
       expect(lines.at(-1)).toMatch(/^ERR tfew: --cuda-devices all: no usable GPU .* \[E_DEVICE_UNAVAILABLE\]$/);
     }
+  });
+
+  describe('train --seeds across replicas when a run fails or Ctrl-C comes', () => {
+    // Replicas as above: CPU models standing in for GPUs. Seeds 42 and 1024 start at once, one per replica.
+    let replicas: T5Model[];
+    beforeEach(() => {
+      load.mockRestore();
+      const realLoad = T5Model.load.bind(T5Model);
+      replicas = [];
+      load = jest.spyOn(T5Model, 'load').mockImplementation(async (d, opts) => {
+        const m = await realLoad(d, { ...opts, device: 'cpu' });
+        replicas.push(m);
+        return m;
+      });
+    });
+    const parallel = (out: string, steps: number) => run('train', '--model', modelDir, '--device', 'auto', '--threads', '1', ...task,
+      '--seeds', '42,1024,0', '--steps', String(steps), '--batch-size', '2', '--out', out, '--cuda-devices', '0,1');
+    const saved = (out: string) => [42, 1024, 0].filter((seed) => fs.existsSync(path.join(out, `seed-${seed}`, 'adapter_model.safetensors')));
+
+    test('a run that fails on one replica: no new seed starts, the run in flight finishes and is saved, the error is reported', async () => {
+      train.mockRestore();
+      const original = Trainer.prototype.train;
+      train = jest.spyOn(Trainer.prototype, 'train').mockImplementation(async function (this: Trainer, ...args) {
+        if (this.model === replicas[1]) {
+          await new Promise((resolve) => setImmediate(resolve));
+          throw new CudaError('an illegal memory access was encountered (simulated)');
+        }
+        return original.apply(this, args);
+      });
+      const out = path.join(tmp, 'seeds-fail');
+      expect(await parallel(out, 10)).toBe(1);
+      expect(train).toHaveBeenCalledTimes(2);  // seed 0 never started
+      expect(saved(out)).toEqual([42]);
+      expect(JSON.parse(fs.readFileSync(path.join(out, 'seed-42', 'run.json'), 'utf8'))).toMatchObject({ seed: 42, replicas: 2, training: { steps: 10 } });
+      expect(lines.some((l) => /seed 42 \((replica|GPU) 0\): 10 steps/.test(l))).toBe(true);
+      expect(lines.at(-1)).toMatch(/^ERR tfew: .*illegal memory access was encountered \(simulated\)/);
+      expect(replicas.every((m) => m.disposed)).toBe(true);
+    });
+
+    test('Ctrl-C: every run in flight stops after its step, nothing is saved, no new seed starts, exit code 130', async () => {
+      const handlers: (() => void)[] = [];
+      const once = process.once.bind(process);
+      jest.spyOn(process, 'once').mockImplementation(((event: string, listener: () => void) => {
+        if (event !== 'SIGINT') return once(event, listener);
+        handlers.push(listener);  // (not the real signal: jest's own handlers stay out of it)
+        return process;
+      }) as typeof process.once);
+      train.mockRestore();
+      const original = Trainer.prototype.train;
+      train = jest.spyOn(Trainer.prototype, 'train').mockImplementation(async function (this: Trainer, examples, options) {
+        // Ctrl-C once both runs have taken a step (of 200)
+        this.once('step', () => {
+          if (++stepping === 2) handlers.forEach((h) => h());
+        });
+        return original.call(this, examples, options);
+      });
+      let stepping = 0;
+      const out = path.join(tmp, 'seeds-sigint');
+      expect(await parallel(out, 200)).toBe(130);
+      expect(handlers).toHaveLength(1);
+      expect(train).toHaveBeenCalledTimes(2);
+      expect(saved(out)).toEqual([]);
+      expect(lines).toContain('ERR [tfew] interrupted: stopping after this step (the adapter will not be saved)');
+      expect(lines.some((l) => / steps in /.test(l))).toBe(false);
+      expect(replicas.every((m) => m.disposed)).toBe(true);
+    });
   });
 
   test('doctor: the GPUs it sees (none here: the reason), as text and JSON', async () => {

@@ -449,6 +449,21 @@ std::atomic<long long> g_graph_exec_bytes{-1};
 
 void set_graph_exec_bytes(long long bytes) { g_graph_exec_bytes.store(bytes); }
 
+std::atomic<int> g_failing_graph_launches{0};
+
+void fail_graph_launches(int count) { g_failing_graph_launches.store(count); }
+
+size_t g_held_bytes[kMaxDevices] = {};  // another process's share of each device (hold_device_memory)
+
+bool hold_device_memory(size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_memory_mutex);
+  const size_t others = g_device_bytes[tl_device] - g_held_bytes[tl_device];
+  if (others + bytes > total_memory()) return false;
+  g_device_bytes[tl_device] = others + bytes;
+  g_held_bytes[tl_device] = bytes;
+  return true;
+}
+
 void reset_device_faults() {
   {
     std::lock_guard<std::mutex> lock(g_memory_mutex);  // damaged guards would fault again at the next check
@@ -971,6 +986,9 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   EMU_STICKY_GUARD();
   if (!exec) return record(cudaErrorInvalidValue);
   if (foreign_stream(stream, "cudaGraphLaunch")) return record(cudaErrorInvalidResourceHandle);
+  // (fail_graph_launches: a launch that finds no device memory for the graph's upload; not sticky)
+  for (int left = tfew::emu::g_failing_graph_launches.load(); left > 0;)
+    if (tfew::emu::g_failing_graph_launches.compare_exchange_weak(left, left - 1)) return record(cudaErrorMemoryAllocation);
   enqueue(stream, [exec]() {
     for (const auto& node : exec->nodes) {
       if (sticky() != cudaSuccess) return;

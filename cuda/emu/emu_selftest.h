@@ -19,5 +19,13 @@ void reset_device_faults();
 // device with it to see what the engine does when a graph cannot be instantiated.
 void set_graph_exec_bytes(long long bytes);
 
+// The next `count` cudaGraphLaunch calls fail with cudaErrorMemoryAllocation (not sticky), as a launch can when the
+// graph's upload finds the device full.
+void fail_graph_launches(int count);
+
+// Another process takes `bytes` of the current device's memory (replacing what it held before; 0 gives it all
+// back). False, and nothing changed, when that does not fit.
+bool hold_device_memory(size_t bytes);
+
 }  // namespace emu
 }  // namespace tfew

@@ -507,7 +507,7 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
   // Once the device has shown how many graphs it holds, a shape beyond them runs eagerly: capturing it would evict
   // a graph in use, and shapes taking turns would be captured again and again, slower than launching them.
-  const bool room = graph_memory_limit_ == 0 || cached_graphs() < graph_memory_limit_;
+  const bool room = graph_memory_limit_ == 0 || cached_graphs() < graph_memory_limit_ || (repeated && graph_room_freed());
   if (!repeated || !room) {
     enqueue();
     return Launch::Eager;
@@ -530,6 +530,19 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   if (cache.graphs.size() >= kMaxCachedGraphs) cache.evict_one();
   it = cache.graphs.emplace(key, typename GraphCache<Key>::Entry{exec, ++cache.clock}).first;
   return launch_graph(exec) ? Launch::Capture : drop_and_run(it);
+}
+
+template <typename T>
+bool CudaEngine<T>::graph_room_freed() {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  constexpr size_t kMinGraphBytes = 2u << 20;  // (cudaMemGetInfo may not see a small graph at all)
+  if (free_bytes < free_at_graph_limit_ + std::max(graph_bytes_seen_, kMinGraphBytes)) return false;
+  graph_memory_limit_ = 0;  // (should the device still be short, capture() sets a new one)
+  return true;
 }
 
 template <typename T>
@@ -562,13 +575,20 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue, con
     // An executable graph holds device memory, and a reservation may have left none: cached graphs make room, one
     // at a time, and the count that then fits becomes the limit (launch_cached).
     bool evicted = false;
+    size_t free_before = 0, free_after = 0, total_bytes = 0;
     while (e == cudaErrorMemoryAllocation && make_room()) {
       cudaGetLastError();
       exec = nullptr;
       evicted = true;
+      if (cudaMemGetInfo(&free_before, &total_bytes) != cudaSuccess) cudaGetLastError();
       e = cudaGraphInstantiate(&exec, graph, 0);
     }
-    if (e == cudaSuccess && evicted) graph_memory_limit_ = cached_graphs() + 1;  // (this one included)
+    if (e == cudaSuccess && evicted) {
+      graph_memory_limit_ = cached_graphs() + 1;  // (this one included)
+      if (cudaMemGetInfo(&free_after, &total_bytes) != cudaSuccess) cudaGetLastError();
+      free_at_graph_limit_ = free_after;
+      graph_bytes_seen_ = free_before > free_after ? free_before - free_after : 0;
+    }
     if (e != cudaSuccess) {
       out_of_memory = e == cudaErrorMemoryAllocation;
       failure = std::string("cudaGraphInstantiate: ") + cudaGetErrorString(e);

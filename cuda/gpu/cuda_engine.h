@@ -192,6 +192,8 @@ class CudaEngine final : public Engine {
   // first launch uploads it), and the caller drops the graph and runs eagerly. Other errors throw.
   bool launch_graph(cudaGraphExec_t exec);
   size_t cached_graphs() const { return graphs_.graphs.size() + train_graphs_.graphs.size(); }
+  // Whether the device has freed room for another graph since graph_memory_limit_ was set (then the limit goes).
+  bool graph_room_freed();
 
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
@@ -278,8 +280,11 @@ class CudaEngine final : public Engine {
   std::string graph_note_;
   int graph_memory_failures_ = 0;  // captures in a row whose graph found no device memory
   // Once a graph found device memory only by evicting others: how many graphs the device holds (0: no limit seen).
-  // Beyond it new shapes run eagerly; reserve() clears it (the memory is planned anew).
+  // Beyond it new shapes run eagerly; reserve() clears it (the memory is planned anew), and so does device memory
+  // freed since (another model disposed, another process gone): graph_room_freed().
   size_t graph_memory_limit_ = 0;
+  size_t free_at_graph_limit_ = 0;  // device memory free just after the limit was set
+  size_t graph_bytes_seen_ = 0;     // what the last graph that needed room took of it (cudaMemGetInfo's view)
   // Small rank-classification calls run padded up to graph_bucket_length (cuda.graphBuckets), so that calls of
   // similar lengths replay one graph instead of launching eagerly.
   bool graph_buckets_ = true;

@@ -1223,6 +1223,16 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     emu::set_graph_exec_bytes(static_cast<long long>(info[0].ToNumber().Int64Value()));
     return info.Env().Undefined();
   }));
+  // emulatorFailGraphLaunches(count): the next count graph launches find no device memory
+  testing.Set("emulatorFailGraphLaunches", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    emu::fail_graph_launches(info[0].ToNumber().Int32Value());
+    return info.Env().Undefined();
+  }));
+  // emulatorHoldDeviceMemory(bytes) -> bool: another process holds that much of the current device (0: none)
+  testing.Set("emulatorHoldDeviceMemory", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    const double bytes = info[0].ToNumber().DoubleValue();
+    return Napi::Boolean::New(info.Env(), bytes >= 0 && emu::hold_device_memory(static_cast<size_t>(bytes)));
+  }));
 #endif
   exports.Set("_testing", testing);
   return exports;

@@ -191,6 +191,65 @@ describeCuda('device memory reserved for the largest calls', () => {
     }
   });
 
+  (emulated() ? test : test.skip)('the graph limit goes when another process frees device memory; a graph launch that finds no memory drops that graph and the call runs eagerly', async () => {
+    const long = batch(1, 300);
+    const m = await loadCuda(fx.dir, 'fp32');
+    const testing = native()._testing as unknown as {
+      emulatorGraphExecBytes: (bytes: number) => void;
+      emulatorHoldDeviceMemory: (bytes: number) => boolean;
+      emulatorFailGraphLaunches: (count: number) => void;
+    };
+    const scores = async (b: typeof small) => (await m.rankClassify(b.inputs, b.choices, options)).scores;
+    const launch = () => (m.graphStats().last as { launch: string }).launch;
+    try {
+      const expected = { small: await scores(small), long: await scores(long) };  // (the arena is as large as needed)
+      // another process leaves 256 MiB free; one graph of 150 MiB fits, two do not
+      const free = native().cudaMemoryInfo()?.free ?? 0;
+      expect(testing.emulatorHoldDeviceMemory(free - 256 * MiB)).toBe(true);
+      testing.emulatorGraphExecBytes(150 * MiB);
+      expect(await scores(small)).toEqual(expected.small);
+      expect(await scores(long)).toEqual(expected.long);  // captured by evicting small's graph: the limit is 1
+      expect(m.graphStats()).toMatchObject({ cached: 1, graphLimit: 1 });
+      expect(await scores(small)).toEqual(expected.small);
+      expect(launch()).toBe('eager');
+      // the other process frees 100 MiB: still no room for a second graph
+      expect(testing.emulatorHoldDeviceMemory(free - 356 * MiB)).toBe(true);
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ cached: 1, graphLimit: 1, last: { launch: 'eager' } });
+      // it exits: the limit goes, small is captured beside long's graph, and both replay
+      expect(testing.emulatorHoldDeviceMemory(0)).toBe(true);
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ cached: 2, graphLimit: 0, captureFailures: 0, last: { launch: 'capture' } });
+      for (const b of [long, small]) {
+        expect(await scores(b)).toEqual(b === long ? expected.long : expected.small);
+        expect(launch()).toBe('replay');
+      }
+      // a replay whose launch finds no device memory: that graph goes, the call runs eagerly with the same scores,
+      // and the next call of its shape captures it again
+      testing.emulatorFailGraphLaunches(1);
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, captureFailures: 1, last: { launch: 'eager' } });
+      expect(await scores(long)).toEqual(expected.long);
+      expect(launch()).toBe('replay');
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ cached: 2, last: { launch: 'capture' } });
+      // the first launch of a graph just captured fails alike
+      const other = batch(2, 10);  // a new shape (two examples)
+      const expectedOther = await scores(other);
+      expect(launch()).toBe('eager');
+      testing.emulatorFailGraphLaunches(1);
+      expect(await scores(other)).toEqual(expectedOther);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 2, captureFailures: 2, last: { launch: 'eager' } });
+      expect(await scores(other)).toEqual(expectedOther);
+      expect(m.graphStats()).toMatchObject({ cached: 3, last: { launch: 'capture' } });
+    } finally {
+      testing.emulatorFailGraphLaunches(0);
+      testing.emulatorHoldDeviceMemory(0);
+      testing.emulatorGraphExecBytes(-1);
+      await m.dispose();
+    }
+  });
+
   test('a reservation that does not fit: OutOfMemoryError at load with nothing left held, or from reserveMemory with the model unchanged', async () => {
     const before = native().cudaMemoryInfo();
     const huge = { batchSize: 4096, inputLength: 4096, choices: 1, choiceLength: 1 };  // TiBs of attention scores
