@@ -36,6 +36,14 @@ export interface RankBatcherOptions {
   maxChoices?: number;
   /** Tokens per answer choice (eos included); longer ones are refused. Default 128. */
   maxChoiceLength?: number;
+  /**
+   * CUDA: before a replica's first batch, and before each batch with more or longer choices than any before it,
+   * reserve its device memory for the largest batch the batcher can make of such requests (maxBatch requests of
+   * maxInputLength tokens; T5Model.reserveMemory). Calls within it then never grow device memory, which would drop
+   * the CUDA graphs captured so far, and a service too large for the GPU finds out at its first request, not under
+   * load. A reservation that does not fit is counted (stats.reservations) and the batch runs as it can. Default true.
+   */
+  reserveMemory?: boolean;
 }
 
 export interface RankRequestOptions {
@@ -75,6 +83,11 @@ export interface RankBatcherStats {
    * replica can still run).
    */
   replicas: { batches: number; busy: boolean; failures: number; retired: boolean }[];
+  /**
+   * Device memory reserved for the largest batches (options.reserveMemory, CUDA replicas only): reservations made,
+   * those that did not fit (OutOfMemoryError: the batches then ran as they could), and that error's message.
+   */
+  reservations: { made: number; failed: number; lastError?: string };
 }
 
 /** classify() while maxQueue requests wait. */
@@ -137,6 +150,10 @@ export class RankBatcher {
   private batchSumMs = 0;
   private timedBatches = 0;  // (batches that returned: a failed one has no engine time to count)
   private lastBatchMs = 0;
+  private readonly reserve: boolean;
+  // per replica: the choice shape its memory is reserved for (choices, longest choice, adapters), or none yet
+  private readonly reserved: ({ choices: number; choiceLength: number; adapters: number } | null)[];
+  private readonly reservations: { made: number; failed: number; lastError?: string } = { made: 0, failed: 0 };
 
   /**
    * `model`: one model, or replicas of one (the same checkpoint loaded on several GPUs): a batch runs on whichever
@@ -161,6 +178,7 @@ export class RankBatcher {
     this.replicaBatches = models.map(() => 0);
     this.failuresInRow = models.map(() => 0);
     this.retired = models.map(() => false);
+    this.reserved = models.map(() => null);
     if (options === null || typeof options !== 'object') throw new InvalidArgumentError('RankBatcher options must be an object');
     const int = (name: string, v: number | undefined, dflt: number, min: number): number => {
       const x = v ?? dflt;
@@ -180,6 +198,9 @@ export class RankBatcher {
     const normalize = options.lengthNormalize ?? true;
     if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`lengthNormalize must be a boolean, got ${String(normalize)}`);
     this.lengthNormalize = normalize;
+    const reserve = options.reserveMemory ?? true;
+    if (typeof reserve !== 'boolean') throw new InvalidArgumentError(`reserveMemory must be a boolean, got ${String(options.reserveMemory)}`);
+    this.reserve = reserve;
   }
 
   /** Scores `choices` for `input` (a string, or token ids with eos) in the next batch. */
@@ -233,6 +254,7 @@ export class RankBatcher {
       meanBatchMs: this.timedBatches > 0 ? this.batchSumMs / this.timedBatches : 0,
       lastBatchMs: this.lastBatchMs,
       replicas: this.models.map((_, i) => ({ batches: this.replicaBatches[i], busy: this.busy[i], failures: this.failuresInRow[i], retired: this.retired[i] })),
+      reservations: { ...this.reservations },
     };
   }
 
@@ -423,6 +445,7 @@ export class RankBatcher {
         this.replicaBatches[replica]++;
         this.counts.batchedExamples += batch.length;
         this.counts.largestBatch = Math.max(this.counts.largestBatch, batch.length);
+        await this.reserveFor(replica, batch);
         const sentAt = performance.now();
         for (const p of batch) {
           this.waitSumMs += sentAt - p.arrivedAt;
@@ -471,6 +494,30 @@ export class RankBatcher {
     const waiters = this.idleWaiters;
     this.idleWaiters = [];
     waiters.forEach((w) => w());
+  }
+
+  // options.reserveMemory: the device memory of the largest batch of requests like these, before it is needed. The
+  // reserved shape only grows (each growth drops the replica's graphs once), to the largest choices seen.
+  private async reserveFor(replica: number, batch: Pending[]): Promise<void> {
+    const model = this.models[replica];
+    if (!this.reserve || model.device !== 'cuda' || model.disposed) return;
+    const had = this.reserved[replica];
+    const want = {
+      choices: Math.max(had?.choices ?? 0, ...batch.map((p) => p.choiceIds.length)),
+      choiceLength: Math.max(had?.choiceLength ?? 0, ...batch.flatMap((p) => p.choiceIds.map((c) => c.length))),
+      // (an adapter slot is small beside the activations: every request of a batch may bring its own)
+      adapters: Math.max(had?.adapters ?? 0, batch.some((p) => p.adapter) ? this.maxBatch : 0),
+    };
+    if (had && want.choices === had.choices && want.choiceLength === had.choiceLength && want.adapters === had.adapters) return;
+    this.reserved[replica] = want;  // (once per shape, fitting or not: a failed one is not tried batch after batch)
+    try {
+      await model.reserveMemory({ batchSize: this.maxBatch, inputLength: this.maxInputLength, ...want });
+      this.reservations.made++;
+    } catch (e) {
+      if (!(e instanceof OutOfMemoryError)) return;  // (the batch meets it again, and is answered for it)
+      this.reservations.failed++;
+      this.reservations.lastError = (e as Error).message;
+    }
   }
 
   private async score(model: T5Model, batch: Pending[]): Promise<RankOneResult[]> {

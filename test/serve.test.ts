@@ -328,5 +328,19 @@ describe('RankBatcher', () => {
     expect(() => new RankBatcher(model, { lengthNormalize: 'no' as unknown as boolean })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { maxChoices: 0 })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
+    expect(() => new RankBatcher(model, { reserveMemory: 1 as unknown as boolean })).toThrow(/reserveMemory must be a boolean/);
+  });
+
+  test('reserveMemory: nothing to reserve on the CPU backend (CUDA: test/gpu/cuda-reserve)', async () => {
+    const reserve = jest.spyOn(model, 'reserveMemory');
+    const batcher = new RankBatcher(model, { maxDelayMs: 0 });
+    try {
+      await batcher.classify('the plot was superb', ['good', 'bad']);
+      expect(reserve).not.toHaveBeenCalled();
+      expect(batcher.stats.reservations).toEqual({ made: 0, failed: 0 });
+    } finally {
+      reserve.mockRestore();
+      await batcher.close();
+    }
   });
 });

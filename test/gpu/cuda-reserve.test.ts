@@ -4,7 +4,7 @@
 //
 // The tiny checkpoint's calls fit in the arena's first 64 MiB step, so the "big" calls here are long enough
 // (fp32: [batch, heads, length, length] attention scores) to need a second one.
-import { IA3Adapter, OutOfMemoryError, T5Model, Trainer } from '../../lib';
+import { IA3Adapter, OutOfMemoryError, RankBatcher, T5Model, Trainer } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
 import { describeCuda, emulated, loadCuda } from './helpers';
@@ -247,6 +247,51 @@ describeCuda('device memory reserved for the largest calls', () => {
       testing.emulatorHoldDeviceMemory(0);
       testing.emulatorGraphExecBytes(-1);
       await m.dispose();
+    }
+  });
+
+  test('RankBatcher reserves the largest batch before its first, and again only for more or longer choices or adapters', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    const reserve = jest.spyOn(m, 'reserveMemory');
+    const adapter = IA3Adapter.create(m.config);
+    const batcher = new RankBatcher(m, { maxBatch: 4, maxInputLength: 700, maxDelayMs: 5 });
+    try {
+      const one = await m.rankClassify(small.inputs, small.choices);  // (beside the batcher: the expected answer)
+      const { arenaBytes: grown, arenaGrowths: growths } = m.graphStats();  // (that call grew the arena: one growth)
+      expect((await batcher.classify(small.inputs[0], small.choices[0])).scores).toEqual(one.scores[0]);
+      expect(reserve).toHaveBeenLastCalledWith({ batchSize: 4, inputLength: 700, choices: 2, choiceLength: 3, adapters: 0 });
+      const held = m.graphStats().arenaBytes;
+      expect(held).toBeGreaterThan(grown);
+      // four long requests at once: within the reservation, no growth
+      const results = await Promise.all(big.inputs.map((x, i) => batcher.classify(x, big.choices[i])));
+      expect(results.map((r) => r.scores)).toEqual((await m.rankClassify(big.inputs, big.choices, options)).scores);
+      expect(m.graphStats()).toMatchObject({ arenaBytes: held, arenaGrowths: growths });
+      expect(reserve).toHaveBeenCalledTimes(1);
+      // fewer choices, or an adapter on one request: more memory only for what was not reserved yet
+      await batcher.classify(small.inputs[0], [small.choices[0][0]]);
+      expect(reserve).toHaveBeenCalledTimes(1);
+      await batcher.classify(small.inputs[0], [...small.choices[0], [5, 1]], { adapter });
+      expect(reserve).toHaveBeenLastCalledWith({ batchSize: 4, inputLength: 700, choices: 3, choiceLength: 3, adapters: 4 });
+      expect(batcher.stats.reservations).toEqual({ made: 2, failed: 0 });
+      expect(m.graphStats().arenaGrowths).toBe(growths);
+    } finally {
+      await batcher.close();
+      await m.dispose();
+    }
+    // a reservation that does not fit is counted once, and the requests are answered all the same
+    const n = await loadCuda(fx.dir, 'fp32');
+    const huge = new RankBatcher(n, { maxBatch: 4096, maxInputLength: 4096, maxDelayMs: 0 });
+    const off = new RankBatcher(n, { maxBatch: 4096, maxInputLength: 4096, reserveMemory: false });
+    try {
+      const expected = (await n.rankClassify(small.inputs, small.choices)).scores[0];
+      for (let i = 0; i < 2; i++) expect((await huge.classify(small.inputs[0], small.choices[0])).scores).toEqual(expected);
+      expect(huge.stats.reservations).toMatchObject({ made: 0, failed: 1, lastError: expect.stringMatching(/reserved shapes need .* of activation memory/) });
+      expect((await off.classify(small.inputs[0], small.choices[0])).scores).toEqual(expected);
+      expect(off.stats.reservations).toEqual({ made: 0, failed: 0 });
+    } finally {
+      await huge.close();
+      await off.close();
+      await n.dispose();
     }
   });
 
