@@ -135,7 +135,8 @@ export class IA3Adapter {
   }
 
   /**
-   * Loads a PEFT adapter directory, a PEFT adapter_model.safetensors file, or a T-Few .pt checkpoint.
+   * Loads a PEFT adapter directory (adapter_model.safetensors, or older PEFT's adapter_model.bin), a PEFT adapter
+   * file of either kind, or a T-Few .pt checkpoint.
    * Without options.config the sizes are inferred from the tensors.
    */
   static async load(file: string, options: { config?: NativeConfig } = {}): Promise<IA3Adapter> {
@@ -272,11 +273,11 @@ function readAdapterVectors(file: string): LoadedVectors {
         throw new InvalidAdapterError(`${cfgFile}: peft_type is ${JSON.stringify(cfg.peft_type)}, only IA3 adapters are supported`);
       }
     }
-    if (!fs.existsSync(st)) {
-      const bin = fs.existsSync(path.join(file, 'adapter_model.bin')) ? ' (adapter_model.bin found: save it with safe_serialization=True)' : '';
-      throw new InvalidAdapterError(`no adapter_model.safetensors in ${file}${bin}`);
-    }
-    return readPeftSafetensors(st);
+    if (fs.existsSync(st)) return readPeftSafetensors(st);
+    // (older PEFT versions saved torch.save's zip)
+    const bin = path.join(file, 'adapter_model.bin');
+    if (fs.existsSync(bin)) return readTorchAdapter(bin);
+    throw new InvalidAdapterError(`no adapter_model.safetensors (or adapter_model.bin) in ${file}`);
   }
   const head = Buffer.alloc(4);
   const fd = fs.openSync(file, 'r');
@@ -285,7 +286,7 @@ function readAdapterVectors(file: string): LoadedVectors {
   } finally {
     fs.closeSync(fd);
   }
-  if (head[0] === 0x50 && head[1] === 0x4b) return readTfewCheckpoint(file);
+  if (head[0] === 0x50 && head[1] === 0x4b) return readTorchAdapter(file);
   return readPeftSafetensors(file);
 }
 
@@ -297,26 +298,35 @@ function readPeftSafetensors(file: string): LoadedVectors {
     if (e instanceof FileFormatError) throw new InvalidAdapterError(`not a readable adapter: ${e.message}`);
     throw e;
   }
+  return peftVectors(file, [...header.entries.values()].map((entry) => ({ ...entry, data: () => readTensorF32(file, entry) })));
+}
+
+// PEFT's (IA)3 tensors (…ia3_l) by module name.
+function peftVectors(file: string, tensors: { name: string; dtype: string; shape: number[]; data: () => Float32Array }[]): LoadedVectors {
   const vectors = new Map<string, { shape: number[]; data: Float32Array }>();
-  for (const entry of header.entries.values()) {
-    if (!entry.name.includes('ia3_l')) throw new InvalidAdapterError(`${file}: tensor "${entry.name}" is not an (IA)3 vector`);
-    if (!['F32', 'F64', 'F16', 'BF16'].includes(entry.dtype)) {
-      throw new InvalidAdapterError(`${file}: tensor "${entry.name}" has unsupported dtype ${entry.dtype}`);
+  for (const t of tensors) {
+    if (!t.name.includes('ia3_l')) throw new InvalidAdapterError(`${file}: tensor "${t.name}" is not an (IA)3 vector`);
+    if (!['F32', 'F64', 'F16', 'BF16'].includes(t.dtype)) {
+      throw new InvalidAdapterError(`${file}: tensor "${t.name}" has unsupported dtype ${t.dtype}`);
     }
-    const name = peftModuleName(entry.name);
+    const name = peftModuleName(t.name);
     if (vectors.has(name)) throw new InvalidAdapterError(`${file}: module "${name}" appears twice`);
-    vectors.set(name, { shape: entry.shape, data: readTensorF32(file, entry) });
+    vectors.set(name, { shape: t.shape, data: t.data() });
   }
   return { vectors, source: file, ffOptional: false };
 }
 
-function readTfewCheckpoint(file: string): LoadedVectors {
+// A torch.save'd zip: PEFT's adapter_model.bin (…ia3_l tensors) or a T-Few checkpoint (…multi_lora_b).
+function readTorchAdapter(file: string): LoadedVectors {
   let tensors;
   try {
     tensors = readTorchCheckpoint(file);
   } catch (e) {
     if (e instanceof FileFormatError) throw new InvalidAdapterError(`not a readable adapter: ${e.message}`);
     throw e;
+  }
+  if ([...tensors.keys()].some((k) => k.includes('ia3_l'))) {
+    return peftVectors(file, [...tensors].map(([name, t]) => ({ name, dtype: t.dtype, shape: t.shape, data: () => t.data })));
   }
   const vectors = new Map<string, { shape: number[]; data: Float32Array }>();
   for (const [key, t] of tensors) {

@@ -1,12 +1,15 @@
 // Resolves a Hugging Face T5 checkpoint directory into the exact tensor list the native engine asks for:
-// config.json + model.safetensors (or a sharded model.safetensors.index.json). Only headers are read; the
-// engine maps the data itself from (file, offset, byteLength).
+// config.json + model.safetensors (or a sharded model.safetensors.index.json), or else PyTorch's
+// pytorch_model.bin (or pytorch_model.bin.index.json), as many hub repositories, T0_3B's among them, still ship
+// it. Only headers are read (for .bin files: the zip directory and the pickle); the engine maps the data
+// itself from (file, offset, byteLength).
 import * as fs from 'fs';
 import * as path from 'path';
 import { readT5Config, T5ModelConfig } from './config';
 import { InvalidModelError } from './errors';
 import type { NativeConfig, NativeDType, NativeTensorSpec } from './native';
 import { readSafetensorsHeader, SafetensorsEntry } from './safetensors';
+import { indexTorchCheckpoint } from './torch-pt';
 
 export interface ResolvedCheckpoint {
   config: T5ModelConfig;
@@ -62,58 +65,62 @@ export function requiredTensors(config: NativeConfig): Array<{ name: string; sha
   return out;
 }
 
-// Where each tensor name lives: one file, or the shards named by the index's weight_map.
-function locateWeights(dir: string): { fileOf: (name: string) => string | undefined; files: string[] } {
-  const single = path.join(dir, 'model.safetensors');
-  const index = path.join(dir, 'model.safetensors.index.json');
-  if (fs.existsSync(single)) return { fileOf: () => single, files: [single] };
-  if (fs.existsSync(index)) {
-    let weightMap: unknown;
-    try {
-      weightMap = (JSON.parse(fs.readFileSync(index, 'utf8')) as { weight_map?: unknown }).weight_map;
-    } catch (e) {
-      throw new InvalidModelError(`${index}: invalid JSON: ${(e as Error).message}`);
-    }
-    if (typeof weightMap !== 'object' || weightMap === null || Array.isArray(weightMap)) {
-      throw new InvalidModelError(`${index}: no "weight_map" object`);
-    }
-    const map = new Map<string, string>();
-    for (const [name, shard] of Object.entries(weightMap as Record<string, unknown>)) {
-      if (typeof shard !== 'string' || shard.includes('..') || path.isAbsolute(shard)) {
-        throw new InvalidModelError(`${index}: weight_map entry for "${name}" is not a file name in ${dir}`);
-      }
-      map.set(name, path.join(dir, shard));
-    }
-    const files = [...new Set(map.values())];
-    for (const f of files) {
-      if (!fs.existsSync(f)) throw new InvalidModelError(`${index}: shard ${path.basename(f)} is listed but missing from ${dir}`);
-    }
-    return { fileOf: (name) => map.get(name), files };
+// Where each tensor name lives: one file, or the shards named by the index's weight_map; safetensors first.
+function locateWeights(dir: string): { fileOf: (name: string) => string | undefined; files: string[]; torch: boolean } {
+  for (const [name, torch] of [['model.safetensors', false], ['pytorch_model.bin', true]] as const) {
+    const single = path.join(dir, name);
+    const index = `${single}.index.json`;
+    if (fs.existsSync(single)) return { fileOf: () => single, files: [single], torch };
+    if (fs.existsSync(index)) return { ...shardsOf(dir, index), torch };
   }
-  for (const legacy of ['pytorch_model.bin', 'pytorch_model.bin.index.json', 'tf_model.h5', 'flax_model.msgpack']) {
-    if (fs.existsSync(path.join(dir, legacy))) {
+  for (const other of ['tf_model.h5', 'flax_model.msgpack']) {
+    if (fs.existsSync(path.join(dir, other))) {
       throw new InvalidModelError(
-        `${dir} has ${legacy} but no model.safetensors: convert the weights to safetensors first ` +
+        `${dir} has ${other} but neither model.safetensors nor pytorch_model.bin: convert the weights first ` +
           `(e.g. in Python: T5ForConditionalGeneration.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))`,
       );
     }
   }
-  throw new InvalidModelError(`no model.safetensors (or model.safetensors.index.json) in ${dir}`);
+  throw new InvalidModelError(`no model.safetensors (or model.safetensors.index.json, pytorch_model.bin) in ${dir}`);
 }
 
-/** Reads config.json and the safetensors headers of DIR and checks every tensor the engine needs. */
-export function resolveCheckpoint(dir: string): ResolvedCheckpoint {
+function shardsOf(dir: string, index: string): { fileOf: (name: string) => string | undefined; files: string[] } {
+  let weightMap: unknown;
+  try {
+    weightMap = (JSON.parse(fs.readFileSync(index, 'utf8')) as { weight_map?: unknown }).weight_map;
+  } catch (e) {
+    throw new InvalidModelError(`${index}: invalid JSON: ${(e as Error).message}`);
+  }
+  if (typeof weightMap !== 'object' || weightMap === null || Array.isArray(weightMap)) {
+    throw new InvalidModelError(`${index}: no "weight_map" object`);
+  }
+  const map = new Map<string, string>();
+  for (const [name, shard] of Object.entries(weightMap as Record<string, unknown>)) {
+    if (typeof shard !== 'string' || shard.includes('..') || path.isAbsolute(shard)) {
+      throw new InvalidModelError(`${index}: weight_map entry for "${name}" is not a file name in ${dir}`);
+    }
+    map.set(name, path.join(dir, shard));
+  }
+  const files = [...new Set(map.values())];
+  for (const f of files) {
+    if (!fs.existsSync(f)) throw new InvalidModelError(`${index}: shard ${path.basename(f)} is listed but missing from ${dir}`);
+  }
+  return { fileOf: (name) => map.get(name), files };
+}
+
+/** Reads config.json and the weight files' headers of DIR and checks every tensor the engine needs. */
+export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint> {
   const config = readT5Config(dir);
-  const { fileOf, files } = locateWeights(dir);
+  const { fileOf, files, torch } = locateWeights(dir);
 
   const headers = new Map<string, Map<string, SafetensorsEntry>>();
-  for (const f of files) headers.set(f, readSafetensorsHeader(f).entries);
+  for (const f of files) headers.set(f, torch ? await indexTorchCheckpoint(f) : readSafetensorsHeader(f).entries);
   const find = (name: string): { file: string; entry: SafetensorsEntry } | undefined => {
     const f = fileOf(name);
     const entry = f ? headers.get(f)?.get(name) : undefined;
     return f && entry ? { file: f, entry } : undefined;
   };
-  const where = files.length === 1 ? files[0] : `${path.join(dir, 'model.safetensors.index.json')}`;
+  const where = files.length === 1 ? files[0] : `${path.join(dir, torch ? 'pytorch_model.bin.index.json' : 'model.safetensors.index.json')}`;
 
   const tensors: NativeTensorSpec[] = [];
   for (const { name, shape } of requiredTensors(config)) {

@@ -304,7 +304,7 @@ export class T5Model {
     if (options.mergeAdapter !== undefined && !(options.mergeAdapter instanceof IA3Adapter)) {
       throw new InvalidArgumentError('mergeAdapter must be an IA3Adapter (IA3Adapter.load(path) reads one from disk)');
     }
-    const { config, tensors } = resolveCheckpoint(dir);
+    const { config, tensors } = await resolveCheckpoint(dir);
     const cudaOptions = checkCudaOptions(options.cuda);
     const { device, reason, probe } = T5Model.selectDevice(options.device ?? 'auto', cudaOptions?.device);
     const threads = options.threads ?? Math.min(MAX_CPU_THREADS, Math.max(1, os.cpus().length));

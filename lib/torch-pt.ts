@@ -1,11 +1,15 @@
 // Reads a PyTorch checkpoint saved by torch.save (the zip container, torch >= 1.6) without Python: the zip
 // holds <archive>/data.pkl (the pickled object, tensors referenced by persistent ids) and
-// <archive>/data/<key> (raw little-endian storages). Used for the released T-Few (IA)3 checkpoints.
+// <archive>/data/<key> (raw little-endian storages). Two ways in:
+// - readTorchCheckpoint: every tensor's values, for small files (the released T-Few (IA)3 checkpoints);
+// - indexTorchCheckpoint: where each tensor lies in the file, for memory-mapping large ones (a Hugging Face
+//   pytorch_model.bin: T0-3B's is 11.4 GB), reading only the zip directory (yauzl) and data.pkl.
 // Only a closed set of pickle globals is honoured; anything else is a FileFormatError, so nothing in the
 // file can make us build arbitrary objects.
 import * as fs from 'fs';
 import { unzipSync } from 'fflate';
 import { NameRegistry, Parser } from 'pickleparser';
+import * as yauzl from 'yauzl';
 import { FileFormatError } from './errors';
 import { halfToFloat } from './safetensors';
 
@@ -36,8 +40,9 @@ class StorageType {
 }
 
 class Storage {
-  constructor(readonly key: string, readonly type: StorageType, readonly bytes: Uint8Array) {}
-  get numel(): number { return Math.floor(this.bytes.byteLength / this.type.size); }
+  // bytes: the storage's data (readTorchCheckpoint); byteLength: its size in the file (indexTorchCheckpoint)
+  constructor(readonly key: string, readonly type: StorageType, readonly byteLength: number, readonly bytes?: Uint8Array) {}
+  get numel(): number { return Math.floor(this.byteLength / this.type.size); }
 }
 
 class RebuiltTensor {
@@ -57,28 +62,148 @@ export function readTorchCheckpoint(file: string): Map<string, TorchTensor> {
 
 /** As readTorchCheckpoint, from bytes already in memory (`file` names it in errors). */
 export function parseTorchCheckpoint(bytes: Uint8Array, file: string): Map<string, TorchTensor> {
-  if (bytes.length >= 2 && bytes[0] === 0x80) {
-    throw new FileFormatError(`${file}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with a recent PyTorch`);
-  }
-  if (bytes.length < 4 || bytes[0] !== 0x50 || bytes[1] !== 0x4b) {
-    throw new FileFormatError(`${file}: not a PyTorch zip checkpoint (no zip signature)`);
-  }
+  checkSignature(bytes, file);
   let entries: Record<string, Uint8Array>;
   try {
     entries = unzipSync(bytes);
   } catch (e) {
     throw new FileFormatError(`${file}: corrupt zip container: ${(e as Error).message}`);
   }
-  const pklName = Object.keys(entries).find((n) => n === 'data.pkl' || n.endsWith('/data.pkl'));
-  if (!pklName) throw new FileFormatError(`${file}: no data.pkl in the zip container`);
-  const prefix = pklName.slice(0, pklName.length - 'data.pkl'.length);
-  const byteorder = entries[`${prefix}byteorder`];
+  const { pkl, prefix } = findPickle(Object.keys(entries), file);
+  checkByteOrder(entries[`${prefix}byteorder`], file);
+  const root = unpickle(entries[pkl], file, (key, type) => {
+    const data = entries[`${prefix}data/${key}`];
+    return data && new Storage(key, type, data.byteLength, data);
+  });
+  const out = new Map<string, TorchTensor>();
+  for (const [name, t] of tensorsOf(root)) out.set(name, materialize(t, name, file));
+  return out;
+}
+
+/** Where one tensor of a torch checkpoint lies in its file (contiguous, uncompressed): for memory-mapping. */
+export interface TorchTensorRange {
+  name: string;
+  /** Safetensors-style dtype name: F32, F64, F16, BF16, I64, ... */
+  dtype: string;
+  shape: number[];
+  /** Absolute byte offset of the tensor's first element in the file. */
+  offset: number;
+  byteLength: number;
+}
+
+/**
+ * Where every tensor of a torch.save'd zip file lies, without reading the tensors: only the zip's central directory,
+ * the local headers of the storages and data.pkl are read (ZIP64 included: files past 4 GiB). Tensors that share a
+ * storage (tied weights) get the same range. A tensor that is not a contiguous row-major view of its storage, or a
+ * compressed storage, cannot be mapped: FileFormatError (re-save it with torch.save, or as safetensors).
+ */
+export async function indexTorchCheckpoint(file: string): Promise<Map<string, TorchTensorRange>> {
+  const head = Buffer.alloc(4);
+  try {
+    const fd = fs.openSync(file, 'r');
+    try {
+      fs.readSync(fd, head, 0, 4, 0);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (e) {
+    throw new FileFormatError(`${file}: cannot read: ${(e as Error).message}`);
+  }
+  checkSignature(head, file);
+  let zip: yauzl.ZipFile;
+  try {
+    zip = await yauzl.openPromise(file, { lazyEntries: true, autoClose: false, strictFileNames: false });
+  } catch (e) {
+    throw new FileFormatError(`${file}: corrupt zip container: ${(e as Error).message}`);
+  }
+  try {
+    const entries = new Map<string, yauzl.Entry>();
+    try {
+      for await (const entry of zip.eachEntry()) entries.set(entry.fileName, entry);
+    } catch (e) {
+      throw new FileFormatError(`${file}: corrupt zip container: ${(e as Error).message}`);
+    }
+    const { pkl, prefix } = findPickle([...entries.keys()], file);
+    const read = async (entry: yauzl.Entry, limit: number): Promise<Buffer> => {
+      if (entry.uncompressedSize > limit) throw new FileFormatError(`${file}: ${entry.fileName} is ${entry.uncompressedSize} bytes (at most ${limit} expected)`);
+      try {
+        const chunks: Buffer[] = [];
+        for await (const chunk of await zip.openReadStreamPromise(entry)) chunks.push(chunk as Buffer);
+        return Buffer.concat(chunks);
+      } catch (e) {
+        throw new FileFormatError(`${file}: cannot read ${entry.fileName}: ${(e as Error).message}`);
+      }
+    };
+    const byteorder = entries.get(`${prefix}byteorder`);
+    checkByteOrder(byteorder && await read(byteorder, 64), file);
+    const pklEntry = entries.get(pkl) as yauzl.Entry;
+    const storageEntries = new Map<Storage, yauzl.Entry>();
+    const root = unpickle(await read(pklEntry, 1 << 30), file, (key, type) => {
+      const entry = entries.get(`${prefix}data/${key}`);
+      if (!entry) return undefined;
+      const s = new Storage(key, type, entry.uncompressedSize);
+      storageEntries.set(s, entry);
+      return s;
+    });
+    const dataStart = new Map<Storage, number>();
+    const out = new Map<string, TorchTensorRange>();
+    for (const [name, t] of tensorsOf(root)) {
+      checkView(t, name, file);
+      const { storage, offset, shape, stride } = t;
+      const rowMajor = shape.every((dim, d) => dim === 1 || stride[d] === shape.slice(d + 1).reduce((a, b) => a * b, 1));
+      if (!rowMajor) {
+        throw new FileFormatError(`${file}: tensor "${name}" is not a contiguous row-major view of its storage ` +
+          `(strides [${stride.join(', ')}] for shape [${shape.join(', ')}]): it cannot be memory-mapped; save a contiguous copy`);
+      }
+      const entry = storageEntries.get(storage) as yauzl.Entry;
+      if (entry.compressionMethod !== 0) {
+        throw new FileFormatError(`${file}: storage ${entry.fileName} is compressed (zip method ${entry.compressionMethod}): ` +
+          'it cannot be memory-mapped (torch.save stores storages uncompressed)');
+      }
+      let start = dataStart.get(storage);
+      if (start === undefined) {
+        try {
+          start = (await zip.readLocalFileHeaderPromise(entry, { minimal: true })).fileDataStart;
+        } catch (e) {
+          throw new FileFormatError(`${file}: corrupt zip container at ${entry.fileName}: ${(e as Error).message}`);
+        }
+        dataStart.set(storage, start);
+      }
+      const numel = shape.reduce((a, b) => a * b, 1);
+      out.set(name, { name, dtype: storage.type.dtype, shape: [...shape], offset: start + offset * storage.type.size,
+                      byteLength: numel * storage.type.size });
+    }
+    return out;
+  } finally {
+    zip.close();
+  }
+}
+
+function checkSignature(head: Uint8Array, file: string): void {
+  if (head.length >= 2 && head[0] === 0x80) {
+    throw new FileFormatError(`${file}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with a recent PyTorch`);
+  }
+  if (head.length < 4 || head[0] !== 0x50 || head[1] !== 0x4b) {
+    throw new FileFormatError(`${file}: not a PyTorch zip checkpoint (no zip signature)`);
+  }
+}
+
+// The pickle's entry name (<archive>/data.pkl) and the archive prefix of the other entries.
+function findPickle(names: string[], file: string): { pkl: string; prefix: string } {
+  const pkl = names.find((n) => n === 'data.pkl' || n.endsWith('/data.pkl'));
+  if (!pkl) throw new FileFormatError(`${file}: no data.pkl in the zip container`);
+  return { pkl, prefix: pkl.slice(0, pkl.length - 'data.pkl'.length) };
+}
+
+function checkByteOrder(byteorder: Uint8Array | undefined, file: string): void {
   if (byteorder && new TextDecoder().decode(byteorder).trim() !== 'little') {
     throw new FileFormatError(`${file}: big-endian torch checkpoints are not supported`);
   }
+}
 
+// Unpickles data.pkl; `storage(key, type)` gives the storage a persistent id names (undefined: missing from the zip).
+function unpickle(pkl: Uint8Array, file: string, storage: (key: string, type: StorageType) => Storage | undefined): unknown {
   const storages = new Map<string, Storage>();
-  const registry = new StrictRegistry(file);
   const storageRef = (pid: unknown): Storage => {
     // pid = ('storage', storage_type, key, location, numel)
     if (!Array.isArray(pid) || pid[0] !== 'storage' || !(pid[1] instanceof StorageType) || typeof pid[2] !== 'string') {
@@ -87,28 +212,22 @@ export function parseTorchCheckpoint(bytes: Uint8Array, file: string): Map<strin
     const [, type, key] = pid as [string, StorageType, string];
     const cached = storages.get(key);
     if (cached) return cached;
-    const data = entries[`${prefix}data/${key}`];
-    if (!data) throw new FileFormatError(`${file}: storage data/${key} referenced by data.pkl is missing from the zip`);
-    const s = new Storage(key, type, data);
+    const s = storage(key, type);
+    if (!s) throw new FileFormatError(`${file}: storage data/${key} referenced by data.pkl is missing from the zip`);
     storages.set(key, s);
     return s;
   };
-  let root: unknown;
   try {
     const parser = new Parser({
-      nameResolver: registry,
+      nameResolver: new StrictRegistry(file),
       persistentResolver: { resolve: storageRef },
       unpicklingTypeOfDictionary: 'Map',
     });
-    root = parser.parse(entries[pklName]);
+    return parser.parse(pkl);
   } catch (e) {
     if (e instanceof FileFormatError) throw e;
     throw new FileFormatError(`${file}: cannot unpickle data.pkl: ${(e as Error).message}`);
   }
-
-  const out = new Map<string, TorchTensor>();
-  collect(root, '', out, file);
-  return out;
 }
 
 class StrictRegistry extends NameRegistry {
@@ -145,19 +264,16 @@ function describe(v: unknown): string {
   }
 }
 
-function collect(node: unknown, prefix: string, out: Map<string, TorchTensor>, file: string): void {
-  if (node instanceof RebuiltTensor) {
-    out.set(prefix, materialize(node, prefix, file));
-    return;
-  }
-  if (node instanceof Map) {
-    for (const [k, v] of node) collect(v, prefix ? `${prefix}.${String(k)}` : String(k), out, file);
-    return;
-  }
-  // Plain numbers, strings, lists (epochs, hyper-parameters...) are not tensors and are skipped.
+// Every tensor under `node` with its name: nested dicts flattened with '.'-joined keys. Plain numbers, strings and
+// lists (epochs, hyper-parameters...) are not tensors and are skipped.
+function tensorsOf(node: unknown, prefix = '', out: [string, RebuiltTensor][] = []): [string, RebuiltTensor][] {
+  if (node instanceof RebuiltTensor) out.push([prefix, node]);
+  else if (node instanceof Map) for (const [k, v] of node) tensorsOf(v, prefix ? `${prefix}.${String(k)}` : String(k), out);
+  return out;
 }
 
-function materialize(t: RebuiltTensor, name: string, file: string): TorchTensor {
+// A view that stays inside its storage.
+function checkView(t: RebuiltTensor, name: string, file: string): void {
   const { storage, offset, shape, stride } = t;
   if (shape.length !== stride.length || ![...shape, ...stride, offset].every((v) => Number.isInteger(v) && v >= 0)) {
     throw new FileFormatError(`${file}: tensor "${name}" has a malformed shape/stride`);
@@ -169,6 +285,12 @@ function materialize(t: RebuiltTensor, name: string, file: string): TorchTensor 
       throw new FileFormatError(`${file}: tensor "${name}" reads past the end of its storage data/${storage.key}`);
     }
   }
+}
+
+function materialize(t: RebuiltTensor, name: string, file: string): TorchTensor {
+  checkView(t, name, file);
+  const { storage, offset, shape, stride } = t;
+  const n = shape.reduce((a, b) => a * b, 1);
   const read = elementReader(storage, name, file);
   const data = new Float32Array(n);
   // Walk the (possibly non-contiguous) view in row-major order.
@@ -186,7 +308,7 @@ function materialize(t: RebuiltTensor, name: string, file: string): TorchTensor 
 }
 
 function elementReader(storage: Storage, name: string, file: string): (i: number) => number {
-  const b = storage.bytes;
+  const b = storage.bytes as Uint8Array;
   const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
   switch (storage.type.dtype) {
     case 'F32': return (i) => view.getFloat32(i * 4, true);

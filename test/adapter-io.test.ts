@@ -1,14 +1,16 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { spawnSync } from 'child_process';
 import { unzipSync, zipSync } from 'fflate';
 import { ia3Modules, IA3Adapter, splitByModule } from '../lib/adapter';
 import { readT5Config } from '../lib/config';
 import { FileFormatError, InvalidAdapterError, InvalidArgumentError } from '../lib/errors';
 import type { NativeConfig } from '../lib/native';
 import { readSafetensorsF64, readSafetensorsHeader, WritableTensor, writeSafetensors } from '../lib/safetensors';
-import { readTorchCheckpoint } from '../lib/torch-pt';
+import { indexTorchCheckpoint, readTorchCheckpoint } from '../lib/torch-pt';
 import { dataFile, fixturesDir } from './helpers/paths';
+import { torchZip } from './helpers/torch-zip';
 
 const T0_3B: NativeConfig = {
   vocabSize: 32128, dModel: 2048, dFf: 5120, dKv: 64, numHeads: 32, numLayers: 24, numDecoderLayers: 24,
@@ -120,6 +122,21 @@ describe('PEFT adapters', () => {
     }
   });
 
+  // Older PEFT versions saved adapter_model.bin (torch.save's zip); written here from adapter_a's safetensors by
+  // test/helpers/write_torch_bin.py (Python's pickle and zipfile, no torch).
+  const python = spawnSync('python3', ['-c', 'import zipfile, pickle'], { stdio: 'ignore' }).status === 0;
+  (python ? test : test.skip)('adapter_model.bin (older PEFT): the same vectors as adapter_model.safetensors, as a directory or a file', async () => {
+    const src = path.join(fixture('tiny-gated-gelu-untied'), 'adapter_a');
+    const dir = tmp();
+    fs.mkdirSync(dir);
+    fs.copyFileSync(path.join(src, 'adapter_config.json'), path.join(dir, 'adapter_config.json'));
+    const bin = path.join(dir, 'adapter_model.bin');
+    const r = spawnSync('python3', [path.join(__dirname, 'helpers', 'write_torch_bin.py'), path.join(src, 'adapter_model.safetensors'), bin], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    const expected = await IA3Adapter.load(src);
+    for (const source of [dir, bin]) expect((await IA3Adapter.load(source)).data).toEqual(expected.data);
+  });
+
   test('adapter_b matches its file and differs from adapter_a', async () => {
     const dir = fixture('tiny-gated-gelu-untied');
     const b = await IA3Adapter.load(path.join(dir, 'adapter_b'));
@@ -207,7 +224,7 @@ describe('PEFT adapters', () => {
       await expect(IA3Adapter.load(file)).rejects.toThrow(/is not an \(IA\)3 vector/);
       const dir = tmp();
       fs.mkdirSync(dir);
-      await expect(IA3Adapter.load(dir)).rejects.toThrow(/no adapter_model.safetensors/);
+      await expect(IA3Adapter.load(dir)).rejects.toThrow(/no adapter_model.safetensors \(or adapter_model.bin\)/);
       fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA' }));
       fs.copyFileSync(src(), path.join(dir, 'adapter_model.safetensors'));
       await expect(IA3Adapter.load(dir)).rejects.toThrow(/only IA3/);
@@ -218,40 +235,6 @@ describe('PEFT adapters', () => {
     });
   });
 });
-
-// A minimal torch.save writer for tests: protocol-2 pickle of {name: tensor} plus data/<key> storages.
-function torchZip(tensors: Array<{ name: string; storage: Float32Array | Uint16Array; type: string; offset?: number; shape: number[]; stride?: number[] }>, extraGlobal?: [string, string]): Uint8Array {
-  const parts: number[] = [0x80, 2, 0x7d, 0x28]; // PROTO 2, EMPTY_DICT, MARK
-  const str = (s: string) => {
-    const b = Buffer.from(s, 'utf8');
-    parts.push(0x58, b.length & 0xff, (b.length >> 8) & 0xff, 0, 0, ...b); // BINUNICODE
-  };
-  const int = (n: number) => parts.push(0x4a, n & 0xff, (n >> 8) & 0xff, (n >> 16) & 0xff, (n >>> 24) & 0xff); // BININT
-  const global = (mod: string, name: string) => parts.push(0x63, ...Buffer.from(`${mod}\n${name}\n`));
-  const tuple = (items: () => void) => { parts.push(0x28); items(); parts.push(0x74); };
-  const files: Record<string, Uint8Array> = {};
-  tensors.forEach((t, key) => {
-    str(t.name);
-    global('torch._utils', '_rebuild_tensor_v2');
-    tuple(() => {
-      tuple(() => { str('storage'); global('torch', t.type); str(String(key)); str('cpu'); int(t.storage.length); });
-      parts.push(0x51); // BINPERSID
-      int(t.offset ?? 0);
-      tuple(() => t.shape.forEach(int));
-      const stride = t.stride ?? t.shape.map((_, i) => t.shape.slice(i + 1).reduce((a, b) => a * b, 1));
-      tuple(() => stride.forEach(int));
-      parts.push(0x89); // NEWFALSE
-      if (extraGlobal) global(...extraGlobal); else global('collections', 'OrderedDict');
-      parts.push(0x29, 0x52); // EMPTY_TUPLE, REDUCE
-    });
-    parts.push(0x52); // REDUCE
-    files[`archive/data/${key}`] = new Uint8Array(t.storage.buffer.slice(0));
-  });
-  parts.push(0x75, 0x2e); // SETITEMS, STOP
-  files['archive/data.pkl'] = Uint8Array.from(parts);
-  files['archive/version'] = Buffer.from('3\n');
-  return zipSync(files, { level: 0 });
-}
 
 describe('torch .pt reader', () => {
   test('dtypes, offsets and non-contiguous strides', () => {
@@ -332,6 +315,19 @@ describe('the released T-Few checkpoint t03b_ia3_finish.pt', () => {
       total += t.data.length;
     }
     expect(total).toBe(540672);
+  });
+
+  maybe('indexTorchCheckpoint maps every tensor to the bytes readTorchCheckpoint reads (torch pads its local zip headers)', async () => {
+    const full = readTorchCheckpoint(file!);
+    const ranges = await indexTorchCheckpoint(file!);
+    expect([...ranges.keys()]).toEqual([...full.keys()]);
+    const bytes = fs.readFileSync(file!);
+    for (const [name, r] of ranges) {
+      expect(r).toMatchObject({ name, dtype: 'F32', shape: full.get(name)!.shape });
+      expect(r.offset % 64).toBe(0);  // (torch.save aligns its storages)
+      const mapped = new Float32Array(bytes.buffer.slice(bytes.byteOffset + r.offset, bytes.byteOffset + r.offset + r.byteLength));
+      expect(mapped).toEqual(full.get(name)!.data);
+    }
   });
 
   maybe('loads as an adapter for T0-3B (wi_1 -> wo), with or without the config', async () => {

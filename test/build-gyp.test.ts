@@ -30,7 +30,7 @@ if (!headers) console.warn(`[tfew tests] skipping the node-gyp build: no Node he
     expect(addon.buildInfo.cudaCompiled).toBe(false);
     expect(addon.probeCuda().reason).toMatch(/no CUDA backend/);
     const fx = loadFixture('tiny-relu-tied');
-    const { config, tensors } = resolveCheckpoint(fx.dir);
+    const { config, tensors } = await resolveCheckpoint(fx.dir);
     const model = await addon.loadModel(config, tensors, { device: 'cpu', threads: 2 });
     const B = fx.inputIds.length;
     const encLen = Math.max(...fx.inputIds.map((x) => x.length));

@@ -1,15 +1,19 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { spawnSync } from 'child_process';
 import { requiredTensors, resolveCheckpoint } from '../lib/checkpoint';
 import { readT5Config } from '../lib/config';
 import { FileFormatError, fromNative, InvalidModelError } from '../lib/errors';
+import { T5Model } from '../lib/model';
 import { native } from '../lib/native';
+import { indexTorchCheckpoint } from '../lib/torch-pt';
 import {
   floatToHalf, halfToFloat, readSafetensorsF64, readSafetensorsHeader, readTensorF32, readTensorF64,
   WritableTensor, writeSafetensors,
 } from '../lib/safetensors';
 import { fixturesDir } from './helpers/paths';
+import { torchZip, type TorchZipTensor } from './helpers/torch-zip';
 
 const gatedDir = () => path.join(fixturesDir(), 'tiny-gated-gelu-untied');
 const reluDir = () => path.join(fixturesDir(), 'tiny-relu-tied');
@@ -123,7 +127,7 @@ describe('safetensors', () => {
     for (let bits = 0; bits < 0x7c00; bits += 37) expect(floatToHalf(halfToFloat(bits))).toBe(bits);
   });
 
-  test('corrupt headers are FileFormatErrors naming the file', () => {
+  test('corrupt headers are FileFormatErrors naming the file', async () => {
     const dir = tmpDir();
     const file = path.join(dir, 'bad.safetensors');
     const withHeader = (json: string, extra = 0) => {
@@ -157,9 +161,9 @@ describe('safetensors', () => {
 });
 
 describe('resolveCheckpoint', () => {
-  test.each([['tiny-gated-gelu-untied'], ['tiny-relu-tied']])('%s resolves to the required tensors', (name) => {
+  test.each([['tiny-gated-gelu-untied'], ['tiny-relu-tied']])('%s resolves to the required tensors', async (name) => {
     const dir = path.join(fixturesDir(), name);
-    const { config, tensors, files } = resolveCheckpoint(dir);
+    const { config, tensors, files } = await resolveCheckpoint(dir);
     expect(config).toEqual(readT5Config(dir));
     expect(files).toEqual([path.join(dir, 'model.safetensors')]);
     const required = requiredTensors(config);
@@ -180,20 +184,20 @@ describe('resolveCheckpoint', () => {
     }
   });
 
-  test('shared.weight may come from encoder.embed_tokens.weight; extra tensors are not passed', () => {
+  test('shared.weight may come from encoder.embed_tokens.weight; extra tensors are not passed', async () => {
     const dir = editedCheckpoint(reluDir(), (t) => {
       t['encoder.embed_tokens.weight'] = t['shared.weight'];
       delete t['shared.weight'];
       t['some.unused.tensor'] = { dtype: 'F32', shape: [2], data: new Float32Array(2) };
     });
-    const { tensors } = resolveCheckpoint(dir);
+    const { tensors } = await resolveCheckpoint(dir);
     const shared = tensors.find((t) => t.name === 'shared.weight')!;
     const entry = readSafetensorsHeader(path.join(dir, 'model.safetensors')).entries.get('encoder.embed_tokens.weight')!;
     expect(shared.offset).toBe(entry.offset);
     expect(tensors.some((t) => t.name.includes('unused'))).toBe(false);
   });
 
-  test('sharded checkpoints via model.safetensors.index.json', () => {
+  test('sharded checkpoints via model.safetensors.index.json', async () => {
     const src = gatedDir();
     const dir = tmpDir();
     fs.copyFileSync(path.join(src, 'config.json'), path.join(dir, 'config.json'));
@@ -206,7 +210,7 @@ describe('resolveCheckpoint', () => {
     });
     shards.forEach((s, i) => writeSafetensors(path.join(dir, `model-0000${i + 1}-of-00002.safetensors`), s));
     fs.writeFileSync(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: weightMap }));
-    const { tensors, files } = resolveCheckpoint(dir);
+    const { tensors, files } = await resolveCheckpoint(dir);
     expect(files.sort()).toEqual([1, 2].map((k) => path.join(dir, `model-0000${k}-of-00002.safetensors`)));
     for (const t of tensors) {
       expect(t.file).toBe(path.join(dir, weightMap[t.name]));
@@ -214,55 +218,62 @@ describe('resolveCheckpoint', () => {
     }
   });
 
-  test('no config.json', () => {
+  test('no config.json', async () => {
     const dir = tmpDir();
     fs.copyFileSync(path.join(gatedDir(), 'model.safetensors'), path.join(dir, 'model.safetensors'));
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(`no config.json in ${dir}`);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(`no config.json in ${dir}`);
   });
 
-  test('non-T5 config', () => {
+  test('non-T5 config', async () => {
     const dir = tmpDir();
     fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ model_type: 'bert', hidden_size: 64 }));
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(/model_type "bert"/);
-    expect(() => resolveCheckpoint(dir)).toThrow(path.join(dir, 'config.json'));
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/model_type "bert"/);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(path.join(dir, 'config.json'));
   });
 
-  test('no weights, or only pytorch_model.bin', () => {
+  test('no weights, only TensorFlow or Flax weights, or a pytorch_model.bin that is not a torch zip', async () => {
     const dir = tmpDir();
     fs.copyFileSync(path.join(gatedDir(), 'config.json'), path.join(dir, 'config.json'));
-    expect(() => resolveCheckpoint(dir)).toThrow(/no model\.safetensors/);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/no model\.safetensors/);
+    fs.writeFileSync(path.join(dir, 'tf_model.h5'), 'x');
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tf_model\.h5 but neither model\.safetensors nor pytorch_model\.bin: convert the weights/);
     fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), 'x');
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(/pytorch_model\.bin.*convert the weights to safetensors/);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(FileFormatError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/pytorch_model\.bin: not a PyTorch zip checkpoint/);
+    fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), Buffer.from([0x80, 2, 0x7d, 0x2e]));
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/legacy \(pre-1\.6, non-zip\)/);
+    fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), Buffer.from('PK\x03\x04 and then nothing'));
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/pytorch_model\.bin: corrupt zip container/);
   });
 
-  test('missing tensor', () => {
+  test('missing tensor', async () => {
     const dir = editedCheckpoint(gatedDir(), (t) => { delete t['decoder.block.1.layer.1.EncDecAttention.v.weight']; });
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(
       `missing tensor "decoder.block.1.layer.1.EncDecAttention.v.weight" in ${path.join(dir, 'model.safetensors')}`,
     );
   });
 
-  test('lm_head is required when the head is untied', () => {
+  test('lm_head is required when the head is untied', async () => {
     const dir = editedCheckpoint(gatedDir(), (t) => { delete t['lm_head.weight']; });
-    expect(() => resolveCheckpoint(dir)).toThrow(/missing tensor "lm_head.weight"/);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/missing tensor "lm_head.weight"/);
   });
 
-  test('wrongly shaped tensor', () => {
+  test('wrongly shaped tensor', async () => {
     const dir = editedCheckpoint(gatedDir(), (t) => {
       const w = t['encoder.block.0.layer.1.DenseReluDense.wi_1.weight'];
       w.shape = [w.shape[1], w.shape[0]];
     });
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(
       /tensor "encoder.block.0.layer.1.DenseReluDense.wi_1.weight" in .*model\.safetensors has shape \[64, 96\], expected \[96, 64\]/,
     );
   });
 
-  test('unsupported dtype (I8)', () => {
+  test('unsupported dtype (I8)', async () => {
     const dir = editedCheckpoint(gatedDir(), () => undefined);
     // rewrite the header so that one F32 tensor claims to be I8 with a consistent byte count
     const file = path.join(dir, 'model.safetensors');
@@ -277,18 +288,18 @@ describe('resolveCheckpoint', () => {
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(json.length));
     fs.writeFileSync(file, Buffer.concat([len, Buffer.from(json), bytes.subarray(8 + n)]));
-    expect(() => resolveCheckpoint(dir)).toThrow(InvalidModelError);
-    expect(() => resolveCheckpoint(dir)).toThrow(new RegExp(`tensor "${name}" in .*model\\.safetensors has unsupported dtype I8`));
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(new RegExp(`tensor "${name}" in .*model\\.safetensors has unsupported dtype I8`));
   });
 
-  test('truncated file', () => {
+  test('truncated file', async () => {
     const dir = editedCheckpoint(gatedDir(), () => undefined);
     const file = path.join(dir, 'model.safetensors');
     const { entries } = readSafetensorsHeader(file);
     const last = [...entries.values()].sort((a, b) => b.offset - a.offset)[0];
     fs.truncateSync(file, fs.statSync(file).size - 100);
-    expect(() => resolveCheckpoint(dir)).toThrow(FileFormatError);
-    expect(() => resolveCheckpoint(dir)).toThrow(`${file}: truncated: tensor "${last.name}"`);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(FileFormatError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(`${file}: truncated: tensor "${last.name}"`);
   });
 
   test('a file truncated while it is mapped: a FileFormatError, not SIGBUS (the process lives on)', async () => {
@@ -298,16 +309,105 @@ describe('resolveCheckpoint', () => {
     await expect(read()).rejects.toThrow(/^reading the test file \S*\/tfew-truncation-test-\w+ failed with a bus error: the file was truncated/);
   });
 
-  test('corrupt header: garbage JSON and absurd length', () => {
+  test('corrupt header: garbage JSON and absurd length', async () => {
     const dir = editedCheckpoint(gatedDir(), () => undefined);
     const file = path.join(dir, 'model.safetensors');
     const bytes = fs.readFileSync(file);
     bytes.write('garbage!', 8);
     fs.writeFileSync(file, bytes);
-    expect(() => resolveCheckpoint(dir)).toThrow(FileFormatError);
-    expect(() => resolveCheckpoint(dir)).toThrow(new RegExp(`${file.replace(/[.]/g, '\\.')}: corrupt safetensors header: invalid JSON`));
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(FileFormatError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(new RegExp(`${file.replace(/[.]/g, '\\.')}: corrupt safetensors header: invalid JSON`));
     bytes.writeBigUInt64LE(1n << 40n, 0);
     fs.writeFileSync(file, bytes);
-    expect(() => resolveCheckpoint(dir)).toThrow(/corrupt safetensors header: header length 1099511627776/);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/corrupt safetensors header: header length 1099511627776/);
+  });
+});
+
+// Hugging Face's other format: pytorch_model.bin, the zip torch.save writes (T0_3B's hub repository ships it). The
+// checkpoints here are the fixtures' model.safetensors re-saved in that format by test/helpers/write_torch_bin.py
+// (Python's pickle and zipfile, imitating torch.save; no torch needed): the model must load from it and score
+// exactly as from the safetensors, with the data memory-mapped (offsets into the .bin, never read into JS).
+describe('pytorch_model.bin checkpoints', () => {
+  const python = spawnSync('python3', ['-c', 'import zipfile, pickle'], { stdio: 'ignore' }).status === 0;
+  const maybe = python ? test : test.skip;
+  if (!python) console.warn('[tfew tests] skipping pytorch_model.bin loading: no python3 to write the checkpoints');
+  const writeBin = (src: string, out: string, ...flags: string[]) => {
+    const r = spawnSync('python3', [path.join(__dirname, 'helpers', 'write_torch_bin.py'), path.join(src, 'model.safetensors'), out, ...flags], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`write_torch_bin.py failed: ${r.stderr}`);
+  };
+  const asBin = (src: string, ...flags: string[]): string => {
+    const dir = tmpDir();
+    fs.copyFileSync(path.join(src, 'config.json'), path.join(dir, 'config.json'));
+    writeBin(src, flags.includes('--shards') ? dir : path.join(dir, 'pytorch_model.bin'), ...flags);
+    return dir;
+  };
+  const inputs = [[5, 9, 13, 21, 1], [7, 1]];
+  const choices = [[[4, 1], [8, 6, 1]], [[11, 1], [12, 1], [3, 1]]];
+  const scores = async (dir: string) => {
+    const m = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    try {
+      return { scores: (await m.rankClassify(inputs, choices)).scores, encoded: Array.from((await m.encode([inputs[0]]))[0]) };
+    } finally {
+      await m.dispose();
+    }
+  };
+
+  maybe.each([['tiny-gated-gelu-untied', []], ['tiny-relu-tied', ['--tie']], ['tiny-gated-gelu-untied', ['--shards', '3']]])(
+    '%s %j: the same tensors and the same scores as from model.safetensors', async (name, flags) => {
+      const src = path.join(fixturesDir(), name as string);
+      const dir = asBin(src, ...(flags as string[]));
+      const fromBin = await resolveCheckpoint(dir);
+      const fromSafetensors = await resolveCheckpoint(src);
+      const sharded = (flags as string[]).includes('--shards');
+      expect(fromBin.files).toHaveLength(sharded ? 3 : 1);
+      expect(fromBin.files.every((f) => f.startsWith(dir) && f.endsWith('.bin'))).toBe(true);
+      const shapes = (r: typeof fromBin) => r.tensors.map((t) => [t.name, t.dtype, t.shape]);
+      expect(shapes(fromBin).filter(([n]) => !String(n).includes('embed_tokens')))
+        .toEqual(shapes(fromSafetensors).filter(([n]) => !String(n).includes('embed_tokens')));
+      // each range holds exactly the safetensors' bytes of that tensor
+      for (const t of fromBin.tensors) {
+        const twin = fromSafetensors.tensors.find((u) => u.name === t.name) ?? fromSafetensors.tensors.find((u) => u.name === 'shared.weight')!;
+        const bytes = (file: string, offset: number, n: number) => {
+          const b = Buffer.alloc(n);
+          const fd = fs.openSync(file, 'r');
+          fs.readSync(fd, b, 0, n, offset);
+          fs.closeSync(fd);
+          return b;
+        };
+        expect(bytes(t.file, t.offset, t.byteLength).equals(bytes(twin.file, twin.offset, twin.byteLength))).toBe(true);
+      }
+      if ((flags as string[]).includes('--tie')) {  // tied embeddings: one storage, one range
+        const range = (n: string) => fromBin.tensors.find((t) => t.name === n);
+        expect(range('encoder.embed_tokens.weight')).toMatchObject({ offset: range('shared.weight')!.offset });
+      }
+      expect(await scores(dir)).toEqual(await scores(src));
+    });
+
+  test('tensors that cannot be memory-mapped, or missing, are clear errors', async () => {
+    const src = gatedDir();
+    const config = readT5Config(src);
+    const dir = tmpDir();
+    fs.copyFileSync(path.join(src, 'config.json'), path.join(dir, 'config.json'));
+    const file = path.join(dir, 'pytorch_model.bin');
+    const d = config.dModel;
+    const q = Float32Array.from({ length: d * d }, (_, i) => i);
+    const write = (tensors: TorchZipTensor[], level: 0 | 6 = 0) => fs.writeFileSync(file, torchZip(tensors, undefined, level));
+    write([{ name: 'shared.weight', storage: q, type: 'FloatStorage', shape: [d, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/shape \[\d+, \d+\], expected|missing tensor/);
+    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d, d], stride: [1, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(FileFormatError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "x" is not a contiguous row-major view of its storage/);
+    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d, d] }], 6);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/storage archive\/data\/0 is compressed \(zip method 8\): it cannot be memory-mapped/);
+    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d + 1, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "x" reads past the end of its storage/);
+    // a slice of a larger storage maps at its element offset; a model whose tensors are all such views still loads
+    write([{ name: 'x', storage: q, type: 'FloatStorage', offset: d, shape: [d - 1, d] }]);
+    const index = await indexTorchCheckpoint(file);
+    const x = index.get('x')!;
+    const raw = fs.readFileSync(file);
+    expect(x.byteLength).toBe((d - 1) * d * 4);
+    expect(new Float32Array(raw.buffer.slice(raw.byteOffset + x.offset, raw.byteOffset + x.offset + x.byteLength))).toEqual(q.subarray(d));
   });
 });

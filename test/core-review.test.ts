@@ -69,10 +69,10 @@ describe('thread pool: exceptions inside parallel_for', () => {
     expect(err).toBeInstanceOf(OutOfMemoryError);
   });
 
-  (process.platform === 'linux' ? test : test.skip)('a thread that cannot be started is a rejection, not an abort', () => {
+  (process.platform === 'linux' ? test : test.skip)('a thread that cannot be started is a rejection, not an abort', async () => {
     // A child process whose address space has room for a few dozen 8 MiB thread stacks asks for 256 threads.
     // Before the fix the half-built pool destroyed joinable std::threads: std::terminate.
-    const { config, tensors } = resolveCheckpoint(fx.dir);
+    const { config, tensors } = await resolveCheckpoint(fx.dir);
     const root = JSON.stringify(packageRoot());
     const script = `
       const addon = require('node-gyp-build')(${root});
@@ -95,9 +95,9 @@ describe('thread pool: exceptions inside parallel_for', () => {
 });
 
 describe('the addon in several environments', () => {
-  test('a worker_thread that loaded the addon and exited leaves the main thread working (a segfault before)', () => {
+  test('a worker_thread that loaded the addon and exited leaves the main thread working (a segfault before)', async () => {
     // In a child process, so a crash is a test failure and not the end of the test run.
-    const { config, tensors } = resolveCheckpoint(fx.dir);
+    const { config, tensors } = await resolveCheckpoint(fx.dir);
     const gypBuild = JSON.stringify(require.resolve('node-gyp-build', { paths: [packageRoot()] }));
     const root = JSON.stringify(packageRoot());
     const script = `
@@ -132,8 +132,8 @@ describe('the addon in several environments', () => {
 describe('native argument checks (calls straight to the addon)', () => {
   let config: NativeConfig;
   let tensors: NativeTensorSpec[];
-  beforeAll(() => {
-    ({ config, tensors } = resolveCheckpoint(fx.dir));
+  beforeAll(async () => {
+    ({ config, tensors } = await resolveCheckpoint(fx.dir));
   });
   const load = (c: Partial<NativeConfig>, t?: (specs: NativeTensorSpec[]) => unknown[], threads = 2) =>
     native().loadModel({ ...config, ...c }, (t ? t(tensors.map((s) => ({ ...s, shape: [...s.shape] }))) : tensors) as NativeTensorSpec[],

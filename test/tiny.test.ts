@@ -20,9 +20,9 @@ function std(values: Float64Array): number {
 }
 
 describe('buildTinyT5', () => {
-  test('builds a checkpoint that resolves like a real one, with the T0 layout', () => {
+  test('builds a checkpoint that resolves like a real one, with the T0 layout', async () => {
     const { dir, config } = buildTinyT5(path.join(root, 'a'), { words: WORDS, seed: 7 });
-    const resolved = resolveCheckpoint(dir);
+    const resolved = await resolveCheckpoint(dir);
     expect(resolved.config).toEqual(config);
     expect(config).toMatchObject({
       dModel: 64, dFf: 128, numHeads: 4, dKv: 16, numLayers: 2, numDecoderLayers: 2, gatedGelu: true,
@@ -55,10 +55,10 @@ describe('buildTinyT5', () => {
     expect(std(bias.data)).toBeGreaterThan(0);
   });
 
-  test('relu variant', () => {
+  test('relu variant', async () => {
     const { dir, config } = buildTinyT5(path.join(root, 'relu'), { words: WORDS, gated: false, numLayers: 1 });
     expect(config.gatedGelu).toBe(false);
-    const names = resolveCheckpoint(dir).tensors.map((t) => t.name);
+    const names = (await resolveCheckpoint(dir)).tensors.map((t) => t.name);
     expect(names).toContain('encoder.block.0.layer.1.DenseReluDense.wi.weight');
     expect(names.some((n) => n.includes('wi_0'))).toBe(false);
   });

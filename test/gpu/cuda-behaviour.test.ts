@@ -61,7 +61,7 @@ describeCuda('CUDA backend behaviour', () => {
   });
 
   test('a batch the CPU backend rejects is rejected the same way (no answer choice for an example)', async () => {
-    const { config, tensors } = resolveCheckpoint(fx.dir);
+    const { config, tensors } = await resolveCheckpoint(fx.dir);
     const nm = await native().loadModel(config, tensors, { device: 'cuda', threads: 1, cuda: { precision: 'fp32' } });
     try {
       const batch = {
