@@ -37,6 +37,12 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
+// (a parsed JSON answer: the tests read its fields)
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+async function getJson(url: string): Promise<any> {
+  return (await fetch(url)).json();
+}
+
 async function post(base: string, body: unknown, raw?: string): Promise<{ status: number; json: any }> {
   const res = await fetch(`${base}/classify`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: raw ?? JSON.stringify(body) });
   return { status: res.status, json: await res.json() };
@@ -99,7 +105,7 @@ describe('RankServer', () => {
     expect(big.json.error.code).toBe('E_TOO_LARGE');
     expect((await fetch(`${base}/classify`)).status).toBe(405);
     expect((await fetch(`${base}/nowhere`)).status).toBe(404);
-    const health = await (await fetch(`${base}/health`)).json();
+    const health = await getJson(`${base}/health`);
     expect(health).toMatchObject({ status: 'ok', device: 'cpu', adapters: ['sentiment', 'topic'] });
     expect(health.stats.requests).toBeGreaterThan(0);
     expect(health.graphs).toEqual({ enabled: false, offReason: '', buckets: false, replays: 0, captures: 0, eager: 0, captureFailures: 0, cached: 0, graphLimit: 0, arenaBytes: 0, arenaGrowths: 0, last: null });  // CPU
@@ -178,11 +184,11 @@ describe('RankServer', () => {
     const a = await s3.listen(0);
     try {
       const url = `http://127.0.0.1:${a.port}/health`;
-      expect((await (await fetch(url)).json()).adapters).toEqual(['sentiment']);
+      expect((await getJson(url)).adapters).toEqual(['sentiment']);
       await own.dispose();
       const res = await fetch(url);
       expect(res.status).toBe(503);
-      expect((await res.json()).status).toBe('disposed');
+      expect(((await res.json()) as { status: string }).status).toBe('disposed');
       expect(() => new RankServer(own, adapters)).toThrow(InvalidArgumentError);
     } finally {
       await s3.close();
@@ -234,7 +240,7 @@ describe('tfew serve', () => {
         const want = await model.rankClassify([texts[i]], [['positive', 'negative']], { adapter: adapters.get('topic') });
         expect(maxRel(answers[i].json.logProbs, want.logProbs[0])).toBeLessThan(1e-5);
       }
-      const health = await (await fetch(`${url}/health`)).json();
+      const health = await getJson(`${url}/health`);
       expect(health.replicas).toHaveLength(2);
       expect(health.stats.replicas.map((r: { batches: number }) => r.batches).reduce((x: number, y: number) => x + y)).toBe(health.stats.batches);
     } finally {

@@ -155,8 +155,8 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       });
       expect(line).toMatch(/on 2 GPUs \(0, 1\)/);
       const base = /http:\/\/[^ ]+/.exec(line)![0];
-      const health = await (await fetch(`${base}/health`)).json();
-      expect(health.replicas.map((r: { model: string }) => r.model.slice(0, 7))).toEqual(['cuda:0 ', 'cuda:1 ']);
+      const health = (await (await fetch(`${base}/health`)).json()) as { replicas: { model: string }[] };
+      expect(health.replicas.map((r) => r.model.slice(0, 7))).toEqual(['cuda:0 ', 'cuda:1 ']);
       const res = await fetch(`${base}/classify`, { method: 'POST', headers: { 'content-type': 'application/json' },
                                                     body: JSON.stringify({ input: [5, 6, 7, 1], choices: [[4, 1], [5, 1]] }) });
       expect(res.status).toBe(200);

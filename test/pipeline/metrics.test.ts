@@ -152,8 +152,8 @@ describe('reports', () => {
     { method: 'ICL', task: 'rte', runs: runs([0.6, 0.55, 0.65, 0.5]), summary: summarizeRuns(runs([0.6, 0.55, 0.65, 0.5])) },
   ];
   const costs = [
-    { method: 'T-Few', inferenceFlopsPerExample: 1.1e12, trainingFlops: 2.7e16, diskBytes: 4.2e6, accuracy: 0.775, accuracyIqr: 0.06, msPerExample: 3, trainingSeconds: 100, peakRssBytes: 1e9, meanInputTokens: 103 },
-    { method: 'ICL', inferenceFlopsPerExample: 4.5e13, trainingFlops: 0, diskBytes: 16000, accuracy: 0.575, accuracyIqr: 0.06, msPerExample: 30, trainingSeconds: 0, peakRssBytes: 2e9, meanInputTokens: 4000 },
+    { method: 'T-Few', inferenceFlopsPerExample: 1.1e12, trainingFlops: 2.7e16, diskBytes: 4.2e6, accuracy: 0.775, accuracyIqr: 0.06, msPerExample: 3, trainingSeconds: 100, peakRssBytes: 1e9, peakDeviceBytes: 6 * 1024 ** 3, meanInputTokens: 103 },
+    { method: 'ICL', inferenceFlopsPerExample: 4.5e13, trainingFlops: 0, diskBytes: 16000, accuracy: 0.575, accuracyIqr: 0.06, msPerExample: 30, trainingSeconds: 0, peakRssBytes: 2e9, peakDeviceBytes: NaN, meanInputTokens: 4000 },
   ];
 
   test('Markdown: accuracy table with median/IQR, per-template table, cost table', () => {
@@ -161,6 +161,8 @@ describe('reports', () => {
     expect(md).toContain('| rte | T-Few | 77.5 | ');
     expect(md).toContain(`| rte | ICL | ${(100 * median([0.6, 0.55, 0.65, 0.5])).toFixed(1)} | `);
     expect(md).toContain('| T-Few | 1.1e12 | 2.7e16 | 4.0 MB |');
+    expect(md).toMatch(/\| T-Few \|.*\| 6\.00 GB \| 103 \|/);  // peak GPU memory
+    expect(md).toMatch(/\| ICL \|.*\| n\/a \| 4000 \|/);  // (the CPU backend measures none)
     expect(md).toContain('![accuracy and cost, T-Few vs ICL](p.png)');
     expect(md).toMatch(/### rte: T-Few per template[\s\S]*\| t0 \|/);
   });
