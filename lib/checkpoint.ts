@@ -130,6 +130,8 @@ export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint
     if (!found) throw new InvalidModelError(`missing tensor "${name}" in ${where}`);
     const { file, entry } = found;
     const alias = entry.name === name ? '' : ` (stored as "${entry.name}")`;
+    const unmappable = (entry as { unmappable?: string }).unmappable;
+    if (unmappable) throw new InvalidModelError(`tensor "${name}"${alias} in ${file} cannot be memory-mapped: ${unmappable}`);
     if (!SUPPORTED_DTYPES.has(entry.dtype)) {
       throw new InvalidModelError(`tensor "${name}"${alias} in ${file} has unsupported dtype ${entry.dtype} (supported: F32, F16, BF16, F64)`);
     }
@@ -146,6 +148,8 @@ export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint
   for (const name of ['encoder.embed_tokens.weight', 'decoder.embed_tokens.weight']) {
     const found = find(name);
     if (!found || !SUPPORTED_DTYPES.has(found.entry.dtype)) continue;
+    const unmappable = (found.entry as { unmappable?: string }).unmappable;
+    if (unmappable) throw new InvalidModelError(`tensor "${name}" in ${found.file} cannot be memory-mapped: ${unmappable}`);
     if (found.entry.shape.length !== 2 || found.entry.shape[0] !== embedShape[0] || found.entry.shape[1] !== embedShape[1]) {
       throw new InvalidModelError(`tensor "${name}" in ${found.file} has shape [${found.entry.shape.join(', ')}], expected [${embedShape.join(', ')}] from config.json`);
     }

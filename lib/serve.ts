@@ -44,6 +44,11 @@ export interface RankBatcherOptions {
    * load. A reservation that does not fit is counted (stats.reservations) and the batch runs as it can. Default true.
    */
   reserveMemory?: boolean;
+  /**
+   * The most distinct adapters one batch can carry (RankServer: its named adapters), the adapter slots reserved with
+   * the memory. Default maxBatch (every request its own).
+   */
+  maxAdapters?: number;
 }
 
 export interface RankRequestOptions {
@@ -151,6 +156,7 @@ export class RankBatcher {
   private timedBatches = 0;  // (batches that returned: a failed one has no engine time to count)
   private lastBatchMs = 0;
   private readonly reserve: boolean;
+  private readonly maxAdapters: number;
   // per replica: the choice shape its memory is reserved for (choices, longest choice, adapters), or none yet
   private readonly reserved: ({ choices: number; choiceLength: number; adapters: number } | null)[];
   private readonly reservations: { made: number; failed: number; lastError?: string } = { made: 0, failed: 0 };
@@ -201,6 +207,7 @@ export class RankBatcher {
     const reserve = options.reserveMemory ?? true;
     if (typeof reserve !== 'boolean') throw new InvalidArgumentError(`reserveMemory must be a boolean, got ${String(options.reserveMemory)}`);
     this.reserve = reserve;
+    this.maxAdapters = Math.min(this.maxBatch, int('maxAdapters', options.maxAdapters, this.maxBatch, 1));
   }
 
   /** Scores `choices` for `input` (a string, or token ids with eos) in the next batch. */
@@ -497,24 +504,26 @@ export class RankBatcher {
   }
 
   // options.reserveMemory: the device memory of the largest batch of requests like these, before it is needed. The
-  // reserved shape only grows (each growth drops the replica's graphs once), to the largest choices seen.
+  // reserved shape only grows (each growth drops the replica's graphs once), to the largest choices seen. Never
+  // throws: a reservation that fails is counted, and the batch runs as it can.
   private async reserveFor(replica: number, batch: Pending[]): Promise<void> {
     const model = this.models[replica];
     if (!this.reserve || model.device !== 'cuda' || model.disposed) return;
     const had = this.reserved[replica];
-    const want = {
-      choices: Math.max(had?.choices ?? 0, ...batch.map((p) => p.choiceIds.length)),
-      choiceLength: Math.max(had?.choiceLength ?? 0, ...batch.flatMap((p) => p.choiceIds.map((c) => c.length))),
-      // (an adapter slot is small beside the activations: every request of a batch may bring its own)
-      adapters: Math.max(had?.adapters ?? 0, batch.some((p) => p.adapter) ? this.maxBatch : 0),
-    };
+    const want = { choices: had?.choices ?? 0, choiceLength: had?.choiceLength ?? 0, adapters: had?.adapters ?? 0 };
+    for (const p of batch) {
+      want.choices = Math.max(want.choices, p.choiceIds.length);
+      for (const c of p.choiceIds) want.choiceLength = Math.max(want.choiceLength, c.length);
+      // (adapter slots are small beside the activations: as many as a batch may carry, at once)
+      if (p.adapter) want.adapters = this.maxAdapters;
+    }
     if (had && want.choices === had.choices && want.choiceLength === had.choiceLength && want.adapters === had.adapters) return;
     this.reserved[replica] = want;  // (once per shape, fitting or not: a failed one is not tried batch after batch)
     try {
       await model.reserveMemory({ batchSize: this.maxBatch, inputLength: this.maxInputLength, ...want });
       this.reservations.made++;
     } catch (e) {
-      if (!(e instanceof OutOfMemoryError)) return;  // (the batch meets it again, and is answered for it)
+      if (e instanceof DisposedError) return;  // (the batch is answered for it)
       this.reservations.failed++;
       this.reservations.lastError = (e as Error).message;
     }

@@ -65,8 +65,15 @@ export function parseTorchCheckpoint(bytes: Uint8Array, file: string): Map<strin
   checkSignature(bytes, file);
   let entries: Record<string, Uint8Array>;
   try {
-    entries = unzipSync(bytes);
+    // (whole-file reading is for small checkpoints: an entry that inflates past 256 MiB is refused, not inflated)
+    entries = unzipSync(bytes, {
+      filter: (f) => {
+        if (f.originalSize > 256 << 20) throw new FileFormatError(`${file}: zip entry ${f.name} inflates to ${f.originalSize} bytes (at most 256 MiB here)`);
+        return true;
+      },
+    });
   } catch (e) {
+    if (e instanceof FileFormatError) throw e;
     throw new FileFormatError(`${file}: corrupt zip container: ${(e as Error).message}`);
   }
   const { pkl, prefix } = findPickle(Object.keys(entries), file);
@@ -76,7 +83,7 @@ export function parseTorchCheckpoint(bytes: Uint8Array, file: string): Map<strin
     return data && new Storage(key, type, data.byteLength, data);
   });
   const out = new Map<string, TorchTensor>();
-  for (const [name, t] of tensorsOf(root)) out.set(name, materialize(t, name, file));
+  for (const [name, t] of tensorsOf(root, file)) out.set(name, materialize(t, name, file));
   return out;
 }
 
@@ -89,6 +96,8 @@ export interface TorchTensorRange {
   /** Absolute byte offset of the tensor's first element in the file. */
   offset: number;
   byteLength: number;
+  /** Why this tensor cannot be memory-mapped (a strided view, a compressed storage), when it cannot. */
+  unmappable?: string;
 }
 
 /**
@@ -138,7 +147,8 @@ export async function indexTorchCheckpoint(file: string): Promise<Map<string, To
     checkByteOrder(byteorder && await read(byteorder, 64), file);
     const pklEntry = entries.get(pkl) as yauzl.Entry;
     const storageEntries = new Map<Storage, yauzl.Entry>();
-    const root = unpickle(await read(pklEntry, 1 << 30), file, (key, type) => {
+    // (T0-3B's data.pkl is ~100 KB: a larger one is no state dict, maybe a zip bomb)
+    const root = unpickle(await read(pklEntry, 64 << 20), file, (key, type) => {
       const entry = entries.get(`${prefix}data/${key}`);
       if (!entry) return undefined;
       const s = new Storage(key, type, entry.uncompressedSize);
@@ -147,18 +157,21 @@ export async function indexTorchCheckpoint(file: string): Promise<Map<string, To
     });
     const dataStart = new Map<Storage, number>();
     const out = new Map<string, TorchTensorRange>();
-    for (const [name, t] of tensorsOf(root)) {
+    for (const [name, t] of tensorsOf(root, file)) {
       checkView(t, name, file);
       const { storage, offset, shape, stride } = t;
-      const rowMajor = shape.every((dim, d) => dim === 1 || stride[d] === shape.slice(d + 1).reduce((a, b) => a * b, 1));
-      if (!rowMajor) {
-        throw new FileFormatError(`${file}: tensor "${name}" is not a contiguous row-major view of its storage ` +
-          `(strides [${stride.join(', ')}] for shape [${shape.join(', ')}]): it cannot be memory-mapped; save a contiguous copy`);
-      }
+      const numel = shape.reduce((a, b) => a * b, 1);
       const entry = storageEntries.get(storage) as yauzl.Entry;
-      if (entry.compressionMethod !== 0) {
-        throw new FileFormatError(`${file}: storage ${entry.fileName} is compressed (zip method ${entry.compressionMethod}): ` +
-          'it cannot be memory-mapped (torch.save stores storages uncompressed)');
+      // (a tensor that cannot be mapped fails the load only if the model needs it: resolveCheckpoint)
+      const rowMajor = shape.every((dim, d) => dim === 1 || stride[d] === shape.slice(d + 1).reduce((a, b) => a * b, 1));
+      const unmappable = !rowMajor
+        ? `a strided view of its storage (strides [${stride.join(', ')}] for shape [${shape.join(', ')}]): save a contiguous copy`
+        : entry.isEncrypted() ? `its storage ${entry.fileName} is encrypted`
+        : entry.compressionMethod !== 0 ? `its storage ${entry.fileName} is compressed (zip method ${entry.compressionMethod}; torch.save stores storages uncompressed)`
+        : undefined;
+      if (unmappable) {
+        out.set(name, { name, dtype: storage.type.dtype, shape: [...shape], offset: 0, byteLength: 0, unmappable });
+        continue;
       }
       let start = dataStart.get(storage);
       if (start === undefined) {
@@ -169,7 +182,6 @@ export async function indexTorchCheckpoint(file: string): Promise<Map<string, To
         }
         dataStart.set(storage, start);
       }
-      const numel = shape.reduce((a, b) => a * b, 1);
       out.set(name, { name, dtype: storage.type.dtype, shape: [...shape], offset: start + offset * storage.type.size,
                       byteLength: numel * storage.type.size });
     }
@@ -265,10 +277,20 @@ function describe(v: unknown): string {
 }
 
 // Every tensor under `node` with its name: nested dicts flattened with '.'-joined keys. Plain numbers, strings and
-// lists (epochs, hyper-parameters...) are not tensors and are skipped.
-function tensorsOf(node: unknown, prefix = '', out: [string, RebuiltTensor][] = []): [string, RebuiltTensor][] {
-  if (node instanceof RebuiltTensor) out.push([prefix, node]);
-  else if (node instanceof Map) for (const [k, v] of node) tensorsOf(v, prefix ? `${prefix}.${String(k)}` : String(k), out);
+// lists (epochs, hyper-parameters...) are not tensors and are skipped. A dict met twice (the pickle's memo can make
+// a cycle, or a chain of shared dicts that would be walked 2^depth times) or nested absurdly deep is refused.
+function tensorsOf(root: unknown, file: string): [string, RebuiltTensor][] {
+  const out: [string, RebuiltTensor][] = [];
+  const seen = new Set<Map<unknown, unknown>>();
+  const walk = (node: unknown, prefix: string, depth: number) => {
+    if (node instanceof RebuiltTensor) out.push([prefix, node]);
+    if (!(node instanceof Map)) return;
+    if (seen.has(node)) throw new FileFormatError(`${file}: data.pkl holds the dict "${prefix}" twice (shared or cyclic): not a state dict`);
+    if (depth > 64) throw new FileFormatError(`${file}: data.pkl nests dicts more than 64 deep: not a state dict`);
+    seen.add(node);
+    for (const [k, v] of node) walk(v, prefix ? `${prefix}.${String(k)}` : String(k), depth + 1);
+  };
+  walk(root, '', 0);
   return out;
 }
 

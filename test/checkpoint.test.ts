@@ -383,31 +383,61 @@ describe('pytorch_model.bin checkpoints', () => {
       expect(await scores(dir)).toEqual(await scores(src));
     });
 
-  test('tensors that cannot be memory-mapped, or missing, are clear errors', async () => {
+  test('tensors that cannot be memory-mapped (if the model needs them), or missing, are clear errors', async () => {
     const src = gatedDir();
     const config = readT5Config(src);
     const dir = tmpDir();
     fs.copyFileSync(path.join(src, 'config.json'), path.join(dir, 'config.json'));
     const file = path.join(dir, 'pytorch_model.bin');
-    const d = config.dModel;
-    const q = Float32Array.from({ length: d * d }, (_, i) => i);
+    const [v, d] = [config.vocabSize, config.dModel];
+    const embedding = Float32Array.from({ length: v * d }, (_, i) => i);
     const write = (tensors: TorchZipTensor[], level: 0 | 6 = 0) => fs.writeFileSync(file, torchZip(tensors, undefined, level));
-    write([{ name: 'shared.weight', storage: q, type: 'FloatStorage', shape: [d, d] }]);
+    write([{ name: 'shared.weight', storage: embedding, type: 'FloatStorage', shape: [v, d] }]);
     await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
-    await expect(resolveCheckpoint(dir)).rejects.toThrow(/shape \[\d+, \d+\], expected|missing tensor/);
-    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d, d], stride: [1, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/missing tensor "lm_head.weight"/);
+    // the model's embedding as a transposed view, or in a compressed zip entry: named, with the reason
+    write([{ name: 'shared.weight', storage: embedding, type: 'FloatStorage', shape: [v, d], stride: [1, v] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(InvalidModelError);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "shared.weight" in .*pytorch_model\.bin cannot be memory-mapped: a strided view of its storage \(strides \[1, \d+\]/);
+    write([{ name: 'shared.weight', storage: embedding, type: 'FloatStorage', shape: [v, d] }], 6);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/cannot be memory-mapped: its storage archive\/data\/0 is compressed \(zip method 8/);
+    write([{ name: 'shared.weight', storage: embedding, type: 'FloatStorage', shape: [v + 1, d] }]);
     await expect(resolveCheckpoint(dir)).rejects.toThrow(FileFormatError);
-    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "x" is not a contiguous row-major view of its storage/);
-    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d, d] }], 6);
-    await expect(resolveCheckpoint(dir)).rejects.toThrow(/storage archive\/data\/0 is compressed \(zip method 8\): it cannot be memory-mapped/);
-    write([{ name: 'x', storage: q, type: 'FloatStorage', shape: [d + 1, d] }]);
-    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "x" reads past the end of its storage/);
-    // a slice of a larger storage maps at its element offset; a model whose tensors are all such views still loads
-    write([{ name: 'x', storage: q, type: 'FloatStorage', offset: d, shape: [d - 1, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/tensor "shared.weight" reads past the end of its storage/);
+    // a tensor the model does not need may be anything: indexed with its reason, the load goes on (to the next error)
+    write([{ name: 'shared.weight', storage: embedding, type: 'FloatStorage', shape: [v, d] },
+           { name: 'optimizer.moment', storage: embedding, type: 'FloatStorage', shape: [d, v], stride: [1, d] }]);
+    await expect(resolveCheckpoint(dir)).rejects.toThrow(/missing tensor "lm_head.weight"/);
     const index = await indexTorchCheckpoint(file);
-    const x = index.get('x')!;
+    expect(index.get('optimizer.moment')!.unmappable).toMatch(/a strided view/);
+    // a slice of a larger storage maps at its element offset
+    write([{ name: 'x', storage: embedding, type: 'FloatStorage', offset: d, shape: [v - 1, d] }]);
+    const x = (await indexTorchCheckpoint(file)).get('x')!;
     const raw = fs.readFileSync(file);
-    expect(x.byteLength).toBe((d - 1) * d * 4);
-    expect(new Float32Array(raw.buffer.slice(raw.byteOffset + x.offset, raw.byteOffset + x.offset + x.byteLength))).toEqual(q.subarray(d));
+    expect(x.byteLength).toBe((v - 1) * d * 4);
+    expect(x.unmappable).toBeUndefined();
+    expect(new Float32Array(raw.buffer.slice(raw.byteOffset + x.offset, raw.byteOffset + x.offset + x.byteLength))).toEqual(embedding.subarray(d));
+  });
+
+  maybe('a pickle that shares a dict (or nests one in itself) is refused, not walked 2^depth times', async () => {
+    const file = path.join(tmpDir(), 'shared.bin');
+    const script = `
+import sys; sys.path.insert(0, ${JSON.stringify(path.join(__dirname, 'helpers'))})
+import collections, write_torch_bin as w
+s = w.Storage('0', 'FloatStorage', 4, bytes(16))
+leaf = collections.OrderedDict(x=w.Tensor(s, 0, [4]))
+d = leaf
+for _ in range(40): d = collections.OrderedDict(a=d, b=d)
+w.write_zip(sys.argv[1], d, [s])
+loop = collections.OrderedDict(x=w.Tensor(s, 0, [4])); loop['self'] = loop
+w.write_zip(sys.argv[1] + '.loop', loop, [s])
+`;
+    const r = spawnSync('python3', ['-c', script, file], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    const t0 = Date.now();
+    await expect(indexTorchCheckpoint(file)).rejects.toThrow(/holds the dict "a\.a\.a.*" twice \(shared or cyclic\): not a state dict/);
+    await expect(indexTorchCheckpoint(`${file}.loop`)).rejects.toThrow(FileFormatError);
+    await expect(indexTorchCheckpoint(`${file}.loop`)).rejects.toThrow(/twice \(shared or cyclic\)/);
+    expect(Date.now() - t0).toBeLessThan(5000);
   });
 });

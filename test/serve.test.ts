@@ -329,6 +329,7 @@ describe('RankBatcher', () => {
     expect(() => new RankBatcher(model, { maxChoices: 0 })).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { reserveMemory: 1 as unknown as boolean })).toThrow(/reserveMemory must be a boolean/);
+    expect(() => new RankBatcher(model, { maxAdapters: 0 })).toThrow(/maxAdapters must be an integer >= 1/);
   });
 
   test('reserveMemory: nothing to reserve on the CPU backend (CUDA: test/gpu/cuda-reserve)', async () => {
@@ -339,6 +340,26 @@ describe('RankBatcher', () => {
       expect(reserve).not.toHaveBeenCalled();
       expect(batcher.stats.reservations).toEqual({ made: 0, failed: 0 });
     } finally {
+      reserve.mockRestore();
+      await batcher.close();
+    }
+  });
+
+  test('reserveMemory on a CUDA model: a reservation that fails for any reason is counted once and the requests are answered', async () => {
+    // (the CPU model plays a CUDA one whose reservation is refused: the engine's limits, not out of memory)
+    Object.defineProperty(model, 'device', { value: 'cuda', configurable: true });
+    const reserve = jest.spyOn(model, 'reserveMemory').mockRejectedValue(new InvalidArgumentError('reserveMemory: inputLength 4194304 is over 1048576'));
+    const batcher = new RankBatcher(model, { maxDelayMs: 0, maxAdapters: 3 });
+    try {
+      const expected = await model.rankClassify(['the plot was superb'], [['good', 'bad']], { adapter: [adapters[0]] });
+      for (let i = 0; i < 2; i++) {
+        expect((await batcher.classify('the plot was superb', ['good', 'bad'], { adapter: adapters[0] })).scores).toEqual(expected.scores[0]);
+      }
+      expect(reserve).toHaveBeenCalledTimes(1);
+      expect(reserve).toHaveBeenCalledWith(expect.objectContaining({ batchSize: 32, inputLength: 256, choices: 2, adapters: 3 }));
+      expect(batcher.stats.reservations).toEqual({ made: 0, failed: 1, lastError: 'reserveMemory: inputLength 4194304 is over 1048576' });
+    } finally {
+      Object.defineProperty(model, 'device', { value: 'cpu', configurable: true });
       reserve.mockRestore();
       await batcher.close();
     }

@@ -491,17 +491,29 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   const bool after_same = cache.same_as_last(key);
   cache.last = key;
   cache.has_last = true;
-  // A graph that cannot launch here (no device memory for it) goes, and the call runs eagerly.
+  // A graph that cannot launch here (no device memory for it) goes, and the call runs eagerly. The graphs left are
+  // what the device holds: the limit (lifted again once memory frees up), so that the shape is not captured again
+  // and again only to fail at launch; kMaxGraphMemoryFailures in a row turn graphs off.
   auto drop_and_run = [&](typename std::map<Key, typename GraphCache<Key>::Entry>::iterator at) {
     cudaGraphExecDestroy(at->second.exec);
     cache.graphs.erase(at);
+    if (++graph_memory_failures_ >= kMaxGraphMemoryFailures) {
+      graphs_off("off (no device memory for graphs: " + std::to_string(kMaxGraphMemoryFailures) +
+                 " in a row could not be instantiated or launched)");
+    } else {
+      set_graph_memory_limit(cached_graphs());
+    }
     enqueue();
     return Launch::Eager;
+  };
+  auto launched = [&](Launch how) {
+    graph_memory_failures_ = 0;
+    return how;
   };
   auto it = cache.graphs.find(key);
   if (it != cache.graphs.end()) {
     it->second.last_use = ++cache.clock;
-    return launch_graph(it->second.exec) ? Launch::Replay : drop_and_run(it);
+    return launch_graph(it->second.exec) ? launched(Launch::Replay) : drop_and_run(it);
   }
   if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
   const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
@@ -529,7 +541,22 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
   }
   if (cache.graphs.size() >= kMaxCachedGraphs) cache.evict_one();
   it = cache.graphs.emplace(key, typename GraphCache<Key>::Entry{exec, ++cache.clock}).first;
-  return launch_graph(exec) ? Launch::Capture : drop_and_run(it);
+  return launch_graph(exec) ? launched(Launch::Capture) : drop_and_run(it);
+}
+
+template <typename T>
+void CudaEngine<T>::graphs_off(const std::string& note) {
+  graphs_enabled_ = false;
+  graph_note_ = note;
+  destroy_graphs();  // (their memory back: nothing replays them any more)
+}
+
+template <typename T>
+void CudaEngine<T>::set_graph_memory_limit(size_t graphs) {
+  graph_memory_limit_ = std::max<size_t>(graphs, 1);  // (0 would mean no limit)
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) cudaGetLastError();
+  free_at_graph_limit_ = free_bytes;
 }
 
 template <typename T>
@@ -584,9 +611,8 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue, con
       e = cudaGraphInstantiate(&exec, graph, 0);
     }
     if (e == cudaSuccess && evicted) {
-      graph_memory_limit_ = cached_graphs() + 1;  // (this one included)
-      if (cudaMemGetInfo(&free_after, &total_bytes) != cudaSuccess) cudaGetLastError();
-      free_at_graph_limit_ = free_after;
+      set_graph_memory_limit(cached_graphs() + 1);  // (this one included)
+      free_after = free_at_graph_limit_;
       graph_bytes_seen_ = free_before > free_after ? free_before - free_after : 0;
     }
     if (e != cudaSuccess) {
@@ -602,15 +628,12 @@ cudaGraphExec_t CudaEngine<T>::capture(const std::function<void()>& enqueue, con
     // Out of memory is a state of the device, not a defect of capture here: the call runs eagerly and graphs stay
     // on, unless it keeps happening (then each capture would only cost the call its time).
     if (out_of_memory && ++graph_memory_failures_ < kMaxGraphMemoryFailures) return nullptr;
-    graphs_enabled_ = false;
-    graph_note_ = out_of_memory ? "off (no device memory for graphs: " + std::to_string(kMaxGraphMemoryFailures) +
-                                      " captures in a row failed: " + failure + ")"
-                                : "off (capture failed: " + failure + ")";
-    destroy_graphs();  // (their memory back: nothing replays them any more)
+    graphs_off(out_of_memory ? "off (no device memory for graphs: " + std::to_string(kMaxGraphMemoryFailures) +
+                                   " in a row could not be instantiated or launched: " + failure + ")"
+                             : "off (capture failed: " + failure + ")");
     return nullptr;
   }
-  graph_memory_failures_ = 0;
-  return exec;
+  return exec;  // (the failure count restarts once it launches)
 }
 
 // ---- score, merge, release

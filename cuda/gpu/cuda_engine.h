@@ -194,6 +194,10 @@ class CudaEngine final : public Engine {
   size_t cached_graphs() const { return graphs_.graphs.size() + train_graphs_.graphs.size(); }
   // Whether the device has freed room for another graph since graph_memory_limit_ was set (then the limit goes).
   bool graph_room_freed();
+  // The device holds `graphs` graphs (at least 1): new shapes beyond them run eagerly until memory frees up.
+  void set_graph_memory_limit(size_t graphs);
+  // Graphs off for this engine, `note` saying why (GraphStats.off_reason); the cached ones are destroyed.
+  void graphs_off(const std::string& note);
 
   // ---- inference (cuda_forward.cc, score_unlocked in cuda_engine.cc)
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
@@ -278,7 +282,7 @@ class CudaEngine final : public Engine {
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;
   std::string graph_note_;
-  int graph_memory_failures_ = 0;  // captures in a row whose graph found no device memory
+  int graph_memory_failures_ = 0;  // graphs in a row that found no device memory (at instantiation or first launch)
   // Once a graph found device memory only by evicting others: how many graphs the device holds (0: no limit seen).
   // Beyond it new shapes run eagerly; reserve() clears it (the memory is planned anew), and so does device memory
   // freed since (another model disposed, another process gone): graph_room_freed().

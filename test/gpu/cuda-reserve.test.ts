@@ -4,7 +4,7 @@
 //
 // The tiny checkpoint's calls fit in the arena's first 64 MiB step, so the "big" calls here are long enough
 // (fp32: [batch, heads, length, length] attention scores) to need a second one.
-import { IA3Adapter, OutOfMemoryError, RankBatcher, T5Model, Trainer } from '../../lib';
+import { IA3Adapter, OutOfMemoryError, RankBatcher, RankServer, T5Model, Trainer } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
 import { describeCuda, emulated, loadCuda } from './helpers';
@@ -224,24 +224,28 @@ describeCuda('device memory reserved for the largest calls', () => {
         expect(await scores(b)).toEqual(b === long ? expected.long : expected.small);
         expect(launch()).toBe('replay');
       }
-      // a replay whose launch finds no device memory: that graph goes, the call runs eagerly with the same scores,
-      // and the next call of its shape captures it again
+      // a replay whose launch finds no device memory (another process took it): that graph goes, the call runs
+      // eagerly with the same scores, and the graphs left are the limit until memory frees up
+      expect(testing.emulatorHoldDeviceMemory(512 * MiB)).toBe(true);
       testing.emulatorFailGraphLaunches(1);
       expect(await scores(small)).toEqual(expected.small);
-      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, captureFailures: 1, last: { launch: 'eager' } });
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, graphLimit: 1, captureFailures: 1, last: { launch: 'eager' } });
+      expect(await scores(small)).toEqual(expected.small);
+      expect(launch()).toBe('eager');
       expect(await scores(long)).toEqual(expected.long);
       expect(launch()).toBe('replay');
+      expect(testing.emulatorHoldDeviceMemory(0)).toBe(true);  // (it exits)
       expect(await scores(small)).toEqual(expected.small);
-      expect(m.graphStats()).toMatchObject({ cached: 2, last: { launch: 'capture' } });
-      // the first launch of a graph just captured fails alike
-      const other = batch(2, 10);  // a new shape (two examples)
-      const expectedOther = await scores(other);
-      expect(launch()).toBe('eager');
-      testing.emulatorFailGraphLaunches(1);
-      expect(await scores(other)).toEqual(expectedOther);
-      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 2, captureFailures: 2, last: { launch: 'eager' } });
-      expect(await scores(other)).toEqual(expectedOther);
-      expect(m.graphStats()).toMatchObject({ cached: 3, last: { launch: 'capture' } });
+      expect(m.graphStats()).toMatchObject({ cached: 2, graphLimit: 0, last: { launch: 'capture' } });
+      // three graphs in a row that cannot launch turn graphs off: two replays, then the first launch of a capture
+      testing.emulatorFailGraphLaunches(3);
+      expect(await scores(long)).toEqual(expected.long);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 1, graphLimit: 1, last: { launch: 'eager' } });
+      expect(await scores(small)).toEqual(expected.small);
+      expect(m.graphStats()).toMatchObject({ enabled: true, cached: 0, graphLimit: 1, last: { launch: 'eager' } });
+      expect(await scores(long)).toEqual(expected.long);  // (captured: room for one graph, which fails to launch)
+      expect(m.graphStats()).toMatchObject({ enabled: false, cached: 0, captureFailures: 4, last: { launch: 'eager' } });
+      expect(m.graphStats().offReason).toMatch(/no device memory for graphs: 3 in a row could not be instantiated or launched/);
     } finally {
       testing.emulatorFailGraphLaunches(0);
       testing.emulatorHoldDeviceMemory(0);
@@ -292,6 +296,26 @@ describeCuda('device memory reserved for the largest calls', () => {
       await huge.close();
       await off.close();
       await n.dispose();
+    }
+  });
+
+  test('tfew serve --warm-up with named adapters: the batcher reserves what the warm-up did, so the warmed graphs survive the first request', async () => {
+    const m = await loadCuda(fx.dir, 'fp32');
+    const named = { a: IA3Adapter.create(m.config), b: IA3Adapter.create(m.config) };
+    const server = new RankServer(m, named, { maxBatch: 4, maxInputLength: 700 });
+    try {
+      // as the CLI's --warm-up 2,3 does: the largest batch of such requests, then the graphs of single requests
+      await m.reserveMemory({ batchSize: 4, inputLength: 700, choices: 2, choiceLength: 3, adapters: 2 });
+      await m.warmUpGraphs([{ inputLength: 10, choiceLengths: [2, 3], adapter: true }]);
+      const { cached } = m.graphStats();
+      expect(cached).toBeGreaterThan(0);
+      const reserve = jest.spyOn(m, 'reserveMemory');
+      await server.batcher.classify(small.inputs[0], small.choices[0], { adapter: named.a });
+      expect(reserve).toHaveBeenLastCalledWith({ batchSize: 4, inputLength: 700, choices: 2, choiceLength: 3, adapters: 2 });
+      expect(m.graphStats()).toMatchObject({ cached, last: { launch: 'replay' } });
+    } finally {
+      await server.batcher.close();
+      await m.dispose();
     }
   });
 

@@ -83,7 +83,7 @@ def read_safetensors(path):
 def write_bin(path, tensors):
     """tensors: OrderedDict name -> (dtype, shape, bytes) or ('view', other_name)."""
     state = collections.OrderedDict()
-    storages = {}
+    storages = []
     for name, t in tensors.items():
         if t[0] == 'view':
             state[name] = Tensor(state[t[1]].storage, 0, state[t[1]].shape)
@@ -91,11 +91,16 @@ def write_bin(path, tensors):
         dtype, shape, data = t
         storage_type, size = DTYPES[dtype]
         s = Storage(str(len(storages)), storage_type, len(data) // size, data)
-        storages[s.key] = s
+        storages.append(s)
         state[name] = Tensor(s, 0, shape)
     state._metadata = collections.OrderedDict([('', {'version': 1}), ('shared', {'version': 1})])
+    write_zip(path, state, storages)
+
+
+def write_zip(path, obj, storages):
+    """torch.save's container for `obj` (dicts of Tensor), whose storages are `storages`."""
     pkl = io.BytesIO()
-    Pickler(pkl, protocol=2).dump(state)
+    Pickler(pkl, protocol=2).dump(obj)
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
         def add(name, data):
             info = zipfile.ZipInfo('archive/' + name)
@@ -108,8 +113,8 @@ def write_bin(path, tensors):
                 f.write(data)
         add('data.pkl', pkl.getvalue())
         add('byteorder', b'little')
-        for key, s in storages.items():
-            add('data/' + key, s.data)
+        for s in storages:
+            add('data/' + s.key, s.data)
         add('version', b'3\n')
 
 
