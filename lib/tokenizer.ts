@@ -5,6 +5,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { FileFormatError, InvalidArgumentError } from './errors';
+import { sentencePieceToTokenizerJson } from './spiece';
 
 export interface EncodeOptions {
   /** Append </s> (default true, as T5 tokenizers do). */
@@ -43,24 +44,48 @@ export class T5Tokenizer {
 
   /** Loads a tokenizer.json (and the tokenizer_config.json next to it, when present). */
   static fromFile(tokenizerJsonPath: string): T5Tokenizer {
-    const json = readJson(tokenizerJsonPath, true);
-    const configPath = path.join(path.dirname(tokenizerJsonPath), 'tokenizer_config.json');
-    const fileConfig = fs.existsSync(configPath) ? readJson(configPath, false) ?? {} : {};
+    return T5Tokenizer.fromJson(readJson(tokenizerJsonPath, true), tokenizerJsonPath);
+  }
+
+  /**
+   * Loads a SentencePiece model (spiece.model, as older T5 repositories ship it without a tokenizer.json), converted
+   * as transformers converts it for T5TokenizerFast (lib/spiece.ts); tokenizer_config.json next to it gives `legacy`
+   * and `extra_ids`.
+   */
+  static fromSentencePiece(spieceModelPath: string): T5Tokenizer {
+    let bytes: Buffer;
+    try {
+      bytes = fs.readFileSync(spieceModelPath);
+    } catch (e) {
+      throw new FileFormatError(`${spieceModelPath}: cannot read: ${(e as Error).message}`);
+    }
+    const config = tokenizerConfig(path.dirname(spieceModelPath)) as { legacy?: unknown; extra_ids?: unknown };
+    const json = sentencePieceToTokenizerJson(bytes, spieceModelPath, {
+      legacy: typeof config.legacy === 'boolean' ? config.legacy : undefined,
+      extraIds: typeof config.extra_ids === 'number' ? config.extra_ids : undefined,
+    });
+    return T5Tokenizer.fromJson(json, spieceModelPath);
+  }
+
+  /** DIR/tokenizer.json, else DIR/spiece.model, or undefined when the directory has neither (ids must then be given directly). */
+  static fromDir(dir: string): T5Tokenizer | undefined {
+    const file = path.join(dir, 'tokenizer.json');
+    if (fs.existsSync(file)) return T5Tokenizer.fromFile(file);
+    const spiece = path.join(dir, 'spiece.model');
+    return fs.existsSync(spiece) ? T5Tokenizer.fromSentencePiece(spiece) : undefined;
+  }
+
+  // `json`: a tokenizer.json's content, from `source` (named in errors); the tokenizer_config.json beside it applies.
+  private static fromJson(json: unknown, source: string): T5Tokenizer {
     // T5's special tokens unless the config says otherwise; word-level vocabularies need unk_token from here.
-    const config = { unk_token: '<unk>', eos_token: '</s>', pad_token: '<pad>', ...(fileConfig as object) };
+    const config = { unk_token: '<unk>', eos_token: '</s>', pad_token: '<pad>', ...tokenizerConfig(path.dirname(source)) };
     let tokenizer: Tokenizer;
     try {
       tokenizer = new Tokenizer(json as object, config as object);
     } catch (e) {
-      throw new FileFormatError(`${tokenizerJsonPath}: not a usable tokenizer.json: ${(e as Error).message}`);
+      throw new FileFormatError(`${source}: not a usable ${source.endsWith('.json') ? 'tokenizer.json' : 'tokenizer'}: ${(e as Error).message}`);
     }
-    return new T5Tokenizer(tokenizer, tokenizerJsonPath);
-  }
-
-  /** DIR/tokenizer.json, or undefined when the directory has none (ids must then be given directly). */
-  static fromDir(dir: string): T5Tokenizer | undefined {
-    const file = path.join(dir, 'tokenizer.json');
-    return fs.existsSync(file) ? T5Tokenizer.fromFile(file) : undefined;
+    return new T5Tokenizer(tokenizer, source);
   }
 
   encode(text: string, options: EncodeOptions = {}): number[] {
@@ -98,6 +123,12 @@ export class T5Tokenizer {
   idToToken(id: number): string | undefined {
     return this.tokenizer.id_to_token(id);
   }
+}
+
+// DIR/tokenizer_config.json, or {} when there is none.
+function tokenizerConfig(dir: string): object {
+  const configPath = path.join(dir, 'tokenizer_config.json');
+  return (fs.existsSync(configPath) ? readJson(configPath, false) ?? {} : {}) as object;
 }
 
 function readJson(file: string, required: boolean): unknown {

@@ -2,6 +2,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { FileFormatError, InvalidArgumentError } from '../lib/errors';
+import { sentencePieceToTokenizerJson } from '../lib/spiece';
 import { T5Tokenizer } from '../lib/tokenizer';
 import { dataFile } from './helpers/paths';
 
@@ -15,6 +16,7 @@ interface ReferenceCase { name: string; text: string; ids: number[]; add_special
 const tokenizerJson = dataFile('t5-tokenizer/tokenizer.json', 'T5 tokenizer tests');
 const goldenFile = dataFile('t5-tokenizer/golden-tokenizations.json', 'golden tokenization tests');
 const referenceFile = dataFile('t5-tokenizer/reference-tokenizations.json', 'reference tokenization tests');
+const spieceModel = dataFile('t5-tokenizer/spiece.model', 'SentencePiece conversion tests');
 const withTokenizer = tokenizerJson ? describe : describe.skip;
 
 withTokenizer('T5Tokenizer on the T5 / T0 tokenizer.json', () => {
@@ -87,13 +89,78 @@ withTokenizer('T5Tokenizer on the T5 / T0 tokenizer.json', () => {
 });
 
 describe('T5Tokenizer files', () => {
-  test('fromDir without tokenizer.json is undefined; bad JSON is a FileFormatError', () => {
+  test('fromDir without tokenizer.json or spiece.model is undefined; bad JSON is a FileFormatError', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-tok-'));
     try {
       expect(T5Tokenizer.fromDir(dir)).toBeUndefined();
       fs.writeFileSync(path.join(dir, 'tokenizer.json'), '{ nope');
       expect(() => T5Tokenizer.fromDir(dir)).toThrow(FileFormatError);
       expect(() => T5Tokenizer.fromDir(dir)).toThrow(path.join(dir, 'tokenizer.json'));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+// Model directories with spiece.model and no tokenizer.json (older T5 repositories): the SentencePiece model is
+// converted as transformers converts it for T5TokenizerFast. The oracle is the tokenizer.json transformers wrote
+// from this very spiece.model (../shared/data/t5-tokenizer), and the ids HF tokenizers gives with it.
+(spieceModel && goldenFile ? describe : describe.skip)('T5Tokenizer from spiece.model', () => {
+  const sentinels = ['Hello <extra_id_0> world', 'The <extra_id_0> walks in <extra_id_1> park', ' <extra_id_1>.', 'a<extra_id_2>b', 'x  <extra_id_3>  y', 'Hey </s> there'];
+  const dirWith = (files: Record<string, string>) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-spiece-'));
+    for (const [name, from] of Object.entries(files)) fs.copyFileSync(from, path.join(dir, name));
+    return dir;
+  };
+  const source = path.dirname(spieceModel ?? '');
+
+  test('the conversion is the tokenizer.json transformers wrote for the same spiece.model, key for key', () => {
+    const ours = sentencePieceToTokenizerJson(fs.readFileSync(spieceModel!), spieceModel!) as Record<string, unknown>;
+    const theirs = JSON.parse(fs.readFileSync(path.join(source, 'tokenizer.json'), 'utf8')) as Record<string, unknown>;
+    for (const key of Object.keys(theirs)) expect([key, ours[key]]).toEqual([key, theirs[key]]);
+  });
+
+  test('fromDir with only spiece.model: every golden text and the sentinel cases encode as with tokenizer.json', () => {
+    const dir = dirWith({ 'spiece.model': spieceModel! });
+    try {
+      const tok = T5Tokenizer.fromDir(dir)!;
+      expect(tok.file).toBe(path.join(dir, 'spiece.model'));
+      const golden = JSON.parse(fs.readFileSync(goldenFile!, 'utf8')) as Golden;
+      const mismatches = golden.texts.filter((text, i) => JSON.stringify(tok.encode(text)) !== JSON.stringify(golden.hf_tokenizers_ids[i]));
+      expect(mismatches).toEqual([]);
+      const reference = T5Tokenizer.fromFile(path.join(source, 'tokenizer.json'));
+      for (const text of sentinels) expect([text, tok.encode(text)]).toEqual([text, reference.encode(text)]);
+      expect(tok.decode(tok.encode('Hello <extra_id_0> world'), { skipSpecialTokens: false })).toBe(reference.decode(reference.encode('Hello <extra_id_0> world'), { skipSpecialTokens: false }));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('legacy: false in tokenizer_config.json gives the non-legacy tokenizer (sentinels keep their spaces)', () => {
+    const dir = dirWith({ 'spiece.model': spieceModel!, 'tokenizer_config.json': path.join(source, 'nonlegacy-variant', 'tokenizer_config.json') });
+    try {
+      const tok = T5Tokenizer.fromDir(dir)!;
+      const reference = T5Tokenizer.fromFile(path.join(source, 'nonlegacy-variant', 'tokenizer.json'));
+      const legacy = T5Tokenizer.fromFile(path.join(source, 'tokenizer.json'));
+      for (const text of sentinels) expect([text, tok.encode(text)]).toEqual([text, reference.encode(text)]);
+      expect(sentinels.some((text) => JSON.stringify(reference.encode(text)) !== JSON.stringify(legacy.encode(text)))).toBe(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a file that is not a T5 SentencePiece model is a FileFormatError naming it', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-spiece-bad-'));
+    const file = path.join(dir, 'spiece.model');
+    try {
+      fs.writeFileSync(file, Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff]));
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(FileFormatError);
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(`${file}: not a SentencePiece model`);
+      fs.writeFileSync(file, '');
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(/no pieces/);
+      // the real model with its trainer_spec's model_type set to BPE (a later field of an embedded message merges)
+      fs.writeFileSync(file, Buffer.concat([fs.readFileSync(spieceModel!), Buffer.from([0x12, 0x02, 0x18, 0x02])]));
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(/of type 2; only Unigram models/);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
