@@ -1,12 +1,14 @@
 // T5Model: the public entry point. Loads a Hugging Face T5/T0 directory onto a backend (CUDA when usable, else
 // the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
+import * as fs from 'fs';
 import * as os from 'os';
+import * as path from 'path';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
 import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -241,6 +243,8 @@ export class T5Model {
   readonly dir: string;
   readonly config: T5ModelConfig;
   readonly tokenizer: T5Tokenizer | undefined;
+  // why there is no tokenizer (the tokenize() error)
+  private noTokenizer = '';
   /** The backend actually used. */
   readonly device: 'cpu' | 'cuda';
   /** Why this backend was chosen (e.g. why CUDA was not used). */
@@ -313,7 +317,15 @@ export class T5Model {
     }
     // Everything that can fail without the weights is checked first: a failure after the native load would
     // leave the weights (device memory too) waiting for the garbage collector.
-    const tokenizer = T5Tokenizer.fromDir(dir);
+    // (an unusable spiece.model leaves the model without a tokenizer, as before it was read, and says why on use)
+    let tokenizer: T5Tokenizer | undefined;
+    let noTokenizer = `${dir} has no tokenizer.json or spiece.model`;
+    try {
+      tokenizer = T5Tokenizer.fromDir(dir);
+    } catch (e) {
+      if (!(e instanceof FileFormatError) || fs.existsSync(path.join(dir, 'tokenizer.json'))) throw e;
+      noTokenizer = `${dir} has no tokenizer.json, and its spiece.model is not usable (${e.message})`;
+    }
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
@@ -325,6 +337,7 @@ export class T5Model {
     }
     // (a copy: the caller's object may change; withMergedAdapter loads with it again)
     const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, cudaOptions && { ...cudaOptions }, probe.deviceIndex);
+    model.noTokenizer = noTokenizer;
     if (options.mergeAdapter) {
       try {
         await nm.mergeAdapter(options.mergeAdapter.data);
@@ -467,7 +480,7 @@ export class T5Model {
 
   /** Token ids of a text (eos appended), truncated to maxLength tokens with eos kept. */
   tokenize(text: string, maxLength?: number): number[] {
-    if (!this.tokenizer) throw new InvalidArgumentError(`${this.dir} has no tokenizer.json: pass token ids instead of strings`);
+    if (!this.tokenizer) throw new InvalidArgumentError(`${this.noTokenizer}: pass token ids instead of strings`);
     return this.tokenizer.encode(text, { addEos: true, maxLength });
   }
 

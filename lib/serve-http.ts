@@ -93,7 +93,7 @@ export class RankServer {
     this.maxBodyBytes = positive('maxBodyBytes', maxBodyBytes, 1 << 20);
     this.maxRequestsPerBody = positive('maxRequestsPerBody', maxRequestsPerBody, 256);
     // (a batch carries at most as many distinct adapters as the server has: the memory reserved for them)
-    this.batcher = new RankBatcher(models, { maxAdapters: Math.max(1, this.adapters.size), ...batcherOptions });
+    this.batcher = new RankBatcher(models, { ...batcherOptions, maxAdapters: batcherOptions.maxAdapters ?? Math.max(1, this.adapters.size) });
     this.server = http.createServer((req, res) => {
       this.handle(req, res).catch((e) => this.send(res, statusOf(e), errorBody(e)));
     });

@@ -10,14 +10,12 @@ import { FileFormatError } from './errors';
 const SCHEMA = `
 syntax = "proto2";
 message TrainerSpec {
-  optional int32 model_type = 3;            // UNIGRAM = 1, BPE = 2, WORD = 3, CHAR = 4
-  optional bool byte_fallback = 35;
+  optional int32 model_type = 3 [default = 1];  // UNIGRAM = 1, BPE = 2, WORD = 3, CHAR = 4
   optional int32 unk_id = 40 [default = 0];
 }
 message NormalizerSpec {
   optional string name = 1;
   optional bytes precompiled_charsmap = 2;
-  optional bool add_dummy_prefix = 3 [default = true];
 }
 message SentencePiece {
   optional string piece = 1;
@@ -35,17 +33,23 @@ let modelProto: protobuf.Type | undefined;
 
 interface DecodedModel {
   pieces: { piece: string; score: number; type: number }[];
-  trainerSpec?: { modelType?: number; byteFallback?: boolean; unkId?: number };
-  normalizerSpec?: { precompiledCharsmap?: Uint8Array; addDummyPrefix?: boolean };
+  trainerSpec?: { modelType?: number; unkId?: number };
+  normalizerSpec?: { precompiledCharsmap?: Uint8Array };
 }
 
-/** What tokenizer_config.json says that changes the conversion (T5 defaults when absent). */
+/** What tokenizer_config.json (and added_tokens.json) say that changes the conversion (T5 defaults when absent). */
 export interface SentencePieceOptions {
   /** transformers' `legacy` (default true): the Metaspace prefix on every split ("always") and sentinels that
    *  strip the spaces around them, or ("first", false) the non-legacy behaviour. */
   legacy?: boolean;
+  /** `add_prefix_space` (default true): false prepends no "▁" to the text. */
+  addPrefixSpace?: boolean;
   /** Sentinel tokens <extra_id_0> .. appended to the vocabulary (T5: 100). */
   extraIds?: number;
+  /** `additional_special_tokens`: those not in the vocabulary are added after it, in order, as special tokens. */
+  additionalSpecialTokens?: string[];
+  /** added_tokens.json's tokens by id (ids from the end of the vocabulary on, one after another). */
+  addedTokens?: Record<string, number>;
 }
 
 /** The tokenizer.json object for the SentencePiece model `bytes` (`file` names it in errors). */
@@ -62,16 +66,31 @@ export function sentencePieceToTokenizerJson(bytes: Uint8Array, file: string, op
   if (modelType !== 1) throw new FileFormatError(`${file}: a SentencePiece model of type ${modelType}; only Unigram models (T5's) are read`);
   const legacy = options.legacy ?? true;
   const extraIds = options.extraIds ?? 100;
-  if (!Number.isInteger(extraIds) || extraIds < 0 || extraIds > 10000) throw new FileFormatError(`${file}: extra_ids ${extraIds} is not a count of sentinels`);
 
   // sentinels after the pieces, highest first: <extra_id_0> is the last id (as T5's vocabulary has them)
   const vocab: [string, number][] = m.pieces.map((p) => [p.piece, p.score]);
   for (let i = extraIds - 1; i >= 0; i--) vocab.push([`<extra_id_${i}>`, 0]);
-  const special = (id: number, content: string, strip: boolean) =>
-    ({ id, content, single_word: false, lstrip: strip, rstrip: strip, normalized: false, special: true });
-  // the control and unknown pieces (<pad>, </s>, <unk>) and the sentinels are special tokens
-  const addedTokens = m.pieces.flatMap((p, id) => (p.type === 2 || p.type === 3 ? [special(id, p.piece, false)] : []));
-  for (let id = m.pieces.length; id < vocab.length; id++) addedTokens.push(special(id, vocab[id][0], legacy));
+  const token = (id: number, content: string, strip: boolean, special: boolean) =>
+    ({ id, content, single_word: false, lstrip: strip, rstrip: strip, normalized: false, special });
+  // the unknown and control pieces (<unk>, <pad>, </s>) and the sentinels are special tokens, user-defined pieces
+  // plain added tokens (matched before the model splits the text)
+  const addedTokens = m.pieces.flatMap((p, id) => (p.type === 2 || p.type === 3 ? [token(id, p.piece, false, true)]
+    : p.type === 4 ? [token(id, p.piece, false, false)] : []));
+  for (let id = m.pieces.length; id < vocab.length; id++) addedTokens.push(token(id, vocab[id][0], legacy, true));
+  // tokens transformers adds beyond the model's vocabulary: added_tokens.json's, then new additional special tokens
+  const known = new Set(vocab.map(([piece]) => piece));
+  let next = vocab.length;
+  for (const [content, id] of Object.entries(options.addedTokens ?? {}).sort((a, b) => a[1] - b[1])) {
+    if (known.has(content)) continue;
+    if (id !== next) throw new FileFormatError(`${file}: added_tokens.json gives "${content}" id ${id}, but the next free id is ${next}`);
+    addedTokens.push(token(next++, content, false, false));
+    known.add(content);
+  }
+  for (const content of options.additionalSpecialTokens ?? []) {
+    if (known.has(content)) continue;
+    addedTokens.push(token(next++, content, false, true));
+    known.add(content);
+  }
 
   const charsmap = m.normalizerSpec?.precompiledCharsmap;
   const normalizers: object[] = [
@@ -79,7 +98,7 @@ export function sentencePieceToTokenizerJson(bytes: Uint8Array, file: string, op
     { type: 'Strip', strip_left: false, strip_right: true },
     { type: 'Replace', pattern: { Regex: ' {2,}' }, content: '\u2581' },
   ];
-  const addPrefix = m.normalizerSpec?.addDummyPrefix ?? true;
+  const addPrefix = options.addPrefixSpace ?? true;
   const metaspace = (scheme: string) => ({ type: 'Metaspace', replacement: '\u2581', prepend_scheme: addPrefix ? scheme : 'never', split: true });
   const eos = vocab.findIndex(([piece]) => piece === '</s>');
   if (eos < 0) throw new FileFormatError(`${file}: the SentencePiece vocabulary has no </s>, so it is not a T5 tokenizer`);
@@ -98,6 +117,6 @@ export function sentencePieceToTokenizerJson(bytes: Uint8Array, file: string, op
       special_tokens: { '</s>': { id: '</s>', ids: [eos], tokens: ['</s>'] } },
     },
     decoder: metaspace('always'),
-    model: { type: 'Unigram', unk_id: m.trainerSpec?.unkId ?? 0, vocab, byte_fallback: m.trainerSpec?.byteFallback ?? false },
+    model: { type: 'Unigram', unk_id: m.trainerSpec?.unkId ?? 0, vocab, byte_fallback: false },
   };
 }

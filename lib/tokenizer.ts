@@ -59,10 +59,30 @@ export class T5Tokenizer {
     } catch (e) {
       throw new FileFormatError(`${spieceModelPath}: cannot read: ${(e as Error).message}`);
     }
-    const config = tokenizerConfig(path.dirname(spieceModelPath)) as { legacy?: unknown; extra_ids?: unknown };
+    const dir = path.dirname(spieceModelPath);
+    const configFile = path.join(dir, 'tokenizer_config.json');
+    const config = tokenizerConfig(dir) as Record<string, unknown>;
+    const option = <V>(key: string, ok: (v: unknown) => boolean, what: string): V | undefined => {
+      if (config[key] === undefined || config[key] === null) return undefined;
+      if (!ok(config[key])) throw new FileFormatError(`${configFile}: ${key} must be ${what}, got ${JSON.stringify(config[key])}`);
+      return config[key] as V;
+    };
+    const isBool = (v: unknown) => typeof v === 'boolean';
+    const specialTokens = option<unknown[]>('additional_special_tokens', Array.isArray, 'a list');
+    const addedFile = path.join(dir, 'added_tokens.json');
+    const added = fs.existsSync(addedFile) ? readJson(addedFile, true) : undefined;
+    if (added !== undefined && (typeof added !== 'object' || added === null || Array.isArray(added) ||
+        !Object.values(added).every((id) => Number.isInteger(id)))) {
+      throw new FileFormatError(`${addedFile}: must map tokens to integer ids`);
+    }
     const json = sentencePieceToTokenizerJson(bytes, spieceModelPath, {
-      legacy: typeof config.legacy === 'boolean' ? config.legacy : undefined,
-      extraIds: typeof config.extra_ids === 'number' ? config.extra_ids : undefined,
+      legacy: option<boolean>('legacy', isBool, 'true or false'),
+      addPrefixSpace: option<boolean>('add_prefix_space', isBool, 'true or false'),
+      extraIds: option<number>('extra_ids', (v) => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 10000, 'an integer in [0, 10000]'),
+      // (entries may be strings or AddedToken objects with a "content")
+      additionalSpecialTokens: specialTokens?.map((t) => (typeof t === 'object' && t !== null ? (t as { content?: unknown }).content : t))
+        .filter((t): t is string => typeof t === 'string'),
+      addedTokens: added as Record<string, number> | undefined,
     });
     return T5Tokenizer.fromJson(json, spieceModelPath);
   }

@@ -103,8 +103,9 @@ export interface TorchTensorRange {
 /**
  * Where every tensor of a torch.save'd zip file lies, without reading the tensors: only the zip's central directory,
  * the local headers of the storages and data.pkl are read (ZIP64 included: files past 4 GiB). Tensors that share a
- * storage (tied weights) get the same range. A tensor that is not a contiguous row-major view of its storage, or a
- * compressed storage, cannot be mapped: FileFormatError (re-save it with torch.save, or as safetensors).
+ * storage (tied weights) get the same range. A tensor that cannot be mapped (not a contiguous row-major view of its
+ * storage, outside it, or in a compressed or encrypted entry) comes with `unmappable` saying why: a caller that
+ * needs it refuses it (resolveCheckpoint), one that does not goes on.
  */
 export async function indexTorchCheckpoint(file: string): Promise<Map<string, TorchTensorRange>> {
   const head = Buffer.alloc(4);
@@ -158,13 +159,19 @@ export async function indexTorchCheckpoint(file: string): Promise<Map<string, To
     const dataStart = new Map<Storage, number>();
     const out = new Map<string, TorchTensorRange>();
     for (const [name, t] of tensorsOf(root, file)) {
-      checkView(t, name, file);
       const { storage, offset, shape, stride } = t;
+      let bad: string | undefined;
+      try {
+        checkView(t, name, file);
+      } catch (e) {
+        bad = (e as Error).message.replace(`${file}: `, '');
+      }
       const numel = shape.reduce((a, b) => a * b, 1);
       const entry = storageEntries.get(storage) as yauzl.Entry;
       // (a tensor that cannot be mapped fails the load only if the model needs it: resolveCheckpoint)
       const rowMajor = shape.every((dim, d) => dim === 1 || stride[d] === shape.slice(d + 1).reduce((a, b) => a * b, 1));
-      const unmappable = !rowMajor
+      const unmappable = bad ? bad
+        : !rowMajor
         ? `a strided view of its storage (strides [${stride.join(', ')}] for shape [${shape.join(', ')}]): save a contiguous copy`
         : entry.isEncrypted() ? `its storage ${entry.fileName} is encrypted`
         : entry.compressionMethod !== 0 ? `its storage ${entry.fileName} is compressed (zip method ${entry.compressionMethod}; torch.save stores storages uncompressed)`
@@ -277,20 +284,24 @@ function describe(v: unknown): string {
 }
 
 // Every tensor under `node` with its name: nested dicts flattened with '.'-joined keys. Plain numbers, strings and
-// lists (epochs, hyper-parameters...) are not tensors and are skipped. A dict met twice (the pickle's memo can make
-// a cycle, or a chain of shared dicts that would be walked 2^depth times) or nested absurdly deep is refused.
+// lists (epochs, hyper-parameters...) are not tensors and are skipped. The pickle's memo can make a dict contain
+// itself, or a chain of shared dicts that would be walked 2^depth times: a cycle, more than 64 levels or more than
+// a million entries walked are refused.
 function tensorsOf(root: unknown, file: string): [string, RebuiltTensor][] {
   const out: [string, RebuiltTensor][] = [];
-  const seen = new Set<Map<unknown, unknown>>();
-  const walk = (node: unknown, prefix: string, depth: number) => {
+  const onPath = new Set<Map<unknown, unknown>>();
+  let walked = 0;
+  const walk = (node: unknown, prefix: string) => {
+    if (++walked > 1_000_000) throw new FileFormatError(`${file}: data.pkl has more than a million entries (shared dicts?): not a state dict`);
     if (node instanceof RebuiltTensor) out.push([prefix, node]);
     if (!(node instanceof Map)) return;
-    if (seen.has(node)) throw new FileFormatError(`${file}: data.pkl holds the dict "${prefix}" twice (shared or cyclic): not a state dict`);
-    if (depth > 64) throw new FileFormatError(`${file}: data.pkl nests dicts more than 64 deep: not a state dict`);
-    seen.add(node);
-    for (const [k, v] of node) walk(v, prefix ? `${prefix}.${String(k)}` : String(k), depth + 1);
+    if (onPath.has(node)) throw new FileFormatError(`${file}: the dict "${prefix}" in data.pkl contains itself: not a state dict`);
+    if (onPath.size >= 64) throw new FileFormatError(`${file}: data.pkl nests dicts more than 64 deep: not a state dict`);
+    onPath.add(node);
+    for (const [k, v] of node) walk(v, prefix ? `${prefix}.${String(k)}` : String(k));
+    onPath.delete(node);
   };
-  walk(root, '', 0);
+  walk(root, '');
   return out;
 }
 

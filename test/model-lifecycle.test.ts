@@ -320,3 +320,29 @@ describe('misuse from plain JavaScript gives typed errors', () => {
     }
   });
 });
+
+describe('a model directory without a usable tokenizer', () => {
+  test('no tokenizer.json and an unusable spiece.model (a Git LFS pointer): the model loads, text is refused with the reason', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-no-tokenizer-'));
+    try {
+      for (const f of ['config.json', 'model.safetensors']) fs.copyFileSync(path.join(fx.dir, f), path.join(dir, f));
+      const load = () => T5Model.load(dir, { device: 'cpu', threads: 1 });
+      let m = await load();
+      expect(m.tokenizer).toBeUndefined();
+      expect(() => m.tokenize('hello')).toThrow(`${dir} has no tokenizer.json or spiece.model: pass token ids instead of strings`);
+      await m.dispose();
+      fs.writeFileSync(path.join(dir, 'spiece.model'), 'version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 791656\n');
+      m = await load();
+      try {
+        expect(m.tokenizer).toBeUndefined();
+        expect(() => m.tokenize('hello')).toThrow(InvalidArgumentError);
+        expect(() => m.tokenize('hello')).toThrow(/has no tokenizer\.json, and its spiece\.model is not usable \(.*spiece\.model: not a SentencePiece model/);
+        expect((await m.rankClassify([[5, 1]], [[[6, 1], [7, 1]]])).scores[0]).toHaveLength(2);  // (ids work)
+      } finally {
+        await m.dispose();
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -149,6 +149,40 @@ describe('T5Tokenizer files', () => {
     }
   });
 
+  test('user-defined pieces, added_tokens.json and additional_special_tokens become added tokens, as transformers adds them', () => {
+    // the real model with a user-defined piece appended (a repeated field may come after the others): id 32000
+    const piece = (text: string, type: number) => {
+      const t = Buffer.from(text);
+      const body = Buffer.concat([Buffer.from([0x0a, t.length]), t, Buffer.from([0x15, 0, 0, 0, 0, 0x18, type])]);
+      return Buffer.concat([Buffer.from([0x0a, body.length]), body]);
+    };
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-spiece-added-'));
+    try {
+      fs.writeFileSync(path.join(dir, 'spiece.model'), Buffer.concat([fs.readFileSync(spieceModel!), piece('<sep>', 4)]));
+      fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({ additional_special_tokens: ['<extra_id_0>', { content: '<ctx>' }] }));
+      fs.writeFileSync(path.join(dir, 'added_tokens.json'), JSON.stringify({ '<q>': 32101 }));
+      const tok = T5Tokenizer.fromDir(dir)!;
+      expect([tok.tokenToId('<sep>'), tok.tokenToId('<extra_id_0>'), tok.tokenToId('<q>'), tok.tokenToId('<ctx>')]).toEqual([32000, 32100, 32101, 32102]);
+      const ids = tok.encode('question <sep> answer <q> and <ctx>');
+      for (const id of [32000, 32101, 32102]) expect(ids.filter((x) => x === id)).toHaveLength(1);
+      expect(tok.decode(ids)).not.toContain('<ctx>');  // (special: skipped)
+      expect(tok.decode(ids)).toContain('<sep>');      // (user-defined and added: kept)
+      fs.writeFileSync(path.join(dir, 'added_tokens.json'), JSON.stringify({ '<q>': 32200 }));
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(/added_tokens.json gives "<q>" id 32200, but the next free id is 32101/);
+      fs.rmSync(path.join(dir, 'added_tokens.json'));
+      fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({ extra_ids: '100' }));
+      expect(() => T5Tokenizer.fromDir(dir)).toThrow(`${path.join(dir, 'tokenizer_config.json')}: extra_ids must be an integer in [0, 10000], got "100"`);
+      // a trainer_spec without model_type (proto2's default: Unigram) converts like the real one
+      fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), '{}');
+      const bare = Buffer.concat([piece('<pad>', 3), piece('</s>', 3), piece('<unk>', 2), piece('\u2581', 1), piece('a', 1), Buffer.from([0x12, 0x03, 0xc0, 0x02, 0x02])]);  // trainer_spec { unk_id: 2 }
+      fs.writeFileSync(path.join(dir, 'spiece.model'), bare);
+      const tiny = T5Tokenizer.fromDir(dir)!;
+      expect(tiny.encode('a')).toEqual([3, 4, 1]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('a file that is not a T5 SentencePiece model is a FileFormatError naming it', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-spiece-bad-'));
     const file = path.join(dir, 'spiece.model');

@@ -53,7 +53,7 @@ namespace gpu {
 
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends on Hopper
 constexpr size_t kMaxCachedGraphs = 64;  // per kind (inference, training); the least recently used goes first
-constexpr int kMaxGraphMemoryFailures = 3;  // captures in a row that find no device memory before graphs go off
+constexpr int kMaxGraphMemoryFailures = 3;  // graphs in a row that find no device memory (instantiated or launched): off
 constexpr size_t kMaxSeenKeys = 4096;    // keys remembered for "capture on the second call" (then forgotten)
 const kernels::DropoutSite kNoDropout{};
 

@@ -24,7 +24,7 @@ export interface ScoringModel {
 }
 
 export function requireTokenizer(model: { tokenizer?: PromptTokenizer }): PromptTokenizer {
-  if (!model.tokenizer) throw new InvalidArgumentError('the model directory has no tokenizer.json; the pipeline needs one to render prompts');
+  if (!model.tokenizer) throw new InvalidArgumentError('the model directory has no usable tokenizer (tokenizer.json or spiece.model); the pipeline needs one to render prompts');
   return model.tokenizer;
 }
 
