@@ -30,95 +30,100 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
                        const int32_t* kv_of, const int32_t* key_len, const float* bias, float dropout_rate,
                        uint64_t seed, uint64_t site, float* probs, float* out) {
   const int inner = s.heads * s.d_kv;
+  const int64_t q_len = s.q_len, k_len = s.k_len;
+  // One job per (sequence, head); a head's q, k, v and output are its d_kv columns of the [tokens, inner] matrices.
   pool.parallel_for(static_cast<int64_t>(s.batch) * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_drop(s.k_len);
+    std::vector<float> dropped(dropout_rate > 0.f ? q_len * k_len : 0);
     for (int64_t job = begin; job < end; ++job) {
       int seq = static_cast<int>(job / s.heads), h = static_cast<int>(job % s.heads);
       int kv = kv_of ? kv_of[seq] : seq;
-      const float* kb = k + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
-      const float* vb = v + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
+      const float* qh = q + static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv;
+      const float* kh = k + static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
+      const float* vh = v + static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
+      float* p = probs + (static_cast<int64_t>(seq) * s.heads + h) * q_len * k_len;
+      // scores = q k^T over every key (the masked ones get probability 0 below)
+      matmul_xwt(qh, inner, kh, inner, p, k_len, q_len, s.d_kv, static_cast<int>(k_len));
       for (int i = 0; i < s.q_len; ++i) {
-        const float* qi = q + (static_cast<int64_t>(seq) * s.q_len + i) * inner + h * s.d_kv;
-        float* p = probs + ((static_cast<int64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
+        float* pi = p + i * k_len;
         int64_t nk = keys_visible(s, key_len[seq], i);
+        // + bias, softmax over the visible keys
         float mx = -INFINITY;
         for (int64_t j = 0; j < nk; ++j) {
-          float acc = dot(qi, kb + j * inner, s.d_kv);
-          if (bias) acc += bias[(static_cast<int64_t>(h) * s.q_len + i) * s.k_len + j];
-          p[j] = acc;
-          mx = std::max(mx, acc);
+          if (bias) pi[j] += bias[(static_cast<int64_t>(h) * s.q_len + i) * s.k_len + j];
+          mx = std::max(mx, pi[j]);
         }
         double sum = 0;
         for (int64_t j = 0; j < nk; ++j) {
-          p[j] = std::exp(p[j] - mx);
-          sum += p[j];
+          pi[j] = std::exp(pi[j] - mx);
+          sum += pi[j];
         }
         float inv = static_cast<float>(1.0 / sum);
-        for (int64_t j = 0; j < nk; ++j) p[j] *= inv;
-        for (int64_t j = nk; j < s.k_len; ++j) p[j] = 0.f;  // masked keys: probability exactly 0
-        // dropout on the probabilities (training only)
-        uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
-        for (int64_t j = 0; j < nk; ++j)
-          p_drop[j] = dropout_rate > 0.f ? (dropout_keep(seed, site, row_index + j, dropout_rate) ? p[j] / (1.f - dropout_rate) : 0.f) : p[j];
-        float* oi = out + (static_cast<int64_t>(seq) * s.q_len + i) * inner + h * s.d_kv;
-        for (int d = 0; d < s.d_kv; ++d) oi[d] = 0.f;
-        for (int64_t j = 0; j < nk; ++j) {
-          float pj = p_drop[j];
-          if (pj == 0.f) continue;
-          const float* vj = vb + j * inner;
-          for (int d = 0; d < s.d_kv; ++d) oi[d] += pj * vj[d];
+        for (int64_t j = 0; j < nk; ++j) pi[j] *= inv;
+        for (int64_t j = nk; j < s.k_len; ++j) pi[j] = 0.f;  // masked keys: probability exactly 0
+        // dropout on the probabilities (training only); probs keeps them before dropout for the backward
+        if (dropout_rate > 0.f) {
+          uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
+          for (int64_t j = 0; j < k_len; ++j)
+            dropped[i * k_len + j] = j < nk && dropout_keep(seed, site, row_index + j, dropout_rate) ? pi[j] / (1.f - dropout_rate) : 0.f;
         }
       }
+      // out = P' v
+      matmul_ab(dropout_rate > 0.f ? dropped.data() : p, k_len, vh, inner, out + static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv,
+                inner, q_len, static_cast<int>(k_len), s.d_kv, /*accumulate=*/false);
     }
   });
+}
+
+// m [rows, cols] transposed into t [cols, rows].
+static void transpose(const float* m, int64_t rows, int64_t cols, float* t) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
 }
 
 void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* q, const float* k, const float* v,
                         const int32_t* kv_of, const int32_t* key_len, const float* probs, float dropout_rate,
                         uint64_t seed, uint64_t site, const float* dout, float* dq, float* dk, float* dv) {
   const int inner = s.heads * s.d_kv;
+  const int64_t q_len = s.q_len, k_len = s.k_len;
   // One job per head: heads own disjoint columns of dq/dk/dv, so sequences that share a K/V accumulate
   // into it without races and in a fixed order.
   pool.parallel_for(s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dp(s.k_len);
+    std::vector<float> dropped(q_len * k_len), dp(q_len * k_len), transposed(q_len * k_len);
     for (int64_t h = begin; h < end; ++h) {
       for (int seq = 0; seq < s.batch; ++seq) {
         int kv = kv_of ? kv_of[seq] : seq;
-        const float* kb = k + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
-        const float* vb = v + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
-        float* dkb = dk + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
-        float* dvb = dv + static_cast<int64_t>(kv) * s.k_len * inner + h * s.d_kv;
+        const int64_t qo = static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv, ko = static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
+        const float* p = probs + (static_cast<int64_t>(seq) * s.heads + h) * q_len * k_len;
+        // P' = dropout(P) as the forward used it, and the keep scale of each element
         for (int i = 0; i < s.q_len; ++i) {
-          const float* qi = q + (static_cast<int64_t>(seq) * s.q_len + i) * inner + h * s.d_kv;
-          const float* doi = dout + (static_cast<int64_t>(seq) * s.q_len + i) * inner + h * s.d_kv;
-          float* dqi = dq + (static_cast<int64_t>(seq) * s.q_len + i) * inner + h * s.d_kv;
-          const float* p = probs + ((static_cast<int64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
-          int64_t nk = keys_visible(s, key_len[seq], i);
           uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
-          double pdp = 0;
-          for (int64_t j = 0; j < nk; ++j) {
+          for (int64_t j = 0; j < k_len; ++j) {
             float scale = 1.f;
             if (dropout_rate > 0.f)
               scale = dropout_keep(seed, site, row_index + j, dropout_rate) ? 1.f / (1.f - dropout_rate) : 0.f;
-            const float* vj = vb + j * inner;
-            float* dvj = dvb + j * inner;
-            float pd = p[j] * scale;  // the dropped-out probability used in the forward
-            for (int d = 0; d < s.d_kv; ++d) dvj[d] += pd * doi[d];
-            dp[j] = dot(doi, vj, s.d_kv) * scale;
-            pdp += static_cast<double>(p[j]) * dp[j];
-          }
-          for (int d = 0; d < s.d_kv; ++d) dqi[d] = 0.f;
-          for (int64_t j = 0; j < nk; ++j) {
-            float ds = p[j] * (dp[j] - static_cast<float>(pdp));
-            if (ds == 0.f) continue;
-            const float* kj = kb + j * inner;
-            float* dkj = dkb + j * inner;
-            for (int d = 0; d < s.d_kv; ++d) {
-              dqi[d] += ds * kj[d];
-              dkj[d] += ds * qi[d];
-            }
+            dropped[i * k_len + j] = p[i * k_len + j] * scale;
+            transposed[i * k_len + j] = scale;  // (for now: the scales)
           }
         }
+        // dP' = dO v^T; dv += P'^T dO
+        matmul_xwt(dout + qo, inner, v + ko, inner, dp.data(), k_len, q_len, s.d_kv, static_cast<int>(k_len));
+        for (int64_t e = 0; e < q_len * k_len; ++e) dp[e] *= transposed[e];  // dP = dP' * scale (through dropout)
+        transpose(dropped.data(), q_len, k_len, transposed.data());
+        matmul_ab(transposed.data(), q_len, dout + qo, inner, dv + ko, inner, k_len, static_cast<int>(q_len), s.d_kv, true);
+        // dS = P (dP - sum_j P dP) over the visible keys (dropped: reused for dS)
+        float* ds = dropped.data();
+        for (int i = 0; i < s.q_len; ++i) {
+          const float* pi = p + i * k_len;
+          float* dpi = dp.data() + i * k_len;
+          int64_t nk = keys_visible(s, key_len[seq], i);
+          double pdp = 0;
+          for (int64_t j = 0; j < nk; ++j) pdp += static_cast<double>(pi[j]) * dpi[j];
+          for (int64_t j = 0; j < k_len; ++j) ds[i * k_len + j] = j < nk ? pi[j] * (dpi[j] - static_cast<float>(pdp)) : 0.f;
+        }
+        // dq = dS k; dk += dS^T q
+        matmul_ab(ds, k_len, k + ko, inner, dq + qo, inner, q_len, static_cast<int>(k_len), s.d_kv, false);
+        transpose(ds, q_len, k_len, transposed.data());
+        matmul_ab(transposed.data(), q_len, q + qo, inner, dk + ko, inner, k_len, static_cast<int>(q_len), s.d_kv, true);
       }
     }
   });

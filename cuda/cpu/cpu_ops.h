@@ -33,6 +33,15 @@ void linear_forward(ThreadPool& pool, const float* x, const float* w, float* y, 
 void linear_backward_input(ThreadPool& pool, const float* dy, const float* w, float* dx, int64_t n, int in, int out,
                            bool accumulate);
 
+// Single-thread products, for callers that share the work out themselves (the attention: a job per sequence and
+// head), on row-major matrices with row strides (ld*: one head's columns of a [tokens, heads x d_kv] matrix):
+// y[r, o] = sum_k x[r, k] w[o, k]            (x W^T: r < n, o < out, k < in)
+void matmul_xwt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t n, int in,
+                int out);
+// y[r, o] (+)= sum_k a[r, k] b[k, o]         (A B: r < n, k < inner, o < out; accumulate=false overwrites y)
+void matmul_ab(const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy, int64_t n, int inner,
+               int out, bool accumulate);
+
 // ---- rmsnorm.cc: y = w * x / sqrt(mean(x^2) + eps) (T5 LayerNorm: no mean, no bias) ----
 void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int64_t n, int d, float eps);
 // dx (+)= d/dx given dy; the weight is frozen.

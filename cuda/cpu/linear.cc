@@ -21,16 +21,22 @@ typedef float v8 __attribute__((vector_size(32)));
 
 #define TFEW_INLINE inline __attribute__((always_inline))
 
+// Row strides of the three matrices of a product (row-major): the left operand (x, or dy), W, the result (y, or dx).
+// The layers' products are dense (linear_*); the attention's read one head's columns out of [tokens, heads x d_kv].
+struct Lds {
+  int64_t left, w, result;
+};
+
 // y[r, o0 .. o0 + ncols) for the MR rows from r0 (nr of them valid): outer products of each x row's element k with
 // the packed panel's row k (2 vectors V of W outputs; `packed` is [in][2W], zero beyond the panel's outputs). The
 // 2 MR accumulators stay in registers for the whole walk over k: 2 vector loads and MR broadcasts per 2 MR
 // multiply-adds. Vector values stay inside this body, so inlining it into a wider-ISA caller is ABI-neutral.
 template <typename V, int W, int MR>
 TFEW_INLINE void forward_tile(const float* x, const float* packed, float* y, int64_t r0, int nr, int o0, int ncols,
-                              int in, int out) {
+                              int in, const Lds& ld) {
   V acc[MR][2] = {};
   const float* xr[MR];
-  for (int a = 0; a < MR; ++a) xr[a] = x + (r0 + std::min(a, nr - 1)) * in;
+  for (int a = 0; a < MR; ++a) xr[a] = x + (r0 + std::min(a, nr - 1)) * ld.left;
   for (int k = 0; k < in; ++k) {
     V b0, b1;
     std::memcpy(&b0, packed + k * 2 * W, sizeof(V));
@@ -45,7 +51,7 @@ TFEW_INLINE void forward_tile(const float* x, const float* packed, float* y, int
     float lanes[2 * W];
     std::memcpy(lanes, &acc[a][0], sizeof(V));
     std::memcpy(lanes + W, &acc[a][1], sizeof(V));
-    std::memcpy(y + (r0 + a) * out + o0, lanes, sizeof(float) * ncols);
+    std::memcpy(y + (r0 + a) * ld.result + o0, lanes, sizeof(float) * ncols);
   }
 }
 
@@ -54,45 +60,49 @@ TFEW_INLINE void forward_tile(const float* x, const float* packed, float* y, int
 // consecutively; the copy is paid once for all the job's rows.
 template <typename V, int W, int MR>
 TFEW_INLINE void forward_job(const float* x, const float* w, float* y, int in, int out, int64_t r_begin, int64_t r_end,
-                             int o_begin, float* packed) {
+                             int o_begin, float* packed, const Lds& ld) {
   constexpr int kCols = 64, kSub = 2 * W;
   const int nout = std::min(kCols, out - o_begin);
   for (int sub = 0; sub * kSub < nout; ++sub)
     for (int k = 0; k < in; ++k)
       for (int j = 0; j < kSub; ++j) {
         const int o = sub * kSub + j;
-        packed[(static_cast<int64_t>(sub) * in + k) * kSub + j] = o < nout ? w[static_cast<int64_t>(o_begin + o) * in + k] : 0.f;
+        packed[(static_cast<int64_t>(sub) * in + k) * kSub + j] = o < nout ? w[(o_begin + o) * ld.w + k] : 0.f;
       }
   for (int64_t r0 = r_begin; r0 < r_end; r0 += MR) {
     const int nr = static_cast<int>(std::min<int64_t>(MR, r_end - r0));
     for (int sub = 0; sub * kSub < nout; ++sub)
       forward_tile<V, W, MR>(x, packed + static_cast<int64_t>(sub) * in * kSub, y, r0, nr, o_begin + sub * kSub,
-                             std::min(kSub, nout - sub * kSub), in, out);
+                             std::min(kSub, nout - sub * kSub), in, ld);
   }
 }
 
 // dx[r, i] for r in [r0, r0 + nr), i in [i0, i0 + ni): the sum over outputs o in [o0, o1) of dy[r, o] W[o, i]. A
-// full tile (4 rows x 2 vectors of columns) keeps its 8 accumulators in registers while it walks down W's rows (each
-// contributes 2 vector loads and 4 broadcasts of dy for 8 multiply-adds); edges take the scalar loop.
+// tile of 2 vectors of columns keeps its 8 accumulators (4 rows) in registers while it walks down W's rows (each
+// contributes 2 vector loads and 4 broadcasts of dy for 8 multiply-adds); fewer rows repeat the last one (so that a
+// row's sums do not depend on how many rows share its tile: padding changes nothing), narrower edges take the
+// scalar loop.
 template <typename V, int W>
-TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64_t r0, int nr, int i0, int ni, int in,
-                               int out, int o0, int o1, bool accumulate) {
-  if (nr == 4 && ni == 2 * W) {
+TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64_t r0, int nr, int i0, int ni, int o0,
+                               int o1, bool accumulate, const Lds& ld) {
+  if (ni == 2 * W) {
     V acc[4][2] = {};
+    const float* dyr[4];
+    for (int a = 0; a < 4; ++a) dyr[a] = dy + (r0 + std::min(a, nr - 1)) * ld.left;
     for (int o = o0; o < o1; ++o) {
-      const float* wr = w + static_cast<int64_t>(o) * in + i0;
+      const float* wr = w + o * ld.w + i0;
       V w0, w1;
       std::memcpy(&w0, wr, sizeof(V));
       std::memcpy(&w1, wr + W, sizeof(V));
       for (int a = 0; a < 4; ++a) {
-        const float g = dy[(r0 + a) * out + o];
+        const float g = dyr[a][o];
         acc[a][0] += g * w0;
         acc[a][1] += g * w1;
       }
     }
-    for (int a = 0; a < 4; ++a)
+    for (int a = 0; a < nr; ++a)
       for (int c = 0; c < 2; ++c) {
-        float* d = dx + (r0 + a) * in + i0 + c * W;
+        float* d = dx + (r0 + a) * ld.result + i0 + c * W;
         if (accumulate) {
           V prior;
           std::memcpy(&prior, d, sizeof(V));
@@ -105,8 +115,8 @@ TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64
   for (int a = 0; a < nr; ++a)
     for (int i = i0; i < i0 + ni; ++i) {
       float s = 0.f;
-      for (int o = o0; o < o1; ++o) s += dy[(r0 + a) * out + o] * w[static_cast<int64_t>(o) * in + i];
-      float* d = dx + (r0 + a) * in + i;
+      for (int o = o0; o < o1; ++o) s += dy[(r0 + a) * ld.left + o] * w[o * ld.w + i];
+      float* d = dx + (r0 + a) * ld.result + i;
       *d = accumulate ? *d + s : s;
     }
 }
@@ -116,7 +126,7 @@ TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64
 // (the head's 32,128) then reads W from memory once per 64 rows, not once per 4.
 template <typename V, int W>
 TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_t n, int in, int out, bool accumulate,
-                              int64_t job, int64_t row_blocks) {
+                              int64_t job, int64_t row_blocks, const Lds& ld) {
   constexpr int kRows = 64, kCols = 64, kChunk = 1024;
   int64_t rb = job % row_blocks, cb = job / row_blocks;
   int64_t r_end = std::min<int64_t>(n, (rb + 1) * kRows);
@@ -126,7 +136,7 @@ TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_
     for (int64_t r0 = rb * kRows; r0 < r_end; r0 += 4) {
       const int nr = static_cast<int>(std::min<int64_t>(4, r_end - r0));
       for (int i = static_cast<int>(cb * kCols); i < c_end; i += 2 * W)
-        backward_tile<V, W>(dy, w, dx, r0, nr, i, std::min(2 * W, c_end - i), in, out, o0, o1, accumulate || o0 > 0);
+        backward_tile<V, W>(dy, w, dx, r0, nr, i, std::min(2 * W, c_end - i), o0, o1, accumulate || o0 > 0, ld);
     }
   }
 }
@@ -147,28 +157,30 @@ static float* packed_panel(int in) {
 }
 
 static void forward_jobs_baseline(const float* x, const float* w, float* y, int in, int out, int64_t begin,
-                                  int64_t end, const ForwardJobs& jobs) {
+                                  int64_t end, const ForwardJobs& jobs, const Lds& ld) {
   float* packed = packed_panel(in);
   for (int64_t job = begin; job < end; ++job)
-    forward_job<v4, 4, 4>(x, w, y, in, out, jobs.r_begin(job), jobs.r_end(job), jobs.o_begin(job), packed);
+    forward_job<v4, 4, 4>(x, w, y, in, out, jobs.r_begin(job), jobs.r_end(job), jobs.o_begin(job), packed, ld);
 }
 static void backward_jobs_baseline(const float* dy, const float* w, float* dx, int64_t n, int in, int out,
-                                   bool accumulate, int64_t begin, int64_t end, int64_t row_blocks) {
-  for (int64_t job = begin; job < end; ++job) backward_job<v4, 4>(dy, w, dx, n, in, out, accumulate, job, row_blocks);
+                                   bool accumulate, int64_t begin, int64_t end, int64_t row_blocks, const Lds& ld) {
+  for (int64_t job = begin; job < end; ++job) backward_job<v4, 4>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx2,fma"))) static void forward_jobs_avx2(const float* x, const float* w, float* y, int in,
                                                                    int out, int64_t begin, int64_t end,
-                                                                   const ForwardJobs& jobs) {
+                                                                   const ForwardJobs& jobs, const Lds& ld) {
   float* packed = packed_panel(in);
   for (int64_t job = begin; job < end; ++job)
-    forward_job<v8, 8, 6>(x, w, y, in, out, jobs.r_begin(job), jobs.r_end(job), jobs.o_begin(job), packed);
+    forward_job<v8, 8, 6>(x, w, y, in, out, jobs.r_begin(job), jobs.r_end(job), jobs.o_begin(job), packed, ld);
 }
 __attribute__((target("avx2,fma"))) static void backward_jobs_avx2(const float* dy, const float* w, float* dx,
                                                                    int64_t n, int in, int out, bool accumulate,
-                                                                   int64_t begin, int64_t end, int64_t row_blocks) {
-  for (int64_t job = begin; job < end; ++job) backward_job<v8, 8>(dy, w, dx, n, in, out, accumulate, job, row_blocks);
+                                                                   int64_t begin, int64_t end, int64_t row_blocks,
+                                                                   const Lds& ld) {
+  for (int64_t job = begin; job < end; ++job)
+    backward_job<v8, 8>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
 }
 static bool use_avx2() {
   static const bool yes = [] {
@@ -182,12 +194,12 @@ static bool use_avx2() {
 #else
 static bool use_avx2() { return false; }
 static void forward_jobs_avx2(const float* x, const float* w, float* y, int in, int out, int64_t begin, int64_t end,
-                              const ForwardJobs& jobs) {
-  forward_jobs_baseline(x, w, y, in, out, begin, end, jobs);
+                              const ForwardJobs& jobs, const Lds& ld) {
+  forward_jobs_baseline(x, w, y, in, out, begin, end, jobs, ld);
 }
 static void backward_jobs_avx2(const float* dy, const float* w, float* dx, int64_t n, int in, int out,
-                               bool accumulate, int64_t begin, int64_t end, int64_t row_blocks) {
-  backward_jobs_baseline(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks);
+                               bool accumulate, int64_t begin, int64_t end, int64_t row_blocks, const Lds& ld) {
+  backward_jobs_baseline(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks, ld);
 }
 #endif
 
@@ -201,10 +213,11 @@ void linear_forward(ThreadPool& pool, const float* x, const float* w, float* y, 
   int64_t rows_per_job = std::min<int64_t>(192, (n * col_blocks + wanted_jobs - 1) / wanted_jobs);
   rows_per_job = std::max<int64_t>(12, (rows_per_job + 11) / 12 * 12);  // (whole tiles of 4 or 6 rows)
   const ForwardJobs jobs{n, rows_per_job, (n + rows_per_job - 1) / rows_per_job};
+  const Lds ld{in, in, out};
   const bool avx2 = use_avx2();
   pool.parallel_for(jobs.row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    if (avx2) forward_jobs_avx2(x, w, y, in, out, begin, end, jobs);
-    else forward_jobs_baseline(x, w, y, in, out, begin, end, jobs);
+    if (avx2) forward_jobs_avx2(x, w, y, in, out, begin, end, jobs, ld);
+    else forward_jobs_baseline(x, w, y, in, out, begin, end, jobs, ld);
   });
 }
 
@@ -212,11 +225,30 @@ void linear_backward_input(ThreadPool& pool, const float* dy, const float* w, fl
                            bool accumulate) {
   // Jobs are 64 rows x 64 columns of dx (each walks a 64-column panel of W down its rows, in chunks).
   const int64_t row_blocks = (n + 63) / 64, col_blocks = (in + 63) / 64;
+  const Lds ld{out, in, in};
   const bool avx2 = use_avx2();
   pool.parallel_for(row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    if (avx2) backward_jobs_avx2(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks);
-    else backward_jobs_baseline(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks);
+    if (avx2) backward_jobs_avx2(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks, ld);
+    else backward_jobs_baseline(dy, w, dx, n, in, out, accumulate, begin, end, row_blocks, ld);
   });
+}
+
+void matmul_xwt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t n, int in,
+                int out) {
+  const ForwardJobs jobs{n, n, 1};  // (one job per 64-output panel, all rows)
+  const int64_t col_blocks = (out + 63) / 64;
+  const Lds ld{ldx, ldw, ldy};
+  if (use_avx2()) forward_jobs_avx2(x, w, y, in, out, 0, col_blocks, jobs, ld);
+  else forward_jobs_baseline(x, w, y, in, out, 0, col_blocks, jobs, ld);
+}
+
+void matmul_ab(const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy, int64_t n, int inner,
+               int out, bool accumulate) {
+  // (the input gradient's kernels: dx = dy W with dy = a [n, inner], W = b [inner, out], dx = y [n, out])
+  const int64_t row_blocks = (n + 63) / 64, col_blocks = (out + 63) / 64;
+  const Lds ld{lda, ldb, ldy};
+  if (use_avx2()) backward_jobs_avx2(a, b, y, n, out, inner, accumulate, 0, row_blocks * col_blocks, row_blocks, ld);
+  else backward_jobs_baseline(a, b, y, n, out, inner, accumulate, 0, row_blocks * col_blocks, row_blocks, ld);
 }
 
 }  // namespace cpu
