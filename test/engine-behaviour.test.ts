@@ -190,7 +190,8 @@ describe('lifecycle and the event loop', () => {
     try {
       buildTinyT5(dir, { words: ['alpha', 'beta'], dModel: 128, dFf: 256, numLayers: 2, numHeads: 4, dKv: 32, seed: 3 });
       const model = await T5Model.load(dir, { device: 'cpu', threads: 1 });
-      const long = Array.from({ length: 4 }, (_, i) => Array.from({ length: 64 }, (_, t) => 3 + ((i + t) % 2)).concat([1]));
+      // (long enough to take well over 20 ms on a fast CPU: 16 examples of 256 tokens)
+      const long = Array.from({ length: 16 }, (_, i) => Array.from({ length: 256 }, (_, t) => 3 + ((i + t) % 2)).concat([1]));
       const choices = long.map(() => [[3, 1], [4, 1]]);
       let ticks = 0;
       const timer = setInterval(() => ticks++, 1);

@@ -89,14 +89,15 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
                         uint64_t seed, uint64_t site, const float* dout, float* dq, float* dk, float* dv);
 
 // ---- ffn.cc: hidden = act(x W_i0^T) [* (x W_i1^T)] * l_ff, then wo. ----
-// gelu_new (tanh form) for gated-gelu, relu otherwise. h0/h1: pre-activation projections saved for backward;
+// gelu_new (HF's tanh form, computed as x sigmoid(2u)) for gated-gelu, relu otherwise. h0/h1: pre-activation projections saved for backward;
 // hidden_unscaled: act(h0)*h1 before the (IA)3 scale (its product with dhidden is l_ff's gradient).
 float gelu_new(float x);
 float gelu_new_grad(float x);
-void ffn_activation_forward(const float* h0, const float* h1, bool gated, int64_t n, int d_ff, float* hidden_unscaled);
+void ffn_activation_forward(ThreadPool& pool, const float* h0, const float* h1, bool gated, int64_t n, int d_ff,
+                            float* hidden_unscaled);
 // dh0, dh1 from dhidden_unscaled.
-void ffn_activation_backward(const float* h0, const float* h1, bool gated, const float* dhidden_unscaled, int64_t n,
-                             int d_ff, float* dh0, float* dh1);
+void ffn_activation_backward(ThreadPool& pool, const float* h0, const float* h1, bool gated,
+                             const float* dhidden_unscaled, int64_t n, int d_ff, float* dh0, float* dh1);
 
 // ---- loss.cc: per-token log-probs and the T-Few losses ----
 // logp of the target token at every position (0 where target == pad); logits [rows*len, vocab].

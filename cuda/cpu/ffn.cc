@@ -11,39 +11,49 @@ namespace cpu {
 static constexpr float kSqrt2OverPi = 0.7978845608028654f;
 static constexpr float kGeluCubic = 0.044715f;
 
-// gelu_new = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-float gelu_new(float x) {
-  float inner = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
-  return 0.5f * x * (1.f + std::tanh(inner));
+// gelu_new = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Computed as x sigmoid(2u), the same function
+// (0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))): one exp instead of tanh's expm1 and division, and no cancellation in
+// 1 + tanh(u) where u is very negative.
+static inline float gelu_sigmoid(float x) {
+  const float u = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
+  return 1.f / (1.f + std::exp(-2.f * u));
 }
 
+float gelu_new(float x) { return x * gelu_sigmoid(x); }
+
+// d/dx [x s(x)] with s = sigmoid(2u): s + x 2 s (1 - s) du/dx
 float gelu_new_grad(float x) {
-  float inner = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
-  float t = std::tanh(inner);
-  float dinner = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x);
-  return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * dinner;
+  const float s = gelu_sigmoid(x);
+  const float du = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x);
+  return s + 2.f * x * s * (1.f - s) * du;
 }
 
-void ffn_activation_forward(const float* h0, const float* h1, bool gated, int64_t n, int d_ff, float* hidden) {
-  int64_t total = n * d_ff;
-  if (gated) {
-    for (int64_t i = 0; i < total; ++i) hidden[i] = gelu_new(h0[i]) * h1[i];
-  } else {
-    for (int64_t i = 0; i < total; ++i) hidden[i] = h0[i] > 0.f ? h0[i] : 0.f;
-  }
-}
-
-void ffn_activation_backward(const float* h0, const float* h1, bool gated, const float* dhidden, int64_t n, int d_ff,
-                             float* dh0, float* dh1) {
-  int64_t total = n * d_ff;
-  if (gated) {
-    for (int64_t i = 0; i < total; ++i) {
-      dh0[i] = dhidden[i] * h1[i] * gelu_new_grad(h0[i]);
-      dh1[i] = dhidden[i] * gelu_new(h0[i]);
+// (elementwise over n x d_ff values: shared out among the threads in blocks of 16K)
+void ffn_activation_forward(ThreadPool& pool, const float* h0, const float* h1, bool gated, int64_t n, int d_ff,
+                            float* hidden) {
+  pool.parallel_for(n * d_ff, 1 << 14, [&](int64_t begin, int64_t end) {
+    if (gated) {
+      for (int64_t i = begin; i < end; ++i) hidden[i] = gelu_new(h0[i]) * h1[i];
+    } else {
+      for (int64_t i = begin; i < end; ++i) hidden[i] = h0[i] > 0.f ? h0[i] : 0.f;
     }
-  } else {
-    for (int64_t i = 0; i < total; ++i) dh0[i] = h0[i] > 0.f ? dhidden[i] : 0.f;
-  }
+  });
+}
+
+void ffn_activation_backward(ThreadPool& pool, const float* h0, const float* h1, bool gated, const float* dhidden,
+                             int64_t n, int d_ff, float* dh0, float* dh1) {
+  pool.parallel_for(n * d_ff, 1 << 14, [&](int64_t begin, int64_t end) {
+    if (gated) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float s = gelu_sigmoid(h0[i]);
+        const float du = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * h0[i] * h0[i]);
+        dh0[i] = dhidden[i] * h1[i] * (s + 2.f * h0[i] * s * (1.f - s) * du);  // (gelu_new_grad)
+        dh1[i] = dhidden[i] * h0[i] * s;                                    // (gelu_new)
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) dh0[i] = h0[i] > 0.f ? dhidden[i] : 0.f;
+    }
+  });
 }
 
 }  // namespace cpu

@@ -1,8 +1,8 @@
 // Linear layers: y = x W^T, and the input gradient dx = dy W (T5 has no biases). Both are register-blocked
 // kernels with vector accumulators (GCC/Clang vector extensions), so each loaded value is used several times, as
-// outer products: the forward takes 6 rows of x by 2 vectors of outputs (W's panel first packed transposed, so
-// that each step loads consecutive outputs), the backward 4 rows of dx by 2 vectors of columns (down W's rows, which
-// hold consecutive columns already). On x86-64 the same kernels are compiled twice: 4-float vectors for
+// outer products of 6 rows (4 with 4-float vectors) by 2 vectors: the forward's of x by outputs (W's panel first
+// packed transposed, so that each step loads consecutive outputs), the backward's of dx by columns (down W's rows,
+// which hold consecutive columns already). On x86-64 the same kernels are compiled twice: 4-float vectors for
 // any x86-64 (SSE, the build's baseline, no -march needed) and 8-float vectors for CPUs with AVX2 and FMA (chosen
 // at run time: __builtin_cpu_supports). TFEW_CPU_SIMD=baseline keeps the baseline kernels (for comparisons). The
 // two differ only in summation order. arm64: 4-float NEON vectors.
@@ -78,23 +78,23 @@ TFEW_INLINE void forward_job(const float* x, const float* w, float* y, int in, i
 }
 
 // dx[r, i] for r in [r0, r0 + nr), i in [i0, i0 + ni): the sum over outputs o in [o0, o1) of dy[r, o] W[o, i]. A
-// tile of 2 vectors of columns keeps its 8 accumulators (4 rows) in registers while it walks down W's rows (each
-// contributes 2 vector loads and 4 broadcasts of dy for 8 multiply-adds); fewer rows repeat the last one (so that a
+// tile of MR rows by 2 vectors of columns keeps its 2 MR accumulators in registers while it walks down W's rows
+// (each contributes 2 vector loads and MR broadcasts of dy for 2 MR multiply-adds); fewer rows repeat the last one (so that a
 // row's sums do not depend on how many rows share its tile: padding changes nothing), narrower edges take the
 // scalar loop.
-template <typename V, int W>
+template <typename V, int W, int MR>
 TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64_t r0, int nr, int i0, int ni, int o0,
                                int o1, bool accumulate, const Lds& ld) {
   if (ni == 2 * W) {
-    V acc[4][2] = {};
-    const float* dyr[4];
-    for (int a = 0; a < 4; ++a) dyr[a] = dy + (r0 + std::min(a, nr - 1)) * ld.left;
+    V acc[MR][2] = {};
+    const float* dyr[MR];
+    for (int a = 0; a < MR; ++a) dyr[a] = dy + (r0 + std::min(a, nr - 1)) * ld.left;
     for (int o = o0; o < o1; ++o) {
       const float* wr = w + o * ld.w + i0;
       V w0, w1;
       std::memcpy(&w0, wr, sizeof(V));
       std::memcpy(&w1, wr + W, sizeof(V));
-      for (int a = 0; a < 4; ++a) {
+      for (int a = 0; a < MR; ++a) {
         const float g = dyr[a][o];
         acc[a][0] += g * w0;
         acc[a][1] += g * w1;
@@ -124,7 +124,7 @@ TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64
 // One job of the input gradient: up to 64 rows of dx by a panel of up to 64 columns. W's rows are walked in chunks
 // of 1024 (256 KiB of the panel, which stays in cache while every 4 rows of the job use it): a layer with many outputs
 // (the head's 32,128) then reads W from memory once per 64 rows, not once per 4.
-template <typename V, int W>
+template <typename V, int W, int MR>
 TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_t n, int in, int out, bool accumulate,
                               int64_t job, int64_t row_blocks, const Lds& ld) {
   constexpr int kRows = 64, kCols = 64, kChunk = 1024;
@@ -133,10 +133,10 @@ TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_
   int c_end = static_cast<int>(std::min<int64_t>(in, (cb + 1) * kCols));
   for (int o0 = 0; o0 < out; o0 += kChunk) {
     const int o1 = std::min(out, o0 + kChunk);
-    for (int64_t r0 = rb * kRows; r0 < r_end; r0 += 4) {
-      const int nr = static_cast<int>(std::min<int64_t>(4, r_end - r0));
+    for (int64_t r0 = rb * kRows; r0 < r_end; r0 += MR) {
+      const int nr = static_cast<int>(std::min<int64_t>(MR, r_end - r0));
       for (int i = static_cast<int>(cb * kCols); i < c_end; i += 2 * W)
-        backward_tile<V, W>(dy, w, dx, r0, nr, i, std::min(2 * W, c_end - i), o0, o1, accumulate || o0 > 0, ld);
+        backward_tile<V, W, MR>(dy, w, dx, r0, nr, i, std::min(2 * W, c_end - i), o0, o1, accumulate || o0 > 0, ld);
     }
   }
 }
@@ -164,7 +164,7 @@ static void forward_jobs_baseline(const float* x, const float* w, float* y, int 
 }
 static void backward_jobs_baseline(const float* dy, const float* w, float* dx, int64_t n, int in, int out,
                                    bool accumulate, int64_t begin, int64_t end, int64_t row_blocks, const Lds& ld) {
-  for (int64_t job = begin; job < end; ++job) backward_job<v4, 4>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
+  for (int64_t job = begin; job < end; ++job) backward_job<v4, 4, 4>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -180,7 +180,7 @@ __attribute__((target("avx2,fma"))) static void backward_jobs_avx2(const float* 
                                                                    int64_t begin, int64_t end, int64_t row_blocks,
                                                                    const Lds& ld) {
   for (int64_t job = begin; job < end; ++job)
-    backward_job<v8, 8>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
+    backward_job<v8, 8, 6>(dy, w, dx, n, in, out, accumulate, job, row_blocks, ld);
 }
 static bool use_avx2() {
   static const bool yes = [] {

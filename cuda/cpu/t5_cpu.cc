@@ -336,7 +336,7 @@ class CpuEngine : public Engine {
       cpu::linear_forward(pool_, normed.data(), w.wi1.data(), c.h1.data(), n, d, ff);
     }
     c.hidden.resize(n * ff);
-    cpu::ffn_activation_forward(c.h0.data(), c.h1.data(), cfg_.gated_gelu, n, ff, c.hidden.data());
+    cpu::ffn_activation_forward(pool_, c.h0.data(), c.h1.data(), cfg_.gated_gelu, n, ff, c.hidden.data());
     Vec scaled(n * ff), out(n * d);
     cpu::ia3_scale_forward(c.hidden.data(), token_scale(p, off_ff, decoder_rows, len), scaled.data(), n, ff);
     drop(p, scaled.data(), n * ff, site_id(stack, layer, kFfHidden));
@@ -490,7 +490,7 @@ class CpuEngine : public Engine {
     cpu::ia3_scale_backward(dscaled.data(), c.hidden.data(), token_scale(p, off_ff, decoder_rows, len),
                             token_grad(p, grads, off_ff, decoder_rows, len), dhidden.data(), n, ff);
     Vec dh0(n * ff), dh1(cfg_.gated_gelu ? n * ff : 0);
-    cpu::ffn_activation_backward(c.h0.data(), c.h1.data(), cfg_.gated_gelu, dhidden.data(), n, ff, dh0.data(), dh1.data());
+    cpu::ffn_activation_backward(pool_, c.h0.data(), c.h1.data(), cfg_.gated_gelu, dhidden.data(), n, ff, dh0.data(), dh1.data());
     Vec dnormed(n * d);
     cpu::linear_backward_input(pool_, dh0.data(), w.wi0.data(), dnormed.data(), n, d, ff, false);
     if (cfg_.gated_gelu) cpu::linear_backward_input(pool_, dh1.data(), w.wi1.data(), dnormed.data(), n, d, ff, true);
