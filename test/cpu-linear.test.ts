@@ -6,8 +6,8 @@ import { spawnSync } from 'child_process';
 import * as path from 'path';
 import { native } from '../lib/native';
 
-// (70 x 40 x 1100: two 64-row blocks and two 1024-output chunks of the input gradient; 400 x 24 x 70: three
-// row blocks of the forward, the last of 16 rows)
+// (70 x 40 x 1100: two 64-row blocks and two 1024-output chunks of the input gradient; 400 x 24 x 70: several row
+// blocks of the forward, the last one short: three on one thread, six on three)
 const SIZES: [number, number, number][] = [[1, 1, 1], [5, 17, 3], [9, 64, 130], [13, 96, 70], [4, 16, 16], [3, 200, 33], [70, 40, 1100], [400, 24, 70]];
 
 // A deterministic generator shared by this file and the child process's script (below).

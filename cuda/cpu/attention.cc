@@ -41,8 +41,10 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
       const float* kh = k + static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
       const float* vh = v + static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
       float* p = probs + (static_cast<int64_t>(seq) * s.heads + h) * q_len * k_len;
-      // scores = q k^T over every key (the masked ones get probability 0 below)
-      matmul_xwt(qh, inner, kh, inner, p, k_len, q_len, s.d_kv, static_cast<int>(k_len));
+      // scores = q k^T over the keys before the padding (the causally masked ones get probability 0 below); padded
+      // keys take no part in any product, whatever their rows hold
+      const int kmax = static_cast<int>(std::min<int64_t>(k_len, key_len[seq]));
+      matmul_xwt(qh, inner, kh, inner, p, k_len, q_len, s.d_kv, kmax);
       for (int i = 0; i < s.q_len; ++i) {
         float* pi = p + i * k_len;
         int64_t nk = keys_visible(s, key_len[seq], i);
@@ -69,7 +71,7 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
       }
       // out = P' v
       matmul_ab(dropout_rate > 0.f ? dropped.data() : p, k_len, vh, inner, out + static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv,
-                inner, q_len, static_cast<int>(k_len), s.d_kv, /*accumulate=*/false);
+                inner, q_len, kmax, s.d_kv, /*accumulate=*/false);
     }
   });
 }
@@ -94,6 +96,7 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
         int kv = kv_of ? kv_of[seq] : seq;
         const int64_t qo = static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv, ko = static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
         const float* p = probs + (static_cast<int64_t>(seq) * s.heads + h) * q_len * k_len;
+        const int kmax = static_cast<int>(std::min<int64_t>(k_len, key_len[seq]));  // (keys before the padding)
         // P' = dropout(P) as the forward used it, and the keep scale of each element
         for (int i = 0; i < s.q_len; ++i) {
           uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
@@ -106,10 +109,10 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
           }
         }
         // dP' = dO v^T; dv += P'^T dO
-        matmul_xwt(dout + qo, inner, v + ko, inner, dp.data(), k_len, q_len, s.d_kv, static_cast<int>(k_len));
+        matmul_xwt(dout + qo, inner, v + ko, inner, dp.data(), k_len, q_len, s.d_kv, kmax);
         for (int64_t e = 0; e < q_len * k_len; ++e) dp[e] *= transposed[e];  // dP = dP' * scale (through dropout)
         transpose(dropped.data(), q_len, k_len, transposed.data());
-        matmul_ab(transposed.data(), q_len, dout + qo, inner, dv + ko, inner, k_len, static_cast<int>(q_len), s.d_kv, true);
+        matmul_ab(transposed.data(), q_len, dout + qo, inner, dv + ko, inner, kmax, static_cast<int>(q_len), s.d_kv, true);
         // dS = P (dP - sum_j P dP) over the visible keys (dropped: reused for dS)
         float* ds = dropped.data();
         for (int i = 0; i < s.q_len; ++i) {
@@ -121,9 +124,9 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
           for (int64_t j = 0; j < k_len; ++j) ds[i * k_len + j] = j < nk ? pi[j] * (dpi[j] - static_cast<float>(pdp)) : 0.f;
         }
         // dq = dS k; dk += dS^T q
-        matmul_ab(ds, k_len, k + ko, inner, dq + qo, inner, q_len, static_cast<int>(k_len), s.d_kv, false);
+        matmul_ab(ds, k_len, k + ko, inner, dq + qo, inner, q_len, kmax, s.d_kv, false);
         transpose(ds, q_len, k_len, transposed.data());
-        matmul_ab(transposed.data(), q_len, q + qo, inner, dk + ko, inner, k_len, static_cast<int>(q_len), s.d_kv, true);
+        matmul_ab(transposed.data(), q_len, q + qo, inner, dk + ko, inner, kmax, static_cast<int>(q_len), s.d_kv, true);
       }
     }
   });

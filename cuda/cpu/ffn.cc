@@ -11,21 +11,25 @@ namespace cpu {
 static constexpr float kSqrt2OverPi = 0.7978845608028654f;
 static constexpr float kGeluCubic = 0.044715f;
 
-// gelu_new = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Computed as x sigmoid(2u), the same function
-// (0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))): one exp instead of tanh's expm1 and division, and no cancellation in
-// 1 + tanh(u) where u is very negative.
-static inline float gelu_sigmoid(float x) {
+// gelu_new = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Computed as x s with s = sigmoid(2u), the same
+// function (0.5 (1 + tanh(u)) = 1 / (1 + e), e = exp(-2u)): one exp instead of tanh's expm1 and division.
+// The gradient's 1 - s is taken as e s, which does not cancel where s is near 1.
+struct GeluParts {
+  float s, one_minus_s, du;  // sigmoid(2u), 1 - sigmoid(2u), du/dx
+};
+static inline GeluParts gelu_parts(float x) {
   const float u = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
-  return 1.f / (1.f + std::exp(-2.f * u));
+  const float e = std::exp(-2.f * u);
+  const float s = 1.f / (1.f + e);
+  return {s, e * s, kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x)};
 }
 
-float gelu_new(float x) { return x * gelu_sigmoid(x); }
+float gelu_new(float x) { return x * gelu_parts(x).s; }
 
-// d/dx [x s(x)] with s = sigmoid(2u): s + x 2 s (1 - s) du/dx
+// d/dx [x s(x)] = s + x 2 s (1 - s) du/dx
 float gelu_new_grad(float x) {
-  const float s = gelu_sigmoid(x);
-  const float du = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x);
-  return s + 2.f * x * s * (1.f - s) * du;
+  const GeluParts g = gelu_parts(x);
+  return g.s + 2.f * x * g.s * g.one_minus_s * g.du;
 }
 
 // (elementwise over n x d_ff values: shared out among the threads in blocks of 16K)
@@ -45,10 +49,9 @@ void ffn_activation_backward(ThreadPool& pool, const float* h0, const float* h1,
   pool.parallel_for(n * d_ff, 1 << 14, [&](int64_t begin, int64_t end) {
     if (gated) {
       for (int64_t i = begin; i < end; ++i) {
-        const float s = gelu_sigmoid(h0[i]);
-        const float du = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * h0[i] * h0[i]);
-        dh0[i] = dhidden[i] * h1[i] * (s + 2.f * h0[i] * s * (1.f - s) * du);  // (gelu_new_grad)
-        dh1[i] = dhidden[i] * h0[i] * s;                                    // (gelu_new)
+        const GeluParts g = gelu_parts(h0[i]);
+        dh0[i] = dhidden[i] * h1[i] * (g.s + 2.f * h0[i] * g.s * g.one_minus_s * g.du);  // (gelu_new_grad)
+        dh1[i] = dhidden[i] * h0[i] * g.s;                                               // (gelu_new)
       }
     } else {
       for (int64_t i = begin; i < end; ++i) dh0[i] = h0[i] > 0.f ? dhidden[i] : 0.f;

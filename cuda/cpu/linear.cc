@@ -122,8 +122,8 @@ TFEW_INLINE void backward_tile(const float* dy, const float* w, float* dx, int64
 }
 
 // One job of the input gradient: up to 64 rows of dx by a panel of up to 64 columns. W's rows are walked in chunks
-// of 1024 (256 KiB of the panel, which stays in cache while every 4 rows of the job use it): a layer with many outputs
-// (the head's 32,128) then reads W from memory once per 64 rows, not once per 4.
+// of 1024 (256 KiB of the panel, which stays in cache while every tile of MR rows of the job uses it): a layer with
+// many outputs (the head's 32,128) then reads W from memory once per 64 rows, not once per tile.
 template <typename V, int W, int MR>
 TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_t n, int in, int out, bool accumulate,
                               int64_t job, int64_t row_blocks, const Lds& ld) {
@@ -131,6 +131,11 @@ TFEW_INLINE void backward_job(const float* dy, const float* w, float* dx, int64_
   int64_t rb = job % row_blocks, cb = job / row_blocks;
   int64_t r_end = std::min<int64_t>(n, (rb + 1) * kRows);
   int c_end = static_cast<int>(std::min<int64_t>(in, (cb + 1) * kCols));
+  if (out == 0 && !accumulate) {  // (an empty sum: zeros)
+    for (int64_t r = rb * kRows; r < r_end; ++r)
+      std::fill(dx + r * ld.result + cb * kCols, dx + r * ld.result + c_end, 0.f);
+    return;
+  }
   for (int o0 = 0; o0 < out; o0 += kChunk) {
     const int o1 = std::min(out, o0 + kChunk);
     for (int64_t r0 = rb * kRows; r0 < r_end; r0 += MR) {
