@@ -113,12 +113,17 @@ export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint
   const config = readT5Config(dir);
   const { fileOf, files, torch } = locateWeights(dir);
 
-  const headers = new Map<string, Map<string, SafetensorsEntry>>();
+  // (a torch file's entry may say why it cannot be memory-mapped; a safetensors entry always can be)
+  type Entry = SafetensorsEntry & { unmappable?: string };
+  const headers = new Map<string, Map<string, Entry>>();
   for (const f of files) headers.set(f, torch ? await indexTorchCheckpoint(f) : readSafetensorsHeader(f).entries);
-  const find = (name: string): { file: string; entry: SafetensorsEntry } | undefined => {
+  const find = (name: string): { file: string; entry: Entry } | undefined => {
     const f = fileOf(name);
     const entry = f ? headers.get(f)?.get(name) : undefined;
     return f && entry ? { file: f, entry } : undefined;
+  };
+  const refuseUnmappable = (what: string, file: string, entry: Entry) => {
+    if (entry.unmappable) throw new InvalidModelError(`${what} in ${file} cannot be memory-mapped: ${entry.unmappable}`);
   };
   const where = files.length === 1 ? files[0] : `${path.join(dir, torch ? 'pytorch_model.bin.index.json' : 'model.safetensors.index.json')}`;
 
@@ -130,8 +135,7 @@ export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint
     if (!found) throw new InvalidModelError(`missing tensor "${name}" in ${where}`);
     const { file, entry } = found;
     const alias = entry.name === name ? '' : ` (stored as "${entry.name}")`;
-    const unmappable = (entry as { unmappable?: string }).unmappable;
-    if (unmappable) throw new InvalidModelError(`tensor "${name}"${alias} in ${file} cannot be memory-mapped: ${unmappable}`);
+    refuseUnmappable(`tensor "${name}"${alias}`, file, entry);
     if (!SUPPORTED_DTYPES.has(entry.dtype)) {
       throw new InvalidModelError(`tensor "${name}"${alias} in ${file} has unsupported dtype ${entry.dtype} (supported: F32, F16, BF16, F64)`);
     }
@@ -148,8 +152,7 @@ export async function resolveCheckpoint(dir: string): Promise<ResolvedCheckpoint
   for (const name of ['encoder.embed_tokens.weight', 'decoder.embed_tokens.weight']) {
     const found = find(name);
     if (!found || !SUPPORTED_DTYPES.has(found.entry.dtype)) continue;
-    const unmappable = (found.entry as { unmappable?: string }).unmappable;
-    if (unmappable) throw new InvalidModelError(`tensor "${name}" in ${found.file} cannot be memory-mapped: ${unmappable}`);
+    refuseUnmappable(`tensor "${name}"`, found.file, found.entry);
     if (found.entry.shape.length !== 2 || found.entry.shape[0] !== embedShape[0] || found.entry.shape[1] !== embedShape[1]) {
       throw new InvalidModelError(`tensor "${name}" in ${found.file} has shape [${found.entry.shape.join(', ')}], expected [${embedShape.join(', ')}] from config.json`);
     }

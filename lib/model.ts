@@ -1,14 +1,12 @@
 // T5Model: the public entry point. Loads a Hugging Face T5/T0 directory onto a backend (CUDA when usable, else
 // the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
-import * as fs from 'fs';
 import * as os from 'os';
-import * as path from 'path';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
 import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -317,15 +315,7 @@ export class T5Model {
     }
     // Everything that can fail without the weights is checked first: a failure after the native load would
     // leave the weights (device memory too) waiting for the garbage collector.
-    // (an unusable spiece.model leaves the model without a tokenizer, as before it was read, and says why on use)
-    let tokenizer: T5Tokenizer | undefined;
-    let noTokenizer = `${dir} has no tokenizer.json or spiece.model`;
-    try {
-      tokenizer = T5Tokenizer.fromDir(dir);
-    } catch (e) {
-      if (!(e instanceof FileFormatError) || fs.existsSync(path.join(dir, 'tokenizer.json'))) throw e;
-      noTokenizer = `${dir} has no tokenizer.json, and its spiece.model is not usable (${e.message})`;
-    }
+    const { tokenizer, missing: noTokenizer } = T5Tokenizer.forModel(dir);
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {

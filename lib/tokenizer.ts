@@ -95,6 +95,20 @@ export class T5Tokenizer {
     return fs.existsSync(spiece) ? T5Tokenizer.fromSentencePiece(spiece) : undefined;
   }
 
+  /**
+   * A model directory's tokenizer as fromDir finds it, except that an unusable spiece.model (a Git LFS pointer, say)
+   * leaves it without one, as before spiece.model was read; `missing` says why there is none (for the error of a
+   * text given to such a model). A bad tokenizer.json still throws.
+   */
+  static forModel(dir: string): { tokenizer: T5Tokenizer | undefined; missing: string } {
+    try {
+      return { tokenizer: T5Tokenizer.fromDir(dir), missing: `${dir} has no tokenizer.json or spiece.model` };
+    } catch (e) {
+      if (!(e instanceof FileFormatError) || fs.existsSync(path.join(dir, 'tokenizer.json'))) throw e;
+      return { tokenizer: undefined, missing: `${dir} has no tokenizer.json, and its spiece.model is not usable (${e.message})` };
+    }
+  }
+
   // `json`: a tokenizer.json's content, from `source` (named in errors); the tokenizer_config.json beside it applies.
   private static fromJson(json: unknown, source: string): T5Tokenizer {
     // T5's special tokens unless the config says otherwise; word-level vocabularies need unk_token from here.
