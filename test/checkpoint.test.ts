@@ -158,6 +158,45 @@ describe('safetensors', () => {
     expectBad(/__metadata__/);
     expect(() => readSafetensorsHeader(path.join(dir, 'nope.safetensors'))).toThrow(FileFormatError);
   });
+
+  // Offsets past 4 GiB (T0-3B's safetensors is 11 GB): the fixture's tensors written after a 4.25 GiB U8 tensor the
+  // model does not use, a hole in a sparse file. They must map there and score bit for bit as from the original.
+  test('a file whose tensors lie past 4 GiB loads and scores as the original', async () => {
+    const src = gatedDir();
+    const file = path.join(src, 'model.safetensors');
+    const buf = fs.readFileSync(file);
+    const n = Number(buf.readBigUInt64LE(0));
+    const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { data_offsets: [number, number] }>;
+    const filler = 4.25 * 2 ** 30;
+    const moved: Record<string, unknown> = { filler: { dtype: 'U8', shape: [filler], data_offsets: [0, filler] } };
+    for (const [name, e] of Object.entries(header)) {
+      moved[name] = name === '__metadata__' ? e : { ...e, data_offsets: [e.data_offsets[0] + filler, e.data_offsets[1] + filler] };
+    }
+    const json = Buffer.from(JSON.stringify(moved).padEnd(Math.ceil(JSON.stringify(moved).length / 8) * 8, ' '));
+    const dir = tmpDir();
+    fs.copyFileSync(path.join(src, 'config.json'), path.join(dir, 'config.json'));
+    const fd = fs.openSync(path.join(dir, 'model.safetensors'), 'w');
+    try {
+      const length = Buffer.alloc(8);
+      length.writeBigUInt64LE(BigInt(json.length));
+      fs.writeSync(fd, length, 0, 8, 0);
+      fs.writeSync(fd, json, 0, json.length, 8);
+      fs.writeSync(fd, buf, 8 + n, buf.length - 8 - n, 8 + json.length + filler);  // the data, after the hole
+    } finally {
+      fs.closeSync(fd);
+    }
+    const resolved = await resolveCheckpoint(dir);
+    for (const t of resolved.tensors) expect(t.offset).toBeGreaterThan(2 ** 32);
+    const run = async (d: string) => {
+      const m = await T5Model.load(d, { device: 'cpu', threads: 1 });
+      try {
+        return (await m.rankClassify([[5, 9, 13, 1], [7, 1]], [[[4, 1], [8, 6, 1]], [[11, 1], [3, 1]]])).scores;
+      } finally {
+        await m.dispose();
+      }
+    };
+    expect(await run(dir)).toEqual(await run(src));
+  });
 });
 
 describe('resolveCheckpoint', () => {
@@ -382,6 +421,18 @@ describe('pytorch_model.bin checkpoints', () => {
       }
       expect(await scores(dir)).toEqual(await scores(src));
     });
+
+  // T0-3B's pytorch_model.bin is 11.4 GB: most storages lie past 4 GiB, where the zip's central directory keeps
+  // their offsets in ZIP64 records and 32-bit arithmetic would wrap. A 4.25 GiB filler storage (a hole in a sparse
+  // file) puts every tensor the model uses there.
+  maybe('a checkpoint whose tensors lie past 4 GiB (ZIP64 offsets) scores as from model.safetensors', async () => {
+    const src = gatedDir();
+    const dir = asBin(src, '--filler-gib', '4.25');
+    const resolved = await resolveCheckpoint(dir);
+    expect(resolved.tensors.length).toBeGreaterThan(10);
+    for (const t of resolved.tensors) expect(t.offset).toBeGreaterThan(2 ** 32);
+    expect(await scores(dir)).toEqual(await scores(src));
+  });
 
   test('tensors that cannot be memory-mapped (if the model needs them), or missing, are clear errors', async () => {
     const src = gatedDir();

@@ -2,7 +2,7 @@
 """Writes a checkpoint in PyTorch's torch.save format (a zip of archive/data.pkl and raw storages) from a
 model.safetensors, without torch: the container and pickle as torch >= 1.6 writes a Hugging Face state_dict.
 
-  python3 test/helpers/write_torch_bin.py MODEL.safetensors OUT.bin [--shards N --index OUT_DIR] [--tie]
+  python3 test/helpers/write_torch_bin.py MODEL.safetensors OUT.bin [--shards N --index OUT_DIR] [--tie] [--filler-gib G]
 
 What it imitates of torch.save (torch/serialization.py):
   - an OrderedDict state_dict with a `_metadata` attribute (pickled by BUILD after the items);
@@ -12,6 +12,9 @@ What it imitates of torch.save (torch/serialization.py):
   - ZIP64 records in the local headers (torch's writer emits them for every entry).
 --tie stores encoder.embed_tokens.weight and decoder.embed_tokens.weight as views of shared.weight's storage, as
 tied Hugging Face models do. --shards N splits the tensors over N files and writes pytorch_model.bin.index.json.
+--filler-gib G stores first a tensor "filler" of G GiB of zeros (a storage the model does not use), so that every
+other storage lies past it, as in T0-3B's 11 GB file: past 4 GiB, their offsets need the ZIP64 records. The zeros are
+a hole in a sparse file (SparseWriter), so the file takes little disk space and is written in seconds.
 This is a test helper: the pickle and zip come from Python's standard library, independent of our reader.
 """
 import collections
@@ -60,6 +63,45 @@ class Tensor:
                                      collections.OrderedDict()))
 
 
+class Zeros:
+    """A storage's data of n zero bytes, handed to the zip writer in chunks that SparseWriter skips over."""
+    CHUNK = bytes(64 << 20)
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+class SparseWriter(io.RawIOBase):
+    """A file object for zipfile that seeks over the Zeros chunks instead of writing them (a hole reads as zeros)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def write(self, data):
+        if data is Zeros.CHUNK:
+            self.f.seek(len(data), io.SEEK_CUR)
+            return len(data)
+        return self.f.write(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def flush(self):
+        self.f.flush()
+
+
 class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, Storage):
@@ -80,10 +122,13 @@ def read_safetensors(path):
     return out
 
 
-def write_bin(path, tensors):
+def write_bin(path, tensors, filler_bytes=0):
     """tensors: OrderedDict name -> (dtype, shape, bytes) or ('view', other_name)."""
     state = collections.OrderedDict()
     storages = []
+    if filler_bytes:
+        storages.append(Storage('0', 'FloatStorage', filler_bytes // 4, Zeros(filler_bytes)))
+        state['filler'] = Tensor(storages[0], 0, [filler_bytes // 4])
     for name, t in tensors.items():
         if t[0] == 'view':
             state[name] = Tensor(state[t[1]].storage, 0, state[t[1]].shape)
@@ -101,7 +146,8 @@ def write_zip(path, obj, storages):
     """torch.save's container for `obj` (dicts of Tensor), whose storages are `storages`."""
     pkl = io.BytesIO()
     Pickler(pkl, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+    # the file ends with the central directory, never in a hole, so its size is right without a truncate
+    with open(path, 'wb') as raw, zipfile.ZipFile(SparseWriter(raw), 'w', compression=zipfile.ZIP_STORED) as z:
         def add(name, data):
             info = zipfile.ZipInfo('archive/' + name)
             # the local header is 30 bytes + name + extra (+ 20 bytes of ZIP64 extra that force_zip64 adds):
@@ -110,7 +156,11 @@ def write_zip(path, obj, storages):
             pad = (-(z.fp.tell() + header)) % 64
             info.extra = struct.pack('<HH', 0x4246, pad) + b'Z' * pad
             with z.open(info, 'w', force_zip64=True) as f:
-                f.write(data)
+                if isinstance(data, Zeros):
+                    for k in range(0, len(data), len(Zeros.CHUNK)):
+                        f.write(Zeros.CHUNK if len(data) - k >= len(Zeros.CHUNK) else bytes(len(data) - k))
+                else:
+                    f.write(data)
         add('data.pkl', pkl.getvalue())
         add('byteorder', b'little')
         for s in storages:
@@ -126,8 +176,9 @@ def main():
     if '--tie' in args:
         for name in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
             tensors[name] = ('view', 'shared.weight')
+    filler = int(float(args[args.index('--filler-gib') + 1]) * (1 << 30)) // 4 * 4 if '--filler-gib' in args else 0
     if shards == 1:
-        write_bin(out, tensors)
+        write_bin(out, tensors, filler)
         return
     names = list(tensors)
     weight_map = {}
