@@ -1201,6 +1201,114 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       return resolved(info.Env(), o);
     });
   }));
+  // The CPU attention (cuda/cpu/attention.cc) on small inputs, synchronously, for test/cpu-attention.test.ts. Seeds
+  // and sites are uint64: passed as BigInt (a Number would lose bits above 2^53).
+  auto f32_arg = [](const Napi::Object& o, const char* key, double len, bool optional) {
+    Napi::Value v = o.Get(key);
+    if (optional && (v.IsUndefined() || v.IsNull())) return std::vector<float>();
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
+        static_cast<double>(v.As<Napi::TypedArray>().ElementLength()) != len)
+      fail(ErrorCode::InvalidArgument, std::string("'") + key + "' must be a Float32Array of " + std::to_string(static_cast<int64_t>(len)));
+    auto a = v.As<Napi::Float32Array>();
+    return std::vector<float>(a.Data(), a.Data() + a.ElementLength());
+  };
+  auto u64_arg = [](const Napi::Object& o, const char* key) {
+    Napi::Value v = o.Get(key);
+    bool lossless = false;
+    const uint64_t u = v.IsBigInt() ? v.As<Napi::BigInt>().Uint64Value(&lossless) : 0;
+    if (!lossless) fail(ErrorCode::InvalidArgument, std::string("'") + key + "' must be a BigInt in [0, 2^64)");
+    return u;
+  };
+  auto size_arg = [](const Napi::Object& o, const char* key) {
+    const int32_t n = get_int(o, key);
+    if (n < 1 || n > (1 << 16)) fail(ErrorCode::InvalidArgument, std::string("'") + key + "' must be in [1, 65536]");
+    return n;
+  };
+  auto rate_arg = [](const Napi::Object& o, const char* key) {
+    const double r = get_double(o, key);  // (checked as a double: a rate just below 1 may round to 1 in float)
+    if (!(r >= 0 && r < 1 && static_cast<float>(r) < 1.f)) fail(ErrorCode::InvalidArgument, std::string("'") + key + "' must be in [0, 1)");
+    return static_cast<float>(r);
+  };
+  // cpuAttention({ q, k, v, dout, kvOf, keyLen, bias?, dkInit?, dvInit?, batch, heads, dKv, qLen, kLen, kvBatch,
+  // causal, dropoutRate, seed, site, threads }) -> { out, probs, dq, dk, dv }: attention_forward, then
+  // attention_backward of dout; dk and dv accumulate into dkInit / dvInit (zeros when absent).
+  testing.Set("cpuAttention", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 1 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "cpuAttention(options)");
+      Napi::Object o = info[0].As<Napi::Object>();
+      cpu::AttentionShape s;
+      s.batch = size_arg(o, "batch"), s.heads = size_arg(o, "heads"), s.d_kv = size_arg(o, "dKv");
+      s.q_len = size_arg(o, "qLen"), s.k_len = size_arg(o, "kLen"), s.causal = get_bool(o, "causal");
+      const int kv_batch = size_arg(o, "kvBatch"), threads = get_int(o, "threads");
+      const double inner = static_cast<double>(s.heads) * s.d_kv, nq = static_cast<double>(s.batch) * s.q_len * inner,
+                   nk = static_cast<double>(kv_batch) * s.k_len * inner, np = static_cast<double>(s.batch) * s.heads * s.q_len * s.k_len;
+      if (threads < 1 || threads > 64 || std::max({nq, nk, np}) > (1 << 26))
+        fail(ErrorCode::InvalidArgument, "cpuAttention: threads in [1, 64], at most 2^26 elements per tensor");
+      const std::vector<float> q = f32_arg(o, "q", nq, false), k = f32_arg(o, "k", nk, false), v = f32_arg(o, "v", nk, false),
+                               dout = f32_arg(o, "dout", nq, false),
+                               bias = f32_arg(o, "bias", static_cast<double>(s.heads) * s.q_len * s.k_len, true);
+      std::vector<float> dk = f32_arg(o, "dkInit", nk, true), dv = f32_arg(o, "dvInit", nk, true);
+      dk.resize(static_cast<size_t>(nk)), dv.resize(static_cast<size_t>(nk));  // (absent: zeros)
+      const std::vector<int32_t> kv_of = get_i32(o, "kvOf"), key_len = get_i32(o, "keyLen");
+      if (kv_of.size() != static_cast<size_t>(s.batch) || key_len.size() != static_cast<size_t>(s.batch))
+        fail(ErrorCode::InvalidArgument, "cpuAttention: kvOf and keyLen need one entry per query sequence");
+      for (int i = 0; i < s.batch; ++i)  // (attention.cc trusts both: a key_len above k_len would read past a row)
+        if (kv_of[i] < 0 || kv_of[i] >= kv_batch || key_len[i] < 1 || key_len[i] > s.k_len)
+          fail(ErrorCode::InvalidArgument, "cpuAttention: kvOf entries must be in [0, kvBatch), keyLen entries in [1, kLen]");
+      const float rate = rate_arg(o, "dropoutRate");
+      const uint64_t seed = u64_arg(o, "seed"), site = u64_arg(o, "site");
+      Napi::Env env = info.Env();
+      auto out = Napi::Float32Array::New(env, static_cast<size_t>(nq)), dq = Napi::Float32Array::New(env, static_cast<size_t>(nq));
+      auto probs = Napi::Float32Array::New(env, static_cast<size_t>(np));
+      ThreadPool pool(threads);
+      cpu::attention_forward(pool, s, q.data(), k.data(), v.data(), kv_of.data(), key_len.data(), bias.empty() ? nullptr : bias.data(),
+                             rate, seed, site, probs.Data(), out.Data());
+      cpu::attention_backward(pool, s, q.data(), k.data(), v.data(), kv_of.data(), key_len.data(), probs.Data(), rate, seed,
+                              site, dout.data(), dq.Data(), dk.data(), dv.data());
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("out", out), r.Set("probs", probs), r.Set("dq", dq);
+      auto to_js = [&](const std::vector<float>& x) {
+        auto a = Napi::Float32Array::New(env, x.size());
+        std::copy(x.begin(), x.end(), a.Data());
+        return a;
+      };
+      r.Set("dk", to_js(dk)), r.Set("dv", to_js(dv));
+      return resolved(env, r);
+    });
+  }));
+  // cpuDropoutKeep(seed, site, rate, n) -> Uint8Array: the dropout mask (1: kept) of indices [0, n) at (seed, site)
+  testing.Set("cpuDropoutKeep", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      Napi::Object o = Napi::Object::New(info.Env());  // (the positional arguments, read by the same checks)
+      const char* keys[] = {"seed", "site", "rate", "n"};
+      for (size_t i = 0; i < 4; ++i) o.Set(keys[i], i < info.Length() ? info[i] : info.Env().Undefined());
+      const uint64_t seed = u64_arg(o, "seed"), site = u64_arg(o, "site");
+      const float rate = rate_arg(o, "rate");
+      const int32_t n = get_int(o, "n");
+      if (n < 0 || n > (1 << 26)) fail(ErrorCode::InvalidArgument, "cpuDropoutKeep: n must be in [0, 2^26]");
+      auto keep = Napi::Uint8Array::New(info.Env(), static_cast<size_t>(n));
+      for (int32_t i = 0; i < n; ++i) keep[i] = cpu::dropout_keep(seed, site, static_cast<uint64_t>(i), rate) ? 1 : 0;
+      return resolved(info.Env(), keep);
+    });
+  }));
+  // cpuPositionBias({ table, heads, qLen, kLen, bidirectional, numBuckets, maxDistance }) -> Float32Array
+  // [heads, qLen, kLen]: position_bias of a relative_attention_bias table [numBuckets, heads]
+  testing.Set("cpuPositionBias", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 1 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "cpuPositionBias(options)");
+      Napi::Object o = info[0].As<Napi::Object>();
+      const int heads = size_arg(o, "heads"), q_len = size_arg(o, "qLen"), k_len = size_arg(o, "kLen");
+      const int buckets = size_arg(o, "numBuckets"), max_distance = size_arg(o, "maxDistance");
+      const bool bidirectional = get_bool(o, "bidirectional");
+      const int max_exact = (bidirectional ? buckets / 2 : buckets) / 2;  // (the log-spaced buckets divide by log(maxDistance / it))
+      if (max_exact < 1 || max_distance <= max_exact || static_cast<double>(heads) * q_len * k_len > (1 << 26))
+        fail(ErrorCode::InvalidArgument, "cpuPositionBias: too few buckets for maxDistance, or over 2^26 elements");
+      const std::vector<float> table = f32_arg(o, "table", static_cast<double>(buckets) * heads, false);
+      auto bias = Napi::Float32Array::New(info.Env(), static_cast<size_t>(heads) * q_len * k_len);
+      cpu::position_bias(table.data(), heads, q_len, k_len, bidirectional, buckets, max_distance, bias.Data());
+      return resolved(info.Env(), bias);
+    });
+  }));
   // readAfterTruncation(): a temporary file mapped, truncated and read (a truncation during loading): rejects
   // with the Io error, and the process lives on
   testing.Set("readAfterTruncation", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
