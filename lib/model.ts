@@ -1,5 +1,6 @@
 // T5Model: the public entry point. Loads a Hugging Face T5/T0 directory onto a backend (CUDA when usable, else
 // the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
+import * as path from 'path';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
@@ -358,6 +359,26 @@ export class T5Model {
     // (on the same GPU, even where that was TFEW_CUDA_DEVICE's choice)
     const cuda = this.gpuIndex === null ? this.cudaOptions : { ...this.cudaOptions, device: this.gpuIndex };
     return T5Model.load(this.dir, { device: this.device, threads: this.threads, mergeAdapter: merged, cuda });
+  }
+
+  /**
+   * Why `other` is not a replica of this model, or null when it is. Replicas share out one job (a service's
+   * batches, an evaluation's runs), so they must score alike: the same architecture, the same weights (the same
+   * tensors of the same files), the same adapter merged, the same backend and precision. (Rounding-level options,
+   * such as the attention kernels, may differ.)
+   */
+  replicaMismatch(other: T5Model): string | null {
+    if (other === this) return 'it is the same model object';
+    if (JSON.stringify(other.config) !== JSON.stringify(this.config)) return 'their configs differ';
+    const weights = (m: T5Model) => JSON.stringify(m.tensors.map((t) => [t.name, path.resolve(t.file), t.offset, t.dtype]));
+    if (weights(other) !== weights(this)) return `their weights differ (${this.dir} and ${other.dir})`;
+    const merged = (m: T5Model) => m.mergedVectors ?? new Float32Array(0);
+    const [a, b] = [merged(this), merged(other)];
+    if (a.length !== b.length || a.some((x, i) => !Object.is(x, b[i]))) return 'they have different adapters merged into their weights';
+    if (other.device !== this.device) return `they run on different backends (${this.device}, ${other.device})`;
+    const precision = (m: T5Model) => (m.device === 'cuda' ? m.cudaOptions?.precision ?? 'bf16' : 'fp32');
+    if (precision(other) !== precision(this)) return `they compute in different precisions (${precision(this)}, ${precision(other)})`;
+    return null;
   }
 
   get disposed(): boolean {

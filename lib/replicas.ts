@@ -2,11 +2,45 @@
 // evaluate() and classify() and `tfew train --cuda-devices` use this one scheme.
 import { InvalidArgumentError } from './errors';
 
-/** `model` as a list of replicas (one model: a list of one); `what` names the caller in the error for none. */
+/**
+ * `model` as a list of replicas (one model: a list of one), checked by assertReplicas; `what` names the caller in
+ * the errors.
+ */
 export function asReplicas<M>(model: M | readonly M[], what: string): readonly M[] {
   const models: readonly M[] = Array.isArray(model) ? model : [model as M];
   if (models.length === 0) throw new InvalidArgumentError(`${what} needs a model`);
+  assertReplicas(models, what);
   return models;
+}
+
+/**
+ * Throws unless the models are distinct replicas of one model: jobs shared out among them must give the same
+ * results whichever runs them. Models that can tell (T5Model.replicaMismatch) are compared with the first.
+ */
+export function assertReplicas<M>(models: readonly M[], what: string): void {
+  if (new Set(models).size !== models.length) throw new InvalidArgumentError(`${what} replicas must be distinct models`);
+  const first = models[0] as { replicaMismatch?: (other: M) => string | null };
+  if (typeof first?.replicaMismatch !== 'function') return;
+  for (let i = 1; i < models.length; i++) {
+    const why = first.replicaMismatch(models[i]);
+    if (why !== null) throw new InvalidArgumentError(`${what} replicas must be copies of one model: model ${i} is not one of model 0 (${why})`);
+  }
+  warnIfThreadPoolSmall(models.length, what);
+}
+
+let threadPoolWarned = false;
+/**
+ * Each running native call holds one of libuv's threads (UV_THREADPOOL_SIZE, 4 by default, fixed at the pool's
+ * first use), which fs, zlib and dns share: replicas beyond what it holds wait for a thread instead of running.
+ * A process warning, once; `tfew ... --cuda-devices` raises the size itself.
+ */
+export function warnIfThreadPoolSmall(replicas: number, what: string): void {
+  const size = Number(process.env.UV_THREADPOOL_SIZE) || 4;
+  if (replicas <= 1 || replicas + 2 <= size || threadPoolWarned) return;
+  threadPoolWarned = true;
+  process.emitWarning(`${what}: ${replicas} replicas share libuv's ${size} threads, which each running call holds: set ` +
+    `UV_THREADPOOL_SIZE=${replicas + 4} (in the environment, before the process starts) so that all of them run at once`,
+  { code: 'TFEW_THREADPOOL' });
 }
 
 /**

@@ -19,6 +19,7 @@ import { asyncDispose } from './disposable';
 import { checkIds } from './batch';
 import { AbortError, DisposedError, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError, TfewError } from './errors';
 import type { T5Model } from './model';
+import { assertReplicas } from './replicas';
 
 export interface RankBatcherOptions {
   /** The most examples in one engine call. Default 32. */
@@ -170,15 +171,7 @@ export class RankBatcher {
     if (models.length === 0 || models.some((m) => !m || typeof m.rankClassify !== 'function')) {
       throw new InvalidArgumentError('RankBatcher needs a T5Model, or a non-empty array of replicas of one');
     }
-    // (replicas score alike only if they are the same model: the same architecture and vocabulary at least)
-    const shape = (m: T5Model) => JSON.stringify(m.config);
-    if (models.some((m) => shape(m) !== shape(models[0]))) {
-      throw new InvalidArgumentError('RankBatcher replicas must be the same model (their configs differ)');
-    }
-    if (new Set(models).size !== models.length) throw new InvalidArgumentError('RankBatcher replicas must be distinct models');
-    if (models.some((m) => m.device !== models[0].device)) {
-      throw new InvalidArgumentError(`RankBatcher replicas must run on one kind of device (${models.map((m) => m.device).join(', ')})`);
-    }
+    assertReplicas(models, 'RankBatcher');
     this.models = models;
     this.busy = models.map(() => false);
     this.replicaBatches = models.map(() => 0);

@@ -6,7 +6,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import {
-  AbortError, CudaError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, QueueFullError, RankBatcher,
+  AbortError, classify, CudaError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, OutOfMemoryError, QueueFullError, RankBatcher,
   T5Model,
 } from '../lib';
 import { buildTinyT5 } from '../lib/tiny';
@@ -308,14 +308,52 @@ describe('RankBatcher', () => {
     }
   });
 
-  test('replicas must be distinct copies of one model', async () => {
+  test('replicas must be distinct copies of one model: the same weights, merged adapter and backend', async () => {
     const other = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
+    // the same architecture: a copy of the checkpoint with one weight changed, and the checkpoint with an adapter merged
+    const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-serve-copy-'));
+    buildTinyT5(copy, { words: WORDS, gated: true, seed: 8, dModel: 48, dFf: 64, numHeads: 4, dKv: 12, numLayers: 2 });
+    const reseeded = await T5Model.load(copy, { device: 'cpu', threads: 1 });
+    const merged = await model.withMergedAdapter(randomAdapter(model, 5));
+    const twin = await T5Model.load(dir, { device: 'cpu', threads: 1 });
     try {
-      expect(() => new RankBatcher([model, other])).toThrow(/configs differ/);
+      expect(() => new RankBatcher([model, other])).toThrow(/model 1 is not one of model 0 \(their configs differ\)/);
+      expect(() => new RankBatcher([model, reseeded])).toThrow(/their weights differ/);
+      expect(() => new RankBatcher([model, twin, merged])).toThrow(/model 2 is not one of model 0 \(they have different adapters merged/);
       expect(() => new RankBatcher([model, model])).toThrow(/distinct/);
       expect(() => new RankBatcher([])).toThrow(InvalidArgumentError);
+      // the same checkpoint loaded twice (threads may differ) is a replica; so are two models with the same adapter merged
+      expect(model.replicaMismatch(twin)).toBeNull();
+      const mergedTwin = await twin.withMergedAdapter(randomAdapter(model, 5));
+      try {
+        expect(merged.replicaMismatch(mergedTwin)).toBeNull();
+      } finally {
+        await mergedTwin.dispose();
+      }
+      await new RankBatcher([model, twin]).close();
+      // three replicas on libuv's default 4 threads: a warning (once) that says how many to set
+      const saved = process.env.UV_THREADPOOL_SIZE;
+      const warn = jest.spyOn(process, 'emitWarning').mockImplementation(() => undefined);
+      const third = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+      try {
+        process.env.UV_THREADPOOL_SIZE = '7';
+        await new RankBatcher([model, twin, third]).close();
+        expect(warn).not.toHaveBeenCalled();
+        delete process.env.UV_THREADPOOL_SIZE;
+        await new RankBatcher([model, twin, third]).close();
+        await new RankBatcher([model, twin, third]).close();
+        expect(warn).toHaveBeenCalledTimes(1);
+        expect(String(warn.mock.calls[0][0])).toMatch(/RankBatcher: 3 replicas share libuv's 4 threads.*UV_THREADPOOL_SIZE=7/);
+      } finally {
+        warn.mockRestore();
+        if (saved === undefined) delete process.env.UV_THREADPOOL_SIZE; else process.env.UV_THREADPOOL_SIZE = saved;
+        await third.dispose();
+      }
+      // evaluate() and classify() share their runs out among replicas: the same check
+      await expect(classify([model, reseeded], [], {} as never)).rejects.toThrow(/classify\(\) replicas must be copies of one model.*weights differ/);
     } finally {
-      await other.dispose();
+      for (const m of [other, reseeded, merged, twin]) await m.dispose();
+      fs.rmSync(copy, { recursive: true, force: true });
     }
   });
 

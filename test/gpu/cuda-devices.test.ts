@@ -7,7 +7,7 @@
 // they would on a GPU (so a missing cudaSetDevice shows). On a real GPU they run when it has two or more.
 import { spawn, spawnSync } from 'child_process';
 import * as path from 'path';
-import { DeviceUnavailableError, IA3Adapter, InvalidArgumentError, T5Model } from '../../lib';
+import { DeviceUnavailableError, IA3Adapter, InvalidArgumentError, RankBatcher, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { loadFixture } from '../helpers/reference';
 import { cudaStatus, describeCuda, emulated } from './helpers';
@@ -38,6 +38,16 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       const merged = await explicit.withMergedAdapter(IA3Adapter.create(explicit, 1.1));
       expect(merged.gpuIndex).toBe(probe.deviceIndex);
       await merged.dispose();
+      // replicas (one model on each GPU) must compute alike: a bf16 copy beside an fp32 one is refused
+      const bf16 = await T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceIndex } });
+      const fp32 = await T5Model.load(fx.dir, { device: 'cuda', cuda: { device: probe.deviceIndex, precision: 'fp32' } });
+      try {
+        expect(() => new RankBatcher([explicit, bf16])).toThrow(/they compute in different precisions \(fp32, bf16\)/);
+        expect(explicit.replicaMismatch(fp32)).toBeNull();
+      } finally {
+        await bf16.dispose();
+        await fp32.dispose();
+      }
     } finally {
       await explicit.dispose();
     }
