@@ -92,6 +92,10 @@ describe('parseT5Config', () => {
     [{ model_type: 't5', tie_word_embeddings: 'no' }, /"tie_word_embeddings"/],
     [{ model_type: 't5', dropout_rate: 1.5 }, /"dropout_rate"/],
     [{ model_type: 't5', vocab_size: 10, eos_token_id: 12 }, /eosTokenId 12/],
+    // position buckets outside the table otherwise (no exact bucket; a log spacing dividing by log(1) or going negative)
+    [{ model_type: 't5', relative_attention_num_buckets: 2 }, /num_buckets 2 and relative_attention_max_distance 128 do not make/],
+    [{ model_type: 't5', relative_attention_num_buckets: 32, relative_attention_max_distance: 16 }, /at least 4 buckets, and max_distance above num_buckets \/ 2/],
+    [{ model_type: 't5', relative_attention_num_buckets: 32, relative_attention_max_distance: 4 }, /max_distance 4 do not make/],
     [[1, 2], /JSON object/],
   ])('rejects %j', (json, message) => {
     expect(() => parseT5Config(json, 'some/config.json')).toThrow(InvalidModelError);

@@ -145,6 +145,9 @@ describe('native argument checks (calls straight to the addon)', () => {
     await rejectsWith(() => load({ eosTokenId: config.vocabSize }), 'E_INVALID_MODEL', /eos_token_id/);
     await rejectsWith(() => load({ dropoutRate: 1 }), 'E_INVALID_MODEL', /dropout_rate/);
     await rejectsWith(() => load({ layerNormEps: 0 }), 'E_INVALID_MODEL', /layer_norm_epsilon/);
+    // position buckets that would index outside the bias table
+    await rejectsWith(() => load({ numBuckets: 32, maxDistance: 16 }), 'E_INVALID_MODEL', /position buckets/);
+    await rejectsWith(() => load({ numBuckets: 2 }), 'E_INVALID_MODEL', /position buckets/);
     await rejectsWith(() => load({ dModel: 64.5 }), 'E_INVALID_ARGUMENT', /dModel/);
     await rejectsWith(() => load({ numHeads: NaN }), 'E_INVALID_ARGUMENT', /numHeads/);
   });

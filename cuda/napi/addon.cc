@@ -102,6 +102,9 @@ static T5Config to_config(const Napi::Object& o) {
   if (c.vocab_size <= 0 || c.d_model <= 0 || c.d_ff <= 0 || c.d_kv <= 0 || c.num_heads <= 0 || c.num_layers <= 0 ||
       c.num_decoder_layers <= 0 || c.num_buckets <= 1 || c.max_distance <= 0)
     fail(ErrorCode::InvalidModel, "config has a non-positive dimension");
+  // (relative_position_bucket divides by log(max_distance / max_exact): lib/config.ts says why)
+  if (c.num_buckets < 4 || c.max_distance <= c.num_buckets / 2)
+    fail(ErrorCode::InvalidModel, "config: relative_attention_num_buckets and relative_attention_max_distance do not make T5's position buckets");
   if (static_cast<int64_t>(c.num_heads) * c.d_kv > INT32_MAX) fail(ErrorCode::InvalidModel, "config: num_heads * d_kv is too large");
   if (!(c.layer_norm_eps > 0) || !(c.dropout_rate < 1))  // a tiny eps or a rate just below 1 may round in float
     fail(ErrorCode::InvalidModel, "config: layer_norm_epsilon or dropout_rate does not fit a float");
