@@ -37,4 +37,16 @@ TFEW_HOST_DEVICE inline bool dropout_kept(uint64_t key, uint32_t threshold, uint
   return static_cast<uint32_t>(splitmix64_mix(key + (index + 1) * kSplitMixGamma) >> 40) >= threshold;
 }
 
+// One site's mask with its key and threshold computed once (host code): scale(index) is what inverted dropout
+// multiplies element `index` by, 1 / (1 - rate) or 0 (1 everywhere at rate 0).
+struct DropoutMask {
+  uint64_t key;
+  uint32_t threshold;
+  float keep_scale;
+  DropoutMask(float rate, uint64_t seed, uint64_t site)
+      : key(dropout_stream_key(seed, site)), threshold(dropout_threshold(rate)), keep_scale(rate > 0.f ? 1.f / (1.f - rate) : 1.f) {}
+  bool kept(uint64_t index) const { return threshold == 0 || dropout_kept(key, threshold, index); }
+  float scale(uint64_t index) const { return kept(index) ? keep_scale : 0.f; }
+};
+
 }  // namespace tfew

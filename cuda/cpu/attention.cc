@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/dropout_mask.h"
 #include "cpu_ops.h"
 #include "model/relative_position.h"
 
@@ -31,6 +32,7 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
                        uint64_t seed, uint64_t site, float* probs, float* out) {
   const int inner = s.heads * s.d_kv;
   const int64_t q_len = s.q_len, k_len = s.k_len;
+  const DropoutMask mask(dropout_rate, seed, site);
   // One job per (sequence, head); a head's q, k, v and output are its d_kv columns of the [tokens, inner] matrices.
   pool.parallel_for(static_cast<int64_t>(s.batch) * s.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> dropped(dropout_rate > 0.f ? q_len * k_len : 0);
@@ -65,8 +67,7 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
         // dropout on the probabilities (training only); probs keeps them before dropout for the backward
         if (dropout_rate > 0.f) {
           uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
-          for (int64_t j = 0; j < k_len; ++j)
-            dropped[i * k_len + j] = j < nk && dropout_keep(seed, site, row_index + j, dropout_rate) ? pi[j] / (1.f - dropout_rate) : 0.f;
+          for (int64_t j = 0; j < k_len; ++j) dropped[i * k_len + j] = j < nk ? pi[j] * mask.scale(row_index + j) : 0.f;
         }
       }
       // out = P' v
@@ -87,6 +88,7 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
                         uint64_t seed, uint64_t site, const float* dout, float* dq, float* dk, float* dv) {
   const int inner = s.heads * s.d_kv;
   const int64_t q_len = s.q_len, k_len = s.k_len;
+  const DropoutMask mask(dropout_rate, seed, site);
   // One job per head: heads own disjoint columns of dq/dk/dv, so sequences that share a K/V accumulate
   // into it without races and in a fixed order.
   pool.parallel_for(s.heads, 1, [&](int64_t begin, int64_t end) {
@@ -97,13 +99,13 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
         const int64_t qo = static_cast<int64_t>(seq) * q_len * inner + h * s.d_kv, ko = static_cast<int64_t>(kv) * k_len * inner + h * s.d_kv;
         const float* p = probs + (static_cast<int64_t>(seq) * s.heads + h) * q_len * k_len;
         const int kmax = static_cast<int>(std::min<int64_t>(k_len, key_len[seq]));  // (keys before the padding)
-        // P' = dropout(P) as the forward used it, and the keep scale of each element
+        // P' = dropout(P) as the forward used it, and the keep scale of each element (hidden keys: P is 0 and so is
+        // their dS below, so their scale does not matter and is not hashed)
         for (int i = 0; i < s.q_len; ++i) {
           uint64_t row_index = ((static_cast<uint64_t>(seq) * s.heads + h) * s.q_len + i) * s.k_len;
+          int64_t nk = keys_visible(s, key_len[seq], i);
           for (int64_t j = 0; j < k_len; ++j) {
-            float scale = 1.f;
-            if (dropout_rate > 0.f)
-              scale = dropout_keep(seed, site, row_index + j, dropout_rate) ? 1.f / (1.f - dropout_rate) : 0.f;
+            float scale = j < nk ? mask.scale(row_index + j) : 0.f;
             dropped[i * k_len + j] = p[i * k_len + j] * scale;
             transposed[i * k_len + j] = scale;  // (for now: the scales)
           }

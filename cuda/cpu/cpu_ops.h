@@ -61,8 +61,8 @@ void ia3_scale_backward(const float* dy, const float* x, const std::vector<const
 // ---- dropout.cc: inverted dropout with masks that are a pure function of (seed, site, index), so the
 // backward pass (and any backend) regenerates the same mask without storing it ----
 bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, float rate);
-void dropout_forward(float* x, int64_t n, float rate, uint64_t seed, uint64_t site);  // in place
-void dropout_backward(float* dx, int64_t n, float rate, uint64_t seed, uint64_t site);  // in place (same mask)
+void dropout_forward(ThreadPool& pool, float* x, int64_t n, float rate, uint64_t seed, uint64_t site);  // in place
+void dropout_backward(ThreadPool& pool, float* dx, int64_t n, float rate, uint64_t seed, uint64_t site);  // in place (same mask)
 
 // ---- attention.cc ----
 // bias[h][i][j] = table[bucket(j - i)][h], table = relative_attention_bias.weight [num_buckets, heads].

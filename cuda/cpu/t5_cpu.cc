@@ -283,10 +283,10 @@ class CpuEngine : public Engine {
   }
 
   void drop(Pass& p, float* x, int64_t n, uint64_t site) {
-    if (p.train && p.dropout > 0.f) cpu::dropout_forward(x, n, p.dropout, p.seed, site);
+    if (p.train && p.dropout > 0.f) cpu::dropout_forward(pool_, x, n, p.dropout, p.seed, site);
   }
   void drop_back(Pass& p, float* dx, int64_t n, uint64_t site) {
-    if (p.train && p.dropout > 0.f) cpu::dropout_backward(dx, n, p.dropout, p.seed, site);
+    if (p.train && p.dropout > 0.f) cpu::dropout_backward(pool_, dx, n, p.dropout, p.seed, site);
   }
 
   // ---------------- forward ----------------
