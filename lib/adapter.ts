@@ -6,7 +6,7 @@ import * as path from 'path';
 import { FileFormatError, InvalidAdapterError, InvalidArgumentError, TfewError } from './errors';
 import type { NativeConfig } from './native';
 import { readSafetensorsHeader, readTensorF32, writeSafetensors } from './safetensors';
-import { readTorchCheckpoint } from './torch-pt';
+import { isZipFile, readTorchCheckpoint } from './torch-pt';
 
 export interface IA3Module {
   /** PEFT module name without 'base_model.model.', e.g. 'encoder.block.0.layer.0.SelfAttention.k.ia3_l'. */
@@ -279,15 +279,14 @@ function readAdapterVectors(file: string): LoadedVectors {
     if (fs.existsSync(bin)) return readTorchAdapter(bin);
     throw new InvalidAdapterError(`no adapter_model.safetensors (or adapter_model.bin) in ${file}`);
   }
-  const head = Buffer.alloc(4);
-  const fd = fs.openSync(file, 'r');
+  let zip: boolean;
   try {
-    fs.readSync(fd, head, 0, 4, 0);
-  } finally {
-    fs.closeSync(fd);
+    zip = isZipFile(file);
+  } catch (e) {
+    if (e instanceof FileFormatError) throw new InvalidAdapterError(`not a readable adapter: ${e.message}`);
+    throw e;
   }
-  if (head[0] === 0x50 && head[1] === 0x4b) return readTorchAdapter(file);
-  return readPeftSafetensors(file);
+  return zip ? readTorchAdapter(file) : readPeftSafetensors(file);
 }
 
 function readPeftSafetensors(file: string): LoadedVectors {

@@ -108,18 +108,7 @@ export interface TorchTensorRange {
  * needs it refuses it (resolveCheckpoint), one that does not goes on.
  */
 export async function indexTorchCheckpoint(file: string): Promise<Map<string, TorchTensorRange>> {
-  const head = Buffer.alloc(4);
-  try {
-    const fd = fs.openSync(file, 'r');
-    try {
-      fs.readSync(fd, head, 0, 4, 0);
-    } finally {
-      fs.closeSync(fd);
-    }
-  } catch (e) {
-    throw new FileFormatError(`${file}: cannot read: ${(e as Error).message}`);
-  }
-  checkSignature(head, file);
+  checkSignature(fileHead(file), file);
   let zip: yauzl.ZipFile;
   try {
     zip = await yauzl.openPromise(file, { lazyEntries: true, autoClose: false, strictFileNames: false });
@@ -196,6 +185,27 @@ export async function indexTorchCheckpoint(file: string): Promise<Map<string, To
   } finally {
     zip.close();
   }
+}
+
+/** The first 4 bytes of a file (fewer if it is shorter); FileFormatError when it cannot be read. */
+function fileHead(file: string): Buffer {
+  const head = Buffer.alloc(4);
+  try {
+    const fd = fs.openSync(file, 'r');
+    try {
+      return head.subarray(0, fs.readSync(fd, head, 0, 4, 0));
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (e) {
+    throw new FileFormatError(`${file}: cannot read: ${(e as Error).message}`);
+  }
+}
+
+/** Whether a file starts with a zip signature, as torch.save's files (>= 1.6) do. */
+export function isZipFile(file: string): boolean {
+  const head = fileHead(file);
+  return head.length >= 2 && head[0] === 0x50 && head[1] === 0x4b;
 }
 
 function checkSignature(head: Uint8Array, file: string): void {
