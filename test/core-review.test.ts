@@ -323,9 +323,19 @@ describe('T5Model edge cases', () => {
     const choices = [[[3, 1], [0]], ...fx.choices.slice(1)];
     await expect(model.rankClassify(fx.inputIds, choices)).rejects.toThrow(/only pad tokens/);
     await expect(model.lossAndGradients({ inputIds: fx.inputIds, choices, labels: fx.labels })).rejects.toBeInstanceOf(InvalidArgumentError);
-    // a pad inside a choice is masked like T-Few does; the choice keeps its other tokens
+    // a pad inside a choice is masked like T-Few does (the decoder still reads it as the next input); the choice
+    // keeps its other tokens: its sum and score are those of tokens 3 and 1 alone, from the logits at their positions
     const r = await model.rankClassify([fx.inputIds[0]], [[[3, 0, 1], [4, 1]]]);
-    r.scores[0].forEach((s) => expect(Number.isFinite(s)).toBe(true));
+    const logits = (await model.choiceLogits([fx.inputIds[0]], [[[3, 0, 1], [4, 1]]]))[0][0];
+    const V = model.config.vocabSize;
+    const logSoftmax = (t: number, token: number) => {
+      const row = Array.from(logits.subarray(t * V, (t + 1) * V));
+      const max = Math.max(...row);
+      return row[token] - max - Math.log(row.reduce((acc, x) => acc + Math.exp(x - max), 0));
+    };
+    const kept = logSoftmax(0, 3) + logSoftmax(2, 1);
+    expect(r.logProbs[0][0]).toBeCloseTo(kept, 4);
+    expect(r.scores[0][0]).toBeCloseTo(kept / 2, 4);
   });
 
   test('seed and scheduleStep must be non-negative integers', async () => {

@@ -29,6 +29,7 @@ describe('dispose()', () => {
   test('calls made before dispose() complete (several chunks each); calls after it reject with DisposedError', async () => {
     const ref = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
     const want = await ref.rankClassify(inputs, choices, { adapter: a });
+    const wantEncoded = await ref.encode(inputs);
     await ref.dispose();
 
     const m = await T5Model.load(fx.dir, { device: 'cpu', threads: 1 });
@@ -42,6 +43,7 @@ describe('dispose()', () => {
     expect(maxRel(r1.logProbs.flat(), want.logProbs.flat())).toBeLessThan(1e-5);
     expect(maxRel(r2.logProbs.flat(), want.logProbs.flat())).toBeLessThan(1e-5);
     expect(r3).toHaveLength(4);
+    r3.forEach((e, i) => expect(Array.from(e)).toEqual(Array.from(wantEncoded[i])));  // (weights still live as it ran)
     await disposed;
     expect(m.disposed).toBe(true);
     await m.dispose();  // twice: nothing happens

@@ -132,6 +132,28 @@ describe.each(CHECKPOINTS)('T-Few optimizer vs the fixtures of %s', (ckpt) => {
     expect(opt.scheduleStep).toBe(31);
   });
 
+  // At step 1 Adafactor's update is about sign(g) whatever g's scale, so the test above cannot see the clipping.
+  // Over two steps of different gradient norms it shows: clipping at 1 must equal feeding the gradients scaled to
+  // norm 1 / (norm + 1e-6) (torch.nn.utils.clip_grad_norm_'s coefficient) with clipping off, and differ from no clip.
+  test('clipping over two steps equals pre-scaling each gradient to the clip norm', () => {
+    const before = fx.flat(fx.ref, 'ia3.value.');
+    const norm = (g: ArrayLike<number>) => Math.sqrt(Array.from(g).reduce((a, x) => a + x * x, 0));
+    const grad = fx.flat(fx.ref, 'ia3.grad.');
+    const g1 = grad.map((x) => (5 * x) / norm(grad));  // norm 5
+    const g2 = g1.map((x, i) => (i % 3 === 0 ? 7 * x : -0.5 * x));  // another direction and norm
+    expect(Math.min(norm(g1), norm(g2))).toBeGreaterThan(1);  // (both clipped)
+    const run = (clipNorm: number, grads: number[][]) => {
+      const params = before.slice();
+      const opt = new TfewOptimizer(fx.modules, { lr: 3e-3, totalSteps: 1000, warmupRatio: 0.06, clipNorm });
+      grads.forEach((g) => opt.step(params, Float64Array.from(g), { scheduleStep: 30 }));
+      return diff(params, before);
+    };
+    const scaled = (g: ArrayLike<number>) => Array.from(g, (x) => x / (norm(g) + 1e-6));
+    const clipped = run(1, [Array.from(g1), Array.from(g2)]);
+    expect(relErr(clipped, run(0, [scaled(g1), scaled(g2)]))).toBeLessThan(1e-12);
+    expect(relErr(clipped, run(0, [Array.from(g1), Array.from(g2)]))).toBeGreaterThan(1e-2);
+  });
+
   test('the schedule gives the fixture learning rates of steps 2 and 3 (schedule steps 31 and 61)', () => {
     const opt = new TfewOptimizer(fx.modules, {});
     expect(Math.abs(opt.lrAt(31) - fx.scalar(fx.opt, 'tfew_opt.step2.lr'))).toBeLessThan(1e-12);

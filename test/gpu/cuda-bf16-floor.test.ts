@@ -3,9 +3,8 @@
 // that cost alone. The CUDA bf16 path (bf16 weights and GEMM inputs, fp32 accumulation, fp32 residual stream and
 // (IA)3 vectors) should add little to it. Measured at session 9: the CUDA bf16 errors are 0.7-1.6x this floor for
 // the encoder states, logits, sums, losses and (IA)3 gradients of both tiny checkpoints. A path that rounds
-// something to bf16 that should stay fp32 shows up here, where the emulator's loose tolerance (EMULATOR_BF16_TOL,
-// there to catch wrong code) would not notice it: a bf16 residual stream in the training forward gave 3.8x
-// (the relu checkpoint's UL gradient).
+// something to bf16 that should stay fp32 shows up here, where twice PyTorch's (larger) error would not notice it:
+// a bf16 residual stream in the training forward gave 3.8x (the relu checkpoint's UL gradient).
 //
 // Why this predicts the GPU rule (twice PyTorch's own bf16 error, cuda-fixtures and cuda-training): PyTorch's
 // pure-bf16 T5 has the same bf16 weights and rounds more on top (a bf16 residual stream, bf16 gradients), so its
@@ -26,6 +25,12 @@ jest.setTimeout(300_000);
 
 /** How much the bf16 path may add to the error of bf16 weights alone (the worst measured ratio is 1.56). */
 const FLOOR_FACTOR = 2;
+/**
+ * The same for one (IA)3 module's gradient: a module's few values are decided by fewer roundings, so its ratio
+ * scatters more (session 11: 0.49-2.15 over the 64 module x loss gradients of each checkpoint, the norms over all
+ * modules within 1.6).
+ */
+const MODULE_FLOOR_FACTOR = 2.5;
 
 /** A copy of a checkpoint directory whose model weights are stored as bf16 (adapters and configs as they are). */
 function bf16WeightsCopy(dir: string): string {
@@ -42,7 +47,8 @@ function bf16WeightsCopy(dir: string): string {
 
 interface Errors {
   encoderHidden: number; logits: number; sumLogp: number; scores: number; losses: number;
-  gradients: Record<string, number>;
+  gradients: Record<string, number>;  // per loss, the norm over all modules
+  moduleGradients: Record<string, number>;  // per loss and module
 }
 
 const LOSS_WEIGHTS: Record<string, { lmWeight: number; ulWeight: number; lnWeight: number }> = {
@@ -79,7 +85,7 @@ async function errorsOf(model: T5Model, fx: ReturnType<typeof loadFixture>, adap
   }));
   const r = await model.rankClassify(fx.inputIds, fx.choices, { adapter });
   const batch = { inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels };
-  const gradients: Record<string, number> = {};
+  const gradients: Record<string, number> = {}, moduleGradients: Record<string, number> = {};
   let losses = 0;
   for (const [key, weights] of Object.entries(LOSS_WEIGHTS)) {
     const g = await model.lossAndGradients(batch, { adapter, ...weights });
@@ -91,6 +97,8 @@ async function errorsOf(model: T5Model, fx: ReturnType<typeof loadFixture>, adap
     for (const m of adapter.modules) {
       all.push(...g.gradients[m.name]);
       expected.push(...fx.get(`ia3.${key}.${m.name}`));
+      // each module on its own too: an error confined to one small module would vanish in the norm over all
+      moduleGradients[`${key} ${m.name}`] = relError(g.gradients[m.name], fx.get(`ia3.${key}.${m.name}`));
     }
     gradients[key] = relError(all, expected);
   }
@@ -98,12 +106,12 @@ async function errorsOf(model: T5Model, fx: ReturnType<typeof loadFixture>, adap
     encoderHidden, logits: relError(ours, refs),
     sumLogp: relError(r.logProbs.flat(), fx.get('ia3.sum_logp')),
     scores: relError(r.scores.flat(), fx.get('ia3.scores')),
-    losses, gradients,
+    losses, gradients, moduleGradients,
   };
 }
 
 (emulated() ? describe : describe.skip)('CUDA bf16 against the error of bf16 weights alone (emulator)', () => {
-  test.each(CHECKPOINTS)(`%s: forward, losses and (IA)3 gradients within ${FLOOR_FACTOR}x the floor`, async (name) => {
+  test.each(CHECKPOINTS)(`%s: forward, losses and (IA)3 gradients within ${FLOOR_FACTOR}x the floor (${MODULE_FLOOR_FACTOR}x per module)`, async (name) => {
     const fx = loadFixture(name);
     const rounded = bf16WeightsCopy(fx.dir);
     try {
@@ -111,22 +119,26 @@ async function errorsOf(model: T5Model, fx: ReturnType<typeof loadFixture>, adap
       const floor = await errorsOf(cpu, fx, path.join(fx.dir, 'adapter_a')).finally(() => cpu.dispose());
       const gpu = await loadCuda(fx.dir, 'bf16');
       const bf16 = await errorsOf(gpu, fx, path.join(fx.dir, 'adapter_a')).finally(() => gpu.dispose());
-      const pairs: [string, number, number][] = [
+      const pairs: [string, number, number, number][] = [
         ['encoder states', bf16.encoderHidden, floor.encoderHidden], ['logits', bf16.logits, floor.logits],
         ['sums of log-probs', bf16.sumLogp, floor.sumLogp], ['scores', bf16.scores, floor.scores],
         ['losses', bf16.losses, floor.losses],
-        ...Object.keys(LOSS_WEIGHTS).map((k): [string, number, number] => [k, bf16.gradients[k], floor.gradients[k]]),
-      ];
-      for (const [what, ours, weightsOnly] of pairs) {
+        ...Object.keys(bf16.gradients).map((k): [string, number, number] => [k, bf16.gradients[k], floor.gradients[k]]),
+      ].map(([w, o, f]) => [w as string, o as number, f as number, FLOOR_FACTOR]);
+      const modules = Object.keys(bf16.moduleGradients)
+        .map((k): [string, number, number, number] => [k, bf16.moduleGradients[k], floor.moduleGradients[k], MODULE_FLOOR_FACTOR]);
+      for (const [what, ours, weightsOnly, factor] of [...pairs, ...modules]) {
         // (the floor is bf16's own: well above fp32 rounding, so it cannot be 0 by accident)
         expect(weightsOnly).toBeGreaterThan(1e-4);
-        if (!(ours <= FLOOR_FACTOR * weightsOnly)) {
+        if (!(ours <= factor * weightsOnly)) {
           throw new Error(`${name} ${what}: bf16 error ${ours.toExponential(2)} is ${(ours / weightsOnly).toFixed(2)}x the ` +
-                          `error of bf16 weights alone (${weightsOnly.toExponential(2)}); at most ${FLOOR_FACTOR}x`);
+                          `error of bf16 weights alone (${weightsOnly.toExponential(2)}); at most ${factor}x`);
         }
       }
+      const ratios = modules.map(([, o, f]) => o / f);
       // eslint-disable-next-line no-console
-      console.log(`${name}: bf16 / weights-only error: ${pairs.map(([w, o, f]) => `${w} ${(o / f).toFixed(2)}`).join(', ')}`);
+      console.log(`${name}: bf16 / weights-only error: ${pairs.map(([w, o, f]) => `${w} ${(o / f).toFixed(2)}`).join(', ')}; ` +
+                  `per module ${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)}`);
     } finally {
       fs.rmSync(rounded, { recursive: true, force: true });
     }

@@ -72,8 +72,12 @@ describeCuda('CUDA backend vs golden fixtures', () => {
         const refScores = [0, 1, 2].map((b) => fx.get(`${variant}.scores`).subarray(b * C, (b + 1) * C));
         const expectedPred = Array.from(fx.get(`${variant}.pred`));
         expect(argmaxRows(refScores)).toEqual(expectedPred);
-        // A prediction can only flip where the reference margin is within the precision's error.
-        for (const b of clearWinners(refScores, 4 * scoreTol)) expect(r.predictions[b]).toBe(expectedPred[b]);
+        // The predictions are the scores' argmax; with the scores within scoreTol, a prediction can only differ
+        // from the reference's where its margin is within 2 x scoreTol (every example here has a wider one).
+        expect(r.predictions).toEqual(argmaxRows(r.scores));
+        const clear = clearWinners(refScores, 2 * scoreTol);
+        expect(clear.length).toBeGreaterThan(0);
+        for (const b of clear) expect(r.predictions[b]).toBe(expectedPred[b]);
       });
     }
 

@@ -89,7 +89,8 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
       expect(maxRelError(r.logProbs.flat(), cpuPlain.logProbs.flat())).toBeLessThan(tol('sum_logp'));
       expect(maxRelError(r.scores.flat(), cpuPlain.scores.flat())).toBeLessThan(tol('scores'));
       const expected = argmaxRows(cpuPlain.scores);
-      for (const b of clearWinners(cpuPlain.scores, 4 * tol('scores'))) expect(r.predictions[b]).toBe(expected[b]);
+      expect(r.predictions).toEqual(argmaxRows(r.scores));
+      for (const b of clearWinners(cpuPlain.scores, 2 * tol('scores'))) expect(r.predictions[b]).toBe(expected[b]);
     });
 
     let firstMixed: number[] | undefined; // the first call of this shape runs eagerly (no graph yet)

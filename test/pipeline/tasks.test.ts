@@ -41,6 +41,11 @@ describe('NumPy-compatible MT19937 (the sampler T-Few used)', () => {
     expect([...shuffled].sort((a, b) => a - b)).toEqual(items);
     expect(shuffled).not.toEqual(items);
     expect(sampleFewShot(items, 10, 42)).toEqual(shuffled.slice(0, 10));
+    // numpy's own answers (numpy.random.RandomState(seed).shuffle(list(range(n)))), without the data directory
+    expect(shuffled.slice(0, 10)).toEqual([83, 53, 70, 45, 44, 39, 22, 80, 10, 0]);
+    const thousand = new NumpyRandomState(7).shuffle(Array.from({ length: 1000 }, (_, i) => i));
+    expect([...thousand.slice(0, 8), ...thousand.slice(-3)]).toEqual([778, 334, 271, 802, 216, 408, 812, 94, 537, 196, 175]);
+    expect(new NumpyRandomState(2 ** 32 - 1).shuffle([0, 1, 2, 3, 4])).toEqual([4, 1, 0, 2, 3]);
     expect(() => new NumpyRandomState(-1)).toThrow(RangeError);
   });
 
