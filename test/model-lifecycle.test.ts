@@ -9,6 +9,8 @@ import { checkAdapterSnapshots } from './helpers/adapter-snapshots';
 import { loadFixture } from './helpers/reference';
 import { t0_3bConfigJson } from '../benchmarks/random-t5';
 import { parseT5Config } from '../lib/config';
+import { native } from '../lib/native';
+import { buildTinyT5 } from '../lib/tiny';
 
 const fx = loadFixture('tiny-gated-gelu-untied');
 const inputs = [[5, 6, 7, 8, 1], [9, 10, 1], [11, 12, 13, 1], [14, 1]];
@@ -24,6 +26,35 @@ beforeAll(async () => {
   b = await IA3Adapter.load(path.join(fx.dir, 'adapter_b'));
 });
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+// The CPU backend keeps freed large buffers for the next call (cuda/cpu/scratch.h): reused memory must not change
+// a result, the cache must not grow call after call of one shape, and dispose() must give it all back.
+describe('the CPU backend\'s buffer cache', () => {
+  test('calls on reused buffers give the results of fresh ones; dispose() empties the cache', async () => {
+    const cached = () => (native()._testing as unknown as { cpuScratchCachedBytes(): number }).cpuScratchCachedBytes();
+    const dir = fs.mkdtempSync(path.join(tmp, 'scratch-'));
+    buildTinyT5(dir, { words: ['alpha', 'beta', 'gamma'], dModel: 128, dFf: 512, numLayers: 2, numHeads: 4, dKv: 32, seed: 5 });
+    const m = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    try {
+      // 3 x 300 tokens: activations of 300 x 512 floats and attention rows of 300 x 300, above the cache's 256 KiB
+      const ids = (n: number, k: number) => [...Array.from({ length: n - 1 }, (_, i) => 2 + ((i * 7 + k) % 4)), 1];  // (a vocabulary of 6)
+      const batch = { inputIds: [ids(300, 1), ids(280, 2), ids(300, 3)], choices: [[ids(3, 1), ids(4, 2)], [ids(2, 3), ids(5, 4)], [ids(3, 5), ids(3, 6)]], labels: [0, 1, 0] };
+      const adapter = IA3Adapter.create(m, 1.1);
+      const first = await m.lossAndGradients(batch, { adapter, dropout: true, seed: 3 });
+      const afterFirst = cached();
+      expect(afterFirst).toBeGreaterThan(1 << 20);
+      const scoresFresh = await m.rankClassify(batch.inputIds, batch.choices);
+      const second = await m.lossAndGradients(batch, { adapter, dropout: true, seed: 3 });
+      expect(second.totalLoss).toBe(first.totalLoss);
+      expect(Array.from(second.adapterGradients.get(adapter)!)).toEqual(Array.from(first.adapterGradients.get(adapter)!));
+      expect(cached()).toBe(afterFirst);  // the same shapes: the same blocks again, nothing more kept
+      expect((await m.rankClassify(batch.inputIds, batch.choices)).scores).toEqual(scoresFresh.scores);
+    } finally {
+      await m.dispose();
+    }
+    expect(cached()).toBe(0);
+  });
+});
 
 describe('dispose()', () => {
   test('calls made before dispose() complete (several chunks each); calls after it reject with DisposedError', async () => {

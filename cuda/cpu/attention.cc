@@ -8,6 +8,7 @@
 #include "core/dropout_mask.h"
 #include "cpu_ops.h"
 #include "model/relative_position.h"
+#include "scratch.h"
 
 namespace tfew {
 namespace cpu {
@@ -35,7 +36,7 @@ void attention_forward(ThreadPool& pool, const AttentionShape& s, const float* q
   const DropoutMask mask(dropout_rate, seed, site);
   // One job per (sequence, head); a head's q, k, v and output are its d_kv columns of the [tokens, inner] matrices.
   pool.parallel_for(static_cast<int64_t>(s.batch) * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dropped(dropout_rate > 0.f ? q_len * k_len : 0);
+    FloatBuffer dropped(dropout_rate > 0.f ? q_len * k_len : 0);
     for (int64_t job = begin; job < end; ++job) {
       int seq = static_cast<int>(job / s.heads), h = static_cast<int>(job % s.heads);
       int kv = kv_of ? kv_of[seq] : seq;
@@ -92,7 +93,7 @@ void attention_backward(ThreadPool& pool, const AttentionShape& s, const float* 
   // One job per head: heads own disjoint columns of dq/dk/dv, so sequences that share a K/V accumulate
   // into it without races and in a fixed order.
   pool.parallel_for(s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dropped(q_len * k_len), dp(q_len * k_len), transposed(q_len * k_len);
+    FloatBuffer dropped(q_len * k_len), dp(q_len * k_len), transposed(q_len * k_len);
     for (int64_t h = begin; h < end; ++h) {
       for (int seq = 0; seq < s.batch; ++seq) {
         int kv = kv_of ? kv_of[seq] : seq;

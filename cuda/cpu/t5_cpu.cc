@@ -16,12 +16,13 @@
 #include "io/mapped_file.h"
 #include "cpu_ops.h"
 #include "model/engine.h"
+#include "scratch.h"
 
 namespace tfew {
 namespace {
 
 using cpu::AttentionShape;
-using Vec = std::vector<float>;
+using Vec = cpu::FloatBuffer;  // (large blocks reused between calls: scratch.h)
 
 struct AttentionWeights {
   Vec q, k, v, o;  // [inner, d] x3, [d, inner]
@@ -80,9 +81,9 @@ class CpuEngine : public Engine {
     Pass pass(batch, adapters, /*train=*/false, 0);
     forward(pass);
     ScoreOutput out;
-    out.token_logp = std::move(pass.token_logp);
-    if (want_logits) out.logits = std::move(pass.logits);
-    if (want_encoder) out.encoder_hidden = std::move(pass.enc_out);
+    out.token_logp.assign(pass.token_logp.begin(), pass.token_logp.end());
+    if (want_logits) out.logits.assign(pass.logits.begin(), pass.logits.end());
+    if (want_encoder) out.encoder_hidden.assign(pass.enc_out.begin(), pass.enc_out.end());
     return out;
   }
 
@@ -101,9 +102,10 @@ class CpuEngine : public Engine {
     out.ul_loss = lo.ul;
     out.ln_loss = lo.ln;
     out.total_loss = lo.total;
-    out.gradients.assign(adapters.vectors.size() * layout_.total, 0.f);
-    backward(pass, lo.dtoken_logp, out.gradients);
-    out.token_logp = std::move(pass.token_logp);
+    Vec gradients(adapters.vectors.size() * layout_.total, 0.f);
+    backward(pass, lo.dtoken_logp, gradients);
+    out.gradients.assign(gradients.begin(), gradients.end());
+    out.token_logp.assign(pass.token_logp.begin(), pass.token_logp.end());
     return out;
   }
 
@@ -145,6 +147,7 @@ class CpuEngine : public Engine {
     Vec().swap(enc_embed_);
     Vec().swap(dec_embed_);
     Vec().swap(head_);
+    cpu::scratch_trim();  // (the weights' blocks too: dispose() gives the memory back)
   }
 
  private:
@@ -567,6 +570,7 @@ class CpuEngine : public Engine {
     }
   }
 
+  cpu::ScratchUser scratch_user_;  // (first: destroyed after every buffer below)
   T5Config cfg_;
   IA3Layout layout_;
   ThreadPool pool_;

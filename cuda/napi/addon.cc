@@ -25,6 +25,7 @@
 #include "core/errors.h"
 #include "core/thread_pool.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/scratch.h"
 #include "io/mapped_file.h"
 #include "model/engine.h"
 #include "model/graph_buckets.h"
@@ -1311,6 +1312,10 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       cpu::position_bias(table.data(), heads, q_len, k_len, bidirectional, buckets, max_distance, bias.Data());
       return resolved(info.Env(), bias);
     });
+  }));
+  // cpuScratchCachedBytes() -> number: bytes the CPU backend's block cache holds for reuse (cuda/cpu/scratch.h)
+  testing.Set("cpuScratchCachedBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    return Napi::Number::New(info.Env(), static_cast<double>(cpu::scratch_cached_bytes()));
   }));
   // readAfterTruncation(): a temporary file mapped, truncated and read (a truncation during loading): rejects
   // with the Io error, and the process lives on
