@@ -346,7 +346,10 @@ export function native(): NativeAddon {
   } catch (e) {
     // eslint-disable-next-line @typescript-eslint/no-var-requires
     const { NativeLoadError } = require('./errors');
-    loadError = new NativeLoadError(`the native addon could not be loaded: ${(e as Error).message}. Run "npm run build:native".`);
+    // (npm builds the addon in the package's install script; npm 11 may skip that until the package is approved)
+    loadError = new NativeLoadError(`the native addon could not be loaded: ${(e as Error).message}. Build it with ` +
+      '"npm rebuild @tfew/cuda" (in a checkout of @tfew/cuda: "npm run build:native"); if npm skipped its install ' +
+      'script, approve it first: "npm install-scripts approve @tfew/cuda"');
     throw loadError;
   }
 }

@@ -39,6 +39,21 @@ function smallBatch(overrides: Partial<NativeBatch> = {}): NativeBatch {
   };
 }
 
+// A machine where the addon was never built (npm skipped the install script, or the build failed): the first
+// call is a typed NativeLoadError that says how to build it, and T5Model.load rejects with it.
+test('no native addon: NativeLoadError naming the way to build it', () => {
+  const lib = JSON.stringify(path.join(packageRoot(), 'dist', 'lib'));
+  const script = `const t = require(${lib});
+    try { t.backendInfo(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ name: e.constructor.name, code: e.code, message: e.message })); }
+    t.T5Model.load(${JSON.stringify(loadFixture('tiny-relu-tied').dir)}, { device: 'cpu' })
+      .then(() => console.log('loaded'), (e) => console.log(JSON.stringify({ load: e.constructor.name })));`;
+  const r = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_NATIVE_ADDON: path.join(os.tmpdir(), 'no-such-addon.node') }, encoding: 'utf8' });
+  const [first, second] = r.stdout.trim().split('\n').map((l) => JSON.parse(l));
+  expect(first).toMatchObject({ name: 'NativeLoadError', code: 'E_NATIVE_LOAD' });
+  expect(first.message).toMatch(/could not be loaded: .*no-such-addon\.node[\s\S]*npm rebuild @tfew\/cuda.*npm install-scripts approve @tfew\/cuda/);
+  expect(second).toEqual({ load: 'NativeLoadError' });
+});
+
 describe('thread pool: exceptions inside parallel_for', () => {
   const pool = native()._testing;
   const run = (o: Partial<Parameters<typeof pool.parallelFor>[0]>) =>
