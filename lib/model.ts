@@ -1,6 +1,6 @@
 // T5Model: the public entry point. Loads a Hugging Face T5/T0 directory onto a backend (CUDA when usable, else
 // the CPU reference), tokenizes, batches, and runs rank classification and the T-Few losses and gradients.
-import * as path from 'path';
+import * as fs from 'fs';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
@@ -250,8 +250,12 @@ export class T5Model {
   readonly deviceReason: string;
   /** CUDA: the GPU the model is on (an index among the visible ones; CudaOptions.device); null on the CPU. */
   readonly gpuIndex: number | null;
+  /** What the backend computes in: 'fp32' on the CPU; on CUDA cuda.precision, else TFEW_CUDA_PRECISION, else 'bf16'. */
+  readonly precision: 'fp32' | 'bf16';
   private nativeModel: NativeModel | undefined;
   private readonly tensors: NativeTensorSpec[];
+  // Which bytes the weights are: each tensor's file (symbolic links resolved, at load) and place in it.
+  private readonly weightsKey: string;
   private readonly threads: number;
   private readonly cudaOptions: CudaOptions | undefined;
   // Native calls of this model run one after another. The addon serialises them with a mutex anyway, but a call
@@ -270,11 +274,18 @@ export class T5Model {
     this.cudaOptions = cudaOptions;
     this.config = config;
     this.tensors = tensors;
+    const real = new Map<string, string>();
+    const realPath = (file: string) => {
+      if (!real.has(file)) real.set(file, fs.realpathSync(file));
+      return real.get(file)!;
+    };
+    this.weightsKey = JSON.stringify(tensors.map((t) => [t.name, realPath(t.file), t.offset, t.dtype]));
     this.tokenizer = tokenizer;
     this.nativeModel = nm;
     this.device = nm.device;
     this.deviceReason = reason;
     this.gpuIndex = nm.device === 'cuda' ? gpuIndex : null;
+    this.precision = nm.precision;
   }
 
   /**
@@ -370,14 +381,12 @@ export class T5Model {
   replicaMismatch(other: T5Model): string | null {
     if (other === this) return 'it is the same model object';
     if (JSON.stringify(other.config) !== JSON.stringify(this.config)) return 'their configs differ';
-    const weights = (m: T5Model) => JSON.stringify(m.tensors.map((t) => [t.name, path.resolve(t.file), t.offset, t.dtype]));
-    if (weights(other) !== weights(this)) return `their weights differ (${this.dir} and ${other.dir})`;
+    if (other.weightsKey !== this.weightsKey) return `their weights differ (${this.dir} and ${other.dir})`;
     const merged = (m: T5Model) => m.mergedVectors ?? new Float32Array(0);
     const [a, b] = [merged(this), merged(other)];
     if (a.length !== b.length || a.some((x, i) => !Object.is(x, b[i]))) return 'they have different adapters merged into their weights';
     if (other.device !== this.device) return `they run on different backends (${this.device}, ${other.device})`;
-    const precision = (m: T5Model) => (m.device === 'cuda' ? m.cudaOptions?.precision ?? 'bf16' : 'fp32');
-    if (precision(other) !== precision(this)) return `they compute in different precisions (${precision(this)}, ${precision(other)})`;
+    if (other.precision !== this.precision) return `they compute in different precisions (${this.precision}, ${other.precision})`;
     return null;
   }
 

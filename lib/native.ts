@@ -203,6 +203,8 @@ export interface GraphStats {
 
 export interface NativeModel {
   readonly device: 'cpu' | 'cuda';
+  /** What the engine computes in (CUDA: cuda.precision, else TFEW_CUDA_PRECISION, else bf16). */
+  readonly precision: 'fp32' | 'bf16';
   describe(): string;
   graphStats(): GraphStats;
   /** adapters: flat Float32Arrays laid out by IA3 layout order (lib/adapter.ts), referenced by index. */

@@ -31,16 +31,17 @@ export function assertReplicas<M>(models: readonly M[], what: string): void {
 let threadPoolWarned = false;
 /**
  * Each running native call holds one of libuv's threads (UV_THREADPOOL_SIZE, 4 by default, fixed at the pool's
- * first use), which fs, zlib and dns share: replicas beyond what it holds wait for a thread instead of running.
- * A process warning, once; `tfew ... --cuda-devices` raises the size itself.
+ * first use), which fs, zlib and dns share: replicas beyond what it holds wait for a thread instead of running, and
+ * replicas that hold all but one leave fs and dns waiting. A process warning, once, unless two threads are left
+ * over; `tfew ... --cuda-devices` raises the size itself.
  */
 export function warnIfThreadPoolSmall(replicas: number, what: string): void {
   const size = Number(process.env.UV_THREADPOOL_SIZE) || 4;
   if (replicas <= 1 || replicas + 2 <= size || threadPoolWarned) return;
   threadPoolWarned = true;
-  process.emitWarning(`${what}: ${replicas} replicas share libuv's ${size} threads, which each running call holds: set ` +
-    `UV_THREADPOOL_SIZE=${replicas + 4} (in the environment, before the process starts) so that all of them run at once`,
-  { code: 'TFEW_THREADPOOL' });
+  process.emitWarning(`${what}: ${replicas} replicas share libuv's ${size} threads with fs, dns and zlib, and each running ` +
+    `call holds one: set UV_THREADPOOL_SIZE=${replicas + 4} (in the environment, before the process starts) so that ` +
+    'all of them can run at once with threads to spare', { code: 'TFEW_THREADPOOL' });
 }
 
 /**

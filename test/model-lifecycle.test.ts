@@ -1,6 +1,7 @@
 // The model's lifecycle and misuse from plain JavaScript: dispose() lets the calls made before it finish,
 // merged adapters compose, and wrong arguments, unwritable adapter paths and the Trainer's saveTo give typed
 // errors (the last before any training step).
+import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -49,10 +50,40 @@ describe('the CPU backend\'s buffer cache', () => {
       expect(Array.from(second.adapterGradients.get(adapter)!)).toEqual(Array.from(first.adapterGradients.get(adapter)!));
       expect(cached()).toBe(afterFirst);  // the same shapes: the same blocks again, nothing more kept
       expect((await m.rankClassify(batch.inputIds, batch.choices)).scores).toEqual(scoresFresh.scores);
+      // then smaller calls only: the large call's blocks go back to the system after two calls that did not use them
+      const small = { inputIds: [ids(90, 1), ids(80, 2)], choices: [[ids(3, 1), ids(4, 2)], [ids(2, 3), ids(5, 4)]], labels: [0, 1] };
+      const kept: number[] = [];
+      for (let k = 0; k < 4; k++) {
+        await m.lossAndGradients(small, { adapter });
+        kept.push(cached());
+      }
+      expect(kept[3]).toBeLessThan(afterFirst / 4);
+      expect(kept[3]).toBe(kept[2]);  // (the small calls' own blocks, reused)
     } finally {
       await m.dispose();
     }
     expect(cached()).toBe(0);
+  });
+
+  test('TFEW_CPU_BUFFER_CACHE_MB=0 turns the cache off', () => {
+    const script = `const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'))});
+      const { native } = require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'lib', 'native'))});
+      (async () => {
+        const m = await T5Model.load(${JSON.stringify(fx.dir)}, { device: 'cpu', threads: 1 });
+        const ids = Array.from({ length: 299 }, (_, i) => 5 + (i % 20)).concat([1]);
+        await m.rankClassify([ids, ids], [[[4, 1], [5, 1]], [[6, 1], [7, 1]]]);
+        console.log(native()._testing.cpuScratchCachedBytes());
+        await m.dispose();
+      })();`;
+    const run = (mb: string | undefined) => {
+      const env = { ...process.env };
+      if (mb === undefined) delete env.TFEW_CPU_BUFFER_CACHE_MB; else env.TFEW_CPU_BUFFER_CACHE_MB = mb;
+      const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+      expect(r.stderr).toBe('');
+      return Number(r.stdout.trim());
+    };
+    expect(run(undefined)).toBeGreaterThan(0);
+    expect(run('0')).toBe(0);
   });
 });
 

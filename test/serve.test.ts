@@ -322,8 +322,19 @@ describe('RankBatcher', () => {
       expect(() => new RankBatcher([model, twin, merged])).toThrow(/model 2 is not one of model 0 \(they have different adapters merged/);
       expect(() => new RankBatcher([model, model])).toThrow(/distinct/);
       expect(() => new RankBatcher([])).toThrow(InvalidArgumentError);
-      // the same checkpoint loaded twice (threads may differ) is a replica; so are two models with the same adapter merged
+      // the same checkpoint loaded twice (threads may differ, or through a symbolic link) is a replica; so are two
+      // models with the same adapter merged
       expect(model.replicaMismatch(twin)).toBeNull();
+      expect(model.precision).toBe('fp32');
+      const link = `${copy}-link`;
+      fs.symlinkSync(dir, link);
+      const linked = await T5Model.load(link, { device: 'cpu', threads: 1 });
+      try {
+        expect(model.replicaMismatch(linked)).toBeNull();
+      } finally {
+        await linked.dispose();
+        fs.rmSync(link);
+      }
       const mergedTwin = await twin.withMergedAdapter(randomAdapter(model, 5));
       try {
         expect(merged.replicaMismatch(mergedTwin)).toBeNull();

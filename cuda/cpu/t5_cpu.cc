@@ -68,6 +68,7 @@ class CpuEngine : public Engine {
   }
 
   const char* device() const override { return "cpu"; }
+  const char* precision() const override { return "fp32"; }
   const T5Config& config() const override { return cfg_; }
   std::string describe() const override {
     std::ostringstream o;
@@ -78,6 +79,7 @@ class CpuEngine : public Engine {
   ScoreOutput score(const Batch& batch, const AdapterSet& adapters, bool want_logits, bool want_encoder) override {
     check_alive();
     validate(batch, adapters, false);
+    cpu::scratch_new_call();
     Pass pass(batch, adapters, /*train=*/false, 0);
     forward(pass);
     ScoreOutput out;
@@ -90,6 +92,7 @@ class CpuEngine : public Engine {
   LossOutput loss_and_gradients(const Batch& batch, const AdapterSet& adapters, const LossOptions& opt) override {
     check_alive();
     validate(batch, adapters, true);
+    cpu::scratch_new_call();
     Pass pass(batch, adapters, /*train=*/true, opt.dropout ? opt.seed : 0);
     pass.dropout = opt.dropout ? cfg_.dropout_rate : 0.f;
     forward(pass);

@@ -76,6 +76,7 @@ class CudaEngine final : public Engine {
   ~CudaEngine() override { release(); }
 
   const char* device() const override { return "cuda"; }
+  const char* precision() const override { return precision_name(); }
   const T5Config& config() const override { return config_; }
   std::string describe() const override;
 

@@ -112,6 +112,7 @@ class Engine {
  public:
   virtual ~Engine() = default;
   virtual const char* device() const = 0;  // "cpu" or "cuda"
+  virtual const char* precision() const = 0;  // of weights and activations: "fp32" or "bf16"
   virtual const T5Config& config() const = 0;
   virtual std::string describe() const = 0;  // one line for logs: device, threads / GPU name
 

@@ -354,6 +354,7 @@ struct ModelHolder {
   T5Config config;
   int64_t ia3_size = 0;
   std::string device;
+  std::string precision;  // the engine's: "fp32" or "bf16"
   // The last describe() text. Read and written on the main thread only (describe() must not wait for the
   // lock while a call runs: that would block the event loop).
   std::string description;
@@ -536,6 +537,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeModel",
                        {InstanceAccessor<&NativeModel::Device>("device"),
+                        InstanceAccessor<&NativeModel::Precision>("precision"),
                         InstanceMethod<&NativeModel::Describe>("describe"),
                         InstanceMethod<&NativeModel::GraphStatsOf>("graphStats"),
                         InstanceMethod<&NativeModel::Score>("score"),
@@ -551,6 +553,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
  private:
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), holder_->device); }
+  Napi::Value Precision(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), holder_->precision); }
 
   // Never waits for the model's lock (a running call holds it for seconds: the event loop would stall); while
   // a call runs it returns the last description.
@@ -871,6 +874,7 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         holder_->engine = make_cuda_engine(config_, source, cuda_);
       else
         holder_->engine = make_cpu_engine(config_, source, threads_);
+      holder_->precision = holder_->engine->precision();
       // (a failure here releases the engine: the holder dies with this worker)
       if (!reserve_.empty()) holder_->engine->reserve(reserve_);
       holder_->description = holder_->engine->describe();

@@ -44,6 +44,7 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
       try {
         expect(() => new RankBatcher([explicit, bf16])).toThrow(/they compute in different precisions \(fp32, bf16\)/);
         expect(explicit.replicaMismatch(fp32)).toBeNull();
+        expect([bf16.precision, fp32.precision]).toEqual(['bf16', 'fp32']);
       } finally {
         await bf16.dispose();
         await fp32.dispose();
@@ -51,6 +52,22 @@ describeCuda('cuda.device: which GPU a model runs on', () => {
     } finally {
       await explicit.dispose();
     }
+  });
+
+  // TFEW_CUDA_PRECISION sets the precision of models loaded without cuda.precision (read by the addon, so in a
+  // child process): model.precision and the replica check see the engine's, not the option's.
+  test('TFEW_CUDA_PRECISION: model.precision is what the engine runs', () => {
+    const script = `const { T5Model, RankBatcher } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'lib'))});
+      (async () => {
+        const dir = ${JSON.stringify(fx.dir)};
+        const unset = await T5Model.load(dir, { device: 'cuda' });
+        const fp32 = await T5Model.load(dir, { device: 'cuda', cuda: { precision: 'fp32' } });
+        const bf16 = await T5Model.load(dir, { device: 'cuda', cuda: { precision: 'bf16' } });
+        console.log(JSON.stringify({ unset: unset.precision, fp32: unset.replicaMismatch(fp32), bf16: unset.replicaMismatch(bf16) }));
+        for (const m of [unset, fp32, bf16]) await m.dispose();
+      })().catch((e) => console.log(JSON.stringify({ fatal: String(e) })));`;
+    const r = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_CUDA_PRECISION: 'fp32' }, encoding: 'utf8', timeout: 120_000 });
+    expect(JSON.parse(r.stdout.trim().split('\n').pop()!)).toEqual({ unset: 'fp32', fp32: null, bf16: 'they compute in different precisions (fp32, bf16)' });
   });
 
   // The checks with two GPUs (a script, so that the emulator can run it with two emulated GPUs in a child process).

@@ -90,7 +90,9 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
       expect(maxRelError(r.scores.flat(), cpuPlain.scores.flat())).toBeLessThan(tol('scores'));
       const expected = argmaxRows(cpuPlain.scores);
       expect(r.predictions).toEqual(argmaxRows(r.scores));
-      for (const b of clearWinners(cpuPlain.scores, 2 * tol('scores'))) expect(r.predictions[b]).toBe(expected[b]);
+      const clear = clearWinners(cpuPlain.scores, 2 * tol('scores'));
+      expect(clear.length).toBeGreaterThan(0);
+      for (const b of clear) expect(r.predictions[b]).toBe(expected[b]);
     });
 
     let firstMixed: number[] | undefined; // the first call of this shape runs eagerly (no graph yet)
