@@ -179,6 +179,38 @@ describe('API behaviour on the CPU backend', () => {
   });
 });
 
+// Two CPU models run at once (each call on its own libuv thread, each model with its own worker threads), sharing
+// the process-wide buffer cache (cuda/cpu/scratch.h) with calls of different shapes: every result must equal the
+// same call run alone.
+test('two CPU models running at once, calls of mixed shapes: the results of calls run alone', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-two-'));
+  try {
+    buildTinyT5(dir, { words: ['alpha', 'beta', 'gamma'], dModel: 96, dFf: 256, numLayers: 2, numHeads: 4, dKv: 24, seed: 9 });
+    const [a, b] = await Promise.all([T5Model.load(dir, { device: 'cpu', threads: 2 }), T5Model.load(dir, { device: 'cpu', threads: 2 })]);
+    try {
+      const ids = (n: number, k: number) => [...Array.from({ length: n - 1 }, (_, i) => 2 + ((i * 5 + k) % 4)), 1];
+      const batch = (n: number, k: number) => ({ inputIds: [ids(n, k), ids(n - 7, k + 1)], choices: [[ids(3, k), ids(2, k)], [ids(4, k), ids(2, k + 1)]], labels: [0, 1] });
+      const adapter = IA3Adapter.create(a, 1.05);
+      const jobs = [300, 260, 180, 300, 120, 240].map((n, k) => ({ n, k, train: k % 2 === 0 }));
+      const run = (m: T5Model, j: { n: number; k: number; train: boolean }) => (j.train
+        ? m.lossAndGradients(batch(j.n, j.k), { adapter, dropout: true, seed: j.k }).then((g) => [g.totalLoss, ...g.adapterGradients.get(adapter)!])
+        : m.rankClassify(batch(j.n, j.k).inputIds, batch(j.n, j.k).choices, { adapter }).then((r) => r.scores.flat()));
+      const alone: number[][] = [];
+      for (const j of jobs) alone.push(await run(a, j));
+      const together = await Promise.all(jobs.flatMap((j) => [run(a, j), run(b, j)]));
+      jobs.forEach((_, i) => {
+        expect(together[2 * i]).toEqual(alone[i]);
+        expect(together[2 * i + 1]).toEqual(alone[i]);
+      });
+    } finally {
+      await a.dispose();
+      await b.dispose();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 describe('lifecycle and the event loop', () => {
   test('dispose: later calls reject with DisposedError, dispose twice is fine, in-flight calls finish', async () => {
     const fx = loadFixture('tiny-relu-tied');
