@@ -79,6 +79,14 @@ function modelDir(name: string) {
   };
 }
 
+/** A damaged file on its own, named `name`. */
+function asFile(name: string) {
+  return (bytes: Buffer, dir: string): string => {
+    fs.writeFileSync(path.join(dir, name), bytes);
+    return path.join(dir, name);
+  };
+}
+
 /** Loads the model and scores one example (garbage weights may give any numbers, never a crash). */
 async function loadAndScore(dir: string): Promise<void> {
   await resolveCheckpoint(dir);
@@ -131,12 +139,8 @@ const python = spawnSync('python3', ['-c', 'import zipfile, pickle'], { stdio: '
 test('adapter_model.safetensors and config.json: typed errors', async () => {
   const adapter = fs.readFileSync(path.join(fixture, 'adapter_a', 'adapter_model.safetensors'));
   const headerEnd = 8 + Number(adapter.readBigUInt64LE(0));
-  const asAdapter = (bytes: Buffer, dir: string) => {
-    fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), bytes);
-    return path.join(dir, 'adapter_model.safetensors');
-  };
   const config = readT5Config(fixture);
-  const a = await fuzz(adapter, [[0, headerEnd]], asAdapter, (file) => IA3Adapter.load(file, { config }));
+  const a = await fuzz(adapter, [[0, headerEnd]], asFile('adapter_model.safetensors'), (file) => IA3Adapter.load(file, { config }));
   expect(a.errors.has('InvalidAdapterError')).toBe(true);
   const json = fs.readFileSync(path.join(fixture, 'config.json'));
   const c = await fuzz(json, [[0, json.length]], (bytes, dir) => {
@@ -154,15 +158,11 @@ if (!haveTokenizer) console.warn(`[tfew tests] skipping the tokenizer fuzz cases
   const use = (t: T5Tokenizer) => { t.encode('A damaged tokenizer, 12 tokens or so.'); };
   const spiece = fs.readFileSync(path.join(tokenizerDir, 'spiece.model'));
   // the protobuf's first records (the trainer and normalizer specs sit at the end; the pieces from the start)
-  const s = await fuzz(spiece, [[0, 4096], [spiece.length - 4096, spiece.length]], (bytes, dir) => {
-    fs.writeFileSync(path.join(dir, 'spiece.model'), bytes);
-    return path.join(dir, 'spiece.model');
-  }, async (file) => use(T5Tokenizer.fromSentencePiece(file)));
+  const s = await fuzz(spiece, [[0, 4096], [spiece.length - 4096, spiece.length]], asFile('spiece.model'),
+    async (file) => use(T5Tokenizer.fromSentencePiece(file)));
   expect(s.errors.size).toBeGreaterThan(0);
   const json = fs.readFileSync(path.join(tokenizerDir, 'tokenizer.json'));
-  const j = await fuzz(json, [[0, 4096], [json.length - 65536, json.length]], (bytes, dir) => {
-    fs.writeFileSync(path.join(dir, 'tokenizer.json'), bytes);
-    return path.join(dir, 'tokenizer.json');
-  }, async (file) => use(T5Tokenizer.fromFile(file)));
+  const j = await fuzz(json, [[0, 4096], [json.length - 65536, json.length]], asFile('tokenizer.json'),
+    async (file) => use(T5Tokenizer.fromFile(file)));
   expect(j.errors.size).toBeGreaterThan(0);
 });
