@@ -87,7 +87,8 @@ export function parseT5Config(json: unknown, file: string): T5ModelConfig {
 
   // T5's buckets: exact ones for distances below max_exact (num_buckets / 4 in the bidirectional encoder, / 2 in the
   // decoder), then log-spaced up to max_distance. Without an exact bucket, or with max_distance not above max_exact,
-  // the log spacing divides by zero or goes negative and the bucket falls outside the table.
+  // the log spacing divides by zero or goes negative and the bucket falls outside the table (the addon's check:
+  // relative_buckets_valid in cuda/model/relative_position.h).
   if (config.numBuckets < 4 || config.maxDistance <= Math.floor(config.numBuckets / 2)) {
     throw new InvalidModelError(`${file}: relative_attention_num_buckets ${config.numBuckets} and relative_attention_max_distance ` +
       `${config.maxDistance} do not make T5's position buckets (at least 4 buckets, and max_distance above num_buckets / 2)`);

@@ -202,17 +202,18 @@ function fileHead(file: string): Buffer {
   }
 }
 
+const zipSignature = (head: Uint8Array): boolean => head.length >= 2 && head[0] === 0x50 && head[1] === 0x4b;  // "PK"
+
 /** Whether a file starts with a zip signature, as torch.save's files (>= 1.6) do. */
 export function isZipFile(file: string): boolean {
-  const head = fileHead(file);
-  return head.length >= 2 && head[0] === 0x50 && head[1] === 0x4b;
+  return zipSignature(fileHead(file));
 }
 
 function checkSignature(head: Uint8Array, file: string): void {
   if (head.length >= 2 && head[0] === 0x80) {
     throw new FileFormatError(`${file}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with a recent PyTorch`);
   }
-  if (head.length < 4 || head[0] !== 0x50 || head[1] !== 0x4b) {
+  if (head.length < 4 || !zipSignature(head)) {
     throw new FileFormatError(`${file}: not a PyTorch zip checkpoint (no zip signature)`);
   }
 }

@@ -8,7 +8,6 @@
 #include <map>
 #include <mutex>
 #include <new>
-#include <string>
 #include <unordered_map>
 
 namespace tfew {

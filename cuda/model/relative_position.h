@@ -4,11 +4,25 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace tfew {
 
-// relative = key position - query position.
+// Distances below this get a bucket each; the rest share log-spaced buckets up to max_distance.
+inline int relative_max_exact(int num_buckets, bool bidirectional) { return (bidirectional ? num_buckets / 2 : num_buckets) / 2; }
+
+// Whether the settings make buckets inside the table in both directions (encoder and decoder): the log spacing
+// divides by log(max_distance / max_exact), so it needs max_exact >= 1 and max_distance above it.
+inline bool relative_buckets_valid(int num_buckets, int max_distance) {
+  for (bool bidirectional : {true, false}) {
+    const int max_exact = relative_max_exact(num_buckets, bidirectional);
+    if (max_exact < 1 || max_distance <= max_exact) return false;
+  }
+  return true;
+}
+
+// relative = key position - query position (settings that pass relative_buckets_valid).
 inline int32_t relative_position_bucket(int relative, bool bidirectional, int num_buckets, int max_distance) {
   int32_t bucket = 0;
   int n;
@@ -19,7 +33,7 @@ inline int32_t relative_position_bucket(int relative, bool bidirectional, int nu
   } else {
     n = relative < 0 ? -relative : 0;
   }
-  const int max_exact = num_buckets / 2;
+  const int max_exact = num_buckets / 2;  // (= relative_max_exact of the caller's num_buckets)
   if (n < max_exact) return bucket + n;
   // float32 throughout, like torch: log(n / max_exact) / log(max_distance / max_exact) * (num_buckets - max_exact)
   const float ratio = static_cast<float>(n) / static_cast<float>(max_exact);

@@ -29,6 +29,7 @@
 #include "io/mapped_file.h"
 #include "model/engine.h"
 #include "model/graph_buckets.h"
+#include "model/relative_position.h"
 #ifdef TFEW_CUDA_EMULATION
 #include "emu/emu_selftest.h"
 #endif
@@ -103,8 +104,7 @@ static T5Config to_config(const Napi::Object& o) {
   if (c.vocab_size <= 0 || c.d_model <= 0 || c.d_ff <= 0 || c.d_kv <= 0 || c.num_heads <= 0 || c.num_layers <= 0 ||
       c.num_decoder_layers <= 0 || c.num_buckets <= 1 || c.max_distance <= 0)
     fail(ErrorCode::InvalidModel, "config has a non-positive dimension");
-  // (relative_position_bucket divides by log(max_distance / max_exact): lib/config.ts says why)
-  if (c.num_buckets < 4 || c.max_distance <= c.num_buckets / 2)
+  if (!relative_buckets_valid(c.num_buckets, c.max_distance))
     fail(ErrorCode::InvalidModel, "config: relative_attention_num_buckets and relative_attention_max_distance do not make T5's position buckets");
   if (static_cast<int64_t>(c.num_heads) * c.d_kv > INT32_MAX) fail(ErrorCode::InvalidModel, "config: num_heads * d_kv is too large");
   if (!(c.layer_norm_eps > 0) || !(c.dropout_rate < 1))  // a tiny eps or a rate just below 1 may round in float
@@ -1308,7 +1308,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       const int heads = size_arg(o, "heads"), q_len = size_arg(o, "qLen"), k_len = size_arg(o, "kLen");
       const int buckets = size_arg(o, "numBuckets"), max_distance = size_arg(o, "maxDistance");
       const bool bidirectional = get_bool(o, "bidirectional");
-      const int max_exact = (bidirectional ? buckets / 2 : buckets) / 2;  // (the log-spaced buckets divide by log(maxDistance / it))
+      const int max_exact = relative_max_exact(buckets, bidirectional);  // (the log-spaced buckets divide by log(maxDistance / it))
       if (max_exact < 1 || max_distance <= max_exact || static_cast<double>(heads) * q_len * k_len > (1 << 26))
         fail(ErrorCode::InvalidArgument, "cpuPositionBias: too few buckets for maxDistance, or over 2^26 elements");
       const std::vector<float> table = f32_arg(o, "table", static_cast<double>(buckets) * heads, false);
