@@ -7,7 +7,7 @@ import { asyncDispose } from './disposable';
 import { buildBatch, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
 import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -238,6 +238,20 @@ function checkMaxInputLength(value: number | undefined): number {
   return v;
 }
 
+/** Which bytes the weights are, for replicaMismatch: each tensor's file (symbolic links resolved) and place in it. */
+function weightsIdentity(tensors: readonly NativeTensorSpec[]): string {
+  const real = new Map<string, string>();
+  for (const t of tensors) {
+    if (real.has(t.file)) continue;
+    try {
+      real.set(t.file, fs.realpathSync(t.file));
+    } catch (e) {
+      throw new FileFormatError(`${t.file}: cannot read: ${(e as Error).message}`);
+    }
+  }
+  return JSON.stringify(tensors.map((t) => [t.name, real.get(t.file), t.offset, t.dtype]));
+}
+
 export class T5Model {
   readonly dir: string;
   readonly config: T5ModelConfig;
@@ -254,8 +268,7 @@ export class T5Model {
   readonly precision: 'fp32' | 'bf16';
   private nativeModel: NativeModel | undefined;
   private readonly tensors: NativeTensorSpec[];
-  // Which bytes the weights are: each tensor's file (symbolic links resolved, at load) and place in it.
-  private readonly weightsKey: string;
+  private readonly weightsKey: string;  // weightsIdentity(tensors), at load
   private readonly threads: number;
   private readonly cudaOptions: CudaOptions | undefined;
   // Native calls of this model run one after another. The addon serialises them with a mutex anyway, but a call
@@ -268,18 +281,14 @@ export class T5Model {
   private disposing: Promise<void> | undefined;
 
   private constructor(dir: string, config: T5ModelConfig, tensors: NativeTensorSpec[], tokenizer: T5Tokenizer | undefined,
-                      nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined, gpuIndex: number) {
+                      nm: NativeModel, reason: string, threads: number, cudaOptions: CudaOptions | undefined, gpuIndex: number,
+                      weightsKey: string) {
     this.dir = dir;
     this.threads = threads;
     this.cudaOptions = cudaOptions;
     this.config = config;
     this.tensors = tensors;
-    const real = new Map<string, string>();
-    const realPath = (file: string) => {
-      if (!real.has(file)) real.set(file, fs.realpathSync(file));
-      return real.get(file)!;
-    };
-    this.weightsKey = JSON.stringify(tensors.map((t) => [t.name, realPath(t.file), t.offset, t.dtype]));
+    this.weightsKey = weightsKey;
     this.tokenizer = tokenizer;
     this.nativeModel = nm;
     this.device = nm.device;
@@ -328,6 +337,7 @@ export class T5Model {
     // Everything that can fail without the weights is checked first: a failure after the native load would
     // leave the weights (device memory too) waiting for the garbage collector.
     const { tokenizer, missing: noTokenizer } = T5Tokenizer.forModel(dir);
+    const weightsKey = weightsIdentity(tensors);
     if (options.mergeAdapter) options.mergeAdapter.assertCompatible(config);
     let nm: NativeModel;
     try {
@@ -338,7 +348,8 @@ export class T5Model {
       throw fromNative(e);
     }
     // (a copy: the caller's object may change; withMergedAdapter loads with it again)
-    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, cudaOptions && { ...cudaOptions }, probe.deviceIndex);
+    const model = new T5Model(dir, config, tensors, tokenizer, nm, reason, threads, cudaOptions && { ...cudaOptions }, probe.deviceIndex,
+                              weightsKey);
     model.noTokenizer = noTokenizer;
     if (options.mergeAdapter) {
       try {
