@@ -43,6 +43,7 @@ T_START = time.time()  # before the imports (10-20 s): the time budget counts fr
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network: never try the hub
 
 import torch
+import torch._dynamo  # imported here: an import inside cmd_bench would make `torch` a local name there
 from transformers.modeling_outputs import BaseModelOutput
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32 whatever the environment says
@@ -488,8 +489,6 @@ def cmd_bench(args):
         mode = "reduce-overhead" if B == 1 else "default"
 
         def compiled_run(run=run, w=w, mode=mode, name=name):
-            import torch._dynamo
-
             torch._dynamo.reset()  # a fresh compile per workload (comparable to baselines.md's compile times)
             counters = torch._dynamo.utils.counters
             counters.clear()
@@ -507,8 +506,6 @@ def cmd_bench(args):
                 f"(cudagraph skips {w['cudagraph_skips']}, graph breaks {w['graph_breaks']})")
 
         if attempt(result, f"{name} compile", compiled_run) is None and f"{name} compile" in result.get("failures", {}):
-            import torch._dynamo
-
             torch._dynamo.reset()
         save()
     log(f"wrote {args.out}")
