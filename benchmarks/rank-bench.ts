@@ -20,8 +20,10 @@
 //                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
 //                 the encoder's q|k|v / q|k|v and wi projections recomputed in the backward (LossOptions.recompute
 //                 'attention' / 'all': less device memory). TRAIN-3B folds the cross-attention under 'auto';
-//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-CUBLAS-BACKWARD
-//                 with the encoder attention backward on cuBLAS instead of the fused kernels (second loads).
+//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-FUSED-BACKWARD
+//                 with the encoder attention backward in the fused kernels instead of cuBLAS (second loads).
+//                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too
+//                 (cuda.fusedAttention false; a third load).
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -327,31 +329,38 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     await model.dispose();
   }
 
-  // The other cross-attention path for each rank workload ('auto' folds RANK-3B-B32 and precomputes
-  // RANK-3B-B1): the numbers that tune folds_cross_attention's threshold. On the same loads, TRAIN-3B without
-  // the fold and with the cuBLAS encoder attention backward (cuda.fusedBackward false) instead of the fused one.
-  for (const [name, batch, crossAttention] of [['RANK-3B-B32-PRECOMPUTED', b32, 'precomputed'],
-                                               ['RANK-3B-B1-FOLDED', b1, 'folded']] as const) {
-    const trainName = crossAttention === 'precomputed' ? 'TRAIN-3B-PRECOMPUTED' : 'TRAIN-3B-CUBLAS-BACKWARD';
-    const names = crossAttention === 'precomputed' ? [name, trainName, 'RANK-3B-B1-VARIED-EXACT', 'RANK-3B-SMALL-VARIED-EXACT'] : [name, trainName];
+  // The other paths, on second loads: the precomputed cross-attention for each rank workload ('auto' folds both
+  // RANK-3B-B32 and RANK-3B-B1) and TRAIN-3B, the numbers that tune folds_cross_attention's rule; TRAIN-3B with the
+  // fused encoder attention backward (cuda.fusedBackward true) instead of cuBLAS; RANK-3B-B32 and TRAIN-3B with the
+  // encoder attention forward on cuBLAS too (cuda.fusedAttention false).
+  const variants = [
+    { variant: 'precomputed', cuda: { crossAttention: 'precomputed', graphBuckets: false },
+      rank: [['RANK-3B-B32-PRECOMPUTED', b32], ['RANK-3B-B1-PRECOMPUTED', b1]], trainName: 'TRAIN-3B-PRECOMPUTED' },
+    { variant: 'fused-backward', cuda: { fusedBackward: true }, rank: [], trainName: 'TRAIN-3B-FUSED-BACKWARD' },
+    { variant: 'unfused', cuda: { fusedAttention: false }, rank: [['RANK-3B-B32-UNFUSED', b32]], trainName: 'TRAIN-3B-UNFUSED' },
+  ] as const;
+  for (const { variant, cuda, rank, trainName } of variants) {
+    const names: string[] = [...rank.map(([n]) => n), trainName];
+    if (variant === 'precomputed') names.push('RANK-3B-B1-VARIED-EXACT', 'RANK-3B-SMALL-VARIED-EXACT');
     if (lost || names.every((n) => n in workloads || n in result.failures!)) continue;
     const before = usedMiB();
-    const fusedBackward = trainName !== 'TRAIN-3B-CUBLAS-BACKWARD';
     let alt: T5Model | undefined;
-    await attempt(`load cuda ${JSON.stringify({ crossAttention, fusedBackward })}`, async () => {
+    await attempt(`load cuda ${JSON.stringify(cuda)}`, async () => {
       // (the precomputed load runs every call at its exact shape, for RANK-3B-B1-VARIED-EXACT: its other workloads
-      // are too large for the buckets)
-      alt = await T5Model.load(modelDir, { device: 'cuda', cuda: { crossAttention, fusedBackward, graphBuckets: crossAttention !== 'precomputed' } });
+      // are too large for the buckets, or repeat one shape)
+      alt = await T5Model.load(modelDir, { device: 'cuda', cuda });
     }, () => false);
     if (!alt) continue;
     const altModel = alt;
-    await attempt(name, async () => {
-      workloads[name] = await timeWorkload(altModel, batch, adapter, profileFile, warmups, runs);
-      workloads[name].deviceMiB = usedMiB() - before;
-      console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
-                  `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
-    });
-    if (crossAttention === 'precomputed') {
+    for (const [name, batch] of rank) {
+      await attempt(name, async () => {
+        workloads[name] = await timeWorkload(altModel, batch, adapter, profileFile, warmups, runs);
+        workloads[name].deviceMiB = usedMiB() - before;
+        console.log(`[rank-bench] ${name}: wall ${workloads[name].medianWallMs.toFixed(2)} ms, forward ` +
+                    `${workloads[name].medianForwardMs.toFixed(2)} ms, device memory ${(workloads[name].deviceMiB! / 1024).toFixed(2)} GiB`);
+      });
+    }
+    if (variant === 'precomputed') {
       await attempt('RANK-3B-B1-VARIED-EXACT', async () => {
         workloads['RANK-3B-B1-VARIED-EXACT'] = await variedWorkload(altModel);
       });
@@ -365,7 +374,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       workloads[trainName].deviceMiB = usedMiB() - before;
     });
     if (!lost) {
-      (result.graphStats ??= {})[`cross-attention ${crossAttention}${result.processes && result.processes > 1 ? ` (process ${result.processes})` : ''}`] = altModel.graphStats();
+      (result.graphStats ??= {})[`${variant}${result.processes && result.processes > 1 ? ` (process ${result.processes})` : ''}`] = altModel.graphStats();
       await altModel.dispose();
     }
   }
@@ -638,15 +647,15 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
           }
         });
         await check(`${tag} fused attention backward vs cuBLAS backward`, 1e-1, async () => {
-          const cublas = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: false });
+          const fused = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: true });
           try {
-            if (!/backward fused/.test(m.describe()) || !/backward cuBLAS/.test(cublas.describe()))
-              throw new Error(`expected the fused and the cuBLAS backward: ${m.describe()} | ${cublas.describe()}`);
+            if (!/backward fused/.test(fused.describe()) || !/backward cuBLAS/.test(m.describe()))
+              throw new Error(`expected the fused and the cuBLAS backward: ${fused.describe()} | ${m.describe()}`);
             const opts = { adapter: [a, b, a], dropout: true, seed: 3 };  // (the fixtures' dropout rate is 0)
-            const [x, y] = [await m.lossAndGradients(batch, opts), await cublas.lossAndGradients(batch, opts)];
+            const [x, y] = [await fused.lossAndGradients(batch, opts), await m.lossAndGradients(batch, opts)];
             return Math.max(...[a, b].map((v) => relErr(x.adapterGradients.get(v) as Float32Array, y.adapterGradients.get(v) as Float32Array)));
           } finally {
-            await cublas.dispose();
+            await fused.dispose();
           }
         });
       }

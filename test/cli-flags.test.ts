@@ -95,6 +95,10 @@ describe('tfew CUDA flags', () => {
     expect(JSON.parse(lines[lines.length - 1]).label).toMatch(/^(good|bad)$/);
 
     load.mockClear();
+    expect(await run('classify', ...model, ...task, '--input', input, '--cuda-fused-backward')).toBe(0);
+    expect(loadedCuda()).toStrictEqual({ fusedBackward: true });  // the opt-in form of a switch that is off by default
+
+    load.mockClear();
     expect(await run('eval', ...model, ...task, '--recompute', 'all')).toBe(1);
     expect(lines).toContain("ERR error: unknown option '--recompute'");
     expect(load).not.toHaveBeenCalled();
@@ -285,7 +289,7 @@ describe('tfew CUDA flags', () => {
   test('--help lists the flags', async () => {
     expect(await run('train', '--help')).toBe(0);
     const help = lines.join('\n');
-    for (const flag of ['--cuda-device <n>', '--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
+    for (const flag of ['--cuda-device <n>', '--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--cuda-fused-backward', '--no-cuda-fused-backward',
       '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
       expect(help).toContain(flag);
     }

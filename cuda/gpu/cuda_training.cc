@@ -114,9 +114,12 @@ float* CudaEngine<T>::train_to_device(const Batch& b, int n_adapters, const Loss
   if (profiler_.detail()) gemm_.time_as("gemm");
   const Launch launch = launch_cached(train_graphs_, key, [&] {
     enqueue_train_forward(tp, drop);
-    kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
-                         f.row_example, f.labels, shape.batch, f.loss_weights, tp.loss_scratch, tp.losses, tp.dlogp,
-                         stream_);
+    {
+      Span span(profiler_, "logprobs", stream_);
+      kernels::tfew_losses(f.token_logp, f.targets, shape.rows, shape.dec_len, config_.pad_token_id, f.row_start,
+                           f.row_example, f.labels, shape.batch, f.loss_weights, tp.loss_scratch, tp.losses, tp.dlogp,
+                           stream_);
+    }
     if (!shape.adapters) return;
     TFEW_CUDA_CHECK(cudaMemsetAsync(tp.grads, 0, static_cast<size_t>(n_adapters) * layout_.total * sizeof(float),
                                     stream_));
@@ -143,13 +146,25 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
 
   // encoder
-  kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
+  {
+    Span span(profiler_, "embedding+bias", s);
+    kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
+  }
   // the fp32 residual stream in f.x_enc; each sub-layer's input saved as T (TrainPlan)
   float* x = f.x_enc;
-  kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x, s);
-  kernels::dropout_inplace<float>(x, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
-  kernels::dropout_cast<T>(x, static_cast<int64_t>(Ne) * d, kNoDropout, Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final,
-                           s);
+  {
+    Span span(profiler_, "embedding+bias", s);
+    kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x, s);
+  }
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<float>(x, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
+  }
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_cast<T>(x, static_cast<int64_t>(Ne) * d, kNoDropout, Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final,
+                             s);
+  }
   // Each sub-layer's residual add also normalises the stream for the next one (residual_add_norm): the norm
   // outputs (f.h_enc, f.h_dec) are made there, but for the first layer's.
   if (Lenc > 0) kernels::rmsnorm_forward(t.enc_x_attn[0], weights_.encoder[0].ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
@@ -163,23 +178,35 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
       if (fused_attention_) {
         const kernels::KeepBits keep{t.keep_bits_saved ? t.enc_keep_bits[l] : nullptr, true};
-        kernels::fused_encoder_attention(t.enc_qkv[l], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, enc_ix,
-                                         ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s,
-                                         nullptr, keep);
+        {
+          Span span(profiler_, "encoder_attention", s);
+          kernels::fused_encoder_attention(t.enc_qkv[l], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, enc_ix,
+                                           ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s,
+                                           nullptr, keep);
+        }
         fused = true;
       }
     }
     if (!fused) {
-      kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[l], f.qkv_enc, 3 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v,
-                                      s);
+      {
+        Span span(profiler_, "ia3", s);
+        kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[l], f.qkv_enc, 3 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v,
+                                        s);
+      }
       gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, 3 * inner, Le, dkv, B * H);
-      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
-                                  f.probs, s);
+      {
+        Span span(profiler_, "softmax", s);
+        kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, at_site(drop, 0, l, kSelfProbs),
+                                    f.probs, s);
+      }
       gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
     }
     gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
-    kernels::residual_add_norm<T>(x, t.sublayer_out, Ne, d, at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], L.ln_ff,
-                                  eps, 1.f, f.h_enc, s);
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::residual_add_norm<T>(x, t.sublayer_out, Ne, d, at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], L.ln_ff,
+                                    eps, 1.f, f.h_enc, s);
+    }
     const bool last = l + 1 == Lenc;  // then the next norm is the final one, into the encoder output
     train_ffn_forward(t, x, f.h_enc, t.enc_ff_pre[l], f.act_enc, L.wi, L.wo, Ne, enc_ix, ia3.ff,
                       at_site(drop, 0, l, kFfHidden), at_site(drop, 0, l, kFfOut),
@@ -187,39 +214,66 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
                       last ? weights_.enc_final_ln : weights_.encoder[l + 1].ln_attn, 1.f, last ? f.enc_out : f.h_enc);
   }
   if (Lenc == 0) kernels::rmsnorm_forward(t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, 1.f, f.enc_out, s);
-  kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<T>(f.enc_out, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+  }
 
   // decoder
   if (!f.shape.folded_cross)
     gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
-  kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
+  {
+    Span span(profiler_, "embedding+bias", s);
+    kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
+  }
   float* y = f.x_dec;  // (the encoder's stream is done: same bytes)
-  kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y, s);
-  kernels::dropout_inplace<float>(y, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
-  kernels::dropout_cast<T>(y, static_cast<int64_t>(Nd) * d, kNoDropout, Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final,
-                           s);
+  {
+    Span span(profiler_, "embedding+bias", s);
+    kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y, s);
+  }
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<float>(y, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
+  }
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_cast<T>(y, static_cast<int64_t>(Nd) * d, kNoDropout, Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final,
+                             s);
+  }
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   if (Ldec > 0) kernels::rmsnorm_forward(t.dec_x_self[0], weights_.decoder[0].ln_self, Nd, d, eps, 1.f, f.h_dec, s);
   for (int l = 0; l < Ldec; ++l) {
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
     gemm_.linear<T, T>(f.h_dec, d, L.qkv, d, t.dec_qkv[l], 3 * inner, Nd, 3 * inner, d, 0.f);
-    kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
-                                       dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
-                                       inner, s);
+    {
+      Span span(profiler_, "decoder_attention", s);
+      kernels::decoder_self_attention<T>(t.dec_qkv[l], 3 * inner, inner, dkv, H, R, Ld, f.dec_bias, f.row_example,
+                                         dec_ix, ia3.self_k, ia3.self_v, at_site(drop, 1, l, kSelfProbs), f.ctx_dec,
+                                         inner, s);
+    }
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l],
-                                  L.ln_cross, eps, 1.f, f.h_dec, s);
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kSelfOut), t.dec_x_cross[l],
+                                    L.ln_cross, eps, 1.f, f.h_dec, s);
+    }
     gemm_.linear<T, T>(f.h_dec, d, L.q_cross, d, t.dec_q_cross[l], inner, Nd, inner, d, 0.f);
     if (f.shape.folded_cross)
       train_folded_cross_forward(t, l, at_site(drop, 1, l, kCrossProbs));
     else
-      kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
-                                  inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
-                                  ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
+      {
+        Span span(profiler_, "decoder_attention", s);
+        kernels::cross_attention<T>(t.dec_q_cross[l], inner, f.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols,
+                                    inner, dkv, H, R, Ld, f.row_example, f.enc_lengths, Le, dec_ix, ia3.cross_k,
+                                    ia3.cross_v, at_site(drop, 1, l, kCrossProbs), f.ctx_dec, inner, s);
+      }
     gemm_.linear<T, float>(f.ctx_dec, inner, L.o_cross, inner, t.sublayer_out, d, Nd, d, inner, 0.f);
-    kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], L.ln_ff,
-                                  eps, 1.f, f.h_dec, s);
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::residual_add_norm<T>(y, t.sublayer_out, Nd, d, at_site(drop, 1, l, kCrossOut), t.dec_x_ff[l], L.ln_ff,
+                                    eps, 1.f, f.h_dec, s);
+    }
     const bool last = l + 1 == Ldec;  // then the next norm is the final one (with the tied head's rescale)
     train_ffn_forward(t, y, f.h_dec, t.dec_ff_pre[l], f.act_dec, L.wi, L.wo, Nd, dec_ix, ia3.ff,
                       at_site(drop, 1, l, kFfHidden), at_site(drop, 1, l, kFfOut),
@@ -227,9 +281,15 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
                       last ? weights_.dec_final_ln : weights_.decoder[l + 1].ln_self, last ? head_scale : 1.f, f.h_dec);
   }
   if (Ldec == 0) kernels::rmsnorm_forward(t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, head_scale, f.h_dec, s);
-  kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<T>(f.h_dec, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  }
   gemm_.linear<T, float>(f.h_dec, d, weights_.lm_head, d, f.logits, V, Nd, V, d, 0.f);
-  kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
+  {
+    Span span(profiler_, "logprobs", s);
+    kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
+  }
 }
 
 template <typename T>
@@ -240,10 +300,16 @@ void CudaEngine<T>::train_ffn_forward(const TrainPlan<T>& t, float* x, const T* 
   const T5Config& c = config_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
   gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f);
-  kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, act, stream_);
+  {
+    Span span(profiler_, "ffn_act", stream_);
+    kernels::ffn_activation<T>(pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, act, stream_);
+  }
   gemm_.linear<T, float>(act, ff, wo, ff, t.sublayer_out, d, n, d, ff, 0.f);
-  kernels::residual_add_norm<T>(x, t.sublayer_out, n, d, drop_out, x_next_saved, next_ln, c.layer_norm_eps, next_scale,
-                                next_h, stream_);
+  {
+    Span span(profiler_, "rmsnorm", stream_);
+    kernels::residual_add_norm<T>(x, t.sublayer_out, n, d, drop_out, x_next_saved, next_ln, c.layer_norm_eps,
+                                  next_scale, next_h, stream_);
+  }
 }
 
 template <typename T>
@@ -258,11 +324,17 @@ void CudaEngine<T>::ffn_backward(const TrainPlan<T>& t, float* dy, const T* x_in
   // the decoder's contributions per token (in place, g_ff == dscaled), the encoder's summed per chunk
   const kernels::Ia3Sums per_token{n, 1};
   float* g = decoder ? t.g_ff : t.enc_sums_ff;
-  kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre,
-                           decoder ? per_token : t.enc_sums, g, stream_);
+  {
+    Span span(profiler_, "ffn_backward", stream_);
+    kernels::ffn_backward<T>(t.dscaled, pre, n, ff, c.gated_gelu, ix, ff_offset, drop_hidden, t.d_pre,
+                             decoder ? per_token : t.enc_sums, g, stream_);
+  }
   reduce_ia3(t, {g, ff_offset}, {}, ff, decoder, n_adapters);
   gemm_.linear_backward<T, float>(t.d_pre, wi_cols, wi, d, t.dnormed, d, n, wi_cols, d, 1.f, 0.f);
-  kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_, t.dout, next_out);
+  {
+    Span span(profiler_, "rmsnorm", stream_);
+    kernels::rmsnorm_backward(t.dnormed, x_in, ln, n, d, c.layer_norm_eps, true, dy, stream_, t.dout, next_out);
+  }
 }
 
 template <typename T>
@@ -289,13 +361,22 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
 
   // head and final decoder norm
-  kernels::token_logprobs_backward<T>(f.logits, Nd, V, f.targets, c.pad_token_id, t.dlogp, t.dlogits, s);
+  {
+    Span span(profiler_, "logprobs", s);
+    kernels::token_logprobs_backward<T>(f.logits, Nd, V, f.targets, c.pad_token_id, t.dlogp, t.dlogits, s);
+  }
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   gemm_.linear_backward<T, float>(t.dlogits, V, weights_.lm_head, d, t.dnormed, d, Nd, V, d, head_scale, 0.f);
-  kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kFinal), s);
+  }
   // Each norm backward also writes t.dout for the next sub-layer in backward order (its output dropout applied).
-  kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s,
-                            Ldec > 0 ? t.dout : nullptr, at_site(drop, 1, Ldec - 1, kFfOut));
+  {
+    Span span(profiler_, "rmsnorm", s);
+    kernels::rmsnorm_backward(t.dnormed, t.dec_pre_final, weights_.dec_final_ln, Nd, d, eps, false, t.dy_dec, s,
+                              Ldec > 0 ? t.dout : nullptr, at_site(drop, 1, Ldec - 1, kFfOut));
+  }
 
   kernels::AttentionGeometry self_g;
   self_g.kind = kernels::AttentionKind::DecoderSelf;
@@ -328,33 +409,51 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     } else {
       cross_g.dropout = at_site(drop, 1, l, kCrossProbs);
       const T* kv = f.kv_cross + static_cast<int64_t>(l) * 2 * inner;
-      kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
-                                           dec_ix, ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
-      kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
-                                         dec_ix, ia3.cross_k, ia3.cross_v, t.stats, t.dkv_cross,
-                                         t.dkv_cross + inner, 2 * inner, s);
+      {
+        Span span(profiler_, "decoder_attention_backward", s);
+        kernels::attention_backward_query<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
+                                             dec_ix, ia3.cross_k, ia3.cross_v, t.dqkv, inner, t.g_k, t.g_v, t.stats, s);
+      }
+      {
+        Span span(profiler_, "decoder_attention_backward", s);
+        kernels::attention_backward_key<T>(cross_g, t.dec_q_cross[l], inner, kv, kv + inner, kv_cols, t.dctx,
+                                           dec_ix, ia3.cross_k, ia3.cross_v, t.stats, t.dkv_cross,
+                                           t.dkv_cross + inner, 2 * inner, s);
+      }
       const T* w_kv = weights_.dec_kv_cross + static_cast<int64_t>(l) * 2 * inner * d;  // this layer's rows
       gemm_.linear_backward<T, float>(t.dkv_cross, 2 * inner, w_kv, d, t.dx_enc, d, Ne, 2 * inner, d, 1.f,
                                       l == Ldec - 1 ? 0.f : 1.f);
     }
     reduce_ia3(t, {t.g_k, ia3.cross_k}, {t.g_v, ia3.cross_v}, inner, true, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, inner, L.q_cross, d, t.dnormed, d, Nd, inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s, t.dout,
-                              at_site(drop, 1, l, kSelfOut));
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::rmsnorm_backward(t.dnormed, t.dec_x_cross[l], L.ln_cross, Nd, d, eps, true, t.dy_dec, s, t.dout,
+                                at_site(drop, 1, l, kSelfOut));
+    }
 
     // causal self-attention
     gemm_.linear_backward<T, float>(t.dout, d, L.o, inner, t.dctx, inner, Nd, d, inner, 1.f, 0.f);
     self_g.dropout = at_site(drop, 1, l, kSelfProbs);
     const T* qkv = t.dec_qkv[l];
-    kernels::attention_backward_query<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                         dec_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
-    kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                       dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
-                                       3 * inner, s);
+    {
+      Span span(profiler_, "decoder_attention_backward", s);
+      kernels::attention_backward_query<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                           dec_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
+    }
+    {
+      Span span(profiler_, "decoder_attention_backward", s);
+      kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
+                                         dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
+                                         3 * inner, s);
+    }
     reduce_ia3(t, {t.g_k, ia3.self_k}, {t.g_v, ia3.self_v}, inner, true, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Nd, 3 * inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s,
-                              l > 0 ? t.dout : nullptr, at_site(drop, 1, l - 1, kFfOut));
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s,
+                                l > 0 ? t.dout : nullptr, at_site(drop, 1, l - 1, kFfOut));
+    }
   }
   // (the decoder embedding is frozen: the decoder's gradient stops here)
 
@@ -364,16 +463,25 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   } else {
     TFEW_CUDA_CHECK(cudaMemsetAsync(t.dnormed, 0, sizeof(float) * Ne * d, s));
   }
-  kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
-  kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s,
-                            Lenc > 0 ? t.dout : nullptr, at_site(drop, 0, Lenc - 1, kFfOut));
+  {
+    Span span(profiler_, "dropout", s);
+    kernels::dropout_inplace<float>(t.dnormed, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kFinal), s);
+  }
+  {
+    Span span(profiler_, "rmsnorm", s);
+    kernels::rmsnorm_backward(t.dnormed, t.enc_pre_final, weights_.enc_final_ln, Ne, d, eps, false, t.dx_enc, s,
+                              Lenc > 0 ? t.dout : nullptr, at_site(drop, 0, Lenc - 1, kFfOut));
+  }
 
   const int wi_cols = c.gated_gelu ? 2 * c.d_ff : c.d_ff;
   for (int l = Lenc - 1; l >= 0; --l) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
     if (t.recompute_ff_pre) {  // the wi projection of this layer, exactly as the forward computed it
-      kernels::rmsnorm_forward(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+      {
+        Span span(profiler_, "rmsnorm", s);
+        kernels::rmsnorm_forward(t.enc_x_ff[l], L.ln_ff, Ne, d, eps, 1.f, f.h_enc, s);
+      }
       gemm_.linear<T, T>(f.h_enc, d, L.wi, d, t.enc_ff_pre[l], wi_cols, Ne, wi_cols, d, 0.f);
     }
     ffn_backward(t, t.dx_enc, t.enc_x_ff[l], L.ln_ff, L.wi, L.wo, t.enc_ff_pre[l], Ne, enc_ix, ia3.ff, false,
@@ -381,14 +489,20 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     // dC straight as T (the attention backward's GEMM / WMMA operand; nothing reads it in fp32)
     gemm_.linear_backward<T, T>(t.dout, d, L.o, inner, t.dctx_t, inner, Ne, d, inner, 1.f, 0.f);
     if (t.recompute_qkv) {  // ... and its q|k|v projection
-      kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+      {
+        Span span(profiler_, "rmsnorm", s);
+        kernels::rmsnorm_forward(t.enc_x_attn[l], L.ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
+      }
       gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     }
     encoder_attention_backward(t, l, drop);
     reduce_ia3(t, {t.enc_sums_k, ia3.self_k}, {t.enc_sums_v, ia3.self_v}, inner, false, n_adapters);
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
-    kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s,
-                              l > 0 ? t.dout : nullptr, at_site(drop, 0, l - 1, kFfOut));
+    {
+      Span span(profiler_, "rmsnorm", s);
+      kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s,
+                                l > 0 ? t.dout : nullptr, at_site(drop, 0, l - 1, kFfOut));
+    }
   }
 }
 
@@ -400,12 +514,18 @@ void CudaEngine<T>::train_folded_cross_forward(const TrainPlan<T>& t, int layer,
   const int inner = config_.inner_dim(), Nd = f.shape.rows * f.shape.dec_len;
   const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
   const kernels::AdapterIndex ix = adapter_index(f, true);
-  kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k,
-                                      stream_);
+  {
+    Span span(profiler_, "ia3", stream_);
+    kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k,
+                                        stream_);
+  }
   folded_cross_products(f, layer, drop, t.dec_cross_probs[layer], drop.rate > 0.f ? f.cross_probs : nullptr,
                         t.dec_cross_ctx[layer]);
-  kernels::ia3_scaled_columns_copy<T>(t.dec_cross_ctx[layer], inner, f.ctx_dec, inner, inner, Nd, ix, ia3.cross_v,
-                                      stream_);
+  {
+    Span span(profiler_, "ia3", stream_);
+    kernels::ia3_scaled_columns_copy<T>(t.dec_cross_ctx[layer], inner, f.ctx_dec, inner, inner, Nd, ix, ia3.cross_v,
+                                        stream_);
+  }
 }
 
 // Its backward. Per example b (m = its (token, head) rows), head h, with Q~ = (l_k q) W_k,h (model space), P, P',
@@ -433,28 +553,43 @@ void CudaEngine<T>::folded_cross_backward(const TrainPlan<T>& t, int layer, cons
   T* probs = t.dec_cross_probs[layer];  // P, then dS
 
   // l_v: dU (T, into t.dqkv) and the contributions U dC
-  kernels::ia3_kv_backward<T>(t.dec_cross_ctx[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_v, 0, t.dctx, nullptr,
-                              inner, t.dqkv, inner, per_token, t.g_v, nullptr, s);
+  {
+    Span span(profiler_, "ia3", s);
+    kernels::ia3_kv_backward<T>(t.dec_cross_ctx[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_v, 0, t.dctx, nullptr,
+                                inner, t.dqkv, inner, per_token, t.g_v, nullptr, s);
+  }
   gemm_.strided<T, T>(false, false, Nd, d, dkv, t.dqkv, inner, dkv, w_v, d, dkv_d, f.cross_dmodel, H * d, d, H);
   const T* probs_dropped = probs;
   if (drop.rate > 0.f) {
-    kernels::cross_probs_dropout<T>(probs, static_cast<int64_t>(Nd) * H, Le, drop, rows, f.cross_probs, s);
+    {
+      Span span(profiler_, "decoder_attention_backward", s);
+      kernels::cross_probs_dropout<T>(probs, static_cast<int64_t>(Nd) * H, Le, drop, rows, f.cross_probs, s);
+    }
     probs_dropped = f.cross_probs;
   }
   gemm_.strided<T, float>(true, false, Le, d, m, probs_dropped, Le, m_le, f.cross_dmodel, d, m_d, t.dx_enc, d, le_d, B,
                           first ? 0.f : 1.f);
   gemm_.strided<T, float>(false, true, m, Le, d, f.cross_dmodel, d, m_d, f.enc_out, d, le_d, f.cross_scores, Le, m_le,
                           B);
-  kernels::cross_softmax_folded_backward<T>(f.cross_scores, probs, f.enc_lengths, B, m, Le, drop, rows, s);
+  {
+    Span span(profiler_, "decoder_attention_backward", s);
+    kernels::cross_softmax_folded_backward<T>(f.cross_scores, probs, f.enc_lengths, B, m, Le, drop, rows, s);
+  }
   // Q~ again, then dE += dS^T Q~ and dQ~ = dS E (into the model-space gradient buffer, free again)
-  kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k, s);
+  {
+    Span span(profiler_, "ia3", s);
+    kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k, s);
+  }
   gemm_.strided<T, T>(false, false, Nd, d, dkv, f.q_cross, inner, dkv, w_k, d, dkv_d, f.cross_model, H * d, d, H);
   gemm_.strided<T, float>(true, false, Le, d, m, probs, Le, m_le, f.cross_model, d, m_d, t.dx_enc, d, le_d, B, 1.f);
   gemm_.strided<T, T>(false, false, m, d, Le, probs, Le, m_le, f.enc_out, d, le_d, f.cross_dmodel, d, m_d, B);
   // d(l_k q) in fp32 (into t.dctx, read above), then l_k: dq (T, into t.dqkv) and the contributions q d(l_k q)
   gemm_.strided<T, float>(false, true, Nd, dkv, d, f.cross_dmodel, H * d, d, w_k, d, dkv_d, t.dctx, inner, dkv, H);
-  kernels::ia3_kv_backward<T>(t.dec_q_cross[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_k, 0, t.dctx, nullptr,
-                              inner, t.dqkv, inner, per_token, t.g_k, nullptr, s);
+  {
+    Span span(profiler_, "ia3", s);
+    kernels::ia3_kv_backward<T>(t.dec_q_cross[layer], inner, 0, -1, inner, Nd, ix, ia3.cross_k, 0, t.dctx, nullptr,
+                                inner, t.dqkv, inner, per_token, t.g_k, nullptr, s);
+  }
 }
 
 // The encoder attention backward's pointer arrays, per (example, head) bh = b * H + h, into the staging copy of
@@ -511,35 +646,56 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
     if (fused_backward_) {
       // the dropout mask: the forward's bits, or (q|k|v recomputed) made by this rerun into the shared buffer
       uint32_t* keep_bits = t.enc_keep_bits.empty() ? nullptr : t.enc_keep_bits[layer];
-      kernels::fused_encoder_attention(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, ix,
-                                       ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats,
-                                       kernels::KeepBits{keep_bits, !t.keep_bits_saved});
-      kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
-                                                ix, ia3.self_k, ia3.self_v, probs_drop, keep_bits, t.dctx_t,
-                                                f.ctx_enc, t.stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
+      {
+        Span span(profiler_, "encoder_attention", s);
+        kernels::fused_encoder_attention(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, ix,
+                                         ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats,
+                                         kernels::KeepBits{keep_bits, !t.keep_bits_saved});
+      }
+      {
+        Span span(profiler_, "encoder_attention_backward", s);
+        kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
+                                                  ix, ia3.self_k, ia3.self_v, probs_drop, keep_bits, t.dctx_t,
+                                                  f.ctx_enc, t.stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
+      }
       fused = true;
     }
   }
   if (!fused) {
     // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
-    kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+    {
+      Span span(profiler_, "ia3", s);
+      kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+    }
     gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
     if (probs_drop.rate > 0.f)
-      kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
-                                       t.probs_dropped, s);
+      {
+        Span span(profiler_, "softmax", s);
+        kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
+                                         t.probs_dropped, s);
+      }
     else  // without dropout P' is P: the pointer arrays point at f.probs
-      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
+      {
+        Span span(profiler_, "softmax", s);
+        kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
+      }
     // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
     // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
     gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
     gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
-    kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);  // f.probs: dS
+    {
+      Span span(profiler_, "softmax", s);
+      kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);
+    }  // f.probs: dS
     // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
     gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
     gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
   }
-  kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
-                              t.g_v, inner, t.dqkv, ld, t.enc_sums, t.enc_sums_k, t.enc_sums_v, s);
+  {
+    Span span(profiler_, "ia3", s);
+    kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,
+                                t.g_v, inner, t.dqkv, ld, t.enc_sums, t.enc_sums_k, t.enc_sums_v, s);
+  }
 }
 
 template LossOutput CudaEngine<float>::train_unlocked(const Batch&, const AdapterSet&, const LossOptions&);

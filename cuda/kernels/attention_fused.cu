@@ -26,8 +26,10 @@
 // keys everywhere, so nothing reads them and their output gradient dC is exactly zero.
 #include <mma.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <set>
+#include <string>
 #include <utility>
 
 #include "kernels/device_common.cuh"
@@ -62,8 +64,9 @@ struct FusedSmem {
 };
 
 // Loads rows [row0, row0 + 64) of one head's DK columns into shared memory (zeros past `rows`), optionally
-// multiplying column c by scale[c] (the (IA)3 vector of this head's slice).
-template <int DK>
+// multiplying column c by scale[c] (the (IA)3 vector of this head's slice). kTransposed: stored as [DK][64]
+// (column c of the tile is row c of dst).
+template <int DK, bool kTransposed = false>
 __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src, int64_t ld, int row0, int rows,
                                           const float* __restrict__ scale, __nv_bfloat16* dst, int ld_dst) {
   constexpr int kVecPerRow = DK / 8;  // 8 bf16 per 16-byte vector
@@ -76,7 +79,12 @@ __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src,
 #pragma unroll
       for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(__bfloat162float(e[u]) * scale[c + u]);
     }
-    *reinterpret_cast<uint4*>(dst + r * ld_dst + c) = packed;
+    if (kTransposed) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) dst[(c + u) * ld_dst + r] = e[u];
+    } else {
+      *reinterpret_cast<uint4*>(dst + r * ld_dst + c) = packed;
+    }
   }
 }
 
@@ -266,6 +274,196 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
     if (q0 + r >= len) continue;
     const float l = row_sum[r];
     obase[static_cast<int64_t>(q0 + r) * inner + c] = __float2bfloat16_rn(l > 0.f ? Os[r * S::kLdO + c] / l : 0.f);
+  }
+}
+
+// ---- the forward on mma.sync, FlashAttention-2 style (the default; TFEW_CUDA_ATTENTION_KERNEL=wmma: the kernel above)
+// The same blocks, tiles and per-element arithmetic as fused_encoder_attention_kernel, which passes its scores,
+// probabilities and output rows through shared memory between WMMA calls and walks each warp's 16 rows one by
+// one for the softmax: on an H200 (session 12) it ran RANK-3B-B32's encoder attention at ~27 TFLOP/s. Here each
+// warp keeps its 16 x 64 scores, its softmax state (m, l of rows g and g + 8) and its 16 x DK output in
+// registers, in mma.sync's fragment layout (device_common.cuh); a row's max and sum need two shuffles within
+// its quad of lanes. The score fragments, packed to bf16 pairs, are directly the A operand of P V. V is stored
+// transposed so that its B fragments are 32-bit shared-memory loads like K's.
+template <int DK>
+struct MmaSmem {
+  static constexpr int kLdQK = DK + 8;     // bf16 rows of Q and K (fragment loads hit 32 distinct banks)
+  static constexpr int kLdVt = kTile + 8;  // bf16 rows of V^T: [DK][64 keys]
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + sizeof(__nv_bfloat16) * kTile * kLdQK;
+  static constexpr size_t kVt = kK + sizeof(__nv_bfloat16) * kTile * kLdQK;
+  static constexpr size_t kBytes = kVt + sizeof(__nv_bfloat16) * DK * kLdVt;
+};
+
+__device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <int DK>
+__global__ void __launch_bounds__(kThreads)
+fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
+                                   const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
+                                   AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
+                                   __nv_bfloat16* __restrict__ out, float* __restrict__ stats, KeepBits keep) {
+  dropout = with_seed(dropout);
+  using S = MmaSmem<DK>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem + S::kQ);
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + S::kK);
+  __nv_bfloat16* Vt = reinterpret_cast<__nv_bfloat16*>(smem + S::kVt);
+
+  const int q0 = blockIdx.x * kTile, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t ld = 3 * static_cast<int64_t>(inner);
+  const __nv_bfloat16* base = qkv + static_cast<int64_t>(b) * len * ld + static_cast<int64_t>(h) * DK;
+  const int n_keys = min(max(lengths[b], 0), len);
+  const int64_t keep_ld = keep_bits_words(len);
+  const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
+  const float* k_scale;
+  const float* v_scale;
+  head_scales(index, b, h, DK, k_offset, v_offset, k_scale, v_scale);
+
+  load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdQK);
+  __syncthreads();
+  // this warp's query rows: [0] = row g of its 16, [1] = row g + 8
+  const int wr = warp * 16;
+  int row[2];
+  const float* brow[2];
+  uint32_t* keep_words[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    row[u] = q0 + wr + g + 8 * u;
+    brow[u] = bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - min(row[u], len - 1));
+    const int64_t keep_row = (static_cast<int64_t>(b) * gridDim.y + h) * len + row[u];
+    keep_words[u] = keep.words && row[u] < len ? keep.words + keep_row * keep_ld : nullptr;
+  }
+  uint32_t qf[DK / 16][4];  // Q's A fragments, loaded once
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    const __nv_bfloat16* r0 = Qs + (wr + g) * S::kLdQK + kk * 16 + 2 * t;
+    qf[kk][0] = load_pair(r0);
+    qf[kk][1] = load_pair(r0 + 8 * S::kLdQK);
+    qf[kk][2] = load_pair(r0 + 8);
+    qf[kk][3] = load_pair(r0 + 8 * S::kLdQK + 8);
+  }
+  float o[DK / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < DK / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
+    __syncthreads();  // the previous tile's K and V are no longer read
+    // keys past the example's length are zeros (masked below; a zero V row keeps 0 x V exact whatever padding holds)
+    load_tile<DK>(base + inner, ld, k0, n_keys, k_scale, Ks, S::kLdQK);
+    load_tile<DK, true>(base + 2 * inner, ld, k0, n_keys, v_scale, Vt, S::kLdVt);
+    __syncthreads();
+
+    // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]
+    float sc[kTile / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+      const __nv_bfloat16* krow = Ks + (nt * 8 + g) * S::kLdQK + 2 * t;
+#pragma unroll
+      for (int kk = 0; kk < DK / 16; ++kk) {
+        const uint32_t bf[2] = {load_pair(krow + kk * 16), load_pair(krow + kk * 16 + 8)};
+        mma_bf16_16816(sc[nt], qf[kk], bf);
+      }
+    }
+    // bias and key mask; the rows' running max (a row's 64 keys are spread over its quad: lanes 4g .. 4g + 3)
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int u = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+        sc[nt][e] = j < n_keys ? sc[nt][e] + brow[u][j] : -INFINITY;
+        mx[u] = fmaxf(mx[u], sc[nt][e]);
+      }
+    float m_new[2], alpha[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(kFullMask, mx[u], 1));
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(kFullMask, mx[u], 2));
+      m_new[u] = fmaxf(m[u], mx[u]);  // finite: key k0 < n_keys is real
+      alpha[u] = m[u] == -INFINITY ? 0.f : expf(m[u] - m_new[u]);
+    }
+    // probabilities (the row sums count every key), dropout on what multiplies V, P as bf16 A fragments
+    float p_sum[2] = {0.f, 0.f};
+    uint32_t pf[kTile / 16][4];
+    uint32_t fill_bits[2][2] = {{0u, 0u}, {0u, 0u}};  // [row][keep word of this tile], this lane's keys
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+      float kept[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int u = e >> 1, jj = nt * 8 + 2 * t + (e & 1), j = k0 + jj;
+        const float p = expf(sc[nt][e] - m_new[u]);  // 0 for masked keys
+        p_sum[u] += p;
+        kept[e] = p;
+        if (dropout.rate > 0.f) {
+          bool keeps;
+          if (fill_keep || !keep_words[u]) {  // hash (every key when filling: a word must be whole)
+            const uint64_t element = ((static_cast<uint64_t>(b) * gridDim.y + h) * len + row[u]) * len + j;
+            keeps = (fill_keep || p > 0.f) && dropout_keeps(dropout, element);
+            if (fill_keep && keeps) fill_bits[u][jj >> 5] |= 1u << (jj & 31);
+          } else {
+            keeps = (keep_words[u][k0 / 32 + (jj >> 5)] >> (jj & 31)) & 1u;
+          }
+          kept[e] = keeps ? p * dropout.keep_scale : 0.f;
+        }
+      }
+      // block nt of 8 keys is half of P's A fragment kk = nt / 2 (keys 16 kk .. 16 kk + 15)
+      pf[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16x2(kept[0], kept[1]);
+      pf[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16x2(kept[2], kept[3]);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      p_sum[u] += __shfl_xor_sync(kFullMask, p_sum[u], 1);
+      p_sum[u] += __shfl_xor_sync(kFullMask, p_sum[u], 2);
+      l[u] = l[u] * alpha[u] + p_sum[u];
+      m[u] = m_new[u];
+    }
+    if (fill_keep) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          uint32_t word = fill_bits[u][w];
+          word |= __shfl_xor_sync(kFullMask, word, 1);
+          word |= __shfl_xor_sync(kFullMask, word, 2);
+          if (t == 0 && keep_words[u]) keep_words[u][k0 / 32 + w] = word;
+        }
+    }
+    // O = alpha O + P V; B[k = key][n = d] = V^T[d][key]
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+      const __nv_bfloat16* vrow = Vt + (dt * 8 + g) * S::kLdVt + 2 * t;
+#pragma unroll
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        const uint32_t bf[2] = {load_pair(vrow + kk * 16), load_pair(vrow + kk * 16 + 8)};
+        mma_bf16_16816(o[dt], pf[kk], bf);
+      }
+    }
+  }
+
+  // the softmax statistics of each query row, for the backward: [B, H, L, 3] = m, l (D: the dq kernel)
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    if (row[u] >= len) continue;
+    if (stats && t == 0) {
+      float* st = stats + ((static_cast<int64_t>(b) * gridDim.y + h) * len + row[u]) * 3;
+      st[0] = m[u];
+      st[1] = l[u];
+    }
+    // out[b, i, h*DK + c] = O[i, c] / l[i]
+    const float inv = l[u] > 0.f ? 1.f / l[u] : 0.f;
+    __nv_bfloat16* orow = out + (static_cast<int64_t>(b) * len + row[u]) * inner + static_cast<int64_t>(h) * DK + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * u] * inv, o[dt][2 * u + 1] * inv);
   }
 }
 
@@ -555,17 +753,35 @@ void opt_in_shared_memory(const void* kernel, size_t bytes) {
   configured.insert({kernel, device});
 }
 
+// TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process.
+bool attention_kernel_wmma() {
+  static const bool wmma = [] {
+    const char* v = std::getenv("TFEW_CUDA_ATTENTION_KERNEL");
+    return v != nullptr && std::string(v) == "wmma";
+  }();
+  return wmma;
+}
+
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                   const DropoutSite& dropout, __nv_bfloat16* out, float* stats, const KeepBits& keep,
                   cudaStream_t stream) {
-  constexpr size_t smem = FusedSmem<DK>::kBytes;
-  opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
-  fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
-                                                                       k_offset, v_offset, dropout, out, stats, keep);
-  TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
+  if (attention_kernel_wmma()) {
+    constexpr size_t smem = FusedSmem<DK>::kBytes;
+    opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
+    fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
+                                                                         k_offset, v_offset, dropout, out, stats, keep);
+    TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
+    return;
+  }
+  constexpr size_t smem = MmaSmem<DK>::kBytes;
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
+  fused_encoder_attention_mma_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths,
+                                                                           index, k_offset, v_offset, dropout, out,
+                                                                           stats, keep);
+  TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_mma_kernel");
 }
 
 template <int DK>
@@ -594,14 +810,16 @@ size_t shared_memory_optin() {
 }  // namespace
 
 // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on compute
-// capability 8.6 / 8.9 cards, where d_kv 128 (110 KiB forward) does not fit: the cuBLAS path is used there.
+// capability 8.6 / 8.9 cards, where the WMMA forward's d_kv 128 (110 KiB) does not fit (the mma.sync forward
+// needs 53 KiB): the cuBLAS path is used where it does not fit.
 bool fused_encoder_attention_supported(int d_kv) {
+  const bool wmma = attention_kernel_wmma();
   size_t needed = 0;
   switch (d_kv) {
-    case 16: needed = FusedSmem<16>::kBytes; break;
-    case 32: needed = FusedSmem<32>::kBytes; break;
-    case 64: needed = FusedSmem<64>::kBytes; break;
-    case 128: needed = FusedSmem<128>::kBytes; break;
+    case 16: needed = wmma ? FusedSmem<16>::kBytes : MmaSmem<16>::kBytes; break;
+    case 32: needed = wmma ? FusedSmem<32>::kBytes : MmaSmem<32>::kBytes; break;
+    case 64: needed = wmma ? FusedSmem<64>::kBytes : MmaSmem<64>::kBytes; break;
+    case 128: needed = wmma ? FusedSmem<128>::kBytes : MmaSmem<128>::kBytes; break;
     default: return false;
   }
   return needed <= shared_memory_optin();

@@ -25,6 +25,85 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { retu
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Four consecutive elements as one vector access (16 bytes of fp32, 8 of bf16): memory-bound kernels move
+// more bytes per instruction this way. The pointer must be aligned to the access (aligned_x4).
+__device__ __forceinline__ void load_x4(const float* p, float (&v)[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load_x4(const __nv_bfloat16* p, float (&v)[4]) {
+  const uint2 q = *reinterpret_cast<const uint2*>(p);
+  const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&q);
+  for (int u = 0; u < 4; ++u) v[u] = __bfloat162float(e[u]);
+}
+__device__ __forceinline__ void store_x4(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store_x4(__nv_bfloat16* p, const float (&v)[4]) {
+  uint2 q;
+  __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&q);
+  for (int u = 0; u < 4; ++u) e[u] = __float2bfloat16_rn(v[u]);
+  *reinterpret_cast<uint2*>(p) = q;
+}
+// ---- mma.sync m16n8k16 (bf16 in, fp32 accumulate) in its register fragment layout (PTX ISA, "Matrix fragments
+// for mma.m16n8k16 with floating point type"). With lane = 4 g + t:
+//   A (16 x 16, row-major), 4 registers of two bf16: a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1],
+//                                                    a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9];
+//   B (16 x 8, k x n), 2 registers: b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];
+//   C, D (16 x 8, fp32), 4 floats: c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
+// The lower-numbered element of a pair sits in the low 16 bits. Unlike WMMA's opaque fragments, this layout lets a
+// kernel work on its accumulators (a softmax over score rows) in registers.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
+}
+
+#if defined(TFEW_CUDA_EMULATION)
+// The emulator: the warp's fragments meet in a per-warp exchange area (blocks run one at a time per host thread)
+// and each lane computes its four outputs exactly as the tensor core does (exact products, fp32 sums).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static thread_local uint32_t exchange[32][32][6];  // [warp][lane][a0..a3, b0, b1]
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  for (int r = 0; r < 4; ++r) exchange[warp][lane][r] = a[r];
+  exchange[warp][lane][4] = b[0];
+  exchange[warp][lane][5] = b[1];
+  __syncwarp();
+  auto element = [&](int src_lane, int reg, int half) {
+    const uint32_t bits = exchange[warp][src_lane][reg];
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(half ? bits >> 16 : bits & 0xffffu)));
+  };
+  // A[row][k]: lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2
+  auto A = [&](int row, int k) { return element(4 * (row % 8) + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2); };
+  // B[k][n]: lane 4 n + (k % 8) / 2, register 4 + (k >= 8), half k % 2
+  auto B = [&](int k, int n) { return element(4 * n + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2); };
+  const int g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[e] = acc;
+  }
+  __syncwarp();  // the exchange area is free for the next call
+}
+#else
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // bf16 tensor cores need compute capability 8.0 (the engine refuses older GPUs at load)
+#endif
+}
+#endif
+
+template <typename T>
+inline bool aligned_x4(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;

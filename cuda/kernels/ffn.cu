@@ -50,6 +50,40 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, in
   }
 }
 
+// ffn_activation_kernel with 4 consecutive columns per thread as one vector access (d_ff a multiple of 4, rows
+// aligned): on an H200 (session 12) the one-element form took 7.3 ms of RANK-3B-B32 for ~1.3 ms of traffic.
+// The same arithmetic per element, so the same results.
+template <typename T, bool kGated>
+__global__ void ffn_activation_x4_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
+                                         bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+  dropout = with_seed(dropout);
+  const int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= d_ff) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    float h[4];
+    if (kGated) {
+      const T* row = in + static_cast<int64_t>(t) * (2 * static_cast<int64_t>(d_ff));
+      float gate[4], lin[4];
+      load_x4(row + c, gate);
+      load_x4(row + d_ff + c, lin);
+      for (int u = 0; u < 4; ++u) h[u] = gelu_new(gate[u]) * lin[u];
+    } else {
+      load_x4(in + static_cast<int64_t>(t) * d_ff + c, h);
+      for (int u = 0; u < 4; ++u) h[u] = fmaxf(h[u], 0.f);
+    }
+    if (scaled) {
+      const int a = adapter_of_token(index, t);
+      if (a >= 0) {
+        const float* l = index.adapters + a * index.adapter_stride + ff_offset + c;
+        for (int u = 0; u < 4; ++u) h[u] *= l[u];
+      }
+    }
+    const int64_t i = static_cast<int64_t>(t) * d_ff + c;
+    for (int u = 0; u < 4; ++u) h[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
+    store_x4(out + i, h);
+  }
+}
+
 // One block row per Ia3Sums row (a token, or a chunk of one example's tokens walked in order). Per token, g_ff
 // may be dscaled itself (the decoder's plan does that): each element is read, then written, by one thread.
 template <typename T, bool kGated>
@@ -97,6 +131,17 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
                     const DropoutSite& dropout, T* out, cudaStream_t stream) {
   if (n_tokens <= 0 || d_ff <= 0) return;
   const bool scaled = index.active();
+  if (d_ff % 4 == 0 && aligned_x4(in) && aligned_x4(out)) {
+    const int groups = d_ff / 4;
+    const dim3 block(groups >= 256 ? 256 : 128);
+    const dim3 grid((groups + block.x - 1) / block.x, n_tokens < 65535 ? n_tokens : 65535);
+    if (gated)
+      ffn_activation_x4_kernel<T, true><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    else
+      ffn_activation_x4_kernel<T, false><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    TFEW_CUDA_CHECK_LAUNCH("ffn_activation_x4_kernel");
+    return;
+  }
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)

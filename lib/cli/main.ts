@@ -82,7 +82,8 @@ function addCudaOptions(cmd: Command): Command {
     .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
     .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
-    .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward instead of the fused kernels')
+    .option('--cuda-fused-backward', 'CUDA training: the fused encoder attention backward kernels instead of cuBLAS (less memory)')
+    .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward (the default)')
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
@@ -95,7 +96,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaCrossAttention !== undefined) c.crossAttention = o.cudaCrossAttention;
   // commander defaults a --no-x flag to true: only an explicit --no-x (false) is passed on
   if (o.cudaFusedAttention === false) c.fusedAttention = false;
-  if (o.cudaFusedBackward === false) c.fusedBackward = false;
+  if (o.cudaFusedBackward !== undefined) c.fusedBackward = o.cudaFusedBackward;  // (both forms defined: no default)
   if (o.cudaGraphs === false) c.graphs = false;
   if (o.cudaGraphBuckets === false) c.graphBuckets = false;
   return Object.keys(c).length > 0 ? c : undefined;
