@@ -293,8 +293,8 @@ export interface NativeAddon {
     cudaArenaBytes(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
       recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
-      /** training: the encoder attention fused forward and backward (default) or the cuBLAS path's buffers */
-      fusedAttention?: boolean;
+      /** training: the encoder attention backward in the fused kernels, or through cuBLAS (default, as the engine) */
+      fusedBackward?: boolean;
       /** training with dropout (default; the fused backward's mask bits are planned only then) */
       dropout?: boolean;
     }): Promise<number>;
@@ -304,7 +304,7 @@ export interface NativeAddon {
      */
     cudaRecomputeChoice(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
-      fusedAttention?: boolean;
+      fusedBackward?: boolean;
     }, haveBytes: number, freeBytes: number,
     reserved?: { batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number }[]): Promise<'none' | 'attention' | 'all'>;
     /** The arena reserve() plans for rank classification up to this shape (bf16, graph buckets on). */

@@ -19,9 +19,10 @@ const describeCompiled = compiled ? describe : describe.skip;
 const GiB = 2 ** 30;
 const config = parseT5Config(t0_3bConfigJson(24), 'config.json');
 type Level = 'none' | 'attention' | 'all';
-// foldedCross: what the engine picks for TRAIN-3B (uniform choices, short enough: CudaEngine::folds_cross_attention)
-const trainArena = (recompute: Level, choices = 2, foldedCross = false): Promise<number> =>
-  native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute, foldedCross });
+// foldedCross: what the engine picks for TRAIN-3B (uniform choices, short enough: CudaEngine::folds_cross_attention);
+// fusedBackward: the fused encoder attention backward (off by default, as in the engine)
+const trainArena = (recompute: Level, choices = 2, foldedCross = false, fusedBackward = false): Promise<number> =>
+  native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute, foldedCross, fusedBackward });
 
 // The fused backward's dropout keep mask of one encoder layer's attention probabilities: a bit per (example, head,
 // query, key), each query row in whole 64-key tiles (TRAIN-3B: 2 MiB). T0's dropout rate is 0.1.
@@ -41,13 +42,16 @@ function t0WeightBytes(): number {
 
 describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
   test('each recompute level saves exactly the encoder buffers it stops keeping', async () => {
-    const [none, attention, all] = await Promise.all([trainArena('none'), trainArena('attention'), trainArena('all')]);
     const Ne = 8 * 256, inner = config.numHeads * config.dKv, wiCols = 2 * config.dFf, layers = config.numLayers;
-    // every layer's q|k|v (bf16) and dropout keep mask are replaced by one shared buffer each (the backward's
-    // rerun of the attention makes the mask again); 'all' does the same for the wi outputs
-    expect(keepBitsBytes()).toBe(2 * 2 ** 20);
-    expect(none - attention).toBe((layers - 1) * (Ne * 3 * inner * 2 + keepBitsBytes()));
+    // every layer's q|k|v (bf16) is replaced by one shared buffer; 'all' does the same for the wi outputs
+    const [none, attention, all] = await Promise.all([trainArena('none'), trainArena('attention'), trainArena('all')]);
+    expect(none - attention).toBe((layers - 1) * Ne * 3 * inner * 2);
     expect(attention - all).toBe((layers - 1) * Ne * wiCols * 2);
+    // with the fused backward, each layer's dropout keep mask too (the backward's rerun of the attention makes it again)
+    const fused = await Promise.all((['none', 'attention', 'all'] as const).map((l) => trainArena(l, 2, false, true)));
+    expect(keepBitsBytes()).toBe(2 * 2 ** 20);
+    expect(fused[0] - fused[1]).toBe((layers - 1) * (Ne * 3 * inner * 2 + keepBitsBytes()));
+    expect(fused[1] - fused[2]).toBe((layers - 1) * Ne * wiCols * 2);
   });
 
   test('TRAIN-3B: weights + arena within the 8 GiB goal at every recompute level (cross-attention folded)', async () => {
@@ -65,8 +69,8 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
 
   test('the fused encoder attention backward keeps no [B, H, L, L] tensors but a keep mask (97 MiB less at TRAIN-3B)', async () => {
     const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
-    const fused = await native()._testing.cudaArenaBytes(config, shape);
-    const cublas = await native()._testing.cudaArenaBytes(config, { ...shape, fusedAttention: false });
+    const fused = await native()._testing.cudaArenaBytes(config, { ...shape, fusedBackward: true });
+    const cublas = await native()._testing.cudaArenaBytes(config, shape);
     const BHLL = 8 * config.numHeads * 256 * 256;
     const squares = BHLL * 4 + BHLL * 2 + BHLL * 2;  // fp32 scores, bf16 P, bf16 P'
     const scaledQkv = 8 * 256 * 3 * config.numHeads * config.dKv * 2;  // the cuBLAS path's scaled q|k|v copy
@@ -77,8 +81,8 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(cublas - fused).toBeGreaterThanOrEqual(squares - keepBits);
     expect(cublas - fused).toBeLessThan(squares - keepBits + scaledQkv + 2 ** 20);  // and the pointer arrays
     // the mask bits are planned only for a step with dropout
-    expect(fused - (await native()._testing.cudaArenaBytes(config, { ...shape, dropout: false }))).toBe(keepBits);
-    expect(fused).toBe(await trainArena('none', 2, true));  // the default
+    expect(fused - (await native()._testing.cudaArenaBytes(config, { ...shape, fusedBackward: true, dropout: false }))).toBe(keepBits);
+    expect(cublas).toBe(await trainArena('none', 2, true));  // the default
   });
 
   test('the training forward keeps the residual stream in bf16 (half an fp32 copy) and no scratch wi output', async () => {
@@ -86,7 +90,8 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // outputs (bf16), its attention's dropout keep mask, and its (IA)3 gradients (k, v, ff), fp32.
     const deeper = parseT5Config({ ...t0_3bConfigJson(24), num_layers: 25 }, 'config.json');
     const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
-    const grow = (await native()._testing.cudaArenaBytes(deeper, shape)) - (await trainArena('none', 2, true));
+    // (the fused backward's plan: with the cuBLAS one the attention's [B, H, L, L] buffers are shared by all layers)
+    const grow = (await native()._testing.cudaArenaBytes(deeper, { ...shape, fusedBackward: true })) - (await trainArena('none', 2, true, true));
     const Ne = 8 * 256, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
     expect(grow).toBe(Ne * (2 * d * 2 + 3 * inner * 2 + 2 * ff * 2) + keepBitsBytes() + (2 * inner + ff) * 4);
   });

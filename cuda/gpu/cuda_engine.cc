@@ -869,7 +869,7 @@ Recompute cuda_recompute_choice(const T5Config& config, const CudaArenaShape& a,
   TFEW_CHECK_ARG(a.training && have >= 0 && free >= 0, "a training shape and byte counts >= 0");
   std::vector<gpu::ReservedTraining> planned;
   for (const CudaArenaShape& r : reserved) planned.push_back({engine_shape(r), r.n_adapters});
-  return gpu::recompute_for_step<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_attention, have, planned,
+  return gpu::recompute_for_step<__nv_bfloat16>(config, engine_shape(a), a.n_adapters, a.fused_backward, have, planned,
                                                 [free] { return static_cast<size_t>(free); });
 }
 
@@ -886,7 +886,7 @@ int64_t cuda_reserve_bytes(const T5Config& config, const ReserveShape& r) {
 int64_t cuda_arena_bytes(const T5Config& config, const CudaArenaShape& a) {
   const gpu::Shape s = engine_shape(a);
   if (a.training)
-    return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, a.fused_attention, 0).bytes;
+    return gpu::make_train_plan<__nv_bfloat16>(config, s, a.n_adapters, a.recompute, a.fused_backward, 0).bytes;
   return gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes;
 }
 

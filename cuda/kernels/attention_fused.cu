@@ -422,7 +422,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       l[u] = l[u] * alpha[u] + p_sum[u];
       m[u] = m_new[u];
     }
-    if (fill_keep) {
+    if (fill_keep && dropout.rate > 0.f) {
 #pragma unroll
       for (int u = 0; u < 2; ++u)
 #pragma unroll
@@ -459,11 +459,12 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       st[1] = l[u];
     }
     // out[b, i, h*DK + c] = O[i, c] / l[i]
-    const float inv = l[u] > 0.f ? 1.f / l[u] : 0.f;
+    const float lu = l[u];
     __nv_bfloat16* orow = out + (static_cast<int64_t>(b) * len + row[u]) * inner + static_cast<int64_t>(h) * DK + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * u] * inv, o[dt][2 * u + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + dt * 8) =
+          pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu : 0.f);
   }
 }
 

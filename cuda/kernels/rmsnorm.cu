@@ -239,8 +239,10 @@ template <typename T>
 void residual_add_norm(float* x, const float* y, int n_rows, int d, const DropoutSite& site, T* saved,
                        const float* weight, float eps, float out_scale, T* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
-  // The same form as rmsnorm_forward picks for the saved copy (the same sums): d decides, the arena aligns.
-  if (d % 128 == 0 && aligned_x4(x) && aligned_x4(y) && aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out)) {
+  // The same form as rmsnorm_forward picks for the saved copy (the same sums, which the backward's recomputed norm
+  // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
+  if (d % 128 == 0 && aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out)) {
+    if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
     residual_add_norm_warp_kernel<T><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(
         x, y, site, saved, weight, n_rows, d, eps, out_scale, out);
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");

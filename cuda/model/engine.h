@@ -173,7 +173,7 @@ struct CudaEngineOptions {
   int device = -1;          // which GPU, an index among the visible ones; -1: $TFEW_CUDA_DEVICE, else 0
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
-  int fused_backward = -1;  // bf16 training: -1 default (with fused_attention, where supported), 0 cuBLAS, 1 on
+  int fused_backward = -1;  // bf16 training: -1 default (off: cuBLAS, faster on an H200), 0 cuBLAS, 1 on where supported
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
   // small rank-classification calls padded to shape buckets so that similar lengths share a graph:
   // -1 default (on), 0 off (every call at its exact shape), 1 on
@@ -190,9 +190,9 @@ std::unique_ptr<Engine> make_cuda_engine(const T5Config& config, const WeightSou
 struct CudaArenaShape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool training = false;
-  // training: the encoder attention fused forward and backward (bf16 where the kernels fit: the default on
-  // an A100/H100 for d_kv 64) or the cuBLAS path's [B, H, L, L] buffers
-  bool fused_attention = true;
+  // training: the encoder attention backward in the fused kernels (its dropout keep bits, no [B, H, L, L]
+  // buffers) or, as the engine does by default, through cuBLAS (the [B, H, L, L] buffers)
+  bool fused_backward = false;
   int n_adapters = 1;
   Recompute recompute = Recompute::None;
   bool folded_cross = false;  // the folded cross-attention (no encoder keys/values)

@@ -1103,7 +1103,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,
-  // fusedAttention?, dropout? (training; both default true) }): the planner's arena size;
+  // fusedBackward? (training; default false, as the engine), dropout? (training; default true) }): the planner's
+  // arena size;
   // cudaRecomputeChoice(config, shape, haveBytes, freeBytes[, reservedTrainingShapes]): Recompute::Auto's level
   auto arena_shape_arg = [](const Napi::Object& o) {
     CudaArenaShape a;
@@ -1114,7 +1115,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     a.training = get_bool(o, "training");
     a.n_adapters = get_int(o, "nAdapters");
     a.folded_cross = o.Has("foldedCross") && get_bool(o, "foldedCross");
-    a.fused_attention = !o.Has("fusedAttention") || get_bool(o, "fusedAttention");
+    a.fused_backward = o.Has("fusedBackward") && get_bool(o, "fusedBackward");
     a.dropout = !o.Has("dropout") || get_bool(o, "dropout");
     a.recompute = o.Has("recompute") ? to_recompute(get_string(o, "recompute")) : Recompute::None;
     if (a.recompute == Recompute::Auto) fail(ErrorCode::InvalidArgument, "recompute: 'none', 'attention' or 'all'");
