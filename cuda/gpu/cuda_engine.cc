@@ -70,6 +70,7 @@ std::string CudaEngine<T>::describe() const {
      << probe_.compute_capability % 10 << ", " << (probe_.total_memory >> 20) << " MiB), "
      << precision_name() << " weights " << (weights_.storage.size() >> 20) << " MiB, arena "
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
+     << (fused_attention_ && kernels::attention_kernel_wmma() ? " (WMMA kernel)" : "")
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")

@@ -754,15 +754,6 @@ void opt_in_shared_memory(const void* kernel, size_t bytes) {
   configured.insert({kernel, device});
 }
 
-// TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process.
-bool attention_kernel_wmma() {
-  static const bool wmma = [] {
-    const char* v = std::getenv("TFEW_CUDA_ATTENTION_KERNEL");
-    return v != nullptr && std::string(v) == "wmma";
-  }();
-  return wmma;
-}
-
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
@@ -809,6 +800,15 @@ size_t shared_memory_optin() {
 }
 
 }  // namespace
+
+// TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process.
+bool attention_kernel_wmma() {
+  static const bool wmma = [] {
+    const char* v = std::getenv("TFEW_CUDA_ATTENTION_KERNEL");
+    return v != nullptr && std::string(v) == "wmma";
+  }();
+  return wmma;
+}
 
 // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on compute
 // capability 8.6 / 8.9 cards, where the WMMA forward's d_kv 128 (110 KiB) does not fit (the mma.sync forward

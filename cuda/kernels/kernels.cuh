@@ -224,6 +224,8 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
 // keep (training with dropout): the probabilities' keep mask as bits, written here (keep.fill) or read instead
 // of hashing each element.
 bool fused_encoder_attention_supported(int d_kv);
+// Whether the fused forward is the first, WMMA kernel (TFEW_CUDA_ATTENTION_KERNEL=wmma) rather than the mma.sync one.
+bool attention_kernel_wmma();
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
                              const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,

@@ -5,7 +5,9 @@
 //   checkpoint and batch, TFEW_BF16_ERRORS "random"), measured by benchmarks/pytorch_baseline.py.
 // The checkpoint is TFEW_RANDOM_T5_DIR (written by benchmarks/device-check.sh) or written here to a temp dir.
 // Skipped when CUDA is not usable here.
+import { spawnSync } from 'child_process';
 import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
 import { mulberry32, randomBatch, RandomBatch } from '../../benchmarks/random-t5';
@@ -44,6 +46,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
   let cpuPlain: { logProbs: number[][]; scores: number[][] };
   let cpuMixed: { logProbs: number[][]; scores: number[][] };
   let cpuEncoder: Float32Array[];
+  let cpuEncoderA: Float32Array[];  // with adapters[0]
   let uniform: RandomBatch;  // two choices per example (of different lengths): the folded cross-attention applies
   let cpuUniform: { logProbs: number[][]; scores: number[][] };
   let trainBatch: { inputIds: number[][]; choices: number[][][]; labels: number[] };
@@ -60,6 +63,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
     cpuPlain = await cpu.rankClassify(batch.inputIds, batch.choices);
     cpuMixed = await cpu.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
     cpuEncoder = await cpu.encode(batch.inputIds);
+    cpuEncoderA = await cpu.encode(batch.inputIds, { adapter: adapters[0] });
     uniform = randomBatch(cpu.config.vocabSize, [300, 37, 128, 255], [[3, 8], [5, 1], [8, 8], [2, 6]], 1236);
     cpuUniform = await cpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample });
     trainBatch = { inputIds: batch.inputIds, choices: batch.choices, labels: batch.choices.map((c, i) => (i + 1) % c.length) };
@@ -126,6 +130,42 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
           expect(maxRelError(ra.logProbs.flat(), rb.logProbs.flat())).toBeLessThan(tol('sum_logp'));
         } finally {
           await unfused.dispose();
+        }
+      });
+
+      test('the first (WMMA) fused attention forward agrees with the mma.sync one (TFEW_CUDA_ATTENTION_KERNEL=wmma, a child process)', async () => {
+        // The switch is read once per process, so the WMMA kernel runs in a child; same checkpoint, inputs, adapter.
+        const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-wmma-'));
+        try {
+          await adapters[0].save(path.join(work, 'adapter'));
+          const root = path.resolve(__dirname, '..', '..');
+          const script = `
+            const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(root, 'dist', 'lib'))});
+            (async () => {
+              const m = await T5Model.load(${JSON.stringify(dir)}, { device: 'cuda', cuda: { precision: 'bf16', graphs: false } });
+              const a = await IA3Adapter.load(${JSON.stringify(path.join(work, 'adapter'))});
+              const states = await m.encode(${JSON.stringify(batch.inputIds)}, { adapter: a });
+              const out = { describe: m.describe(), states: states.map((e) => Array.from(e)) };
+              await m.dispose();
+              process.stdout.write(JSON.stringify(out));
+            })().catch((e) => { process.stdout.write(JSON.stringify({ fatal: String(e) })); });`;
+          const child = spawnSync(process.execPath, ['-e', script],
+                                  { env: { ...process.env, TFEW_CUDA_ATTENTION_KERNEL: 'wmma' }, encoding: 'utf8', timeout: 600_000, maxBuffer: 1 << 30 });
+          expect(child.status).toBe(0);
+          const out = JSON.parse(child.stdout) as { describe?: string; states?: number[][]; fatal?: string };
+          expect(out.fatal).toBeUndefined();
+          expect(out.describe).toMatch(/encoder attention fused \(WMMA kernel\)/);
+          expect(gpu.describe()).not.toMatch(/WMMA/);
+          const mine = await gpu.encode(batch.inputIds, { adapter: adapters[0] });
+          mine.forEach((e, i) => {
+            const wmma = Float32Array.from(out.states![i]);
+            // the two kernels differ only in summation order and roundings: each within the bf16 bound of the CPU
+            expect(relError(wmma, cpuEncoderA[i])).toBeLessThan(tol('encoder_hidden'));
+            expect(relError(e, cpuEncoderA[i])).toBeLessThan(tol('encoder_hidden'));
+            expect(relError(e, wmma)).toBeLessThan(tol('encoder_hidden'));
+          });
+        } finally {
+          fs.rmSync(work, { recursive: true, force: true });
         }
       });
     }
