@@ -223,6 +223,10 @@ class CudaEngine final : public Engine {
   // sub-layer's input. The encoder attention runs in the fused kernel (bf16), else as batched GEMMs on a scaled
   // copy of q|k|v.
   void enqueue_train_forward(const TrainPlan<T>& t, const kernels::DropoutSite& drop);
+  // A stack's start in the training forward: its relative-position bias table (L positions), the n token
+  // embeddings into the fp32 stream x with their dropout, and x's T copy (the first sub-layer's saved input).
+  void train_embed(const float* rel_bias, const int32_t* buckets, int L, float* bias, const T* embed,
+                   const int32_t* ids, int n, float* x, const kernels::DropoutSite& embed_drop, T* saved);
   // One feed-forward sub-layer of the training forward: from h (its input, normalised) through the saved wi
   // output `pre` to x += dropout(wo(...)) (the fp32 stream, in place), whose T copy goes to x_next_saved and
   // whose next norm (next_ln, next_scale) to next_h (kernels::residual_add_norm).

@@ -146,25 +146,10 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   const kernels::AdapterIndex enc_ix = adapter_index(f, false), dec_ix = adapter_index(f, true);
 
   // encoder
-  {
-    Span span(profiler_, "embedding+bias", s);
-    kernels::relative_bias_table(weights_.enc_rel_bias, f.enc_buckets, 2 * Le - 1, H, f.enc_bias, s);
-  }
   // the fp32 residual stream in f.x_enc; each sub-layer's input saved as T (TrainPlan)
   float* x = f.x_enc;
-  {
-    Span span(profiler_, "embedding+bias", s);
-    kernels::embedding_forward<T>(weights_.enc_embed, V, d, f.enc_ids, Ne, x, s);
-  }
-  {
-    Span span(profiler_, "dropout", s);
-    kernels::dropout_inplace<float>(x, static_cast<int64_t>(Ne) * d, at_site(drop, 0, 0, kEmbed), s);
-  }
-  {
-    Span span(profiler_, "dropout", s);
-    kernels::dropout_cast<T>(x, static_cast<int64_t>(Ne) * d, kNoDropout, Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final,
-                             s);
-  }
+  train_embed(weights_.enc_rel_bias, f.enc_buckets, Le, f.enc_bias, weights_.enc_embed, f.enc_ids, Ne, x,
+              at_site(drop, 0, 0, kEmbed), Lenc > 0 ? t.enc_x_attn[0] : t.enc_pre_final);
   // Each sub-layer's residual add also normalises the stream for the next one (residual_add_norm): the norm
   // outputs (f.h_enc, f.h_dec) are made there, but for the first layer's.
   if (Lenc > 0) kernels::rmsnorm_forward(t.enc_x_attn[0], weights_.encoder[0].ln_attn, Ne, d, eps, 1.f, f.h_enc, s);
@@ -222,24 +207,9 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
   // decoder
   if (!f.shape.folded_cross)
     gemm_.linear<T, T>(f.enc_out, d, weights_.dec_kv_cross, d, f.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
-  {
-    Span span(profiler_, "embedding+bias", s);
-    kernels::relative_bias_table(weights_.dec_rel_bias, f.dec_buckets, 2 * Ld - 1, H, f.dec_bias, s);
-  }
   float* y = f.x_dec;  // (the encoder's stream is done: same bytes)
-  {
-    Span span(profiler_, "embedding+bias", s);
-    kernels::embedding_forward<T>(weights_.dec_embed, V, d, f.dec_ids, Nd, y, s);
-  }
-  {
-    Span span(profiler_, "dropout", s);
-    kernels::dropout_inplace<float>(y, static_cast<int64_t>(Nd) * d, at_site(drop, 1, 0, kEmbed), s);
-  }
-  {
-    Span span(profiler_, "dropout", s);
-    kernels::dropout_cast<T>(y, static_cast<int64_t>(Nd) * d, kNoDropout, Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final,
-                             s);
-  }
+  train_embed(weights_.dec_rel_bias, f.dec_buckets, Ld, f.dec_bias, weights_.dec_embed, f.dec_ids, Nd, y,
+              at_site(drop, 1, 0, kEmbed), Ldec > 0 ? t.dec_x_self[0] : t.dec_pre_final);
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
   if (Ldec > 0) kernels::rmsnorm_forward(t.dec_x_self[0], weights_.decoder[0].ln_self, Nd, d, eps, 1.f, f.h_dec, s);
   for (int l = 0; l < Ldec; ++l) {
@@ -290,6 +260,21 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     Span span(profiler_, "logprobs", s);
     kernels::token_logprobs(f.logits, Nd, V, f.targets, c.pad_token_id, f.token_logp, s);
   }
+}
+
+template <typename T>
+void CudaEngine<T>::train_embed(const float* rel_bias, const int32_t* buckets, int L, float* bias, const T* embed,
+                                const int32_t* ids, int n, float* x, const kernels::DropoutSite& embed_drop, T* saved) {
+  const int d = config_.d_model;
+  cudaStream_t s = stream_;
+  {
+    Span span(profiler_, "embedding+bias", s);
+    kernels::relative_bias_table(rel_bias, buckets, 2 * L - 1, config_.num_heads, bias, s);
+    kernels::embedding_forward<T>(embed, config_.vocab_size, d, ids, n, x, s);
+  }
+  Span span(profiler_, "dropout", s);
+  kernels::dropout_inplace<float>(x, static_cast<int64_t>(n) * d, embed_drop, s);
+  kernels::dropout_cast<T>(x, static_cast<int64_t>(n) * d, kNoDropout, saved, s);
 }
 
 template <typename T>

@@ -70,8 +70,20 @@ template <int DK, bool kTransposed = false>
 __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src, int64_t ld, int row0, int rows,
                                           const float* __restrict__ scale, __nv_bfloat16* dst, int ld_dst) {
   constexpr int kVecPerRow = DK / 8;  // 8 bf16 per 16-byte vector
+  static_assert(kVecPerRow % 2 == 0 && kTile == 64, "the transposed mapping pairs vectors in 4 x 16 rows");
   for (int v = threadIdx.x; v < kTile * kVecPerRow; v += kThreads) {
-    const int r = v / kVecPerRow, c = (v % kVecPerRow) * 8;
+    int r, c;
+    if (kTransposed) {
+      // A warp's 32 vectors are 16 rows x 2 neighbouring vectors (whole 32-byte sectors): its transposed 16-bit
+      // stores then meet at most 2 per bank, where a row's 8 vectors per warp met 8 times in one bank (rows of
+      // dst are 36 words apart, columns 8 apart).
+      const int lane = v & 31, group = v >> 5;
+      r = (lane & 15) + 16 * (group & 3);
+      c = ((lane >> 4) + 2 * (group >> 2)) * 8;
+    } else {
+      r = v / kVecPerRow;
+      c = (v % kVecPerRow) * 8;
+    }
     uint4 packed = make_uint4(0, 0, 0, 0);
     if (row0 + r < rows) packed = *reinterpret_cast<const uint4*>(src + (row0 + r) * ld + c);
     __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
@@ -98,6 +110,31 @@ __device__ __forceinline__ void head_scales(const AdapterIndex& index, int b, in
   const float* l = index.adapters + a * index.adapter_stride;
   k_scale = l + k_offset + static_cast<int64_t>(h) * dk;
   v_scale = l + v_offset + static_cast<int64_t>(h) * dk;
+}
+
+// A forward block's (example b, head h, 64-query tile from q0): its q|k|v row stride and the first q column of
+// the head in the example's rows, its real keys, the keep-mask words per query row, its adapter's (IA)3 scales.
+struct ForwardTile {
+  int q0, h, b, n_keys;
+  int64_t ld, keep_ld;
+  const __nv_bfloat16* base;
+  const float* k_scale;
+  const float* v_scale;
+};
+template <int DK>
+__device__ __forceinline__ ForwardTile forward_tile(const __nv_bfloat16* qkv, int inner, int len,
+                                                    const int32_t* lengths, const AdapterIndex& index,
+                                                    int64_t k_offset, int64_t v_offset) {
+  ForwardTile f;
+  f.q0 = blockIdx.x * kTile;
+  f.h = blockIdx.y;
+  f.b = blockIdx.z;
+  f.n_keys = min(max(lengths[f.b], 0), len);
+  f.ld = 3 * static_cast<int64_t>(inner);
+  f.keep_ld = keep_bits_words(len);
+  f.base = qkv + static_cast<int64_t>(f.b) * len * f.ld + static_cast<int64_t>(f.h) * DK;
+  head_scales(index, f.b, f.h, DK, k_offset, v_offset, f.k_scale, f.v_scale);
+  return f;
 }
 
 using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -172,17 +209,10 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
   float* row_max = reinterpret_cast<float*>(smem + S::kM);
   float* row_sum = reinterpret_cast<float*>(smem + S::kL);
 
-  const int q0 = blockIdx.x * kTile, h = blockIdx.y, b = blockIdx.z;
+  const auto [q0, h, b, n_keys, ld, keep_ld, base, k_scale, v_scale] =
+      forward_tile<DK>(qkv, inner, len, lengths, index, k_offset, v_offset);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t ld = 3 * static_cast<int64_t>(inner);
-  const __nv_bfloat16* base = qkv + static_cast<int64_t>(b) * len * ld + static_cast<int64_t>(h) * DK;
-  const int n_keys = min(max(lengths[b], 0), len);
-  const int64_t keep_ld = keep_bits_words(len);
   const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
-
-  const float* k_scale;
-  const float* v_scale;
-  head_scales(index, b, h, DK, k_offset, v_offset, k_scale, v_scale);
 
   load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdQ);
   for (int i = threadIdx.x; i < kTile * S::kLdO; i += kThreads) Os[i] = 0.f;
@@ -310,16 +340,10 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + S::kK);
   __nv_bfloat16* Vt = reinterpret_cast<__nv_bfloat16*>(smem + S::kVt);
 
-  const int q0 = blockIdx.x * kTile, h = blockIdx.y, b = blockIdx.z;
+  const auto [q0, h, b, n_keys, ld, keep_ld, base, k_scale, v_scale] =
+      forward_tile<DK>(qkv, inner, len, lengths, index, k_offset, v_offset);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t ld = 3 * static_cast<int64_t>(inner);
-  const __nv_bfloat16* base = qkv + static_cast<int64_t>(b) * len * ld + static_cast<int64_t>(h) * DK;
-  const int n_keys = min(max(lengths[b], 0), len);
-  const int64_t keep_ld = keep_bits_words(len);
   const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
-  const float* k_scale;
-  const float* v_scale;
-  head_scales(index, b, h, DK, k_offset, v_offset, k_scale, v_scale);
 
   load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdQK);
   __syncthreads();

@@ -99,6 +99,28 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 }
 #endif
 
+// Eight bf16 (16 bytes) as one access; p 16-byte aligned.
+__device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&q);
+  for (int u = 0; u < 8; ++u) v[u] = __bfloat162float(e[u]);
+}
+__device__ __forceinline__ void store_x8(__nv_bfloat16* p, const float (&v)[8]) {
+  uint4 q;
+  __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&q);
+  for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(v[u]);
+  *reinterpret_cast<uint4*>(p) = q;
+}
+// n consecutive elements (4 of any storage type, 8 of bf16) as one access.
+template <int n, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[n]) {
+  if constexpr (n == 8) load_x8(p, v); else load_x4(p, v);
+}
+template <int n, typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[n]) {
+  if constexpr (n == 8) store_x8(p, v); else store_x4(p, v);
+}
+
 template <typename T>
 inline bool aligned_x4(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;

@@ -4,6 +4,8 @@
 // wi_1; the product is the same. relu (T5 v1.0): h = relu(wi x) * l_ff. Math in fp32, one rounding.
 // Training adds dropout on h (the CPU's mask); the backward recomputes the activation from the saved wi
 // outputs and emits l_ff's per-token gradient contribution alongside the gradient of the wi outputs.
+#include <type_traits>
+
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
 
@@ -50,38 +52,54 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, in
   }
 }
 
-// ffn_activation_kernel with 4 consecutive columns per thread as one vector access (d_ff a multiple of 4, rows
-// aligned): on an H200 (session 12) the one-element form took 7.3 ms of RANK-3B-B32 for ~1.3 ms of traffic.
-// The same arithmetic per element, so the same results.
-template <typename T, bool kGated>
-__global__ void ffn_activation_x4_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
-                                         bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+// ffn_activation_kernel with kVec consecutive columns per thread as one vector access (4, or 8 of bf16: 16 bytes;
+// d_ff a multiple of kVec, rows aligned): on an H200 (session 12) the one-element form took 7.3 ms of RANK-3B-B32
+// for ~1.3 ms of traffic, 4 columns per thread 2.8 ms. The same arithmetic per element, so the same results.
+template <typename T, bool kGated, int kVec>
+__global__ void ffn_activation_vec_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
+                                          bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
   dropout = with_seed(dropout);
-  const int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= d_ff) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
-    float h[4];
+    float h[kVec];
     if (kGated) {
       const T* row = in + static_cast<int64_t>(t) * (2 * static_cast<int64_t>(d_ff));
-      float gate[4], lin[4];
-      load_x4(row + c, gate);
-      load_x4(row + d_ff + c, lin);
-      for (int u = 0; u < 4; ++u) h[u] = gelu_new(gate[u]) * lin[u];
+      float gate[kVec], lin[kVec];
+      load_vec<kVec>(row + c, gate);
+      load_vec<kVec>(row + d_ff + c, lin);
+      for (int u = 0; u < kVec; ++u) h[u] = gelu_new(gate[u]) * lin[u];
     } else {
-      load_x4(in + static_cast<int64_t>(t) * d_ff + c, h);
-      for (int u = 0; u < 4; ++u) h[u] = fmaxf(h[u], 0.f);
+      load_vec<kVec>(in + static_cast<int64_t>(t) * d_ff + c, h);
+      for (int u = 0; u < kVec; ++u) h[u] = fmaxf(h[u], 0.f);
     }
     if (scaled) {
       const int a = adapter_of_token(index, t);
       if (a >= 0) {
         const float* l = index.adapters + a * index.adapter_stride + ff_offset + c;
-        for (int u = 0; u < 4; ++u) h[u] *= l[u];
+        for (int u = 0; u < kVec; ++u) h[u] *= l[u];
       }
     }
     const int64_t i = static_cast<int64_t>(t) * d_ff + c;
-    for (int u = 0; u < 4; ++u) h[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
-    store_x4(out + i, h);
+    for (int u = 0; u < kVec; ++u) h[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
+    store_vec<kVec>(out + i, h);
   }
+}
+
+template <typename T, int kVec>
+void launch_ffn_activation_vec(const T* in, int n_tokens, int d_ff, bool gated, const AdapterIndex& index,
+                               bool scaled, int64_t ff_offset, const DropoutSite& dropout, T* out,
+                               cudaStream_t stream) {
+  const int groups = d_ff / kVec;
+  const dim3 block(groups >= 256 ? 256 : 128);
+  const dim3 grid((groups + block.x - 1) / block.x, n_tokens < 65535 ? n_tokens : 65535);
+  if (gated)
+    ffn_activation_vec_kernel<T, true, kVec><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset,
+                                                                         dropout, out);
+  else
+    ffn_activation_vec_kernel<T, false, kVec><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset,
+                                                                          dropout, out);
+  TFEW_CUDA_CHECK_LAUNCH("ffn_activation_vec_kernel");
 }
 
 // One block row per Ia3Sums row (a token, or a chunk of one example's tokens walked in order). Per token, g_ff
@@ -131,15 +149,15 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
                     const DropoutSite& dropout, T* out, cudaStream_t stream) {
   if (n_tokens <= 0 || d_ff <= 0) return;
   const bool scaled = index.active();
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    if (d_ff % 8 == 0 && aligned16(in) && aligned16(out)) {
+      launch_ffn_activation_vec<T, 8>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout, out, stream);
+      return;
+    }
+  }
   if (d_ff % 4 == 0 && aligned_x4(in) && aligned_x4(out)) {
-    const int groups = d_ff / 4;
-    const dim3 block(groups >= 256 ? 256 : 128);
-    const dim3 grid((groups + block.x - 1) / block.x, n_tokens < 65535 ? n_tokens : 65535);
-    if (gated)
-      ffn_activation_x4_kernel<T, true><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
-    else
-      ffn_activation_x4_kernel<T, false><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
-    TFEW_CUDA_CHECK_LAUNCH("ffn_activation_x4_kernel");
+    launch_ffn_activation_vec<T, 4>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout, out, stream);
     return;
   }
   const dim3 block(256);

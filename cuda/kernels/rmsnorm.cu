@@ -7,6 +7,9 @@
 // recomputed from x instead of being stored. In training the backward also writes what the next sub-layer's
 // backward starts from (its output dropout applied to the residual gradient, cast for a GEMM), saving that
 // sub-layer a pass over the gradient and a launch.
+#include <string>
+#include <type_traits>
+
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
 
@@ -92,27 +95,34 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
   }
 }
 
-// ---- the warp-per-row form (d a multiple of 128, every pointer aligned for 4-element vectors: T0/T5 widths)
+// ---- the warp-per-row form (the T0/T5 widths, every pointer aligned for 4-element vectors)
 // One warp per row, each lane 4 consecutive columns per 128, warp shuffles only. The block-per-row form above
 // gives each of 512 threads 4 elements of a 2,048-wide row and two block barriers per sum: on an H200
 // (session 12) RANK-3B-B32's norms took 3.4 ms for ~1 ms of memory traffic. Results differ from the block
 // form only by the order of the sum of squares; the training forward's fused residual add and the backward's
 // recomputed norm both use rmsnorm_row_warp, so they stay bit-identical to each other.
+// kChunks = d / 128 is a compile-time constant (the T5 and T0 widths 512, 768, 1024, 2048; other widths take the
+// block-per-row form): the loops unroll, so a lane's loads of a row are all in flight at once (the grids are
+// small: TRAIN-3B's 2,048 rows are 256 blocks).
 constexpr int kNormRowsPerBlock = 8;
 
-template <typename TIn, typename TOut>
+template <int kChunks, typename TIn, typename TOut>
 __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __restrict__ weight, int d, float eps,
                                                  float out_scale, TOut* __restrict__ orow) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, chunks = kChunks;
   float ss = 0.f;
-  for (int c = lane * 4; c < d; c += 128) {
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int c = lane * 4 + 128 * k;
     float v[4];
     load_x4(xr + c, v);
     for (int u = 0; u < 4; ++u) ss += v[u] * v[u];
   }
   ss = warp_sum(ss);
   const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
-  for (int c = lane * 4; c < d; c += 128) {
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int c = lane * 4 + 128 * k;
     float v[4], w[4];
     load_x4(xr + c, v);
     load_x4(weight + c, w);
@@ -121,17 +131,17 @@ __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __r
   }
 }
 
-template <typename TIn, typename TOut>
+template <int kChunks, typename TIn, typename TOut>
 __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 rmsnorm_forward_warp_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int64_t n_rows, int d,
                             float eps, float out_scale, TOut* __restrict__ out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  rmsnorm_row_warp(x + row * d, weight, d, eps, out_scale, out + row * d);
+  rmsnorm_row_warp<kChunks>(x + row * d, weight, d, eps, out_scale, out + row * d);
 }
 
 // residual_add_norm_kernel's work, a warp per row; each lane reads back only the columns it wrote.
-template <typename T>
+template <int kChunks, typename T>
 __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site, T* saved,
                               const float* __restrict__ weight, int64_t n_rows, int d, float eps, float out_scale,
@@ -139,8 +149,10 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
   site = with_seed(site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  for (int c = (threadIdx.x & 31) * 4; c < d; c += 128) {
-    const int64_t i = row * d + c;
+  const int chunks = kChunks;
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
     float xv[4], yv[4];
     load_x4(x + i, xv);
     load_x4(y + i, yv);
@@ -148,10 +160,10 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
     store_x4(x + i, xv);
     store_x4(saved + i, xv);
   }
-  rmsnorm_row_warp(saved + row * d, weight, d, eps, out_scale, out + row * d);
+  rmsnorm_row_warp<kChunks>(saved + row * d, weight, d, eps, out_scale, out + row * d);
 }
 
-template <typename TX>
+template <int kChunks, typename TX>
 __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict__ x, const float* __restrict__ weight,
                              int64_t n_rows, int d, float eps, bool accumulate, float* __restrict__ dx,
@@ -159,11 +171,13 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   cast_site = with_seed(cast_site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, chunks = kChunks;
   const TX* xr = x + row * d;
   const float* dyr = dy + row * d;
   float ss = 0.f, ux = 0.f;
-  for (int c = lane * 4; c < d; c += 128) {
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4];
     load_x4(xr + c, v);
     load_x4(dyr + c, g);
@@ -178,7 +192,9 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   const float r = rsqrtf(ss / static_cast<float>(d) + eps);
   const float coef = ux / static_cast<float>(d) * r * r * r;
   float* dxr = dx + row * d;
-  for (int c = lane * 4; c < d; c += 128) {
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4], out[4];
     load_x4(xr + c, v);
     load_x4(dyr + c, g);
@@ -201,16 +217,37 @@ inline unsigned norm_warp_blocks(int64_t n_rows) {
   return static_cast<unsigned>((n_rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock);
 }
 
+// Whether the warp-per-row form has an instance for width d.
+inline bool warp_norm_width(int d) {
+  const int chunks = d % 128 == 0 ? d / 128 : 0;
+  return chunks == 4 || chunks == 6 || chunks == 8 || chunks == 16;
+}
+
+// Calls launch(std::integral_constant<int, d / 128>) (d: warp_norm_width).
+template <typename Launch>
+void with_norm_chunks(int d, Launch&& launch) {
+  switch (d / 128) {
+    case 4: launch(std::integral_constant<int, 4>()); break;     // T5-small
+    case 6: launch(std::integral_constant<int, 6>()); break;     // T5-base
+    case 8: launch(std::integral_constant<int, 8>()); break;     // T5-large, T5/T0-11B
+    case 16: launch(std::integral_constant<int, 16>()); break;   // T5-3B, T0-3B
+    default: fail(ErrorCode::Internal, "rmsnorm: no warp-per-row instance for width " + std::to_string(d));
+  }
+}
+
 }  // namespace
 
 template <typename TX>
 void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,
                       bool accumulate, float* dx, cudaStream_t stream, TX* cast_out, const DropoutSite& cast_site) {
   if (n_rows <= 0) return;
-  if (d % 128 == 0 && aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) &&
+  if (warp_norm_width(d) && aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) &&
       (!cast_out || aligned_x4(cast_out))) {
-    rmsnorm_backward_warp_kernel<TX><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(
-        dy, x, weight, n_rows, d, eps, accumulate, dx, cast_out, cast_site);
+    with_norm_chunks(d, [&](auto chunks) {
+      rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0,
+                                                                  stream>>>(dy, x, weight, n_rows, d, eps, accumulate,
+                                                                            dx, cast_out, cast_site);
+    });
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_warp_kernel");
     return;
   }
@@ -224,9 +261,11 @@ template <typename TIn, typename TOut>
 void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
-  if (d % 128 == 0 && aligned_x4(x) && aligned_x4(weight) && aligned_x4(out)) {
-    rmsnorm_forward_warp_kernel<TIn, TOut><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(
-        x, weight, n_rows, d, eps, out_scale, out);
+  if (warp_norm_width(d) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(out)) {
+    with_norm_chunks(d, [&](auto chunks) {
+      rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>
+          <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, weight, n_rows, d, eps, out_scale, out);
+    });
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_warp_kernel");
     return;
   }
@@ -241,10 +280,13 @@ void residual_add_norm(float* x, const float* y, int n_rows, int d, const Dropou
   if (n_rows <= 0) return;
   // The same form as rmsnorm_forward picks for the saved copy (the same sums, which the backward's recomputed norm
   // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
-  if (d % 128 == 0 && aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out)) {
+  if (warp_norm_width(d) && aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out)) {
     if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
-    residual_add_norm_warp_kernel<T><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(
-        x, y, site, saved, weight, n_rows, d, eps, out_scale, out);
+    with_norm_chunks(d, [&](auto chunks) {
+      residual_add_norm_warp_kernel<decltype(chunks)::value, T>
+          <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, y, site, saved, weight, n_rows, d, eps,
+                                                                             out_scale, out);
+    });
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");
     return;
   }
