@@ -101,9 +101,9 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
 // (session 12) RANK-3B-B32's norms took 3.4 ms for ~1 ms of memory traffic. Results differ from the block
 // form only by the order of the sum of squares; the training forward's fused residual add and the backward's
 // recomputed norm both use rmsnorm_row_warp, so they stay bit-identical to each other.
-// kChunks = d / 128 is a compile-time constant (the T5 and T0 widths 512, 768, 1024, 2048; other widths take the
-// block-per-row form): the loops unroll, so a lane's loads of a row are all in flight at once (the grids are
-// small: TRAIN-3B's 2,048 rows are 256 blocks).
+// kChunks = d / 128 is a compile-time constant (the T5 and T0 widths 512, 768, 1024, 2048, 4096; other widths take
+// the block-per-row form): the loops unroll (by up to 8 chunks: registers), so a lane's loads of a row are in flight
+// together (the grids are small: TRAIN-3B's 2,048 rows are 256 blocks).
 constexpr int kNormRowsPerBlock = 8;
 
 template <int kChunks, typename TIn, typename TOut>
@@ -111,7 +111,7 @@ __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __r
                                                  float out_scale, TOut* __restrict__ orow) {
   const int lane = threadIdx.x & 31, chunks = kChunks;
   float ss = 0.f;
-#pragma unroll
+#pragma unroll 8
   for (int k = 0; k < chunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4];
@@ -120,7 +120,7 @@ __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __r
   }
   ss = warp_sum(ss);
   const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
-#pragma unroll
+#pragma unroll 8
   for (int k = 0; k < chunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], w[4];
@@ -150,7 +150,7 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
   const int chunks = kChunks;
-#pragma unroll
+#pragma unroll 8
   for (int k = 0; k < chunks; ++k) {
     const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
     float xv[4], yv[4];
@@ -175,7 +175,7 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   const TX* xr = x + row * d;
   const float* dyr = dy + row * d;
   float ss = 0.f, ux = 0.f;
-#pragma unroll
+#pragma unroll 8
   for (int k = 0; k < chunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4];
@@ -192,7 +192,7 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   const float r = rsqrtf(ss / static_cast<float>(d) + eps);
   const float coef = ux / static_cast<float>(d) * r * r * r;
   float* dxr = dx + row * d;
-#pragma unroll
+#pragma unroll 8
   for (int k = 0; k < chunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4], out[4];
@@ -220,7 +220,7 @@ inline unsigned norm_warp_blocks(int64_t n_rows) {
 // Whether the warp-per-row form has an instance for width d.
 inline bool warp_norm_width(int d) {
   const int chunks = d % 128 == 0 ? d / 128 : 0;
-  return chunks == 4 || chunks == 6 || chunks == 8 || chunks == 16;
+  return chunks == 4 || chunks == 6 || chunks == 8 || chunks == 16 || chunks == 32;
 }
 
 // Calls launch(std::integral_constant<int, d / 128>) (d: warp_norm_width).
@@ -229,8 +229,9 @@ void with_norm_chunks(int d, Launch&& launch) {
   switch (d / 128) {
     case 4: launch(std::integral_constant<int, 4>()); break;     // T5-small
     case 6: launch(std::integral_constant<int, 6>()); break;     // T5-base
-    case 8: launch(std::integral_constant<int, 8>()); break;     // T5-large, T5/T0-11B
+    case 8: launch(std::integral_constant<int, 8>()); break;     // T5-large, the original T5-11B
     case 16: launch(std::integral_constant<int, 16>()); break;   // T5-3B, T0-3B
+    case 32: launch(std::integral_constant<int, 32>()); break;   // T5 v1.1 XXL, T0 (11B)
     default: fail(ErrorCode::Internal, "rmsnorm: no warp-per-row instance for width " + std::to_string(d));
   }
 }
