@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "emu/emu_selftest.h"
+#include "kernels/device_common.cuh"
 
 namespace tfew {
 namespace emu {
@@ -42,6 +43,27 @@ __global__ void missing_barrier(float* out) {
   __shared__ float s[64];
   s[threadIdx.x] = static_cast<float>(threadIdx.x);
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // needs __syncthreads() between the two lines
+}
+
+// One m16n8k16 tile through kernels::mma_bf16_16816, its fragments built from row-major A (16 x 16) and B (16 x 8)
+// as the PTX ISA lays them out (written here independently of the emulator's inverse mapping), D stored likewise.
+__global__ void mma_one_tile(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const auto pair = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
+  };
+  const uint32_t a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+  const uint32_t b[2] = {pair(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
+                         pair(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  kernels::mma_bf16_16816(d, a, b);
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
 SelfTestResult finish(cudaError_t call_result, const std::string& note = "") {
@@ -115,6 +137,28 @@ SelfTestResult run_scenario(const std::string& name) {
     int right = 0;
     for (int i = 0; i < 64; ++i) right += host[i] == static_cast<float>((i + 1) % 64);
     r = finish(cudaSuccess, std::to_string(right) + " of 64 reads saw the value written");
+  } else if (name == "mma-layout") {
+    // small integers: exact in bf16 and in the fp32 sums, so the product must match to the bit
+    std::vector<__nv_bfloat16> a(16 * 16), b(16 * 8);
+    for (int i = 0; i < 16 * 16; ++i) a[i] = __float2bfloat16(static_cast<float>((i * 7) % 11 - 5));
+    for (int i = 0; i < 16 * 8; ++i) b[i] = __float2bfloat16(static_cast<float>((i * 5) % 13 - 6));
+    __nv_bfloat16* da = mem.get<__nv_bfloat16>(a.size());
+    __nv_bfloat16* db = mem.get<__nv_bfloat16>(b.size());
+    float* dd = mem.get<float>(16 * 8);
+    cudaMemcpy(da, a.data(), a.size() * sizeof(a[0]), cudaMemcpyHostToDevice);
+    cudaMemcpy(db, b.data(), b.size() * sizeof(b[0]), cudaMemcpyHostToDevice);
+    launch("mma_one_tile", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, mma_one_tile, da, db, dd);
+    const cudaError_t launched = cudaGetLastError();
+    float d[16 * 8];
+    cudaMemcpy(d, dd, sizeof(d), cudaMemcpyDeviceToHost);
+    int wrong = 0;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 8; ++j) {
+        float want = 0.f;
+        for (int k = 0; k < 16; ++k) want += __bfloat162float(a[i * 16 + k]) * __bfloat162float(b[k * 8 + j]);
+        wrong += d[i * 8 + j] != want;
+      }
+    r = finish(launched, std::to_string(wrong) + " of 128 products wrong");
   } else {
     r.error = "unknown";
     r.message = "no self-test named " + name;

@@ -51,6 +51,12 @@ describeEmulator('CUDA emulator self-test', () => {
     expect(right).toBeLessThan(64);
   });
 
+  test('mma.sync tiles are computed in the PTX fragment layout (what the attention kernel relies on)', () => {
+    const r = selfTest('mma-layout');
+    expect(r.error).toBe('cudaSuccess');
+    expect(r.message).toMatch(/\b0 of 128 products wrong/);
+  });
+
   test('after the deliberate faults the emulated context is usable again', () => {
     expect(native().probeCuda().usable).toBe(true);
     expect(selfTest('fresh-memory-is-nan').error).toBe('cudaSuccess');
