@@ -778,21 +778,26 @@ void opt_in_shared_memory(const void* kernel, size_t bytes) {
   configured.insert({kernel, device});
 }
 
+// The shared memory of the forward kernel in use (attention_kernel_wmma).
+template <int DK>
+size_t forward_smem_bytes() {
+  return attention_kernel_wmma() ? FusedSmem<DK>::kBytes : MmaSmem<DK>::kBytes;
+}
+
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                   const DropoutSite& dropout, __nv_bfloat16* out, float* stats, const KeepBits& keep,
                   cudaStream_t stream) {
   const dim3 grid((len + kTile - 1) / kTile, heads, batch);
+  const size_t smem = forward_smem_bytes<DK>();
   if (attention_kernel_wmma()) {
-    constexpr size_t smem = FusedSmem<DK>::kBytes;
     opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
     fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
                                                                          k_offset, v_offset, dropout, out, stats, keep);
     TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
     return;
   }
-  constexpr size_t smem = MmaSmem<DK>::kBytes;
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
   fused_encoder_attention_mma_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths,
                                                                            index, k_offset, v_offset, dropout, out,
@@ -838,13 +843,12 @@ bool attention_kernel_wmma() {
 // capability 8.6 / 8.9 cards, where the WMMA forward's d_kv 128 (110 KiB) does not fit (the mma.sync forward
 // needs 53 KiB): the cuBLAS path is used where it does not fit.
 bool fused_encoder_attention_supported(int d_kv) {
-  const bool wmma = attention_kernel_wmma();
   size_t needed = 0;
   switch (d_kv) {
-    case 16: needed = wmma ? FusedSmem<16>::kBytes : MmaSmem<16>::kBytes; break;
-    case 32: needed = wmma ? FusedSmem<32>::kBytes : MmaSmem<32>::kBytes; break;
-    case 64: needed = wmma ? FusedSmem<64>::kBytes : MmaSmem<64>::kBytes; break;
-    case 128: needed = wmma ? FusedSmem<128>::kBytes : MmaSmem<128>::kBytes; break;
+    case 16: needed = forward_smem_bytes<16>(); break;
+    case 32: needed = forward_smem_bytes<32>(); break;
+    case 64: needed = forward_smem_bytes<64>(); break;
+    case 128: needed = forward_smem_bytes<128>(); break;
     default: return false;
   }
   return needed <= shared_memory_optin();

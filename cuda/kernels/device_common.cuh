@@ -121,9 +121,10 @@ __device__ __forceinline__ void store_vec(T* p, const float (&v)[n]) {
   if constexpr (n == 8) store_x8(p, v); else store_x4(p, v);
 }
 
-template <typename T>
+// Whether p is aligned for n-element vector accesses (load_vec / store_vec; n = 4: load_x4 / store_x4).
+template <int n = 4, typename T>
 inline bool aligned_x4(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+  return reinterpret_cast<uintptr_t>(p) % (n * sizeof(T)) == 0;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -150,8 +150,7 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
   if (n_tokens <= 0 || d_ff <= 0) return;
   const bool scaled = index.active();
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    if (d_ff % 8 == 0 && aligned16(in) && aligned16(out)) {
+    if (d_ff % 8 == 0 && aligned_x4<8>(in) && aligned_x4<8>(out)) {
       launch_ffn_activation_vec<T, 8>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout, out, stream);
       return;
     }

@@ -7,7 +7,6 @@
 // recomputed from x instead of being stored. In training the backward also writes what the next sub-layer's
 // backward starts from (its output dropout applied to the residual gradient, cast for a GEMM), saving that
 // sub-layer a pass over the gradient and a launch.
-#include <string>
 #include <type_traits>
 
 #include "kernels/device_common.cuh"
@@ -109,10 +108,10 @@ constexpr int kNormRowsPerBlock = 8;
 template <int kChunks, typename TIn, typename TOut>
 __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __restrict__ weight, int d, float eps,
                                                  float out_scale, TOut* __restrict__ orow) {
-  const int lane = threadIdx.x & 31, chunks = kChunks;
+  const int lane = threadIdx.x & 31;
   float ss = 0.f;
 #pragma unroll 8
-  for (int k = 0; k < chunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4];
     load_x4(xr + c, v);
@@ -121,7 +120,7 @@ __device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __r
   ss = warp_sum(ss);
   const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
 #pragma unroll 8
-  for (int k = 0; k < chunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], w[4];
     load_x4(xr + c, v);
@@ -149,9 +148,8 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
   site = with_seed(site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  const int chunks = kChunks;
 #pragma unroll 8
-  for (int k = 0; k < chunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
     float xv[4], yv[4];
     load_x4(x + i, xv);
@@ -171,12 +169,12 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   cast_site = with_seed(cast_site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  const int lane = threadIdx.x & 31, chunks = kChunks;
+  const int lane = threadIdx.x & 31;
   const TX* xr = x + row * d;
   const float* dyr = dy + row * d;
   float ss = 0.f, ux = 0.f;
 #pragma unroll 8
-  for (int k = 0; k < chunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4];
     load_x4(xr + c, v);
@@ -193,7 +191,7 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   const float coef = ux / static_cast<float>(d) * r * r * r;
   float* dxr = dx + row * d;
 #pragma unroll 8
-  for (int k = 0; k < chunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4], out[4];
     load_x4(xr + c, v);
@@ -217,22 +215,18 @@ inline unsigned norm_warp_blocks(int64_t n_rows) {
   return static_cast<unsigned>((n_rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock);
 }
 
-// Whether the warp-per-row form has an instance for width d.
-inline bool warp_norm_width(int d) {
-  const int chunks = d % 128 == 0 ? d / 128 : 0;
-  return chunks == 4 || chunks == 6 || chunks == 8 || chunks == 16 || chunks == 32;
-}
-
-// Calls launch(std::integral_constant<int, d / 128>) (d: warp_norm_width).
+// Launches launch(std::integral_constant<int, d / 128>) where the warp-per-row form has an instance for width d;
+// false (nothing launched) elsewhere.
 template <typename Launch>
-void with_norm_chunks(int d, Launch&& launch) {
+bool with_norm_chunks(int d, Launch&& launch) {
+  if (d % 128 != 0) return false;
   switch (d / 128) {
-    case 4: launch(std::integral_constant<int, 4>()); break;     // T5-small
-    case 6: launch(std::integral_constant<int, 6>()); break;     // T5-base
-    case 8: launch(std::integral_constant<int, 8>()); break;     // T5-large, the original T5-11B
-    case 16: launch(std::integral_constant<int, 16>()); break;   // T5-3B, T0-3B
-    case 32: launch(std::integral_constant<int, 32>()); break;   // T5 v1.1 XXL, T0 (11B)
-    default: fail(ErrorCode::Internal, "rmsnorm: no warp-per-row instance for width " + std::to_string(d));
+    case 4: launch(std::integral_constant<int, 4>()); return true;     // T5-small
+    case 6: launch(std::integral_constant<int, 6>()); return true;     // T5-base
+    case 8: launch(std::integral_constant<int, 8>()); return true;     // T5-large, the original T5-11B
+    case 16: launch(std::integral_constant<int, 16>()); return true;   // T5-3B, T0-3B
+    case 32: launch(std::integral_constant<int, 32>()); return true;   // T5 v1.1 XXL, T0 (11B)
+    default: return false;
   }
 }
 
@@ -242,13 +236,12 @@ template <typename TX>
 void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,
                       bool accumulate, float* dx, cudaStream_t stream, TX* cast_out, const DropoutSite& cast_site) {
   if (n_rows <= 0) return;
-  if (warp_norm_width(d) && aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) &&
-      (!cast_out || aligned_x4(cast_out))) {
-    with_norm_chunks(d, [&](auto chunks) {
-      rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0,
-                                                                  stream>>>(dy, x, weight, n_rows, d, eps, accumulate,
-                                                                            dx, cast_out, cast_site);
-    });
+  if (aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) && (!cast_out || aligned_x4(cast_out)) &&
+      with_norm_chunks(d, [&](auto chunks) {
+        rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock,
+                                                                    0, stream>>>(dy, x, weight, n_rows, d, eps,
+                                                                                 accumulate, dx, cast_out, cast_site);
+      })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_warp_kernel");
     return;
   }
@@ -262,11 +255,10 @@ template <typename TIn, typename TOut>
 void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
-  if (warp_norm_width(d) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(out)) {
-    with_norm_chunks(d, [&](auto chunks) {
-      rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>
-          <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, weight, n_rows, d, eps, out_scale, out);
-    });
+  if (aligned_x4(x) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
+        rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>
+            <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, weight, n_rows, d, eps, out_scale, out);
+      })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_warp_kernel");
     return;
   }
@@ -281,13 +273,12 @@ void residual_add_norm(float* x, const float* y, int n_rows, int d, const Dropou
   if (n_rows <= 0) return;
   // The same form as rmsnorm_forward picks for the saved copy (the same sums, which the backward's recomputed norm
   // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
-  if (warp_norm_width(d) && aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out)) {
-    if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
-    with_norm_chunks(d, [&](auto chunks) {
-      residual_add_norm_warp_kernel<decltype(chunks)::value, T>
-          <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, y, site, saved, weight, n_rows, d, eps,
-                                                                             out_scale, out);
-    });
+  if (aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
+        if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
+        residual_add_norm_warp_kernel<decltype(chunks)::value, T>
+            <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, y, site, saved, weight, n_rows, d, eps,
+                                                                               out_scale, out);
+      })) {
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");
     return;
   }
