@@ -66,6 +66,56 @@ __global__ void mma_one_tile(const __nv_bfloat16* A, const __nv_bfloat16* B, flo
   D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
+// cp.async: each of 32 threads copies 16 bytes into shared memory pre-set to -1 (odd threads ask for zero fill);
+// what a thread reads of its own slot before the wait is stale (-1) in the emulator, after the wait the copy.
+__global__ void cp_async_before_and_after_wait(const float* src, float* before, float* after) {
+  __shared__ __align__(16) float s[32 * 4];
+  const int i = threadIdx.x;
+  for (int u = 0; u < 4; ++u) s[4 * i + u] = -1.f;
+  kernels::cp_async_16(&s[4 * i], &src[4 * i], i % 2 == 0);
+  kernels::cp_async_commit();
+  for (int u = 0; u < 4; ++u) before[4 * i + u] = s[4 * i + u];
+  kernels::cp_async_wait<0>();
+  for (int u = 0; u < 4; ++u) after[4 * i + u] = s[4 * i + u];
+}
+
+// D = A B for A (16 x 16) and B (16 x 16) with B's fragments from ldmatrix two ways: from B stored [n][k] (plain,
+// as the attention kernel reads K) into D1, and from B stored [k][n] (.trans, as it reads V) into D2. A's fragments
+// are built from the PTX layout as in mma_one_tile; both products must be exact.
+__global__ void ldmatrix_tiles(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D1, float* D2) {
+  __shared__ __align__(16) __nv_bfloat16 b_nk[16 * 16], b_kn[16 * 16];
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int e = lane; e < 256; e += 32) {
+    const int k = e / 16, n = e % 16;
+    b_kn[k * 16 + n] = B[k * 16 + n];
+    b_nk[n * 16 + k] = B[k * 16 + n];
+  }
+  __syncwarp();
+  const auto pair = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
+  };
+  const uint32_t a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+  const int m = lane >> 3, r = lane & 7;
+  uint32_t plain[4], trans[4];
+  // matrix m: n block m >> 1, k half m & 1; plain rows are n, .trans rows are k
+  kernels::ldmatrix_x4(plain, b_nk + (8 * (m >> 1) + r) * 16 + 8 * (m & 1));
+  kernels::ldmatrix_x4_trans(trans, b_kn + (8 * (m & 1) + r) * 16 + 8 * (m >> 1));
+  for (int nb = 0; nb < 2; ++nb) {
+    const uint32_t bp[2] = {plain[2 * nb], plain[2 * nb + 1]}, bt[2] = {trans[2 * nb], trans[2 * nb + 1]};
+    float d1[4] = {0.f, 0.f, 0.f, 0.f}, d2[4] = {0.f, 0.f, 0.f, 0.f};
+    kernels::mma_bf16_16816(d1, a, bp);
+    kernels::mma_bf16_16816(d2, a, bt);
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e >> 1), col = 8 * nb + 2 * t + (e & 1);
+      D1[row * 16 + col] = d1[e];
+      D2[row * 16 + col] = d2[e];
+    }
+  }
+}
+
 SelfTestResult finish(cudaError_t call_result, const std::string& note = "") {
   SelfTestResult r;
   const cudaError_t synced = cudaDeviceSynchronize();
@@ -159,6 +209,51 @@ SelfTestResult run_scenario(const std::string& name) {
         wrong += d[i * 8 + j] != want;
       }
     r = finish(launched, std::to_string(wrong) + " of 128 products wrong");
+  } else if (name == "cp-async") {
+    std::vector<float> src(128);
+    for (int i = 0; i < 128; ++i) src[i] = static_cast<float>(i + 1);
+    float* dsrc = mem.get<float>(128);
+    float* dbefore = mem.get<float>(128);
+    float* dafter = mem.get<float>(128);
+    cudaMemcpy(dsrc, src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice);
+    launch("cp_async_before_and_after_wait", dim3(1), dim3(32), 0, cudaStream_t{nullptr},
+           cp_async_before_and_after_wait, dsrc, dbefore, dafter);
+    const cudaError_t launched = cudaGetLastError();
+    float before[128], after[128];
+    cudaMemcpy(before, dbefore, sizeof(before), cudaMemcpyDeviceToHost);
+    cudaMemcpy(after, dafter, sizeof(after), cudaMemcpyDeviceToHost);
+    int stale = 0, right = 0;
+    for (int i = 0; i < 128; ++i) {
+      stale += before[i] == -1.f;
+      right += after[i] == ((i / 4) % 2 == 0 ? src[i] : 0.f);
+    }
+    r = finish(launched, std::to_string(stale) + " of 128 stale before the wait, " + std::to_string(right) +
+                             " of 128 right after it");
+  } else if (name == "ldmatrix-layout") {
+    std::vector<__nv_bfloat16> a(16 * 16), b(16 * 16);
+    for (int i = 0; i < 256; ++i) a[i] = __float2bfloat16(static_cast<float>((i * 7) % 11 - 5));
+    for (int i = 0; i < 256; ++i) b[i] = __float2bfloat16(static_cast<float>((i * 5) % 13 - 6));
+    __nv_bfloat16* da = mem.get<__nv_bfloat16>(a.size());
+    __nv_bfloat16* db = mem.get<__nv_bfloat16>(b.size());
+    float* d1 = mem.get<float>(256);
+    float* d2 = mem.get<float>(256);
+    cudaMemcpy(da, a.data(), a.size() * sizeof(a[0]), cudaMemcpyHostToDevice);
+    cudaMemcpy(db, b.data(), b.size() * sizeof(b[0]), cudaMemcpyHostToDevice);
+    launch("ldmatrix_tiles", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, ldmatrix_tiles, da, db, d1, d2);
+    const cudaError_t launched = cudaGetLastError();
+    float h1[256], h2[256];
+    cudaMemcpy(h1, d1, sizeof(h1), cudaMemcpyDeviceToHost);
+    cudaMemcpy(h2, d2, sizeof(h2), cudaMemcpyDeviceToHost);
+    int wrong_plain = 0, wrong_trans = 0;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float want = 0.f;
+        for (int k = 0; k < 16; ++k) want += __bfloat162float(a[i * 16 + k]) * __bfloat162float(b[k * 16 + j]);
+        wrong_plain += h1[i * 16 + j] != want;
+        wrong_trans += h2[i * 16 + j] != want;
+      }
+    r = finish(launched, std::to_string(wrong_plain) + " of 256 wrong from [n][k], " + std::to_string(wrong_trans) +
+                             " of 256 wrong from [k][n] (.trans)");
   } else {
     r.error = "unknown";
     r.message = "no self-test named " + name;

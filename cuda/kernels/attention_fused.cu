@@ -1,29 +1,33 @@
 // Fused encoder self-attention for bf16 (the fast path): scores, relative-position bias, padding mask,
-// softmax and the weighted sum of values in one kernel, with tensor cores (WMMA, bf16 in, fp32 accumulate).
+// softmax and the weighted sum of values in one kernel, on tensor cores (bf16 in, fp32 accumulate).
 // The unfused path (two batched cuBLAS GEMMs around encoder_softmax) writes and reads B*H*L*L fp32 scores
 // and bf16 probabilities: ~0.8 GB of memory traffic per layer for 32 examples of 256 tokens. Here the
-// scores of a 64x64 tile live in shared memory only.
+// scores of a 64x64 tile never leave the chip.
 //
 // One block = one (example, head, 64-query tile), 4 warps of 16 query rows. For each 64-key tile of the
-// example's real keys (tiles past its length are skipped): S = Q K^T (WMMA) -> shared memory; each warp runs
-// the online softmax over its rows in fp32 (running max m, running sum l; the output rows are rescaled by
-// exp(m_old - m_new)); P (bf16) V is accumulated (WMMA) into fp32 output rows kept in shared memory. The
-// (IA)3 key/value scales of the example's adapter are applied while K and V tiles are loaded, so the
-// encoder needs no separate (IA)3 pass. Training-mode dropout drops probabilities in the P V product only
-// (the row sums, which normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it. In
-// training the forward also writes that mask as bits (KeepBits, one warp ballot per 32 keys), which the rerun
-// and the two backward kernels read: each element is hashed once per step, not four times.
-// T5: no 1/sqrt(d_kv) scaling.
+// example's real keys (tiles past its length are skipped): S = Q K^T, the online softmax over the rows in fp32
+// (running max m, running sum l; the output rows are rescaled by exp(m_old - m_new)), O += P (bf16) V. The
+// (IA)3 key/value scales of the example's adapter are applied inside the kernel, so the encoder needs no
+// separate (IA)3 pass. Training-mode dropout drops probabilities in the P V product only (the row sums, which
+// normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it. In training the forward also
+// writes that mask as bits (KeepBits, 32 keys a word), which the rerun and the two backward kernels read: each
+// element is hashed once per step, not four times. T5: no 1/sqrt(d_kv) scaling.
+// Two forward kernels: fused_encoder_attention_mma_kernel (the default: mma.sync, everything in registers,
+// cp.async-pipelined tiles; it scales Q by l_k and the output by l_v) and fused_encoder_attention_kernel (the
+// first one: WMMA through shared memory, K and V scaled as they load; TFEW_CUDA_ATTENTION_KERNEL=wmma).
 //
-// The backward (training, flash-style: no [B, H, L, L] tensor in memory) is two kernels after a rerun of the
-// forward that also writes each query row's softmax statistics (max m, sum l) and the output C:
+// The backward (training, flash-style: no [B, H, L, L] tensor in memory) is two mma.sync kernels after a rerun of
+// the forward that also writes each query row's softmax statistics (max m, sum l) and the output C. With
+// Q~ = Q diag l_k, K~ = K diag l_k, V~ = V diag l_v, the scores are made as the default forward makes them,
+// S = Q~ K^T (bf16 Q~), so P = exp(S + bias - m) / l matches the statistics (bit for bit in the dq kernel, which
+// sums in the forward's order; the WMMA forward rounds K~ instead, a difference of bf16 rounding):
 //   dq kernel,  one block per (example, head, 64-query tile): D = rowsum(dC * C), then per key tile
-//               S = Q K~^T, P = exp(S + bias - m) / l, dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~;
-//   dkv kernel, one block per (example, head, 64-key tile): per query tile S^T = K~ Q^T, P^T, dP'^T = V~ dC^T,
+//               S = Q~ K^T, P, dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~;
+//   dkv kernel, one block per (example, head, 64-key tile): per query tile S^T = K Q~^T, P^T, dP'^T = V~ dC^T,
 //               dV~ += P'^T dC, dK~ += dS^T Q.
-// Each output element is summed by one block in a fixed order (in WMMA accumulators, in registers):
-// deterministic, no atomics. Query tiles past an example's length are skipped: padded positions are masked as
-// keys everywhere, so nothing reads them and their output gradient dC is exactly zero.
+// Each output element is summed by one block in a fixed order (in registers): deterministic, no atomics. Query
+// tiles past an example's length are skipped: padded positions are masked as keys everywhere, so nothing reads
+// them and their output gradient dC is exactly zero.
 #include <mma.h>
 
 #include <cstdlib>
@@ -45,6 +49,7 @@ namespace wmma = nvcuda::wmma;
 constexpr int kTile = 64;           // queries per block and keys per step
 constexpr int kWarps = kTile / 16;  // one warp per 16 query rows
 constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = 2^(x log2 e): the mma kernels' ex2
 
 template <int DK>
 struct FusedSmem {
@@ -308,24 +313,42 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
 }
 
 // ---- the forward on mma.sync, FlashAttention-2 style (the default; TFEW_CUDA_ATTENTION_KERNEL=wmma: the kernel above)
-// The same blocks, tiles and per-element arithmetic as fused_encoder_attention_kernel, which passes its scores,
+// The same blocks and per-element arithmetic as fused_encoder_attention_kernel, which passes its scores,
 // probabilities and output rows through shared memory between WMMA calls and walks each warp's 16 rows one by
-// one for the softmax: on an H200 (session 12) it ran RANK-3B-B32's encoder attention at ~27 TFLOP/s. Here each
-// warp keeps its 16 x 64 scores, its softmax state (m, l of rows g and g + 8) and its 16 x DK output in
-// registers, in mma.sync's fragment layout (device_common.cuh); a row's max and sum need two shuffles within
-// its quad of lanes. The score fragments, packed to bf16 pairs, are directly the A operand of P V. V is stored
-// transposed so that its B fragments are 32-bit shared-memory loads like K's.
+// one for the softmax (~27 TFLOP/s on RANK-3B-B32's encoder attention, H200, session 12). Here each warp keeps
+// its 16 x 64 scores, its softmax state (m, l of rows g and g + 8) and its 16 x DK output in registers, in
+// mma.sync's fragment layout (device_common.cuh); a row's max and sum need two shuffles within its quad of lanes,
+// and the score fragments, packed to bf16 pairs, are directly the A operand of P V. Beyond that (the version of
+// session 12 ran at ~57 TFLOP/s with most of its instructions spent outside the tensor cores):
+// - K and V tiles are copied by cp.async into two stages, so tile t + 1 is in flight while tile t is computed;
+// - the (IA)3 scales stay out of the tiles: S = Q (K diag l_k)^T = (Q diag l_k) K^T scales Q once per block, and
+//   P (V diag l_v) = (P V) diag l_v scales the output once, so tiles are plain copies (the bf16 rounding moves
+//   from K, V to Q and the fp32 output: the same size of error);
+// - B fragments come from ldmatrix: K as stored, V through .trans (no transposed copy in shared memory);
+// - each exponential is one ex2 of a fused multiply-add (log2 e folded in).
 template <int DK>
 struct MmaSmem {
-  static constexpr int kLdQK = DK + 8;     // bf16 rows of Q and K (fragment loads hit 32 distinct banks)
-  static constexpr int kLdVt = kTile + 8;  // bf16 rows of V^T: [DK][64 keys]
+  static constexpr int kLd = DK + 8;  // bf16 rows: 16-byte aligned, and the 8 rows of an ldmatrix matrix meet distinct banks
+  static constexpr int kStage = kTile * kLd;  // elements of one K or V tile
   static constexpr size_t kQ = 0;
-  static constexpr size_t kK = kQ + sizeof(__nv_bfloat16) * kTile * kLdQK;
-  static constexpr size_t kVt = kK + sizeof(__nv_bfloat16) * kTile * kLdQK;
-  static constexpr size_t kBytes = kVt + sizeof(__nv_bfloat16) * DK * kLdVt;
+  static constexpr size_t kK = kQ + sizeof(__nv_bfloat16) * kStage;   // two stages
+  static constexpr size_t kV = kK + sizeof(__nv_bfloat16) * 2 * kStage;  // two stages
+  static constexpr size_t kBytes = kV + sizeof(__nv_bfloat16) * 2 * kStage;
 };
 
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Starts copying rows [row0, row0 + 64) of one head's DK columns of K or V into a stage (zeros past `rows`).
+template <int DK>
+__device__ __forceinline__ void copy_tile_async(const __nv_bfloat16* __restrict__ src, int64_t ld, int row0, int rows,
+                                                __nv_bfloat16* dst) {
+  constexpr int kVecPerRow = DK / 8;  // 8 bf16 per 16-byte copy
+  for (int v = threadIdx.x; v < kTile * kVecPerRow; v += kThreads) {
+    const int r = v / kVecPerRow, c = (v % kVecPerRow) * 8;
+    const bool real = row0 + r < rows;
+    cp_async_16(dst + r * MmaSmem<DK>::kLd + c, src + (real ? (row0 + r) * ld + c : 0), real);
+  }
+}
 
 template <int DK>
 __global__ void __launch_bounds__(kThreads)
@@ -338,14 +361,21 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem + S::kQ);
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + S::kK);
-  __nv_bfloat16* Vt = reinterpret_cast<__nv_bfloat16*>(smem + S::kVt);
+  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smem + S::kV);
 
   const auto [q0, h, b, n_keys, ld, keep_ld, base, k_scale, v_scale] =
       forward_tile<DK>(qkv, inner, len, lengths, index, k_offset, v_offset);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
+  const int n_tiles = (n_keys + kTile - 1) / kTile;
 
-  load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdQK);
+  // tile 0 of K and V is on its way while Q diag l_k goes through the registers
+  if (n_tiles > 0) {
+    copy_tile_async<DK>(base + inner, ld, 0, n_keys, Ks);
+    copy_tile_async<DK>(base + 2 * inner, ld, 0, n_keys, Vs);
+  }
+  cp_async_commit();
+  load_tile<DK>(base, ld, q0, len, k_scale, Qs, S::kLd);
   __syncthreads();
   // this warp's query rows: [0] = row g of its 16, [1] = row g + 8
   const int wr = warp * 16;
@@ -362,36 +392,45 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   uint32_t qf[DK / 16][4];  // Q's A fragments, loaded once
 #pragma unroll
   for (int kk = 0; kk < DK / 16; ++kk) {
-    const __nv_bfloat16* r0 = Qs + (wr + g) * S::kLdQK + kk * 16 + 2 * t;
+    const __nv_bfloat16* r0 = Qs + (wr + g) * S::kLd + kk * 16 + 2 * t;
     qf[kk][0] = load_pair(r0);
-    qf[kk][1] = load_pair(r0 + 8 * S::kLdQK);
+    qf[kk][1] = load_pair(r0 + 8 * S::kLd);
     qf[kk][2] = load_pair(r0 + 8);
-    qf[kk][3] = load_pair(r0 + 8 * S::kLdQK + 8);
+    qf[kk][3] = load_pair(r0 + 8 * S::kLd + 8);
   }
   float o[DK / 8][4];
 #pragma unroll
   for (int dt = 0; dt < DK / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // the previous tile's K and V are no longer read
-    // keys past the example's length are zeros (masked below; a zero V row keeps 0 x V exact whatever padding holds)
-    load_tile<DK>(base + inner, ld, k0, n_keys, k_scale, Ks, S::kLdQK);
-    load_tile<DK, true>(base + 2 * inner, ld, k0, n_keys, v_scale, Vt, S::kLdVt);
-    __syncthreads();
+  for (int it = 0; it < n_tiles; ++it) {
+    const int k0 = it * kTile;
+    cp_async_wait<0>();  // this thread's copies of tile it have landed
+    __syncthreads();     // everyone's have, and everyone is done with tile it - 1, whose stage tile it + 1 takes
+    if (it + 1 < n_tiles) {
+      const int next = ((it + 1) & 1) * S::kStage;
+      copy_tile_async<DK>(base + inner, ld, k0 + kTile, n_keys, Ks + next);
+      copy_tile_async<DK>(base + 2 * inner, ld, k0 + kTile, n_keys, Vs + next);
+      cp_async_commit();
+    }
+    const __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
+    const __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
 
-    // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]
+    // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]. One ldmatrix gives the B fragments of two key
+    // blocks: lane 8 m + r addresses key 16 np + 8 (m >> 1) + r, dims 16 kk + 8 (m & 1).
     float sc[kTile / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt) {
-      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-      const __nv_bfloat16* krow = Ks + (nt * 8 + g) * S::kLdQK + 2 * t;
+    for (int nt = 0; nt < kTile / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < DK / 16; ++kk) {
-        const uint32_t bf[2] = {load_pair(krow + kk * 16), load_pair(krow + kk * 16 + 8)};
-        mma_bf16_16816(sc[nt], qf[kk], bf);
+    for (int kk = 0; kk < DK / 16; ++kk)
+#pragma unroll
+      for (int np = 0; np < kTile / 16; ++np) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, Kt + (16 * np + 8 * (lane >> 4) + (lane & 7)) * S::kLd + 16 * kk + 8 * ((lane >> 3) & 1));
+        const uint32_t lo[2] = {bf[0], bf[1]}, hi[2] = {bf[2], bf[3]};
+        mma_bf16_16816(sc[2 * np], qf[kk], lo);
+        mma_bf16_16816(sc[2 * np + 1], qf[kk], hi);
       }
-    }
     // bias and key mask; the rows' running max (a row's 64 keys are spread over its quad: lanes 4g .. 4g + 3)
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -402,13 +441,14 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
         sc[nt][e] = j < n_keys ? sc[nt][e] + brow[u][j] : -INFINITY;
         mx[u] = fmaxf(mx[u], sc[nt][e]);
       }
-    float m_new[2], alpha[2];
+    float m_new[2], alpha[2], m_log2[2];
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       mx[u] = fmaxf(mx[u], __shfl_xor_sync(kFullMask, mx[u], 1));
       mx[u] = fmaxf(mx[u], __shfl_xor_sync(kFullMask, mx[u], 2));
       m_new[u] = fmaxf(m[u], mx[u]);  // finite: key k0 < n_keys is real
-      alpha[u] = m[u] == -INFINITY ? 0.f : expf(m[u] - m_new[u]);
+      alpha[u] = m[u] == -INFINITY ? 0.f : ex2_approx((m[u] - m_new[u]) * kLog2e);
+      m_log2[u] = m_new[u] * kLog2e;
     }
     // probabilities (the row sums count every key), dropout on what multiplies V, P as bf16 A fragments
     float p_sum[2] = {0.f, 0.f};
@@ -420,7 +460,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int u = e >> 1, jj = nt * 8 + 2 * t + (e & 1), j = k0 + jj;
-        const float p = expf(sc[nt][e] - m_new[u]);  // 0 for masked keys
+        const float p = ex2_approx(fmaf(sc[nt][e], kLog2e, -m_log2[u]));  // exp(s - m); 0 for masked keys
         p_sum[u] += p;
         kept[e] = p;
         if (dropout.rate > 0.f) {
@@ -457,18 +497,21 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
           if (t == 0 && keep_words[u]) keep_words[u][k0 / 32 + w] = word;
         }
     }
-    // O = alpha O + P V; B[k = key][n = d] = V^T[d][key]
+    // O = alpha O + P V; B[k = key][n = d] = V[key][d], through ldmatrix .trans: one gives the B fragments of two
+    // 16-key blocks 2 kp, 2 kp + 1 (lane 8 m + r addresses key 32 kp + 8 m + r, dims 8 dt .. 8 dt + 7)
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt) {
       o[dt][0] *= alpha[0];
       o[dt][1] *= alpha[0];
       o[dt][2] *= alpha[1];
       o[dt][3] *= alpha[1];
-      const __nv_bfloat16* vrow = Vt + (dt * 8 + g) * S::kLdVt + 2 * t;
 #pragma unroll
-      for (int kk = 0; kk < kTile / 16; ++kk) {
-        const uint32_t bf[2] = {load_pair(vrow + kk * 16), load_pair(vrow + kk * 16 + 8)};
-        mma_bf16_16816(o[dt], pf[kk], bf);
+      for (int kp = 0; kp < kTile / 32; ++kp) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, Vt + (32 * kp + lane) * S::kLd + 8 * dt);
+        const uint32_t lo[2] = {bf[0], bf[1]}, hi[2] = {bf[2], bf[3]};
+        mma_bf16_16816(o[dt], pf[2 * kp], lo);
+        mma_bf16_16816(o[dt], pf[2 * kp + 1], hi);
       }
     }
   }
@@ -482,35 +525,32 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       st[0] = m[u];
       st[1] = l[u];
     }
-    // out[b, i, h*DK + c] = O[i, c] / l[i]
+    // out[b, i, h*DK + c] = O[i, c] / l[i] * l_v[c]
     const float lu = l[u];
     __nv_bfloat16* orow = out + (static_cast<int64_t>(b) * len + row[u]) * inner + static_cast<int64_t>(h) * DK + 2 * t;
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt)
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      const float s0 = v_scale ? v_scale[c] : 1.f, s1 = v_scale ? v_scale[c + 1] : 1.f;
       *reinterpret_cast<uint32_t*>(orow + dt * 8) =
-          pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu : 0.f);
+          pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu * s0 : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu * s1 : 0.f);
+    }
   }
 }
 
-// ---- backward
+// ---- backward, on mma.sync in the forward's fragment layout
 
 template <int DK>
 struct BackwardSmem {
-  static constexpr int kLdT = DK + 8;     // bf16 rows of Q, K~, V~, dC (multiple of 8)
-  static constexpr int kLdS = kTile + 4;  // fp32 64 x 64 score-like tiles
-  static constexpr int kLdP = kTile + 8;  // bf16 64 x 64 tiles (P', dS)
-  static constexpr int kLdA = DK + 4;     // fp32 rows of an output staged for its copy out (dQ; dK~, dV~)
-  static constexpr size_t kTileBf16 = sizeof(__nv_bfloat16) * kTile * kLdT;
-  static constexpr size_t kScores = sizeof(float) * kTile * kLdS;
-  static constexpr size_t kProbs = sizeof(__nv_bfloat16) * kTile * kLdP;
-  static constexpr size_t kRows = sizeof(float) * kTile * 3;  // m, l, D of 64 query rows
-  // The outputs accumulate in registers (WMMA fragments); at the end one is staged through the two fp32 tiles
-  // (contiguous) for its bounds-checked copy out.
-  static_assert(sizeof(float) * kTile * kLdA <= 2 * kScores, "an output tile fits the two score tiles");
-  // dq kernel: 4 bf16 tiles (Q, dC, K~, V~) | 2 fp32 (S, dP') | 1 bf16 (dS) | rows;
-  // dkv kernel: the same (K~, V~, Q, dC | S^T, dP'^T | P'^T | rows), then 1 bf16 (dS^T)
-  static constexpr size_t kDqBytes = 4 * kTileBf16 + 2 * kScores + kProbs + kRows;
-  static constexpr size_t kDkvBytes = kDqBytes + kProbs;
+  static constexpr int kLd = MmaSmem<DK>::kLd;  // bf16 rows, as the forward's (copy_tile_async)
+  static constexpr int kStage = kTile * kLd;  // elements of one bf16 tile
+  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kStage;
+  static constexpr size_t kRows = sizeof(float) * 3 * kTile;  // m log2(e), 1 / l, D of 64 query rows
+  // dq kernel: Q diag l_k and dC diag l_v (once), K and V in two stages | rows
+  static constexpr size_t kDqBytes = 6 * kTileBytes + kRows;
+  // dkv kernel: K and V diag l_v (once), Q and dC in two stages, Q diag l_k (of the stage in use) | rows | the
+  // keep words of the query tile's rows for the block's 64 keys ([64][2])
+  static constexpr size_t kDkvBytes = 7 * kTileBytes + kRows + sizeof(uint32_t) * 2 * kTile;
 };
 
 struct AttentionBackwardArgs {
@@ -532,36 +572,26 @@ struct AttentionBackwardArgs {
   int g_ld;
 };
 
-// One backward block: its shared memory (BackwardSmem's layout) and its (example, head) of the q|k|v buffer.
-template <int DK>
-struct BackwardBlock {
-  using S = BackwardSmem<DK>;
-  __nv_bfloat16* tile[4];
-  float* scores[2];
-  __nv_bfloat16* probs[2];
-  float* rows;
+// A backward block's (example b, head h): its q|k|v rows, its real keys, its adapter's (IA)3 scales.
+struct BackwardHead {
   int b, h, H, n_keys;
-  int64_t ld, head_col;        // q|k|v row stride; the head's first column in [B * len, inner] tensors
-  const __nv_bfloat16* base;   // the example's first q|k|v row, the head's columns
-  const float* k_scale;        // (IA)3 scales of the head (null: none)
+  int64_t ld, head_col;       // q|k|v row stride; the head's first column in [B * len, inner] tensors
+  const __nv_bfloat16* base;  // the example's first q|k|v row, the head's columns
+  const float* k_scale;       // (IA)3 scales of the head (null: none)
   const float* v_scale;
-  __device__ BackwardBlock(unsigned char* smem, const AttentionBackwardArgs& a)
-      : b(blockIdx.z), h(blockIdx.y), H(gridDim.y) {
-    for (int i = 0; i < 4; ++i) tile[i] = reinterpret_cast<__nv_bfloat16*>(smem + i * S::kTileBf16);
-    unsigned char* p = smem + 4 * S::kTileBf16;
-    scores[0] = reinterpret_cast<float*>(p);
-    scores[1] = reinterpret_cast<float*>(p + S::kScores);
-    probs[0] = reinterpret_cast<__nv_bfloat16*>(p + 2 * S::kScores);
-    rows = reinterpret_cast<float*>(p + 2 * S::kScores + S::kProbs);
-    probs[1] = reinterpret_cast<__nv_bfloat16*>(smem + S::kDqBytes);
-    ld = 3 * static_cast<int64_t>(a.inner);
-    base = a.qkv + static_cast<int64_t>(b) * a.len * ld + static_cast<int64_t>(h) * DK;
-    head_col = static_cast<int64_t>(b) * a.len * a.inner + static_cast<int64_t>(h) * DK;
-    n_keys = min(max(a.lengths[b], 0), a.len);
-    head_scales(a.index, b, h, DK, a.k_offset, a.v_offset, k_scale, v_scale);
+  template <int DK>
+  __device__ static BackwardHead of(const AttentionBackwardArgs& a) {
+    BackwardHead g;
+    g.b = blockIdx.z;
+    g.h = blockIdx.y;
+    g.H = gridDim.y;
+    g.ld = 3 * static_cast<int64_t>(a.inner);
+    g.base = a.qkv + static_cast<int64_t>(g.b) * a.len * g.ld + static_cast<int64_t>(g.h) * DK;
+    g.head_col = static_cast<int64_t>(g.b) * a.len * a.inner + static_cast<int64_t>(g.h) * DK;
+    g.n_keys = min(max(a.lengths[g.b], 0), a.len);
+    head_scales(a.index, g.b, g.h, DK, a.k_offset, a.v_offset, g.k_scale, g.v_scale);
+    return g;
   }
-  // The two fp32 tiles as one [64, kLdA] staging area for an output (after the last tile's use of them).
-  __device__ float* staging() const { return scores[0]; }
   __device__ float* stats_row(const AttentionBackwardArgs& a, int i) const {
     return a.stats + ((static_cast<int64_t>(b) * H + h) * a.len + min(i, a.len - 1)) * 3;
   }
@@ -569,33 +599,74 @@ struct BackwardBlock {
   __device__ uint32_t keep_word(const AttentionBackwardArgs& a, int i, int w) const {
     return a.keep_bits[((static_cast<int64_t>(b) * H + h) * a.len + i) * keep_bits_words(a.len) + w];
   }
-  // The dropout scale of a kept (1) or dropped (0) bit: 1 / (1 - rate) or 0; 1 without dropout.
-  __device__ static float keep_scale(const DropoutSite& d, uint32_t bit) {
-    return d.rate > 0.f ? (bit ? d.keep_scale : 0.f) : 1.f;
-  }
 };
 
-// dQ of one (example, head, 64-query tile); also D = rowsum(dC * C) into stats[.., 2] for the dkv kernel.
+// The dropout scale of a kept (1) or dropped (0) bit: 1 / (1 - rate) or 0; 1 without dropout.
+__device__ __forceinline__ float keep_scale_of(const DropoutSite& d, uint32_t bit) {
+  return d.rate > 0.f ? (bit ? d.keep_scale : 0.f) : 1.f;
+}
+
+// The A fragment (16 x 16, rows row0 .. row0 + 15, columns 16 kk ..) of a bf16 tile in shared memory: ldmatrix's
+// matrix m is rows 8 (m & 1), columns 8 (m >> 1) of the block, which is the order of a0 .. a3.
+template <int DK>
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const __nv_bfloat16* tile, int row0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, tile + (row0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * kk + 8 * (lane >> 4));
+}
+// B fragments of two 8-row blocks 16 np, 16 np + 8 of a tile stored [n][k] (columns 16 kk ..): b[0, 1] and b[2, 3].
+template <int DK>
+__device__ __forceinline__ void b_fragments_nk(uint32_t (&b)[4], const __nv_bfloat16* tile, int np, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(b, tile + (16 * np + 8 * (lane >> 4) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * kk + 8 * ((lane >> 3) & 1));
+}
+// B fragments of a tile stored [k][n] (rows 16 kp .. 16 kp + 15 are k) for the two 8-column blocks 16 dp, 16 dp + 8:
+// b[0, 1] and b[2, 3] (ldmatrix .trans; matrix m is rows 8 (m & 1), columns 8 (m >> 1)).
+template <int DK>
+__device__ __forceinline__ void b_fragments_kn(uint32_t (&b)[4], const __nv_bfloat16* tile, int kp, int dp) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4_trans(b, tile + (16 * kp + 8 * ((lane >> 3) & 1) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * dp +
+                           8 * (lane >> 4));
+}
+__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t lo[2] = {b[0], b[1]}, hi[2] = {b[2], b[3]};
+  mma_bf16_16816(d0, a, lo);
+  mma_bf16_16816(d1, a, hi);
+}
+
+// Q diag l_k of a tile: the bf16 values the forward's S was made from (load_tile's rounding), from Q in shared memory.
+template <int DK>
+__device__ __forceinline__ void scale_tile(const __nv_bfloat16* src, const float* __restrict__ scale, __nv_bfloat16* dst) {
+  constexpr int kVecPerRow = DK / 8;
+  for (int v = threadIdx.x; v < kTile * kVecPerRow; v += kThreads) {
+    const int r = v / kVecPerRow, c = (v % kVecPerRow) * 8;
+    uint4 packed = *reinterpret_cast<const uint4*>(src + r * BackwardSmem<DK>::kLd + c);
+    if (scale) {
+      __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(__bfloat162float(e[u]) * scale[c + u]);
+    }
+    *reinterpret_cast<uint4*>(dst + r * BackwardSmem<DK>::kLd + c) = packed;
+  }
+}
+
+// dQ of one (example, head, 64-query tile), a warp per 16 query rows; also D = rowsum(dC * C) into stats[.., 2]
+// for the dkv kernel. With Q~ = Q diag l_k and dC~ = dC diag l_v (the forward's S = Q~ K^T + bias; V~ = V diag l_v):
+// per key tile S = Q~ K^T, P = exp(S - m) / l, dP' = dC V~^T = dC~ V^T, dS = P (drop dP' - D), dQ += dS K; at the
+// end dQ diag l_k (d S / d Q = K diag l_k).
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionBackwardArgs a) {
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const BackwardBlock<DK> blk(smem, a);
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* dCs = Qs + S::kStage;
+  __nv_bfloat16* Ks = dCs + S::kStage;  // two stages
+  __nv_bfloat16* Vs = Ks + 2 * S::kStage;  // two stages
+  float* rows = reinterpret_cast<float*>(smem + 6 * S::kTileBytes);  // [64][3]: m log2(e), 1 / l, D
+  const BackwardHead hd = BackwardHead::of<DK>(a);
   const DropoutSite dropout = with_seed(a.dropout);
-  __nv_bfloat16* Qs = blk.tile[0];
-  __nv_bfloat16* dCs = blk.tile[1];
-  __nv_bfloat16* Ks = blk.tile[2];
-  __nv_bfloat16* Vs = blk.tile[3];
-  float* Ss = blk.scores[0];
-  float* dPs = blk.scores[1];
-  __nv_bfloat16* dSs = blk.probs[0];
-  float* rows = blk.rows;  // [64][3]: m, l, D
-  const int q0 = blockIdx.x * kTile, h = blk.h, b = blk.b, len = a.len, inner = a.inner;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t ld = blk.ld, head_col = blk.head_col;
-  const __nv_bfloat16* base = blk.base;
-  const int n_keys = blk.n_keys;
-  __nv_bfloat16* dq_rows = a.dq + (static_cast<int64_t>(b) * len + q0) * a.dq_ld + static_cast<int64_t>(h) * DK;
+  const int q0 = blockIdx.x * kTile, len = a.len, inner = a.inner, n_keys = hd.n_keys;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  __nv_bfloat16* dq_rows = a.dq + (static_cast<int64_t>(hd.b) * len + q0) * a.dq_ld + static_cast<int64_t>(hd.h) * DK;
   if (q0 >= n_keys) {
     // Padding queries: their output gradient dC is exactly zero (nothing reads a padded position: it is
     // masked as a key everywhere), so dS and dQ are too; the dkv kernel skips these tiles.
@@ -603,164 +674,251 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
       if (q0 + v / DK < len) dq_rows[static_cast<int64_t>(v / DK) * a.dq_ld + v % DK] = __float2bfloat16_rn(0.f);
     return;
   }
-
-  load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdT);
-  load_tile<DK>(a.dctx + head_col, inner, q0, len, nullptr, dCs, S::kLdT);
-  __syncthreads();
-  // D_i = dC_i . C_i (one warp per row), with the forward's m and l of the row
+  const int n_tiles = (n_keys + kTile - 1) / kTile;
+  copy_tile_async<DK>(hd.base + inner, hd.ld, 0, n_keys, Ks);
+  copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, 0, n_keys, Vs);
+  cp_async_commit();
+  load_tile<DK>(hd.base, hd.ld, q0, len, hd.k_scale, Qs, S::kLd);
+  load_tile<DK>(a.dctx + hd.head_col, inner, q0, len, hd.v_scale, dCs, S::kLd);
+  // D_i = dC_i . C_i (a warp per row), with the forward's m and l of the row
   for (int r = warp; r < kTile; r += kWarps) {
     const int i = q0 + r;
     float d = 0.f;
     if (i < len) {
-      const __nv_bfloat16* crow = a.ctx + head_col + static_cast<int64_t>(i) * inner;
-      for (int c = lane; c < DK; c += 32) d += __bfloat162float(dCs[r * S::kLdT + c]) * __bfloat162float(crow[c]);
+      const __nv_bfloat16* dcrow = a.dctx + hd.head_col + static_cast<int64_t>(i) * inner;
+      const __nv_bfloat16* crow = a.ctx + hd.head_col + static_cast<int64_t>(i) * inner;
+      for (int c = lane; c < DK; c += 32) d += __bfloat162float(dcrow[c]) * __bfloat162float(crow[c]);
     }
     d = warp_sum(d);
     if (lane == 0) {
-      float* st = blk.stats_row(a, i);
-      rows[r * 3 + 0] = i < len ? st[0] : 0.f;
-      rows[r * 3 + 1] = i < len ? st[1] : 0.f;
+      float* st = hd.stats_row(a, i);
+      const float l = i < len ? st[1] : 0.f;
+      rows[r * 3 + 0] = i < len ? st[0] * kLog2e : 0.f;
+      rows[r * 3 + 1] = l > 0.f ? 1.f / l : 0.f;
       rows[r * 3 + 2] = d;
       if (i < len) st[2] = d;
     }
   }
+  __syncthreads();
 
   const int wr = warp * 16;
-  Accumulator dq_acc[DK / 16];  // this warp's 16 rows of dQ
+  uint32_t qf[DK / 16][4], dcf[DK / 16][4];  // A fragments of this warp's rows of Q~ and dC~
 #pragma unroll
-  for (int dt = 0; dt < DK / 16; ++dt) wmma::fill_fragment(dq_acc[dt], 0.f);
-  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // the previous tile's K~/V~ are no longer read (and the rows above are written)
-    load_tile<DK>(base + inner, ld, k0, len, blk.k_scale, Ks, S::kLdT);
-    load_tile<DK>(base + 2 * inner, ld, k0, len, blk.v_scale, Vs, S::kLdT);
-    __syncthreads();
-    warp_abt<DK>(Qs + wr * S::kLdT, S::kLdT, Ks, S::kLdT, Ss + wr * S::kLdS, S::kLdS);    // S = Q K~^T
-    warp_abt<DK>(dCs + wr * S::kLdT, S::kLdT, Vs, S::kLdT, dPs + wr * S::kLdS, S::kLdS);  // dP' = dC V~^T
-    __syncwarp();
-    for (int r = wr; r < wr + 16; ++r) {
-      const int i = q0 + r;
-      const float m = rows[r * 3 + 0], l = rows[r * 3 + 1], D = rows[r * 3 + 2];
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
-      const float* brow = a.bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - min(i, len - 1));
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    a_fragment<DK>(qf[kk], Qs, wr, kk);
+    a_fragment<DK>(dcf[kk], dCs, wr, kk);
+  }
+  int row[2];
+  float m_log2[2], inv_l[2], D[2];
+  const float* brow[2];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int c = lane + 32 * u, j = k0 + c;
-        float ds = 0.f;
-        if (j < n_keys && i < len) {
-          const float p = expf(Ss[r * S::kLdS + c] + brow[j] - m) * inv_l;
-          const uint32_t bit = dropout.rate > 0.f ? (blk.keep_word(a, i, k0 / 32 + u) >> lane) & 1u : 1u;
-          ds = p * (blk.keep_scale(dropout, bit) * dPs[r * S::kLdS + c] - D);
+  for (int u = 0; u < 2; ++u) {
+    const int r = wr + g + 8 * u;
+    row[u] = q0 + r;
+    m_log2[u] = rows[r * 3 + 0];
+    inv_l[u] = rows[r * 3 + 1];
+    D[u] = rows[r * 3 + 2];
+    brow[u] = a.bias_table + static_cast<int64_t>(hd.h) * (2 * len - 1) + (len - 1 - min(row[u], len - 1));
+  }
+  float acc[DK / 8][4];  // dQ (before diag l_k) of this warp's rows
+#pragma unroll
+  for (int dt = 0; dt < DK / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int k0 = it * kTile;
+    cp_async_wait<0>();
+    __syncthreads();  // tile it has landed for everyone, and tile it - 1's stage is free
+    if (it + 1 < n_tiles) {
+      const int next = ((it + 1) & 1) * S::kStage;
+      copy_tile_async<DK>(hd.base + inner, hd.ld, k0 + kTile, n_keys, Ks + next);
+      copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, k0 + kTile, n_keys, Vs + next);
+      cp_async_commit();
+    }
+    const __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
+    const __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
+    uint32_t keep[2][2] = {{~0u, ~0u}, {~0u, ~0u}};  // [row][word of this tile]
+    if (dropout.rate > 0.f) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+        if (row[u] < len) keep[u][0] = hd.keep_word(a, row[u], k0 / 32), keep[u][1] = hd.keep_word(a, row[u], k0 / 32 + 1);
+    }
+#pragma unroll
+    for (int np = 0; np < kTile / 16; ++np) {  // keys k0 + 16 np .. + 15: two 8-key blocks
+      float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < DK / 16; ++kk) {
+        uint32_t b[4];
+        b_fragments_nk<DK>(b, Kt, np, kk);
+        mma_pair(s[0], s[1], qf[kk], b);
+        b_fragments_nk<DK>(b, Vt, np, kk);
+        mma_pair(dp[0], dp[1], dcf[kk], b);
+      }
+      float ds[2][4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int u = e >> 1, jj = 16 * np + 8 * half + 2 * t + (e & 1), j = k0 + jj;
+          float d = 0.f;
+          if (j < n_keys && row[u] < len) {
+            const float p = ex2_approx(fmaf(s[half][e] + brow[u][j], kLog2e, -m_log2[u])) * inv_l[u];
+            d = p * (keep_scale_of(dropout, (keep[u][jj >> 5] >> (jj & 31)) & 1u) * dp[half][e] - D[u]);
+          }
+          ds[half][e] = d;
         }
-        dSs[r * S::kLdP + c] = __float2bfloat16_rn(ds);
+      // dS of keys 16 np .. + 15 as an A fragment; B[k = key][n = d] = K[key][d]
+      const uint32_t dsf[4] = {pack_bf16x2(ds[0][0], ds[0][1]), pack_bf16x2(ds[0][2], ds[0][3]),
+                               pack_bf16x2(ds[1][0], ds[1][1]), pack_bf16x2(ds[1][2], ds[1][3])};
+#pragma unroll
+      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+        uint32_t b[4];
+        b_fragments_kn<DK>(b, Kt, np, dp2);
+        mma_pair(acc[2 * dp2], acc[2 * dp2 + 1], dsf, b);
       }
     }
-    __syncwarp();
-    warp_ab_acc<DK>(dSs + wr * S::kLdP, S::kLdP, Ks, S::kLdT, dq_acc);  // dQ += dS K~
   }
-  __syncthreads();  // the score tiles become the staging area
-  float* out = blk.staging();
 #pragma unroll
-  for (int dt = 0; dt < DK / 16; ++dt)
-    wmma::store_matrix_sync(out + wr * S::kLdA + dt * 16, dq_acc[dt], S::kLdA, wmma::mem_row_major);
-  __syncthreads();
-  for (int v = threadIdx.x; v < kTile * DK; v += kThreads) {
-    const int r = v / DK, c = v % DK;
-    if (q0 + r < len) dq_rows[static_cast<int64_t>(r) * a.dq_ld + c] = __float2bfloat16_rn(out[r * S::kLdA + c]);
+  for (int u = 0; u < 2; ++u) {
+    if (row[u] >= len) continue;
+    __nv_bfloat16* out = dq_rows + static_cast<int64_t>(wr + g + 8 * u) * a.dq_ld + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      const float s0 = hd.k_scale ? hd.k_scale[c] : 1.f, s1 = hd.k_scale ? hd.k_scale[c + 1] : 1.f;
+      *reinterpret_cast<uint32_t*>(out + dt * 8) = pack_bf16x2(acc[dt][2 * u] * s0, acc[dt][2 * u + 1] * s1);
+    }
   }
 }
 
-// dK~ and dV~ (fp32, the gradients of the scaled keys and values) of one (example, head, 64-key tile).
+// dK~ and dV~ (fp32, the gradients of the scaled keys and values K diag l_k, V diag l_v) of one (example, head,
+// 64-key tile), a warp per 16 key rows. Per query tile (those past the example's length are padding, whose dC is
+// exactly zero: skipped): S^T = K Q~^T, P^T, dP'^T = V~ dC^T, dS^T = P^T (drop dP'^T - D), dV~ += P'^T dC,
+// dK~ += dS^T Q (d S / d K~ = Q).
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const BackwardBlock<DK> blk(smem, a);
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* Vs = Ks + S::kStage;
+  __nv_bfloat16* Qs = Vs + S::kStage;       // two stages
+  __nv_bfloat16* dCs = Qs + 2 * S::kStage;  // two stages
+  __nv_bfloat16* Qts = dCs + 2 * S::kStage;  // Q~ of the stage in use
+  float* rows = reinterpret_cast<float*>(smem + 7 * S::kTileBytes);  // [64][3]: m log2(e), 1 / l, D
+  uint32_t* keep_s = reinterpret_cast<uint32_t*>(smem + 7 * S::kTileBytes + S::kRows);  // [64 queries][2 words]
+  const BackwardHead hd = BackwardHead::of<DK>(a);
   const DropoutSite dropout = with_seed(a.dropout);
-  __nv_bfloat16* Ks = blk.tile[0];
-  __nv_bfloat16* Vs = blk.tile[1];
-  __nv_bfloat16* Qs = blk.tile[2];
-  __nv_bfloat16* dCs = blk.tile[3];
-  float* Sts = blk.scores[0];  // [key][query]
-  float* dPts = blk.scores[1];
-  __nv_bfloat16* Pts = blk.probs[0];  // P'^T
-  __nv_bfloat16* dSts = blk.probs[1];
-  float* rows = blk.rows;  // m, l, D of the current query tile
-  const int k0 = blockIdx.x * kTile, h = blk.h, b = blk.b, len = a.len, inner = a.inner;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t ld = blk.ld, head_col = blk.head_col;
-  const __nv_bfloat16* base = blk.base;
-  const int n_keys = blk.n_keys;
-
-  Accumulator dk_acc[DK / 16], dv_acc[DK / 16];  // this warp's 16 key rows of dK~ and dV~
-#pragma unroll
-  for (int dt = 0; dt < DK / 16; ++dt) {
-    wmma::fill_fragment(dk_acc[dt], 0.f);
-    wmma::fill_fragment(dv_acc[dt], 0.f);
-  }
+  const int k0 = blockIdx.x * kTile, len = a.len, inner = a.inner, n_keys = hd.n_keys;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wr = warp * 16;  // this warp's first key row in the tile
+
+  float dk[DK / 8][4], dv[DK / 8][4];  // this warp's 16 key rows of dK~ and dV~
+#pragma unroll
+  for (int dt = 0; dt < DK / 8; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   if (k0 < n_keys) {  // keys past the example's length get no gradient (zero probability)
-    load_tile<DK>(base + inner, ld, k0, len, blk.k_scale, Ks, S::kLdT);
-    load_tile<DK>(base + 2 * inner, ld, k0, len, blk.v_scale, Vs, S::kLdT);
-    // query tiles past the example's length: padding, whose dC is exactly zero (see the dq kernel)
-    for (int q0 = 0; q0 < n_keys; q0 += kTile) {
-      __syncthreads();  // the previous query tile is no longer read (and K~/V~ are loaded)
-      load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLdT);
-      load_tile<DK>(a.dctx + head_col, inner, q0, len, nullptr, dCs, S::kLdT);
+    const int n_tiles = (n_keys + kTile - 1) / kTile;
+    copy_tile_async<DK>(hd.base, hd.ld, 0, len, Qs);
+    copy_tile_async<DK>(a.dctx + hd.head_col, inner, 0, len, dCs);
+    cp_async_commit();
+    load_tile<DK>(hd.base + inner, hd.ld, k0, len, nullptr, Ks, S::kLd);
+    load_tile<DK>(hd.base + 2 * inner, hd.ld, k0, len, hd.v_scale, Vs, S::kLd);
+    __syncthreads();
+    uint32_t kf[DK / 16][4], vf[DK / 16][4];  // A fragments of this warp's key rows of K and V~
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+      a_fragment<DK>(kf[kk], Ks, wr, kk);
+      a_fragment<DK>(vf[kk], Vs, wr, kk);
+    }
+    int key[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) key[u] = k0 + wr + g + 8 * u;
+    const int word = wr / 32;  // the keep word of the block's 64 keys that holds this warp's 16
+
+    for (int it = 0; it < n_tiles; ++it) {
+      const int q0 = it * kTile;
+      cp_async_wait<0>();
+      __syncthreads();  // tile it has landed for everyone; tile it - 1's stage, Q~, rows and keep words are free
+      if (it + 1 < n_tiles) {
+        const int next = ((it + 1) & 1) * S::kStage;
+        copy_tile_async<DK>(hd.base, hd.ld, q0 + kTile, len, Qs + next);
+        copy_tile_async<DK>(a.dctx + hd.head_col, inner, q0 + kTile, len, dCs + next);
+        cp_async_commit();
+      }
+      const __nv_bfloat16* Qt = Qs + (it & 1) * S::kStage;
+      const __nv_bfloat16* dCt = dCs + (it & 1) * S::kStage;
+      scale_tile<DK>(Qt, hd.k_scale, Qts);
       for (int r = threadIdx.x; r < kTile; r += kThreads) {
         const int i = q0 + r;
-        const float* st = blk.stats_row(a, i);
-        rows[r * 3 + 0] = i < len ? st[0] : 0.f;
-        rows[r * 3 + 1] = i < len ? st[1] : 0.f;
+        const float* st = hd.stats_row(a, i);
+        const float l = i < len ? st[1] : 0.f;
+        rows[r * 3 + 0] = i < len ? st[0] * kLog2e : 0.f;
+        rows[r * 3 + 1] = l > 0.f ? 1.f / l : 0.f;
         rows[r * 3 + 2] = i < len ? st[2] : 0.f;
       }
+      if (dropout.rate > 0.f)
+        for (int v = threadIdx.x; v < 2 * kTile; v += kThreads) {
+          const int i = q0 + v / 2;
+          keep_s[v] = i < len ? hd.keep_word(a, i, k0 / 32 + v % 2) : 0u;
+        }
       __syncthreads();
-      warp_abt<DK>(Ks + wr * S::kLdT, S::kLdT, Qs, S::kLdT, Sts + wr * S::kLdS, S::kLdS);    // S^T = K~ Q^T
-      warp_abt<DK>(Vs + wr * S::kLdT, S::kLdT, dCs, S::kLdT, dPts + wr * S::kLdS, S::kLdS);  // dP'^T = V~ dC^T
-      // this warp's 16 keys lie in one keep word of each query row: lane's queries q0 + lane (+ 32)
-      uint32_t keep[2] = {~0u, ~0u};
+
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int i = q0 + lane + 32 * u;
-        if (dropout.rate > 0.f && i < len && k0 + wr < n_keys) keep[u] = blk.keep_word(a, i, (k0 + wr) / 32);
-      }
-      __syncwarp();
-      for (int r = wr; r < wr + 16; ++r) {  // key row j, query columns q0 + lane (+ 32)
-        const int j = k0 + r;
+      for (int np = 0; np < kTile / 16; ++np) {  // queries q0 + 16 np .. + 15: two 8-query blocks
+        float s[2][4] = {}, dp[2][4] = {};
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int c = lane + 32 * u, i = q0 + c;
-          float pd = 0.f, ds = 0.f;
-          if (j < n_keys && i < len) {
-            const float m = rows[c * 3 + 0], l = rows[c * 3 + 1], D = rows[c * 3 + 2];
-            const float bias = a.bias_table[static_cast<int64_t>(h) * (2 * len - 1) + (j - i + len - 1)];
-            const float p = expf(Sts[r * S::kLdS + c] + bias - m) * (l > 0.f ? 1.f / l : 0.f);
-            const float drop = blk.keep_scale(dropout, (keep[u] >> (j & 31)) & 1u);
-            pd = p * drop;
-            ds = p * (drop * dPts[r * S::kLdS + c] - D);
+        for (int kk = 0; kk < DK / 16; ++kk) {
+          uint32_t b[4];
+          b_fragments_nk<DK>(b, Qts, np, kk);  // B[k = d][n = query] = Q~[query][d]
+          mma_pair(s[0], s[1], kf[kk], b);
+          b_fragments_nk<DK>(b, dCt, np, kk);  // B[k = d][n = query] = dC[query][d]
+          mma_pair(dp[0], dp[1], vf[kk], b);
+        }
+        float pd[2][4], ds[2][4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int u = e >> 1, c = 16 * np + 8 * half + 2 * t + (e & 1), i = q0 + c, j = key[u];
+            float p_kept = 0.f, d = 0.f;
+            if (j < n_keys && i < len) {
+              const float bias = a.bias_table[static_cast<int64_t>(hd.h) * (2 * len - 1) + (j - i + len - 1)];
+              const float p = ex2_approx(fmaf(s[half][e] + bias, kLog2e, -rows[c * 3 + 0])) * rows[c * 3 + 1];
+              const float drop = keep_scale_of(dropout, (keep_s[2 * c + word] >> (j & 31)) & 1u);
+              p_kept = p * drop;
+              d = p * (drop * dp[half][e] - rows[c * 3 + 2]);
+            }
+            pd[half][e] = p_kept;
+            ds[half][e] = d;
           }
-          Pts[r * S::kLdP + c] = __float2bfloat16_rn(pd);
-          dSts[r * S::kLdP + c] = __float2bfloat16_rn(ds);
+        // P'^T and dS^T of queries 16 np .. + 15 as A fragments; B[k = query][n = d] = dC[query][d], Q[query][d]
+        const uint32_t pdf[4] = {pack_bf16x2(pd[0][0], pd[0][1]), pack_bf16x2(pd[0][2], pd[0][3]),
+                                 pack_bf16x2(pd[1][0], pd[1][1]), pack_bf16x2(pd[1][2], pd[1][3])};
+        const uint32_t dsf[4] = {pack_bf16x2(ds[0][0], ds[0][1]), pack_bf16x2(ds[0][2], ds[0][3]),
+                                 pack_bf16x2(ds[1][0], ds[1][1]), pack_bf16x2(ds[1][2], ds[1][3])};
+#pragma unroll
+        for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+          uint32_t b[4];
+          b_fragments_kn<DK>(b, dCt, np, dp2);
+          mma_pair(dv[2 * dp2], dv[2 * dp2 + 1], pdf, b);
+          b_fragments_kn<DK>(b, Qt, np, dp2);
+          mma_pair(dk[2 * dp2], dk[2 * dp2 + 1], dsf, b);
         }
       }
-      __syncwarp();
-      warp_ab_acc<DK>(Pts + wr * S::kLdP, S::kLdP, dCs, S::kLdT, dv_acc);  // dV~ += P'^T dC
-      warp_ab_acc<DK>(dSts + wr * S::kLdP, S::kLdP, Qs, S::kLdT, dk_acc);  // dK~ += dS^T Q
     }
   }
-  // out via the staging area (the score tiles), one output after the other
-  float* out = blk.staging();
-  const int64_t g_first = (static_cast<int64_t>(b) * len + k0) * a.g_ld + static_cast<int64_t>(h) * DK;
-  for (int which = 0; which < 2; ++which) {
-    __syncthreads();  // the staging area is free (last tile done, or the previous output copied out)
+  // rows k0 + wr + g (+ 8) of g_k, g_v (zeros for keys past the example's length)
+  const int64_t g_first = (static_cast<int64_t>(hd.b) * len + k0) * a.g_ld + static_cast<int64_t>(hd.h) * DK;
 #pragma unroll
-    for (int dt = 0; dt < DK / 16; ++dt)
-      wmma::store_matrix_sync(out + wr * S::kLdA + dt * 16, which == 0 ? dk_acc[dt] : dv_acc[dt], S::kLdA,
-                              wmma::mem_row_major);
-    __syncthreads();
-    float* g = which == 0 ? a.g_k : a.g_v;
-    for (int v = threadIdx.x; v < kTile * DK; v += kThreads) {
-      const int r = v / DK, c = v % DK;
-      if (k0 + r < len) g[g_first + static_cast<int64_t>(r) * a.g_ld + c] = out[r * S::kLdA + c];
+  for (int u = 0; u < 2; ++u) {
+    const int r = wr + g + 8 * u;
+    if (k0 + r >= len) continue;
+    float* gk = a.g_k + g_first + static_cast<int64_t>(r) * a.g_ld + 2 * t;
+    float* gv = a.g_v + g_first + static_cast<int64_t>(r) * a.g_ld + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      *reinterpret_cast<float2*>(gk + dt * 8) = make_float2(dk[dt][2 * u], dk[dt][2 * u + 1]);
+      *reinterpret_cast<float2*>(gv + dt * 8) = make_float2(dv[dt][2 * u], dv[dt][2 * u + 1]);
     }
   }
 }

@@ -6,6 +6,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#if defined(TFEW_CUDA_EMULATION)
+#include <cmath>
+#include <cstring>
+#include <vector>
+#endif
 
 #include "gpu/cuda_check.h"
 #include "kernels/kernels.cuh"
@@ -96,6 +101,121 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 #else
   __trap();  // bf16 tensor cores need compute capability 8.0 (the engine refuses older GPUs at load)
 #endif
+}
+#endif
+
+// ---- ldmatrix, cp.async and ex2 (the attention forward's pipeline)
+// ldmatrix.x4: lane 8 m + r gives the shared-memory address of row r of 8 x 8 bf16 matrix m (16 contiguous bytes,
+// 16-byte aligned); register m of lane 4 i + j then holds row i's elements 2j, 2j + 1 of matrix m, or with .trans
+// column i's elements in rows 2j, 2j + 1 (lower-numbered element in the low 16 bits): exactly the B fragment of
+// mma.m16n8k16 for a matrix stored [n][k] (plain) or [k][n] (.trans).
+// cp.async.cg: a 16-byte copy from global to shared memory that bypasses the registers and completes only at
+// cp_async_wait<N>() (every committed group but the newest N); fill = false writes 16 zero bytes instead.
+// ex2_approx: 2^x in one instruction (MUFU.EX2), relative error ~2^-22: the softmax's exponentials.
+#if defined(TFEW_CUDA_EMULATION)
+// The emulator: ldmatrix meets in a per-warp exchange area of row addresses; cp.async reads the source at once but
+// writes shared memory only at the wait that completes its group, so a kernel that reads a tile before waiting
+// for it computes with stale data (and fails its tests) as it would on a GPU.
+namespace emu_pipeline {
+struct PendingCopy {
+  void* dst;
+  uint4 bytes;
+  int group;  // 0 = issued, not yet committed
+};
+struct ThreadCopies {
+  std::vector<PendingCopy> copies;
+  int committed = 0;
+};
+inline ThreadCopies& copies_of_thread() {
+  static thread_local ThreadCopies threads[1024];  // one block at a time per host thread
+  return threads[threadIdx.x];
+}
+}  // namespace emu_pipeline
+
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const __nv_bfloat16* row) {
+  static thread_local const __nv_bfloat16* rows[32][32];  // [warp][lane]
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  rows[warp][lane] = row;
+  __syncwarp();
+  const int i = lane >> 2, j = lane & 3;
+  for (int m = 0; m < 4; ++m) {
+    const __nv_bfloat16 lo = kTrans ? rows[warp][8 * m + 2 * j][i] : rows[warp][8 * m + i][2 * j];
+    const __nv_bfloat16 hi = kTrans ? rows[warp][8 * m + 2 * j + 1][i] : rows[warp][8 * m + i][2 * j + 1];
+    r[m] = static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
+  }
+  __syncwarp();
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) { ldmatrix_x4_impl<false>(r, row); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
+  ldmatrix_x4_impl<true>(r, row);
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+  emu_pipeline::PendingCopy copy{dst, make_uint4(0, 0, 0, 0), 0};
+  if (fill) std::memcpy(&copy.bytes, src, sizeof(uint4));
+  emu_pipeline::copies_of_thread().copies.push_back(copy);
+}
+__device__ __forceinline__ void cp_async_commit() {
+  auto& mine = emu_pipeline::copies_of_thread();
+  ++mine.committed;
+  for (auto& copy : mine.copies)
+    if (copy.group == 0) copy.group = mine.committed;
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  auto& mine = emu_pipeline::copies_of_thread();
+  std::vector<emu_pipeline::PendingCopy> still;
+  for (const auto& copy : mine.copies) {
+    if (copy.group != 0 && copy.group <= mine.committed - N) std::memcpy(copy.dst, &copy.bytes, sizeof(uint4));
+    else still.push_back(copy);
+  }
+  mine.copies.swap(still);
+}
+__device__ __forceinline__ float ex2_approx(float x) { return std::exp2(x); }
+#else
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(fill ? 16 : 0)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 #endif
 

@@ -57,6 +57,18 @@ describeEmulator('CUDA emulator self-test', () => {
     expect(r.message).toMatch(/\b0 of 128 products wrong/);
   });
 
+  test('ldmatrix gives mma.sync B fragments from a tile stored [n][k] and, with .trans, from one stored [k][n]', () => {
+    const r = selfTest('ldmatrix-layout');
+    expect(r.error).toBe('cudaSuccess');
+    expect(r.message).toMatch(/\b0 of 256 wrong from \[n\]\[k\], 0 of 256 wrong from \[k\]\[n\]/);
+  });
+
+  test('cp.async lands only at its wait (a kernel that reads a tile before waiting sees stale data) and zero-fills', () => {
+    const r = selfTest('cp-async');
+    expect(r.error).toBe('cudaSuccess');
+    expect(r.message).toMatch(/\b128 of 128 stale before the wait, 128 of 128 right after it/);
+  });
+
   test('after the deliberate faults the emulated context is usable again', () => {
     expect(native().probeCuda().usable).toBe(true);
     expect(selfTest('fresh-memory-is-nan').error).toBe('cudaSuccess');

@@ -217,13 +217,17 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
           const opts = { adapter: perExample, dropout: true, seed: 3 };
           const [f, c] = [await fused.lossAndGradients(uniformTrain, opts), await gpu.lossAndGradients(uniformTrain, opts)];
           expect(maxRelError([f.totalLoss], [c.totalLoss])).toBeLessThan(1e-2);
+          // Both paths share the forward's bf16 activations and differ only in this backward's rounding: on the
+          // emulator 2.5e-4 and 4.8e-4 over all vectors, at most 5.1e-3 on one encoder self-attention vector. A dQ
+          // without its l_k factor (a mutation that passed the earlier 2e-2 / 5e-2 bounds) gives 1.3e-3 / 2.3e-3
+          // and 1.5e-2.
           for (const a of adapters) {
             const fa = f.adapterGradients.get(a) as Float32Array;
             const ca = c.adapterGradients.get(a) as Float32Array;
-            expect(relError(fa, ca)).toBeLessThan(2e-2);
+            expect(relError(fa, ca)).toBeLessThan(1e-3);
             // the encoder's self-attention vectors, which only this backward produces
             for (const m of a.modules.filter((mm) => /^encoder\..*SelfAttention/.test(mm.name)))
-              expect(relError(fa.subarray(m.offset, m.offset + m.length), ca.subarray(m.offset, m.offset + m.length))).toBeLessThan(5e-2);
+              expect(relError(fa.subarray(m.offset, m.offset + m.length), ca.subarray(m.offset, m.offset + m.length))).toBeLessThan(1e-2);
           }
         } finally {
           await fused.dispose();
