@@ -27,13 +27,20 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     cublas_workspace_.allocate(kCublasWorkspaceBytes, "the cuBLAS workspace");
     load_weights<T>(config_, weights, stream_, weights_);
     gemm_.init(stream_, cublas_workspace_.get(), kCublasWorkspaceBytes, &profiler_);
+    // TFEW_CUDA_ATTENTION_KERNEL picks the fused forward for comparisons (kernels::attention_kernel_wmma); a value
+    // that names neither is refused here, not silently taken as the default
+    if (const char* kernel = std::getenv("TFEW_CUDA_ATTENTION_KERNEL");
+        kernel != nullptr && *kernel != '\0' && std::string(kernel) != "mma" && std::string(kernel) != "wmma")
+      fail(ErrorCode::InvalidArgument,
+           std::string("TFEW_CUDA_ATTENTION_KERNEL must be 'mma' (the default) or 'wmma', got '") + kernel + "'");
     // fused attention off selects the cuBLAS path in bf16 too (for comparisons).
     const bool fused_wanted = options.fused_attention >= 0 ? options.fused_attention == 1
                                                            : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
     fused_attention_ = std::is_same<T, __nv_bfloat16>::value &&
                        kernels::fused_encoder_attention_supported(config_.d_kv) && fused_wanted;
     // Off by default: on an H200 (session 12) TRAIN-3B took 46.9 ms with the cuBLAS backward, 54.3 ms with the
-    // fused kernels (which rerun the fused forward first).
+    // fused kernels (which rerun the fused forward first), then on WMMA; their mma.sync rewrite (session 13) is not
+    // yet timed.
     const bool fused_backward_wanted = options.fused_backward >= 0 ? options.fused_backward == 1
                                                                    : env_flag("TFEW_CUDA_FUSED_BACKWARD", false);
     fused_backward_ = fused_attention_ && kernels::fused_encoder_attention_backward_supported(config_.d_kv) &&

@@ -12,18 +12,17 @@
 // normalise, count every key), element (b, h, i, j) as encoder_softmax numbers it. In training the forward also
 // writes that mask as bits (KeepBits, 32 keys a word), which the rerun and the two backward kernels read: each
 // element is hashed once per step, not four times. T5: no 1/sqrt(d_kv) scaling.
+// K and V are scaled as K~ = K diag l_k and V~ = V diag l_v rounded to bf16, as PEFT and the cuBLAS path round them.
 // Two forward kernels: fused_encoder_attention_mma_kernel (the default: mma.sync, everything in registers,
-// cp.async-pipelined tiles; it scales Q by l_k and the output by l_v) and fused_encoder_attention_kernel (the
-// first one: WMMA through shared memory, K and V scaled as they load; TFEW_CUDA_ATTENTION_KERNEL=wmma).
+// cp.async-pipelined tiles) and fused_encoder_attention_kernel (the first one: WMMA through shared memory;
+// TFEW_CUDA_ATTENTION_KERNEL=wmma).
 //
 // The backward (training, flash-style: no [B, H, L, L] tensor in memory) is two mma.sync kernels after a rerun of
-// the forward that also writes each query row's softmax statistics (max m, sum l) and the output C. With
-// Q~ = Q diag l_k, K~ = K diag l_k, V~ = V diag l_v, the scores are made as the default forward makes them,
-// S = Q~ K^T (bf16 Q~), so P = exp(S + bias - m) / l matches the statistics (bit for bit in the dq kernel, which
-// sums in the forward's order; the WMMA forward rounds K~ instead, a difference of bf16 rounding):
+// the forward that also writes each query row's softmax statistics (max m, sum l) and the output C; the scores are
+// made as the forward makes them (the dq kernel sums them in the forward's order: bit for bit its statistics):
 //   dq kernel,  one block per (example, head, 64-query tile): D = rowsum(dC * C), then per key tile
-//               S = Q~ K^T, P, dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~;
-//   dkv kernel, one block per (example, head, 64-key tile): per query tile S^T = K Q~^T, P^T, dP'^T = V~ dC^T,
+//               S = Q K~^T, P = exp(S + bias - m) / l, dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~;
+//   dkv kernel, one block per (example, head, 64-key tile): per query tile S^T = K~ Q^T, P^T, dP'^T = V~ dC^T,
 //               dV~ += P'^T dC, dK~ += dS^T Q.
 // Each output element is summed by one block in a fixed order (in registers): deterministic, no atomics. Query
 // tiles past an example's length are skipped: padded positions are masked as keys everywhere, so nothing reads
@@ -321,10 +320,11 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
 // and the score fragments, packed to bf16 pairs, are directly the A operand of P V. Beyond that (the version of
 // session 12 ran at ~57 TFLOP/s with most of its instructions spent outside the tensor cores):
 // - K and V tiles are copied by cp.async into two stages, so tile t + 1 is in flight while tile t is computed;
-// - the (IA)3 scales stay out of the tiles: S = Q (K diag l_k)^T = (Q diag l_k) K^T scales Q once per block, and
-//   P (V diag l_v) = (P V) diag l_v scales the output once, so tiles are plain copies (the bf16 rounding moves
-//   from K, V to Q and the fp32 output: the same size of error);
-// - B fragments come from ldmatrix: K as stored, V through .trans (no transposed copy in shared memory);
+//   each thread multiplies the vectors it copied by the (IA)3 scales once they land (K~ = K diag l_k and
+//   V~ = V diag l_v rounded to bf16, as PEFT and the cuBLAS path round them: scaling Q and the output instead
+//   saved that pass but doubled the tiny relu checkpoint's UL-gradient error against its bf16 floor,
+//   cuda-bf16-floor);
+// - B fragments come from ldmatrix: K~ as stored, V~ through .trans (no transposed copy in shared memory);
 // - each exponential is one ex2 of a fused multiply-add (log2 e folded in).
 template <int DK>
 struct MmaSmem {
@@ -338,15 +338,55 @@ struct MmaSmem {
 
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// Starts copying rows [row0, row0 + 64) of one head's DK columns of K or V into a stage (zeros past `rows`).
+// A thread copies the same 8 columns (one 16-byte vector) of every 128 / (DK / 8)-th row of a tile.
+template <int DK>
+struct TileVectors {
+  static constexpr int kPerRow = DK / 8;
+  static constexpr int kRowStep = kThreads / kPerRow;
+  static_assert(kThreads % kPerRow == 0, "every thread copies whole vectors of the same columns");
+  __device__ static int first_row() { return threadIdx.x / kPerRow; }
+  __device__ static int column() { return (threadIdx.x % kPerRow) * 8; }
+};
+
+// Starts copying rows [row0, row0 + 64) of one head's DK columns (of q, k, v or dC) into a tile (zeros past `rows`).
 template <int DK>
 __device__ __forceinline__ void copy_tile_async(const __nv_bfloat16* __restrict__ src, int64_t ld, int row0, int rows,
                                                 __nv_bfloat16* dst) {
-  constexpr int kVecPerRow = DK / 8;  // 8 bf16 per 16-byte copy
-  for (int v = threadIdx.x; v < kTile * kVecPerRow; v += kThreads) {
-    const int r = v / kVecPerRow, c = (v % kVecPerRow) * 8;
+  using V = TileVectors<DK>;
+  const int c = V::column();
+  for (int r = V::first_row(); r < kTile; r += V::kRowStep) {
     const bool real = row0 + r < rows;
     cp_async_16(dst + r * MmaSmem<DK>::kLd + c, src + (real ? (row0 + r) * ld + c : 0), real);
+  }
+}
+
+// This thread's 8 columns of an (IA)3 scale vector (null: none).
+template <int DK>
+struct ColumnScales {
+  bool on = false;
+  float s[8];
+  __device__ explicit ColumnScales(const float* scale) {
+    if (scale == nullptr) return;
+    on = true;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) s[u] = scale[TileVectors<DK>::column() + u];
+  }
+};
+
+// Multiplies the vectors this thread copied into a tile by their scales, rounding to bf16 as load_tile does. Between
+// the thread's cp_async_wait and the block's barrier: only its own landed copies are touched.
+template <int DK>
+__device__ __forceinline__ void scale_copied_vectors(__nv_bfloat16* tile, const ColumnScales<DK>& scale) {
+  using V = TileVectors<DK>;
+  if (!scale.on) return;
+  const int c = V::column();
+  for (int r = V::first_row(); r < kTile; r += V::kRowStep) {
+    uint4* p = reinterpret_cast<uint4*>(tile + r * MmaSmem<DK>::kLd + c);
+    uint4 packed = *p;
+    __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(__bfloat162float(e[u]) * scale.s[u]);
+    *p = packed;
   }
 }
 
@@ -369,13 +409,14 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
   const int n_tiles = (n_keys + kTile - 1) / kTile;
 
-  // tile 0 of K and V is on its way while Q diag l_k goes through the registers
+  // tile 0 of K and V is on its way while Q goes through the registers
   if (n_tiles > 0) {
     copy_tile_async<DK>(base + inner, ld, 0, n_keys, Ks);
     copy_tile_async<DK>(base + 2 * inner, ld, 0, n_keys, Vs);
   }
   cp_async_commit();
-  load_tile<DK>(base, ld, q0, len, k_scale, Qs, S::kLd);
+  load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLd);
+  const ColumnScales<DK> k_cols(k_scale), v_cols(v_scale);
   __syncthreads();
   // this warp's query rows: [0] = row g of its 16, [1] = row g + 8
   const int wr = warp * 16;
@@ -405,16 +446,18 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
 
   for (int it = 0; it < n_tiles; ++it) {
     const int k0 = it * kTile;
-    cp_async_wait<0>();  // this thread's copies of tile it have landed
-    __syncthreads();     // everyone's have, and everyone is done with tile it - 1, whose stage tile it + 1 takes
+    __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
+    __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
+    cp_async_wait<0>();  // this thread's copies of tile it have landed: K~, V~ of them
+    scale_copied_vectors<DK>(Kt, k_cols);
+    scale_copied_vectors<DK>(Vt, v_cols);
+    __syncthreads();  // everyone's have, and everyone is done with tile it - 1, whose stage tile it + 1 takes
     if (it + 1 < n_tiles) {
       const int next = ((it + 1) & 1) * S::kStage;
       copy_tile_async<DK>(base + inner, ld, k0 + kTile, n_keys, Ks + next);
       copy_tile_async<DK>(base + 2 * inner, ld, k0 + kTile, n_keys, Vs + next);
       cp_async_commit();
     }
-    const __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
-    const __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
 
     // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]. One ldmatrix gives the B fragments of two key
     // blocks: lane 8 m + r addresses key 16 np + 8 (m >> 1) + r, dims 16 kk + 8 (m & 1).
@@ -525,16 +568,13 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       st[0] = m[u];
       st[1] = l[u];
     }
-    // out[b, i, h*DK + c] = O[i, c] / l[i] * l_v[c]
+    // out[b, i, h*DK + c] = O[i, c] / l[i]
     const float lu = l[u];
     __nv_bfloat16* orow = out + (static_cast<int64_t>(b) * len + row[u]) * inner + static_cast<int64_t>(h) * DK + 2 * t;
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt) {
-      const int c = dt * 8 + 2 * t;
-      const float s0 = v_scale ? v_scale[c] : 1.f, s1 = v_scale ? v_scale[c + 1] : 1.f;
+    for (int dt = 0; dt < DK / 8; ++dt)
       *reinterpret_cast<uint32_t*>(orow + dt * 8) =
-          pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu * s0 : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu * s1 : 0.f);
-    }
+          pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu : 0.f);
   }
 }
 
@@ -546,11 +586,11 @@ struct BackwardSmem {
   static constexpr int kStage = kTile * kLd;  // elements of one bf16 tile
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kStage;
   static constexpr size_t kRows = sizeof(float) * 3 * kTile;  // m log2(e), 1 / l, D of 64 query rows
-  // dq kernel: Q diag l_k and dC diag l_v (once), K and V in two stages | rows
+  // dq kernel: Q and dC (once), K~ and V~ in two stages | rows
   static constexpr size_t kDqBytes = 6 * kTileBytes + kRows;
-  // dkv kernel: K and V diag l_v (once), Q and dC in two stages, Q diag l_k (of the stage in use) | rows | the
-  // keep words of the query tile's rows for the block's 64 keys ([64][2])
-  static constexpr size_t kDkvBytes = 7 * kTileBytes + kRows + sizeof(uint32_t) * 2 * kTile;
+  // dkv kernel: K~ and V~ (once), Q and dC in two stages | rows | the keep words of the query tile's rows for the
+  // block's 64 keys ([64][2])
+  static constexpr size_t kDkvBytes = 6 * kTileBytes + kRows + sizeof(uint32_t) * 2 * kTile;
 };
 
 struct AttentionBackwardArgs {
@@ -633,26 +673,9 @@ __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const u
   mma_bf16_16816(d1, a, hi);
 }
 
-// Q diag l_k of a tile: the bf16 values the forward's S was made from (load_tile's rounding), from Q in shared memory.
-template <int DK>
-__device__ __forceinline__ void scale_tile(const __nv_bfloat16* src, const float* __restrict__ scale, __nv_bfloat16* dst) {
-  constexpr int kVecPerRow = DK / 8;
-  for (int v = threadIdx.x; v < kTile * kVecPerRow; v += kThreads) {
-    const int r = v / kVecPerRow, c = (v % kVecPerRow) * 8;
-    uint4 packed = *reinterpret_cast<const uint4*>(src + r * BackwardSmem<DK>::kLd + c);
-    if (scale) {
-      __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
-#pragma unroll
-      for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(__bfloat162float(e[u]) * scale[c + u]);
-    }
-    *reinterpret_cast<uint4*>(dst + r * BackwardSmem<DK>::kLd + c) = packed;
-  }
-}
-
 // dQ of one (example, head, 64-query tile), a warp per 16 query rows; also D = rowsum(dC * C) into stats[.., 2]
-// for the dkv kernel. With Q~ = Q diag l_k and dC~ = dC diag l_v (the forward's S = Q~ K^T + bias; V~ = V diag l_v):
-// per key tile S = Q~ K^T, P = exp(S - m) / l, dP' = dC V~^T = dC~ V^T, dS = P (drop dP' - D), dQ += dS K; at the
-// end dQ diag l_k (d S / d Q = K diag l_k).
+// for the dkv kernel. Per key tile (K~ and V~ made as the forward makes them): S = Q K~^T, P = exp(S + bias - m) / l,
+// dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~.
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionBackwardArgs a) {
   using S = BackwardSmem<DK>;
@@ -678,8 +701,9 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
   copy_tile_async<DK>(hd.base + inner, hd.ld, 0, n_keys, Ks);
   copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, 0, n_keys, Vs);
   cp_async_commit();
-  load_tile<DK>(hd.base, hd.ld, q0, len, hd.k_scale, Qs, S::kLd);
-  load_tile<DK>(a.dctx + hd.head_col, inner, q0, len, hd.v_scale, dCs, S::kLd);
+  load_tile<DK>(hd.base, hd.ld, q0, len, nullptr, Qs, S::kLd);
+  load_tile<DK>(a.dctx + hd.head_col, inner, q0, len, nullptr, dCs, S::kLd);
+  const ColumnScales<DK> k_cols(hd.k_scale), v_cols(hd.v_scale);
   // D_i = dC_i . C_i (a warp per row), with the forward's m and l of the row
   for (int r = warp; r < kTile; r += kWarps) {
     const int i = q0 + r;
@@ -702,7 +726,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
   __syncthreads();
 
   const int wr = warp * 16;
-  uint32_t qf[DK / 16][4], dcf[DK / 16][4];  // A fragments of this warp's rows of Q~ and dC~
+  uint32_t qf[DK / 16][4], dcf[DK / 16][4];  // A fragments of this warp's rows of Q and dC
 #pragma unroll
   for (int kk = 0; kk < DK / 16; ++kk) {
     a_fragment<DK>(qf[kk], Qs, wr, kk);
@@ -720,22 +744,24 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
     D[u] = rows[r * 3 + 2];
     brow[u] = a.bias_table + static_cast<int64_t>(hd.h) * (2 * len - 1) + (len - 1 - min(row[u], len - 1));
   }
-  float acc[DK / 8][4];  // dQ (before diag l_k) of this warp's rows
+  float acc[DK / 8][4];  // dQ of this warp's rows
 #pragma unroll
   for (int dt = 0; dt < DK / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
 
   for (int it = 0; it < n_tiles; ++it) {
     const int k0 = it * kTile;
-    cp_async_wait<0>();
-    __syncthreads();  // tile it has landed for everyone, and tile it - 1's stage is free
+    __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
+    __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
+    cp_async_wait<0>();  // this thread's copies of tile it have landed: K~, V~ of them
+    scale_copied_vectors<DK>(Kt, k_cols);
+    scale_copied_vectors<DK>(Vt, v_cols);
+    __syncthreads();  // tile it is ready for everyone, and tile it - 1's stage is free
     if (it + 1 < n_tiles) {
       const int next = ((it + 1) & 1) * S::kStage;
       copy_tile_async<DK>(hd.base + inner, hd.ld, k0 + kTile, n_keys, Ks + next);
       copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, k0 + kTile, n_keys, Vs + next);
       cp_async_commit();
     }
-    const __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
-    const __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
     uint32_t keep[2][2] = {{~0u, ~0u}, {~0u, ~0u}};  // [row][word of this tile]
     if (dropout.rate > 0.f) {
 #pragma unroll
@@ -766,7 +792,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
           }
           ds[half][e] = d;
         }
-      // dS of keys 16 np .. + 15 as an A fragment; B[k = key][n = d] = K[key][d]
+      // dS of keys 16 np .. + 15 as an A fragment; B[k = key][n = d] = K~[key][d]
       const uint32_t dsf[4] = {pack_bf16x2(ds[0][0], ds[0][1]), pack_bf16x2(ds[0][2], ds[0][3]),
                                pack_bf16x2(ds[1][0], ds[1][1]), pack_bf16x2(ds[1][2], ds[1][3])};
 #pragma unroll
@@ -782,18 +808,15 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
     if (row[u] >= len) continue;
     __nv_bfloat16* out = dq_rows + static_cast<int64_t>(wr + g + 8 * u) * a.dq_ld + 2 * t;
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt) {
-      const int c = dt * 8 + 2 * t;
-      const float s0 = hd.k_scale ? hd.k_scale[c] : 1.f, s1 = hd.k_scale ? hd.k_scale[c + 1] : 1.f;
-      *reinterpret_cast<uint32_t*>(out + dt * 8) = pack_bf16x2(acc[dt][2 * u] * s0, acc[dt][2 * u + 1] * s1);
-    }
+    for (int dt = 0; dt < DK / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8) = pack_bf16x2(acc[dt][2 * u], acc[dt][2 * u + 1]);
   }
 }
 
-// dK~ and dV~ (fp32, the gradients of the scaled keys and values K diag l_k, V diag l_v) of one (example, head,
-// 64-key tile), a warp per 16 key rows. Per query tile (those past the example's length are padding, whose dC is
-// exactly zero: skipped): S^T = K Q~^T, P^T, dP'^T = V~ dC^T, dS^T = P^T (drop dP'^T - D), dV~ += P'^T dC,
-// dK~ += dS^T Q (d S / d K~ = Q).
+// dK~ and dV~ (fp32, the gradients of the scaled keys and values K~ = K diag l_k, V~ = V diag l_v) of one
+// (example, head, 64-key tile), a warp per 16 key rows. Per query tile (those past the example's length are
+// padding, whose dC is exactly zero: skipped): S^T = K~ Q^T, P^T, dP'^T = V~ dC^T, dS^T = P^T (drop dP'^T - D),
+// dV~ += P'^T dC, dK~ += dS^T Q.
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
   using S = BackwardSmem<DK>;
@@ -802,9 +825,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
   __nv_bfloat16* Vs = Ks + S::kStage;
   __nv_bfloat16* Qs = Vs + S::kStage;       // two stages
   __nv_bfloat16* dCs = Qs + 2 * S::kStage;  // two stages
-  __nv_bfloat16* Qts = dCs + 2 * S::kStage;  // Q~ of the stage in use
-  float* rows = reinterpret_cast<float*>(smem + 7 * S::kTileBytes);  // [64][3]: m log2(e), 1 / l, D
-  uint32_t* keep_s = reinterpret_cast<uint32_t*>(smem + 7 * S::kTileBytes + S::kRows);  // [64 queries][2 words]
+  float* rows = reinterpret_cast<float*>(smem + 6 * S::kTileBytes);  // [64][3]: m log2(e), 1 / l, D
+  uint32_t* keep_s = reinterpret_cast<uint32_t*>(smem + 6 * S::kTileBytes + S::kRows);  // [64 queries][2 words]
   const BackwardHead hd = BackwardHead::of<DK>(a);
   const DropoutSite dropout = with_seed(a.dropout);
   const int k0 = blockIdx.x * kTile, len = a.len, inner = a.inner, n_keys = hd.n_keys;
@@ -821,10 +843,10 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
     copy_tile_async<DK>(hd.base, hd.ld, 0, len, Qs);
     copy_tile_async<DK>(a.dctx + hd.head_col, inner, 0, len, dCs);
     cp_async_commit();
-    load_tile<DK>(hd.base + inner, hd.ld, k0, len, nullptr, Ks, S::kLd);
+    load_tile<DK>(hd.base + inner, hd.ld, k0, len, hd.k_scale, Ks, S::kLd);
     load_tile<DK>(hd.base + 2 * inner, hd.ld, k0, len, hd.v_scale, Vs, S::kLd);
     __syncthreads();
-    uint32_t kf[DK / 16][4], vf[DK / 16][4];  // A fragments of this warp's key rows of K and V~
+    uint32_t kf[DK / 16][4], vf[DK / 16][4];  // A fragments of this warp's key rows of K~ and V~
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       a_fragment<DK>(kf[kk], Ks, wr, kk);
@@ -838,7 +860,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
     for (int it = 0; it < n_tiles; ++it) {
       const int q0 = it * kTile;
       cp_async_wait<0>();
-      __syncthreads();  // tile it has landed for everyone; tile it - 1's stage, Q~, rows and keep words are free
+      __syncthreads();  // tile it has landed for everyone; tile it - 1's stage, rows and keep words are free
       if (it + 1 < n_tiles) {
         const int next = ((it + 1) & 1) * S::kStage;
         copy_tile_async<DK>(hd.base, hd.ld, q0 + kTile, len, Qs + next);
@@ -847,7 +869,6 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
       }
       const __nv_bfloat16* Qt = Qs + (it & 1) * S::kStage;
       const __nv_bfloat16* dCt = dCs + (it & 1) * S::kStage;
-      scale_tile<DK>(Qt, hd.k_scale, Qts);
       for (int r = threadIdx.x; r < kTile; r += kThreads) {
         const int i = q0 + r;
         const float* st = hd.stats_row(a, i);
@@ -869,7 +890,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
 #pragma unroll
         for (int kk = 0; kk < DK / 16; ++kk) {
           uint32_t b[4];
-          b_fragments_nk<DK>(b, Qts, np, kk);  // B[k = d][n = query] = Q~[query][d]
+          b_fragments_nk<DK>(b, Qt, np, kk);  // B[k = d][n = query] = Q[query][d]
           mma_pair(s[0], s[1], kf[kk], b);
           b_fragments_nk<DK>(b, dCt, np, kk);  // B[k = d][n = query] = dC[query][d]
           mma_pair(dp[0], dp[1], vf[kk], b);
@@ -999,7 +1020,7 @@ bool attention_kernel_wmma() {
 
 // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on compute
 // capability 8.6 / 8.9 cards, where the WMMA forward's d_kv 128 (110 KiB) does not fit (the mma.sync forward
-// needs 53 KiB): the cuBLAS path is used where it does not fit.
+// needs 85 KiB, its backward's dkv kernel 120 KiB): the cuBLAS path is used where they do not fit.
 bool fused_encoder_attention_supported(int d_kv) {
   size_t needed = 0;
   switch (d_kv) {

@@ -2,7 +2,7 @@
 // dispose() gives the device memory back. Skipped when CUDA is not usable.
 import { spawnSync } from 'child_process';
 import * as path from 'path';
-import { DisposedError, OutOfMemoryError, resolveCheckpoint, T5Model } from '../../lib';
+import { DisposedError, InvalidArgumentError, OutOfMemoryError, resolveCheckpoint, T5Model } from '../../lib';
 import { native } from '../../lib/native';
 import { checkAdapterSnapshots } from '../helpers/adapter-snapshots';
 import { loadFixture } from '../helpers/reference';
@@ -119,6 +119,28 @@ describeCuda('CUDA backend behaviour', () => {
     expect(rel(out.withA, out.none)).toBeGreaterThan(1e-3);  // (the adapter matters)
     expect(rel(out.after, out.withA)).toBeLessThan(1e-6);
     expect(rel(out.nine, out.withA)).toBeLessThan(1e-6);
+  });
+
+  test('TFEW_CUDA_ATTENTION_KERNEL that names no kernel is refused at load (not taken as the default)', () => {
+    // The native side reads the real environment, which jest's process.env does not reach: child processes.
+    const root = path.resolve(__dirname, '..', '..');
+    const script = `
+      const { T5Model } = require(${JSON.stringify(path.join(root, 'dist', 'lib'))});
+      T5Model.load(${JSON.stringify(fx.dir)}, { device: 'cuda', cuda: { precision: 'bf16' } })
+        .then(async (m) => { const d = m.describe(); await m.dispose(); process.stdout.write(JSON.stringify({ describe: d })); },
+              (e) => process.stdout.write(JSON.stringify({ name: e.name, code: e.code, message: e.message })));`;
+    const run = (kernel: string) => {
+      const child = spawnSync(process.execPath, ['-e', script],
+                              { env: { ...process.env, TFEW_CUDA_ATTENTION_KERNEL: kernel }, encoding: 'utf8', timeout: 240_000 });
+      expect(child.status).toBe(0);
+      return JSON.parse(child.stdout) as { describe?: string; name?: string; code?: string; message?: string };
+    };
+    const typo = run('wmmma');
+    expect(typo.name).toBe(InvalidArgumentError.name);
+    expect(typo.code).toBe('E_INVALID_ARGUMENT');
+    expect(typo.message).toMatch(/TFEW_CUDA_ATTENTION_KERNEL must be 'mma' \(the default\) or 'wmma', got 'wmmma'/);
+    expect(run('mma').describe).toMatch(/encoder attention fused \(backward/);  // the mma.sync kernel: no "(WMMA kernel)"
+    expect(run('wmma').describe).toMatch(/encoder attention fused \(WMMA kernel\)/);
   });
 
   test('a disposed model rejects with DisposedError', async () => {
