@@ -1020,7 +1020,7 @@ bool attention_kernel_wmma() {
 
 // The opt-in shared memory per block differs by GPU: 163 KiB on A100, 227 KiB on H100, but 99 KiB on compute
 // capability 8.6 / 8.9 cards, where the WMMA forward's d_kv 128 (110 KiB) does not fit (the mma.sync forward
-// needs 85 KiB, its backward's dkv kernel 120 KiB): the cuBLAS path is used where they do not fit.
+// needs 85 KiB, its backward's kernels 103 KiB): the cuBLAS path is used where they do not fit.
 bool fused_encoder_attention_supported(int d_kv) {
   size_t needed = 0;
   switch (d_kv) {
