@@ -45,17 +45,26 @@ __global__ void missing_barrier(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // needs __syncthreads() between the two lines
 }
 
+// Two bf16 as one 32-bit register (the lower-numbered element in the low 16 bits).
+uint32_t pair(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
+}
+// Lane's A fragment of a row-major 16 x 16 A as the PTX ISA lays it out (written independently of the emulator's
+// inverse mapping): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9].
+void a_fragment_from_ptx(const __nv_bfloat16* A, int lane, uint32_t (&a)[4]) {
+  const int g = lane >> 2, t = lane & 3;
+  a[0] = pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]);
+  a[1] = pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]);
+  a[2] = pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]);
+  a[3] = pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9]);
+}
+
 // One m16n8k16 tile through kernels::mma_bf16_16816, its fragments built from row-major A (16 x 16) and B (16 x 8)
 // as the PTX ISA lays them out (written here independently of the emulator's inverse mapping), D stored likewise.
 __global__ void mma_one_tile(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const auto pair = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
-  };
-  const uint32_t a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
-                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
-                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
-                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+  uint32_t a[4];
+  a_fragment_from_ptx(A, lane, a);
   const uint32_t b[2] = {pair(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
                          pair(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
   float d[4] = {0.f, 0.f, 0.f, 0.f};
@@ -91,13 +100,8 @@ __global__ void ldmatrix_tiles(const __nv_bfloat16* A, const __nv_bfloat16* B, f
     b_nk[n * 16 + k] = B[k * 16 + n];
   }
   __syncwarp();
-  const auto pair = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
-  };
-  const uint32_t a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
-                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
-                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
-                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+  uint32_t a[4];
+  a_fragment_from_ptx(A, lane, a);
   const int m = lane >> 3, r = lane & 7;
   uint32_t plain[4], trans[4];
   // matrix m: n block m >> 1, k half m & 1; plain rows are n, .trans rows are k

@@ -390,6 +390,45 @@ __device__ __forceinline__ void scale_copied_vectors(__nv_bfloat16* tile, const 
   }
 }
 
+// K~ and V~ of an example's 64-key tiles through two cp.async stages (the forward and the dq kernel): tile it + 1
+// is copied while tile it is computed.
+template <int DK>
+struct KeyValueStages {
+  __nv_bfloat16* k;  // [2][64][kLd]
+  __nv_bfloat16* v;
+  const __nv_bfloat16* k_src;  // the head's first k (v) column of the example's first row
+  const __nv_bfloat16* v_src;
+  int64_t ld;
+  int n_keys, n_tiles;
+  ColumnScales<DK> k_cols, v_cols;
+  __device__ KeyValueStages(__nv_bfloat16* k_stages, __nv_bfloat16* v_stages, const __nv_bfloat16* k_first,
+                            const __nv_bfloat16* v_first, int64_t row_stride, int keys, const float* k_scale,
+                            const float* v_scale)
+      : k(k_stages), v(v_stages), k_src(k_first), v_src(v_first), ld(row_stride), n_keys(keys),
+        n_tiles((keys + kTile - 1) / kTile), k_cols(k_scale), v_cols(v_scale) {}
+  __device__ void copy(int tile) {
+    const int stage = (tile & 1) * MmaSmem<DK>::kStage;
+    copy_tile_async<DK>(k_src, ld, tile * kTile, n_keys, k + stage);
+    copy_tile_async<DK>(v_src, ld, tile * kTile, n_keys, v + stage);
+    cp_async_commit();
+  }
+  // Starts tile 0.
+  __device__ void start() {
+    if (n_tiles > 0) copy(0);
+  }
+  // Makes tile `it` ready for the block (this thread's copies landed and scaled, then the barrier: every thread is
+  // also done with tile it - 1, whose stage tile it + 1 takes) and starts copying tile it + 1.
+  __device__ void ready(int it) {
+    cp_async_wait<0>();
+    scale_copied_vectors<DK>(k_tile(it), k_cols);
+    scale_copied_vectors<DK>(v_tile(it), v_cols);
+    __syncthreads();
+    if (it + 1 < n_tiles) copy(it + 1);
+  }
+  __device__ __nv_bfloat16* k_tile(int it) const { return k + (it & 1) * MmaSmem<DK>::kStage; }
+  __device__ __nv_bfloat16* v_tile(int it) const { return v + (it & 1) * MmaSmem<DK>::kStage; }
+};
+
 template <int DK>
 __global__ void __launch_bounds__(kThreads)
 fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
@@ -407,16 +446,10 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       forward_tile<DK>(qkv, inner, len, lengths, index, k_offset, v_offset);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool fill_keep = keep.fill && keep.words;  // this run writes the mask (else reads it, or hashes)
-  const int n_tiles = (n_keys + kTile - 1) / kTile;
-
   // tile 0 of K and V is on its way while Q goes through the registers
-  if (n_tiles > 0) {
-    copy_tile_async<DK>(base + inner, ld, 0, n_keys, Ks);
-    copy_tile_async<DK>(base + 2 * inner, ld, 0, n_keys, Vs);
-  }
-  cp_async_commit();
+  KeyValueStages<DK> kv(Ks, Vs, base + inner, base + 2 * inner, ld, n_keys, k_scale, v_scale);
+  kv.start();
   load_tile<DK>(base, ld, q0, len, nullptr, Qs, S::kLd);
-  const ColumnScales<DK> k_cols(k_scale), v_cols(v_scale);
   __syncthreads();
   // this warp's query rows: [0] = row g of its 16, [1] = row g + 8
   const int wr = warp * 16;
@@ -444,20 +477,11 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   for (int dt = 0; dt < DK / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int it = 0; it < n_tiles; ++it) {
+  for (int it = 0; it < kv.n_tiles; ++it) {
     const int k0 = it * kTile;
-    __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
-    __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
-    cp_async_wait<0>();  // this thread's copies of tile it have landed: K~, V~ of them
-    scale_copied_vectors<DK>(Kt, k_cols);
-    scale_copied_vectors<DK>(Vt, v_cols);
-    __syncthreads();  // everyone's have, and everyone is done with tile it - 1, whose stage tile it + 1 takes
-    if (it + 1 < n_tiles) {
-      const int next = ((it + 1) & 1) * S::kStage;
-      copy_tile_async<DK>(base + inner, ld, k0 + kTile, n_keys, Ks + next);
-      copy_tile_async<DK>(base + 2 * inner, ld, k0 + kTile, n_keys, Vs + next);
-      cp_async_commit();
-    }
+    kv.ready(it);
+    const __nv_bfloat16* Kt = kv.k_tile(it);
+    const __nv_bfloat16* Vt = kv.v_tile(it);
 
     // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]. One ldmatrix gives the B fragments of two key
     // blocks: lane 8 m + r addresses key 16 np + 8 (m >> 1) + r, dims 16 kk + 8 (m & 1).
@@ -667,10 +691,50 @@ __device__ __forceinline__ void b_fragments_kn(uint32_t (&b)[4], const __nv_bflo
   ldmatrix_x4_trans(b, tile + (16 * kp + 8 * ((lane >> 3) & 1) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * dp +
                            8 * (lane >> 4));
 }
+// Two 8-column blocks of accumulator values (C layout: rows g, g + 8) as the A fragment of one 16-wide k block
+// (bf16): the score-like products feed the next product without leaving the registers.
+__device__ __forceinline__ void pack_a_fragment(const float (&c)[2][4], uint32_t (&a)[4]) {
+  a[0] = pack_bf16x2(c[0][0], c[0][1]);
+  a[1] = pack_bf16x2(c[0][2], c[0][3]);
+  a[2] = pack_bf16x2(c[1][0], c[1][1]);
+  a[3] = pack_bf16x2(c[1][2], c[1][3]);
+}
 __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
   const uint32_t lo[2] = {b[0], b[1]}, hi[2] = {b[2], b[3]};
   mma_bf16_16816(d0, a, lo);
   mma_bf16_16816(d1, a, hi);
+}
+
+// The two products of a backward kernel for the 8-column blocks 2 np, 2 np + 1 (16 rows of the warp, k over DK):
+// s = A1 B1^T and dp = A2 B2^T with A1, A2 given as fragments and B1, B2 tiles stored [n][k] (the scores and dP').
+template <int DK>
+__device__ __forceinline__ void score_products(float (&s)[2][4], float (&dp)[2][4], const uint32_t (&a1)[DK / 16][4],
+                                               const __nv_bfloat16* b1, const uint32_t (&a2)[DK / 16][4],
+                                               const __nv_bfloat16* b2, int np) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[h][e] = dp[h][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    uint32_t b[4];
+    b_fragments_nk<DK>(b, b1, np, kk);
+    mma_pair(s[0], s[1], a1[kk], b);
+    b_fragments_nk<DK>(b, b2, np, kk);
+    mma_pair(dp[0], dp[1], a2[kk], b);
+  }
+}
+
+// acc (16 rows x DK, C layout) += A (16 x 16, a fragment) times rows 16 kp .. 16 kp + 15 of a tile stored [k][n].
+template <int DK>
+__device__ __forceinline__ void accumulate_product(float (&acc)[DK / 8][4], const uint32_t (&a)[4],
+                                                   const __nv_bfloat16* tile, int kp) {
+#pragma unroll
+  for (int dp = 0; dp < DK / 16; ++dp) {
+    uint32_t b[4];
+    b_fragments_kn<DK>(b, tile, kp, dp);
+    mma_pair(acc[2 * dp], acc[2 * dp + 1], a, b);
+  }
 }
 
 // dQ of one (example, head, 64-query tile), a warp per 16 query rows; also D = rowsum(dC * C) into stats[.., 2]
@@ -697,13 +761,10 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
       if (q0 + v / DK < len) dq_rows[static_cast<int64_t>(v / DK) * a.dq_ld + v % DK] = __float2bfloat16_rn(0.f);
     return;
   }
-  const int n_tiles = (n_keys + kTile - 1) / kTile;
-  copy_tile_async<DK>(hd.base + inner, hd.ld, 0, n_keys, Ks);
-  copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, 0, n_keys, Vs);
-  cp_async_commit();
+  KeyValueStages<DK> kv(Ks, Vs, hd.base + inner, hd.base + 2 * inner, hd.ld, n_keys, hd.k_scale, hd.v_scale);
+  kv.start();
   load_tile<DK>(hd.base, hd.ld, q0, len, nullptr, Qs, S::kLd);
   load_tile<DK>(a.dctx + hd.head_col, inner, q0, len, nullptr, dCs, S::kLd);
-  const ColumnScales<DK> k_cols(hd.k_scale), v_cols(hd.v_scale);
   // D_i = dC_i . C_i (a warp per row), with the forward's m and l of the row
   for (int r = warp; r < kTile; r += kWarps) {
     const int i = q0 + r;
@@ -748,20 +809,11 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
 #pragma unroll
   for (int dt = 0; dt < DK / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
 
-  for (int it = 0; it < n_tiles; ++it) {
+  for (int it = 0; it < kv.n_tiles; ++it) {
     const int k0 = it * kTile;
-    __nv_bfloat16* Kt = Ks + (it & 1) * S::kStage;
-    __nv_bfloat16* Vt = Vs + (it & 1) * S::kStage;
-    cp_async_wait<0>();  // this thread's copies of tile it have landed: K~, V~ of them
-    scale_copied_vectors<DK>(Kt, k_cols);
-    scale_copied_vectors<DK>(Vt, v_cols);
-    __syncthreads();  // tile it is ready for everyone, and tile it - 1's stage is free
-    if (it + 1 < n_tiles) {
-      const int next = ((it + 1) & 1) * S::kStage;
-      copy_tile_async<DK>(hd.base + inner, hd.ld, k0 + kTile, n_keys, Ks + next);
-      copy_tile_async<DK>(hd.base + 2 * inner, hd.ld, k0 + kTile, n_keys, Vs + next);
-      cp_async_commit();
-    }
+    kv.ready(it);
+    const __nv_bfloat16* Kt = kv.k_tile(it);
+    const __nv_bfloat16* Vt = kv.v_tile(it);
     uint32_t keep[2][2] = {{~0u, ~0u}, {~0u, ~0u}};  // [row][word of this tile]
     if (dropout.rate > 0.f) {
 #pragma unroll
@@ -770,15 +822,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
     }
 #pragma unroll
     for (int np = 0; np < kTile / 16; ++np) {  // keys k0 + 16 np .. + 15: two 8-key blocks
-      float s[2][4] = {}, dp[2][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < DK / 16; ++kk) {
-        uint32_t b[4];
-        b_fragments_nk<DK>(b, Kt, np, kk);
-        mma_pair(s[0], s[1], qf[kk], b);
-        b_fragments_nk<DK>(b, Vt, np, kk);
-        mma_pair(dp[0], dp[1], dcf[kk], b);
-      }
+      float s[2][4], dp[2][4];
+      score_products<DK>(s, dp, qf, Kt, dcf, Vt, np);  // S = Q K~^T, dP' = dC V~^T
       float ds[2][4];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
@@ -793,14 +838,9 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
           ds[half][e] = d;
         }
       // dS of keys 16 np .. + 15 as an A fragment; B[k = key][n = d] = K~[key][d]
-      const uint32_t dsf[4] = {pack_bf16x2(ds[0][0], ds[0][1]), pack_bf16x2(ds[0][2], ds[0][3]),
-                               pack_bf16x2(ds[1][0], ds[1][1]), pack_bf16x2(ds[1][2], ds[1][3])};
-#pragma unroll
-      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
-        uint32_t b[4];
-        b_fragments_kn<DK>(b, Kt, np, dp2);
-        mma_pair(acc[2 * dp2], acc[2 * dp2 + 1], dsf, b);
-      }
+      uint32_t dsf[4];
+      pack_a_fragment(ds, dsf);
+      accumulate_product<DK>(acc, dsf, Kt, np);
     }
   }
 #pragma unroll
@@ -886,15 +926,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
 
 #pragma unroll
       for (int np = 0; np < kTile / 16; ++np) {  // queries q0 + 16 np .. + 15: two 8-query blocks
-        float s[2][4] = {}, dp[2][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) {
-          uint32_t b[4];
-          b_fragments_nk<DK>(b, Qt, np, kk);  // B[k = d][n = query] = Q[query][d]
-          mma_pair(s[0], s[1], kf[kk], b);
-          b_fragments_nk<DK>(b, dCt, np, kk);  // B[k = d][n = query] = dC[query][d]
-          mma_pair(dp[0], dp[1], vf[kk], b);
-        }
+        float s[2][4], dp[2][4];
+        score_products<DK>(s, dp, kf, Qt, vf, dCt, np);  // S^T = K~ Q^T, dP'^T = V~ dC^T
         float pd[2][4], ds[2][4];
 #pragma unroll
         for (int half = 0; half < 2; ++half)
@@ -913,18 +946,11 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
             ds[half][e] = d;
           }
         // P'^T and dS^T of queries 16 np .. + 15 as A fragments; B[k = query][n = d] = dC[query][d], Q[query][d]
-        const uint32_t pdf[4] = {pack_bf16x2(pd[0][0], pd[0][1]), pack_bf16x2(pd[0][2], pd[0][3]),
-                                 pack_bf16x2(pd[1][0], pd[1][1]), pack_bf16x2(pd[1][2], pd[1][3])};
-        const uint32_t dsf[4] = {pack_bf16x2(ds[0][0], ds[0][1]), pack_bf16x2(ds[0][2], ds[0][3]),
-                                 pack_bf16x2(ds[1][0], ds[1][1]), pack_bf16x2(ds[1][2], ds[1][3])};
-#pragma unroll
-        for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
-          uint32_t b[4];
-          b_fragments_kn<DK>(b, dCt, np, dp2);
-          mma_pair(dv[2 * dp2], dv[2 * dp2 + 1], pdf, b);
-          b_fragments_kn<DK>(b, Qt, np, dp2);
-          mma_pair(dk[2 * dp2], dk[2 * dp2 + 1], dsf, b);
-        }
+        uint32_t pdf[4], dsf[4];
+        pack_a_fragment(pd, pdf);
+        pack_a_fragment(ds, dsf);
+        accumulate_product<DK>(dv, pdf, dCt, np);
+        accumulate_product<DK>(dk, dsf, Qt, np);
       }
     }
   }

@@ -146,10 +146,6 @@ __device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const __nv_bf
   }
   __syncwarp();
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) { ldmatrix_x4_impl<false>(r, row); }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
-  ldmatrix_x4_impl<true>(r, row);
-}
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
   emu_pipeline::PendingCopy copy{dst, make_uint4(0, 0, 0, 0), 0};
   if (fill) std::memcpy(&copy.bytes, src, sizeof(uint4));
@@ -173,22 +169,16 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 __device__ __forceinline__ float ex2_approx(float x) { return std::exp2(x); }
 #else
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) {
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const __nv_bfloat16* row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row)))
-               : "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row)))
-               : "memory");
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
 #else
   __trap();
 #endif
@@ -220,6 +210,10 @@ __device__ __forceinline__ float ex2_approx(float x) {
   return y;
 }
 #endif
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) { ldmatrix_x4_impl<false>(r, row); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
+  ldmatrix_x4_impl<true>(r, row);
+}
 
 // Eight bf16 (16 bytes) as one access; p 16-byte aligned.
 __device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
