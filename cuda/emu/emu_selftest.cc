@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
 #include "emu/emu_selftest.h"
 #include "kernels/device_common.cuh"
 
@@ -258,6 +259,24 @@ SelfTestResult run_scenario(const std::string& name) {
       }
     r = finish(launched, std::to_string(wrong_plain) + " of 256 wrong from [n][k], " + std::to_string(wrong_trans) +
                              " of 256 wrong from [k][n] (.trans)");
+  } else if (name == "misaligned-residual-stream") {
+    // The training forward's fused residual add + norm (kernels/rmsnorm.cu) takes vector loads of the fp32 stream
+    // when the norm's own operands are aligned: a stream pointer off by one float is refused, not read misaligned.
+    // (Arena buffers are always aligned: the API cannot reach this; the check guards the next kernel author.)
+    const int rows = 2, d = 512;
+    float* x = mem.get<float>(rows * d + 1);
+    float* y = mem.get<float>(rows * d);
+    float* weight = mem.get<float>(d);
+    float* saved = mem.get<float>(rows * d);
+    float* out = mem.get<float>(rows * d);
+    std::string what = "accepted";
+    try {
+      kernels::residual_add_norm<float>(x + 1, y, rows, d, kernels::DropoutSite{}, saved, weight, 1e-6f, 1.f, out,
+                                        cudaStream_t{nullptr});
+    } catch (const TfewError& e) {
+      what = std::string(error_code_name(e.code())) + ": " + e.what();
+    }
+    r = finish(cudaGetLastError(), what);
   } else {
     r.error = "unknown";
     r.message = "no self-test named " + name;

@@ -69,6 +69,12 @@ describeEmulator('CUDA emulator self-test', () => {
     expect(r.message).toMatch(/\b128 of 128 stale before the wait, 128 of 128 right after it/);
   });
 
+  test('a misaligned residual stream in the fused residual add + norm is a typed internal error, not a misaligned read', () => {
+    const r = selfTest('misaligned-residual-stream');
+    expect(r.error).toBe('cudaSuccess');
+    expect(r.message).toMatch(/E_INTERNAL: residual_add_norm: a misaligned residual stream/);
+  });
+
   test('after the deliberate faults the emulated context is usable again', () => {
     expect(native().probeCuda().usable).toBe(true);
     expect(selfTest('fresh-memory-is-nan').error).toBe('cudaSuccess');
