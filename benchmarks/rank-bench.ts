@@ -60,6 +60,15 @@ interface ProfileLine {
   launch?: 'replay' | 'capture' | 'eager';
   folded_cross?: boolean;
   families_ms?: Record<string, number>;
+  /** Detail mode: GEMM calls by call site and shape ("linear 8192x6144x2048", M x N x K [x batch]). */
+  gemm_shapes?: Record<string, { ms: number; calls: number }>;
+}
+
+/** One GEMM shape of a breakdown: medians over the profiled calls; TFLOP/s from 2 M N K (x batch) per call. */
+interface GemmShapeTime {
+  ms: number;
+  calls: number;
+  tflops: number;
 }
 
 interface WorkloadResult {
@@ -89,7 +98,9 @@ export interface RankBenchResult {
   firstResultMs: number;
   workloads: Record<string, WorkloadResult>;
   mixedSlowdown?: number;
-  breakdown?: Record<string, { totalMs: number; familiesMs: Record<string, number>; gemmShare: number }>;
+  breakdown?: Record<string, {
+    totalMs: number; familiesMs: Record<string, number>; gemmShare: number; gemmShapes?: Record<string, GemmShapeTime>;
+  }>;
   /** Pieces that threw (workload or step name -> message); the others' numbers stand. */
   failures?: Record<string, string>;
   /** False when the CUDA context was lost before the end (see lostAt; `run --resume` continues). */
@@ -169,6 +180,26 @@ async function timeTraining(model: T5Model, batch: RandomBatch, adapter: IA3Adap
   } finally {
     await session.dispose();
   }
+}
+
+/** FLOPs of one call of a GEMM shape key ("op MxNxK" or "op MxNxKxbatch"); NaN when the key has no shape. */
+export function gemmShapeFlops(key: string): number {
+  const dims = /(\d+)x(\d+)x(\d+)(?:x(\d+))?$/.exec(key);
+  if (!dims) return NaN;
+  const [m, n, k, batch] = [dims[1], dims[2], dims[3], dims[4] ?? '1'].map(Number);
+  return 2 * m * n * k * batch;
+}
+
+/** The GEMM shapes of profile lines: per shape the median time and calls over the lines, and its rate. */
+export function summariseGemmShapes(lines: ProfileLine[]): Record<string, GemmShapeTime> {
+  const out: Record<string, GemmShapeTime> = {};
+  const keys = new Set(lines.flatMap((l) => Object.keys(l.gemm_shapes ?? {})));
+  for (const key of keys) {
+    const ms = median(lines.map((l) => l.gemm_shapes?.[key]?.ms ?? 0));
+    const calls = median(lines.map((l) => l.gemm_shapes?.[key]?.calls ?? 0));
+    out[key] = { ms, calls, tflops: ms > 0 ? (gemmShapeFlops(key) * calls) / (ms * 1e9) : NaN };
+  }
+  return out;
 }
 
 function gemmShare(families: Record<string, number>): number {
@@ -400,7 +431,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       // what no span covers (training brackets only its GEMMs and (IA)3 reductions): the other kernels
       const covered = Object.values(families).reduce((x, y) => x + y, 0);
       if (totalMs - covered > 0.01 * totalMs) families.other = totalMs - covered;
-      breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families) };
+      breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families), gemmShapes: summariseGemmShapes(lines) };
       console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
     };
     if (detail) {
@@ -486,6 +517,12 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
     for (const [name, b] of Object.entries(ours.breakdown)) {
       const parts = Object.entries(b.familiesMs).sort((a, c) => c[1] - a[1]).map(([k, v]) => `${k} ${fmt(v)}`);
       lines.push(`${name} (graphs off, ${fmt(b.totalMs)} ms): ${parts.join(', ')}`);
+    }
+    for (const [name, b] of Object.entries(ours.breakdown)) {
+      const shapes = Object.entries(b.gemmShapes ?? {}).sort((a, c) => c[1].ms - a[1].ms).slice(0, 10);
+      if (shapes.length === 0) continue;
+      const parts = shapes.map(([k, v]) => `${k} ${v.calls} calls ${fmt(v.ms)} ms ${fmt(v.tflops, 0)} TFLOP/s`);
+      lines.push(`${name} GEMMs by shape (the 10 longest): ${parts.join('; ')}`);
     }
   }
   const failures = Object.entries(ours.failures ?? {});

@@ -58,10 +58,19 @@ std::string shape_text(const char* op, int m, int n, int k) {
 }
 }  // namespace
 
+Gemm::Timing Gemm::timing(const char* op, int m, int n, int k, int batch) const {
+  std::string key;
+  if (profiler_->detail()) {  // the string only where it is used
+    key = std::string(op) + " " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k);
+    if (batch > 1) key += "x" + std::to_string(batch);
+  }
+  return Timing{Span(*profiler_, family_, stream_), KeyedSpan(*profiler_, std::move(key), stream_)};
+}
+
 template <typename TIn, typename TOut>
 void Gemm::linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy, int M, int N, int K, float beta) {
   if (M <= 0 || N <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("linear", M, N, K);
   const float alpha = 1.f;
   // Column-major view: C (N x M, ld ldy) = op(W) (N x K) * x^T (K x M): A = W transposed, B = x as is.
   const cublasStatus_t s =
@@ -76,7 +85,7 @@ template <typename TIn, typename TOut>
 void Gemm::linear_backward(const TIn* dy, int ldy, const TIn* w, int ldw, TOut* dx, int ldx, int M, int N, int K,
                            float alpha, float beta) {
   if (M <= 0 || K <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("linear_backward", M, K, N);
   // Column-major view: C (K x M, ld ldx) = W^T stored as (K x N, ld ldw) * dy^T (N x M, ld ldy), both as is.
   const cublasStatus_t s =
       api_->gemm_ex(handle_, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &alpha, w, cuda_data_type<TIn>(), ldw, dy,
@@ -90,7 +99,7 @@ template <typename T>
 void Gemm::attention_scores(const void* const* k_ptrs, const void* const* q_ptrs, void* const* s_ptrs, int ld_qk,
                             int len, int d_kv, int batch) {
   if (batch <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("attention_scores", len, len, d_kv, batch);
   const float alpha = 1.f, beta = 0.f;
   // Column-major C (keys x queries, ld len) = K (keys x d_kv, stored transposed) * Q^T: row-major scores[i][j].
   const cublasStatus_t s = api_->gemm_batched_ex(
@@ -105,7 +114,7 @@ template <typename T>
 void Gemm::attention_context(const void* const* v_ptrs, const void* const* p_ptrs, void* const* c_ptrs, int ld_v,
                              int ld_ctx, int len, int d_kv, int batch) {
   if (batch <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("attention_context", len, d_kv, len, batch);
   const float alpha = 1.f, beta = 0.f;
   // Column-major C (d_kv x queries, ld ld_ctx) = V^T (d_kv x keys) * P^T (keys x queries).
   const cublasStatus_t s = api_->gemm_batched_ex(
@@ -121,7 +130,7 @@ template <typename TIn, typename TOut>
 void Gemm::batched(bool trans_a, bool trans_b, int M, int N, int K, const void* const* a, int lda, const void* const* b,
                    int ldb, void* const* c, int ldc, int batch) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("batched", M, N, K, batch);
   const float alpha = 1.f, beta = 0.f;
   // Column-major view of row-major C = op(A) op(B): C^T (N x M) = op(B)^T (N x K) * op(A)^T (K x M), where a
   // row-major X read column-major is X^T; so B comes first, transposed exactly when op(B) is.
@@ -138,7 +147,7 @@ void Gemm::strided(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a
                    const TIn* b, int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch,
                    float beta) {
   if (M <= 0 || N <= 0 || batch <= 0) return;
-  const Span timed = span();
+  const Timing timed = timing("strided", M, N, K, batch);
   const float alpha = 1.f;
   // the column-major view of Gemm::batched
   const cublasStatus_t s = api_->gemm_strided_batched_ex(

@@ -81,8 +81,13 @@ class Gemm {
                int ldb, int64_t stride_b, TOut* c, int ldc, int64_t stride_c, int batch, float beta = 0.f);
 
  private:
-  // Brackets one call for the detail profile when time_as asked for it (a null family times nothing).
-  Span span() const { return Span(*profiler_, family_, stream_); }
+  // Brackets one call for the detail profile: in the family time_as asked for (a null family: none), and by its
+  // call site and shape, "op MxNxK[xbatch]" with M x N the row-major product and K the inner dimension.
+  struct Timing {
+    Span family;
+    KeyedSpan shape;
+  };
+  Timing timing(const char* op, int m, int n, int k, int batch = 1) const;
   cublasHandle_t handle_ = nullptr;
   const CublasApi* api_ = nullptr;
   cudaStream_t stream_ = nullptr;

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu/cuda_check.h"
@@ -35,12 +36,19 @@ class Profiler {
     if (!enabled()) return;
     used_ = 0;
     marks_.clear();
+    keyed_marks_.clear();
     call_start_ = record(stream);
   }
   // A span of the launch sequence attributed to `family` (only in detail mode).
   void mark(const char* family, cudaStream_t stream, bool begin) {
     if (!detail_) return;
     marks_.push_back({family, record(stream), begin});
+  }
+  // A GEMM call by its call site and shape (only in detail mode): timed and counted apart from the families (which
+  // already hold the GEMMs' total), so that the benchmark can say which shapes run slowly.
+  void keyed_mark(const std::string& key, cudaStream_t stream, bool begin) {
+    if (!detail_) return;
+    keyed_marks_.push_back({key, record(stream), begin});
   }
   void end_call(cudaStream_t stream) {
     if (!enabled()) return;
@@ -81,6 +89,23 @@ class Profiler {
         first = false;
       }
       std::fprintf(f, "}");
+      std::map<std::string, std::pair<double, int>> by_key;  // ms, calls
+      for (size_t i = 0; i + 1 < keyed_marks_.size(); i += 2) {  // begin, end pairs: GEMM calls do not nest
+        float ms = 0.f;
+        cudaEventElapsedTime(&ms, events_[keyed_marks_[i].event], events_[keyed_marks_[i + 1].event]);
+        auto& entry = by_key[keyed_marks_[i].family];
+        entry.first += ms;
+        entry.second += 1;
+      }
+      cudaGetLastError();
+      std::fprintf(f, ",\"gemm_shapes\":{");
+      first = true;
+      for (const auto& kv : by_key) {
+        std::fprintf(f, "%s\"%s\":{\"ms\":%.4f,\"calls\":%d}", first ? "" : ",", kv.first.c_str(), kv.second.first,
+                     kv.second.second);
+        first = false;
+      }
+      std::fprintf(f, "}");
     }
     std::fprintf(f, "}\n");
     std::fclose(f);
@@ -106,6 +131,7 @@ class Profiler {
   std::vector<cudaEvent_t> events_;
   size_t used_ = 0, call_start_ = 0, call_end_ = 0;
   std::vector<Mark> marks_;
+  std::vector<Mark> keyed_marks_;
 };
 
 // Brackets one launch family for the detail profile.
@@ -125,6 +151,25 @@ class Span {
  private:
   Profiler& p_;
   const char* family_;
+  cudaStream_t s_;
+};
+
+// Brackets one GEMM call by its key for the detail profile (an empty key times nothing).
+class KeyedSpan {
+ public:
+  KeyedSpan(Profiler& p, std::string key, cudaStream_t s) : p_(p), key_(std::move(key)), s_(s) {
+    if (!key_.empty()) p_.keyed_mark(key_, s_, true);
+  }
+  ~KeyedSpan() {
+    try {
+      if (!key_.empty()) p_.keyed_mark(key_, s_, false);
+    } catch (...) {  // as Span
+    }
+  }
+
+ private:
+  Profiler& p_;
+  std::string key_;
   cudaStream_t s_;
 };
 

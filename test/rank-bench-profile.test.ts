@@ -1,0 +1,44 @@
+// The benchmark's GEMM-by-shape breakdown (benchmarks/rank-bench.ts): the profile's per-shape GEMM times
+// (TFEW_CUDA_PROFILE_DETAIL, gpu/profiler.h) turned into calls, milliseconds and TFLOP/s per shape, and the table's
+// line of the slowest shapes. Computed here from made-up profile lines: no GPU needed.
+import { gemmShapeFlops, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
+
+describe('rank-bench GEMM shapes', () => {
+  test('a shape key gives the FLOPs of one call: 2 M N K, times the batch', () => {
+    expect(gemmShapeFlops('linear 8192x6144x2048')).toBe(2 * 8192 * 6144 * 2048);
+    expect(gemmShapeFlops('strided 512x256x2048x32')).toBe(2 * 512 * 256 * 2048 * 32);
+    expect(gemmShapeFlops('linear')).toBeNaN();
+  });
+
+  test('per shape: the median time and calls over the profiled calls, and the rate they give', () => {
+    const lines = [
+      { forward_ms: 10, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 1, calls: 4 }, 'batched 64x64x64x8': { ms: 0.5, calls: 2 } } },
+      { forward_ms: 11, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 3, calls: 4 } } },
+      { forward_ms: 12, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 2, calls: 4 }, 'batched 64x64x64x8': { ms: 0.7, calls: 2 } } },
+    ];
+    const s = summariseGemmShapes(lines);
+    expect(s['linear 1024x1024x1024'].ms).toBe(2);
+    expect(s['linear 1024x1024x1024'].calls).toBe(4);
+    // 4 calls of 2^31 FLOPs in 2 ms: 4.29 TFLOP/s
+    expect(s['linear 1024x1024x1024'].tflops).toBeCloseTo((4 * 2 * 1024 ** 3) / 2e9, 6);
+    // a shape missing from a call counts as 0 there (median of 0.5, 0, 0.7)
+    expect(s['batched 64x64x64x8'].ms).toBe(0.5);
+  });
+
+  test('the table lists each breakdown\'s slowest shapes, longest first', () => {
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1, workloads: {},
+      breakdown: {
+        'RANK-3B-B1': {
+          totalMs: 5, familiesMs: { gemm: 4, rmsnorm: 1 }, gemmShare: 0.8,
+          gemmShapes: {
+            'linear 16x2048x2048': { ms: 0.5, calls: 48, tflops: 0.3 },
+            'linear 256x6144x2048': { ms: 1.5, calls: 24, tflops: 120 },
+          },
+        },
+      },
+    } as unknown as RankBenchResult;
+    const text = table(ours, undefined);
+    expect(text).toMatch(/RANK-3B-B1 GEMMs by shape \(the 10 longest\): linear 256x6144x2048 24 calls 1\.50 ms 120 TFLOP\/s; linear 16x2048x2048 48 calls 0\.50 ms/);
+  });
+});
