@@ -52,7 +52,7 @@ import { buildTinyT5 } from '../lib/tiny';
 import { native } from '../lib/native';
 import { mulberry32, randomBatch, RandomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
 
-interface ProfileLine {
+export interface ProfileLine {
   kind?: 'score' | 'train';
   forward_ms: number;
   graph: boolean;

@@ -1,7 +1,7 @@
 // The benchmark's GEMM-by-shape breakdown (benchmarks/rank-bench.ts): the profile's per-shape GEMM times
 // (TFEW_CUDA_PROFILE_DETAIL, gpu/profiler.h) turned into calls, milliseconds and TFLOP/s per shape, and the table's
 // line of the slowest shapes. Computed here from made-up profile lines: no GPU needed.
-import { gemmShapeFlops, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
+import { gemmShapeFlops, ProfileLine, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
 
 describe('rank-bench GEMM shapes', () => {
   test('a shape key gives the FLOPs of one call: 2 M N K, times the batch', () => {
@@ -11,7 +11,7 @@ describe('rank-bench GEMM shapes', () => {
   });
 
   test('per shape: the median time and calls over the profiled calls, and the rate they give', () => {
-    const lines = [
+    const lines: ProfileLine[] = [
       { forward_ms: 10, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 1, calls: 4 }, 'batched 64x64x64x8': { ms: 0.5, calls: 2 } } },
       { forward_ms: 11, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 3, calls: 4 } } },
       { forward_ms: 12, graph: false, gemm_shapes: { 'linear 1024x1024x1024': { ms: 2, calls: 4 }, 'batched 64x64x64x8': { ms: 0.7, calls: 2 } } },
