@@ -417,7 +417,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
-  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B'].filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
+  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD']
+    .filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
   if (!lost && breakdownPending.length > 0) {
     process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
     let detail: T5Model | undefined;
@@ -434,16 +435,9 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       breakdown[name] = { totalMs, familiesMs: families, gemmShare: gemmShare(families), gemmShapes: summariseGemmShapes(lines) };
       console.log(`[rank-bench] ${name} breakdown (graphs off): ${JSON.stringify(breakdown[name])}`);
     };
-    if (detail) {
-      const m = detail;
-      for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
-        await attempt(`breakdown ${name}`, async () => {
-          await timeWorkload(m, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
-          summarise(name, 'score');
-        }, () => name in breakdown);
-      }
-      // TRAIN-3B: forward, losses and backward of a training-session step (Adafactor, two launches, excluded)
-      await attempt('breakdown TRAIN-3B', async () => {
+    // TRAIN-3B: forward, losses and backward of a training-session step (Adafactor, two launches, excluded)
+    const trainBreakdown = async (m: T5Model, name: string) => {
+      await attempt(`breakdown ${name}`, async () => {
         const tb = randomBatch(V, new Array(trainBatch).fill(encLen), new Array(trainBatch).fill([8, 8]), 15);
         const session = await m.createTrainingSession([adapter], { totalSteps: 1000 });
         try {
@@ -455,9 +449,30 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
         } finally {
           if (!lost) await session.dispose();
         }
-        summarise('TRAIN-3B', 'train');
-      }, () => 'TRAIN-3B' in breakdown);
+        summarise(name, 'train');
+      }, () => name in breakdown);
+    };
+    if (detail) {
+      const m = detail;
+      for (const [name, batch] of [['RANK-3B-B32', b32], ['RANK-3B-B1', b1]] as const) {
+        await attempt(`breakdown ${name}`, async () => {
+          await timeWorkload(m, batch, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
+          summarise(name, 'score');
+        }, () => name in breakdown);
+      }
+      await trainBreakdown(m, 'TRAIN-3B');
       if (!lost) await m.dispose();
+    }
+    // the same step with the fused attention backward (off by default): its spans against TRAIN-3B's decide the default
+    if (!lost && !('TRAIN-3B-FUSED-BACKWARD' in breakdown)) {
+      let fused: T5Model | undefined;
+      await attempt('load cuda (profile detail, fused backward)', async () => {
+        fused = await T5Model.load(modelDir, { device: 'cuda', cuda: { fusedBackward: true } });
+      }, () => false);
+      if (fused) {
+        await trainBreakdown(fused, 'TRAIN-3B-FUSED-BACKWARD');
+        if (!lost) await fused.dispose();
+      }
     }
     delete process.env.TFEW_CUDA_PROFILE_DETAIL;
   }
