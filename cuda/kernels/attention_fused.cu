@@ -336,7 +336,53 @@ struct MmaSmem {
   static constexpr size_t kBytes = kV + sizeof(__nv_bfloat16) * 2 * kStage;
 };
 
-__device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Fragments of tiles in shared memory (rows of MmaSmem<DK>::kLd bf16) for mma.sync, and products of them.
+// The A fragment (16 x 16, rows row0 .. row0 + 15, columns 16 kk ..) of a bf16 tile in shared memory: ldmatrix's
+// matrix m is rows 8 (m & 1), columns 8 (m >> 1) of the block, which is the order of a0 .. a3.
+template <int DK>
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const __nv_bfloat16* tile, int row0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, tile + (row0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * MmaSmem<DK>::kLd + 16 * kk + 8 * (lane >> 4));
+}
+// B fragments of two 8-row blocks 16 np, 16 np + 8 of a tile stored [n][k] (columns 16 kk ..): b[0, 1] and b[2, 3].
+template <int DK>
+__device__ __forceinline__ void b_fragments_nk(uint32_t (&b)[4], const __nv_bfloat16* tile, int np, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(b, tile + (16 * np + 8 * (lane >> 4) + (lane & 7)) * MmaSmem<DK>::kLd + 16 * kk + 8 * ((lane >> 3) & 1));
+}
+// B fragments of a tile stored [k][n] (rows 16 kp .. 16 kp + 15 are k) for the two 8-column blocks 16 dp, 16 dp + 8:
+// b[0, 1] and b[2, 3] (ldmatrix .trans; matrix m is rows 8 (m & 1), columns 8 (m >> 1)).
+template <int DK>
+__device__ __forceinline__ void b_fragments_kn(uint32_t (&b)[4], const __nv_bfloat16* tile, int kp, int dp) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4_trans(b, tile + (16 * kp + 8 * ((lane >> 3) & 1) + (lane & 7)) * MmaSmem<DK>::kLd + 16 * dp +
+                           8 * (lane >> 4));
+}
+// Two 8-column blocks of accumulator values (C layout: rows g, g + 8) as the A fragment of one 16-wide k block
+// (bf16): the score-like products feed the next product without leaving the registers.
+__device__ __forceinline__ void pack_a_fragment(const float (&c)[2][4], uint32_t (&a)[4]) {
+  a[0] = pack_bf16x2(c[0][0], c[0][1]);
+  a[1] = pack_bf16x2(c[0][2], c[0][3]);
+  a[2] = pack_bf16x2(c[1][0], c[1][1]);
+  a[3] = pack_bf16x2(c[1][2], c[1][3]);
+}
+__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t lo[2] = {b[0], b[1]}, hi[2] = {b[2], b[3]};
+  mma_bf16_16816(d0, a, lo);
+  mma_bf16_16816(d1, a, hi);
+}
+
+// acc (16 rows x DK, C layout) += A (16 x 16, a fragment) times rows 16 kp .. 16 kp + 15 of a tile stored [k][n].
+template <int DK>
+__device__ __forceinline__ void accumulate_product(float (&acc)[DK / 8][4], const uint32_t (&a)[4],
+                                                   const __nv_bfloat16* tile, int kp) {
+#pragma unroll
+  for (int dp = 0; dp < DK / 16; ++dp) {
+    uint32_t b[4];
+    b_fragments_kn<DK>(b, tile, kp, dp);
+    mma_pair(acc[2 * dp], acc[2 * dp + 1], a, b);
+  }
+}
 
 // A thread copies the same 8 columns (one 16-byte vector) of every 128 / (DK / 8)-th row of a tile.
 template <int DK>
@@ -465,13 +511,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
   }
   uint32_t qf[DK / 16][4];  // Q's A fragments, loaded once
 #pragma unroll
-  for (int kk = 0; kk < DK / 16; ++kk) {
-    const __nv_bfloat16* r0 = Qs + (wr + g) * S::kLd + kk * 16 + 2 * t;
-    qf[kk][0] = load_pair(r0);
-    qf[kk][1] = load_pair(r0 + 8 * S::kLd);
-    qf[kk][2] = load_pair(r0 + 8);
-    qf[kk][3] = load_pair(r0 + 8 * S::kLd + 8);
-  }
+  for (int kk = 0; kk < DK / 16; ++kk) a_fragment<DK>(qf[kk], Qs, wr, kk);
   float o[DK / 8][4];
 #pragma unroll
   for (int dt = 0; dt < DK / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
@@ -483,8 +523,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
     const __nv_bfloat16* Kt = kv.k_tile(it);
     const __nv_bfloat16* Vt = kv.v_tile(it);
 
-    // S = Q K^T: 8 blocks of 8 keys; B[k = d][n = key] = K[key][d]. One ldmatrix gives the B fragments of two key
-    // blocks: lane 8 m + r addresses key 16 np + 8 (m >> 1) + r, dims 16 kk + 8 (m & 1).
+    // S = Q K~^T: 8 blocks of 8 keys; B[k = d][n = key] = K~[key][d], two key blocks a fragment load
     float sc[kTile / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
@@ -493,10 +532,8 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
 #pragma unroll
       for (int np = 0; np < kTile / 16; ++np) {
         uint32_t bf[4];
-        ldmatrix_x4(bf, Kt + (16 * np + 8 * (lane >> 4) + (lane & 7)) * S::kLd + 16 * kk + 8 * ((lane >> 3) & 1));
-        const uint32_t lo[2] = {bf[0], bf[1]}, hi[2] = {bf[2], bf[3]};
-        mma_bf16_16816(sc[2 * np], qf[kk], lo);
-        mma_bf16_16816(sc[2 * np + 1], qf[kk], hi);
+        b_fragments_nk<DK>(bf, Kt, np, kk);
+        mma_pair(sc[2 * np], sc[2 * np + 1], qf[kk], bf);
       }
     // bias and key mask; the rows' running max (a row's 64 keys are spread over its quad: lanes 4g .. 4g + 3)
     float mx[2] = {-INFINITY, -INFINITY};
@@ -564,23 +601,16 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
           if (t == 0 && keep_words[u]) keep_words[u][k0 / 32 + w] = word;
         }
     }
-    // O = alpha O + P V; B[k = key][n = d] = V[key][d], through ldmatrix .trans: one gives the B fragments of two
-    // 16-key blocks 2 kp, 2 kp + 1 (lane 8 m + r addresses key 32 kp + 8 m + r, dims 8 dt .. 8 dt + 7)
+    // O = alpha O + P V~; B[k = key][n = d] = V~[key][d] (ldmatrix .trans), 16 keys at a time
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt) {
       o[dt][0] *= alpha[0];
       o[dt][1] *= alpha[0];
       o[dt][2] *= alpha[1];
       o[dt][3] *= alpha[1];
-#pragma unroll
-      for (int kp = 0; kp < kTile / 32; ++kp) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, Vt + (32 * kp + lane) * S::kLd + 8 * dt);
-        const uint32_t lo[2] = {bf[0], bf[1]}, hi[2] = {bf[2], bf[3]};
-        mma_bf16_16816(o[dt], pf[2 * kp], lo);
-        mma_bf16_16816(o[dt], pf[2 * kp + 1], hi);
-      }
     }
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) accumulate_product<DK>(o, pf[kk], Vt, kk);
   }
 
   // the softmax statistics of each query row, for the backward: [B, H, L, 3] = m, l (D: the dq kernel)
@@ -606,8 +636,8 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
 
 template <int DK>
 struct BackwardSmem {
-  static constexpr int kLd = MmaSmem<DK>::kLd;  // bf16 rows, as the forward's (copy_tile_async)
-  static constexpr int kStage = kTile * kLd;  // elements of one bf16 tile
+  static constexpr int kLd = MmaSmem<DK>::kLd;  // bf16 rows, as the forward's (copy_tile_async, the fragments)
+  static constexpr int kStage = MmaSmem<DK>::kStage;  // elements of one bf16 tile
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kStage;
   static constexpr size_t kRows = sizeof(float) * 3 * kTile;  // m log2(e), 1 / l, D of 64 query rows
   // dq kernel: Q and dC (once), K~ and V~ in two stages | rows
@@ -670,41 +700,6 @@ __device__ __forceinline__ float keep_scale_of(const DropoutSite& d, uint32_t bi
   return d.rate > 0.f ? (bit ? d.keep_scale : 0.f) : 1.f;
 }
 
-// The A fragment (16 x 16, rows row0 .. row0 + 15, columns 16 kk ..) of a bf16 tile in shared memory: ldmatrix's
-// matrix m is rows 8 (m & 1), columns 8 (m >> 1) of the block, which is the order of a0 .. a3.
-template <int DK>
-__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const __nv_bfloat16* tile, int row0, int kk) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4(a, tile + (row0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * kk + 8 * (lane >> 4));
-}
-// B fragments of two 8-row blocks 16 np, 16 np + 8 of a tile stored [n][k] (columns 16 kk ..): b[0, 1] and b[2, 3].
-template <int DK>
-__device__ __forceinline__ void b_fragments_nk(uint32_t (&b)[4], const __nv_bfloat16* tile, int np, int kk) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4(b, tile + (16 * np + 8 * (lane >> 4) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * kk + 8 * ((lane >> 3) & 1));
-}
-// B fragments of a tile stored [k][n] (rows 16 kp .. 16 kp + 15 are k) for the two 8-column blocks 16 dp, 16 dp + 8:
-// b[0, 1] and b[2, 3] (ldmatrix .trans; matrix m is rows 8 (m & 1), columns 8 (m >> 1)).
-template <int DK>
-__device__ __forceinline__ void b_fragments_kn(uint32_t (&b)[4], const __nv_bfloat16* tile, int kp, int dp) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4_trans(b, tile + (16 * kp + 8 * ((lane >> 3) & 1) + (lane & 7)) * BackwardSmem<DK>::kLd + 16 * dp +
-                           8 * (lane >> 4));
-}
-// Two 8-column blocks of accumulator values (C layout: rows g, g + 8) as the A fragment of one 16-wide k block
-// (bf16): the score-like products feed the next product without leaving the registers.
-__device__ __forceinline__ void pack_a_fragment(const float (&c)[2][4], uint32_t (&a)[4]) {
-  a[0] = pack_bf16x2(c[0][0], c[0][1]);
-  a[1] = pack_bf16x2(c[0][2], c[0][3]);
-  a[2] = pack_bf16x2(c[1][0], c[1][1]);
-  a[3] = pack_bf16x2(c[1][2], c[1][3]);
-}
-__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
-  const uint32_t lo[2] = {b[0], b[1]}, hi[2] = {b[2], b[3]};
-  mma_bf16_16816(d0, a, lo);
-  mma_bf16_16816(d1, a, hi);
-}
-
 // The two products of a backward kernel for the 8-column blocks 2 np, 2 np + 1 (16 rows of the warp, k over DK):
 // s = A1 B1^T and dp = A2 B2^T with A1, A2 given as fragments and B1, B2 tiles stored [n][k] (the scores and dP').
 template <int DK>
@@ -722,18 +717,6 @@ __device__ __forceinline__ void score_products(float (&s)[2][4], float (&dp)[2][
     mma_pair(s[0], s[1], a1[kk], b);
     b_fragments_nk<DK>(b, b2, np, kk);
     mma_pair(dp[0], dp[1], a2[kk], b);
-  }
-}
-
-// acc (16 rows x DK, C layout) += A (16 x 16, a fragment) times rows 16 kp .. 16 kp + 15 of a tile stored [k][n].
-template <int DK>
-__device__ __forceinline__ void accumulate_product(float (&acc)[DK / 8][4], const uint32_t (&a)[4],
-                                                   const __nv_bfloat16* tile, int kp) {
-#pragma unroll
-  for (int dp = 0; dp < DK / 16; ++dp) {
-    uint32_t b[4];
-    b_fragments_kn<DK>(b, tile, kp, dp);
-    mma_pair(acc[2 * dp], acc[2 * dp + 1], a, b);
   }
 }
 
@@ -1035,11 +1018,16 @@ size_t shared_memory_optin() {
 
 }  // namespace
 
-// TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process.
+// TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process. A value
+// that names neither kernel is an InvalidArgument error (thrown again at every call: a static whose initialiser
+// throws stays uninitialised), not silently the default.
 bool attention_kernel_wmma() {
   static const bool wmma = [] {
     const char* v = std::getenv("TFEW_CUDA_ATTENTION_KERNEL");
-    return v != nullptr && std::string(v) == "wmma";
+    const std::string kernel = v ? v : "";
+    if (!kernel.empty() && kernel != "mma" && kernel != "wmma")
+      fail(ErrorCode::InvalidArgument, "TFEW_CUDA_ATTENTION_KERNEL must be 'mma' (the default) or 'wmma', got '" + kernel + "'");
+    return kernel == "wmma";
   }();
   return wmma;
 }
