@@ -27,6 +27,10 @@ const trainArena = (recompute: Level, choices = 2, foldedCross = false, fusedBac
 // The fused backward's dropout keep mask of one encoder layer's attention probabilities: a bit per (example, head,
 // query, key), each query row in whole 64-key tiles (TRAIN-3B: 2 MiB). T0's dropout rate is 0.1.
 const keepBitsBytes = (batch = 8, len = 256): number => batch * config.numHeads * len * Math.ceil(len / 64) * 8;
+// With nothing recomputed, the fused backward also keeps each encoder layer's attention output (bf16 [tokens, inner])
+// and softmax statistics (m, l, D: fp32 [B, H, len, 3]) instead of running the attention forward again.
+const savedAttentionBytes = (batch = 8, len = 256): number =>
+  batch * len * config.numHeads * config.dKv * 2 + batch * config.numHeads * len * 3 * 4;
 
 // bf16 weights of an untied T0 checkpoint (shared embedding + head), fp32 norms and relative-position tables:
 // counted from the architecture, independently of the engine's weight walker.
@@ -47,10 +51,13 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     const [none, attention, all] = await Promise.all([trainArena('none'), trainArena('attention'), trainArena('all')]);
     expect(none - attention).toBe((layers - 1) * Ne * 3 * inner * 2);
     expect(attention - all).toBe((layers - 1) * Ne * wiCols * 2);
-    // with the fused backward, each layer's dropout keep mask too (the backward's rerun of the attention makes it again)
+    // with the fused backward, each layer's dropout keep mask too (the backward's rerun of the attention makes it
+    // again), and every layer's attention output and statistics (that rerun makes them in the shared buffers)
     const fused = await Promise.all((['none', 'attention', 'all'] as const).map((l) => trainArena(l, 2, false, true)));
     expect(keepBitsBytes()).toBe(2 * 2 ** 20);
-    expect(fused[0] - fused[1]).toBe((layers - 1) * (Ne * 3 * inner * 2 + keepBitsBytes()));
+    expect(savedAttentionBytes()).toBe(8.75 * 2 ** 20);
+    expect(fused[0] - fused[1]).toBe((layers - 1) * (Ne * 3 * inner * 2 + keepBitsBytes()) + layers * savedAttentionBytes());
+    expect((fused[0] - fused[1]) / GiB).toBeCloseTo(0.79, 2);  // as LossOptions.recompute's documentation says
     expect(fused[1] - fused[2]).toBe((layers - 1) * Ne * wiCols * 2);
   });
 
@@ -65,9 +72,15 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // (8.01 GiB), recomputing the attention's q|k|v well within it
     expect(weights + (await trainArena('none')) + headroom).toBeLessThan(8.05 * GiB);
     expect(weights + (await trainArena('attention')) + headroom).toBeLessThan(7.5 * GiB);
+    // the fused attention backward (off by default) keeps each layer's attention output too: 0.12 GiB above the
+    // cuBLAS backward's plan, over the goal; recomputing the attention brings it to 0.13 GiB below the cuBLAS one's
+    const [cublasNone, cublasAttention] = [await trainArena('none', 2, true), await trainArena('attention', 2, true)];
+    expect((await trainArena('none', 2, true, true)) - cublasNone).toBeCloseTo(0.124 * GiB, -7);
+    expect(weights + (await trainArena('none', 2, true, true)) + headroom).toBeLessThan(8.05 * GiB);
+    expect(cublasAttention - (await trainArena('attention', 2, true, true))).toBeCloseTo(0.126 * GiB, -7);
   });
 
-  test('the fused encoder attention backward keeps no [B, H, L, L] tensors but a keep mask (97 MiB less at TRAIN-3B)', async () => {
+  test('the fused encoder attention backward keeps no [B, H, L, L] tensors but a keep mask (and each layer\'s output)', async () => {
     const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
     const fused = await native()._testing.cudaArenaBytes(config, { ...shape, fusedBackward: true });
     const cublas = await native()._testing.cudaArenaBytes(config, shape);
@@ -78,8 +91,10 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // layer's dropout keep mask (1/32 of a bf16 P)
     const keepBits = config.numLayers * keepBitsBytes();
     expect(keepBits).toBe(48 * 2 ** 20);
-    expect(cublas - fused).toBeGreaterThanOrEqual(squares - keepBits);
-    expect(cublas - fused).toBeLessThan(squares - keepBits + scaledQkv + 2 ** 20);  // and the pointer arrays
+    // (and more by what it keeps of each layer's attention so as not to run it again: savedAttentionBytes)
+    const kept = keepBits + config.numLayers * savedAttentionBytes();
+    expect(cublas - fused).toBeGreaterThanOrEqual(squares - kept);
+    expect(cublas - fused).toBeLessThan(squares - kept + scaledQkv + 2 ** 20);  // and the pointer arrays
     // the mask bits are planned only for a step with dropout
     expect(fused - (await native()._testing.cudaArenaBytes(config, { ...shape, fusedBackward: true, dropout: false }))).toBe(keepBits);
     expect(cublas).toBe(await trainArena('none', 2, true));  // the default
@@ -87,13 +102,14 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
 
   test('the training forward keeps the residual stream in bf16 (half an fp32 copy) and no scratch wi output', async () => {
     // One more encoder layer adds exactly its saved inputs: two residual-stream copies (bf16), q|k|v and the wi
-    // outputs (bf16), its attention's dropout keep mask, and its (IA)3 gradients (k, v, ff), fp32.
+    // outputs (bf16), its attention's dropout keep mask, output and statistics, and its (IA)3 gradients (k, v, ff),
+    // fp32.
     const deeper = parseT5Config({ ...t0_3bConfigJson(24), num_layers: 25 }, 'config.json');
     const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, recompute: 'none' as const, foldedCross: true };
     // (the fused backward's plan: with the cuBLAS one the attention's [B, H, L, L] buffers are shared by all layers)
     const grow = (await native()._testing.cudaArenaBytes(deeper, { ...shape, fusedBackward: true })) - (await trainArena('none', 2, true, true));
     const Ne = 8 * 256, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
-    expect(grow).toBe(Ne * (2 * d * 2 + 3 * inner * 2 + 2 * ff * 2) + keepBitsBytes() + (2 * inner + ff) * 4);
+    expect(grow).toBe(Ne * (2 * d * 2 + 3 * inner * 2 + 2 * ff * 2) + keepBitsBytes() + savedAttentionBytes() + (2 * inner + ff) * 4);
   });
 
   test("recompute 'auto' keeps the most that fits in the free device memory", async () => {

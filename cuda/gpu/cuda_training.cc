@@ -158,7 +158,9 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
     gemm_.linear<T, T>(f.h_enc, d, L.qkv, d, t.enc_qkv[l], 3 * inner, Ne, 3 * inner, d, 0.f);
     // The fused kernel where the inference forward uses it (bf16): no scores or probabilities in memory. The
-    // backward recomputes what it needs (encoder_attention_backward) but reads the dropout mask this writes.
+    // backward recomputes what it needs (encoder_attention_backward) but reads the dropout mask this writes,
+    // and, when the plan keeps them (attention_saved), this output and its softmax statistics.
+    T* attn_out = t.attention_saved ? t.enc_attn_out[l] : f.ctx_enc;
     bool fused = false;
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
       if (fused_attention_) {
@@ -166,8 +168,8 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
         {
           Span span(profiler_, "encoder_attention", s);
           kernels::fused_encoder_attention(t.enc_qkv[l], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, enc_ix,
-                                           ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), f.ctx_enc, s,
-                                           nullptr, keep);
+                                           ia3.self_k, ia3.self_v, at_site(drop, 0, l, kSelfProbs), attn_out, s,
+                                           t.attention_saved ? t.enc_attn_stats[l] : nullptr, keep);
         }
         fused = true;
       }
@@ -186,7 +188,7 @@ void CudaEngine<T>::enqueue_train_forward(const TrainPlan<T>& t, const kernels::
       }
       gemm_.attention_context<T>(f.pv_v, f.pv_p, f.pv_c, 3 * inner, inner, Le, dkv, B * H);
     }
-    gemm_.linear<T, float>(f.ctx_enc, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
+    gemm_.linear<T, float>(attn_out, inner, L.o, inner, t.sublayer_out, d, Ne, d, inner, 0.f);
     {
       Span span(profiler_, "rmsnorm", s);
       kernels::residual_add_norm<T>(x, t.sublayer_out, Ne, d, at_site(drop, 0, l, kSelfOut), t.enc_x_ff[l], L.ln_ff,
@@ -609,8 +611,8 @@ void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) 
 //   P = softmax(Q K~^T + bias), P' = dropout(P), C = P' V~          (forward)
 //   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP') = rowsum(dC * C)
 //   dQ = dS K~,  dK~ = dS^T Q,  dV~ = P'^T dC,  then dK = l_k * dK~, dV = l_v * dV~, g_k = K * dK~, g_v = V * dV~.
-// bf16 (fused_backward_): flash-style kernels (kernels/attention_fused.cu) after a rerun of the fused forward
-// for C and the softmax statistics; nothing [B, H, L, L] in memory. Otherwise (fp32 mode, or where those
+// bf16 (fused_backward_): flash-style kernels (kernels/attention_fused.cu) from C and the softmax statistics
+// that the forward kept (Recompute::None) or a rerun of the fused forward makes; nothing [B, H, L, L] in memory. Otherwise (fp32 mode, or where those
 // kernels do not fit): the probabilities recomputed as the training forward made them (scaled copy of q|k|v,
 // the scores GEMM, the softmax), then batched GEMMs per example over its heads around an elementwise softmax
 // backward.
@@ -631,7 +633,14 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
     if (fused_backward_) {
       // the dropout mask: the forward's bits, or (q|k|v recomputed) made by this rerun into the shared buffer
       uint32_t* keep_bits = t.enc_keep_bits.empty() ? nullptr : t.enc_keep_bits[layer];
-      {
+      // the forward's output and softmax statistics: kept by the forward, or made again here (the same kernel
+      // on the same inputs: bit-identical)
+      const __nv_bfloat16* attn_out = f.ctx_enc;
+      float* stats = t.stats;
+      if (t.attention_saved) {
+        attn_out = t.enc_attn_out[layer];
+        stats = t.enc_attn_stats[layer];
+      } else {
         Span span(profiler_, "encoder_attention", s);
         kernels::fused_encoder_attention(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths, ix,
                                          ia3.self_k, ia3.self_v, probs_drop, f.ctx_enc, s, t.stats,
@@ -641,7 +650,7 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
         Span span(profiler_, "encoder_attention_backward", s);
         kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
                                                   ix, ia3.self_k, ia3.self_v, probs_drop, keep_bits, t.dctx_t,
-                                                  f.ctx_enc, t.stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
+                                                  attn_out, stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
       }
       fused = true;
     }

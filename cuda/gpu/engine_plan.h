@@ -211,6 +211,13 @@ struct TrainPlan {
   // is recomputed, one buffer that the backward's rerun of the forward fills (keep_bits_saved false).
   std::vector<uint32_t*> enc_keep_bits;
   bool keep_bits_saved = false;
+  // fused backward, nothing recomputed: each layer's attention output C [Ne, inner] and softmax statistics
+  // [B, H, Le, 3] as the forward wrote them, so the backward does not run the forward's attention again
+  // (flash-attention's way; 8.75 MiB per layer at TRAIN-3B). Else the backward's rerun makes them in
+  // fwd.ctx_enc and stats.
+  std::vector<T*> enc_attn_out;
+  std::vector<float*> enc_attn_stats;
+  bool attention_saved = false;
   // Recomputed by the backward (Recompute::Attention / All): one buffer for all layers
   bool recompute_qkv = false, recompute_ff_pre = false;
   T* enc_pre_final = nullptr;
@@ -273,6 +280,8 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
   const bool keep_bits = fused && s.dropout && c.dropout_rate > 0.f;
   const size_t keep_words = static_cast<size_t>(s.batch) * H * s.enc_len * kernels::keep_bits_words(s.enc_len);
   t.keep_bits_saved = keep_bits && !t.recompute_qkv;
+  t.attention_saved = fused && !t.recompute_qkv;
+  const size_t stats_floats = static_cast<size_t>(s.batch) * H * s.enc_len * 3;
   uint32_t* shared_keep_bits = keep_bits && t.recompute_qkv ? pl.place<uint32_t>(keep_words) : nullptr;
   for (int l = 0; l < c.num_layers; ++l) {
     if (keep_bits) t.enc_keep_bits.push_back(t.keep_bits_saved ? pl.place<uint32_t>(keep_words) : shared_keep_bits);
@@ -280,6 +289,10 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
     t.enc_qkv.push_back(t.recompute_qkv ? shared_qkv : pl.place<T>(Ne * 3 * inner));
     t.enc_x_ff.push_back(pl.place<T>(Ne * d));
     t.enc_ff_pre.push_back(t.recompute_ff_pre ? shared_ff_pre : pl.place<T>(Ne * wi_cols));
+    if (t.attention_saved) {
+      t.enc_attn_out.push_back(pl.place<T>(Ne * inner));
+      t.enc_attn_stats.push_back(pl.place<float>(stats_floats));
+    }
   }
   t.enc_pre_final = pl.place<T>(Ne * d);
   for (int l = 0; l < c.num_decoder_layers; ++l) {

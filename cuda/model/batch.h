@@ -45,7 +45,7 @@ struct AdapterSet {
 
 // CUDA: what the backward recomputes from the saved layer inputs instead of keeping it from the forward.
 // None keeps everything (fastest); Attention recomputes the encoder's q|k|v projections (one GEMM more per
-// encoder layer); All also its feed-forward wi projections (two). Same results at every level. Auto (the
+// encoder layer; with the fused attention backward also the attention's output, its forward kernel again); All also its feed-forward wi projections (two). Same results at every level. Auto (the
 // default): the first of None, Attention, All whose activations fit in the device memory at hand.
 enum class Recompute { None, Attention, All, Auto };
 

@@ -214,7 +214,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
         try {
           expect(fused.describe()).toMatch(/backward fused/);
           expect(gpu.describe()).toMatch(/backward cuBLAS/);  // the default
-          const opts = { adapter: perExample, dropout: true, seed: 3 };
+          const opts = { adapter: perExample, dropout: true, seed: 3, recompute: 'none' as const };
           const [f, c] = [await fused.lossAndGradients(uniformTrain, opts), await gpu.lossAndGradients(uniformTrain, opts)];
           expect(maxRelError([f.totalLoss], [c.totalLoss])).toBeLessThan(1e-2);
           // deterministic: each gradient element is summed by one block in a fixed order (no atomics)
@@ -222,6 +222,12 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
           expect(again.totalLoss).toBe(f.totalLoss);
           for (const a of adapters)
             expect(Array.from(again.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(f.adapterGradients.get(a) as Float32Array));
+          // 'none' reads each layer's attention output and softmax statistics as the forward kept them; 'attention'
+          // runs the attention forward again in the backward: the same kernel on the same inputs, the same bits
+          const rerun = await fused.lossAndGradients(uniformTrain, { ...opts, recompute: 'attention' });
+          expect(rerun.totalLoss).toBe(f.totalLoss);
+          for (const a of adapters)
+            expect(Array.from(rerun.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(f.adapterGradients.get(a) as Float32Array));
           // Both paths share the forward's bf16 activations and differ only in this backward's rounding: on the
           // emulator 1.9e-4 and 3.7e-4 over all vectors, at most 4.4e-3 on one encoder self-attention vector. A dq
           // kernel that forgets l_v on V (a mutation the earlier 2e-2 / 5e-2 bounds passed) gives 1.4e-3 and 1.2e-2;
