@@ -612,7 +612,8 @@ void CudaEngine<T>::pack_backward_pointers(const TrainPlan<T>& t, bool dropout) 
 //   dP' = dC V~^T, dS = P * (drop * dP' - D), D = rowsum(P * drop * dP') = rowsum(dC * C)
 //   dQ = dS K~,  dK~ = dS^T Q,  dV~ = P'^T dC,  then dK = l_k * dK~, dV = l_v * dV~, g_k = K * dK~, g_v = V * dV~.
 // bf16 (fused_backward_): flash-style kernels (kernels/attention_fused.cu) from C and the softmax statistics
-// that the forward kept (Recompute::None) or a rerun of the fused forward makes; nothing [B, H, L, L] in memory. Otherwise (fp32 mode, or where those
+// that the forward kept (Recompute::None) or a rerun of the fused forward makes; nothing [B, H, L, L] in memory,
+// and their dkv kernel applies l_k, l_v and sums the (IA)3 contributions itself (no dK~, dV~ in fp32). Otherwise (fp32 mode, or where those
 // kernels do not fit): the probabilities recomputed as the training forward made them (scaled copy of q|k|v,
 // the scores GEMM, the softmax), then batched GEMMs per example over its heads around an elementwise softmax
 // backward.
@@ -628,7 +629,6 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
   const kernels::AdapterIndex ix = adapter_index(f, false);
   const kernels::DropoutSite probs_drop = at_site(drop, 0, layer, kSelfProbs);
 
-  bool fused = false;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (fused_backward_) {
       // the dropout mask: the forward's bits, or (q|k|v recomputed) made by this rerun into the shared buffer
@@ -650,41 +650,40 @@ void CudaEngine<T>::encoder_attention_backward(const TrainPlan<T>& t, int layer,
         Span span(profiler_, "encoder_attention_backward", s);
         kernels::fused_encoder_attention_backward(t.enc_qkv[layer], inner, dkv, B, H, Le, f.enc_bias, f.enc_lengths,
                                                   ix, ia3.self_k, ia3.self_v, probs_drop, keep_bits, t.dctx_t,
-                                                  attn_out, stats, t.dqkv, ld, t.g_k, t.g_v, inner, s);
+                                                  attn_out, stats, t.dqkv, ld, t.enc_sums, t.enc_sums_k,
+                                                  t.enc_sums_v, s);
       }
-      fused = true;
+      return;  // (its dkv kernel wrote dK, dV and the (IA)3 sums: ia3_kv_backward's work below)
     }
   }
-  if (!fused) {
-    // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
-    {
-      Span span(profiler_, "ia3", s);
-      kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
-    }
-    gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
-    if (probs_drop.rate > 0.f)
-      {
-        Span span(profiler_, "softmax", s);
-        kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
-                                         t.probs_dropped, s);
-      }
-    else  // without dropout P' is P: the pointer arrays point at f.probs
-      {
-        Span span(profiler_, "softmax", s);
-        kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
-      }
-    // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
-    // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
-    gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
-    gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
+  // the forward's probabilities, without (f.probs) and with (t.probs_dropped) dropout
+  {
+    Span span(profiler_, "ia3", s);
+    kernels::ia3_scaled_qkv_copy<T>(t.enc_qkv[layer], f.qkv_enc, ld, inner, Ne, ix, ia3.self_k, ia3.self_v, s);
+  }
+  gemm_.attention_scores<T>(f.qk_k, f.qk_q, f.qk_s, ld, Le, dkv, B * H);
+  if (probs_drop.rate > 0.f)
     {
       Span span(profiler_, "softmax", s);
-      kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);
-    }  // f.probs: dS
-    // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
-    gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
-    gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
-  }
+      kernels::encoder_softmax_pair<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, probs_drop, f.probs,
+                                       t.probs_dropped, s);
+    }
+  else  // without dropout P' is P: the pointer arrays point at f.probs
+    {
+      Span span(profiler_, "softmax", s);
+      kernels::encoder_softmax<T>(f.scores, f.enc_bias, f.enc_lengths, B, H, Le, kNoDropout, f.probs, s);
+    }
+  // One batched GEMM over every (example, head) each; the pointer arrays: pack_backward_pointers.
+  // dV~ = P'^T dC (before f.probs turns into dS); dP' (fp32, into the scores buffer) = dC V~^T
+  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.bw_pd, Le, f.bw_dc, inner, f.bw_gv, inner, B * H);
+  gemm_.batched<T, float>(false, true, Le, Le, dkv, f.bw_dc, inner, f.pv_v, ld, f.qk_s, Le, B * H);
+  {
+    Span span(profiler_, "softmax", s);
+    kernels::encoder_softmax_backward<T>(f.scores, f.probs, f.enc_lengths, B, H, Le, probs_drop, s);
+  }  // f.probs: dS
+  // dQ = dS K~ (Q is not scaled), dK~ = dS^T Q
+  gemm_.batched<T, T>(false, false, Le, dkv, Le, f.pv_p, Le, f.qk_k, ld, f.bw_dq, ld, B * H);
+  gemm_.batched<T, float>(true, false, Le, dkv, Le, f.pv_p, Le, f.qk_q, ld, f.bw_gk, inner, B * H);
   {
     Span span(profiler_, "ia3", s);
     kernels::ia3_kv_backward<T>(t.enc_qkv[layer], ld, inner, 2 * inner, inner, Ne, ix, ia3.self_k, ia3.self_v, t.g_k,

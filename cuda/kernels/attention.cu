@@ -8,12 +8,16 @@
 // against one example's encoder output) have too few queries for GEMMs to pay off, so one warp computes one
 // (query, head) with an online softmax: lanes own keys for the scores, then dimensions for the weighted sum
 // of values. Cross-attention reads the keys/values of the row's example directly (computed once per
-// example, shared by all its choices: nothing is copied per choice).
+// example, shared by all its choices: nothing is copied per choice); its forward and the first pass of its
+// backward stage them in shared memory, a tile at a time, for a block of queries (cross_attention_tiled_kernel).
 //
 // (IA)3 on keys and values: q . (l_k * k) = (l_k * q) . k and sum_j p_j (l_v * v_j) = l_v * sum_j p_j v_j,
 // so the small-query kernel scales its query by l_k and its output by l_v (the adapter of the row's
 // example): no pass over K/V at all, and a mixed-task batch costs nothing extra. The unfused encoder path
 // (fp32 mode) scales K/V in place with ia3_scale_kv.
+#include <string>
+#include <type_traits>
+
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
 
@@ -336,6 +340,17 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
   }
 }
 
+// Calls launch(std::integral_constant<int, DPL>()) with DPL = dimensions per lane = ceil(d_kv / 32) rounded up to
+// a power of two: the small-query kernels' register arrays are sized at compile time.
+template <typename Launch>
+void with_dims_per_lane(int d_kv, Launch&& launch) {
+  if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit of " + std::to_string(kMaxDKv));
+  if (d_kv <= 32) launch(std::integral_constant<int, 1>());
+  else if (d_kv <= 64) launch(std::integral_constant<int, 2>());
+  else if (d_kv <= 128) launch(std::integral_constant<int, 4>());
+  else launch(std::integral_constant<int, 8>());
+}
+
 template <typename T>
 void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv_ld, T* out, int out_ld,
                             int n_queries, int heads, int d_kv, int dec_len, const float* bias_table,
@@ -343,20 +358,14 @@ void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv
                             const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
                             cudaStream_t stream) {
   if (n_queries <= 0) return;
-  if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit of " + std::to_string(kMaxDKv));
   const dim3 grid((n_queries + kSmallAttnWarps - 1) / kSmallAttnWarps, heads);
   const dim3 block(32 * kSmallAttnWarps);
   const size_t smem = sizeof(float) * kSmallAttnWarps * d_kv;
-#define TFEW_SMALL_ATTN(DPL)                                                                            \
-  small_attention_kernel<T, DPL><<<grid, block, smem, stream>>>(q, q_ld, k, v, kv_ld, out, out_ld,       \
-                                                                n_queries, d_kv, dec_len, bias_table,    \
-                                                                row_example, enc_lengths, enc_len, index, \
-                                                                k_offset, v_offset, dropout)
-  if (d_kv <= 32) TFEW_SMALL_ATTN(1);
-  else if (d_kv <= 64) TFEW_SMALL_ATTN(2);
-  else if (d_kv <= 128) TFEW_SMALL_ATTN(4);
-  else TFEW_SMALL_ATTN(8);
-#undef TFEW_SMALL_ATTN
+  with_dims_per_lane(d_kv, [&](auto dpl) {
+    small_attention_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, bias_table, row_example, enc_lengths, enc_len,
+        index, k_offset, v_offset, dropout);
+  });
   TFEW_CUDA_CHECK_LAUNCH("small_attention_kernel");
 }
 
@@ -638,6 +647,302 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
   }
 }
 
+// ---- cross-attention, a block per (kCrossQueries query tokens, head): forward and pass 1 of the backward
+// small_attention_kernel and attention_backward_query_kernel read every key and value row from global memory
+// once per query, each value row a load that the next step waits for: with few queries they are latency-bound
+// (RANK-3B-B1 with precomputed keys and values, 16 tokens x 32 heads: ~0.13 ms a layer on an H200 in session 12,
+// for 2 MiB of keys and values). Here a block copies a tile of its example's keys and values to shared memory
+// with coalesced 16-byte loads, and each warp works on its queries against the tile: a key per lane for the
+// dot products, dimensions per lane for the sums over keys. Same online softmax, dropout indices and (IA)3
+// algebra as the warp-per-query kernels. A block's queries are consecutive tokens; where they belong to several
+// examples, it takes each example's run in turn.
+constexpr int kCrossWarps = 4;
+constexpr int kCrossQueriesPerWarp = 2;
+constexpr int kCrossQueries = kCrossWarps * kCrossQueriesPerWarp;
+constexpr int kCrossKeys = 32;  // keys per tile: one per lane for the dot products
+
+// Shared-memory row stride of the key and value tiles, in elements: padded by 16 bytes so that the 16-byte reads
+// of eight lanes (eight consecutive rows, the same column) fall in different banks.
+template <typename T>
+__host__ __device__ constexpr int cross_tile_stride(int d_kv) {
+  return d_kv + 16 / static_cast<int>(sizeof(T));
+}
+
+// queries: the fp32 query-side vectors per query of a run (the forward's q~; the backward's q~ and g~).
+template <typename T>
+size_t cross_tiled_smem_bytes(int d_kv, int query_vectors) {
+  return sizeof(float) * query_vectors * kCrossQueries * d_kv + sizeof(T) * 2 * kCrossKeys * cross_tile_stride<T>(d_kv);
+}
+
+// Whether the tiled kernels take a call: rows of whole 16-byte chunks, aligned, within the default shared memory.
+template <typename T>
+bool cross_tiled_fits(const T* k, const T* v, int kv_ld, int d_kv) {
+  constexpr int kVec = 16 / sizeof(T);
+  return d_kv <= kMaxDKv && d_kv % kVec == 0 && kv_ld % kVec == 0 && reinterpret_cast<uintptr_t>(k) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(v) % 16 == 0 && cross_tiled_smem_bytes<T>(d_kv, 2) <= 48 * 1024;
+}
+
+// The next run of a block's queries [start, end) that read one example's keys: [start, *stop).
+__device__ __forceinline__ int cross_run_example(const int32_t* __restrict__ row_example, int dec_len, int start,
+                                                 int end, int* stop) {
+  const int b = row_example[start / dec_len];
+  int e = start + 1;
+  while (e < end && row_example[e / dec_len] == b) ++e;
+  *stop = e;
+  return b;
+}
+
+// Keys (and with_values, values) j0 .. j0 + kCrossKeys of one head into the tiles; rows past n_keys are zeros
+// (never NaN x 0). The caller synchronises around it.
+template <typename T>
+__device__ __forceinline__ void load_cross_tile(const T* __restrict__ k, const T* __restrict__ v, int kv_ld,
+                                                int64_t key_base, int64_t head_col, int j0, int n_keys, int d_kv,
+                                                bool with_values, T* ks, T* vs) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int chunks_per_row = d_kv / kVec, stride = cross_tile_stride<T>(d_kv);
+  const int per_tile = kCrossKeys * chunks_per_row;
+  for (int c = threadIdx.x; c < (with_values ? 2 : 1) * per_tile; c += blockDim.x) {
+    const bool is_v = c >= per_tile;
+    const int cc = is_v ? c - per_tile : c;
+    const int row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
+    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
+    if (j0 + row < n_keys)
+      chunk = __ldg(reinterpret_cast<const uint4*>((is_v ? v : k) + (key_base + j0 + row) * kv_ld + head_col + col));
+    *reinterpret_cast<uint4*>((is_v ? vs : ks) + row * stride + col) = chunk;
+  }
+}
+
+// x . row for a row of a tile (16-byte reads; x fp32 in shared memory, read by every lane at once), in two chains.
+template <typename T>
+__device__ __forceinline__ float dot_tile_row(const float* x, const T* row, int d_kv) {
+  constexpr int kVec = 16 / sizeof(T);
+  float dot[2] = {0.f, 0.f};
+  for (int c = 0; c < d_kv; c += kVec) {
+    const uint4 chunk = *reinterpret_cast<const uint4*>(row + c);
+    const T* e = reinterpret_cast<const T*>(&chunk);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) dot[u & 1] += x[c + u] * to_f32(e[u]);
+  }
+  return dot[0] + dot[1];
+}
+
+// acc[u] += sum_jj weight_jj * tile[jj][lane + 32 u] over the tile's rows, weight_jj held by lane jj.
+template <typename T, int DPL>
+__device__ __forceinline__ void accumulate_tile_rows(float weight, const T* tile, int d_kv, float (&acc)[DPL]) {
+  const int lane = threadIdx.x & 31, stride = cross_tile_stride<T>(d_kv);
+#pragma unroll 8
+  for (int jj = 0; jj < kCrossKeys; ++jj) {  // (rows past the keys are zeros with weight 0)
+    const float w = __shfl_sync(kFullMask, weight, jj);
+    const T* row = tile + jj * stride;
+#pragma unroll
+    for (int u = 0; u < DPL; ++u) {
+      const int d = lane + 32 * u;
+      if (d < d_kv) acc[u] += w * to_f32(row[d]);
+    }
+  }
+}
+
+// The forward: out = l_v * sum_j p'_j v_j with p = softmax_j((l_k * q) . k_j), as small_attention_kernel in cross
+// mode.
+template <typename T, int DPL>
+__global__ void __launch_bounds__(32 * kCrossWarps)
+cross_attention_tiled_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k, const T* __restrict__ v,
+                             int kv_ld, T* __restrict__ out, int out_ld, int n_queries, int d_kv, int dec_len,
+                             const int32_t* __restrict__ row_example, const int32_t* __restrict__ enc_lengths,
+                             int enc_len, AdapterIndex index, int64_t k_offset, int64_t v_offset,
+                             DropoutSite dropout) {
+  dropout = with_seed(dropout);
+  extern __shared__ float4 cross_smem[];
+  float* qs = reinterpret_cast<float*>(cross_smem);  // [kCrossQueries][d_kv], l_k applied
+  T* ks = reinterpret_cast<T*>(qs + kCrossQueries * d_kv);
+  T* vs = ks + kCrossKeys * cross_tile_stride<T>(d_kv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.y;
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const int first = blockIdx.x * kCrossQueries, end = min(first + kCrossQueries, n_queries);
+
+  for (int start = first, stop = 0; start < end; start = stop) {  // (every thread walks the same runs)
+    const int b = cross_run_example(row_example, dec_len, start, end, &stop);
+    const int nq = stop - start;
+    const float *l_k, *l_v;
+    adapter_vectors(index, b, head_col, k_offset, v_offset, &l_k, &l_v);
+    for (int e = threadIdx.x; e < nq * d_kv; e += blockDim.x) {
+      const int qi = e / d_kv, d = e % d_kv;
+      qs[e] = to_f32(q[static_cast<int64_t>(start + qi) * q_ld + head_col + d]) * (l_k ? l_k[d] : 1.f);
+    }
+    const int n_keys = min(max(enc_lengths[b], 0), enc_len);
+    const int64_t key_base = static_cast<int64_t>(b) * enc_len;
+
+    // this warp's queries: run positions warp + kCrossWarps * s
+    float m[kCrossQueriesPerWarp], l[kCrossQueriesPerWarp], acc[kCrossQueriesPerWarp][DPL];
+#pragma unroll
+    for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+      m[s] = -INFINITY;
+      l[s] = 0.f;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) acc[s][u] = 0.f;
+    }
+    for (int j0 = 0; j0 < n_keys; j0 += kCrossKeys) {
+      __syncthreads();  // the previous tile is consumed (and, the first time, the queries are in place)
+      load_cross_tile(k, v, kv_ld, key_base, head_col, j0, n_keys, d_kv, true, ks, vs);
+      __syncthreads();
+      const bool key_valid = j0 + lane < n_keys;
+#pragma unroll
+      for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+        const int qi = warp + kCrossWarps * s;
+        if (qi >= nq) continue;  // warp-uniform
+        const float score = key_valid ? dot_tile_row(qs + qi * d_kv, ks + lane * cross_tile_stride<T>(d_kv), d_kv)
+                                      : -INFINITY;
+        const float m_new = fmaxf(m[s], warp_max(score));  // finite: key j0 is always valid
+        const float p = key_valid ? expf(score - m_new) : 0.f;
+        const float rescale = expf(m[s] - m_new);  // 0 on the first tile (m = -inf)
+        l[s] = l[s] * rescale + warp_sum(p);  // the normaliser counts dropped keys too (dropout follows the softmax)
+        m[s] = m_new;
+        const int t = start + qi, r = t / dec_len, i = t % dec_len;
+        const uint64_t drop_base = ((static_cast<uint64_t>(r) * gridDim.y + h) * dec_len + i) * enc_len;
+        const float pd = key_valid ? p * dropout_scale(dropout, drop_base + j0 + lane) : 0.f;
+#pragma unroll
+        for (int u = 0; u < DPL; ++u) acc[s][u] *= rescale;
+        accumulate_tile_rows(pd, vs, d_kv, acc[s]);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+      const int qi = warp + kCrossWarps * s;
+      if (qi >= nq) continue;
+      const float inv = l[s] > 0.f ? 1.f / l[s] : 0.f;
+      T* orow = out + static_cast<int64_t>(start + qi) * out_ld + head_col;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int d = lane + 32 * u;
+        if (d < d_kv) orow[d] = from_f32<T>(acc[s][u] * inv * (l_v ? l_v[d] : 1.f));
+      }
+    }
+    __syncthreads();  // the next run overwrites the queries and the tiles
+  }
+}
+
+// Pass 1 of the cross-attention backward, as attention_backward_query_kernel in cross mode (same outputs and
+// statistics, which attention_backward_key reads): three sweeps over the key tiles, (a) the softmax statistics,
+// (b) D = sum_j p_j dp_j and o~ = sum_j p'_j v_j, (c) dq~ = sum_j ds_j k_j.
+template <typename T, int DPL>
+__global__ void __launch_bounds__(32 * kCrossWarps)
+cross_backward_query_tiled_kernel(AttentionGeometry g, const T* __restrict__ q, int q_ld, const T* __restrict__ k,
+                                  const T* __restrict__ v, int kv_ld, const float* __restrict__ dout,
+                                  AdapterIndex index, int64_t k_offset, int64_t v_offset, int n_queries,
+                                  T* __restrict__ dq, int dq_ld, float* __restrict__ g_k, float* __restrict__ g_v,
+                                  float* __restrict__ stats) {
+  g.dropout = with_seed(g.dropout);
+  const int d_kv = g.d_kv, inner = g.heads * g.d_kv, dec_len = g.q_len, enc_len = g.k_len;
+  extern __shared__ float4 cross_smem[];
+  float* qs = reinterpret_cast<float*>(cross_smem);  // [kCrossQueries][d_kv]: q~ = l_k q
+  float* gs = qs + kCrossQueries * d_kv;             // [kCrossQueries][d_kv]: g~ = l_v dout
+  T* ks = reinterpret_cast<T*>(gs + kCrossQueries * d_kv);
+  const int stride = cross_tile_stride<T>(d_kv);
+  T* vs = ks + kCrossKeys * stride;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.y;
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const int first = blockIdx.x * kCrossQueries, end = min(first + kCrossQueries, n_queries);
+
+  for (int start = first, stop = 0; start < end; start = stop) {
+    const int b = cross_run_example(g.row_example, dec_len, start, end, &stop);
+    const int nq = stop - start;
+    const float *l_k, *l_v;
+    adapter_vectors(index, b, head_col, k_offset, v_offset, &l_k, &l_v);
+    for (int e = threadIdx.x; e < nq * d_kv; e += blockDim.x) {
+      const int qi = e / d_kv, d = e % d_kv;
+      const int64_t t = start + qi;
+      qs[e] = to_f32(q[t * q_ld + head_col + d]) * (l_k ? l_k[d] : 1.f);
+      gs[e] = dout[t * inner + head_col + d] * (l_v ? l_v[d] : 1.f);
+    }
+    const int n_keys = min(max(g.key_lengths[b], 0), enc_len);
+    const int64_t key_base = static_cast<int64_t>(b) * enc_len;
+    float m[kCrossQueriesPerWarp], inv_l[kCrossQueriesPerWarp], dsum[kCrossQueriesPerWarp];
+    float o[kCrossQueriesPerWarp][DPL], dqt[kCrossQueriesPerWarp][DPL];
+    uint64_t drop_base[kCrossQueriesPerWarp];
+#pragma unroll
+    for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+      m[s] = -INFINITY;
+      inv_l[s] = 0.f;  // (the sum l during sweep a)
+      dsum[s] = 0.f;
+      const int t = start + warp + kCrossWarps * s, r = t / dec_len, i = t % dec_len;
+      drop_base[s] = ((static_cast<uint64_t>(r) * g.heads + h) * dec_len + i) * enc_len;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) o[s][u] = dqt[s][u] = 0.f;
+    }
+    for (int sweep = 0; sweep < 3; ++sweep) {
+      if (sweep == 1) {
+#pragma unroll
+        for (int s = 0; s < kCrossQueriesPerWarp; ++s) inv_l[s] = inv_l[s] > 0.f ? 1.f / inv_l[s] : 0.f;
+      }
+      if (sweep == 2) {
+#pragma unroll
+        for (int s = 0; s < kCrossQueriesPerWarp; ++s) dsum[s] = warp_sum(dsum[s]);  // D
+      }
+      for (int j0 = 0; j0 < n_keys; j0 += kCrossKeys) {
+        __syncthreads();
+        load_cross_tile(k, v, kv_ld, key_base, head_col, j0, n_keys, d_kv, sweep > 0, ks, vs);
+        __syncthreads();
+        const int j = j0 + lane;
+        const bool key_valid = j < n_keys;
+#pragma unroll
+        for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+          const int qi = warp + kCrossWarps * s;
+          if (qi >= nq) continue;  // warp-uniform
+          const float score = key_valid ? dot_tile_row(qs + qi * d_kv, ks + lane * stride, d_kv) : -INFINITY;
+          if (sweep == 0) {
+            const float m_new = fmaxf(m[s], warp_max(score));
+            inv_l[s] = inv_l[s] * expf(m[s] - m_new) + warp_sum(key_valid ? expf(score - m_new) : 0.f);
+            m[s] = m_new;
+            continue;
+          }
+          float p = 0.f, drop = 0.f, gv = 0.f;
+          if (key_valid) {
+            p = expf(score - m[s]) * inv_l[s];
+            drop = dropout_scale(g.dropout, drop_base[s] + j);
+            gv = dot_tile_row(gs + qi * d_kv, vs + lane * stride, d_kv);  // g~ . v_j
+          }
+          if (sweep == 1) {
+            dsum[s] += p * drop * gv;
+            accumulate_tile_rows(p * drop, vs, d_kv, o[s]);
+          } else {
+            const float ds = key_valid ? p * (drop * gv - dsum[s]) : 0.f;
+            accumulate_tile_rows(ds, ks, d_kv, dqt[s]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kCrossQueriesPerWarp; ++s) {
+      const int qi = warp + kCrossWarps * s;
+      if (qi >= nq) continue;
+      const int64_t t = start + qi;
+      const T* qrow = q + t * q_ld + head_col;
+      const float* grow = dout + t * inner + head_col;
+      T* dqrow = dq + t * dq_ld + head_col;
+      float* gkrow = g_k + t * inner + head_col;
+      float* gvrow = g_v + t * inner + head_col;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int d = lane + 32 * u;
+        if (d < d_kv) {
+          dqrow[d] = from_f32<T>(dqt[s][u] * (l_k ? l_k[d] : 1.f));
+          gkrow[d] = to_f32(qrow[d]) * dqt[s][u];
+          gvrow[d] = grow[d] * o[s][u];
+        }
+      }
+      if (lane == 0) {
+        float* st = stats + (t * g.heads + h) * 3;
+        st[0] = m[s];
+        st[1] = inv_l[s];
+        st[2] = dsum[s];
+      }
+    }
+    __syncthreads();  // the next run overwrites the query vectors and the tiles
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------------------
@@ -797,16 +1102,24 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
                      int dec_len, const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
                      const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
                      T* out, int out_ld, cudaStream_t stream) {
-  launch_small_attention<T>(q, q_ld, kv, kv + inner, kv_ld, out, out_ld, n_rows * dec_len, heads, d_kv, dec_len,
-                            nullptr, row_example, enc_lengths, enc_len, index, k_offset, v_offset, dropout, stream);
+  const int n_queries = n_rows * dec_len;
+  if (n_queries <= 0) return;
+  const T* k = kv;
+  const T* v = kv + inner;
+  if (!cross_tiled_fits(k, v, kv_ld, d_kv)) {
+    launch_small_attention<T>(q, q_ld, k, v, kv_ld, out, out_ld, n_queries, heads, d_kv, dec_len, nullptr,
+                              row_example, enc_lengths, enc_len, index, k_offset, v_offset, dropout, stream);
+    return;
+  }
+  const dim3 grid((n_queries + kCrossQueries - 1) / kCrossQueries, heads), block(32 * kCrossWarps);
+  const size_t smem = cross_tiled_smem_bytes<T>(d_kv, 1);
+  with_dims_per_lane(d_kv, [&](auto dpl) {
+    cross_attention_tiled_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, row_example, enc_lengths, enc_len, index,
+        k_offset, v_offset, dropout);
+  });
+  TFEW_CUDA_CHECK_LAUNCH("cross_attention_tiled_kernel");
 }
-
-namespace {
-int dims_per_lane(int d_kv) {
-  if (d_kv > kMaxDKv) fail(ErrorCode::InvalidModel, "d_kv " + std::to_string(d_kv) + " exceeds the CUDA backend's limit");
-  return d_kv <= 32 ? 1 : d_kv <= 64 ? 2 : d_kv <= 128 ? 4 : 8;
-}
-}  // namespace
 
 template <typename T>
 void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
@@ -814,19 +1127,22 @@ void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, 
                               T* dq, int dq_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream) {
   const int n_queries = g.n_seq * g.q_len;
   if (n_queries <= 0) return;
+  if (g.kind == AttentionKind::Cross && cross_tiled_fits(k, v, kv_ld, g.d_kv)) {
+    const dim3 grid((n_queries + kCrossQueries - 1) / kCrossQueries, g.heads), block(32 * kCrossWarps);
+    const size_t smem = cross_tiled_smem_bytes<T>(g.d_kv, 2);
+    with_dims_per_lane(g.d_kv, [&](auto dpl) {
+      cross_backward_query_tiled_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+          g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, n_queries, dq, dq_ld, g_k, g_v, stats);
+    });
+    TFEW_CUDA_CHECK_LAUNCH("cross_backward_query_tiled_kernel");
+    return;
+  }
   const dim3 grid((n_queries + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
   const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
-#define TFEW_BACK_Q(DPL)                                                                                        \
-  attention_backward_query_kernel<T, DPL><<<grid, block, smem, stream>>>(g, q, q_ld, k, v, kv_ld, dout, index,   \
-                                                                         k_offset, v_offset, n_queries, dq,     \
-                                                                         dq_ld, g_k, g_v, stats)
-  switch (dims_per_lane(g.d_kv)) {
-    case 1: TFEW_BACK_Q(1); break;
-    case 2: TFEW_BACK_Q(2); break;
-    case 4: TFEW_BACK_Q(4); break;
-    default: TFEW_BACK_Q(8); break;
-  }
-#undef TFEW_BACK_Q
+  with_dims_per_lane(g.d_kv, [&](auto dpl) {
+    attention_backward_query_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+        g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, n_queries, dq, dq_ld, g_k, g_v, stats);
+  });
   TFEW_CUDA_CHECK_LAUNCH("attention_backward_query_kernel");
 }
 
@@ -840,17 +1156,10 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   if (n_keys_total <= 0) return;
   const dim3 grid((n_keys_total + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
   const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
-#define TFEW_BACK_K(DPL)                                                                                        \
-  attention_backward_key_kernel<T, DPL><<<grid, block, smem, stream>>>(g, q, q_ld, k, v, kv_ld, dout, index,     \
-                                                                       k_offset, v_offset, stats, n_keys_total, \
-                                                                       dk, dv, dkv_ld)
-  switch (dims_per_lane(g.d_kv)) {
-    case 1: TFEW_BACK_K(1); break;
-    case 2: TFEW_BACK_K(2); break;
-    case 4: TFEW_BACK_K(4); break;
-    default: TFEW_BACK_K(8); break;
-  }
-#undef TFEW_BACK_K
+  with_dims_per_lane(g.d_kv, [&](auto dpl) {
+    attention_backward_key_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+        g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, stats, n_keys_total, dk, dv, dkv_ld);
+  });
   TFEW_CUDA_CHECK_LAUNCH("attention_backward_key_kernel");
 }
 

@@ -659,12 +659,15 @@ struct AttentionBackwardArgs {
   const __nv_bfloat16* dctx;  // dC [B * len, inner]
   const __nv_bfloat16* ctx;   // C [B * len, inner] (the forward's output)
   float* stats;               // [B, H, len, 3]: m, l (the forward's), D (the dq kernel's)
-  __nv_bfloat16* dq;
+  __nv_bfloat16* dq;  // the q|k|v gradient: dQ into columns [0, inner), dK, dV into [inner, 3 inner)
   int dq_ld;
-  float* g_k;
-  float* g_v;
-  int g_ld;
+  Ia3Sums sums;   // the (IA)3 contributions K dK~, V dV~ summed over chunks of kChunkRows tokens
+  float* sums_k;  // [B * chunks, inner]
+  float* sums_v;
 };
+
+// Tokens per row of the (IA)3 sums the dkv kernel writes: a warp's 16 key rows.
+constexpr int kChunkRows = 16;
 
 // A backward block's (example b, head h): its q|k|v rows, its real keys, its adapter's (IA)3 scales.
 struct BackwardHead {
@@ -937,18 +940,42 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
       }
     }
   }
-  // rows k0 + wr + g (+ 8) of g_k, g_v (zeros for keys past the example's length)
-  const int64_t g_first = (static_cast<int64_t>(hd.b) * len + k0) * a.g_ld + static_cast<int64_t>(hd.h) * DK;
+  // dK = l_k dK~ and dV = l_v dV~ (as T, rows k0 + wr + g (+ 8) of the q|k|v gradient; zeros for keys past the
+  // example's length), and the (IA)3 contributions K dK~, V dV~ (0 without an adapter) summed over the warp's 16
+  // rows, which are one chunk of the sums: over g by shuffles, in a fixed order.
+  const int64_t row0 = k0 + wr + g;  // and row0 + 8
+  const int64_t sum_row = static_cast<int64_t>(hd.b) * a.sums.chunks_per_example() + (k0 + wr) / kChunkRows;
 #pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int r = wr + g + 8 * u;
-    if (k0 + r >= len) continue;
-    float* gk = a.g_k + g_first + static_cast<int64_t>(r) * a.g_ld + 2 * t;
-    float* gv = a.g_v + g_first + static_cast<int64_t>(r) * a.g_ld + 2 * t;
+  for (int dt = 0; dt < DK / 8; ++dt) {
+    const int col = dt * 8 + 2 * t;
+    const float2 lk = hd.k_scale ? make_float2(hd.k_scale[col], hd.k_scale[col + 1]) : make_float2(1.f, 1.f);
+    const float2 lv = hd.v_scale ? make_float2(hd.v_scale[col], hd.v_scale[col + 1]) : make_float2(1.f, 1.f);
+    float c[4] = {0.f, 0.f, 0.f, 0.f};  // K dK~ (two columns), V dV~ (two columns)
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt) {
-      *reinterpret_cast<float2*>(gk + dt * 8) = make_float2(dk[dt][2 * u], dk[dt][2 * u + 1]);
-      *reinterpret_cast<float2*>(gv + dt * 8) = make_float2(dv[dt][2 * u], dv[dt][2 * u + 1]);
+    for (int u = 0; u < 2; ++u) {
+      const int64_t row = row0 + 8 * u;
+      if (row >= len) continue;
+      const __nv_bfloat16* k_row = hd.base + row * hd.ld + inner + col;
+      __nv_bfloat16* dk_row = a.dq + (static_cast<int64_t>(hd.b) * len + row) * a.dq_ld + inner + hd.h * DK + col;
+      *reinterpret_cast<__nv_bfloat162*>(dk_row) = __floats2bfloat162_rn(dk[dt][2 * u] * lk.x, dk[dt][2 * u + 1] * lk.y);
+      *reinterpret_cast<__nv_bfloat162*>(dk_row + inner) =
+          __floats2bfloat162_rn(dv[dt][2 * u] * lv.x, dv[dt][2 * u + 1] * lv.y);
+      if (hd.k_scale) {  // (k_scale and v_scale: both or neither, the example's adapter)
+        const float2 kk = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(k_row));
+        const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(k_row + inner));
+        c[0] += kk.x * dk[dt][2 * u];
+        c[1] += kk.y * dk[dt][2 * u + 1];
+        c[2] += vv.x * dv[dt][2 * u];
+        c[3] += vv.y * dv[dt][2 * u + 1];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) c[e] += __shfl_xor_sync(kFullMask, c[e], o);  // over g = lane >> 2
+    if (g == 0 && k0 + wr < len) {
+      *reinterpret_cast<float2*>(a.sums_k + sum_row * inner + hd.h * DK + col) = make_float2(c[0], c[1]);
+      *reinterpret_cast<float2*>(a.sums_v + sum_row * inner + hd.h * DK + col) = make_float2(c[2], c[3]);
     }
   }
 }
@@ -1083,13 +1110,17 @@ void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d
                                       const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                                       int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
                                       const uint32_t* keep_bits, const __nv_bfloat16* dctx,
-                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dq, int dq_ld,
-                                      float* g_k, float* g_v, int g_ld, cudaStream_t stream) {
+                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dqkv, int dqkv_ld,
+                                      const Ia3Sums& sums, float* sums_k, float* sums_v, cudaStream_t stream) {
   if (batch <= 0 || len <= 0) return;
   if (dropout.rate > 0.f && keep_bits == nullptr)
     fail(ErrorCode::Internal, "fused encoder attention backward: dropout without the forward's keep bits");
-  const AttentionBackwardArgs args{qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout,
-                                   keep_bits, dctx, ctx, stats, dq, dq_ld, g_k, g_v, g_ld};
+  if (sums.chunk != kChunkRows || sums.tokens_per_example != len)
+    fail(ErrorCode::Internal, "fused encoder attention backward: (IA)3 sums over " + std::to_string(sums.chunk) +
+                                  " tokens, the kernel sums " + std::to_string(kChunkRows));
+  const AttentionBackwardArgs args{qkv,       inner, len,   bias_table, lengths, index, k_offset, v_offset,
+                                   dropout,   keep_bits, dctx, ctx,    stats,   dqkv,  dqkv_ld,  sums,
+                                   sums_k,    sums_v};
   switch (d_kv) {
 #define TFEW_FUSED_CASE(DK)                                  \
   case DK:                                                   \

@@ -231,9 +231,10 @@ void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int 
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
                              cudaStream_t stream, float* stats = nullptr, const KeepBits& keep = {});
 // Its backward (training, flash-style: two kernels, no [B, H, L, L] tensor), after a forward with the same
-// arguments wrote ctx (its output C) and stats: from dctx (bf16 [B * len, inner], the gradient of C) to dQ
-// (bf16, columns h d_kv.. of dq, row stride dq_ld; w.r.t. the unscaled q) and the gradients of the scaled keys
-// and values dK~, dV~ (fp32 [B * len, g_ld], as CudaEngine::encoder_attention_backward's GEMMs write them).
+// arguments wrote ctx (its output C) and stats: from dctx (bf16 [B * len, inner], the gradient of C) to the
+// gradient of the unscaled q|k|v (bf16 [B * len, 3 inner], row stride dqkv_ld: dQ, dK = l_k dK~, dV = l_v dV~ with
+// K~ = l_k K, V~ = l_v V) and the (IA)3 contributions K dK~, V dV~ summed per chunk of 16 tokens (`sums`, whose
+// chunk must be 16, as ia3_kv_backward writes them; 0 for examples without an adapter) into sums_k / sums_v.
 // stats slot 2 receives D = rowsum(dC * C). With dropout, keep_bits is the forward's keep mask (KeepBits: the
 // mask is read, never hashed again). Deterministic. Supported where its shared memory fits.
 bool fused_encoder_attention_backward_supported(int d_kv);
@@ -241,8 +242,8 @@ void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d
                                       const float* bias_table, const int32_t* lengths, const AdapterIndex& index,
                                       int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
                                       const uint32_t* keep_bits, const __nv_bfloat16* dctx,
-                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dq, int dq_ld,
-                                      float* g_k, float* g_v, int g_ld, cudaStream_t stream);
+                                      const __nv_bfloat16* ctx, float* stats, __nv_bfloat16* dqkv, int dqkv_ld,
+                                      const Ia3Sums& sums, float* sums_k, float* sums_v, cudaStream_t stream);
 
 // The largest d_kv the attention kernels support.
 constexpr int kMaxDKv = 256;
@@ -265,7 +266,8 @@ struct AttentionGeometry {
   const int32_t* row_start = nullptr;       // [B + 1] (cross: the rows reading an example's keys)
   DropoutSite dropout;                      // on the probabilities, indexed like the CPU's probs array
 };
-// Pass 1, one warp per (query, head): d q (w.r.t. the unscaled q, written as T into dq [.., dq_ld]), the
+// Pass 1, one warp per (query, head) (cross-attention: per block of queries, keys and values tiled in shared
+// memory): d q (w.r.t. the unscaled q, written as T into dq [.., dq_ld]), the
 // per-token (IA)3 contributions g_k = q * dq~ and g_v = dout * o~ (fp32 [Nq, inner]; reduced per adapter by
 // ia3_grad_reduce), and the softmax statistics (max, sum, D = sum_j p_j dp_j) that pass 2 needs.
 // dout fp32 [Nq, inner] is the gradient of the attention output (before the o projection).
