@@ -83,6 +83,24 @@ async function main(): Promise<void> {
   }
   const describe = model.describe();
   await model.dispose();
+  // the fused encoder attention backward (off by default: the next GPU run decides)
+  const fused = await T5Model.load(dir, { device: 'cuda', cuda: { fusedBackward: true } });
+  try {
+    const fusedAdapter = IA3Adapter.create(fused);
+    const batch = randomBatch(V, new Array(8).fill(256), new Array(8).fill([8, 8]), 15);
+    const session = await fused.createTrainingSession([fusedAdapter], { totalSteps: 1000 });
+    try {
+      await count('TRAIN-3B-FUSED-BACKWARD', async () => {
+        await session.step({ inputIds: batch.inputIds, choices: batch.choices, labels: batch.labels },
+                           { adapter: fusedAdapter, dropout: true, seed: 1, recompute: 'none' });
+        await session.sync();
+      });
+    } finally {
+      await session.dispose();
+    }
+  } finally {
+    await fused.dispose();
+  }
   fs.rmSync(trace, { force: true });
 
   for (const [name, t] of Object.entries(results)) {

@@ -656,8 +656,8 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
 // dot products, dimensions per lane for the sums over keys. Same online softmax, dropout indices and (IA)3
 // algebra as the warp-per-query kernels. A block's queries are consecutive tokens; where they belong to several
 // examples, it takes each example's run in turn.
-constexpr int kCrossWarps = 4;
-constexpr int kCrossQueriesPerWarp = 2;
+constexpr int kCrossWarps = 8;
+constexpr int kCrossQueriesPerWarp = 1;  // (more warps rather than more queries per warp: latency is the cost)
 constexpr int kCrossQueries = kCrossWarps * kCrossQueriesPerWarp;
 constexpr int kCrossKeys = 32;  // keys per tile: one per lane for the dot products
 
@@ -693,35 +693,55 @@ __device__ __forceinline__ int cross_run_example(const int32_t* __restrict__ row
 }
 
 // Keys (and with_values, values) j0 .. j0 + kCrossKeys of one head into the tiles; rows past n_keys are zeros
-// (never NaN x 0). The caller synchronises around it.
+// (never NaN x 0). The caller synchronises around it. Each thread issues its loads (up to kLoads 16-byte chunks)
+// before its first store, so they are in flight together.
 template <typename T>
 __device__ __forceinline__ void load_cross_tile(const T* __restrict__ k, const T* __restrict__ v, int kv_ld,
                                                 int64_t key_base, int64_t head_col, int j0, int n_keys, int d_kv,
                                                 bool with_values, T* ks, T* vs) {
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = 16 / sizeof(T), kLoads = 4;
   const int chunks_per_row = d_kv / kVec, stride = cross_tile_stride<T>(d_kv);
-  const int per_tile = kCrossKeys * chunks_per_row;
-  for (int c = threadIdx.x; c < (with_values ? 2 : 1) * per_tile; c += blockDim.x) {
-    const bool is_v = c >= per_tile;
-    const int cc = is_v ? c - per_tile : c;
-    const int row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
-    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
-    if (j0 + row < n_keys)
-      chunk = __ldg(reinterpret_cast<const uint4*>((is_v ? v : k) + (key_base + j0 + row) * kv_ld + head_col + col));
-    *reinterpret_cast<uint4*>((is_v ? vs : ks) + row * stride + col) = chunk;
+  const int per_tile = kCrossKeys * chunks_per_row, total = (with_values ? 2 : 1) * per_tile;
+  for (int first = threadIdx.x; first < total; first += kLoads * blockDim.x) {
+    uint4 chunk[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = first + u * blockDim.x;
+      const bool is_v = c >= per_tile;
+      const int cc = is_v ? c - per_tile : c, row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
+      chunk[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (c < total && j0 + row < n_keys)
+        chunk[u] = __ldg(reinterpret_cast<const uint4*>((is_v ? v : k) + (key_base + j0 + row) * kv_ld + head_col + col));
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = first + u * blockDim.x;
+      if (c >= total) break;
+      const bool is_v = c >= per_tile;
+      const int cc = is_v ? c - per_tile : c, row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
+      *reinterpret_cast<uint4*>((is_v ? vs : ks) + row * stride + col) = chunk[u];
+    }
   }
 }
 
-// x . row for a row of a tile (16-byte reads; x fp32 in shared memory, read by every lane at once), in two chains.
+// x . row for a row of a tile (16-byte reads; x fp32 in shared memory, 16-byte aligned, read by every lane at
+// once), in two chains.
 template <typename T>
 __device__ __forceinline__ float dot_tile_row(const float* x, const T* row, int d_kv) {
   constexpr int kVec = 16 / sizeof(T);
   float dot[2] = {0.f, 0.f};
+#pragma unroll 4
   for (int c = 0; c < d_kv; c += kVec) {
     const uint4 chunk = *reinterpret_cast<const uint4*>(row + c);
     const T* e = reinterpret_cast<const T*>(&chunk);
 #pragma unroll
-    for (int u = 0; u < kVec; ++u) dot[u & 1] += x[c + u] * to_f32(e[u]);
+    for (int u = 0; u < kVec; u += 4) {
+      const float4 xs = *reinterpret_cast<const float4*>(x + c + u);
+      dot[0] += xs.x * to_f32(e[u]);
+      dot[1] += xs.y * to_f32(e[u + 1]);
+      dot[0] += xs.z * to_f32(e[u + 2]);
+      dot[1] += xs.w * to_f32(e[u + 3]);
+    }
   }
   return dot[0] + dot[1];
 }
