@@ -108,7 +108,9 @@ __device__ __forceinline__ uint64_t probs_row_base(int64_t row, int len, const F
 // of one example: its keys j < lengths[example] are real). With a bias table (the encoder: rows [B, H, L, L])
 // the relative-position bias of head h and query i is added; without one (the folded cross-attention), none.
 
-template <typename T>
+// kPer > 0 (len <= 32 kPer): a lane's logits are read once, into registers, for the three passes; kPer = 0: read
+// again by each pass (longer rows). The same operations in the same order either way.
+template <typename T, int kPer>
 __global__ void masked_softmax_kernel(const float* __restrict__ scores, const float* __restrict__ bias_table,
                                       const int32_t* __restrict__ lengths, int heads, int len,
                                       int64_t rows_per_example, int64_t n_rows, DropoutSite dropout,
@@ -130,15 +132,33 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   T* p = probs + row * len;
   const uint64_t drop_base = probs_row_base(row, len, folded);
 
+  float x[kPer > 0 ? kPer : 1];  // kPer > 0: logit, then exp(logit - m), of keys lane + 32 u
   float m = -INFINITY;
-  for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, logit(j));
+  if constexpr (kPer > 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int j = lane + 32 * u;
+      x[u] = j < n_keys ? logit(j) : -INFINITY;
+      m = fmaxf(m, x[u]);
+    }
+  } else {
+    for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, logit(j));
+  }
   m = warp_max(m);
   float sum = 0.f;
-  for (int j = lane; j < n_keys; j += 32) sum += expf(logit(j) - m);
+  if constexpr (kPer > 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (lane + 32 * u < n_keys) {
+        x[u] = expf(x[u] - m);
+        sum += x[u];
+      }
+  } else {
+    for (int j = lane; j < n_keys; j += 32) sum += expf(logit(j) - m);
+  }
   sum = warp_sum(sum);
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  for (int j = lane; j < len; j += 32) {
-    float v = j < n_keys ? expf(logit(j) - m) * inv : 0.f;
+  auto emit = [&](int j, float v) {
     // the folded cross-attention's backward makes P' again from the stored P: both from the same rounded value
     if (folded.heads > 0) v = to_f32(from_f32<T>(v));
     const float kept = v * dropout_scale(dropout, drop_base + j);
@@ -148,13 +168,22 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
     } else {
       p[j] = from_f32<T>(kept);
     }
+  };
+  if constexpr (kPer > 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int j = lane + 32 * u;
+      if (j < len) emit(j, j < n_keys ? x[u] * inv : 0.f);
+    }
+  } else {
+    for (int j = lane; j < len; j += 32) emit(j, j < n_keys ? expf(logit(j) - m) * inv : 0.f);
   }
 }
 
 // Its backward, in place: probs holds P (without dropout) on entry and dS on return, where
 // dP = drop * dP' (dP' = dprobs, the gradient of the dropped probabilities), D = sum_j P_j dP_j and
 // dS_j = P_j (dP_j - D): the gradient of the scores. One warp per row, as the forward.
-template <typename T>
+template <typename T, int kPer>
 __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __restrict__ probs,
                                         const int32_t* __restrict__ lengths, int len, int64_t rows_per_example,
                                         int64_t n_rows, DropoutSite dropout, FoldedRows folded) {
@@ -167,12 +196,36 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
   const float* dp = dprobs + row * len;
   T* p = probs + row * len;
   const uint64_t drop_base = probs_row_base(row, len, folded);
+  // kPer > 0 (len <= 32 kPer): P and drop * dP' of keys lane + 32 u held in registers between the two passes
+  float pv[kPer > 0 ? kPer : 1], dv[kPer > 0 ? kPer : 1];
   float D = 0.f;
-  for (int j = lane; j < n_keys; j += 32) D += to_f32(p[j]) * dropout_scale(dropout, drop_base + j) * dp[j];
+  if constexpr (kPer > 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int j = lane + 32 * u;
+      pv[u] = dv[u] = 0.f;
+      if (j < n_keys) {
+        const float scale = dropout_scale(dropout, drop_base + j);
+        pv[u] = to_f32(p[j]);
+        dv[u] = scale * dp[j];
+        D += pv[u] * scale * dp[j];
+      }
+    }
+  } else {
+    for (int j = lane; j < n_keys; j += 32) D += to_f32(p[j]) * dropout_scale(dropout, drop_base + j) * dp[j];
+  }
   D = warp_sum(D);
-  for (int j = lane; j < len; j += 32) {
-    const float ds = j < n_keys ? to_f32(p[j]) * (dropout_scale(dropout, drop_base + j) * dp[j] - D) : 0.f;
-    p[j] = from_f32<T>(ds);
+  if constexpr (kPer > 0) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int j = lane + 32 * u;
+      if (j < len) p[j] = from_f32<T>(j < n_keys ? pv[u] * (dv[u] - D) : 0.f);
+    }
+  } else {
+    for (int j = lane; j < len; j += 32) {
+      const float ds = j < n_keys ? to_f32(p[j]) * (dropout_scale(dropout, drop_base + j) * dp[j] - D) : 0.f;
+      p[j] = from_f32<T>(ds);
+    }
   }
 }
 
@@ -278,23 +331,19 @@ __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, in
       const int64_t gi = static_cast<int64_t>(t) * g_ld + c;
       T* drow = dqkv + static_cast<int64_t>(t) * dq_ld;
       const T* row = qkv + static_cast<int64_t>(t) * ld;
-      float g[kVec], x[kVec], d[kVec];
-      load_f32_vec<kVec>(g_k + gi, g);
-      for (int u = 0; u < kVec; ++u) d[u] = l ? l[k_offset + c + u] * g[u] : g[u];
-      store_vec<kVec>(drow + k_col + c, d);
-      if (l) {
-        load_vec<kVec>(row + k_col + c, x);
-        for (int u = 0; u < kVec; ++u) ck[u] += x[u] * g[u];
-      }
-      if (v_col >= 0) {
-        load_f32_vec<kVec>(g_v + gi, g);
-        for (int u = 0; u < kVec; ++u) d[u] = l ? l[v_offset + c + u] * g[u] : g[u];
-        store_vec<kVec>(drow + v_col + c, d);
+      // one of k and v: the gradient of the unscaled columns at col and the token's contributions x * g
+      auto columns = [&](int col, int64_t offset, const float* g_scaled, float (&contribution)[kVec]) {
+        float g[kVec], x[kVec], d[kVec];
+        load_f32_vec<kVec>(g_scaled + gi, g);
+        for (int u = 0; u < kVec; ++u) d[u] = l ? l[offset + c + u] * g[u] : g[u];
+        store_vec<kVec>(drow + col + c, d);
         if (l) {
-          load_vec<kVec>(row + v_col + c, x);
-          for (int u = 0; u < kVec; ++u) cv[u] += x[u] * g[u];
+          load_vec<kVec>(row + col + c, x);
+          for (int u = 0; u < kVec; ++u) contribution[u] += x[u] * g[u];
         }
-      }
+      };
+      columns(k_col, k_offset, g_k, ck);
+      if (v_col >= 0) columns(v_col, v_offset, g_v, cv);
     }
     store_f32_vec<kVec>(gk_out + r * width + c, ck);
     if (v_col >= 0) store_f32_vec<kVec>(gv_out + r * width + c, cv);
@@ -1122,6 +1171,15 @@ void ia3_scale_columns(T* buf, int ld, int col, int width, int n_tokens, const A
 }
 
 namespace {
+// launch(std::integral_constant<int, kPer>()): the softmax kernels' keys per lane held in registers (rows of up to
+// 256 or 512 keys), or 0 (longer rows: read again per pass).
+template <typename Launch>
+void with_keys_per_lane(int len, Launch&& launch) {
+  if (len <= 256) launch(std::integral_constant<int, 8>());
+  else if (len <= 512) launch(std::integral_constant<int, 16>());
+  else launch(std::integral_constant<int, 0>());
+}
+
 // One warp per row, 8 rows per block.
 template <typename T>
 void launch_masked_softmax(const float* scores, const float* bias_table, const int32_t* lengths, int heads, int len,
@@ -1130,8 +1188,10 @@ void launch_masked_softmax(const float* scores, const float* bias_table, const i
   if (n_rows <= 0) return;
   constexpr int kBlock = 256;
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, folded, probs, probs_dropped);
+  with_keys_per_lane(len, [&](auto per_lane) {
+    masked_softmax_kernel<T, decltype(per_lane)::value><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+        scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, folded, probs, probs_dropped);
+  });
   TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel");
 }
 }  // namespace
@@ -1167,8 +1227,10 @@ void launch_softmax_backward(const float* dprobs, T* probs, const int32_t* lengt
   if (n_rows <= 0) return;
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
-  softmax_backward_kernel<T><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-      dprobs, probs, lengths, len, rows_per_example, n_rows, dropout, folded);
+  with_keys_per_lane(len, [&](auto per_lane) {
+    softmax_backward_kernel<T, decltype(per_lane)::value><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+        dprobs, probs, lengths, len, rows_per_example, n_rows, dropout, folded);
+  });
   TFEW_CUDA_CHECK_LAUNCH("softmax_backward_kernel");
 }
 }  // namespace

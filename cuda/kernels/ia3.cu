@@ -28,7 +28,8 @@ __global__ void ia3_grad_reduce_kernel(Ia3GradSource first, Ia3GradSource second
       const int64_t t0 = static_cast<int64_t>(row_start ? row_start[b] : b) * tokens_per_row;
       const int64_t t1 = static_cast<int64_t>(row_start ? row_start[b + 1] : b + 1) * tokens_per_row;
       float acc = 0.f;
-      for (int64_t t = t0; t < t1; ++t) acc += src.g[t * width + c];
+#pragma unroll 4
+      for (int64_t t = t0; t < t1; ++t) acc += src.g[t * width + c];  // (unrolled: the loads in flight together)
       part[static_cast<int64_t>(b) * width + c] = acc;
     }
   }
