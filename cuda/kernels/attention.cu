@@ -300,6 +300,28 @@ __global__ void ia3_scaled_qkv_copy_vec_kernel(const T* __restrict__ src, T* __r
   }
 }
 
+// ia3_scale_kv_kernel with kVec columns per thread (the folded cross-attention's l_k on queries and l_v on contexts).
+template <typename T, int kVec>
+__global__ void ia3_scale_kv_vec_kernel(T* __restrict__ buf, int ld, int k_col, int v_col, int width, int n_tokens,
+                                        AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= width) return;
+  for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
+    const int a = adapter_of_token(index, t);
+    if (a < 0) continue;
+    const float* l = index.adapters + a * index.adapter_stride;
+    T* row = buf + static_cast<int64_t>(t) * ld + c;
+    auto scale = [&](int col, int64_t offset) {
+      float v[kVec];
+      load_vec<kVec>(row + col, v);
+      for (int u = 0; u < kVec; ++u) v[u] *= l[offset + c + u];
+      store_vec<kVec>(row + col, v);
+    };
+    scale(k_col, k_offset);
+    if (v_col >= 0) scale(v_col, v_offset);
+  }
+}
+
 template <int kVec>
 __device__ __forceinline__ void load_f32_vec(const float* p, float (&v)[kVec]) {
   for (int w = 0; w < kVec; w += 4) {
@@ -1134,7 +1156,18 @@ template <typename T>
 void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens, const AdapterIndex& index,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
   if (n_tokens <= 0 || width <= 0 || !index.active()) return;
-  const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
+  const unsigned grid_rows = n_tokens < 65535 ? n_tokens : 65535;
+  if (with_ia3_vector<T>(ia3_vector_width<T>({width, ld, k_col, v_col >= 0 ? v_col : 0}, {buf}, {}), [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const int groups = width / kVec;
+        const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
+        ia3_scale_kv_vec_kernel<T, kVec><<<grid, block, 0, stream>>>(buf, ld, k_col, v_col, width, n_tokens, index,
+                                                                     k_offset, v_offset);
+      })) {
+    TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_vec_kernel");
+    return;
+  }
+  const dim3 grid((width + 255) / 256, grid_rows);
   ia3_scale_kv_kernel<T><<<grid, 256, 0, stream>>>(buf, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_kernel");
 }
