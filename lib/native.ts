@@ -20,8 +20,10 @@ export interface CudaOptions {
   fusedAttention?: boolean;
   /**
    * bf16 training: the encoder attention backward in the fused flash-style kernels (with fusedAttention, where
-   * they fit) instead of cuBLAS. Default off: the cuBLAS backward was faster on an H200 (TRAIN-3B 46.9 vs 54.3 ms),
-   * for about 0.1 GiB more device memory.
+   * they fit) instead of cuBLAS. Default off: the cuBLAS backward was faster on an H200 (TRAIN-3B 46.9 vs 54.3 ms,
+   * session 12; the fused kernels were rewritten since and not yet timed). With recompute 'none' the fused backward
+   * keeps each encoder layer's attention output (0.12 GiB more than the cuBLAS backward at TRAIN-3B); with
+   * 'attention' it runs the attention forward again (0.13 GiB less).
    */
   fusedBackward?: boolean;
   /**
