@@ -503,6 +503,35 @@ function fmt(x: number | undefined, digits = 2): string {
   return x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits);
 }
 
+// The engine's defaults that a run can overturn: each default workload against the same workload on the other path
+// (device ms), and where the default is set. Listed by table() so that a device run says what to change.
+const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; where: string }[] = [
+  { defaultRow: 'TRAIN-3B', otherRow: 'TRAIN-3B-FUSED-BACKWARD', other: 'the fused attention backward',
+    where: 'cuda_engine.cc fused_backward_wanted' },
+  { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED', other: 'precomputed cross-attention at one example',
+    where: 'cuda_engine.cc folds_cross_attention' },
+  { defaultRow: 'RANK-3B-B32', otherRow: 'RANK-3B-B32-PRECOMPUTED', other: 'precomputed cross-attention at 32 examples',
+    where: 'cuda_engine.cc folds_cross_attention' },
+  { defaultRow: 'TRAIN-3B', otherRow: 'TRAIN-3B-PRECOMPUTED', other: 'precomputed cross-attention in training',
+    where: 'cuda_engine.cc folds_cross_attention' },
+  { defaultRow: 'RANK-3B-B32', otherRow: 'RANK-3B-B32-UNFUSED', other: 'the cuBLAS encoder attention forward',
+    where: 'CudaOptions.fusedAttention' },
+];
+
+/** One line per default that this run measured against its alternative: which was faster, by how much. */
+export function defaultVerdicts(ours: RankBenchResult): string[] {
+  const out: string[] = [];
+  for (const c of DEFAULT_CHECKS) {
+    const d = ours.workloads[c.defaultRow]?.medianForwardMs, o = ours.workloads[c.otherRow]?.medianForwardMs;
+    if (d === undefined || o === undefined || !Number.isFinite(d) || !Number.isFinite(o)) continue;
+    const change = ((o - d) / d) * 100;
+    out.push(o < d
+      ? `CHANGE THE DEFAULT? ${c.other}: ${c.otherRow} ${fmt(o)} ms < ${c.defaultRow} ${fmt(d)} ms (${fmt(change, 1)} %; ${c.where})`
+      : `default kept: ${c.other} slower, ${c.otherRow} ${fmt(o)} ms vs ${c.defaultRow} ${fmt(d)} ms (+${fmt(change, 1)} %)`);
+  }
+  return out;
+}
+
 export function table(ours: RankBenchResult, torch: TorchBench | undefined): string {
   const lines: string[] = [];
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
@@ -540,6 +569,8 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
       lines.push(`${name} GEMMs by shape (the 10 longest): ${parts.join('; ')}`);
     }
   }
+  const verdicts = defaultVerdicts(ours);
+  if (verdicts.length > 0) lines.push('', ...verdicts);
   const failures = Object.entries(ours.failures ?? {});
   if (failures.length > 0 || ours.complete === false) {
     lines.push('');

@@ -1,7 +1,7 @@
 // The benchmark's GEMM-by-shape breakdown (benchmarks/rank-bench.ts): the profile's per-shape GEMM times
 // (TFEW_CUDA_PROFILE_DETAIL, gpu/profiler.h) turned into calls, milliseconds and TFLOP/s per shape, and the table's
 // line of the slowest shapes. Computed here from made-up profile lines: no GPU needed.
-import { gemmShapeFlops, ProfileLine, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
+import { defaultVerdicts, gemmShapeFlops, ProfileLine, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
 
 describe('rank-bench GEMM shapes', () => {
   test('a shape key gives the FLOPs of one call: 2 M N K, times the batch', () => {
@@ -40,5 +40,18 @@ describe('rank-bench GEMM shapes', () => {
     } as unknown as RankBenchResult;
     const text = table(ours, undefined);
     expect(text).toMatch(/RANK-3B-B1 GEMMs by shape \(the 10 longest\): linear 256x6144x2048 24 calls 1\.50 ms 120 TFLOP\/s; linear 16x2048x2048 48 calls 0\.50 ms/);
+  });
+
+  test('the table says which measured default its alternative beat, and where that default is set', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1,
+      workloads: { 'TRAIN-3B': w(43), 'TRAIN-3B-FUSED-BACKWARD': w(38.7), 'RANK-3B-B1': w(5), 'RANK-3B-B1-PRECOMPUTED': w(5.5) },
+    } as unknown as RankBenchResult;
+    const verdicts = defaultVerdicts(ours);
+    expect(verdicts).toHaveLength(2);  // pairs with a row missing are left out
+    expect(verdicts[0]).toMatch(/^CHANGE THE DEFAULT\? the fused attention backward: TRAIN-3B-FUSED-BACKWARD 38\.70 ms < TRAIN-3B 43\.00 ms \(-10\.0 %; cuda_engine\.cc fused_backward_wanted\)$/);
+    expect(verdicts[1]).toMatch(/^default kept: .* RANK-3B-B1-PRECOMPUTED 5\.50 ms vs RANK-3B-B1 5\.00 ms \(\+10\.0 %\)$/);
+    expect(table(ours, undefined)).toContain(verdicts[0]);
   });
 });
