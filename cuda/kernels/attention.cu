@@ -196,19 +196,21 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
   const float* dp = dprobs + row * len;
   T* p = probs + row * len;
   const uint64_t drop_base = probs_row_base(row, len, folded);
-  // kPer > 0 (len <= 32 kPer): P and drop * dP' of keys lane + 32 u held in registers between the two passes
-  float pv[kPer > 0 ? kPer : 1], dv[kPer > 0 ? kPer : 1];
+  // kPer > 0 (len <= 32 kPer): P, the dropout scale and dP' of keys lane + 32 u held in registers between the two
+  // passes (the factors, not their product: the second pass's drop dP' - D then contracts into one FMA as the
+  // loop form's does, so both give the same bits on the GPU)
+  float pv[kPer > 0 ? kPer : 1], sv[kPer > 0 ? kPer : 1], dpv[kPer > 0 ? kPer : 1];
   float D = 0.f;
   if constexpr (kPer > 0) {
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       const int j = lane + 32 * u;
-      pv[u] = dv[u] = 0.f;
+      pv[u] = sv[u] = dpv[u] = 0.f;
       if (j < n_keys) {
-        const float scale = dropout_scale(dropout, drop_base + j);
+        sv[u] = dropout_scale(dropout, drop_base + j);
         pv[u] = to_f32(p[j]);
-        dv[u] = scale * dp[j];
-        D += pv[u] * scale * dp[j];
+        dpv[u] = dp[j];
+        D += pv[u] * sv[u] * dpv[u];
       }
     }
   } else {
@@ -219,7 +221,7 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       const int j = lane + 32 * u;
-      if (j < len) p[j] = from_f32<T>(j < n_keys ? pv[u] * (dv[u] - D) : 0.f);
+      if (j < len) p[j] = from_f32<T>(j < n_keys ? pv[u] * (sv[u] * dpv[u] - D) : 0.f);
     }
   } else {
     for (int j = lane; j < len; j += 32) {
