@@ -15,7 +15,6 @@
 // so the small-query kernel scales its query by l_k and its output by l_v (the adapter of the row's
 // example): no pass over K/V at all, and a mixed-task batch costs nothing extra. The unfused encoder path
 // (fp32 mode) scales K/V in place with ia3_scale_kv.
-#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -324,19 +323,6 @@ __global__ void ia3_scale_kv_vec_kernel(T* __restrict__ buf, int ld, int k_col, 
   }
 }
 
-template <int kVec>
-__device__ __forceinline__ void load_f32_vec(const float* p, float (&v)[kVec]) {
-  for (int w = 0; w < kVec; w += 4) {
-    float part[4];
-    load_x4(p + w, part);
-    for (int u = 0; u < 4; ++u) v[w + u] = part[u];
-  }
-}
-template <int kVec>
-__device__ __forceinline__ void store_f32_vec(float* p, const float (&v)[kVec]) {
-  for (int w = 0; w < kVec; w += 4) store_x4(p + w, {v[w], v[w + 1], v[w + 2], v[w + 3]});
-}
-
 template <typename T, int kVec>
 __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, int k_col, int v_col, int width,
                                            int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset,
@@ -358,7 +344,7 @@ __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, in
       // one of k and v: the gradient of the unscaled columns at col and the token's contributions x * g
       auto columns = [&](int col, int64_t offset, const float* g_scaled, float (&contribution)[kVec]) {
         float g[kVec], x[kVec], d[kVec];
-        load_f32_vec<kVec>(g_scaled + gi, g);
+        load_vec<kVec>(g_scaled + gi, g);
         for (int u = 0; u < kVec; ++u) d[u] = l ? l[offset + c + u] * g[u] : g[u];
         store_vec<kVec>(drow + col + c, d);
         if (l) {
@@ -369,38 +355,9 @@ __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, in
       columns(k_col, k_offset, g_k, ck);
       if (v_col >= 0) columns(v_col, v_offset, g_v, cv);
     }
-    store_f32_vec<kVec>(gk_out + r * width + c, ck);
-    if (v_col >= 0) store_f32_vec<kVec>(gv_out + r * width + c, cv);
+    store_vec<kVec>(gk_out + r * width + c, ck);
+    if (v_col >= 0) store_vec<kVec>(gv_out + r * width + c, cv);
   }
-}
-
-// The widest vector (8 for bf16, else 4, else 1) whose accesses the given element offsets, strides and pointers
-// allow: every value must be a multiple of it, every pointer aligned to it.
-template <typename T>
-int ia3_vector_width(std::initializer_list<int64_t> multiples, std::initializer_list<const void*> t_ptrs,
-                     std::initializer_list<const float*> f32_ptrs) {
-  for (int vec : {std::is_same<T, __nv_bfloat16>::value ? 8 : 4, 4}) {
-    bool ok = true;
-    for (int64_t m : multiples) ok = ok && m % vec == 0;
-    for (const void* p : t_ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(T)) == 0;
-    for (const float* p : f32_ptrs) ok = ok && p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-    if (ok) return vec;
-  }
-  return 1;
-}
-
-// launch(std::integral_constant<int, vec>()) for a vector width of 8 (bf16 only) or 4; false for 1 (nothing launched).
-template <typename T, typename Launch>
-bool with_ia3_vector(int vec, Launch&& launch) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (vec == 8) {
-      launch(std::integral_constant<int, 8>());
-      return true;
-    }
-  }
-  if (vec < 4) return false;
-  launch(std::integral_constant<int, 4>());
-  return true;
 }
 
 // --------------------------------------------------------------------------------------------------------
@@ -1159,7 +1116,7 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
                   int64_t k_offset, int64_t v_offset, cudaStream_t stream) {
   if (n_tokens <= 0 || width <= 0 || !index.active()) return;
   const unsigned grid_rows = n_tokens < 65535 ? n_tokens : 65535;
-  if (with_ia3_vector<T>(ia3_vector_width<T>({width, ld, k_col, v_col >= 0 ? v_col : 0}, {buf}, {}), [&](auto vec) {
+  if (with_vector_width<T>(vector_width<T>({width, ld, k_col, v_col >= 0 ? v_col : 0}, {buf}, {}), [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
@@ -1184,7 +1141,7 @@ void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, 
     return;
   }
   const unsigned grid_rows = n_tokens < 65535 ? n_tokens : 65535;
-  if (with_ia3_vector<T>(ia3_vector_width<T>({inner, ld}, {src, dst}, {}), [&](auto vec) {
+  if (with_vector_width<T>(vector_width<T>({inner, ld}, {src, dst}, {}), [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         const int groups = 3 * inner / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
@@ -1315,9 +1272,9 @@ void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int 
   const int64_t rows = sums.rows(n_tokens);
   const unsigned grid_rows = static_cast<unsigned>(rows < 65535 ? rows : 65535);
   const bool v = v_col >= 0;
-  const int vec = ia3_vector_width<T>({width, ld, k_col, v ? v_col : 0, g_ld, dq_ld}, {qkv, dqkv},
-                                      {g_k, gk_out, v ? g_v : g_k, v ? gv_out : gk_out});
-  if (with_ia3_vector<T>(vec, [&](auto vec_width) {
+  const int vec = vector_width<T>({width, ld, k_col, v ? v_col : 0, g_ld, dq_ld}, {qkv, dqkv},
+                                  {g_k, gk_out, v ? g_v : g_k, v ? gv_out : gk_out});
+  if (with_vector_width<T>(vec, [&](auto vec_width) {
         constexpr int kVec = decltype(vec_width)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #if defined(TFEW_CUDA_EMULATION)
 #include <cmath>
 #include <cstring>
@@ -227,20 +229,71 @@ __device__ __forceinline__ void store_x8(__nv_bfloat16* p, const float (&v)[8]) 
   for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(v[u]);
   *reinterpret_cast<uint4*>(p) = q;
 }
-// n consecutive elements (4 of any storage type, 8 of bf16) as one access.
+// n consecutive elements as 16-byte accesses where they fill them: 8 bf16 as one access, 8 fp32 as two, 4 of either
+// as one (p aligned to the access).
 template <int n, typename T>
 __device__ __forceinline__ void load_vec(const T* p, float (&v)[n]) {
-  if constexpr (n == 8) load_x8(p, v); else load_x4(p, v);
+  static_assert(n == 4 || n == 8, "load_vec: 4 or 8 elements");
+  if constexpr (n == 4) {
+    load_x4(p, v);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    load_x8(p, v);
+  } else {
+    float half[4];
+    for (int w = 0; w < n; w += 4) {
+      load_x4(p + w, half);
+      for (int u = 0; u < 4; ++u) v[w + u] = half[u];
+    }
+  }
 }
 template <int n, typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&v)[n]) {
-  if constexpr (n == 8) store_x8(p, v); else store_x4(p, v);
+  static_assert(n == 4 || n == 8, "store_vec: 4 or 8 elements");
+  if constexpr (n == 4) {
+    store_x4(p, v);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    store_x8(p, v);
+  } else {
+    for (int w = 0; w < n; w += 4) store_x4(p + w, {v[w], v[w + 1], v[w + 2], v[w + 3]});
+  }
 }
 
 // Whether p is aligned for n-element vector accesses (load_vec / store_vec; n = 4: load_x4 / store_x4).
 template <int n = 4, typename T>
 inline bool aligned_x4(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (n * sizeof(T)) == 0;
+}
+
+// The widest n (8 for bf16, else 4; 1: neither) for which a kernel may use load_vec / store_vec<n> at every element
+// index built from `multiples` (offsets, strides, widths: each a multiple of n) on the storage-type pointers
+// `t_ptrs` (aligned to n elements) and the fp32 pointers `f32_ptrs` (non-null and 16-byte aligned: fp32 vectors go
+// as float4s).
+template <typename T>
+inline int vector_width(std::initializer_list<int64_t> multiples, std::initializer_list<const T*> t_ptrs,
+                        std::initializer_list<const float*> f32_ptrs) {
+  for (int n : {std::is_same<T, __nv_bfloat16>::value ? 8 : 4, 4}) {
+    bool ok = true;
+    for (int64_t m : multiples) ok = ok && m % n == 0;
+    for (const T* p : t_ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (n * sizeof(T)) == 0;
+    for (const float* p : f32_ptrs) ok = ok && p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    if (ok) return n;
+  }
+  return 1;
+}
+
+// launch(std::integral_constant<int, n>()) for a vector_width n of 8 (bf16 only) or 4; false for 1 (nothing
+// launched: the caller's one-element kernel).
+template <typename T, typename Launch>
+bool with_vector_width(int n, Launch&& launch) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (n == 8) {
+      launch(std::integral_constant<int, 8>());
+      return true;
+    }
+  }
+  if (n < 4) return false;
+  launch(std::integral_constant<int, 4>());
+  return true;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

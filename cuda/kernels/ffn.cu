@@ -161,11 +161,7 @@ __global__ void ffn_backward_vec_kernel(const float* dscaled, const T* __restric
     for (int t = t0; t < t1; ++t) {
       const int64_t i = static_cast<int64_t>(t) * d_ff + c;
       float g[kVec];  // d loss / d (scaled hidden)
-      for (int v = 0; v < kVec; v += 4) {
-        float part[4];
-        load_x4(dscaled + i + v, part);
-        for (int u = 0; u < 4; ++u) g[v + u] = part[u];
-      }
+      load_vec<kVec>(dscaled + i, g);
       for (int u = 0; u < kVec; ++u) g[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
       float l[kVec];
       for (int u = 0; u < kVec; ++u) l[u] = 1.f;
@@ -199,8 +195,7 @@ __global__ void ffn_backward_vec_kernel(const float* dscaled, const T* __restric
         store_vec<kVec>(d_pre + i, d0);
       }
     }
-    for (int v = 0; v < kVec; v += 4)
-      store_x4(g_ff + r * d_ff + c + v, {contribution[v], contribution[v + 1], contribution[v + 2], contribution[v + 3]});
+    store_vec<kVec>(g_ff + r * d_ff + c, contribution);
   }
 }
 
@@ -211,16 +206,11 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
                     const DropoutSite& dropout, T* out, cudaStream_t stream) {
   if (n_tokens <= 0 || d_ff <= 0) return;
   const bool scaled = index.active();
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (d_ff % 8 == 0 && aligned_x4<8>(in) && aligned_x4<8>(out)) {
-      launch_ffn_activation_vec<T, 8>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout, out, stream);
-      return;
-    }
-  }
-  if (d_ff % 4 == 0 && aligned_x4(in) && aligned_x4(out)) {
-    launch_ffn_activation_vec<T, 4>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout, out, stream);
+  if (with_vector_width<T>(vector_width<T>({d_ff}, {in, out}, {}), [&](auto vec) {
+        launch_ffn_activation_vec<T, decltype(vec)::value>(in, n_tokens, d_ff, gated, index, scaled, ff_offset, dropout,
+                                                           out, stream);
+      }))
     return;
-  }
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
@@ -252,17 +242,7 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
                                                                           ff_offset, dropout, d_pre, sums, g_ff);
     TFEW_CUDA_CHECK_LAUNCH("ffn_backward_vec_kernel");
   };
-  const bool f32_aligned = aligned_x4(dscaled) && aligned_x4(g_ff);
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (d_ff % 8 == 0 && f32_aligned && aligned_x4<8>(pre) && aligned_x4<8>(d_pre)) {
-      vectorised(std::integral_constant<int, 8>());
-      return;
-    }
-  }
-  if (d_ff % 4 == 0 && f32_aligned && aligned_x4(pre) && aligned_x4(d_pre)) {
-    vectorised(std::integral_constant<int, 4>());
-    return;
-  }
+  if (with_vector_width<T>(vector_width<T>({d_ff}, {pre, d_pre}, {dscaled, g_ff}), vectorised)) return;
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, grid_rows);
   if (gated)
