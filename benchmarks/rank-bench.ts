@@ -24,6 +24,9 @@
 //                 with the encoder attention backward in the fused kernels instead of cuBLAS (second loads).
 //                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too
 //                 (cuda.fusedAttention false; a third load).
+//   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
+//                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
+//                 folded and the precomputed cross-attention (loads of their own; a detail breakdown too)
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -370,6 +373,9 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       rank: [['RANK-3B-B1-PRECOMPUTED', b1], ['RANK-3B-B32-PRECOMPUTED', b32]], trainName: 'TRAIN-3B-PRECOMPUTED' },
     { variant: 'fused-backward', cuda: { fusedBackward: true }, rank: [], trainName: 'TRAIN-3B-FUSED-BACKWARD' },
     { variant: 'unfused', cuda: { fusedAttention: false }, rank: [['RANK-3B-B32-UNFUSED', b32]], trainName: 'TRAIN-3B-UNFUSED' },
+    { variant: 'few-rows', cuda: { fewRowLinears: true }, rank: [['RANK-3B-B1-FEW-ROWS', b1]] },
+    { variant: 'few-rows-precomputed', cuda: { fewRowLinears: true, crossAttention: 'precomputed' },
+      rank: [['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', b1]] },
     { variant: 'exact', cuda: { graphBuckets: false }, rank: [] },
   ];
   for (const { variant, cuda, rank, trainName } of variants) {
@@ -417,7 +423,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
-  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD']
+  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD', 'RANK-3B-B1-FEW-ROWS']
     .filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
   if (!lost && breakdownPending.length > 0) {
     process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
@@ -474,6 +480,21 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
         if (!lost) await fused.dispose();
       }
     }
+    // RANK-3B-B1 with the few-row decoder linears (off by default): which launch families they remove, what they cost
+    if (!lost && !('RANK-3B-B1-FEW-ROWS' in breakdown)) {
+      let few: T5Model | undefined;
+      await attempt('load cuda (profile detail, few-row linears)', async () => {
+        few = await T5Model.load(modelDir, { device: 'cuda', cuda: { fewRowLinears: true } });
+      }, () => false);
+      if (few) {
+        const m = few;
+        await attempt('breakdown RANK-3B-B1-FEW-ROWS', async () => {
+          await timeWorkload(m, b1, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
+          summarise('RANK-3B-B1-FEW-ROWS', 'score');
+        }, () => 'RANK-3B-B1-FEW-ROWS' in breakdown);
+        if (!lost) await m.dispose();
+      }
+    }
     delete process.env.TFEW_CUDA_PROFILE_DETAIL;
   }
   delete process.env.TFEW_CUDA_PROFILE;
@@ -516,6 +537,11 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
     where: 'cuda_engine.cc folds_cross_attention' },
   { defaultRow: 'RANK-3B-B32', otherRow: 'RANK-3B-B32-UNFUSED', other: 'the cuBLAS encoder attention forward',
     where: 'CudaOptions.fusedAttention' },
+  { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-FEW-ROWS', other: 'the few-row decoder linears at one example',
+    where: 'cuda_engine.cc few_rows_wanted (CudaOptions.fewRowLinears)' },
+  { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS',
+    other: 'the few-row decoder linears with precomputed cross-attention at one example',
+    where: 'cuda_engine.cc few_rows_wanted and folds_cross_attention' },
 ];
 
 /** One line per default that this run measured against its alternative: which was faster, by how much. */

@@ -27,6 +27,13 @@ export interface CudaOptions {
    */
   fusedBackward?: boolean;
   /**
+   * bf16 rank classification: at up to 32 decoder rows (one example's choices) the decoder's linear layers run in
+   * our own kernels, each with the norm before it, the activation after it or its (IA)3 scale folded in (6 fewer
+   * launches per decoder layer) instead of cuBLAS with separate passes. Default off: not yet timed on a GPU
+   * (rank-bench's RANK-3B-B1-FEW-ROWS against RANK-3B-B1). Needs d_model 512, 1024 or 2048; elsewhere ignored.
+   */
+  fewRowLinears?: boolean;
+  /**
    * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
    * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
    * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape

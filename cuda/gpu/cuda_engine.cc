@@ -40,6 +40,11 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
                                                                    : env_flag("TFEW_CUDA_FUSED_BACKWARD", false);
     fused_backward_ = fused_attention_ && kernels::fused_encoder_attention_backward_supported(config_.d_kv) &&
                       fused_backward_wanted;
+    // Off by default until a GPU run has timed it against cuBLAS (rank-bench's RANK-3B-B1-FEW-ROWS).
+    const bool few_rows_wanted = options.few_row_linears >= 0 ? options.few_row_linears == 1
+                                                              : env_flag("TFEW_CUDA_FEW_ROW_LINEARS", false);
+    few_row_linears_ = std::is_same<T, __nv_bfloat16>::value && few_rows_wanted &&
+                       kernels::few_rows_norm_supported(config_.d_model);
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -66,6 +71,11 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
 }
 
 template <typename T>
+bool CudaEngine<T>::uses_few_row_linears(int n_rows) const {
+  return few_row_linears_ && n_rows > 0 && n_rows <= kernels::kFewRowsMax;
+}
+
+template <typename T>
 std::string CudaEngine<T>::describe() const {
   std::ostringstream os;
   os << "cuda:" << device_ << " " << probe_.device_name << " (cc " << probe_.compute_capability / 10 << "."
@@ -74,6 +84,7 @@ std::string CudaEngine<T>::describe() const {
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
      << (fused_attention_ && kernels::attention_kernel_wmma() ? " (WMMA kernel)" : "")
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
+     << (few_row_linears_ ? ", few-row decoder linears fused" : "")
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")

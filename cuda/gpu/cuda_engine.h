@@ -11,7 +11,7 @@
 // together, every choice row reading its example's encoder output (row -> example index, no copies).
 // Cross-attention either computes every layer's keys/values of the encoder output once per example
 // ("precomputed": one GEMM for all layers), or, when the choices have fewer tokens than that costs, folds W_k
-// and W_v into the queries and works in model space ("folded": enqueue_folded_cross_attention; no keys or
+// and W_v into the queries and works in model space ("folded": folded_cross_products; no keys or
 // values at all: 9% fewer FLOPs and 1.1 GiB less arena at RANK-3B-B32). Training folds by the same rule
 // (train_folded_cross_forward / folded_cross_backward: at TRAIN-3B about 0.9 TFLOP less per step). Mixed-task
 // batches need no extra pass: the (IA)3 kernels look up each token's adapter.
@@ -204,8 +204,9 @@ class CudaEngine final : public Engine {
   kernels::AdapterIndex adapter_index(const Plan<T>& p, bool decoder_rows) const;
   void enqueue_forward(const Plan<T>& p);
   void enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln, const T* wi, const T* wo, int n,
-                   const kernels::AdapterIndex& ix, int64_t ff_offset);
-  void enqueue_folded_cross_attention(const Plan<T>& p, int layer, const kernels::AdapterIndex& ix);
+                   const kernels::AdapterIndex& ix, int64_t ff_offset, bool few_rows);
+  // Whether an inference decoder of n_rows rows runs its linear layers in the few-row kernels (few_row_linears_).
+  bool uses_few_row_linears(int n_rows) const;
   void folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,
                              T* probs_dropped, T* context);
   bool folds_cross_attention(const Batch& b) const;
@@ -283,6 +284,10 @@ class CudaEngine final : public Engine {
   // bf16 training runs the encoder attention backward in the fused kernels too (no [B, H, L, L] tensors);
   // cuda.fusedBackward false (TFEW_CUDA_FUSED_BACKWARD=0) keeps the cuBLAS backward (for comparisons)
   bool fused_backward_ = false;
+  // bf16 inference: the decoder's linear layers at up to kernels::kFewRowsMax rows in our own kernels, each with its
+  // norm, activation or (IA)3 scale folded in (kernels/linear_few_rows.cu), instead of cuBLAS and separate passes.
+  // cuda.fewRowLinears / TFEW_CUDA_FEW_ROW_LINEARS; off by default until a GPU run has timed it (RANK-3B-B1-FEW-ROWS).
+  bool few_row_linears_ = false;
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;

@@ -21,14 +21,24 @@ kernels::AdapterIndex CudaEngine<T>::adapter_index(const Plan<T>& p, bool decode
 }
 
 // One feed-forward sub-layer of n tokens: x += wo(act(wi(rmsnorm(x)))) with the (IA)3 l_ff of each token's
-// adapter; h, pre and act are scratch.
+// adapter; h, pre and act are scratch. few_rows: the decoder's few-row kernels where they apply (few_row_linears).
 template <typename T>
 void CudaEngine<T>::enqueue_ffn(float* x, T* h, T* pre, T* act, const float* ln, const T* wi, const T* wo, int n,
-                                const kernels::AdapterIndex& ix, int64_t ff_offset) {
+                                const kernels::AdapterIndex& ix, int64_t ff_offset, bool few_rows) {
   const T5Config& c = config_;
   cudaStream_t s = stream_;
   const int d = c.d_model, ff = c.d_ff, wi_cols = c.gated_gelu ? 2 * ff : ff;
   Profiler& prof = profiler_;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (few_rows) {
+      Span span(prof, "few_rows_linear", s);
+      if (kernels::few_rows_norm_ffn_in(x, d, ln, c.layer_norm_eps, wi, d, ff, c.gated_gelu, n, ix, ff_offset, act, s)) {
+        if (!kernels::few_rows_linear_residual(act, ff, wo, d, ff, n, ix, -1, x, d, s))
+          gemm_.linear<T, float>(act, ff, wo, ff, x, d, n, d, ff, 1.f);
+        return;
+      }
+    }
+  }
   { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(x, ln, n, d, c.layer_norm_eps, 1.f, h, s); }
   { Span span(prof, "gemm", s); gemm_.linear<T, T>(h, d, wi, d, pre, wi_cols, n, wi_cols, d, 0.f); }
   {
@@ -81,7 +91,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
       }
     }
     { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, p.x_enc, d, Ne, d, inner, 1.f); }
-    enqueue_ffn(p.x_enc, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff);
+    enqueue_ffn(p.x_enc, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff, false);
   }
   {
     Span span(prof, "rmsnorm", s);
@@ -102,31 +112,66 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     Span span(prof, "gemm", s);
     gemm_.linear<T, T>(p.enc_out, d, weights_.dec_kv_cross, d, p.kv_cross, kv_cols, Ne, kv_cols, d, 0.f);
   }
+  // At a few rows (one example's choices) each linear layer takes its norm, activation or (IA)3 scale along in one
+  // kernel (kernels/linear_few_rows.cu; cuda.fewRowLinears); each falls back to the passes below where it does not
+  // apply. The (IA)3 scales are applied here, not by the attention: the folded path's l_k on the query and l_v on
+  // the context, the precomputed path's kernel scales its keys and values itself.
+  const bool few = uses_few_row_linears(Nd);
+  const bool folded = p.shape.folded_cross;
+  // y = rmsnorm(x_dec) W^T (n columns), then l_k where scale_offset >= 0
+  auto norm_linear = [&](const float* ln, const T* w, int n, T* y, int64_t scale_offset) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      if (few) {
+        Span span(prof, "few_rows_linear", s);
+        if (kernels::few_rows_norm_linear(p.x_dec, d, ln, eps, w, n, d, Nd, y, n, dec_ix, scale_offset, s)) return;
+      }
+    }
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_dec, ln, Nd, d, eps, 1.f, p.h_dec, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, w, d, y, n, Nd, n, d, 0.f); }
+    if (scale_offset >= 0) {
+      Span span(prof, "ia3", s);
+      kernels::ia3_scale_columns<T>(y, n, 0, n, Nd, dec_ix, scale_offset, s);
+    }
+  };
+  // x_dec += (ctx_dec, times l_v where scale_offset >= 0) W^T
+  auto context_out = [&](const T* w, int64_t scale_offset) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      if (few) {
+        Span span(prof, "few_rows_linear", s);
+        if (kernels::few_rows_linear_residual(p.ctx_dec, inner, w, d, inner, Nd, dec_ix, scale_offset, p.x_dec, d, s))
+          return;
+      }
+    }
+    if (scale_offset >= 0) {
+      Span span(prof, "ia3", s);
+      kernels::ia3_scale_columns<T>(p.ctx_dec, inner, 0, inner, Nd, dec_ix, scale_offset, s);
+    }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, w, inner, p.x_dec, d, Nd, d, inner, 1.f); }
+  };
   for (int l = 0; l < c.num_decoder_layers; ++l) {
     const DecoderLayerWeights<T>& L = weights_.decoder[l];
     const IA3Layout::DecoderBlock& ia3 = layout_.decoder[l];
     // causal self-attention
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_dec, L.ln_self, Nd, d, eps, 1.f, p.h_dec, s); }
-    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.qkv, d, p.qkv_dec, 3 * inner, Nd, 3 * inner, d, 0.f); }
+    norm_linear(L.ln_self, L.qkv, 3 * inner, p.qkv_dec, -1);
     {
       Span span(prof, "decoder_attention", s);
       kernels::decoder_self_attention<T>(p.qkv_dec, 3 * inner, inner, dkv, H, R, Ld, p.dec_bias, p.row_example,
                                          dec_ix, ia3.self_k, ia3.self_v, kNoDropout, p.ctx_dec, inner, s);
     }
-    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o, inner, p.x_dec, d, Nd, d, inner, 1.f); }
-    // cross-attention: this layer's slice of the shared keys/values
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_dec, L.ln_cross, Nd, d, eps, 1.f, p.h_dec, s); }
-    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_dec, d, L.q_cross, d, p.q_cross, inner, Nd, inner, d, 0.f); }
-    if (p.shape.folded_cross) {
-      enqueue_folded_cross_attention(p, l, dec_ix);
+    context_out(L.o, -1);
+    // cross-attention: this layer's slice of the shared keys/values, or folded (then l_k and l_v are ours to apply)
+    const int64_t l_k = folded && p.shape.adapters ? ia3.cross_k : -1, l_v = folded && p.shape.adapters ? ia3.cross_v : -1;
+    norm_linear(L.ln_cross, L.q_cross, inner, p.q_cross, l_k);
+    if (folded) {
+      folded_cross_products(p, l, kNoDropout, p.cross_probs, nullptr, p.ctx_dec);
     } else {
       Span span(prof, "decoder_attention", s);
       kernels::cross_attention<T>(p.q_cross, inner, p.kv_cross + static_cast<int64_t>(l) * 2 * inner, kv_cols, inner,
                                   dkv, H, R, Ld, p.row_example, p.enc_lengths, Le, dec_ix, ia3.cross_k, ia3.cross_v,
                                   kNoDropout, p.ctx_dec, inner, s);
     }
-    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_dec, inner, L.o_cross, inner, p.x_dec, d, Nd, d, inner, 1.f); }
-    enqueue_ffn(p.x_dec, p.h_dec, p.ff_dec, p.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff);
+    context_out(L.o_cross, l_v);
+    enqueue_ffn(p.x_dec, p.h_dec, p.ff_dec, p.act_dec, L.ln_ff, L.wi, L.wo, Nd, dec_ix, ia3.ff, few);
   }
   // head: final norm (with the tied-head rescale folded in), logits in fp32, target log-probs
   const float head_scale = c.scale_decoder_outputs ? 1.f / std::sqrt(static_cast<float>(d)) : 1.f;
@@ -141,31 +186,15 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   }
 }
 
-// Cross-attention of decoder layer `layer` without keys or values (Shape::folded_cross). Per head h, with
+// The cross-attention of decoder layer `layer` without keys or values (Shape::folded_cross). Per head h, with
 // K = E W_k,h^T and V = E W_v,h^T (E: the example's encoder output, W_k,h / W_v,h: the head's d_kv rows of the
 // layer's k / v projections) and the (IA)3 vectors l_k, l_v:
 //   q . (l_k * k_j) = (W_k,h^T (l_k * q)) . e_j        sum_j p_j (l_v * v_j) = l_v * W_v,h (sum_j p_j e_j)
 // so each (token, head) gets a query in model space, scores against the encoder outputs, a softmax, and the
 // probability-weighted sum of encoder outputs, projected by W_v,h: four products, all strided batches (over
-// heads or over examples), instead of the keys/values of every encoder position. p.ctx_dec receives the
-// context [Nd, inner] as the precomputed path's kernel writes it.
-template <typename T>
-void CudaEngine<T>::enqueue_folded_cross_attention(const Plan<T>& p, int layer, const kernels::AdapterIndex& ix) {
-  const int inner = config_.inner_dim(), Nd = p.shape.rows * p.shape.dec_len;
-  const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
-  {
-    Span span(profiler_, "ia3", stream_);
-    kernels::ia3_scale_columns<T>(p.q_cross, inner, 0, inner, Nd, ix, ia3.cross_k, stream_);
-  }
-  folded_cross_products(p, layer, kNoDropout, p.cross_probs, nullptr, p.ctx_dec);
-  {
-    Span span(profiler_, "ia3", stream_);
-    kernels::ia3_scale_columns<T>(p.ctx_dec, inner, 0, inner, Nd, ix, ia3.cross_v, stream_);
-  }
-}
-
-// The products of the folded cross-attention, from the query scaled by l_k in p.q_cross to the context
-// before l_v (`context`, [Nd, inner]). probs gets the probabilities P and, with dropout (training),
+// heads or over examples), instead of the keys/values of every encoder position. Here the products, from the query
+// scaled by l_k in p.q_cross to the context before l_v (`context`, [Nd, inner], as the precomputed path's kernel
+// writes it but for l_v); the caller applies l_k and l_v (enqueue_forward; training: train_folded_cross_forward). probs gets the probabilities P and, with dropout (training),
 // probs_dropped the P' the context is made of.
 template <typename T>
 void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,

@@ -493,7 +493,7 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
   }
 }
 
-// The folded cross-attention in training (enqueue_folded_cross_attention has the algebra): the products from
+// The folded cross-attention in training (folded_cross_products has the algebra): the products from
 // the query scaled by l_k, saving what the backward needs, P (before dropout) and the context before l_v.
 template <typename T>
 void CudaEngine<T>::train_folded_cross_forward(const TrainPlan<T>& t, int layer, const kernels::DropoutSite& drop) {

@@ -26,7 +26,7 @@ struct Shape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool want_hidden = false, adapters = false;
   bool training = false;  // a training plan (its inputs include the backward's pointer arrays)
-  // The decoder's cross-attention folded into model space (CudaEngine::enqueue_folded_cross_attention): no
+  // The decoder's cross-attention folded into model space (CudaEngine::folded_cross_products): no
   // per-layer encoder keys/values. Only for the same number of choice rows in every example.
   bool folded_cross = false;
   bool dropout = false;  // training with dropout (config.dropout_rate > 0): the fused backward's mask bits

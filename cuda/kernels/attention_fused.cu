@@ -30,8 +30,6 @@
 #include <mma.h>
 
 #include <cstdlib>
-#include <mutex>
-#include <set>
 #include <string>
 #include <utility>
 
@@ -978,19 +976,6 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
       *reinterpret_cast<float2*>(a.sums_v + sum_row * inner + hd.h * DK + col) = make_float2(c[2], c[3]);
     }
   }
-}
-
-// More than the default 48 KiB of dynamic shared memory must be opted into, once per kernel and device (the
-// attribute belongs to the current device; engines on several GPUs, or threads, may launch it).
-void opt_in_shared_memory(const void* kernel, size_t bytes) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> configured;
-  int device = 0;
-  TFEW_CUDA_CHECK(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lock(mu);
-  if (configured.count({kernel, device})) return;
-  TFEW_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  configured.insert({kernel, device});
 }
 
 // The shared memory of the forward kernel in use (attention_kernel_wmma).

@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <type_traits>
 #if defined(TFEW_CUDA_EMULATION)
 #include <cmath>
@@ -334,6 +337,35 @@ __device__ __forceinline__ int adapter_of_token(const AdapterIndex& ix, int t) {
   const int row = t / ix.tokens_per_row;
   const int example = ix.row_example ? ix.row_example[row] : row;
   return ix.adapter_of_example[example];
+}
+
+// More than the default 48 KiB of dynamic shared memory must be opted into, per kernel and device (the attribute
+// belongs to the current device; engines on several GPUs, or threads, may launch it), and again when a later launch
+// of the kernel needs more than was opted into (a model of another width).
+inline void opt_in_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> configured;
+  int device = 0;
+  TFEW_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = configured[{kernel, device}];
+  if (have >= bytes) return;
+  TFEW_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  have = bytes;
+}
+
+// The most dynamic shared memory a block may opt into on the current device (cached per device).
+inline size_t shared_memory_optin_limit() {
+  static std::mutex mu;
+  static std::map<int, size_t> limits;
+  int device = 0;
+  TFEW_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = limits.find(device);
+  if (it != limits.end()) return it->second;
+  int bytes = 0;
+  TFEW_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limits[device] = static_cast<size_t>(bytes);
 }
 
 // Grid size for a grid-stride loop over n elements.

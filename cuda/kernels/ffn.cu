@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "kernels/device_common.cuh"
+#include "kernels/activation.cuh"
 #include "kernels/dropout.cuh"
 
 namespace tfew {
@@ -14,14 +15,7 @@ namespace kernels {
 
 namespace {
 
-// gelu_new, the tanh approximation Hugging Face uses for "gated-gelu".
-__device__ __forceinline__ float gelu_new(float x) {
-  const float kSqrt2OverPi = 0.7978845608028654f;
-  return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-}
-
-// One block row per token (grid.y, striding past 65535 tokens), threads over the d_ff columns: no
-// per-element 64-bit index division, and the token's adapter is looked up once per thread.
+// The derivative of gelu_new (the backward recomputes it from the saved wi outputs).
 __device__ __forceinline__ float gelu_new_grad(float x) {
   const float kSqrt2OverPi = 0.7978845608028654f;
   const float t = tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x));
@@ -29,6 +23,8 @@ __device__ __forceinline__ float gelu_new_grad(float x) {
   return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * dinner;
 }
 
+// One block row per token (grid.y, striding past 65535 tokens), threads over the d_ff columns: no
+// per-element 64-bit index division, and the token's adapter is looked up once per thread.
 template <typename T, bool kGated>
 __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
                                       bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {

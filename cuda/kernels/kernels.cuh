@@ -159,7 +159,7 @@ template <typename T>
 void encoder_softmax_pair(const float* scores, const float* bias_table, const int32_t* lengths, int batch, int heads,
                           int len, const DropoutSite& dropout, T* probs, T* probs_dropped, cudaStream_t stream);
 
-// The folded cross-attention's rows (CudaEngine::enqueue_folded_cross_attention): one per (decoder token, head),
+// The folded cross-attention's rows (CudaEngine::folded_cross_products): one per (decoder token, head),
 // token-major, dec_len tokens per choice row. Dropout masks follow the CPU backend's numbering of the
 // cross-attention probabilities [R, H, dec_len, enc_len].
 struct FoldedRows {
@@ -281,6 +281,28 @@ template <typename T>
 void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
                             const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                             const float* stats, T* dk, T* dv, int dkv_ld, cudaStream_t stream);
+
+// ---- linear_few_rows.cu: the inference decoder's linear layers at a few rows (bf16), each with the pass beside
+// it folded in. Each returns false, launching nothing, where its kernel does not apply (too many rows, a width
+// without an instance, misaligned operands): the caller then takes the unfused path. W is [n, k], rows contiguous.
+constexpr int kFewRowsMax = 32;
+// Whether the norm forms have an instance for this d_model (512, 1024, 2048).
+bool few_rows_norm_supported(int d_model);
+// out[r, :] = rmsnorm(x[r, :]) W^T in bf16 (x: the fp32 residual stream, k = d_model), then times the row's
+// adapter's vector at out_scale_offset (-1: none; the cross-attention's l_k).
+bool few_rows_norm_linear(const float* x, int ldx, const float* norm_weight, float eps, const __nv_bfloat16* w, int n,
+                          int k, int rows, __nv_bfloat16* out, int ldo, const AdapterIndex& index,
+                          int64_t out_scale_offset, cudaStream_t stream);
+// act[r, :] = ffn_activation of rmsnorm(x[r, :]) wi^T (wi: [2 d_ff, d_model] gated (wi_0 | wi_1), else
+// [d_ff, d_model]), l_ff of the row's adapter at ff_offset, no dropout.
+bool few_rows_norm_ffn_in(const float* x, int ldx, const float* norm_weight, float eps, const __nv_bfloat16* wi,
+                          int d_model, int d_ff, bool gated, int rows, const AdapterIndex& index, int64_t ff_offset,
+                          __nv_bfloat16* act, cudaStream_t stream);
+// x[r, :] += a'[r, :] W^T in fp32, a' = a times the row's adapter's vector at in_scale_offset (-1: a itself; the
+// cross-attention context's l_v).
+bool few_rows_linear_residual(const __nv_bfloat16* a, int lda, const __nv_bfloat16* w, int n, int k, int rows,
+                              const AdapterIndex& index, int64_t in_scale_offset, float* x, int ldx,
+                              cudaStream_t stream);
 
 // ---- ffn.cu
 // gated: out[t, c] = gelu_new(in[t, c]) * in[t, d_ff + c] * l_ff[c]; relu: out[t, c] = relu(in[t, c]) * l_ff[c]

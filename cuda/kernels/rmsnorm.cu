@@ -11,6 +11,7 @@
 
 #include "kernels/device_common.cuh"
 #include "kernels/dropout.cuh"
+#include "kernels/rmsnorm_row.cuh"
 
 namespace tfew {
 namespace kernels {
@@ -104,31 +105,6 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
 // the block-per-row form): the loops unroll (by up to 8 chunks: registers), so a lane's loads of a row are in flight
 // together (the grids are small: TRAIN-3B's 2,048 rows are 256 blocks).
 constexpr int kNormRowsPerBlock = 8;
-
-template <int kChunks, typename TIn, typename TOut>
-__device__ __forceinline__ void rmsnorm_row_warp(const TIn* xr, const float* __restrict__ weight, int d, float eps,
-                                                 float out_scale, TOut* __restrict__ orow) {
-  const int lane = threadIdx.x & 31;
-  float ss = 0.f;
-#pragma unroll 8
-  for (int k = 0; k < kChunks; ++k) {
-    const int c = lane * 4 + 128 * k;
-    float v[4];
-    load_x4(xr + c, v);
-    for (int u = 0; u < 4; ++u) ss += v[u] * v[u];
-  }
-  ss = warp_sum(ss);
-  const float inv_rms = rsqrtf(ss / static_cast<float>(d) + eps);
-#pragma unroll 8
-  for (int k = 0; k < kChunks; ++k) {
-    const int c = lane * 4 + 128 * k;
-    float v[4], w[4];
-    load_x4(xr + c, v);
-    load_x4(weight + c, w);
-    for (int u = 0; u < 4; ++u) v[u] = w[u] * (v[u] * inv_rms) * out_scale;
-    store_x4(orow + c, v);
-  }
-}
 
 template <int kChunks, typename TIn, typename TOut>
 __global__ void __launch_bounds__(32 * kNormRowsPerBlock)

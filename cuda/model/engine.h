@@ -174,6 +174,10 @@ struct CudaEngineOptions {
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
   int fused_backward = -1;  // bf16 training: -1 default (off: cuBLAS, faster on an H200), 0 cuBLAS, 1 on where supported
+  // bf16 inference: the decoder's linear layers at a few rows (up to 32: one example's choices) in the few-row kernels
+  // with their norm, activation and (IA)3 scales folded in: -1 default (off until timed on a GPU), 0 off, 1 on where
+  // supported (d_model 512, 1024 or 2048)
+  int few_row_linears = -1;
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
   // small rank-classification calls padded to shape buckets so that similar lengths share a graph:
   // -1 default (on), 0 off (every call at its exact shape), 1 on

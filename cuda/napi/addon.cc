@@ -853,8 +853,8 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 // The CPU backend's thread count is clamped to this: beyond it threads only cost memory (8 MiB stacks).
 static constexpr int kMaxCpuThreads = 256;
 
-// loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?, graphs?,
-// graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
+// loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
+// fewRowLinears?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -911,6 +911,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("fusedBackward") && c.Get("fusedBackward").IsBoolean())
         cuda.fused_backward = c.Get("fusedBackward").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("fewRowLinears") && c.Get("fewRowLinears").IsBoolean())
+        cuda.few_row_linears = c.Get("fewRowLinears").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphBuckets") && c.Get("graphBuckets").IsBoolean())
         cuda.graph_buckets = c.Get("graphBuckets").As<Napi::Boolean>().Value() ? 1 : 0;
