@@ -5,6 +5,7 @@
 //
 //   npm run build:emu && npx tsc -p . &&
 //   TFEW_NATIVE_ADDON=build-emu/Release/tfew.node node dist/benchmarks/launch-count.js [--layers 24] [--json FILE]
+//     [--only NAME,NAME]   (only these workloads, e.g. --only RANK-3B-B1-FEW-ROWS)
 //
 // The emulator appends each launch it runs to TFEW_EMU_TRACE (cuda/emu/emu_runtime.h); this script sets it,
 // runs each workload until its CUDA graph replays, and tallies the replay's launches by kernel.
@@ -43,6 +44,8 @@ async function main(): Promise<void> {
     return i >= 0 ? args[i + 1] : fallback;
   };
   const layers = Number(opt('layers', '24'));
+  const only = opt('only', '').split(',').filter(Boolean);
+  const want = (name: string): boolean => only.length === 0 || only.includes(name);
   if (!native().buildInfo.cudaEmulated) throw new Error('launch-count needs the emulation addon: TFEW_NATIVE_ADDON=build-emu/Release/tfew.node');
   const trace = path.join(os.tmpdir(), `tfew-launches-${process.pid}.txt`);
   process.env.TFEW_EMU_TRACE = trace;  // read by the addon at its first launch
@@ -59,6 +62,7 @@ async function main(): Promise<void> {
   const results: Record<string, Tally> = {};
   // Runs `call` until the CUDA graph replays (the third call of a shape), then counts one more call.
   const count = async (name: string, call: () => Promise<unknown>) => {
+    if (!want(name)) return;
     for (let i = 0; i < 3; i++) await call();
     fs.writeFileSync(trace, '');
     await call();
@@ -69,6 +73,7 @@ async function main(): Promise<void> {
   await count('RANK-3B-B32', () => model.rankClassify(b32.inputIds, b32.choices, { adapter }));
   await count('RANK-3B-B1', () => model.rankClassify(b1.inputIds, b1.choices, { adapter }));
   for (const [name, choices] of [['TRAIN-3B', 2], ['TRAIN-3B-C4', 4]] as const) {
+    if (!want(name)) continue;
     const batch = randomBatch(V, new Array(8).fill(256), new Array(8).fill(new Array(choices).fill(8)), 13 + choices);
     const session = await model.createTrainingSession([adapter], { totalSteps: 1000 });
     try {
@@ -84,22 +89,38 @@ async function main(): Promise<void> {
   const describe = model.describe();
   await model.dispose();
   // the fused encoder attention backward (off by default: the next GPU run decides)
-  const fused = await T5Model.load(dir, { device: 'cuda', cuda: { fusedBackward: true } });
-  try {
-    const fusedAdapter = IA3Adapter.create(fused);
-    const batch = randomBatch(V, new Array(8).fill(256), new Array(8).fill([8, 8]), 15);
-    const session = await fused.createTrainingSession([fusedAdapter], { totalSteps: 1000 });
+  const fused = want('TRAIN-3B-FUSED-BACKWARD') ? await T5Model.load(dir, { device: 'cuda', cuda: { fusedBackward: true } }) : undefined;
+  if (fused) {
     try {
-      await count('TRAIN-3B-FUSED-BACKWARD', async () => {
-        await session.step({ inputIds: batch.inputIds, choices: batch.choices, labels: batch.labels },
-                           { adapter: fusedAdapter, dropout: true, seed: 1, recompute: 'none' });
-        await session.sync();
-      });
+      const fusedAdapter = IA3Adapter.create(fused);
+      const batch = randomBatch(V, new Array(8).fill(256), new Array(8).fill([8, 8]), 15);
+      const session = await fused.createTrainingSession([fusedAdapter], { totalSteps: 1000 });
+      try {
+        await count('TRAIN-3B-FUSED-BACKWARD', async () => {
+          await session.step({ inputIds: batch.inputIds, choices: batch.choices, labels: batch.labels },
+                             { adapter: fusedAdapter, dropout: true, seed: 1, recompute: 'none' });
+          await session.sync();
+        });
+      } finally {
+        await session.dispose();
+      }
     } finally {
-      await session.dispose();
+      await fused.dispose();
     }
-  } finally {
-    await fused.dispose();
+  }
+  // RANK-3B-B1 with the few-row decoder linears (cuda.fewRowLinears, off by default), which need a width they have
+  // an instance for: the same layout at d_model 512 (the launches do not depend on the width otherwise)
+  if (want('RANK-3B-B1-FEW-ROWS')) {
+    const wideDir = path.join(os.tmpdir(), `tfew-launch-count-512-${layers}l`);
+    writeRandomT5(wideDir, { configJson: { ...configJson, d_model: 512, d_ff: 1024, num_heads: 8 }, seed: 5 });
+    const few = await T5Model.load(wideDir, { device: 'cuda', cuda: { fewRowLinears: true } });
+    try {
+      const fewAdapter = IA3Adapter.create(few);
+      const b = randomBatch(V, [256], [[8, 8]], 12);
+      await count('RANK-3B-B1-FEW-ROWS', () => few.rankClassify(b.inputIds, b.choices, { adapter: fewAdapter }));
+    } finally {
+      await few.dispose();
+    }
   }
   fs.rmSync(trace, { force: true });
 
