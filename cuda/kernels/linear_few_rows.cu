@@ -73,6 +73,30 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
   bf16* staged = reinterpret_cast<bf16*>(few_smem);
   const int lds = staged_stride(p.k);
 
+  // this lane's W row in each tile
+  const bf16* w_row[kNTiles];
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    const int n = kOut == FewOut::Gated && j >= kOutTiles ? p.second_half + col0 + 8 * (j - kOutTiles) + g
+                                                           : col0 + 8 * j + g;
+    w_row[j] = p.w + static_cast<int64_t>(n) * p.ldw + 8 * t;
+  }
+  // W's first chunks are requested before the input is staged, so that the norm's work hides their latency; then
+  // each iteration requests the next kUnroll chunks before multiplying the current ones (W is the DRAM stream).
+  constexpr int kUnroll = kNTiles >= 4 ? 2 : 4;
+  const int n_chunks = p.k / 32;
+  auto load_w = [&](uint4 (&wq)[kUnroll][kNTiles], int c0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + kWarps * u;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        wq[u][j] = c < n_chunks ? __ldg(reinterpret_cast<const uint4*>(w_row[j] + 32 * c)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 wq[kUnroll][kNTiles];
+  load_w(wq, warp);
+
   // ---- the input: staged (normalised, or scaled by l_v) or read in place
   if constexpr (kIn == FewIn::Norm) {
     for (int r = warp; r < kRows; r += kWarps) {
@@ -99,14 +123,7 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
   const bf16* a_base = kStaged ? staged : p.a;
   const int64_t a_ld = kStaged ? lds : p.lda;
 
-  // this lane's W row in each tile and A rows (g, g + 8) in each row tile
-  const bf16* w_row[kNTiles];
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    const int n = kOut == FewOut::Gated && j >= kOutTiles ? p.second_half + col0 + 8 * (j - kOutTiles) + g
-                                                           : col0 + 8 * j + g;
-    w_row[j] = p.w + static_cast<int64_t>(n) * p.ldw + 8 * t;
-  }
+  // this lane's A rows (g, g + 8) in each row tile
   const bf16* a_row[kMTiles][2];
   bool a_live[kMTiles][2];
 #pragma unroll
@@ -124,21 +141,18 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
     for (int j = 0; j < kNTiles; ++j)
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
 
-  // ---- the main loop: kUnroll chunks' loads in flight together (128 bytes of W a lane), then their products
-  constexpr int kUnroll = kNTiles >= 4 ? 2 : 4;
-  const int n_chunks = p.k / 32;
+  // ---- the main loop: kUnroll chunks (128 bytes of W a lane) in flight while the previous ones are multiplied
   for (int c0 = warp; c0 < n_chunks; c0 += kWarps * kUnroll) {
-    uint4 wq[kUnroll][kNTiles], aq[kUnroll][kMTiles][2];
+    uint4 wn[kUnroll][kNTiles], aq[kUnroll][kMTiles][2];
+    load_w(wn, c0 + kWarps * kUnroll);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + kWarps * u;
-      if (c >= n_chunks) continue;
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j) wq[u][j] = __ldg(reinterpret_cast<const uint4*>(w_row[j] + 32 * c));
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m)
         for (int h = 0; h < 2; ++h)
-          aq[u][m][h] = a_live[m][h] ? *reinterpret_cast<const uint4*>(a_row[m][h] + 32 * c) : make_uint4(0, 0, 0, 0);
+          aq[u][m][h] = a_live[m][h] && c < n_chunks ? *reinterpret_cast<const uint4*>(a_row[m][h] + 32 * c)
+                                                     : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -159,6 +173,10 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
         }
       }
     }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) wq[u][j] = wn[u][j];
   }
 
   // ---- the warps' partial sums, added in warp order: [warp][m][j][e][lane] (reusing the staged input's memory)
