@@ -27,6 +27,9 @@
 //   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
 //                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
 //                 folded and the precomputed cross-attention (loads of their own; a detail breakdown too)
+//   RANK-3B-B1-TUNED / RANK-3B-B32-TUNED / TRAIN-3B-TUNED  with GEMM tuning (cuda.gemmTuning: each GEMM shape's
+//                 cuBLAS / cuBLASLt algorithms timed on its first call, the fastest kept; off by default; one load,
+//                 whose describe() line says how many shapes changed)
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -374,6 +377,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     { variant: 'fused-backward', cuda: { fusedBackward: true }, rank: [], trainName: 'TRAIN-3B-FUSED-BACKWARD' },
     { variant: 'unfused', cuda: { fusedAttention: false }, rank: [['RANK-3B-B32-UNFUSED', b32]], trainName: 'TRAIN-3B-UNFUSED' },
     { variant: 'few-rows', cuda: { fewRowLinears: true }, rank: [['RANK-3B-B1-FEW-ROWS', b1]] },
+    { variant: 'tuned', cuda: { gemmTuning: true }, rank: [['RANK-3B-B1-TUNED', b1], ['RANK-3B-B32-TUNED', b32]],
+      trainName: 'TRAIN-3B-TUNED' },
     { variant: 'few-rows-precomputed', cuda: { fewRowLinears: true, crossAttention: 'precomputed' },
       rank: [['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', b1]] },
     { variant: 'exact', cuda: { graphBuckets: false }, rank: [] },
@@ -415,6 +420,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
         workloads[trainName].deviceMiB = usedMiB() - before;
       });
     }
+    if (variant === 'tuned' && !lost) console.log(`[rank-bench] GEMM tuning: ${altModel.describe()}`);
     if (!lost) {
       (result.graphStats ??= {})[`${variant}${result.processes && result.processes > 1 ? ` (process ${result.processes})` : ''}`] = altModel.graphStats();
       await altModel.dispose();
@@ -537,6 +543,12 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
     where: 'cuda_engine.cc folds_cross_attention' },
   { defaultRow: 'RANK-3B-B32', otherRow: 'RANK-3B-B32-UNFUSED', other: 'the cuBLAS encoder attention forward',
     where: 'CudaOptions.fusedAttention' },
+  { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-TUNED', other: 'GEMM tuning at one example',
+    where: 'cuda_engine.cc gemm_tuning_wanted_ (CudaOptions.gemmTuning)' },
+  { defaultRow: 'RANK-3B-B32', otherRow: 'RANK-3B-B32-TUNED', other: 'GEMM tuning at 32 examples',
+    where: 'cuda_engine.cc gemm_tuning_wanted_ (CudaOptions.gemmTuning)' },
+  { defaultRow: 'TRAIN-3B', otherRow: 'TRAIN-3B-TUNED', other: 'GEMM tuning in training',
+    where: 'cuda_engine.cc gemm_tuning_wanted_ (CudaOptions.gemmTuning)' },
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-FEW-ROWS', other: 'the few-row decoder linears at one example',
     where: 'cuda_engine.cc few_rows_wanted (CudaOptions.fewRowLinears)' },
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS',

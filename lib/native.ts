@@ -34,6 +34,14 @@ export interface CudaOptions {
    */
   fewRowLinears?: boolean;
   /**
+   * GEMM tuning: the first call of each linear layer's GEMM shape (outside a CUDA graph capture) times
+   * cublasGemmEx's choice against up to 8 of cuBLASLt's heuristic candidates on the call's own operands and keeps
+   * the fastest (cuBLASLt's where it is at least 3% faster); split-K candidates reduce in fp32, as cublasGemmEx does.
+   * First calls take longer (a few ms per shape); describe() says how many shapes changed. Needs libcublasLt beside
+   * cuBLAS. Default off: not yet timed on a GPU (rank-bench's -TUNED rows).
+   */
+  gemmTuning?: boolean;
+  /**
    * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
    * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
    * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape
@@ -321,6 +329,8 @@ export interface NativeAddon {
     /** A temporary file mapped, truncated and read: rejects with the Io error a truncation during loading gives. */
     readAfterTruncation(): Promise<void>;
     /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */
+    /** Emulation build only: the GEMM tuner keeps a cuBLASLt candidate wherever it can (its call path is then tested). */
+    emulatorGemmTuningPrefersCublasLt?(on: boolean): void;
     cpuLinear(x: Float32Array, w: Float32Array, dy: Float32Array, dxInit: Float32Array | null, n: number, inDim: number,
               out: number, threads: number): Promise<{ y: Float32Array; dx: Float32Array; simd: 'avx2+fma' | 'baseline' }>;
   };

@@ -31,6 +31,24 @@ struct tfew::gpu::CublasContextOpaque {
   int math_mode = 0;
 };
 
+// cuBLASLt's descriptors, as the emulator keeps them
+struct tfew::gpu::CublasLtContextOpaque {
+  int device = 0;
+};
+struct tfew::gpu::CublasLtDescOpaque {
+  tfew::gpu::cublasComputeType_t compute = 0;
+  cudaDataType scale = CUDA_R_32F;
+  tfew::gpu::cublasOperation_t transa = 0, transb = 0;
+};
+struct tfew::gpu::CublasLtLayoutOpaque {
+  cudaDataType type = CUDA_R_32F;
+  uint64_t rows = 0, cols = 0;
+  int64_t ld = 0;
+};
+struct tfew::gpu::CublasLtPreferenceOpaque {
+  uint64_t max_workspace = 0;
+};
+
 namespace tfew {
 namespace emu {
 
@@ -248,6 +266,111 @@ cublasStatus_t gemm_strided_batched_ex(cublasHandle_t h, cublasOperation_t op_a,
   return CUBLAS_STATUS_SUCCESS;
 }
 
+// ---- cuBLASLt: the descriptors the GEMM tuner builds, a heuristic offering three interchangeable "algorithms" (the
+// same CPU product: the tuner's choice cannot change a result here, its bookkeeping and call mapping are what is
+// checked), and cublasLtMatmul as cublasGemmEx (D = C only, as we call it).
+cublasStatus_t lt_create(cublasLtHandle_t* h) {
+  if (!h) return CUBLAS_STATUS_INVALID_VALUE;
+  *h = new CublasLtContextOpaque();
+  (*h)->device = current_device();
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_destroy(cublasLtHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_desc_create(cublasLtMatmulDesc_t* d, cublasComputeType_t compute, cudaDataType scale) {
+  if (!d) return CUBLAS_STATUS_INVALID_VALUE;
+  *d = new CublasLtDescOpaque();
+  (*d)->compute = compute;
+  (*d)->scale = scale;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_desc_destroy(cublasLtMatmulDesc_t d) {
+  delete d;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_desc_set(cublasLtMatmulDesc_t d, int attr, const void* buf, size_t bytes) {
+  if (!d || !buf || bytes != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+  const int32_t v = *static_cast<const int32_t*>(buf);
+  if (attr == CUBLASLT_MATMUL_DESC_TRANSA) d->transa = v;
+  else if (attr == CUBLASLT_MATMUL_DESC_TRANSB) d->transb = v;
+  else return CUBLAS_STATUS_INVALID_VALUE;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_layout_create(cublasLtMatrixLayout_t* l, cudaDataType type, uint64_t rows, uint64_t cols, int64_t ld) {
+  if (!l || ld < static_cast<int64_t>(std::max<uint64_t>(1, rows))) return CUBLAS_STATUS_INVALID_VALUE;
+  *l = new CublasLtLayoutOpaque{type, rows, cols, ld};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_layout_destroy(cublasLtMatrixLayout_t l) {
+  delete l;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_pref_create(cublasLtMatmulPreference_t* p) {
+  if (!p) return CUBLAS_STATUS_INVALID_VALUE;
+  *p = new CublasLtPreferenceOpaque();
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_pref_destroy(cublasLtMatmulPreference_t p) {
+  delete p;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_pref_set(cublasLtMatmulPreference_t p, int attr, const void* buf, size_t bytes) {
+  if (!p || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+  if (attr == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) {
+    if (bytes != sizeof(uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+    p->max_workspace = *static_cast<const uint64_t*>(buf);
+    return CUBLAS_STATUS_SUCCESS;
+  }
+  const bool u32 = attr == CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK || (attr >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES &&
+                                                                          attr <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES);
+  return u32 && bytes == sizeof(uint32_t) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+}
+cublasStatus_t lt_heuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                            cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dl, cublasLtMatmulPreference_t p, int requested,
+                            cublasLtMatmulHeuristicResult_t* results, int* returned) {
+  if (!h || !d || !a || !b || !c || !dl || !p || requested <= 0 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+  *returned = std::min(requested, 3);
+  for (int i = 0; i < *returned; ++i) {
+    results[i] = cublasLtMatmulHeuristicResult_t{};
+    results[i].algo.data[0] = static_cast<uint64_t>(i) + 1;
+    results[i].state = CUBLAS_STATUS_SUCCESS;
+    results[i].wavesCount = 1.f;
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_matmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void* alpha, const void* A, cublasLtMatrixLayout_t la,
+                         const void* B, cublasLtMatrixLayout_t lb, const void* beta, const void* C, cublasLtMatrixLayout_t lc,
+                         void* D, cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t stream) {
+  if (!h || !d || !la || !lb || !lc || !ld || !algo || algo->data[0] == 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (C != D || lc->rows != ld->rows || lc->cols != ld->cols || lc->ld != ld->ld || lc->type != ld->type)
+    return CUBLAS_STATUS_NOT_SUPPORTED;  // (the emulator does only what we call)
+  const int m = static_cast<int>(ld->rows), n = static_cast<int>(ld->cols);
+  const int k = static_cast<int>(d->transa == CUBLAS_OP_N ? la->cols : la->rows);
+  const int lda = static_cast<int>(la->ld), ldb = static_cast<int>(lb->ld), ldc = static_cast<int>(ld->ld);
+  CublasContextOpaque ctx;
+  ctx.device = h->device;
+  const char* call = "cublasLtMatmul";
+  const cublasStatus_t s = check_call(call, &ctx, d->transa, d->transb, m, n, k, alpha, beta, la->type, lb->type, ld->type,
+                                      lda, ldb, ldc, 1, d->compute);
+  if (s != CUBLAS_STATUS_SUCCESS) return s;
+  if (static_cast<int>(lb->rows) != (d->transb == CUBLAS_OP_N ? k : n) || (d->transa == CUBLAS_OP_N ? la->rows : la->cols) != ld->rows)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  if (!operand_ok(call, "A", A, la->type, static_cast<int>(la->rows), static_cast<int>(la->cols), lda, h->device) ||
+      !operand_ok(call, "B", B, lb->type, static_cast<int>(lb->rows), static_cast<int>(lb->cols), ldb, h->device) ||
+      !operand_ok(call, "D", D, ld->type, m, n, ldc, h->device))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+  const cublasOperation_t op_a = d->transa, op_b = d->transb;
+  const cudaDataType ta = la->type, tb = lb->type, tc = ld->type;
+  enqueue(stream, [=]() {
+    trace_gemm(call, m, n, k, 1);
+    gemm(op_a, op_b, m, n, k, a, A, ta, lda, B, tb, ldb, b, D, tc, ldc);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t get_property(libraryPropertyType_t type, int* value) {
   if (!value) return CUBLAS_STATUS_INVALID_VALUE;
   *value = type == CUBLAS_PROP_MAJOR_VERSION ? 13 : 0;
@@ -268,6 +391,20 @@ void fill_emulated_cublas(gpu::CublasLibrary& lib) {
   a.gemm_batched_ex = gemm_batched_ex;
   a.gemm_strided_batched_ex = gemm_strided_batched_ex;
   a.get_property = get_property;
+  CublasLtApi& lt = lib.lt;
+  lt.create = lt_create;
+  lt.destroy = lt_destroy;
+  lt.desc_create = lt_desc_create;
+  lt.desc_destroy = lt_desc_destroy;
+  lt.desc_set = lt_desc_set;
+  lt.layout_create = lt_layout_create;
+  lt.layout_destroy = lt_layout_destroy;
+  lt.pref_create = lt_pref_create;
+  lt.pref_destroy = lt_pref_destroy;
+  lt.pref_set = lt_pref_set;
+  lt.heuristic = lt_heuristic;
+  lt.matmul = lt_matmul;
+  lib.lt_loaded = true;
   lib.path = "emulated cuBLAS (CPU, cuda/emu/emu_cublas.cc)";
   lib.version = "13.0.0";
   lib.loaded = true;

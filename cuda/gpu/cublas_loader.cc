@@ -35,6 +35,45 @@ std::string loaded_path(void* lib, const std::string& fallback) {
   return fallback;
 }
 
+// cuBLASLt, from cuBLAS's directory first (the same release), then by soname. Optional: only the GEMM tuner uses it.
+void load_lt(CublasLibrary& out) {
+  std::vector<std::string> names;
+  const size_t slash = out.path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "" : out.path.substr(0, slash + 1);
+  for (const char* so : {"libcublasLt.so.13", "libcublasLt.so.12"}) {
+    if (!dir.empty()) names.push_back(dir + so);
+    names.push_back(so);
+  }
+  void* lib = nullptr;
+  for (const auto& name : names)
+    if ((lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL))) break;
+  if (!lib) {
+    out.lt_error = "libcublasLt.so.13 / .12 not found beside " + out.path;
+    return;
+  }
+  CublasLtApi& a = out.lt;
+  std::string missing;
+  bool ok = true;
+  ok &= resolve(lib, "cublasLtCreate", a.create, missing);
+  ok &= resolve(lib, "cublasLtDestroy", a.destroy, missing);
+  ok &= resolve(lib, "cublasLtMatmulDescCreate", a.desc_create, missing);
+  ok &= resolve(lib, "cublasLtMatmulDescDestroy", a.desc_destroy, missing);
+  ok &= resolve(lib, "cublasLtMatmulDescSetAttribute", a.desc_set, missing);
+  ok &= resolve(lib, "cublasLtMatrixLayoutCreate", a.layout_create, missing);
+  ok &= resolve(lib, "cublasLtMatrixLayoutDestroy", a.layout_destroy, missing);
+  ok &= resolve(lib, "cublasLtMatmulPreferenceCreate", a.pref_create, missing);
+  ok &= resolve(lib, "cublasLtMatmulPreferenceDestroy", a.pref_destroy, missing);
+  ok &= resolve(lib, "cublasLtMatmulPreferenceSetAttribute", a.pref_set, missing);
+  ok &= resolve(lib, "cublasLtMatmulAlgoGetHeuristic", a.heuristic, missing);
+  ok &= resolve(lib, "cublasLtMatmul", a.matmul, missing);
+  if (!ok) {
+    out.lt_error = "cuBLASLt lacks " + missing;
+    out.lt = CublasLtApi{};
+    return;
+  }
+  out.lt_loaded = true;
+}
+
 void load(CublasLibrary& out) {
 #ifdef TFEW_CUDA_EMULATION
   emu::fill_emulated_cublas(out);  // the emulation build (TFEW_CUDA=EMU) has no real cuBLAS
@@ -96,6 +135,7 @@ void load(CublasLibrary& out) {
   }
   // The library is never closed: handles created from it may live until process exit.
   out.loaded = true;
+  load_lt(out);
 }
 
 }  // namespace

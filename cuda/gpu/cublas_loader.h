@@ -6,6 +6,7 @@
 #include <library_types.h>  // cudaDataType (CUDA_R_16BF = 14, CUDA_R_32F = 0): part of the CUDA runtime headers
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace tfew {
@@ -73,12 +74,71 @@ struct CublasApi {
   const char* (*get_status_string)(cublasStatus_t) = nullptr;             // cublasGetStatusString (optional)
 };
 
+// ---- cuBLASLt (libcublasLt, beside cuBLAS): only what the GEMM tuner (Gemm::enable_tuning) calls. Values and
+// layouts as in cublasLt.h.
+struct CublasLtContextOpaque;
+typedef CublasLtContextOpaque* cublasLtHandle_t;
+struct CublasLtDescOpaque;
+typedef CublasLtDescOpaque* cublasLtMatmulDesc_t;
+struct CublasLtLayoutOpaque;
+typedef CublasLtLayoutOpaque* cublasLtMatrixLayout_t;
+struct CublasLtPreferenceOpaque;
+typedef CublasLtPreferenceOpaque* cublasLtMatmulPreference_t;
+struct cublasLtMatmulAlgo_t {
+  uint64_t data[8];
+};
+struct cublasLtMatmulHeuristicResult_t {
+  cublasLtMatmulAlgo_t algo;
+  size_t workspaceSize;
+  cublasStatus_t state;
+  float wavesCount;
+  int reserved[4];
+};
+enum : int {
+  CUBLASLT_MATMUL_DESC_TRANSA = 3,  // int32_t (cublasOperation_t)
+  CUBLASLT_MATMUL_DESC_TRANSB = 4,
+  CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,    // uint64_t
+  CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = 3,  // uint32_t
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,  // uint32_t each (default 256)
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8,
+  // split-K partial sums kept in the compute type (fp32), as CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION asks
+  // of cublasGemmEx; not in place (that form adds into the output in its own type)
+  CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE = 2,
+};
+
+struct CublasLtApi {
+  cublasStatus_t (*create)(cublasLtHandle_t*) = nullptr;                                   // cublasLtCreate
+  cublasStatus_t (*destroy)(cublasLtHandle_t) = nullptr;                                   // cublasLtDestroy
+  cublasStatus_t (*desc_create)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType) = nullptr;
+  cublasStatus_t (*desc_destroy)(cublasLtMatmulDesc_t) = nullptr;
+  cublasStatus_t (*desc_set)(cublasLtMatmulDesc_t, int, const void*, size_t) = nullptr;   // ...DescSetAttribute
+  cublasStatus_t (*layout_create)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t rows, uint64_t cols,
+                                  int64_t ld) = nullptr;
+  cublasStatus_t (*layout_destroy)(cublasLtMatrixLayout_t) = nullptr;
+  cublasStatus_t (*pref_create)(cublasLtMatmulPreference_t*) = nullptr;
+  cublasStatus_t (*pref_destroy)(cublasLtMatmulPreference_t) = nullptr;
+  cublasStatus_t (*pref_set)(cublasLtMatmulPreference_t, int, const void*, size_t) = nullptr;
+  cublasStatus_t (*heuristic)(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                              cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t, int requested,
+                              cublasLtMatmulHeuristicResult_t* results, int* returned) = nullptr;  // ...AlgoGetHeuristic
+  cublasStatus_t (*matmul)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void* alpha, const void* A,
+                           cublasLtMatrixLayout_t, const void* B, cublasLtMatrixLayout_t, const void* beta, const void* C,
+                           cublasLtMatrixLayout_t, void* D, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*,
+                           void* workspace, size_t workspace_bytes, cudaStream_t) = nullptr;  // cublasLtMatmul
+};
+
 struct CublasLibrary {
   bool loaded = false;
   std::string error;    // why loading failed (names tried and dlerror)
   std::string path;     // the file that was opened, e.g. /usr/local/cuda/lib64/libcublas.so.13
   std::string version;  // "13.0.0" when cublasGetProperty exists
   CublasApi api;
+  // cuBLASLt: optional (the GEMM tuner needs it; everything else runs without it)
+  bool lt_loaded = false;
+  std::string lt_error;  // why not
+  CublasLtApi lt;
 };
 
 // Opens cuBLAS once per process (thread-safe) and returns the result; never throws. Tries $TFEW_CUBLAS_PATH,

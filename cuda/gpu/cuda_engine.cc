@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iomanip>
 #include <sstream>
 
 #include "core/errors.h"
@@ -45,6 +46,9 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
                                                               : env_flag("TFEW_CUDA_FEW_ROW_LINEARS", false);
     few_row_linears_ = std::is_same<T, __nv_bfloat16>::value && few_rows_wanted &&
                        kernels::few_rows_norm_supported(config_.d_model);
+    // Off by default until a GPU run has timed it (rank-bench's -TUNED rows).
+    gemm_tuning_wanted_ = options.gemm_tuning >= 0 ? options.gemm_tuning == 1 : env_flag("TFEW_CUDA_GEMM_TUNING", false);
+    gemm_.enable_tuning(gemm_tuning_wanted_);
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -71,6 +75,18 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
 }
 
 template <typename T>
+std::string CudaEngine<T>::gemm_tuning_text() const {
+  if (!gemm_tuning_wanted_) return "";
+  if (!gemm_.tuning_note().empty()) return ", GEMM tuning " + gemm_.tuning_note();
+  const Gemm::TuningStats t = gemm_.tuning_stats();
+  std::ostringstream os;
+  os << ", GEMM tuning on (" << t.shapes << " shapes timed, " << t.changed << " on a cuBLASLt algorithm";
+  if (t.changed > 0) os << " saving " << std::fixed << std::setprecision(3) << t.saved_ms << " ms per call of each";
+  os << ")";
+  return os.str();
+}
+
+template <typename T>
 bool CudaEngine<T>::uses_few_row_linears(int n_rows) const {
   return few_row_linears_ && n_rows > 0 && n_rows <= kernels::kFewRowsMax;
 }
@@ -85,6 +101,7 @@ std::string CudaEngine<T>::describe() const {
      << (fused_attention_ && kernels::attention_kernel_wmma() ? " (WMMA kernel)" : "")
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << (few_row_linears_ ? ", few-row decoder linears fused" : "")
+     << gemm_tuning_text()
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")

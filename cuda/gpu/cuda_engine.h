@@ -288,6 +288,8 @@ class CudaEngine final : public Engine {
   // norm, activation or (IA)3 scale folded in (kernels/linear_few_rows.cu), instead of cuBLAS and separate passes.
   // cuda.fewRowLinears / TFEW_CUDA_FEW_ROW_LINEARS; off by default until a GPU run has timed it (RANK-3B-B1-FEW-ROWS).
   bool few_row_linears_ = false;
+  bool gemm_tuning_wanted_ = false;  // cuda.gemmTuning / TFEW_CUDA_GEMM_TUNING (Gemm::enable_tuning)
+  std::string gemm_tuning_text() const;  // for describe()
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;
   GemmSupport gemm_support_;  // bf16 engines: what cuBLAS said to the probe (fp32 engines need neither)
   bool graphs_enabled_ = true;

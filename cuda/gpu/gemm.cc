@@ -1,6 +1,9 @@
 #include "gpu/gemm.h"
 
+#include <atomic>
+#include <cmath>
 #include <string>
+#include <tuple>
 
 #include "gpu/device_memory.h"
 
@@ -18,12 +21,218 @@ void Gemm::init(cudaStream_t stream, void* workspace, size_t workspace_bytes, Pr
   TFEW_CUBLAS_CHECK(api_->set_stream(handle_, stream));
   // set_stream resets the workspace to cuBLAS's own pool, so the workspace comes after it.
   TFEW_CUBLAS_CHECK(api_->set_workspace(handle_, workspace, workspace_bytes));
+  workspace_ = workspace;
+  workspace_bytes_ = workspace_bytes;
   TFEW_CUBLAS_CHECK(api_->set_math_mode(handle_, CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
 }
 
 void Gemm::destroy() {
+  for (auto& [key, t] : tuned_) release(t);
+  tuned_.clear();
+  const CublasLibrary& lib = cublas_library();
+  if (lt_ && lib.lt_loaded) lib.lt.destroy(lt_);
+  lt_ = nullptr;
   if (handle_ && api_) api_->destroy(handle_);
   handle_ = nullptr;
+}
+
+// ---- GEMM tuning
+
+namespace {
+std::atomic<bool> prefer_cublaslt{false};
+}  // namespace
+void set_gemm_tuning_prefers_cublaslt(bool on) { prefer_cublaslt = on; }
+
+bool Gemm::enable_tuning(bool on) {
+  tuning_ = false;
+  if (!on) return false;
+  const CublasLibrary& lib = cublas_library();
+  if (!lib.lt_loaded) {
+    tuning_note_ = "unavailable: " + lib.lt_error;
+    return false;
+  }
+  if (!lt_ && lib.lt.create(&lt_) != CUBLAS_STATUS_SUCCESS) {
+    lt_ = nullptr;
+    tuning_note_ = "unavailable: cublasLtCreate failed";
+    return false;
+  }
+  tuning_ = true;
+  return true;
+}
+
+Gemm::TuningStats Gemm::tuning_stats() const {
+  TuningStats s;
+  for (const auto& [key, t] : tuned_) {
+    ++s.shapes;
+    if (t.lt) {
+      ++s.changed;
+      s.saved_ms += t.default_ms - t.best_ms;
+    }
+  }
+  return s;
+}
+
+bool Gemm::TuneKey::operator<(const TuneKey& o) const {
+  auto tie = [](const TuneKey& x) {
+    return std::make_tuple(x.op_a, x.op_b, x.m, x.n, x.k, x.lda, x.ldb, x.ldc, x.ta, x.tc, x.accumulate, x.align_a,
+                           x.align_b, x.align_c);
+  };
+  return tie(*this) < tie(o);
+}
+
+void Gemm::release(Tuned& t) {
+  const CublasLtApi& lt = cublas_library().lt;
+  if (t.desc) lt.desc_destroy(t.desc);
+  for (cublasLtMatrixLayout_t l : {t.a, t.b, t.c})
+    if (l) lt.layout_destroy(l);
+  t.desc = nullptr;
+  t.a = t.b = t.c = nullptr;
+  t.lt = false;
+}
+
+namespace {
+uint32_t alignment_of(const void* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 256;
+  while (a > 1 && address % a != 0) a >>= 1;
+  return a;
+}
+
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+    cudaGetLastError();
+    return true;  // (in doubt, do nothing that cannot be captured)
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+size_t element_bytes(int type) { return type == CUDA_R_16BF ? 2 : 4; }
+}  // namespace
+
+cublasStatus_t Gemm::gemm_ex(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
+                             const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
+                             cudaDataType tc, int ldc) {
+  return api_->gemm_ex(handle_, op_a, op_b, m, n, k, &alpha, a, ta, lda, b, ta, ldb, &beta, c, tc, ldc,
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+cublasStatus_t Gemm::gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
+                          const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
+                          cudaDataType tc, int ldc) {
+  if (!tuning_ || k <= 0) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+  const TuneKey key{op_a, op_b, m, n, k, lda, ldb, ldc, ta, tc, beta != 0.f, alignment_of(a), alignment_of(b),
+                    alignment_of(c)};
+  auto it = tuned_.find(key);
+  if (it == tuned_.end()) {
+    if (capturing(stream_)) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+    it = tuned_.emplace(key, tune(key, a, b, alpha, beta, c)).first;
+  }
+  Tuned& t = it->second;
+  if (!t.lt) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+  const cublasStatus_t s = cublas_library().lt.matmul(lt_, t.desc, &alpha, a, t.a, b, t.b, &beta, c, t.c, c, t.c,
+                                                      &t.algo, workspace_, workspace_bytes_, stream_);
+  if (s == CUBLAS_STATUS_SUCCESS) return s;
+  release(t);  // (an algorithm that refused: cublasGemmEx from now on)
+  return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+}
+
+// Times cublasGemmEx and cuBLASLt's candidates for one shape on the call's operands; c is left as it was.
+Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float alpha, float beta, void* c) {
+  const CublasLtApi& lt = cublas_library().lt;
+  Tuned t;
+  const auto op_a = static_cast<cublasOperation_t>(key.op_a), op_b = static_cast<cublasOperation_t>(key.op_b);
+  const auto ta = static_cast<cudaDataType>(key.ta), tc = static_cast<cudaDataType>(key.tc);
+  const int m = key.m, n = key.n, k = key.k;
+  bool ok = lt.desc_create(&t.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+  const int32_t trans_a = op_a, trans_b = op_b;
+  ok = ok && lt.desc_set(t.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)) == CUBLAS_STATUS_SUCCESS &&
+       lt.desc_set(t.desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)) == CUBLAS_STATUS_SUCCESS;
+  ok = ok && lt.layout_create(&t.a, ta, op_a == CUBLAS_OP_N ? m : k, op_a == CUBLAS_OP_N ? k : m, key.lda) == CUBLAS_STATUS_SUCCESS;
+  ok = ok && lt.layout_create(&t.b, ta, op_b == CUBLAS_OP_N ? k : n, op_b == CUBLAS_OP_N ? n : k, key.ldb) == CUBLAS_STATUS_SUCCESS;
+  ok = ok && lt.layout_create(&t.c, tc, m, n, key.ldc) == CUBLAS_STATUS_SUCCESS;
+  cublasLtMatmulPreference_t pref = nullptr;
+  constexpr int kCandidates = 8;
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  int returned = 0;
+  if (ok && lt.pref_create(&pref) == CUBLAS_STATUS_SUCCESS) {
+    const uint64_t workspace = workspace_bytes_;
+    const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    ok = lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)) == CUBLAS_STATUS_SUCCESS &&
+         lt.pref_set(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction, sizeof(reduction)) == CUBLAS_STATUS_SUCCESS;
+    const uint32_t align[4] = {key.align_a, key.align_b, key.align_c, key.align_c};
+    for (int i = 0; i < 4 && ok; ++i)
+      ok = lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES + i, &align[i], sizeof(uint32_t)) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && lt.heuristic(lt_, t.desc, t.a, t.b, t.c, t.c, pref, kCandidates, results, &returned) == CUBLAS_STATUS_SUCCESS;
+    lt.pref_destroy(pref);
+  } else {
+    ok = false;
+  }
+  if (!ok || returned <= 0) {
+    release(t);
+    return t;
+  }
+  // an output that is added into is saved first and put back after the trials
+  DeviceMemory saved;
+  const size_t c_bytes = (static_cast<size_t>(n - 1) * key.ldc + m) * element_bytes(key.tc);
+  if (key.accumulate) {
+    try {
+      saved.allocate(c_bytes, "GEMM tuning's copy of an output");
+    } catch (const TfewError&) {
+      release(t);  // no room to try: cublasGemmEx for this shape
+      return t;
+    }
+    TFEW_CUDA_CHECK(cudaMemcpyAsync(saved.get(), c, c_bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  TFEW_CUDA_CHECK(cudaEventCreate(&start));
+  TFEW_CUDA_CHECK(cudaEventCreate(&stop));
+  constexpr int kRuns = 3;
+  // one warm-up, then the mean of kRuns; infinity for a candidate that refuses
+  auto time = [&](auto&& run) -> float {
+    if (run() != CUBLAS_STATUS_SUCCESS) return INFINITY;
+    cudaEventRecord(start, stream_);
+    for (int r = 0; r < kRuns; ++r)
+      if (run() != CUBLAS_STATUS_SUCCESS) return INFINITY;
+    cudaEventRecord(stop, stream_);
+    float ms = 0.f;
+    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
+      cudaGetLastError();
+      return INFINITY;
+    }
+    return ms / kRuns;
+  };
+  t.default_ms = time([&] { return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, key.lda, b, key.ldb, beta, c, tc, key.ldc); });
+  int best = -1;
+  t.best_ms = t.default_ms;
+  for (int i = 0; i < returned; ++i) {
+    if (results[i].state != CUBLAS_STATUS_SUCCESS || results[i].workspaceSize > workspace_bytes_) continue;
+    const float ms = time([&] {
+      return lt.matmul(lt_, t.desc, &alpha, a, t.a, b, t.b, &beta, c, t.c, c, t.c, &results[i].algo, workspace_,
+                       workspace_bytes_, stream_);
+    });
+    if (ms < t.best_ms) {
+      t.best_ms = ms;
+      best = i;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (key.accumulate) TFEW_CUDA_CHECK(cudaMemcpyAsync(c, saved.get(), c_bytes, cudaMemcpyDeviceToDevice, stream_));
+  TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));  // (saved is freed on return)
+  if (prefer_cublaslt && best < 0) {  // (tests on the emulator: the first candidate that ran)
+    for (int i = 0; i < returned && best < 0; ++i)
+      if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= workspace_bytes_) best = i;
+    t.best_ms = 0.f;
+  }
+  if (best >= 0 && (t.best_ms < 0.97f * t.default_ms || prefer_cublaslt)) {
+    t.algo = results[best].algo;
+    t.lt = true;
+  } else {
+    release(t);
+    t.best_ms = t.default_ms;
+  }
+  return t;
 }
 
 GemmSupport Gemm::probe_bf16_f32(cudaStream_t stream) {
@@ -71,12 +280,9 @@ template <typename TIn, typename TOut>
 void Gemm::linear(const TIn* x, int ldx, const TIn* w, int ldw, TOut* y, int ldy, int M, int N, int K, float beta) {
   if (M <= 0 || N <= 0) return;
   const Timing timed = timing("linear", M, N, K);
-  const float alpha = 1.f;
   // Column-major view: C (N x M, ld ldy) = op(W) (N x K) * x^T (K x M): A = W transposed, B = x as is.
-  const cublasStatus_t s =
-      api_->gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, cuda_data_type<TIn>(), ldw, x,
-                    cuda_data_type<TIn>(), ldx, &beta, y, cuda_data_type<TOut>(), ldy, CUBLAS_COMPUTE_32F,
-                    CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t s = gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, 1.f, w, cuda_data_type<TIn>(), ldw, x, ldx, beta, y,
+                                cuda_data_type<TOut>(), ldy);
   if (s != CUBLAS_STATUS_SUCCESS)
     check_cublas(s, ("cublasGemmEx " + shape_text("linear", N, M, K)).c_str(), __FILE__, __LINE__);
 }
@@ -87,10 +293,8 @@ void Gemm::linear_backward(const TIn* dy, int ldy, const TIn* w, int ldw, TOut* 
   if (M <= 0 || K <= 0) return;
   const Timing timed = timing("linear_backward", M, K, N);
   // Column-major view: C (K x M, ld ldx) = W^T stored as (K x N, ld ldw) * dy^T (N x M, ld ldy), both as is.
-  const cublasStatus_t s =
-      api_->gemm_ex(handle_, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &alpha, w, cuda_data_type<TIn>(), ldw, dy,
-                    cuda_data_type<TIn>(), ldy, &beta, dx, cuda_data_type<TOut>(), ldx, CUBLAS_COMPUTE_32F,
-                    CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t s = gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, alpha, w, cuda_data_type<TIn>(), ldw, dy, ldy, beta,
+                                dx, cuda_data_type<TOut>(), ldx);
   if (s != CUBLAS_STATUS_SUCCESS)
     check_cublas(s, ("cublasGemmEx " + shape_text("linear backward", K, M, N)).c_str(), __FILE__, __LINE__);
 }

@@ -6,6 +6,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <map>
+#include <string>
 
 #include "gpu/cublas_loader.h"
 #include "gpu/cuda_check.h"
@@ -27,6 +29,10 @@ struct GemmSupport {
   bool strided_bf16_f32 = false;  // fixed strides: the folded cross-attention's scores
 };
 
+// Tests on the CUDA emulator, where every cuBLASLt candidate is the same CPU product and timings are noise: makes the
+// tuner keep a cuBLASLt candidate for every shape it can (so that the cuBLASLt call path is what runs). Not an API.
+void set_gemm_tuning_prefers_cublaslt(bool on);
+
 class Gemm {
  public:
   Gemm() = default;
@@ -42,6 +48,21 @@ class Gemm {
   void time_as(const char* family) { family_ = family; }
   bool timed() const { return family_ != nullptr; }
   void destroy();  // never throws
+
+  // GEMM tuning (cuda.gemmTuning): the first time a shape of linear / linear_backward runs outside a graph capture,
+  // cublasGemmEx's pick and up to 8 of cuBLASLt's heuristic candidates run on the call's own operands (an output
+  // that is added into is saved and put back), and the fastest is kept for that shape (cuBLASLt's only where it
+  // beats cublasGemmEx's by 3%). Calls made while a graph is captured use what is known, else cublasGemmEx. Split-K
+  // candidates reduce in fp32 and never in place, as cublasGemmEx is told to. Returns whether tuning is on (it needs
+  // cuBLASLt: tuning_note() says why not).
+  bool enable_tuning(bool on);
+  struct TuningStats {
+    int shapes = 0;         // shapes timed so far
+    int changed = 0;        // of which run on a cuBLASLt algorithm
+    double saved_ms = 0.0;  // the sum over the changed shapes of what one call saves
+  };
+  TuningStats tuning_stats() const;
+  const std::string& tuning_note() const { return tuning_note_; }
 
   // Tries both batched bf16-in / fp32-out calls once on tiny operands, synchronously. NVIDIA's tables list
   // them (CUBLAS_COMPUTE_32F), but a cuBLAS that answers NOT_SUPPORTED should cost a fallback, not a failed call.
@@ -88,7 +109,34 @@ class Gemm {
     KeyedSpan shape;
   };
   Timing timing(const char* op, int m, int n, int k, int batch = 1) const;
+  // cublasGemmEx's arguments (column-major), through the tuned choice where tuning is on.
+  cublasStatus_t gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha, const void* a,
+                      cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c, cudaDataType tc, int ldc);
+  cublasStatus_t gemm_ex(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
+                         const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
+                         cudaDataType tc, int ldc);
+  struct TuneKey {
+    int op_a, op_b, m, n, k, lda, ldb, ldc, ta, tc;
+    bool accumulate;               // beta != 0
+    uint32_t align_a, align_b, align_c;  // the pointers' alignment (bytes, up to 256): which algorithms may take them
+    bool operator<(const TuneKey& o) const;
+  };
+  struct Tuned {
+    bool lt = false;  // run on `algo` (else cublasGemmEx)
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    float default_ms = 0.f, best_ms = 0.f;
+  };
+  Tuned tune(const TuneKey& key, const void* a, const void* b, float alpha, float beta, void* c);
+  void release(Tuned& t);
   cublasHandle_t handle_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  bool tuning_ = false;
+  std::string tuning_note_;
+  std::map<TuneKey, Tuned> tuned_;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
   const CublasApi* api_ = nullptr;
   cudaStream_t stream_ = nullptr;
   Profiler* profiler_ = nullptr;

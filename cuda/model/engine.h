@@ -178,6 +178,9 @@ struct CudaEngineOptions {
   // with their norm, activation and (IA)3 scales folded in: -1 default (off until timed on a GPU), 0 off, 1 on where
   // supported (d_model 512, 1024 or 2048)
   int few_row_linears = -1;
+  // GEMM tuning: -1 default (off until timed on a GPU), 0 off, 1 on: each linear layer's GEMM shape is timed on its
+  // first call (cublasGemmEx against cuBLASLt's heuristic candidates) and runs on the fastest (gpu/gemm.h)
+  int gemm_tuning = -1;
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
   // small rank-classification calls padded to shape buckets so that similar lengths share a graph:
   // -1 default (on), 0 off (every call at its exact shape), 1 on

@@ -32,6 +32,11 @@
 #include "model/relative_position.h"
 #ifdef TFEW_CUDA_EMULATION
 #include "emu/emu_selftest.h"
+namespace tfew {
+namespace gpu {
+void set_gemm_tuning_prefers_cublaslt(bool on);  // gpu/gemm.h (tests on the emulator)
+}  // namespace gpu
+}  // namespace tfew
 #endif
 
 namespace tfew {
@@ -854,7 +859,7 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
-// fewRowLinears?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
+// fewRowLinears?, gemmTuning?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -911,6 +916,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         cuda.fused_attention = c.Get("fusedAttention").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("fusedBackward") && c.Get("fusedBackward").IsBoolean())
         cuda.fused_backward = c.Get("fusedBackward").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("gemmTuning") && c.Get("gemmTuning").IsBoolean())
+        cuda.gemm_tuning = c.Get("gemmTuning").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("fewRowLinears") && c.Get("fewRowLinears").IsBoolean())
         cuda.few_row_linears = c.Get("fewRowLinears").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
@@ -1349,6 +1356,11 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   // emulatorFailGraphLaunches(count): the next count graph launches find no device memory
   testing.Set("emulatorFailGraphLaunches", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     emu::fail_graph_launches(info[0].ToNumber().Int32Value());
+    return info.Env().Undefined();
+  }));
+  // emulatorGemmTuningPrefersCublasLt(on): the GEMM tuner keeps a cuBLASLt candidate wherever it can (gpu/gemm.h)
+  testing.Set("emulatorGemmTuningPrefersCublasLt", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    gpu::set_gemm_tuning_prefers_cublaslt(info[0].ToBoolean().Value());
     return info.Env().Undefined();
   }));
   // emulatorHoldDeviceMemory(bytes) -> bool: another process holds that much of the current device (0: none)

@@ -62,7 +62,8 @@ const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(B
 
 interface CudaOpts {
   cudaDevice?: number; cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
-  cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaFewRowLinears?: boolean; cudaGraphs?: boolean;
+  cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaFewRowLinears?: boolean; cudaGemmTuning?: boolean;
+  cudaGraphs?: boolean;
   cudaGraphBuckets?: boolean;
 }
 interface ModelOpts extends CudaOpts { model: string; device: DeviceOption; threads?: number }
@@ -87,6 +88,8 @@ function addCudaOptions(cmd: Command): Command {
     .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward (the default)')
     .option('--cuda-few-row-linears', 'CUDA: the decoder\'s linear layers of small calls in kernels with their norm and activation folded in')
     .option('--no-cuda-few-row-linears', 'CUDA: the decoder\'s linear layers on cuBLAS at every size (the default)')
+    .option('--cuda-gemm-tuning', 'CUDA: time each GEMM shape\'s cuBLAS/cuBLASLt algorithms on its first call and keep the fastest')
+    .option('--no-cuda-gemm-tuning', 'CUDA: cuBLAS\'s own choice of GEMM algorithm (the default)')
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
@@ -101,6 +104,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaFusedAttention === false) c.fusedAttention = false;
   if (o.cudaFusedBackward !== undefined) c.fusedBackward = o.cudaFusedBackward;  // (both forms defined: no default)
   if (o.cudaFewRowLinears !== undefined) c.fewRowLinears = o.cudaFewRowLinears;  // (the same)
+  if (o.cudaGemmTuning !== undefined) c.gemmTuning = o.cudaGemmTuning;  // (the same)
   if (o.cudaGraphs === false) c.graphs = false;
   if (o.cudaGraphBuckets === false) c.graphBuckets = false;
   return Object.keys(c).length > 0 ? c : undefined;
