@@ -1,11 +1,13 @@
 #include "gpu/gemm.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <string>
 #include <tuple>
 
 #include "gpu/device_memory.h"
+#include "kernels/kernels.cuh"
 
 namespace tfew {
 namespace gpu {
@@ -66,7 +68,7 @@ Gemm::TuningStats Gemm::tuning_stats() const {
     ++s.shapes;
     if (t.lt) {
       ++s.changed;
-      s.saved_ms += t.default_ms - t.best_ms;
+      if (std::isfinite(t.default_ms)) s.saved_ms += t.default_ms - t.best_ms;  // (infinite: cublasGemmEx refused)
     }
   }
   return s;
@@ -141,6 +143,15 @@ cublasStatus_t Gemm::gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m,
 Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float alpha, float beta, void* c) {
   const CublasLtApi& lt = cublas_library().lt;
   Tuned t;
+  // (a CUDA error below throws: the descriptors go with it; the successful end disarms this)
+  struct ReleaseOnExit {
+    Gemm* gemm;
+    Tuned* tuned;
+    bool armed = true;
+    ~ReleaseOnExit() {
+      if (armed) gemm->release(*tuned);
+    }
+  } guard{this, &t};
   const auto op_a = static_cast<cublasOperation_t>(key.op_a), op_b = static_cast<cublasOperation_t>(key.op_b);
   const auto ta = static_cast<cudaDataType>(key.ta), tc = static_cast<cudaDataType>(key.tc);
   const int m = key.m, n = key.n, k = key.k;
@@ -184,23 +195,45 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
     }
     TFEW_CUDA_CHECK(cudaMemcpyAsync(saved.get(), c, c_bytes, cudaMemcpyDeviceToDevice, stream_));
   }
-  cudaEvent_t start = nullptr, stop = nullptr;
-  TFEW_CUDA_CHECK(cudaEventCreate(&start));
-  TFEW_CUDA_CHECK(cudaEventCreate(&stop));
-  constexpr int kRuns = 3;
-  // one warm-up, then the mean of kRuns; infinity for a candidate that refuses
+  // Timing. Each run alone between its own events, after the cuBLAS workspace is overwritten (32 MiB: most of a
+  // 40-50 MB L2, so that a small-M GEMM's weights come from DRAM as in a forward pass, not from L2), and the whole
+  // series queued behind a wait on the device, so that the events see the GPU's time and not the host's launch rate
+  // (a decoder GEMM takes a few microseconds). The median of kRuns, after a warm-up; infinity for a candidate that
+  // refuses.
+  constexpr int kRuns = 7;
+  struct Events {
+    cudaEvent_t e[2 * kRuns] = {};
+    ~Events() {
+      for (cudaEvent_t x : e)
+        if (x) cudaEventDestroy(x);
+    }
+  } events;
+  for (cudaEvent_t& x : events.e) TFEW_CUDA_CHECK(cudaEventCreate(&x));
   auto time = [&](auto&& run) -> float {
-    if (run() != CUBLAS_STATUS_SUCCESS) return INFINITY;
-    cudaEventRecord(start, stream_);
-    for (int r = 0; r < kRuns; ++r)
-      if (run() != CUBLAS_STATUS_SUCCESS) return INFINITY;
-    cudaEventRecord(stop, stream_);
-    float ms = 0.f;
-    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
-      cudaGetLastError();
+    if (run() != CUBLAS_STATUS_SUCCESS) {
+      cudaGetLastError();  // (a refused launch must not be blamed on a later kernel)
       return INFINITY;
     }
-    return ms / kRuns;
+    kernels::device_delay(200, stream_);
+    for (int r = 0; r < kRuns; ++r) {
+      TFEW_CUDA_CHECK(cudaMemsetAsync(workspace_, r, workspace_bytes_, stream_));
+      TFEW_CUDA_CHECK(cudaEventRecord(events.e[2 * r], stream_));
+      if (run() != CUBLAS_STATUS_SUCCESS) {
+        cudaGetLastError();
+        TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        return INFINITY;
+      }
+      TFEW_CUDA_CHECK(cudaEventRecord(events.e[2 * r + 1], stream_));
+    }
+    TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    float ms[kRuns];
+    for (int r = 0; r < kRuns; ++r)
+      if (cudaEventElapsedTime(&ms[r], events.e[2 * r], events.e[2 * r + 1]) != cudaSuccess) {
+        cudaGetLastError();
+        return INFINITY;
+      }
+    std::sort(ms, ms + kRuns);
+    return ms[kRuns / 2];
   };
   t.default_ms = time([&] { return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, key.lda, b, key.ldb, beta, c, tc, key.ldc); });
   int best = -1;
@@ -216,8 +249,6 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
       best = i;
     }
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
   if (key.accumulate) TFEW_CUDA_CHECK(cudaMemcpyAsync(c, saved.get(), c_bytes, cudaMemcpyDeviceToDevice, stream_));
   TFEW_CUDA_CHECK(cudaStreamSynchronize(stream_));  // (saved is freed on return)
   if (prefer_cublaslt && best < 0) {  // (tests on the emulator: the first candidate that ran)
@@ -228,6 +259,7 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
   if (best >= 0 && (t.best_ms < 0.97f * t.default_ms || prefer_cublaslt)) {
     t.algo = results[best].algo;
     t.lt = true;
+    guard.armed = false;
   } else {
     release(t);
     t.best_ms = t.default_ms;

@@ -282,6 +282,9 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
                             const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                             const float* stats, T* dk, T* dv, int dkv_ld, cudaStream_t stream);
 
+// ---- delay.cu: a kernel that waits `microseconds` on the device (timing: the work queued behind it runs back to back)
+void device_delay(int microseconds, cudaStream_t stream);
+
 // ---- linear_few_rows.cu: the inference decoder's linear layers at a few rows (bf16), each with the pass beside
 // it folded in. Each returns false, launching nothing, where its kernel does not apply (too many rows, a width
 // without an instance, misaligned operands): the caller then takes the unfused path. W is [n, k], rows contiguous.
