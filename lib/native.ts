@@ -331,6 +331,8 @@ export interface NativeAddon {
     /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */
     /** Emulation build only: the GEMM tuner keeps a cuBLASLt candidate wherever it can (its call path is then tested). */
     emulatorGemmTuningPrefersCublasLt?(on: boolean): void;
+    /** Emulation build only: the SM count the emulated device reports (<= 0: the default, 132). */
+    emulatorMultiprocessors?(count: number): void;
     cpuLinear(x: Float32Array, w: Float32Array, dy: Float32Array, dxInit: Float32Array | null, n: number, inDim: number,
               out: number, threads: number): Promise<{ y: Float32Array; dx: Float32Array; simd: 'avx2+fma' | 'baseline' }>;
   };

@@ -445,6 +445,11 @@ void device_fault(cudaError_t error, const std::string& what) {
   }
 }
 
+// The SM count the emulated device reports (an H100's 132; set_multiprocessors).
+std::atomic<int> g_multiprocessors{132};
+
+void set_multiprocessors(int count) { g_multiprocessors.store(count > 0 ? count : 132); }
+
 std::atomic<long long> g_graph_exec_bytes{-1};
 
 void set_graph_exec_bytes(long long bytes) { g_graph_exec_bytes.store(bytes); }
@@ -699,11 +704,21 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(kDefaultDynamicShared); break;
     case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
-    case cudaDevAttrMultiProcessorCount: *value = 132; break;
+    case cudaDevAttrMultiProcessorCount: *value = tfew::emu::g_multiprocessors.load(); break;
     case cudaDevAttrWarpSize: *value = 32; break;
     case cudaDevAttrMaxThreadsPerBlock: *value = kMaxThreadsPerBlock; break;
     default: return record(cudaErrorInvalidValue);
   }
+  return cudaSuccess;
+}
+
+// What an H100's SM holds of a block of `block_size` threads with `smem` bytes of dynamic shared memory: the
+// emulator counts threads and shared memory (228 KiB an SM, 1 KiB reserved per block), not registers.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func, int block_size, size_t smem) {
+  if (!blocks || !func || block_size <= 0 || block_size > kMaxThreadsPerBlock) return record(cudaErrorInvalidValue);
+  const int by_threads = 2048 / block_size;
+  const int by_smem = static_cast<int>((228 * 1024) / (smem + 1024));
+  *blocks = std::max(0, std::min({by_threads, by_smem, 32}));
   return cudaSuccess;
 }
 

@@ -19,6 +19,10 @@ void reset_device_faults();
 // device with it to see what the engine does when a graph cannot be instantiated.
 void set_graph_exec_bytes(long long bytes);
 
+// The SM count the emulated device reports from now on (default 132; count <= 0 restores it): kernels that size their
+// grid to the GPU then run more work per block.
+void set_multiprocessors(int count);
+
 // The next `count` cudaGraphLaunch calls fail with cudaErrorMemoryAllocation (not sticky), as a launch can when the
 // graph's upload finds the device full.
 void fail_graph_launches(int count);

@@ -1358,6 +1358,11 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     emu::fail_graph_launches(info[0].ToNumber().Int32Value());
     return info.Env().Undefined();
   }));
+  // emulatorMultiprocessors(count): the SM count the emulated device reports (<= 0: the default, 132)
+  testing.Set("emulatorMultiprocessors", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    emu::set_multiprocessors(info[0].ToNumber().Int32Value());
+    return info.Env().Undefined();
+  }));
   // emulatorGemmTuningPrefersCublasLt(on): the GEMM tuner keeps a cuBLASLt candidate wherever it can (gpu/gemm.h)
   testing.Set("emulatorGemmTuningPrefersCublasLt", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     gpu::set_gemm_tuning_prefers_cublaslt(info[0].ToBoolean().Value());

@@ -8,6 +8,7 @@
 import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
+import { native } from '../../lib/native';
 import { mulberry32, randomBatch, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
 import { maxRelError } from '../helpers/reference';
 import { bf16Tolerance, describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
@@ -113,6 +114,22 @@ describeCuda('few-row decoder linears (cuda.fewRowLinears)', () => {
       for (let i = 0; i < 3; i++) {
         const again = await few.rankClassify(c.inputIds, c.choices, { adapter: perExample(c) });
         expect(again.logProbs.flat()).toEqual(first);
+      }
+    });
+
+    // The grid is what the GPU runs at once (blocks per SM x SMs), each block looping over column blocks: on the
+    // emulator, with 1 SM (8 blocks) instead of 132, every block takes several column blocks; the same bits.
+    (emulated() ? test : test.skip)('blocks that loop over several column blocks give the same bits (emulator: 1 SM)', async () => {
+      const c = cases[2];
+      const want = (await few.rankClassify(c.inputIds, c.choices, { adapter: perExample(c) })).logProbs.flat();
+      const fewSms = await loadCuda(dir, 'bf16', {}, { fewRowLinears: true, graphs: false });
+      try {
+        native()._testing.emulatorMultiprocessors!(1);
+        const got = (await fewSms.rankClassify(c.inputIds, c.choices, { adapter: perExample(c) })).logProbs.flat();
+        expect(got).toEqual(want);
+      } finally {
+        native()._testing.emulatorMultiprocessors!(0);
+        await fewSms.dispose();
       }
     });
 
