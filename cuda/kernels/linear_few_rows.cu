@@ -7,7 +7,8 @@
 // and (IA)3 passes around cuBLAS's GEMMs are launches of their own: 6 of the 18 launches of a decoder layer at
 // RANK-3B-B1 (folded cross-attention), each a few microseconds of a latency-bound call.
 //
-// A block owns kNTiles tiles of 8 output columns and every row (kMTiles tiles of 16). Its 8 warps split K in
+// A column block is kNTiles tiles of 8 output columns and every row (kMTiles tiles of 16). Blocks are persistent
+// (the grid is what the GPU runs at once) and loop over column blocks; a block's 8 warps split K in
 // interleaved 32-wide chunks and feed mma.sync m16n8k16 (bf16 in, fp32 accumulation) with W read straight from
 // global memory, 16 bytes a lane: lane 4 g + t reads W[n0 + g][32 c + 8 t, + 8) and the A rows g and g + 8 at the
 // same columns. A dot product does not care in which order its terms come, so the chunk's two k16 steps s = 0, 1
@@ -15,7 +16,7 @@
 // 8t + 4s + {2, 3} (b1; a2, a3): one permutation for A and B, every k once. The warps' partial sums meet in shared
 // memory and are added in warp order (deterministic); then the epilogue writes.
 // The normalised input (norm_*) and the l_v-scaled context are staged in shared memory by the block (one read of
-// the input per block); a plain input is read from global memory (L2) as fragments. The norm is rmsnorm_row_warp and
+// the input per block, whatever the number of column blocks it takes); a plain input is read from global memory (L2) as fragments. The norm is rmsnorm_row_warp and
 // the epilogues repeat the unfused kernels' arithmetic (the GEMM's bf16 output, then the activation or the (IA)3
 // scale in fp32), so results differ from the cuBLAS path only by the order of the dot products' sums.
 #include <algorithm>
@@ -343,6 +344,25 @@ bool few_rows_shape_ok(int rows, int k, const bf16* w, int ldw, bool staged) {
   return !staged || bytes <= kMaxStagedBytes;
 }
 
+// The arguments of a norm form: rmsnorm(x) (k = d_model columns, rows rows) times W [., k], into out.
+FewRowsArgs norm_args(const float* x, int ldx, const float* norm_weight, float eps, const bf16* w, int k, int rows,
+                      const AdapterIndex& index, int64_t scale_offset, bf16* out, int ldo) {
+  FewRowsArgs p;
+  p.x = x;
+  p.lda = ldx;
+  p.norm_weight = norm_weight;
+  p.eps = eps;
+  p.w = w;
+  p.ldw = k;
+  p.rows = rows;
+  p.k = k;
+  p.index = index;
+  p.scale_offset = scale_offset;
+  p.out = out;
+  p.ldo = ldo;
+  return p;
+}
+
 }  // namespace
 
 bool few_rows_norm_supported(int d_model) {
@@ -355,19 +375,7 @@ bool few_rows_norm_linear(const float* x, int ldx, const float* norm_weight, flo
   if (!few_rows_shape_ok(rows, k, w, k, true) || n % 16 != 0 || ldx % 4 != 0 || ldo % 2 != 0 || !aligned16(x) ||
       !aligned16(norm_weight) || !aligned16(out) || !few_rows_norm_supported(k))
     return false;
-  FewRowsArgs p;
-  p.x = x;
-  p.lda = ldx;
-  p.norm_weight = norm_weight;
-  p.eps = eps;
-  p.w = w;
-  p.ldw = k;
-  p.rows = rows;
-  p.k = k;
-  p.index = index;
-  p.scale_offset = out_scale_offset;
-  p.out = out;
-  p.ldo = ldo;
+  const FewRowsArgs p = norm_args(x, ldx, norm_weight, eps, w, k, rows, index, out_scale_offset, out, ldo);
   // 32 columns a block where that still gives every SM a column block (q|k|v: 6,144 columns), else 16
   const bool wide = n % 32 == 0 && n / 32 >= multiprocessors();
   bool launched = false;
@@ -387,20 +395,8 @@ bool few_rows_norm_ffn_in(const float* x, int ldx, const float* norm_weight, flo
   if (!few_rows_shape_ok(rows, d_model, wi, d_model, true) || d_ff % 16 != 0 || ldx % 4 != 0 || !aligned16(x) ||
       !aligned16(norm_weight) || !aligned16(act) || !few_rows_norm_supported(d_model))
     return false;
-  FewRowsArgs p;
-  p.x = x;
-  p.lda = ldx;
-  p.norm_weight = norm_weight;
-  p.eps = eps;
-  p.w = wi;
-  p.ldw = d_model;
-  p.rows = rows;
-  p.k = d_model;
+  FewRowsArgs p = norm_args(x, ldx, norm_weight, eps, wi, d_model, rows, index, ff_offset, act, d_ff);
   p.second_half = d_ff;
-  p.index = index;
-  p.scale_offset = ff_offset;
-  p.out = act;
-  p.ldo = d_ff;
   bool launched = false;
   with_row_tiles(rows, [&](auto mt) {
     with_norm_width(d_model, [&](auto chunks) {

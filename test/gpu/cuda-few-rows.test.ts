@@ -9,21 +9,13 @@ import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
 import { native } from '../../lib/native';
-import { mulberry32, randomBatch, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
+import { randomBatch, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
 import { maxRelError } from '../helpers/reference';
-import { bf16Tolerance, describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
+import { bf16Tolerance, describeCuda, emulated, loadCuda, randomAdapter, randomCheckpoint } from './helpers';
 
 jest.setTimeout(900_000);
 
 type Call = { name: string; inputIds: number[][]; choices: number[][][]; adapters: (number | null)[]; rows: number };
-
-function randomAdapter(model: T5Model, seed: number): IA3Adapter {
-  const a = IA3Adapter.create(model);
-  const rand = mulberry32(seed);
-  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.4 * (rand() - 0.5);
-  a.markChanged();
-  return a;
-}
 
 // A T5 v1.0-layout checkpoint (relu FFN, tied head rescaled by d_model^-0.5) of a width the kernels have (512, 1024),
 // with an attention width three times d_model (as the original T5-3B's 4,096 for 1,024): q|k|v then has enough

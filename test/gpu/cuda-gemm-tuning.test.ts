@@ -7,19 +7,11 @@
 // other algorithms sum in other orders: within the bf16 tolerance (twice PyTorch's bf16 error, as cuda-random).
 import { IA3Adapter, T5Model } from '../../lib';
 import { native } from '../../lib/native';
-import { mulberry32, randomBatch } from '../../benchmarks/random-t5';
+import { randomBatch } from '../../benchmarks/random-t5';
 import { maxRelError, relError } from '../helpers/reference';
-import { bf16Tolerance, describeCuda, emulated, loadCuda, randomCheckpoint } from './helpers';
+import { bf16Tolerance, describeCuda, emulated, loadCuda, randomAdapter, randomCheckpoint } from './helpers';
 
 jest.setTimeout(900_000);
-
-function randomAdapter(model: T5Model, seed: number): IA3Adapter {
-  const a = IA3Adapter.create(model);
-  const rand = mulberry32(seed);
-  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.4 * (rand() - 0.5);
-  a.markChanged();
-  return a;
-}
 
 describeCuda('GEMM tuning (cuda.gemmTuning)', () => {
   const exact = emulated();

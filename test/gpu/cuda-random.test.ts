@@ -10,9 +10,9 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
-import { mulberry32, randomBatch, RandomBatch } from '../../benchmarks/random-t5';
+import { randomBatch, RandomBatch } from '../../benchmarks/random-t5';
 import { maxRelError, relError } from '../helpers/reference';
-import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision, randomCheckpoint } from './helpers';
+import { argmaxRows, bf16Tolerance, clearWinners, describeCuda, loadCuda, Precision, randomAdapter, randomCheckpoint } from './helpers';
 
 jest.setTimeout(600_000);
 
@@ -27,14 +27,6 @@ function parityBatch(dir: string, vocab: number): RandomBatch {
   if (fs.existsSync(file)) return JSON.parse(fs.readFileSync(file, 'utf8')) as RandomBatch;
   // the same batch benchmarks/random-t5.ts --batch-json writes (seed 1234 + 1)
   return randomBatch(vocab, [300, 37, 128, 255], [[3, 8], [5, 1, 7], [8, 8], [2, 6, 4, 3]], 1235);
-}
-
-function randomAdapter(model: T5Model, seed: number): IA3Adapter {
-  const a = IA3Adapter.create(model);
-  const rand = mulberry32(seed);
-  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.4 * (rand() - 0.5);
-  a.markChanged();
-  return a;
 }
 
 describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {

@@ -6,21 +6,14 @@ import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
 import { buildTinyT5 } from '../../lib/tiny';
-import { mulberry32 } from '../../benchmarks/random-t5';
 import { CHECKPOINTS, loadFixture, maxRelError, relError } from '../helpers/reference';
-import { bf16Tolerance, describeCuda, loadCuda, Precision } from './helpers';
+import { bf16Tolerance, describeCuda, loadCuda, Precision, randomAdapter } from './helpers';
 
 jest.setTimeout(300_000);
 
 const FP32_TOL = 1e-4;
 
-function perturbed(model: T5Model, seed: number): IA3Adapter {
-  const a = IA3Adapter.create(model);
-  const rand = mulberry32(seed);
-  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + 0.5 * (rand() - 0.5);
-  a.markChanged();
-  return a;
-}
+const perturbed = (model: T5Model, seed: number): IA3Adapter => randomAdapter(model, seed, 0.5);
 
 describeCuda('CUDA training', () => {
   describe.each(CHECKPOINTS.flatMap((c) => (['fp32', 'bf16'] as Precision[]).map((p) => [c, p] as const)))('%s, %s', (name, precision) => {

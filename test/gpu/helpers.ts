@@ -3,8 +3,8 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { CudaOptions, T5Model } from '../../lib';
-import { t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
+import { CudaOptions, IA3Adapter, T5Model } from '../../lib';
+import { mulberry32, t0_3bConfigJson, writeRandomT5 } from '../../benchmarks/random-t5';
 import { native } from '../../lib/native';
 
 export interface CudaStatus {
@@ -153,4 +153,13 @@ export function argmaxRows(scores: ArrayLike<number>[]): number[] {
     for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
     return best;
   });
+}
+
+/** An adapter of `model`'s layout with every entry 1 + spread * (uniform - 0.5), from a seeded generator. */
+export function randomAdapter(model: T5Model, seed: number, spread = 0.4): IA3Adapter {
+  const a = IA3Adapter.create(model);
+  const rand = mulberry32(seed);
+  for (let i = 0; i < a.data.length; i++) a.data[i] = 1 + spread * (rand() - 0.5);
+  a.markChanged();
+  return a;
 }
