@@ -62,6 +62,20 @@ struct FewRowsArgs {
 // the two halves of the 128-byte bank line, 4 wavefronts for 512 bytes (unpadded rows of 4 KiB would all share one).
 __host__ __device__ constexpr int staged_stride(int k) { return k + 32; }
 
+// 16 bytes of W, read once: through the read-only path without a place in L1 (which the staged input and the
+// partial sums use; W is read by one block only).
+__device__ __forceinline__ uint4 load_streaming(const bf16* p) {
+#if defined(TFEW_CUDA_EMULATION) || !defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const uint4*>(p));
+#else
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#endif
+}
+
 __device__ __forceinline__ const float* adapter_vector(const AdapterIndex& ix, int row, int64_t offset) {
   if (offset < 0 || ix.adapters == nullptr || ix.adapter_of_example == nullptr) return nullptr;  // (as active())
   const int a = adapter_of_token(ix, row);
@@ -105,7 +119,7 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
       const int c = c0 + kWarps * u;
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j)
-        wq[u][j] = c < n_chunks ? __ldg(reinterpret_cast<const uint4*>(w_row[j] + 32 * c)) : make_uint4(0, 0, 0, 0);
+        wq[u][j] = c < n_chunks ? load_streaming(w_row[j] + 32 * c) : make_uint4(0, 0, 0, 0);
     }
   };
   uint4 wq[kUnroll][kNTiles];
