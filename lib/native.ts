@@ -34,7 +34,8 @@ export interface CudaOptions {
    */
   fewRowLinears?: boolean;
   /**
-   * GEMM tuning: the first call of each linear layer's GEMM shape (outside a CUDA graph capture) times
+   * GEMM tuning: the first call of each linear layer's (and folded cross-attention's) GEMM shape (outside a CUDA
+   * graph capture) times
    * cublasGemmEx's choice against up to 8 of cuBLASLt's heuristic candidates on the call's own operands and keeps
    * the fastest (cuBLASLt's where it is at least 3% faster); split-K candidates reduce in fp32, as cublasGemmEx does.
    * First calls take longer (a few ms per shape); describe() says how many shapes changed. Needs libcublasLt beside

@@ -44,6 +44,8 @@ struct tfew::gpu::CublasLtLayoutOpaque {
   cudaDataType type = CUDA_R_32F;
   uint64_t rows = 0, cols = 0;
   int64_t ld = 0;
+  int32_t batch = 1;
+  int64_t stride = 0;  // elements between batch entries
 };
 struct tfew::gpu::CublasLtPreferenceOpaque {
   uint64_t max_workspace = 0;
@@ -300,8 +302,20 @@ cublasStatus_t lt_desc_set(cublasLtMatmulDesc_t d, int attr, const void* buf, si
 }
 cublasStatus_t lt_layout_create(cublasLtMatrixLayout_t* l, cudaDataType type, uint64_t rows, uint64_t cols, int64_t ld) {
   if (!l || ld < static_cast<int64_t>(std::max<uint64_t>(1, rows))) return CUBLAS_STATUS_INVALID_VALUE;
-  *l = new CublasLtLayoutOpaque{type, rows, cols, ld};
+  *l = new CublasLtLayoutOpaque{type, rows, cols, ld, 1, 0};
   return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t lt_layout_set(cublasLtMatrixLayout_t l, int attr, const void* buf, size_t bytes) {
+  if (!l || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+  if (attr == CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT && bytes == sizeof(int32_t)) {
+    l->batch = *static_cast<const int32_t*>(buf);
+    return l->batch >= 1 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+  }
+  if (attr == CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET && bytes == sizeof(int64_t)) {
+    l->stride = *static_cast<const int64_t*>(buf);
+    return CUBLAS_STATUS_SUCCESS;
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
 }
 cublasStatus_t lt_layout_destroy(cublasLtMatrixLayout_t l) {
   delete l;
@@ -344,8 +358,11 @@ cublasStatus_t lt_matmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void*
                          const void* B, cublasLtMatrixLayout_t lb, const void* beta, const void* C, cublasLtMatrixLayout_t lc,
                          void* D, cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t stream) {
   if (!h || !d || !la || !lb || !lc || !ld || !algo || algo->data[0] == 0) return CUBLAS_STATUS_INVALID_VALUE;
-  if (C != D || lc->rows != ld->rows || lc->cols != ld->cols || lc->ld != ld->ld || lc->type != ld->type)
+  if (C != D || lc->rows != ld->rows || lc->cols != ld->cols || lc->ld != ld->ld || lc->type != ld->type ||
+      lc->batch != ld->batch || lc->stride != ld->stride)
     return CUBLAS_STATUS_NOT_SUPPORTED;  // (the emulator does only what we call)
+  const int batch = ld->batch;
+  if (la->batch != batch || lb->batch != batch) return CUBLAS_STATUS_INVALID_VALUE;
   const int m = static_cast<int>(ld->rows), n = static_cast<int>(ld->cols);
   const int k = static_cast<int>(d->transa == CUBLAS_OP_N ? la->cols : la->rows);
   const int lda = static_cast<int>(la->ld), ldb = static_cast<int>(lb->ld), ldc = static_cast<int>(ld->ld);
@@ -357,16 +374,23 @@ cublasStatus_t lt_matmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void*
   if (s != CUBLAS_STATUS_SUCCESS) return s;
   if (static_cast<int>(lb->rows) != (d->transb == CUBLAS_OP_N ? k : n) || (d->transa == CUBLAS_OP_N ? la->rows : la->cols) != ld->rows)
     return CUBLAS_STATUS_INVALID_VALUE;
-  if (!operand_ok(call, "A", A, la->type, static_cast<int>(la->rows), static_cast<int>(la->cols), lda, h->device) ||
-      !operand_ok(call, "B", B, lb->type, static_cast<int>(lb->rows), static_cast<int>(lb->cols), ldb, h->device) ||
-      !operand_ok(call, "D", D, ld->type, m, n, ldc, h->device))
-    return CUBLAS_STATUS_INVALID_VALUE;
+  auto at = [](const void* p, cudaDataType t, int64_t stride, int i) {
+    return static_cast<const char*>(p) + static_cast<int64_t>(i) * stride * static_cast<int64_t>(type_bytes(t));
+  };
+  for (int i = 0; i < batch; ++i)
+    if (!operand_ok(call, "A", at(A, la->type, la->stride, i), la->type, static_cast<int>(la->rows), static_cast<int>(la->cols), lda, h->device) ||
+        !operand_ok(call, "B", at(B, lb->type, lb->stride, i), lb->type, static_cast<int>(lb->rows), static_cast<int>(lb->cols), ldb, h->device) ||
+        !operand_ok(call, "D", at(D, ld->type, ld->stride, i), ld->type, m, n, ldc, h->device))
+      return CUBLAS_STATUS_INVALID_VALUE;
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   const cublasOperation_t op_a = d->transa, op_b = d->transb;
   const cudaDataType ta = la->type, tb = lb->type, tc = ld->type;
+  const int64_t sa = la->stride, sb = lb->stride, sd = ld->stride;
   enqueue(stream, [=]() {
-    trace_gemm(call, m, n, k, 1);
-    gemm(op_a, op_b, m, n, k, a, A, ta, lda, B, tb, ldb, b, D, tc, ldc);
+    trace_gemm(call, m, n, k, batch);
+    for (int i = 0; i < batch; ++i)
+      gemm(op_a, op_b, m, n, k, a, at(A, ta, sa, i), ta, lda, at(B, tb, sb, i), tb, ldb, b,
+           const_cast<char*>(at(D, tc, sd, i)), tc, ldc);
   });
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -399,6 +423,7 @@ void fill_emulated_cublas(gpu::CublasLibrary& lib) {
   lt.desc_set = lt_desc_set;
   lt.layout_create = lt_layout_create;
   lt.layout_destroy = lt_layout_destroy;
+  lt.layout_set = lt_layout_set;
   lt.pref_create = lt_pref_create;
   lt.pref_destroy = lt_pref_destroy;
   lt.pref_set = lt_pref_set;

@@ -61,6 +61,7 @@ void load_lt(CublasLibrary& out) {
   ok &= resolve(lib, "cublasLtMatmulDescSetAttribute", a.desc_set, missing);
   ok &= resolve(lib, "cublasLtMatrixLayoutCreate", a.layout_create, missing);
   ok &= resolve(lib, "cublasLtMatrixLayoutDestroy", a.layout_destroy, missing);
+  ok &= resolve(lib, "cublasLtMatrixLayoutSetAttribute", a.layout_set, missing);
   ok &= resolve(lib, "cublasLtMatmulPreferenceCreate", a.pref_create, missing);
   ok &= resolve(lib, "cublasLtMatmulPreferenceDestroy", a.pref_destroy, missing);
   ok &= resolve(lib, "cublasLtMatmulPreferenceSetAttribute", a.pref_set, missing);

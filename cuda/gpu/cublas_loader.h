@@ -95,6 +95,8 @@ struct cublasLtMatmulHeuristicResult_t {
   int reserved[4];
 };
 enum : int {
+  CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT = 5,           // int32_t
+  CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET = 6,  // int64_t (elements)
   CUBLASLT_MATMUL_DESC_TRANSA = 3,  // int32_t (cublasOperation_t)
   CUBLASLT_MATMUL_DESC_TRANSB = 4,
   CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,    // uint64_t
@@ -117,6 +119,7 @@ struct CublasLtApi {
   cublasStatus_t (*layout_create)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t rows, uint64_t cols,
                                   int64_t ld) = nullptr;
   cublasStatus_t (*layout_destroy)(cublasLtMatrixLayout_t) = nullptr;
+  cublasStatus_t (*layout_set)(cublasLtMatrixLayout_t, int, const void*, size_t) = nullptr;  // ...LayoutSetAttribute
   cublasStatus_t (*pref_create)(cublasLtMatmulPreference_t*) = nullptr;
   cublasStatus_t (*pref_destroy)(cublasLtMatmulPreference_t) = nullptr;
   cublasStatus_t (*pref_set)(cublasLtMatmulPreference_t, int, const void*, size_t) = nullptr;

@@ -76,8 +76,8 @@ Gemm::TuningStats Gemm::tuning_stats() const {
 
 bool Gemm::TuneKey::operator<(const TuneKey& o) const {
   auto tie = [](const TuneKey& x) {
-    return std::make_tuple(x.op_a, x.op_b, x.m, x.n, x.k, x.lda, x.ldb, x.ldc, x.ta, x.tc, x.accumulate, x.align_a,
-                           x.align_b, x.align_c);
+    return std::make_tuple(x.op_a, x.op_b, x.m, x.n, x.k, x.lda, x.ldb, x.ldc, x.ta, x.tc, x.strided, x.count,
+                           x.stride_a, x.stride_b, x.stride_c, x.accumulate, x.align_a, x.align_b, x.align_c);
   };
   return tie(*this) < tie(o);
 }
@@ -114,29 +114,40 @@ size_t element_bytes(int type) { return type == CUDA_R_16BF ? 2 : 4; }
 
 cublasStatus_t Gemm::gemm_ex(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
                              const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
-                             cudaDataType tc, int ldc) {
+                             cudaDataType tc, int ldc, const Batch& batch) {
+  if (batch.strided)
+    return api_->gemm_strided_batched_ex(handle_, op_a, op_b, m, n, k, &alpha, a, ta, lda, batch.a, b, ta, ldb,
+                                         batch.b, &beta, c, tc, ldc, batch.c, batch.count, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT);
   return api_->gemm_ex(handle_, op_a, op_b, m, n, k, &alpha, a, ta, lda, b, ta, ldb, &beta, c, tc, ldc,
                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
 cublasStatus_t Gemm::gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
                           const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
-                          cudaDataType tc, int ldc) {
-  if (!tuning_ || k <= 0) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
-  const TuneKey key{op_a, op_b, m, n, k, lda, ldb, ldc, ta, tc, beta != 0.f, alignment_of(a), alignment_of(b),
-                    alignment_of(c)};
+                          cudaDataType tc, int ldc, const Batch& batch) {
+  if (!tuning_ || k <= 0) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc, batch);
+  // a batch entry's operands are aligned to what both the first's and the strides allow
+  auto align = [&](const void* p, long long stride, int type) {
+    uint32_t al = alignment_of(p);
+    if (batch.strided && batch.count > 1)
+      al = std::min(al, alignment_of(reinterpret_cast<const void*>(static_cast<uintptr_t>(stride) * element_bytes(type))));
+    return al;
+  };
+  const TuneKey key{op_a, op_b, m, n, k, lda, ldb, ldc, ta, tc, batch.strided, batch.count, batch.a, batch.b, batch.c,
+                    beta != 0.f, align(a, batch.a, ta), align(b, batch.b, ta), align(c, batch.c, tc)};
   auto it = tuned_.find(key);
   if (it == tuned_.end()) {
-    if (capturing(stream_)) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+    if (capturing(stream_)) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc, batch);
     it = tuned_.emplace(key, tune(key, a, b, alpha, beta, c)).first;
   }
   Tuned& t = it->second;
-  if (!t.lt) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+  if (!t.lt) return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc, batch);
   const cublasStatus_t s = cublas_library().lt.matmul(lt_, t.desc, &alpha, a, t.a, b, t.b, &beta, c, t.c, c, t.c,
                                                       &t.algo, workspace_, workspace_bytes_, stream_);
   if (s == CUBLAS_STATUS_SUCCESS) return s;
-  release(t);  // (an algorithm that refused: cublasGemmEx from now on)
-  return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc);
+  release(t);  // (an algorithm that refused: cuBLAS's own choice from now on)
+  return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, lda, b, ldb, beta, c, tc, ldc, batch);
 }
 
 // Times cublasGemmEx and cuBLASLt's candidates for one shape on the call's operands; c is left as it was.
@@ -162,6 +173,15 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
   ok = ok && lt.layout_create(&t.a, ta, op_a == CUBLAS_OP_N ? m : k, op_a == CUBLAS_OP_N ? k : m, key.lda) == CUBLAS_STATUS_SUCCESS;
   ok = ok && lt.layout_create(&t.b, ta, op_b == CUBLAS_OP_N ? k : n, op_b == CUBLAS_OP_N ? n : k, key.ldb) == CUBLAS_STATUS_SUCCESS;
   ok = ok && lt.layout_create(&t.c, tc, m, n, key.ldc) == CUBLAS_STATUS_SUCCESS;
+  if (key.strided) {  // the batch: its count and each operand's stride, on the layouts
+    const int32_t count = key.count;
+    const int64_t strides[3] = {key.stride_a, key.stride_b, key.stride_c};
+    cublasLtMatrixLayout_t layouts[3] = {t.a, t.b, t.c};
+    for (int i = 0; i < 3 && ok; ++i)
+      ok = lt.layout_set(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)) == CUBLAS_STATUS_SUCCESS &&
+           lt.layout_set(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof(int64_t)) ==
+               CUBLAS_STATUS_SUCCESS;
+  }
   cublasLtMatmulPreference_t pref = nullptr;
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
@@ -185,7 +205,8 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
   }
   // an output that is added into is saved first and put back after the trials
   DeviceMemory saved;
-  const size_t c_bytes = (static_cast<size_t>(n - 1) * key.ldc + m) * element_bytes(key.tc);
+  const size_t c_bytes = (static_cast<size_t>(key.strided ? key.count - 1 : 0) * key.stride_c +
+                          static_cast<size_t>(n - 1) * key.ldc + m) * element_bytes(key.tc);
   if (key.accumulate) {
     try {
       saved.allocate(c_bytes, "GEMM tuning's copy of an output");
@@ -235,7 +256,9 @@ Gemm::Tuned Gemm::tune(const TuneKey& key, const void* a, const void* b, float a
     std::sort(ms, ms + kRuns);
     return ms[kRuns / 2];
   };
-  t.default_ms = time([&] { return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, key.lda, b, key.ldb, beta, c, tc, key.ldc); });
+  const Batch batch{key.strided, key.count, key.stride_a, key.stride_b, key.stride_c};
+  t.default_ms =
+      time([&] { return gemm_ex(op_a, op_b, m, n, k, alpha, a, ta, key.lda, b, key.ldb, beta, c, tc, key.ldc, batch); });
   int best = -1;
   t.best_ms = t.default_ms;
   for (int i = 0; i < returned; ++i) {
@@ -386,10 +409,9 @@ void Gemm::strided(bool trans_a, bool trans_b, int M, int N, int K, const TIn* a
   const Timing timed = timing("strided", M, N, K, batch);
   const float alpha = 1.f;
   // the column-major view of Gemm::batched
-  const cublasStatus_t s = api_->gemm_strided_batched_ex(
-      handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b,
-      cuda_data_type<TIn>(), ldb, stride_b, a, cuda_data_type<TIn>(), lda, stride_a, &beta, c, cuda_data_type<TOut>(),
-      ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t s = gemm(trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, alpha,
+                                b, cuda_data_type<TIn>(), ldb, a, lda, beta, c, cuda_data_type<TOut>(), ldc,
+                                Batch{true, batch, stride_b, stride_a, stride_c});
   if (s != CUBLAS_STATUS_SUCCESS)
     check_cublas(s, ("cublasGemmStridedBatchedEx " + shape_text("strided", N, M, K)).c_str(), __FILE__, __LINE__);
 }

@@ -29,6 +29,13 @@ struct GemmSupport {
   bool strided_bf16_f32 = false;  // fixed strides: the folded cross-attention's scores
 };
 
+// A strided batch of products (cublasGemmStridedBatchedEx; strides in elements), or one (cublasGemmEx).
+struct GemmBatch {
+  bool strided = false;
+  int count = 1;
+  long long a = 0, b = 0, c = 0;
+};
+
 // Tests on the CUDA emulator, where every cuBLASLt candidate is the same CPU product and timings are noise: makes the
 // tuner keep a cuBLASLt candidate for every shape it can (so that the cuBLASLt call path is what runs). Not an API.
 void set_gemm_tuning_prefers_cublaslt(bool on);
@@ -49,7 +56,8 @@ class Gemm {
   bool timed() const { return family_ != nullptr; }
   void destroy();  // never throws
 
-  // GEMM tuning (cuda.gemmTuning): the first time a shape of linear / linear_backward runs outside a graph capture,
+  // GEMM tuning (cuda.gemmTuning): the first time a shape of linear / linear_backward / strided runs outside a graph
+  // capture,
   // cublasGemmEx's pick and up to 8 of cuBLASLt's heuristic candidates run on the call's own operands (an output
   // that is added into is saved and put back), and the fastest is kept for that shape (cuBLASLt's only where it
   // beats cublasGemmEx's by 3%). Calls made while a graph is captured use what is known, else cublasGemmEx. Split-K
@@ -109,14 +117,20 @@ class Gemm {
     KeyedSpan shape;
   };
   Timing timing(const char* op, int m, int n, int k, int batch = 1) const;
-  // cublasGemmEx's arguments (column-major), through the tuned choice where tuning is on.
+  using Batch = GemmBatch;
+  // cublasGemmEx's (or, batched, cublasGemmStridedBatchedEx's) arguments (column-major), through the tuned choice
+  // where tuning is on.
   cublasStatus_t gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha, const void* a,
-                      cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c, cudaDataType tc, int ldc);
+                      cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c, cudaDataType tc, int ldc,
+                      const Batch& batch = Batch{});
   cublasStatus_t gemm_ex(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, float alpha,
                          const void* a, cudaDataType ta, int lda, const void* b, int ldb, float beta, void* c,
-                         cudaDataType tc, int ldc);
+                         cudaDataType tc, int ldc, const Batch& batch);
   struct TuneKey {
     int op_a, op_b, m, n, k, lda, ldb, ldc, ta, tc;
+    bool strided;
+    int count;
+    long long stride_a, stride_b, stride_c;
     bool accumulate;               // beta != 0
     uint32_t align_a, align_b, align_c;  // the pointers' alignment (bytes, up to 256): which algorithms may take them
     bool operator<(const TuneKey& o) const;

@@ -1,4 +1,4 @@
-// GEMM tuning (cuda.gemmTuning: gpu/gemm.h): the first call of each linear-layer GEMM shape times cublasGemmEx against
+// GEMM tuning (cuda.gemmTuning: gpu/gemm.h): the first call of each linear-layer or strided GEMM shape times cublasGemmEx against
 // cuBLASLt's candidates on the call's own operands and keeps the fastest. What must hold whatever it picks: the first
 // call's results (made while the trials ran, the outputs that are added into saved and put back) and every later
 // call's are the untuned engine's, in rank classification, encoding and training gradients, eagerly and in graph
@@ -55,6 +55,16 @@ describeCuda('GEMM tuning (cuda.gemmTuning)', () => {
     expect(m).not.toBeNull();
     expect(Number(m![1])).toBeGreaterThanOrEqual(8);  // encoder and decoder linears, both of their forms
     if (exact) expect(Number(m![2])).toBe(Number(m![1]));  // (made to keep cuBLASLt: its path ran)
+  });
+
+  test('rank classification with the folded cross-attention (its strided batched GEMMs tuned too)', async () => {
+    const b = randomBatch(plain.config.vocabSize, [72, 50], [[3, 5], [4, 2]], 54);  // two choices each: folded
+    const adapter = [adapters[1], adapters[0]];
+    const want = await plain.rankClassify(b.inputIds, b.choices, { adapter });
+    for (let i = 0; i < 3; i++) {
+      const got = await tuned.rankClassify(b.inputIds, b.choices, { adapter });
+      close(got.logProbs.flat(), want.logProbs.flat(), 'sum_logp');
+    }
   });
 
   test('the encoder states too', async () => {
