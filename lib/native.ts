@@ -34,10 +34,9 @@ export interface CudaOptions {
    */
   fewRowLinears?: boolean;
   /**
-   * GEMM tuning: the first call of each linear layer's (and folded cross-attention's) GEMM shape (outside a CUDA
-   * graph capture) times
-   * cublasGemmEx's choice against up to 8 of cuBLASLt's heuristic candidates on the call's own operands and keeps
-   * the fastest (cuBLASLt's where it is at least 3% faster); split-K candidates reduce in fp32, as cublasGemmEx does.
+   * GEMM tuning: the first call of each linear layer's (and folded cross-attention's) GEMM shape, outside a CUDA
+   * graph capture, times cuBLAS's own choice against up to 8 of cuBLASLt's heuristic candidates on the call's own
+   * operands and keeps the fastest (cuBLASLt's where it is at least 3% faster); split-K candidates reduce in fp32.
    * First calls take longer (a few ms per shape); describe() says how many shapes changed. Needs libcublasLt beside
    * cuBLAS. Default off: not yet timed on a GPU (rank-bench's -TUNED rows).
    */
