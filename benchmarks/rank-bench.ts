@@ -118,6 +118,8 @@ export interface RankBenchResult {
   processes?: number;
   /** T5Model.graphStats() of each load at its end (how its calls ran: graphs replayed, captured, eager). */
   graphStats?: Record<string, unknown>;
+  /** The GEMM-tuned load's describe() at its end: how many GEMM shapes it timed and moved to cuBLASLt. */
+  gemmTuning?: string;
 }
 
 const median = (xs: number[]): number => {
@@ -420,7 +422,11 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
         workloads[trainName].deviceMiB = usedMiB() - before;
       });
     }
-    if (variant === 'tuned' && !lost) console.log(`[rank-bench] GEMM tuning: ${altModel.describe()}`);
+    if (variant === 'tuned' && !lost) {
+      const m = /GEMM tuning (on \([^)]*\)|[^,]*)/.exec(altModel.describe());
+      result.gemmTuning = m ? m[0] : altModel.describe();
+      console.log(`[rank-bench] ${result.gemmTuning}`);
+    }
     if (!lost) {
       (result.graphStats ??= {})[`${variant}${result.processes && result.processes > 1 ? ` (process ${result.processes})` : ''}`] = altModel.graphStats();
       await altModel.dispose();
@@ -571,6 +577,7 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   const lines: string[] = [];
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
+  if (ours.gemmTuning) lines.push(`the -TUNED rows' load: ${ours.gemmTuning}`);
   for (const [what, name] of [['single examples of random lengths', 'RANK-3B-B1-VARIED'], ['batches of 1-4 requests', 'RANK-3B-SMALL-VARIED']]) {
     const varied = ours.workloads[name], exact = ours.workloads[`${name}-EXACT`];
     if (!varied || !exact) continue;

@@ -54,4 +54,19 @@ describe('rank-bench GEMM shapes', () => {
     expect(verdicts[1]).toMatch(/^default kept: .* RANK-3B-B1-PRECOMPUTED 5\.50 ms vs RANK-3B-B1 5\.00 ms \(\+10\.0 %\)$/);
     expect(table(ours, undefined)).toContain(verdicts[0]);
   });
+
+  test('the -TUNED and -FEW-ROWS rows get verdict lines too, and the table says what the tuned load changed', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1,
+      workloads: { 'RANK-3B-B32': w(46), 'RANK-3B-B32-TUNED': w(44), 'RANK-3B-B1': w(5), 'RANK-3B-B1-FEW-ROWS': w(4.5) },
+      gemmTuning: 'GEMM tuning on (40 shapes timed, 9 on a cuBLASLt algorithm saving 0.400 ms per call of each)',
+    } as unknown as RankBenchResult;
+    const verdicts = defaultVerdicts(ours);
+    expect(verdicts).toEqual([
+      expect.stringMatching(/^CHANGE THE DEFAULT\? GEMM tuning \(RANK-3B-B32\): RANK-3B-B32-TUNED 44\.00 ms < RANK-3B-B32 46\.00 ms .*CudaOptions\.gemmTuning/),
+      expect.stringMatching(/^CHANGE THE DEFAULT\? the few-row decoder linears at one example: RANK-3B-B1-FEW-ROWS 4\.50 ms < RANK-3B-B1 5\.00 ms .*CudaOptions\.fewRowLinears/),
+    ]);
+    expect(table(ours, undefined)).toContain("the -TUNED rows' load: GEMM tuning on (40 shapes timed, 9 on a cuBLASLt algorithm");
+  });
 });
