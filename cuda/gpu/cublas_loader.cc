@@ -35,6 +35,22 @@ std::string loaded_path(void* lib, const std::string& fallback) {
   return fallback;
 }
 
+// The first of `names` that dlopen opens (RTLD_LOCAL: our symbols stay private even if another addon in the process
+// loaded another cuBLAS), with the path it was found at; else nullptr, and `tried` says what each name gave.
+void* open_first(const std::vector<std::string>& names, std::string& path, std::string& tried) {
+  for (const auto& name : names) {
+    dlerror();
+    if (void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+      path = loaded_path(lib, name);
+      return lib;
+    }
+    const char* err = dlerror();
+    if (!tried.empty()) tried += "; ";
+    tried += name + ": " + (err ? err : "not found");
+  }
+  return nullptr;
+}
+
 // cuBLASLt, from cuBLAS's directory first (the same release), then by soname. Optional: only the GEMM tuner uses it.
 void load_lt(CublasLibrary& out) {
   std::vector<std::string> names;
@@ -44,11 +60,10 @@ void load_lt(CublasLibrary& out) {
     if (!dir.empty()) names.push_back(dir + so);
     names.push_back(so);
   }
-  void* lib = nullptr;
-  for (const auto& name : names)
-    if ((lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL))) break;
+  std::string path, tried;
+  void* lib = open_first(names, path, tried);
   if (!lib) {
-    out.lt_error = "libcublasLt.so.13 / .12 not found beside " + out.path;
+    out.lt_error = "cuBLASLt could not be loaded (" + tried + ")";
     return;
   }
   CublasLtApi& a = out.lt;
@@ -87,20 +102,8 @@ void load(CublasLibrary& out) {
   names.push_back("libcublas.so.13");
   names.push_back("libcublas.so.12");
 
-  void* lib = nullptr;
   std::string tried;
-  for (const auto& name : names) {
-    dlerror();
-    // RTLD_LOCAL: our symbols stay private even if another addon in the process loaded another cuBLAS.
-    lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (lib) {
-      out.path = loaded_path(lib, name);
-      break;
-    }
-    const char* err = dlerror();
-    if (!tried.empty()) tried += "; ";
-    tried += name + ": " + (err ? err : "not found");
-  }
+  void* lib = open_first(names, out.path, tried);
   if (!lib) {
     out.error = "cuBLAS could not be loaded (" + tried +
                 "); install the CUDA toolkit's cuBLAS or put its lib64 directory on LD_LIBRARY_PATH";

@@ -194,8 +194,8 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
 // probability-weighted sum of encoder outputs, projected by W_v,h: four products, all strided batches (over
 // heads or over examples), instead of the keys/values of every encoder position. Here the products, from the query
 // scaled by l_k in p.q_cross to the context before l_v (`context`, [Nd, inner], as the precomputed path's kernel
-// writes it but for l_v); the caller applies l_k and l_v (enqueue_forward; training: train_folded_cross_forward). probs gets the probabilities P and, with dropout (training),
-// probs_dropped the P' the context is made of.
+// writes it but for l_v); the caller applies l_k and l_v (enqueue_forward; training: train_folded_cross_forward).
+// probs gets the probabilities P and, with dropout (training), probs_dropped the P' the context is made of.
 template <typename T>
 void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,
                                           T* probs_dropped, T* context) {

@@ -1017,17 +1017,6 @@ void launch_fused_backward(const AttentionBackwardArgs& args, int batch, int hea
   TFEW_CUDA_CHECK_LAUNCH("fused_attention_dkv_kernel");
 }
 
-// The opt-in shared memory per block of the current device (0 when it cannot be asked).
-size_t shared_memory_optin() {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return static_cast<size_t>(optin);
-}
-
 }  // namespace
 
 // TFEW_CUDA_ATTENTION_KERNEL=wmma selects the first fused forward (for comparisons); read once per process. A value
@@ -1056,7 +1045,7 @@ bool fused_encoder_attention_supported(int d_kv) {
     case 128: needed = forward_smem_bytes<128>(); break;
     default: return false;
   }
-  return needed <= shared_memory_optin();
+  return needed <= shared_memory_optin_limit();
 }
 
 bool fused_encoder_attention_backward_supported(int d_kv) {
@@ -1068,7 +1057,7 @@ bool fused_encoder_attention_backward_supported(int d_kv) {
     case 128: needed = BackwardSmem<128>::kDkvBytes; break;
     default: return false;
   }
-  return fused_encoder_attention_supported(d_kv) && needed <= shared_memory_optin();
+  return fused_encoder_attention_supported(d_kv) && needed <= shared_memory_optin_limit();
 }
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,

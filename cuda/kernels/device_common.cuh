@@ -354,17 +354,23 @@ inline void opt_in_shared_memory(const void* kernel, size_t bytes) {
   have = bytes;
 }
 
-// The most dynamic shared memory a block may opt into on the current device (cached per device).
+// The most dynamic shared memory a block may opt into on the current device (cached per device; 0 when it cannot be
+// asked: then no kernel that needs an opt-in is chosen).
 inline size_t shared_memory_optin_limit() {
   static std::mutex mu;
   static std::map<int, size_t> limits;
-  int device = 0;
-  TFEW_CUDA_CHECK(cudaGetDevice(&device));
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   std::lock_guard<std::mutex> lock(mu);
   auto it = limits.find(device);
   if (it != limits.end()) return it->second;
-  int bytes = 0;
-  TFEW_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   return limits[device] = static_cast<size_t>(bytes);
 }
 
