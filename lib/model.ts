@@ -26,9 +26,10 @@ export interface LoadOptions {
   mergeAdapter?: IA3Adapter;
   /**
    * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention,
-   * fusedBackward, fewRowLinears, gemmTuning, graphs, graphBuckets, crossAttention. Unset fields fall back to
-   * TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_FEW_ROW_LINEARS,
-   * TFEW_CUDA_GEMM_TUNING, TFEW_CUDA_GRAPHS, TFEW_CUDA_GRAPH_BUCKETS and TFEW_CUDA_CROSS_ATTENTION.
+   * fusedBackward, fewRowLinears, gemmTuning, programmaticLaunch, graphs, graphBuckets, crossAttention. Unset
+   * fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD,
+   * TFEW_CUDA_FEW_ROW_LINEARS, TFEW_CUDA_GEMM_TUNING, TFEW_CUDA_PROGRAMMATIC_LAUNCH, TFEW_CUDA_GRAPHS,
+   * TFEW_CUDA_GRAPH_BUCKETS and TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -877,7 +878,8 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
     throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }
-  for (const k of ['fusedAttention', 'fusedBackward', 'fewRowLinears', 'gemmTuning', 'graphs', 'graphBuckets'] as const) {
+  for (const k of ['fusedAttention', 'fusedBackward', 'fewRowLinears', 'gemmTuning', 'programmaticLaunch', 'graphs',
+    'graphBuckets'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
   if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {

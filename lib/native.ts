@@ -42,6 +42,14 @@ export interface CudaOptions {
    */
   gemmTuning?: boolean;
   /**
+   * Programmatic dependent launch (compute capability 9.0 and up: H100, H200): each of our kernels is launched so
+   * that the GPU may schedule it while the kernel before it finishes; it waits for that kernel's results on the GPU
+   * (cuda/kernels/launch.cuh). Aimed at latency-bound calls (RANK-3B-B1: about 500 kernels of a few microseconds
+   * each), where the gaps between kernels add up; results are bit-identical. CUDA graphs keep it. Default off: not
+   * yet timed on a GPU (rank-bench's -PDL rows). Ignored on older GPUs (describe() says so).
+   */
+  programmaticLaunch?: boolean;
+  /**
    * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
    * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
    * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape
@@ -331,6 +339,8 @@ export interface NativeAddon {
     /** The CPU backend's linear kernels: y = x W^T and dx = dy W (+ dxInit) (test/cpu-linear.test.ts). */
     /** Emulation build only: the GEMM tuner keeps a cuBLASLt candidate wherever it can (its call path is then tested). */
     emulatorGemmTuningPrefersCublasLt?(on: boolean): void;
+    /** Emulation build only: kernel launches so far (not graph replays), ordinary and programmatic; reset: count from 0. */
+    emulatorLaunchCounts?(reset?: boolean): { ordinary: number; programmatic: number };
     /** Emulation build only: the SM count the emulated device reports (<= 0: the default, 132). */
     emulatorMultiprocessors?(count: number): void;
     cpuLinear(x: Float32Array, w: Float32Array, dy: Float32Array, dxInit: Float32Array | null, n: number, inDim: number,

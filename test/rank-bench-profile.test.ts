@@ -69,4 +69,20 @@ describe('rank-bench GEMM shapes', () => {
     ]);
     expect(table(ours, undefined)).toContain("the -TUNED rows' load: GEMM tuning on (40 shapes timed, 9 on a cuBLASLt algorithm");
   });
+
+  test('the -PDL rows get verdict lines, against the default and against the few-row linears alone', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1,
+      workloads: { 'RANK-3B-B1': w(5), 'RANK-3B-B1-PDL': w(4.6), 'TRAIN-3B': w(43), 'TRAIN-3B-PDL': w(43.43),
+                   'RANK-3B-B1-FEW-ROWS': w(4.5), 'RANK-3B-B1-FEW-ROWS-PDL': w(4) },
+    } as unknown as RankBenchResult;
+    expect(defaultVerdicts(ours)).toEqual([
+      expect.stringMatching(/^CHANGE THE DEFAULT\? the few-row decoder linears at one example: RANK-3B-B1-FEW-ROWS 4\.50 ms < RANK-3B-B1 5\.00 ms/),
+      expect.stringMatching(/^CHANGE THE DEFAULT\? programmatic dependent launch \(RANK-3B-B1\): RANK-3B-B1-PDL 4\.60 ms < RANK-3B-B1 5\.00 ms \(-8\.0 %; cuda_engine\.cc pdl_wanted \(CudaOptions\.programmaticLaunch\)\)$/),
+      expect.stringMatching(/^default kept: programmatic dependent launch \(TRAIN-3B\) slower, TRAIN-3B-PDL 43\.43 ms vs TRAIN-3B 43\.00 ms \(\+1\.0 %\)$/),
+      expect.stringMatching(/^CHANGE THE DEFAULT\? the few-row decoder linears with programmatic dependent launch at one example: RANK-3B-B1-FEW-ROWS-PDL 4\.00 ms < RANK-3B-B1 5\.00 ms/),
+      expect.stringMatching(/^CHANGE THE DEFAULT\? programmatic dependent launch on top of the few-row decoder linears: RANK-3B-B1-FEW-ROWS-PDL 4\.00 ms < RANK-3B-B1-FEW-ROWS 4\.50 ms/),
+    ]);
+  });
 });

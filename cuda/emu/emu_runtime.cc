@@ -201,12 +201,14 @@ struct Fiber {
   unsigned char* stack = nullptr;  // lowest usable address (a guard page lies below)
   FiberState state = FiberState::Done;
   ThreadPosition position{};
+  bool waited = false;  // programmatic_wait() called (checked at the end of a programmatic launch's threads)
 };
 
 struct BlockRun {
   const char* kernel = "";
   const std::function<void()>* body = nullptr;
   int threads = 0;
+  bool programmatic = false;
   bool aborted = false;
   uint64_t shuffle_slots[kMaxThreadsPerBlock] = {};
 };
@@ -285,6 +287,15 @@ void yield_to_scheduler() { switch_to(&tl_current->sp, tl_scheduler_sp); }
 
 [[noreturn]] void fiber_main() {
   (*tl_block->body)();
+  if (tl_block->programmatic && !tl_current->waited) {
+    const ThreadPosition& p = tl_current->position;
+    device_fault(cudaErrorLaunchFailure,
+                 std::string("kernel ") + tl_block->kernel +
+                     " was launched to overlap the kernel before it (programmatic dependent launch) but thread " +
+                     std::to_string(p.thread_idx.x) + " of block (" + std::to_string(p.block_idx.x) + "," +
+                     std::to_string(p.block_idx.y) + "," + std::to_string(p.block_idx.z) +
+                     ") ended without wait_for_previous_kernel()");
+  }
   tl_current->state = FiberState::Done;
   yield_to_scheduler();
   std::abort();  // a finished fiber is never resumed
@@ -336,6 +347,7 @@ bool run_block(BlockRun& run, const uint3& block_idx, const dim3& grid, const di
     f.position.block_dim = block;
     f.position.grid_dim = grid;
     f.position.dynamic_shared = shared;
+    f.waited = false;
     f.sp = new_fiber_frame(f);
   }
   tl_block = &run;
@@ -398,7 +410,8 @@ bool run_block(BlockRun& run, const uint3& block_idx, const dim3& grid, const di
   return true;
 }
 
-void run_grid(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, const std::function<void()>& body) {
+void run_grid(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, const std::function<void()>& body,
+              bool programmatic) {
   if (tl_block != nullptr) {
     device_fault(cudaErrorLaunchFailure, std::string("kernel ") + name + " launched from device code");
     return;
@@ -406,6 +419,7 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, co
   BlockRun run;
   run.kernel = name;
   run.body = &body;
+  run.programmatic = programmatic;
   run.threads = static_cast<int>(block.x * block.y * block.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -443,6 +457,18 @@ void device_fault(cudaError_t error, const std::string& what) {
       std::abort();
     }
   }
+}
+
+void programmatic_wait() {
+  if (tl_current != nullptr) tl_current->waited = true;
+}
+
+std::atomic<long long> g_kernel_launches[2] = {{0}, {0}};  // [ordinary, programmatic], at launch (not in replays)
+
+LaunchCounts launch_counts(bool reset) {
+  LaunchCounts c{g_kernel_launches[0].load(), g_kernel_launches[1].load()};
+  if (reset) g_kernel_launches[0] = 0, g_kernel_launches[1] = 0;
+  return c;
 }
 
 // The SM count the emulated device reports (an H100's 132; set_multiprocessors).
@@ -534,7 +560,7 @@ void trace(const std::string& line) {
 }
 
 void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared,
-                 cudaStream_t stream, std::function<void()> thread_body) {
+                 cudaStream_t stream, std::function<void()> thread_body, bool programmatic) {
   if (sticky() != cudaSuccess) {
     record(sticky());
     return;
@@ -557,13 +583,14 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
     record(cudaErrorInvalidValue);
     return;
   }
+  g_kernel_launches[programmatic ? 1 : 0]++;
   std::string kernel_name = name;
-  enqueue(stream, [kernel_name, grid, block, dynamic_shared, body = std::move(thread_body)]() {
+  enqueue(stream, [kernel_name, grid, block, dynamic_shared, programmatic, body = std::move(thread_body)]() {
     if (sticky() != cudaSuccess) return;
     if (tracing())
       trace("kernel " + kernel_name + " " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
             std::to_string(grid.z) + " " + std::to_string(block.x * block.y * block.z));
-    run_grid(kernel_name.c_str(), grid, block, dynamic_shared, body);
+    run_grid(kernel_name.c_str(), grid, block, dynamic_shared, body, programmatic);
     check_guards(("after kernel " + kernel_name).c_str());
   });
 }

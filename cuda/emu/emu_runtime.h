@@ -98,8 +98,10 @@ T shuffle(T value, int source_lane) {
 }
 
 // Runs `thread_body` for every thread of the grid (after the launch checks), on `stream`.
+// programmatic: launched to overlap the previous kernel (kernels/launch.cuh); then every thread must call
+// programmatic_wait() before it ends, or the launch faults.
 void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared,
-                 cudaStream_t stream, std::function<void()> thread_body);
+                 cudaStream_t stream, std::function<void()> thread_body, bool programmatic = false);
 
 // kernel<<<grid, block, shared, stream>>>(args...) as scripts/emu-translate.js writes it (with
 // the defaults 0 and the legacy stream filled in). The arguments are
@@ -112,5 +114,18 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, cuda
   launch_grid(name, reinterpret_cast<const void*>(kernel), grid, block, dynamic_shared, stream,
               [kernel, params]() { std::apply(kernel, params); });
 }
+
+// TFEW_LAUNCH's launch (kernels/launch.cuh), programmatic or not.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
+                   bool programmatic, void (*kernel)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  launch_grid(name, reinterpret_cast<const void*>(kernel), grid, block, dynamic_shared, stream,
+              [kernel, params]() { std::apply(kernel, params); }, programmatic);
+}
+
+// wait_for_previous_kernel() in a kernel thread: marks the thread as having waited.
+void programmatic_wait();
 }  // namespace emu
 }  // namespace tfew

@@ -46,6 +46,14 @@ __global__ void missing_barrier(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // needs __syncthreads() between the two lines
 }
 
+// Launched to overlap the kernel before it (kernels/launch.cuh): the first writes without waiting for that kernel,
+// the second keeps the rule.
+__global__ void writes_without_waiting(int* out) { out[threadIdx.x] = 1; }
+__global__ void waits_then_writes(int* out) {
+  kernels::wait_for_previous_kernel();
+  out[threadIdx.x] = 1;
+}
+
 // Two bf16 as one 32-bit register (the lower-numbered element in the low 16 bits).
 uint32_t pair(__nv_bfloat16 lo, __nv_bfloat16 hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
@@ -183,6 +191,24 @@ SelfTestResult run_scenario(const std::string& name) {
     float* out = mem.get<float>(32);
     launch("misaligned_wmma", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_wmma, a, out);
     r = finish(cudaGetLastError());
+  } else if (name == "programmatic-launch-without-wait" || name == "programmatic-launch-with-wait") {
+    cudaStream_t s = nullptr;
+    cudaStreamCreate(&s);
+    kernels::set_programmatic_launch(s, true);
+    int* out = mem.get<int>(64);
+    std::string what = "accepted";
+    try {
+      if (name == "programmatic-launch-with-wait")
+        TFEW_LAUNCH(dim3(2), dim3(32), 0, s, waits_then_writes)(out);
+      else
+        TFEW_LAUNCH(dim3(2), dim3(32), 0, s, writes_without_waiting)(out);
+      cudaStreamSynchronize(s);
+    } catch (const TfewError& e) {
+      what = e.what();
+    }
+    kernels::set_programmatic_launch(s, false);
+    cudaStreamDestroy(s);
+    r = finish(cudaGetLastError(), what);
   } else if (name == "missing-barrier") {
     float* out = mem.get<float>(64);
     launch("missing_barrier", dim3(1), dim3(64), 0, cudaStream_t{nullptr}, missing_barrier, out);

@@ -23,6 +23,14 @@ void set_graph_exec_bytes(long long bytes);
 // grid to the GPU then run more work per block.
 void set_multiprocessors(int count);
 
+// Kernel launches so far (graph replays not counted), ordinary and programmatic (kernels/launch.cuh); reset: from 0
+// again after this call.
+struct LaunchCounts {
+  long long ordinary = 0;
+  long long programmatic = 0;
+};
+LaunchCounts launch_counts(bool reset);
+
 // The next `count` cudaGraphLaunch calls fail with cudaErrorMemoryAllocation (not sticky), as a launch can when the
 // graph's upload finds the device full.
 void fail_graph_launches(int count);

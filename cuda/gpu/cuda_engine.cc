@@ -49,6 +49,12 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     // Off by default until a GPU run has timed it (rank-bench's -TUNED rows).
     gemm_tuning_wanted_ = options.gemm_tuning >= 0 ? options.gemm_tuning == 1 : env_flag("TFEW_CUDA_GEMM_TUNING", false);
     gemm_.enable_tuning(gemm_tuning_wanted_);
+    // Off by default until a GPU run has timed it (rank-bench's -PDL rows); griddepcontrol needs cc 9.0.
+    const bool pdl_wanted = options.programmatic_launch >= 0 ? options.programmatic_launch == 1
+                                                             : env_flag("TFEW_CUDA_PROGRAMMATIC_LAUNCH", false);
+    programmatic_launch_ = pdl_wanted && probe_.compute_capability >= 90;
+    if (pdl_wanted && !programmatic_launch_) programmatic_note_ = "off (it needs compute capability 9.0)";
+    kernels::set_programmatic_launch(stream_, programmatic_launch_);
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -102,6 +108,8 @@ std::string CudaEngine<T>::describe() const {
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << (few_row_linears_ ? ", few-row decoder linears fused" : "")
      << gemm_tuning_text()
+     << (programmatic_launch_ ? ", programmatic dependent launch on"
+                              : programmatic_note_.empty() ? "" : ", programmatic dependent launch " + programmatic_note_)
      << ", cross-attention "
      << (cross_mode_ == CrossMode::Auto ? "auto" : cross_mode_ == CrossMode::Folded ? "folded" : "precomputed")
      << (gemm_support_.strided_bf16_f32 ? "" : " (this cuBLAS has no strided bf16->fp32 batches)")
@@ -859,7 +867,10 @@ void CudaEngine<T>::release_unlocked() {
   cublas_workspace_.reset();
   staging_in_.reset();
   staging_out_.reset();
-  if (stream_) cudaStreamDestroy(stream_);
+  if (stream_) {
+    kernels::set_programmatic_launch(stream_, false);  // (a later stream may get this handle)
+    cudaStreamDestroy(stream_);
+  }
   stream_ = nullptr;
   cudaGetLastError();
 }

@@ -288,6 +288,10 @@ class CudaEngine final : public Engine {
   // norm, activation or (IA)3 scale folded in (kernels/linear_few_rows.cu), instead of cuBLAS and separate passes.
   // cuda.fewRowLinears / TFEW_CUDA_FEW_ROW_LINEARS; off by default until a GPU run has timed it (RANK-3B-B1-FEW-ROWS).
   bool few_row_linears_ = false;
+  // cuda.programmaticLaunch / TFEW_CUDA_PROGRAMMATIC_LAUNCH (kernels/launch.cuh); off by default until a GPU run has
+  // timed it (rank-bench's -PDL rows). programmatic_note_: why it is off when it was asked for.
+  bool programmatic_launch_ = false;
+  std::string programmatic_note_;
   bool gemm_tuning_wanted_ = false;  // cuda.gemmTuning / TFEW_CUDA_GEMM_TUNING (Gemm::enable_tuning)
   std::string gemm_tuning_text() const;  // for describe()
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;

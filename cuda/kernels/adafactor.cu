@@ -14,6 +14,7 @@ constexpr int kThreads = 256;
 
 // module_sq[a * num_modules + m] = sum of the squared gradient of module m of adapter a.
 __global__ void module_sq_kernel(AdafactorParams p, const float* grads, float* module_sq) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   const int m = blockIdx.x, a = blockIdx.y;
   const AdafactorModuleDesc d = p.modules[m];
@@ -27,6 +28,7 @@ __global__ void module_sq_kernel(AdafactorParams p, const float* grads, float* m
 
 __global__ void adafactor_kernel(AdafactorParams p, const int32_t* stepped, const int32_t* step_count, float* params,
                                  const float* grads, float* state, const float* module_sq, float* grad_norms) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   const int m = blockIdx.x, a = blockIdx.y;
   if (!stepped[a]) return;  // no gradient for this adapter in the batch: no step
@@ -111,9 +113,9 @@ void adafactor_step(const AdafactorParams& p, int num_adapters, const int32_t* s
                     cudaStream_t stream) {
   if (num_adapters <= 0 || p.num_modules <= 0) return;
   const dim3 grid(p.num_modules, num_adapters);
-  module_sq_kernel<<<grid, kThreads, 0, stream>>>(p, grads, module_sq);
+  TFEW_LAUNCH(grid, kThreads, 0, stream, module_sq_kernel)(p, grads, module_sq);
   TFEW_CUDA_CHECK_LAUNCH("module_sq_kernel");
-  adafactor_kernel<<<grid, kThreads, 0, stream>>>(p, stepped, step_count, params, grads, state, module_sq, grad_norms);
+  TFEW_LAUNCH(grid, kThreads, 0, stream, adafactor_kernel)(p, stepped, step_count, params, grads, state, module_sq, grad_norms);
   TFEW_CUDA_CHECK_LAUNCH("adafactor_kernel");
 }
 

@@ -31,6 +31,7 @@ namespace {
 
 __global__ void relative_bias_table_kernel(const float* __restrict__ rel_emb, const int32_t* __restrict__ buckets,
                                            int span, int num_heads, float* __restrict__ table) {
+  wait_for_previous_kernel();
   const int64_t n = static_cast<int64_t>(span) * num_heads;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -45,6 +46,7 @@ __global__ void relative_bias_table_kernel(const float* __restrict__ rel_emb, co
 template <typename T>
 __global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int v_col, int width, int n_tokens,
                                     AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  wait_for_previous_kernel();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {  // grid.y strides past 65535 tokens
@@ -62,6 +64,7 @@ __global__ void ia3_scale_kv_kernel(T* __restrict__ buf, int ld, int k_col, int 
 template <typename T>
 __global__ void ia3_scaled_qkv_copy_kernel(const T* __restrict__ src, T* __restrict__ dst, int ld, int inner,
                                            int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  wait_for_previous_kernel();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= 3 * inner) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
@@ -81,6 +84,7 @@ __global__ void ia3_scaled_qkv_copy_kernel(const T* __restrict__ src, T* __restr
 template <typename T>
 __global__ void ia3_scaled_columns_copy_kernel(const T* __restrict__ src, int src_ld, T* __restrict__ dst, int dst_ld,
                                                int width, int n_tokens, AdapterIndex index, int64_t offset) {
+  wait_for_previous_kernel();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
@@ -114,6 +118,7 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
                                       const int32_t* __restrict__ lengths, int heads, int len,
                                       int64_t rows_per_example, int64_t n_rows, DropoutSite dropout,
                                       FoldedRows folded, T* __restrict__ probs, T* __restrict__ probs_dropped) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
@@ -186,6 +191,7 @@ template <typename T, int kPer>
 __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __restrict__ probs,
                                         const int32_t* __restrict__ lengths, int len, int64_t rows_per_example,
                                         int64_t n_rows, DropoutSite dropout, FoldedRows folded) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
@@ -234,6 +240,7 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
 template <typename T>
 __global__ void dropout_probs_kernel(const T* __restrict__ probs, int64_t n_rows, int len, DropoutSite dropout,
                                      FoldedRows folded, T* __restrict__ probs_dropped) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int64_t n = n_rows * len;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -254,6 +261,7 @@ __global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_
                                        int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset,
                                        const float* g_k, const float* g_v, int g_ld, T* __restrict__ dqkv, int dq_ld,
                                        Ia3Sums sums, float* gk_out, float* gv_out) {
+  wait_for_previous_kernel();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
   for (int64_t r = blockIdx.y; r < sums.rows(n_tokens); r += gridDim.y) {
@@ -286,6 +294,7 @@ __global__ void ia3_kv_backward_kernel(const T* __restrict__ qkv, int ld, int k_
 template <typename T, int kVec>
 __global__ void ia3_scaled_qkv_copy_vec_kernel(const T* __restrict__ src, T* __restrict__ dst, int ld, int inner,
                                                int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  wait_for_previous_kernel();
   const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= 3 * inner) return;  // (inner % kVec == 0: a vector lies within q, k or v)
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
@@ -305,6 +314,7 @@ __global__ void ia3_scaled_qkv_copy_vec_kernel(const T* __restrict__ src, T* __r
 template <typename T, int kVec>
 __global__ void ia3_scale_kv_vec_kernel(T* __restrict__ buf, int ld, int k_col, int v_col, int width, int n_tokens,
                                         AdapterIndex index, int64_t k_offset, int64_t v_offset) {
+  wait_for_previous_kernel();
   const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= width) return;
   for (int t = blockIdx.y; t < n_tokens; t += gridDim.y) {
@@ -328,6 +338,7 @@ __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, in
                                            int n_tokens, AdapterIndex index, int64_t k_offset, int64_t v_offset,
                                            const float* g_k, const float* g_v, int g_ld, T* __restrict__ dqkv,
                                            int dq_ld, Ia3Sums sums, float* gk_out, float* gv_out) {
+  wait_for_previous_kernel();
   const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= width) return;
   for (int64_t r = blockIdx.y; r < sums.rows(n_tokens); r += gridDim.y) {
@@ -393,6 +404,7 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
                                        const int32_t* __restrict__ row_example,
                                        const int32_t* __restrict__ enc_lengths, int enc_len, AdapterIndex index,
                                        int64_t k_offset, int64_t v_offset, DropoutSite dropout) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   extern __shared__ float q_smem[];  // [kSmallAttnWarps][d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -497,7 +509,7 @@ void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv
   const dim3 block(32 * kSmallAttnWarps);
   const size_t smem = sizeof(float) * kSmallAttnWarps * d_kv;
   with_dims_per_lane(d_kv, [&](auto dpl) {
-    small_attention_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+    TFEW_LAUNCH(grid, block, smem, stream, small_attention_kernel<T, decltype(dpl)::value>)(
         q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, bias_table, row_example, enc_lengths, enc_len,
         index, k_offset, v_offset, dropout);
   });
@@ -566,6 +578,7 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
                                                 int64_t v_offset, int n_queries, T* __restrict__ dq, int dq_ld,
                                                 float* __restrict__ g_k, float* __restrict__ g_v,
                                                 float* __restrict__ stats) {
+  wait_for_previous_kernel();
   g.dropout = with_seed(g.dropout);
   extern __shared__ float smem[];  // per warp: q~ [d_kv], g~ [d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -684,6 +697,7 @@ __global__ void attention_backward_key_kernel(AttentionGeometry g, const T* __re
                                               const float* __restrict__ dout, AdapterIndex index, int64_t k_offset,
                                               int64_t v_offset, const float* __restrict__ stats, int n_keys_total,
                                               T* __restrict__ dk, T* __restrict__ dv, int dkv_ld) {
+  wait_for_previous_kernel();
   g.dropout = with_seed(g.dropout);
   extern __shared__ float smem[];  // per warp: l_k * k_j [d_kv], l_v * v_j [d_kv]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -906,6 +920,7 @@ cross_attention_tiled_kernel(const T* __restrict__ q, int q_ld, const T* __restr
                              const int32_t* __restrict__ row_example, const int32_t* __restrict__ enc_lengths,
                              int enc_len, AdapterIndex index, int64_t k_offset, int64_t v_offset,
                              DropoutSite dropout) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   extern __shared__ float4 cross_smem[];
   float* qs = reinterpret_cast<float*>(cross_smem);  // [kCrossQueries][d_kv], l_k applied
@@ -987,6 +1002,7 @@ cross_backward_query_tiled_kernel(AttentionGeometry g, const T* __restrict__ q, 
                                   AdapterIndex index, int64_t k_offset, int64_t v_offset, int n_queries,
                                   T* __restrict__ dq, int dq_ld, float* __restrict__ g_k, float* __restrict__ g_v,
                                   float* __restrict__ stats) {
+  wait_for_previous_kernel();
   g.dropout = with_seed(g.dropout);
   const int d_kv = g.d_kv, inner = g.heads * g.d_kv, dec_len = g.q_len, enc_len = g.k_len;
   extern __shared__ float4 cross_smem[];
@@ -1107,7 +1123,7 @@ void relative_bias_table(const float* rel_emb, const int32_t* buckets, int span,
                          cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(span) * num_heads;
   if (n <= 0) return;
-  relative_bias_table_kernel<<<grid_for(n, 256), 256, 0, stream>>>(rel_emb, buckets, span, num_heads, table);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, relative_bias_table_kernel)(rel_emb, buckets, span, num_heads, table);
   TFEW_CUDA_CHECK_LAUNCH("relative_bias_table_kernel");
 }
 
@@ -1120,14 +1136,14 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
         constexpr int kVec = decltype(vec)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        ia3_scale_kv_vec_kernel<T, kVec><<<grid, block, 0, stream>>>(buf, ld, k_col, v_col, width, n_tokens, index,
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_scale_kv_vec_kernel<T, kVec>)(buf, ld, k_col, v_col, width, n_tokens, index,
                                                                      k_offset, v_offset);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_vec_kernel");
     return;
   }
   const dim3 grid((width + 255) / 256, grid_rows);
-  ia3_scale_kv_kernel<T><<<grid, 256, 0, stream>>>(buf, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset);
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scale_kv_kernel<T>)(buf, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_kernel");
 }
 
@@ -1145,14 +1161,14 @@ void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, 
         constexpr int kVec = decltype(vec)::value;
         const int groups = 3 * inner / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        ia3_scaled_qkv_copy_vec_kernel<T, kVec><<<grid, block, 0, stream>>>(src, dst, ld, inner, n_tokens, index,
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_scaled_qkv_copy_vec_kernel<T, kVec>)(src, dst, ld, inner, n_tokens, index,
                                                                             k_offset, v_offset);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_qkv_copy_vec_kernel");
     return;
   }
   const dim3 grid((3 * inner + 255) / 256, grid_rows);
-  ia3_scaled_qkv_copy_kernel<T><<<grid, 256, 0, stream>>>(src, dst, ld, inner, n_tokens, index, k_offset, v_offset);
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scaled_qkv_copy_kernel<T>)(src, dst, ld, inner, n_tokens, index, k_offset, v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_qkv_copy_kernel");
 }
 
@@ -1181,7 +1197,7 @@ void launch_masked_softmax(const float* scores, const float* bias_table, const i
   constexpr int kBlock = 256;
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   with_keys_per_lane(len, [&](auto per_lane) {
-    masked_softmax_kernel<T, decltype(per_lane)::value><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+    TFEW_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, masked_softmax_kernel<T, decltype(per_lane)::value>)(
         scores, bias_table, lengths, heads, len, rows_per_example, n_rows, dropout, folded, probs, probs_dropped);
   });
   TFEW_CUDA_CHECK_LAUNCH("masked_softmax_kernel");
@@ -1220,7 +1236,7 @@ void launch_softmax_backward(const float* dprobs, T* probs, const int32_t* lengt
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   with_keys_per_lane(len, [&](auto per_lane) {
-    softmax_backward_kernel<T, decltype(per_lane)::value><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+    TFEW_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, softmax_backward_kernel<T, decltype(per_lane)::value>)(
         dprobs, probs, lengths, len, rows_per_example, n_rows, dropout, folded);
   });
   TFEW_CUDA_CHECK_LAUNCH("softmax_backward_kernel");
@@ -1248,7 +1264,7 @@ void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutS
                          T* probs_dropped, cudaStream_t stream) {
   const int64_t n = n_rows * len;
   if (n <= 0) return;
-  dropout_probs_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(probs, n_rows, len, dropout, folded, probs_dropped);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded, probs_dropped);
   TFEW_CUDA_CHECK_LAUNCH("dropout_probs_kernel");
 }
 
@@ -1257,7 +1273,7 @@ void ia3_scaled_columns_copy(const T* src, int src_ld, T* dst, int dst_ld, int w
                              const AdapterIndex& index, int64_t offset, cudaStream_t stream) {
   if (n_tokens <= 0 || width <= 0) return;
   const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
-  ia3_scaled_columns_copy_kernel<T><<<grid, 256, 0, stream>>>(src, src_ld, dst, dst_ld, width, n_tokens, index,
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scaled_columns_copy_kernel<T>)(src, src_ld, dst, dst_ld, width, n_tokens, index,
                                                               offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_columns_copy_kernel");
 }
@@ -1278,7 +1294,7 @@ void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int 
         constexpr int kVec = decltype(vec_width)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        ia3_kv_backward_vec_kernel<T, kVec><<<grid, block, 0, stream>>>(qkv, ld, k_col, v_col, width, n_tokens, index,
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_kv_backward_vec_kernel<T, kVec>)(qkv, ld, k_col, v_col, width, n_tokens, index,
                                                                         k_offset, v_offset, g_k, g_v, g_ld, dqkv,
                                                                         dq_ld, sums, gk_out, gv_out);
       })) {
@@ -1286,7 +1302,7 @@ void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int 
     return;
   }
   const dim3 grid((width + 255) / 256, grid_rows);
-  ia3_kv_backward_kernel<T><<<grid, 256, 0, stream>>>(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_kv_backward_kernel<T>)(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
                                                       v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums, gk_out, gv_out);
   TFEW_CUDA_CHECK_LAUNCH("ia3_kv_backward_kernel");
 }
@@ -1319,7 +1335,7 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
   const dim3 grid((n_queries + kCrossQueries - 1) / kCrossQueries, heads), block(32 * kCrossWarps);
   const size_t smem = cross_tiled_smem_bytes<T>(d_kv, 1);
   with_dims_per_lane(d_kv, [&](auto dpl) {
-    cross_attention_tiled_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+    TFEW_LAUNCH(grid, block, smem, stream, cross_attention_tiled_kernel<T, decltype(dpl)::value>)(
         q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, row_example, enc_lengths, enc_len, index,
         k_offset, v_offset, dropout);
   });
@@ -1336,7 +1352,7 @@ void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, 
     const dim3 grid((n_queries + kCrossQueries - 1) / kCrossQueries, g.heads), block(32 * kCrossWarps);
     const size_t smem = cross_tiled_smem_bytes<T>(g.d_kv, 2);
     with_dims_per_lane(g.d_kv, [&](auto dpl) {
-      cross_backward_query_tiled_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+      TFEW_LAUNCH(grid, block, smem, stream, cross_backward_query_tiled_kernel<T, decltype(dpl)::value>)(
           g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, n_queries, dq, dq_ld, g_k, g_v, stats);
     });
     TFEW_CUDA_CHECK_LAUNCH("cross_backward_query_tiled_kernel");
@@ -1345,7 +1361,7 @@ void attention_backward_query(const AttentionGeometry& g, const T* q, int q_ld, 
   const dim3 grid((n_queries + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
   const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
   with_dims_per_lane(g.d_kv, [&](auto dpl) {
-    attention_backward_query_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+    TFEW_LAUNCH(grid, block, smem, stream, attention_backward_query_kernel<T, decltype(dpl)::value>)(
         g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, n_queries, dq, dq_ld, g_k, g_v, stats);
   });
   TFEW_CUDA_CHECK_LAUNCH("attention_backward_query_kernel");
@@ -1362,7 +1378,7 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   const dim3 grid((n_keys_total + kBackWarps - 1) / kBackWarps, g.heads), block(32 * kBackWarps);
   const size_t smem = sizeof(float) * kBackWarps * 2 * g.d_kv;
   with_dims_per_lane(g.d_kv, [&](auto dpl) {
-    attention_backward_key_kernel<T, decltype(dpl)::value><<<grid, block, smem, stream>>>(
+    TFEW_LAUNCH(grid, block, smem, stream, attention_backward_key_kernel<T, decltype(dpl)::value>)(
         g, q, q_ld, k, v, kv_ld, dout, index, k_offset, v_offset, stats, n_keys_total, dk, dv, dkv_ld);
   });
   TFEW_CUDA_CHECK_LAUNCH("attention_backward_key_kernel");

@@ -199,6 +199,7 @@ fused_encoder_attention_kernel(const __nv_bfloat16* __restrict__ qkv, int inner,
                                const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
                                __nv_bfloat16* __restrict__ out, float* __restrict__ stats, KeepBits keep) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   using S = FusedSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];  // WMMA needs 32-byte aligned tiles
@@ -479,6 +480,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
                                    const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                    AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
                                    __nv_bfloat16* __restrict__ out, float* __restrict__ stats, KeepBits keep) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   using S = MmaSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -726,6 +728,7 @@ __device__ __forceinline__ void score_products(float (&s)[2][4], float (&dp)[2][
 // dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~.
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionBackwardArgs a) {
+  wait_for_previous_kernel();
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -843,6 +846,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
 // dV~ += P'^T dC, dK~ += dS^T Q.
 template <int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
+  wait_for_previous_kernel();
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -993,13 +997,13 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
   const size_t smem = forward_smem_bytes<DK>();
   if (attention_kernel_wmma()) {
     opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
-    fused_encoder_attention_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths, index,
+    TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_kernel<DK>)(qkv, inner, len, bias_table, lengths, index,
                                                                          k_offset, v_offset, dropout, out, stats, keep);
     TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
     return;
   }
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
-  fused_encoder_attention_mma_kernel<DK><<<grid, kThreads, smem, stream>>>(qkv, inner, len, bias_table, lengths,
+  TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK>)(qkv, inner, len, bias_table, lengths,
                                                                            index, k_offset, v_offset, dropout, out,
                                                                            stats, keep);
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_mma_kernel");
@@ -1011,9 +1015,9 @@ void launch_fused_backward(const AttentionBackwardArgs& args, int batch, int hea
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dq_kernel<DK>), S::kDqBytes);
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dkv_kernel<DK>), S::kDkvBytes);
   const dim3 grid((args.len + kTile - 1) / kTile, heads, batch);
-  fused_attention_dq_kernel<DK><<<grid, kThreads, S::kDqBytes, stream>>>(args);
+  TFEW_LAUNCH(grid, kThreads, S::kDqBytes, stream, fused_attention_dq_kernel<DK>)(args);
   TFEW_CUDA_CHECK_LAUNCH("fused_attention_dq_kernel");
-  fused_attention_dkv_kernel<DK><<<grid, kThreads, S::kDkvBytes, stream>>>(args);
+  TFEW_LAUNCH(grid, kThreads, S::kDkvBytes, stream, fused_attention_dkv_kernel<DK>)(args);
   TFEW_CUDA_CHECK_LAUNCH("fused_attention_dkv_kernel");
 }
 

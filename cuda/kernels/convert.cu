@@ -22,6 +22,7 @@ __device__ __forceinline__ float load_as_f32(const void* src, DType dtype, int64
 
 template <typename T>
 __global__ void convert_weights_kernel(const void* __restrict__ src, DType dtype, int64_t n, T* __restrict__ dst) {
+  wait_for_previous_kernel();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dst[i] = from_f32<T>(load_as_f32(src, dtype, i));
@@ -29,6 +30,7 @@ __global__ void convert_weights_kernel(const void* __restrict__ src, DType dtype
 
 template <typename T, bool kRows>
 __global__ void scale_matrix_kernel(T* __restrict__ w, int64_t rows, int64_t cols, const float* __restrict__ l) {
+  wait_for_previous_kernel();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -42,21 +44,21 @@ __global__ void scale_matrix_kernel(T* __restrict__ w, int64_t rows, int64_t col
 template <typename T>
 void convert_weights(const void* src, DType dtype, int64_t n, T* dst, cudaStream_t stream) {
   if (n <= 0) return;
-  convert_weights_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(src, dtype, n, dst);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, convert_weights_kernel<T>)(src, dtype, n, dst);
   TFEW_CUDA_CHECK_LAUNCH("convert_weights_kernel");
 }
 
 template <typename T>
 void scale_rows(T* w, int64_t rows, int64_t cols, const float* l, cudaStream_t stream) {
   if (rows * cols <= 0) return;
-  scale_matrix_kernel<T, true><<<grid_for(rows * cols, 256), 256, 0, stream>>>(w, rows, cols, l);
+  TFEW_LAUNCH(grid_for(rows * cols, 256), 256, 0, stream, scale_matrix_kernel<T, true>)(w, rows, cols, l);
   TFEW_CUDA_CHECK_LAUNCH("scale_matrix_kernel");
 }
 
 template <typename T>
 void scale_cols(T* w, int64_t rows, int64_t cols, const float* l, cudaStream_t stream) {
   if (rows * cols <= 0) return;
-  scale_matrix_kernel<T, false><<<grid_for(rows * cols, 256), 256, 0, stream>>>(w, rows, cols, l);
+  TFEW_LAUNCH(grid_for(rows * cols, 256), 256, 0, stream, scale_matrix_kernel<T, false>)(w, rows, cols, l);
   TFEW_CUDA_CHECK_LAUNCH("scale_matrix_kernel");
 }
 

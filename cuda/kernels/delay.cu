@@ -8,6 +8,7 @@ namespace kernels {
 
 namespace {
 __global__ void delay_kernel(unsigned long long nanoseconds) {
+  wait_for_previous_kernel();
 #if !defined(TFEW_CUDA_EMULATION)
   unsigned long long start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
@@ -22,7 +23,7 @@ __global__ void delay_kernel(unsigned long long nanoseconds) {
 
 void device_delay(int microseconds, cudaStream_t stream) {
   if (microseconds <= 0) return;
-  delay_kernel<<<1, 1, 0, stream>>>(static_cast<unsigned long long>(microseconds) * 1000ull);
+  TFEW_LAUNCH(1, 1, 0, stream, delay_kernel)(static_cast<unsigned long long>(microseconds) * 1000ull);
   TFEW_CUDA_CHECK_LAUNCH("delay_kernel");
 }
 

@@ -19,6 +19,7 @@
 
 #include "gpu/cuda_check.h"
 #include "kernels/kernels.cuh"
+#include "kernels/launch.cuh"
 
 namespace tfew {
 namespace kernels {

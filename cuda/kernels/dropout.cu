@@ -10,6 +10,7 @@ namespace {
 
 template <typename T>
 __global__ void dropout_inplace_kernel(T* __restrict__ x, int64_t n, DropoutSite site) {
+  wait_for_previous_kernel();
   site = with_seed(site);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -18,6 +19,7 @@ __global__ void dropout_inplace_kernel(T* __restrict__ x, int64_t n, DropoutSite
 
 template <typename T>
 __global__ void dropout_cast_kernel(const float* __restrict__ x, int64_t n, DropoutSite site, T* __restrict__ out) {
+  wait_for_previous_kernel();
   site = with_seed(site);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -29,14 +31,14 @@ __global__ void dropout_cast_kernel(const float* __restrict__ x, int64_t n, Drop
 template <typename T>
 void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream) {
   if (n <= 0 || site.rate <= 0.f) return;
-  dropout_inplace_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, n, site);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_inplace_kernel<T>)(x, n, site);
   TFEW_CUDA_CHECK_LAUNCH("dropout_inplace_kernel");
 }
 
 template <typename T>
 void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream) {
   if (n <= 0) return;
-  dropout_cast_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(x, n, site, out);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_cast_kernel<T>)(x, n, site, out);
   TFEW_CUDA_CHECK_LAUNCH("dropout_cast_kernel");
 }
 

@@ -10,6 +10,7 @@ namespace {
 template <typename T>
 __global__ void embedding_forward_kernel(const T* __restrict__ table, int vocab, int d_model,
                                          const int32_t* __restrict__ ids, float* __restrict__ out) {
+  wait_for_previous_kernel();
   const int64_t t = blockIdx.x;
   const int id = ids[t];
   float* dst = out + t * d_model;
@@ -27,7 +28,7 @@ template <typename T>
 void embedding_forward(const T* table, int vocab, int d_model, const int32_t* ids, int n_tokens, float* out,
                        cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  embedding_forward_kernel<T><<<n_tokens, 256, 0, stream>>>(table, vocab, d_model, ids, out);
+  TFEW_LAUNCH(n_tokens, 256, 0, stream, embedding_forward_kernel<T>)(table, vocab, d_model, ids, out);
   TFEW_CUDA_CHECK_LAUNCH("embedding_forward_kernel");
 }
 

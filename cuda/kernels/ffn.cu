@@ -28,6 +28,7 @@ __device__ __forceinline__ float gelu_new_grad(float x) {
 template <typename T, bool kGated>
 __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
                                       bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
@@ -54,6 +55,7 @@ __global__ void ffn_activation_kernel(const T* __restrict__ in, int n_tokens, in
 template <typename T, bool kGated, int kVec>
 __global__ void ffn_activation_vec_kernel(const T* __restrict__ in, int n_tokens, int d_ff, AdapterIndex index,
                                           bool scaled, int64_t ff_offset, DropoutSite dropout, T* __restrict__ out) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= d_ff) return;
@@ -90,10 +92,10 @@ void launch_ffn_activation_vec(const T* in, int n_tokens, int d_ff, bool gated, 
   const dim3 block(groups >= 256 ? 256 : 128);
   const dim3 grid((groups + block.x - 1) / block.x, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
-    ffn_activation_vec_kernel<T, true, kVec><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset,
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, true, kVec>)(in, n_tokens, d_ff, index, scaled, ff_offset,
                                                                          dropout, out);
   else
-    ffn_activation_vec_kernel<T, false, kVec><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset,
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, false, kVec>)(in, n_tokens, d_ff, index, scaled, ff_offset,
                                                                           dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("ffn_activation_vec_kernel");
 }
@@ -104,6 +106,7 @@ template <typename T, bool kGated>
 __global__ void ffn_backward_kernel(const float* dscaled, const T* __restrict__ pre, int n_tokens, int d_ff,
                                     AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
                                     T* __restrict__ d_pre, Ia3Sums sums, float* g_ff) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d_ff) return;
@@ -146,6 +149,7 @@ template <typename T, bool kGated, int kVec>
 __global__ void ffn_backward_vec_kernel(const float* dscaled, const T* __restrict__ pre, int n_tokens, int d_ff,
                                         AdapterIndex index, bool scaled, int64_t ff_offset, DropoutSite dropout,
                                         T* __restrict__ d_pre, Ia3Sums sums, float* g_ff) {
+  wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= d_ff) return;
@@ -210,9 +214,9 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
-    ffn_activation_kernel<T, true><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, true>)(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   else
-    ffn_activation_kernel<T, false><<<grid, block, 0, stream>>>(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, false>)(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("ffn_activation_kernel");
 }
 
@@ -231,10 +235,10 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
     const int groups = d_ff / kVec;
     const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
     if (gated)
-      ffn_backward_vec_kernel<T, true, kVec><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled,
+      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, true, kVec>)(dscaled, pre, n_tokens, d_ff, index, scaled,
                                                                          ff_offset, dropout, d_pre, sums, g_ff);
     else
-      ffn_backward_vec_kernel<T, false, kVec><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled,
+      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, false, kVec>)(dscaled, pre, n_tokens, d_ff, index, scaled,
                                                                           ff_offset, dropout, d_pre, sums, g_ff);
     TFEW_CUDA_CHECK_LAUNCH("ffn_backward_vec_kernel");
   };
@@ -242,10 +246,10 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, grid_rows);
   if (gated)
-    ffn_backward_kernel<T, true><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, true>)(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
                                                              dropout, d_pre, sums, g_ff);
   else
-    ffn_backward_kernel<T, false><<<grid, block, 0, stream>>>(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, false>)(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
                                                               dropout, d_pre, sums, g_ff);
   TFEW_CUDA_CHECK_LAUNCH("ffn_backward_kernel");
 }

@@ -23,6 +23,7 @@ __device__ __forceinline__ RowSoftmax row_softmax(const float* __restrict__ row,
 
 __global__ void token_logprobs_kernel(const float* __restrict__ logits, int vocab,
                                       const int32_t* __restrict__ targets, int pad_id, float* __restrict__ out) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   const int64_t t = blockIdx.x;
   const int target = targets[t];
@@ -39,6 +40,7 @@ template <typename T>
 __global__ void token_logprobs_backward_kernel(const float* __restrict__ logits, int vocab,
                                                const int32_t* __restrict__ targets, int pad_id,
                                                const float* __restrict__ g, T* __restrict__ dlogits) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   const int64_t t = blockIdx.x;
   const int target = targets[t];
@@ -63,7 +65,7 @@ template <typename T>
 void token_logprobs_backward(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id,
                              const float* g, T* dlogits, cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  token_logprobs_backward_kernel<T><<<n_tokens, 512, 0, stream>>>(logits, vocab, targets, pad_id, g, dlogits);
+  TFEW_LAUNCH(n_tokens, 512, 0, stream, token_logprobs_backward_kernel<T>)(logits, vocab, targets, pad_id, g, dlogits);
   TFEW_CUDA_CHECK_LAUNCH("token_logprobs_backward_kernel");
 }
 
@@ -75,7 +77,7 @@ template void token_logprobs_backward<__nv_bfloat16>(const float*, int, int, con
 void token_logprobs(const float* logits, int n_tokens, int vocab, const int32_t* targets, int pad_id, float* out,
                     cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  token_logprobs_kernel<<<n_tokens, 512, 0, stream>>>(logits, vocab, targets, pad_id, out);
+  TFEW_LAUNCH(n_tokens, 512, 0, stream, token_logprobs_kernel)(logits, vocab, targets, pad_id, out);
   TFEW_CUDA_CHECK_LAUNCH("token_logprobs_kernel");
 }
 

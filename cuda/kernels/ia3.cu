@@ -20,6 +20,7 @@ __global__ void ia3_grad_reduce_kernel(Ia3GradSource first, Ia3GradSource second
                                        int tokens_per_row, const int32_t* __restrict__ row_start,
                                        const int32_t* __restrict__ adapter_of_example, int n_adapters,
                                        float* __restrict__ partial, float* __restrict__ grads, int64_t stride) {
+  wait_for_previous_kernel();
   const Ia3GradSource src = blockIdx.y == 0 ? first : second;
   const int c = blockIdx.x * kReduceColumns + threadIdx.x;
   float* part = partial + static_cast<int64_t>(blockIdx.y) * batch * width;
@@ -54,7 +55,7 @@ void ia3_grad_reduce(const Ia3GradSource& first, const Ia3GradSource& second, in
                      float* partial, float* grads, int64_t stride, cudaStream_t stream) {
   if (width <= 0 || batch <= 0 || n_adapters <= 0 || first.g == nullptr) return;
   const dim3 grid((width + kReduceColumns - 1) / kReduceColumns, second.g ? 2 : 1);
-  ia3_grad_reduce_kernel<<<grid, dim3(kReduceColumns, kReduceExamples), 0, stream>>>(
+  TFEW_LAUNCH(grid, dim3(kReduceColumns, kReduceExamples), 0, stream, ia3_grad_reduce_kernel)(
       first, second, width, batch, tokens_per_row, row_start, adapter_of_example, n_adapters, partial, grads, stride);
   TFEW_CUDA_CHECK_LAUNCH("ia3_grad_reduce_kernel");
 }

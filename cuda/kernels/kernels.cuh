@@ -46,6 +46,12 @@ struct DropoutSite {
   uint64_t key = 0;
 };
 
+// Programmatic dependent launch (kernels/launch.cuh): whether our kernels launched on `stream` may begin while the
+// kernel before them is finishing. The engine switches it on for its stream (cuda.programmaticLaunch, cc 9.0+) and
+// off before destroying the stream; off for every stream not named.
+void set_programmatic_launch(cudaStream_t stream, bool on);
+bool programmatic_launch(cudaStream_t stream);
+
 // The keep mask of the encoder self-attention's dropout ([B, H, L, L] probabilities) as bits, so that the
 // training backward reads it instead of hashing every element again (the fused forward is run twice and the two
 // backward kernels read each element once more: four hashes per element otherwise, ~1.6 G per TRAIN-3B step).

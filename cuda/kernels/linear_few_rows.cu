@@ -126,6 +126,9 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
   int col_block = blockIdx.x;
   point_w(col_block);
   load_w(wq, warp);
+  // The weights are constant: their first chunks are on their way before the wait (kernels/launch.cuh), while the
+  // kernel before this one finishes, when the launch overlaps it.
+  wait_for_previous_kernel();
 
   // ---- the input: staged (normalised, or scaled by l_v) or read in place. The norm's rows: each warp's two or
   // four at once would need their sums in registers together; one after the other, once per block.
@@ -323,7 +326,7 @@ bool launch_few_rows(FewRowsArgs p, int n_out, cudaStream_t stream) {
   p.n_out = n_out;
   const int column_blocks = n_out / (8 * kOutTiles);
   const int grid = std::min(column_blocks, per_sm * multiprocessors());
-  few_rows_linear_kernel<kMTiles, kNTiles, kIn, kOut, kNormChunks><<<grid, 32 * kWarps, smem, stream>>>(p);
+  TFEW_LAUNCH(grid, 32 * kWarps, smem, stream, few_rows_linear_kernel<kMTiles, kNTiles, kIn, kOut, kNormChunks>)(p);
   TFEW_CUDA_CHECK_LAUNCH("few_rows_linear_kernel");
   return true;
 }

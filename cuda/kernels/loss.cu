@@ -23,6 +23,7 @@ __global__ void tfew_losses_kernel(const float* __restrict__ logp, const int32_t
                                    const int32_t* __restrict__ row_example, const int32_t* __restrict__ labels,
                                    int batch, const float* __restrict__ weights, double* __restrict__ scratch,
                                    float* __restrict__ losses, float* __restrict__ dlogp) {
+  wait_for_previous_kernel();
   const float lm_weight = weights[0], ul_weight = weights[1], ln_weight = weights[2];
   double* row_stat = scratch;                            // [rows, kRowStats]
   double* example_ln = scratch + static_cast<int64_t>(rows) * kRowStats;  // [batch]
@@ -124,7 +125,7 @@ void tfew_losses(const float* token_logp, const int32_t* targets, int rows, int 
                  const int32_t* row_start, const int32_t* row_example, const int32_t* labels, int batch,
                  const float* weights, double* scratch, float* losses, float* dlogp, cudaStream_t stream) {
   if (rows <= 0 || batch <= 0) return;
-  tfew_losses_kernel<<<1, 256, 0, stream>>>(token_logp, targets, rows, len, pad_id, row_start, row_example, labels,
+  TFEW_LAUNCH(1, 256, 0, stream, tfew_losses_kernel)(token_logp, targets, rows, len, pad_id, row_start, row_example, labels,
                                             batch, weights, scratch, losses, dlogp);
   TFEW_CUDA_CHECK_LAUNCH("tfew_losses_kernel");
 }

@@ -40,6 +40,7 @@ __device__ __forceinline__ void rmsnorm_row(const TIn* xr, const float* __restri
 template <typename TIn, typename TOut>
 __global__ void rmsnorm_forward_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int d,
                                        float eps, float out_scale, TOut* __restrict__ out) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   rmsnorm_row(x + row * d, weight, d, eps, out_scale, out + row * d, scratch);
@@ -52,6 +53,7 @@ template <typename T>
 __global__ void residual_add_norm_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site,
                                          T* __restrict__ saved, const float* __restrict__ weight, int d, float eps,
                                          float out_scale, T* __restrict__ out) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   site = with_seed(site);
   const int64_t row = blockIdx.x;
@@ -68,6 +70,7 @@ template <typename TX>
 __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* __restrict__ x,
                                         const float* __restrict__ weight, int d, float eps, bool accumulate,
                                         float* __restrict__ dx, TX* __restrict__ cast_out, DropoutSite cast_site) {
+  wait_for_previous_kernel();
   __shared__ float scratch[32];
   cast_site = with_seed(cast_site);
   const int64_t row = blockIdx.x;
@@ -110,6 +113,7 @@ template <int kChunks, typename TIn, typename TOut>
 __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 rmsnorm_forward_warp_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int64_t n_rows, int d,
                             float eps, float out_scale, TOut* __restrict__ out) {
+  wait_for_previous_kernel();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
   rmsnorm_row_warp<kChunks>(x + row * d, weight, d, eps, out_scale, out + row * d);
@@ -121,6 +125,7 @@ __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site, T* saved,
                               const float* __restrict__ weight, int64_t n_rows, int d, float eps, float out_scale,
                               T* __restrict__ out) {
+  wait_for_previous_kernel();
   site = with_seed(site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
@@ -142,6 +147,7 @@ __global__ void __launch_bounds__(32 * kNormRowsPerBlock)
 rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict__ x, const float* __restrict__ weight,
                              int64_t n_rows, int d, float eps, bool accumulate, float* __restrict__ dx,
                              TX* __restrict__ cast_out, DropoutSite cast_site) {
+  wait_for_previous_kernel();
   cast_site = with_seed(cast_site);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;
@@ -214,15 +220,14 @@ void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_r
   if (n_rows <= 0) return;
   if (aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) && (!cast_out || aligned_x4(cast_out)) &&
       with_norm_chunks(d, [&](auto chunks) {
-        rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX><<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock,
-                                                                    0, stream>>>(dy, x, weight, n_rows, d, eps,
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX>)(dy, x, weight, n_rows, d, eps,
                                                                                  accumulate, dx, cast_out, cast_site);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_warp_kernel");
     return;
   }
   const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
-  rmsnorm_backward_kernel<TX><<<n_rows, block, 0, stream>>>(dy, x, weight, d, eps, accumulate, dx, cast_out,
+  TFEW_LAUNCH(n_rows, block, 0, stream, rmsnorm_backward_kernel<TX>)(dy, x, weight, d, eps, accumulate, dx, cast_out,
                                                             cast_site);
   TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_kernel");
 }
@@ -232,14 +237,13 @@ void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float
                      TOut* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
   if (aligned_x4(x) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
-        rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>
-            <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, weight, n_rows, d, eps, out_scale, out);
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>)(x, weight, n_rows, d, eps, out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_warp_kernel");
     return;
   }
   const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
-  rmsnorm_forward_kernel<TIn, TOut><<<n_rows, block, 0, stream>>>(x, weight, d, eps, out_scale, out);
+  TFEW_LAUNCH(n_rows, block, 0, stream, rmsnorm_forward_kernel<TIn, TOut>)(x, weight, d, eps, out_scale, out);
   TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_kernel");
 }
 
@@ -251,15 +255,14 @@ void residual_add_norm(float* x, const float* y, int n_rows, int d, const Dropou
   // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
   if (aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
         if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
-        residual_add_norm_warp_kernel<decltype(chunks)::value, T>
-            <<<norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream>>>(x, y, site, saved, weight, n_rows, d, eps,
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, residual_add_norm_warp_kernel<decltype(chunks)::value, T>)(x, y, site, saved, weight, n_rows, d, eps,
                                                                                out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");
     return;
   }
   const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);  // rmsnorm_forward's (the same sums)
-  residual_add_norm_kernel<T><<<n_rows, block, 0, stream>>>(x, y, site, saved, weight, d, eps, out_scale, out);
+  TFEW_LAUNCH(n_rows, block, 0, stream, residual_add_norm_kernel<T>)(x, y, site, saved, weight, d, eps, out_scale, out);
   TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_kernel");
 }
 

@@ -181,6 +181,10 @@ struct CudaEngineOptions {
   // GEMM tuning: -1 default (off until timed on a GPU), 0 off, 1 on: each linear layer's GEMM shape is timed on its
   // first call (cublasGemmEx against cuBLASLt's heuristic candidates) and runs on the fastest (gpu/gemm.h)
   int gemm_tuning = -1;
+  // Programmatic dependent launch (kernels/launch.cuh): each of our kernels may be scheduled while the kernel before
+  // it finishes (the launch gaps of latency-bound calls): -1 default (off until timed on a GPU), 0 off, 1 on where
+  // the GPU has it (compute capability 9.0 and up)
+  int programmatic_launch = -1;
   int graphs = -1;          // -1 default (on), 0 off, 1 on (still off under TFEW_CUDA_DEBUG_SYNC)
   // small rank-classification calls padded to shape buckets so that similar lengths share a graph:
   // -1 default (on), 0 off (every call at its exact shape), 1 on

@@ -859,7 +859,7 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
-// fewRowLinears?, gemmTuning?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
+// fewRowLinears?, gemmTuning?, programmaticLaunch?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -920,6 +920,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         cuda.gemm_tuning = c.Get("gemmTuning").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("fewRowLinears") && c.Get("fewRowLinears").IsBoolean())
         cuda.few_row_linears = c.Get("fewRowLinears").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("programmaticLaunch") && c.Get("programmaticLaunch").IsBoolean())
+        cuda.programmatic_launch = c.Get("programmaticLaunch").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphBuckets") && c.Get("graphBuckets").IsBoolean())
         cuda.graph_buckets = c.Get("graphBuckets").As<Napi::Boolean>().Value() ? 1 : 0;
@@ -1362,6 +1364,14 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   testing.Set("emulatorMultiprocessors", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     emu::set_multiprocessors(info[0].ToNumber().Int32Value());
     return info.Env().Undefined();
+  }));
+  // emulatorLaunchCounts(reset) -> { ordinary, programmatic }: kernel launches so far (not graph replays)
+  testing.Set("emulatorLaunchCounts", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    const emu::LaunchCounts c = emu::launch_counts(info.Length() > 0 && info[0].ToBoolean().Value());
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("ordinary", static_cast<double>(c.ordinary));
+    o.Set("programmatic", static_cast<double>(c.programmatic));
+    return o;
   }));
   // emulatorGemmTuningPrefersCublasLt(on): the GEMM tuner keeps a cuBLASLt candidate wherever it can (gpu/gemm.h)
   testing.Set("emulatorGemmTuningPrefersCublasLt", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

@@ -63,6 +63,7 @@ const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(B
 interface CudaOpts {
   cudaDevice?: number; cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
   cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaFewRowLinears?: boolean; cudaGemmTuning?: boolean;
+  cudaProgrammaticLaunch?: boolean;
   cudaGraphs?: boolean;
   cudaGraphBuckets?: boolean;
 }
@@ -90,6 +91,8 @@ function addCudaOptions(cmd: Command): Command {
     .option('--no-cuda-few-row-linears', 'CUDA: the decoder\'s linear layers on cuBLAS at every size (the default)')
     .option('--cuda-gemm-tuning', 'CUDA: time each GEMM shape\'s cuBLAS/cuBLASLt algorithms on its first call and keep the fastest')
     .option('--no-cuda-gemm-tuning', 'CUDA: cuBLAS\'s own choice of GEMM algorithm (the default)')
+    .option('--cuda-programmatic-launch', 'CUDA (cc 9.0+): each kernel may be scheduled while the one before it finishes (programmatic dependent launch)')
+    .option('--no-cuda-programmatic-launch', 'CUDA: each kernel starts after the one before it has ended (the default)')
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
@@ -105,6 +108,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaFusedBackward !== undefined) c.fusedBackward = o.cudaFusedBackward;  // (both forms defined: no default)
   if (o.cudaFewRowLinears !== undefined) c.fewRowLinears = o.cudaFewRowLinears;  // (the same)
   if (o.cudaGemmTuning !== undefined) c.gemmTuning = o.cudaGemmTuning;  // (the same)
+  if (o.cudaProgrammaticLaunch !== undefined) c.programmaticLaunch = o.cudaProgrammaticLaunch;  // (the same)
   if (o.cudaGraphs === false) c.graphs = false;
   if (o.cudaGraphBuckets === false) c.graphBuckets = false;
   return Object.keys(c).length > 0 ? c : undefined;

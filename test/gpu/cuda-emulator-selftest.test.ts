@@ -69,6 +69,20 @@ describeEmulator('CUDA emulator self-test', () => {
     expect(r.message).toMatch(/\b128 of 128 stale before the wait, 128 of 128 right after it/);
   });
 
+  // kernels/launch.cuh: a kernel launched to overlap the one before it must wait for it (griddepcontrol.wait) before
+  // it touches what that kernel writes; every thread of such a launch that ends without waiting is a fault.
+  test('a programmatic launch of a kernel that never waits for the kernel before it is a launch failure naming it', () => {
+    const r = selfTest('programmatic-launch-without-wait');
+    expect(r.error).toBe('cudaErrorLaunchFailure');
+    expect(r.message).toMatch(/writes_without_waiting was launched to overlap the kernel before it .* ended without wait_for_previous_kernel/);
+  });
+
+  test('a programmatic launch of a kernel that waits first runs', () => {
+    const r = selfTest('programmatic-launch-with-wait');
+    expect(r.error).toBe('cudaSuccess');
+    expect(r.message).toMatch(/accepted/);
+  });
+
   test('a misaligned residual stream in the fused residual add + norm is a typed internal error, not a misaligned read', () => {
     const r = selfTest('misaligned-residual-stream');
     expect(r.error).toBe('cudaSuccess');

@@ -1,0 +1,71 @@
+// The rule that lets our kernels overlap the kernel before them (cuda/kernels/launch.cuh, cuda.programmaticLaunch),
+// checked on the sources so that it holds for kernels no test runs: every kernel is launched through TFEW_LAUNCH
+// (which carries the stream's programmatic attribute), and every __global__ function calls
+// wait_for_previous_kernel() with no return before it (a thread that returned first would end without waiting,
+// and the next kernel could start before this launch's predecessor ended). The emulator checks the same at run
+// time for the kernels a test runs (test/gpu/cuda-programmatic-launch.test.ts, cuda-emulator-selftest).
+import * as fs from 'fs';
+import * as path from 'path';
+
+const kernelsDir = path.join(__dirname, '..', 'cuda', 'kernels');
+const sources = fs.readdirSync(kernelsDir).filter((f) => f.endsWith('.cu') || f.endsWith('.cuh'))
+  .map((f) => ({ file: f, text: fs.readFileSync(path.join(kernelsDir, f), 'utf8') }));
+
+// Comments and string literals blanked (same length), so that words in them are not taken for code.
+function codeOnly(text: string): string {
+  return text.replace(/\/\/[^\n]*|\/\*[\s\S]*?\*\/|"(?:\\.|[^"\\\n])*"/g, (m) => m.replace(/[^\n]/g, ' '));
+}
+
+function matching(text: string, open: number, openCh: string, closeCh: string): number {
+  let depth = 0;
+  for (let i = open; i < text.length; i++) {
+    if (text[i] === openCh) depth++;
+    else if (text[i] === closeCh && --depth === 0) return i;
+  }
+  throw new Error(`unbalanced ${openCh}${closeCh}`);
+}
+
+interface Kernel { file: string; name: string; body: string }
+
+function kernels(): Kernel[] {
+  const out: Kernel[] = [];
+  for (const { file, text } of sources) {
+    const code = codeOnly(text);
+    for (let g = code.indexOf('__global__'); g >= 0; g = code.indexOf('__global__', g + 1)) {
+      let i = g + '__global__'.length;
+      let paren = code.indexOf('(', i);
+      if (/__launch_bounds__\s*$/.test(code.slice(i, paren))) {
+        i = matching(code, paren, '(', ')') + 1;
+        paren = code.indexOf('(', i);
+      }
+      const name = /(\w+)\s*$/.exec(code.slice(i, paren))![1];
+      let j = matching(code, paren, '(', ')') + 1;
+      while (/\s/.test(code[j])) j++;
+      if (code[j] !== '{') continue;  // a declaration
+      out.push({ file, name, body: code.slice(j + 1, matching(code, j, '{', '}')) });
+    }
+  }
+  return out;
+}
+
+describe('the kernel launch rule (cuda/kernels/launch.cuh)', () => {
+  const all = kernels();
+
+  test('the sources have kernels to check', () => {
+    expect(all.length).toBeGreaterThan(30);
+    expect(all.map((k) => k.name)).toEqual(expect.arrayContaining(['few_rows_linear_kernel', 'rmsnorm_forward_warp_kernel']));
+  });
+
+  test('every kernel waits for the kernel before it, with no return before the wait', () => {
+    const broken = all.filter((k) => {
+      const wait = k.body.indexOf('wait_for_previous_kernel()');
+      return wait < 0 || /\breturn\b/.test(k.body.slice(0, wait));
+    }).map((k) => `${k.file}: ${k.name}`);
+    expect(broken).toEqual([]);
+  });
+
+  test('every launch in cuda/kernels goes through TFEW_LAUNCH (no <<< >>>)', () => {
+    const launches = sources.filter((s) => s.file !== 'launch.cuh' && /<<</.test(codeOnly(s.text))).map((s) => s.file);
+    expect(launches).toEqual([]);
+  });
+});
