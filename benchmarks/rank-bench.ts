@@ -30,9 +30,11 @@
 //   RANK-3B-B1-TUNED / RANK-3B-B32-TUNED / TRAIN-3B-TUNED  with GEMM tuning (cuda.gemmTuning: each GEMM shape's
 //                 cuBLAS / cuBLASLt algorithms timed on its first call, the fastest kept; off by default; one load,
 //                 whose describe() line says how many shapes changed)
-//   RANK-3B-B1-PDL / RANK-3B-B32-PDL / TRAIN-3B-PDL / RANK-3B-B1-FEW-ROWS-PDL  with programmatic dependent launch
-//                 (cuda.programmaticLaunch: each kernel may be scheduled while the one before it finishes; cc 9.0+;
-//                 off by default), the last with the few-row decoder linears too (two loads)
+//   RANK-3B-B1-PDL / RANK-3B-B32-PDL / TRAIN-3B-PDL / RANK-3B-B1-FEW-ROWS-PDL / RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL
+//                 with programmatic dependent launch (cuda.programmaticLaunch: each kernel may be scheduled while the
+//                 one before it finishes; cc 9.0+; off by default), the last two with the few-row decoder linears
+//                 too, the last with the precomputed cross-attention as well (a decoder of our kernels only, 8
+//                 launches a layer, every one able to overlap the one before it; three loads)
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -390,6 +392,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       trainName: 'TRAIN-3B-PDL' },
     { variant: 'few-rows-pdl', cuda: { fewRowLinears: true, programmaticLaunch: true },
       rank: [['RANK-3B-B1-FEW-ROWS-PDL', b1]] },
+    { variant: 'few-rows-precomputed-pdl', cuda: { fewRowLinears: true, crossAttention: 'precomputed', programmaticLaunch: true },
+      rank: [['RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL', b1]] },
     { variant: 'exact', cuda: { graphBuckets: false }, rank: [] },
   ];
   for (const { variant, cuda, rank, trainName } of variants) {
@@ -573,6 +577,9 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
   { defaultRow: 'RANK-3B-B1-FEW-ROWS', otherRow: 'RANK-3B-B1-FEW-ROWS-PDL',
     other: 'programmatic dependent launch on top of the few-row decoder linears',
     where: 'cuda_engine.cc pdl_wanted' },
+  { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL',
+    other: 'the few-row decoder linears with precomputed cross-attention and programmatic dependent launch at one example',
+    where: 'cuda_engine.cc few_rows_wanted, folds_cross_attention and pdl_wanted' },
 ];
 
 /** One line per default that this run measured against its alternative: which was faster, by how much. */

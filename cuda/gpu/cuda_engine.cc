@@ -52,8 +52,12 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     // Off by default until a GPU run has timed it (rank-bench's -PDL rows); griddepcontrol needs cc 9.0.
     const bool pdl_wanted = options.programmatic_launch >= 0 ? options.programmatic_launch == 1
                                                              : env_flag("TFEW_CUDA_PROGRAMMATIC_LAUNCH", false);
-    programmatic_launch_ = pdl_wanted && probe_.compute_capability >= 90;
-    if (pdl_wanted && !programmatic_launch_) programmatic_note_ = "off (it needs compute capability 9.0)";
+    if (pdl_wanted) {
+      const char* unsupported = probe_.compute_capability < 90 ? "off (it needs compute capability 9.0)"
+                                                                : kernels::programmatic_launch_unsupported();
+      programmatic_launch_ = unsupported[0] == '\0';
+      programmatic_note_ = unsupported;
+    }
     kernels::set_programmatic_launch(stream_, programmatic_launch_);
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";

@@ -51,6 +51,10 @@ struct DropoutSite {
 // off before destroying the stream; off for every stream not named.
 void set_programmatic_launch(cudaStream_t stream, bool on);
 bool programmatic_launch(cudaStream_t stream);
+// Whether the kernels loaded for the current device wait for their predecessor: built from compute_90 or later (the
+// wait compiles to nothing below that: a build for sm_80 only, run on an H100, must not overlap its launches), and
+// CUDA graphs can keep programmatic edges (runtime and driver 12.3 or later). "" if so, else why not.
+const char* programmatic_launch_unsupported();
 
 // The keep mask of the encoder self-attention's dropout ([B, H, L, L] probabilities) as bits, so that the
 // training backward reads it instead of hashing every element again (the fused forward is run twice and the two

@@ -9,8 +9,10 @@
 //
 // The rule (kept by every __global__ in cuda/kernels; test/kernel-launch-rule.test.ts checks the sources, the
 // emulator checks every thread of a programmatic launch at run time): a kernel calls wait_for_previous_kernel()
-// before it reads or writes global memory that earlier work writes or reads. Only constant data (the weights) may
-// be read before it (the few-row linears request their first weight chunks first). The wait returns once the
+// before it reads or writes global memory that earlier work writes or reads: as its first statement, but for the
+// few-row linears, which request their first chunks of constant data (the weights) before it. (So no kernel that
+// writes weights, such as the adapter merge's scale_rows, may run right before a few-row kernel: none does; the
+// merge synchronises the stream.) The wait returns once the
 // previous kernel has ended and its writes are visible; the same call then lets the next kernel be scheduled.
 // Since every kernel waits, each ends after its predecessor ended: the order of a stream is kept transitively.
 // Other work in the stream (cuBLAS, copies, event records) is ordered as always.
@@ -40,6 +42,8 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 template <typename... Params>
 struct KernelLaunch {
   const char* name;
+  const char* file;  // the launch site (TFEW_LAUNCH's), for errors
+  int line;
   void (*kernel)(Params...);
   dim3 grid, block;
   size_t shared;
@@ -69,16 +73,16 @@ struct KernelLaunch {
     const cudaError_t error = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
     if (error != cudaSuccess) {
       (void)cudaGetLastError();  // (taken here, not left for the next launch's check)
-      ::tfew::gpu::throw_cuda_error(error, name, __FILE__, __LINE__);
+      ::tfew::gpu::throw_cuda_error(error, name, file, line);
     }
 #endif
   }
 };
 
 template <typename... Params>
-KernelLaunch<Params...> make_launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
-                                    cudaStream_t stream) {
-  return KernelLaunch<Params...>{name, kernel, grid, block, shared, stream};
+KernelLaunch<Params...> make_launch(const char* name, const char* file, int line, void (*kernel)(Params...), dim3 grid,
+                                    dim3 block, size_t shared, cudaStream_t stream) {
+  return KernelLaunch<Params...>{name, file, line, kernel, grid, block, shared, stream};
 }
 
 }  // namespace kernels
@@ -87,4 +91,4 @@ KernelLaunch<Params...> make_launch(const char* name, void (*kernel)(Params...),
 // The kernel comes last so that a template-id's commas need no parentheses; its text names it in the emulator's
 // launch trace and errors.
 #define TFEW_LAUNCH(grid, block, shared, stream, ...) \
-  ::tfew::kernels::make_launch(#__VA_ARGS__, __VA_ARGS__, grid, block, shared, stream)
+  ::tfew::kernels::make_launch(#__VA_ARGS__, __FILE__, __LINE__, __VA_ARGS__, grid, block, shared, stream)

@@ -48,6 +48,9 @@ describeCuda('programmatic dependent launch (cuda.programmaticLaunch)', () => {
         expect([round, r.logProbs]).toEqual([round, p.logProbs]);
         expect([round, r.scores]).toEqual([round, p.scores]);
       }
+      // the launches were captured into graphs, programmatic edges and all (a capture that failed would turn graphs off)
+      expect(pdl.describe()).toMatch(/CUDA graphs on/);
+      expect(pdl.graphStats().replays).toBeGreaterThan(0);
     });
 
     test('training with dropout and mixed adapters: the bits of ordinary launches, eager, captured and replayed', async () => {
