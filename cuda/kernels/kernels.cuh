@@ -51,9 +51,10 @@ struct DropoutSite {
 // off before destroying the stream; off for every stream not named.
 void set_programmatic_launch(cudaStream_t stream, bool on);
 bool programmatic_launch(cudaStream_t stream);
-// Whether the kernels loaded for the current device wait for their predecessor: built from compute_90 or later (the
-// wait compiles to nothing below that: a build for sm_80 only, run on an H100, must not overlap its launches), and
-// CUDA graphs can keep programmatic edges (runtime and driver 12.3 or later). "" if so, else why not.
+// Whether the kernels the current device runs wait for their predecessor: compiled for compute_90 or later (the wait
+// compiles to nothing below that: a build for sm_80 only, run on an H100 from its PTX, must not overlap its launches;
+// a probe kernel reports its __CUDA_ARCH__), and CUDA graphs can keep programmatic edges (runtime and driver 12.3 or
+// later). "" if so, else why not. Runs a kernel and synchronises: at load only.
 const char* programmatic_launch_unsupported();
 
 // The keep mask of the encoder self-attention's dropout ([B, H, L, L] probabilities) as bits, so that the

@@ -15,8 +15,14 @@ std::mutex g_streams_mutex;
 std::vector<cudaStream_t> g_streams;  // one per engine that asked: a few at most
 std::atomic<int> g_stream_count{0};   // (launches skip the lock while no stream is registered)
 
-// Compiled as every kernel here is: its attributes say from which virtual architecture the loaded code came.
-__global__ void programmatic_probe_kernel() { wait_for_previous_kernel(); }
+// Compiled as every kernel here is: it says for which architecture the code this GPU runs was compiled (the wait
+// is there from 900 on).
+__global__ void programmatic_probe_kernel(int* arch) {
+  wait_for_previous_kernel();
+#if defined(__CUDA_ARCH__)
+  *arch = __CUDA_ARCH__;
+#endif
+}
 }  // namespace
 
 void set_programmatic_launch(cudaStream_t stream, bool on) {
@@ -45,12 +51,19 @@ const char* programmatic_launch_unsupported() {
     cudaGetLastError();
     return "off (the driver is older than CUDA 12.3)";
   }
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, programmatic_probe_kernel) != cudaSuccess) {
-    cudaGetLastError();
-    return "off (the kernels' attributes could not be read)";
+  // (once per call: at an engine's load, outside any capture)
+  int* arch_dev = nullptr;
+  int arch = 0;
+  bool ran = cudaMalloc(&arch_dev, sizeof(int)) == cudaSuccess;
+  if (ran) {
+    TFEW_LAUNCH(1, 1, 0, nullptr, programmatic_probe_kernel)(arch_dev);  // (the legacy stream: an ordinary launch)
+    ran = cudaGetLastError() == cudaSuccess &&
+          cudaMemcpy(&arch, arch_dev, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+    cudaFree(arch_dev);
   }
-  if (attributes.ptxVersion < 90) return "off (the kernels for this GPU were built without compute_90)";
+  cudaGetLastError();
+  if (!ran) return "off (the probe kernel did not run)";
+  if (arch < 900) return "off (the kernels this GPU runs were built for an architecture before compute_90)";
   return "";
 #endif
 #endif
