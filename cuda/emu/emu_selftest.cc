@@ -303,6 +303,22 @@ SelfTestResult run_scenario(const std::string& name) {
       what = std::string(error_code_name(e.code())) + ": " + e.what();
     }
     r = finish(cudaGetLastError(), what);
+  } else if (name == "misaligned-attention-view") {
+    // The fused encoder attention copies q|k|v 16 bytes at a time (cp.async): a view one element off is refused
+    // (a GPU would fault on it; x86 would not).
+    const int batch = 1, heads = 2, len = 16, d_kv = 64, inner = heads * d_kv;
+    __nv_bfloat16* qkv = mem.get<__nv_bfloat16>(batch * len * 3 * inner + 8);
+    __nv_bfloat16* out = mem.get<__nv_bfloat16>(batch * len * inner);
+    float* bias = mem.get<float>((2 * len - 1) * heads);
+    int32_t* lengths = mem.get<int32_t>(batch);
+    std::string what = "accepted";
+    try {
+      kernels::fused_encoder_attention(qkv + 1, inner, d_kv, batch, heads, len, bias, lengths, kernels::AdapterIndex{},
+                                       -1, -1, kernels::DropoutSite{}, out, cudaStream_t{nullptr});
+    } catch (const TfewError& e) {
+      what = std::string(error_code_name(e.code())) + ": " + e.what();
+    }
+    r = finish(cudaGetLastError(), what);
   } else {
     r.error = "unknown";
     r.message = "no self-test named " + name;
