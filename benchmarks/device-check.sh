@@ -220,7 +220,7 @@ fi
 # ---- the GPU tests, one process per file
 if want tests; then
   debug_rerun_done=0
-  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-few-rows:60 cuda-gemm-tuning:60 cuda-programmatic-launch:60 cuda-behaviour:120 cuda-graphs:90 cuda-reserve:60 cuda-devices:45 cuda-fuzz-api:45; do
+  for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-few-rows:60 cuda-gemm-tuning:60 cuda-programmatic-launch:60 cuda-encoder-chunks:60 cuda-behaviour:120 cuda-graphs:90 cuda-reserve:60 cuda-devices:45 cuda-fuzz-api:45; do
     file=${t%%:*}
     cap=${t##*:}
     TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \

@@ -35,6 +35,8 @@
 //                 one before it finishes; cc 9.0+; off by default), the last two with the few-row decoder linears
 //                 too, the last with the precomputed cross-attention as well (a decoder of our kernels only, 8
 //                 launches a layer, every one able to overlap the one before it; three loads)
+//   RANK-3B-B32-CHUNK1024 / RANK-3B-B32-CHUNK2048  with each encoder layer run over chunks of 4 / 8 examples
+//                 (cuda.encoderChunkRows: the chunk's q|k|v, context and FFN temporaries in L2; off by default)
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with
 // TFEW_CUDA_PROFILE_DETAIL=1 (graphs off, events around every launch family) gives the GEMM share.
@@ -394,6 +396,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       rank: [['RANK-3B-B1-FEW-ROWS-PDL', b1]] },
     { variant: 'few-rows-precomputed-pdl', cuda: { fewRowLinears: true, crossAttention: 'precomputed', programmaticLaunch: true },
       rank: [['RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL', b1]] },
+    { variant: 'chunk1024', cuda: { encoderChunkRows: 1024 }, rank: [['RANK-3B-B32-CHUNK1024', b32]] },
+    { variant: 'chunk2048', cuda: { encoderChunkRows: 2048 }, rank: [['RANK-3B-B32-CHUNK2048', b32]] },
     { variant: 'exact', cuda: { graphBuckets: false }, rank: [] },
   ];
   for (const { variant, cuda, rank, trainName } of variants) {
@@ -577,6 +581,9 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
   { defaultRow: 'RANK-3B-B1-FEW-ROWS', otherRow: 'RANK-3B-B1-FEW-ROWS-PDL',
     other: 'programmatic dependent launch on top of the few-row decoder linears',
     where: 'cuda_engine.cc pdl_wanted' },
+  ...([1024, 2048] as const).map((rows) => (
+    { defaultRow: 'RANK-3B-B32', otherRow: `RANK-3B-B32-CHUNK${rows}`, other: `the encoder in chunks of ${rows} rows`,
+      where: `CudaOptions.encoderChunkRows (${rows}; cuda_engine.cc encoder_chunk_rows_)` })),
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL',
     other: 'the few-row decoder linears with precomputed cross-attention and programmatic dependent launch at one example',
     where: 'cuda_engine.cc few_rows_wanted, folds_cross_attention and pdl_wanted' },

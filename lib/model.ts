@@ -26,10 +26,10 @@ export interface LoadOptions {
   mergeAdapter?: IA3Adapter;
   /**
    * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention,
-   * fusedBackward, fewRowLinears, gemmTuning, programmaticLaunch, graphs, graphBuckets, crossAttention. Unset
-   * fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION, TFEW_CUDA_FUSED_BACKWARD,
-   * TFEW_CUDA_FEW_ROW_LINEARS, TFEW_CUDA_GEMM_TUNING, TFEW_CUDA_PROGRAMMATIC_LAUNCH, TFEW_CUDA_GRAPHS,
-   * TFEW_CUDA_GRAPH_BUCKETS and TFEW_CUDA_CROSS_ATTENTION.
+   * fusedBackward, fewRowLinears, gemmTuning, programmaticLaunch, encoderChunkRows, graphs, graphBuckets,
+   * crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION,
+   * TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_FEW_ROW_LINEARS, TFEW_CUDA_GEMM_TUNING, TFEW_CUDA_PROGRAMMATIC_LAUNCH,
+   * TFEW_CUDA_ENCODER_CHUNK_ROWS, TFEW_CUDA_GRAPHS, TFEW_CUDA_GRAPH_BUCKETS and TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -881,6 +881,9 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   for (const k of ['fusedAttention', 'fusedBackward', 'fewRowLinears', 'gemmTuning', 'programmaticLaunch', 'graphs',
     'graphBuckets'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
+  }
+  if (o.encoderChunkRows !== undefined && !(Number.isInteger(o.encoderChunkRows) && o.encoderChunkRows >= 0 && o.encoderChunkRows <= 1 << 24)) {
+    throw new InvalidArgumentError(`cuda.encoderChunkRows must be an integer >= 0, got ${String(o.encoderChunkRows)}`);
   }
   if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {
     throw new InvalidArgumentError(`cuda.crossAttention must be ${oneOf(CUDA_CROSS_ATTENTION)}, got ${String(o.crossAttention)}`);

@@ -50,6 +50,15 @@ export interface CudaOptions {
    */
   programmaticLaunch?: boolean;
   /**
+   * bf16 rank classification with the fused encoder attention: each encoder layer runs over chunks of whole
+   * examples of about this many rows (at least one example) instead of the whole batch, every chunk's q|k|v,
+   * context, FFN pre-activation and activation in the same bytes, so that they are read back from the GPU's L2
+   * cache rather than from DRAM (RANK-3B-B32 moves ~1.3 GB of such temporaries per layer). Weights are read once per
+   * chunk instead of once. 0 (the default: not yet timed on a GPU; rank-bench's RANK-3B-B32-CHUNK rows) runs each
+   * layer over the whole batch. Training is not chunked.
+   */
+  encoderChunkRows?: number;
+  /**
    * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
    * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
    * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape

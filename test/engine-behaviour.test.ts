@@ -157,7 +157,7 @@ describe('API behaviour on the CPU backend', () => {
   });
 
   test('bad CUDA options are typed errors, whatever the backend', async () => {
-    const bad = [{ precision: 'fp16' }, { graphs: 'yes' }, { fusedAttention: 1 }, { fusedBackward: 'no' }, { fewRowLinears: 'on' }, { gemmTuning: 1 }, { programmaticLaunch: 'yes' }, { crossAttention: 'fast' }] as unknown as object[];
+    const bad = [{ precision: 'fp16' }, { graphs: 'yes' }, { fusedAttention: 1 }, { fusedBackward: 'no' }, { fewRowLinears: 'on' }, { gemmTuning: 1 }, { programmaticLaunch: 'yes' }, { encoderChunkRows: -1 }, { encoderChunkRows: 2.5 }, { crossAttention: 'fast' }] as unknown as object[];
     for (const cuda of bad) await expect(T5Model.load(fx.dir, { device: 'cpu', threads: 1, cuda })).rejects.toBeInstanceOf(InvalidArgumentError);
     const batch = { inputIds: [[5, 1]], choices: [[[3, 1], [4, 1]]], labels: [0] };
     for (const recompute of ['yes', 'ffn', 1, null]) {

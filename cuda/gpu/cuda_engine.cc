@@ -59,6 +59,17 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
       programmatic_note_ = unsupported;
     }
     kernels::set_programmatic_launch(stream_, programmatic_launch_);
+    // Off by default until a GPU run has timed it (rank-bench's -CHUNK rows).
+    if (options.encoder_chunk_rows >= 0) {
+      encoder_chunk_rows_ = options.encoder_chunk_rows;
+    } else if (const char* v = std::getenv("TFEW_CUDA_ENCODER_CHUNK_ROWS")) {
+      char* end = nullptr;
+      const long rows = std::strtol(v, &end, 10);
+      if (!v[0] || *end || rows < 0 || rows > (1 << 24))
+        fail(ErrorCode::InvalidArgument, std::string("TFEW_CUDA_ENCODER_CHUNK_ROWS must be an integer >= 0, got '") + v + "'");
+      encoder_chunk_rows_ = static_cast<int>(rows);
+    }
+    if (!std::is_same<T, __nv_bfloat16>::value || !fused_attention_) encoder_chunk_rows_ = 0;
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -97,6 +108,12 @@ std::string CudaEngine<T>::gemm_tuning_text() const {
 }
 
 template <typename T>
+int CudaEngine<T>::encoder_chunk_examples(int batch, int enc_len) const {
+  if (encoder_chunk_rows_ <= 0 || enc_len <= 0) return batch;
+  return std::max(1, std::min(batch, encoder_chunk_rows_ / enc_len));
+}
+
+template <typename T>
 bool CudaEngine<T>::uses_few_row_linears(int n_rows) const {
   return few_row_linears_ && n_rows > 0 && n_rows <= kernels::kFewRowsMax;
 }
@@ -112,6 +129,7 @@ std::string CudaEngine<T>::describe() const {
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << (few_row_linears_ ? ", few-row decoder linears fused" : "")
      << gemm_tuning_text()
+     << (encoder_chunk_rows_ > 0 ? ", encoder in chunks of ~" + std::to_string(encoder_chunk_rows_) + " rows" : "")
      << (programmatic_launch_ ? ", programmatic dependent launch on"
                               : programmatic_note_.empty() ? "" : ", programmatic dependent launch " + programmatic_note_)
      << ", cross-attention "

@@ -207,6 +207,8 @@ class CudaEngine final : public Engine {
                    const kernels::AdapterIndex& ix, int64_t ff_offset, bool few_rows);
   // Whether an inference decoder of n_rows rows runs its linear layers in the few-row kernels (few_row_linears_).
   bool uses_few_row_linears(int n_rows) const;
+  // How many examples the inference encoder runs each layer over at once (encoder_chunk_rows_): the batch, or fewer.
+  int encoder_chunk_examples(int batch, int enc_len) const;
   void folded_cross_products(const Plan<T>& p, int layer, const kernels::DropoutSite& drop, T* probs,
                              T* probs_dropped, T* context);
   bool folds_cross_attention(const Batch& b) const;
@@ -291,6 +293,8 @@ class CudaEngine final : public Engine {
   // cuda.programmaticLaunch / TFEW_CUDA_PROGRAMMATIC_LAUNCH (kernels/launch.cuh); off by default until a GPU run has
   // timed it (rank-bench's -PDL rows). programmatic_note_: why it is off when it was asked for.
   bool programmatic_launch_ = false;
+  // cuda.encoderChunkRows / TFEW_CUDA_ENCODER_CHUNK_ROWS (0: off; bf16 with the fused attention only).
+  int encoder_chunk_rows_ = 0;
   std::string programmatic_note_;
   bool gemm_tuning_wanted_ = false;  // cuda.gemmTuning / TFEW_CUDA_GEMM_TUNING (Gemm::enable_tuning)
   std::string gemm_tuning_text() const;  // for describe()

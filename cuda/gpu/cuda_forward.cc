@@ -1,6 +1,7 @@
 // The inference forward of the CUDA engine (gpu/cuda_engine.h): encoder, decoder over every choice row,
 // head and per-token log-probs, enqueued on the engine's stream (and captured into CUDA graphs by
 // launch_forward). The same launch sequence in fp32 mode is the verification path.
+#include <algorithm>
 #include <cmath>
 
 #include "gpu/cuda_engine.h"
@@ -65,17 +66,25 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     kernels::relative_bias_table(weights_.enc_rel_bias, p.enc_buckets, 2 * Le - 1, H, p.enc_bias, s);
     kernels::embedding_forward<T>(weights_.enc_embed, V, d, p.enc_ids, Ne, p.x_enc, s);
   }
-  for (int l = 0; l < c.num_layers; ++l) {
+  // One encoder layer over examples [b0, b0 + nb). With the fused attention the layer may run chunk by chunk
+  // (encoder_chunk_examples, cuda.encoderChunkRows): each chunk's q|k|v, context, FFN pre-activation and activation
+  // use the start of their buffers, so they are read back from L2 (and overwritten there by the next chunk) instead
+  // of going to DRAM and back; only the residual stream rows are the chunk's own.
+  auto encoder_layer = [&](int l, int b0, int nb) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
-    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(p.x_enc, L.ln_attn, Ne, d, eps, 1.f, p.h_enc, s); }
-    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.qkv, d, p.qkv_enc, 3 * inner, Ne, 3 * inner, d, 0.f); }
+    const int rows = nb * Le;
+    float* x = p.x_enc + static_cast<int64_t>(b0) * Le * d;
+    kernels::AdapterIndex ix = enc_ix;
+    if (ix.adapter_of_example) ix.adapter_of_example += b0;
+    { Span span(prof, "rmsnorm", s); kernels::rmsnorm_forward(x, L.ln_attn, rows, d, eps, 1.f, p.h_enc, s); }
+    { Span span(prof, "gemm", s); gemm_.linear<T, T>(p.h_enc, d, L.qkv, d, p.qkv_enc, 3 * inner, rows, 3 * inner, d, 0.f); }
     if (fused_attention_) {
       Span span(prof, "encoder_attention", s);
       if constexpr (std::is_same<T, __nv_bfloat16>::value)
-        kernels::fused_encoder_attention(p.qkv_enc, inner, dkv, B, H, Le, p.enc_bias, p.enc_lengths, enc_ix,
+        kernels::fused_encoder_attention(p.qkv_enc, inner, dkv, nb, H, Le, p.enc_bias, p.enc_lengths + b0, ix,
                                          ia3.self_k, ia3.self_v, kNoDropout, p.ctx_enc, s);
-    } else {
+    } else {  // (never chunked: the batched GEMMs' pointer arrays cover the whole batch)
       {
         Span span(prof, "ia3", s);
         kernels::ia3_scale_kv<T>(p.qkv_enc, 3 * inner, inner, 2 * inner, inner, Ne, enc_ix, ia3.self_k, ia3.self_v, s);
@@ -90,9 +99,12 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
         gemm_.attention_context<T>(p.pv_v, p.pv_p, p.pv_c, 3 * inner, inner, Le, dkv, B * H);
       }
     }
-    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, p.x_enc, d, Ne, d, inner, 1.f); }
-    enqueue_ffn(p.x_enc, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, Ne, enc_ix, ia3.ff, false);
-  }
+    { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, x, d, rows, d, inner, 1.f); }
+    enqueue_ffn(x, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, rows, ix, ia3.ff, false);
+  };
+  const int chunk = fused_attention_ ? encoder_chunk_examples(B, Le) : B;
+  for (int l = 0; l < c.num_layers; ++l)
+    for (int b0 = 0; b0 < B; b0 += chunk) encoder_layer(l, b0, std::min(chunk, B - b0));
   {
     Span span(prof, "rmsnorm", s);
     kernels::rmsnorm_forward(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_out, s);

@@ -859,7 +859,7 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
-// fewRowLinears?, gemmTuning?, programmaticLaunch?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
+// fewRowLinears?, gemmTuning?, programmaticLaunch?, encoderChunkRows?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -922,6 +922,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         cuda.few_row_linears = c.Get("fewRowLinears").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("programmaticLaunch") && c.Get("programmaticLaunch").IsBoolean())
         cuda.programmatic_launch = c.Get("programmaticLaunch").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("encoderChunkRows") && c.Get("encoderChunkRows").IsNumber())  // (checked by lib: an integer >= 0)
+        cuda.encoder_chunk_rows = c.Get("encoderChunkRows").As<Napi::Number>().Int32Value();
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("graphBuckets") && c.Get("graphBuckets").IsBoolean())
         cuda.graph_buckets = c.Get("graphBuckets").As<Napi::Boolean>().Value() ? 1 : 0;

@@ -64,6 +64,7 @@ interface CudaOpts {
   cudaDevice?: number; cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
   cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaFewRowLinears?: boolean; cudaGemmTuning?: boolean;
   cudaProgrammaticLaunch?: boolean;
+  cudaEncoderChunkRows?: number;
   cudaGraphs?: boolean;
   cudaGraphBuckets?: boolean;
 }
@@ -93,6 +94,7 @@ function addCudaOptions(cmd: Command): Command {
     .option('--no-cuda-gemm-tuning', 'CUDA: cuBLAS\'s own choice of GEMM algorithm (the default)')
     .option('--cuda-programmatic-launch', 'CUDA (cc 9.0+): each kernel may be scheduled while the one before it finishes (programmatic dependent launch)')
     .option('--no-cuda-programmatic-launch', 'CUDA: each kernel starts after the one before it has ended (the default)')
+    .option('--cuda-encoder-chunk-rows <n>', 'CUDA rank classification: run each encoder layer over chunks of about n rows (whole examples) so temporaries stay in L2 (default 0: off)', int('--cuda-encoder-chunk-rows'))
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
@@ -109,6 +111,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaFewRowLinears !== undefined) c.fewRowLinears = o.cudaFewRowLinears;  // (the same)
   if (o.cudaGemmTuning !== undefined) c.gemmTuning = o.cudaGemmTuning;  // (the same)
   if (o.cudaProgrammaticLaunch !== undefined) c.programmaticLaunch = o.cudaProgrammaticLaunch;  // (the same)
+  if (o.cudaEncoderChunkRows !== undefined) c.encoderChunkRows = o.cudaEncoderChunkRows;
   if (o.cudaGraphs === false) c.graphs = false;
   if (o.cudaGraphBuckets === false) c.graphBuckets = false;
   return Object.keys(c).length > 0 ? c : undefined;
