@@ -12,7 +12,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { IA3Adapter, T5Model } from '../lib';
+import { CudaOptions, IA3Adapter, T5Model } from '../lib';
 import { native } from '../lib/native';
 import { randomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
 
@@ -109,17 +109,22 @@ async function main(): Promise<void> {
     }
   }
   // RANK-3B-B1 with the few-row decoder linears (cuda.fewRowLinears, off by default), which need a width they have
-  // an instance for: the same layout at d_model 512 (the launches do not depend on the width otherwise)
-  if (want('RANK-3B-B1-FEW-ROWS')) {
-    const wideDir = path.join(os.tmpdir(), `tfew-launch-count-512-${layers}l`);
+  // an instance for: the same layout at d_model 512 (the launches do not depend on the width otherwise); with the
+  // precomputed cross-attention too, and that alone
+  const wideRuns: [string, CudaOptions][] = [['RANK-3B-B1-FEW-ROWS', { fewRowLinears: true }],
+    ['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', { fewRowLinears: true, crossAttention: 'precomputed' }],
+    ['RANK-3B-B1-PRECOMPUTED', { crossAttention: 'precomputed' }]];
+  const wideDir = path.join(os.tmpdir(), `tfew-launch-count-512-${layers}l`);
+  for (const [name, cuda] of wideRuns) {
+    if (!want(name)) continue;
     writeRandomT5(wideDir, { configJson: { ...configJson, d_model: 512, d_ff: 1024, num_heads: 8 }, seed: 5 });
-    const few = await T5Model.load(wideDir, { device: 'cuda', cuda: { fewRowLinears: true } });
+    const wide = await T5Model.load(wideDir, { device: 'cuda', cuda });
     try {
-      const fewAdapter = IA3Adapter.create(few);
+      const wideAdapter = IA3Adapter.create(wide);
       const b = randomBatch(V, [256], [[8, 8]], 12);
-      await count('RANK-3B-B1-FEW-ROWS', () => few.rankClassify(b.inputIds, b.choices, { adapter: fewAdapter }));
+      await count(name, () => wide.rankClassify(b.inputIds, b.choices, { adapter: wideAdapter }));
     } finally {
-      await few.dispose();
+      await wide.dispose();
     }
   }
   fs.rmSync(trace, { force: true });

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -584,7 +585,9 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
     return;
   }
   g_kernel_launches[programmatic ? 1 : 0]++;
-  std::string kernel_name = name;
+  std::string kernel_name;  // (TFEW_LAUNCH's kernel text without its spaces, as scripts/emu-translate.js writes names)
+  for (const char* c = name; *c; ++c)
+    if (!std::isspace(static_cast<unsigned char>(*c))) kernel_name += *c;
   enqueue(stream, [kernel_name, grid, block, dynamic_shared, programmatic, body = std::move(thread_body)]() {
     if (sticky() != cudaSuccess) return;
     if (tracing())
