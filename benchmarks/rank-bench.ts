@@ -26,7 +26,7 @@
 //                 (cuda.fusedAttention false; a third load).
 //   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
 //                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
-//                 folded and the precomputed cross-attention (loads of their own; a detail breakdown too)
+//                 folded and the precomputed cross-attention (loads of their own; a detail breakdown of each)
 //   RANK-3B-B1-TUNED / RANK-3B-B32-TUNED / TRAIN-3B-TUNED  with GEMM tuning (cuda.gemmTuning: each GEMM shape's
 //                 cuBLAS / cuBLASLt algorithms timed on its first call, the fastest kept; off by default; one load,
 //                 whose describe() line says how many shapes changed)
@@ -450,7 +450,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
-  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD', 'RANK-3B-B1-FEW-ROWS']
+  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD', 'RANK-3B-B1-FEW-ROWS',
+    'RANK-3B-B1-PRECOMPUTED-FEW-ROWS']
     .filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
   if (!lost && breakdownPending.length > 0) {
     process.env.TFEW_CUDA_PROFILE_DETAIL = '1';
@@ -507,18 +508,22 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
         if (!lost) await fused.dispose();
       }
     }
-    // RANK-3B-B1 with the few-row decoder linears (off by default): which launch families they remove, what they cost
-    if (!lost && !('RANK-3B-B1-FEW-ROWS' in breakdown)) {
+    // RANK-3B-B1 with the few-row decoder linears (off by default): which launch families they remove, what they cost;
+    // and with the precomputed cross-attention too (a decoder of our kernels only: the candidate for the B1 default)
+    const b1Detail: [string, CudaOptions][] = [['RANK-3B-B1-FEW-ROWS', { fewRowLinears: true }],
+      ['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', { fewRowLinears: true, crossAttention: 'precomputed' }]];
+    for (const [name, cuda] of b1Detail) {
+      if (lost || name in breakdown) continue;
       let few: T5Model | undefined;
-      await attempt('load cuda (profile detail, few-row linears)', async () => {
-        few = await T5Model.load(modelDir, { device: 'cuda', cuda: { fewRowLinears: true } });
+      await attempt(`load cuda (profile detail, ${JSON.stringify(cuda)})`, async () => {
+        few = await T5Model.load(modelDir, { device: 'cuda', cuda });
       }, () => false);
       if (few) {
         const m = few;
-        await attempt('breakdown RANK-3B-B1-FEW-ROWS', async () => {
+        await attempt(`breakdown ${name}`, async () => {
           await timeWorkload(m, b1, adapter, profileFile, Math.min(2, warmups), Math.min(5, runs));
-          summarise('RANK-3B-B1-FEW-ROWS', 'score');
-        }, () => 'RANK-3B-B1-FEW-ROWS' in breakdown);
+          summarise(name, 'score');
+        }, () => name in breakdown);
         if (!lost) await m.dispose();
       }
     }
