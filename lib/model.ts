@@ -883,7 +883,7 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
   if (o.encoderChunkRows !== undefined && !(Number.isInteger(o.encoderChunkRows) && o.encoderChunkRows >= 0 && o.encoderChunkRows <= 1 << 24)) {
-    throw new InvalidArgumentError(`cuda.encoderChunkRows must be an integer >= 0, got ${String(o.encoderChunkRows)}`);
+    throw new InvalidArgumentError(`cuda.encoderChunkRows must be an integer from 0 to 16777216, got ${String(o.encoderChunkRows)}`);
   }
   if (o.crossAttention !== undefined && !CUDA_CROSS_ATTENTION.includes(o.crossAttention)) {
     throw new InvalidArgumentError(`cuda.crossAttention must be ${oneOf(CUDA_CROSS_ATTENTION)}, got ${String(o.crossAttention)}`);

@@ -66,10 +66,14 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
       char* end = nullptr;
       const long rows = std::strtol(v, &end, 10);
       if (!v[0] || *end || rows < 0 || rows > (1 << 24))
-        fail(ErrorCode::InvalidArgument, std::string("TFEW_CUDA_ENCODER_CHUNK_ROWS must be an integer >= 0, got '") + v + "'");
+        fail(ErrorCode::InvalidArgument,
+             std::string("TFEW_CUDA_ENCODER_CHUNK_ROWS must be an integer from 0 to 16777216, got '") + v + "'");
       encoder_chunk_rows_ = static_cast<int>(rows);
     }
-    if (!std::is_same<T, __nv_bfloat16>::value || !fused_attention_) encoder_chunk_rows_ = 0;
+    if (encoder_chunk_rows_ > 0 && (!std::is_same<T, __nv_bfloat16>::value || !fused_attention_)) {
+      encoder_chunk_rows_ = 0;
+      encoder_chunk_note_ = ", encoder chunks off (bf16 with the fused encoder attention only)";
+    }
     const char* cross_env = std::getenv("TFEW_CUDA_CROSS_ATTENTION");
     const std::string cross = !options.cross_attention.empty() ? options.cross_attention : cross_env ? cross_env : "auto";
     if (cross == "folded") cross_mode_ = CrossMode::Folded;
@@ -109,8 +113,12 @@ std::string CudaEngine<T>::gemm_tuning_text() const {
 
 template <typename T>
 int CudaEngine<T>::encoder_chunk_examples(int batch, int enc_len) const {
-  if (encoder_chunk_rows_ <= 0 || enc_len <= 0) return batch;
-  return std::max(1, std::min(batch, encoder_chunk_rows_ / enc_len));
+  if (encoder_chunk_rows_ <= 0 || enc_len <= 0 || batch <= 0) return batch;
+  const int most = std::max(1, std::min(batch, encoder_chunk_rows_ / enc_len));
+  // as many chunks as `most` gives, evened out (6 examples at most 4 a chunk: 3 + 3, not 4 + 2): each chunk reads the
+  // layer's weights once, so a small last chunk would cost as much as a full one
+  const int chunks = (batch + most - 1) / most;
+  return (batch + chunks - 1) / chunks;
 }
 
 template <typename T>
@@ -129,7 +137,8 @@ std::string CudaEngine<T>::describe() const {
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
      << (few_row_linears_ ? ", few-row decoder linears fused" : "")
      << gemm_tuning_text()
-     << (encoder_chunk_rows_ > 0 ? ", encoder in chunks of ~" + std::to_string(encoder_chunk_rows_) + " rows" : "")
+     << (encoder_chunk_rows_ > 0 ? ", encoder in chunks of ~" + std::to_string(encoder_chunk_rows_) + " rows"
+                                 : encoder_chunk_note_)
      << (programmatic_launch_ ? ", programmatic dependent launch on"
                               : programmatic_note_.empty() ? "" : ", programmatic dependent launch " + programmatic_note_)
      << ", cross-attention "

@@ -1066,10 +1066,10 @@ bool fused_encoder_attention_backward_supported(int d_kv) {
 
 // The kernels copy q|k|v (and dC, C) 16 bytes at a time (cp.async) and store pairs: a misaligned view would fault on a
 // GPU only (x86, and so the emulator, tolerates it). Checked here, a typed error instead of a lost context.
-static void check_fused_alignment(const char* what, int inner, std::initializer_list<const __nv_bfloat16*> views) {
-  bool ok = inner % 8 == 0;
-  for (const __nv_bfloat16* p : views) ok = ok && (p == nullptr || aligned_x4<8>(p));
-  if (!ok) fail(ErrorCode::Internal, std::string(what) + ": a view of q|k|v or of the context is not 16-byte aligned");
+static void check_fused_alignment(const char* what, int inner, int ld, std::initializer_list<const __nv_bfloat16*> views) {
+  bool ok = inner % 8 == 0 && ld % 8 == 0;
+  for (const __nv_bfloat16* p : views) ok = ok && p != nullptr && aligned_x4<8>(p);
+  if (!ok) fail(ErrorCode::Internal, std::string(what) + ": a view of q|k|v or of the context is missing or not 16-byte aligned");
 }
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,
@@ -1077,7 +1077,7 @@ void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int 
                              int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, __nv_bfloat16* out,
                              cudaStream_t stream, float* stats, const KeepBits& keep) {
   if (batch <= 0 || len <= 0) return;
-  check_fused_alignment("fused encoder attention", inner, {qkv, out});
+  check_fused_alignment("fused encoder attention", inner, 3 * inner, {qkv, out});
   switch (d_kv) {
 #define TFEW_FUSED_CASE(DK)                                                                                       \
   case DK:                                                                                                        \
@@ -1105,7 +1105,7 @@ void fused_encoder_attention_backward(const __nv_bfloat16* qkv, int inner, int d
   if (sums.chunk != kChunkRows || sums.tokens_per_example != len)
     fail(ErrorCode::Internal, "fused encoder attention backward: (IA)3 sums over " + std::to_string(sums.chunk) +
                                   " tokens, the kernel sums " + std::to_string(kChunkRows));
-  check_fused_alignment("fused encoder attention backward", dqkv_ld % 8 == 0 ? inner : 1, {qkv, dctx, ctx, dqkv});
+  check_fused_alignment("fused encoder attention backward", inner, dqkv_ld, {qkv, dctx, ctx, dqkv});
   const AttentionBackwardArgs args{qkv,       inner, len,   bias_table, lengths, index, k_offset, v_offset,
                                    dropout,   keep_bits, dctx, ctx,    stats,   dqkv,  dqkv_ld,  sums,
                                    sums_k,    sums_v};

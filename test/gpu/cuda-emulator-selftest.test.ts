@@ -92,7 +92,7 @@ describeEmulator('CUDA emulator self-test', () => {
   test('a misaligned q|k|v view in the fused encoder attention is a typed internal error, not a misaligned copy', () => {
     const r = selfTest('misaligned-attention-view');
     expect(r.error).toBe('cudaSuccess');
-    expect(r.message).toMatch(/E_INTERNAL: fused encoder attention: a view of q\|k\|v or of the context is not 16-byte aligned/);
+    expect(r.message).toMatch(/E_INTERNAL: fused encoder attention: a view of q\|k\|v or of the context is missing or not 16-byte aligned/);
   });
 
   test('after the deliberate faults the emulated context is usable again', () => {

@@ -5,6 +5,7 @@
 // backend and of the unchunked engine. Calls with a partial last chunk, chunks smaller than one example, mixed and
 // missing adapters, encoder states, graph replays; training is not chunked.
 import { IA3Adapter, T5Model } from '../../lib';
+import { native } from '../../lib/native';
 import { randomBatch } from '../../benchmarks/random-t5';
 import { maxRelError } from '../helpers/reference';
 import { bf16Tolerance, describeCuda, emulated, loadCuda, randomAdapter, randomCheckpoint } from './helpers';
@@ -38,8 +39,8 @@ describeCuda('the inference encoder in chunks of examples (cuda.encoderChunkRows
   });
 
   test('rank classification: the unchunked results (emulator: the same bits), eager and replayed', async () => {
-    // 5 examples (a 6th, filler, from the graph buckets) padded to 104 tokens: at 420 rows chunks of 4 and 2
-    // examples (a partial last chunk); at 1 row six chunks of one
+    // 5 examples (a 6th, filler, from the graph buckets) padded to 104 tokens: at 420 rows (at most 4 examples) two
+    // chunks of 3, evened out; at 1 row six chunks of one
     const b = randomBatch(plain.config.vocabSize, [97, 61, 88, 30, 75], [[4, 7], [3, 5], [6, 2], [7, 7], [1, 4]], 31);
     const perExample = [adapters[0], adapters[1], null, adapters[0], adapters[1]];
     const want = await plain.rankClassify(b.inputIds, b.choices, { adapter: perExample });
@@ -58,6 +59,23 @@ describeCuda('the inference encoder in chunks of examples (cuda.encoderChunkRows
         expect([name, round, r.predictions]).toEqual([name, round, ref.predictions]);
       }
     }
+  });
+
+  // The results cannot tell a chunked call from a whole-batch one: the emulator's launch counts can (its GEMMs are not
+  // kernels; each chunk launches its own norms, attention and activation).
+  (emulated() ? test : test.skip)('the chunks are there: more kernel launches than the whole-batch call (emulator counts)', async () => {
+    const counts = native()._testing.emulatorLaunchCounts!;
+    const b = randomBatch(plain.config.vocabSize, [60, 44, 51, 39, 58, 62, 47, 50], new Array(8).fill([3, 4]), 34);
+    const launches = async (model: T5Model) => {
+      await model.rankClassify(b.inputIds, b.choices);  // (the shape's first call: eager)
+      counts(true);
+      await model.rankClassify(b.inputIds, b.choices);  // (its second: captured, every kernel launched)
+      return counts(true).ordinary;
+    };
+    const whole = await launches(plain);
+    // 8 examples of 64 tokens at up to 420 rows (6 examples): two chunks of 4; per layer and extra chunk 4 more kernels
+    const layers = plain.config.numLayers;
+    expect(await launches(chunked)).toBe(whole + 4 * layers);
   });
 
   test('encoder states: the unchunked ones (emulator: the same bits)', async () => {
@@ -83,14 +101,14 @@ describeCuda('the inference encoder in chunks of examples (cuda.encoderChunkRows
   test('fp32 mode (the verification path) ignores it', async () => {
     const fp32 = await loadCuda(dir, 'fp32', {}, { encoderChunkRows: 420 });
     try {
-      expect(fp32.describe()).not.toMatch(/encoder in chunks/);
+      expect(fp32.describe()).toMatch(/encoder chunks off \(bf16 with the fused encoder attention only\)/);
     } finally {
       await fp32.dispose();
     }
   });
 
   test('cuda.encoderChunkRows must be an integer >= 0', async () => {
-    for (const bad of [-1, 1.5, '200'])
-      await expect(loadCuda(dir, 'bf16', {}, { encoderChunkRows: bad as unknown as number })).rejects.toThrow(/cuda.encoderChunkRows must be an integer >= 0/);
+    for (const bad of [-1, 1.5, '200', 2 ** 25])
+      await expect(loadCuda(dir, 'bf16', {}, { encoderChunkRows: bad as unknown as number })).rejects.toThrow(/cuda.encoderChunkRows must be an integer from 0 to 16777216/);
   });
 });
