@@ -35,7 +35,7 @@
 //                 one before it finishes; cc 9.0+; off by default), the last two with the few-row decoder linears
 //                 too, the last with the precomputed cross-attention as well (a decoder of our kernels only, 8
 //                 launches a layer, every one able to overlap the one before it; three loads)
-//   RANK-3B-B32-CHUNK1024 / RANK-3B-B32-CHUNK2048  with each encoder layer run over chunks of 4 / 8 examples
+//   RANK-3B-B32-CHUNK1024 / RANK-3B-B32-CHUNK2048  with the encoder run over chunks of 4 / 8 examples
 //                 (cuda.encoderChunkRows: the chunk's q|k|v, context and FFN temporaries in L2; off by default)
 // Each: 3 warm-ups, then 10 timed runs; medians of the wall time of rankClassify() (hrtime) and of the
 // engine's own CUDA-event time of the forward (TFEW_CUDA_PROFILE). A second load with

@@ -50,8 +50,9 @@ export interface CudaOptions {
    */
   programmaticLaunch?: boolean;
   /**
-   * bf16 inference (rank classification, encode()) with the fused encoder attention: each encoder layer runs over chunks of whole
-   * examples of about this many rows (at least one example) instead of the whole batch, every chunk's q|k|v,
+   * bf16 inference (rank classification, encode()) with the fused encoder attention: the encoder runs chunk by chunk
+   * (whole examples, about this many rows, at least one example; each chunk through every layer) instead of over the
+   * whole batch at once, every chunk's q|k|v,
    * context, FFN pre-activation and activation in the same bytes, so that they are read back from the GPU's L2
    * cache rather than from DRAM (RANK-3B-B32 moves ~1.3 GB of such temporaries per layer). Weights are read once per
    * chunk instead of once; chunks are evened out (6 examples at up to 4 a chunk: 3 + 3). 0 (the default: not yet

@@ -66,10 +66,10 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     kernels::relative_bias_table(weights_.enc_rel_bias, p.enc_buckets, 2 * Le - 1, H, p.enc_bias, s);
     kernels::embedding_forward<T>(weights_.enc_embed, V, d, p.enc_ids, Ne, p.x_enc, s);
   }
-  // One encoder layer over examples [b0, b0 + nb). With the fused attention the layer may run chunk by chunk
+  // One encoder layer over examples [b0, b0 + nb). With the fused attention the encoder may run chunk by chunk
   // (encoder_chunk_examples, cuda.encoderChunkRows): each chunk's q|k|v, context, FFN pre-activation and activation
-  // use the start of their buffers, so they are read back from L2 (and overwritten there by the next chunk) instead
-  // of going to DRAM and back; only the residual stream rows are the chunk's own.
+  // use the start of their buffers, so they are read back from L2 (and overwritten there by the next layer or
+  // chunk) instead of going to DRAM and back; only the residual stream rows are the chunk's own.
   auto encoder_layer = [&](int l, int b0, int nb) {
     const EncoderLayerWeights<T>& L = weights_.encoder[l];
     const IA3Layout::EncoderBlock& ia3 = layout_.encoder[l];
@@ -102,9 +102,11 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
     { Span span(prof, "gemm", s); gemm_.linear<T, float>(p.ctx_enc, inner, L.o, inner, x, d, rows, d, inner, 1.f); }
     enqueue_ffn(x, p.h_enc, p.ff_enc, p.act_enc, L.ln_ff, L.wi, L.wo, rows, ix, ia3.ff, false);
   };
+  // (a chunk through every layer before the next chunk: the weights are read once per chunk and layer either way,
+  // and so the chunk's residual rows stay in L2 too)
   const int chunk = fused_attention_ ? encoder_chunk_examples(B, Le) : B;
-  for (int l = 0; l < c.num_layers; ++l)
-    for (int b0 = 0; b0 < B; b0 += chunk) encoder_layer(l, b0, std::min(chunk, B - b0));
+  for (int b0 = 0; b0 < B; b0 += chunk)
+    for (int l = 0; l < c.num_layers; ++l) encoder_layer(l, b0, std::min(chunk, B - b0));
   {
     Span span(prof, "rmsnorm", s);
     kernels::rmsnorm_forward(p.x_enc, weights_.enc_final_ln, Ne, d, eps, 1.f, p.enc_out, s);

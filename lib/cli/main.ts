@@ -94,7 +94,7 @@ function addCudaOptions(cmd: Command): Command {
     .option('--no-cuda-gemm-tuning', 'CUDA: cuBLAS\'s own choice of GEMM algorithm (the default)')
     .option('--cuda-programmatic-launch', 'CUDA (cc 9.0+): each kernel may be scheduled while the one before it finishes (programmatic dependent launch)')
     .option('--no-cuda-programmatic-launch', 'CUDA: each kernel starts after the one before it has ended (the default)')
-    .option('--cuda-encoder-chunk-rows <n>', 'CUDA rank classification: run each encoder layer over chunks of about n rows (whole examples) so temporaries stay in L2 (default 0: off)', int('--cuda-encoder-chunk-rows'))
+    .option('--cuda-encoder-chunk-rows <n>', 'CUDA inference: run the encoder over chunks of about n rows (whole examples) so its temporaries stay in L2 (default 0: off)', int('--cuda-encoder-chunk-rows'))
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
 }
