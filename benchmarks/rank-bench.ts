@@ -127,6 +127,9 @@ export interface RankBenchResult {
   graphStats?: Record<string, unknown>;
   /** The GEMM-tuned load's describe() at its end: how many GEMM shapes it timed and moved to cuBLASLt. */
   gemmTuning?: string;
+  /** Each variant load's describe() right after loading: whether its switch took (a programmatic launch the GPU
+   * refused, say, leaves the -PDL rows timing ordinary launches). */
+  variantDescribe?: Record<string, string>;
 }
 
 const median = (xs: number[]): number => {
@@ -413,6 +416,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     }, () => false);
     if (!alt) continue;
     const altModel = alt;
+    (result.variantDescribe ??= {})[variant] = altModel.describe();
+    console.log(`[rank-bench] load ${variant}: ${altModel.describe()}`);
     for (const [i, [name, batch]] of rank.entries()) {
       await attempt(name, async () => {
         workloads[name] = await timeWorkload(altModel, batch, adapter, profileFile, warmups, runs);
@@ -594,6 +599,16 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
     where: 'cuda_engine.cc few_rows_wanted, folds_cross_attention and pdl_wanted' },
 ];
 
+// What each variant load must say in describe() for its rows to mean anything (a switch the GPU or build refused
+// leaves the default path): variant name, describe() text, the switch.
+const VARIANT_SWITCHES: [RegExp, RegExp, string][] = [
+  [/few-rows/, /few-row decoder linears fused/, 'the few-row decoder linears'],
+  [/pdl/, /programmatic dependent launch on/, 'programmatic dependent launch'],
+  [/^chunk/, /encoder in chunks/, 'the encoder chunks'],
+  [/^tuned$/, /GEMM tuning on/, 'GEMM tuning'],
+  [/^fused-backward$/, /backward fused/, 'the fused attention backward'],
+];
+
 /** One line per default that this run measured against its alternative: which was faster, by how much. */
 export function defaultVerdicts(ours: RankBenchResult): string[] {
   const out: string[] = [];
@@ -613,6 +628,13 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   lines.push(`GPU: ${ours.device} | ${ours.describe}`);
   lines.push(`load ${fmt(ours.loadSeconds)} s, first result ${fmt(ours.firstResultMs, 0)} ms after load, mixed-adapter slowdown ${fmt((ours.mixedSlowdown ?? NaN) * 100, 1)} %`);
   if (ours.gemmTuning) lines.push(`the -TUNED rows' load: ${ours.gemmTuning}`);
+  for (const [variant, text] of Object.entries(ours.variantDescribe ?? {})) {
+    for (const [which, took, what] of VARIANT_SWITCHES) {
+      if (!which.test(variant) || took.test(text)) continue;
+      const why = /(programmatic dependent launch off|encoder chunks off|GEMM tuning unavailable)[^,]*/.exec(text);
+      lines.push(`NOTE: the ${variant} load runs without ${what}${why ? ` (${why[0]})` : ''}: its rows time the default path`);
+    }
+  }
   for (const [what, name] of [['single examples of random lengths', 'RANK-3B-B1-VARIED'], ['batches of 1-4 requests', 'RANK-3B-SMALL-VARIED']]) {
     const varied = ours.workloads[name], exact = ours.workloads[`${name}-EXACT`];
     if (!varied || !exact) continue;

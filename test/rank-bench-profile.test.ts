@@ -70,6 +70,18 @@ describe('rank-bench GEMM shapes', () => {
     expect(table(ours, undefined)).toContain("the -TUNED rows' load: GEMM tuning on (40 shapes timed, 9 on a cuBLASLt algorithm");
   });
 
+  test('the table says when a variant load did not get its switch (its rows then time the default path)', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1, workloads: { 'RANK-3B-B1': w(5) },
+      variantDescribe: { pdl: 'cuda:0 X (cc 8.0, ...), programmatic dependent launch off (it needs compute capability 9.0), cuBLAS ...',
+                         chunk1024: 'cuda:0 X, encoder in chunks of ~1024 rows, cuBLAS ...' },
+    } as unknown as RankBenchResult;
+    const lines = table(ours, undefined).split('\n').filter((l) => l.startsWith('NOTE:'));
+    expect(lines).toEqual(['NOTE: the pdl load runs without programmatic dependent launch (programmatic dependent launch off (it needs ' +
+      'compute capability 9.0)): its rows time the default path']);
+  });
+
   test('the -PDL rows get verdict lines, against the default and against the few-row linears alone', () => {
     const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
     const ours = {
