@@ -106,15 +106,6 @@ void launch_grid(const char* name, const void* kernel, dim3 grid, dim3 block, si
 // kernel<<<grid, block, shared, stream>>>(args...) as scripts/emu-translate.js writes it (with
 // the defaults 0 and the legacy stream filled in). The arguments are
 // converted to the kernel's parameter types and copied, as a CUDA launch does.
-template <typename... Params, typename... Args>
-void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-            void (*kernel)(Params...), Args&&... args) {
-  static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
-  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  launch_grid(name, reinterpret_cast<const void*>(kernel), grid, block, dynamic_shared, stream,
-              [kernel, params]() { std::apply(kernel, params); });
-}
-
 // TFEW_LAUNCH's launch (kernels/launch.cuh), programmatic or not.
 template <typename... Params, typename... Args>
 void launch_kernel(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
@@ -123,6 +114,12 @@ void launch_kernel(const char* name, dim3 grid, dim3 block, size_t dynamic_share
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   launch_grid(name, reinterpret_cast<const void*>(kernel), grid, block, dynamic_shared, stream,
               [kernel, params]() { std::apply(kernel, params); }, programmatic);
+}
+
+template <typename... Params, typename... Args>
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
+            void (*kernel)(Params...), Args&&... args) {
+  launch_kernel(name, grid, block, dynamic_shared, stream, false, kernel, std::forward<Args>(args)...);
 }
 
 // wait_for_previous_kernel() in a kernel thread: marks the thread as having waited.

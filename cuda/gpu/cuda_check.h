@@ -77,6 +77,18 @@ inline bool env_flag(const char* name, bool fallback) {
   return !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
 }
 
+// An integer environment setting in [lo, hi]: unset or empty gives `fallback`; anything else is an InvalidArgument.
+inline int env_int(const char* name, int lo, int hi, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !v[0]) return fallback;
+  char* end = nullptr;
+  const long value = std::strtol(v, &end, 10);
+  if (*end || value < lo || value > hi)
+    fail(ErrorCode::InvalidArgument, std::string(name) + " must be an integer from " + std::to_string(lo) + " to " +
+                                         std::to_string(hi) + ", got '" + v + "'");
+  return static_cast<int>(value);
+}
+
 // TFEW_CUDA_DEBUG_SYNC=1: synchronise after every kernel launch, so an asynchronous fault (an illegal
 // address, say) is reported by the launch that caused it, by name. Slow; turns CUDA graphs off.
 inline bool debug_sync() {

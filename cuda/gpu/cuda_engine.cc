@@ -60,16 +60,8 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
     }
     kernels::set_programmatic_launch(stream_, programmatic_launch_);
     // Off by default until a GPU run has timed it (rank-bench's -CHUNK rows).
-    if (options.encoder_chunk_rows >= 0) {
-      encoder_chunk_rows_ = options.encoder_chunk_rows;
-    } else if (const char* v = std::getenv("TFEW_CUDA_ENCODER_CHUNK_ROWS")) {
-      char* end = nullptr;
-      const long rows = std::strtol(v, &end, 10);
-      if (!v[0] || *end || rows < 0 || rows > (1 << 24))
-        fail(ErrorCode::InvalidArgument,
-             std::string("TFEW_CUDA_ENCODER_CHUNK_ROWS must be an integer from 0 to 16777216, got '") + v + "'");
-      encoder_chunk_rows_ = static_cast<int>(rows);
-    }
+    encoder_chunk_rows_ = options.encoder_chunk_rows >= 0 ? options.encoder_chunk_rows
+                                                          : env_int("TFEW_CUDA_ENCODER_CHUNK_ROWS", 0, 1 << 24, 0);
     if (encoder_chunk_rows_ > 0 && (!std::is_same<T, __nv_bfloat16>::value || !fused_attention_)) {
       encoder_chunk_rows_ = 0;
       encoder_chunk_note_ = ", encoder chunks off (bf16 with the fused encoder attention only)";

@@ -293,10 +293,10 @@ class CudaEngine final : public Engine {
   // cuda.programmaticLaunch / TFEW_CUDA_PROGRAMMATIC_LAUNCH (kernels/launch.cuh); off by default until a GPU run has
   // timed it (rank-bench's -PDL rows). programmatic_note_: why it is off when it was asked for.
   bool programmatic_launch_ = false;
+  std::string programmatic_note_;
   // cuda.encoderChunkRows / TFEW_CUDA_ENCODER_CHUNK_ROWS (0: off; bf16 with the fused attention only).
   int encoder_chunk_rows_ = 0;
   std::string encoder_chunk_note_;  // why it is off when it was asked for
-  std::string programmatic_note_;
   bool gemm_tuning_wanted_ = false;  // cuda.gemmTuning / TFEW_CUDA_GEMM_TUNING (Gemm::enable_tuning)
   std::string gemm_tuning_text() const;  // for describe()
   enum class CrossMode { Auto, Folded, Precomputed } cross_mode_ = CrossMode::Auto;

@@ -104,7 +104,7 @@ void CudaEngine<T>::enqueue_forward(const Plan<T>& p) {
   };
   // (a chunk through every layer before the next chunk: the weights are read once per chunk and layer either way,
   // and so the chunk's residual rows stay in L2 too)
-  const int chunk = fused_attention_ ? encoder_chunk_examples(B, Le) : B;
+  const int chunk = encoder_chunk_examples(B, Le);  // (the batch where the attention is not fused: the engine's rule)
   for (int b0 = 0; b0 < B; b0 += chunk)
     for (int l = 0; l < c.num_layers; ++l) encoder_layer(l, b0, std::min(chunk, B - b0));
   {

@@ -115,7 +115,8 @@ void adafactor_step(const AdafactorParams& p, int num_adapters, const int32_t* s
   const dim3 grid(p.num_modules, num_adapters);
   TFEW_LAUNCH(grid, kThreads, 0, stream, module_sq_kernel)(p, grads, module_sq);
   TFEW_CUDA_CHECK_LAUNCH("module_sq_kernel");
-  TFEW_LAUNCH(grid, kThreads, 0, stream, adafactor_kernel)(p, stepped, step_count, params, grads, state, module_sq, grad_norms);
+  TFEW_LAUNCH(grid, kThreads, 0, stream, adafactor_kernel)(p, stepped, step_count, params, grads, state, module_sq,
+                                                           grad_norms);
   TFEW_CUDA_CHECK_LAUNCH("adafactor_kernel");
 }
 

@@ -1136,14 +1136,15 @@ void ia3_scale_kv(T* buf, int ld, int k_col, int v_col, int width, int n_tokens,
         constexpr int kVec = decltype(vec)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        TFEW_LAUNCH(grid, block, 0, stream, ia3_scale_kv_vec_kernel<T, kVec>)(buf, ld, k_col, v_col, width, n_tokens, index,
-                                                                     k_offset, v_offset);
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_scale_kv_vec_kernel<T, kVec>)(buf, ld, k_col, v_col, width, n_tokens,
+                                                                              index, k_offset, v_offset);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_vec_kernel");
     return;
   }
   const dim3 grid((width + 255) / 256, grid_rows);
-  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scale_kv_kernel<T>)(buf, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset);
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scale_kv_kernel<T>)(buf, ld, k_col, v_col, width, n_tokens, index, k_offset,
+                                                            v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scale_kv_kernel");
 }
 
@@ -1161,14 +1162,15 @@ void ia3_scaled_qkv_copy(const T* src, T* dst, int ld, int inner, int n_tokens, 
         constexpr int kVec = decltype(vec)::value;
         const int groups = 3 * inner / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        TFEW_LAUNCH(grid, block, 0, stream, ia3_scaled_qkv_copy_vec_kernel<T, kVec>)(src, dst, ld, inner, n_tokens, index,
-                                                                            k_offset, v_offset);
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_scaled_qkv_copy_vec_kernel<T, kVec>)(
+            src, dst, ld, inner, n_tokens, index, k_offset, v_offset);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_qkv_copy_vec_kernel");
     return;
   }
   const dim3 grid((3 * inner + 255) / 256, grid_rows);
-  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scaled_qkv_copy_kernel<T>)(src, dst, ld, inner, n_tokens, index, k_offset, v_offset);
+  TFEW_LAUNCH(grid, 256, 0, stream, ia3_scaled_qkv_copy_kernel<T>)(src, dst, ld, inner, n_tokens, index, k_offset,
+                                                                   v_offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_qkv_copy_kernel");
 }
 
@@ -1236,7 +1238,8 @@ void launch_softmax_backward(const float* dprobs, T* probs, const int32_t* lengt
   constexpr int kBlock = 256;  // 8 rows per block
   const int64_t blocks = (n_rows * 32 + kBlock - 1) / kBlock;
   with_keys_per_lane(len, [&](auto per_lane) {
-    TFEW_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, softmax_backward_kernel<T, decltype(per_lane)::value>)(
+    TFEW_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream,
+                softmax_backward_kernel<T, decltype(per_lane)::value>)(
         dprobs, probs, lengths, len, rows_per_example, n_rows, dropout, folded);
   });
   TFEW_CUDA_CHECK_LAUNCH("softmax_backward_kernel");
@@ -1264,7 +1267,8 @@ void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutS
                          T* probs_dropped, cudaStream_t stream) {
   const int64_t n = n_rows * len;
   if (n <= 0) return;
-  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded, probs_dropped);
+  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded,
+                                                                         probs_dropped);
   TFEW_CUDA_CHECK_LAUNCH("dropout_probs_kernel");
 }
 
@@ -1274,7 +1278,7 @@ void ia3_scaled_columns_copy(const T* src, int src_ld, T* dst, int dst_ld, int w
   if (n_tokens <= 0 || width <= 0) return;
   const dim3 grid((width + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   TFEW_LAUNCH(grid, 256, 0, stream, ia3_scaled_columns_copy_kernel<T>)(src, src_ld, dst, dst_ld, width, n_tokens, index,
-                                                              offset);
+                                                                       offset);
   TFEW_CUDA_CHECK_LAUNCH("ia3_scaled_columns_copy_kernel");
 }
 
@@ -1294,16 +1298,17 @@ void ia3_kv_backward(const T* qkv, int ld, int k_col, int v_col, int width, int 
         constexpr int kVec = decltype(vec_width)::value;
         const int groups = width / kVec;
         const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
-        TFEW_LAUNCH(grid, block, 0, stream, ia3_kv_backward_vec_kernel<T, kVec>)(qkv, ld, k_col, v_col, width, n_tokens, index,
-                                                                        k_offset, v_offset, g_k, g_v, g_ld, dqkv,
-                                                                        dq_ld, sums, gk_out, gv_out);
+        TFEW_LAUNCH(grid, block, 0, stream, ia3_kv_backward_vec_kernel<T, kVec>)(
+            qkv, ld, k_col, v_col, width, n_tokens, index, k_offset, v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums,
+            gk_out, gv_out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("ia3_kv_backward_vec_kernel");
     return;
   }
   const dim3 grid((width + 255) / 256, grid_rows);
   TFEW_LAUNCH(grid, 256, 0, stream, ia3_kv_backward_kernel<T>)(qkv, ld, k_col, v_col, width, n_tokens, index, k_offset,
-                                                      v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums, gk_out, gv_out);
+                                                               v_offset, g_k, g_v, g_ld, dqkv, dq_ld, sums, gk_out,
+                                                               gv_out);
   TFEW_CUDA_CHECK_LAUNCH("ia3_kv_backward_kernel");
 }
 
@@ -1336,8 +1341,8 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
   const size_t smem = cross_tiled_smem_bytes<T>(d_kv, 1);
   with_dims_per_lane(d_kv, [&](auto dpl) {
     TFEW_LAUNCH(grid, block, smem, stream, cross_attention_tiled_kernel<T, decltype(dpl)::value>)(
-        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, row_example, enc_lengths, enc_len, index,
-        k_offset, v_offset, dropout);
+        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, row_example, enc_lengths, enc_len, index, k_offset,
+        v_offset, dropout);
   });
   TFEW_CUDA_CHECK_LAUNCH("cross_attention_tiled_kernel");
 }

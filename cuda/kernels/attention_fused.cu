@@ -997,15 +997,14 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
   const size_t smem = forward_smem_bytes<DK>();
   if (attention_kernel_wmma()) {
     opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_kernel<DK>), smem);
-    TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_kernel<DK>)(qkv, inner, len, bias_table, lengths, index,
-                                                                         k_offset, v_offset, dropout, out, stats, keep);
+    TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_kernel<DK>)(
+        qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stats, keep);
     TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
     return;
   }
   opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
-  TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK>)(qkv, inner, len, bias_table, lengths,
-                                                                           index, k_offset, v_offset, dropout, out,
-                                                                           stats, keep);
+  TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK>)(
+      qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stats, keep);
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_mma_kernel");
 }
 
@@ -1066,10 +1065,13 @@ bool fused_encoder_attention_backward_supported(int d_kv) {
 
 // The kernels copy q|k|v (and dC, C) 16 bytes at a time (cp.async) and store pairs: a misaligned view would fault on a
 // GPU only (x86, and so the emulator, tolerates it). Checked here, a typed error instead of a lost context.
-static void check_fused_alignment(const char* what, int inner, int ld, std::initializer_list<const __nv_bfloat16*> views) {
+static void check_fused_alignment(const char* what, int inner, int ld,
+                                  std::initializer_list<const __nv_bfloat16*> views) {
   bool ok = inner % 8 == 0 && ld % 8 == 0;
   for (const __nv_bfloat16* p : views) ok = ok && p != nullptr && aligned_x4<8>(p);
-  if (!ok) fail(ErrorCode::Internal, std::string(what) + ": a view of q|k|v or of the context is missing or not 16-byte aligned");
+  if (!ok)
+    fail(ErrorCode::Internal,
+         std::string(what) + ": a view of q|k|v or of the context is missing or not 16-byte aligned");
 }
 
 void fused_encoder_attention(const __nv_bfloat16* qkv, int inner, int d_kv, int batch, int heads, int len,

@@ -92,11 +92,11 @@ void launch_ffn_activation_vec(const T* in, int n_tokens, int d_ff, bool gated, 
   const dim3 block(groups >= 256 ? 256 : 128);
   const dim3 grid((groups + block.x - 1) / block.x, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, true, kVec>)(in, n_tokens, d_ff, index, scaled, ff_offset,
-                                                                         dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, true, kVec>)(
+        in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   else
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, false, kVec>)(in, n_tokens, d_ff, index, scaled, ff_offset,
-                                                                          dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_vec_kernel<T, false, kVec>)(
+        in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("ffn_activation_vec_kernel");
 }
 
@@ -214,9 +214,11 @@ void ffn_activation(const T* in, int n_tokens, int d_ff, bool gated, const Adapt
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, n_tokens < 65535 ? n_tokens : 65535);
   if (gated)
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, true>)(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, true>)(in, n_tokens, d_ff, index, scaled, ff_offset,
+                                                                        dropout, out);
   else
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, false>)(in, n_tokens, d_ff, index, scaled, ff_offset, dropout, out);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_activation_kernel<T, false>)(in, n_tokens, d_ff, index, scaled, ff_offset,
+                                                                         dropout, out);
   TFEW_CUDA_CHECK_LAUNCH("ffn_activation_kernel");
 }
 
@@ -235,22 +237,22 @@ void ffn_backward(const float* dscaled, const T* pre, int n_tokens, int d_ff, bo
     const int groups = d_ff / kVec;
     const dim3 block(groups >= 256 ? 256 : 128), grid((groups + block.x - 1) / block.x, grid_rows);
     if (gated)
-      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, true, kVec>)(dscaled, pre, n_tokens, d_ff, index, scaled,
-                                                                         ff_offset, dropout, d_pre, sums, g_ff);
+      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, true, kVec>)(
+          dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset, dropout, d_pre, sums, g_ff);
     else
-      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, false, kVec>)(dscaled, pre, n_tokens, d_ff, index, scaled,
-                                                                          ff_offset, dropout, d_pre, sums, g_ff);
+      TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_vec_kernel<T, false, kVec>)(
+          dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset, dropout, d_pre, sums, g_ff);
     TFEW_CUDA_CHECK_LAUNCH("ffn_backward_vec_kernel");
   };
   if (with_vector_width<T>(vector_width<T>({d_ff}, {pre, d_pre}, {dscaled, g_ff}), vectorised)) return;
   const dim3 block(256);
   const dim3 grid((d_ff + 255) / 256, grid_rows);
   if (gated)
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, true>)(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
-                                                             dropout, d_pre, sums, g_ff);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, true>)(dscaled, pre, n_tokens, d_ff, index, scaled,
+                                                                      ff_offset, dropout, d_pre, sums, g_ff);
   else
-    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, false>)(dscaled, pre, n_tokens, d_ff, index, scaled, ff_offset,
-                                                              dropout, d_pre, sums, g_ff);
+    TFEW_LAUNCH(grid, block, 0, stream, ffn_backward_kernel<T, false>)(dscaled, pre, n_tokens, d_ff, index, scaled,
+                                                                       ff_offset, dropout, d_pre, sums, g_ff);
   TFEW_CUDA_CHECK_LAUNCH("ffn_backward_kernel");
 }
 

@@ -12,8 +12,8 @@
 // before it reads or writes global memory that earlier work writes or reads: as its first statement, but for the
 // few-row linears, which request their first chunks of constant data (the weights) before it. (So no kernel that
 // writes weights, such as the adapter merge's scale_rows, may run right before a few-row kernel: none does; the
-// merge synchronises the stream.) The wait returns once the
-// previous kernel has ended and its writes are visible; the same call then lets the next kernel be scheduled.
+// merge synchronises the stream.) The wait returns once the previous kernel has ended and its writes are visible;
+// the same call then lets the next kernel be scheduled.
 // Since every kernel waits, each ends after its predecessor ended: the order of a stream is kept transitively.
 // Other work in the stream (cuBLAS, copies, event records) is ordered as always.
 #pragma once

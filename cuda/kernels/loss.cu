@@ -125,8 +125,8 @@ void tfew_losses(const float* token_logp, const int32_t* targets, int rows, int 
                  const int32_t* row_start, const int32_t* row_example, const int32_t* labels, int batch,
                  const float* weights, double* scratch, float* losses, float* dlogp, cudaStream_t stream) {
   if (rows <= 0 || batch <= 0) return;
-  TFEW_LAUNCH(1, 256, 0, stream, tfew_losses_kernel)(token_logp, targets, rows, len, pad_id, row_start, row_example, labels,
-                                            batch, weights, scratch, losses, dlogp);
+  TFEW_LAUNCH(1, 256, 0, stream, tfew_losses_kernel)(token_logp, targets, rows, len, pad_id, row_start, row_example,
+                                                     labels, batch, weights, scratch, losses, dlogp);
   TFEW_CUDA_CHECK_LAUNCH("tfew_losses_kernel");
 }
 

@@ -220,15 +220,16 @@ void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_r
   if (n_rows <= 0) return;
   if (aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) && (!cast_out || aligned_x4(cast_out)) &&
       with_norm_chunks(d, [&](auto chunks) {
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX>)(dy, x, weight, n_rows, d, eps,
-                                                                                 accumulate, dx, cast_out, cast_site);
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
+                    rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX>)(
+            dy, x, weight, n_rows, d, eps, accumulate, dx, cast_out, cast_site);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_warp_kernel");
     return;
   }
   const int block = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
   TFEW_LAUNCH(n_rows, block, 0, stream, rmsnorm_backward_kernel<TX>)(dy, x, weight, d, eps, accumulate, dx, cast_out,
-                                                            cast_site);
+                                                                     cast_site);
   TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_kernel");
 }
 
@@ -237,7 +238,9 @@ void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float
                      TOut* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
   if (aligned_x4(x) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>)(x, weight, n_rows, d, eps, out_scale, out);
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
+                    rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>)(
+            x, weight, n_rows, d, eps, out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_warp_kernel");
     return;
@@ -255,8 +258,9 @@ void residual_add_norm(float* x, const float* y, int n_rows, int d, const Dropou
   // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
   if (aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
         if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream, residual_add_norm_warp_kernel<decltype(chunks)::value, T>)(x, y, site, saved, weight, n_rows, d, eps,
-                                                                               out_scale, out);
+        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
+                    residual_add_norm_warp_kernel<decltype(chunks)::value, T>)(
+            x, y, site, saved, weight, n_rows, d, eps, out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");
     return;

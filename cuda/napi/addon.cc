@@ -859,7 +859,8 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
-// fewRowLinears?, gemmTuning?, programmaticLaunch?, encoderChunkRows?, graphs?, graphBuckets?, crossAttention? }, reserve?: shapes as reserve() takes them })
+// fewRowLinears?, gemmTuning?, programmaticLaunch?, encoderChunkRows?, graphs?, graphBuckets?, crossAttention? },
+// reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
