@@ -1,12 +1,18 @@
 // CPU reference backend benchmark (JSON out, medians): rank classification and one T-Few training step
 // (losses + backward to the (IA)3 vectors + the host Adafactor update) on a T5-small-sized random model.
 // The CPU backend is the oracle, not the fast path; this tracks that it stays usable for small models.
+// EVAL-RTE: rank classification of RTE's validation prompts (real lengths: the T5 tokenizer and the data from
+// TFEW_DATA_DIR; skipped without them) in calls of 32 grouped by length (rankClassify's default) and in the
+// order given, with the encoder tokens each way pads to.
 //
 //   node dist/benchmarks/cpu-bench.js [--layers 6] [--d-model 512] [--repeats 5] [--threads N] [--out FILE.json]
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model, TfewOptimizer } from '../lib';
+import { encodeExamples } from '../lib/pipeline';
+import { dataAvailable, getTask, resolveDataDir } from '../lib/tasks';
+import { T5Tokenizer } from '../lib/tokenizer';
 import { randomBatch, writeRandomT5 } from './random-t5';
 
 function arg(name: string, fallback: string): string {
@@ -63,6 +69,7 @@ async function main(): Promise<void> {
     });
     results['TRAIN-B8'] = { examples: 8, encoderLength: 256, choices: '2 x 8 tokens', medianMs: median(ms), runsMs: ms, includes: 'forward, LM+UL+LN, backward to (IA)3, Adafactor (host)' };
   }
+  results['EVAL-RTE'] = await evalRealLengths(model, adapter, repeats);
   const backend = model.describe();  // (before dispose: afterwards it says 'disposed')
   await model.dispose();
   const out = {
@@ -74,6 +81,43 @@ async function main(): Promise<void> {
   const file = process.argv.includes('--out') ? arg('out', '') : '';
   if (file) fs.writeFileSync(file, json + '\n');
   console.log(json);
+}
+
+// RTE's validation set through its first template, tokenized as the pipeline does: calls of 32 grouped by length vs
+// in the order given. Encoder tokens: what the calls compute (each call pads its inputs to its longest).
+async function evalRealLengths(model: T5Model, adapter: IA3Adapter, repeats: number): Promise<Record<string, unknown>> {
+  const tokenizerFile = path.join(resolveDataDir(), 't5-tokenizer', 'tokenizer.json');
+  if (!dataAvailable() || !fs.existsSync(tokenizerFile)) {
+    return { skipped: `no data: RTE and the T5 tokenizer are read from TFEW_DATA_DIR (${resolveDataDir()})` };
+  }
+  const task = getTask('rte');
+  const encoded = encodeExamples(T5Tokenizer.fromFile(tokenizerFile), task.templates()[0], task.evalExamples());
+  const inputs = encoded.map((e) => e.inputIds);
+  const choices = encoded.map((e) => e.choiceIds);
+  const batchSize = 32;
+  const encoderTokens = (order: number[]) => {
+    let sum = 0;
+    for (let s = 0; s < order.length; s += batchSize) {
+      const call = order.slice(s, s + batchSize);
+      sum += call.length * Math.max(...call.map((i) => inputs[i].length));
+    }
+    return sum;
+  };
+  const given = inputs.map((_, i) => i);
+  const byLength = [...given].sort((a, b) => inputs[b].length - inputs[a].length);  // (RTE: 2 choices each)
+  const row = async (groupByLength: boolean) => {
+    const ms = await timeIt(repeats, () => model.rankClassify(inputs, choices, { adapter, batchSize, groupByLength }));
+    return { medianMs: median(ms), examplesPerSecond: (inputs.length * 1000) / median(ms), runsMs: ms };
+  };
+  const grouped = await row(true);
+  const inOrder = await row(false);
+  return {
+    examples: inputs.length, template: task.templates()[0].name, batchSize,
+    realInputTokens: inputs.reduce((n, x) => n + x.length, 0),
+    grouped: { ...grouped, encoderTokens: encoderTokens(byLength) },
+    inOrder: { ...inOrder, encoderTokens: encoderTokens(given) },
+    speedup: inOrder.medianMs / grouped.medianMs,
+  };
 }
 
 main().catch((e) => {

@@ -25,26 +25,34 @@ export function checkIds(ids: unknown, vocabSize: number, what: string): asserts
 }
 
 /**
- * padId: the config's pad token. Choices are padded with it and the engine masks exactly the targets equal to
- * it, so a choice needs at least one other token (else its length-normalised score would be 0 / 0).
+ * Throws InvalidArgumentError naming example `b` unless its input and choices are token ids in the vocabulary,
+ * it has choices, none of them only padding, and (withLabels) its label is one of them. padId: the config's pad
+ * token. Choices are padded with it and the engine masks exactly the targets equal to it, so a choice needs at
+ * least one other token (else its length-normalised score would be 0 / 0).
  */
+export function checkExample(ex: Omit<EncodedExample, 'adapterIndex'>, b: number, vocabSize: number, withLabels: boolean,
+                             padId = 0): void {
+  checkIds(ex.inputIds, vocabSize, `input ${b}`);
+  if (!Array.isArray(ex.choices) || ex.choices.length === 0) throw new InvalidArgumentError(`example ${b} has no answer choices`);
+  ex.choices.forEach((c, j) => {
+    checkIds(c, vocabSize, `choice ${j} of example ${b}`);
+    if (c.every((id) => id === padId)) throw new InvalidArgumentError(`choice ${j} of example ${b} has only pad tokens (${padId})`);
+  });
+  if (withLabels) {
+    if (!Number.isInteger(ex.label) || (ex.label as number) < 0 || (ex.label as number) >= ex.choices.length) {
+      throw new InvalidArgumentError(`label ${String(ex.label)} of example ${b} is not one of its ${ex.choices.length} choices`);
+    }
+  }
+}
+
+/** The engine's flat batch of `examples` (each checked: checkExample). */
 export function buildBatch(examples: EncodedExample[], vocabSize: number, withLabels: boolean, padId = 0): NativeBatch {
   if (examples.length === 0) throw new InvalidArgumentError('the batch is empty');
   let encLen = 0;
   let decLen = 0;
   let numRows = 0;
   examples.forEach((ex, b) => {
-    checkIds(ex.inputIds, vocabSize, `input ${b}`);
-    if (!Array.isArray(ex.choices) || ex.choices.length === 0) throw new InvalidArgumentError(`example ${b} has no answer choices`);
-    ex.choices.forEach((c, j) => {
-      checkIds(c, vocabSize, `choice ${j} of example ${b}`);
-      if (c.every((id) => id === padId)) throw new InvalidArgumentError(`choice ${j} of example ${b} has only pad tokens (${padId})`);
-    });
-    if (withLabels) {
-      if (!Number.isInteger(ex.label) || (ex.label as number) < 0 || (ex.label as number) >= ex.choices.length) {
-        throw new InvalidArgumentError(`label ${String(ex.label)} of example ${b} is not one of its ${ex.choices.length} choices`);
-      }
-    }
+    checkExample(ex, b, vocabSize, withLabels, padId);
     encLen = Math.max(encLen, ex.inputIds.length);
     for (const c of ex.choices) decLen = Math.max(decLen, c.length);
     numRows += ex.choices.length;

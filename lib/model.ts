@@ -4,7 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
-import { buildBatch, EncodedExample, perChoiceScores } from './batch';
+import { buildBatch, checkExample, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
@@ -45,6 +45,12 @@ export interface RankClassifyOptions {
   maxInputLength?: number;
   /** Examples per native call (memory bound). Default 32. */
   batchSize?: number;
+  /**
+   * When the examples span several native calls, group them into calls by length (longest first) instead of in
+   * the order given, so that a call pads little: each call's inputs are padded to its longest. Results come back
+   * in the order given either way, equal within rounding (on the CPU backend, bit for bit). Default true.
+   */
+  groupByLength?: boolean;
   /** Stops between native calls (batches of batchSize): the call rejects with AbortError. */
   signal?: AbortSignal;
 }
@@ -528,6 +534,8 @@ export class T5Model {
     const lengthNormalize = options.lengthNormalize ?? true;
     const batchSize = options.batchSize ?? 32;
     if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
+    const groupByLength = options.groupByLength ?? true;
+    if (typeof groupByLength !== 'boolean') throw new InvalidArgumentError('groupByLength must be a boolean');
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
     if (options.signal !== undefined && !isAbortSignal(options.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
@@ -535,19 +543,26 @@ export class T5Model {
       inputIds: this.ids(input, maxInputLength),
       choices: this.choiceIds(choices[b], b),
     }));
-    const result: RankClassifyResult = { predictions: [], scores: [], logProbs: [] };
-    for (let start = 0; start < examples.length; start += batchSize) {
-      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${start} of ${examples.length} examples`);
-      const chunk = examples.slice(start, start + batchSize);
-      const { encoded, adapters } = this.withAdapters(chunk, perExample.slice(start, start + batchSize));
+    // every example and adapter checked before any native call (a bad one late in the list costs no work, and the
+    // message gives its index in the list: the calls' batches are not in the order given)
+    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
+    this.checkAdapters(perExample);
+    const order = groupByLength && examples.length > batchSize ? lengthOrder(examples) : examples.map((_, i) => i);
+    const n = examples.length;
+    const result: RankClassifyResult = { predictions: new Array(n), scores: new Array(n), logProbs: new Array(n) };
+    for (let start = 0; start < n; start += batchSize) {
+      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${start} of ${n} examples`);
+      const members = order.slice(start, start + batchSize);  // the examples of this call, by index
+      const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
       const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false, adapterKeys(adapters)));
       const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
-      logProbs.forEach((lp, i) => {
-        const scores = lengthNormalize ? lp.map((s, j) => s / lengths[i][j]) : lp.slice();
-        result.logProbs.push(lp);
-        result.scores.push(scores);
-        result.predictions.push(argmax(scores));
+      logProbs.forEach((lp, k) => {
+        const scores = lengthNormalize ? lp.map((s, j) => s / lengths[k][j]) : lp.slice();
+        const i = members[k];
+        result.logProbs[i] = lp;
+        result.scores[i] = scores;
+        result.predictions[i] = argmax(scores);
       });
     }
     return result;
@@ -725,6 +740,17 @@ export class T5Model {
     return new Array(n).fill(option ?? null);
   }
 
+  /** Throws InvalidArgumentError / InvalidAdapterError naming the first example whose adapter does not fit. */
+  private checkAdapters(perExample: readonly (IA3Adapter | null)[]): void {
+    const checked = new Set<IA3Adapter>();
+    perExample.forEach((a, b) => {
+      if (!a || checked.has(a)) return;
+      if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter of example ${b} is not an IA3Adapter`);
+      a.assertCompatible(this.config);
+      checked.add(a);
+    });
+  }
+
   /**
    * Gives every example the index of its adapter in `adapters` (-1: none). Adapters are collected as they
    * appear, or, with `fixed` (a training session's list), must already be in it.
@@ -750,6 +776,21 @@ export class T5Model {
     });
     return { encoded, adapters };
   }
+}
+
+/**
+ * The order in which rankClassify groups examples into native calls: by number of choices (calls whose examples all
+ * have as many choices take the folded cross-attention on CUDA), then by input length, then by longest choice,
+ * longest first (the first call is the largest: a CUDA arena grows once, and a size that does not fit fails
+ * before any work is done); ties keep the order given.
+ */
+function lengthOrder(examples: readonly { inputIds: number[]; choices: number[][] }[]): number[] {
+  const longestChoice = examples.map((e) => Math.max(...e.choices.map((c) => c.length)));
+  return examples
+    .map((_, i) => i)
+    .sort((a, b) => examples[b].choices.length - examples[a].choices.length ||
+                    examples[b].inputIds.length - examples[a].inputIds.length ||
+                    longestChoice[b] - longestChoice[a] || a - b);
 }
 
 function argmax(xs: number[]): number {

@@ -319,6 +319,94 @@ describe('T5Model edge cases', () => {
     }
   });
 
+  describe('rankClassify groups examples into native calls by length', () => {
+    // inputs of alternating long and short lengths with 2 or 3 choices: in the order given every call of 2 would
+    // pad a short input to a long one
+    const lengths = [3, 12, 4, 11, 5, 10, 2, 9, 6];
+    let seed = 7;
+    const rand = (n: number) => { seed = (seed * 1103515245 + 12345) % 2147483648; return 2 + (seed % (n - 2)); };
+    const inputs = lengths.map((n) => [...Array.from({ length: n - 1 }, () => rand(100)), 1]);
+    const choices = lengths.map((n, b) => Array.from({ length: b % 3 === 0 ? 3 : 2 }, (_, j) => [rand(100), ...(j === 1 ? [rand(100)] : []), 1]));
+    type ScoreBatch = { batchSize: number; encLen: number; encLengths: Int32Array; rowStart: Int32Array };
+    // the batches of the native score calls, seen through a proxy in front of the native model (its methods are
+    // read-only properties: jest.spyOn cannot replace them)
+    const spyOnScore = (m: T5Model) => {
+      const holder = m as unknown as { nativeModel: object };
+      const nm = holder.nativeModel as Record<string | symbol, unknown>;
+      const batches: ScoreBatch[] = [];
+      holder.nativeModel = new Proxy(nm, {
+        get(target, prop) {
+          const value = target[prop];
+          if (typeof value !== 'function') return value;
+          return (...args: unknown[]) => {
+            if (prop === 'score') batches.push(args[0] as ScoreBatch);
+            return (value as (...a: unknown[]) => unknown).apply(target, args);
+          };
+        },
+      });
+      return { batches, mockClear: () => { batches.length = 0; }, mockRestore: () => { holder.nativeModel = nm; } };
+    };
+    const batchesOf = (spy: ReturnType<typeof spyOnScore>) => spy.batches.slice();
+    const paddedTokens = (batches: ScoreBatch[]) => batches.reduce((sum, b) => sum + b.batchSize * b.encLen, 0);
+
+    test('results in the order given, bit for bit those of one call per example; calls pad less, longest first', async () => {
+      const alone = await model.rankClassify(inputs, choices, { batchSize: 1 });
+      const spy = spyOnScore(model);
+      try {
+        const grouped = await model.rankClassify(inputs, choices, { batchSize: 2 });
+        const groupedBatches = batchesOf(spy);
+        spy.mockClear();
+        const inOrder = await model.rankClassify(inputs, choices, { batchSize: 2, groupByLength: false });
+        const inOrderBatches = batchesOf(spy);
+        expect(grouped).toEqual(alone);
+        expect(inOrder).toEqual(alone);
+        expect(groupedBatches).toHaveLength(5);
+        expect(inOrderBatches.map((b) => b.encLen)).toEqual([12, 11, 10, 9, 6]);
+        // 3-choice examples (lengths 3, 11, 2) first, then the 2-choice ones, each group longest first
+        expect(groupedBatches.map((b) => Array.from(b.encLengths))).toEqual([[11, 3], [2, 12], [10, 9], [6, 5], [4]]);
+        expect(groupedBatches.map((b) => b.rowStart[b.batchSize] / b.batchSize)).toEqual([3, 2.5, 2, 2, 2]);
+        expect(paddedTokens(groupedBatches)).toBeLessThan(paddedTokens(inOrderBatches));
+      } finally {
+        spy.mockRestore();
+      }
+    });
+
+    test('per-example adapters go with their examples', async () => {
+      const a = IA3Adapter.create(model);
+      a.data.forEach((_, i) => { a.data[i] = 1 + 0.3 * Math.sin(i); });
+      a.markChanged();
+      const perExample = inputs.map((_, b) => (b % 2 ? a : null));
+      const grouped = await model.rankClassify(inputs, choices, { batchSize: 4, adapter: perExample });
+      for (const b of [0, 1, 3, 6]) {
+        const one = await model.rankClassify([inputs[b]], [choices[b]], { adapter: perExample[b] });
+        expect(grouped.scores[b]).toEqual(one.scores[0]);
+      }
+      const none = await model.rankClassify(inputs, choices, { batchSize: 4 });
+      expect(grouped.scores[1]).not.toEqual(none.scores[1]);
+      expect(grouped.scores[0]).toEqual(none.scores[0]);
+    });
+
+    test('a bad example or adapter anywhere in the list fails before any native call, named by its index', async () => {
+      const spy = spyOnScore(model);
+      try {
+        const bad = inputs.map((x, b) => (b === 7 ? [5, 100000, 1] : x));
+        await expect(model.rankClassify(bad, choices, { batchSize: 2 })).rejects.toThrow(/input 7: token id 100000/);
+        const badChoices = choices.map((c, b) => (b === 8 ? [[0], [3, 1]] : c));
+        await expect(model.rankClassify(inputs, badChoices, { batchSize: 2 })).rejects.toThrow(/choice 0 of example 8 has only pad/);
+        const wrong = IA3Adapter.create({ numLayers: 1, numDecoderLayers: 1, innerDim: 64, dFf: 96 });
+        const adapters = inputs.map((_, b) => (b === 5 ? wrong : null));
+        await expect(model.rankClassify(inputs, choices, { batchSize: 2, adapter: adapters })).rejects.toBeInstanceOf(InvalidAdapterError);
+        expect(spy.batches).toHaveLength(0);
+        for (const groupByLength of [1, 'yes', 0]) {
+          await expect(model.rankClassify(inputs, choices, { groupByLength: groupByLength as unknown as boolean }))
+            .rejects.toBeInstanceOf(InvalidArgumentError);
+        }
+      } finally {
+        spy.mockRestore();
+      }
+    });
+  });
+
   test('empty inputs: empty results from rankClassify, encode and choiceLogits', async () => {
     expect(await model.rankClassify([], [])).toEqual({ predictions: [], scores: [], logProbs: [] });
     expect(await model.encode([])).toEqual([]);

@@ -435,14 +435,14 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
                                          3 * inner, s);
     }
     reduce_ia3(t, {t.g_k, ia3.self_k}, {t.g_v, ia3.self_v}, inner, true, n_adapters);
+    if (l == 0) break;  // below the first layer only the frozen embedding: no gradient through its q|k|v and norm
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Nd, 3 * inner, d, 1.f, 0.f);
     {
       Span span(profiler_, "rmsnorm", s);
-      kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s,
-                                l > 0 ? t.dout : nullptr, at_site(drop, 1, l - 1, kFfOut));
+      kernels::rmsnorm_backward(t.dnormed, t.dec_x_self[l], L.ln_self, Nd, d, eps, true, t.dy_dec, s, t.dout,
+                                at_site(drop, 1, l - 1, kFfOut));
     }
   }
-  // (the decoder embedding is frozen: the decoder's gradient stops here)
 
   // encoder output: its gradient (summed in dx_enc by the cross-attention layers) through the final norm
   if (Ldec > 0) {
@@ -484,11 +484,12 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     }
     encoder_attention_backward(t, l, drop);
     reduce_ia3(t, {t.enc_sums_k, ia3.self_k}, {t.enc_sums_v, ia3.self_v}, inner, false, n_adapters);
+    if (l == 0) break;  // (as in the decoder: the embedding below needs no gradient)
     gemm_.linear_backward<T, float>(t.dqkv, 3 * inner, L.qkv, d, t.dnormed, d, Ne, 3 * inner, d, 1.f, 0.f);
     {
       Span span(profiler_, "rmsnorm", s);
-      kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s,
-                                l > 0 ? t.dout : nullptr, at_site(drop, 0, l - 1, kFfOut));
+      kernels::rmsnorm_backward(t.dnormed, t.enc_x_attn[l], L.ln_attn, Ne, d, eps, true, t.dx_enc, s, t.dout,
+                                at_site(drop, 0, l - 1, kFfOut));
     }
   }
 }
