@@ -547,12 +547,12 @@ export class T5Model {
     // message gives its index in the list: the calls' batches are not in the order given)
     examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
     this.checkAdapters(perExample);
-    const order = groupByLength && examples.length > batchSize ? lengthOrder(examples) : examples.map((_, i) => i);
     const n = examples.length;
     const result: RankClassifyResult = { predictions: new Array(n), scores: new Array(n), logProbs: new Array(n) };
-    for (let start = 0; start < n; start += batchSize) {
-      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${start} of ${n} examples`);
-      const members = order.slice(start, start + batchSize);  // the examples of this call, by index
+    let done = 0;
+    for (const members of callGroups(examples, batchSize, groupByLength)) {  // the examples of each call, by index
+      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${done} of ${n} examples`);
+      done += members.length;
       const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
       const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false, adapterKeys(adapters)));
@@ -568,20 +568,36 @@ export class T5Model {
     return result;
   }
 
-  /** Encoder output (after the final layer norm) per example: [length * dModel], real positions only. */
-  async encode(inputs: string[] | number[][], options: { adapter?: AdapterOption; maxInputLength?: number } = {}): Promise<Float32Array[]> {
+  /**
+   * Encoder output (after the final layer norm) per example: [length * dModel], real positions only. Native calls
+   * of batchSize examples (default 32), grouped by length as rankClassify groups them (groupByLength).
+   */
+  async encode(inputs: string[] | number[][],
+               options: { adapter?: AdapterOption; maxInputLength?: number; batchSize?: number; groupByLength?: boolean } = {}): Promise<Float32Array[]> {
     const nm = this.live();
     if (!Array.isArray(inputs)) throw new InvalidArgumentError('inputs must be an array');
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
+    const batchSize = options.batchSize ?? 32;
+    if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
+    const groupByLength = options.groupByLength ?? true;
+    if (typeof groupByLength !== 'boolean') throw new InvalidArgumentError('groupByLength must be a boolean');
     if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
-    const chunk = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
-    const { encoded, adapters } = this.withAdapters(chunk, perExample);
-    const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-    const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true, adapterKeys(adapters)));
+    const examples = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
+    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
+    this.checkAdapters(perExample);
     const d = this.config.dModel;
-    const hidden = out.encoderHidden as Float32Array;
-    return encoded.map((ex, b) => hidden.slice(b * batch.encLen * d, (b * batch.encLen + ex.inputIds.length) * d));
+    const result: Float32Array[] = new Array(examples.length);
+    for (const members of callGroups(examples, batchSize, groupByLength)) {
+      const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
+      const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
+      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true, adapterKeys(adapters)));
+      const hidden = out.encoderHidden as Float32Array;
+      encoded.forEach((ex, k) => {
+        result[members[k]] = hidden.slice(k * batch.encLen * d, (k * batch.encLen + ex.inputIds.length) * d);
+      });
+    }
+    return result;
   }
 
   /** Decoder logits of every choice: [example][choice] -> [choiceLength * vocabSize]. For inspection and tests. */
@@ -779,18 +795,24 @@ export class T5Model {
 }
 
 /**
- * The order in which rankClassify groups examples into native calls: by number of choices (calls whose examples all
- * have as many choices take the folded cross-attention on CUDA), then by input length, then by longest choice,
- * longest first (the first call is the largest: a CUDA arena grows once, and a size that does not fit fails
- * before any work is done); ties keep the order given.
+ * The examples of each native call, by index, batchSize at a time. With groupByLength (and more than one call) in
+ * this order: by number of choices (calls whose examples all have as many choices take the folded
+ * cross-attention on CUDA), then by input length, then by longest choice, longest first (the first call is the
+ * largest: a CUDA arena grows once, and a size that does not fit fails before any work is done); ties keep the
+ * order given. Else in the order given.
  */
-function lengthOrder(examples: readonly { inputIds: number[]; choices: number[][] }[]): number[] {
-  const longestChoice = examples.map((e) => Math.max(...e.choices.map((c) => c.length)));
-  return examples
-    .map((_, i) => i)
-    .sort((a, b) => examples[b].choices.length - examples[a].choices.length ||
-                    examples[b].inputIds.length - examples[a].inputIds.length ||
-                    longestChoice[b] - longestChoice[a] || a - b);
+function callGroups(examples: readonly { inputIds: number[]; choices: number[][] }[], batchSize: number,
+                    groupByLength: boolean): number[][] {
+  const order = examples.map((_, i) => i);
+  if (groupByLength && examples.length > batchSize) {
+    const longestChoice = examples.map((e) => Math.max(...e.choices.map((c) => c.length)));
+    order.sort((a, b) => examples[b].choices.length - examples[a].choices.length ||
+                         examples[b].inputIds.length - examples[a].inputIds.length ||
+                         longestChoice[b] - longestChoice[a] || a - b);
+  }
+  const groups: number[][] = [];
+  for (let start = 0; start < order.length; start += batchSize) groups.push(order.slice(start, start + batchSize));
+  return groups;
 }
 
 function argmax(xs: number[]): number {

@@ -371,6 +371,26 @@ describe('T5Model edge cases', () => {
       }
     });
 
+    test('encode: calls of batchSize grouped by length too, states in the order given, bit for bit', async () => {
+      const alone = await Promise.all(inputs.map((x) => model.encode([x]).then((r) => r[0])));
+      const spy = spyOnScore(model);
+      try {
+        const grouped = await model.encode(inputs, { batchSize: 4 });
+        expect(batchesOf(spy).map((b) => Array.from(b.encLengths))).toEqual([[12, 11, 10, 9], [6, 5, 4, 3], [2]]);
+        spy.mockClear();
+        const inOrder = await model.encode(inputs, { batchSize: 4, groupByLength: false });
+        expect(batchesOf(spy).map((b) => b.encLen)).toEqual([12, 10, 6]);
+        grouped.forEach((h, b) => {
+          expect(h.length).toBe(lengths[b] * model.config.dModel);
+          expect(Array.from(h)).toEqual(Array.from(alone[b]));
+          expect(Array.from(inOrder[b])).toEqual(Array.from(alone[b]));
+        });
+        for (const batchSize of [0, 1.5]) await expect(model.encode(inputs, { batchSize })).rejects.toBeInstanceOf(InvalidArgumentError);
+      } finally {
+        spy.mockRestore();
+      }
+    });
+
     test('per-example adapters go with their examples', async () => {
       const a = IA3Adapter.create(model);
       a.data.forEach((_, i) => { a.data[i] = 1 + 0.3 * Math.sin(i); });
