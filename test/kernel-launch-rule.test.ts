@@ -78,3 +78,23 @@ describe('the kernel launch rule (cuda/kernels/launch.cuh)', () => {
     expect(launches).toEqual([]);
   });
 });
+
+// A vector access (8 or 16 bytes, or a bf16 pair) faults on a GPU where its address is not a multiple of its size,
+// and x86 does not care: every one goes through as_vector (kernels/device_common.cuh), which the emulator checks.
+describe('vector accesses go through as_vector (checked for alignment by the emulator)', () => {
+  const vectorCast = /reinterpret_cast<\s*(?:const\s+)?(?:u?int[24]|float[24]|uint32_t|uint64_t|__nv_bfloat162|half2)\s*\*\s*>\s*\((?!\s*&)/g;
+
+  test('no reinterpret_cast to a vector pointer outside as_vector, but of a local value\'s address', () => {
+    const found: string[] = [];
+    for (const { file, text } of sources) {
+      const code = codeOnly(text);
+      for (const m of code.matchAll(vectorCast)) found.push(`${file}:${code.slice(0, m.index).split('\n').length}: ${m[0]}`);
+    }
+    expect(found).toEqual([]);
+  });
+
+  test('the rule sees a cast it forbids (and lets a local value\'s address through)', () => {
+    const sample = 'uint4 q = *reinterpret_cast<const uint4*>(p + c);\nconst uint32_t* lo = reinterpret_cast<const uint32_t*>(&aq[0]);';
+    expect([...codeOnly(sample).matchAll(vectorCast)].map((m) => m[0])).toEqual(['reinterpret_cast<const uint4*>(']);
+  });
+});

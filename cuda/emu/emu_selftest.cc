@@ -39,6 +39,27 @@ __global__ void misaligned_wmma(const __nv_bfloat16* a, float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+// 16-byte accesses 2 bytes off their alignment, one kind per scenario (kernels/device_common.cuh: check_aligned)
+__global__ void misaligned_vector_load(const __nv_bfloat16* a, float* out) {
+  const uint4 q = *kernels::as_vector<uint4>(a + 1);
+  out[threadIdx.x] = static_cast<float>(q.x);
+}
+__global__ void misaligned_cp_async(const __nv_bfloat16* a, float* out) {
+  __shared__ __align__(16) __nv_bfloat16 tile[8 * 32];
+  kernels::cp_async_16(tile + 8 * threadIdx.x, a + 8 * threadIdx.x + 1, true);
+  kernels::cp_async_commit();
+  kernels::cp_async_wait<0>();
+  out[threadIdx.x] = __bfloat162float(tile[8 * threadIdx.x]);
+}
+__global__ void misaligned_ldmatrix(float* out) {
+  __shared__ __align__(16) __nv_bfloat16 tile[32 * 16];
+  for (int i = threadIdx.x; i < 32 * 16; i += 32) tile[i] = __float2bfloat16(1.f);
+  __syncwarp();
+  uint32_t r[4];
+  kernels::ldmatrix_x4(r, tile + 16 * threadIdx.x + 1);
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
 // Shared memory read before the barrier that would make it valid: lane i reads what lane i + 1 writes.
 __global__ void missing_barrier(float* out) {
   __shared__ float s[64];
@@ -190,6 +211,17 @@ SelfTestResult run_scenario(const std::string& name) {
     __nv_bfloat16* a = mem.get<__nv_bfloat16>(512);
     float* out = mem.get<float>(32);
     launch("misaligned_wmma", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_wmma, a, out);
+    r = finish(cudaGetLastError());
+  } else if (name == "misaligned-vector-load" || name == "misaligned-cp-async" || name == "misaligned-ldmatrix") {
+    __nv_bfloat16* a = mem.get<__nv_bfloat16>(512);
+    float* out = mem.get<float>(32);
+    cudaMemset(a, 0, 512 * sizeof(__nv_bfloat16));
+    if (name == "misaligned-vector-load")
+      launch("misaligned_vector_load", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_vector_load, a, out);
+    else if (name == "misaligned-cp-async")
+      launch("misaligned_cp_async", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_cp_async, a, out);
+    else
+      launch("misaligned_ldmatrix", dim3(1), dim3(32), 0, cudaStream_t{nullptr}, misaligned_ldmatrix, out);
     r = finish(cudaGetLastError());
   } else if (name == "programmatic-launch-without-wait" || name == "programmatic-launch-with-wait") {
     cudaStream_t s = nullptr;

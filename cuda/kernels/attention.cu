@@ -380,7 +380,7 @@ __device__ __forceinline__ float dot_row(const float* q, const T* __restrict__ r
   float s = 0.f;
   constexpr int kVec = 16 / sizeof(T);
   if ((d_kv % kVec) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+    const uint4* r4 = as_vector<uint4>(row);
     for (int v = 0; v < d_kv / kVec; ++v) {
       uint4 packed = __ldg(r4 + v);
       const T* e = reinterpret_cast<const T*>(&packed);
@@ -860,7 +860,7 @@ __device__ __forceinline__ void load_cross_tile(const T* __restrict__ k, const T
       const int cc = is_v ? c - per_tile : c, row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
       chunk[u] = make_uint4(0u, 0u, 0u, 0u);
       if (c < total && j0 + row < n_keys)
-        chunk[u] = __ldg(reinterpret_cast<const uint4*>((is_v ? v : k) + (key_base + j0 + row) * kv_ld + head_col + col));
+        chunk[u] = __ldg(as_vector<uint4>((is_v ? v : k) + (key_base + j0 + row) * kv_ld + head_col + col));
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
@@ -868,7 +868,7 @@ __device__ __forceinline__ void load_cross_tile(const T* __restrict__ k, const T
       if (c >= total) break;
       const bool is_v = c >= per_tile;
       const int cc = is_v ? c - per_tile : c, row = cc / chunks_per_row, col = (cc % chunks_per_row) * kVec;
-      *reinterpret_cast<uint4*>((is_v ? vs : ks) + row * stride + col) = chunk[u];
+      *as_vector<uint4>((is_v ? vs : ks) + row * stride + col) = chunk[u];
     }
   }
 }
@@ -881,11 +881,11 @@ __device__ __forceinline__ float dot_tile_row(const float* x, const T* row, int 
   float dot[2] = {0.f, 0.f};
 #pragma unroll 4
   for (int c = 0; c < d_kv; c += kVec) {
-    const uint4 chunk = *reinterpret_cast<const uint4*>(row + c);
+    const uint4 chunk = *as_vector<uint4>(row + c);
     const T* e = reinterpret_cast<const T*>(&chunk);
 #pragma unroll
     for (int u = 0; u < kVec; u += 4) {
-      const float4 xs = *reinterpret_cast<const float4*>(x + c + u);
+      const float4 xs = *as_vector<float4>(x + c + u);
       dot[0] += xs.x * to_f32(e[u]);
       dot[1] += xs.y * to_f32(e[u + 1]);
       dot[0] += xs.z * to_f32(e[u + 2]);

@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src,
       c = (v % kVecPerRow) * 8;
     }
     uint4 packed = make_uint4(0, 0, 0, 0);
-    if (row0 + r < rows) packed = *reinterpret_cast<const uint4*>(src + (row0 + r) * ld + c);
+    if (row0 + r < rows) packed = *as_vector<uint4>(src + (row0 + r) * ld + c);
     __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
     if (scale) {
 #pragma unroll
@@ -97,7 +97,7 @@ __device__ __forceinline__ void load_tile(const __nv_bfloat16* __restrict__ src,
 #pragma unroll
       for (int u = 0; u < 8; ++u) dst[(c + u) * ld_dst + r] = e[u];
     } else {
-      *reinterpret_cast<uint4*>(dst + r * ld_dst + c) = packed;
+      *as_vector<uint4>(dst + r * ld_dst + c) = packed;
     }
   }
 }
@@ -426,7 +426,7 @@ __device__ __forceinline__ void scale_copied_vectors(__nv_bfloat16* tile, const 
   if (!scale.on) return;
   const int c = V::column();
   for (int r = V::first_row(); r < kTile; r += V::kRowStep) {
-    uint4* p = reinterpret_cast<uint4*>(tile + r * MmaSmem<DK>::kLd + c);
+    uint4* p = as_vector<uint4>(tile + r * MmaSmem<DK>::kLd + c);
     uint4 packed = *p;
     __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&packed);
 #pragma unroll
@@ -627,7 +627,7 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
     __nv_bfloat16* orow = out + (static_cast<int64_t>(b) * len + row[u]) * inner + static_cast<int64_t>(h) * DK + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8) =
+      *as_vector<uint32_t>(orow + dt * 8) =
           pack_bf16x2(lu > 0.f ? o[dt][2 * u] / lu : 0.f, lu > 0.f ? o[dt][2 * u + 1] / lu : 0.f);
   }
 }
@@ -836,7 +836,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
     __nv_bfloat16* out = dq_rows + static_cast<int64_t>(wr + g + 8 * u) * a.dq_ld + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(out + dt * 8) = pack_bf16x2(acc[dt][2 * u], acc[dt][2 * u + 1]);
+      *as_vector<uint32_t>(out + dt * 8) = pack_bf16x2(acc[dt][2 * u], acc[dt][2 * u + 1]);
   }
 }
 
@@ -854,7 +854,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
   __nv_bfloat16* Qs = Vs + S::kStage;       // two stages
   __nv_bfloat16* dCs = Qs + 2 * S::kStage;  // two stages
   float* rows = reinterpret_cast<float*>(smem + 6 * S::kTileBytes);  // [64][3]: m log2(e), 1 / l, D
-  uint32_t* keep_s = reinterpret_cast<uint32_t*>(smem + 6 * S::kTileBytes + S::kRows);  // [64 queries][2 words]
+  uint32_t* keep_s = as_vector<uint32_t>(smem + 6 * S::kTileBytes + S::kRows);  // [64 queries][2 words]
   const BackwardHead hd = BackwardHead::of<DK>(a);
   const DropoutSite dropout = with_seed(a.dropout);
   const int k0 = blockIdx.x * kTile, len = a.len, inner = a.inner, n_keys = hd.n_keys;
@@ -959,12 +959,12 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
       if (row >= len) continue;
       const __nv_bfloat16* k_row = hd.base + row * hd.ld + inner + col;
       __nv_bfloat16* dk_row = a.dq + (static_cast<int64_t>(hd.b) * len + row) * a.dq_ld + inner + hd.h * DK + col;
-      *reinterpret_cast<__nv_bfloat162*>(dk_row) = __floats2bfloat162_rn(dk[dt][2 * u] * lk.x, dk[dt][2 * u + 1] * lk.y);
-      *reinterpret_cast<__nv_bfloat162*>(dk_row + inner) =
+      *as_vector<__nv_bfloat162>(dk_row) = __floats2bfloat162_rn(dk[dt][2 * u] * lk.x, dk[dt][2 * u + 1] * lk.y);
+      *as_vector<__nv_bfloat162>(dk_row + inner) =
           __floats2bfloat162_rn(dv[dt][2 * u] * lv.x, dv[dt][2 * u + 1] * lv.y);
       if (hd.k_scale) {  // (k_scale and v_scale: both or neither, the example's adapter)
-        const float2 kk = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(k_row));
-        const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(k_row + inner));
+        const float2 kk = __bfloat1622float2(*as_vector<__nv_bfloat162>(k_row));
+        const float2 vv = __bfloat1622float2(*as_vector<__nv_bfloat162>(k_row + inner));
         c[0] += kk.x * dk[dt][2 * u];
         c[1] += kk.y * dk[dt][2 * u + 1];
         c[2] += vv.x * dv[dt][2 * u];
@@ -976,8 +976,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(Attention
 #pragma unroll
       for (int o = 4; o < 32; o <<= 1) c[e] += __shfl_xor_sync(kFullMask, c[e], o);  // over g = lane >> 2
     if (g == 0 && k0 + wr < len) {
-      *reinterpret_cast<float2*>(a.sums_k + sum_row * inner + hd.h * DK + col) = make_float2(c[0], c[1]);
-      *reinterpret_cast<float2*>(a.sums_v + sum_row * inner + hd.h * DK + col) = make_float2(c[2], c[3]);
+      *as_vector<float2>(a.sums_k + sum_row * inner + hd.h * DK + col) = make_float2(c[0], c[1]);
+      *as_vector<float2>(a.sums_v + sum_row * inner + hd.h * DK + col) = make_float2(c[2], c[3]);
     }
   }
 }

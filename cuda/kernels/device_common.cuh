@@ -14,7 +14,10 @@
 #if defined(TFEW_CUDA_EMULATION)
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include "emu/emu_runtime.h"
 #endif
 
 #include "gpu/cuda_check.h"
@@ -23,6 +26,32 @@
 
 namespace tfew {
 namespace kernels {
+
+// ---- alignment: a GPU faults (cudaErrorMisalignedAddress) on a vector access, ldmatrix row or cp.async whose
+// address is not a multiple of its size. The emulator checks every one, so such a fault shows up without a GPU.
+__device__ __forceinline__ void check_aligned(const void* p, unsigned bytes, const char* what) {
+#if defined(TFEW_CUDA_EMULATION)
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  if (address % bytes != 0)
+    ::tfew::emu::device_fault(cudaErrorMisalignedAddress, std::string(what) + " of " + std::to_string(bytes) +
+                                                              " bytes at address " + std::to_string(address) +
+                                                              ", not a multiple of " + std::to_string(bytes));
+#else
+  (void)p, (void)bytes, (void)what;
+#endif
+}
+// p as a pointer to the vector type V (uint2, uint4, float2, float4: one access of sizeof(V) bytes); every
+// vector access in the kernels goes through here (test/kernel-launch-rule checks the sources).
+template <typename V>
+__device__ __forceinline__ const V* as_vector(const void* p) {
+  check_aligned(p, sizeof(V), "vector access");
+  return reinterpret_cast<const V*>(p);
+}
+template <typename V>
+__device__ __forceinline__ V* as_vector(void* p) {
+  check_aligned(p, sizeof(V), "vector access");
+  return reinterpret_cast<V*>(p);
+}
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -39,22 +68,22 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Four consecutive elements as one vector access (16 bytes of fp32, 8 of bf16): memory-bound kernels move
 // more bytes per instruction this way. The pointer must be aligned to the access (aligned_x4).
 __device__ __forceinline__ void load_x4(const float* p, float (&v)[4]) {
-  const float4 q = *reinterpret_cast<const float4*>(p);
+  const float4 q = *as_vector<float4>(p);
   v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
 }
 __device__ __forceinline__ void load_x4(const __nv_bfloat16* p, float (&v)[4]) {
-  const uint2 q = *reinterpret_cast<const uint2*>(p);
+  const uint2 q = *as_vector<uint2>(p);
   const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&q);
   for (int u = 0; u < 4; ++u) v[u] = __bfloat162float(e[u]);
 }
 __device__ __forceinline__ void store_x4(float* p, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  *as_vector<float4>(p) = make_float4(v[0], v[1], v[2], v[3]);
 }
 __device__ __forceinline__ void store_x4(__nv_bfloat16* p, const float (&v)[4]) {
   uint2 q;
   __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&q);
   for (int u = 0; u < 4; ++u) e[u] = __float2bfloat16_rn(v[u]);
-  *reinterpret_cast<uint2*>(p) = q;
+  *as_vector<uint2>(p) = q;
 }
 // ---- mma.sync m16n8k16 (bf16 in, fp32 accumulate) in its register fragment layout (PTX ISA, "Matrix fragments
 // for mma.m16n8k16 with floating point type"). With lane = 4 g + t:
@@ -142,6 +171,7 @@ template <bool kTrans>
 __device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const __nv_bfloat16* row) {
   static thread_local const __nv_bfloat16* rows[32][32];  // [warp][lane]
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  check_aligned(row, 16, "ldmatrix row");
   rows[warp][lane] = row;
   __syncwarp();
   const int i = lane >> 2, j = lane & 3;
@@ -153,6 +183,8 @@ __device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const __nv_bf
   __syncwarp();
 }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+  check_aligned(dst, 16, "cp.async destination");
+  check_aligned(src, 16, "cp.async source");  // (also where fill is false: the address is still an operand)
   emu_pipeline::PendingCopy copy{dst, make_uint4(0, 0, 0, 0), 0};
   if (fill) std::memcpy(&copy.bytes, src, sizeof(uint4));
   emu_pipeline::copies_of_thread().copies.push_back(copy);
@@ -223,7 +255,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_b
 
 // Eight bf16 (16 bytes) as one access; p 16-byte aligned.
 __device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const uint4 q = *as_vector<uint4>(p);
   const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&q);
   for (int u = 0; u < 8; ++u) v[u] = __bfloat162float(e[u]);
 }
@@ -231,7 +263,7 @@ __device__ __forceinline__ void store_x8(__nv_bfloat16* p, const float (&v)[8]) 
   uint4 q;
   __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&q);
   for (int u = 0; u < 8; ++u) e[u] = __float2bfloat16_rn(v[u]);
-  *reinterpret_cast<uint4*>(p) = q;
+  *as_vector<uint4>(p) = q;
 }
 // n consecutive elements as 16-byte accesses where they fill them: 8 bf16 as one access, 8 fp32 as two, 4 of either
 // as one (p aligned to the access).

@@ -66,7 +66,7 @@ __host__ __device__ constexpr int staged_stride(int k) { return k + 32; }
 // partial sums use; W is read by one block only).
 __device__ __forceinline__ uint4 load_streaming(const bf16* p) {
 #if defined(TFEW_CUDA_EMULATION) || !defined(__CUDA_ARCH__)
-  return __ldg(reinterpret_cast<const uint4*>(p));
+  return __ldg(as_vector<uint4>(p));
 #else
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
         rmsnorm_row_warp<kNormChunks>(p.x + static_cast<int64_t>(r) * p.lda, p.norm_weight, p.k, p.eps, 1.f,
                                       staged + r * lds);
       } else {
-        for (int c = 8 * lane; c < p.k; c += 256) *reinterpret_cast<uint4*>(staged + r * lds + c) = make_uint4(0, 0, 0, 0);
+        for (int c = 8 * lane; c < p.k; c += 256) *as_vector<uint4>(staged + r * lds + c) = make_uint4(0, 0, 0, 0);
       }
     }
   } else if constexpr (kIn == FewIn::Scaled) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(32 * kWarps) few_rows_linear_kernel(FewRowsArg
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m)
           for (int h = 0; h < 2; ++h)
-            aq[u][m][h] = a_live[m][h] && c < n_chunks ? *reinterpret_cast<const uint4*>(a_row[m][h] + 32 * c)
+            aq[u][m][h] = a_live[m][h] && c < n_chunks ? *as_vector<uint4>(a_row[m][h] + 32 * c)
                                                        : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll

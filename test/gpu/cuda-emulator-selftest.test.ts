@@ -45,6 +45,14 @@ describeEmulator('CUDA emulator self-test', () => {
     expect(selfTest('misaligned-wmma').error).toBe('cudaErrorMisalignedAddress');
   });
 
+  test('a misaligned 16-byte vector load, cp.async or ldmatrix row is a misaligned address (each faults on a GPU)', () => {
+    for (const name of ['misaligned-vector-load', 'misaligned-cp-async', 'misaligned-ldmatrix']) {
+      const r = selfTest(name);
+      expect(r.error).toBe('cudaErrorMisalignedAddress');
+      expect(r.message).toMatch(/not a multiple of 16/);
+    }
+  });
+
   test('shared memory read before the barrier that would make it valid gives stale values', () => {
     const r = selfTest('missing-barrier');
     const right = Number(/(\d+) of 64 reads/.exec(r.message)?.[1]);
