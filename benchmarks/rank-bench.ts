@@ -130,6 +130,49 @@ export interface RankBenchResult {
   /** Each variant load's describe() right after loading: whether its switch took (a programmatic launch the GPU
    * refused, say, leaves the -PDL rows timing ordinary launches). */
   variantDescribe?: Record<string, string>;
+  /** Per standard workload (RANK-3B-B1, RANK-3B-B32, TRAIN-3B): the switches of every variant row that beat it by
+   * more than 1 %, combined on one load (bestCombination), and that load's row (`${workload}-BEST`) if it differs
+   * from every row measured alone. */
+  best?: Record<string, BestCombination>;
+}
+
+export interface BestCombination {
+  /** The variant rows that beat the default, fastest first, with their device ms. */
+  winners: { row: string; ms: number; cuda: CudaOptions }[];
+  /** Their switches together (a later winner's switch only where it sets nothing the earlier ones set otherwise). */
+  cuda: CudaOptions;
+  /** The row that times `cuda` (`${workload}-BEST`), or the winner whose switches those are already. */
+  row: string;
+  describe?: string;
+}
+
+/**
+ * The combination a run suggests for `workload`: every variant row (name and switches) that beat the default row
+ * by more than 1 % (device ms), fastest first, and their switches merged; undefined when none did. A switch a faster
+ * winner already sets to another value is not taken from a slower one (two chunk sizes: the faster one's), nor
+ * one that cannot go with those taken (the cuBLAS attention forward with the encoder chunks or the fused backward).
+ */
+export function bestCombination(workload: string, workloads: Record<string, { medianForwardMs: number }>,
+                                rows: { row: string; cuda: CudaOptions }[]): BestCombination | undefined {
+  const d = workloads[workload]?.medianForwardMs;
+  if (d === undefined || !Number.isFinite(d)) return undefined;
+  const winners = rows
+    .filter(({ row }) => Number.isFinite(workloads[row]?.medianForwardMs) && workloads[row].medianForwardMs < 0.99 * d)
+    .map(({ row, cuda }) => ({ row, ms: workloads[row].medianForwardMs, cuda }))
+    .sort((a, b) => a.ms - b.ms);
+  if (winners.length === 0) return undefined;
+  const cuda: Record<string, unknown> = {};
+  for (const w of winners) {
+    const options = w.cuda as Record<string, unknown>;
+    if (!Object.entries(options).every(([k, v]) => !(k in cuda) || cuda[k] === v)) continue;
+    const merged = { ...cuda, ...options } as CudaOptions;
+    // (the encoder chunks and the fused backward run on the fused attention: not both with fusedAttention false)
+    if (merged.fusedAttention === false && ((merged.encoderChunkRows ?? 0) > 0 || merged.fusedBackward)) continue;
+    Object.assign(cuda, options);
+  }
+  const same = (a: CudaOptions) => JSON.stringify(Object.entries(a).sort()) === JSON.stringify(Object.entries(cuda).sort());
+  const measured = winners.find((w) => same(w.cuda));
+  return { winners, cuda: cuda as CudaOptions, row: measured ? measured.row : `${workload}-BEST` };
 }
 
 const median = (xs: number[]): number => {
@@ -453,6 +496,42 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     }
   }
 
+  // The best combination for each standard workload: the switches of every variant row that beat it, together on one
+  // load (what the defaults would become), timed as `${workload}-BEST` unless one variant row has them all already.
+  const variantRows = (workload: string) => variants.flatMap(({ cuda, rank, trainName }) => [
+    ...rank.filter(([n]) => n.startsWith(`${workload}-`)).map(([row]) => ({ row, cuda })),
+    ...(trainName && workload === 'TRAIN-3B' ? [{ row: trainName, cuda }] : []),
+  ]);
+  for (const [workload, batch] of [['RANK-3B-B1', b1], ['RANK-3B-B32', b32], ['TRAIN-3B', undefined]] as const) {
+    if (lost) break;
+    const best = bestCombination(workload, workloads, variantRows(workload));
+    if (!best) continue;
+    (result.best ??= {})[workload] = best;
+    console.log(`[rank-bench] ${workload}: faster alone ${best.winners.map((w) => `${w.row} ${w.ms.toFixed(2)} ms`).join(', ')}; ` +
+                `together ${JSON.stringify(best.cuda)} (${best.row})`);
+    if (best.row !== `${workload}-BEST` || best.row in workloads || best.row in result.failures!) continue;
+    const before = usedMiB();
+    let combined: T5Model | undefined;
+    await attempt(`load cuda ${JSON.stringify(best.cuda)} (best)`, async () => {
+      combined = await T5Model.load(modelDir, { device: 'cuda', cuda: best.cuda });
+    }, () => false);
+    if (!combined) continue;
+    const m = combined;
+    best.describe = m.describe();
+    await attempt(best.row, async () => {
+      workloads[best.row] = batch
+        ? await timeWorkload(m, batch, adapter, profileFile, warmups, runs)
+        : await timeTraining(m, trainBatchOf(2), adapter, 'none', profileFile, Math.min(2, warmups), Math.min(5, runs));
+      workloads[best.row].deviceMiB = usedMiB() - before;
+      console.log(`[rank-bench] ${best.row}: wall ${workloads[best.row].medianWallMs.toFixed(2)} ms, forward ` +
+                  `${workloads[best.row].medianForwardMs.toFixed(2)} ms (${m.describe()})`);
+    });
+    if (!lost) {
+      (result.graphStats ??= {})[`${workload}-best`] = m.graphStats();
+      await m.dispose();
+    }
+  }
+
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
   const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD', 'RANK-3B-B1-FEW-ROWS',
@@ -670,6 +749,12 @@ export function table(ours: RankBenchResult, torch: TorchBench | undefined): str
   }
   const verdicts = defaultVerdicts(ours);
   if (verdicts.length > 0) lines.push('', ...verdicts);
+  for (const [workload, best] of Object.entries(ours.best ?? {})) {
+    const d = ours.workloads[workload]?.medianForwardMs, b = ours.workloads[best.row]?.medianForwardMs;
+    lines.push(`BEST ${workload}: ${JSON.stringify(best.cuda)} -> ${best.row} ${fmt(b)} ms vs default ${fmt(d)} ms ` +
+               `(${fmt(((b - d) / d) * 100, 1)} %; faster alone: ${best.winners.map((w) => `${w.row} ${fmt(w.ms)}`).join(', ')})` +
+               (best.describe && best.row.endsWith('-BEST') ? ` | ${best.describe}` : ''));
+  }
   const failures = Object.entries(ours.failures ?? {});
   if (failures.length > 0 || ours.complete === false) {
     lines.push('');

@@ -1,7 +1,7 @@
 // The benchmark's GEMM-by-shape breakdown (benchmarks/rank-bench.ts): the profile's per-shape GEMM times
 // (TFEW_CUDA_PROFILE_DETAIL, gpu/profiler.h) turned into calls, milliseconds and TFLOP/s per shape, and the table's
 // line of the slowest shapes. Computed here from made-up profile lines: no GPU needed.
-import { defaultVerdicts, gemmShapeFlops, ProfileLine, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
+import { bestCombination, defaultVerdicts, gemmShapeFlops, ProfileLine, RankBenchResult, summariseGemmShapes, table } from '../benchmarks/rank-bench';
 
 describe('rank-bench GEMM shapes', () => {
   test('a shape key gives the FLOPs of one call: 2 M N K, times the batch', () => {
@@ -96,5 +96,51 @@ describe('rank-bench GEMM shapes', () => {
       expect.stringMatching(/^CHANGE THE DEFAULT\? the few-row decoder linears with programmatic dependent launch at one example: RANK-3B-B1-FEW-ROWS-PDL 4\.00 ms < RANK-3B-B1 5\.00 ms/),
       expect.stringMatching(/^CHANGE THE DEFAULT\? programmatic dependent launch on top of the few-row decoder linears: RANK-3B-B1-FEW-ROWS-PDL 4\.00 ms < RANK-3B-B1-FEW-ROWS 4\.50 ms/),
     ]);
+  });
+
+  test('the best combination: every row that beat the default by over 1 %, fastest first, their switches merged', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms });
+    const rows = [
+      { row: 'RANK-3B-B1-PRECOMPUTED', cuda: { crossAttention: 'precomputed' as const } },
+      { row: 'RANK-3B-B1-FEW-ROWS', cuda: { fewRowLinears: true } },
+      { row: 'RANK-3B-B1-TUNED', cuda: { gemmTuning: true } },
+      { row: 'RANK-3B-B1-PDL', cuda: { programmaticLaunch: true } },
+      { row: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS', cuda: { fewRowLinears: true, crossAttention: 'precomputed' as const } },
+    ];
+    const workloads = {
+      'RANK-3B-B1': w(5), 'RANK-3B-B1-PRECOMPUTED': w(5.2), 'RANK-3B-B1-FEW-ROWS': w(4.0), 'RANK-3B-B1-TUNED': w(4.97),
+      'RANK-3B-B1-PDL': w(4.5), 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS': w(3.8),
+    };
+    const best = bestCombination('RANK-3B-B1', workloads, rows)!;
+    // TUNED is within 1 % (noise), PRECOMPUTED slower: neither is taken alone
+    expect(best.winners.map((x) => x.row)).toEqual(['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', 'RANK-3B-B1-FEW-ROWS', 'RANK-3B-B1-PDL']);
+    expect(best.cuda).toEqual({ fewRowLinears: true, crossAttention: 'precomputed', programmaticLaunch: true });
+    expect(best.row).toBe('RANK-3B-B1-BEST');
+    // a combination one row measured already is not timed again
+    expect(bestCombination('RANK-3B-B1', { ...workloads, 'RANK-3B-B1-PDL': w(5.1) }, rows)!.row).toBe('RANK-3B-B1-PRECOMPUTED-FEW-ROWS');
+    // a switch a faster winner sets otherwise is not taken from a slower one
+    const chunks = [{ row: 'RANK-3B-B32-CHUNK1024', cuda: { encoderChunkRows: 1024 } }, { row: 'RANK-3B-B32-CHUNK2048', cuda: { encoderChunkRows: 2048 } }];
+    const b32 = bestCombination('RANK-3B-B32', { 'RANK-3B-B32': w(46), 'RANK-3B-B32-CHUNK1024': w(44), 'RANK-3B-B32-CHUNK2048': w(42) }, chunks)!;
+    expect(b32.cuda).toEqual({ encoderChunkRows: 2048 });
+    expect(b32.row).toBe('RANK-3B-B32-CHUNK2048');
+    // nor one that cannot run with the switches taken: the encoder chunks need the fused attention forward
+    const withUnfused = [...chunks, { row: 'RANK-3B-B32-UNFUSED', cuda: { fusedAttention: false } }];
+    expect(bestCombination('RANK-3B-B32', { 'RANK-3B-B32': w(46), 'RANK-3B-B32-CHUNK2048': w(42), 'RANK-3B-B32-UNFUSED': w(44) },
+                           withUnfused)!.cuda).toEqual({ encoderChunkRows: 2048 });
+    // nothing beat the default, or the default did not run: no combination
+    expect(bestCombination('RANK-3B-B1', { 'RANK-3B-B1': w(3), 'RANK-3B-B1-FEW-ROWS': w(4) }, rows)).toBeUndefined();
+    expect(bestCombination('TRAIN-3B', workloads, rows)).toBeUndefined();
+  });
+
+  test('the table gives each best combination against its default', () => {
+    const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
+    const ours = {
+      device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1,
+      workloads: { 'TRAIN-3B': w(43), 'TRAIN-3B-PDL': w(42), 'TRAIN-3B-TUNED': w(40), 'TRAIN-3B-BEST': w(38.7) },
+      best: { 'TRAIN-3B': { winners: [{ row: 'TRAIN-3B-TUNED', ms: 40, cuda: { gemmTuning: true } }, { row: 'TRAIN-3B-PDL', ms: 42, cuda: { programmaticLaunch: true } }],
+                            cuda: { gemmTuning: true, programmaticLaunch: true }, row: 'TRAIN-3B-BEST', describe: 'cuda: made up' } },
+    } as unknown as RankBenchResult;
+    expect(table(ours, undefined)).toContain('BEST TRAIN-3B: {"gemmTuning":true,"programmaticLaunch":true} -> TRAIN-3B-BEST 38.70 ms vs default ' +
+      '43.00 ms (-10.0 %; faster alone: TRAIN-3B-TUNED 40.00, TRAIN-3B-PDL 42.00) | cuda: made up');
   });
 });
