@@ -91,7 +91,12 @@ async function evalRealLengths(model: T5Model, adapter: IA3Adapter, repeats: num
     return { skipped: `no data: RTE and the T5 tokenizer are read from TFEW_DATA_DIR (${resolveDataDir()})` };
   }
   const task = getTask('rte');
-  const encoded = encodeExamples(T5Tokenizer.fromFile(tokenizerFile), task.templates()[0], task.evalExamples());
+  let encoded;
+  try {
+    encoded = encodeExamples(T5Tokenizer.fromFile(tokenizerFile), task.templates()[0], task.evalExamples());
+  } catch (e) {
+    return { skipped: `RTE could not be read from ${resolveDataDir()}: ${(e as Error).message}` };
+  }
   const inputs = encoded.map((e) => e.inputIds);
   const choices = encoded.map((e) => e.choiceIds);
   const batchSize = 32;

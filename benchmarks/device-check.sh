@@ -15,7 +15,8 @@
 #   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
 #   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call;
 #                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts), with fixed and
-#                          with varied input lengths (two runs of up to 240 s each: a call of its own)
+#                          with varied input lengths, and (after "bench") with the switches of rank-bench's TRAIN-3B
+#                          best combination when it found one (up to 240 s each; ~45 s each on an H200)
 #   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
 #   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
 #   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
@@ -262,6 +263,18 @@ if want trainrun; then
     # the same with inputs of 64-256 tokens: batches of changing lengths, as a Trainer on real data gives
     step train-run-varied 240 0 env "${BENCH_ENV[@]}" node dist/benchmarks/train-run.js "${DRY_ARGS[@]}" --lengths varied \
       --out "$LOGS/train-run-varied.json"
+    # and with the switches that made TRAIN-3B fastest in this call's rank-bench (the "bench" step must run in the
+    # same call: $OUT starts empty): its best combination where that row beat the default, else its fastest row
+    BEST_TRAIN=$(node -e "
+      const r = JSON.parse(require('fs').readFileSync(process.argv[1], 'utf8')), b = (r.best || {})['TRAIN-3B'];
+      if (!b) process.exit(0);
+      const ms = (row) => (r.workloads[row] || {}).medianForwardMs, d = ms('TRAIN-3B');
+      console.log(JSON.stringify(ms(b.row) < 0.99 * d ? b.cuda : b.winners[0].cuda));" "$OUT/rank-bench.json" 2>/dev/null)
+    if [ -n "$BEST_TRAIN" ]; then
+      note "      train-run-best: the switches rank-bench found fastest for TRAIN-3B: $BEST_TRAIN"
+      step train-run-best 240 0 env "${BENCH_ENV[@]}" node dist/benchmarks/train-run.js "${DRY_ARGS[@]}" --cuda "$BEST_TRAIN" \
+        --out "$LOGS/train-run-best.json"
+    fi
   else
     note "SKIP  train-run (smoke check failed)"
   fi

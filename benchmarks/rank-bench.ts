@@ -139,7 +139,7 @@ export interface RankBenchResult {
 export interface BestCombination {
   /** The variant rows that beat the default, fastest first, with their device ms. */
   winners: { row: string; ms: number; cuda: CudaOptions }[];
-  /** Their switches together (a later winner's switch only where it sets nothing the earlier ones set otherwise). */
+  /** Their switches together (a slower winner only where none of its switches is set otherwise by a faster one). */
   cuda: CudaOptions;
   /** The row that times `cuda` (`${workload}-BEST`), or the winner whose switches those are already. */
   row: string;
@@ -148,9 +148,10 @@ export interface BestCombination {
 
 /**
  * The combination a run suggests for `workload`: every variant row (name and switches) that beat the default row
- * by more than 1 % (device ms), fastest first, and their switches merged; undefined when none did. A switch a faster
- * winner already sets to another value is not taken from a slower one (two chunk sizes: the faster one's), nor
- * one that cannot go with those taken (the cuBLAS attention forward with the encoder chunks or the fused backward).
+ * by more than 1 % (device ms), fastest first, and their switches merged; undefined when none did. A slower winner
+ * is left out whole when one of its switches is set otherwise by a faster one (two chunk sizes: the faster one's),
+ * or cannot go with those taken (the cuBLAS attention forward with the encoder chunks or the fused backward).
+ * `row`: the row that timed exactly these switches if one did (then it is not timed again), else `${workload}-BEST`.
  */
 export function bestCombination(workload: string, workloads: Record<string, { medianForwardMs: number }>,
                                 rows: { row: string; cuda: CudaOptions }[]): BestCombination | undefined {
@@ -171,7 +172,8 @@ export function bestCombination(workload: string, workloads: Record<string, { me
     Object.assign(cuda, options);
   }
   const same = (a: CudaOptions) => JSON.stringify(Object.entries(a).sort()) === JSON.stringify(Object.entries(cuda).sort());
-  const measured = winners.find((w) => same(w.cuda));
+  // (a row that timed these switches already, a winner or not: not timed again)
+  const measured = rows.find((r) => same(r.cuda) && Number.isFinite(workloads[r.row]?.medianForwardMs));
   return { winners, cuda: cuda as CudaOptions, row: measured ? measured.row : `${workload}-BEST` };
 }
 
@@ -506,6 +508,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     if (lost) break;
     const best = bestCombination(workload, workloads, variantRows(workload));
     if (!best) continue;
+    best.describe ??= result.best?.[workload]?.describe;  // (a --resume run: the load that timed it was the first process's)
     (result.best ??= {})[workload] = best;
     console.log(`[rank-bench] ${workload}: faster alone ${best.winners.map((w) => `${w.row} ${w.ms.toFixed(2)} ms`).join(', ')}; ` +
                 `together ${JSON.stringify(best.cuda)} (${best.row})`);

@@ -4,7 +4,9 @@
 // length 256 with 2 choices of 8 tokens. Prints JSON: total seconds, ms per step (median), device memory.
 //
 //   node dist/benchmarks/train-run.js [--layers 24] [--steps 1000] [--device cuda|cpu] [--lengths fixed|varied]
-//                                     [--out FILE.json] [--dry]
+//                                     [--cuda JSON] [--out FILE.json] [--dry]
+// --cuda: the CUDA switches to load with (CudaOptions as JSON, e.g. the TRAIN-3B best combination rank-bench found:
+// device-check.sh runs it as train-run-best).
 // --lengths varied: inputs of 64-256 tokens (seeded), as real few-shot data has, so batches differ in length
 // from step to step (graphs: a training step is captured only right after one of the same shape) instead of
 // all being 256 tokens long. graphStats in the JSON says how the steps ran.
@@ -13,7 +15,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { IA3Adapter, T5Model, Trainer } from '../lib';
+import { CudaOptions, IA3Adapter, T5Model, Trainer } from '../lib';
 import { native } from '../lib/native';
 import { mulberry32, randomBatch, t0_3bConfigJson, writeRandomT5 } from './random-t5';
 
@@ -38,7 +40,9 @@ async function main(): Promise<void> {
     return m ? (m.total - m.free) / (1 << 20) : NaN;
   };
   const baseline = usedMiB();
-  const model = await T5Model.load(dir, { device });
+  const cuda = JSON.parse(arg('cuda', '{}')) as CudaOptions;
+  if (typeof cuda !== 'object' || cuda === null || Array.isArray(cuda)) throw new Error('--cuda must be a JSON object of CUDA switches');
+  const model = await T5Model.load(dir, { device, cuda });
   const adapter = IA3Adapter.create(model);
   // 32 few-shot examples, as RTE's split: 4 epochs of 8 per 32 steps
   const maxLen = dry ? 32 : 256;
@@ -54,7 +58,7 @@ async function main(): Promise<void> {
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const sorted = [...stepMs].sort((a, b) => a - b);
   const out = {
-    date: new Date().toISOString(), backend: model.describe(), layers, lengths, steps: result.steps, seconds,
+    date: new Date().toISOString(), backend: model.describe(), cuda, layers, lengths, steps: result.steps, seconds,
     medianStepMs: sorted[Math.floor(sorted.length / 2)], firstLoss: result.losses[0], lastLoss: result.losses[result.losses.length - 1],
     deviceMiB: usedMiB() - baseline, graphStats: model.graphStats(),
   };

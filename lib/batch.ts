@@ -100,3 +100,24 @@ export function perChoiceScores(batch: NativeBatch, tokenLogp: Float32Array, pad
   }
   return { logProbs, lengths };
 }
+
+/**
+ * The examples of each native call, by index, batchSize at a time. With groupByLength (and more than one call)
+ * grouped by length: by number of choices first (on CUDA a call whose examples all have as many choices takes the
+ * folded cross-attention), then within each by input length, then by longest choice, longest first (a group's
+ * first call is its largest: a CUDA arena grows at most once a group); ties keep the order given. Else in the
+ * order given.
+ */
+export function callGroups(examples: readonly { inputIds: ArrayLike<number>; choices: readonly ArrayLike<number>[] }[],
+                           batchSize: number, groupByLength = true): number[][] {
+  const order = examples.map((_, i) => i);
+  if (groupByLength && examples.length > batchSize) {
+    const longestChoice = examples.map((e) => Math.max(...e.choices.map((c) => c.length)));
+    order.sort((a, b) => examples[b].choices.length - examples[a].choices.length ||
+                         examples[b].inputIds.length - examples[a].inputIds.length ||
+                         longestChoice[b] - longestChoice[a] || a - b);
+  }
+  const groups: number[][] = [];
+  for (let start = 0; start < order.length; start += batchSize) groups.push(order.slice(start, start + batchSize));
+  return groups;
+}

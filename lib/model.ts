@@ -4,10 +4,10 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
-import { buildBatch, checkExample, EncodedExample, perChoiceScores } from './batch';
+import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
-import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
+import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
 import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
@@ -762,7 +762,12 @@ export class T5Model {
     perExample.forEach((a, b) => {
       if (!a || checked.has(a)) return;
       if (!(a instanceof IA3Adapter)) throw new InvalidArgumentError(`adapter of example ${b} is not an IA3Adapter`);
-      a.assertCompatible(this.config);
+      try {
+        a.assertCompatible(this.config);
+      } catch (e) {
+        if (e instanceof InvalidAdapterError) throw new InvalidAdapterError(`adapter of example ${b}: ${e.message}`);
+        throw e;
+      }
       checked.add(a);
     });
   }
@@ -792,27 +797,6 @@ export class T5Model {
     });
     return { encoded, adapters };
   }
-}
-
-/**
- * The examples of each native call, by index, batchSize at a time. With groupByLength (and more than one call) in
- * this order: by number of choices (calls whose examples all have as many choices take the folded
- * cross-attention on CUDA), then by input length, then by longest choice, longest first (the first call is the
- * largest: a CUDA arena grows once, and a size that does not fit fails before any work is done); ties keep the
- * order given. Else in the order given.
- */
-function callGroups(examples: readonly { inputIds: number[]; choices: number[][] }[], batchSize: number,
-                    groupByLength: boolean): number[][] {
-  const order = examples.map((_, i) => i);
-  if (groupByLength && examples.length > batchSize) {
-    const longestChoice = examples.map((e) => Math.max(...e.choices.map((c) => c.length)));
-    order.sort((a, b) => examples[b].choices.length - examples[a].choices.length ||
-                         examples[b].inputIds.length - examples[a].inputIds.length ||
-                         longestChoice[b] - longestChoice[a] || a - b);
-  }
-  const groups: number[][] = [];
-  for (let start = 0; start < order.length; start += batchSize) groups.push(order.slice(start, start + batchSize));
-  return groups;
 }
 
 function argmax(xs: number[]): number {

@@ -82,7 +82,11 @@ describe('the kernel launch rule (cuda/kernels/launch.cuh)', () => {
 // A vector access (8 or 16 bytes, or a bf16 pair) faults on a GPU where its address is not a multiple of its size,
 // and x86 does not care: every one goes through as_vector (kernels/device_common.cuh), which the emulator checks.
 describe('vector accesses go through as_vector (checked for alignment by the emulator)', () => {
-  const vectorCast = /reinterpret_cast<\s*(?:const\s+)?(?:u?int[24]|float[24]|uint32_t|uint64_t|__nv_bfloat162|half2)\s*\*\s*>\s*\((?!\s*&)/g;
+  // (to a vector type, from anything but the address of a value: `&aq[u]` of a local register array is exempt; C-style
+  // casts too)
+  const vectorType = '(?:u?(?:int|short|char|long|longlong)[1-4]|float[1-4]|double[1-4]|u?int(?:32|64)_t|__nv_bfloat162|__half2|half2)';
+  const vectorCast = new RegExp(`reinterpret_cast<\\s*(?:const\\s+)?${vectorType}\\s*\\*\\s*>\\s*\\((?!\\s*&)` +
+                                `|\\(\\s*(?:const\\s+)?${vectorType}\\s*\\*\\s*\\)\\s*(?!&)[\\w(]`, 'g');
 
   test('no reinterpret_cast to a vector pointer outside as_vector, but of a local value\'s address', () => {
     const found: string[] = [];
@@ -94,7 +98,9 @@ describe('vector accesses go through as_vector (checked for alignment by the emu
   });
 
   test('the rule sees a cast it forbids (and lets a local value\'s address through)', () => {
-    const sample = 'uint4 q = *reinterpret_cast<const uint4*>(p + c);\nconst uint32_t* lo = reinterpret_cast<const uint32_t*>(&aq[0]);';
-    expect([...codeOnly(sample).matchAll(vectorCast)].map((m) => m[0])).toEqual(['reinterpret_cast<const uint4*>(']);
+    const sample = 'uint4 q = *reinterpret_cast<const uint4*>(p + c);\nconst uint32_t* lo = reinterpret_cast<const uint32_t*>(&aq[0]);\n' +
+      'float2 f = *(const float2*)(x + 2);\nshort4 s = *reinterpret_cast<short4*>(y);\nfloat* g = reinterpret_cast<float*>(z);';
+    expect([...codeOnly(sample).matchAll(vectorCast)].map((m) => m[0]))
+      .toEqual(['reinterpret_cast<const uint4*>(', '(const float2*)(', 'reinterpret_cast<short4*>(']);
   });
 });

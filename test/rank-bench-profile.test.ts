@@ -116,8 +116,11 @@ describe('rank-bench GEMM shapes', () => {
     expect(best.winners.map((x) => x.row)).toEqual(['RANK-3B-B1-PRECOMPUTED-FEW-ROWS', 'RANK-3B-B1-FEW-ROWS', 'RANK-3B-B1-PDL']);
     expect(best.cuda).toEqual({ fewRowLinears: true, crossAttention: 'precomputed', programmaticLaunch: true });
     expect(best.row).toBe('RANK-3B-B1-BEST');
-    // a combination one row measured already is not timed again
+    // a combination one row measured already is not timed again, whether that row won or not
     expect(bestCombination('RANK-3B-B1', { ...workloads, 'RANK-3B-B1-PDL': w(5.1) }, rows)!.row).toBe('RANK-3B-B1-PRECOMPUTED-FEW-ROWS');
+    const pdlRows = [...rows, { row: 'RANK-3B-B1-FEW-ROWS-PDL', cuda: { fewRowLinears: true, programmaticLaunch: true } }];
+    const slowPair = { 'RANK-3B-B1': w(5), 'RANK-3B-B1-FEW-ROWS': w(4.0), 'RANK-3B-B1-PDL': w(4.5), 'RANK-3B-B1-FEW-ROWS-PDL': w(5.3) };
+    expect(bestCombination('RANK-3B-B1', slowPair, pdlRows)!.row).toBe('RANK-3B-B1-FEW-ROWS-PDL');
     // a switch a faster winner sets otherwise is not taken from a slower one
     const chunks = [{ row: 'RANK-3B-B32-CHUNK1024', cuda: { encoderChunkRows: 1024 } }, { row: 'RANK-3B-B32-CHUNK2048', cuda: { encoderChunkRows: 2048 } }];
     const b32 = bestCombination('RANK-3B-B32', { 'RANK-3B-B32': w(46), 'RANK-3B-B32-CHUNK1024': w(44), 'RANK-3B-B32-CHUNK2048': w(42) }, chunks)!;

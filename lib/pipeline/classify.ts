@@ -1,5 +1,6 @@
 // Classifying new inputs with a trained adapter: one prediction (label name, scores) per example.
 import type { IA3Adapter } from '../adapter';
+import { callGroups } from '../batch';
 import { InvalidArgumentError } from '../errors';
 import { asReplicas, shareOut } from '../replicas';
 import type { Example } from '../tasks/types';
@@ -28,8 +29,10 @@ export interface ClassifyOptions {
 }
 
 /**
- * Rank-classifies examples (labels, when present, are ignored). `model` may be replicas of one model (the same
- * checkpoint on several GPUs): the chunks of examples are shared out among them, the predictions in input order.
+ * Rank-classifies examples (labels, when present, are ignored). The prompts are tokenized first and scored in
+ * chunks of batchSize grouped by length (callGroups: each chunk pads to its longest prompt). `model` may be
+ * replicas of one model (the same checkpoint on several GPUs): the chunks are shared out among them. The
+ * predictions come in input order.
  */
 export async function classify(model: ScoringModel | readonly ScoringModel[], examples: readonly Example[],
                                options: ClassifyOptions): Promise<Prediction[]> {
@@ -38,19 +41,19 @@ export async function classify(model: ScoringModel | readonly ScoringModel[], ex
   const tokenizer = requireTokenizer(models[0]);
   const maxLen = options.maxInputLength ?? DEFAULT_MAX_INPUT_LENGTH;
   const chunk = Math.max(1, options.batchSize ?? 32);
+  const prompts = examples.map((ex) => options.template.render({ ...ex, label: -1 }));
+  const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
+  const jobs = callGroups(encoded.map((e) => ({ inputIds: e.inputIds, choices: e.choiceIds })), chunk);
   const out: Prediction[] = new Array(examples.length);
   let done = 0;
-  await shareOut(models, Math.ceil(examples.length / chunk), async (m, job) => {
-    const start = job * chunk;
-    const part = examples.slice(start, start + chunk);
-    const prompts = part.map((ex) => options.template.render({ ...ex, label: -1 }));
-    const encoded = prompts.map((p) => encodePrompt(tokenizer, p, maxLen));
-    const scored = await scoreEncoded(m, encoded, { adapter: options.adapter, batchSize: chunk });
-    part.forEach((ex, i) => {
-      const p = scored.predictions[i];
-      out[start + i] = { id: ex.id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[i] };
+  await shareOut(models, jobs.length, async (m, job) => {
+    const members = jobs[job];
+    const scored = await scoreEncoded(m, members.map((i) => encoded[i]), { adapter: options.adapter, batchSize: chunk });
+    members.forEach((i, k) => {
+      const p = scored.predictions[k];
+      out[i] = { id: examples[i].id, prediction: p, label: options.labelNames?.[p] ?? prompts[i].choices[p], scores: scored.scores[k] };
     });
-    done += part.length;
+    done += members.length;
     options.onProgress?.(done, examples.length);
   });
   return out;
