@@ -580,7 +580,8 @@ typename CudaEngine<T>::Launch CudaEngine<T>::launch_cached(GraphCache<Key>& cac
     return launch_graph(it->second.exec) ? launched(Launch::Replay) : drop_and_run(it);
   }
   if (cache.seen.size() >= kMaxSeenKeys) cache.seen.clear();  // a long-running service sees many shapes
-  const bool repeated = consecutive_only ? after_same : cache.seen[key]++ > 0;
+  const int calls_before = cache.seen[key]++;
+  const bool repeated = consecutive_only ? after_same || calls_before >= kCallsBeforeCaptureApart : calls_before > 0;
   // Once the device has shown how many graphs it holds, a shape beyond them runs eagerly: capturing it would evict
   // a graph in use, and shapes taking turns would be captured again and again, slower than launching them.
   const bool room = graph_memory_limit_ == 0 || cached_graphs() < graph_memory_limit_ || (repeated && graph_room_freed());

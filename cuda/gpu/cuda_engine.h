@@ -55,6 +55,8 @@ constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // what cuBLAS recommends o
 constexpr size_t kMaxCachedGraphs = 64;  // per kind (inference, training); the least recently used goes first
 constexpr int kMaxGraphMemoryFailures = 3;  // graphs in a row that find no device memory (instantiated or launched): off
 constexpr size_t kMaxSeenKeys = 4096;    // keys remembered for "capture on the second call" (then forgotten)
+// consecutive_only calls (launch_cached): a key's call after this many calls of it, not in a row, is captured too
+constexpr int kCallsBeforeCaptureApart = 2;
 const kernels::DropoutSite kNoDropout{};
 
 // Dropout sites, numbered exactly as the CPU backend numbers them (cpu/t5_cpu.cc), so both drop the same
@@ -165,12 +167,14 @@ class CudaEngine final : public Engine {
   Launch launch_forward(const Plan<T>& plan, bool launch_bound);
   // Replays the graph cached under `key`, or runs `enqueue` eagerly (the first call of a key, so cuBLAS and
   // lazily loaded kernels initialise outside capture), or captures it (the second call of the key, or with
-  // consecutive_only a call right after one of the same key), and counts the call in stats_. Inference graphs
-  // are keyed by shape, training steps by TrainGraphKey.
+  // consecutive_only a call right after one of the same key or its third call), and counts the call in stats_.
+  // Inference graphs are keyed by shape, training steps by TrainGraphKey.
   // consecutive_only, for calls bound by the GPU rather than by launches (training steps, large batches): a
   // capture leaves the GPU idle while the call is recorded and instantiated, and a replay saves such a call
-  // little, so a graph pays only when its shape repeats call after call (fixed-length batches), not for batches
-  // of ever different lengths (a Trainer on real data), where every shape seen twice would cost a capture.
+  // little, so a graph pays when its shape repeats call after call (fixed-length batches) or keeps coming back (a
+  // Trainer's random batches of a few-shot set: each padded to its longest input, the same few lengths again
+  // and again; a 1,000-step run on an H200 had 220 of its steps eager under "call after call" alone), not for
+  // batches of ever different lengths, where every shape seen twice would cost a capture.
   template <typename Key>
   Launch launch_cached(GraphCache<Key>& cache, const Key& key, const std::function<void()>& enqueue,
                        bool consecutive_only);

@@ -191,19 +191,20 @@ describeCuda('CUDA graphs with shape buckets', () => {
     }
   });
 
-  test('training steps: captured only after a step of the same shape, replayed after', async () => {
+  test('training steps: captured after a step of the same shape or on a shape\'s third step, replayed after', async () => {
     const batch = { inputIds: [tokens(21), tokens(18)], choices: [choices, choices], labels: [0, 1] };
     const other = { inputIds: [tokens(23), tokens(18)], choices: [choices, choices], labels: [1, 0] };
     const launches: string[] = [];
-    // a Trainer's batches of different lengths: every shape seen again, but never twice in a row (no capture:
-    // it would leave the GPU idle for a graph that is not replayed soon)
-    for (const b of [batch, other, batch, other, batch, batch, batch, other, other, other]) {
+    // a Trainer's batches of different lengths: shapes seen again, but not twice in a row; a shape's second step
+    // runs eagerly (a capture would leave the GPU idle for a graph perhaps not replayed soon), its third is captured
+    const third = { inputIds: [tokens(22), tokens(18)], choices: [choices, choices], labels: [0, 1] };
+    for (const b of [batch, other, batch, other, third, batch, batch, other, other, third, third]) {
       await bucketed.lossAndGradients(b);
       const s = bucketed.graphStats();
-      expect(s.last).toMatchObject({ kind: 'train', batch: 2, encLen: b === batch ? 21 : 23, rows: 4, decLen: 5 });
+      expect(s.last).toMatchObject({ kind: 'train', batch: 2, encLen: b === batch ? 21 : b === other ? 23 : 22, rows: 4, decLen: 5 });
       launches.push(s.last!.launch);
     }
-    expect(launches).toEqual(['eager', 'eager', 'eager', 'eager', 'eager', 'capture', 'replay', 'eager', 'capture', 'replay']);
+    expect(launches).toEqual(['eager', 'eager', 'eager', 'eager', 'eager', 'capture', 'replay', 'capture', 'replay', 'eager', 'capture']);
   });
 
   // A replay must read each call's own tokens, labels and adapter vectors, not those it was captured with: four
