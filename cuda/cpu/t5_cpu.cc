@@ -458,10 +458,11 @@ class CpuEngine : public Engine {
 
   // ---------------- backward ----------------
 
-  // dx holds d loss / d (output of the sub-layer's residual add); on return d loss / d (its input).
+  // dx holds d loss / d (output of the sub-layer's residual add); on return d loss / d (its input), unless
+  // to_input is false (the first layer: below it only the frozen embedding, so only the (IA)3 gradients are made).
   void self_attention_backward(Pass& p, Vec& dx, const Vec& ln, const AttentionWeights& w, const AttentionCache& c,
                                int n_seq, int len, const int32_t* key_len, bool causal, int64_t off_k, int64_t off_v,
-                               bool decoder_rows, int stack, int layer, Vec& grads) {
+                               bool decoder_rows, int stack, int layer, Vec& grads, bool to_input) {
     const int d = cfg_.d_model, inner = cfg_.inner_dim();
     const int64_t n = static_cast<int64_t>(n_seq) * len;
     Vec dout(dx);
@@ -477,6 +478,7 @@ class CpuEngine : public Engine {
                             token_grad(p, grads, off_k, decoder_rows, len), dk.data(), n, inner);
     cpu::ia3_scale_backward(dv.data(), c.v_raw.data(), token_scale(p, off_v, decoder_rows, len),
                             token_grad(p, grads, off_v, decoder_rows, len), dv.data(), n, inner);
+    if (!to_input) return;
     Vec dnormed(n * d);
     cpu::linear_backward_input(pool_, dq.data(), w.q.data(), dnormed.data(), n, d, inner, false);
     cpu::linear_backward_input(pool_, dk.data(), w.k.data(), dnormed.data(), n, d, inner, true);
@@ -556,9 +558,9 @@ class CpuEngine : public Engine {
                               d, true);
       }
       self_attention_backward(p, dy, dec_[i].ln_self, dec_[i].self, p.dec_self[i], R, Ld, dec_key_len.data(), true,
-                              off.self_k, off.self_v, true, 1, i, grads);
+                              off.self_k, off.self_v, true, 1, i, grads, i > 0);
     }
-    // (the decoder embedding is frozen: dy stops here)
+    // (the decoder embedding is frozen: dy stops at the first layer)
 
     // encoder
     drop_back(p, denc_out.data(), Ne * d, site_id(0, 0, kFinal));
@@ -569,7 +571,7 @@ class CpuEngine : public Engine {
       const auto& off = layout_.encoder[i];
       ffn_backward(p, dx, enc_[i].ln_ff, enc_[i].ff, p.enc_ff[i], Ne, off.ff, false, Le, 0, i, grads);
       self_attention_backward(p, dx, enc_[i].ln_self, enc_[i].self, p.enc_attn[i], B, Le, b.enc_lengths.data(), false,
-                              off.self_k, off.self_v, false, 0, i, grads);
+                              off.self_k, off.self_v, false, 0, i, grads, i > 0);
     }
   }
 
