@@ -198,8 +198,10 @@ function randomAdapter(model: T5Model, seed: number): IA3Adapter {
 }
 
 // Warm-ups, then timed calls: their wall times (hrtime) and the engine's profile lines of `kind` (CUDA events).
+// callsPerRun: native calls each call() makes; their device times are summed per run (and graphReplays counts the
+// runs' replayed calls divided by it).
 async function timeCalls(call: () => Promise<unknown>, kind: 'score' | 'train', examples: number, profileFile: string,
-                         warmups: number, runs: number): Promise<WorkloadResult> {
+                         warmups: number, runs: number, callsPerRun = 1): Promise<WorkloadResult> {
   for (let i = 0; i < warmups; i++) await call();
   fs.writeFileSync(profileFile, '');
   const wall: number[] = [];
@@ -209,7 +211,9 @@ async function timeCalls(call: () => Promise<unknown>, kind: 'score' | 'train', 
     wall.push(Number(process.hrtime.bigint() - t0) / 1e6);
   }
   const prof = readProfile(profileFile).filter((p) => (p.kind ?? 'score') === kind);
-  const forward = prof.map((p) => p.forward_ms);
+  const perCall = prof.map((p) => p.forward_ms);
+  const forward = callsPerRun === 1 ? perCall : Array.from({ length: Math.floor(perCall.length / callsPerRun) },
+    (_, r) => perCall.slice(r * callsPerRun, (r + 1) * callsPerRun).reduce((x, y) => x + y, 0));
   return {
     examples,
     wallMs: wall,
@@ -217,7 +221,7 @@ async function timeCalls(call: () => Promise<unknown>, kind: 'score' | 'train', 
     medianWallMs: median(wall),
     medianForwardMs: median(forward),
     examplesPerSecond: examples / (median(wall) / 1000),
-    graphReplays: prof.filter((p) => (p.launch ? p.launch === 'replay' : p.graph)).length,
+    graphReplays: Math.floor(prof.filter((p) => (p.launch ? p.launch === 'replay' : p.graph)).length / callsPerRun),
     foldedCross: prof.length > 0 && prof.every((p) => p.folded_cross === true),
   };
 }
@@ -357,6 +361,8 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
     const lengths = Array.from({ length: n }, () => (dry ? 9 + Math.floor(lengthOf() * 24) : 100 + Math.floor(lengthOf() * 151)));
     return randomBatch(V, lengths, lengths.map(() => [8, 8]), 900 + i);
   });
+  const mixedLengths = Array.from({ length: 4 * rankBatch }, () => Math.round(encLen / 8 + (7 * encLen / 8) * lengthOf() ** 2));
+  const mixedLen = randomBatch(V, mixedLengths, mixedLengths.map(() => [8, 8]), 31);
   const variedWorkload = (m: T5Model, calls = variedCalls) => {
     let next = 0;
     const call = () => {
@@ -411,6 +417,16 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   await attempt('RANK-3B-SMALL-VARIED', async () => {
     workloads['RANK-3B-SMALL-VARIED'] = await variedWorkload(model, smallCalls);
   });
+  // RANK-3B-MIXEDLEN-128: an evaluation set's 128 prompts of skewed lengths (32-256 tokens, mean ~107: real prompts
+  // are mostly short) through one rankClassify in calls of 32, grouped by length (the default) and in the order
+  // given: what grouping saves on a GPU (on the CPU backend 1.95x on RTE's validation prompts: cpu-bench EVAL-RTE)
+  for (const [name, groupByLength] of [['RANK-3B-MIXEDLEN-128', true], ['RANK-3B-MIXEDLEN-128-INORDER', false]] as const) {
+    await attempt(name, async () => {
+      const call = () => model.rankClassify(mixedLen.inputIds, mixedLen.choices, { adapter, batchSize: rankBatch, groupByLength });
+      const calls = Math.ceil(mixedLen.inputIds.length / rankBatch);
+      workloads[name] = await timeCalls(call, 'score', mixedLen.inputIds.length, profileFile, warmups, runs, calls);
+    });
+  }
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
                 `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}, ` +
@@ -676,6 +692,8 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
   ...([1024, 2048] as const).map((rows) => (
     { defaultRow: 'RANK-3B-B32', otherRow: `RANK-3B-B32-CHUNK${rows}`, other: `the encoder in chunks of ${rows} rows`,
       where: `CudaOptions.encoderChunkRows (${rows}; cuda_engine.cc encoder_chunk_rows_)` })),
+  { defaultRow: 'RANK-3B-MIXEDLEN-128', otherRow: 'RANK-3B-MIXEDLEN-128-INORDER',
+    other: 'calls in the order given (not grouped by length)', where: 'lib/batch.ts callGroups (RankClassifyOptions.groupByLength)' },
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL',
     other: 'the few-row decoder linears with precomputed cross-attention and programmatic dependent launch at one example',
     where: 'cuda_engine.cc few_rows_wanted, folds_cross_attention and pdl_wanted' },
