@@ -10,6 +10,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model, TfewOptimizer } from '../lib';
+import { callGroups } from '../lib/batch';
 import { encodeExamples } from '../lib/pipeline';
 import { dataAvailable, getTask, resolveDataDir } from '../lib/tasks';
 import { T5Tokenizer } from '../lib/tokenizer';
@@ -100,16 +101,9 @@ async function evalRealLengths(model: T5Model, adapter: IA3Adapter, repeats: num
   const inputs = encoded.map((e) => e.inputIds);
   const choices = encoded.map((e) => e.choiceIds);
   const batchSize = 32;
-  const encoderTokens = (order: number[]) => {
-    let sum = 0;
-    for (let s = 0; s < order.length; s += batchSize) {
-      const call = order.slice(s, s + batchSize);
-      sum += call.length * Math.max(...call.map((i) => inputs[i].length));
-    }
-    return sum;
-  };
-  const given = inputs.map((_, i) => i);
-  const byLength = [...given].sort((a, b) => inputs[b].length - inputs[a].length);  // (RTE: 2 choices each)
+  // (the calls rankClassify makes: lib/batch.ts callGroups)
+  const encoderTokens = (groupByLength: boolean) => callGroups(encoded.map((e) => ({ inputIds: e.inputIds, choices: e.choiceIds })),
+    batchSize, groupByLength).reduce((sum, call) => sum + call.length * Math.max(...call.map((i) => inputs[i].length)), 0);
   const row = async (groupByLength: boolean) => {
     const ms = await timeIt(repeats, () => model.rankClassify(inputs, choices, { adapter, batchSize, groupByLength }));
     return { medianMs: median(ms), examplesPerSecond: (inputs.length * 1000) / median(ms), runsMs: ms };
@@ -119,8 +113,8 @@ async function evalRealLengths(model: T5Model, adapter: IA3Adapter, repeats: num
   return {
     examples: inputs.length, template: task.templates()[0].name, batchSize,
     realInputTokens: inputs.reduce((n, x) => n + x.length, 0),
-    grouped: { ...grouped, encoderTokens: encoderTokens(byLength) },
-    inOrder: { ...inOrder, encoderTokens: encoderTokens(given) },
+    grouped: { ...grouped, encoderTokens: encoderTokens(true) },
+    inOrder: { ...inOrder, encoderTokens: encoderTokens(false) },
     speedup: inOrder.medianMs / grouped.medianMs,
   };
 }

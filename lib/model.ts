@@ -246,6 +246,15 @@ function checkMaxInputLength(value: number | undefined): number {
   return v;
 }
 
+/** rankClassify's and encode()'s batching options, defaults filled in (32 examples a call, grouped by length). */
+function checkBatching(options: { batchSize?: number; groupByLength?: boolean }): { batchSize: number; groupByLength: boolean } {
+  const batchSize = options.batchSize ?? 32;
+  if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
+  const groupByLength = options.groupByLength ?? true;
+  if (typeof groupByLength !== 'boolean') throw new InvalidArgumentError('groupByLength must be a boolean');
+  return { batchSize, groupByLength };
+}
+
 /** Which bytes the weights are, for replicaMismatch: each tensor's file (symbolic links resolved) and place in it. */
 function weightsIdentity(tensors: readonly NativeTensorSpec[]): string {
   const real = new Map<string, string>();
@@ -532,10 +541,7 @@ export class T5Model {
       throw new InvalidArgumentError(`got ${inputs.length} inputs but ${choices.length} lists of choices`);
     }
     const lengthNormalize = options.lengthNormalize ?? true;
-    const batchSize = options.batchSize ?? 32;
-    if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
-    const groupByLength = options.groupByLength ?? true;
-    if (typeof groupByLength !== 'boolean') throw new InvalidArgumentError('groupByLength must be a boolean');
+    const { batchSize, groupByLength } = checkBatching(options);
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
     if (options.signal !== undefined && !isAbortSignal(options.signal)) throw new InvalidArgumentError('signal must be an AbortSignal');
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
@@ -577,10 +583,7 @@ export class T5Model {
     const nm = this.live();
     if (!Array.isArray(inputs)) throw new InvalidArgumentError('inputs must be an array');
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
-    const batchSize = options.batchSize ?? 32;
-    if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidArgumentError(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
-    const groupByLength = options.groupByLength ?? true;
-    if (typeof groupByLength !== 'boolean') throw new InvalidArgumentError('groupByLength must be a boolean');
+    const { batchSize, groupByLength } = checkBatching(options);
     if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
