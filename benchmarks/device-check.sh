@@ -19,6 +19,7 @@
 #                          with varied input lengths, and (after "bench") with the switches of rank-bench's TRAIN-3B
 #                          best combination when it found one (up to 240 s each; ~45 s each on an H200)
 #   TFEW_DEVICE_RESERVE_S  seconds the test steps leave for the benchmark (default 150)
+#   TFEW_DEVICE_TESTS      the "tests" step runs only these files, e.g. "cuda-gemm-tuning,cuda-encoder-chunks"
 #   TFEW_DEVICE_FORCE=1    run the later steps even when the probe or the smoke check failed
 #   TFEW_SKIP_COMPILE=1    no torch.compile in the PyTorch baseline
 #   TFEW_DEVICE_DRY=1      a rehearsal of this script without a GPU, on the CUDA emulator (npm run build:emu):
@@ -230,6 +231,7 @@ if want tests; then
   debug_rerun_done=0
   for t in cuda-fixtures:90 cuda-training:120 cuda-session:60 cuda-random:180 cuda-few-rows:60 cuda-gemm-tuning:60 cuda-programmatic-launch:60 cuda-encoder-chunks:60 cuda-behaviour:120 cuda-graphs:90 cuda-reserve:60 cuda-devices:45 cuda-fuzz-api:45; do
     file=${t%%:*}
+    [ -z "${TFEW_DEVICE_TESTS:-}" ] || [[ ",$TFEW_DEVICE_TESTS," == *",$file,"* ]] || continue
     cap=${t##*:}
     TFEW_BF16_ERRORS="$ERRORS" TFEW_RANDOM_T5_DIR="$RANDOM_DIR" \
       step "jest-$file" "$cap" "$RESERVE" node node_modules/jest/bin/jest.js --selectProjects tfew --runInBand --verbose "test/gpu/$file.test.ts"

@@ -20,10 +20,11 @@
 //                 2 choices x 8 tokens; TRAIN-3B-C4 with 4 choices; TRAIN-3B-RECOMPUTE-ATTN / TRAIN-3B-RECOMPUTE with
 //                 the encoder's q|k|v / q|k|v and wi projections recomputed in the backward (LossOptions.recompute
 //                 'attention' / 'all': less device memory). TRAIN-3B folds the cross-attention under 'auto';
-//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-FUSED-BACKWARD
-//                 with the encoder attention backward in the fused kernels instead of cuBLAS (second loads).
+//                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-CUBLAS-BACKWARD
+//                 with the encoder attention backward through cuBLAS instead of the fused kernels (second loads).
 //                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too
 //                 (cuda.fusedAttention false; a third load).
+//   RANK-3B-B32-LEN249 / TRAIN-3B-LEN249  RANK-3B-B32 and TRAIN-3B at an odd encoder length (249 tokens)
 //   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
 //                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
 //                 folded and the precomputed cross-attention (loads of their own; a detail breakdown of each)
@@ -167,8 +168,9 @@ export function bestCombination(workload: string, workloads: Record<string, { me
     const options = w.cuda as Record<string, unknown>;
     if (!Object.entries(options).every(([k, v]) => !(k in cuda) || cuda[k] === v)) continue;
     const merged = { ...cuda, ...options } as CudaOptions;
-    // (the encoder chunks and the fused backward run on the fused attention: not both with fusedAttention false)
-    if (merged.fusedAttention === false && ((merged.encoderChunkRows ?? 0) > 0 || merged.fusedBackward)) continue;
+    // (the encoder chunks run on the fused attention: not with fusedAttention false; nor the backward's switch,
+    // which the unfused attention decides alone: the cuBLAS backward)
+    if (merged.fusedAttention === false && ((merged.encoderChunkRows ?? 0) > 0 || merged.fusedBackward !== undefined)) continue;
     Object.assign(cuda, options);
   }
   const same = (a: CudaOptions) => JSON.stringify(Object.entries(a).sort()) === JSON.stringify(Object.entries(cuda).sort());
@@ -427,6 +429,16 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       workloads[name] = await timeCalls(call, 'score', mixedLen.inputIds.length, profileFile, warmups, runs, calls);
     });
   }
+  // RANK-3B-B32-LEN249 / TRAIN-3B-LEN249: the same work at an odd encoder length (249 = 256 - 7; dry: 25), as real
+  // batches have (their longest input): the folded cross-attention's score and probability rows are then padded to a
+  // multiple of 8 for cuBLAS (folded_cross_ld). In session 18 a training run of varied lengths took 44.3 ms a step
+  // against 39.6 at 256 before that padding; each row should now take about 249/256 of its 256-token row's time.
+  const oddLen = encLen - 7;
+  await rankWorkload('RANK-3B-B32-LEN249', randomBatch(V, new Array(rankBatch).fill(oddLen), new Array(rankBatch).fill([8, 8]), 41), adapter);
+  await attempt('TRAIN-3B-LEN249', async () => {
+    const odd = randomBatch(V, new Array(trainBatch).fill(oddLen), new Array(trainBatch).fill([8, 8]), 42);
+    workloads['TRAIN-3B-LEN249'] = await timeTraining(model, odd, adapter, 'none', profileFile, Math.min(2, warmups), Math.min(5, runs));
+  });
   for (const [name, w] of Object.entries(workloads)) {
     console.log(`[rank-bench] ${name}: wall ${w.medianWallMs.toFixed(2)} ms, forward ${w.medianForwardMs.toFixed(2)} ms (CUDA events), ` +
                 `${w.examplesPerSecond.toFixed(0)} examples/s, graph replays ${w.graphReplays}/${w.forwardMs.length}, ` +
@@ -441,13 +453,14 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   // The other paths, on second loads: the precomputed cross-attention for each rank workload ('auto' folds both
   // RANK-3B-B32 and RANK-3B-B1) and TRAIN-3B, the numbers that tune folds_cross_attention's rule; TRAIN-3B with the
-  // fused encoder attention backward (cuda.fusedBackward true) instead of cuBLAS; RANK-3B-B32 and TRAIN-3B with the
+  // encoder attention backward through cuBLAS (cuda.fusedBackward false) instead of the fused kernels (the default
+  // since session 18); RANK-3B-B32 and TRAIN-3B with the
   // encoder attention forward on cuBLAS too (cuda.fusedAttention false).
   // (B1 before B32 on a load: the arena only grows, and deviceMiB is recorded for a load's first rank workload)
   const variants: { variant: string; cuda: CudaOptions; rank: [string, RandomBatch][]; trainName?: string }[] = [
     { variant: 'precomputed', cuda: { crossAttention: 'precomputed' },
       rank: [['RANK-3B-B1-PRECOMPUTED', b1], ['RANK-3B-B32-PRECOMPUTED', b32]], trainName: 'TRAIN-3B-PRECOMPUTED' },
-    { variant: 'fused-backward', cuda: { fusedBackward: true }, rank: [], trainName: 'TRAIN-3B-FUSED-BACKWARD' },
+    { variant: 'cublas-backward', cuda: { fusedBackward: false }, rank: [], trainName: 'TRAIN-3B-CUBLAS-BACKWARD' },
     { variant: 'unfused', cuda: { fusedAttention: false }, rank: [['RANK-3B-B32-UNFUSED', b32]], trainName: 'TRAIN-3B-UNFUSED' },
     { variant: 'few-rows', cuda: { fewRowLinears: true }, rank: [['RANK-3B-B1-FEW-ROWS', b1]] },
     { variant: 'tuned', cuda: { gemmTuning: true }, rank: [['RANK-3B-B1-TUNED', b1], ['RANK-3B-B32-TUNED', b32]],
@@ -553,7 +566,7 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
 
   // Where the time goes: events around every launch family (graphs off, so slightly slower overall).
   const breakdown: NonNullable<RankBenchResult['breakdown']> = (result.breakdown ??= {});
-  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-FUSED-BACKWARD', 'RANK-3B-B1-FEW-ROWS',
+  const breakdownPending = ['RANK-3B-B32', 'RANK-3B-B1', 'TRAIN-3B', 'TRAIN-3B-CUBLAS-BACKWARD', 'RANK-3B-B1-FEW-ROWS',
     'RANK-3B-B1-PRECOMPUTED-FEW-ROWS']
     .filter((n) => !(n in breakdown) && !(`breakdown ${n}` in result.failures!));
   if (!lost && breakdownPending.length > 0) {
@@ -600,15 +613,16 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       await trainBreakdown(m, 'TRAIN-3B');
       if (!lost) await m.dispose();
     }
-    // the same step with the fused attention backward (off by default): its spans against TRAIN-3B's decide the default
-    if (!lost && !('TRAIN-3B-FUSED-BACKWARD' in breakdown)) {
-      let fused: T5Model | undefined;
-      await attempt('load cuda (profile detail, fused backward)', async () => {
-        fused = await T5Model.load(modelDir, { device: 'cuda', cuda: { fusedBackward: true } });
+    // the same step with the cuBLAS attention backward (the fused one is the default): its spans against TRAIN-3B's
+    // say what each backward costs
+    if (!lost && !('TRAIN-3B-CUBLAS-BACKWARD' in breakdown)) {
+      let cublas: T5Model | undefined;
+      await attempt('load cuda (profile detail, cuBLAS backward)', async () => {
+        cublas = await T5Model.load(modelDir, { device: 'cuda', cuda: { fusedBackward: false } });
       }, () => false);
-      if (fused) {
-        await trainBreakdown(fused, 'TRAIN-3B-FUSED-BACKWARD');
-        if (!lost) await fused.dispose();
+      if (cublas) {
+        await trainBreakdown(cublas, 'TRAIN-3B-CUBLAS-BACKWARD');
+        if (!lost) await cublas.dispose();
       }
     }
     // RANK-3B-B1 with the few-row decoder linears (off by default): which launch families they remove, what they cost;
@@ -662,7 +676,7 @@ function fmt(x: number | undefined, digits = 2): string {
 // The engine's defaults that a run can overturn: each default workload against the same workload on the other path
 // (device ms), and where the default is set. Listed by table() so that a device run says what to change.
 const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; where: string }[] = [
-  { defaultRow: 'TRAIN-3B', otherRow: 'TRAIN-3B-FUSED-BACKWARD', other: 'the fused attention backward',
+  { defaultRow: 'TRAIN-3B', otherRow: 'TRAIN-3B-CUBLAS-BACKWARD', other: 'the cuBLAS attention backward',
     where: 'cuda_engine.cc fused_backward_wanted' },
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED', other: 'precomputed cross-attention at one example',
     where: 'cuda_engine.cc folds_cross_attention' },
@@ -706,7 +720,7 @@ const VARIANT_SWITCHES: [RegExp, RegExp, string][] = [
   [/pdl/, /programmatic dependent launch on/, 'programmatic dependent launch'],
   [/^chunk/, /encoder in chunks/, 'the encoder chunks'],
   [/^tuned$/, /GEMM tuning on/, 'GEMM tuning'],
-  [/^fused-backward$/, /backward fused/, 'the fused attention backward'],
+  [/^cublas-backward$/, /backward cuBLAS/, 'the cuBLAS attention backward'],
 ];
 
 /** One line per default that this run measured against its alternative: which was faster, by how much. */
@@ -940,15 +954,15 @@ async function smoke(args: Map<string, string>): Promise<boolean> {
           }
         });
         await check(`${tag} fused attention backward vs cuBLAS backward`, 1e-1, async () => {
-          const fused = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: true });
+          const cublas = await loadCudaWith(dir, { precision: 'bf16', fusedBackward: false });
           try {
-            if (!/backward fused/.test(fused.describe()) || !/backward cuBLAS/.test(m.describe()))
-              throw new Error(`expected the fused and the cuBLAS backward: ${fused.describe()} | ${m.describe()}`);
+            if (!/backward fused/.test(m.describe()) || !/backward cuBLAS/.test(cublas.describe()))
+              throw new Error(`expected the fused and the cuBLAS backward: ${m.describe()} | ${cublas.describe()}`);
             const opts = { adapter: [a, b, a], dropout: true, seed: 3 };  // (the fixtures' dropout rate is 0)
-            const [x, y] = [await fused.lossAndGradients(batch, opts), await m.lossAndGradients(batch, opts)];
+            const [x, y] = [await m.lossAndGradients(batch, opts), await cublas.lossAndGradients(batch, opts)];
             return Math.max(...[a, b].map((v) => relErr(x.adapterGradients.get(v) as Float32Array, y.adapterGradients.get(v) as Float32Array)));
           } finally {
-            await fused.dispose();
+            await cublas.dispose();
           }
         });
       }

@@ -20,17 +20,18 @@ export interface CudaOptions {
   fusedAttention?: boolean;
   /**
    * bf16 training: the encoder attention backward in the fused flash-style kernels (with fusedAttention, where
-   * they fit) instead of cuBLAS. Default off: the cuBLAS backward was faster on an H200 (TRAIN-3B 46.9 vs 54.3 ms,
-   * session 12; the fused kernels were rewritten since and not yet timed). With recompute 'none' the fused backward
-   * keeps each encoder layer's attention output (0.12 GiB more than the cuBLAS backward at TRAIN-3B); with
-   * 'attention' it runs the attention forward again (0.13 GiB less).
+   * they fit) instead of cuBLAS. Default on: faster on an H200 (session 18: TRAIN-3B 37.3 ms against 38.9 ms with
+   * cuBLAS's backward; the 1,000-step run 37.8 s against 39.9 s). With recompute 'none' the fused backward keeps
+   * each encoder layer's attention output (0.12 GiB more than the cuBLAS backward's plan at TRAIN-3B: 7.97 GiB in
+   * use on the H200); with 'attention' it runs the attention forward again (0.13 GiB less). false: cuBLAS.
    */
   fusedBackward?: boolean;
   /**
    * bf16 rank classification: at up to 32 decoder rows (one example's choices) the decoder's linear layers run in
    * our own kernels, each with the norm before it, the activation after it or its (IA)3 scale folded in (6 fewer
-   * launches per decoder layer) instead of cuBLAS with separate passes. Default off: not yet timed on a GPU
-   * (rank-bench's RANK-3B-B1-FEW-ROWS against RANK-3B-B1). Needs d_model 512, 1024 or 2048; elsewhere ignored.
+   * launches per decoder layer) instead of cuBLAS with separate passes. Default off: on an H200 (session 18) no
+   * faster than cuBLAS (RANK-3B-B1 4.81 vs 4.77 ms; with the precomputed cross-attention 4.74 ms, within noise).
+   * Needs d_model 512, 1024 or 2048; elsewhere ignored.
    */
   fewRowLinears?: boolean;
   /**
@@ -38,15 +39,17 @@ export interface CudaOptions {
    * graph capture, times cuBLAS's own choice against up to 8 of cuBLASLt's heuristic candidates on the call's own
    * operands and keeps the fastest (cuBLASLt's where it is at least 3% faster); split-K candidates reduce in fp32.
    * First calls take longer (a few ms per shape); describe() says how many shapes changed. Needs libcublasLt beside
-   * cuBLAS. Default off: not yet timed on a GPU (rank-bench's -TUNED rows).
+   * cuBLAS. Default off: on an H200 (session 18) it gained 1.1% at RANK-3B-B32 (42.5 vs 43.0 ms) and lost 4% at
+   * RANK-3B-B1 and 0.7% at TRAIN-3B (rank-bench's -TUNED rows).
    */
   gemmTuning?: boolean;
   /**
    * Programmatic dependent launch (compute capability 9.0 and up: H100, H200): each of our kernels is launched so
    * that the GPU may schedule it while the kernel before it finishes; it waits for that kernel's results on the GPU
    * (cuda/kernels/launch.cuh). Aimed at latency-bound calls (RANK-3B-B1: about 500 kernels of a few microseconds
-   * each), where the gaps between kernels add up; results are bit-identical. CUDA graphs keep it. Default off: not
-   * yet timed on a GPU (rank-bench's -PDL rows). Ignored on older GPUs (describe() says so).
+   * each), where the gaps between kernels add up; results are bit-identical. CUDA graphs keep it. Default off: on an
+   * H200 (session 18) it made every workload slower (RANK-3B-B1 +5.6%, TRAIN-3B +1.7%; rank-bench's -PDL rows): next
+   * to cuBLAS's kernels, which do not take part, little overlaps. Ignored on older GPUs (describe() says so).
    */
   programmaticLaunch?: boolean;
   /**
@@ -55,16 +58,17 @@ export interface CudaOptions {
    * whole batch at once, every chunk's q|k|v,
    * context, FFN pre-activation and activation in the same bytes, so that they are read back from the GPU's L2
    * cache rather than from DRAM (RANK-3B-B32 moves ~1.3 GB of such temporaries per layer). Weights are read once per
-   * chunk instead of once; chunks are evened out (6 examples at up to 4 a chunk: 3 + 3). 0 (the default: not yet
-   * timed on a GPU; rank-bench's RANK-3B-B32-CHUNK rows) runs each layer over the whole batch. Training is not
-   * chunked; fp32 mode and the unfused attention ignore it (describe() says so).
+   * chunk instead of once; chunks are evened out (6 examples at up to 4 a chunk: 3 + 3). 0 (the default) runs each
+   * layer over the whole batch: on an H200 (session 18) chunks were slower (RANK-3B-B32 47.8 ms in chunks of 1024
+   * rows, 44.7 in chunks of 2048, 43.0 whole). Training is not chunked; fp32 mode and the unfused attention ignore
+   * it (describe() says so).
    */
   encoderChunkRows?: number;
   /**
    * CUDA graphs for repeated batch shapes (default on): a small call's shape is captured on its second call,
    * later ones replay it (64 graphs per kind kept, the least recently used dropped). Training steps and large
-   * batches, bound by the GPU rather than by launches, are captured only right after a call of the same shape
-   * (a capture leaves the GPU idle, and batches of changing lengths would rarely replay it).
+   * batches, bound by the GPU rather than by launches, are captured right after a call of the same shape or on a
+   * shape's third call (a capture leaves the GPU idle, and batches of changing lengths would rarely replay it).
    */
   graphs?: boolean;
   /**

@@ -12,7 +12,9 @@
 // arrive (token ids in the vocabulary, at most maxInputLength input tokens: ids are refused beyond it, text is
 // truncated; bounded choices), so one client's bad request is refused alone and costs no engine time. Should the
 // engine still reject a batch for one request (an adapter that does not fit, out of memory), its requests are
-// scored one by one, so only that one fails.
+// scored one by one, so only that one fails. When more requests wait than a batch takes, a batch is the oldest
+// of them and the ones nearest it in shape (groupByLength): a batch costs what its longest input costs for every
+// example in it, and one number of choices throughout keeps the CUDA engine's folded cross-attention.
 import { performance } from 'perf_hooks';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
@@ -50,6 +52,18 @@ export interface RankBatcherOptions {
    * the memory. Default maxBatch (every request its own).
    */
   maxAdapters?: number;
+  /**
+   * When more requests wait than one batch takes (a backlog), a batch is the oldest waiting request and, from the
+   * oldest 2 x maxBatch waiting, the ones nearest it in shape: the same number of choices first (the CUDA engine
+   * folds the cross-attention only for batches with one number of choices: 12% faster at 32 examples on an H200),
+   * then inputs no longer than the longest already in the batch, longest first, then the shortest longer ones. A
+   * batch's encoder runs every example at its longest input's length, so like lengths waste less (rankClassify's
+   * groupByLength: 1.55x on an H200 for 128 prompts of 32-256 tokens). The oldest request always goes next, and a
+   * request passed over twice goes in the next batch, so none waits more than three batches once it is among the
+   * oldest 2 x maxBatch (unless requests retried after a replica's failure take the room: they go first). false:
+   * batches in arrival order. Default true.
+   */
+  groupByLength?: boolean;
 }
 
 export interface RankRequestOptions {
@@ -77,6 +91,8 @@ export interface RankBatcherStats {
   largestBatch: number;
   /** Batches rejected for one request's input and then scored one by one. */
   isolatedBatches: number;
+  /** Batches chosen by shape from a backlog (groupByLength) rather than taken in arrival order. */
+  groupedBatches: number;
   /** Time from a request's arrival to its batch being sent, ms: the mean and the largest over sent requests. */
   meanWaitMs: number;
   maxWaitMs: number;
@@ -114,6 +130,8 @@ interface Pending {
   onAbort?: () => void;
   retried: boolean;  // sent again, to another replica, after its batch failed for the engine's own reasons
   failedOn?: number;  // (retried) the replica it failed on
+  inQueue: boolean;  // still waiting in `queue` (a batch chosen by shape takes entries from behind its head)
+  passedOver: number;  // batches chosen by shape without it while it was among the candidates
 }
 
 // Errors that may concern one request, not the engine: its batch-mates are scored again without it (out of
@@ -124,6 +142,8 @@ const isInputError = (e: unknown): boolean =>
 const MAX_TIMER_MS = 2 ** 31 - 1;
 // Batches a replica may fail in a row (the engine's own errors: a lost GPU) before it leaves the rotation.
 const MAX_REPLICA_FAILURES = 3;
+// A request passed over this many times by batches chosen by shape goes in the next batch.
+const MAX_PASSED_OVER = 2;
 
 export class RankBatcher {
   private readonly maxBatch: number;
@@ -150,7 +170,7 @@ export class RankBatcher {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
-  private readonly counts = { requests: 0, batches: 0, batchedExamples: 0, largestBatch: 0, isolatedBatches: 0 };
+  private readonly counts = { requests: 0, batches: 0, batchedExamples: 0, largestBatch: 0, isolatedBatches: 0, groupedBatches: 0 };
   private waitSumMs = 0;
   private maxWaitMs = 0;
   private batchSumMs = 0;
@@ -158,6 +178,7 @@ export class RankBatcher {
   private lastBatchMs = 0;
   private readonly reserve: boolean;
   private readonly maxAdapters: number;
+  private readonly groupByLength: boolean;
   // per replica: the choice shape its memory is reserved for (choices, longest choice, adapters), or none yet
   private readonly reserved: ({ choices: number; choiceLength: number; adapters: number } | null)[];
   private readonly reservations: { made: number; failed: number; lastError?: string } = { made: 0, failed: 0 };
@@ -201,6 +222,9 @@ export class RankBatcher {
     if (typeof reserve !== 'boolean') throw new InvalidArgumentError(`reserveMemory must be a boolean, got ${String(options.reserveMemory)}`);
     this.reserve = reserve;
     this.maxAdapters = Math.min(this.maxBatch, int('maxAdapters', options.maxAdapters, this.maxBatch, 1));
+    const group = options.groupByLength ?? true;
+    if (typeof group !== 'boolean') throw new InvalidArgumentError(`groupByLength must be a boolean, got ${String(options.groupByLength)}`);
+    this.groupByLength = group;
   }
 
   /** Scores `choices` for `input` (a string, or token ids with eos) in the next batch. */
@@ -222,7 +246,7 @@ export class RankBatcher {
         }
         const { inputIds, choiceIds } = this.encode(input, choices);
         const p: Pending = { inputIds, choiceIds, adapter, resolve, reject, settled: false, dispatched: false,
-                             arrivedAt: performance.now(), signal: o.signal, retried: false };
+                             arrivedAt: performance.now(), signal: o.signal, retried: false, inQueue: true, passedOver: 0 };
         if (o.signal) {
           p.onAbort = () => {
             if (!p.dispatched && !p.settled) {
@@ -386,14 +410,15 @@ export class RankBatcher {
     p.choiceIds = [];
     p.adapter = null;
     if (++this.abortedInQueue > 1024 && this.abortedInQueue > this.waiting) {
-      this.queue = this.queue.slice(this.head).filter((q) => !q.settled && q !== p);
+      this.queue = this.queue.slice(this.head).filter((q) => q.inQueue && !q.settled && q !== p);
       this.head = 0;
       this.abortedInQueue = 0;
     }
   }
 
   // The next batch for `replica`: retried requests first (not back to the replica they failed on, while another can
-  // take them), then up to `limit` (maxBatch) requests in arrival order, skipping aborted ones.
+  // take them), then up to `limit` (maxBatch) requests: in arrival order, or, when more wait than that and
+  // groupByLength is on, chosen by shape (takeByShape); aborted ones skipped.
   private takeBatch(replica: number, limit = this.maxBatch): Pending[] {
     const batch: Pending[] = [];
     if (this.retryQueue.length > 0) {
@@ -411,15 +436,22 @@ export class RankBatcher {
       }
       this.retryQueue = keep;
     }
+    if (this.groupByLength && batch.length < limit) this.takeByShape(batch, limit - batch.length);
     while (batch.length < limit && this.head < this.queue.length) {
       const p = this.queue[this.head++];
+      if (!p.inQueue) continue;  // (taken by shape from behind the head)
       if (p.settled) {
         this.abortedInQueue--;
         continue;
       }
+      p.inQueue = false;
       p.dispatched = true;
       this.waiting--;
       batch.push(p);
+    }
+    // (past what a batch chosen by shape took, and requests aborted while queued, at the head)
+    for (let p = this.queue[this.head]; this.head < this.queue.length && (!p.inQueue || p.settled); p = this.queue[++this.head]) {
+      if (p.inQueue) this.abortedInQueue--;
     }
     if (this.head === this.queue.length) {
       this.queue = [];
@@ -430,6 +462,46 @@ export class RankBatcher {
       this.head = 0;
     }
     return batch;
+  }
+
+  // A batch of `need` requests chosen by shape from the oldest 2 x maxBatch waiting in `queue`, when more than `need`
+  // wait there (else takeBatch takes them in arrival order): the oldest, and any passed over MAX_PASSED_OVER times,
+  // then the others by likeness to them (RankBatcherOptions.groupByLength). Those left out are passed over once more.
+  private takeByShape(batch: Pending[], need: number): void {
+    const candidates: Pending[] = [];
+    for (let i = this.head; i < this.queue.length && candidates.length < 2 * this.maxBatch; i++) {
+      const p = this.queue[i];
+      if (p.inQueue && !p.settled) candidates.push(p);
+    }
+    if (candidates.length <= need) return;
+    const chosen = new Set<Pending>(candidates.filter((p, i) => i === 0 || p.passedOver >= MAX_PASSED_OVER).slice(0, need));
+    const choices = candidates[0].choiceIds.length;
+    let longest = 0;
+    for (const p of chosen) longest = Math.max(longest, p.inputIds.length);
+    // (rank: another number of choices than the oldest's last; then no longer than the longest chosen, longest first
+    // (no padding added); then longer, shortest first)
+    const rank = (p: Pending): [number, number, number] => {
+      const n = p.inputIds.length;
+      return [p.choiceIds.length === choices ? 0 : 1, n <= longest ? 0 : 1, n <= longest ? longest - n : n - longest];
+    };
+    const rest = candidates.filter((p) => !chosen.has(p))
+      .map((p) => ({ p, r: rank(p) }))
+      .sort((a, b) => a.r[0] - b.r[0] || a.r[1] - b.r[1] || a.r[2] - b.r[2]);
+    for (const { p } of rest) {
+      if (chosen.size >= need) break;
+      chosen.add(p);
+    }
+    for (const p of candidates) {  // (in arrival order)
+      if (!chosen.has(p)) {
+        p.passedOver++;
+        continue;
+      }
+      p.inQueue = false;
+      p.dispatched = true;
+      this.waiting--;
+      batch.push(p);
+    }
+    this.counts.groupedBatches++;
   }
 
   // `first`: the size of its first batch (dispatch's share); later ones take up to maxBatch.

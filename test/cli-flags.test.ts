@@ -98,7 +98,7 @@ describe('tfew CUDA flags', () => {
 
     load.mockClear();
     expect(await run('classify', ...model, ...task, '--input', input, '--cuda-fused-backward')).toBe(0);
-    expect(loadedCuda()).toStrictEqual({ fusedBackward: true });  // the opt-in form of a switch that is off by default
+    expect(loadedCuda()).toStrictEqual({ fusedBackward: true });  // the explicit form of a switch that is on by default
 
     load.mockClear();
     expect(await run('eval', ...model, ...task, '--recompute', 'all')).toBe(1);
@@ -296,5 +296,8 @@ describe('tfew CUDA flags', () => {
       '--cuda-programmatic-launch', '--no-cuda-programmatic-launch', '--cuda-encoder-chunk-rows <n>', '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
       expect(help).toContain(flag);
     }
+    lines = [];
+    expect(await run('serve', '--help')).toBe(0);
+    expect(lines.join('\n')).toContain('--no-group-by-length');
   });
 });

@@ -20,7 +20,8 @@ const GiB = 2 ** 30;
 const config = parseT5Config(t0_3bConfigJson(24), 'config.json');
 type Level = 'none' | 'attention' | 'all';
 // foldedCross: what the engine picks for TRAIN-3B (uniform choices, short enough: CudaEngine::folds_cross_attention);
-// fusedBackward: the fused encoder attention backward (off by default, as in the engine)
+// fusedBackward: the fused encoder attention backward (the engine's default since session 18; the helper's is the
+// cuBLAS backward, which the tests below were written against)
 const trainArena = (recompute: Level, choices = 2, foldedCross = false, fusedBackward = false): Promise<number> =>
   native()._testing.cudaArenaBytes(config, { batch: 8, encLen: 256, rows: 8 * choices, decLen: 8, training: true, nAdapters: 1, recompute, foldedCross, fusedBackward });
 
@@ -72,11 +73,12 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // (8.01 GiB), recomputing the attention's q|k|v well within it
     expect(weights + (await trainArena('none')) + headroom).toBeLessThan(8.05 * GiB);
     expect(weights + (await trainArena('attention')) + headroom).toBeLessThan(7.5 * GiB);
-    // the fused attention backward (off by default) keeps each layer's attention output too: 0.12 GiB above the
-    // cuBLAS backward's plan, over the goal; recomputing the attention brings it to 0.13 GiB below the cuBLAS one's
+    // the fused attention backward (the default since session 18) keeps each layer's attention output too: 0.12 GiB
+    // above the cuBLAS backward's plan, still within the goal (7.92 GiB; 7.97 GiB measured on an H200 in session 18);
+    // recomputing the attention brings it to 0.13 GiB below the cuBLAS one's
     const [cublasNone, cublasAttention] = [await trainArena('none', 2, true), await trainArena('attention', 2, true)];
     expect((await trainArena('none', 2, true, true)) - cublasNone).toBeCloseTo(0.124 * GiB, -7);
-    expect(weights + (await trainArena('none', 2, true, true)) + headroom).toBeLessThan(8.05 * GiB);
+    expect(weights + (await trainArena('none', 2, true, true)) + headroom).toBeLessThan(7.95 * GiB);
     expect(cublasAttention - (await trainArena('attention', 2, true, true))).toBeCloseTo(0.126 * GiB, -7);
   });
 

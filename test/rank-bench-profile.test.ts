@@ -46,11 +46,11 @@ describe('rank-bench GEMM shapes', () => {
     const w = (ms: number) => ({ medianForwardMs: ms, medianWallMs: ms + 1, forwardMs: [ms], examplesPerSecond: 1 });
     const ours = {
       device: 'test', describe: 'made up', loadSeconds: 1, firstResultMs: 1,
-      workloads: { 'TRAIN-3B': w(43), 'TRAIN-3B-FUSED-BACKWARD': w(38.7), 'RANK-3B-B1': w(5), 'RANK-3B-B1-PRECOMPUTED': w(5.5) },
+      workloads: { 'TRAIN-3B': w(43), 'TRAIN-3B-CUBLAS-BACKWARD': w(38.7), 'RANK-3B-B1': w(5), 'RANK-3B-B1-PRECOMPUTED': w(5.5) },
     } as unknown as RankBenchResult;
     const verdicts = defaultVerdicts(ours);
     expect(verdicts).toHaveLength(2);  // pairs with a row missing are left out
-    expect(verdicts[0]).toMatch(/^CHANGE THE DEFAULT\? the fused attention backward: TRAIN-3B-FUSED-BACKWARD 38\.70 ms < TRAIN-3B 43\.00 ms \(-10\.0 %; cuda_engine\.cc fused_backward_wanted\)$/);
+    expect(verdicts[0]).toMatch(/^CHANGE THE DEFAULT\? the cuBLAS attention backward: TRAIN-3B-CUBLAS-BACKWARD 38\.70 ms < TRAIN-3B 43\.00 ms \(-10\.0 %; cuda_engine\.cc fused_backward_wanted\)$/);
     expect(verdicts[1]).toMatch(/^default kept: .* RANK-3B-B1-PRECOMPUTED 5\.50 ms vs RANK-3B-B1 5\.00 ms \(\+10\.0 %\)$/);
     expect(table(ours, undefined)).toContain(verdicts[0]);
   });

@@ -95,6 +95,78 @@ describe('RankBatcher', () => {
     for (const i of [0, 5, 9]) expect(maxRel(answers[i].logProbs, (await alone(i)).logProbs[0])).toBeLessThan(1e-5);
   });
 
+  // A backlog of 48 requests, short (4-6 tokens) and long (20-24) inputs interleaved, all waiting at the first
+  // dispatch, in batches of 8; each engine call recorded (which requests, in which order). Two shapes of service:
+  // one task (two choices each), and two tasks interleaved (a short one of 3 choices, a long one of 2).
+  const backlogOf = (twoTasks: boolean) => Array.from({ length: 48 }, (_, i) => {
+    const len = [4, 24, 6, 20, 5, 22][i % 6];
+    const ids = [2 + (i % 23), 2 + Math.floor(i / 23)];  // (the first two tokens name the request)
+    while (ids.length < len - 1) ids.push(3 + ((i + ids.length) % 20));
+    ids.push(1);
+    return { ids, choices: twoTasks && len < 10 ? [[6, 1], [7, 1], [8, 1]] : [[4, 1], [5, 1]] };
+  });
+  type Backlog = ReturnType<typeof backlogOf>;
+  async function runBacklog(backlog: Backlog, groupByLength: boolean) {
+    const byName = new Map(backlog.map((r, i) => [`${r.ids[0]},${r.ids[1]}`, i]));
+    const original = model.rankClassify.bind(model);
+    const calls: number[][] = [];
+    const spy = jest.spyOn(model, 'rankClassify').mockImplementation((inputs, choices, options) => {
+      calls.push((inputs as number[][]).map((ids) => byName.get(`${ids[0]},${ids[1]}`)!));
+      return original(inputs, choices, options);
+    });
+    try {
+      const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5, groupByLength });
+      const answers = await Promise.all(backlog.map((r, i) => batcher.classify(r.ids, r.choices, { adapter: adapters[i % adapters.length] })));
+      return { calls, answers, grouped: batcher.stats.groupedBatches };
+    } finally {
+      spy.mockRestore();
+    }
+  }
+  // what a batch costs the encoder (every example at the longest input's length), and its numbers of choices
+  const paddedTokens = (backlog: Backlog, calls: number[][]) =>
+    calls.reduce((t, c) => t + c.length * Math.max(...c.map((i) => backlog[i].ids.length)), 0);
+  const mixedChoices = (backlog: Backlog, calls: number[][]) =>
+    calls.filter((c) => new Set(c.map((i) => backlog[i].choices.length)).size > 1).length;
+
+  test.each([['one task', false], ['two tasks', true]] as const)(
+    'under a backlog (%s), batches group like requests: the oldest always next, none passed over more than twice', async (_, twoTasks) => {
+      const backlog = backlogOf(twoTasks);
+      const { calls, answers, grouped } = await runBacklog(backlog, true);
+      const fifo = await runBacklog(backlog, false);
+      expect(calls).toHaveLength(6);
+      expect(grouped).toBe(5);  // (the last batch takes what is left)
+      expect(fifo.grouped).toBe(0);
+      // in arrival order: each batch the next 8
+      expect(fifo.calls).toEqual([0, 1, 2, 3, 4, 5].map((b) => Array.from({ length: 8 }, (__, k) => 8 * b + k)));
+      // Replaying the policy's promises: each batch holds the oldest request not yet sent, takes only from the oldest
+      // 16 (2 x maxBatch), and passes over no request a third time.
+      const unsent = backlog.map((__, i) => i);
+      const passedOver = new Array<number>(backlog.length).fill(0);
+      for (const call of calls) {
+        expect(call).toContain(unsent[0]);
+        const window = unsent.slice(0, 16);
+        for (const i of call) expect(window).toContain(i);
+        for (const i of window) if (!call.includes(i)) passedOver[i]++;
+        for (const i of call) unsent.splice(unsent.indexOf(i), 1);
+      }
+      expect(unsent).toEqual([]);
+      expect(Math.max(...passedOver)).toBeLessThanOrEqual(2);
+      // and what grouping is for: fewer padded encoder tokens (in arrival order every batch runs at 20-24 tokens),
+      // and, with two tasks, batches of one number of choices
+      expect(paddedTokens(backlog, calls)).toBeLessThan(0.75 * paddedTokens(backlog, fifo.calls));
+      if (twoTasks) {
+        expect(mixedChoices(backlog, fifo.calls)).toBe(6);
+        expect(mixedChoices(backlog, calls)).toBe(0);
+      }
+      // each answer as the request alone (and as in arrival order)
+      for (const i of [0, 7, 13, 30, 47]) {
+        const want = await model.rankClassify([backlog[i].ids], [backlog[i].choices], { adapter: adapters[i % adapters.length] });
+        expect(answers[i].prediction).toBe(want.predictions[0]);
+        expect(maxRel(answers[i].scores, want.scores[0])).toBeLessThan(1e-5);
+      }
+      answers.forEach((a, i) => expect(maxRel(a.scores, fifo.answers[i].scores)).toBeLessThan(1e-5));
+    });
+
   test('bad requests are refused when they arrive, with typed errors, and cost no engine call', async () => {
     const otherModel = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
     const foreign = IA3Adapter.create(otherModel);  // another architecture's vector layout
@@ -379,6 +451,7 @@ describe('RankBatcher', () => {
     expect(() => new RankBatcher(undefined as unknown as T5Model)).toThrow(InvalidArgumentError);
     expect(() => new RankBatcher(model, { reserveMemory: 1 as unknown as boolean })).toThrow(/reserveMemory must be a boolean/);
     expect(() => new RankBatcher(model, { maxAdapters: 0 })).toThrow(/maxAdapters must be an integer >= 1/);
+    expect(() => new RankBatcher(model, { groupByLength: 'yes' as unknown as boolean })).toThrow(/groupByLength must be a boolean/);
   });
 
   test('reserveMemory: nothing to reserve on the CPU backend (CUDA: test/gpu/cuda-reserve)', async () => {

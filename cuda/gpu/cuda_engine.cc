@@ -34,22 +34,22 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
                                                            : env_flag("TFEW_CUDA_FUSED_ATTENTION", true);
     fused_attention_ = std::is_same<T, __nv_bfloat16>::value &&
                        kernels::fused_encoder_attention_supported(config_.d_kv) && fused_wanted;
-    // Off by default: on an H200 (session 12) TRAIN-3B took 46.9 ms with the cuBLAS backward, 54.3 ms with the
-    // fused kernels (which rerun the fused forward first), then on WMMA; their mma.sync rewrite (session 13) is not
-    // yet timed.
+    // On by default since session 18: on an H200 TRAIN-3B took 37.3 ms with the fused (mma.sync) backward against
+    // 38.9 ms with cuBLAS's, the 1,000-step run 37.8 s against 39.9 s, at 0.05 GiB more device memory (7.97 GiB).
     const bool fused_backward_wanted = options.fused_backward >= 0 ? options.fused_backward == 1
-                                                                   : env_flag("TFEW_CUDA_FUSED_BACKWARD", false);
+                                                                   : env_flag("TFEW_CUDA_FUSED_BACKWARD", true);
     fused_backward_ = fused_attention_ && kernels::fused_encoder_attention_backward_supported(config_.d_kv) &&
                       fused_backward_wanted;
-    // Off by default until a GPU run has timed it against cuBLAS (rank-bench's RANK-3B-B1-FEW-ROWS).
+    // Off by default: no faster than cuBLAS on an H200 (session 18: RANK-3B-B1-FEW-ROWS 4.81 vs 4.77 ms).
     const bool few_rows_wanted = options.few_row_linears >= 0 ? options.few_row_linears == 1
                                                               : env_flag("TFEW_CUDA_FEW_ROW_LINEARS", false);
     few_row_linears_ = std::is_same<T, __nv_bfloat16>::value && few_rows_wanted &&
                        kernels::few_rows_norm_supported(config_.d_model);
-    // Off by default until a GPU run has timed it (rank-bench's -TUNED rows).
+    // Off by default: on an H200 (session 18) -1.1% at RANK-3B-B32, +4% at RANK-3B-B1, +0.7% at TRAIN-3B (-TUNED rows).
     gemm_tuning_wanted_ = options.gemm_tuning >= 0 ? options.gemm_tuning == 1 : env_flag("TFEW_CUDA_GEMM_TUNING", false);
     gemm_.enable_tuning(gemm_tuning_wanted_);
-    // Off by default until a GPU run has timed it (rank-bench's -PDL rows); griddepcontrol needs cc 9.0.
+    // Off by default: slower on an H200 (session 18: RANK-3B-B1 +5.6%, TRAIN-3B +1.7%; the -PDL rows); griddepcontrol
+    // needs cc 9.0.
     const bool pdl_wanted = options.programmatic_launch >= 0 ? options.programmatic_launch == 1
                                                              : env_flag("TFEW_CUDA_PROGRAMMATIC_LAUNCH", false);
     if (pdl_wanted) {
@@ -59,7 +59,7 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
       programmatic_note_ = unsupported;
     }
     kernels::set_programmatic_launch(stream_, programmatic_launch_);
-    // Off by default until a GPU run has timed it (rank-bench's -CHUNK rows).
+    // Off by default: slower on an H200 (session 18: RANK-3B-B32 47.8 ms in chunks of 1024 rows, 44.7 of 2048, 43.0 whole).
     encoder_chunk_rows_ = options.encoder_chunk_rows >= 0 ? options.encoder_chunk_rows
                                                           : env_int("TFEW_CUDA_ENCODER_CHUNK_ROWS", 0, 1 << 24, 0);
     if (encoder_chunk_rows_ > 0 && (!std::is_same<T, __nv_bfloat16>::value || !fused_attention_)) {

@@ -287,15 +287,15 @@ class CudaEngine final : public Engine {
   std::map<int, std::vector<int32_t>> enc_bucket_cache_, dec_bucket_cache_;
 
   bool fused_attention_ = false;
-  // bf16 training runs the encoder attention backward in the fused kernels too (no [B, H, L, L] tensors);
-  // cuda.fusedBackward false (TFEW_CUDA_FUSED_BACKWARD=0) keeps the cuBLAS backward (for comparisons)
+  // bf16 training runs the encoder attention backward in the fused kernels too (no [B, H, L, L] tensors; the
+  // default); cuda.fusedBackward false (TFEW_CUDA_FUSED_BACKWARD=0) takes the cuBLAS backward (for comparisons)
   bool fused_backward_ = false;
   // bf16 inference: the decoder's linear layers at up to kernels::kFewRowsMax rows in our own kernels, each with its
   // norm, activation or (IA)3 scale folded in (kernels/linear_few_rows.cu), instead of cuBLAS and separate passes.
-  // cuda.fewRowLinears / TFEW_CUDA_FEW_ROW_LINEARS; off by default until a GPU run has timed it (RANK-3B-B1-FEW-ROWS).
+  // cuda.fewRowLinears / TFEW_CUDA_FEW_ROW_LINEARS; off by default (no faster than cuBLAS on an H200, session 18).
   bool few_row_linears_ = false;
-  // cuda.programmaticLaunch / TFEW_CUDA_PROGRAMMATIC_LAUNCH (kernels/launch.cuh); off by default until a GPU run has
-  // timed it (rank-bench's -PDL rows). programmatic_note_: why it is off when it was asked for.
+  // cuda.programmaticLaunch / TFEW_CUDA_PROGRAMMATIC_LAUNCH (kernels/launch.cuh); off by default (slower on an H200,
+  // session 18: the -PDL rows). programmatic_note_: why it is off when it was asked for.
   bool programmatic_launch_ = false;
   std::string programmatic_note_;
   // cuda.encoderChunkRows / TFEW_CUDA_ENCODER_CHUNK_ROWS (0: off; bf16 with the fused attention only).

@@ -217,6 +217,7 @@ void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const ker
   cudaStream_t s = stream_;
   const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
   const int B = p.shape.batch, Le = p.shape.enc_len, Nd = p.shape.rows * p.shape.dec_len;
+  const int ld = folded_cross_ld(Le);  // the score and probability rows' stride (16-byte rows for cuBLAS)
   const int64_t m = static_cast<int64_t>(Nd / B) * H;  // (token, head) rows of one example
   const T* w_k = weights_.dec_kv_cross + static_cast<int64_t>(layer) * 2 * inner * d;  // [inner, d]
   const T* w_v = w_k + static_cast<int64_t>(inner) * d;
@@ -230,17 +231,17 @@ void CudaEngine<T>::folded_cross_products(const Plan<T>& p, int layer, const ker
                         p.cross_model, H * d, d, H);
     // per example: scores (m x Le) = its cross_model rows (m x d) times its encoder output transposed
     gemm_.strided<T, float>(false, true, static_cast<int>(m), Le, d, p.cross_model, d, m * d, p.enc_out, d,
-                            enc_stride, p.cross_scores, Le, m * Le, B);
+                            enc_stride, p.cross_scores, ld, m * ld, B);
   }
   {
     Span span(prof, "softmax", s);
     kernels::cross_softmax_folded<T>(p.cross_scores, p.enc_lengths, B, m, Le, drop,
-                                     kernels::FoldedRows{H, p.shape.dec_len}, probs, probs_dropped, s);
+                                     kernels::FoldedRows{H, p.shape.dec_len, ld}, probs, probs_dropped, s);
   }
   {
     Span span(prof, gemm_family, s);
     // per example: cross_model rows (m x d) = probabilities (m x Le) times its encoder output (Le x d)
-    gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, probs_dropped ? probs_dropped : probs, Le, m * Le,
+    gemm_.strided<T, T>(false, false, static_cast<int>(m), d, Le, probs_dropped ? probs_dropped : probs, ld, m * ld,
                         p.enc_out, d, enc_stride, p.cross_model, d, m * d, B);
     // context[:, h] (Nd x d_kv, ld inner) = cross_model[:, h, :] (Nd x d) W_v,h^T (d x d_kv)
     gemm_.strided<T, T>(false, true, Nd, dkv, d, p.cross_model, H * d, d, w_v, d, static_cast<int64_t>(dkv) * d,

@@ -530,12 +530,13 @@ void CudaEngine<T>::folded_cross_backward(const TrainPlan<T>& t, int layer, cons
   const int d = c.d_model, inner = c.inner_dim(), H = c.num_heads, dkv = c.d_kv;
   const int B = f.shape.batch, Le = f.shape.enc_len, Nd = f.shape.rows * f.shape.dec_len;
   const int m = Nd / B * H;
-  const int64_t m_d = static_cast<int64_t>(m) * d, m_le = static_cast<int64_t>(m) * Le,
+  const int ld = folded_cross_ld(Le);  // the score and probability rows' stride, as the forward's
+  const int64_t m_d = static_cast<int64_t>(m) * d, m_le = static_cast<int64_t>(m) * ld,
                 le_d = static_cast<int64_t>(Le) * d, dkv_d = static_cast<int64_t>(dkv) * d;
   const IA3Layout::DecoderBlock& ia3 = layout_.decoder[layer];
   const kernels::AdapterIndex ix = adapter_index(f, true);
   const kernels::Ia3Sums per_token{Nd, 1};
-  const kernels::FoldedRows rows{H, f.shape.dec_len};
+  const kernels::FoldedRows rows{H, f.shape.dec_len, ld};
   const T* w_k = weights_.dec_kv_cross + static_cast<int64_t>(layer) * 2 * inner * d;  // [inner, d]
   const T* w_v = w_k + static_cast<int64_t>(inner) * d;
   T* probs = t.dec_cross_probs[layer];  // P, then dS
@@ -555,9 +556,9 @@ void CudaEngine<T>::folded_cross_backward(const TrainPlan<T>& t, int layer, cons
     }
     probs_dropped = f.cross_probs;
   }
-  gemm_.strided<T, float>(true, false, Le, d, m, probs_dropped, Le, m_le, f.cross_dmodel, d, m_d, t.dx_enc, d, le_d, B,
+  gemm_.strided<T, float>(true, false, Le, d, m, probs_dropped, ld, m_le, f.cross_dmodel, d, m_d, t.dx_enc, d, le_d, B,
                           first ? 0.f : 1.f);
-  gemm_.strided<T, float>(false, true, m, Le, d, f.cross_dmodel, d, m_d, f.enc_out, d, le_d, f.cross_scores, Le, m_le,
+  gemm_.strided<T, float>(false, true, m, Le, d, f.cross_dmodel, d, m_d, f.enc_out, d, le_d, f.cross_scores, ld, m_le,
                           B);
   {
     Span span(profiler_, "decoder_attention_backward", s);
@@ -569,8 +570,8 @@ void CudaEngine<T>::folded_cross_backward(const TrainPlan<T>& t, int layer, cons
     kernels::ia3_scaled_columns_copy<T>(t.dec_q_cross[layer], inner, f.q_cross, inner, inner, Nd, ix, ia3.cross_k, s);
   }
   gemm_.strided<T, T>(false, false, Nd, d, dkv, f.q_cross, inner, dkv, w_k, d, dkv_d, f.cross_model, H * d, d, H);
-  gemm_.strided<T, float>(true, false, Le, d, m, probs, Le, m_le, f.cross_model, d, m_d, t.dx_enc, d, le_d, B, 1.f);
-  gemm_.strided<T, T>(false, false, m, d, Le, probs, Le, m_le, f.enc_out, d, le_d, f.cross_dmodel, d, m_d, B);
+  gemm_.strided<T, float>(true, false, Le, d, m, probs, ld, m_le, f.cross_model, d, m_d, t.dx_enc, d, le_d, B, 1.f);
+  gemm_.strided<T, T>(false, false, m, d, Le, probs, ld, m_le, f.enc_out, d, le_d, f.cross_dmodel, d, m_d, B);
   // d(l_k q) in fp32 (into t.dctx, read above), then l_k: dq (T, into t.dqkv) and the contributions q d(l_k q)
   gemm_.strided<T, float>(false, true, Nd, dkv, d, f.cross_dmodel, H * d, d, w_k, d, dkv_d, t.dctx, inner, dkv, H);
   {

@@ -51,6 +51,12 @@ inline Shape arena_shape(Shape s) {
 
 // Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
 // from the arena's base.
+// The row stride of the folded cross-attention's [rows, enc_len] buffers (scores, probabilities and their
+// gradients): enc_len rounded up to a multiple of 8. They are leading dimensions of strided cuBLAS products, whose
+// tensor-core kernels want 16-byte aligned rows (8 bf16): with an odd encoder length (any batch whose longest input
+// is odd, or a training step's) they fall back to slower ones. The columns beyond enc_len hold 0.
+inline int folded_cross_ld(int enc_len) { return (enc_len + 7) / 8 * 8; }
+
 template <typename T>
 struct Plan {
   Shape shape;
@@ -180,8 +186,9 @@ Plan<T> make_plan(const T5Config& c, const Shape& s, bool fused_attention, uintp
   p.q_cross = pl.place<T>(Nd * inner);
   if (s.folded_cross) {
     p.cross_model = pl.place<T>(Nd * H * d);
-    p.cross_scores = pl.place<float>(Nd * H * Le);
-    p.cross_probs = pl.place<T>(Nd * H * Le);
+    const size_t ld = static_cast<size_t>(folded_cross_ld(static_cast<int>(Le)));
+    p.cross_scores = pl.place<float>(Nd * H * ld);
+    p.cross_probs = pl.place<T>(Nd * H * ld);
     p.cross_dmodel = s.training ? pl.place<T>(Nd * H * d) : nullptr;
   } else {
     p.kv_cross = pl.place<T>(Ne * 2 * inner * c.num_decoder_layers);  // every decoder layer's cross k|v
@@ -303,7 +310,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
     t.dec_x_ff.push_back(pl.place<T>(Nd * d));
     t.dec_ff_pre.push_back(pl.place<T>(Nd * wi_cols));
     if (s.folded_cross) {
-      t.dec_cross_probs.push_back(pl.place<T>(Nd * H * s.enc_len));
+      t.dec_cross_probs.push_back(pl.place<T>(Nd * H * static_cast<size_t>(folded_cross_ld(s.enc_len))));
       t.dec_cross_ctx.push_back(pl.place<T>(Nd * inner));
     }
   }

@@ -125,7 +125,8 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   if (row >= n_rows) return;  // whole warps exit together: no block-level synchronisation below
   const int b = static_cast<int>(row / rows_per_example);
   const int n_keys = min(max(lengths[b], 0), len);
-  const float* s = scores + row * len;
+  const int ld = folded.ld > 0 ? folded.ld : len;  // (the folded rows' stride; columns len .. ld - 1 get 0)
+  const float* s = scores + row * ld;
   const float* brow = nullptr;  // bias for key j at brow[j]: relative position j - i, offset by len - 1
   if (bias_table) {
     const int i = static_cast<int>(row % len);
@@ -133,7 +134,7 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
     brow = bias_table + static_cast<int64_t>(h) * (2 * len - 1) + (len - 1 - i);
   }
   auto logit = [&](int j) { return brow ? s[j] + brow[j] : s[j]; };
-  T* p = probs + row * len;
+  T* p = probs + row * ld;
   const uint64_t drop_base = probs_row_base(row, len, folded);
 
   float x[kPer > 0 ? kPer : 1];  // kPer > 0: logit, then exp(logit - m), of keys lane + 32 u
@@ -168,7 +169,7 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
     const float kept = v * dropout_scale(dropout, drop_base + j);
     if (probs_dropped) {  // both: P (probs) and P' (probs_dropped)
       p[j] = from_f32<T>(v);
-      probs_dropped[row * len + j] = from_f32<T>(kept);
+      probs_dropped[row * ld + j] = from_f32<T>(kept);
     } else {
       p[j] = from_f32<T>(kept);
     }
@@ -176,11 +177,11 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   if constexpr (kPer > 0) {
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
-      const int j = lane + 32 * u;
-      if (j < len) emit(j, j < n_keys ? x[u] * inv : 0.f);
+      const int j = lane + 32 * u;  // (ld <= 32 kPer: len <= 32 kPer, a multiple of 8, and ld rounds len up to 8)
+      if (j < ld) emit(j, j < n_keys ? x[u] * inv : 0.f);
     }
   } else {
-    for (int j = lane; j < len; j += 32) emit(j, j < n_keys ? expf(logit(j) - m) * inv : 0.f);
+    for (int j = lane; j < ld; j += 32) emit(j, j < n_keys ? expf(logit(j) - m) * inv : 0.f);
   }
 }
 
@@ -198,8 +199,9 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
   if (row >= n_rows) return;  // whole warps exit together
   const int b = static_cast<int>(row / rows_per_example);
   const int n_keys = min(max(lengths[b], 0), len);
-  const float* dp = dprobs + row * len;
-  T* p = probs + row * len;
+  const int ld = folded.ld > 0 ? folded.ld : len;  // (as the forward's)
+  const float* dp = dprobs + row * ld;
+  T* p = probs + row * ld;
   const uint64_t drop_base = probs_row_base(row, len, folded);
   // kPer > 0 (len <= 32 kPer): P, the dropout scale and dP' of keys lane + 32 u held in registers between the two
   // passes (the factors, not their product: the second pass's drop dP' - D then contracts into one FMA as the
@@ -226,10 +228,10 @@ __global__ void softmax_backward_kernel(const float* __restrict__ dprobs, T* __r
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       const int j = lane + 32 * u;
-      if (j < len) p[j] = from_f32<T>(j < n_keys ? pv[u] * (sv[u] * dpv[u] - D) : 0.f);
+      if (j < ld) p[j] = from_f32<T>(j < n_keys ? pv[u] * (sv[u] * dpv[u] - D) : 0.f);
     }
   } else {
-    for (int j = lane; j < len; j += 32) {
+    for (int j = lane; j < ld; j += 32) {
       const float ds = j < n_keys ? to_f32(p[j]) * (dropout_scale(dropout, drop_base + j) * dp[j] - D) : 0.f;
       p[j] = from_f32<T>(ds);
     }
@@ -242,12 +244,14 @@ __global__ void dropout_probs_kernel(const T* __restrict__ probs, int64_t n_rows
                                      FoldedRows folded, T* __restrict__ probs_dropped) {
   wait_for_previous_kernel();
   dropout = with_seed(dropout);
-  const int64_t n = n_rows * len;
+  const int ld = folded.ld > 0 ? folded.ld : len;  // (columns len .. ld - 1: 0, as the softmax wrote them)
+  const int64_t n = n_rows * ld;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / len;
-    const int j = static_cast<int>(i % len);
-    probs_dropped[i] = from_f32<T>(to_f32(probs[i]) * dropout_scale(dropout, probs_row_base(row, len, folded) + j));
+    const int64_t row = i / ld;
+    const int j = static_cast<int>(i % ld);
+    probs_dropped[i] = j < len ? from_f32<T>(to_f32(probs[i]) * dropout_scale(dropout, probs_row_base(row, len, folded) + j))
+                               : from_f32<T>(0.f);
   }
 }
 
@@ -1265,7 +1269,7 @@ void cross_softmax_folded_backward(const float* dprobs, T* probs, const int32_t*
 template <typename T>
 void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutSite& dropout, const FoldedRows& folded,
                          T* probs_dropped, cudaStream_t stream) {
-  const int64_t n = n_rows * len;
+  const int64_t n = n_rows * (folded.ld > 0 ? folded.ld : len);
   if (n <= 0) return;
   TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded,
                                                                          probs_dropped);

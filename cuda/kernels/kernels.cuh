@@ -172,9 +172,11 @@ void encoder_softmax_pair(const float* scores, const float* bias_table, const in
 
 // The folded cross-attention's rows (CudaEngine::folded_cross_products): one per (decoder token, head),
 // token-major, dec_len tokens per choice row. Dropout masks follow the CPU backend's numbering of the
-// cross-attention probabilities [R, H, dec_len, enc_len].
+// cross-attention probabilities [R, H, dec_len, enc_len]. ld: the rows' stride in elements (>= enc_len; 0: enc_len):
+// the engine rounds it up to a multiple of 8 (gpu::folded_cross_ld) so that the cuBLAS products over these rows
+// get 16-byte aligned rows whatever the encoder length; the columns from enc_len to ld hold 0.
 struct FoldedRows {
-  int heads = 0, dec_len = 0;
+  int heads = 0, dec_len = 0, ld = 0;
 };
 // The folded cross-attention's softmax: rows of `len` encoder keys, in groups of rows_per_example per example
 // (its real keys j < lengths[example]; the others get probability 0), no bias. probs gets P (rounded to T)

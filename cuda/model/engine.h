@@ -173,7 +173,7 @@ struct CudaEngineOptions {
   int device = -1;          // which GPU, an index among the visible ones; -1: $TFEW_CUDA_DEVICE, else 0
   std::string precision;    // "bf16" (default): bf16 storage, fp32 accumulation; "fp32": the verification mode
   int fused_attention = -1; // -1 default (on where supported), 0 off (cuBLAS encoder attention), 1 on
-  int fused_backward = -1;  // bf16 training: -1 default (off: cuBLAS, faster on an H200), 0 cuBLAS, 1 on where supported
+  int fused_backward = -1;  // bf16 training: -1 default (fused where supported: faster on an H200), 0 cuBLAS, 1 fused
   // bf16 inference: the decoder's linear layers at a few rows (up to 32: one example's choices) in the few-row kernels
   // with their norm, activation and (IA)3 scales folded in: -1 default (off until timed on a GPU), 0 off, 1 on where
   // supported (d_model 512, 1024 or 2048)
@@ -206,7 +206,8 @@ struct CudaArenaShape {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool training = false;
   // training: the encoder attention backward in the fused kernels (its dropout keep bits, no [B, H, L, L]
-  // buffers) or, as the engine does by default, through cuBLAS (the [B, H, L, L] buffers)
+  // buffers; the engine's default) or through cuBLAS (the [B, H, L, L] buffers). (false here: the planner tests
+  // name the fused plan where they want it)
   bool fused_backward = false;
   int n_adapters = 1;
   Recompute recompute = Recompute::None;

@@ -1117,7 +1117,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object testing = Napi::Object::New(env);  // internal checks, not part of the API
   testing.Set("parallelFor", Napi::Function::New(env, TestParallelFor));
   // cudaArenaBytes(config, { batch, encLen, rows, decLen, training, nAdapters, recompute, foldedCross?,
-  // fusedBackward? (training; default false, as the engine), dropout? (training; default true) }): the planner's
+  // fusedBackward? (training; default false: the cuBLAS backward's plan, where the engine's default is the fused
+  // one), dropout? (training; default true) }): the planner's
   // arena size;
   // cudaRecomputeChoice(config, shape, haveBytes, freeBytes[, reservedTrainingShapes]): Recompute::Auto's level
   auto arena_shape_arg = [](const Napi::Object& o) {

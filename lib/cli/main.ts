@@ -86,8 +86,8 @@ function addCudaOptions(cmd: Command): Command {
     .addOption(new Option('--cuda-precision <precision>', 'CUDA: bf16 (default), or fp32 everywhere to verify against the CPU backend').choices(CUDA_PRECISIONS))
     .addOption(new Option('--cuda-cross-attention <mode>', 'CUDA: the decoder\'s cross-attention, folded or with precomputed keys/values (default auto: folded where it pays)').choices(CUDA_CROSS_ATTENTION))
     .option('--no-cuda-fused-attention', 'CUDA: the unfused encoder attention instead of the fused tensor-core kernel')
-    .option('--cuda-fused-backward', 'CUDA training: the fused encoder attention backward kernels instead of cuBLAS (less memory)')
-    .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward (the default)')
+    .option('--cuda-fused-backward', 'CUDA training: the fused encoder attention backward kernels (the default)')
+    .option('--no-cuda-fused-backward', 'CUDA training: the cuBLAS encoder attention backward instead of the fused kernels')
     .option('--cuda-few-row-linears', 'CUDA: the decoder\'s linear layers of small calls in kernels with their norm and activation folded in')
     .option('--no-cuda-few-row-linears', 'CUDA: the decoder\'s linear layers on cuBLAS at every size (the default)')
     .option('--cuda-gemm-tuning', 'CUDA: time each GEMM shape\'s cuBLAS/cuBLASLt algorithms on its first call and keep the fastest')
@@ -620,9 +620,10 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
     .option('--max-delay-ms <ms>', 'how long a request waits for company while the model is idle (2)', num('--max-delay-ms'))
     .option('--max-queue <n>', 'waiting requests before 429 (4096)', int('--max-queue'))
     .option('--max-input-length <n>', 'input tokens: text is truncated to it, longer token-id inputs are refused (256)', int('--max-input-length'))
+    .option('--no-group-by-length', 'under a backlog, batches in arrival order instead of the oldest request with those nearest it in number of choices and input length')
     .option('--cuda-devices <list>', 'CUDA: a replica of the model on each of these GPUs (comma-separated indices, or "all"): batches run on all of them at once')
     .option('--warm-up <lengths>', 'CUDA: before listening, capture the graphs of single requests of every input length bucket up to --max-input-length (that such a request runs padded at) whose choices have these token counts (eos included), e.g. 2,2 (with adapters loaded: requests that name one); repeatable, one per task; first the device memory of the largest batch of such requests is reserved (T5Model.reserveMemory), so that no batch up to it drops the graphs', collect, [])
-    .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; warmUp: string[]; cudaDevices?: string }) => {
+    .action(async (o: ModelOpts & { adapter: string[]; port: number; host: string; maxBatch?: number; maxDelayMs?: number; maxQueue?: number; maxInputLength?: number; groupByLength: boolean; warmUp: string[]; cudaDevices?: string }) => {
       const warmUp = o.warmUp.map((spec) => {
         const lengths = list(spec).map(Number);
         if (lengths.length === 0 || !lengths.every((n) => Number.isInteger(n) && n >= 1)) {
@@ -638,7 +639,7 @@ export function createProgram(io: CliIO = defaultIO, status: { exitCode: number 
       try {
         const model = models[0];
         const adapters = await loadNamedAdapters(o.adapter, model);
-        const server = new RankServer(models, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength });
+        const server = new RankServer(models, adapters, { maxBatch: o.maxBatch, maxDelayMs: o.maxDelayMs, maxQueue: o.maxQueue, maxInputLength: o.maxInputLength, groupByLength: o.groupByLength });
         for (const model of warmUp.length > 0 ? models : []) {
           const t0 = Date.now();
           const label = models.length > 1 ? ` (${replicaName(models, model)})` : '';
