@@ -32,11 +32,12 @@
 # down) with its own time cap (a hang costs one cap, not the budget); a file that hit a CUDA fault is rerun
 # once with TFEW_CUDA_DEBUG_SYNC=1. When the smoke check failed, the benchmark and the PyTorch steps are
 # skipped unless a fallback finds switches under which the core checks pass (smoke --core with, in turn, no
-# switch, the WMMA attention forward, the fused attention off, the cross-attention precomputed): then the
+# switch, the cuBLAS attention backward, the WMMA attention forward, the fused attention off, the cross-attention
+# precomputed): then the
 # benchmarks run with those switches, which rank-bench.json records. rank-bench records a workload that fails
 # and goes on; after a fault that loses the CUDA context it is rerun once with --resume for what is left.
 # Engine switches worth knowing when something fails: TFEW_CUDA_DEBUG_SYNC=1, TFEW_CUDA_GRAPHS=0,
-# TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_PRECISION=fp32.
+# TFEW_CUDA_FUSED_BACKWARD=0, TFEW_CUDA_FUSED_ATTENTION=0, TFEW_CUDA_PRECISION=fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -197,8 +198,8 @@ fi
 BENCH_ENV=()
 if want smoke && [ "$smoke_ok" = "0" ] && [ "$FORCE" != "1" ] && { want bench || want trainrun; }; then
   n=0
-  # (the WMMA attention forward ran on an H200 in session 12; the mma.sync one of session 13 had not yet)
-  for cfg in "" "TFEW_CUDA_ATTENTION_KERNEL=wmma" "TFEW_CUDA_FUSED_ATTENTION=0" \
+  # (the fused attention backward, the default since session 18, alone first: the core checks train)
+  for cfg in "" "TFEW_CUDA_FUSED_BACKWARD=0" "TFEW_CUDA_ATTENTION_KERNEL=wmma" "TFEW_CUDA_FUSED_ATTENTION=0" \
              "TFEW_CUDA_FUSED_ATTENTION=0 TFEW_CUDA_CROSS_ATTENTION=precomputed"; do
     n=$((n + 1))
     read -r -a cfg_words <<< "$cfg"

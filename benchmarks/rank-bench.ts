@@ -22,8 +22,8 @@
 //                 'attention' / 'all': less device memory). TRAIN-3B folds the cross-attention under 'auto';
 //                 TRAIN-3B-PRECOMPUTED is the same step with every layer's keys/values, TRAIN-3B-CUBLAS-BACKWARD
 //                 with the encoder attention backward through cuBLAS instead of the fused kernels (second loads).
-//                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too
-//                 (cuda.fusedAttention false; a third load).
+//                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too, and so
+//                 (in training) its backward (cuda.fusedAttention false; a third load).
 //   RANK-3B-B32-LEN249 / TRAIN-3B-LEN249  RANK-3B-B32 and TRAIN-3B at an odd encoder length (249 tokens)
 //   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
 //                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
@@ -151,7 +151,8 @@ export interface BestCombination {
  * The combination a run suggests for `workload`: every variant row (name and switches) that beat the default row
  * by more than 1 % (device ms), fastest first, and their switches merged; undefined when none did. A slower winner
  * is left out whole when one of its switches is set otherwise by a faster one (two chunk sizes: the faster one's),
- * or cannot go with those taken (the cuBLAS attention forward with the encoder chunks or the fused backward).
+ * or cannot go with those taken (the cuBLAS attention forward with the encoder chunks, or with the backward's switch:
+ * the unfused attention always takes the cuBLAS backward).
  * `row`: the row that timed exactly these switches if one did (then it is not timed again), else `${workload}-BEST`.
  */
 export function bestCombination(workload: string, workloads: Record<string, { medianForwardMs: number }>,

@@ -81,9 +81,9 @@ export interface LossOptions {
   /**
    * CUDA backend: what the backward pass recomputes instead of keeping it from the forward. 'none' (or false)
    * keeps everything: fastest. 'attention' recomputes the encoder's q|k|v projections (one GEMM more per
-   * encoder layer; T0-3B at 8 x 256 tokens: 0.58 GiB less device memory; with `cuda.fusedBackward` also the
-   * attention's output, by running its forward again, 0.79 GiB less), 'all' (or true) also its
-   * feed-forward wi projections (two GEMMs; 1.48 GiB less). 'auto' (the default): the first of those that fits
+   * encoder layer) and, with the fused attention backward (`cuda.fusedBackward`, the default), the attention's
+   * output by running its forward again (T0-3B at 8 x 256 tokens: 0.79 GiB less device memory; 0.54 GiB with the
+   * cuBLAS backward), 'all' (or true) also its feed-forward wi projections (two GEMMs; 1.69 GiB less; 1.44). 'auto' (the default): the first of those that fits
    * in the free device memory (256 MiB kept free). The results are the same, bit for bit, at every level. The
    * CPU backend ignores it.
    */

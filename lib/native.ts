@@ -333,7 +333,8 @@ export interface NativeAddon {
     cudaArenaBytes(config: NativeConfig, shape: {
       batch: number; encLen: number; rows: number; decLen: number; training: boolean; nAdapters: number;
       recompute: 'none' | 'attention' | 'all'; foldedCross?: boolean;
-      /** training: the encoder attention backward in the fused kernels, or through cuBLAS (default, as the engine) */
+      /** training: the encoder attention backward in the fused kernels (the engine's default), or through cuBLAS
+       *  (this helper's default: the plan the older tests were written against) */
       fusedBackward?: boolean;
       /** training with dropout (default; the fused backward's mask bits are planned only then) */
       dropout?: boolean;

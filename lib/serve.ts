@@ -60,7 +60,8 @@ export interface RankBatcherOptions {
    * batch's encoder runs every example at its longest input's length, so like lengths waste less (rankClassify's
    * groupByLength: 1.55x on an H200 for 128 prompts of 32-256 tokens). The oldest request always goes next, and a
    * request passed over twice goes in the next batch, so none waits more than three batches once it is among the
-   * oldest 2 x maxBatch (unless requests retried after a replica's failure take the room: they go first). false:
+   * oldest 2 x maxBatch, while batches take maxBatch each (a burst shared among idle replicas makes smaller ones, and
+   * requests retried after a replica's failure go first: then the oldest of those passed over go first). false:
    * batches in arrival order. Default true.
    */
   groupByLength?: boolean;

@@ -80,6 +80,10 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect((await trainArena('none', 2, true, true)) - cublasNone).toBeCloseTo(0.124 * GiB, -7);
     expect(weights + (await trainArena('none', 2, true, true)) + headroom).toBeLessThan(7.95 * GiB);
     expect(cublasAttention - (await trainArena('attention', 2, true, true))).toBeCloseTo(0.126 * GiB, -7);
+    // the engine's default plan (fused backward) at the other levels, folded or not
+    expect(weights + (await trainArena('attention', 2, true, true)) + headroom).toBeLessThan(7.2 * GiB);
+    expect(weights + (await trainArena('all', 2, true, true)) + headroom).toBeLessThan(6.3 * GiB);
+    expect(weights + (await trainArena('attention', 2, false, true)) + headroom).toBeLessThan(7.5 * GiB);
   });
 
   test('the fused encoder attention backward keeps no [B, H, L, L] tensors but a keep mask (and each layer\'s output)', async () => {
@@ -99,7 +103,7 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(cublas - fused).toBeLessThan(squares - kept + scaledQkv + 2 ** 20);  // and the pointer arrays
     // the mask bits are planned only for a step with dropout
     expect(fused - (await native()._testing.cudaArenaBytes(config, { ...shape, fusedBackward: true, dropout: false }))).toBe(keepBits);
-    expect(cublas).toBe(await trainArena('none', 2, true));  // the default
+    expect(cublas).toBe(await trainArena('none', 2, true));  // (the helper's default: the cuBLAS backward's plan)
   });
 
   test('the training forward keeps the residual stream in bf16 (half an fp32 copy) and no scratch wi output', async () => {
@@ -158,6 +162,19 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(await native()._testing.cudaRecomputeChoice(config, { ...shape(encLen), nAdapters: 2 }, held, left, [shape(256)])).toBe('none');
   });
 
+  test("recompute 'auto' on the engine's default plan (the fused attention backward): the same thresholds, its sizes", async () => {
+    const MiB = 2 ** 20, granule = 64 * MiB, reserve = 256 * MiB;
+    const allocated = async (level: Level) => Math.ceil((await trainArena(level, 2, false, true)) / granule) * granule;
+    const [none, attention] = [await allocated('none'), await allocated('attention')];
+    expect(none).toBeGreaterThan(Math.ceil((await trainArena('none')) / granule) * granule);  // (its own sizes)
+    const shape = { batch: 8, encLen: 256, rows: 16, decLen: 8, training: true, nAdapters: 1, fusedBackward: true };
+    const choice = (have: number, free: number) => native()._testing.cudaRecomputeChoice(config, shape, have, free);
+    expect(await choice(0, none + reserve)).toBe('none');
+    expect(await choice(0, none + reserve - MiB)).toBe('attention');
+    expect(await choice(0, attention + reserve)).toBe('attention');
+    expect(await choice(0, attention + reserve - MiB)).toBe('all');
+  });
+
   test('the cross-attention key/value gradients take one layer of memory, not all 24; folded, no keys/values', async () => {
     const Ne = 8 * 256, Nd = 16 * 8, d = config.dModel, inner = config.numHeads * config.dKv, ff = config.dFf;
     const H = config.numHeads, Le = 256;
@@ -174,6 +191,11 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // folded: instead of keys/values, the layer's probabilities [Nd, H, Le] and its context before l_v (bf16)
     const foldedGrow = (await native()._testing.cudaArenaBytes(deeper, { ...shape, foldedCross: true })) - (await trainArena('none', 2, true));
     expect(foldedGrow).toBe(saved + Nd * H * Le * 2 + Nd * inner * 2 + ia3Grads);
+    // at an odd encoder length the probabilities' rows are a multiple of 8 long (folded_cross_ld: 16-byte rows for
+    // cuBLAS's tensor-core kernels): 249 keys take 256
+    const odd = { ...shape, encLen: 249, foldedCross: true };
+    const oddGrow = (await native()._testing.cudaArenaBytes(deeper, odd)) - (await native()._testing.cudaArenaBytes(config, odd));
+    expect(oddGrow).toBe(saved + Nd * H * 256 * 2 + Nd * inner * 2 + ia3Grads);
   });
 
   test('RANK-3B-B32: the folded cross-attention needs no encoder keys/values (1.5 GiB of the arena)', async () => {

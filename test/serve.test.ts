@@ -253,6 +253,52 @@ describe('RankBatcher', () => {
     await expect(batcher.classify(requests[0].input, requests[0].choices, { signal: already.signal })).rejects.toBeInstanceOf(AbortError);
   });
 
+  test('a backlog grouped by shape with aborts behind the head: each aborted request rejects and is never sent, the rest are answered', async () => {
+    const backlog = backlogOf(true);
+    const byName = new Map(backlog.map((r, i) => [`${r.ids[0]},${r.ids[1]}`, i]));
+    const original = model.rankClassify.bind(model);
+    const sent: number[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((r) => { release = r; });
+    let firstSent!: () => void;
+    const first = new Promise<void>((r) => { firstSent = r; });
+    const spy = jest.spyOn(model, 'rankClassify').mockImplementation(async (inputs, choices, options) => {
+      sent.push(...(inputs as number[][]).map((ids) => byName.get(`${ids[0]},${ids[1]}`)!));
+      firstSent();
+      await gate;  // (the first batch runs until the aborts below are made)
+      return original(inputs, choices, options);
+    });
+    try {
+      const batcher = new RankBatcher(model, { maxBatch: 8, maxDelayMs: 5 });
+      const controllers = backlog.map(() => new AbortController());
+      const answers = backlog.map((r, i) => batcher.classify(r.ids, r.choices, { signal: controllers[i].signal }));
+      // while the first batch (chosen by shape from the oldest 16) runs, abort every third request that waits: some
+      // among the entries it took from behind the queue's head, some after them
+      await first;
+      expect(batcher.stats.groupedBatches).toBe(1);
+      const abortedIds = backlog.map((_, i) => i).filter((i) => i % 3 === 1 && !sent.includes(i));
+      expect(abortedIds.length).toBeGreaterThan(8);
+      for (const i of abortedIds) controllers[i].abort();
+      release();
+      const settled = await Promise.allSettled(answers);
+      for (const [i, s] of settled.entries()) {
+        if (abortedIds.includes(i)) {
+          expect([i, s.status, s.status === 'rejected' && s.reason instanceof AbortError]).toEqual([i, 'rejected', true]);
+          expect(sent).not.toContain(i);
+        } else {
+          expect([i, s.status]).toEqual([i, 'fulfilled']);
+        }
+      }
+      expect(new Set(sent).size).toBe(sent.length);  // none sent twice
+      expect(sent.length).toBe(backlog.length - abortedIds.length);
+      expect(batcher.pending).toBe(0);
+      expect((batcher as unknown as { abortedInQueue: number }).abortedInQueue).toBe(0);
+      await batcher.close();
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
   test('back-pressure: beyond maxQueue waiting requests, QueueFullError', async () => {
     const batcher = new RankBatcher(model, { maxBatch: 2, maxQueue: 3, maxDelayMs: 50 });
     const accepted = [0, 1, 2].map((i) => batcher.classify(requests[i].input, requests[i].choices));

@@ -49,14 +49,15 @@ inline Shape arena_shape(Shape s) {
   return s;
 }
 
-// Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
-// from the arena's base.
 // The row stride of the folded cross-attention's [rows, enc_len] buffers (scores, probabilities and their
 // gradients): enc_len rounded up to a multiple of 8. They are leading dimensions of strided cuBLAS products, whose
-// tensor-core kernels want 16-byte aligned rows (8 bf16): with an odd encoder length (any batch whose longest input
-// is odd, or a training step's) they fall back to slower ones. The columns beyond enc_len hold 0.
+// tensor-core kernels want 16-byte aligned rows (8 bf16): with an encoder length that is not a multiple of 8 (a
+// batch padded to its longest input, a training step's) they fall back to slower ones. The probabilities' columns beyond enc_len hold 0
+// (the scores' are never written or read).
 inline int folded_cross_ld(int enc_len) { return (enc_len + 7) / 8 * 8; }
 
+// Where every buffer of one call lives in the arena. Built twice: once from base 0 to size the arena, once
+// from the arena's base.
 template <typename T>
 struct Plan {
   Shape shape;
@@ -111,7 +112,7 @@ struct Plan {
   T* kv_cross = nullptr;  // [Ne, layers * 2 inner] (not with folded_cross)
   // folded cross-attention: per (decoder token, head) a vector in model space, first the query folded
   // through W_k, then the probability-weighted sum of encoder outputs [Nd, H, d]; scores and probabilities
-  // per (token, head) over the example's encoder positions [Nd, H, Le]
+  // per (token, head) over the example's encoder positions [Nd, H, Le], rows folded_cross_ld(Le) apart
   T* cross_model = nullptr;
   float* cross_scores = nullptr;  // (training backward: the gradient of the dropped probabilities)
   T* cross_probs = nullptr;       // (training: the dropped probabilities P', forward and backward)
@@ -230,7 +231,8 @@ struct TrainPlan {
   T* enc_pre_final = nullptr;
   std::vector<T*> dec_x_self, dec_x_cross, dec_x_ff;
   std::vector<T*> dec_qkv, dec_q_cross, dec_ff_pre;
-  // folded cross-attention (Shape::folded_cross): per layer its probabilities P [Nd, H, Le] before dropout and
+  // folded cross-attention (Shape::folded_cross): per layer its probabilities P [Nd, H, Le] (rows folded_cross_ld(Le)
+  // apart) before dropout and
   // the unscaled context W_v,h (P' E) [Nd, inner] (l_v's gradient); no keys or values
   std::vector<T*> dec_cross_probs, dec_cross_ctx;
   T* dec_pre_final = nullptr;

@@ -166,7 +166,7 @@ __global__ void masked_softmax_kernel(const float* __restrict__ scores, const fl
   auto emit = [&](int j, float v) {
     // the folded cross-attention's backward makes P' again from the stored P: both from the same rounded value
     if (folded.heads > 0) v = to_f32(from_f32<T>(v));
-    const float kept = v * dropout_scale(dropout, drop_base + j);
+    const float kept = j < len ? v * dropout_scale(dropout, drop_base + j) : 0.f;  // (ld - len padding columns: 0)
     if (probs_dropped) {  // both: P (probs) and P' (probs_dropped)
       p[j] = from_f32<T>(v);
       probs_dropped[row * ld + j] = from_f32<T>(kept);

@@ -174,7 +174,7 @@ void encoder_softmax_pair(const float* scores, const float* bias_table, const in
 // token-major, dec_len tokens per choice row. Dropout masks follow the CPU backend's numbering of the
 // cross-attention probabilities [R, H, dec_len, enc_len]. ld: the rows' stride in elements (>= enc_len; 0: enc_len):
 // the engine rounds it up to a multiple of 8 (gpu::folded_cross_ld) so that the cuBLAS products over these rows
-// get 16-byte aligned rows whatever the encoder length; the columns from enc_len to ld hold 0.
+// get 16-byte aligned rows whatever the encoder length; the probabilities' columns from enc_len to ld hold 0.
 struct FoldedRows {
   int heads = 0, dec_len = 0, ld = 0;
 };

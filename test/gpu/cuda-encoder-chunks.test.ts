@@ -2,7 +2,8 @@
 // layer runs chunk by chunk with the chunk's temporaries at the start of their buffers. Per row the arithmetic is
 // the whole-batch path's, so on the emulator (whose GEMMs sum every output the same way at any row count) the bits
 // are equal; on a GPU cuBLAS may pick other kernels for fewer rows, so there within the bf16 tolerance of the CPU
-// backend and of the unchunked engine. Calls with a partial last chunk, chunks smaller than one example, mixed and
+// backend (rank classification: and of the unchunked engine; encoder states, in PyTorch's measure of their error:
+// each engine's against the CPU backend's). Calls with a partial last chunk, chunks smaller than one example, mixed and
 // missing adapters, encoder states, graph replays; training is not chunked.
 import { IA3Adapter, T5Model } from '../../lib';
 import { native } from '../../lib/native';
