@@ -391,6 +391,36 @@ describe('T5Model edge cases', () => {
       }
     });
 
+    test('choiceLogits: calls of batchSize (default 8) grouped by length, logits in the order given, bit for bit', async () => {
+      const alone = await Promise.all(inputs.map((x, b) => model.choiceLogits([x], [choices[b]]).then((r) => r[0])));
+      const spy = spyOnScore(model);
+      try {
+        const grouped = await model.choiceLogits(inputs, choices, { batchSize: 4 });
+        // (3-choice examples first, each group longest first)
+        expect(batchesOf(spy).map((b) => Array.from(b.encLengths))).toEqual([[11, 3, 2, 12], [10, 9, 6, 5], [4]]);
+        spy.mockClear();
+        const byDefault = await model.choiceLogits(inputs, choices);
+        expect(batchesOf(spy).map((b) => b.batchSize)).toEqual([8, 1]);
+        spy.mockClear();
+        const inOrder = await model.choiceLogits(inputs, choices, { batchSize: 4, groupByLength: false });
+        expect(batchesOf(spy).map((b) => b.encLen)).toEqual([12, 10, 6]);
+        for (const result of [grouped, byDefault, inOrder]) {
+          result.forEach((perChoice, b) => {
+            expect(perChoice.map((l) => l.length)).toEqual(choices[b].map((c) => c.length * model.config.vocabSize));
+            perChoice.forEach((l, j) => expect(Array.from(l)).toEqual(Array.from(alone[b][j])));
+          });
+        }
+        for (const batchSize of [0, 1.5]) await expect(model.choiceLogits(inputs, choices, { batchSize })).rejects.toBeInstanceOf(InvalidArgumentError);
+        // a bad example anywhere fails before any call
+        spy.mockClear();
+        const bad = choices.map((c, b) => (b === 7 ? [[100000, 1]] : c));
+        await expect(model.choiceLogits(inputs, bad, { batchSize: 2 })).rejects.toThrow(/example 7/);
+        expect(batchesOf(spy)).toHaveLength(0);
+      } finally {
+        spy.mockRestore();
+      }
+    });
+
     test('per-example adapters go with their examples', async () => {
       const a = IA3Adapter.create(model);
       a.data.forEach((_, i) => { a.data[i] = 1 + 0.3 * Math.sin(i); });
