@@ -8,7 +8,7 @@ import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores }
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
-import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeTensorSpec, NativeTrainingSession } from './native';
+import { CudaOptions, CudaProbe, GraphStats, ReserveShape, native, NativeAddon, NativeConfig, NativeLossOptions, NativeBatch, NativeModel, NativeReserveShape, NativeScoreResult, NativeTensorSpec, NativeTrainingSession } from './native';
 import type { TfewOptimizerOptions } from './optim';
 import { T5Tokenizer } from './tokenizer';
 
@@ -587,19 +587,12 @@ export class T5Model {
     if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
-    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
-    this.checkAdapters(perExample);
     const d = this.config.dModel;
     const result: Float32Array[] = new Array(examples.length);
-    for (const members of callGroups(examples, batchSize, groupByLength)) {
-      const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
-      const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, true, adapterKeys(adapters)));
+    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'hidden', (batch, out, k, example) => {
       const hidden = out.encoderHidden as Float32Array;
-      encoded.forEach((ex, k) => {
-        result[members[k]] = hidden.slice(k * batch.encLen * d, (k * batch.encLen + ex.inputIds.length) * d);
-      });
-    }
+      result[example] = hidden.slice(k * batch.encLen * d, (k * batch.encLen + examples[example].inputIds.length) * d);
+    });
     return result;
   }
 
@@ -619,23 +612,34 @@ export class T5Model {
     if (inputs.length === 0) return [];
     const perExample = this.adaptersPerExample(options.adapter, inputs.length);
     const examples = inputs.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b) }));
-    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
-    this.checkAdapters(perExample);
     const V = this.config.vocabSize;
     const result: Float32Array[][] = new Array(examples.length);
+    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'logits', (batch, out, k, example) => {
+      const logits = out.logits as Float32Array;
+      result[example] = examples[example].choices.map((c, j) => {
+        const r = batch.rowStart[k] + j;
+        return logits.slice(r * batch.decLen * V, (r * batch.decLen + c.length) * V);
+      });
+    });
+    return result;
+  }
+
+  // encode's and choiceLogits' native calls: every example and adapter checked first, then calls of batchSize
+  // (callGroups: grouped by length unless groupByLength is false); `take` gets each example's place k in its call's
+  // batch and output, with its index in `examples`.
+  private async scoreInCalls(nm: NativeModel, examples: Omit<EncodedExample, 'adapterIndex'>[],
+                             perExample: (IA3Adapter | null)[], batchSize: number, groupByLength: boolean,
+                             want: 'logits' | 'hidden',
+                             take: (batch: NativeBatch, out: NativeScoreResult, k: number, example: number) => void): Promise<void> {
+    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
+    this.checkAdapters(perExample);
     for (const members of callGroups(examples, batchSize, groupByLength)) {
       const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), true, false, adapterKeys(adapters)));
-      const logits = out.logits as Float32Array;
-      encoded.forEach((ex, k) => {
-        result[members[k]] = ex.choices.map((c, j) => {
-          const r = batch.rowStart[k] + j;
-          return logits.slice(r * batch.decLen * V, (r * batch.decLen + c.length) * V);
-        });
-      });
+      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), want === 'logits', want === 'hidden',
+                                                       adapterKeys(adapters)));
+      members.forEach((example, k) => take(batch, out, k, example));
     }
-    return result;
   }
 
   /** The T-Few losses (LM + UL + LN, weighted) and their gradients with respect to the adapters' vectors. */
