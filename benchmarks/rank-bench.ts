@@ -24,6 +24,7 @@
 //                 with the encoder attention backward through cuBLAS instead of the fused kernels (second loads).
 //                 RANK-3B-B32-UNFUSED / TRAIN-3B-UNFUSED: the encoder attention forward on cuBLAS too, and so
 //                 (in training) its backward (cuda.fusedAttention false; a third load).
+//   SERVE-3B-MIXED-128[-INORDER]  a backlog of 128 prompts of two tasks through RankBatcher, grouped by shape or not
 //   RANK-3B-B32-LEN249 / TRAIN-3B-LEN249  RANK-3B-B32 and TRAIN-3B at an odd encoder length (249 tokens)
 //   RANK-3B-B1-FEW-ROWS / RANK-3B-B1-PRECOMPUTED-FEW-ROWS  RANK-3B-B1 with the decoder's linear layers in the few-row
 //                 kernels (cuda.fewRowLinears: norm, activation and (IA)3 scales folded in; off by default), with the
@@ -430,6 +431,22 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
       workloads[name] = await timeCalls(call, 'score', mixedLen.inputIds.length, profileFile, warmups, runs, calls);
     });
   }
+  // SERVE-3B-MIXED-128 / -INORDER: a service's backlog of the same 128 prompts, two tasks interleaved (2 and 3 choices),
+  // all arriving at once, through RankBatcher in batches of 32: grouped by shape (the default: the oldest request and
+  // those most like it) and in arrival order. Time: the whole backlog answered (wall), device ms summed.
+  const threeChoices = randomBatch(V, mixedLengths, mixedLengths.map(() => [8, 8, 8]), 32);
+  for (const [name, groupByLength] of [['SERVE-3B-MIXED-128', true], ['SERVE-3B-MIXED-128-INORDER', false]] as const) {
+    await attempt(name, async () => {
+      const batcher = new RankBatcher(model, { maxBatch: rankBatch, maxDelayMs: 1, groupByLength });
+      const call = () => Promise.all(mixedLen.inputIds.map((ids, i) => {
+        const choices = i % 2 === 0 ? mixedLen.choices[i] : threeChoices.choices[i];
+        return batcher.classify(ids, choices, { adapter: i % 2 === 0 ? adapter : adapters8[1] });
+      }));
+      workloads[name] = await timeCalls(call, 'score', mixedLen.inputIds.length, profileFile, warmups, runs,
+                                        Math.ceil(mixedLen.inputIds.length / rankBatch));
+      await batcher.close();
+    });
+  }
   // RANK-3B-B32-LEN249 / TRAIN-3B-LEN249: the same work at an odd encoder length (249 = 256 - 7; dry: 25), as real
   // batches have (their longest input): the folded cross-attention's score and probability rows are then padded to a
   // multiple of 8 for cuBLAS (folded_cross_ld). In session 18 a training run of varied lengths took 44.3 ms a step
@@ -709,6 +726,8 @@ const DEFAULT_CHECKS: { defaultRow: string; otherRow: string; other: string; whe
       where: `CudaOptions.encoderChunkRows (${rows}; cuda_engine.cc encoder_chunk_rows_)` })),
   { defaultRow: 'RANK-3B-MIXEDLEN-128', otherRow: 'RANK-3B-MIXEDLEN-128-INORDER',
     other: 'calls in the order given (not grouped by length)', where: 'lib/batch.ts callGroups (RankClassifyOptions.groupByLength)' },
+  { defaultRow: 'SERVE-3B-MIXED-128', otherRow: 'SERVE-3B-MIXED-128-INORDER',
+    other: 'RankBatcher batches in arrival order (not grouped by shape)', where: 'lib/serve.ts takeByShape (RankBatcherOptions.groupByLength)' },
   { defaultRow: 'RANK-3B-B1', otherRow: 'RANK-3B-B1-PRECOMPUTED-FEW-ROWS-PDL',
     other: 'the few-row decoder linears with precomputed cross-attention and programmatic dependent launch at one example',
     where: 'cuda_engine.cc few_rows_wanted, folds_cross_attention and pdl_wanted' },
