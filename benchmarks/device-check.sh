@@ -15,6 +15,9 @@
 # Environment:
 #   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
 #   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call;
+#                          "ncu" adds Nsight Compute's counters of our kernels (attention, norms, activation,
+#                          softmax) at the RANK-3B-B32 and TRAIN-3B shapes on a 2+2-layer checkpoint
+#                          (benchmarks/kernel-profile.ts; ncu.log in logs.tar.gz; ~1 min);
 #                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts), with fixed and
 #                          with varied input lengths, and (after "bench") with the switches of rank-bench's TRAIN-3B
 #                          best combination when it found one (up to 240 s each; ~45 s each on an H200)
@@ -216,7 +219,7 @@ later_ok() { [ "$smoke_ok" = "1" ] || [ "$FORCE" = "1" ]; }
 
 RANDOM_DIR=/tmp/tfew-rand-t0w-2l
 ERRORS="$OUT/pytorch-bf16-errors.json"
-if want tests || want errors; then
+if want tests || want errors || want ncu; then
   step random-checkpoint 90 0 node dist/benchmarks/random-t5.js --out "$RANDOM_DIR" --layers 2 --seed 1234 \
     --batch-json "$RANDOM_DIR/batch.json"
 fi
@@ -287,6 +290,24 @@ if want trainrun; then
     fi
   else
     note "SKIP  train-run (smoke check failed)"
+  fi
+fi
+
+# Nsight Compute on our kernels: speed of light (compute and memory throughput against the peaks), occupancy, warp
+# stall reasons, launch shape, memory workload; clocks left alone (--clock-control none, as the device notes advise)
+if want ncu; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ "$DRY" = "1" ] || [ -z "$NCU" ]; then
+    note "SKIP  ncu (no GPU profiler in a dry run, or no ncu on the PATH or in /opt/nvidia/nsight-compute)"
+  elif later_ok; then
+    step ncu 180 0 "$NCU" --clock-control none --target-processes all \
+      --kernel-name regex:"attention|norm|ffn|softmax|gelu|dropout" --launch-count 120 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis --csv --page details \
+      node dist/benchmarks/kernel-profile.js "$RANDOM_DIR"
+    # (the log is ncu's CSV, one row per kernel launch and metric, after the script's own lines)
+  else
+    note "SKIP  ncu (smoke check failed)"
   fi
 fi
 
