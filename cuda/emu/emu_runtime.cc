@@ -71,6 +71,23 @@ int device_count() {
 // The calling thread's current device (cudaSetDevice), 0 until set, as on a GPU.
 thread_local int tl_device = 0;
 
+// TFEW_EMU_PROBE: a machine the CUDA backend cannot use, for the tests of the probe's refusals (gpu/probe.cc):
+// "no-driver" (no NVIDIA driver: the runtime reports an insufficient driver, version 0), "old-driver" (a driver
+// for CUDA 11.8), "no-device" (a driver, no GPU), "old-gpu" (compute capability 7.5). Unset: a usable machine.
+enum class ProbeFault { None, NoDriver, OldDriver, NoDevice, OldGpu };
+ProbeFault probe_fault() {
+  static const ProbeFault fault = [] {
+    const char* v = std::getenv("TFEW_EMU_PROBE");
+    const std::string s = v ? v : "";
+    if (s == "no-driver") return ProbeFault::NoDriver;
+    if (s == "old-driver") return ProbeFault::OldDriver;
+    if (s == "no-device") return ProbeFault::NoDevice;
+    if (s == "old-gpu") return ProbeFault::OldGpu;
+    return ProbeFault::None;
+  }();
+  return fault;
+}
+
 size_t total_memory() {
   static const size_t total = [] {
     const char* v = std::getenv("TFEW_EMU_MEMORY_MB");
@@ -679,6 +696,9 @@ const char* cudaGetErrorString(cudaError_t e) {
 
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return record(cudaErrorInvalidValue);
+  const ProbeFault fault = probe_fault();
+  if (fault == ProbeFault::NoDriver || fault == ProbeFault::OldDriver) return record(cudaErrorInsufficientDriver);
+  if (fault == ProbeFault::NoDevice) return record(cudaErrorNoDevice);
   *count = device_count();
   return cudaSuccess;
 }
@@ -696,7 +716,8 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDriverGetVersion(int* version) {
-  *version = CUDART_VERSION;
+  const ProbeFault fault = probe_fault();
+  *version = fault == ProbeFault::NoDriver ? 0 : fault == ProbeFault::OldDriver ? 11080 : CUDART_VERSION;
   return cudaSuccess;
 }
 
@@ -710,8 +731,9 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (device < 0 || device >= device_count()) return record(cudaErrorInvalidDevice);
   std::memset(prop, 0, sizeof(*prop));
   std::snprintf(prop->name, sizeof prop->name, "tfew CUDA emulator (CPU)");
-  prop->major = 9;
-  prop->minor = 0;
+  const bool old_gpu = probe_fault() == ProbeFault::OldGpu;
+  prop->major = old_gpu ? 7 : 9;
+  prop->minor = old_gpu ? 5 : 0;
   prop->totalGlobalMem = total_memory();
   prop->multiProcessorCount = 132;
   prop->warpSize = 32;

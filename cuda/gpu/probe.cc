@@ -21,10 +21,14 @@ std::string cuda_version_text(int v) {
 }
 
 bool driver_library_present() {
+#if defined(TFEW_CUDA_EMULATION)
+  return true;  // (the emulator has no libcuda; its TFEW_EMU_PROBE faults stand for the driver's absence or age)
+#else
   void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
   if (!lib) return false;
   dlclose(lib);
   return true;
+#endif
 }
 
 // What holds for every GPU: the driver, the runtime, at least one device, cuBLAS. On success the probe's reason is
