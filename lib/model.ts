@@ -549,19 +549,9 @@ export class T5Model {
       inputIds: this.ids(input, maxInputLength),
       choices: this.choiceIds(choices[b], b),
     }));
-    // every example and adapter checked before any native call (a bad one late in the list costs no work, and the
-    // message gives its index in the list: the calls' batches are not in the order given)
-    examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
-    this.checkAdapters(perExample);
     const n = examples.length;
     const result: RankClassifyResult = { predictions: new Array(n), scores: new Array(n), logProbs: new Array(n) };
-    let done = 0;
-    for (const members of callGroups(examples, batchSize, groupByLength)) {  // the examples of each call, by index
-      if (options.signal?.aborted) throw new AbortError(`rankClassify aborted after ${done} of ${n} examples`);
-      done += members.length;
-      const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
-      const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
-      const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), false, false, adapterKeys(adapters)));
+    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'scores', (batch, out, members) => {
       const { logProbs, lengths } = perChoiceScores(batch, out.tokenLogp, this.config.padTokenId);
       logProbs.forEach((lp, k) => {
         const scores = lengthNormalize ? lp.map((s, j) => s / lengths[k][j]) : lp.slice();
@@ -570,7 +560,7 @@ export class T5Model {
         result.scores[i] = scores;
         result.predictions[i] = argmax(scores);
       });
-    }
+    }, options.signal);
     return result;
   }
 
@@ -589,9 +579,11 @@ export class T5Model {
     const examples = inputs.map((input) => ({ inputIds: this.ids(input, maxInputLength), choices: [[this.config.eosTokenId]] }));
     const d = this.config.dModel;
     const result: Float32Array[] = new Array(examples.length);
-    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'hidden', (batch, out, k, example) => {
+    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'hidden', (batch, out, members) => {
       const hidden = out.encoderHidden as Float32Array;
-      result[example] = hidden.slice(k * batch.encLen * d, (k * batch.encLen + examples[example].inputIds.length) * d);
+      members.forEach((i, k) => {
+        result[i] = hidden.slice(k * batch.encLen * d, (k * batch.encLen + examples[i].inputIds.length) * d);
+      });
     });
     return result;
   }
@@ -614,31 +606,39 @@ export class T5Model {
     const examples = inputs.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b) }));
     const V = this.config.vocabSize;
     const result: Float32Array[][] = new Array(examples.length);
-    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'logits', (batch, out, k, example) => {
+    await this.scoreInCalls(nm, examples, perExample, batchSize, groupByLength, 'logits', (batch, out, members) => {
       const logits = out.logits as Float32Array;
-      result[example] = examples[example].choices.map((c, j) => {
-        const r = batch.rowStart[k] + j;
-        return logits.slice(r * batch.decLen * V, (r * batch.decLen + c.length) * V);
+      members.forEach((i, k) => {
+        result[i] = examples[i].choices.map((c, j) => {
+          const r = batch.rowStart[k] + j;
+          return logits.slice(r * batch.decLen * V, (r * batch.decLen + c.length) * V);
+        });
       });
     });
     return result;
   }
 
-  // encode's and choiceLogits' native calls: every example and adapter checked first, then calls of batchSize
-  // (callGroups: grouped by length unless groupByLength is false); `take` gets each example's place k in its call's
-  // batch and output, with its index in `examples`.
+  // rankClassify's, encode's and choiceLogits' native calls. Every example and adapter is checked before the first
+  // call (a bad one late in the list costs no work, and the message gives its index in the list: the calls'
+  // batches are not in the order given); then calls of batchSize (callGroups: grouped by length unless
+  // groupByLength is false). `take` gets each call's batch and output with its examples' indices in `examples`
+  // (batch example k is examples[members[k]]); `signal` stops between calls.
   private async scoreInCalls(nm: NativeModel, examples: Omit<EncodedExample, 'adapterIndex'>[],
                              perExample: (IA3Adapter | null)[], batchSize: number, groupByLength: boolean,
-                             want: 'logits' | 'hidden',
-                             take: (batch: NativeBatch, out: NativeScoreResult, k: number, example: number) => void): Promise<void> {
+                             want: 'scores' | 'logits' | 'hidden',
+                             take: (batch: NativeBatch, out: NativeScoreResult, members: number[]) => void,
+                             signal?: AbortSignal): Promise<void> {
     examples.forEach((ex, b) => checkExample(ex, b, this.config.vocabSize, false, this.config.padTokenId));
     this.checkAdapters(perExample);
+    let done = 0;
     for (const members of callGroups(examples, batchSize, groupByLength)) {
+      if (signal?.aborted) throw new AbortError(`rankClassify aborted after ${done} of ${examples.length} examples`);
+      done += members.length;
       const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
       const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
       const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), want === 'logits', want === 'hidden',
                                                        adapterKeys(adapters)));
-      members.forEach((example, k) => take(batch, out, k, example));
+      take(batch, out, members);
     }
   }
 
