@@ -156,7 +156,8 @@ fi
 if [ ! -d node_modules ] && [ -f .device/node_modules.tar.xz ]; then
   xz -dc .device/node_modules.tar.xz | tar -xf -
 fi
-if [ "$DRY" != "1" ] && [ ! -f build-cuda/tfew.node ] && [ -f .device/tfew.node.xz ]; then
+# (unpacked every call: a warm machine keeps the last call's build-cuda/, which may be an older build)
+if [ "$DRY" != "1" ] && [ -f .device/tfew.node.xz ]; then
   mkdir -p build-cuda
   xz -dc .device/tfew.node.xz > build-cuda/tfew.node
 fi
