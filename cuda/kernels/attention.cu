@@ -245,13 +245,16 @@ __global__ void dropout_probs_kernel(const T* __restrict__ probs, int64_t n_rows
   wait_for_previous_kernel();
   dropout = with_seed(dropout);
   const int ld = folded.ld > 0 ? folded.ld : len;  // (columns len .. ld - 1: 0, as the softmax wrote them)
-  const int64_t n = n_rows * ld;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / ld;
-    const int j = static_cast<int>(i % ld);
-    probs_dropped[i] = j < len ? from_f32<T>(to_f32(probs[i]) * dropout_scale(dropout, probs_row_base(row, len, folded) + j))
-                               : from_f32<T>(0.f);
+  // a warp per row (grid-stride over rows): the row's mask numbering (divisions) found once per row, not per element
+  const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5); row < n_rows;
+       row += n_warps) {
+    const uint64_t base = probs_row_base(row, len, folded);
+    const T* p = probs + row * ld;
+    T* out = probs_dropped + row * ld;
+    for (int j = lane; j < ld; j += 32)
+      out[j] = j < len ? from_f32<T>(to_f32(p[j]) * dropout_scale(dropout, base + j)) : from_f32<T>(0.f);
   }
 }
 
@@ -611,11 +614,14 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
     return qv.bias_row ? s + qv.bias_row[j] : s;
   };
 
-  // pass a: softmax statistics
-  float m = -INFINITY, l = 0.f;
+  // pass a: softmax statistics. The first 32 keys' scores, and in pass b their dp, stay in registers for the later
+  // passes (the same values: recomputing gives the same bits); a decoder self-attention row has no more keys than
+  // the choice's tokens, and each recomputation is a dot product read from global memory
+  float m = -INFINITY, l = 0.f, s_first = -INFINITY, dp_first = 0.f;
   for (int j0 = 0; j0 < qv.n_keys; j0 += 32) {
     const int j = j0 + lane;
     const float s = j < qv.n_keys ? score(j) : -INFINITY;
+    if (j0 == 0) s_first = s;
     const float m_new = fmaxf(m, warp_max(s));
     l = l * expf(m - m_new) + warp_sum(j < qv.n_keys ? expf(s - m_new) : 0.f);
     m = m_new;
@@ -631,10 +637,12 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
     const int j = j0 + lane;
     float p = 0.f, pd = 0.f;
     if (j < qv.n_keys) {
-      p = expf(score(j) - m) * inv_l;
+      p = expf((j0 == 0 ? s_first : score(j)) - m) * inv_l;
       const float drop = dropout_scale(g.dropout, qv.drop_base + j);
       pd = p * drop;
-      dsum += p * drop * dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv);
+      const float dpv = dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv);
+      if (j0 == 0) dp_first = dpv;
+      dsum += p * drop * dpv;
     }
     const int tile = min(32, qv.n_keys - j0);
     for (int jj = 0; jj < tile; ++jj) {
@@ -657,9 +665,9 @@ __global__ void attention_backward_query_kernel(AttentionGeometry g, const T* __
     const int j = j0 + lane;
     float ds = 0.f;
     if (j < qv.n_keys) {
-      const float p = expf(score(j) - m) * inv_l;
+      const float p = expf((j0 == 0 ? s_first : score(j)) - m) * inv_l;
       const float dp = dropout_scale(g.dropout, qv.drop_base + j) *
-                       dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv);
+                       (j0 == 0 ? dp_first : dot_row(gs, v + (qv.key_base + j) * kv_ld + head_col, d_kv));
       ds = p * (dp - D);
     }
     const int tile = min(32, qv.n_keys - j0);
@@ -1269,9 +1277,9 @@ void cross_softmax_folded_backward(const float* dprobs, T* probs, const int32_t*
 template <typename T>
 void cross_probs_dropout(const T* probs, int64_t n_rows, int len, const DropoutSite& dropout, const FoldedRows& folded,
                          T* probs_dropped, cudaStream_t stream) {
-  const int64_t n = n_rows * (folded.ld > 0 ? folded.ld : len);
-  if (n <= 0) return;
-  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded,
+  if (n_rows <= 0 || len <= 0) return;
+  // 8 warps a block, 2 rows a warp
+  TFEW_LAUNCH(grid_for_per_thread(n_rows, 8, 2), 256, 0, stream, dropout_probs_kernel<T>)(probs, n_rows, len, dropout, folded,
                                                                          probs_dropped);
   TFEW_CUDA_CHECK_LAUNCH("dropout_probs_kernel");
 }

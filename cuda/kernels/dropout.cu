@@ -8,6 +8,9 @@ namespace kernels {
 
 namespace {
 
+// Elements per thread (grid_for_per_thread): the site's key is prepared once per thread.
+constexpr int kDropoutPerThread = 8;
+
 template <typename T>
 __global__ void dropout_inplace_kernel(T* __restrict__ x, int64_t n, DropoutSite site) {
   wait_for_previous_kernel();
@@ -31,14 +34,14 @@ __global__ void dropout_cast_kernel(const float* __restrict__ x, int64_t n, Drop
 template <typename T>
 void dropout_inplace(T* x, int64_t n, const DropoutSite& site, cudaStream_t stream) {
   if (n <= 0 || site.rate <= 0.f) return;
-  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_inplace_kernel<T>)(x, n, site);
+  TFEW_LAUNCH(grid_for_per_thread(n, 256, kDropoutPerThread), 256, 0, stream, dropout_inplace_kernel<T>)(x, n, site);
   TFEW_CUDA_CHECK_LAUNCH("dropout_inplace_kernel");
 }
 
 template <typename T>
 void dropout_cast(const float* x, int64_t n, const DropoutSite& site, T* out, cudaStream_t stream) {
   if (n <= 0) return;
-  TFEW_LAUNCH(grid_for(n, 256), 256, 0, stream, dropout_cast_kernel<T>)(x, n, site, out);
+  TFEW_LAUNCH(grid_for_per_thread(n, 256, kDropoutPerThread), 256, 0, stream, dropout_cast_kernel<T>)(x, n, site, out);
   TFEW_CUDA_CHECK_LAUNCH("dropout_cast_kernel");
 }
 

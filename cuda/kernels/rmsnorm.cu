@@ -7,6 +7,7 @@
 // recomputed from x instead of being stored. In training the backward also writes what the next sub-layer's
 // backward starts from (its output dropout applied to the residual gradient, cast for a GEMM), saving that
 // sub-layer a pass over the gradient and a launch.
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/device_common.cuh"
@@ -98,82 +99,129 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ dy, const TX* 
   }
 }
 
-// ---- the warp-per-row form (the T0/T5 widths, every pointer aligned for 4-element vectors)
-// One warp per row, each lane 4 consecutive columns per 128, warp shuffles only. The block-per-row form above
-// gives each of 512 threads 4 elements of a 2,048-wide row and two block barriers per sum: on an H200
-// (session 12) RANK-3B-B32's norms took 3.4 ms for ~1 ms of memory traffic. Results differ from the block
-// form only by the order of the sum of squares; the training forward's fused residual add and the backward's
-// recomputed norm both use rmsnorm_row_warp, so they stay bit-identical to each other.
+// ---- the warp-per-row forms (the T0/T5 widths, every pointer aligned for 4-element vectors)
+// A row by one warp, each lane 4 consecutive columns per 128, warp shuffles only, or by kSplit warps of the block
+// (each a run of the row's 128-column chunks; their sums added in warp order through shared memory). The
+// block-per-row form above gives each of 512 threads 4 elements of a 2,048-wide row and two block barriers per sum:
+// on an H200 (session 12) RANK-3B-B32's norms took 3.4 ms for ~1 ms of memory traffic. A warp per row in turn is a
+// long chain of dependent loads (and dropout hashes) per warp when there are few rows: TRAIN-3B's decoder norms
+// (128 rows, 16 blocks) took 17 us each for ~1 us of memory traffic (ncu, H200, session 19), ~2.5 ms a step.
+// norm_split picks the warps per row from the number of rows (one when the rows alone give the GPU enough warps).
+// Results differ between splits only by the order of the sums of squares. Each norm's split depends on its rows
+// and width alone, so the training forward's fused residual add and the backward's recomputed norm (the same rows)
+// stay bit-identical to each other; the few-row decoder linears use the one-warp form (rmsnorm_row_warp).
 // kChunks = d / 128 is a compile-time constant (the T5 and T0 widths 512, 768, 1024, 2048, 4096; other widths take
 // the block-per-row form): the loops unroll (by up to 8 chunks: registers), so a lane's loads of a row are in flight
-// together (the grids are small: TRAIN-3B's 2,048 rows are 256 blocks).
-constexpr int kNormRowsPerBlock = 8;
+// together.
+constexpr int kNormWarpsPerBlock = 8;
+// Warps wanted in flight for a norm (~32 per SM of an H100 / H200): fewer rows than this get split.
+constexpr int64_t kNormTargetWarps = 4096;
 
-template <int kChunks, typename TIn, typename TOut>
-__global__ void __launch_bounds__(32 * kNormRowsPerBlock)
+// Warps per row: 1, 2, 4 or 8 (dividing the row's chunks), the fewest that give kNormTargetWarps warps.
+// TFEW_CUDA_NORM_WARPS_PER_ROW=1|2|4|8 forces one (where it divides the chunks; read per launch, for the tests that
+// hold every form to the CPU backend: a graph keeps what it captured).
+inline int norm_split(int64_t n_rows, int chunks) {
+  if (const char* forced = std::getenv("TFEW_CUDA_NORM_WARPS_PER_ROW")) {
+    const int w = std::atoi(forced);
+    if ((w == 1 || w == 2 || w == 4 || w == 8) && chunks % w == 0) return w;
+  }
+  int split = 1;
+  while (split < kNormWarpsPerBlock && n_rows * split < kNormTargetWarps && chunks % (2 * split) == 0) split *= 2;
+  return split;
+}
+
+// This thread's row (blockIdx.x holds kNormWarpsPerBlock / kSplit rows) and part of it.
+template <int kSplit>
+struct NormRowOfThread {
+  int64_t row;
+  int part;
+  bool live;
+  __device__ __forceinline__ explicit NormRowOfThread(int64_t n_rows) {
+    const int warp = threadIdx.x >> 5;
+    row = static_cast<int64_t>(blockIdx.x) * (kNormWarpsPerBlock / kSplit) + warp / kSplit;
+    part = warp % kSplit;
+    live = row < n_rows;
+  }
+};
+
+template <int kChunks, int kSplit, typename TIn, typename TOut>
+__global__ void __launch_bounds__(32 * kNormWarpsPerBlock)
 rmsnorm_forward_warp_kernel(const TIn* __restrict__ x, const float* __restrict__ weight, int64_t n_rows, int d,
                             float eps, float out_scale, TOut* __restrict__ out) {
   wait_for_previous_kernel();
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
-  if (row >= n_rows) return;
-  rmsnorm_row_warp<kChunks>(x + row * d, weight, d, eps, out_scale, out + row * d);
+  __shared__ float partial[kNormWarpsPerBlock];
+  const NormRowOfThread<kSplit> r(n_rows);
+  if (kSplit == 1 && !r.live) return;
+  const int64_t row = r.live ? r.row : 0;
+  rmsnorm_row_part<kChunks, kSplit>(x + row * d, weight, d, eps, out_scale, out + row * d, r.part, r.live, partial);
 }
 
-// residual_add_norm_kernel's work, a warp per row; each lane reads back only the columns it wrote.
-template <int kChunks, typename T>
-__global__ void __launch_bounds__(32 * kNormRowsPerBlock)
+// residual_add_norm_kernel's work, kSplit warps per row; each lane reads back only the columns it wrote.
+template <int kChunks, int kSplit, typename T>
+__global__ void __launch_bounds__(32 * kNormWarpsPerBlock)
 residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y, DropoutSite site, T* saved,
                               const float* __restrict__ weight, int64_t n_rows, int d, float eps, float out_scale,
                               T* __restrict__ out) {
   wait_for_previous_kernel();
+  __shared__ float partial[kNormWarpsPerBlock];
   site = with_seed(site);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
-  if (row >= n_rows) return;
+  const NormRowOfThread<kSplit> r(n_rows);
+  if (kSplit == 1 && !r.live) return;
+  const int64_t row = r.live ? r.row : 0;
+  constexpr int kPer = kChunks / kSplit;
+  if (r.live) {
 #pragma unroll 8
-  for (int k = 0; k < kChunks; ++k) {
-    const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
-    float xv[4], yv[4];
-    load_x4(x + i, xv);
-    load_x4(y + i, yv);
-    for (int u = 0; u < 4; ++u) xv[u] = xv[u] + yv[u] * dropout_scale(site, static_cast<uint64_t>(i + u));
-    store_x4(x + i, xv);
-    store_x4(saved + i, xv);
+    for (int k = r.part * kPer; k < (r.part + 1) * kPer; ++k) {
+      const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
+      float xv[4], yv[4];
+      load_x4(x + i, xv);
+      load_x4(y + i, yv);
+      for (int u = 0; u < 4; ++u) xv[u] = xv[u] + yv[u] * dropout_scale(site, static_cast<uint64_t>(i + u));
+      store_x4(x + i, xv);
+      store_x4(saved + i, xv);
+    }
   }
-  rmsnorm_row_warp<kChunks>(saved + row * d, weight, d, eps, out_scale, out + row * d);
+  rmsnorm_row_part<kChunks, kSplit>(saved + row * d, weight, d, eps, out_scale, out + row * d, r.part, r.live, partial);
 }
 
-template <int kChunks, typename TX>
-__global__ void __launch_bounds__(32 * kNormRowsPerBlock)
+template <int kChunks, int kSplit, typename TX>
+__global__ void __launch_bounds__(32 * kNormWarpsPerBlock)
 rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict__ x, const float* __restrict__ weight,
                              int64_t n_rows, int d, float eps, bool accumulate, float* __restrict__ dx,
                              TX* __restrict__ cast_out, DropoutSite cast_site) {
   wait_for_previous_kernel();
+  __shared__ float partial[kNormWarpsPerBlock];
   cast_site = with_seed(cast_site);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + (threadIdx.x >> 5);
-  if (row >= n_rows) return;
-  const int lane = threadIdx.x & 31;
+  const NormRowOfThread<kSplit> r(n_rows);
+  if (kSplit == 1 && !r.live) return;
+  const int64_t row = r.live ? r.row : 0;
+  constexpr int kPer = kChunks / kSplit;
+  const int lane = threadIdx.x & 31, k0 = r.part * kPer;
   const TX* xr = x + row * d;
   const float* dyr = dy + row * d;
   float ss = 0.f, ux = 0.f;
+  if (r.live) {
 #pragma unroll 8
-  for (int k = 0; k < kChunks; ++k) {
-    const int c = lane * 4 + 128 * k;
-    float v[4], g[4], w[4];
-    load_x4(xr + c, v);
-    load_x4(dyr + c, g);
-    load_x4(weight + c, w);
-    for (int u = 0; u < 4; ++u) {
-      ss += v[u] * v[u];
-      ux += w[u] * g[u] * v[u];
+    for (int k = k0; k < k0 + kPer; ++k) {
+      const int c = lane * 4 + 128 * k;
+      float v[4], g[4], w[4];
+      load_x4(xr + c, v);
+      load_x4(dyr + c, g);
+      load_x4(weight + c, w);
+      for (int u = 0; u < 4; ++u) {
+        ss += v[u] * v[u];
+        ux += w[u] * g[u] * v[u];
+      }
     }
   }
-  ss = warp_sum(ss);
-  ux = warp_sum(ux);
-  const float r = rsqrtf(ss / static_cast<float>(d) + eps);
-  const float coef = ux / static_cast<float>(d) * r * r * r;
+  ss = row_sum_over_warps<kSplit>(warp_sum(ss), partial);
+  ux = row_sum_over_warps<kSplit>(warp_sum(ux), partial);
+  if (!r.live) return;
+  const float rr = rsqrtf(ss / static_cast<float>(d) + eps);
+  const float coef = ux / static_cast<float>(d) * rr * rr * rr;
   float* dxr = dx + row * d;
 #pragma unroll 8
-  for (int k = 0; k < kChunks; ++k) {
+  for (int k = k0; k < k0 + kPer; ++k) {
     const int c = lane * 4 + 128 * k;
     float v[4], g[4], w[4], out[4];
     load_x4(xr + c, v);
@@ -181,7 +229,7 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
     load_x4(weight + c, w);
     if (accumulate) load_x4(dxr + c, out);
     for (int u = 0; u < 4; ++u) {
-      const float grad = r * w[u] * g[u] - v[u] * coef;
+      const float grad = rr * w[u] * g[u] - v[u] * coef;
       out[u] = accumulate ? out[u] + grad : grad;
     }
     store_x4(dxr + c, out);
@@ -193,21 +241,33 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   }
 }
 
-inline unsigned norm_warp_blocks(int64_t n_rows) {
-  return static_cast<unsigned>((n_rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock);
+inline unsigned norm_warp_blocks(int64_t n_rows, int split) {
+  const int64_t rows_per_block = kNormWarpsPerBlock / split;
+  return static_cast<unsigned>((n_rows + rows_per_block - 1) / rows_per_block);
 }
 
-// Launches launch(std::integral_constant<int, d / 128>) where the warp-per-row form has an instance for width d;
-// false (nothing launched) elsewhere.
+// Launches launch(std::integral_constant<int, d / 128>(), std::integral_constant<int, split>()) where the
+// warp-per-row forms have an instance for width d, split per norm_split; false (nothing launched) elsewhere.
 template <typename Launch>
-bool with_norm_chunks(int d, Launch&& launch) {
+bool with_norm_form(int64_t n_rows, int d, Launch&& launch) {
   if (d % 128 != 0) return false;
-  switch (d / 128) {
-    case 4: launch(std::integral_constant<int, 4>()); return true;     // T5-small
-    case 6: launch(std::integral_constant<int, 6>()); return true;     // T5-base
-    case 8: launch(std::integral_constant<int, 8>()); return true;     // T5-large, the original T5-11B
-    case 16: launch(std::integral_constant<int, 16>()); return true;   // T5-3B, T0-3B
-    case 32: launch(std::integral_constant<int, 32>()); return true;   // T5 v1.1 XXL, T0 (11B)
+  const int chunks = d / 128, split = norm_split(n_rows, chunks);
+  auto with_split = [&](auto c) {
+    using C = decltype(c);
+    switch (split) {
+      case 1: launch(c, std::integral_constant<int, 1>()); break;
+      case 2: if constexpr (C::value % 2 == 0) launch(c, std::integral_constant<int, 2>()); break;
+      case 4: if constexpr (C::value % 4 == 0) launch(c, std::integral_constant<int, 4>()); break;
+      default: if constexpr (C::value % 8 == 0) launch(c, std::integral_constant<int, 8>()); break;
+    }
+    return true;
+  };
+  switch (chunks) {
+    case 4: return with_split(std::integral_constant<int, 4>());     // T5-small
+    case 6: return with_split(std::integral_constant<int, 6>());     // T5-base
+    case 8: return with_split(std::integral_constant<int, 8>());     // T5-large, the original T5-11B
+    case 16: return with_split(std::integral_constant<int, 16>());   // T5-3B, T0-3B
+    case 32: return with_split(std::integral_constant<int, 32>());   // T5 v1.1 XXL, T0 (11B)
     default: return false;
   }
 }
@@ -219,9 +279,9 @@ void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_r
                       bool accumulate, float* dx, cudaStream_t stream, TX* cast_out, const DropoutSite& cast_site) {
   if (n_rows <= 0) return;
   if (aligned_x4(dy) && aligned_x4(x) && aligned_x4(weight) && aligned_x4(dx) && (!cast_out || aligned_x4(cast_out)) &&
-      with_norm_chunks(d, [&](auto chunks) {
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
-                    rmsnorm_backward_warp_kernel<decltype(chunks)::value, TX>)(
+      with_norm_form(n_rows, d, [&](auto chunks, auto split) {
+        TFEW_LAUNCH(norm_warp_blocks(n_rows, split), 32 * kNormWarpsPerBlock, 0, stream,
+                    rmsnorm_backward_warp_kernel<decltype(chunks)::value, decltype(split)::value, TX>)(
             dy, x, weight, n_rows, d, eps, accumulate, dx, cast_out, cast_site);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_backward_warp_kernel");
@@ -237,9 +297,9 @@ template <typename TIn, typename TOut>
 void rmsnorm_forward(const TIn* x, const float* weight, int n_rows, int d, float eps, float out_scale,
                      TOut* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
-  if (aligned_x4(x) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
-                    rmsnorm_forward_warp_kernel<decltype(chunks)::value, TIn, TOut>)(
+  if (aligned_x4(x) && aligned_x4(weight) && aligned_x4(out) && with_norm_form(n_rows, d, [&](auto chunks, auto split) {
+        TFEW_LAUNCH(norm_warp_blocks(n_rows, split), 32 * kNormWarpsPerBlock, 0, stream,
+                    rmsnorm_forward_warp_kernel<decltype(chunks)::value, decltype(split)::value, TIn, TOut>)(
             x, weight, n_rows, d, eps, out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("rmsnorm_forward_warp_kernel");
@@ -256,10 +316,10 @@ void residual_add_norm(float* x, const float* y, int n_rows, int d, const Dropou
   if (n_rows <= 0) return;
   // The same form as rmsnorm_forward picks for the saved copy (the same sums, which the backward's recomputed norm
   // relies on): decided by the norm's operands only. The stream operands are arena buffers like them.
-  if (aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out) && with_norm_chunks(d, [&](auto chunks) {
+  if (aligned_x4(saved) && aligned_x4(weight) && aligned_x4(out) && with_norm_form(n_rows, d, [&](auto chunks, auto split) {
         if (!aligned_x4(x) || !aligned_x4(y)) fail(ErrorCode::Internal, "residual_add_norm: a misaligned residual stream");
-        TFEW_LAUNCH(norm_warp_blocks(n_rows), 32 * kNormRowsPerBlock, 0, stream,
-                    residual_add_norm_warp_kernel<decltype(chunks)::value, T>)(
+        TFEW_LAUNCH(norm_warp_blocks(n_rows, split), 32 * kNormWarpsPerBlock, 0, stream,
+                    residual_add_norm_warp_kernel<decltype(chunks)::value, decltype(split)::value, T>)(
             x, y, site, saved, weight, n_rows, d, eps, out_scale, out);
       })) {
     TFEW_CUDA_CHECK_LAUNCH("residual_add_norm_warp_kernel");

@@ -45,6 +45,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
   let cpuTrain: Awaited<ReturnType<T5Model['lossAndGradients']>>;
   let uniformTrain: { inputIds: number[][]; choices: number[][][]; labels: number[] };
   let cpuUniformTrain: Awaited<ReturnType<T5Model['lossAndGradients']>>;
+  let dModel: number;
 
   beforeAll(async () => {
     dir = checkpointDir();
@@ -62,6 +63,7 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
     cpuTrain = await cpu.lossAndGradients(trainBatch, { adapter: perExample });
     uniformTrain = { inputIds: uniform.inputIds, choices: uniform.choices, labels: [1, 0, 1, 0] };
     cpuUniformTrain = await cpu.lossAndGradients(uniformTrain, { adapter: perExample, dropout: true, seed: 3 });
+    dModel = cpu.config.dModel;
     await cpu.dispose();
   });
 
@@ -187,6 +189,35 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
         await precomputed.dispose();
       }
     });
+
+    if (precision === 'fp32') {
+      test('every form of the norms (1, 2, 4 or 8 warps a row: TFEW_CUDA_NORM_WARPS_PER_ROW) agrees with the CPU backend', async () => {
+        // The default picks the warps per row from the rows (rmsnorm.cu, norm_split): few rows (this batch, a
+        // decoder) take several, many rows (RANK-3B-B32's encoder) one. Each form here, forward and backward, in
+        // rank classification and in a training step with dropout (the fused residual add, the recomputed norm).
+        const widths = [1, 2, 4, 8].filter((w) => (dModel / 128) % w === 0);
+        expect(widths.length).toBeGreaterThanOrEqual(3);
+        try {
+          for (const w of widths) {
+            process.env.TFEW_CUDA_NORM_WARPS_PER_ROW = String(w);
+            const m = await loadCuda(dir, 'fp32', {}, { graphs: false });
+            try {
+              const r = await m.rankClassify(batch.inputIds, batch.choices, { adapter: perExample });
+              expect([w, maxRelError(r.logProbs.flat(), cpuMixed.logProbs.flat()) < FP32_TOL]).toEqual([w, true]);
+              const g = await m.lossAndGradients(uniformTrain, { adapter: perExample, dropout: true, seed: 3 });
+              expect([w, maxRelError([g.totalLoss, g.lmLoss], [cpuUniformTrain.totalLoss, cpuUniformTrain.lmLoss]) < FP32_TOL]).toEqual([w, true]);
+              for (const a of adapters)
+                expect([w, relError(g.adapterGradients.get(a) as Float32Array, cpuUniformTrain.adapterGradients.get(a) as Float32Array) < FP32_TOL])
+                  .toEqual([w, true]);
+            } finally {
+              await m.dispose();
+            }
+          }
+        } finally {
+          delete process.env.TFEW_CUDA_NORM_WARPS_PER_ROW;
+        }
+      });
+    }
 
     test('training at this width: the T-Few losses and every adapter\'s (IA)3 gradient against the CPU backend', async () => {
       // long, unevenly padded inputs, 2-4 choices of different lengths, two adapters and an example without
