@@ -181,6 +181,9 @@ class CudaEngine final : public Engine {
   // Whether small calls run padded to their bucket: with graphs, and under TFEW_CUDA_DEBUG_SYNC (which turns graphs
   // off), so that a fault on a padded shape reproduces there.
   bool pads_to_buckets() const { return graph_buckets_ && (graphs_enabled_ || debug_sync()); }
+  // Whether a larger call runs with its encoder length padded to a multiple of 8 (kEncoderLengthAlignment; masked,
+  // as a bucket's padding): cuda.graphBuckets, graphs or not (false: every call at its exact shape).
+  bool pads_to_aligned_lengths() const { return graph_buckets_; }
   // The switches GraphStats reports: graphs on, why not, buckets.
   void graph_switches(GraphStats& s) const {
     s.enabled = graphs_enabled_;

@@ -22,6 +22,9 @@ namespace tfew {
 // 3 ms of an H100's tensor cores: ~1,000 tokens of T0-3B, a few single examples; a call's ~500 launches take
 // the CPU ~2 ms); larger ones run at their exact shape.
 constexpr int64_t kGraphBucketMaxTokens = 4096;
+// Larger rank-classification calls run at their exact shape but for the encoder length, padded to a multiple of
+// this (CudaEngine::score_unlocked): cuBLAS's strided GEMMs over it want aligned dimensions.
+constexpr int kEncoderLengthAlignment = 8;
 constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
 constexpr double kGraphBucketMaxFlops = 2.5e12;
 // GEMM FLOPs of one encoder token (q, k, v, o and the feed-forward, every layer).
