@@ -289,5 +289,8 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     expect(t.graphBucketCall(config, 3, 100, 7, 5)).toEqual({ batch: 3, encLen: 104, rows: 8, decLen: 8, padded: true });
     expect(t.graphBucketCall(config, 5, 40, 10, 2)).toEqual({ batch: 6, encLen: 40, rows: 12, decLen: 2, padded: true });
     expect(t.graphBucketCall(config, 32, 256, 64, 8)).toEqual({ batch: 32, encLen: 256, rows: 64, decLen: 8, padded: false });
+    // a larger call runs as it is but for its encoder length, aligned to 8 (cuBLAS's strided GEMMs over it)
+    expect(t.graphBucketCall(config, 32, 249, 64, 8)).toEqual({ batch: 32, encLen: 256, rows: 64, decLen: 8, padded: false });
+    expect(t.graphBucketCall(config, 32, 248, 64, 5)).toEqual({ batch: 32, encLen: 248, rows: 64, decLen: 5, padded: false });
   });
 });

@@ -772,13 +772,9 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
     bucketed = padded_batch(call, p.batch, p.enc_len, p.rows, p.dec_len, config_.pad_token_id, config_.eos_token_id);
     run = &bucketed;
   } else if (pads_to_aligned_lengths() && !p.padded && !want_logits && !want_hidden && call.num_rows > 0 &&
-             call.enc_len % kEncoderLengthAlignment != 0) {
-    // A larger call (its exact shape otherwise) whose longest input is not a multiple of 8 runs padded to one: the
-    // folded cross-attention's strided GEMMs have the encoder length as a dimension, and cuBLAS ran them ~4.5x
-    // slower at 249 than at 256 (RANK-3B-B32-LEN249: 49.4 ms against 43.7 at 256 tokens, H200, session 19; its
-    // breakdown put 9.3 of the difference in those GEMMs). At most 7 masked positions an example.
-    const int aligned = (call.enc_len + kEncoderLengthAlignment - 1) / kEncoderLengthAlignment * kEncoderLengthAlignment;
-    bucketed = padded_batch(call, call.batch_size, aligned, call.num_rows, call.dec_len, config_.pad_token_id,
+             p.enc_len != call.enc_len) {
+    // a larger call whose longest input is not a multiple of 8 (graph_bucket_call: kEncoderLengthAlignment)
+    bucketed = padded_batch(call, call.batch_size, p.enc_len, call.num_rows, call.dec_len, config_.pad_token_id,
                             config_.eos_token_id);
     run = &bucketed;
   }

@@ -370,6 +370,12 @@ inline std::vector<Shape> reserved_call_shapes(const T5Config& c, int batch, int
   s.adapters = adapters;
   std::vector<Shape> calls;
   if (choices > 0) calls.push_back(s);
+  if (choices > 0 && aligned_encoder_length(enc_len) != enc_len) {
+    // a call of this shape above the bucket regime runs with its encoder length aligned (graph_bucket_call)
+    Shape aligned = s;
+    aligned.enc_len = aligned_encoder_length(enc_len);
+    calls.push_back(aligned);
+  }
   Shape encode = s;
   encode.rows = batch;
   encode.dec_len = 1;

@@ -22,9 +22,13 @@ namespace tfew {
 // 3 ms of an H100's tensor cores: ~1,000 tokens of T0-3B, a few single examples; a call's ~500 launches take
 // the CPU ~2 ms); larger ones run at their exact shape.
 constexpr int64_t kGraphBucketMaxTokens = 4096;
-// Larger rank-classification calls run at their exact shape but for the encoder length, padded to a multiple of
-// this (CudaEngine::score_unlocked): cuBLAS's strided GEMMs over it want aligned dimensions.
+// Larger rank-classification calls run at their exact shape but for the encoder length, padded (masked) to a
+// multiple of this: the folded cross-attention's strided cuBLAS GEMMs have it as a dimension, and ran ~4.5x slower
+// at 249 tokens than at 256 (RANK-3B-B32-LEN249: 49.4 ms against 43.7 at 256, H200, session 19).
 constexpr int kEncoderLengthAlignment = 8;
+inline int aligned_encoder_length(int len) {
+  return (len + kEncoderLengthAlignment - 1) / kEncoderLengthAlignment * kEncoderLengthAlignment;
+}
 constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
 constexpr double kGraphBucketMaxFlops = 2.5e12;
 // GEMM FLOPs of one encoder token (q, k, v, o and the feed-forward, every layer).
@@ -57,7 +61,8 @@ inline bool graph_bucket_launch_bound(const T5Config& c, int64_t batch, int enc_
 
 // The shape a rank-classification call of `batch` examples, `rows` choice rows and lengths enc_len, dec_len runs at
 // when graph buckets are on (CudaEngine::score_unlocked): a small call padded to its bucket (with filler examples
-// and rows, or, where those would take it past the bounds, its lengths alone), a larger one as it is.
+// and rows, or, where those would take it past the bounds, its lengths alone; padded), a larger one as it is but
+// for its encoder length, aligned (aligned_encoder_length; not `padded`: no graph bucket).
 struct BucketedCall {
   int batch = 0, enc_len = 0, rows = 0, dec_len = 0;
   bool padded = false;
@@ -70,7 +75,7 @@ inline BucketedCall graph_bucket_call(const T5Config& c, int batch, int enc_len,
     p.rows = rows;
     p.padded = graph_bucket_launch_bound(c, p.batch, p.enc_len, p.rows, p.dec_len);
   }
-  if (!p.padded) p = BucketedCall{batch, enc_len, rows, dec_len, false};
+  if (!p.padded) p = BucketedCall{batch, aligned_encoder_length(enc_len), rows, dec_len, false};
   return p;
 }
 
