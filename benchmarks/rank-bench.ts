@@ -454,7 +454,10 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   // multiple of 8 for cuBLAS (folded_cross_ld). In session 18 a training run of varied lengths took 44.3 ms a step
   // against 39.6 at 256 before that padding; each row should now take about 249/256 of its 256-token row's time.
   // It did not (H200, session 19): RANK-3B-B32-LEN249 49.4 ms vs 43.5, TRAIN-3B-LEN249 43.4 vs 36.9, though the
-  // varied-length 1,000-step run went from 44.1 to 40.0 s. Both rows now get a breakdown (families, GEMM shapes).
+  // varied-length 1,000-step run went from 44.1 to 40.0 s. Both rows now get a breakdown (families, GEMM shapes):
+  // the folded cross-attention's strided GEMMs, with the length as a dimension, ran ~4.5x slower at 249 than at 256.
+  // Since then (5aec67c and after) rank classification pads such calls' encoder length to a multiple of 8 in the
+  // engine and training batches are built so (lib/batch.ts): both rows should now take their 256-token row's time.
   await rankWorkload('RANK-3B-B32-LEN249', b32odd, adapter);
   await attempt('TRAIN-3B-LEN249', async () => {
     const odd = randomBatch(V, new Array(trainBatch).fill(oddLen), new Array(trainBatch).fill([8, 8]), 42);

@@ -4,7 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
-import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores } from './batch';
+import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores, TRAINING_LENGTH_MULTIPLE } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
@@ -703,7 +703,7 @@ export class T5Model {
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
     const chunk = inputIds.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b), label: labels[b] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample, options.fixed);
-    return { batch: buildBatch(encoded, this.config.vocabSize, true, this.config.padTokenId), adapters };
+    return { batch: buildBatch(encoded, this.config.vocabSize, true, this.config.padTokenId, TRAINING_LENGTH_MULTIPLE), adapters };
   }
 
   /**

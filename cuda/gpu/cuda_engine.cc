@@ -388,7 +388,7 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
       if (r.training) {
         Shape s;
         s.batch = r.batch;
-        s.enc_len = r.enc_len;
+        s.enc_len = aligned_encoder_length(r.enc_len);  // (lib/batch.ts pads training batches so: TRAINING_LENGTH_MULTIPLE)
         s.rows = r.batch * r.choices;
         s.dec_len = r.dec_len;
         s.adapters = r.n_adapters > 0;
