@@ -2,7 +2,7 @@
 // GPUs), any number of named (IA)3 adapters, requests of different tasks scored together in mixed-task batches.
 // Node's own http module; JSON in and out.
 //
-//   GET  /health     {"status":"ok","device":...,"adapters":[names],"stats":{...},"graphs":{...},"replicas":[...]}
+//   GET  /health     {"status":"ok","device":...,"adapters":[names],"batching":{...},"stats":{...},"graphs":{...},"replicas":[...]}
 //                    (503 once stopping or disposed; graphs: the first replica's T5Model.graphStats(), null once
 //                    disposed; replicas: each one's describe() and graphStats())
 //   POST /classify   {"input": "text" | [ids], "choices": ["a","b"] | [[ids]], "adapter"?: "name"}
@@ -171,7 +171,7 @@ export class RankServer {
       const status = first.disposed ? 'disposed' : this.closing ? 'closing' : 'ok';
       this.send(res, status === 'ok' ? 200 : 503, {
         status, device: first.device, model: first.describe(),
-        adapters: [...this.adapters.keys()], stats: this.batcher.stats, pending: this.batcher.pending,
+        adapters: [...this.adapters.keys()], batching: this.batcher.settings, stats: this.batcher.stats, pending: this.batcher.pending,
         // CUDA: how many batches replayed a graph (a low share: launch-bound batches of ever new shapes)
         graphs: first.disposed ? null : first.graphStats(),
         replicas: this.models.map((m) => ({ model: m.describe(), gpu: m.gpuIndex, disposed: m.disposed, graphs: m.disposed ? null : m.graphStats() })),

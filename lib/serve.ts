@@ -283,6 +283,12 @@ export class RankBatcher {
     };
   }
 
+  /** The batching settings in force (the options with their defaults filled in): what /health reports. */
+  get settings(): { maxBatch: number; maxDelayMs: number; maxQueue: number; maxInputLength: number; groupByLength: boolean } {
+    return { maxBatch: this.maxBatch, maxDelayMs: this.maxDelayMs, maxQueue: this.maxQueue, maxInputLength: this.maxInputLength,
+             groupByLength: this.groupByLength };
+  }
+
   /** Requests waiting for a batch (not counting a running one). */
   get pending(): number {
     return this.waiting;

@@ -58,6 +58,11 @@ describe('RankServer', () => {
   });
   afterAll(async () => server.close());
 
+  test('/health reports the batching settings; grouping by length is on by default', async () => {
+    const health = await getJson(`${base}/health`);
+    expect(health.batching).toEqual({ maxBatch: 8, maxDelayMs: 5, maxQueue: 64, maxInputLength: expect.any(Number), groupByLength: true });
+  });
+
   test('concurrent requests of two tasks and none: each answer equals rankClassify with that adapter, in shared batches', async () => {
     const reqs = [
       { input: 'the film was great', choices: ['positive', 'negative'], adapter: 'sentiment' },
@@ -283,6 +288,23 @@ describe('tfew serve', () => {
     process.emit('SIGTERM');
     expect(await exit).toBe(0);
     expect(lines.some((l) => /stopped: .*"requests":1/.test(l))).toBe(true);
+  });
+
+  test('tfew serve --no-group-by-length --max-batch 4: the batcher takes them (/health batching)', async () => {
+    const lines: string[] = [];
+    let started!: (line: string) => void;
+    const ready = new Promise<string>((resolve) => { started = resolve; });
+    const io = { out: (l: string) => { lines.push(l); if (l.startsWith('tfew serve:')) started(l); }, err: (l: string) => lines.push(`ERR ${l}`), interactive: false };
+    const serve = async (flags: string[]) => {
+      const exit = main(['node', 'tfew', 'serve', '--model', path.join(dir, 'model'), '--device', 'cpu', '--threads', '1', '--port', '0',
+        '--adapter', path.join(dir, 'adapters'), ...flags], io);
+      const base = /http:\/\/[^ ]+/.exec(await ready)![0];
+      const health = await getJson(`${base}/health`);
+      process.emit('SIGTERM');
+      expect(await exit).toBe(0);
+      return health.batching;
+    };
+    expect(await serve(['--no-group-by-length', '--max-batch', '4'])).toMatchObject({ groupByLength: false, maxBatch: 4 });
   });
 
   test('replicas: one server over two copies of the model (as on two GPUs); /health reports each', async () => {

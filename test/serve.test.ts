@@ -167,6 +167,48 @@ describe('RankBatcher', () => {
       answers.forEach((a, i) => expect(maxRel(a.scores, fifo.answers[i].scores)).toBeLessThan(1e-5));
     });
 
+  test('grouping on replicas: each replica\'s batches are chosen by shape, every request sent once, answers as alone', async () => {
+    const backlog = backlogOf(true);
+    const byName = new Map(backlog.map((r, i) => [`${r.ids[0]},${r.ids[1]}`, i]));
+    const second = await T5Model.load(dir, { device: 'cpu', threads: 1 });
+    const calls: { replica: number; members: number[] }[] = [];
+    const spies = [model, second].map((m, replica) => {
+      const original = m.rankClassify.bind(m);
+      return jest.spyOn(m, 'rankClassify').mockImplementation((inputs, choices, options) => {
+        calls.push({ replica, members: (inputs as number[][]).map((ids) => byName.get(`${ids[0]},${ids[1]}`)!) });
+        return original(inputs, choices, options);
+      });
+    });
+    try {
+      const batcher = new RankBatcher([model, second], { maxBatch: 8, maxDelayMs: 5 });
+      const answers = await Promise.all(backlog.map((r, i) => batcher.classify(r.ids, r.choices, { adapter: adapters[i % adapters.length] })));
+      await batcher.close();
+      // both replicas ran batches, and grouped ones
+      expect(new Set(calls.map((c) => c.replica))).toEqual(new Set([0, 1]));
+      expect(batcher.stats.groupedBatches).toBeGreaterThanOrEqual(4);
+      // every request sent once; each batch (in the order sent) holds the oldest request not yet sent
+      const sent = calls.flatMap((c) => c.members);
+      expect([...sent].sort((a, b) => a - b)).toEqual(backlog.map((_, i) => i));
+      const unsent = backlog.map((_, i) => i);
+      for (const { members } of calls) {
+        expect(members).toContain(unsent[0]);
+        for (const i of members) unsent.splice(unsent.indexOf(i), 1);
+      }
+      // grouped on either replica: no batch mixes numbers of choices (in arrival order all 6 of 6 do), and fewer
+      // padded encoder tokens than batches of 8 in arrival order
+      expect(mixedChoices(backlog, calls.map((c) => c.members))).toBe(0);
+      const fifoCalls = [0, 1, 2, 3, 4, 5].map((b) => Array.from({ length: 8 }, (__, k) => 8 * b + k));
+      expect(paddedTokens(backlog, calls.map((c) => c.members))).toBeLessThan(0.75 * paddedTokens(backlog, fifoCalls));
+      for (const i of [0, 7, 13, 30, 47]) {
+        const want = await model.rankClassify([backlog[i].ids], [backlog[i].choices], { adapter: adapters[i % adapters.length] });
+        expect(maxRel(answers[i].scores, want.scores[0])).toBeLessThan(1e-5);
+      }
+    } finally {
+      spies.forEach((sp) => sp.mockRestore());
+      await second.dispose();
+    }
+  });
+
   test('bad requests are refused when they arrive, with typed errors, and cost no engine call', async () => {
     const otherModel = await T5Model.load(loadFixture('tiny-relu-tied').dir, { device: 'cpu', threads: 1 });
     const foreign = IA3Adapter.create(otherModel);  // another architecture's vector layout

@@ -83,6 +83,10 @@ ProbeFault probe_fault() {
     if (s == "old-driver") return ProbeFault::OldDriver;
     if (s == "no-device") return ProbeFault::NoDevice;
     if (s == "old-gpu") return ProbeFault::OldGpu;
+    // a misspelt fault would test a usable machine without a word: said once, on stderr
+    if (!s.empty())
+      std::fprintf(stderr, "tfew emulator: TFEW_EMU_PROBE='%s' is not one of no-driver, old-driver, no-device, old-gpu; "
+                   "the emulated machine is usable\n", s.c_str());
     return ProbeFault::None;
   }();
   return fault;

@@ -53,6 +53,15 @@ function underFault(fault: string): { probe: { usable: boolean; reason: string; 
     expect(auto.predictions).toHaveLength(1);
   });
 
+  test('an unknown TFEW_EMU_PROBE value is said on stderr (the machine stays usable)', () => {
+    const script = `const { native } = require(${JSON.stringify(path.join(root, 'dist', 'lib', 'native'))});
+      console.log(JSON.stringify(native().probeCuda()));`;
+    const out = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_EMU_PROBE: 'no-drvier' }, encoding: 'utf8', timeout: 60_000 });
+    expect(out.status).toBe(0);
+    expect(JSON.parse(out.stdout.trim().split('\n').pop()!)).toMatchObject({ usable: true });
+    expect(out.stderr).toContain("TFEW_EMU_PROBE='no-drvier' is not one of no-driver, old-driver, no-device, old-gpu");
+  });
+
   test('tfew doctor prints the reason (text and JSON) and exits 0', () => {
     const cli = path.join(root, 'dist', 'lib', 'cli', 'main.js');
     const env = { ...process.env, TFEW_EMU_PROBE: 'old-gpu' };
