@@ -563,20 +563,35 @@ fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int in
       float kept[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int u = e >> 1, jj = nt * 8 + 2 * t + (e & 1), j = k0 + jj;
-        const float p = ex2_approx(fmaf(sc[nt][e], kLog2e, -m_log2[u]));  // exp(s - m); 0 for masked keys
-        p_sum[u] += p;
+        const float p = ex2_approx(fmaf(sc[nt][e], kLog2e, -m_log2[e >> 1]));  // exp(s - m); 0 for masked keys
+        p_sum[e >> 1] += p;
         kept[e] = p;
-        if (dropout.rate > 0.f) {
-          bool keeps;
+      }
+      if (dropout.rate > 0.f) {
+        // elements 2 u, 2 u + 1: keys j, j + 1 of row u (j even), one hash for the pair where its index is even
+        const int jj = nt * 8 + 2 * t, j = k0 + jj;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          bool keeps[2] = {false, false};
           if (fill_keep || !keep_words[u]) {  // hash (every key when filling: a word must be whole)
-            const uint64_t element = ((static_cast<uint64_t>(b) * gridDim.y + h) * len + row[u]) * len + j;
-            keeps = (fill_keep || p > 0.f) && dropout_keeps(dropout, element);
-            if (fill_keep && keeps) fill_bits[u][jj >> 5] |= 1u << (jj & 31);
+            if (fill_keep || kept[2 * u] > 0.f || kept[2 * u + 1] > 0.f) {
+              const uint64_t element = ((static_cast<uint64_t>(b) * gridDim.y + h) * len + row[u]) * len + j;
+              if ((element & 1) == 0) {
+                dropout_kept_pair(dropout.key, dropout.threshold, element, keeps[0], keeps[1]);
+              } else {  // (an odd length)
+                keeps[0] = dropout_keeps(dropout, element);
+                keeps[1] = dropout_keeps(dropout, element + 1);
+              }
+            }
+            if (fill_keep) fill_bits[u][jj >> 5] |= (keeps[0] ? 1u : 0u) << (jj & 31) | (keeps[1] ? 2u : 0u) << (jj & 31);
           } else {
-            keeps = (keep_words[u][k0 / 32 + (jj >> 5)] >> (jj & 31)) & 1u;
+            const uint32_t word = keep_words[u][k0 / 32 + (jj >> 5)] >> (jj & 31);
+            keeps[0] = word & 1u;
+            keeps[1] = (word >> 1) & 1u;
           }
-          kept[e] = keeps ? p * dropout.keep_scale : 0.f;
+          // (a masked key's p is 0 whatever its bit)
+          kept[2 * u] = keeps[0] ? kept[2 * u] * dropout.keep_scale : 0.f;
+          kept[2 * u + 1] = keeps[1] ? kept[2 * u + 1] * dropout.keep_scale : 0.f;
         }
       }
       // block nt of 8 keys is half of P's A fragment kk = nt / 2 (keys 16 kk .. 16 kk + 15)

@@ -37,5 +37,32 @@ __device__ __forceinline__ float dropout_scale(const DropoutSite& d, uint64_t in
   return dropout_kept(p.key, p.threshold, index) ? p.keep_scale : 0.f;
 }
 
+// The scales of elements index and index + 1: one hash for both when index is even (dropout_kept_pair), two
+// otherwise; the same values as two dropout_scale calls.
+__device__ __forceinline__ void dropout_scale_pair(const DropoutSite& d, uint64_t index, float& s0, float& s1) {
+  if (d.rate <= 0.f) {
+    s0 = s1 = 1.f;
+    return;
+  }
+  const DropoutSite p = d.prepared ? d : with_seed(d);
+  bool k0, k1;
+  if ((index & 1) == 0) {
+    dropout_kept_pair(p.key, p.threshold, index, k0, k1);
+  } else {
+    k0 = dropout_kept(p.key, p.threshold, index);
+    k1 = dropout_kept(p.key, p.threshold, index + 1);
+  }
+  s0 = k0 ? p.keep_scale : 0.f;
+  s1 = k1 ? p.keep_scale : 0.f;
+}
+
+// Element-wise loops over n (even) consecutive elements from `index`: their scales, in pairs.
+template <int N>
+__device__ __forceinline__ void dropout_scales(const DropoutSite& d, uint64_t index, float (&scale)[N]) {
+  static_assert(N % 2 == 0, "pairs");
+#pragma unroll
+  for (int u = 0; u < N; u += 2) dropout_scale_pair(d, index + u, scale[u], scale[u + 1]);
+}
+
 }  // namespace kernels
 }  // namespace tfew

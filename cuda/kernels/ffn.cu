@@ -79,7 +79,9 @@ __global__ void ffn_activation_vec_kernel(const T* __restrict__ in, int n_tokens
       }
     }
     const int64_t i = static_cast<int64_t>(t) * d_ff + c;
-    for (int u = 0; u < kVec; ++u) h[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
+    float keep[kVec];
+    dropout_scales(dropout, static_cast<uint64_t>(i), keep);
+    for (int u = 0; u < kVec; ++u) h[u] *= keep[u];
     store_vec<kVec>(out + i, h);
   }
 }
@@ -160,9 +162,10 @@ __global__ void ffn_backward_vec_kernel(const float* dscaled, const T* __restric
     for (int u = 0; u < kVec; ++u) contribution[u] = 0.f;
     for (int t = t0; t < t1; ++t) {
       const int64_t i = static_cast<int64_t>(t) * d_ff + c;
-      float g[kVec];  // d loss / d (scaled hidden)
+      float g[kVec], keep[kVec];  // d loss / d (scaled hidden)
       load_vec<kVec>(dscaled + i, g);
-      for (int u = 0; u < kVec; ++u) g[u] *= dropout_scale(dropout, static_cast<uint64_t>(i + u));
+      dropout_scales(dropout, static_cast<uint64_t>(i), keep);
+      for (int u = 0; u < kVec; ++u) g[u] *= keep[u];
       float l[kVec];
       for (int u = 0; u < kVec; ++u) l[u] = 1.f;
       if (scaled) {

