@@ -54,6 +54,8 @@ export function checkExample(ex: Omit<EncodedExample, 'adapterIndex'>, b: number
  * keep encoder states and logits at their exact shape.
  */
 export const TRAINING_LENGTH_MULTIPLE = 8;
+/** Input positions one engine call may have (model/graph_buckets.h kMaxCallTokens). */
+const MAX_CALL_TOKENS = 2 ** 24;
 
 /**
  * The engine's flat batch of `examples` (each checked: checkExample), padded to the longest input (rounded up to a
@@ -71,8 +73,10 @@ export function buildBatch(examples: EncodedExample[], vocabSize: number, withLa
     for (const c of ex.choices) decLen = Math.max(decLen, c.length);
     numRows += ex.choices.length;
   });
-  encLen = Math.ceil(encLen / lengthMultiple) * lengthMultiple;
   const B = examples.length;
+  // (not past the engines' 2^24 input positions a call, which the exact length may stay within)
+  const rounded = Math.ceil(encLen / lengthMultiple) * lengthMultiple;
+  if (B * rounded <= MAX_CALL_TOKENS) encLen = rounded;
   const inputIds = new Int32Array(B * encLen).fill(padId);
   const encLengths = new Int32Array(B);
   const choiceIds = new Int32Array(numRows * decLen).fill(padId);

@@ -445,7 +445,8 @@ export class T5Model {
    * warming up). With graph buckets (the
    * default) a shape stands for every small call whose lengths, examples and rows fall in its buckets: `graphBucketLengths(maxInputLength)`
    * gives one input length per bucket (24 up to 256); calls above the buckets' limits (see
-   * CudaOptions.graphBuckets) and calls with buckets off replay only at exactly the warmed lengths. At most 64
+   * CudaOptions.graphBuckets; they run with their input length rounded up to a multiple of 8) and calls with
+   * buckets off replay only at exactly the warmed lengths. At most 64
    * graphs are kept, so more distinct shapes are refused. Resolves with the number of graphs captured: none on
    * the CPU backend or with graphs off.
    */
@@ -478,7 +479,8 @@ export class T5Model {
       const rows = s.batchSize * s.choiceLengths.length;
       const runs = buckets ? native().graphBucketCall(this.config, s.batchSize, s.inputLength, rows, longest) : undefined;
       // (the choices per example too: with equal rows per example, the cross-attention path depends on them)
-      const key = runs?.padded ? [runs.batch, runs.encLen, runs.rows, runs.decLen, s.choiceLengths.length, s.adapter].join(',')
+      // (a larger call than the buckets take runs at its exact shape but for an encoder length aligned to 8)
+      const key = runs ? [runs.batch, runs.encLen, runs.rows, runs.decLen, s.choiceLengths.length, s.adapter].join(',')
         : [s.batchSize, s.inputLength, rows, longest, s.adapter].join(',');
       if (!distinct.has(key)) distinct.set(key, s);
     }

@@ -359,6 +359,8 @@ export interface NativeAddon {
     emulatorGemmTuningPrefersCublasLt?(on: boolean): void;
     /** Emulation build only: kernel launches so far (not graph replays), ordinary and programmatic; reset: count from 0. */
     emulatorLaunchCounts?(reset?: boolean): { ordinary: number; programmatic: number };
+    /** CUDA builds: the norms' warps per row from now on (1, 2, 4 or 8 where it divides the row's 128-column chunks; 0: chosen from the rows). */
+    normWarpsPerRow?(warps: number): void;
     /** Emulation build only: the SM count the emulated device reports (<= 0: the default, 132). */
     emulatorMultiprocessors?(count: number): void;
     cpuLinear(x: Float32Array, w: Float32Array, dy: Float32Array, dxInit: Float32Array | null, n: number, inDim: number,

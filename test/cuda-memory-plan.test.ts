@@ -292,5 +292,7 @@ describeCompiled('CUDA memory planner (T0-3B, no GPU needed)', () => {
     // a larger call runs as it is but for its encoder length, aligned to 8 (cuBLAS's strided GEMMs over it)
     expect(t.graphBucketCall(config, 32, 249, 64, 8)).toEqual({ batch: 32, encLen: 256, rows: 64, decLen: 8, padded: false });
     expect(t.graphBucketCall(config, 32, 248, 64, 5)).toEqual({ batch: 32, encLen: 248, rows: 64, decLen: 5, padded: false });
+    // not past the 2^24 input positions a call may have: 2^20 examples of 17 tokens stay at 17
+    expect(t.graphBucketCall(config, 1 << 20, 17, 1 << 20, 2)).toEqual({ batch: 1 << 20, encLen: 17, rows: 1 << 20, decLen: 2, padded: false });
   });
 });

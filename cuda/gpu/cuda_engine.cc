@@ -235,7 +235,7 @@ void CudaEngine<T>::validate(const Batch& b, int n_adapters) const {
   TFEW_CHECK_ARG(Le >= 1, "enc_len must be at least 1");
   TFEW_CHECK_ARG(R >= 0 && Ld >= (R > 0 ? 1 : 0), "num_rows / dec_len out of range");
   // GEMM row counts and kernel grids are 32-bit: far above any real batch, checked so that none overflows
-  constexpr int64_t kMaxTokens = 1 << 24;
+  constexpr int64_t kMaxTokens = kMaxCallTokens;
   TFEW_CHECK_ARG(static_cast<int64_t>(B) * Le <= kMaxTokens && static_cast<int64_t>(R) * Ld <= kMaxTokens,
                  "too many tokens in one call (" + std::to_string(static_cast<int64_t>(B) * Le) + " input, " +
                      std::to_string(static_cast<int64_t>(R) * Ld) + " choice positions; at most " +
@@ -405,7 +405,7 @@ int64_t CudaEngine<T>::reserve(const std::vector<ReserveShape>& shapes) {
         continue;
       }
       for (const Shape& c : reserved_call_shapes(config_, r.batch, r.enc_len, r.choices, r.dec_len, r.n_adapters > 0,
-                                                 pads_to_buckets(), folded_paths)) {
+                                                 pads_to_buckets(), pads_to_aligned_lengths(), folded_paths)) {
         const Plan<T> p = make_plan<T>(config_, c, fused_attention_, 0);
         need(p, p.bytes);
       }
@@ -950,7 +950,7 @@ int64_t cuda_reserve_bytes(const T5Config& config, const ReserveShape& r) {
   TFEW_CHECK_ARG(!r.training, "cuda_reserve_bytes plans rank classification");
   size_t bytes = 0;
   for (const gpu::Shape& s : gpu::reserved_call_shapes(config, r.batch, r.enc_len, r.choices, r.dec_len, r.n_adapters > 0,
-                                                       /*pads=*/true, {false, true}))
+                                                       /*pads=*/true, /*aligns=*/true, {false, true}))
     bytes = std::max(bytes, gpu::make_plan<__nv_bfloat16>(config, s, true, 0).bytes);
   return static_cast<int64_t>(bytes);
 }

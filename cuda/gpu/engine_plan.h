@@ -361,7 +361,7 @@ TrainPlan<T> make_train_plan(const T5Config& c, const Shape& s, int n_adapters, 
 // decided on its own rows, which may be fewer: not used here, so more is planned, never less. Each shape once per
 // cross-attention path in `folded_paths`.
 inline std::vector<Shape> reserved_call_shapes(const T5Config& c, int batch, int enc_len, int choices, int dec_len,
-                                               bool adapters, bool pads, const std::vector<bool>& folded_paths) {
+                                               bool adapters, bool pads, bool aligns, const std::vector<bool>& folded_paths) {
   Shape s;
   s.batch = batch;
   s.enc_len = enc_len;
@@ -370,11 +370,15 @@ inline std::vector<Shape> reserved_call_shapes(const T5Config& c, int batch, int
   s.adapters = adapters;
   std::vector<Shape> calls;
   if (choices > 0) calls.push_back(s);
-  if (choices > 0 && aligned_encoder_length(enc_len) != enc_len) {
-    // a call of this shape above the bucket regime runs with its encoder length aligned (graph_bucket_call)
-    Shape aligned = s;
-    aligned.enc_len = aligned_encoder_length(enc_len);
-    calls.push_back(aligned);
+  if (aligns && choices > 0) {
+    // a call of this shape above the bucket regime runs with its encoder length aligned (graph_bucket_call; `aligns`:
+    // CudaEngine::pads_to_aligned_lengths)
+    const BucketedCall runs = graph_bucket_call(c, batch, enc_len, batch * choices, dec_len);
+    if (!runs.padded && runs.enc_len != enc_len) {
+      Shape aligned = s;
+      aligned.enc_len = runs.enc_len;
+      calls.push_back(aligned);
+    }
   }
   Shape encode = s;
   encode.rows = batch;

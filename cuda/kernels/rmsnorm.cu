@@ -7,6 +7,7 @@
 // recomputed from x instead of being stored. In training the backward also writes what the next sub-layer's
 // backward starts from (its output dropout applied to the residual gradient, cast for a GEMM), saving that
 // sub-layer a pass over the gradient and a launch.
+#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 
@@ -117,14 +118,24 @@ constexpr int kNormWarpsPerBlock = 8;
 // Warps wanted in flight for a norm (~32 per SM of an H100 / H200): fewer rows than this get split.
 constexpr int64_t kNormTargetWarps = 4096;
 
+// A forced number of warps per row (0: none): the addon's _testing.normWarpsPerRow, else
+// TFEW_CUDA_NORM_WARPS_PER_ROW=1|2|4|8 (read once). For the tests that hold every form to the CPU backend; a graph
+// keeps what it captured.
+std::atomic<int> g_forced_norm_warps{-1};  // -1: not set by the hook (the environment decides)
+int forced_norm_warps() {
+  const int hook = g_forced_norm_warps.load(std::memory_order_relaxed);
+  if (hook >= 0) return hook;
+  static const int from_env = [] {
+    const char* v = std::getenv("TFEW_CUDA_NORM_WARPS_PER_ROW");
+    return v ? std::atoi(v) : 0;
+  }();
+  return from_env;
+}
+
 // Warps per row: 1, 2, 4 or 8 (dividing the row's chunks), the fewest that give kNormTargetWarps warps.
-// TFEW_CUDA_NORM_WARPS_PER_ROW=1|2|4|8 forces one (where it divides the chunks; read per launch, for the tests that
-// hold every form to the CPU backend: a graph keeps what it captured).
 inline int norm_split(int64_t n_rows, int chunks) {
-  if (const char* forced = std::getenv("TFEW_CUDA_NORM_WARPS_PER_ROW")) {
-    const int w = std::atoi(forced);
-    if ((w == 1 || w == 2 || w == 4 || w == 8) && chunks % w == 0) return w;
-  }
+  const int w = forced_norm_warps();
+  if ((w == 1 || w == 2 || w == 4 || w == 8) && chunks % w == 0) return w;
   int split = 1;
   while (split < kNormWarpsPerBlock && n_rows * split < kNormTargetWarps && chunks % (2 * split) == 0) split *= 2;
   return split;
@@ -276,6 +287,8 @@ bool with_norm_form(int64_t n_rows, int d, Launch&& launch) {
 }
 
 }  // namespace
+
+void set_norm_warps_per_row(int warps) { g_forced_norm_warps.store(warps > 0 ? warps : 0, std::memory_order_relaxed); }
 
 template <typename TX>
 void rmsnorm_backward(const float* dy, const TX* x, const float* weight, int n_rows, int d, float eps,

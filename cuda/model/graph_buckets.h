@@ -29,6 +29,9 @@ constexpr int kEncoderLengthAlignment = 8;
 inline int aligned_encoder_length(int len) {
   return (len + kEncoderLengthAlignment - 1) / kEncoderLengthAlignment * kEncoderLengthAlignment;
 }
+// Input (and choice) positions one engine call may have: GEMM row counts and kernel grids are 32-bit (the engines'
+// validate; lib/batch.ts keeps a training batch's exact length where rounding it up would pass this).
+constexpr int64_t kMaxCallTokens = int64_t{1} << 24;
 constexpr int64_t kGraphBucketMaxChoiceTokens = 512;
 constexpr double kGraphBucketMaxFlops = 2.5e12;
 // GEMM FLOPs of one encoder token (q, k, v, o and the feed-forward, every layer).
@@ -75,7 +78,10 @@ inline BucketedCall graph_bucket_call(const T5Config& c, int batch, int enc_len,
     p.rows = rows;
     p.padded = graph_bucket_launch_bound(c, p.batch, p.enc_len, p.rows, p.dec_len);
   }
-  if (!p.padded) p = BucketedCall{batch, aligned_encoder_length(enc_len), rows, dec_len, false};
+  if (!p.padded) {
+    const int aligned = aligned_encoder_length(enc_len);
+    p = BucketedCall{batch, static_cast<int64_t>(batch) * aligned <= kMaxCallTokens ? aligned : enc_len, rows, dec_len, false};
+  }
   return p;
 }
 

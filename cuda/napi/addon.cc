@@ -30,6 +30,13 @@
 #include "model/engine.h"
 #include "model/graph_buckets.h"
 #include "model/relative_position.h"
+#ifdef TFEW_WITH_CUDA
+namespace tfew {
+namespace kernels {
+void set_norm_warps_per_row(int warps);  // kernels/rmsnorm.cu (tests: every form of the norms)
+}  // namespace kernels
+}  // namespace tfew
+#endif
 #ifdef TFEW_CUDA_EMULATION
 #include "emu/emu_selftest.h"
 namespace tfew {
@@ -1345,6 +1352,14 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       return resolved(info.Env(), info.Env().Undefined());
     });
   }));
+#ifdef TFEW_WITH_CUDA
+  // normWarpsPerRow(warps): the CUDA norms' warps per row from now on (1, 2, 4 or 8 where it divides the row's
+  // 128-column chunks; 0: chosen from the rows, the default)
+  testing.Set("normWarpsPerRow", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    kernels::set_norm_warps_per_row(info[0].ToNumber().Int32Value());
+    return info.Env().Undefined();
+  }));
+#endif
 #ifdef TFEW_CUDA_EMULATION
   // emulatorSelfTest(name) -> { error, message }: one deliberate mistake and what the CUDA emulator made of it
   testing.Set("emulatorSelfTest", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

@@ -1,7 +1,9 @@
 // The inference encoder in chunks of whole examples (cuda.encoderChunkRows; cuda_forward.cc encoder_layer): every
 // layer runs chunk by chunk with the chunk's temporaries at the start of their buffers. Per row the arithmetic is
-// the whole-batch path's, so on the emulator (whose GEMMs sum every output the same way at any row count) the bits
-// are equal; on a GPU cuBLAS may pick other kernels for fewer rows, so there within the bf16 tolerance of the CPU
+// the whole-batch path's where the chunk's norms take the whole batch's form (rmsnorm.cu picks the warps per row from
+// the rows: these sizes, 104-624 rows, all take the same one), so on the emulator (whose GEMMs sum every output the
+// same way at any row count) the bits are equal; on a GPU cuBLAS may pick other kernels for fewer rows, and calls of
+// 4,096+ rows other norms than their chunks, so there within the bf16 tolerance of the CPU
 // backend (rank classification: and of the unchunked engine; encoder states, in PyTorch's measure of their error:
 // each engine's against the CPU backend's). Calls with a partial last chunk, chunks smaller than one example, mixed and
 // missing adapters, encoder states, graph replays; training is not chunked.
