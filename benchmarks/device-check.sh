@@ -2,7 +2,7 @@
 # The one script the GPU machine runs: a first-light smoke check, the GPU parity tests, the rank-classification
 # benchmark and the PyTorch + PEFT baseline in the same run on the same GPU, then a table. The summary (one line
 # per step) is printed last. The device tool brings back at most 8 files from $OUT, so $OUT holds only
-# summary.txt, table.md, rank-bench.json, pytorch-bench.json, pytorch-bf16-errors.json and logs.tar.gz (every step's
+# summary.txt, table.md, rank-bench.json, pytorch-bench.json, pytorch-bf16-errors.json, ncu-summary.md and logs.tar.gz (every step's
 # log, probe.json, the train-run JSONs; repacked after each step, so a run cut short keeps what it had).
 #
 # Here (no GPU needed), once per change:
@@ -16,7 +16,7 @@
 #   TFEW_DEVICE_BUDGET_S   seconds for all steps together (default 540); each step is capped by what is left
 #   TFEW_DEVICE_STEPS      default "smoke,errors,tests,bench,torch"; e.g. "bench,torch" for a second call;
 #                          "ncu" adds Nsight Compute's counters of our kernels (attention, norms, activation,
-#                          softmax) at the RANK-3B-B32 and TRAIN-3B shapes on a 2+2-layer checkpoint
+#                          softmax, dropout, (IA)3, losses, embedding, Adafactor) at the RANK-3B-B32 and TRAIN-3B shapes on a 2+2-layer checkpoint
 #                          (benchmarks/kernel-profile.ts; ncu.log in logs.tar.gz; ~1 min);
 #                          "trainrun" adds the full 1000-step run (benchmarks/train-run.ts), with fixed and
 #                          with varied input lengths, and (after "bench") with the switches of rank-bench's TRAIN-3B
@@ -302,11 +302,17 @@ if want ncu; then
     note "SKIP  ncu (no GPU profiler in a dry run, or no ncu on the PATH or in /opt/nvidia/nsight-compute)"
   elif later_ok; then
     step ncu 180 0 "$NCU" --clock-control none --target-processes all \
-      --kernel-name regex:"attention|norm|ffn|softmax|gelu|dropout" --launch-count 120 \
+      --kernel-name regex:"attention|norm|ffn|softmax|gelu|dropout|ia3|loss|logprob|embedding|bias|adafactor" --launch-count 200 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
       --section MemoryWorkloadAnalysis --csv --page details \
       node dist/benchmarks/kernel-profile.js "$RANDOM_DIR"
-    # (the log is ncu's CSV, one row per kernel launch and metric, after the script's own lines)
+    # (the log is ncu's CSV, one row per kernel launch and metric, after the script's own lines): summed per kernel
+    # and grid into $OUT/ncu-summary.md (benchmarks/ncu-summary.ts), its top lines printed here
+    if node dist/benchmarks/ncu-summary.js "$LOGS/ncu.log" --top 60 > "$OUT/ncu-summary.md" 2>&1; then
+      head -n 22 "$OUT/ncu-summary.md"
+    else
+      note "      ncu-summary: could not summarise ncu.log ($(head -c 200 "$OUT/ncu-summary.md"))"
+    fi
   else
     note "SKIP  ncu (smoke check failed)"
   fi
