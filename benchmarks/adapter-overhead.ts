@@ -25,7 +25,7 @@ async function main(): Promise<void> {
   for (const count of [1, 8]) {
     const adapters = Array.from({ length: count }, () => IA3Adapter.create(model, 1.01));
     const examples = Array.from({ length: 8 }, (_, i) => ({ inputIds: [5 + i, 6, 1], choices: [[4, 1], [5, 1]], adapterIndex: i % count }));
-    const batch = buildBatch(examples, configJson.vocab_size, false, 0);
+    const batch = buildBatch(examples, configJson.vocab_size, { padId: 0 });
     const data = adapters.map((a) => a.data);
     const keys = adapters.flatMap((a) => [a.id, a.version]);
     for (const [mode, k] of [['copied every call', undefined], ['snapshots (id, version)', keys]] as const) {

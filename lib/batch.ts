@@ -57,18 +57,27 @@ export const TRAINING_LENGTH_MULTIPLE = 8;
 /** Input positions one engine call may have (model/graph_buckets.h kMaxCallTokens). */
 const MAX_CALL_TOKENS = 2 ** 24;
 
+/** buildBatch's options: labels wanted, the pad token, the encoder length's multiple, examples already checked. */
+export interface BuildBatchOptions {
+  withLabels?: boolean;
+  padId?: number;
+  lengthMultiple?: number;
+  /** Every example has passed checkExample already (rankClassify checks the whole list before its first call). */
+  checked?: boolean;
+}
+
 /**
- * The engine's flat batch of `examples` (each checked: checkExample), padded to the longest input (rounded up to a
- * multiple of `lengthMultiple`) and the longest choice.
+ * The engine's flat batch of `examples` (each checked: checkExample, unless `checked`), padded to the longest input
+ * (rounded up to a multiple of `lengthMultiple`) and the longest choice.
  */
-export function buildBatch(examples: EncodedExample[], vocabSize: number, withLabels: boolean, padId = 0,
-                           lengthMultiple = 1): NativeBatch {
+export function buildBatch(examples: EncodedExample[], vocabSize: number, options: BuildBatchOptions = {}): NativeBatch {
+  const { withLabels = false, padId = 0, lengthMultiple = 1, checked = false } = options;
   if (examples.length === 0) throw new InvalidArgumentError('the batch is empty');
   let encLen = 0;
   let decLen = 0;
   let numRows = 0;
   examples.forEach((ex, b) => {
-    checkExample(ex, b, vocabSize, withLabels, padId);
+    if (!checked) checkExample(ex, b, vocabSize, withLabels, padId);
     encLen = Math.max(encLen, ex.inputIds.length);
     for (const c of ex.choices) decLen = Math.max(decLen, c.length);
     numRows += ex.choices.length;

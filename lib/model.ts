@@ -622,7 +622,7 @@ export class T5Model {
 
   // rankClassify's, encode's and choiceLogits' native calls. Every example and adapter is checked before the first
   // call (a bad one late in the list costs no work, and the message gives its index in the list: the calls'
-  // batches are not in the order given); then calls of batchSize (callGroups: grouped by length unless
+  // batches are not in the order given; buildBatch does not check them again); then calls of batchSize (callGroups: grouped by length unless
   // groupByLength is false). `take` gets each call's batch and output with its examples' indices in `examples`
   // (batch example k is examples[members[k]]); `signal` stops between calls.
   private async scoreInCalls(nm: NativeModel, examples: Omit<EncodedExample, 'adapterIndex'>[],
@@ -637,7 +637,7 @@ export class T5Model {
       if (signal?.aborted) throw new AbortError(`rankClassify aborted after ${done} of ${examples.length} examples`);
       done += members.length;
       const { encoded, adapters } = this.withAdapters(members.map((i) => examples[i]), members.map((i) => perExample[i]));
-      const batch = buildBatch(encoded, this.config.vocabSize, false, this.config.padTokenId);
+      const batch = buildBatch(encoded, this.config.vocabSize, { padId: this.config.padTokenId, checked: true });
       const out = await this.callNative(() => nm.score(batch, adapters.map((a) => a.data), want === 'logits', want === 'hidden',
                                                        adapterKeys(adapters)));
       take(batch, out, members);
@@ -705,7 +705,10 @@ export class T5Model {
     const maxInputLength = checkMaxInputLength(options.maxInputLength);
     const chunk = inputIds.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b), label: labels[b] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample, options.fixed);
-    return { batch: buildBatch(encoded, this.config.vocabSize, true, this.config.padTokenId, TRAINING_LENGTH_MULTIPLE), adapters };
+    return {
+      batch: buildBatch(encoded, this.config.vocabSize, { withLabels: true, padId: this.config.padTokenId, lengthMultiple: TRAINING_LENGTH_MULTIPLE }),
+      adapters,
+    };
   }
 
   /**
