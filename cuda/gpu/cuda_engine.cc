@@ -235,7 +235,7 @@ void CudaEngine<T>::validate(const Batch& b, int n_adapters) const {
   TFEW_CHECK_ARG(Le >= 1, "enc_len must be at least 1");
   TFEW_CHECK_ARG(R >= 0 && Ld >= (R > 0 ? 1 : 0), "num_rows / dec_len out of range");
   // GEMM row counts and kernel grids are 32-bit: far above any real batch, checked so that none overflows
-  constexpr int64_t kMaxTokens = kMaxCallTokens;
+  constexpr int64_t kMaxTokens = kMaxCallTokens;  // (model/graph_buckets.h: the padding rules keep within it too)
   TFEW_CHECK_ARG(static_cast<int64_t>(B) * Le <= kMaxTokens && static_cast<int64_t>(R) * Ld <= kMaxTokens,
                  "too many tokens in one call (" + std::to_string(static_cast<int64_t>(B) * Le) + " input, " +
                      std::to_string(static_cast<int64_t>(R) * Ld) + " choice positions; at most " +
@@ -767,15 +767,11 @@ ScoreOutput CudaEngine<T>::score_unlocked(const Batch& call, const AdapterSet& a
   const BucketedCall p = graph_bucket_call(config_, call.batch_size, call.enc_len, call.num_rows, call.dec_len);
   Batch bucketed;
   const Batch* run = &call;
-  if (pads_to_buckets() && p.padded && !want_logits && !want_hidden && call.num_rows > 0 &&
+  // (a larger call: its encoder length aligned to 8 alone, graph_bucket_call's kEncoderLengthAlignment)
+  const bool pads = p.padded ? pads_to_buckets() : pads_to_aligned_lengths();
+  if (pads && !want_logits && !want_hidden && call.num_rows > 0 &&
       (p.enc_len != call.enc_len || p.dec_len != call.dec_len || p.batch != call.batch_size || p.rows != call.num_rows)) {
     bucketed = padded_batch(call, p.batch, p.enc_len, p.rows, p.dec_len, config_.pad_token_id, config_.eos_token_id);
-    run = &bucketed;
-  } else if (pads_to_aligned_lengths() && !p.padded && !want_logits && !want_hidden && call.num_rows > 0 &&
-             p.enc_len != call.enc_len) {
-    // a larger call whose longest input is not a multiple of 8 (graph_bucket_call: kEncoderLengthAlignment)
-    bucketed = padded_batch(call, call.batch_size, p.enc_len, call.num_rows, call.dec_len, config_.pad_token_id,
-                            config_.eos_token_id);
     run = &bucketed;
   }
   const bool adapters_used =

@@ -44,7 +44,7 @@ __device__ __forceinline__ void dropout_scale_pair(const DropoutSite& d, uint64_
     s0 = s1 = 1.f;
     return;
   }
-  const DropoutSite p = d.prepared ? d : with_seed(d);
+  const DropoutSite p = with_seed(d);  // (as it is when the kernel prepared it on entry)
   bool k0, k1;
   if ((index & 1) == 0) {
     dropout_kept_pair(p.key, p.threshold, index, k0, k1);

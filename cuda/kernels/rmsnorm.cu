@@ -141,7 +141,8 @@ inline int norm_split(int64_t n_rows, int chunks) {
   return split;
 }
 
-// This thread's row (blockIdx.x holds kNormWarpsPerBlock / kSplit rows) and part of it.
+// This thread's row (blockIdx.x holds kNormWarpsPerBlock / kSplit rows) and part of it. A row past n_rows is not
+// `live` (row 0 stands in for its pointers; its threads still reach the barriers of a split row).
 template <int kSplit>
 struct NormRowOfThread {
   int64_t row;
@@ -152,6 +153,7 @@ struct NormRowOfThread {
     row = static_cast<int64_t>(blockIdx.x) * (kNormWarpsPerBlock / kSplit) + warp / kSplit;
     part = warp % kSplit;
     live = row < n_rows;
+    if (!live) row = 0;
   }
 };
 
@@ -163,7 +165,7 @@ rmsnorm_forward_warp_kernel(const TIn* __restrict__ x, const float* __restrict__
   __shared__ float partial[kNormWarpsPerBlock];
   const NormRowOfThread<kSplit> r(n_rows);
   if (kSplit == 1 && !r.live) return;
-  const int64_t row = r.live ? r.row : 0;
+  const int64_t row = r.row;
   rmsnorm_row_part<kChunks, kSplit>(x + row * d, weight, d, eps, out_scale, out + row * d, r.part, r.live, partial);
 }
 
@@ -178,7 +180,7 @@ residual_add_norm_warp_kernel(float* __restrict__ x, const float* __restrict__ y
   site = with_seed(site);
   const NormRowOfThread<kSplit> r(n_rows);
   if (kSplit == 1 && !r.live) return;
-  const int64_t row = r.live ? r.row : 0;
+  const int64_t row = r.row;
   constexpr int kPer = kChunks / kSplit;
   if (r.live) {
 #pragma unroll 8
@@ -206,7 +208,7 @@ rmsnorm_backward_warp_kernel(const float* __restrict__ dy, const TX* __restrict_
   cast_site = with_seed(cast_site);
   const NormRowOfThread<kSplit> r(n_rows);
   if (kSplit == 1 && !r.live) return;
-  const int64_t row = r.live ? r.row : 0;
+  const int64_t row = r.row;
   constexpr int kPer = kChunks / kSplit;
   const int lane = threadIdx.x & 31, k0 = r.part * kPer;
   const TX* xr = x + row * d;
