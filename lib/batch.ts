@@ -2,7 +2,7 @@
 // NativeBatch layout of cuda/model/batch.h, validating everything on the way so bad input fails here with
 // a message that names the example, not deep inside the engine.
 import { InvalidArgumentError } from './errors';
-import type { NativeBatch } from './native';
+import { native, NativeBatch } from './native';
 
 export interface EncodedExample {
   inputIds: number[];
@@ -51,11 +51,16 @@ export function checkExample(ex: Omit<EncodedExample, 'adapterIndex'>, b: number
  * dimension and ran ~4.5x slower at 249 tokens than at 256 on an H200 (TRAIN-3B-LEN249 41.5 ms a step against
  * 34.6 at 256, session 19). Both backends get the same batch, so their dropout masks (numbered by position in the
  * padded batch) stay the same. Rank classification pads in the engine instead (graph_bucket_call), where it can
- * keep encoder states and logits at their exact shape.
+ * keep encoder states and logits at their exact shape. The addon's value (model/graph_buckets.h
+ * kEncoderLengthAlignment), the engine's alignment of larger calls.
  */
-export const TRAINING_LENGTH_MULTIPLE = 8;
-/** Input positions one engine call may have (model/graph_buckets.h kMaxCallTokens). */
-const MAX_CALL_TOKENS = 2 ** 24;
+export function trainingLengthMultiple(): number {
+  return native().buildInfo.encoderLengthAlignment;
+}
+/** Input positions one engine call may have (the addon's, model/graph_buckets.h kMaxCallTokens). */
+function maxCallTokens(): number {
+  return native().buildInfo.maxCallTokens;
+}
 
 /** buildBatch's options: labels wanted, the pad token, the encoder length's multiple, examples already checked. */
 export interface BuildBatchOptions {
@@ -85,7 +90,7 @@ export function buildBatch(examples: EncodedExample[], vocabSize: number, option
   const B = examples.length;
   // (not past the engines' 2^24 input positions a call, which the exact length may stay within)
   const rounded = Math.ceil(encLen / lengthMultiple) * lengthMultiple;
-  if (B * rounded <= MAX_CALL_TOKENS) encLen = rounded;
+  if (B * rounded <= maxCallTokens()) encLen = rounded;
   const inputIds = new Int32Array(B * encLen).fill(padId);
   const encLengths = new Int32Array(B);
   const choiceIds = new Int32Array(numRows * decLen).fill(padId);

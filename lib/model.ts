@@ -4,7 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { IA3Adapter } from './adapter';
 import { asyncDispose } from './disposable';
-import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores, TRAINING_LENGTH_MULTIPLE } from './batch';
+import { buildBatch, callGroups, checkExample, EncodedExample, perChoiceScores, trainingLengthMultiple } from './batch';
 import { resolveCheckpoint } from './checkpoint';
 import type { T5ModelConfig } from './config';
 import { AbortError, DeviceUnavailableError, DisposedError, FileFormatError, fromNative, InvalidAdapterError, InvalidArgumentError, isAbortSignal, OutOfMemoryError } from './errors';
@@ -26,10 +26,11 @@ export interface LoadOptions {
   mergeAdapter?: IA3Adapter;
   /**
    * CUDA backend switches: precision 'bf16' (default) or 'fp32' (verification mode), fusedAttention,
-   * fusedBackward, fewRowLinears, gemmTuning, programmaticLaunch, encoderChunkRows, graphs, graphBuckets,
-   * crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION,
+   * fusedBackward, fewRowLinears, gemmTuning, programmaticLaunch, attentionOccupancy, encoderChunkRows, graphs,
+   * graphBuckets, crossAttention. Unset fields fall back to TFEW_CUDA_PRECISION, TFEW_CUDA_FUSED_ATTENTION,
    * TFEW_CUDA_FUSED_BACKWARD, TFEW_CUDA_FEW_ROW_LINEARS, TFEW_CUDA_GEMM_TUNING, TFEW_CUDA_PROGRAMMATIC_LAUNCH,
-   * TFEW_CUDA_ENCODER_CHUNK_ROWS, TFEW_CUDA_GRAPHS, TFEW_CUDA_GRAPH_BUCKETS and TFEW_CUDA_CROSS_ATTENTION.
+   * TFEW_CUDA_ATTENTION_OCCUPANCY, TFEW_CUDA_ENCODER_CHUNK_ROWS, TFEW_CUDA_GRAPHS, TFEW_CUDA_GRAPH_BUCKETS and
+   * TFEW_CUDA_CROSS_ATTENTION.
    */
   cuda?: CudaOptions;
 }
@@ -706,7 +707,7 @@ export class T5Model {
     const chunk = inputIds.map((input, b) => ({ inputIds: this.ids(input, maxInputLength), choices: this.choiceIds(choices[b], b), label: labels[b] }));
     const { encoded, adapters } = this.withAdapters(chunk, perExample, options.fixed);
     return {
-      batch: buildBatch(encoded, this.config.vocabSize, { withLabels: true, padId: this.config.padTokenId, lengthMultiple: TRAINING_LENGTH_MULTIPLE }),
+      batch: buildBatch(encoded, this.config.vocabSize, { withLabels: true, padId: this.config.padTokenId, lengthMultiple: trainingLengthMultiple() }),
       adapters,
     };
   }
@@ -951,8 +952,8 @@ function checkCudaOptions(o: CudaOptions | undefined): CudaOptions | undefined {
   if (o.precision !== undefined && !CUDA_PRECISIONS.includes(o.precision)) {
     throw new InvalidArgumentError(`cuda.precision must be ${oneOf(CUDA_PRECISIONS)}, got ${String(o.precision)}`);
   }
-  for (const k of ['fusedAttention', 'fusedBackward', 'fewRowLinears', 'gemmTuning', 'programmaticLaunch', 'graphs',
-    'graphBuckets'] as const) {
+  for (const k of ['fusedAttention', 'fusedBackward', 'fewRowLinears', 'gemmTuning', 'programmaticLaunch',
+    'attentionOccupancy', 'graphs', 'graphBuckets'] as const) {
     if (o[k] !== undefined && typeof o[k] !== 'boolean') throw new InvalidArgumentError(`cuda.${k} must be a boolean`);
   }
   if (o.encoderChunkRows !== undefined && !(Number.isInteger(o.encoderChunkRows) && o.encoderChunkRows >= 0 && o.encoderChunkRows <= 1 << 24)) {

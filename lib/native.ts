@@ -53,6 +53,15 @@ export interface CudaOptions {
    */
   programmaticLaunch?: boolean;
   /**
+   * bf16 with the fused encoder attention at d_kv 64 (T0-3B's): its mma.sync kernels run as instances compiled for
+   * one more block per SM (the forward at 4 blocks, its backward's two kernels at 3), fewer registers a thread and
+   * a few spilled (cuda/kernels/attention_fused.cu). Those kernels are latency-bound at 12.5-18.75% occupancy on an
+   * H200 (session 19's Nsight Compute). The same arithmetic, so the same bits. Default off until timed on a GPU
+   * (rank-bench's -OCCUPANCY rows); ignored at other d_kv, in fp32 and with the cuBLAS attention (describe() says
+   * "higher-occupancy kernels" when on).
+   */
+  attentionOccupancy?: boolean;
+  /**
    * bf16 inference (rank classification, encode()) with the fused encoder attention: the encoder runs chunk by chunk
    * (whole examples, about this many rows, at least one example; each chunk through every layer) instead of over the
    * whole batch at once, every chunk's q|k|v,
@@ -309,7 +318,12 @@ export interface CudaProbe {
 export interface NativeAddon {
   version: string;
   /** cudaEmulated: the CUDA-emulator build (build-emu/, tests only): its "GPU" is the CPU. */
-  buildInfo: { cudaCompiled: boolean; cudaEmulated?: boolean; compiler: string; napiVersion: number };
+  /**
+   * How the addon was built, and the engines' call limits (model/graph_buckets.h): the multiple the encoder length
+   * of a large call is padded to, and the input positions one call may have.
+   */
+  buildInfo: { cudaCompiled: boolean; cudaEmulated?: boolean; compiler: string; napiVersion: number; encoderLengthAlignment: number;
+    maxCallTokens: number };
   /** device: a GPU index (default: $TFEW_CUDA_DEVICE, else 0). */
   probeCuda(device?: number): CudaProbe;
   /** cudaMemGetInfo on a GPU (default as probeCuda's), or null without a usable CUDA backend there. */
@@ -388,15 +402,16 @@ export function native(): NativeAddon {
   if (loadError) throw loadError;
   try {
     const override = process.env.TFEW_NATIVE_ADDON;
-    if (override) {
-      // A specific build, e.g. the CUDA-emulator addon the GPU tests run on without a GPU (build-emu/).
-      // eslint-disable-next-line @typescript-eslint/no-var-requires
-      cached = require(path.resolve(override)) as NativeAddon;
-      return cached;
-    }
+    // A specific build (override), e.g. the CUDA-emulator addon the GPU tests run on without a GPU (build-emu/), or
+    // the package's own.
     // eslint-disable-next-line @typescript-eslint/no-var-requires
-    const load = require('node-gyp-build');
-    cached = load(packageRoot()) as NativeAddon;
+    const addon = (override ? require(path.resolve(override)) : require('node-gyp-build')(packageRoot())) as NativeAddon;
+    // An addon built from older sources lacks what lib now reads from it (lib/batch.ts pads training batches to its
+    // limits): refused here, by name, rather than mis-padding batches later.
+    if (typeof addon.buildInfo?.encoderLengthAlignment !== 'number' || typeof addon.buildInfo?.maxCallTokens !== 'number') {
+      throw new Error('it was built from older sources than this lib (its buildInfo has no encoderLengthAlignment)');
+    }
+    cached = addon;
     return cached;
   } catch (e) {
     // eslint-disable-next-line @typescript-eslint/no-var-requires

@@ -59,14 +59,15 @@ describe('tfew CUDA flags', () => {
     const out = path.join(tmp, 'all-flags');
     const code = await run('train', ...model, ...task, '--seed', '42', '--steps', '2', '--batch-size', '2', '--out', out,
       '--cuda-device', '0', '--cuda-precision', 'fp32', '--cuda-cross-attention', 'folded', '--no-cuda-fused-attention', '--no-cuda-fused-backward',
-      '--cuda-few-row-linears', '--cuda-gemm-tuning', '--cuda-programmatic-launch', '--cuda-encoder-chunk-rows', '1024',
-      '--no-cuda-graphs', '--no-cuda-graph-buckets',
+      '--cuda-few-row-linears', '--cuda-gemm-tuning', '--cuda-programmatic-launch', '--cuda-attention-occupancy',
+      '--cuda-encoder-chunk-rows', '1024', '--no-cuda-graphs', '--no-cuda-graph-buckets',
       '--recompute', 'attention');
     expect(lines.filter((l) => l.startsWith('ERR tfew:'))).toEqual([]);
     expect(code).toBe(0);
     expect(load.mock.calls[0][1]).toMatchObject({ device: 'cpu', threads: 2 });
     expect(loadedCuda()).toStrictEqual({ device: 0, precision: 'fp32', crossAttention: 'folded', fusedAttention: false, fusedBackward: false,
-      fewRowLinears: true, gemmTuning: true, programmaticLaunch: true, encoderChunkRows: 1024, graphs: false, graphBuckets: false });
+      fewRowLinears: true, gemmTuning: true, programmaticLaunch: true, attentionOccupancy: true, encoderChunkRows: 1024, graphs: false,
+      graphBuckets: false });
     expect(trainedRecompute()).toEqual(['attention']);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8')).training.recipe.recompute).toBe('attention');
   });
@@ -293,7 +294,8 @@ describe('tfew CUDA flags', () => {
     const help = lines.join('\n');
     for (const flag of ['--cuda-device <n>', '--cuda-precision <precision>', '--cuda-cross-attention <mode>', '--no-cuda-fused-attention', '--cuda-fused-backward', '--no-cuda-fused-backward',
       '--cuda-few-row-linears', '--no-cuda-few-row-linears', '--cuda-gemm-tuning', '--no-cuda-gemm-tuning',
-      '--cuda-programmatic-launch', '--no-cuda-programmatic-launch', '--cuda-encoder-chunk-rows <n>', '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
+      '--cuda-programmatic-launch', '--no-cuda-programmatic-launch', '--cuda-attention-occupancy', '--no-cuda-attention-occupancy',
+      '--cuda-encoder-chunk-rows <n>', '--no-cuda-graphs', '--no-cuda-graph-buckets', '--recompute <level>']) {
       expect(help).toContain(flag);
     }
     lines = [];

@@ -54,6 +54,20 @@ test('no native addon: NativeLoadError naming the way to build it', () => {
   expect(second).toEqual({ load: 'NativeLoadError' });
 });
 
+// An addon built from older sources (a stale build/ or prebuild) lacks what lib reads from it now: refused at load
+// with a NativeLoadError that says so, not used to pad training batches to an undefined multiple.
+test('a stale native addon: NativeLoadError saying it is older than lib', () => {
+  const lib = JSON.stringify(path.join(packageRoot(), 'dist', 'lib'));
+  const stale = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-stale-')), 'stale-addon.js');
+  fs.writeFileSync(stale, "module.exports = { version: '0.0.0', buildInfo: { cudaCompiled: false, compiler: 'x', napiVersion: 8 } };\n");
+  const script = `const t = require(${lib});
+    try { t.backendInfo(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ name: e.constructor.name, code: e.code, message: e.message })); }`;
+  const r = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, TFEW_NATIVE_ADDON: stale }, encoding: 'utf8' });
+  const first = JSON.parse(r.stdout.trim().split('\n')[0]);
+  expect(first).toMatchObject({ name: 'NativeLoadError', code: 'E_NATIVE_LOAD' });
+  expect(first.message).toMatch(/built from older sources than this lib[\s\S]*npm rebuild @tfew\/cuda/);
+});
+
 describe('thread pool: exceptions inside parallel_for', () => {
   const pool = native()._testing;
   const run = (o: Partial<Parameters<typeof pool.parallelFor>[0]>) =>

@@ -6,6 +6,7 @@ import * as path from 'path';
 import {
   DeviceUnavailableError, DisposedError, IA3Adapter, InvalidAdapterError, InvalidArgumentError, T5Model, Trainer,
 } from '../lib';
+import { buildBatch, trainingLengthMultiple } from '../lib/batch';
 import { native } from '../lib/native';
 import { buildTinyT5 } from '../lib/tiny';
 import { normalFrom, seededRandom } from '../lib/random';
@@ -275,5 +276,25 @@ describe('backend selection', () => {
     expect(() => native().probeCuda(-3)).toThrow(/probeCuda's device must be an integer >= 0/);
     expect(() => native().cudaMemoryInfo(0.5 as never)).toThrow(/cudaMemoryInfo's device must be an integer >= 0/);
     expect(native().probeCuda(7).usable).toBe(probe.usable && probe.deviceCount > 7);
+  });
+});
+
+describe('training batches and the engines\' call limits', () => {
+  test('buildInfo gives the limits of model/graph_buckets.h; a training batch pads its encoder length to the alignment', () => {
+    const { encoderLengthAlignment, maxCallTokens } = native().buildInfo;
+    expect(encoderLengthAlignment).toBe(8);
+    expect(maxCallTokens).toBe(2 ** 24);
+    expect(trainingLengthMultiple()).toBe(encoderLengthAlignment);
+    const ex = (n: number) => ({ inputIds: Array.from({ length: n }, (_, i) => 2 + (i % 20)), choices: [[3, 1], [4, 5, 1]], label: 1, adapterIndex: -1 });
+    const b = buildBatch([ex(25), ex(9)], 32, { withLabels: true, lengthMultiple: trainingLengthMultiple() });
+    expect(b.encLen).toBe(32);
+    expect(Array.from(b.encLengths)).toEqual([25, 9]);
+    expect(Array.from(b.inputIds.subarray(25, 32))).toEqual(new Array(7).fill(0));  // masked padding
+    // where rounding up would pass the positions one call may have, the exact length stays
+    const long = Math.floor(maxCallTokens / 3) - 1;  // 3 examples: 3 x long fits, 3 x rounded does not
+    const rounded = Math.ceil(long / 8) * 8;
+    expect(3 * long).toBeLessThanOrEqual(maxCallTokens);
+    expect(3 * rounded).toBeGreaterThan(maxCallTokens);
+    expect(buildBatch([ex(long), ex(4), ex(4)], 32, { withLabels: true, lengthMultiple: 8 }).encLen).toBe(long);
   });
 });

@@ -13,7 +13,8 @@ static constexpr float kGeluCubic = 0.044715f;
 
 // gelu_new = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Computed as x s with s = sigmoid(2u), the same
 // function (0.5 (1 + tanh(u)) = 1 / (1 + e), e = exp(-2u)): one exp instead of tanh's expm1 and division.
-// The gradient's 1 - s is taken as e s, which does not cancel where s is near 1.
+// The gradient's 1 - s is taken as e s, which does not cancel where s is near 1. Below x ~ -10.05, e overflows to
+// infinity and s is 0: there 1 - s is 1 (e s would be inf * 0, a NaN gradient for a very negative pre-activation).
 struct GeluParts {
   float s, one_minus_s, du;  // sigmoid(2u), 1 - sigmoid(2u), du/dx
 };
@@ -21,7 +22,7 @@ static inline GeluParts gelu_parts(float x) {
   const float u = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
   const float e = std::exp(-2.f * u);
   const float s = 1.f / (1.f + e);
-  return {s, e * s, kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x)};
+  return {s, s > 0.f ? e * s : 1.f, kSqrt2OverPi * (1.f + 3.f * kGeluCubic * x * x)};
 }
 
 float gelu_new(float x) { return x * gelu_parts(x).s; }

@@ -59,6 +59,12 @@ CudaEngine<T>::CudaEngine(const T5Config& config, const WeightSource& weights, i
       programmatic_note_ = unsupported;
     }
     kernels::set_programmatic_launch(stream_, programmatic_launch_);
+    // Off by default until timed on a GPU (rank-bench's -OCCUPANCY rows): more resident warps against a few spilled
+    // registers, for the latency-bound attention kernels.
+    const bool occupancy_wanted = options.attention_occupancy >= 0 ? options.attention_occupancy == 1
+                                                                   : env_flag("TFEW_CUDA_ATTENTION_OCCUPANCY", false);
+    attention_occupancy_ = occupancy_wanted && fused_attention_ && !kernels::attention_kernel_wmma() && config_.d_kv == 64;
+    kernels::set_attention_occupancy(stream_, attention_occupancy_);
     // Off by default: slower on an H200 (session 18: RANK-3B-B32 47.8 ms in chunks of 1024 rows, 44.7 of 2048, 43.0 whole).
     encoder_chunk_rows_ = options.encoder_chunk_rows >= 0 ? options.encoder_chunk_rows
                                                           : env_int("TFEW_CUDA_ENCODER_CHUNK_ROWS", 0, 1 << 24, 0);
@@ -127,6 +133,7 @@ std::string CudaEngine<T>::describe() const {
      << (arena_.size() >> 20) << " MiB, encoder attention " << (fused_attention_ ? "fused" : "cuBLAS")
      << (fused_attention_ && kernels::attention_kernel_wmma() ? " (WMMA kernel)" : "")
      << (fused_attention_ ? (fused_backward_ ? " (backward fused)" : " (backward cuBLAS)") : "")
+     << (attention_occupancy_ ? " (higher-occupancy kernels)" : "")
      << (few_row_linears_ ? ", few-row decoder linears fused" : "")
      << gemm_tuning_text()
      << (encoder_chunk_rows_ > 0 ? ", encoder in chunks of ~" + std::to_string(encoder_chunk_rows_) + " rows"
@@ -895,6 +902,7 @@ void CudaEngine<T>::release_unlocked() {
   staging_out_.reset();
   if (stream_) {
     kernels::set_programmatic_launch(stream_, false);  // (a later stream may get this handle)
+    kernels::set_attention_occupancy(stream_, false);
     cudaStreamDestroy(stream_);
   }
   stream_ = nullptr;

@@ -301,6 +301,9 @@ class CudaEngine final : public Engine {
   // session 18: the -PDL rows). programmatic_note_: why it is off when it was asked for.
   bool programmatic_launch_ = false;
   std::string programmatic_note_;
+  // cuda.attentionOccupancy / TFEW_CUDA_ATTENTION_OCCUPANCY (kernels::set_attention_occupancy): off by default until
+  // timed on a GPU; applies to the fused mma.sync kernels at d_kv 64 only.
+  bool attention_occupancy_ = false;
   // cuda.encoderChunkRows / TFEW_CUDA_ENCODER_CHUNK_ROWS (0: off; bf16 with the fused attention only).
   int encoder_chunk_rows_ = 0;
   std::string encoder_chunk_note_;  // why it is off when it was asked for

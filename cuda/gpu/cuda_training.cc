@@ -425,14 +425,8 @@ void CudaEngine<T>::enqueue_backward(const TrainPlan<T>& t, const kernels::Dropo
     const T* qkv = t.dec_qkv[l];
     {
       Span span(profiler_, "decoder_attention_backward", s);
-      kernels::attention_backward_query<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                           dec_ix, ia3.self_k, ia3.self_v, t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
-    }
-    {
-      Span span(profiler_, "decoder_attention_backward", s);
-      kernels::attention_backward_key<T>(self_g, qkv, 3 * inner, qkv + inner, qkv + 2 * inner, 3 * inner, t.dctx,
-                                         dec_ix, ia3.self_k, ia3.self_v, t.stats, t.dqkv + inner, t.dqkv + 2 * inner,
-                                         3 * inner, s);
+      kernels::decoder_self_attention_backward<T>(self_g, qkv, 3 * inner, t.dctx, dec_ix, ia3.self_k, ia3.self_v,
+                                                  t.dqkv, 3 * inner, t.g_k, t.g_v, t.stats, s);
     }
     reduce_ia3(t, {t.g_k, ia3.self_k}, {t.g_v, ia3.self_v}, inner, true, n_adapters);
     if (l == 0) break;  // below the first layer only the frozen embedding: no gradient through its q|k|v and norm

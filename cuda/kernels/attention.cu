@@ -402,13 +402,13 @@ __device__ __forceinline__ float dot_row(const float* q, const T* __restrict__ r
 
 constexpr int kSmallAttnWarps = 8;  // queries per block: neighbouring tokens share keys in L1
 
-// DPL = dimensions per lane = ceil(d_kv / 32). Self mode (bias_table != nullptr): keys are positions
-// 0..i of the same row. Cross mode: keys are the encoder tokens j < enc_lengths[b] of example b.
+// DPL = dimensions per lane = ceil(d_kv / 32). Cross-attention (the fallback of cross_attention for operands the
+// tiled kernel cannot take): keys are the encoder tokens j < enc_lengths[b] of example b. (The decoder's
+// self-attention has its own kernel, decoder_self_attention_kernel.)
 template <typename T, int DPL>
 __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k,
                                        const T* __restrict__ v, int kv_ld, T* __restrict__ out, int out_ld,
-                                       int n_queries, int d_kv, int dec_len, const float* __restrict__ bias_table,
-                                       const int32_t* __restrict__ row_example,
+                                       int n_queries, int d_kv, int dec_len, const int32_t* __restrict__ row_example,
                                        const int32_t* __restrict__ enc_lengths, int enc_len, AdapterIndex index,
                                        int64_t k_offset, int64_t v_offset, DropoutSite dropout) {
   wait_for_previous_kernel();
@@ -438,21 +438,11 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
   for (int d = lane; d < d_kv; d += 32) qs[d] = to_f32(qrow[d]) * (l_k ? l_k[d] : 1.f);
   __syncwarp();
 
-  int n_keys;
-  int64_t key_base;
-  const float* brow = nullptr;
-  if (bias_table) {
-    n_keys = i + 1;  // causal
-    key_base = static_cast<int64_t>(r) * dec_len;
-    brow = bias_table + static_cast<int64_t>(h) * (2 * dec_len - 1) + (dec_len - 1 - i);
-  } else {
-    n_keys = min(max(enc_lengths[b], 0), enc_len);
-    key_base = static_cast<int64_t>(b) * enc_len;
-  }
+  const int n_keys = min(max(enc_lengths[b], 0), enc_len);
+  const int64_t key_base = static_cast<int64_t>(b) * enc_len;
 
-  // dropout index base: position of (row r, head h, query i) in the CPU's [R, H, dec_len, k_len] probabilities
-  const int k_len = bias_table ? dec_len : enc_len;
-  const uint64_t drop_base = ((static_cast<uint64_t>(r) * gridDim.y + h) * dec_len + i) * k_len;
+  // dropout index base: position of (row r, head h, query i) in the CPU's [R, H, dec_len, enc_len] probabilities
+  const uint64_t drop_base = ((static_cast<uint64_t>(r) * gridDim.y + h) * dec_len + i) * enc_len;
   float m = -INFINITY, l = 0.f;
   float acc[DPL];
 #pragma unroll
@@ -461,10 +451,7 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
   for (int j0 = 0; j0 < n_keys; j0 += 32) {
     const int j = j0 + lane;
     float s = -INFINITY;
-    if (j < n_keys) {
-      s = dot_row(qs, k + (key_base + j) * kv_ld + head_col, d_kv);
-      if (brow) s += brow[j];
-    }
+    if (j < n_keys) s = dot_row(qs, k + (key_base + j) * kv_ld + head_col, d_kv);
     const float m_new = fmaxf(m, warp_max(s));  // finite: key j0 is always valid
     const float p = j < n_keys ? expf(s - m_new) : 0.f;
     const float rescale = expf(m - m_new);  // 0 on the first tile (m = -inf)
@@ -507,20 +494,128 @@ void with_dims_per_lane(int d_kv, Launch&& launch) {
 
 template <typename T>
 void launch_small_attention(const T* q, int q_ld, const T* k, const T* v, int kv_ld, T* out, int out_ld,
-                            int n_queries, int heads, int d_kv, int dec_len, const float* bias_table,
-                            const int32_t* row_example, const int32_t* enc_lengths, int enc_len,
-                            const AdapterIndex& index, int64_t k_offset, int64_t v_offset, const DropoutSite& dropout,
-                            cudaStream_t stream) {
+                            int n_queries, int heads, int d_kv, int dec_len, const int32_t* row_example,
+                            const int32_t* enc_lengths, int enc_len, const AdapterIndex& index, int64_t k_offset,
+                            int64_t v_offset, const DropoutSite& dropout, cudaStream_t stream) {
   if (n_queries <= 0) return;
   const dim3 grid((n_queries + kSmallAttnWarps - 1) / kSmallAttnWarps, heads);
   const dim3 block(32 * kSmallAttnWarps);
   const size_t smem = sizeof(float) * kSmallAttnWarps * d_kv;
   with_dims_per_lane(d_kv, [&](auto dpl) {
     TFEW_LAUNCH(grid, block, smem, stream, small_attention_kernel<T, decltype(dpl)::value>)(
-        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, bias_table, row_example, enc_lengths, enc_len,
-        index, k_offset, v_offset, dropout);
+        q, q_ld, k, v, kv_ld, out, out_ld, n_queries, d_kv, dec_len, row_example, enc_lengths, enc_len, index,
+        k_offset, v_offset, dropout);
   });
   TFEW_CUDA_CHECK_LAUNCH("small_attention_kernel");
+}
+
+// --------------------------------------------------------------------------------------------------------
+// decoder self-attention (causal, a choice's few tokens): one warp per (query token, head), lanes over the head's
+// dimensions (lane owns dimensions DPL lane .. DPL lane + DPL - 1). Keys go by chunks of 8: every k and v element
+// of a chunk is requested before any is used and the chunk's 8 dot products are summed across the lanes together,
+// so a chunk costs about one memory latency. (small_attention_kernel, lanes over keys, read a key row with a chain
+// of dependent loads in each lane and then the value rows one after another: at 8 decoder positions it took
+// ~33 us a layer at RANK-3B-B32 and ~12 us at TRAIN-3B on an H200, session 19's ncu, for ~2 MFLOP.)
+constexpr int kSelfKeysPerChunk = 8;
+
+template <typename T, int DPL>
+__global__ void decoder_self_attention_kernel(const T* __restrict__ qkv, int ld, int inner, T* __restrict__ out,
+                                              int out_ld, int n_queries, int d_kv, int dec_len,
+                                              const float* __restrict__ bias_table,
+                                              const int32_t* __restrict__ row_example, AdapterIndex index,
+                                              int64_t k_offset, int64_t v_offset, DropoutSite dropout) {
+  wait_for_previous_kernel();
+  dropout = with_seed(dropout);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.x * kSmallAttnWarps + warp;
+  const int h = blockIdx.y;
+  if (t >= n_queries) return;  // warp-uniform; no synchronisation below but the warp's own shuffles
+  const int r = t / dec_len, i = t % dec_len;
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const float *l_k = nullptr, *l_v = nullptr;
+  if (index.adapters != nullptr && index.adapter_of_example != nullptr) {
+    const int a = index.adapter_of_example[row_example[r]];
+    if (a >= 0) {
+      const float* l = index.adapters + a * index.adapter_stride;
+      l_k = l + k_offset + head_col;
+      l_v = l + v_offset + head_col;
+    }
+  }
+  // q~ = l_k * q, this lane's dimensions (0 past d_kv, which adds nothing to the dot products)
+  float qv[DPL];
+  const T* qrow = qkv + static_cast<int64_t>(t) * ld + head_col;
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) {
+    const int d = DPL * lane + u;
+    qv[u] = d < d_kv ? to_f32(qrow[d]) * (l_k ? l_k[d] : 1.f) : 0.f;
+  }
+  const int n_keys = i + 1;  // causal: positions 0 .. i of the same row
+  const T* k_first = qkv + static_cast<int64_t>(r) * dec_len * ld + inner + head_col;
+  const T* v_first = k_first + inner;
+  const float* brow = bias_table + static_cast<int64_t>(h) * (2 * dec_len - 1) + (dec_len - 1 - i);
+  // dropout index base: position of (row r, head h, query i) in the CPU's [R, H, dec_len, dec_len] probabilities
+  const uint64_t drop_base = ((static_cast<uint64_t>(r) * gridDim.y + h) * dec_len + i) * dec_len;
+
+  float m = -INFINITY, l = 0.f;
+  float acc[DPL];
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) acc[u] = 0.f;
+  for (int j0 = 0; j0 < n_keys; j0 += kSelfKeysPerChunk) {
+    float kc[kSelfKeysPerChunk][DPL], vc[kSelfKeysPerChunk][DPL];
+#pragma unroll
+    for (int c = 0; c < kSelfKeysPerChunk; ++c)
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) {
+        const int j = j0 + c, d = DPL * lane + u;
+        const bool real = j < n_keys && d < d_kv;
+        kc[c][u] = real ? to_f32(k_first[static_cast<int64_t>(j) * ld + d]) : 0.f;
+        vc[c][u] = real ? to_f32(v_first[static_cast<int64_t>(j) * ld + d]) : 0.f;
+      }
+    float s[kSelfKeysPerChunk];
+#pragma unroll
+    for (int c = 0; c < kSelfKeysPerChunk; ++c) {
+      s[c] = 0.f;
+#pragma unroll
+      for (int u = 0; u < DPL; ++u) s[c] += qv[u] * kc[c][u];
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)  // (butterfly: every lane ends with each total)
+#pragma unroll
+      for (int c = 0; c < kSelfKeysPerChunk; ++c) s[c] += __shfl_xor_sync(kFullMask, s[c], offset);
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kSelfKeysPerChunk; ++c) {
+      s[c] = j0 + c < n_keys ? s[c] + brow[j0 + c] : -INFINITY;
+      chunk_max = fmaxf(chunk_max, s[c]);
+    }
+    const float m_new = fmaxf(m, chunk_max);  // finite: key j0 is always real
+    const float rescale = expf(m - m_new);    // 0 on the first chunk (m = -inf)
+    float p_sum = 0.f, pd[kSelfKeysPerChunk];
+#pragma unroll
+    for (int c = 0; c < kSelfKeysPerChunk; ++c) {
+      const int j = j0 + c;
+      const float p = j < n_keys ? expf(s[c] - m_new) : 0.f;
+      p_sum += p;  // the normaliser counts dropped keys too (dropout follows the softmax)
+      pd[c] = j < n_keys ? p * dropout_scale(dropout, drop_base + j) : 0.f;
+    }
+    l = l * rescale + p_sum;
+#pragma unroll
+    for (int u = 0; u < DPL; ++u) {
+      float a = acc[u] * rescale;
+#pragma unroll
+      for (int c = 0; c < kSelfKeysPerChunk; ++c) a += pd[c] * vc[c][u];
+      acc[u] = a;
+    }
+    m = m_new;
+  }
+
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  T* orow = out + static_cast<int64_t>(t) * out_ld + head_col;
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) {
+    const int d = DPL * lane + u;
+    if (d < d_kv) orow[d] = from_f32<T>(acc[u] * inv * (l_v ? l_v[d] : 1.f));
+  }
 }
 
 // --------------------------------------------------------------------------------------------------------
@@ -1330,9 +1425,15 @@ void decoder_self_attention(const T* qkv, int ld, int inner, int d_kv, int heads
                             int64_t k_offset, int64_t v_offset, const DropoutSite& dropout, T* out, int out_ld,
                             cudaStream_t stream) {
   if (!bias_table) fail(ErrorCode::Internal, "decoder_self_attention needs the relative-position bias");
-  launch_small_attention<T>(qkv, ld, qkv + inner, qkv + 2 * inner, ld, out, out_ld, n_rows * dec_len, heads,
-                            d_kv, dec_len, bias_table, row_example, nullptr, 0, index, k_offset, v_offset, dropout,
-                            stream);
+  const int n_queries = n_rows * dec_len;
+  if (n_queries <= 0) return;
+  const dim3 grid((n_queries + kSmallAttnWarps - 1) / kSmallAttnWarps, heads), block(32 * kSmallAttnWarps);
+  with_dims_per_lane(d_kv, [&](auto dpl) {
+    TFEW_LAUNCH(grid, block, 0, stream, decoder_self_attention_kernel<T, decltype(dpl)::value>)(
+        qkv, ld, inner, out, out_ld, n_queries, d_kv, dec_len, bias_table, row_example, index, k_offset, v_offset,
+        dropout);
+  });
+  TFEW_CUDA_CHECK_LAUNCH("decoder_self_attention_kernel");
 }
 
 template <typename T>
@@ -1345,8 +1446,8 @@ void cross_attention(const T* q, int q_ld, const T* kv, int kv_ld, int inner, in
   const T* k = kv;
   const T* v = kv + inner;
   if (!cross_tiled_fits(k, v, kv_ld, d_kv)) {
-    launch_small_attention<T>(q, q_ld, k, v, kv_ld, out, out_ld, n_queries, heads, d_kv, dec_len, nullptr,
-                              row_example, enc_lengths, enc_len, index, k_offset, v_offset, dropout, stream);
+    launch_small_attention<T>(q, q_ld, k, v, kv_ld, out, out_ld, n_queries, heads, d_kv, dec_len, row_example,
+                              enc_lengths, enc_len, index, k_offset, v_offset, dropout, stream);
     return;
   }
   const dim3 grid((n_queries + kCrossQueries - 1) / kCrossQueries, heads), block(32 * kCrossWarps);
@@ -1401,6 +1502,175 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
   TFEW_CUDA_CHECK_LAUNCH("attention_backward_key_kernel");
 }
 
+// ---- decoder self-attention backward, one kernel: a warp per (choice row, head) with the row's q, k, v and output
+// gradient in shared memory (causal rows of at most kSelfBackwardMaxLen positions). The two-pass kernels above (a
+// warp per query, then a warp per key) read every key and value row from global memory once per query, each read a
+// latency the next step waits for: at TRAIN-3B's 8 decoder positions they took ~19 us each a layer on an H200
+// (session 19's ncu) for a few MFLOP. Here the row is read once with independent loads; scores, dP and dS of every
+// (query, key) pair are made with a lane per key (the same formulas as attention_backward_query_kernel: p from its
+// own softmax statistics, D = sum_j p_j dp_j), kept in shared memory, then summed with lanes over dimensions into
+// dq, dk, dv and the per-token (IA)3 contributions, each element by one lane in a fixed order (deterministic).
+namespace {
+constexpr int kSelfBackwardMaxLen = 32;
+
+// Floats of shared memory for one (row, head): q, k, v and the output gradient [len][d_kv + 1] (the + 1 puts a lane
+// per key's reads of column d in distinct banks), l_k and l_v [d_kv], dS and P' [len][len].
+inline size_t self_backward_smem_floats(int len, int d_kv) {
+  return 4 * static_cast<size_t>(len) * (d_kv + 1) + 2 * static_cast<size_t>(d_kv) + 2 * static_cast<size_t>(len) * len;
+}
+
+// a[u] = sum_n wa[n step] rows_a[n][d], b[u] = sum_n wb[n step] rows_b[n][d] over n in [first, last), for this lane's
+// dimensions d = lane + 32 u (rows row_ld floats apart, in shared memory), in order of n.
+template <int DPL>
+__device__ __forceinline__ void weighted_row_sums(const float* wa, const float* wb, int step, int first, int last,
+                                                  const float* rows_a, const float* rows_b, int row_ld, int d_kv,
+                                                  float (&a)[DPL], float (&b)[DPL]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int u = 0; u < DPL; ++u) a[u] = b[u] = 0.f;
+  for (int n = first; n < last; ++n) {
+    const float x = wa[n * step], y = wb[n * step];
+#pragma unroll
+    for (int u = 0; u < DPL; ++u) {
+      const int d = lane + 32 * u;
+      if (d < d_kv) {
+        a[u] += x * rows_a[n * row_ld + d];
+        b[u] += y * rows_b[n * row_ld + d];
+      }
+    }
+  }
+}
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(32)
+decoder_self_attention_backward_kernel(AttentionGeometry g, const T* __restrict__ qkv, int ld,
+                                       const float* __restrict__ dout, AdapterIndex index, int64_t k_offset,
+                                       int64_t v_offset, T* __restrict__ dqkv, int dqkv_ld, float* __restrict__ g_k,
+                                       float* __restrict__ g_v) {
+  wait_for_previous_kernel();
+  g.dropout = with_seed(g.dropout);
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x, r = blockIdx.x, h = blockIdx.y;
+  const int L = g.q_len, d_kv = g.d_kv, inner = g.heads * g.d_kv, row_ld = d_kv + 1;
+  float* Qs = smem;  // unscaled q, k, v and output gradient rows of this (row, head)
+  float* Ks = Qs + L * row_ld;
+  float* Vs = Ks + L * row_ld;
+  float* Gs = Vs + L * row_ld;
+  float* lk = Gs + L * row_ld;  // l_k, l_v of the row's example (ones without an adapter)
+  float* lv = lk + d_kv;
+  float* dS = lv + d_kv;  // [i][j]: dS = P (drop dP' - D), 0 where j > i
+  float* Pd = dS + L * L;  // [i][j]: P' = P drop
+  const int64_t head_col = static_cast<int64_t>(h) * d_kv;
+  const float *l_k, *l_v;
+  adapter_vectors(index, g.row_example[r], head_col, k_offset, v_offset, &l_k, &l_v);
+  const int64_t t0 = static_cast<int64_t>(r) * L;  // the row's first token
+  for (int d = lane; d < d_kv; d += 32) {
+    lk[d] = l_k ? l_k[d] : 1.f;
+    lv[d] = l_v ? l_v[d] : 1.f;
+  }
+#pragma unroll 4
+  for (int p = 0; p < L; ++p) {
+    const T* row = qkv + (t0 + p) * ld + head_col;
+    const float* grow = dout + (t0 + p) * inner + head_col;
+    for (int d = lane; d < d_kv; d += 32) {
+      Qs[p * row_ld + d] = to_f32(row[d]);
+      Ks[p * row_ld + d] = to_f32(row[inner + d]);
+      Vs[p * row_ld + d] = to_f32(row[2 * inner + d]);
+      Gs[p * row_ld + d] = grow[d];
+    }
+  }
+  __syncwarp();
+
+  // per query i, lane j = key j: s = (l_k q_i) . k_j + bias, dP' = (l_v g_i) . v_j, the softmax over j <= i
+  const float* bias_h = g.bias_table + static_cast<int64_t>(h) * (2 * L - 1);
+  const int j = lane;
+  for (int i = 0; i < L; ++i) {
+    const bool visible = j <= i;
+    float s = -INFINITY, dpv = 0.f;
+    if (visible) {
+      const float* qi = Qs + i * row_ld;
+      const float* gi = Gs + i * row_ld;
+      const float* kj = Ks + j * row_ld;
+      const float* vj = Vs + j * row_ld;
+      float acc_s = 0.f, acc_dp = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < d_kv; ++d) {
+        acc_s += (qi[d] * lk[d]) * kj[d];
+        acc_dp += (gi[d] * lv[d]) * vj[d];
+      }
+      s = acc_s + bias_h[L - 1 - i + j];
+      dpv = acc_dp;
+    }
+    const float m = warp_max(s);  // finite: key 0 is visible to every query
+    const float e = visible ? expf(s - m) : 0.f;
+    const float inv_l = 1.f / warp_sum(e);
+    const float p = e * inv_l;
+    const float drop = visible ? dropout_scale(g.dropout, ((static_cast<uint64_t>(r) * g.heads + h) * L + i) * L + j) : 0.f;
+    const float dp = drop * dpv;
+    const float D = warp_sum(p * dp);
+    if (j < L) {
+      dS[i * L + j] = visible ? p * (dp - D) : 0.f;
+      Pd[i * L + j] = visible ? p * drop : 0.f;
+    }
+  }
+  __syncwarp();
+
+  // lanes over dimensions: dq~_i = sum_j dS_ij k_j, o~_i = sum_j P'_ij v_j; dq = l_k dq~ (as T), g_k = q dq~, g_v = g o~
+  for (int i = 0; i < L; ++i) {
+    float dq[DPL], o[DPL];
+    weighted_row_sums<DPL>(dS + i * L, Pd + i * L, 1, 0, i + 1, Ks, Vs, row_ld, d_kv, dq, o);
+#pragma unroll
+    for (int u = 0; u < DPL; ++u) {
+      const int d = lane + 32 * u;
+      if (d < d_kv) {
+        const int64_t t = t0 + i;
+        dqkv[t * dqkv_ld + head_col + d] = from_f32<T>(dq[u] * lk[d]);
+        g_k[t * inner + head_col + d] = Qs[i * row_ld + d] * dq[u];
+        g_v[t * inner + head_col + d] = Gs[i * row_ld + d] * o[u];
+      }
+    }
+  }
+  // dk_j = l_k sum_i dS_ij q_i, dv_j = l_v sum_i P'_ij g_i over the queries i >= j that see key j
+  for (int j_key = 0; j_key < L; ++j_key) {
+    float dk[DPL], dv[DPL];
+    weighted_row_sums<DPL>(dS + j_key, Pd + j_key, L, j_key, L, Qs, Gs, row_ld, d_kv, dk, dv);
+#pragma unroll
+    for (int u = 0; u < DPL; ++u) {
+      const int d = lane + 32 * u;
+      if (d < d_kv) {
+        T* out = dqkv + (t0 + j_key) * dqkv_ld + head_col + d;
+        out[inner] = from_f32<T>(dk[u] * lk[d]);
+        out[2 * inner] = from_f32<T>(dv[u] * lv[d]);
+      }
+    }
+  }
+}
+}  // namespace
+
+template <typename T>
+void decoder_self_attention_backward(const AttentionGeometry& g, const T* qkv, int ld, const float* dout,
+                                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* dqkv,
+                                     int dqkv_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream) {
+  if (g.kind != AttentionKind::DecoderSelf || !g.bias_table)
+    fail(ErrorCode::Internal, "decoder_self_attention_backward: a causal self-attention with its bias");
+  if (g.n_seq <= 0 || g.q_len <= 0) return;
+  const int inner = g.heads * g.d_kv;
+  const size_t smem = sizeof(float) * self_backward_smem_floats(g.q_len, g.d_kv);
+  if (g.q_len <= kSelfBackwardMaxLen && smem <= 48 * 1024) {
+    with_dims_per_lane(g.d_kv, [&](auto dpl) {
+      TFEW_LAUNCH(dim3(g.n_seq, g.heads), 32, smem, stream, decoder_self_attention_backward_kernel<T, decltype(dpl)::value>)(
+          g, qkv, ld, dout, index, k_offset, v_offset, dqkv, dqkv_ld, g_k, g_v);
+    });
+    TFEW_CUDA_CHECK_LAUNCH("decoder_self_attention_backward_kernel");
+    return;
+  }
+  // longer rows (or wide heads): the two passes
+  attention_backward_query<T>(g, qkv, ld, qkv + inner, qkv + 2 * inner, ld, dout, index, k_offset, v_offset, dqkv,
+                              dqkv_ld, g_k, g_v, stats, stream);
+  attention_backward_key<T>(g, qkv, ld, qkv + inner, qkv + 2 * inner, ld, dout, index, k_offset, v_offset, stats,
+                            dqkv + inner, dqkv + 2 * inner, dqkv_ld, stream);
+}
+
 #define TFEW_INSTANTIATE(T)                                                                                   \
   template void ia3_scale_kv<T>(T*, int, int, int, int, int, const AdapterIndex&, int64_t, int64_t,            \
                                 cudaStream_t);                                                                \
@@ -1435,7 +1705,10 @@ void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, co
                                             float*, float*, float*, cudaStream_t);                             \
   template void attention_backward_key<T>(const AttentionGeometry&, const T*, int, const T*, const T*, int,      \
                                           const float*, const AdapterIndex&, int64_t, int64_t, const float*,   \
-                                          T*, T*, int, cudaStream_t);
+                                          T*, T*, int, cudaStream_t);                                          \
+  template void decoder_self_attention_backward<T>(const AttentionGeometry&, const T*, int, const float*,       \
+                                                   const AdapterIndex&, int64_t, int64_t, T*, int, float*,     \
+                                                   float*, float*, cudaStream_t);
 TFEW_INSTANTIATE(float)
 TFEW_INSTANTIATE(__nv_bfloat16)
 #undef TFEW_INSTANTIATE

@@ -47,6 +47,11 @@ constexpr int kTile = 64;           // queries per block and keys per step
 constexpr int kWarps = kTile / 16;  // one warp per 16 query rows
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = 2^(x log2 e): the mma kernels' ex2
+// __launch_bounds__'s minimum of resident blocks for a kernel instance compiled for kMinBlocks (OccupancyBlocks): none
+// (0) for the default instances. An explicit 1 is not the same as none: ptxas (CUDA 13.0, sm_90) then gives the
+// backward kernels ~20-40 more registers a thread (dq 211 against 190), one block fewer per SM.
+template <int kMinBlocks>
+constexpr int kMinBlocksBound = kMinBlocks == 1 ? 0 : kMinBlocks;
 
 template <int DK>
 struct FusedSmem {
@@ -474,8 +479,8 @@ struct KeyValueStages {
   __device__ __nv_bfloat16* v_tile(int it) const { return v + (it & 1) * MmaSmem<DK>::kStage; }
 };
 
-template <int DK>
-__global__ void __launch_bounds__(kThreads)
+template <int DK, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kThreads, kMinBlocksBound<kMinBlocks>)
 fused_encoder_attention_mma_kernel(const __nv_bfloat16* __restrict__ qkv, int inner, int len,
                                    const float* __restrict__ bias_table, const int32_t* __restrict__ lengths,
                                    AdapterIndex index, int64_t k_offset, int64_t v_offset, DropoutSite dropout,
@@ -741,8 +746,8 @@ __device__ __forceinline__ void score_products(float (&s)[2][4], float (&dp)[2][
 // dQ of one (example, head, 64-query tile), a warp per 16 query rows; also D = rowsum(dC * C) into stats[.., 2]
 // for the dkv kernel. Per key tile (K~ and V~ made as the forward makes them): S = Q K~^T, P = exp(S + bias - m) / l,
 // dP' = dC V~^T, dS = P (drop dP' - D), dQ += dS K~.
-template <int DK>
-__global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionBackwardArgs a) {
+template <int DK, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kThreads, kMinBlocksBound<kMinBlocks>) fused_attention_dq_kernel(AttentionBackwardArgs a) {
   wait_for_previous_kernel();
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -859,8 +864,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_dq_kernel(AttentionB
 // (example, head, 64-key tile), a warp per 16 key rows. Per query tile (those past the example's length are
 // padding, whose dC is exactly zero: skipped): S^T = K~ Q^T, P^T, dP'^T = V~ dC^T, dS^T = P^T (drop dP'^T - D),
 // dV~ += P'^T dC, dK~ += dS^T Q.
-template <int DK>
-__global__ void __launch_bounds__(kThreads) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
+template <int DK, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kThreads, kMinBlocksBound<kMinBlocks>) fused_attention_dkv_kernel(AttentionBackwardArgs a) {
   wait_for_previous_kernel();
   using S = BackwardSmem<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -1003,6 +1008,18 @@ size_t forward_smem_bytes() {
   return attention_kernel_wmma() ? FusedSmem<DK>::kBytes : MmaSmem<DK>::kBytes;
 }
 
+// cuda.attentionOccupancy (attention_occupancy(stream)): the mma.sync kernels compiled for one more block per SM than
+// their registers allow by default, at d_kv 64 (T0-3B's): the forward for 4 blocks of 128 threads (<= 128 registers;
+// 168 by default: 3 blocks), the dq and dkv kernels for 3 (<= 168; 190 and 172: 2 blocks). ptxas (CUDA 13.0, sm_90)
+// then spills 104, 88 and 40 bytes a thread. These kernels are latency-bound at 12.5-18.75% occupancy (H200, session
+// 19's ncu: 5.5-8.3 cycles between a warp's instructions), so more warps may pay for the spills: what rank-bench's
+// -OCCUPANCY rows measure. Other d_kv keep their one instance (d_kv 128 would spill kilobytes).
+template <int DK>
+struct OccupancyBlocks {
+  static constexpr int kForward = DK == 64 ? 4 : 1;
+  static constexpr int kBackward = DK == 64 ? 3 : 1;
+};
+
 template <int DK>
 void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int len, const float* bias_table,
                   const int32_t* lengths, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
@@ -1017,22 +1034,38 @@ void launch_fused(const __nv_bfloat16* qkv, int inner, int batch, int heads, int
     TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_kernel");
     return;
   }
-  opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
-  TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK>)(
-      qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stats, keep);
+  constexpr int kOccupancy = OccupancyBlocks<DK>::kForward;
+  if (kOccupancy > 1 && attention_occupancy(stream)) {
+    opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK, kOccupancy>), smem);
+    TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK, kOccupancy>)(
+        qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stats, keep);
+  } else {
+    opt_in_shared_memory(reinterpret_cast<const void*>(fused_encoder_attention_mma_kernel<DK>), smem);
+    TFEW_LAUNCH(grid, kThreads, smem, stream, fused_encoder_attention_mma_kernel<DK>)(
+        qkv, inner, len, bias_table, lengths, index, k_offset, v_offset, dropout, out, stats, keep);
+  }
   TFEW_CUDA_CHECK_LAUNCH("fused_encoder_attention_mma_kernel");
+}
+
+template <int DK, int kMinBlocks>
+void launch_fused_backward_instances(const AttentionBackwardArgs& args, int batch, int heads, cudaStream_t stream) {
+  using S = BackwardSmem<DK>;
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dq_kernel<DK, kMinBlocks>), S::kDqBytes);
+  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dkv_kernel<DK, kMinBlocks>), S::kDkvBytes);
+  const dim3 grid((args.len + kTile - 1) / kTile, heads, batch);
+  TFEW_LAUNCH(grid, kThreads, S::kDqBytes, stream, fused_attention_dq_kernel<DK, kMinBlocks>)(args);
+  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dq_kernel");
+  TFEW_LAUNCH(grid, kThreads, S::kDkvBytes, stream, fused_attention_dkv_kernel<DK, kMinBlocks>)(args);
+  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dkv_kernel");
 }
 
 template <int DK>
 void launch_fused_backward(const AttentionBackwardArgs& args, int batch, int heads, cudaStream_t stream) {
-  using S = BackwardSmem<DK>;
-  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dq_kernel<DK>), S::kDqBytes);
-  opt_in_shared_memory(reinterpret_cast<const void*>(fused_attention_dkv_kernel<DK>), S::kDkvBytes);
-  const dim3 grid((args.len + kTile - 1) / kTile, heads, batch);
-  TFEW_LAUNCH(grid, kThreads, S::kDqBytes, stream, fused_attention_dq_kernel<DK>)(args);
-  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dq_kernel");
-  TFEW_LAUNCH(grid, kThreads, S::kDkvBytes, stream, fused_attention_dkv_kernel<DK>)(args);
-  TFEW_CUDA_CHECK_LAUNCH("fused_attention_dkv_kernel");
+  constexpr int kOccupancy = OccupancyBlocks<DK>::kBackward;
+  if (kOccupancy > 1 && attention_occupancy(stream))
+    launch_fused_backward_instances<DK, kOccupancy>(args, batch, heads, stream);
+  else
+    launch_fused_backward_instances<DK, 1>(args, batch, heads, stream);
 }
 
 }  // namespace

@@ -51,6 +51,11 @@ struct DropoutSite {
 // off before destroying the stream; off for every stream not named.
 void set_programmatic_launch(cudaStream_t stream, bool on);
 bool programmatic_launch(cudaStream_t stream);
+// Whether the fused encoder attention kernels launched on `stream` are the instances compiled for one more block per
+// SM (kernels/attention_fused.cu, kOccupancyBlocks: fewer registers, a few spilled): the engine switches it on for its
+// stream (cuda.attentionOccupancy), off before destroying the stream.
+void set_attention_occupancy(cudaStream_t stream, bool on);
+bool attention_occupancy(cudaStream_t stream);
 // Whether the kernels the current device runs wait for their predecessor: compiled for compute_90 or later (the wait
 // compiles to nothing below that: a build for sm_80 only, run on an H100 from its PTX, must not overlap its launches;
 // a probe kernel reports its __CUDA_ARCH__), and CUDA graphs can keep programmatic edges (runtime and driver 12.3 or
@@ -294,6 +299,15 @@ template <typename T>
 void attention_backward_key(const AttentionGeometry& g, const T* q, int q_ld, const T* k, const T* v, int kv_ld,
                             const float* dout, const AdapterIndex& index, int64_t k_offset, int64_t v_offset,
                             const float* stats, T* dk, T* dv, int dkv_ld, cudaStream_t stream);
+
+// The decoder's causal self-attention backward, both passes' outputs (dq, dk, dv into dqkv [.., dqkv_ld] at column
+// offsets 0, inner, 2 inner; g_k, g_v): one kernel, a warp per (choice row, head) in shared memory, for rows of up to
+// 32 positions (whose q, k, v and output gradient fit in 48 KiB); longer rows take the two passes above (stats:
+// their scratch).
+template <typename T>
+void decoder_self_attention_backward(const AttentionGeometry& g, const T* qkv, int ld, const float* dout,
+                                     const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* dqkv,
+                                     int dqkv_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream);
 
 // ---- delay.cu: a kernel that waits `microseconds` on the device (timing: the work queued behind it runs back to back)
 void device_delay(int microseconds, cudaStream_t stream);

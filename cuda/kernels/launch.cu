@@ -1,5 +1,5 @@
 // The streams whose kernel launches may overlap the kernel before them (kernels/launch.cuh), and whether the loaded
-// kernels can.
+// kernels can; the streams whose fused encoder attention runs its higher-occupancy instances.
 #include <algorithm>
 #include <atomic>
 #include <mutex>
@@ -11,9 +11,30 @@ namespace tfew {
 namespace kernels {
 
 namespace {
-std::mutex g_streams_mutex;
-std::vector<cudaStream_t> g_streams;  // one per engine that asked: a few at most
-std::atomic<int> g_stream_count{0};   // (launches skip the lock while no stream is registered)
+// The streams with a setting switched on: one per engine that asked, a few at most. Lookups skip the lock while
+// the set is empty (every launch asks).
+class StreamSet {
+ public:
+  void set(cudaStream_t stream, bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = std::find(streams_.begin(), streams_.end(), stream);
+    if (on && it == streams_.end()) streams_.push_back(stream);
+    if (!on && it != streams_.end()) streams_.erase(it);
+    count_.store(static_cast<int>(streams_.size()));
+  }
+  bool has(cudaStream_t stream) {
+    if (count_.load(std::memory_order_relaxed) == 0) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::find(streams_.begin(), streams_.end(), stream) != streams_.end();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<cudaStream_t> streams_;
+  std::atomic<int> count_{0};
+};
+StreamSet g_programmatic_streams;
+StreamSet g_attention_occupancy_streams;
 
 // Compiled as every kernel here is: it says for which architecture the code this GPU runs was compiled (the wait
 // is there from 900 on).
@@ -25,19 +46,10 @@ __global__ void programmatic_probe_kernel(int* arch) {
 }
 }  // namespace
 
-void set_programmatic_launch(cudaStream_t stream, bool on) {
-  std::lock_guard<std::mutex> lock(g_streams_mutex);
-  const auto it = std::find(g_streams.begin(), g_streams.end(), stream);
-  if (on && it == g_streams.end()) g_streams.push_back(stream);
-  if (!on && it != g_streams.end()) g_streams.erase(it);
-  g_stream_count.store(static_cast<int>(g_streams.size()));
-}
-
-bool programmatic_launch(cudaStream_t stream) {
-  if (g_stream_count.load(std::memory_order_relaxed) == 0) return false;
-  std::lock_guard<std::mutex> lock(g_streams_mutex);
-  return std::find(g_streams.begin(), g_streams.end(), stream) != g_streams.end();
-}
+void set_programmatic_launch(cudaStream_t stream, bool on) { g_programmatic_streams.set(stream, on); }
+bool programmatic_launch(cudaStream_t stream) { return g_programmatic_streams.has(stream); }
+void set_attention_occupancy(cudaStream_t stream, bool on) { g_attention_occupancy_streams.set(stream, on); }
+bool attention_occupancy(cudaStream_t stream) { return g_attention_occupancy_streams.has(stream); }
 
 const char* programmatic_launch_unsupported() {
 #if defined(TFEW_CUDA_EMULATION)

@@ -185,6 +185,9 @@ struct CudaEngineOptions {
   // it finishes (the launch gaps of latency-bound calls): -1 default (off until timed on a GPU), 0 off, 1 on where
   // the GPU has it (compute capability 9.0 and up)
   int programmatic_launch = -1;
+  // bf16 with the fused encoder attention at d_kv 64: its mma.sync kernels' instances compiled for one more block per
+  // SM (kernels/attention_fused.cu, OccupancyBlocks): -1 default (off until timed on a GPU), 0 off, 1 on
+  int attention_occupancy = -1;
   // bf16 inference with the fused encoder attention: run the encoder chunk by chunk (each through every layer), whole
   // examples of about this many rows (q|k|v, context and FFN temporaries then stay in L2): -1 default
   // ($TFEW_CUDA_ENCODER_CHUNK_ROWS, else 0), 0 off (every layer over the whole batch)

@@ -866,7 +866,7 @@ static int device_index_arg(const Napi::Value& v, const char* what) {
 static constexpr int kMaxCpuThreads = 256;
 
 // loadModel(config, tensors, { device, threads, cuda?: { device?, precision?, fusedAttention?, fusedBackward?,
-// fewRowLinears?, gemmTuning?, programmaticLaunch?, encoderChunkRows?, graphs?, graphBuckets?, crossAttention? },
+// fewRowLinears?, gemmTuning?, programmaticLaunch?, attentionOccupancy?, encoderChunkRows?, graphs?, graphBuckets?, crossAttention? },
 // reserve?: shapes as reserve() takes them })
 //   -> Promise<NativeModel>
 static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
@@ -930,6 +930,8 @@ static Napi::Value LoadModel(const Napi::CallbackInfo& info) {
         cuda.few_row_linears = c.Get("fewRowLinears").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("programmaticLaunch") && c.Get("programmaticLaunch").IsBoolean())
         cuda.programmatic_launch = c.Get("programmaticLaunch").As<Napi::Boolean>().Value() ? 1 : 0;
+      if (c.Has("attentionOccupancy") && c.Get("attentionOccupancy").IsBoolean())
+        cuda.attention_occupancy = c.Get("attentionOccupancy").As<Napi::Boolean>().Value() ? 1 : 0;
       if (c.Has("encoderChunkRows") && c.Get("encoderChunkRows").IsNumber())  // (checked by lib: an integer >= 0)
         cuda.encoder_chunk_rows = c.Get("encoderChunkRows").As<Napi::Number>().Int32Value();
       if (c.Has("graphs") && c.Get("graphs").IsBoolean()) cuda.graphs = c.Get("graphs").As<Napi::Boolean>().Value() ? 1 : 0;
@@ -1079,6 +1081,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   build.Set("compiler", Napi::String::New(env, "unknown"));
 #endif
   build.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
+  // the engines' call limits that lib/batch.ts builds batches to (model/graph_buckets.h): one definition
+  build.Set("encoderLengthAlignment", Napi::Number::New(env, kEncoderLengthAlignment));
+  build.Set("maxCallTokens", Napi::Number::New(env, static_cast<double>(kMaxCallTokens)));
   exports.Set("buildInfo", build);
   exports.Set("probeCuda", Napi::Function::New(env, ProbeCuda));
   exports.Set("cudaMemoryInfo", Napi::Function::New(env, CudaMemory));
@@ -1320,6 +1325,29 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       auto keep = Napi::Uint8Array::New(info.Env(), static_cast<size_t>(n));
       for (int32_t i = 0; i < n; ++i) keep[i] = cpu::dropout_keep(seed, site, static_cast<uint64_t>(i), rate) ? 1 : 0;
       return resolved(info.Env(), keep);
+    });
+  }));
+  // cpuFfnActivation({ h0, h1, dhidden, gated, n, dFf }) -> { hidden, dh0, dh1 }: ffn_activation_forward and
+  // ffn_activation_backward on [n, dFf] pre-activations (h1 and dh1 unused, empty, with relu)
+  testing.Set("cpuFfnActivation", Napi::Function::New(env, [=](const Napi::CallbackInfo& info) -> Napi::Value {
+    return settle(info.Env(), [&]() -> Napi::Value {
+      if (info.Length() < 1 || !info[0].IsObject()) fail(ErrorCode::InvalidArgument, "cpuFfnActivation(options)");
+      Napi::Object o = info[0].As<Napi::Object>();
+      const int n = size_arg(o, "n"), d_ff = size_arg(o, "dFf");
+      const bool gated = get_bool(o, "gated");
+      const double count = static_cast<double>(n) * d_ff;
+      const std::vector<float> h0 = f32_arg(o, "h0", count, false), dhidden = f32_arg(o, "dhidden", count, false);
+      const std::vector<float> h1 = gated ? f32_arg(o, "h1", count, false) : std::vector<float>();
+      auto hidden = Napi::Float32Array::New(info.Env(), static_cast<size_t>(count));
+      auto dh0 = Napi::Float32Array::New(info.Env(), static_cast<size_t>(count));
+      auto dh1 = Napi::Float32Array::New(info.Env(), gated ? static_cast<size_t>(count) : 0);
+      ThreadPool pool(1);
+      cpu::ffn_activation_forward(pool, h0.data(), gated ? h1.data() : nullptr, gated, n, d_ff, hidden.Data());
+      cpu::ffn_activation_backward(pool, h0.data(), gated ? h1.data() : nullptr, gated, dhidden.data(), n, d_ff,
+                                   dh0.Data(), gated ? dh1.Data() : nullptr);
+      Napi::Object r = Napi::Object::New(info.Env());
+      r.Set("hidden", hidden), r.Set("dh0", dh0), r.Set("dh1", dh1);
+      return resolved(info.Env(), r);
     });
   }));
   // cpuPositionBias({ table, heads, qLen, kLen, bidirectional, numBuckets, maxDistance }) -> Float32Array

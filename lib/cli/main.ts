@@ -64,6 +64,7 @@ interface CudaOpts {
   cudaDevice?: number; cudaPrecision?: CudaOptions['precision']; cudaCrossAttention?: CudaOptions['crossAttention'];
   cudaFusedAttention?: boolean; cudaFusedBackward?: boolean; cudaFewRowLinears?: boolean; cudaGemmTuning?: boolean;
   cudaProgrammaticLaunch?: boolean;
+  cudaAttentionOccupancy?: boolean;
   cudaEncoderChunkRows?: number;
   cudaGraphs?: boolean;
   cudaGraphBuckets?: boolean;
@@ -94,6 +95,8 @@ function addCudaOptions(cmd: Command): Command {
     .option('--no-cuda-gemm-tuning', 'CUDA: cuBLAS\'s own choice of GEMM algorithm (the default)')
     .option('--cuda-programmatic-launch', 'CUDA (cc 9.0+): each kernel may be scheduled while the one before it finishes (programmatic dependent launch)')
     .option('--no-cuda-programmatic-launch', 'CUDA: each kernel starts after the one before it has ended (the default)')
+    .option('--cuda-attention-occupancy', "CUDA bf16, d_kv 64: the fused encoder attention's kernels compiled for one more block per SM")
+    .option('--no-cuda-attention-occupancy', "CUDA: the fused encoder attention's kernels at their own register counts (the default)")
     .option('--cuda-encoder-chunk-rows <n>', 'CUDA inference: run the encoder over chunks of about n rows (whole examples) so its temporaries stay in L2 (default 0: off)', int('--cuda-encoder-chunk-rows'))
     .option('--no-cuda-graphs', 'CUDA: launch kernels one by one instead of replaying CUDA graphs')
     .option('--no-cuda-graph-buckets', 'CUDA: run every call at its exact lengths (not padded to a shared CUDA graph\'s)');
@@ -111,6 +114,7 @@ function cudaOptions(o: CudaOpts): CudaOptions | undefined {
   if (o.cudaFewRowLinears !== undefined) c.fewRowLinears = o.cudaFewRowLinears;  // (the same)
   if (o.cudaGemmTuning !== undefined) c.gemmTuning = o.cudaGemmTuning;  // (the same)
   if (o.cudaProgrammaticLaunch !== undefined) c.programmaticLaunch = o.cudaProgrammaticLaunch;  // (the same)
+  if (o.cudaAttentionOccupancy !== undefined) c.attentionOccupancy = o.cudaAttentionOccupancy;  // (the same)
   if (o.cudaEncoderChunkRows !== undefined) c.encoderChunkRows = o.cudaEncoderChunkRows;
   if (o.cudaGraphs === false) c.graphs = false;
   if (o.cudaGraphBuckets === false) c.graphBuckets = false;

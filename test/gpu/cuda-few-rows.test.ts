@@ -90,12 +90,14 @@ describeCuda('few-row decoder linears (cuda.fewRowLinears)', () => {
         expect([c.name, maxRelError(r.scores.flat(), want.scores.flat()) < tol('scores')]).toEqual([c.name, true]);
         expect([c.name, maxRelError(r.logProbs.flat(), p.logProbs.flat()) < tol('sum_logp')]).toEqual([c.name, true]);
         // and no less exact than the cuBLAS path they replace (both bf16, the same roundings but for the order of the
-        // dot products' sums): within twice its error against the CPU, plus 3e-4 for the sums' order. (On the emulator
-        // the two errors are 1e-4 to 1.3e-3; a kernel that drops l_v triples the first, up to 8.6e-3.) On a GPU, where
-        // each path's maximum error over a few log-probs is one draw of ~1e-3 to 5e-3, three times plus 1e-3.
+        // dot products' sums): within twice its error against the CPU (taken as at least 5e-4: one draw can be far
+        // below the other path's), plus 3e-4 for the sums' order. (On the emulator the two errors are 1.5e-4 to
+        // 7e-4 since session 20's gelu, which computes gelu_new as the CPU does; a kernel that drops l_v triples the
+        // first, up to 8.6e-3.) On a GPU, where each path's maximum error over a few log-probs is one draw of ~1e-3 to
+        // 5e-3, three times plus 1e-3.
         const fewErr = maxRelError(r.logProbs.flat(), want.logProbs.flat());
         const cublasErr = maxRelError(p.logProbs.flat(), want.logProbs.flat());
-        const bound = emulated() ? 2 * cublasErr + 3e-4 : 3 * cublasErr + 1e-3;
+        const bound = emulated() ? 2 * Math.max(cublasErr, 5e-4) + 3e-4 : 3 * cublasErr + 1e-3;
         expect([c.name, fewErr, fewErr <= bound]).toEqual([c.name, fewErr, true]);
         // other sums of the same products: some log-prob differs in its last bits (the kernels ran, not cuBLAS)
         expect([c.name, r.logProbs.flat().some((v, i) => v !== p.logProbs.flat()[i])]).toEqual([c.name, true]);

@@ -275,6 +275,28 @@ describeCuda('CUDA vs CPU backend on a T0-3B-width random checkpoint', () => {
       });
     }
 
+    if (precision === 'bf16') {
+      test('the higher-occupancy attention kernels (cuda.attentionOccupancy) give the default kernels\' bits', async () => {
+        // the same arithmetic compiled for one more block per SM (fewer registers, a few spilled): rank classification,
+        // and training with dropout through the forward, its saved statistics and both backward kernels
+        const high = await loadCuda(dir, 'bf16', {}, { attentionOccupancy: true });
+        try {
+          expect(high.describe()).toMatch(/higher-occupancy kernels/);
+          expect(gpu.describe()).not.toMatch(/higher-occupancy/);
+          const [h, d] = [await high.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample }),
+            await gpu.rankClassify(uniform.inputIds, uniform.choices, { adapter: perExample })];
+          expect(h.logProbs).toEqual(d.logProbs);
+          const opts = { adapter: perExample, dropout: true, seed: 5, recompute: 'none' as const };
+          const [ht, dt] = [await high.lossAndGradients(uniformTrain, opts), await gpu.lossAndGradients(uniformTrain, opts)];
+          expect(ht.totalLoss).toBe(dt.totalLoss);
+          for (const a of adapters)
+            expect(Array.from(ht.adapterGradients.get(a) as Float32Array)).toEqual(Array.from(dt.adapterGradients.get(a) as Float32Array));
+        } finally {
+          await high.dispose();
+        }
+      });
+    }
+
     test('editing an adapter in place is seen by the next call', async () => {
       const a = randomAdapter(gpu, 31);
       const before = await gpu.rankClassify(batch.inputIds, batch.choices, { adapter: a });

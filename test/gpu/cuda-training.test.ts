@@ -6,7 +6,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { IA3Adapter, T5Model } from '../../lib';
 import { buildTinyT5 } from '../../lib/tiny';
-import { CHECKPOINTS, loadFixture, maxRelError, relError } from '../helpers/reference';
+import { CHECKPOINTS, loadFixture, maxRelError, relError, scaledFfnNormCopy } from '../helpers/reference';
 import { bf16Tolerance, describeCuda, loadCuda, Precision, randomAdapter } from './helpers';
 
 jest.setTimeout(300_000);
@@ -152,6 +152,20 @@ describeCuda('CUDA training', () => {
       // a failed capture would have turned graphs off (and said why) instead
       if (!process.env.TFEW_CUDA_DEBUG_SYNC) expect(gpu.describe()).toMatch(/CUDA graphs on/);
     });
+
+    // The decoder self-attention backward runs in one kernel for rows of up to 32 positions and in two passes beyond
+    // (kernels::decoder_self_attention_backward): choices of 32 and of 33-40 tokens, with dropout, a mixed batch
+    test.each([[32, 17], [40, 33]])('long choices (%i and %i tokens): both self-attention backward paths equal the CPU backend', async (a, b) => {
+      const choice = (n: number, from: number) => Array.from({ length: n - 1 }, (_, i) => 3 + ((from + i) % 12)).concat([1]);
+      const long = { inputIds: batch.inputIds.slice(0, 2), choices: [[choice(a, 0), choice(b, 5)], [choice(b, 2), choice(4, 7)]], labels: [0, 1] };
+      const adapters = [perturbed(cpu, 15), perturbed(cpu, 16)];
+      const opts = { adapter: [adapters[0], adapters[1]], dropout: true, seed: 19 };
+      const g = await gpu.lossAndGradients(long, opts);
+      const c = await cpu.lossAndGradients(long, opts);
+      expect(maxRelError([g.lmLoss, g.ulLoss, g.lnLoss], [c.lmLoss, c.ulLoss, c.lnLoss])).toBeLessThan(FP32_TOL);
+      for (const ad of adapters)
+        expect(relError(g.adapterGradients.get(ad) as Float32Array, c.adapterGradients.get(ad) as Float32Array)).toBeLessThan(FP32_TOL);
+    });
   });
 
   // The folded cross-attention in training (uniform choices per example): forward and backward in model space,
@@ -250,4 +264,32 @@ describeCuda('CUDA training', () => {
       }
     });
   });
+
+  // Gated-gelu far below zero: the activation is computed as x sigmoid(2u) on both backends, whose exp(-2u)
+  // overflows below x ~ -10.05; 1 - sigmoid must be 1 there, not inf * 0 (the CPU backend's gradients were NaN
+  // before session 20). The fixture with its FFN norms x40 reaches pre-activations of about -30.
+  test('FFN pre-activations far below zero: losses and every (IA)3 gradient finite and equal to the CPU backend', async () => {
+    const fx = loadFixture('tiny-gated-gelu-untied');
+    const dir = scaledFfnNormCopy(fx.dir, 40);
+    const cpu = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    const models = [await loadCuda(dir, 'fp32'), await loadCuda(dir, 'bf16')];
+    try {
+      const adapter = await IA3Adapter.load(path.join(fx.dir, 'adapter_a'));
+      const batch = { inputIds: fx.inputIds, choices: fx.choices, labels: fx.labels };
+      const c = await cpu.lossAndGradients(batch, { adapter });
+      for (const [i, gpu] of models.entries()) {
+        const g = await gpu.lossAndGradients(batch, { adapter });
+        for (const m of adapter.modules) expect(Array.from(g.gradients[m.name]).every(Number.isFinite)).toBe(true);
+        if (i === 0) {  // fp32: the CPU tolerance (bf16 is held to PyTorch's error on the fixtures' own weights above)
+          expect(maxRelError([g.totalLoss], [c.totalLoss])).toBeLessThan(FP32_TOL);
+          for (const m of adapter.modules) expect(relError(g.gradients[m.name], c.gradients[m.name])).toBeLessThan(FP32_TOL);
+        }
+      }
+    } finally {
+      for (const m of models) await m.dispose();
+      await cpu.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
+

@@ -1,6 +1,8 @@
 // The golden fixture batch and expected values of one tiny checkpoint, in the shapes the public API takes.
+import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
-import { readSafetensorsF64 } from '../../lib/safetensors';
+import { readSafetensorsF64, readSafetensorsHeader, readTensorF32, writeSafetensors, WritableTensor } from '../../lib/safetensors';
 import { fixturesDir } from './paths';
 
 export const CHECKPOINTS = ['tiny-gated-gelu-untied', 'tiny-relu-tied'] as const;
@@ -61,4 +63,25 @@ export function maxRelError(a: ArrayLike<number>, b: ArrayLike<number>, floor = 
   let worst = 0;
   for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]) / Math.max(Math.abs(b[i]), floor));
   return worst;
+}
+
+/**
+ * A copy of a fixture checkpoint whose feed-forward sub-layers' norm weights are multiplied by `factor` (everything
+ * else as it is): the FFN pre-activations grow by that factor, reaching values far below zero (gated-gelu's
+ * overflow region) that the fixtures' own weights never produce.
+ */
+export function scaledFfnNormCopy(dir: string, factor: number): string {
+  const out = fs.mkdtempSync(path.join(os.tmpdir(), 'tfew-ffn-scaled-'));
+  fs.cpSync(dir, out, { recursive: true });
+  const file = path.join(dir, 'model.safetensors');
+  const tensors: Record<string, WritableTensor> = {};
+  for (const [name, entry] of readSafetensorsHeader(file).entries) {
+    const data = readTensorF32(file, entry);
+    if (/^(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)\.layer_norm\.weight$/.test(name)) {
+      for (let i = 0; i < data.length; ++i) data[i] *= factor;
+    }
+    tensors[name] = { dtype: 'F32', shape: entry.shape, data };
+  }
+  writeSafetensors(path.join(out, 'model.safetensors'), tensors);
+  return out;
 }
