@@ -155,8 +155,8 @@ export interface BestCombination {
  * The combination a run suggests for `workload`: every variant row (name and switches) that beat the default row
  * by more than 1 % (device ms), fastest first, and their switches merged; undefined when none did. A slower winner
  * is left out whole when one of its switches is set otherwise by a faster one (two chunk sizes: the faster one's),
- * or cannot go with those taken (the cuBLAS attention forward with the encoder chunks, or with the backward's switch:
- * the unfused attention always takes the cuBLAS backward).
+ * or cannot go with those taken (the cuBLAS attention forward with the encoder chunks, the higher-occupancy attention
+ * kernels or the backward's switch: the unfused attention always takes the cuBLAS backward).
  * `row`: the row that timed exactly these switches if one did (then it is not timed again), else `${workload}-BEST`.
  */
 export function bestCombination(workload: string, workloads: Record<string, { medianForwardMs: number }>,
@@ -173,9 +173,10 @@ export function bestCombination(workload: string, workloads: Record<string, { me
     const options = w.cuda as Record<string, unknown>;
     if (!Object.entries(options).every(([k, v]) => !(k in cuda) || cuda[k] === v)) continue;
     const merged = { ...cuda, ...options } as CudaOptions;
-    // (the encoder chunks run on the fused attention: not with fusedAttention false; nor the backward's switch,
-    // which the unfused attention decides alone: the cuBLAS backward)
-    if (merged.fusedAttention === false && ((merged.encoderChunkRows ?? 0) > 0 || merged.fusedBackward !== undefined)) continue;
+    // (the encoder chunks and the higher-occupancy kernels run on the fused attention: not with fusedAttention false;
+    // nor the backward's switch, which the unfused attention decides alone: the cuBLAS backward)
+    if (merged.fusedAttention === false &&
+        ((merged.encoderChunkRows ?? 0) > 0 || merged.attentionOccupancy !== undefined || merged.fusedBackward !== undefined)) continue;
     Object.assign(cuda, options);
   }
   const same = (a: CudaOptions) => JSON.stringify(Object.entries(a).sort()) === JSON.stringify(Object.entries(cuda).sort());
@@ -558,9 +559,10 @@ async function run(args: Map<string, string>): Promise<RankBenchResult> {
   }
 
   // TRAIN-3B-ALONE: TRAIN-3B as the first and only workload of a fresh load, the default path. Its device memory is
-  // the step's own peak (weights, arena, cuBLAS workspace, its graphs), what the <= 8 GiB goal is about: TRAIN-3B's
-  // own row is measured on the main load after the rank workloads and the recomputing rows, whose graphs and arena
-  // growth it includes (8.04 GiB against 7.98-7.99 on fresh loads in session 19).
+  // the load's own (weights, arena, cuBLAS workspace, its graphs), what the <= 8 GiB goal is about: TRAIN-3B's own
+  // row is measured on the main load after the rank workloads and the recomputing rows, whose graphs and arena growth
+  // it includes (8.04 GiB against 7.98-7.99 on fresh loads in session 19). Like every row's, it leaves out what the
+  // process loaded before (the CUDA context and modules, cuBLAS's own memory).
   if (!lost && !('TRAIN-3B-ALONE' in workloads) && !('TRAIN-3B-ALONE' in result.failures!)) {
     const before = usedMiB();
     let alone: T5Model | undefined;

@@ -65,6 +65,41 @@ describe('the CPU backend\'s buffer cache', () => {
     expect(cached()).toBe(0);
   });
 
+  // Out of memory for a fresh block (cuda/cpu/scratch.cc fresh_block; failures injected by
+  // _testing.cpuScratchFailFreshBlocks, which returns how many were still pending): the cache's idle blocks go back to
+  // the system and the request is tried once more; a second failure is E_OUT_OF_MEMORY for that call alone, and the
+  // model goes on working. Each injected call is of a size no cached block fits (a block serves requests of 4/5 of
+  // its size and more), so that it asks the system for fresh blocks.
+  test('out of memory for a fresh block: the cache is emptied and the block tried again; else a typed error, the model intact', async () => {
+    const hooks = native()._testing as unknown as { cpuScratchCachedBytes(): number; cpuScratchFailFreshBlocks(n: number): number };
+    const dir = fs.mkdtempSync(path.join(tmp, 'scratch-oom-'));
+    buildTinyT5(dir, { words: ['alpha', 'beta', 'gamma'], dModel: 128, dFf: 512, numLayers: 2, numHeads: 4, dKv: 32, seed: 6 });
+    const ids = (n: number, k: number) => [...Array.from({ length: n - 1 }, (_, i) => 2 + ((i * 7 + k) % 4)), 1];
+    const call = (m: T5Model, lengths: number[]) =>
+      m.rankClassify(lengths.map((n, k) => ids(n, k)), lengths.map((_, k) => [ids(3, k), ids(4, k + 1)]));
+    const [smallCall, largeCall, largerCall] = [[160], [300, 290], [500, 480, 470]];  // (160 x d_ff 512 floats: a cached block)
+    const reference = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    const [wantLarge, wantLarger] = [(await call(reference, largeCall)).scores, (await call(reference, largerCall)).scores];
+    await reference.dispose();  // (the last CPU engine: the cache is emptied)
+    expect(hooks.cpuScratchCachedBytes()).toBe(0);
+    const m = await T5Model.load(dir, { device: 'cpu', threads: 2 });
+    try {
+      await call(m, smallCall);
+      expect(hooks.cpuScratchCachedBytes()).toBeGreaterThan(0);  // small blocks wait
+      hooks.cpuScratchFailFreshBlocks(1);
+      expect((await call(m, largeCall)).scores).toEqual(wantLarge);
+      expect(hooks.cpuScratchFailFreshBlocks(0)).toBe(0);  // the failure happened (and the retry after emptying worked)
+      hooks.cpuScratchFailFreshBlocks(2);
+      await expect(call(m, largerCall)).rejects.toMatchObject({ code: 'E_OUT_OF_MEMORY' });
+      expect(hooks.cpuScratchFailFreshBlocks(0)).toBe(0);
+      expect((await call(m, largerCall)).scores).toEqual(wantLarger);
+      expect((await call(m, largeCall)).scores).toEqual(wantLarge);
+    } finally {
+      hooks.cpuScratchFailFreshBlocks(0);
+      await m.dispose();
+    }
+  });
+
   test('TFEW_CPU_BUFFER_CACHE_MB=0 turns the cache off', () => {
     const script = `const { T5Model, IA3Adapter } = require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'))});
       const { native } = require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'lib', 'native'))});

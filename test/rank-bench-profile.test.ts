@@ -130,6 +130,12 @@ describe('rank-bench GEMM shapes', () => {
     const withUnfused = [...chunks, { row: 'RANK-3B-B32-UNFUSED', cuda: { fusedAttention: false } }];
     expect(bestCombination('RANK-3B-B32', { 'RANK-3B-B32': w(46), 'RANK-3B-B32-CHUNK2048': w(42), 'RANK-3B-B32-UNFUSED': w(44) },
                            withUnfused)!.cuda).toEqual({ encoderChunkRows: 2048 });
+    // nor the higher-occupancy attention kernels with the unfused attention, which has none (whichever came first)
+    const occupancy = [{ row: 'TRAIN-3B-UNFUSED', cuda: { fusedAttention: false } }, { row: 'TRAIN-3B-OCCUPANCY', cuda: { attentionOccupancy: true } }];
+    expect(bestCombination('TRAIN-3B', { 'TRAIN-3B': w(35), 'TRAIN-3B-UNFUSED': w(33), 'TRAIN-3B-OCCUPANCY': w(34) }, occupancy)!.cuda)
+      .toEqual({ fusedAttention: false });
+    expect(bestCombination('TRAIN-3B', { 'TRAIN-3B': w(35), 'TRAIN-3B-UNFUSED': w(34), 'TRAIN-3B-OCCUPANCY': w(33) }, occupancy)!.cuda)
+      .toEqual({ attentionOccupancy: true });
     // nothing beat the default, or the default did not run: no combination
     expect(bestCombination('RANK-3B-B1', { 'RANK-3B-B1': w(3), 'RANK-3B-B1-FEW-ROWS': w(4) }, rows)).toBeUndefined();
     expect(bestCombination('TRAIN-3B', workloads, rows)).toBeUndefined();

@@ -3,6 +3,7 @@
 // call has reused for kKeepCalls calls go at the start of the next one).
 #include "scratch.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -66,14 +67,23 @@ BlockCache& cache() {
   return *c;
 }
 
+// Tests only (scratch_fail_fresh_blocks): how many of the next fresh-block allocations fail as if out of memory.
+std::atomic<int> g_failing_allocations{0};
+
+void* system_block(size_t size) {
+  for (int n = g_failing_allocations.load(); n > 0;)
+    if (g_failing_allocations.compare_exchange_weak(n, n - 1)) return nullptr;
+  return std::aligned_alloc(64, size);
+}
+
 void* fresh_block(BlockCache& c, size_t size) {
-  void* p = std::aligned_alloc(64, size);
+  void* p = system_block(size);
   if (!p) {  // the cache's idle blocks first, then once more
     {
       std::lock_guard<std::mutex> lock(c.mu);
       c.drop_all();
     }
-    p = std::aligned_alloc(64, size);
+    p = system_block(size);
     if (!p) throw std::bad_alloc();
   }
   return p;
@@ -144,6 +154,8 @@ void scratch_release(void* block, size_t bytes) {
   c.cached += size;
   while (c.cached > c.limit) c.drop(c.by_age.begin());  // the oldest first
 }
+
+int scratch_fail_fresh_blocks(int n) { return g_failing_allocations.exchange(n > 0 ? n : 0); }
 
 void scratch_new_call() {
   BlockCache& c = cache();

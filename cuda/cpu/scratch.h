@@ -22,6 +22,9 @@ void scratch_release(void* block, size_t bytes);  // bytes: as allocated
 void scratch_new_call();                       // a model call starts: blocks idle for two calls go
 void scratch_trim();                           // frees every cached block
 size_t scratch_cached_bytes();                 // held for reuse now
+// Tests only: the next n fresh blocks the system is asked for fail as if memory were out (the cache is then emptied
+// and the request tried once more; a second failure is std::bad_alloc). 0 ends it. Returns how many were pending.
+int scratch_fail_fresh_blocks(int n);
 
 template <typename T>
 struct ScratchAllocator {

@@ -73,8 +73,9 @@ thread_local int tl_device = 0;
 
 // TFEW_EMU_PROBE: a machine the CUDA backend cannot use, for the tests of the probe's refusals (gpu/probe.cc):
 // "no-driver" (no NVIDIA driver: the runtime reports an insufficient driver, version 0), "old-driver" (a driver
-// for CUDA 11.8), "no-device" (a driver, no GPU), "old-gpu" (compute capability 7.5). Unset: a usable machine.
-enum class ProbeFault { None, NoDriver, OldDriver, NoDevice, OldGpu };
+// for CUDA 11.8), "no-device" (a driver, no GPU), "old-gpu" (compute capability 7.5), "no-cublas" (a GPU and a
+// driver, no cuBLAS: the loader's own search runs, gpu/cublas_loader.cc). Unset: a usable machine.
+enum class ProbeFault { None, NoDriver, OldDriver, NoDevice, OldGpu, NoCublas };
 ProbeFault probe_fault() {
   static const ProbeFault fault = [] {
     const char* v = std::getenv("TFEW_EMU_PROBE");
@@ -83,9 +84,10 @@ ProbeFault probe_fault() {
     if (s == "old-driver") return ProbeFault::OldDriver;
     if (s == "no-device") return ProbeFault::NoDevice;
     if (s == "old-gpu") return ProbeFault::OldGpu;
+    if (s == "no-cublas") return ProbeFault::NoCublas;
     // a misspelt fault would test a usable machine without a word: said once, on stderr
     if (!s.empty())
-      std::fprintf(stderr, "tfew emulator: TFEW_EMU_PROBE='%s' is not one of no-driver, old-driver, no-device, old-gpu; "
+      std::fprintf(stderr, "tfew emulator: TFEW_EMU_PROBE='%s' is not one of no-driver, old-driver, no-device, old-gpu, no-cublas; "
                    "the emulated machine is usable\n", s.c_str());
     return ProbeFault::None;
   }();
@@ -627,6 +629,9 @@ bool device_range_ok(const void* p, size_t bytes, int device) {
 }
 
 int current_device() { return tl_device; }
+
+// TFEW_EMU_PROBE=no-cublas (gpu/cublas_loader.cc then searches as on a GPU machine, over TFEW_CUBLAS_PATH alone).
+bool machine_lacks_cublas() { return probe_fault() == ProbeFault::NoCublas; }
 
 void wmma_alignment_fault(const void* p, unsigned ldm, size_t element_bytes) {
   device_fault(cudaErrorMisalignedAddress, "wmma load/store at " + pointer_text(p) + " with ldm " + std::to_string(ldm) +

@@ -11,6 +11,7 @@ namespace tfew {
 #ifdef TFEW_CUDA_EMULATION
 namespace emu {
 void fill_emulated_cublas(gpu::CublasLibrary& lib);  // cuda/emu/emu_cublas.cc
+bool machine_lacks_cublas();                          // cuda/emu/emu_runtime.cc
 }  // namespace emu
 #endif
 namespace gpu {
@@ -91,16 +92,23 @@ void load_lt(CublasLibrary& out) {
 }
 
 void load(CublasLibrary& out) {
-#ifdef TFEW_CUDA_EMULATION
-  emu::fill_emulated_cublas(out);  // the emulation build (TFEW_CUDA=EMU) has no real cuBLAS
-  return;
-#endif
   std::vector<std::string> names;
   if (const char* override_path = std::getenv("TFEW_CUBLAS_PATH")) {
     if (override_path[0]) names.push_back(override_path);
   }
+#ifdef TFEW_CUDA_EMULATION
+  // The emulation build (TFEW_CUDA=EMU) emulates cuBLAS, unless the emulated machine has none (TFEW_EMU_PROBE=no-cublas,
+  // for the tests of this search and its messages): then TFEW_CUBLAS_PATH alone is searched, never a real cuBLAS,
+  // whose kernels could not read the emulated device's memory.
+  if (!emu::machine_lacks_cublas()) {
+    emu::fill_emulated_cublas(out);
+    return;
+  }
+  if (names.empty()) names.push_back("libcublas.so.13-absent-from-this-emulated-machine");
+#else
   names.push_back("libcublas.so.13");
   names.push_back("libcublas.so.12");
+#endif
 
   std::string tried;
   void* lib = open_first(names, out.path, tried);

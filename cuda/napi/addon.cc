@@ -1368,6 +1368,12 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
       return resolved(info.Env(), bias);
     });
   }));
+  // cpuScratchFailFreshBlocks(n) -> number: the CPU backend's next n fresh blocks fail as if out of memory
+  // (cuda/cpu/scratch.h); returns how many failures were still pending
+  testing.Set("cpuScratchFailFreshBlocks", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    const int n = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 0;
+    return Napi::Number::New(info.Env(), cpu::scratch_fail_fresh_blocks(n));
+  }));
   // cpuScratchCachedBytes() -> number: bytes the CPU backend's block cache holds for reuse (cuda/cpu/scratch.h)
   testing.Set("cpuScratchCachedBytes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     return Napi::Number::New(info.Env(), static_cast<double>(cpu::scratch_cached_bytes()));
