@@ -18,10 +18,12 @@ const path = require('path');
 const root = path.resolve(__dirname, '..');
 const args = process.argv.slice(2);
 
+// A binary that loads and is built from these sources: one lacking what lib reads from it (buildInfo's call limits,
+// lib/native.ts) is rebuilt, not kept (lib would refuse it).
 function addonLoads() {
   try {
-    require('node-gyp-build')(root);
-    return true;
+    const addon = require('node-gyp-build')(root);
+    return typeof addon.buildInfo?.encoderLengthAlignment === 'number' && typeof addon.buildInfo?.maxCallTokens === 'number';
   } catch {
     return false;
   }

@@ -381,6 +381,21 @@ __global__ void ia3_kv_backward_vec_kernel(const T* __restrict__ qkv, int ld, in
 // --------------------------------------------------------------------------------------------------------
 // small-query attention: one warp per (query token, head)
 
+// The (IA)3 key and value scales of head head_col / d_kv for example `example`'s adapter (null: none).
+__device__ __forceinline__ void adapter_vectors(const AdapterIndex& index, int example, int64_t head_col,
+                                                int64_t k_offset, int64_t v_offset, const float** l_k,
+                                                const float** l_v) {
+  *l_k = nullptr;
+  *l_v = nullptr;
+  if (index.adapters == nullptr || index.adapter_of_example == nullptr) return;
+  const int a = index.adapter_of_example[example];
+  if (a < 0) return;
+  const float* l = index.adapters + a * index.adapter_stride;
+  *l_k = l + k_offset + head_col;
+  *l_v = l + v_offset + head_col;
+}
+
+
 // Dot product of the query (fp32, shared memory) with one key row, read with 16-byte loads when aligned.
 template <typename T>
 __device__ __forceinline__ float dot_row(const float* q, const T* __restrict__ row, int d_kv) {
@@ -422,16 +437,8 @@ __global__ void small_attention_kernel(const T* __restrict__ q, int q_ld, const 
   const int r = t / dec_len, i = t % dec_len;
   const int b = row_example[r];
   const int64_t head_col = static_cast<int64_t>(h) * d_kv;
-  const float* l_k = nullptr;
-  const float* l_v = nullptr;
-  if (index.adapters != nullptr && index.adapter_of_example != nullptr) {
-    const int a = index.adapter_of_example[b];
-    if (a >= 0) {
-      const float* l = index.adapters + a * index.adapter_stride;
-      l_k = l + k_offset + head_col;
-      l_v = l + v_offset + head_col;
-    }
-  }
+  const float *l_k, *l_v;
+  adapter_vectors(index, b, head_col, k_offset, v_offset, &l_k, &l_v);
 
   float* qs = q_smem + warp * d_kv;
   const T* qrow = q + static_cast<int64_t>(t) * q_ld + head_col;
@@ -532,15 +539,8 @@ __global__ void decoder_self_attention_kernel(const T* __restrict__ qkv, int ld,
   if (t >= n_queries) return;  // warp-uniform; no synchronisation below but the warp's own shuffles
   const int r = t / dec_len, i = t % dec_len;
   const int64_t head_col = static_cast<int64_t>(h) * d_kv;
-  const float *l_k = nullptr, *l_v = nullptr;
-  if (index.adapters != nullptr && index.adapter_of_example != nullptr) {
-    const int a = index.adapter_of_example[row_example[r]];
-    if (a >= 0) {
-      const float* l = index.adapters + a * index.adapter_stride;
-      l_k = l + k_offset + head_col;
-      l_v = l + v_offset + head_col;
-    }
-  }
+  const float *l_k, *l_v;
+  adapter_vectors(index, row_example[r], head_col, k_offset, v_offset, &l_k, &l_v);
   // q~ = l_k * q, this lane's dimensions (0 past d_kv, which adds nothing to the dot products)
   float qv[DPL];
   const T* qrow = qkv + static_cast<int64_t>(t) * ld + head_col;
@@ -656,19 +656,6 @@ __device__ __forceinline__ QueryView query_view(const AttentionGeometry& g, int 
   v.bias_row = g.bias_table ? g.bias_table + static_cast<int64_t>(h) * (2 * g.q_len - 1) + (g.q_len - 1 - i) : nullptr;
   v.drop_base = ((static_cast<uint64_t>(seq) * g.heads + h) * g.q_len + i) * g.k_len;
   return v;
-}
-
-__device__ __forceinline__ void adapter_vectors(const AdapterIndex& index, int example, int64_t head_col,
-                                                int64_t k_offset, int64_t v_offset, const float** l_k,
-                                                const float** l_v) {
-  *l_k = nullptr;
-  *l_v = nullptr;
-  if (index.adapters == nullptr || index.adapter_of_example == nullptr) return;
-  const int a = index.adapter_of_example[example];
-  if (a < 0) return;
-  const float* l = index.adapters + a * index.adapter_stride;
-  *l_k = l + k_offset + head_col;
-  *l_v = l + v_offset + head_col;
 }
 
 constexpr int kBackWarps = 8;
@@ -1651,8 +1638,8 @@ template <typename T>
 void decoder_self_attention_backward(const AttentionGeometry& g, const T* qkv, int ld, const float* dout,
                                      const AdapterIndex& index, int64_t k_offset, int64_t v_offset, T* dqkv,
                                      int dqkv_ld, float* g_k, float* g_v, float* stats, cudaStream_t stream) {
-  if (g.kind != AttentionKind::DecoderSelf || !g.bias_table)
-    fail(ErrorCode::Internal, "decoder_self_attention_backward: a causal self-attention with its bias");
+  if (g.kind != AttentionKind::DecoderSelf || !g.bias_table || g.k_len != g.q_len)
+    fail(ErrorCode::Internal, "decoder_self_attention_backward: a causal self-attention (as many keys as queries) with its bias");
   if (g.n_seq <= 0 || g.q_len <= 0) return;
   const int inner = g.heads * g.d_kv;
   const size_t smem = sizeof(float) * self_backward_smem_floats(g.q_len, g.d_kv);
